@@ -1,0 +1,646 @@
+//! Elaboration: turn a model definition with concrete hyperparameters into a
+//! tree of layer instances with named, shaped parameters. Also the static
+//! evaluator for hyperparameter expressions.
+
+use super::load::Program;
+use super::value::{DefRef, Init, LayerValue, Value};
+use crate::diag::{Diagnostic, suggest};
+use crate::source::Span;
+use crate::syntax::ast::*;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Index of an instance in [`Checker::instances`].
+pub type InstId = usize;
+/// Index of a parameter in [`Checker::params`].
+pub type ParamId = usize;
+
+/// Values visible to a layer's declarations: hyperparameters and lets.
+pub type Env = HashMap<String, Value>;
+
+/// One occurrence of a layer in the model tree.
+#[derive(Debug)]
+pub struct Instance {
+    pub def: DefRef,
+    /// Dotted prefix of its weights (`model.layers.0.self_attn`), empty at the root.
+    pub path: String,
+    pub env: Env,
+    pub fields: Vec<(String, FieldInst)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum FieldInst {
+    Param(ParamId),
+    Sub(InstId),
+    Stack(Vec<InstId>),
+    /// An optional field whose condition is false.
+    Absent,
+}
+
+/// A weight of the model, named as in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct ParamInfo {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub dtype: DType,
+    pub init: Init,
+    pub trainable: bool,
+    pub buffer: bool,
+    pub span: Span,
+}
+
+impl ParamInfo {
+    pub fn count(&self) -> i64 {
+        self.shape.iter().product()
+    }
+}
+
+pub struct Checker<'p> {
+    pub p: &'p Program,
+    pub instances: Vec<Instance>,
+    pub params: Vec<ParamInfo>,
+    pub diags: Vec<Diagnostic>,
+    pub depth: usize,
+}
+
+/// Deepest nesting of layers (and of forward calls) before we call it recursion.
+pub const MAX_DEPTH: usize = 48;
+
+/// Names that evaluate to initialisers in declarations.
+const INITS: &[&str] = &["zeros", "ones", "normal", "uniform", "fan_in", "constant"];
+/// Functions on numbers usable in hyperparameter expressions.
+pub const STATIC_FUNCTIONS: &[&str] = &["min", "max", "sqrt", "float", "int", "abs", "floor", "ceil", "round"];
+
+/// `Err(())` means a diagnostic has been recorded.
+pub type Fallible<T> = Result<T, ()>;
+
+impl<'p> Checker<'p> {
+    pub fn new(p: &'p Program) -> Checker<'p> {
+        Checker { p, instances: Vec::new(), params: Vec::new(), diags: Vec::new(), depth: 0 }
+    }
+
+    pub fn error(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    pub fn module(&self, m: usize) -> &'p Module {
+        &self.p.modules[m]
+    }
+
+    /// Evaluates an expression whose value must be known before anything runs.
+    /// `settings` allows records such as `adamw(lr: 3e-4)`.
+    pub fn eval_static(&mut self, m: usize, env: &Env, e: ExprId, settings: bool) -> Fallible<Value> {
+        let module = self.module(m);
+        let expr = module.expr(e);
+        let span = expr.span;
+        match &expr.kind {
+            ExprKind::Int(v) => Ok(Value::Int(*v)),
+            ExprKind::Float(v) => Ok(Value::Float(*v)),
+            ExprKind::Bool(b) => Ok(Value::Bool(*b)),
+            ExprKind::None => Ok(Value::None),
+            ExprKind::Str(s) => Ok(Value::Str(s.clone())),
+            ExprKind::List(items) => {
+                let mut out = Vec::new();
+                for i in items {
+                    out.push(self.eval_static(m, env, *i, settings)?);
+                }
+                Ok(Value::List(out))
+            }
+            ExprKind::Name(n) => {
+                if let Some(v) = env.get(n) {
+                    return Ok(v.clone());
+                }
+                if let Some(def) = self.p.scopes[m].get(n) {
+                    return Ok(self.layer_value(*def, Vec::new(), Vec::new(), span));
+                }
+                match n.as_str() {
+                    "zeros" => return Ok(Value::Init(Init::Zeros)),
+                    "ones" => return Ok(Value::Init(Init::Ones)),
+                    "fan_in" => return Ok(Value::Init(Init::FanIn)),
+                    _ => {}
+                }
+                if settings {
+                    return Ok(Value::Record(n.clone(), Vec::new()));
+                }
+                self.unknown_name(m, env, n, span, &[]);
+                Err(())
+            }
+            ExprKind::Unary(op, x) => {
+                let v = self.eval_static(m, env, *x, settings)?;
+                match (op, &v) {
+                    (UnOp::Neg, Value::Int(i)) => Ok(Value::Int(-i)),
+                    (UnOp::Neg, Value::Float(f)) => Ok(Value::Float(-f)),
+                    (UnOp::Neg, Value::Dim(d)) => Ok(Value::Dim(d.neg())),
+                    (UnOp::Not, Value::Bool(b)) => Ok(Value::Bool(!b)),
+                    _ => {
+                        let what = if *op == UnOp::Neg { "negate" } else { "apply `not` to" };
+                        self.error(Diagnostic::at("E0201", span, format!("cannot {what} a {}", v.kind())).label(module.expr(*x).span, format!("this is {v}")));
+                        Err(())
+                    }
+                }
+            }
+            ExprKind::Binary(op, l, r) => {
+                let lv = self.eval_static(m, env, *l, settings)?;
+                let rv = self.eval_static(m, env, *r, settings)?;
+                let (ls, rs) = (module.expr(*l).span, module.expr(*r).span);
+                self.static_binary(*op, &lv, &rv, span, ls, rs, module, *l, *r)
+            }
+            ExprKind::Call { callee, args } => self.static_call(m, env, *callee, args, span, settings),
+            ExprKind::If { cond, then, otherwise } => match self.eval_static(m, env, *cond, settings)? {
+                Value::Bool(true) => self.eval_static(m, env, *then, settings),
+                Value::Bool(false) => self.eval_static(m, env, *otherwise, settings),
+                other => {
+                    self.error(Diagnostic::at("E0201", module.expr(*cond).span, format!("the condition of `if` must be a bool, found {}", other.kind())).help("compare with `==`, e.g. `if window == none then ...`"));
+                    Err(())
+                }
+            },
+            ExprKind::Index { base, items } => {
+                let b = self.eval_static(m, env, *base, settings)?;
+                match (&b, items.as_slice()) {
+                    (Value::List(list), [IndexItem::At(i)]) => match self.eval_static(m, env, *i, settings)? {
+                        Value::Int(k) if k >= -(list.len() as i64) && k < list.len() as i64 => {
+                            Ok(list[if k < 0 { (k + list.len() as i64) as usize } else { k as usize }].clone())
+                        }
+                        other => {
+                            self.error(Diagnostic::at("E0201", span, format!("index {other} is out of range for a list of {}", list.len())));
+                            Err(())
+                        }
+                    },
+                    _ => {
+                        self.error(Diagnostic::at("E0201", span, format!("cannot index a {} here", b.kind())).help("only lists can be indexed in hyperparameter expressions"));
+                        Err(())
+                    }
+                }
+            }
+            ExprKind::Member { name, .. } => {
+                self.error(Diagnostic::at("E0201", span, format!("`.{}` is only available inside `forward`", name.text)).help("hyperparameter expressions see hyperparameters and `let`s, not fields"));
+                Err(())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn static_binary(&mut self, op: BinOp, lv: &Value, rv: &Value, span: Span, ls: Span, rs: Span, module: &Module, l: ExprId, r: ExprId) -> Fallible<Value> {
+        use Value as V;
+        let mismatch = |this: &mut Self| {
+            this.error(
+                Diagnostic::at("E0201", span, format!("cannot apply `{}` to {} and {}", op.symbol(), lv.kind(), rv.kind()))
+                    .label(ls, format!("this is {lv}"))
+                    .label(rs, format!("this is {rv}")),
+            );
+            Err(())
+        };
+        match op {
+            BinOp::Eq | BinOp::Ne => {
+                let eq = match (lv, rv) {
+                    (V::Int(a), V::Float(b)) | (V::Float(b), V::Int(a)) => (*a as f64) == *b,
+                    _ => lv == rv,
+                };
+                Ok(V::Bool(if op == BinOp::Eq { eq } else { !eq }))
+            }
+            BinOp::And | BinOp::Or => match (lv, rv) {
+                (V::Bool(a), V::Bool(b)) => Ok(V::Bool(if op == BinOp::And { *a && *b } else { *a || *b })),
+                _ => mismatch(self),
+            },
+            BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => match (lv.as_f64(), rv.as_f64()) {
+                (Some(a), Some(b)) => Ok(V::Bool(match op {
+                    BinOp::Lt => a < b,
+                    BinOp::Le => a <= b,
+                    BinOp::Gt => a > b,
+                    _ => a >= b,
+                })),
+                _ => mismatch(self),
+            },
+            BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem | BinOp::Pow => {
+                if let (V::Int(a), V::Int(b)) = (lv, rv) {
+                    let (a, b) = (*a, *b);
+                    let result = match op {
+                        BinOp::Add => a.checked_add(b),
+                        BinOp::Sub => a.checked_sub(b),
+                        BinOp::Mul => a.checked_mul(b),
+                        BinOp::Pow if b >= 0 => u32::try_from(b).ok().and_then(|b| a.checked_pow(b)),
+                        BinOp::Pow => return Ok(V::Float((a as f64).powf(b as f64))),
+                        _ if b == 0 => {
+                            self.error(Diagnostic::at("E0205", span, "division by zero").label(rs, "this is 0"));
+                            return Err(());
+                        }
+                        BinOp::Rem => Some(a.rem_euclid(b)),
+                        _ => {
+                            if a % b != 0 {
+                                let (lt, rt) = (crate::syntax::print_expr(module, l), crate::syntax::print_expr(module, r));
+                                self.error(
+                                    Diagnostic::at("E0204", span, format!("`{lt} / {rt}` does not divide evenly: {a} / {b} leaves {}", a % b))
+                                        .label(ls, format!("{lt} = {a}"))
+                                        .label(rs, format!("{rt} = {b}"))
+                                        .help(format!("`/` on integers must be exact; choose {lt} as a multiple of {b}, or write `float({lt}) / {rt}` for a fraction")),
+                                );
+                                return Err(());
+                            }
+                            Some(a / b)
+                        }
+                    };
+                    return match result {
+                        Some(v) => Ok(V::Int(v)),
+                        None => {
+                            self.error(Diagnostic::at("E0205", span, "integer overflow"));
+                            Err(())
+                        }
+                    };
+                }
+                if let (Some(a), Some(b)) = (lv.as_dim(), rv.as_dim()) {
+                    let d = match op {
+                        BinOp::Add => Some(a.add(&b)),
+                        BinOp::Sub => Some(a.sub(&b)),
+                        BinOp::Mul => Some(a.mul(&b)),
+                        BinOp::Div => a.div(&b),
+                        _ => None,
+                    };
+                    return match d {
+                        Some(d) => Ok(Value::from_dim(d)),
+                        None => {
+                            self.error(Diagnostic::at("E0204", span, format!("`{a} {} {b}` is not a whole size", op.symbol())).label(ls, format!("{a}")).label(rs, format!("{b}")));
+                            Err(())
+                        }
+                    };
+                }
+                match (lv.as_f64(), rv.as_f64()) {
+                    (Some(a), Some(b)) => {
+                        if matches!(op, BinOp::Div | BinOp::Rem) && b == 0.0 {
+                            self.error(Diagnostic::at("E0205", span, "division by zero").label(rs, "this is 0"));
+                            return Err(());
+                        }
+                        Ok(V::Float(match op {
+                            BinOp::Add => a + b,
+                            BinOp::Sub => a - b,
+                            BinOp::Mul => a * b,
+                            BinOp::Div => a / b,
+                            BinOp::Rem => a.rem_euclid(b),
+                            _ => a.powf(b),
+                        }))
+                    }
+                    _ => mismatch(self),
+                }
+            }
+            BinOp::MatMul | BinOp::Pipe => {
+                self.error(Diagnostic::at("E0201", span, format!("`{}` needs tensors; this expression is evaluated before anything runs", op.symbol())).help("tensor operations belong in `forward`"));
+                Err(())
+            }
+        }
+    }
+
+    fn static_call(&mut self, m: usize, env: &Env, callee: ExprId, args: &[Arg], span: Span, settings: bool) -> Fallible<Value> {
+        let module = self.module(m);
+        let ExprKind::Name(name) = &module.expr(callee).kind else {
+            self.error(Diagnostic::at("E0201", module.expr(callee).span, "only layers and functions can be called here"));
+            return Err(());
+        };
+        let mut positional = Vec::new();
+        let mut named = Vec::new();
+        for a in args {
+            let v = self.eval_static(m, env, a.value, settings)?;
+            match &a.name {
+                Some(n) => named.push((n.text.clone(), v)),
+                None => positional.push(v),
+            }
+        }
+        if let Some(v) = env.get(name) {
+            // A layer-valued hyperparameter called with more arguments.
+            if let Value::Layer(lv) = v {
+                let mut lv = (**lv).clone();
+                lv.positional.extend(positional);
+                lv.named.extend(named);
+                lv.span = span;
+                return Ok(Value::Layer(Rc::new(lv)));
+            }
+            self.error(Diagnostic::at("E0201", span, format!("`{name}` is a {}, not a layer", v.kind())));
+            return Err(());
+        }
+        if let Some(def) = self.p.scopes[m].get(name) {
+            return Ok(self.layer_value(*def, positional, named, span));
+        }
+        let get = |key: &str, pos: usize| named.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| positional.get(pos).cloned());
+        let num = |v: Option<Value>| v.and_then(|v| v.as_f64());
+        let result = match name.as_str() {
+            "normal" => num(get("std", 0)).map(|std| Value::Init(Init::Normal { std })),
+            "uniform" => num(get("bound", 0)).map(|bound| Value::Init(Init::Uniform { bound })),
+            "constant" => num(get("value", 0)).map(|v| Value::Init(Init::Constant(v))),
+            "sqrt" => num(get("x", 0)).map(|x| Value::Float(x.sqrt())),
+            "abs" => get("x", 0).and_then(|v| match v {
+                Value::Int(i) => Some(Value::Int(i.abs())),
+                Value::Float(f) => Some(Value::Float(f.abs())),
+                _ => None,
+            }),
+            "float" => num(get("x", 0)).map(Value::Float),
+            "int" | "floor" => num(get("x", 0)).map(|x| Value::Int(x.floor() as i64)),
+            "ceil" => num(get("x", 0)).map(|x| Value::Int(x.ceil() as i64)),
+            "round" => num(get("x", 0)).map(|x| Value::Int(x.round() as i64)),
+            "min" | "max" => {
+                let all: Vec<Value> = positional.clone();
+                if all.is_empty() || all.iter().any(|v| v.as_f64().is_none()) {
+                    None
+                } else {
+                    let pick = |a: &Value, b: &Value| {
+                        let less = a.as_f64() < b.as_f64();
+                        if less == (name == "min") { a.clone() } else { b.clone() }
+                    };
+                    Some(all[1..].iter().fold(all[0].clone(), |acc, v| pick(&acc, v)))
+                }
+            }
+            _ if settings => Some(Value::Record(name.clone(), named.clone())),
+            _ => {
+                let extra = [INITS, STATIC_FUNCTIONS].concat();
+                self.unknown_name(m, env, name, module.expr(callee).span, &extra);
+                return Err(());
+            }
+        };
+        match result {
+            Some(v) => Ok(v),
+            None => {
+                self.error(Diagnostic::at("E0202", span, format!("wrong arguments for `{name}`")).help(static_usage(name)));
+                Err(())
+            }
+        }
+    }
+
+    pub fn layer_value(&self, def: DefRef, positional: Vec<Value>, named: Vec<(String, Value)>, span: Span) -> Value {
+        let name = self.p.item_name(def).to_string();
+        Value::Layer(Rc::new(LayerValue { def, name, positional, named, span }))
+    }
+
+    /// Reports an unknown name with the closest known one.
+    pub fn unknown_name(&mut self, m: usize, env: &Env, name: &str, span: Span, extra: &[&str]) {
+        let mut candidates: Vec<&str> = env.keys().map(String::as_str).collect();
+        candidates.extend(self.p.scopes[m].keys().map(String::as_str));
+        candidates.extend(extra.iter().copied());
+        let mut d = Diagnostic::at("E0104", span, format!("unknown name `{name}`"));
+        match suggest(name, candidates.iter().copied()) {
+            Some(s) => d = d.help(s),
+            None if name.chars().next().is_some_and(char::is_uppercase) => {
+                d = d.help(format!("if `{name}` is a layer from the standard library, import it (e.g. `import std.core`)"));
+            }
+            None => {}
+        }
+        self.error(d);
+    }
+
+    /// Creates an instance of a layer value at `path`, with its parameters.
+    pub fn instantiate(&mut self, lv: &LayerValue, path: String, trainable: bool) -> Fallible<InstId> {
+        if self.depth >= MAX_DEPTH {
+            self.error(Diagnostic::at("E0208", lv.span, format!("layers nest more than {MAX_DEPTH} deep at `{path}`")).help("a layer probably contains itself"));
+            return Err(());
+        }
+        let Item::Def(def) = self.p.item(lv.def) else {
+            self.error(Diagnostic::at("E0201", lv.span, format!("`{}` is an adapted model, not a layer", lv.name)));
+            return Err(());
+        };
+        let env = self.bind_hparams(def, lv.def.module, &lv.positional, &lv.named, lv.span)?;
+        self.depth += 1;
+        let result = self.instantiate_def(lv.def, def, env, path, trainable);
+        self.depth -= 1;
+        result
+    }
+
+    /// Type-checks hyperparameter arguments against a definition, filling defaults.
+    pub fn bind_hparams(&mut self, def: &Def, m: usize, positional: &[Value], named: &[(String, Value)], span: Span) -> Fallible<Env> {
+        let mut env = Env::new();
+        if positional.len() > def.hparams.len() {
+            let d = Diagnostic::at("E0202", span, format!("`{}` takes {} hyperparameters but {} were given", def.name.text, def.hparams.len(), positional.len()))
+                .label(def.name.span, format!("`{}` is defined here", def.name.text))
+                .help(format!("the hyperparameters are: {}", hparam_list(def)));
+            self.error(d);
+            return Err(());
+        }
+        let mut ok = true;
+        for (k, _) in named {
+            let Some(i) = def.hparams.iter().position(|h| h.name.text == *k) else {
+                let mut d = Diagnostic::at("E0203", span, format!("`{}` has no hyperparameter `{k}`", def.name.text)).label(def.name.span, format!("`{}` is defined here", def.name.text));
+                d = d.help(suggest(k, def.hparams.iter().map(|h| h.name.text.as_str())).unwrap_or_else(|| format!("the hyperparameters are: {}", hparam_list(def))));
+                self.error(d);
+                ok = false;
+                continue;
+            };
+            if i < positional.len() {
+                self.error(Diagnostic::at("E0202", span, format!("`{k}` is given both by position and by name")));
+                ok = false;
+            }
+        }
+        if !ok {
+            return Err(());
+        }
+        for (i, h) in def.hparams.iter().enumerate() {
+            let given = positional.get(i).cloned().or_else(|| named.iter().find(|(k, _)| *k == h.name.text).map(|(_, v)| v.clone()));
+            let value = match given {
+                Some(v) => v,
+                None => match h.default {
+                    Some(e) => self.eval_static(m, &env, e, false)?,
+                    None => {
+                        let d = Diagnostic::at("E0202", span, format!("missing hyperparameter `{}` of `{}`", h.name.text, def.name.text))
+                            .label(h.span, "declared here without a default")
+                            .help(format!("pass it, e.g. `{}({}: ...)`", def.name.text, h.name.text));
+                        self.error(d);
+                        ok = false;
+                        continue;
+                    }
+                },
+            };
+            match coerce(&value, h.ty) {
+                Some(v) => {
+                    env.insert(h.name.text.clone(), v);
+                }
+                None => {
+                    let want = type_text(h.ty);
+                    let d = Diagnostic::at("E0201", span, format!("hyperparameter `{}` of `{}` must be {want}, found {} `{value}`", h.name.text, def.name.text, value.kind()))
+                        .label(h.ty.span, format!("declared as {want}"));
+                    self.error(d);
+                    ok = false;
+                }
+            }
+        }
+        if ok { Ok(env) } else { Err(()) }
+    }
+
+    pub fn instantiate_def(&mut self, dref: DefRef, def: &Def, mut env: Env, path: String, trainable: bool) -> Fallible<InstId> {
+        let m = dref.module;
+        let mut ok = true;
+        for member in &def.members {
+            if let Member::Let(l) = member {
+                match self.eval_static(m, &env, l.value, false) {
+                    Ok(v) => self.bind_let(&mut env, l, v)?,
+                    Err(()) => return Err(()),
+                }
+            }
+        }
+        let id = self.instances.len();
+        self.instances.push(Instance { def: dref, path: path.clone(), env: env.clone(), fields: Vec::new() });
+        let mut fields: Vec<(String, FieldInst)> = Vec::new();
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        for member in &def.members {
+            let Member::Field(f) = member else { continue };
+            if let Some(first) = seen.insert(&f.name.text, f.name.span) {
+                self.error(Diagnostic::at("E0106", f.name.span, format!("field `{}` is declared twice", f.name.text)).label(first, "first declared here"));
+                ok = false;
+                continue;
+            }
+            let child_path = if path.is_empty() { f.name.text.clone() } else { format!("{path}.{}", f.name.text) };
+            match self.field(m, &env, f, child_path, trainable) {
+                Ok(fi) => fields.push((f.name.text.clone(), fi)),
+                Err(()) => {
+                    ok = false;
+                    fields.push((f.name.text.clone(), FieldInst::Absent));
+                }
+            }
+        }
+        self.instances[id].fields = fields;
+        if ok { Ok(id) } else { Err(()) }
+    }
+
+    pub fn bind_let(&mut self, env: &mut Env, l: &Let, v: Value) -> Fallible<()> {
+        if l.names.len() == 1 {
+            env.insert(l.names[0].text.clone(), v);
+            return Ok(());
+        }
+        match v {
+            Value::List(items) if items.len() == l.names.len() => {
+                for (n, v) in l.names.iter().zip(items) {
+                    env.insert(n.text.clone(), v);
+                }
+                Ok(())
+            }
+            other => {
+                self.error(Diagnostic::at("E0201", l.span, format!("cannot unpack {} into {} names", other.kind(), l.names.len())));
+                Err(())
+            }
+        }
+    }
+
+    fn field(&mut self, m: usize, env: &Env, f: &Field, path: String, trainable: bool) -> Fallible<FieldInst> {
+        let module = self.module(m);
+        if let Some(c) = f.cond {
+            match self.eval_static(m, env, c, false)? {
+                Value::Bool(true) => {}
+                Value::Bool(false) => return Ok(FieldInst::Absent),
+                other => {
+                    self.error(Diagnostic::at("E0201", module.expr(c).span, format!("the condition of an optional field must be a bool, found {} `{other}`", other.kind())));
+                    return Err(());
+                }
+            }
+        }
+        match &f.kind {
+            FieldKind::Param { buffer, ty, init } => {
+                let mut shape = Vec::new();
+                for d in &ty.dims {
+                    let DimAst::Expr(e) = d else {
+                        self.error(Diagnostic::at("E0301", ty.span, "parameter shapes cannot contain `...`").help("a parameter has a fixed number of axes"));
+                        return Err(());
+                    };
+                    let span = module.expr(*e).span;
+                    match self.eval_static(m, env, *e, false) {
+                        Ok(Value::Int(v)) if v >= 1 => shape.push(v),
+                        Ok(Value::Int(v)) => {
+                            self.error(Diagnostic::at("E0206", span, format!("parameter `{path}` would have a dimension of size {v}")).help("sizes of parameters must be at least 1"));
+                            return Err(());
+                        }
+                        Ok(other) => {
+                            self.error(Diagnostic::at("E0201", span, format!("a parameter dimension must be an int, found {} `{other}`", other.kind())));
+                            return Err(());
+                        }
+                        Err(()) => return Err(()),
+                    }
+                }
+                let init = match init {
+                    None => Init::Normal { std: 0.02 },
+                    Some(e) => match self.eval_static(m, env, *e, false)? {
+                        Value::Init(i) => i,
+                        Value::Int(v) => Init::Constant(v as f64),
+                        Value::Float(v) => Init::Constant(v),
+                        other => {
+                            self.error(Diagnostic::at("E0201", module.expr(*e).span, format!("`{other}` is not an initialiser")).help("use zeros, ones, normal(std), uniform(bound), fan_in or a number"));
+                            return Err(());
+                        }
+                    },
+                };
+                let id = self.params.len();
+                self.params.push(ParamInfo {
+                    name: path,
+                    shape,
+                    dtype: ty.dtype.unwrap_or(DType::F32),
+                    init,
+                    trainable: trainable && !buffer,
+                    buffer: *buffer,
+                    span: f.span,
+                });
+                Ok(FieldInst::Param(id))
+            }
+            FieldKind::Sublayer(e) => match self.eval_static(m, env, *e, false)? {
+                Value::Layer(lv) => Ok(FieldInst::Sub(self.instantiate(&lv, path, trainable)?)),
+                Value::Instance(id) => Ok(FieldInst::Sub(id)),
+                other => {
+                    self.error(Diagnostic::at("E0201", module.expr(*e).span, format!("a field must be a layer or a parameter, found {} `{other}`", other.kind())).help("write `name: Layer(...)` or `name: param[...]`"));
+                    Err(())
+                }
+            },
+            FieldKind::Repeat { count, layer } => {
+                let n = match self.eval_static(m, env, *count, false)? {
+                    Value::Int(n) if n >= 0 => n,
+                    other => {
+                        self.error(Diagnostic::at("E0201", module.expr(*count).span, format!("`repeat` needs a non-negative int, found `{other}`")));
+                        return Err(());
+                    }
+                };
+                let Value::Layer(lv) = self.eval_static(m, env, *layer, false)? else {
+                    self.error(Diagnostic::at("E0201", module.expr(*layer).span, "`repeat(n)` must be followed by a layer"));
+                    return Err(());
+                };
+                let mut ids = Vec::new();
+                for i in 0..n {
+                    ids.push(self.instantiate(&lv, format!("{path}.{i}"), trainable)?);
+                }
+                Ok(FieldInst::Stack(ids))
+            }
+        }
+    }
+}
+
+/// Converts a value to a hyperparameter's declared type, if it fits.
+pub fn coerce(v: &Value, ty: HType) -> Option<Value> {
+    match (ty.word, v) {
+        (_, Value::None) if ty.optional => Some(Value::None),
+        (HTypeWord::Int, Value::Int(_)) => Some(v.clone()),
+        (HTypeWord::Int, Value::Float(f)) if f.fract() == 0.0 && f.abs() < 9e15 => Some(Value::Int(*f as i64)),
+        (HTypeWord::Float, Value::Int(i)) => Some(Value::Float(*i as f64)),
+        (HTypeWord::Float, Value::Float(_)) => Some(v.clone()),
+        (HTypeWord::Bool, Value::Bool(_)) => Some(v.clone()),
+        (HTypeWord::Str, Value::Str(_)) => Some(v.clone()),
+        (HTypeWord::Layer, Value::Layer(_) | Value::Instance(_)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+pub fn type_text(ty: HType) -> String {
+    let word = match ty.word {
+        HTypeWord::Int => "an int",
+        HTypeWord::Float => "a float",
+        HTypeWord::Bool => "a bool",
+        HTypeWord::Str => "a string",
+        HTypeWord::Layer => "a layer",
+    };
+    if ty.optional { format!("{word} or none") } else { word.to_string() }
+}
+
+fn hparam_list(def: &Def) -> String {
+    if def.hparams.is_empty() {
+        return "(none)".into();
+    }
+    def.hparams.iter().map(|h| h.name.text.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn static_usage(name: &str) -> String {
+    match name {
+        "normal" => "usage: normal(std)".into(),
+        "uniform" => "usage: uniform(bound)".into(),
+        "constant" => "usage: constant(value)".into(),
+        "min" | "max" => format!("usage: {name}(a, b, ...) with numbers"),
+        _ => format!("usage: {name}(x) with a number"),
+    }
+}
+

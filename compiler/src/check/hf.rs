@@ -1,0 +1,89 @@
+//! Hyperparameters from outside the spec: a Hugging Face `config.json`
+//! (through the model's `from hf(...)` mapping) and `--set key=value`.
+
+use super::elaborate::{coerce, type_text};
+use super::value::Value;
+use crate::diag::{Diagnostic, suggest};
+use crate::syntax::ast::Def;
+
+/// Values for the model's hyperparameters found in `config`. A key may be
+/// dotted (`rope_parameters.rope_theta`); the first present key wins; a key
+/// that is absent leaves the default in place, `null` means `none`.
+pub fn from_config(def: &Def, config: &serde_json::Value, config_name: &str) -> Result<Vec<(String, Value)>, Vec<Diagnostic>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    if !config.is_object() {
+        return Err(vec![Diagnostic::new("E0501", format!("{config_name}: expected a JSON object at the top level"))]);
+    }
+    for entry in &def.hf {
+        let Some(h) = def.hparams.iter().find(|h| h.name.text == entry.name.text) else {
+            let d = Diagnostic::at("E0502", entry.name.span, format!("`from hf` maps `{}`, which is not a hyperparameter of `{}`", entry.name.text, def.name.text));
+            let d = match suggest(&entry.name.text, def.hparams.iter().map(|h| h.name.text.as_str())) {
+                Some(s) => d.help(s),
+                None => d,
+            };
+            errors.push(d);
+            continue;
+        };
+        let found = entry.keys.iter().find_map(|k| lookup(config, &k.text).map(|v| (k, v)));
+        let Some((key, json)) = found else { continue };
+        let value = match json_value(json) {
+            Some(v) => v,
+            None => {
+                errors.push(Diagnostic::new("E0502", format!("{config_name}: key `{}` holds {json}, which is not a number, bool, string or null", key.text)));
+                continue;
+            }
+        };
+        match coerce(&value, h.ty) {
+            Some(v) => out.push((h.name.text.clone(), v)),
+            None => errors.push(
+                Diagnostic::new("E0502", format!("{config_name}: key `{}` is {json}, but hyperparameter `{}` needs {}", key.text, h.name.text, type_text(h.ty)))
+                    .label(key.span, "mapped here"),
+            ),
+        }
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+fn lookup<'a>(config: &'a serde_json::Value, dotted: &str) -> Option<&'a serde_json::Value> {
+    dotted.split('.').try_fold(config, |v, k| v.get(k))
+}
+
+fn json_value(v: &serde_json::Value) -> Option<Value> {
+    Some(match v {
+        serde_json::Value::Null => Value::None,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64()?),
+        },
+        serde_json::Value::String(s) => Value::Str(s.clone()),
+        serde_json::Value::Array(items) => Value::List(items.iter().map(json_value).collect::<Option<_>>()?),
+        serde_json::Value::Object(_) => return None,
+    })
+}
+
+/// `--set key=value`: the value is an int, a float, `true`/`false`, `none` or a string.
+pub fn from_set(def: &Def, key: &str, text: &str) -> Result<(String, Value), Diagnostic> {
+    let Some(h) = def.hparams.iter().find(|h| h.name.text == key) else {
+        let d = Diagnostic::new("E0502", format!("--set {key}={text}: `{}` has no hyperparameter `{key}`", def.name.text));
+        let names: Vec<&str> = def.hparams.iter().map(|h| h.name.text.as_str()).collect();
+        return Err(d.help(suggest(key, names.iter().copied()).unwrap_or_else(|| format!("the hyperparameters are: {}", names.join(", ")))));
+    };
+    let t = text.trim();
+    let value = if let Ok(i) = t.replace('_', "").parse::<i64>() {
+        Value::Int(i)
+    } else if let Ok(f) = t.parse::<f64>() {
+        Value::Float(f)
+    } else {
+        match t {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            "none" => Value::None,
+            _ => Value::Str(t.trim_matches('"').to_string()),
+        }
+    };
+    coerce(&value, h.ty)
+        .map(|v| (key.to_string(), v))
+        .ok_or_else(|| Diagnostic::new("E0502", format!("--set {key}={text}: `{key}` needs {}, found {} `{value}`", type_text(h.ty), value.kind())))
+}

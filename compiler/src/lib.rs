@@ -1,0 +1,11 @@
+//! modelc: from declarative `.model` specs to checked, shape-inferred models.
+//!
+//! The pipeline starts here: [`syntax`] parses files into trees with spans,
+//! [`check`] resolves imports and names, elaborates a model with concrete
+//! hyperparameters and infers every tensor shape, reporting [`diag`]nostics.
+
+pub mod check;
+pub mod cli;
+pub mod diag;
+pub mod source;
+pub mod syntax;
