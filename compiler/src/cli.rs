@@ -91,7 +91,8 @@ fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCod
     }
     for set in &args.sets {
         let Some((k, v)) = set.split_once('=') else {
-            let d = Diagnostic::new("E0502", format!("--set {set}: expected KEY=VALUE")).help("for example `--set layers=2`");
+            let d = Diagnostic::new("E0502", format!("--set {set}: expected KEY=VALUE"))
+                .help("for example `--set layers=2`");
             return Err(fail(&program.sources, &[d]));
         };
         opts.sets.push((k.trim().to_string(), v.to_string()));
@@ -177,4 +178,3 @@ fn cmd_ast(path: &Path) -> ExitCode {
         (None, errors) => fail(&sources, &errors),
     }
 }
-

@@ -86,7 +86,9 @@ impl Report {
             labels: Vec::new(),
             elsewhere: Vec::new(),
         };
-        let Some(primary) = d.primary() else { return report };
+        let Some(primary) = d.primary() else {
+            return report;
+        };
         let file = sources.file(primary.file);
         report.source = Some(NamedSource::new(file.name.clone(), file.text.clone()));
         for (i, l) in d.labels.iter().enumerate() {
@@ -139,11 +141,7 @@ impl miette::Diagnostic for Report {
         self.source.as_ref().map(|s| s as &dyn miette::SourceCode)
     }
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        if self.labels.is_empty() {
-            None
-        } else {
-            Some(Box::new(self.labels.iter().cloned()))
-        }
+        if self.labels.is_empty() { None } else { Some(Box::new(self.labels.iter().cloned())) }
     }
 }
 

@@ -61,6 +61,9 @@ pub struct Checker<'p> {
     pub params: Vec<ParamInfo>,
     pub diags: Vec<Diagnostic>,
     pub depth: usize,
+    /// Where the layer being elaborated or walked was created or called, so
+    /// an error inside a library layer also points at the user's line.
+    pub context: Vec<(Span, String)>,
 }
 
 /// Deepest nesting of layers (and of forward calls) before we call it recursion.
@@ -69,17 +72,28 @@ pub const MAX_DEPTH: usize = 48;
 /// Names that evaluate to initialisers in declarations.
 const INITS: &[&str] = &["zeros", "ones", "normal", "uniform", "fan_in", "constant"];
 /// Functions on numbers usable in hyperparameter expressions.
-pub const STATIC_FUNCTIONS: &[&str] = &["min", "max", "sqrt", "float", "int", "abs", "floor", "ceil", "round"];
+pub const STATIC_FUNCTIONS: &[&str] =
+    &["min", "max", "sqrt", "exp", "log", "float", "int", "abs", "floor", "ceil", "round"];
 
 /// `Err(())` means a diagnostic has been recorded.
 pub type Fallible<T> = Result<T, ()>;
 
 impl<'p> Checker<'p> {
     pub fn new(p: &'p Program) -> Checker<'p> {
-        Checker { p, instances: Vec::new(), params: Vec::new(), diags: Vec::new(), depth: 0 }
+        Checker { p, instances: Vec::new(), params: Vec::new(), diags: Vec::new(), depth: 0, context: Vec::new() }
     }
 
-    pub fn error(&mut self, d: Diagnostic) {
+    pub fn error(&mut self, mut d: Diagnostic) {
+        if let Some(primary) = d.primary() {
+            // The innermost site in another file, and the outermost one.
+            let inner = self.context.iter().rev().find(|(s, _)| s.file != primary.file);
+            let outer = self.context.first().filter(|(s, _)| s.file != primary.file);
+            for (span, label) in inner.into_iter().chain(outer).cloned().collect::<Vec<_>>() {
+                if !d.labels.iter().any(|l| l.span == span) {
+                    d = d.label(span, label);
+                }
+            }
+        }
         self.diags.push(d);
     }
 
@@ -134,7 +148,10 @@ impl<'p> Checker<'p> {
                     (UnOp::Not, Value::Bool(b)) => Ok(Value::Bool(!b)),
                     _ => {
                         let what = if *op == UnOp::Neg { "negate" } else { "apply `not` to" };
-                        self.error(Diagnostic::at("E0201", span, format!("cannot {what} a {}", v.kind())).label(module.expr(*x).span, format!("this is {v}")));
+                        self.error(
+                            Diagnostic::at("E0201", span, format!("cannot {what} a {}", v.kind()))
+                                .label(module.expr(*x).span, format!("this is {v}")),
+                        );
                         Err(())
                     }
                 }
@@ -150,7 +167,14 @@ impl<'p> Checker<'p> {
                 Value::Bool(true) => self.eval_static(m, env, *then, settings),
                 Value::Bool(false) => self.eval_static(m, env, *otherwise, settings),
                 other => {
-                    self.error(Diagnostic::at("E0201", module.expr(*cond).span, format!("the condition of `if` must be a bool, found {}", other.kind())).help("compare with `==`, e.g. `if window == none then ...`"));
+                    self.error(
+                        Diagnostic::at(
+                            "E0201",
+                            module.expr(*cond).span,
+                            format!("the condition of `if` must be a bool, found {}", other.kind()),
+                        )
+                        .help("compare with `==`, e.g. `if window == none then ...`"),
+                    );
                     Err(())
                 }
             },
@@ -162,31 +186,56 @@ impl<'p> Checker<'p> {
                             Ok(list[if k < 0 { (k + list.len() as i64) as usize } else { k as usize }].clone())
                         }
                         other => {
-                            self.error(Diagnostic::at("E0201", span, format!("index {other} is out of range for a list of {}", list.len())));
+                            self.error(Diagnostic::at(
+                                "E0201",
+                                span,
+                                format!("index {other} is out of range for a list of {}", list.len()),
+                            ));
                             Err(())
                         }
                     },
                     _ => {
-                        self.error(Diagnostic::at("E0201", span, format!("cannot index a {} here", b.kind())).help("only lists can be indexed in hyperparameter expressions"));
+                        self.error(
+                            Diagnostic::at("E0201", span, format!("cannot index a {} here", b.kind()))
+                                .help("only lists can be indexed in hyperparameter expressions"),
+                        );
                         Err(())
                     }
                 }
             }
             ExprKind::Member { name, .. } => {
-                self.error(Diagnostic::at("E0201", span, format!("`.{}` is only available inside `forward`", name.text)).help("hyperparameter expressions see hyperparameters and `let`s, not fields"));
+                self.error(
+                    Diagnostic::at("E0201", span, format!("`.{}` is only available inside `forward`", name.text))
+                        .help("hyperparameter expressions see hyperparameters and `let`s, not fields"),
+                );
                 Err(())
             }
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn static_binary(&mut self, op: BinOp, lv: &Value, rv: &Value, span: Span, ls: Span, rs: Span, module: &Module, l: ExprId, r: ExprId) -> Fallible<Value> {
+    pub fn static_binary(
+        &mut self,
+        op: BinOp,
+        lv: &Value,
+        rv: &Value,
+        span: Span,
+        ls: Span,
+        rs: Span,
+        module: &Module,
+        l: ExprId,
+        r: ExprId,
+    ) -> Fallible<Value> {
         use Value as V;
         let mismatch = |this: &mut Self| {
             this.error(
-                Diagnostic::at("E0201", span, format!("cannot apply `{}` to {} and {}", op.symbol(), lv.kind(), rv.kind()))
-                    .label(ls, format!("this is {lv}"))
-                    .label(rs, format!("this is {rv}")),
+                Diagnostic::at(
+                    "E0201",
+                    span,
+                    format!("cannot apply `{}` to {} and {}", op.symbol(), lv.kind(), rv.kind()),
+                )
+                .label(ls, format!("this is {lv}"))
+                .label(rs, format!("this is {rv}")),
             );
             Err(())
         };
@@ -227,7 +276,8 @@ impl<'p> Checker<'p> {
                         BinOp::Rem => Some(a.rem_euclid(b)),
                         _ => {
                             if a % b != 0 {
-                                let (lt, rt) = (crate::syntax::print_expr(module, l), crate::syntax::print_expr(module, r));
+                                let (lt, rt) =
+                                    (crate::syntax::print_expr(module, l), crate::syntax::print_expr(module, r));
                                 self.error(
                                     Diagnostic::at("E0204", span, format!("`{lt} / {rt}` does not divide evenly: {a} / {b} leaves {}", a % b))
                                         .label(ls, format!("{lt} = {a}"))
@@ -258,7 +308,11 @@ impl<'p> Checker<'p> {
                     return match d {
                         Some(d) => Ok(Value::from_dim(d)),
                         None => {
-                            self.error(Diagnostic::at("E0204", span, format!("`{a} {} {b}` is not a whole size", op.symbol())).label(ls, format!("{a}")).label(rs, format!("{b}")));
+                            self.error(
+                                Diagnostic::at("E0204", span, format!("`{a} {} {b}` is not a whole size", op.symbol()))
+                                    .label(ls, format!("{a}"))
+                                    .label(rs, format!("{b}")),
+                            );
                             Err(())
                         }
                     };
@@ -282,16 +336,35 @@ impl<'p> Checker<'p> {
                 }
             }
             BinOp::MatMul | BinOp::Pipe => {
-                self.error(Diagnostic::at("E0201", span, format!("`{}` needs tensors; this expression is evaluated before anything runs", op.symbol())).help("tensor operations belong in `forward`"));
+                self.error(
+                    Diagnostic::at(
+                        "E0201",
+                        span,
+                        format!("`{}` needs tensors; this expression is evaluated before anything runs", op.symbol()),
+                    )
+                    .help("tensor operations belong in `forward`"),
+                );
                 Err(())
             }
         }
     }
 
-    fn static_call(&mut self, m: usize, env: &Env, callee: ExprId, args: &[Arg], span: Span, settings: bool) -> Fallible<Value> {
+    fn static_call(
+        &mut self,
+        m: usize,
+        env: &Env,
+        callee: ExprId,
+        args: &[Arg],
+        span: Span,
+        settings: bool,
+    ) -> Fallible<Value> {
         let module = self.module(m);
         let ExprKind::Name(name) = &module.expr(callee).kind else {
-            self.error(Diagnostic::at("E0201", module.expr(callee).span, "only layers and functions can be called here"));
+            self.error(Diagnostic::at(
+                "E0201",
+                module.expr(callee).span,
+                "only layers and functions can be called here",
+            ));
             return Err(());
         };
         let mut positional = Vec::new();
@@ -318,13 +391,17 @@ impl<'p> Checker<'p> {
         if let Some(def) = self.p.scopes[m].get(name) {
             return Ok(self.layer_value(*def, positional, named, span));
         }
-        let get = |key: &str, pos: usize| named.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| positional.get(pos).cloned());
+        let get = |key: &str, pos: usize| {
+            named.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| positional.get(pos).cloned())
+        };
         let num = |v: Option<Value>| v.and_then(|v| v.as_f64());
         let result = match name.as_str() {
             "normal" => num(get("std", 0)).map(|std| Value::Init(Init::Normal { std })),
             "uniform" => num(get("bound", 0)).map(|bound| Value::Init(Init::Uniform { bound })),
             "constant" => num(get("value", 0)).map(|v| Value::Init(Init::Constant(v))),
-            "sqrt" => num(get("x", 0)).map(|x| Value::Float(x.sqrt())),
+            n if super::prims::UNARY_MATH.contains(&n) && n != "abs" => {
+                num(get("x", 0)).map(|x| Value::Float(super::prims::fold_unary(n, x)))
+            }
             "abs" => get("x", 0).and_then(|v| match v {
                 Value::Int(i) => Some(Value::Int(i.abs())),
                 Value::Float(f) => Some(Value::Float(f.abs())),
@@ -356,7 +433,9 @@ impl<'p> Checker<'p> {
         match result {
             Some(v) => Ok(v),
             None => {
-                self.error(Diagnostic::at("E0202", span, format!("wrong arguments for `{name}`")).help(static_usage(name)));
+                self.error(
+                    Diagnostic::at("E0202", span, format!("wrong arguments for `{name}`")).help(static_usage(name)),
+                );
                 Err(())
             }
         }
@@ -376,7 +455,9 @@ impl<'p> Checker<'p> {
         match suggest(name, candidates.iter().copied()) {
             Some(s) => d = d.help(s),
             None if name.chars().next().is_some_and(char::is_uppercase) => {
-                d = d.help(format!("if `{name}` is a layer from the standard library, import it (e.g. `import std.core`)"));
+                d = d.help(format!(
+                    "if `{name}` is a layer from the standard library, import it (e.g. `import std.core`)"
+                ));
             }
             None => {}
         }
@@ -385,8 +466,18 @@ impl<'p> Checker<'p> {
 
     /// Creates an instance of a layer value at `path`, with its parameters.
     pub fn instantiate(&mut self, lv: &LayerValue, path: String, trainable: bool) -> Fallible<InstId> {
+        self.context.push((lv.span, format!("in the `{}` created here", lv.name)));
+        let result = self.instantiate_inner(lv, path, trainable);
+        self.context.pop();
+        result
+    }
+
+    fn instantiate_inner(&mut self, lv: &LayerValue, path: String, trainable: bool) -> Fallible<InstId> {
         if self.depth >= MAX_DEPTH {
-            self.error(Diagnostic::at("E0208", lv.span, format!("layers nest more than {MAX_DEPTH} deep at `{path}`")).help("a layer probably contains itself"));
+            self.error(
+                Diagnostic::at("E0208", lv.span, format!("layers nest more than {MAX_DEPTH} deep at `{path}`"))
+                    .help("a layer probably contains itself"),
+            );
             return Err(());
         }
         let Item::Def(def) = self.p.item(lv.def) else {
@@ -401,20 +492,40 @@ impl<'p> Checker<'p> {
     }
 
     /// Type-checks hyperparameter arguments against a definition, filling defaults.
-    pub fn bind_hparams(&mut self, def: &Def, m: usize, positional: &[Value], named: &[(String, Value)], span: Span) -> Fallible<Env> {
+    pub fn bind_hparams(
+        &mut self,
+        def: &Def,
+        m: usize,
+        positional: &[Value],
+        named: &[(String, Value)],
+        span: Span,
+    ) -> Fallible<Env> {
         let mut env = Env::new();
         if positional.len() > def.hparams.len() {
-            let d = Diagnostic::at("E0202", span, format!("`{}` takes {} hyperparameters but {} were given", def.name.text, def.hparams.len(), positional.len()))
-                .label(def.name.span, format!("`{}` is defined here", def.name.text))
-                .help(format!("the hyperparameters are: {}", hparam_list(def)));
+            let d = Diagnostic::at(
+                "E0202",
+                span,
+                format!(
+                    "`{}` takes {} hyperparameters but {} were given",
+                    def.name.text,
+                    def.hparams.len(),
+                    positional.len()
+                ),
+            )
+            .label(def.name.span, format!("`{}` is defined here", def.name.text))
+            .help(format!("the hyperparameters are: {}", hparam_list(def)));
             self.error(d);
             return Err(());
         }
         let mut ok = true;
         for (k, _) in named {
             let Some(i) = def.hparams.iter().position(|h| h.name.text == *k) else {
-                let mut d = Diagnostic::at("E0203", span, format!("`{}` has no hyperparameter `{k}`", def.name.text)).label(def.name.span, format!("`{}` is defined here", def.name.text));
-                d = d.help(suggest(k, def.hparams.iter().map(|h| h.name.text.as_str())).unwrap_or_else(|| format!("the hyperparameters are: {}", hparam_list(def))));
+                let mut d = Diagnostic::at("E0203", span, format!("`{}` has no hyperparameter `{k}`", def.name.text))
+                    .label(def.name.span, format!("`{}` is defined here", def.name.text));
+                d = d.help(
+                    suggest(k, def.hparams.iter().map(|h| h.name.text.as_str()))
+                        .unwrap_or_else(|| format!("the hyperparameters are: {}", hparam_list(def))),
+                );
                 self.error(d);
                 ok = false;
                 continue;
@@ -428,15 +539,22 @@ impl<'p> Checker<'p> {
             return Err(());
         }
         for (i, h) in def.hparams.iter().enumerate() {
-            let given = positional.get(i).cloned().or_else(|| named.iter().find(|(k, _)| *k == h.name.text).map(|(_, v)| v.clone()));
+            let given = positional
+                .get(i)
+                .cloned()
+                .or_else(|| named.iter().find(|(k, _)| *k == h.name.text).map(|(_, v)| v.clone()));
             let value = match given {
                 Some(v) => v,
                 None => match h.default {
                     Some(e) => self.eval_static(m, &env, e, false)?,
                     None => {
-                        let d = Diagnostic::at("E0202", span, format!("missing hyperparameter `{}` of `{}`", h.name.text, def.name.text))
-                            .label(h.span, "declared here without a default")
-                            .help(format!("pass it, e.g. `{}({}: ...)`", def.name.text, h.name.text));
+                        let d = Diagnostic::at(
+                            "E0202",
+                            span,
+                            format!("missing hyperparameter `{}` of `{}`", h.name.text, def.name.text),
+                        )
+                        .label(h.span, "declared here without a default")
+                        .help(format!("pass it, e.g. `{}({}: ...)`", def.name.text, h.name.text));
                         self.error(d);
                         ok = false;
                         continue;
@@ -449,8 +567,17 @@ impl<'p> Checker<'p> {
                 }
                 None => {
                     let want = type_text(h.ty);
-                    let d = Diagnostic::at("E0201", span, format!("hyperparameter `{}` of `{}` must be {want}, found {} `{value}`", h.name.text, def.name.text, value.kind()))
-                        .label(h.ty.span, format!("declared as {want}"));
+                    let d = Diagnostic::at(
+                        "E0201",
+                        span,
+                        format!(
+                            "hyperparameter `{}` of `{}` must be {want}, found {} `{value}`",
+                            h.name.text,
+                            def.name.text,
+                            value.kind()
+                        ),
+                    )
+                    .label(h.ty.span, format!("declared as {want}"));
                     self.error(d);
                     ok = false;
                 }
@@ -459,7 +586,14 @@ impl<'p> Checker<'p> {
         if ok { Ok(env) } else { Err(()) }
     }
 
-    pub fn instantiate_def(&mut self, dref: DefRef, def: &Def, mut env: Env, path: String, trainable: bool) -> Fallible<InstId> {
+    pub fn instantiate_def(
+        &mut self,
+        dref: DefRef,
+        def: &Def,
+        mut env: Env,
+        path: String,
+        trainable: bool,
+    ) -> Fallible<InstId> {
         let m = dref.module;
         let mut ok = true;
         for member in &def.members {
@@ -477,7 +611,10 @@ impl<'p> Checker<'p> {
         for member in &def.members {
             let Member::Field(f) = member else { continue };
             if let Some(first) = seen.insert(&f.name.text, f.name.span) {
-                self.error(Diagnostic::at("E0106", f.name.span, format!("field `{}` is declared twice", f.name.text)).label(first, "first declared here"));
+                self.error(
+                    Diagnostic::at("E0106", f.name.span, format!("field `{}` is declared twice", f.name.text))
+                        .label(first, "first declared here"),
+                );
                 ok = false;
                 continue;
             }
@@ -507,7 +644,11 @@ impl<'p> Checker<'p> {
                 Ok(())
             }
             other => {
-                self.error(Diagnostic::at("E0201", l.span, format!("cannot unpack {} into {} names", other.kind(), l.names.len())));
+                self.error(Diagnostic::at(
+                    "E0201",
+                    l.span,
+                    format!("cannot unpack {} into {} names", other.kind(), l.names.len()),
+                ));
                 Err(())
             }
         }
@@ -520,7 +661,11 @@ impl<'p> Checker<'p> {
                 Value::Bool(true) => {}
                 Value::Bool(false) => return Ok(FieldInst::Absent),
                 other => {
-                    self.error(Diagnostic::at("E0201", module.expr(c).span, format!("the condition of an optional field must be a bool, found {} `{other}`", other.kind())));
+                    self.error(Diagnostic::at(
+                        "E0201",
+                        module.expr(c).span,
+                        format!("the condition of an optional field must be a bool, found {} `{other}`", other.kind()),
+                    ));
                     return Err(());
                 }
             }
@@ -530,18 +675,32 @@ impl<'p> Checker<'p> {
                 let mut shape = Vec::new();
                 for d in &ty.dims {
                     let DimAst::Expr(e) = d else {
-                        self.error(Diagnostic::at("E0301", ty.span, "parameter shapes cannot contain `...`").help("a parameter has a fixed number of axes"));
+                        self.error(
+                            Diagnostic::at("E0301", ty.span, "parameter shapes cannot contain `...`")
+                                .help("a parameter has a fixed number of axes"),
+                        );
                         return Err(());
                     };
                     let span = module.expr(*e).span;
                     match self.eval_static(m, env, *e, false) {
                         Ok(Value::Int(v)) if v >= 1 => shape.push(v),
                         Ok(Value::Int(v)) => {
-                            self.error(Diagnostic::at("E0206", span, format!("parameter `{path}` would have a dimension of size {v}")).help("sizes of parameters must be at least 1"));
+                            self.error(
+                                Diagnostic::at(
+                                    "E0206",
+                                    span,
+                                    format!("parameter `{path}` would have a dimension of size {v}"),
+                                )
+                                .help("sizes of parameters must be at least 1"),
+                            );
                             return Err(());
                         }
                         Ok(other) => {
-                            self.error(Diagnostic::at("E0201", span, format!("a parameter dimension must be an int, found {} `{other}`", other.kind())));
+                            self.error(Diagnostic::at(
+                                "E0201",
+                                span,
+                                format!("a parameter dimension must be an int, found {} `{other}`", other.kind()),
+                            ));
                             return Err(());
                         }
                         Err(()) => return Err(()),
@@ -554,7 +713,14 @@ impl<'p> Checker<'p> {
                         Value::Int(v) => Init::Constant(v as f64),
                         Value::Float(v) => Init::Constant(v),
                         other => {
-                            self.error(Diagnostic::at("E0201", module.expr(*e).span, format!("`{other}` is not an initialiser")).help("use zeros, ones, normal(std), uniform(bound), fan_in or a number"));
+                            self.error(
+                                Diagnostic::at(
+                                    "E0201",
+                                    module.expr(*e).span,
+                                    format!("`{other}` is not an initialiser"),
+                                )
+                                .help("use zeros, ones, normal(std), uniform(bound), fan_in or a number"),
+                            );
                             return Err(());
                         }
                     },
@@ -575,7 +741,14 @@ impl<'p> Checker<'p> {
                 Value::Layer(lv) => Ok(FieldInst::Sub(self.instantiate(&lv, path, trainable)?)),
                 Value::Instance(id) => Ok(FieldInst::Sub(id)),
                 other => {
-                    self.error(Diagnostic::at("E0201", module.expr(*e).span, format!("a field must be a layer or a parameter, found {} `{other}`", other.kind())).help("write `name: Layer(...)` or `name: param[...]`"));
+                    self.error(
+                        Diagnostic::at(
+                            "E0201",
+                            module.expr(*e).span,
+                            format!("a field must be a layer or a parameter, found {} `{other}`", other.kind()),
+                        )
+                        .help("write `name: Layer(...)` or `name: param[...]`"),
+                    );
                     Err(())
                 }
             },
@@ -583,12 +756,20 @@ impl<'p> Checker<'p> {
                 let n = match self.eval_static(m, env, *count, false)? {
                     Value::Int(n) if n >= 0 => n,
                     other => {
-                        self.error(Diagnostic::at("E0201", module.expr(*count).span, format!("`repeat` needs a non-negative int, found `{other}`")));
+                        self.error(Diagnostic::at(
+                            "E0201",
+                            module.expr(*count).span,
+                            format!("`repeat` needs a non-negative int, found `{other}`"),
+                        ));
                         return Err(());
                     }
                 };
                 let Value::Layer(lv) = self.eval_static(m, env, *layer, false)? else {
-                    self.error(Diagnostic::at("E0201", module.expr(*layer).span, "`repeat(n)` must be followed by a layer"));
+                    self.error(Diagnostic::at(
+                        "E0201",
+                        module.expr(*layer).span,
+                        "`repeat(n)` must be followed by a layer",
+                    ));
                     return Err(());
                 };
                 let mut ids = Vec::new();
@@ -643,4 +824,3 @@ fn static_usage(name: &str) -> String {
         _ => format!("usage: {name}(x) with a number"),
     }
 }
-

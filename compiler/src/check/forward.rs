@@ -99,7 +99,10 @@ impl Checker<'_> {
         if let Some(s) = suggest(name, candidates.iter().map(String::as_str)) {
             d = d.help(s);
         } else if name.chars().next().is_some_and(char::is_uppercase) {
-            d = d.help(format!("a layer must be declared as a field (`{}: {name}(...)`) before `forward` can call it", name.to_lowercase()));
+            d = d.help(format!(
+                "a layer must be declared as a field (`{}: {name}(...)`) before `forward` can call it",
+                name.to_lowercase()
+            ));
         }
         self.error(d);
     }
@@ -128,7 +131,9 @@ impl Checker<'_> {
                     return Ty::Error;
                 }
                 if tys.iter().all(|t| matches!(t, Ty::Value(_))) {
-                    Ty::Value(Value::List(tys.into_iter().map(|t| if let Ty::Value(v) = t { v } else { unreachable!() }).collect()))
+                    Ty::Value(Value::List(
+                        tys.into_iter().map(|t| if let Ty::Value(v) = t { v } else { unreachable!() }).collect(),
+                    ))
                 } else {
                     Ty::Tuple(tys)
                 }
@@ -137,10 +142,24 @@ impl Checker<'_> {
                 let t = self.eval(frame, *x);
                 match (&t, op) {
                     (Ty::Error, _) => Ty::Error,
-                    (Ty::Value(_), _) => {
-                        let env = self.frame_env(frame);
-                        self.eval_static(m, &env, e, false).map_or(Ty::Error, Ty::Value)
-                    }
+                    (Ty::Value(v), _) => match (op, v) {
+                        (UnOp::Neg, Value::Int(i)) => Ty::Value(Value::Int(-i)),
+                        (UnOp::Neg, Value::Float(f)) => Ty::Value(Value::Float(-f)),
+                        (UnOp::Neg, Value::Dim(d)) => Ty::Value(Value::Dim(d.neg())),
+                        (UnOp::Not, Value::Bool(b)) => Ty::Value(Value::Bool(!b)),
+                        _ => {
+                            self.error(Diagnostic::at(
+                                "E0201",
+                                span,
+                                format!(
+                                    "cannot apply `{}` to {}",
+                                    if *op == UnOp::Neg { "-" } else { "not" },
+                                    t.describe()
+                                ),
+                            ));
+                            Ty::Error
+                        }
+                    },
                     (Ty::Tensor(tt), UnOp::Neg) if tt.dtype != DType::Bool => t.clone(),
                     (Ty::Tensor(tt), UnOp::Not) if tt.dtype == DType::Bool => t.clone(),
                     _ => {
@@ -165,7 +184,7 @@ impl Checker<'_> {
             ExprKind::Binary(op, l, r) => {
                 let lt = self.eval(frame, *l);
                 let rt = self.eval(frame, *r);
-                self.binary(frame, m, e, *op, lt, rt, span, module.expr(*l).span, module.expr(*r).span)
+                self.binary(m, e, *op, lt, rt, span, module.expr(*l).span, module.expr(*r).span)
             }
             ExprKind::Call { callee, args } => {
                 let args = self.eval_args(frame, args);
@@ -184,8 +203,12 @@ impl Checker<'_> {
                 Ty::Value(Value::Bool(false)) => self.eval(frame, *otherwise),
                 Ty::Error => Ty::Error,
                 other => {
-                    let d = Diagnostic::at("E0201", module.expr(*cond).span, format!("the condition of `if` must be known before running, found {}", other.describe()))
-                        .help("for a choice per element, use `where(cond, a, b)`");
+                    let d = Diagnostic::at(
+                        "E0201",
+                        module.expr(*cond).span,
+                        format!("the condition of `if` must be known before running, found {}", other.describe()),
+                    )
+                    .help("for a choice per element, use `where(cond, a, b)`");
                     self.error(d);
                     Ty::Error
                 }
@@ -209,23 +232,32 @@ impl Checker<'_> {
     fn eval_args(&mut self, frame: &mut Frame, args: &[Arg]) -> Vec<CallArg> {
         let m = self.module_of(frame.inst);
         args.iter()
-            .map(|a| CallArg { name: a.name.clone(), ty: self.eval(frame, a.value), span: self.module(m).expr(a.value).span })
+            .map(|a| CallArg {
+                name: a.name.clone(),
+                ty: self.eval(frame, a.value),
+                span: self.module(m).expr(a.value).span,
+            })
             .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn binary(&mut self, frame: &Frame, m: usize, e: ExprId, op: BinOp, lt: Ty, rt: Ty, span: Span, ls: Span, rs: Span) -> Ty {
+    fn binary(&mut self, m: usize, e: ExprId, op: BinOp, lt: Ty, rt: Ty, span: Span, ls: Span, rs: Span) -> Ty {
         let is_none = |t: &Ty| matches!(t, Ty::Value(Value::None));
-        if matches!(op, BinOp::Eq | BinOp::Ne) && (is_none(&lt) || is_none(&rt)) && !matches!(lt, Ty::Error) && !matches!(rt, Ty::Error) {
+        if matches!(op, BinOp::Eq | BinOp::Ne)
+            && (is_none(&lt) || is_none(&rt))
+            && !matches!(lt, Ty::Error)
+            && !matches!(rt, Ty::Error)
+        {
             // `x != none` asks whether an optional input or field is present.
             let same = is_none(&lt) == is_none(&rt);
             return Ty::Value(Value::Bool(same == (op == BinOp::Eq)));
         }
         match (&lt, &rt) {
             (Ty::Error, _) | (_, Ty::Error) => Ty::Error,
-            (Ty::Value(_), Ty::Value(_)) => {
-                let env = self.frame_env(frame);
-                self.eval_static(m, &env, e, false).map_or(Ty::Error, Ty::Value)
+            (Ty::Value(a), Ty::Value(b)) => {
+                let module = self.module(m);
+                let ExprKind::Binary(_, l, r) = module.expr(e).kind else { unreachable!("binary expression") };
+                self.static_binary(op, a, b, span, ls, rs, module, l, r).map_or(Ty::Error, Ty::Value)
             }
             (Ty::Tensor(_) | Ty::Value(_), Ty::Tensor(_) | Ty::Value(_)) => {
                 let as_tensor = |t: &Ty, other: &Ty| -> Option<TensorTy> {
@@ -242,20 +274,43 @@ impl Checker<'_> {
                     }
                 };
                 let (Some(x), Some(y)) = (as_tensor(&lt, &rt), as_tensor(&rt, &lt)) else {
-                    self.error(Diagnostic::at("E0306", span, format!("cannot apply `{}` to {} and {}", op.symbol(), lt.describe(), rt.describe())).label(ls, "left").label(rs, "right"));
+                    self.error(
+                        Diagnostic::at(
+                            "E0306",
+                            span,
+                            format!("cannot apply `{}` to {} and {}", op.symbol(), lt.describe(), rt.describe()),
+                        )
+                        .label(ls, "left")
+                        .label(rs, "right"),
+                    );
                     return Ty::Error;
                 };
                 let result = if op == BinOp::MatMul { prims::matmul(&x, &y) } else { prims::elementwise(&x, &y, 0, 1) };
                 match result {
                     Ok(t) => {
                         let t = match op {
-                            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => t.with_dtype(DType::Bool),
+                            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => {
+                                t.with_dtype(DType::Bool)
+                            }
                             BinOp::And | BinOp::Or if t.dtype != DType::Bool => {
-                                self.error(Diagnostic::at("E0306", span, format!("`{}` needs bool tensors", op.symbol())).label(ls, format!("{x}")).label(rs, format!("{y}")));
+                                self.error(
+                                    Diagnostic::at("E0306", span, format!("`{}` needs bool tensors", op.symbol()))
+                                        .label(ls, format!("{x}"))
+                                        .label(rs, format!("{y}")),
+                                );
                                 return Ty::Error;
                             }
-                            BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem | BinOp::Pow if t.dtype == DType::Bool => {
-                                self.error(Diagnostic::at("E0306", span, format!("arithmetic on bool tensors with `{}`", op.symbol())).help("convert with `float(x)`"));
+                            BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem | BinOp::Pow
+                                if t.dtype == DType::Bool =>
+                            {
+                                self.error(
+                                    Diagnostic::at(
+                                        "E0306",
+                                        span,
+                                        format!("arithmetic on bool tensors with `{}`", op.symbol()),
+                                    )
+                                    .help("convert with `float(x)`"),
+                                );
                                 return Ty::Error;
                             }
                             _ => t,
@@ -269,10 +324,18 @@ impl Checker<'_> {
                 }
             }
             _ => {
-                let d = Diagnostic::at("E0306", span, format!("cannot apply `{}` to {} and {}", op.symbol(), lt.describe(), rt.describe()))
-                    .label(ls, lt.describe())
-                    .label(rs, rt.describe());
-                let d = if matches!(lt, Ty::Layer(_)) || matches!(rt, Ty::Layer(_)) { d.help("call the layer first, e.g. `mlp(x)`") } else { d };
+                let d = Diagnostic::at(
+                    "E0306",
+                    span,
+                    format!("cannot apply `{}` to {} and {}", op.symbol(), lt.describe(), rt.describe()),
+                )
+                .label(ls, lt.describe())
+                .label(rs, rt.describe());
+                let d = if matches!(lt, Ty::Layer(_)) || matches!(rt, Ty::Layer(_)) {
+                    d.help("call the layer first, e.g. `mlp(x)`")
+                } else {
+                    d
+                };
                 self.error(d);
                 Ty::Error
             }
@@ -280,7 +343,14 @@ impl Checker<'_> {
     }
 
     fn prim_error(&mut self, pe: prims::PrimError, span: Span, arg_spans: &[Span], what: &str) {
-        let code = if pe.message.contains("element type") || pe.message.contains("float tensor") || pe.message.contains("int tensor") { "E0306" } else { "E0301" };
+        let code = if pe.message.contains("element type")
+            || pe.message.contains("float tensor")
+            || pe.message.contains("int tensor")
+        {
+            "E0306"
+        } else {
+            "E0301"
+        };
         let mut d = Diagnostic::new(code, format!("{what}: {}", pe.message));
         d = d.label(span, "in this expression");
         for (i, label) in pe.args {
@@ -307,7 +377,10 @@ impl Checker<'_> {
                     let fields: Vec<String> = self.instances[i].fields.iter().map(|(n, _)| n.clone()).collect();
                     let layer = self.p.item_name(self.instances[i].def).to_string();
                     let mut d = Diagnostic::at("E0104", name.span, format!("`{layer}` has no field `{}`", name.text));
-                    d = d.help(suggest(&name.text, fields.iter().map(String::as_str)).unwrap_or_else(|| format!("its fields are: {}", fields.join(", "))));
+                    d = d.help(
+                        suggest(&name.text, fields.iter().map(String::as_str))
+                            .unwrap_or_else(|| format!("its fields are: {}", fields.join(", "))),
+                    );
                     self.error(d);
                     Ty::Error
                 }
@@ -315,13 +388,21 @@ impl Checker<'_> {
             Ty::Stack(ids) => match name.text.parse::<usize>() {
                 Ok(k) if k < ids.len() => Ty::Layer(ids[k]),
                 _ => {
-                    self.error(Diagnostic::at("E0104", name.span, format!("a stack of {} layers has no member `{}`", ids.len(), name.text)));
+                    self.error(Diagnostic::at(
+                        "E0104",
+                        name.span,
+                        format!("a stack of {} layers has no member `{}`", ids.len(), name.text),
+                    ));
                     Ty::Error
                 }
             },
             other => {
                 let d = Diagnostic::at("E0104", span, format!("{} has no field `{}`", other.describe(), name.text));
-                let d = if prims::signature(&name.text).is_some() { d.help(format!("`x.{}(...)` calls a primitive; add the parentheses", name.text)) } else { d };
+                let d = if prims::signature(&name.text).is_some() {
+                    d.help(format!("`x.{}(...)` calls a primitive; add the parentheses", name.text))
+                } else {
+                    d
+                };
                 self.error(d);
                 Ty::Error
             }
@@ -340,7 +421,11 @@ impl Checker<'_> {
                 {
                     return Ty::Layer(ids[k as usize]);
                 }
-                self.error(Diagnostic::at("E0201", span, format!("a stack of {} layers is indexed by one int in range", ids.len())));
+                self.error(Diagnostic::at(
+                    "E0201",
+                    span,
+                    format!("a stack of {} layers is indexed by one int in range", ids.len()),
+                ));
                 return Ty::Error;
             }
             Ty::Tuple(items_t) => {
@@ -362,7 +447,10 @@ impl Checker<'_> {
         let rests = items.iter().filter(|i| matches!(i, IndexItem::Rest)).count();
         let explicit = items.len() - rests;
         if rests > 1 || explicit > t.rank() {
-            self.error(Diagnostic::at("E0305", span, format!("{} indices for a tensor of rank {}", explicit, t.rank())).label(span, format!("indexing {t}")));
+            self.error(
+                Diagnostic::at("E0305", span, format!("{} indices for a tensor of rank {}", explicit, t.rank()))
+                    .label(span, format!("indexing {t}")),
+            );
             return Ty::Error;
         }
         let mut dims = Vec::new();
@@ -379,7 +467,14 @@ impl Checker<'_> {
                         Ty::Value(v) if v.as_dim().is_some() => {}
                         Ty::Error => return Ty::Error,
                         other => {
-                            self.error(Diagnostic::at("E0201", span, format!("an index must be an int, found {}", other.describe())).help("to pick rows by a tensor of ids, use `gather(table, ids)`"));
+                            self.error(
+                                Diagnostic::at(
+                                    "E0201",
+                                    span,
+                                    format!("an index must be an int, found {}", other.describe()),
+                                )
+                                .help("to pick rows by a tensor of ids, use `gather(table, ids)`"),
+                            );
                             return Ty::Error;
                         }
                     }
@@ -401,13 +496,20 @@ impl Checker<'_> {
                             _ => None,
                         }
                     };
-                    let (Some(l), Some(h)) = (bound(*lo, Dim::constant(0), self), bound(*hi, size.clone(), self)) else {
+                    let (Some(l), Some(h)) = (bound(*lo, Dim::constant(0), self), bound(*hi, size.clone(), self))
+                    else {
                         self.error(Diagnostic::at("E0201", span, "slice bounds must be ints or sizes"));
                         return Ty::Error;
                     };
                     let len = h.sub(&l);
-                    if len.as_const().is_some_and(|v| v < 0) || (size.as_const().zip(h.as_const()).is_some_and(|(s, h)| h > s)) {
-                        self.error(Diagnostic::at("E0305", span, format!("slice {l}:{h} is out of range for an axis of size {size}")));
+                    if len.as_const().is_some_and(|v| v < 0)
+                        || (size.as_const().zip(h.as_const()).is_some_and(|(s, h)| h > s))
+                    {
+                        self.error(Diagnostic::at(
+                            "E0305",
+                            span,
+                            format!("slice {l}:{h} is out of range for an axis of size {size}"),
+                        ));
                         return Ty::Error;
                     }
                     dims.push(len);
@@ -434,7 +536,9 @@ impl Checker<'_> {
                     return self.prim(frame, n, args, span, callee_expr.span);
                 }
                 Some(t) => t,
-                None if prims::signature(n).is_some() => return self.prim(frame, n, args, span, callee_expr.span),
+                None if prims::signature(n).is_some() => {
+                    return self.prim(frame, n, args, span, callee_expr.span);
+                }
                 None if STATIC_FUNCTIONS.contains(&n.as_str()) && args.iter().all(|a| matches!(a.ty, Ty::Value(_))) => {
                     let env = self.frame_env(frame);
                     return self.eval_static(m, &env, self.call_expr_of(m, callee), false).map_or(Ty::Error, Ty::Value);
@@ -478,7 +582,11 @@ impl Checker<'_> {
                 let mut x = first.ty;
                 for id in ids {
                     let mut call_args = vec![CallArg { name: first.name.clone(), ty: x, span: first.span }];
-                    call_args.extend(rest.iter().map(|a| CallArg { name: a.name.clone(), ty: a.ty.clone(), span: a.span }));
+                    call_args.extend(rest.iter().map(|a| CallArg {
+                        name: a.name.clone(),
+                        ty: a.ty.clone(),
+                        span: a.span,
+                    }));
                     x = self.call_layer(id, call_args, span);
                     if matches!(x, Ty::Error) {
                         return Ty::Error;
@@ -487,7 +595,14 @@ impl Checker<'_> {
                 x
             }
             Ty::Value(Value::None) => {
-                self.error(Diagnostic::at("E0201", callee_expr.span, "this optional field is absent here (its `if` condition is false)").help("guard the call: `if <condition> then f(x) else x`"));
+                self.error(
+                    Diagnostic::at(
+                        "E0201",
+                        callee_expr.span,
+                        "this optional field is absent here (its `if` condition is false)",
+                    )
+                    .help("guard the call: `if <condition> then f(x) else x`"),
+                );
                 Ty::Error
             }
             other => {
@@ -515,7 +630,7 @@ impl Checker<'_> {
                 self.error(Diagnostic::at("E0201", span, format!("`{name}` of {}", args[0].ty.describe())));
                 return Ty::Error;
             };
-            return Ty::Value(Value::Float(fold_unary(name, x)));
+            return Ty::Value(Value::Float(prims::fold_unary(name, x)));
         }
         let mut bound: Vec<Option<(PArg, Span)>> = vec![None; sig.len()];
         let mut positional = 0;
@@ -525,7 +640,10 @@ impl Checker<'_> {
                     Some(i) => i,
                     None => {
                         let mut d = Diagnostic::at("E0203", n.span, format!("`{name}` has no argument `{}`", n.text));
-                        d = d.help(suggest(&n.text, sig.iter().map(|p| p.name)).unwrap_or_else(|| format!("usage: {}", usage(name))));
+                        d = d.help(
+                            suggest(&n.text, sig.iter().map(|p| p.name))
+                                .unwrap_or_else(|| format!("usage: {}", usage(name))),
+                        );
                         self.error(d);
                         return Ty::Error;
                     }
@@ -536,18 +654,34 @@ impl Checker<'_> {
                 }
             };
             if slot >= sig.len() {
-                self.error(Diagnostic::at("E0202", a.span, format!("`{name}` takes at most {} arguments", sig.len())).help(format!("usage: {}", usage(name))));
+                self.error(
+                    Diagnostic::at("E0202", a.span, format!("`{name}` takes at most {} arguments", sig.len()))
+                        .help(format!("usage: {}", usage(name))),
+                );
                 return Ty::Error;
             }
             if bound[slot].is_some() {
-                self.error(Diagnostic::at("E0202", a.span, format!("argument `{}` of `{name}` is given twice", sig[slot].name)));
+                self.error(Diagnostic::at(
+                    "E0202",
+                    a.span,
+                    format!("argument `{}` of `{name}` is given twice", sig[slot].name),
+                ));
                 return Ty::Error;
             }
             match convert(&a.ty, sig[slot].kind) {
                 Some(v) => bound[slot] = Some((v, a.span)),
                 None => {
-                    let d = Diagnostic::at("E0201", a.span, format!("argument `{}` of `{name}` must be {}, found {}", sig[slot].name, kind_text(sig[slot].kind), a.ty.describe()))
-                        .help(format!("usage: {}", usage(name)));
+                    let d = Diagnostic::at(
+                        "E0201",
+                        a.span,
+                        format!(
+                            "argument `{}` of `{name}` must be {}, found {}",
+                            sig[slot].name,
+                            kind_text(sig[slot].kind),
+                            a.ty.describe()
+                        ),
+                    )
+                    .help(format!("usage: {}", usage(name)));
                     self.error(d);
                     return Ty::Error;
                 }
@@ -564,7 +698,12 @@ impl Checker<'_> {
                 None => {
                     let v = match sig[i].default {
                         prims::Fallback::Required => {
-                            let d = Diagnostic::at("E0202", span, format!("`{name}` is missing its argument `{}`", sig[i].name)).help(format!("usage: {}", usage(name)));
+                            let d = Diagnostic::at(
+                                "E0202",
+                                span,
+                                format!("`{name}` is missing its argument `{}`", sig[i].name),
+                            )
+                            .help(format!("usage: {}", usage(name)));
                             self.error(d);
                             return Ty::Error;
                         }
@@ -595,9 +734,14 @@ impl Checker<'_> {
     /// `route(x, indices, weights, experts)`: each row of x goes to its top-k
     /// experts and their outputs are summed with the weights.
     fn route(&mut self, _frame: &mut Frame, values: &[PArg], spans: &[Span], span: Span) -> Ty {
-        let (PArg::Tensor(x), PArg::Tensor(idx), PArg::Tensor(w)) = (&values[0], &values[1], &values[2]) else { return Ty::Error };
-        let PArg::Value(Value::List(experts)) = &values[3] else { return Ty::Error };
-        if x.rank() != 2 || idx.rank() != 2 || idx.dims[0] != x.dims[0] || w.dims != idx.dims || idx.dtype != DType::Int {
+        let (PArg::Tensor(x), PArg::Tensor(idx), PArg::Tensor(w)) = (&values[0], &values[1], &values[2]) else {
+            return Ty::Error;
+        };
+        let PArg::Value(Value::List(experts)) = &values[3] else {
+            return Ty::Error;
+        };
+        if x.rank() != 2 || idx.rank() != 2 || idx.dims[0] != x.dims[0] || w.dims != idx.dims || idx.dtype != DType::Int
+        {
             let d = Diagnostic::at("E0301", span, format!("`route` takes x [tokens, dim], indices [tokens, k] int and weights [tokens, k]: found {x}, {idx} and {w}"))
                 .label(spans[0], format!("{x}"))
                 .label(spans[1], format!("{idx}"))
@@ -614,7 +758,14 @@ impl Checker<'_> {
                 Ty::Tensor(t) if t.rank() == 2 && t.dims[0] == x.dims[0] => out = Some(t),
                 Ty::Error => return Ty::Error,
                 other => {
-                    self.error(Diagnostic::at("E0301", spans[3], format!("each expert must map [tokens, dim] to [tokens, out], this one gives {}", other.describe())));
+                    self.error(Diagnostic::at(
+                        "E0301",
+                        spans[3],
+                        format!(
+                            "each expert must map [tokens, dim] to [tokens, out], this one gives {}",
+                            other.describe()
+                        ),
+                    ));
                     return Ty::Error;
                 }
             }
@@ -633,11 +784,17 @@ impl Checker<'_> {
         let dref = self.instances[inst].def;
         let def = self.p.def(dref);
         let Some(fwd) = def.members.iter().find_map(|m| if let Member::Forward(f) = m { Some(f) } else { None }) else {
-            self.error(Diagnostic::at("E0201", span, format!("layer `{}` has no `forward`", def.name.text)).label(def.name.span, "defined here"));
+            self.error(
+                Diagnostic::at("E0201", span, format!("layer `{}` has no `forward`", def.name.text))
+                    .label(def.name.span, "defined here"),
+            );
             return Ty::Error;
         };
         if self.depth >= MAX_DEPTH {
-            self.error(Diagnostic::at("E0208", span, format!("forward calls nest more than {MAX_DEPTH} deep")).help("a layer probably calls itself"));
+            self.error(
+                Diagnostic::at("E0208", span, format!("forward calls nest more than {MAX_DEPTH} deep"))
+                    .help("a layer probably calls itself"),
+            );
             return Ty::Error;
         }
         let mut bound: Vec<Option<CallArg>> = (0..fwd.inputs.len()).map(|_| None).collect();
@@ -647,7 +804,9 @@ impl Checker<'_> {
                 Some(n) => match fwd.inputs.iter().position(|i| i.name.text == n.text) {
                     Some(i) => i,
                     None => {
-                        let mut d = Diagnostic::at("E0203", n.span, format!("`{}` has no input `{}`", def.name.text, n.text)).label(fwd.span, "its forward is here");
+                        let mut d =
+                            Diagnostic::at("E0203", n.span, format!("`{}` has no input `{}`", def.name.text, n.text))
+                                .label(fwd.span, "its forward is here");
                         if let Some(s) = suggest(&n.text, fwd.inputs.iter().map(|i| i.name.text.as_str())) {
                             d = d.help(s);
                         }
@@ -661,7 +820,14 @@ impl Checker<'_> {
                 }
             };
             if slot >= fwd.inputs.len() {
-                self.error(Diagnostic::at("E0202", a.span, format!("`{}` takes {} inputs but more were given", def.name.text, fwd.inputs.len())).label(fwd.span, "its forward is here"));
+                self.error(
+                    Diagnostic::at(
+                        "E0202",
+                        a.span,
+                        format!("`{}` takes {} inputs but more were given", def.name.text, fwd.inputs.len()),
+                    )
+                    .label(fwd.span, "its forward is here"),
+                );
                 return Ty::Error;
             }
             bound[slot] = Some(a);
@@ -674,7 +840,14 @@ impl Checker<'_> {
                     frame.locals.insert(input.name.text.clone(), Ty::Value(Value::None));
                 }
                 None => {
-                    self.error(Diagnostic::at("E0202", span, format!("`{}` is missing its input `{}`", def.name.text, input.name.text)).label(input.name.span, "declared here"));
+                    self.error(
+                        Diagnostic::at(
+                            "E0202",
+                            span,
+                            format!("`{}` is missing its input `{}`", def.name.text, input.name.text),
+                        )
+                        .label(input.name.span, "declared here"),
+                    );
                     return Ty::Error;
                 }
                 Some(a) => match &a.ty {
@@ -683,23 +856,46 @@ impl Checker<'_> {
                     }
                     Ty::Tensor(t) => {
                         if let Err(msg) = self.match_type(&mut frame, &input.ty, t, &mut rest) {
-                            let d = Diagnostic::at("E0301", a.span, format!("input `{}` of `{}` expects {}, found {t}", input.name.text, def.name.text, self.declared_text(dref.module, &input.ty)))
-                                .label(a.span, format!("this is {t}"))
-                                .label(input.ty.span, format!("declared here: {msg}"));
+                            let d = Diagnostic::at(
+                                "E0301",
+                                a.span,
+                                format!(
+                                    "input `{}` of `{}` expects {}, found {t}",
+                                    input.name.text,
+                                    def.name.text,
+                                    self.declared_text(inst, &input.ty)
+                                ),
+                            )
+                            .label(a.span, format!("this is {t}"))
+                            .label(input.ty.span, format!("declared here: {msg}"));
                             self.error(d);
                             return Ty::Error;
                         }
                         frame.locals.insert(input.name.text.clone(), a.ty.clone());
                     }
                     other => {
-                        self.error(Diagnostic::at("E0201", a.span, format!("input `{}` of `{}` must be a tensor, found {}", input.name.text, def.name.text, other.describe())).label(input.name.span, "declared here"));
+                        self.error(
+                            Diagnostic::at(
+                                "E0201",
+                                a.span,
+                                format!(
+                                    "input `{}` of `{}` must be a tensor, found {}",
+                                    input.name.text,
+                                    def.name.text,
+                                    other.describe()
+                                ),
+                            )
+                            .label(input.name.span, "declared here"),
+                        );
                         return Ty::Error;
                     }
                 },
             }
         }
         self.depth += 1;
+        self.context.push((span, format!("in this call of `{}`", def.name.text)));
         let result = self.forward_body(&mut frame, fwd, &mut rest);
+        self.context.pop();
         self.depth -= 1;
         result
     }
@@ -725,7 +921,11 @@ impl Checker<'_> {
                     }
                 }
                 other => {
-                    self.error(Diagnostic::at("E0201", l.span, format!("cannot unpack {} into {} names", other.describe(), l.names.len())));
+                    self.error(Diagnostic::at(
+                        "E0201",
+                        l.span,
+                        format!("cannot unpack {} into {} names", other.describe(), l.names.len()),
+                    ));
                     for n in &l.names {
                         frame.locals.insert(n.text.clone(), Ty::Error);
                     }
@@ -738,18 +938,29 @@ impl Checker<'_> {
             (Ty::Tuple(items), n) if n > 1 && items.len() == n => items.clone(),
             (_, 1) => vec![result.clone()],
             (other, n) => {
-                self.error(Diagnostic::at("E0304", self.module(m).expr(fwd.result).span, format!("`forward` declares {n} outputs but returns {}", other.describe())));
+                self.error(Diagnostic::at(
+                    "E0304",
+                    self.module(m).expr(fwd.result).span,
+                    format!("`forward` declares {n} outputs but returns {}", other.describe()),
+                ));
                 return Ty::Error;
             }
         };
         let result_span = self.module(m).expr(fwd.result).span;
         for (out, t) in fwd.outputs.iter().zip(&results) {
             let Ty::Tensor(t) = t else {
-                self.error(Diagnostic::at("E0304", result_span, format!("`forward` must return tensors, found {}", t.describe())).label(out.ty.span, "declared here"));
+                self.error(
+                    Diagnostic::at(
+                        "E0304",
+                        result_span,
+                        format!("`forward` must return tensors, found {}", t.describe()),
+                    )
+                    .label(out.ty.span, "declared here"),
+                );
                 return Ty::Error;
             };
             if let Err(msg) = self.match_type(frame, &out.ty, t, rest) {
-                let declared = self.declared_text(m, &out.ty);
+                let declared = self.declared_text(frame.inst, &out.ty);
                 let d = Diagnostic::at("E0304", result_span, format!("`forward` returns {t} but declares {declared}"))
                     .label(result_span, format!("this is {t}"))
                     .label(out.ty.span, format!("declared here: {msg}"));
@@ -761,14 +972,18 @@ impl Checker<'_> {
     }
 
     /// Writes a declared type with the instance's hyperparameters filled in.
-    fn declared_text(&self, m: usize, ty: &TensorType) -> String {
-        let module = self.module(m);
+    fn declared_text(&self, inst: InstId, ty: &TensorType) -> String {
+        let module = self.module(self.module_of(inst));
+        let env = &self.instances[inst].env;
         let dims: Vec<String> = ty
             .dims
             .iter()
             .map(|d| match d {
                 DimAst::Rest(_) => "...".to_string(),
-                DimAst::Expr(e) => crate::syntax::print_expr(module, *e),
+                DimAst::Expr(e) => match &module.expr(*e).kind {
+                    ExprKind::Name(n) if env.get(n).is_some_and(|v| v.as_dim().is_some()) => env[n].to_string(),
+                    _ => crate::syntax::print_expr(module, *e),
+                },
             })
             .collect();
         let dt = ty.dtype.filter(|d| *d != DType::F32).map(|d| format!(" {}", d.as_str())).unwrap_or_default();
@@ -777,7 +992,13 @@ impl Checker<'_> {
 
     /// Matches an actual tensor type against a declared one, binding `...`
     /// and symbolic sizes on first sight. Returns a reason on mismatch.
-    pub fn match_type(&mut self, frame: &mut Frame, decl: &TensorType, actual: &TensorTy, rest: &mut Option<Vec<Dim>>) -> Result<(), String> {
+    pub fn match_type(
+        &mut self,
+        frame: &mut Frame,
+        decl: &TensorType,
+        actual: &TensorTy,
+        rest: &mut Option<Vec<Dim>>,
+    ) -> Result<(), String> {
         let want = decl.dtype.unwrap_or(DType::F32);
         if want != actual.dtype {
             return Err(format!("element type {} expected, found {}", want.as_str(), actual.dtype.as_str()));
@@ -785,7 +1006,11 @@ impl Checker<'_> {
         let rest_at = decl.dims.iter().position(|d| matches!(d, DimAst::Rest(_)));
         let fixed = decl.dims.len() - usize::from(rest_at.is_some());
         if actual.rank() < fixed || (rest_at.is_none() && actual.rank() != fixed) {
-            return Err(format!("rank {} expected, found {}", if rest_at.is_some() { format!("at least {fixed}") } else { fixed.to_string() }, actual.rank()));
+            return Err(format!(
+                "rank {} expected, found {}",
+                if rest_at.is_some() { format!("at least {fixed}") } else { fixed.to_string() },
+                actual.rank()
+            ));
         }
         let mut axis = 0;
         for d in &decl.dims {
@@ -794,7 +1019,13 @@ impl Checker<'_> {
                     let n = actual.rank() - fixed;
                     let got = actual.dims[axis..axis + n].to_vec();
                     match rest {
-                        Some(prev) if *prev != got => return Err(format!("`...` was {} for an earlier input, here {}", shape_text(prev), shape_text(&got))),
+                        Some(prev) if *prev != got => {
+                            return Err(format!(
+                                "`...` was {} for an earlier input, here {}",
+                                shape_text(prev),
+                                shape_text(&got)
+                            ));
+                        }
                         _ => *rest = Some(got),
                     }
                     axis += n;
@@ -865,23 +1096,6 @@ impl Checker<'_> {
     }
 }
 
-fn fold_unary(name: &str, x: f64) -> f64 {
-    match name {
-        "exp" => x.exp(),
-        "log" => x.ln(),
-        "sqrt" => x.sqrt(),
-        "rsqrt" => 1.0 / x.sqrt(),
-        "tanh" => x.tanh(),
-        "sigmoid" => 1.0 / (1.0 + (-x).exp()),
-        "relu" => x.max(0.0),
-        "sin" => x.sin(),
-        "cos" => x.cos(),
-        "abs" => x.abs(),
-        "silu" => x / (1.0 + (-x).exp()),
-        _ => x,
-    }
-}
-
 /// Converts an evaluated argument to what a parameter kind needs.
 fn convert(t: &Ty, kind: Kind) -> Option<PArg> {
     let value = |v: &Value| PArg::Value(v.clone());
@@ -891,17 +1105,27 @@ fn convert(t: &Ty, kind: Kind) -> Option<PArg> {
         (Kind::TS, Ty::Value(v @ (Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::Dim(_)))) => Some(value(v)),
         (Kind::Int, Ty::Value(v @ Value::Int(_))) => Some(value(v)),
         (Kind::OptInt, Ty::Value(v @ (Value::Int(_) | Value::None))) => Some(value(v)),
-        (Kind::Float | Kind::OptFloat, Ty::Value(v @ (Value::Int(_) | Value::Float(_)))) => Some(PArg::Value(Value::Float(v.as_f64()?))),
+        (Kind::Float | Kind::OptFloat, Ty::Value(v @ (Value::Int(_) | Value::Float(_)))) => {
+            Some(PArg::Value(Value::Float(v.as_f64()?)))
+        }
         (Kind::OptFloat, Ty::Value(Value::None)) => Some(PArg::Absent),
         (Kind::Bool, Ty::Value(v @ Value::Bool(_))) => Some(value(v)),
         (Kind::Axes, Ty::Value(v @ (Value::Int(_) | Value::None))) => Some(value(v)),
-        (Kind::Axes | Kind::Ints, Ty::Value(Value::List(items))) if items.iter().all(|i| matches!(i, Value::Int(_))) => Some(value(&Value::List(items.clone()))),
-        (Kind::Size, Ty::Value(v)) if v.as_dim().is_some() => Some(value(v)),
-        (Kind::Sizes, Ty::Value(Value::List(items))) if items.iter().all(|i| i.as_dim().is_some()) => Some(value(&Value::List(items.clone()))),
-        (Kind::Tensors, Ty::Tuple(items)) if items.iter().all(|i| matches!(i, Ty::Tensor(_))) => {
-            Some(PArg::Tensors(items.iter().map(|i| if let Ty::Tensor(t) = i { t.clone() } else { unreachable!() }).collect()))
+        (Kind::Axes | Kind::Ints, Ty::Value(Value::List(items)))
+            if items.iter().all(|i| matches!(i, Value::Int(_))) =>
+        {
+            Some(value(&Value::List(items.clone())))
         }
-        (Kind::Stack, Ty::Stack(ids)) => Some(PArg::Value(Value::List(ids.iter().map(|i| Value::Instance(*i)).collect()))),
+        (Kind::Size, Ty::Value(v)) if v.as_dim().is_some() => Some(value(v)),
+        (Kind::Sizes, Ty::Value(Value::List(items))) if items.iter().all(|i| i.as_dim().is_some()) => {
+            Some(value(&Value::List(items.clone())))
+        }
+        (Kind::Tensors, Ty::Tuple(items)) if items.iter().all(|i| matches!(i, Ty::Tensor(_))) => Some(PArg::Tensors(
+            items.iter().map(|i| if let Ty::Tensor(t) = i { t.clone() } else { unreachable!() }).collect(),
+        )),
+        (Kind::Stack, Ty::Stack(ids)) => {
+            Some(PArg::Value(Value::List(ids.iter().map(|i| Value::Instance(*i)).collect())))
+        }
         _ => None,
     }
 }
@@ -927,7 +1151,9 @@ fn kind_text(kind: Kind) -> &'static str {
 
 /// `name(a, b: default, ...)` for messages.
 pub fn usage(name: &str) -> String {
-    let Some(sig) = prims::signature(name) else { return name.to_string() };
+    let Some(sig) = prims::signature(name) else {
+        return name.to_string();
+    };
     let parts: Vec<String> = sig
         .iter()
         .map(|p| match p.default {

@@ -9,7 +9,11 @@ use crate::syntax::ast::Def;
 /// Values for the model's hyperparameters found in `config`. A key may be
 /// dotted (`rope_parameters.rope_theta`); the first present key wins; a key
 /// that is absent leaves the default in place, `null` means `none`.
-pub fn from_config(def: &Def, config: &serde_json::Value, config_name: &str) -> Result<Vec<(String, Value)>, Vec<Diagnostic>> {
+pub fn from_config(
+    def: &Def,
+    config: &serde_json::Value,
+    config_name: &str,
+) -> Result<Vec<(String, Value)>, Vec<Diagnostic>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     if !config.is_object() {
@@ -17,7 +21,11 @@ pub fn from_config(def: &Def, config: &serde_json::Value, config_name: &str) -> 
     }
     for entry in &def.hf {
         let Some(h) = def.hparams.iter().find(|h| h.name.text == entry.name.text) else {
-            let d = Diagnostic::at("E0502", entry.name.span, format!("`from hf` maps `{}`, which is not a hyperparameter of `{}`", entry.name.text, def.name.text));
+            let d = Diagnostic::at(
+                "E0502",
+                entry.name.span,
+                format!("`from hf` maps `{}`, which is not a hyperparameter of `{}`", entry.name.text, def.name.text),
+            );
             let d = match suggest(&entry.name.text, def.hparams.iter().map(|h| h.name.text.as_str())) {
                 Some(s) => d.help(s),
                 None => d,
@@ -30,15 +38,29 @@ pub fn from_config(def: &Def, config: &serde_json::Value, config_name: &str) -> 
         let value = match json_value(json) {
             Some(v) => v,
             None => {
-                errors.push(Diagnostic::new("E0502", format!("{config_name}: key `{}` holds {json}, which is not a number, bool, string or null", key.text)));
+                errors.push(Diagnostic::new(
+                    "E0502",
+                    format!(
+                        "{config_name}: key `{}` holds {json}, which is not a number, bool, string or null",
+                        key.text
+                    ),
+                ));
                 continue;
             }
         };
         match coerce(&value, h.ty) {
             Some(v) => out.push((h.name.text.clone(), v)),
             None => errors.push(
-                Diagnostic::new("E0502", format!("{config_name}: key `{}` is {json}, but hyperparameter `{}` needs {}", key.text, h.name.text, type_text(h.ty)))
-                    .label(key.span, "mapped here"),
+                Diagnostic::new(
+                    "E0502",
+                    format!(
+                        "{config_name}: key `{}` is {json}, but hyperparameter `{}` needs {}",
+                        key.text,
+                        h.name.text,
+                        type_text(h.ty)
+                    ),
+                )
+                .label(key.span, "mapped here"),
             ),
         }
     }
@@ -66,9 +88,13 @@ fn json_value(v: &serde_json::Value) -> Option<Value> {
 /// `--set key=value`: the value is an int, a float, `true`/`false`, `none` or a string.
 pub fn from_set(def: &Def, key: &str, text: &str) -> Result<(String, Value), Diagnostic> {
     let Some(h) = def.hparams.iter().find(|h| h.name.text == key) else {
-        let d = Diagnostic::new("E0502", format!("--set {key}={text}: `{}` has no hyperparameter `{key}`", def.name.text));
+        let d =
+            Diagnostic::new("E0502", format!("--set {key}={text}: `{}` has no hyperparameter `{key}`", def.name.text));
         let names: Vec<&str> = def.hparams.iter().map(|h| h.name.text.as_str()).collect();
-        return Err(d.help(suggest(key, names.iter().copied()).unwrap_or_else(|| format!("the hyperparameters are: {}", names.join(", ")))));
+        return Err(d.help(
+            suggest(key, names.iter().copied())
+                .unwrap_or_else(|| format!("the hyperparameters are: {}", names.join(", "))),
+        ));
     };
     let t = text.trim();
     let value = if let Ok(i) = t.replace('_', "").parse::<i64>() {
@@ -83,7 +109,10 @@ pub fn from_set(def: &Def, key: &str, text: &str) -> Result<(String, Value), Dia
             _ => Value::Str(t.trim_matches('"').to_string()),
         }
     };
-    coerce(&value, h.ty)
-        .map(|v| (key.to_string(), v))
-        .ok_or_else(|| Diagnostic::new("E0502", format!("--set {key}={text}: `{key}` needs {}, found {} `{value}`", type_text(h.ty), value.kind())))
+    coerce(&value, h.ty).map(|v| (key.to_string(), v)).ok_or_else(|| {
+        Diagnostic::new(
+            "E0502",
+            format!("--set {key}={text}: `{key}` needs {}, found {} `{value}`", type_text(h.ty), value.kind()),
+        )
+    })
 }

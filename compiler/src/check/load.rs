@@ -74,7 +74,10 @@ pub fn load_file(path: &Path) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            return Err((SourceMap::new(), vec![Diagnostic::new("E0100", format!("cannot read {}: {e}", path.display()))]));
+            return Err((
+                SourceMap::new(),
+                vec![Diagnostic::new("E0100", format!("cannot read {}: {e}", path.display()))],
+            ));
         }
     };
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -97,10 +100,18 @@ struct Loader {
     diags: Vec<Diagnostic>,
     /// Per module: (import span, imported module index).
     imports: Vec<Vec<(Span, usize)>>,
+    files: Vec<crate::source::FileId>,
 }
 
 fn load(name: String, origin: Origin, text: String) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
-    let mut l = Loader { sources: SourceMap::new(), modules: Vec::new(), origins: Vec::new(), diags: Vec::new(), imports: Vec::new() };
+    let mut l = Loader {
+        sources: SourceMap::new(),
+        modules: Vec::new(),
+        origins: Vec::new(),
+        diags: Vec::new(),
+        imports: Vec::new(),
+        files: Vec::new(),
+    };
     let entry = l.add(name, origin, text);
     l.check_cycles(entry);
     if !l.diags.is_empty() || l.modules.iter().any(Option::is_none) {
@@ -126,6 +137,7 @@ impl Loader {
         self.modules.push(None);
         self.origins.push(origin.clone());
         self.imports.push(Vec::new());
+        self.files.push(file);
         let (module, errors) = parse(file, &self.sources.file(file).text.clone());
         self.diags.extend(errors);
         let Some(module) = module else { return index };
@@ -145,8 +157,9 @@ impl Loader {
                 let wanted = match path.as_slice() {
                     [std, name] if std == "std" => name.as_str(),
                     _ => {
-                        let d = Diagnostic::at("E0101", span, format!("unknown module `{}`", path.join(".")))
-                            .help("standard modules are imported as `std.NAME`; other files by path, `import \"file.model\"`");
+                        let d = Diagnostic::at("E0101", span, format!("unknown module `{}`", path.join("."))).help(
+                            "standard modules are imported as `std.NAME`; other files by path, `import \"file.model\"`",
+                        );
                         self.diags.push(d);
                         return None;
                     }
@@ -154,7 +167,8 @@ impl Loader {
                 let Some((_, text)) = STDLIB.iter().find(|(n, _)| *n == wanted) else {
                     let names = STDLIB.iter().map(|(n, _)| *n);
                     let list: Vec<&str> = STDLIB.iter().map(|(n, _)| *n).collect();
-                    let help = suggest(wanted, names).unwrap_or_else(|| format!("the standard modules are {}", list.join(", ")));
+                    let help = suggest(wanted, names)
+                        .unwrap_or_else(|| format!("the standard modules are {}", list.join(", ")));
                     self.diags.push(Diagnostic::at("E0101", span, format!("no standard module `{wanted}`")).help(help));
                     return None;
                 };
@@ -168,15 +182,16 @@ impl Loader {
                     return None;
                 };
                 let path = base.parent().unwrap_or(Path::new(".")).join(rel);
+                let display = self.display_of(from, rel);
                 let canonical = path.canonicalize().unwrap_or(path.clone());
                 if let Some(i) = self.origins.iter().position(|o| *o == Origin::Disk(canonical.clone())) {
                     return Some(i);
                 }
                 match std::fs::read_to_string(&path) {
-                    Ok(text) => (path.display().to_string(), Origin::Disk(canonical), text),
+                    Ok(text) => (display, Origin::Disk(canonical), text),
                     Err(e) => {
                         let d = Diagnostic::at("E0101", span, format!("cannot import \"{rel}\": {e}"))
-                            .label(span, format!("looked for {}", path.display()))
+                            .label(span, format!("looked for {display}"))
                             .help("paths are relative to the importing file");
                         self.diags.push(d);
                         return None;
@@ -188,6 +203,25 @@ impl Loader {
             return Some(i);
         }
         Some(self.add(name, origin, text))
+    }
+
+    /// A short name for an imported file: the importer's name with the
+    /// relative path applied, `..` resolved where possible.
+    fn display_of(&self, from: &Origin, rel: &str) -> String {
+        let importer = self.origins.iter().position(|o| o == from).map(|i| self.files[i]);
+        let base = importer.map(|f| self.sources.file(f).name.clone()).unwrap_or_default();
+        let mut parts: Vec<&str> = base.split('/').collect();
+        parts.pop();
+        for piece in rel.split('/') {
+            match piece {
+                "." | "" => {}
+                ".." if parts.last().is_some_and(|p| *p != "..") => {
+                    parts.pop();
+                }
+                _ => parts.push(piece),
+            }
+        }
+        parts.join("/")
     }
 
     /// Reports each import cycle once, naming the files around it.
@@ -207,7 +241,10 @@ impl Loader {
                 chain.push(self.name(target));
                 let d = Diagnostic::at("E0102", span, "import cycle")
                     .label(span, format!("`{}` imports `{}` back", self.name(m), self.name(target)))
-                    .help(format!("the files import each other: {}; move the shared layers into a third file", chain.join(" -> ")));
+                    .help(format!(
+                        "the files import each other: {}; move the shared layers into a third file",
+                        chain.join(" -> ")
+                    ));
                 self.diags.push(d);
             } else if state[target] == 0 {
                 stack.push((m, span));
@@ -224,7 +261,11 @@ impl Loader {
     }
 }
 
-fn build_scopes(modules: &[Module], imports: &[Vec<(Span, usize)>], diags: &mut Vec<Diagnostic>) -> Vec<HashMap<String, DefRef>> {
+fn build_scopes(
+    modules: &[Module],
+    imports: &[Vec<(Span, usize)>],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<HashMap<String, DefRef>> {
     let own: Vec<HashMap<String, (DefRef, Span)>> = modules
         .iter()
         .enumerate()

@@ -38,6 +38,7 @@ pub struct Options {
 }
 
 /// A checked model: everything later stages need, with no spec left to read.
+#[derive(Debug)]
 pub struct Checked {
     pub model: String,
     pub hparams: Vec<(String, Value)>,
@@ -74,8 +75,24 @@ impl Checked {
 
 /// Settings a `train { }` block understands.
 pub const TRAIN_KEYS: &[&str] = &[
-    "loss", "optimizer", "lr", "weight_decay", "betas", "momentum", "warmup", "schedule", "steps", "epochs", "batch",
-    "seq_len", "clip", "grad_accum", "eval_split", "eval_every", "seed", "checkpoint_every",
+    "loss",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "betas",
+    "momentum",
+    "warmup",
+    "schedule",
+    "steps",
+    "epochs",
+    "batch",
+    "seq_len",
+    "clip",
+    "grad_accum",
+    "eval_split",
+    "eval_every",
+    "seed",
+    "checkpoint_every",
 ];
 /// Settings an `infer { }` block understands.
 pub const INFER_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"];
@@ -117,7 +134,10 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
             match p_item(c, base) {
                 Item::Def(d) if d.kind == DefKind::Model => (base, Some(a)),
                 _ => {
-                    c.error(Diagnostic::at("E0402", a.base.span, format!("`{}` is not a model", a.base.text)).help("`adapt` applies to a `model` definition"));
+                    c.error(
+                        Diagnostic::at("E0402", a.base.span, format!("`{}` is not a model", a.base.text))
+                            .help("`adapt` applies to a `model` definition"),
+                    );
                     return Err(());
                 }
             }
@@ -149,14 +169,19 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
         }
     }
     let env = c.bind_hparams(def, model_ref.module, &[], &named, def.name.span)?;
-    let hparams: Vec<(String, Value)> = def.hparams.iter().map(|h| (h.name.text.clone(), env[&h.name.text].clone())).collect();
+    let hparams: Vec<(String, Value)> =
+        def.hparams.iter().map(|h| (h.name.text.clone(), env[&h.name.text].clone())).collect();
     let root = c.instantiate_def(model_ref, def, env, String::new(), adapt.is_none())?;
     if let Some(a) = adapt {
         apply_adapter(c, entry.module, a, root)?;
     }
     let fwd = def.members.iter().find_map(|m| if let Member::Forward(f) = m { Some(f) } else { None });
     let Some(fwd) = fwd else {
-        c.error(Diagnostic::at("E0201", def.name.span, format!("model `{}` has no `forward`", def.name.text)).help("declare its inputs and outputs: `forward(input_ids: [B, T] int) -> logits: [B, T, vocab] = ...`"));
+        c.error(
+            Diagnostic::at("E0201", def.name.span, format!("model `{}` has no `forward`", def.name.text)).help(
+                "declare its inputs and outputs: `forward(input_ids: [B, T] int) -> logits: [B, T, vocab] = ...`",
+            ),
+        );
         return Err(());
     };
     let mut frame = Frame { inst: root, locals: HashMap::new(), dims: HashMap::new() };
@@ -176,7 +201,11 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
     let mut outputs = Vec::new();
     for (i, (out, t)) in fwd.outputs.iter().zip(results).enumerate() {
         let Ty::Tensor(ty) = t else { return Err(()) };
-        let name = out.name.as_ref().map(|n| n.text.clone()).unwrap_or_else(|| if fwd.outputs.len() == 1 { "output".into() } else { format!("output_{i}") });
+        let name = out
+            .name
+            .as_ref()
+            .map(|n| n.text.clone())
+            .unwrap_or_else(|| if fwd.outputs.len() == 1 { "output".into() } else { format!("output_{i}") });
         outputs.push(Signature { name, ty, optional: false });
     }
     let mut checked = Checked {
@@ -216,7 +245,10 @@ fn boundary_type(c: &mut Checker, frame: &mut Frame, decl: &TensorType) -> Falli
     let mut dims = Vec::new();
     for d in &decl.dims {
         let DimAst::Expr(e) = d else {
-            c.error(Diagnostic::at("E0301", decl.span, "a model's inputs cannot use `...`").help("name each axis, e.g. `[B, T]`"));
+            c.error(
+                Diagnostic::at("E0301", decl.span, "a model's inputs cannot use `...`")
+                    .help("name each axis, e.g. `[B, T]`"),
+            );
             return Err(());
         };
         if let ExprKind::Name(n) = &module.expr(*e).kind
@@ -231,7 +263,11 @@ fn boundary_type(c: &mut Checker, frame: &mut Frame, decl: &TensorType) -> Falli
         match c.eval_static(m, &env, *e, false)? {
             v if v.as_dim().is_some() => dims.push(v.as_dim().expect("checked")),
             other => {
-                c.error(Diagnostic::at("E0201", module.expr(*e).span, format!("a size is expected, found {} `{other}`", other.kind())));
+                c.error(Diagnostic::at(
+                    "E0201",
+                    module.expr(*e).span,
+                    format!("a size is expected, found {} `{other}`", other.kind()),
+                ));
                 return Err(());
             }
         }
@@ -260,7 +296,14 @@ fn train_block(c: &mut Checker, m: usize, b: &Block, frame: &mut Frame, checked:
                 Ty::Error => return Err(()),
                 other => {
                     let span = c.module(m).expr(*value).span;
-                    c.error(Diagnostic::at("E0601", span, format!("the loss must be a float scalar, found {}", describe(&other))).help("reduce it with `mean(...)` or use `cross_entropy(logits, targets)`"));
+                    c.error(
+                        Diagnostic::at(
+                            "E0601",
+                            span,
+                            format!("the loss must be a float scalar, found {}", describe(&other)),
+                        )
+                        .help("reduce it with `mean(...)` or use `cross_entropy(logits, targets)`"),
+                    );
                     return Err(());
                 }
             }
@@ -278,21 +321,36 @@ fn describe(t: &Ty) -> String {
     }
 }
 
-fn settings(c: &mut Checker, m: usize, root: InstId, b: &Block, keys: &[&str], block: &str) -> Fallible<Vec<(String, Value)>> {
+fn settings(
+    c: &mut Checker,
+    m: usize,
+    root: InstId,
+    b: &Block,
+    keys: &[&str],
+    block: &str,
+) -> Fallible<Vec<(String, Value)>> {
     let env = c.instances[root].env.clone();
     let mut out = Vec::new();
     let mut seen: HashMap<&str, Span> = HashMap::new();
     let mut ok = true;
     for s in &b.settings {
-        let Setting::Value { name, value } = s else { continue };
+        let Setting::Value { name, value } = s else {
+            continue;
+        };
         if let Some(first) = seen.insert(&name.text, name.span) {
-            c.error(Diagnostic::at("E0602", name.span, format!("`{}` is set twice", name.text)).label(first, "first set here"));
+            c.error(
+                Diagnostic::at("E0602", name.span, format!("`{}` is set twice", name.text))
+                    .label(first, "first set here"),
+            );
             ok = false;
             continue;
         }
         if !keys.contains(&name.text.as_str()) {
             let d = Diagnostic::at("E0602", name.span, format!("`{block}` has no setting `{}`", name.text));
-            let d = d.help(suggest(&name.text, keys.iter().copied()).unwrap_or_else(|| format!("the settings are: {}", keys.join(", "))));
+            let d = d.help(
+                suggest(&name.text, keys.iter().copied())
+                    .unwrap_or_else(|| format!("the settings are: {}", keys.join(", "))),
+            );
             c.error(d);
             ok = false;
             continue;
@@ -353,8 +411,12 @@ fn apply_adapter(c: &mut Checker, m: usize, a: &Adapt, root: InstId) -> Fallible
             all_fields.sort();
             all_fields.dedup();
             let base = &a.base.text;
-            let d = Diagnostic::at("E0401", target.span, format!("`{base}` has no layer named `{}` to adapt", target.text));
-            let d = d.help(suggest(&target.text, all_fields.iter().map(String::as_str)).unwrap_or_else(|| "adapters wrap sublayers by field name, e.g. `on q_proj, v_proj`".into()));
+            let d =
+                Diagnostic::at("E0401", target.span, format!("`{base}` has no layer named `{}` to adapt", target.text));
+            let d = d.help(
+                suggest(&target.text, all_fields.iter().map(String::as_str))
+                    .unwrap_or_else(|| "adapters wrap sublayers by field name, e.g. `on q_proj, v_proj`".into()),
+            );
             c.error(d);
             ok = false;
             continue;
@@ -364,12 +426,20 @@ fn apply_adapter(c: &mut Checker, m: usize, a: &Adapt, root: InstId) -> Fallible
             args.push(("base".into(), Value::Instance(target_inst)));
             // Sizes such as `in` and `out` come from the wrapped layer.
             for h in &adapter_def.hparams {
-                let given = args.iter().any(|(k, _)| *k == h.name.text) || positional.len() > adapter_def.hparams.iter().position(|x| x.name.text == h.name.text).unwrap_or(usize::MAX);
+                let given = args.iter().any(|(k, _)| *k == h.name.text)
+                    || positional.len()
+                        > adapter_def.hparams.iter().position(|x| x.name.text == h.name.text).unwrap_or(usize::MAX);
                 if !given && let Some(v) = c.instances[target_inst].env.get(&h.name.text) {
                     args.push((h.name.text.clone(), v.clone()));
                 }
             }
-            let lv = LayerValue { def: adapter, span: a.span, name: a.adapter.text.clone(), positional: positional.clone(), named: args };
+            let lv = LayerValue {
+                def: adapter,
+                span: a.span,
+                name: a.adapter.text.clone(),
+                positional: positional.clone(),
+                named: args,
+            };
             let path = c.instances[target_inst].path.clone();
             let wrapped = c.instantiate(&lv, path, true)?;
             c.instances[owner].fields[fi].1 = FieldInst::Sub(wrapped);

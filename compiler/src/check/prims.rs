@@ -63,7 +63,20 @@ use Fallback as D;
 use Kind as K;
 
 pub const UNARY_MATH: &[&str] = &[
-    "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "gelu_tanh", "silu", "erf", "sin", "cos", "abs",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "tanh",
+    "sigmoid",
+    "relu",
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "erf",
+    "sin",
+    "cos",
+    "abs",
 ];
 
 /// Every primitive with its parameters, in the order positional arguments bind.
@@ -210,7 +223,9 @@ impl Args<'_> {
     }
     fn ints(&self, i: usize) -> Vec<i64> {
         match &self.0[i] {
-            Arg::Value(Value::List(items)) => items.iter().filter_map(|v| if let Value::Int(x) = v { Some(*x) } else { None }).collect(),
+            Arg::Value(Value::List(items)) => {
+                items.iter().filter_map(|v| if let Value::Int(x) = v { Some(*x) } else { None }).collect()
+            }
             Arg::Value(Value::Int(v)) => vec![*v],
             _ => Vec::new(),
         }
@@ -293,15 +308,21 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
         "where" => {
             let cond = a.t(0);
             if cond.dtype != DType::Bool {
-                return Err(err("the condition of `where` must be a bool tensor").at(0, format!("this is {cond}")).help("compare, e.g. `mask == 1`"));
+                return Err(err("the condition of `where` must be a bool tensor")
+                    .at(0, format!("this is {cond}"))
+                    .help("compare, e.g. `mask == 1`"));
             }
             let x = a.ts(1, a.opt_t(2).map_or(DType::F32, |t| t.dtype));
             let y = a.ts(2, x.dtype);
             let xy = elementwise(&x, &y, 1, 2)?;
             let dims = broadcast(&cond.dims, &xy.dims).map_err(|(p, q)| {
-                err(format!("cannot broadcast the condition {} with the values {}", shape_text(&cond.dims), shape_text(&xy.dims)))
-                    .at(0, format!("size {p} here"))
-                    .at(1, format!("against {q}"))
+                err(format!(
+                    "cannot broadcast the condition {} with the values {}",
+                    shape_text(&cond.dims),
+                    shape_text(&xy.dims)
+                ))
+                .at(0, format!("size {p} here"))
+                .at(1, format!("against {q}"))
             })?;
             one(TensorTy::new(xy.dtype, dims))
         }
@@ -367,7 +388,8 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             let mut check = resolved.clone();
             check.sort();
             if check != (0..x.rank()).collect::<Vec<_>>() {
-                return Err(err(format!("`permute` needs each of the {} axes exactly once", x.rank())).at(1, "not a permutation"));
+                return Err(err(format!("`permute` needs each of the {} axes exactly once", x.rank()))
+                    .at(1, "not a permutation"));
             }
             one(TensorTy::new(x.dtype, resolved.iter().map(|i| x.dims[*i].clone()).collect()))
         }
@@ -376,9 +398,13 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             let dims = fill_wildcard(&x.dims, a.sizes(1), 1)?;
             let (before, after) = (product(&x.dims), product(&dims));
             if before != after {
-                return Err(err(format!("cannot reshape {} ({before} elements) to {} ({after} elements)", shape_text(&x.dims), shape_text(&dims)))
-                    .at(0, format!("this has shape {}", shape_text(&x.dims)))
-                    .at(1, "this shape"));
+                return Err(err(format!(
+                    "cannot reshape {} ({before} elements) to {} ({after} elements)",
+                    shape_text(&x.dims),
+                    shape_text(&dims)
+                ))
+                .at(0, format!("this has shape {}", shape_text(&x.dims)))
+                .at(1, "this shape"));
             }
             one(TensorTy::new(x.dtype, dims))
         }
@@ -388,10 +414,15 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             let sizes = fill_wildcard(&x.dims[ax..=ax], a.sizes(2), 2)?;
             if product(&sizes) != x.dims[ax] {
                 let parts: Vec<String> = sizes.iter().map(|d| d.to_string()).collect();
-                return Err(err(format!("cannot split axis {} of size {} into {}", a.int(1), x.dims[ax], shape_text(&sizes)))
-                    .at(2, format!("{} = {}", parts.join(" * "), product(&sizes)))
-                    .at(0, format!("this has shape {}", shape_text(&x.dims)))
-                    .help("the sizes must multiply to the size of the axis"));
+                return Err(err(format!(
+                    "cannot split axis {} of size {} into {}",
+                    a.int(1),
+                    x.dims[ax],
+                    shape_text(&sizes)
+                ))
+                .at(2, format!("{} = {}", parts.join(" * "), product(&sizes)))
+                .at(0, format!("this has shape {}", shape_text(&x.dims)))
+                .help("the sizes must multiply to the size of the axis"));
             }
             let mut dims = x.dims.clone();
             dims.splice(ax..=ax, sizes);
@@ -401,7 +432,9 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             let x = a.t(0);
             let (s, e) = (axis(x, a.int(1), 1)?, axis(x, a.int(2), 2)?);
             if s > e {
-                return Err(err("`merge` needs start <= end").at(1, format!("start is axis {s}")).at(2, format!("end is axis {e}")));
+                return Err(err("`merge` needs start <= end")
+                    .at(1, format!("start is axis {s}"))
+                    .at(2, format!("end is axis {e}")));
             }
             let mut dims = x.dims.clone();
             let merged = product(&dims[s..=e]);
@@ -410,7 +443,10 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
         }
         "unsqueeze" => {
             let x = a.t(0);
-            let ax = normalize_axis(a.int(1), x.rank() + 1).ok_or_else(|| err(format!("axis {} is out of range for unsqueezing a tensor of rank {}", a.int(1), x.rank())).at(1, "here"))?;
+            let ax = normalize_axis(a.int(1), x.rank() + 1).ok_or_else(|| {
+                err(format!("axis {} is out of range for unsqueezing a tensor of rank {}", a.int(1), x.rank()))
+                    .at(1, "here")
+            })?;
             let mut dims = x.dims.clone();
             dims.insert(ax, Dim::constant(1));
             one(TensorTy::new(x.dtype, dims))
@@ -419,7 +455,8 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             let x = a.t(0);
             let ax = axis(x, a.int(1), 1)?;
             if x.dims[ax] != Dim::constant(1) {
-                return Err(err(format!("cannot squeeze axis {} of size {}", a.int(1), x.dims[ax])).at(0, format!("this has shape {}", shape_text(&x.dims))));
+                return Err(err(format!("cannot squeeze axis {} of size {}", a.int(1), x.dims[ax]))
+                    .at(0, format!("this has shape {}", shape_text(&x.dims))));
             }
             let mut dims = x.dims.clone();
             dims.remove(ax);
@@ -427,16 +464,26 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
         }
         "concat" | "stack" => {
             let xs = a.tensors(0);
-            let Some(first) = xs.first() else { return Err(err(format!("`{name}` needs at least one tensor")).at(0, "empty list")) };
+            let Some(first) = xs.first() else {
+                return Err(err(format!("`{name}` needs at least one tensor")).at(0, "empty list"));
+            };
             let rank = if name == "stack" { first.rank() + 1 } else { first.rank() };
-            let ax = normalize_axis(a.int(1), rank).ok_or_else(|| err(format!("axis {} is out of range", a.int(1))).at(1, "here"))?;
+            let ax = normalize_axis(a.int(1), rank)
+                .ok_or_else(|| err(format!("axis {} is out of range", a.int(1))).at(1, "here"))?;
             let mut total = Dim::constant(0);
             for t in xs {
                 let same = t.rank() == first.rank()
                     && t.dtype == first.dtype
-                    && t.dims.iter().zip(&first.dims).enumerate().all(|(i, (p, q))| (name == "concat" && i == ax) || p == q);
+                    && t.dims
+                        .iter()
+                        .zip(&first.dims)
+                        .enumerate()
+                        .all(|(i, (p, q))| (name == "concat" && i == ax) || p == q);
                 if !same {
-                    return Err(err(format!("`{name}` needs tensors that agree except on the joined axis: {first} and {t}")).at(0, "these"));
+                    return Err(err(format!(
+                        "`{name}` needs tensors that agree except on the joined axis: {first} and {t}"
+                    ))
+                    .at(0, "these"));
                 }
                 if name == "concat" {
                     total = total.add(&t.dims[ax]);
@@ -479,18 +526,30 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
         "linear" => {
             let (x, w) = (a.t(0), a.t(1));
             if w.rank() != 2 {
-                return Err(err(format!("the weight of `linear` must be [out, in], found {}", shape_text(&w.dims))).at(1, "here"));
+                return Err(err(format!("the weight of `linear` must be [out, in], found {}", shape_text(&w.dims)))
+                    .at(1, "here"));
             }
             let last = x.dims.last().cloned().unwrap_or(Dim::constant(1));
             if last != w.dims[1] {
-                return Err(err(format!("`linear` of {} by a weight of shape {}: {} inputs but the weight takes {}", shape_text(&x.dims), shape_text(&w.dims), last, w.dims[1]))
-                    .at(0, format!("last axis is {last}"))
-                    .at(1, format!("weight is [out = {}, in = {}]", w.dims[0], w.dims[1])));
+                return Err(err(format!(
+                    "`linear` of {} by a weight of shape {}: {} inputs but the weight takes {}",
+                    shape_text(&x.dims),
+                    shape_text(&w.dims),
+                    last,
+                    w.dims[1]
+                ))
+                .at(0, format!("last axis is {last}"))
+                .at(1, format!("weight is [out = {}, in = {}]", w.dims[0], w.dims[1])));
             }
             if let Some(b) = a.opt_t(2)
                 && b.dims != [w.dims[0].clone()]
             {
-                return Err(err(format!("the bias of `linear` must be [{}], found {}", w.dims[0], shape_text(&b.dims))).at(2, "here"));
+                return Err(err(format!(
+                    "the bias of `linear` must be [{}], found {}",
+                    w.dims[0],
+                    shape_text(&b.dims)
+                ))
+                .at(2, "here"));
             }
             let mut dims = x.dims.clone();
             *dims.last_mut().expect("rank >= 1") = w.dims[0].clone();
@@ -501,23 +560,30 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             let x = a.t(0);
             need_float(x, 0, "rope")?;
             if x.rank() != 4 {
-                return Err(err(format!("`rope` expects [batch, time, heads, head_dim], found {}", shape_text(&x.dims)))
-                    .at(0, "here")
-                    .help("split the heads first: `x.split(-1, [heads, head_dim])`"));
+                return Err(err(format!(
+                    "`rope` expects [batch, time, heads, head_dim], found {}",
+                    shape_text(&x.dims)
+                ))
+                .at(0, "here")
+                .help("split the heads first: `x.split(-1, [heads, head_dim])`"));
             }
             let d = &x.dims[3];
             let rot = a.opt_int(2).map(Dim::constant).unwrap_or_else(|| d.clone());
             if let (Some(r), Some(dd)) = (rot.as_const(), d.as_const())
                 && (r % 2 != 0 || r > dd)
             {
-                return Err(err(format!("rotary dimension {r} must be even and at most the head dimension {dd}")).at(0, "here"));
+                return Err(
+                    err(format!("rotary dimension {r} must be even and at most the head dimension {dd}")).at(0, "here")
+                );
             }
             one(x.clone())
         }
         "topk" => {
             let x = a.t(0);
             let k = a.int(1);
-            let Some(last) = x.dims.last() else { return Err(err("`topk` of a scalar").at(0, "here")) };
+            let Some(last) = x.dims.last() else {
+                return Err(err("`topk` of a scalar").at(0, "here"));
+            };
             if k < 1 || last.as_const().is_some_and(|n| k > n) {
                 return Err(err(format!("cannot take the top {k} of {last} values")).at(1, "here"));
             }
@@ -530,23 +596,35 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             need_float(logits, 0, "cross_entropy")?;
             need_int(targets, 1, "the targets of `cross_entropy`")?;
             if logits.rank() != targets.rank() + 1 || logits.dims[..targets.rank()] != targets.dims[..] {
-                return Err(err(format!("`cross_entropy` needs logits [..., classes] and targets [...]: found {} and {}", shape_text(&logits.dims), shape_text(&targets.dims)))
-                    .at(0, format!("logits {}", shape_text(&logits.dims)))
-                    .at(1, format!("targets {}", shape_text(&targets.dims))));
+                return Err(err(format!(
+                    "`cross_entropy` needs logits [..., classes] and targets [...]: found {} and {}",
+                    shape_text(&logits.dims),
+                    shape_text(&targets.dims)
+                ))
+                .at(0, format!("logits {}", shape_text(&logits.dims)))
+                .at(1, format!("targets {}", shape_text(&targets.dims))));
             }
             one(TensorTy::scalar(DType::F32))
         }
         "mse" => {
             let (p, t) = (a.t(0), a.t(1));
             if p.dims != t.dims {
-                return Err(err(format!("`mse` needs equal shapes, found {} and {}", shape_text(&p.dims), shape_text(&t.dims))).at(0, "prediction").at(1, "target"));
+                return Err(err(format!(
+                    "`mse` needs equal shapes, found {} and {}",
+                    shape_text(&p.dims),
+                    shape_text(&t.dims)
+                ))
+                .at(0, "prediction")
+                .at(1, "target"));
             }
             one(TensorTy::scalar(DType::F32))
         }
         "add_loss" => {
             let loss = a.t(1);
             if loss.rank() != 0 {
-                return Err(err(format!("an added loss must be a scalar, found {}", shape_text(&loss.dims))).at(1, "here").help("reduce it with `sum` or `mean`"));
+                return Err(err(format!("an added loss must be a scalar, found {}", shape_text(&loss.dims)))
+                    .at(1, "here")
+                    .help("reduce it with `sum` or `mean`"));
             }
             one(a.t(0).clone())
         }
@@ -575,7 +653,9 @@ pub fn elementwise(x: &TensorTy, y: &TensorTy, xi: usize, yi: usize) -> Result<T
 pub fn matmul(x: &TensorTy, y: &TensorTy) -> Result<TensorTy, PrimError> {
     for (i, t) in [x, y].into_iter().enumerate() {
         if t.dtype != DType::F32 {
-            return Err(err(format!("`@` needs float tensors, found {}", t.dtype.as_str())).at(i, format!("this is {t}")));
+            return Err(
+                err(format!("`@` needs float tensors, found {}", t.dtype.as_str())).at(i, format!("this is {t}"))
+            );
         }
         if t.rank() == 0 {
             return Err(err("`@` needs tensors of rank at least 1").at(i, "this is a scalar").help("use `*` to scale"));
@@ -588,13 +668,19 @@ pub fn matmul(x: &TensorTy, y: &TensorTy) -> Result<TensorTy, PrimError> {
     let (n, k) = (&xd[xd.len() - 2], &xd[xd.len() - 1]);
     let (k2, m) = (&yd[yd.len() - 2], &yd[yd.len() - 1]);
     if k != k2 {
-        return Err(err(format!("matrix product of {} and {}: inner sizes {k} and {k2} differ", shape_text(&x.dims), shape_text(&y.dims)))
-            .at(0, format!("has {k} columns"))
-            .at(1, format!("has {k2} rows"))
-            .help("transpose one side (`transpose(w)`) or check the layer's sizes"));
+        return Err(err(format!(
+            "matrix product of {} and {}: inner sizes {k} and {k2} differ",
+            shape_text(&x.dims),
+            shape_text(&y.dims)
+        ))
+        .at(0, format!("has {k} columns"))
+        .at(1, format!("has {k2} rows"))
+        .help("transpose one side (`transpose(w)`) or check the layer's sizes"));
     }
     let batch = broadcast(&xd[..xd.len() - 2], &yd[..yd.len() - 2]).map_err(|(p, q)| {
-        err(format!("batch axes of {} and {} do not broadcast ({p} vs {q})", shape_text(&x.dims), shape_text(&y.dims))).at(0, "left").at(1, "right")
+        err(format!("batch axes of {} and {} do not broadcast ({p} vs {q})", shape_text(&x.dims), shape_text(&y.dims)))
+            .at(0, "left")
+            .at(1, "right")
     })?;
     let mut dims = batch;
     if !xv {
@@ -611,19 +697,33 @@ fn attend(a: &Args) -> Result<Out, PrimError> {
     for (i, t) in [q, k, v].into_iter().enumerate() {
         need_float(t, i, "attend")?;
         if t.rank() != 4 {
-            return Err(err(format!("`attend` takes [batch, time, heads, head_dim] tensors, found {}", shape_text(&t.dims)))
-                .at(i, "here")
-                .help("split the heads first: `q_proj(x).split(-1, [heads, head_dim])`"));
+            return Err(err(format!(
+                "`attend` takes [batch, time, heads, head_dim] tensors, found {}",
+                shape_text(&t.dims)
+            ))
+            .at(i, "here")
+            .help("split the heads first: `q_proj(x).split(-1, [heads, head_dim])`"));
         }
     }
     if q.dims[0] != k.dims[0] || k.dims[0] != v.dims[0] {
-        return Err(err("query, key and value have different batch sizes").at(0, format!("{q}")).at(1, format!("{k}")).at(2, format!("{v}")));
+        return Err(err("query, key and value have different batch sizes")
+            .at(0, format!("{q}"))
+            .at(1, format!("{k}"))
+            .at(2, format!("{v}")));
     }
     if k.dims[1] != v.dims[1] || k.dims[2] != v.dims[2] {
-        return Err(err(format!("keys {} and values {} must agree on time and heads", shape_text(&k.dims), shape_text(&v.dims))).at(1, "keys").at(2, "values"));
+        return Err(err(format!(
+            "keys {} and values {} must agree on time and heads",
+            shape_text(&k.dims),
+            shape_text(&v.dims)
+        ))
+        .at(1, "keys")
+        .at(2, "values"));
     }
     if q.dims[3] != k.dims[3] {
-        return Err(err(format!("query head size {} differs from key head size {}", q.dims[3], k.dims[3])).at(0, "query").at(1, "key"));
+        return Err(err(format!("query head size {} differs from key head size {}", q.dims[3], k.dims[3]))
+            .at(0, "query")
+            .at(1, "key"));
     }
     if let (Some(h), Some(g)) = (q.dims[2].as_const(), k.dims[2].as_const())
         && (g == 0 || h % g != 0)
@@ -664,7 +764,13 @@ fn fill_wildcard(from: &[Dim], mut to: Vec<Dim>, arg: usize) -> Result<Vec<Dim>,
     if holes == 1 {
         let known: Vec<Dim> = to.iter().filter(|d| **d != minus_one).cloned().collect();
         let inferred = product(from).div(&product(&known)).ok_or_else(|| {
-            err(format!("cannot infer the -1 in {}: {} is not divisible by {}", shape_text(&to), product(from), product(&known))).at(arg, "here")
+            err(format!(
+                "cannot infer the -1 in {}: {} is not divisible by {}",
+                shape_text(&to),
+                product(from),
+                product(&known)
+            ))
+            .at(arg, "here")
         })?;
         for d in &mut to {
             if *d == minus_one {
@@ -676,4 +782,53 @@ fn fill_wildcard(from: &[Dim], mut to: Vec<Dim>, arg: usize) -> Result<Vec<Dim>,
         return Err(err(format!("size {bad} must be at least 1")).at(arg, "here"));
     }
     Ok(to)
+}
+
+/// Math on a plain number, for hyperparameter expressions such as `log(base)`.
+pub fn fold_unary(name: &str, x: f64) -> f64 {
+    match name {
+        "exp" => x.exp(),
+        "log" => x.ln(),
+        "sqrt" => x.sqrt(),
+        "rsqrt" => 1.0 / x.sqrt(),
+        "tanh" => x.tanh(),
+        "sigmoid" => 1.0 / (1.0 + (-x).exp()),
+        "relu" => x.max(0.0),
+        "sin" => x.sin(),
+        "cos" => x.cos(),
+        "abs" => x.abs(),
+        "silu" => x / (1.0 + (-x).exp()),
+        "erf" => erf(x),
+        "gelu" => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        "gelu_tanh" => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()),
+        _ => unreachable!("`{name}` is not a unary math primitive"),
+    }
+}
+
+/// The error function (Abramowitz and Stegun 7.1.26 refined by a series for
+/// small arguments); accurate to about 1e-12.
+pub fn erf(x: f64) -> f64 {
+    if x.abs() < 2.0 {
+        // Maclaurin series: 2/sqrt(pi) * sum (-1)^n x^(2n+1) / (n! (2n+1)).
+        let mut term = x;
+        let mut sum = x;
+        let x2 = x * x;
+        for n in 1..60 {
+            term *= -x2 / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() < 1e-17 {
+                break;
+            }
+        }
+        return sum * 2.0 / std::f64::consts::PI.sqrt();
+    }
+    // Continued fraction for erfc at larger |x|.
+    let t = x.abs();
+    let mut f = 0.0;
+    for k in (1..60).rev() {
+        f = (k as f64 / 2.0) / (t + f);
+    }
+    let erfc = (-t * t).exp() / std::f64::consts::PI.sqrt() / (t + f);
+    if x > 0.0 { 1.0 - erfc } else { erfc - 1.0 }
 }

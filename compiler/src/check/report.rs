@@ -72,7 +72,11 @@ pub fn text(c: &Checked) -> String {
     for (name, shape, count, kind) in &rows {
         out.push_str(&format!("  {name:<w0$}  {shape:<w1$}  {count:>w2$}  {kind}\n"));
     }
-    out.push_str(&format!("\ntotal {} parameters, {} trainable\n", thousands(c.total_params()), thousands(c.trainable_params())));
+    out.push_str(&format!(
+        "\ntotal {} parameters, {} trainable\n",
+        thousands(c.total_params()),
+        thousands(c.trainable_params())
+    ));
     out
 }
 
@@ -85,7 +89,9 @@ pub fn json(c: &Checked) -> serde_json::Value {
             })
             .collect()
     };
-    let settings = |s: &[(String, super::value::Value)]| -> serde_json::Map<String, serde_json::Value> { s.iter().map(|(k, v)| (k.clone(), v.to_json())).collect() };
+    let settings = |s: &[(String, super::value::Value)]| -> serde_json::Map<String, serde_json::Value> {
+        s.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()
+    };
     json!({
         "model": c.model,
         "hyperparameters": settings(&c.hparams),

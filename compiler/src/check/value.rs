@@ -47,8 +47,12 @@ pub struct LayerValue {
 pub enum Init {
     Zeros,
     Ones,
-    Normal { std: f64 },
-    Uniform { bound: f64 },
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        bound: f64,
+    },
     /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for Linear.
     FanIn,
     Constant(f64),

@@ -25,6 +25,8 @@ impl Module {
 pub struct Comment {
     pub span: Span,
     pub text: String,
+    /// A blank line separates it from what came before, so `fmt` keeps one.
+    pub blank_before: bool,
 }
 
 /// A name as written, with where it was written.

@@ -14,7 +14,14 @@ pub fn dump_module(m: &Module) -> String {
             },
             Item::Adapt(a) => {
                 let targets: Vec<&str> = a.targets.iter().map(|t| t.text.as_str()).collect();
-                out.push_str(&format!("(adapt {} {} (with {}{}) (on {}))\n", a.name.text, a.base.text, a.adapter.text, args(m, &a.args), targets.join(" ")));
+                out.push_str(&format!(
+                    "(adapt {} {} (with {}{}) (on {}))\n",
+                    a.name.text,
+                    a.base.text,
+                    a.adapter.text,
+                    args(m, &a.args),
+                    targets.join(" ")
+                ));
             }
             Item::Def(d) => {
                 let kw = if d.kind == DefKind::Layer { "layer" } else { "model" };
@@ -50,11 +57,17 @@ fn member(m: &Module, member: &Member) -> String {
                     format!("({kw} {} {}{init}{cond})", f.name.text, tensor_type(m, ty))
                 }
                 FieldKind::Sublayer(e) => format!("(field {} {}{cond})", f.name.text, expr(m, *e)),
-                FieldKind::Repeat { count, layer } => format!("(repeat {} {} {}{cond})", f.name.text, expr(m, *count), expr(m, *layer)),
+                FieldKind::Repeat { count, layer } => {
+                    format!("(repeat {} {} {}{cond})", f.name.text, expr(m, *count), expr(m, *layer))
+                }
             }
         }
         Member::Forward(f) => {
-            let inputs: Vec<String> = f.inputs.iter().map(|i| format!("({} {}{})", i.name.text, tensor_type(m, &i.ty), if i.optional { "?" } else { "" })).collect();
+            let inputs: Vec<String> = f
+                .inputs
+                .iter()
+                .map(|i| format!("({} {}{})", i.name.text, tensor_type(m, &i.ty), if i.optional { "?" } else { "" }))
+                .collect();
             let outputs: Vec<String> = f
                 .outputs
                 .iter()
@@ -64,7 +77,13 @@ fn member(m: &Module, member: &Member) -> String {
                 })
                 .collect();
             let lets: Vec<String> = f.lets.iter().map(|l| format!(" {}", let_stmt(m, l))).collect();
-            format!("(forward ({}) -> ({}){} {})", inputs.join(" "), outputs.join(" "), lets.concat(), expr(m, f.result))
+            format!(
+                "(forward ({}) -> ({}){} {})",
+                inputs.join(" "),
+                outputs.join(" "),
+                lets.concat(),
+                expr(m, f.result)
+            )
         }
         Member::Train(b) => block(m, "train", b),
         Member::Infer(b) => block(m, "infer", b),
@@ -76,7 +95,9 @@ fn block(m: &Module, kw: &str, b: &Block) -> String {
         .settings
         .iter()
         .map(|s| match s {
-            Setting::Target { name, ty } => format!("(target {} {})", name.text, tensor_type(m, ty)),
+            Setting::Target { name, ty } => {
+                format!("(target {} {})", name.text, tensor_type(m, ty))
+            }
             Setting::Value { name, value } => format!("({} {})", name.text, expr(m, *value)),
         })
         .collect();
@@ -132,11 +153,17 @@ pub fn expr(m: &Module, e: ExprId) -> String {
                 .map(|i| match i {
                     IndexItem::Rest => "...".into(),
                     IndexItem::At(e) => expr(m, *e),
-                    IndexItem::Slice(lo, hi) => format!("{}:{}", lo.map(|e| expr(m, e)).unwrap_or_default(), hi.map(|e| expr(m, e)).unwrap_or_default()),
+                    IndexItem::Slice(lo, hi) => format!(
+                        "{}:{}",
+                        lo.map(|e| expr(m, e)).unwrap_or_default(),
+                        hi.map(|e| expr(m, e)).unwrap_or_default()
+                    ),
                 })
                 .collect();
             format!("(index {} {})", expr(m, *base), items.join(" "))
         }
-        ExprKind::If { cond, then, otherwise } => format!("(if {} {} {})", expr(m, *cond), expr(m, *then), expr(m, *otherwise)),
+        ExprKind::If { cond, then, otherwise } => {
+            format!("(if {} {} {})", expr(m, *cond), expr(m, *then), expr(m, *otherwise))
+        }
     }
 }

@@ -325,6 +325,10 @@ impl Builder {
     }
 
     fn pratt(&self, pairs: Pairs<Rule>) -> ExprId {
+        // `postfixed` groups an operand with its postfixes (to control
+        // whitespace); the Pratt parser wants them as a flat sequence.
+        let flat = pairs
+            .flat_map(|p| if p.as_rule() == Rule::postfixed { p.into_inner().collect::<Vec<_>>() } else { vec![p] });
         PRATT
             .map_primary(|p| self.primary(p))
             .map_prefix(|op, operand| {
@@ -366,7 +370,7 @@ impl Builder {
                 };
                 self.alloc(ExprKind::Binary(op, lhs, rhs), span)
             })
-            .parse(pairs)
+            .parse(flat)
     }
 
     fn index_item(&self, pair: Pair<Rule>) -> IndexItem {
@@ -397,16 +401,17 @@ impl Builder {
             Rule::int => match pair.as_str().replace('_', "").parse::<i64>() {
                 Ok(v) => ExprKind::Int(v),
                 Err(_) => {
-                    self.error(Diagnostic::at("E0002", span, "integer literal is too large")
-                        .help("integers must fit in 64 bits"));
+                    self.error(
+                        Diagnostic::at("E0002", span, "integer literal is too large")
+                            .help("integers must fit in 64 bits"),
+                    );
                     ExprKind::Int(0)
                 }
             },
             Rule::float => {
                 let v: f64 = pair.as_str().replace('_', "").parse().unwrap_or(f64::INFINITY);
                 if !v.is_finite() {
-                    self.error(Diagnostic::at("E0002", span, "number is too large")
-                        .help("floats must fit in 64 bits"));
+                    self.error(Diagnostic::at("E0002", span, "number is too large").help("floats must fit in 64 bits"));
                 }
                 ExprKind::Float(if v.is_finite() { v } else { 0.0 })
             }
@@ -457,7 +462,13 @@ fn comments(file: FileId, text: &str) -> Vec<Comment> {
             '\n' => in_string = false,
             '#' if !in_string => {
                 let end = text[i..].find('\n').map_or(text.len(), |n| i + n);
-                out.push(Comment { span: Span::new(file, i, end), text: text[i..end].trim_end().to_string() });
+                let before = text[..i].trim_end_matches([' ', '\t']);
+                let blank_before = before.ends_with("\n\n") || before.ends_with("\n\r\n");
+                out.push(Comment {
+                    span: Span::new(file, i, end),
+                    text: text[i..end].trim_end().to_string(),
+                    blank_before,
+                });
                 while chars.peek().is_some_and(|(j, _)| *j < end) {
                     chars.next();
                 }
@@ -472,6 +483,7 @@ fn comments(file: FileId, text: &str) -> Vec<Comment> {
 fn phrase(rule: Rule) -> &'static str {
     match rule {
         Rule::EOI => "end of file",
+        Rule::file => "`import`, `layer` or `model`",
         Rule::ident | Rule::module_path | Rule::hf_key => "a name",
         Rule::keyword => "a keyword",
         Rule::int => "an integer",
@@ -504,10 +516,24 @@ fn phrase(rule: Rule) -> &'static str {
         Rule::setting => "a setting `name: value`",
         Rule::target_decl => "`target`",
         Rule::expr | Rule::primary | Rule::if_expr | Rule::list | Rule::paren => "an expression",
-        Rule::pipe | Rule::or | Rule::and | Rule::eq | Rule::ne | Rule::le | Rule::ge | Rule::lt | Rule::gt
-        | Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem | Rule::matmul | Rule::pow => "an operator",
+        Rule::pipe
+        | Rule::or
+        | Rule::and
+        | Rule::eq
+        | Rule::ne
+        | Rule::le
+        | Rule::ge
+        | Rule::lt
+        | Rule::gt
+        | Rule::add
+        | Rule::sub
+        | Rule::mul
+        | Rule::div
+        | Rule::rem
+        | Rule::matmul
+        | Rule::pow => "an operator",
         Rule::neg | Rule::not | Rule::prefix => "an expression",
-        Rule::postfix | Rule::call_args => "`(`",
+        Rule::call_args => "`(`",
         Rule::arg => "an argument",
         Rule::dot => "`.`",
         Rule::index => "`[`",

@@ -41,6 +41,9 @@ impl Printer<'_> {
             if c.span.start >= offset {
                 break;
             }
+            if c.blank_before && !self.out.is_empty() && !self.out.ends_with("\n\n") && !self.out.ends_with("{\n") {
+                self.out.push('\n');
+            }
             self.line(depth, &c.text);
             self.next_comment += 1;
         }
@@ -86,14 +89,13 @@ impl Printer<'_> {
             DefKind::Model => "model",
         };
         let hparams: Vec<String> = d.hparams.iter().map(|h| self.hparam(h)).collect();
-        let hf: Vec<String> = d
-            .hf
-            .iter()
-            .map(|e| {
-                let keys: Vec<&str> = e.keys.iter().map(|k| k.text.as_str()).collect();
-                format!("{}: {}", e.name.text, keys.join(" | "))
-            })
-            .collect();
+        let hf: Vec<String> =
+            d.hf.iter()
+                .map(|e| {
+                    let keys: Vec<&str> = e.keys.iter().map(|k| k.text.as_str()).collect();
+                    format!("{}: {}", e.name.text, keys.join(" | "))
+                })
+                .collect();
         let params = if d.hparams.is_empty() { String::new() } else { format!("({})", hparams.join(", ")) };
         let from = if hf.is_empty() { String::new() } else { format!(" from hf({})", hf.join(", ")) };
         let header = format!("{keyword} {}{params}{from} {{", d.name.text);
@@ -225,7 +227,9 @@ impl Printer<'_> {
         self.line(1, &format!("{keyword} {{"));
         for s in &b.settings {
             let text = match s {
-                Setting::Target { name, ty } => format!("target {}: {}", name.text, self.tensor_type(ty)),
+                Setting::Target { name, ty } => {
+                    format!("target {}: {}", name.text, self.tensor_type(ty))
+                }
                 Setting::Value { name, value } => format!("{}: {}", name.text, self.expr(*value)),
             };
             self.line(2, &text);
@@ -282,8 +286,12 @@ impl Printer<'_> {
                 let (lp, rp) = if *op == BinOp::Pow { (p + 1, p) } else { (p, p + 1) };
                 format!("{} {} {}", self.operand(*l, lp), op.symbol(), self.operand(*r, rp))
             }
-            ExprKind::Call { callee, args } => format!("{}{}", self.postfix_base(*callee), self.args(args)),
-            ExprKind::Member { base, name } => format!("{}.{}", self.postfix_base(*base), name.text),
+            ExprKind::Call { callee, args } => {
+                format!("{}{}", self.postfix_base(*callee), self.args(args))
+            }
+            ExprKind::Member { base, name } => {
+                format!("{}.{}", self.postfix_base(*base), name.text)
+            }
             ExprKind::Index { base, items } => {
                 let items: Vec<String> = items
                     .iter()

@@ -1,0 +1,176 @@
+//! Every spec checks, and the parameter totals equal Hugging Face's for the
+//! real configurations, whether the hyperparameters come from the spec's
+//! defaults or from the model's config.json.
+
+mod support;
+
+use modelc::check::{Options, report};
+use support::*;
+
+/// (spec, config fixture, total parameters as Hugging Face counts them).
+const REFERENCE: &[(&str, &str, i64)] = &[
+    ("gpt2", "gpt2.json", 124_439_808),
+    ("bert", "bert-base-uncased.json", 109_482_240),
+    ("llama", "llama-2-7b.json", 6_738_415_616),
+    ("mistral", "mistral-7b-v0.1.json", 7_241_732_096),
+    ("mixtral", "mixtral-8x7b-v0.1.json", 46_702_792_704),
+    ("minilm", "all-minilm-l6-v2.json", 22_713_216),
+];
+
+fn spec(name: &str) -> std::path::PathBuf {
+    repo().join("specs").join(format!("{name}.model"))
+}
+
+#[test]
+fn every_spec_checks() {
+    let specs = specs();
+    assert!(specs.len() >= 11, "expected the whole model zoo, found {}", specs.len());
+    for path in specs {
+        if let Err(e) = check_file(&path, &Options::default()) {
+            panic!("{} does not check:\n{e}", path.display());
+        }
+    }
+}
+
+#[test]
+fn totals_equal_hugging_face_with_defaults() {
+    for (name, _, total) in REFERENCE {
+        let checked = check_file(&spec(name), &Options::default()).unwrap();
+        assert_eq!(checked.total_params(), *total, "{name}");
+        assert_eq!(report::json(&checked)["params"], *total, "{name} JSON total");
+    }
+}
+
+#[test]
+fn totals_equal_hugging_face_from_config_json() {
+    for (name, config, total) in REFERENCE {
+        let path = repo().join("tests/fixtures/configs").join(config);
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let opts = Options { config: Some((json, config.to_string())), sets: Vec::new() };
+        let checked = check_file(&spec(name), &opts).unwrap_or_else(|e| panic!("{name} with {config}:\n{e}"));
+        assert_eq!(checked.total_params(), *total, "{name} from {config}");
+    }
+}
+
+#[test]
+fn config_values_override_defaults() {
+    // A TinyLlama-like config: grouped-query attention, tied embeddings, transformers 5.x rope_parameters.
+    let config = serde_json::json!({
+        "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "tie_word_embeddings": true
+    });
+    let opts = Options { config: Some((config, "config.json".into())), sets: Vec::new() };
+    let checked = check_file(&spec("llama"), &opts).unwrap();
+    let get = |k: &str| checked.hparams.iter().find(|(n, _)| n == k).unwrap().1.to_string();
+    assert_eq!(get("rope_theta"), "500000.0");
+    assert_eq!(get("kv_heads"), "2");
+    assert!(checked.params.iter().all(|p| p.name != "lm_head.weight"), "tied embeddings have no lm_head");
+    let k = checked.params.iter().find(|p| p.name == "model.layers.1.self_attn.k_proj.weight").unwrap();
+    assert_eq!(k.shape, vec![32, 64]);
+    // embed 64_000 + 2 * (q 4096 + k 2048 + v 2048 + o 4096 + mlp 3 * 8192 + norms 128) + norm 64
+    assert_eq!(checked.total_params(), 64_000 + 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192 + 128) + 64);
+}
+
+#[test]
+fn adapters_freeze_the_base_and_train_only_themselves() {
+    let lora = check_file(&spec("llama-lora"), &Options::default()).unwrap();
+    // PEFT reports 4,194,304 trainable parameters for r=8 on q_proj, v_proj of LLaMA-2-7B.
+    assert_eq!(lora.trainable_params(), 4_194_304);
+    assert_eq!(lora.total_params(), 6_738_415_616 + 4_194_304);
+    let a = lora.params.iter().find(|p| p.name == "model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
+    assert_eq!((a.shape.clone(), a.trainable), (vec![8, 4096], true));
+    let base = lora.params.iter().find(|p| p.name == "model.layers.0.self_attn.q_proj.weight").unwrap();
+    assert!(!base.trainable, "the base weight keeps its name and is frozen");
+    assert!(lora.params.iter().all(|p| p.trainable == p.name.contains("lora_")));
+
+    let dora = check_file(&spec("llama-dora"), &Options::default()).unwrap();
+    assert_eq!(dora.trainable_params(), 32 * 4 * (2 * 8 * 4096 + 4096));
+    assert!(dora.params.iter().any(|p| p.name == "model.layers.31.self_attn.o_proj.lora_magnitude_vector"));
+}
+
+#[test]
+fn hugging_face_weight_names() {
+    let names = |spec_name: &str| -> Vec<String> {
+        check_file(&spec(spec_name), &sets(&[("layers", "1")])).unwrap().params.into_iter().map(|p| p.name).collect()
+    };
+    let gpt2 = names("gpt2");
+    for n in [
+        "transformer.wte.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.mlp.c_proj.bias",
+        "transformer.ln_f.bias",
+    ] {
+        assert!(gpt2.contains(&n.to_string()), "gpt2 lacks {n}");
+    }
+    let bert = names("bert");
+    for n in [
+        "embeddings.LayerNorm.weight",
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.0.output.dense.bias",
+        "pooler.dense.weight",
+    ] {
+        assert!(bert.contains(&n.to_string()), "bert lacks {n}");
+    }
+    let mixtral = names("mixtral");
+    for n in [
+        "model.layers.0.block_sparse_moe.gate.weight",
+        "model.layers.0.block_sparse_moe.experts.7.w3.weight",
+        "lm_head.weight",
+    ] {
+        assert!(mixtral.contains(&n.to_string()), "mixtral lacks {n}");
+    }
+}
+
+/// Small configurations of each spec, so that the snapshots stay readable.
+fn small(name: &str) -> Options {
+    match name {
+        "mlp" => sets(&[("inputs", "8"), ("hidden", "16"), ("classes", "3")]),
+        "tiny-gpt" => sets(&[("layers", "1")]),
+        "transformer" => sets(&[
+            ("vocab", "100"),
+            ("dim", "32"),
+            ("encoder_layers", "1"),
+            ("decoder_layers", "1"),
+            ("heads", "4"),
+            ("hidden", "64"),
+        ]),
+        "gpt2" => sets(&[("vocab", "100"), ("positions", "64"), ("dim", "32"), ("layers", "2"), ("heads", "4")]),
+        "bert" | "minilm" => sets(&[
+            ("vocab", "100"),
+            ("positions", "64"),
+            ("dim", "32"),
+            ("layers", "2"),
+            ("heads", "4"),
+            ("hidden", "64"),
+        ]),
+        "mixtral" => sets(&[
+            ("vocab", "100"),
+            ("dim", "32"),
+            ("layers", "2"),
+            ("heads", "4"),
+            ("kv_heads", "2"),
+            ("hidden", "64"),
+            ("experts", "4"),
+        ]),
+        _ => sets(&[
+            ("vocab", "100"),
+            ("dim", "32"),
+            ("layers", "2"),
+            ("heads", "4"),
+            ("kv_heads", "2"),
+            ("hidden", "64"),
+        ]),
+    }
+}
+
+#[test]
+fn checked_form_of_every_spec() {
+    for path in specs() {
+        let name = stem(&path);
+        // Adapted models take their base's hyperparameters.
+        let opts = if name.starts_with("llama-") { small("llama") } else { small(&name) };
+        let checked = check_file(&path, &opts).unwrap_or_else(|e| panic!("{name}:\n{e}"));
+        insta::assert_snapshot!(format!("checked-{name}"), report::text(&checked));
+    }
+}
