@@ -5,6 +5,7 @@
 //! applies `adapt`, and walks `forward` (and the `train` loss) to infer and
 //! check every tensor shape.
 
+mod calls;
 pub mod dim;
 mod elaborate;
 mod forward;
@@ -12,6 +13,7 @@ pub mod hf;
 pub mod load;
 pub mod prims;
 pub mod report;
+mod statics;
 pub mod types;
 pub mod value;
 
@@ -300,7 +302,7 @@ fn train_block(c: &mut Checker, m: usize, b: &Block, frame: &mut Frame, checked:
                         Diagnostic::at(
                             "E0601",
                             span,
-                            format!("the loss must be a float scalar, found {}", describe(&other)),
+                            format!("the loss must be a float scalar, found {}", other.describe()),
                         )
                         .help("reduce it with `mean(...)` or use `cross_entropy(logits, targets)`"),
                     );
@@ -311,14 +313,6 @@ fn train_block(c: &mut Checker, m: usize, b: &Block, frame: &mut Frame, checked:
     }
     checked.train = settings(c, m, frame.inst, b, TRAIN_KEYS, "train")?;
     Ok(())
-}
-
-fn describe(t: &Ty) -> String {
-    match t {
-        Ty::Tensor(t) => format!("a tensor {t}"),
-        Ty::Value(v) => format!("{} `{v}`", v.kind()),
-        _ => "a layer".into(),
-    }
 }
 
 fn settings(
