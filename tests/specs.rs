@@ -174,3 +174,14 @@ fn checked_form_of_every_spec() {
         insta::assert_snapshot!(format!("checked-{name}"), report::text(&checked));
     }
 }
+
+#[test]
+fn every_primitive_is_documented() {
+    let doc = std::fs::read_to_string(repo().join("docs/language.md")).unwrap();
+    for (name, _) in modelc::check::prims::PRIMITIVES {
+        assert!(doc.contains(&format!("`{name}`")), "docs/language.md does not document `{name}`");
+    }
+    for code in ["E0001", "E0104", "E0204", "E0301", "E0401", "E0602"] {
+        assert!(doc.contains(code), "docs/language.md lacks error code {code}");
+    }
+}
