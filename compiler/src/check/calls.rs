@@ -32,8 +32,21 @@ impl Checker<'_> {
                     return self.prim(frame, n, args, span, callee_expr.span);
                 }
                 None if STATIC_FUNCTIONS.contains(&n.as_str()) && args.iter().all(|a| matches!(a.ty, Ty::Value(_))) => {
-                    let env = self.frame_env(frame);
-                    return self.eval_static(m, &env, self.call_expr_of(m, callee), false).map_or(Ty::Error, Ty::Value);
+                    let (mut positional, mut named) = (Vec::new(), Vec::new());
+                    for a in args {
+                        let Ty::Value(v) = a.ty else { unreachable!("checked above") };
+                        match a.name {
+                            Some(k) => named.push((k.text, v)),
+                            None => positional.push(v),
+                        }
+                    }
+                    return match super::statics::static_function(n, &positional, &named) {
+                        Some(v) => Ty::Value(v),
+                        None => {
+                            self.error(Diagnostic::at("E0202", span, format!("wrong arguments for `{n}`")));
+                            Ty::Error
+                        }
+                    };
                 }
                 None => {
                     self.unknown_in_forward(frame, n, callee_expr.span);
@@ -102,16 +115,6 @@ impl Checker<'_> {
                 Ty::Error
             }
         }
-    }
-
-    pub(super) fn call_expr_of(&self, m: usize, callee: ExprId) -> ExprId {
-        // The call expression is the one whose callee is `callee`.
-        self.module(m)
-            .exprs
-            .iter()
-            .find(|(_, e)| matches!(e.kind, ExprKind::Call { callee: c, .. } if c == callee))
-            .map(|(id, _)| id)
-            .expect("a callee belongs to a call")
     }
 
     pub(super) fn prim(

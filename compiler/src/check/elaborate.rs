@@ -72,8 +72,30 @@ pub const MAX_DEPTH: usize = 48;
 /// Names that evaluate to initialisers in declarations.
 pub const INITS: &[&str] = &["zeros", "ones", "normal", "uniform", "fan_in", "constant"];
 /// Functions on numbers usable in hyperparameter expressions.
-pub const STATIC_FUNCTIONS: &[&str] =
-    &["min", "max", "sqrt", "exp", "log", "float", "int", "abs", "floor", "ceil", "round"];
+/// (The unary math primitives, such as `sqrt` and `log`, also fold numbers.)
+pub const STATIC_FUNCTIONS: &[&str] = &[
+    "min",
+    "max",
+    "float",
+    "int",
+    "floor",
+    "ceil",
+    "round",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "tanh",
+    "sigmoid",
+    "relu",
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "erf",
+    "sin",
+    "cos",
+    "abs",
+];
 
 /// `Err(())` means a diagnostic has been recorded.
 pub type Fallible<T> = Result<T, ()>;

@@ -299,45 +299,15 @@ impl Checker<'_> {
         if let Some(def) = self.p.scopes[m].get(name) {
             return Ok(self.layer_value(*def, positional, named, span));
         }
-        let get = |key: &str, pos: usize| {
-            named.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| positional.get(pos).cloned())
-        };
-        let num = |v: Option<Value>| v.and_then(|v| v.as_f64());
-        let result = match name.as_str() {
-            "normal" => num(get("std", 0)).map(|std| Value::Init(Init::Normal { std })),
-            "uniform" => num(get("bound", 0)).map(|bound| Value::Init(Init::Uniform { bound })),
-            "constant" => num(get("value", 0)).map(|v| Value::Init(Init::Constant(v))),
-            n if super::prims::UNARY_MATH.contains(&n) && n != "abs" => {
-                num(get("x", 0)).map(|x| Value::Float(super::prims::fold_unary(n, x)))
-            }
-            "abs" => get("x", 0).and_then(|v| match v {
-                Value::Int(i) => Some(Value::Int(i.abs())),
-                Value::Float(f) => Some(Value::Float(f.abs())),
-                _ => None,
-            }),
-            "float" => num(get("x", 0)).map(Value::Float),
-            "int" | "floor" => num(get("x", 0)).map(|x| Value::Int(x.floor() as i64)),
-            "ceil" => num(get("x", 0)).map(|x| Value::Int(x.ceil() as i64)),
-            "round" => num(get("x", 0)).map(|x| Value::Int(x.round() as i64)),
-            "min" | "max" => {
-                let all: Vec<Value> = positional.clone();
-                if all.is_empty() || all.iter().any(|v| v.as_f64().is_none()) {
-                    None
-                } else {
-                    let pick = |a: &Value, b: &Value| {
-                        let less = a.as_f64() < b.as_f64();
-                        if less == (name == "min") { a.clone() } else { b.clone() }
-                    };
-                    Some(all[1..].iter().fold(all[0].clone(), |acc, v| pick(&acc, v)))
-                }
-            }
-            _ if settings => Some(Value::Record(name.clone(), named.clone())),
-            _ => {
-                let extra = [INITS, STATIC_FUNCTIONS].concat();
-                self.unknown_name(m, env, name, module.expr(callee).span, &extra);
-                return Err(());
-            }
-        };
+        if settings && !STATIC_FUNCTIONS.contains(&name.as_str()) && !INITS.contains(&name.as_str()) {
+            return Ok(Value::Record(name.clone(), named));
+        }
+        if !STATIC_FUNCTIONS.contains(&name.as_str()) && !INITS.contains(&name.as_str()) {
+            let extra = [INITS, STATIC_FUNCTIONS].concat();
+            self.unknown_name(m, env, name, module.expr(callee).span, &extra);
+            return Err(());
+        }
+        let result = static_function(name, &positional, &named);
         match result {
             Some(v) => Ok(v),
             None => {
@@ -357,5 +327,44 @@ fn static_usage(name: &str) -> String {
         "constant" => "usage: constant(value)".into(),
         "min" | "max" => format!("usage: {name}(a, b, ...) with numbers"),
         _ => format!("usage: {name}(x) with a number"),
+    }
+}
+
+/// A function of hyperparameter values (`sqrt(hd)`, `normal(0.02)`); `None`
+/// when `name` is not such a function or the arguments do not fit it.
+pub fn static_function(name: &str, positional: &[Value], named: &[(String, Value)]) -> Option<Value> {
+    let get = |key: &str, pos: usize| {
+        named.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| positional.get(pos).cloned())
+    };
+    let num = |v: Option<Value>| v.and_then(|v| v.as_f64());
+    match name {
+        "normal" => num(get("std", 0)).map(|std| Value::Init(Init::Normal { std })),
+        "uniform" => num(get("bound", 0)).map(|bound| Value::Init(Init::Uniform { bound })),
+        "constant" => num(get("value", 0)).map(|v| Value::Init(Init::Constant(v))),
+        n if super::prims::UNARY_MATH.contains(&n) && n != "abs" => {
+            num(get("x", 0)).map(|x| Value::Float(super::prims::fold_unary(n, x)))
+        }
+        "abs" => get("x", 0).and_then(|v| match v {
+            Value::Int(i) => Some(Value::Int(i.abs())),
+            Value::Float(f) => Some(Value::Float(f.abs())),
+            _ => None,
+        }),
+        "float" => num(get("x", 0)).map(Value::Float),
+        "int" | "floor" => num(get("x", 0)).map(|x| Value::Int(x.floor() as i64)),
+        "ceil" => num(get("x", 0)).map(|x| Value::Int(x.ceil() as i64)),
+        "round" => num(get("x", 0)).map(|x| Value::Int(x.round() as i64)),
+        "min" | "max" => {
+            let all: Vec<Value> = positional.to_vec();
+            if all.is_empty() || all.iter().any(|v| v.as_f64().is_none()) {
+                None
+            } else {
+                let pick = |a: &Value, b: &Value| {
+                    let less = a.as_f64() < b.as_f64();
+                    if less == (name == "min") { a.clone() } else { b.clone() }
+                };
+                Some(all[1..].iter().fold(all[0].clone(), |acc, v| pick(&acc, v)))
+            }
+        }
+        _ => None,
     }
 }
