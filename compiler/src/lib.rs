@@ -7,5 +7,6 @@
 pub mod check;
 pub mod cli;
 pub mod diag;
+pub mod ir;
 pub mod source;
 pub mod syntax;

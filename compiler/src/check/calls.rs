@@ -4,10 +4,13 @@
 
 use super::dim::Dim;
 use super::elaborate::{Checker, InstId, MAX_DEPTH, STATIC_FUNCTIONS};
-use super::forward::{CallArg, Frame, Ty};
+use super::forward::{CallArg, Frame, Ty, larg};
 use super::prims::{self, Arg as PArg, Kind, Out, PRIMITIVES, UNARY_MATH};
+use super::types::TensorTy;
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
+use crate::ir::graph::{Binary as IrBinary, NodeId, Reduce as IrReduce};
+use crate::ir::lower::LArg;
 use crate::source::Span;
 use crate::syntax::ast::*;
 use std::collections::HashMap;
@@ -134,7 +137,7 @@ impl Checker<'_> {
             };
             return Ty::Value(Value::Float(prims::fold_unary(name, x)));
         }
-        let mut bound: Vec<Option<(PArg, Span)>> = vec![None; sig.len()];
+        let mut bound: Vec<Option<(PArg, Span, LArg)>> = vec![None; sig.len()];
         let mut positional = 0;
         for a in args {
             let slot = match &a.name {
@@ -171,7 +174,10 @@ impl Checker<'_> {
                 return Ty::Error;
             }
             match convert(&a.ty, sig[slot].kind) {
-                Some(v) => bound[slot] = Some((v, a.span)),
+                Some(v) => {
+                    let l = if self.lower.is_some() { lower_arg(&a.ty, sig[slot].kind) } else { LArg::Absent };
+                    bound[slot] = Some((v, a.span, l));
+                }
                 None => {
                     let d = Diagnostic::at(
                         "E0201",
@@ -191,11 +197,13 @@ impl Checker<'_> {
         }
         let mut spans = Vec::new();
         let mut values = Vec::new();
+        let mut largs = Vec::new();
         for (i, b) in bound.into_iter().enumerate() {
             match b {
-                Some((v, s)) => {
+                Some((v, s, l)) => {
                     values.push(v);
                     spans.push(s);
+                    largs.push(l);
                 }
                 None => {
                     let v = match sig[i].default {
@@ -214,18 +222,34 @@ impl Checker<'_> {
                         prims::Fallback::Float(v) => PArg::Value(Value::Float(v)),
                         prims::Fallback::Bool(v) => PArg::Value(Value::Bool(v)),
                     };
+                    largs.push(match sig[i].default {
+                        prims::Fallback::Int(v) => LArg::Int(v),
+                        prims::Fallback::Float(v) => LArg::Float(v),
+                        prims::Fallback::Bool(v) => LArg::Bool(v),
+                        _ => LArg::Absent,
+                    });
                     values.push(v);
                     spans.push(span);
                 }
             }
         }
         if name == "route" {
-            return self.route(frame, &values, &spans, span);
+            return self.route(frame, &values, &spans, &largs, span);
         }
         let _ = name_span;
         match prims::infer(name, &values) {
-            Ok(Out::One(t)) => Ty::Tensor(t),
-            Ok(Out::Many(ts)) => Ty::Tuple(ts.into_iter().map(Ty::Tensor).collect()),
+            Ok(out) => {
+                let types = match out {
+                    Out::One(t) => vec![t],
+                    Out::Many(ts) => ts,
+                };
+                let nodes: Vec<Option<NodeId>> = match self.lower.as_mut() {
+                    Some(l) => l.prim(name, &largs, &types).into_iter().map(Some).collect(),
+                    None => vec![None; types.len()],
+                };
+                let mut tys: Vec<Ty> = types.into_iter().zip(nodes).map(|(t, n)| Ty::tensor(t, n)).collect();
+                if tys.len() == 1 { tys.pop().expect("one") } else { Ty::Tuple(tys) }
+            }
             Err(pe) => {
                 self.prim_error(pe, span, &spans, &format!("`{name}`"));
                 Ty::Error
@@ -235,7 +259,14 @@ impl Checker<'_> {
 
     /// `route(x, indices, weights, experts)`: each row of x goes to its top-k
     /// experts and their outputs are summed with the weights.
-    pub(super) fn route(&mut self, _frame: &mut Frame, values: &[PArg], spans: &[Span], span: Span) -> Ty {
+    pub(super) fn route(
+        &mut self,
+        _frame: &mut Frame,
+        values: &[PArg],
+        spans: &[Span],
+        largs: &[LArg],
+        span: Span,
+    ) -> Ty {
         let (PArg::Tensor(x), PArg::Tensor(idx), PArg::Tensor(w)) = (&values[0], &values[1], &values[2]) else {
             return Ty::Error;
         };
@@ -252,12 +283,32 @@ impl Checker<'_> {
             self.error(d);
             return Ty::Error;
         }
-        let mut out = None;
-        for e in experts {
-            let Value::Instance(id) = e else { continue };
-            let arg = CallArg { name: None, ty: Ty::Tensor(x.clone()), span: spans[0] };
+        let x_node = if let Some(LArg::Node(n)) = largs.first() { Some(*n) } else { None };
+        let mut out: Option<(TensorTy, Option<NodeId>)> = None;
+        for (e, expert) in experts.iter().enumerate() {
+            let Value::Instance(id) = expert else { continue };
+            let arg = CallArg { name: None, ty: Ty::tensor(x.clone(), x_node), span: spans[0] };
             match self.call_layer(*id, vec![arg], span) {
-                Ty::Tensor(t) if t.rank() == 2 && t.dims[0] == x.dims[0] => out = Some(t),
+                Ty::Tensor(t) if t.rank() == 2 && t.dims[0] == x.dims[0] => {
+                    // Lowered densely: every expert sees every token, weighted by
+                    // sum_j weights[:, j] * (indices[:, j] == e), which is 0 when unchosen.
+                    let node = match (self.lower.as_mut(), &largs[1], &largs[2]) {
+                        (Some(l), LArg::Node(ids), LArg::Node(ws)) => {
+                            let k = l.g.constant(e as f64, DType::Int);
+                            let hit = l.g.binary(IrBinary::Eq, *ids, k);
+                            let hit = l.g.cast(hit, DType::F32);
+                            let gate = l.g.mul(*ws, hit);
+                            let gate = l.g.reduce_keep(IrReduce::Sum, gate, &[1]);
+                            let y = l.g.mul(t.node.expect("lowering"), gate);
+                            Some(match out.as_ref().and_then(|(_, n)| *n) {
+                                Some(acc) => l.g.add(acc, y),
+                                None => y,
+                            })
+                        }
+                        _ => None,
+                    };
+                    out = Some((t.ty.clone(), node));
+                }
                 Ty::Error => return Ty::Error,
                 other => {
                     self.error(Diagnostic::at(
@@ -273,7 +324,7 @@ impl Checker<'_> {
             }
         }
         match out {
-            Some(t) => Ty::Tensor(t),
+            Some((t, node)) => Ty::tensor(t, node),
             None => {
                 self.error(Diagnostic::at("E0201", spans[3], "`route` needs at least one expert"));
                 Ty::Error
@@ -407,7 +458,7 @@ impl Checker<'_> {
 fn convert(t: &Ty, kind: Kind) -> Option<PArg> {
     let value = |v: &Value| PArg::Value(v.clone());
     match (kind, t) {
-        (Kind::T | Kind::OptT | Kind::TS, Ty::Tensor(t)) => Some(PArg::Tensor(t.clone())),
+        (Kind::T | Kind::OptT | Kind::TS, Ty::Tensor(t)) => Some(PArg::Tensor(t.ty.clone())),
         (Kind::OptT, Ty::Value(Value::None)) => Some(PArg::Absent),
         (Kind::TS, Ty::Value(v @ (Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::Dim(_)))) => Some(value(v)),
         (Kind::Int, Ty::Value(v @ Value::Int(_))) => Some(value(v)),
@@ -428,7 +479,7 @@ fn convert(t: &Ty, kind: Kind) -> Option<PArg> {
             Some(value(&Value::List(items.clone())))
         }
         (Kind::Tensors, Ty::Tuple(items)) if items.iter().all(|i| matches!(i, Ty::Tensor(_))) => Some(PArg::Tensors(
-            items.iter().map(|i| if let Ty::Tensor(t) = i { t.clone() } else { unreachable!() }).collect(),
+            items.iter().map(|i| if let Ty::Tensor(t) = i { t.ty.clone() } else { unreachable!() }).collect(),
         )),
         (Kind::Stack, Ty::Stack(ids)) => {
             Some(PArg::Value(Value::List(ids.iter().map(|i| Value::Instance(*i)).collect())))
@@ -472,4 +523,15 @@ pub fn usage(name: &str) -> String {
         })
         .collect();
     format!("{name}({})", parts.join(", "))
+}
+
+/// A call argument as lowering needs it, guided by the parameter's kind.
+fn lower_arg(t: &Ty, kind: Kind) -> LArg {
+    match (kind, t) {
+        (Kind::Float | Kind::OptFloat, Ty::Value(v)) if v.as_f64().is_some() => {
+            LArg::Float(v.as_f64().expect("number"))
+        }
+        (Kind::Stack, _) => LArg::Absent,
+        _ => larg(t),
+    }
 }

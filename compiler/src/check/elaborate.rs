@@ -64,6 +64,8 @@ pub struct Checker<'p> {
     /// Where the layer being elaborated or walked was created or called, so
     /// an error inside a library layer also points at the user's line.
     pub context: Vec<(Span, String)>,
+    /// When set, the walk through `forward` also emits IR.
+    pub lower: Option<crate::ir::lower::Lowering>,
 }
 
 /// Deepest nesting of layers (and of forward calls) before we call it recursion.
@@ -102,7 +104,15 @@ pub type Fallible<T> = Result<T, ()>;
 
 impl<'p> Checker<'p> {
     pub fn new(p: &'p Program) -> Checker<'p> {
-        Checker { p, instances: Vec::new(), params: Vec::new(), diags: Vec::new(), depth: 0, context: Vec::new() }
+        Checker {
+            p,
+            instances: Vec::new(),
+            params: Vec::new(),
+            diags: Vec::new(),
+            depth: 0,
+            context: Vec::new(),
+            lower: None,
+        }
     }
 
     pub fn error(&mut self, mut d: Diagnostic) {

@@ -10,15 +10,37 @@ use super::prims::{self, PRIMITIVES};
 use super::types::{TensorTy, shape_text};
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
+use crate::ir::graph::{Binary as IrBinary, NodeId, Unary as IrUnary};
+use crate::ir::lower::LArg;
 use crate::source::Span;
 use crate::syntax::ast::*;
 use std::collections::HashMap;
+
+/// A tensor value during the walk: its type and, when lowering, its IR node.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub ty: TensorTy,
+    pub node: Option<NodeId>,
+}
+
+impl std::ops::Deref for Tensor {
+    type Target = TensorTy;
+    fn deref(&self) -> &TensorTy {
+        &self.ty
+    }
+}
+
+impl std::fmt::Display for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.ty.fmt(f)
+    }
+}
 
 /// What a forward expression is.
 #[derive(Clone, Debug)]
 pub enum Ty {
     Value(Value),
-    Tensor(TensorTy),
+    Tensor(Tensor),
     Layer(InstId),
     Stack(Vec<InstId>),
     Tuple(Vec<Ty>),
@@ -27,6 +49,10 @@ pub enum Ty {
 }
 
 impl Ty {
+    pub fn tensor(ty: TensorTy, node: Option<NodeId>) -> Ty {
+        Ty::Tensor(Tensor { ty, node })
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Ty::Value(v) => format!("{} `{v}`", v.kind()),
@@ -59,12 +85,14 @@ impl Checker<'_> {
         self.instances[inst].def.module
     }
 
-    pub(super) fn field_ty(&self, inst: InstId, name: &str) -> Option<Ty> {
+    pub(super) fn field_ty(&mut self, inst: InstId, name: &str) -> Option<Ty> {
         let (_, f) = self.instances[inst].fields.iter().find(|(n, _)| n == name)?;
         Some(match f {
             FieldInst::Param(p) => {
                 let info = &self.params[*p];
-                Ty::Tensor(TensorTy::new(info.dtype, info.shape.iter().map(|d| Dim::constant(*d)).collect()))
+                let ty = TensorTy::new(info.dtype, info.shape.iter().map(|d| Dim::constant(*d)).collect());
+                let node = self.lower.as_mut().map(|l| l.g.param(&info.name, ty.clone()));
+                Ty::tensor(ty, node)
             }
             FieldInst::Sub(i) => Ty::Layer(*i),
             FieldInst::Stack(ids) => Ty::Stack(ids.clone()),
@@ -72,7 +100,7 @@ impl Checker<'_> {
         })
     }
 
-    pub(super) fn lookup(&self, frame: &Frame, name: &str) -> Option<Ty> {
+    pub(super) fn lookup(&mut self, frame: &Frame, name: &str) -> Option<Ty> {
         if let Some(t) = frame.locals.get(name) {
             return Some(t.clone());
         }
@@ -160,8 +188,14 @@ impl Checker<'_> {
                             Ty::Error
                         }
                     },
-                    (Ty::Tensor(tt), UnOp::Neg) if tt.dtype != DType::Bool => t.clone(),
-                    (Ty::Tensor(tt), UnOp::Not) if tt.dtype == DType::Bool => t.clone(),
+                    (Ty::Tensor(tt), UnOp::Neg) if tt.dtype != DType::Bool => {
+                        let node = self.emit(|l| l.g.unary(IrUnary::Neg, tt.node.expect("lowering")));
+                        Ty::tensor(tt.ty.clone(), node)
+                    }
+                    (Ty::Tensor(tt), UnOp::Not) if tt.dtype == DType::Bool => {
+                        let node = self.emit(|l| l.g.unary(IrUnary::Not, tt.node.expect("lowering")));
+                        Ty::tensor(tt.ty.clone(), node)
+                    }
                     _ => {
                         let what = if *op == UnOp::Neg { "`-`" } else { "`not`" };
                         self.error(Diagnostic::at("E0306", span, format!("cannot apply {what} to {}", t.describe())));
@@ -272,7 +306,7 @@ impl Checker<'_> {
             (Ty::Tensor(_) | Ty::Value(_), Ty::Tensor(_) | Ty::Value(_)) => {
                 let as_tensor = |t: &Ty, other: &Ty| -> Option<TensorTy> {
                     match t {
-                        Ty::Tensor(t) => Some(t.clone()),
+                        Ty::Tensor(t) => Some(t.ty.clone()),
                         Ty::Value(Value::Float(_)) => Some(TensorTy::scalar(DType::F32)),
                         Ty::Value(Value::Int(_) | Value::Dim(_)) => {
                             // A whole number takes the other side's element type.
@@ -325,7 +359,9 @@ impl Checker<'_> {
                             }
                             _ => t,
                         };
-                        Ty::Tensor(t)
+                        let node =
+                            if self.lower.is_some() { Some(self.lower_binary(op, &lt, &rt, &x, &y)) } else { None };
+                        Ty::tensor(t, node)
                     }
                     Err(pe) => {
                         self.prim_error(pe, span, &[ls, rs], &format!("`{}`", op.symbol()));
@@ -465,6 +501,8 @@ impl Checker<'_> {
         }
         let mut dims = Vec::new();
         let mut axis = 0;
+        // (axis, start, end) of every slice and picked index, for lowering.
+        let mut cuts: Vec<(usize, Dim, Dim)> = Vec::new();
         for item in items {
             match item {
                 IndexItem::Rest => {
@@ -474,7 +512,21 @@ impl Checker<'_> {
                 }
                 IndexItem::At(e) => {
                     match self.eval(frame, *e) {
-                        Ty::Value(v) if v.as_dim().is_some() => {}
+                        Ty::Value(v) if v.as_dim().is_some() => {
+                            let d = v.as_dim().expect("checked");
+                            let size = t.dims[axis].clone();
+                            let start = if d.as_const().is_some_and(|c| c < 0) { size.add(&d) } else { d };
+                            let end = start.add(&Dim::constant(1));
+                            if size.as_const().zip(start.as_const()).is_some_and(|(s, i)| i < 0 || i >= s) {
+                                self.error(Diagnostic::at(
+                                    "E0305",
+                                    span,
+                                    format!("index {start} is out of range for an axis of size {size}"),
+                                ));
+                                return Ty::Error;
+                            }
+                            cuts.push((axis, start, end));
+                        }
                         Ty::Error => return Ty::Error,
                         other => {
                             self.error(
@@ -523,12 +575,20 @@ impl Checker<'_> {
                         return Ty::Error;
                     }
                     dims.push(len);
+                    cuts.push((axis, l, h));
                     axis += 1;
                 }
             }
         }
         dims.extend(t.dims[axis..].iter().cloned());
-        Ty::Tensor(TensorTy::new(t.dtype, dims))
+        let node = self.emit(|l| {
+            let mut x = t.node.expect("lowering");
+            for (axis, start, end) in cuts {
+                x = l.g.slice(x, axis, start, end);
+            }
+            l.g.reshape(x, &dims)
+        });
+        Ty::tensor(TensorTy::new(t.dtype, dims), node)
     }
 
     /// Walks a forward's lets and result and checks the declared outputs.
@@ -600,6 +660,36 @@ impl Checker<'_> {
             }
         }
         result
+    }
+
+    /// Runs `f` on the lowering, if there is one.
+    pub(super) fn emit(&mut self, f: impl FnOnce(&mut crate::ir::lower::Lowering) -> NodeId) -> Option<NodeId> {
+        self.lower.as_mut().map(f)
+    }
+
+    fn lower_binary(&mut self, op: BinOp, lt: &Ty, rt: &Ty, x: &TensorTy, y: &TensorTy) -> NodeId {
+        let l = self.lower.as_mut().expect("lowering");
+        let a = l.operand(&larg(lt), x.dtype);
+        let b = l.operand(&larg(rt), y.dtype);
+        let ir = match op {
+            BinOp::MatMul => return l.matmul(a, b),
+            BinOp::Add => IrBinary::Add,
+            BinOp::Sub => IrBinary::Sub,
+            BinOp::Mul => IrBinary::Mul,
+            BinOp::Div => IrBinary::Div,
+            BinOp::Rem => IrBinary::Rem,
+            BinOp::Pow => IrBinary::Pow,
+            BinOp::Eq => IrBinary::Eq,
+            BinOp::Ne => IrBinary::Ne,
+            BinOp::Lt => IrBinary::Lt,
+            BinOp::Le => IrBinary::Le,
+            BinOp::Gt => IrBinary::Gt,
+            BinOp::Ge => IrBinary::Ge,
+            BinOp::And => IrBinary::And,
+            BinOp::Or => IrBinary::Or,
+            BinOp::Pipe => unreachable!("pipes are calls"),
+        };
+        l.g.binary(ir, a, b)
     }
 
     /// Writes a declared type with the instance's hyperparameters filled in.
@@ -724,5 +814,29 @@ impl Checker<'_> {
             return Err(format!("size `{n}` is not bound by an earlier axis"));
         }
         self.decl_dim(frame, e, &Dim::constant(0))
+    }
+}
+
+/// A walked value as a lowering argument.
+pub fn larg(t: &Ty) -> LArg {
+    match t {
+        Ty::Tensor(t) => LArg::Node(t.node.expect("bug: lowering a tensor without a node")),
+        Ty::Value(Value::Int(v)) => LArg::Int(*v),
+        Ty::Value(Value::Float(v)) => LArg::Float(*v),
+        Ty::Value(Value::Bool(b)) => LArg::Bool(*b),
+        Ty::Value(Value::Dim(d)) => LArg::Size(d.clone()),
+        Ty::Value(Value::List(items)) if items.iter().all(|v| matches!(v, Value::Int(_))) => {
+            LArg::Ints(items.iter().map(|v| if let Value::Int(i) = v { *i } else { unreachable!() }).collect())
+        }
+        Ty::Value(Value::List(items)) if items.iter().all(|v| v.as_dim().is_some()) => {
+            LArg::Sizes(items.iter().filter_map(Value::as_dim).collect())
+        }
+        Ty::Tuple(items) => LArg::Nodes(
+            items
+                .iter()
+                .map(|i| if let LArg::Node(n) = larg(i) { n } else { unreachable!("bug: list of non-tensors") })
+                .collect(),
+        ),
+        _ => LArg::Absent,
     }
 }

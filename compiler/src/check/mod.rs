@@ -112,10 +112,40 @@ pub fn check(p: &Program, opts: &Options) -> Result<Checked, Vec<Diagnostic>> {
 
 /// Checks one model definition (or adapted model) of the program.
 pub fn check_model(p: &Program, entry: DefRef, opts: &Options) -> Result<Checked, Vec<Diagnostic>> {
+    check_and_lower(p, entry, opts, None).map(|(c, _)| c)
+}
+
+/// How to lower a checked model to IR.
+#[derive(Clone, Copy, Debug)]
+pub struct LowerOptions {
+    /// Emit dropout and the `loss` output of the train block.
+    pub training: bool,
+}
+
+/// Checks the spec's model and lowers its forward (and, when training, its
+/// loss) to the tensor IR in the same walk.
+pub fn lower(
+    p: &Program,
+    opts: &Options,
+    how: LowerOptions,
+) -> Result<(Checked, crate::ir::graph::Graph), Vec<Diagnostic>> {
+    let Some(entry) = p.entry_model() else {
+        return check(p, opts).map(|_| unreachable!("check fails without a model"));
+    };
+    check_and_lower(p, entry, opts, Some(how)).map(|(c, g)| (c, g.expect("lowered")))
+}
+
+fn check_and_lower(
+    p: &Program,
+    entry: DefRef,
+    opts: &Options,
+    how: Option<LowerOptions>,
+) -> Result<(Checked, Option<crate::ir::graph::Graph>), Vec<Diagnostic>> {
     let mut c = Checker::new(p);
+    c.lower = how.map(|h| crate::ir::lower::Lowering { training: h.training, ..Default::default() });
     let result = run(&mut c, entry, opts);
     match result {
-        Ok(checked) if c.diags.is_empty() => Ok(checked),
+        Ok(checked) if c.diags.is_empty() => Ok((checked, c.lower.take().map(|l| l.g))),
         _ => {
             if c.diags.is_empty() {
                 c.diags.push(Diagnostic::new("E0999", "the model could not be checked"));
@@ -190,7 +220,8 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
     let mut inputs = Vec::new();
     for input in &fwd.inputs {
         let ty = boundary_type(c, &mut frame, &input.ty)?;
-        frame.locals.insert(input.name.text.clone(), Ty::Tensor(ty.clone()));
+        let node = c.lower.as_mut().map(|l| l.g.input(&input.name.text, ty.clone()));
+        frame.locals.insert(input.name.text.clone(), Ty::tensor(ty.clone(), node));
         inputs.push(Signature { name: input.name.text.clone(), ty, optional: input.optional });
     }
     let mut rest = None;
@@ -208,7 +239,10 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
             .as_ref()
             .map(|n| n.text.clone())
             .unwrap_or_else(|| if fwd.outputs.len() == 1 { "output".into() } else { format!("output_{i}") });
-        outputs.push(Signature { name, ty, optional: false });
+        if let (Some(l), Some(node)) = (c.lower.as_mut(), ty.node) {
+            l.g.outputs.push((name.clone(), node));
+        }
+        outputs.push(Signature { name, ty: ty.ty, optional: false });
     }
     let mut checked = Checked {
         model: c.p.item_name(entry).to_string(),
@@ -280,12 +314,14 @@ fn boundary_type(c: &mut Checker, frame: &mut Frame, decl: &TensorType) -> Falli
 fn train_block(c: &mut Checker, m: usize, b: &Block, frame: &mut Frame, checked: &mut Checked) -> Fallible<()> {
     for (out, sig) in checked.outputs.iter().enumerate().map(|(i, s)| (i, s.clone())) {
         let _ = out;
-        frame.locals.insert(sig.name.clone(), Ty::Tensor(sig.ty.clone()));
+        let node = c.lower.as_ref().and_then(|l| l.g.output(&sig.name));
+        frame.locals.insert(sig.name.clone(), Ty::tensor(sig.ty.clone(), node));
     }
     for s in &b.settings {
         if let Setting::Target { name, ty } = s {
             let t = boundary_type(c, frame, ty)?;
-            frame.locals.insert(name.text.clone(), Ty::Tensor(t.clone()));
+            let node = c.lower.as_mut().map(|l| l.g.input(&name.text, t.clone()));
+            frame.locals.insert(name.text.clone(), Ty::tensor(t.clone(), node));
             checked.targets.push(Signature { name: name.text.clone(), ty: t, optional: false });
         }
     }
@@ -294,7 +330,20 @@ fn train_block(c: &mut Checker, m: usize, b: &Block, frame: &mut Frame, checked:
             && name.text == "loss"
         {
             match c.eval(frame, *value) {
-                Ty::Tensor(t) if t.rank() == 0 && t.dtype == DType::F32 => checked.has_loss = true,
+                Ty::Tensor(t) if t.rank() == 0 && t.dtype == DType::F32 => {
+                    checked.has_loss = true;
+                    if let (Some(l), Some(node)) = (c.lower.as_mut(), t.node) {
+                        // Losses added with `add_loss` (MoE load balancing) join the main one.
+                        let mut total = node;
+                        for (aux, weight) in std::mem::take(&mut l.aux_losses) {
+                            if weight != 0.0 {
+                                let scaled = l.g.scale(aux, weight);
+                                total = l.g.add(total, scaled);
+                            }
+                        }
+                        l.g.outputs.push(("loss".into(), total));
+                    }
+                }
                 Ty::Error => return Err(()),
                 other => {
                     let span = c.module(m).expr(*value).span;

@@ -1,0 +1,451 @@
+//! The tensor IR: a graph of primitive operations in an arena, each node
+//! created after its inputs, each with its result type (element type and
+//! symbolic shape). Every backend consumes this one IR.
+//!
+//! The builder methods compute result types and check the invariants of
+//! each op, so a malformed graph is a bug caught where it is made.
+
+use crate::check::dim::Dim;
+use crate::check::types::TensorTy;
+use crate::syntax::ast::DType;
+use std::fmt;
+
+/// Index of a node in [`Graph::nodes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+impl NodeId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Sigmoid,
+    Relu,
+    Gelu,
+    GeluTanh,
+    Silu,
+    Erf,
+    Sin,
+    Cos,
+    Abs,
+    Floor,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Rem,
+    Max,
+    Min,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+impl Binary {
+    pub fn is_comparison(self) -> bool {
+        matches!(self, Binary::Eq | Binary::Ne | Binary::Lt | Binary::Le | Binary::Gt | Binary::Ge)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reduce {
+    Sum,
+    Max,
+    Min,
+}
+
+/// The closed set of primitive operations. Composite operations (softmax,
+/// attention, norms, routing) are decomposed into these when lowering.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A named model input (`input_ids`).
+    Input(String),
+    /// A named weight (`model.layers.0.mlp.up_proj.weight`).
+    Param(String),
+    /// A scalar constant; broadcast it for a tensor.
+    Const(f64),
+    /// A scalar equal to a (possibly symbolic) size, known when running.
+    Size(Dim),
+    /// `[n]` int: 0, 1, ..., n-1.
+    Iota,
+    Unary(Unary),
+    /// Elementwise on equal shapes.
+    Binary(Binary),
+    /// `where(cond, a, b)` on equal shapes.
+    Select,
+    Cast(DType),
+    /// Reduces the listed axes away.
+    Reduce(Reduce, Vec<usize>),
+    /// Index of the largest element along an axis, which is removed.
+    ArgMax(usize),
+    /// `[..., n, k] x [..., k, m] -> [..., n, m]` with equal batch axes.
+    MatMul,
+    /// Same elements, the node's shape.
+    Reshape,
+    Permute(Vec<usize>),
+    /// Right-aligned expansion of size-1 or missing axes to the node's shape.
+    Broadcast,
+    Slice {
+        axis: usize,
+        start: Dim,
+        end: Dim,
+    },
+    Concat(usize),
+    /// `table [V, ...rest]`, `ids [...] int` -> `[...ids, ...rest]`.
+    Gather,
+    /// `ids [...] int`, `updates [...ids, ...rest]` -> the node's shape `[V, ...rest]`.
+    ScatterAdd,
+    /// `ids [...] int` -> `[..., n]` f32 with n the node's last axis.
+    OneHot,
+    TopKValues(usize),
+    TopKIndices(usize),
+    /// A mask of the node's shape: 0 with probability p, else 1/(1-p).
+    /// Its one input is the step (a scalar), so masks differ between steps.
+    DropoutMask {
+        p: f64,
+        key: u64,
+    },
+}
+
+impl Op {
+    pub fn name(&self) -> String {
+        match self {
+            Op::Input(n) => format!("input \"{n}\""),
+            Op::Param(n) => format!("param \"{n}\""),
+            Op::Const(v) => format!("const {}", crate::syntax::float_text(*v)),
+            Op::Size(d) => format!("size {d}"),
+            Op::Iota => "iota".into(),
+            Op::Unary(u) => format!("{u:?}").to_lowercase(),
+            Op::Binary(b) => format!("{b:?}").to_lowercase(),
+            Op::Select => "select".into(),
+            Op::Cast(d) => format!("cast {}", d.as_str()),
+            Op::Reduce(r, axes) => format!("reduce_{} {axes:?}", format!("{r:?}").to_lowercase()),
+            Op::ArgMax(a) => format!("argmax {a}"),
+            Op::MatMul => "matmul".into(),
+            Op::Reshape => "reshape".into(),
+            Op::Permute(p) => format!("permute {p:?}"),
+            Op::Broadcast => "broadcast".into(),
+            Op::Slice { axis, start, end } => format!("slice {axis} {start}:{end}"),
+            Op::Concat(a) => format!("concat {a}"),
+            Op::Gather => "gather".into(),
+            Op::ScatterAdd => "scatter_add".into(),
+            Op::OneHot => "one_hot".into(),
+            Op::TopKValues(k) => format!("topk_values {k}"),
+            Op::TopKIndices(k) => format!("topk_indices {k}"),
+            Op::DropoutMask { p, key } => format!("dropout_mask {} #{key}", crate::syntax::float_text(*p)),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub op: Op,
+    pub args: Vec<NodeId>,
+    pub ty: TensorTy,
+}
+
+/// A program: nodes in creation (hence topological) order and named outputs.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<(String, NodeId)>,
+}
+
+fn f32s(dims: Vec<Dim>) -> TensorTy {
+    TensorTy::new(DType::F32, dims)
+}
+
+impl Graph {
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.index()]
+    }
+
+    pub fn ty(&self, id: NodeId) -> &TensorTy {
+        &self.nodes[id.index()].ty
+    }
+
+    pub fn dims(&self, id: NodeId) -> &[Dim] {
+        &self.nodes[id.index()].ty.dims
+    }
+
+    pub fn push(&mut self, op: Op, args: Vec<NodeId>, ty: TensorTy) -> NodeId {
+        for a in &args {
+            assert!(a.index() < self.nodes.len(), "bug: node argument {a} does not exist yet");
+        }
+        self.nodes.push(Node { op, args, ty });
+        NodeId(self.nodes.len() as u32 - 1)
+    }
+
+    pub fn inputs(&self) -> impl Iterator<Item = (&str, NodeId)> {
+        self.nodes.iter().enumerate().filter_map(|(i, n)| match &n.op {
+            Op::Input(name) => Some((name.as_str(), NodeId(i as u32))),
+            _ => None,
+        })
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = (&str, NodeId)> {
+        self.nodes.iter().enumerate().filter_map(|(i, n)| match &n.op {
+            Op::Param(name) => Some((name.as_str(), NodeId(i as u32))),
+            _ => None,
+        })
+    }
+
+    pub fn output(&self, name: &str) -> Option<NodeId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+    }
+
+    // ------------------------------------------------------------ leaves
+
+    pub fn input(&mut self, name: &str, ty: TensorTy) -> NodeId {
+        if let Some((_, id)) = self.inputs().find(|(n, _)| *n == name) {
+            return id;
+        }
+        self.push(Op::Input(name.into()), vec![], ty)
+    }
+
+    pub fn param(&mut self, name: &str, ty: TensorTy) -> NodeId {
+        if let Some((_, id)) = self.params().find(|(n, _)| *n == name) {
+            return id;
+        }
+        self.push(Op::Param(name.into()), vec![], ty)
+    }
+
+    pub fn constant(&mut self, v: f64, dtype: DType) -> NodeId {
+        self.push(Op::Const(v), vec![], TensorTy::scalar(dtype))
+    }
+
+    /// A constant filling `dims`.
+    pub fn full(&mut self, v: f64, dtype: DType, dims: &[Dim]) -> NodeId {
+        let c = self.constant(v, dtype);
+        self.broadcast(c, dims)
+    }
+
+    pub fn size(&mut self, d: Dim) -> NodeId {
+        match d.as_const() {
+            Some(v) => self.constant(v as f64, DType::F32),
+            None => self.push(Op::Size(d), vec![], TensorTy::scalar(DType::F32)),
+        }
+    }
+
+    pub fn iota(&mut self, n: Dim) -> NodeId {
+        self.push(Op::Iota, vec![], TensorTy::new(DType::Int, vec![n]))
+    }
+
+    // ------------------------------------------------------------ elementwise
+
+    pub fn unary(&mut self, u: Unary, x: NodeId) -> NodeId {
+        let ty = self.ty(x).clone();
+        self.push(Op::Unary(u), vec![x], ty)
+    }
+
+    /// Elementwise binary op; operands are broadcast to a common shape.
+    pub fn binary(&mut self, b: Binary, x: NodeId, y: NodeId) -> NodeId {
+        let dims = crate::check::types::broadcast(self.dims(x), self.dims(y))
+            .unwrap_or_else(|_| panic!("bug: {b:?} of {} and {}", self.ty(x), self.ty(y)));
+        let (x, y) = (self.broadcast(x, &dims), self.broadcast(y, &dims));
+        let dtype = if b.is_comparison() { DType::Bool } else { self.ty(x).dtype };
+        self.push(Op::Binary(b), vec![x, y], TensorTy::new(dtype, dims))
+    }
+
+    pub fn add(&mut self, x: NodeId, y: NodeId) -> NodeId {
+        self.binary(Binary::Add, x, y)
+    }
+    pub fn sub(&mut self, x: NodeId, y: NodeId) -> NodeId {
+        self.binary(Binary::Sub, x, y)
+    }
+    pub fn mul(&mut self, x: NodeId, y: NodeId) -> NodeId {
+        self.binary(Binary::Mul, x, y)
+    }
+    pub fn div(&mut self, x: NodeId, y: NodeId) -> NodeId {
+        self.binary(Binary::Div, x, y)
+    }
+    pub fn neg(&mut self, x: NodeId) -> NodeId {
+        self.unary(Unary::Neg, x)
+    }
+    /// `x * c` for a constant c.
+    pub fn scale(&mut self, x: NodeId, c: f64) -> NodeId {
+        let k = self.constant(c, self.ty(x).dtype);
+        self.mul(x, k)
+    }
+
+    pub fn select(&mut self, cond: NodeId, a: NodeId, b: NodeId) -> NodeId {
+        let ab = crate::check::types::broadcast(self.dims(a), self.dims(b)).expect("bug: select operands");
+        let dims = crate::check::types::broadcast(self.dims(cond), &ab).expect("bug: select condition");
+        let (c, a, b) = (self.broadcast(cond, &dims), self.broadcast(a, &dims), self.broadcast(b, &dims));
+        let dtype = self.ty(a).dtype;
+        self.push(Op::Select, vec![c, a, b], TensorTy::new(dtype, dims))
+    }
+
+    pub fn cast(&mut self, x: NodeId, dtype: DType) -> NodeId {
+        if self.ty(x).dtype == dtype {
+            return x;
+        }
+        let ty = self.ty(x).with_dtype(dtype);
+        self.push(Op::Cast(dtype), vec![x], ty)
+    }
+
+    // ------------------------------------------------------------ reductions
+
+    pub fn reduce(&mut self, r: Reduce, x: NodeId, axes: &[usize]) -> NodeId {
+        if axes.is_empty() {
+            return x;
+        }
+        let mut axes = axes.to_vec();
+        axes.sort();
+        axes.dedup();
+        let t = self.ty(x).clone();
+        let dims = t.dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| d.clone()).collect();
+        self.push(Op::Reduce(r, axes), vec![x], TensorTy::new(t.dtype, dims))
+    }
+
+    /// Reduction that keeps the axes as size 1.
+    pub fn reduce_keep(&mut self, r: Reduce, x: NodeId, axes: &[usize]) -> NodeId {
+        let mut dims = self.dims(x).to_vec();
+        for a in axes {
+            dims[*a] = Dim::constant(1);
+        }
+        let y = self.reduce(r, x, axes);
+        self.reshape(y, &dims)
+    }
+
+    pub fn sum_all(&mut self, x: NodeId) -> NodeId {
+        let axes: Vec<usize> = (0..self.ty(x).rank()).collect();
+        self.reduce(Reduce::Sum, x, &axes)
+    }
+
+    pub fn argmax(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let mut dims = self.dims(x).to_vec();
+        dims.remove(axis);
+        self.push(Op::ArgMax(axis), vec![x], TensorTy::new(DType::Int, dims))
+    }
+
+    // ------------------------------------------------------------ layout
+
+    pub fn reshape(&mut self, x: NodeId, dims: &[Dim]) -> NodeId {
+        if self.dims(x) == dims {
+            return x;
+        }
+        let dtype = self.ty(x).dtype;
+        self.push(Op::Reshape, vec![x], TensorTy::new(dtype, dims.to_vec()))
+    }
+
+    pub fn permute(&mut self, x: NodeId, perm: &[usize]) -> NodeId {
+        if perm.iter().enumerate().all(|(i, p)| i == *p) {
+            return x;
+        }
+        let t = self.ty(x).clone();
+        let dims = perm.iter().map(|p| t.dims[*p].clone()).collect();
+        self.push(Op::Permute(perm.to_vec()), vec![x], TensorTy::new(t.dtype, dims))
+    }
+
+    /// Swaps the last two axes.
+    pub fn transpose_last(&mut self, x: NodeId) -> NodeId {
+        let r = self.ty(x).rank();
+        let mut perm: Vec<usize> = (0..r).collect();
+        perm.swap(r - 2, r - 1);
+        self.permute(x, &perm)
+    }
+
+    pub fn broadcast(&mut self, x: NodeId, dims: &[Dim]) -> NodeId {
+        if self.dims(x) == dims {
+            return x;
+        }
+        let t = self.ty(x).clone();
+        assert!(t.rank() <= dims.len(), "bug: broadcast {t} to fewer axes {dims:?}");
+        let off = dims.len() - t.rank();
+        for (i, d) in t.dims.iter().enumerate() {
+            assert!(*d == dims[off + i] || d.as_const() == Some(1), "bug: broadcast {t} to {dims:?}");
+        }
+        self.push(Op::Broadcast, vec![x], TensorTy::new(t.dtype, dims.to_vec()))
+    }
+
+    pub fn slice(&mut self, x: NodeId, axis: usize, start: Dim, end: Dim) -> NodeId {
+        let t = self.ty(x).clone();
+        if start.as_const() == Some(0) && end == t.dims[axis] {
+            return x;
+        }
+        let mut dims = t.dims.clone();
+        dims[axis] = end.sub(&start);
+        self.push(Op::Slice { axis, start, end }, vec![x], TensorTy::new(t.dtype, dims))
+    }
+
+    pub fn concat(&mut self, xs: &[NodeId], axis: usize) -> NodeId {
+        if xs.len() == 1 {
+            return xs[0];
+        }
+        let first = self.ty(xs[0]).clone();
+        let mut dims = first.dims.clone();
+        dims[axis] = xs.iter().fold(Dim::constant(0), |acc, x| acc.add(&self.dims(*x)[axis]));
+        self.push(Op::Concat(axis), xs.to_vec(), TensorTy::new(first.dtype, dims))
+    }
+
+    // ------------------------------------------------------------ contractions and indexing
+
+    pub fn matmul(&mut self, a: NodeId, b: NodeId) -> NodeId {
+        let (ta, tb) = (self.ty(a).clone(), self.ty(b).clone());
+        let r = ta.rank();
+        assert!(
+            r >= 2 && tb.rank() == r && ta.dims[..r - 2] == tb.dims[..r - 2] && ta.dims[r - 1] == tb.dims[r - 2],
+            "bug: matmul of {ta} and {tb}"
+        );
+        let mut dims = ta.dims[..r - 1].to_vec();
+        dims.push(tb.dims[r - 1].clone());
+        self.push(Op::MatMul, vec![a, b], f32s(dims))
+    }
+
+    pub fn gather(&mut self, table: NodeId, ids: NodeId) -> NodeId {
+        let t = self.ty(table).clone();
+        let mut dims = self.dims(ids).to_vec();
+        dims.extend(t.dims[1..].iter().cloned());
+        self.push(Op::Gather, vec![table, ids], TensorTy::new(t.dtype, dims))
+    }
+
+    pub fn scatter_add(&mut self, ids: NodeId, updates: NodeId, table_dims: &[Dim]) -> NodeId {
+        self.push(Op::ScatterAdd, vec![ids, updates], f32s(table_dims.to_vec()))
+    }
+
+    pub fn one_hot(&mut self, ids: NodeId, n: Dim) -> NodeId {
+        let mut dims = self.dims(ids).to_vec();
+        dims.push(n);
+        self.push(Op::OneHot, vec![ids], f32s(dims))
+    }
+
+    pub fn topk(&mut self, x: NodeId, k: usize) -> (NodeId, NodeId) {
+        let t = self.ty(x).clone();
+        let mut dims = t.dims.clone();
+        *dims.last_mut().expect("bug: topk of a scalar") = Dim::constant(k as i64);
+        let v = self.push(Op::TopKValues(k), vec![x], TensorTy::new(t.dtype, dims.clone()));
+        let i = self.push(Op::TopKIndices(k), vec![x], TensorTy::new(DType::Int, dims));
+        (v, i)
+    }
+
+    pub fn dropout_mask(&mut self, step: NodeId, p: f64, key: u64, dims: &[Dim]) -> NodeId {
+        self.push(Op::DropoutMask { p, key }, vec![step], f32s(dims.to_vec()))
+    }
+}

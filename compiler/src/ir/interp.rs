@@ -1,0 +1,436 @@
+//! The reference interpreter: evaluates a [`Graph`] with plain, obviously
+//! correct loops over row-major arrays. It is the oracle that the optimiser
+//! and the backends are tested against. Values are held in f64; in
+//! [`Precision::F32`] every result is rounded to f32, as a float32 program would.
+
+use super::graph::*;
+use crate::check::dim::Dim;
+use crate::syntax::ast::DType;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+/// A dense row-major array. Int and bool tensors hold whole numbers and 0/1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+impl Array {
+    pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Array {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "bug: array data does not fill its shape");
+        Array { shape, data }
+    }
+
+    pub fn scalar(v: f64) -> Array {
+        Array { shape: vec![], data: vec![v] }
+    }
+
+    pub fn zeros(shape: &[usize]) -> Array {
+        Array { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Calls `f(flat_index, multi_index)` for every element of `shape`.
+fn for_each_index(shape: &[usize], mut f: impl FnMut(usize, &[usize])) {
+    let n: usize = shape.iter().product();
+    let mut idx = vec![0usize; shape.len()];
+    for flat in 0..n {
+        f(flat, &idx);
+        for d in (0..shape.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Sizes of the symbolic dimensions, bound from the shapes of inputs and params.
+pub type Sizes = HashMap<String, i64>;
+
+pub fn eval_dim(d: &Dim, sizes: &Sizes) -> Result<usize, String> {
+    let v = d.substitute(&|s| sizes.get(s).map(|v| Dim::constant(*v)));
+    match v.as_const() {
+        Some(n) if n >= 0 => Ok(n as usize),
+        Some(n) => Err(format!("size {d} is negative ({n})")),
+        None => Err(format!("size {d} is not known: {} is not bound by any input", v.symbols().next().unwrap_or("?"))),
+    }
+}
+
+fn eval_dims(dims: &[Dim], sizes: &Sizes) -> Result<Vec<usize>, String> {
+    dims.iter().map(|d| eval_dim(d, sizes)).collect()
+}
+
+/// Binds symbolic sizes by matching a declared shape against an actual one.
+pub fn bind_sizes(name: &str, dims: &[Dim], shape: &[usize], sizes: &mut Sizes) -> Result<(), String> {
+    if dims.len() != shape.len() {
+        return Err(format!(
+            "`{name}` has {} axes {shape:?}, expected {}",
+            shape.len(),
+            crate::check::types::shape_text(dims)
+        ));
+    }
+    for (d, &n) in dims.iter().zip(shape) {
+        let syms: Vec<&str> = d.symbols().collect();
+        if syms.len() == 1 && *d == Dim::symbol(syms[0]) && !sizes.contains_key(syms[0]) {
+            sizes.insert(syms[0].to_string(), n as i64);
+        }
+    }
+    for (i, (d, &n)) in dims.iter().zip(shape).enumerate() {
+        let want = eval_dim(d, sizes)?;
+        if want != n {
+            return Err(format!("`{name}` has shape {shape:?}, but axis {i} should be {d} = {want}"));
+        }
+    }
+    Ok(())
+}
+
+/// Evaluates every node; returns the named outputs. `feeds` holds inputs and
+/// parameters by name; `step` seeds dropout masks.
+pub fn run(g: &Graph, feeds: &HashMap<String, Array>, precision: Precision) -> Result<HashMap<String, Array>, String> {
+    let values = run_all(g, feeds, precision)?;
+    Ok(g.outputs.iter().map(|(name, id)| (name.clone(), values[id.index()].clone())).collect())
+}
+
+/// Evaluates every node and returns all values, indexed like `g.nodes`.
+pub fn run_all(g: &Graph, feeds: &HashMap<String, Array>, precision: Precision) -> Result<Vec<Array>, String> {
+    let mut sizes = Sizes::new();
+    for n in &g.nodes {
+        if let Op::Input(name) | Op::Param(name) = &n.op {
+            let a = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
+            bind_sizes(name, &n.ty.dims, &a.shape, &mut sizes)?;
+        }
+    }
+    let mut values: Vec<Array> = Vec::with_capacity(g.nodes.len());
+    for n in &g.nodes {
+        let args: Vec<&Array> = n.args.iter().map(|a| &values[a.index()]).collect();
+        let shape = eval_dims(&n.ty.dims, &sizes)?;
+        let mut out = eval(n, &args, shape, feeds, &sizes)?;
+        if precision == Precision::F32 && n.ty.dtype == DType::F32 {
+            for v in &mut out.data {
+                *v = *v as f32 as f64;
+            }
+        }
+        values.push(out);
+    }
+    Ok(values)
+}
+
+fn eval(
+    n: &Node,
+    args: &[&Array],
+    shape: Vec<usize>,
+    feeds: &HashMap<String, Array>,
+    sizes: &Sizes,
+) -> Result<Array, String> {
+    let map = |a: &Array, f: &dyn Fn(f64) -> f64| Array::new(shape.clone(), a.data.iter().map(|x| f(*x)).collect());
+    Ok(match &n.op {
+        Op::Input(name) | Op::Param(name) => {
+            let a = feeds[name].clone();
+            if n.ty.dtype != DType::F32 && a.data.iter().any(|v| v.fract() != 0.0) {
+                return Err(format!("`{name}` must hold whole numbers"));
+            }
+            a
+        }
+        Op::Const(v) => Array::scalar(*v),
+        Op::Size(d) => Array::scalar(eval_dim(d, sizes)? as f64),
+        Op::Iota => Array::new(shape.clone(), (0..shape[0]).map(|i| i as f64).collect()),
+        Op::Unary(u) => map(args[0], &|x| unary(*u, x)),
+        Op::Binary(b) => {
+            let (x, y) = (args[0], args[1]);
+            let int = n.ty.dtype == DType::Int;
+            Array::new(shape, x.data.iter().zip(&y.data).map(|(a, c)| binary(*b, *a, *c, int)).collect())
+        }
+        Op::Select => {
+            let (c, a, b) = (args[0], args[1], args[2]);
+            Array::new(shape, (0..c.len()).map(|i| if c.data[i] != 0.0 { a.data[i] } else { b.data[i] }).collect())
+        }
+        Op::Cast(d) => match d {
+            DType::F32 => args[0].clone(),
+            DType::Int => map(args[0], &|x| x.trunc()),
+            DType::Bool => map(args[0], &|x| f64::from(u8::from(x != 0.0))),
+        },
+        Op::Reduce(r, axes) => reduce(*r, args[0], axes, shape),
+        Op::ArgMax(axis) => argmax(args[0], *axis, shape),
+        Op::MatMul => matmul(args[0], args[1], shape),
+        Op::Reshape => Array::new(shape, args[0].data.clone()),
+        Op::Permute(perm) => permute(args[0], perm, shape),
+        Op::Broadcast => broadcast(args[0], shape),
+        Op::Slice { axis, start, end } => {
+            let (s, e) = (eval_dim(start, sizes)?, eval_dim(end, sizes)?);
+            let x = args[0];
+            if s > e || e > x.shape[*axis] {
+                return Err(format!("slice {s}:{e} out of range for axis {axis} of size {}", x.shape[*axis]));
+            }
+            slice(x, *axis, s, shape)
+        }
+        Op::Concat(axis) => concat(args, *axis, shape),
+        Op::Gather => gather(args[0], args[1], shape)?,
+        Op::ScatterAdd => scatter_add(args[0], args[1], shape)?,
+        Op::OneHot => {
+            let n_classes = *shape.last().expect("one_hot has a class axis");
+            let mut out = Array::zeros(&shape);
+            for (i, id) in args[0].data.iter().enumerate() {
+                if *id >= 0.0 && (*id as usize) < n_classes {
+                    out.data[i * n_classes + *id as usize] = 1.0;
+                }
+            }
+            out
+        }
+        Op::TopKValues(k) | Op::TopKIndices(k) => {
+            let x = args[0];
+            let last = *x.shape.last().expect("topk of a rank >= 1 tensor");
+            let mut out = Vec::with_capacity(shape.iter().product());
+            for row in x.data.chunks(last.max(1)) {
+                let mut order: Vec<usize> = (0..last).collect();
+                // Largest first; ties keep the lower index first.
+                order.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b)));
+                for &i in &order[..*k] {
+                    out.push(if matches!(n.op, Op::TopKValues(_)) { row[i] } else { i as f64 });
+                }
+            }
+            Array::new(shape, out)
+        }
+        Op::DropoutMask { p, key } => {
+            let step = args[0].data[0] as u64;
+            let len: usize = shape.iter().product();
+            let data = (0..len)
+                .map(|i| {
+                    let u = uniform(*key, step, i as u64);
+                    if u < *p { 0.0 } else { 1.0 / (1.0 - p) }
+                })
+                .collect();
+            let _ = feeds;
+            Array::new(shape, data)
+        }
+    })
+}
+
+/// A deterministic uniform number in [0, 1) from (key, step, index): splitmix64.
+pub fn uniform(key: u64, step: u64, index: u64) -> f64 {
+    let mut z = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ index;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+pub fn unary(u: Unary, x: f64) -> f64 {
+    use std::f64::consts::{PI, SQRT_2};
+    match u {
+        Unary::Neg => -x,
+        Unary::Exp => x.exp(),
+        Unary::Log => x.ln(),
+        Unary::Sqrt => x.sqrt(),
+        Unary::Rsqrt => 1.0 / x.sqrt(),
+        Unary::Tanh => x.tanh(),
+        Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        Unary::Relu => x.max(0.0),
+        Unary::Gelu => 0.5 * x * (1.0 + crate::check::prims::erf(x / SQRT_2)),
+        Unary::GeluTanh => 0.5 * x * (1.0 + ((2.0 / PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+        Unary::Silu => x / (1.0 + (-x).exp()),
+        Unary::Erf => crate::check::prims::erf(x),
+        Unary::Sin => x.sin(),
+        Unary::Cos => x.cos(),
+        Unary::Abs => x.abs(),
+        Unary::Floor => x.floor(),
+        Unary::Not => f64::from(u8::from(x == 0.0)),
+    }
+}
+
+pub fn binary(b: Binary, x: f64, y: f64, int: bool) -> f64 {
+    let bool = |c: bool| f64::from(u8::from(c));
+    match b {
+        Binary::Add => x + y,
+        Binary::Sub => x - y,
+        Binary::Mul => x * y,
+        Binary::Div if int => (x / y).trunc(),
+        Binary::Div => x / y,
+        Binary::Pow => x.powf(y),
+        Binary::Rem => x - (x / y).floor() * y,
+        Binary::Max => x.max(y),
+        Binary::Min => x.min(y),
+        Binary::Eq => bool(x == y),
+        Binary::Ne => bool(x != y),
+        Binary::Lt => bool(x < y),
+        Binary::Le => bool(x <= y),
+        Binary::Gt => bool(x > y),
+        Binary::Ge => bool(x >= y),
+        Binary::And => bool(x != 0.0 && y != 0.0),
+        Binary::Or => bool(x != 0.0 || y != 0.0),
+    }
+}
+
+fn reduce(r: Reduce, x: &Array, axes: &[usize], shape: Vec<usize>) -> Array {
+    let init = match r {
+        Reduce::Sum => 0.0,
+        Reduce::Max => f64::NEG_INFINITY,
+        Reduce::Min => f64::INFINITY,
+    };
+    let mut out = vec![init; shape.iter().product()];
+    let ostrides = strides(&shape);
+    for_each_index(&x.shape, |flat, idx| {
+        let mut o = 0;
+        let mut k = 0;
+        for (d, i) in idx.iter().enumerate() {
+            if !axes.contains(&d) {
+                o += i * ostrides[k];
+                k += 1;
+            }
+        }
+        let v = x.data[flat];
+        out[o] = match r {
+            Reduce::Sum => out[o] + v,
+            Reduce::Max => out[o].max(v),
+            Reduce::Min => out[o].min(v),
+        };
+    });
+    Array::new(shape, out)
+}
+
+fn argmax(x: &Array, axis: usize, shape: Vec<usize>) -> Array {
+    let mut best = vec![(f64::NEG_INFINITY, 0usize); shape.iter().product()];
+    let ostrides = strides(&shape);
+    for_each_index(&x.shape, |flat, idx| {
+        let mut o = 0;
+        let mut k = 0;
+        for (d, i) in idx.iter().enumerate() {
+            if d != axis {
+                o += i * ostrides[k];
+                k += 1;
+            }
+        }
+        if x.data[flat] > best[o].0 || (idx[axis] == 0) {
+            if idx[axis] == 0 || x.data[flat] > best[o].0 {
+                best[o] = (x.data[flat], idx[axis]);
+            }
+        }
+    });
+    Array::new(shape, best.into_iter().map(|(_, i)| i as f64).collect())
+}
+
+fn matmul(a: &Array, b: &Array, shape: Vec<usize>) -> Array {
+    let r = a.shape.len();
+    let (n, k, m) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+    let batch: usize = a.shape[..r - 2].iter().product();
+    let mut out = vec![0.0; batch * n * m];
+    for bi in 0..batch {
+        let (ao, bo, oo) = (bi * n * k, bi * k * m, bi * n * m);
+        for i in 0..n {
+            for j in 0..m {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    acc += a.data[ao + i * k + p] * b.data[bo + p * m + j];
+                }
+                out[oo + i * m + j] = acc;
+            }
+        }
+    }
+    Array::new(shape, out)
+}
+
+fn permute(x: &Array, perm: &[usize], shape: Vec<usize>) -> Array {
+    let xs = strides(&x.shape);
+    let mut out = vec![0.0; x.len()];
+    for_each_index(&shape, |flat, idx| {
+        let src: usize = idx.iter().enumerate().map(|(d, i)| i * xs[perm[d]]).sum();
+        out[flat] = x.data[src];
+    });
+    Array::new(shape, out)
+}
+
+fn broadcast(x: &Array, shape: Vec<usize>) -> Array {
+    let off = shape.len() - x.shape.len();
+    let xs = strides(&x.shape);
+    let mut out = vec![0.0; shape.iter().product()];
+    for_each_index(&shape, |flat, idx| {
+        let mut src = 0;
+        for (d, &n) in x.shape.iter().enumerate() {
+            if n != 1 {
+                src += idx[off + d] * xs[d];
+            }
+        }
+        out[flat] = x.data[src];
+    });
+    Array::new(shape, out)
+}
+
+fn slice(x: &Array, axis: usize, start: usize, shape: Vec<usize>) -> Array {
+    let xs = strides(&x.shape);
+    let mut out = vec![0.0; shape.iter().product()];
+    for_each_index(&shape, |flat, idx| {
+        let src: usize = idx.iter().enumerate().map(|(d, i)| (if d == axis { i + start } else { *i }) * xs[d]).sum();
+        out[flat] = x.data[src];
+    });
+    Array::new(shape, out)
+}
+
+fn concat(xs: &[&Array], axis: usize, shape: Vec<usize>) -> Array {
+    let mut out = vec![0.0; shape.iter().product()];
+    let os = strides(&shape);
+    let mut offset = 0;
+    for x in xs {
+        for_each_index(&x.shape, |flat, idx| {
+            let dst: usize =
+                idx.iter().enumerate().map(|(d, i)| (if d == axis { i + offset } else { *i }) * os[d]).sum();
+            out[dst] = x.data[flat];
+        });
+        offset += x.shape[axis];
+    }
+    Array::new(shape, out)
+}
+
+fn row_size(shape: &[usize]) -> usize {
+    shape[1..].iter().product()
+}
+
+fn gather(table: &Array, ids: &Array, shape: Vec<usize>) -> Result<Array, String> {
+    let row = row_size(&table.shape);
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for id in &ids.data {
+        if *id < 0.0 || *id as usize >= table.shape[0] {
+            return Err(format!("index {id} is out of range for a table of {} rows", table.shape[0]));
+        }
+        let i = *id as usize;
+        out.extend_from_slice(&table.data[i * row..(i + 1) * row]);
+    }
+    Ok(Array::new(shape, out))
+}
+
+fn scatter_add(ids: &Array, updates: &Array, shape: Vec<usize>) -> Result<Array, String> {
+    let row = row_size(&shape);
+    let mut out = Array::zeros(&shape);
+    for (k, id) in ids.data.iter().enumerate() {
+        if *id < 0.0 || *id as usize >= shape[0] {
+            return Err(format!("index {id} is out of range for a table of {} rows", shape[0]));
+        }
+        let i = *id as usize;
+        for j in 0..row {
+            out.data[i * row + j] += updates.data[k * row + j];
+        }
+    }
+    Ok(out)
+}

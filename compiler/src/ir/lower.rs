@@ -1,0 +1,472 @@
+//! Lowering: the checker's walk through `forward` calls into this module to
+//! emit IR for each primitive and operator, with the types it already
+//! inferred. Composite operations (softmax, attention, RoPE, routing,
+//! cross-entropy) are decomposed into the primitive set here, never in a
+//! backend.
+
+use super::graph::*;
+use crate::check::dim::Dim;
+use crate::check::types::TensorTy;
+use crate::syntax::ast::DType;
+
+/// State of one lowering: the graph being built and what training needs.
+#[derive(Debug, Default)]
+pub struct Lowering {
+    pub g: Graph,
+    /// Emit dropout masks (training) or not (inference).
+    pub training: bool,
+    /// The `step` input that seeds dropout masks, made on first use.
+    pub step: Option<NodeId>,
+    /// Losses added by `add_loss`, with their weights.
+    pub aux_losses: Vec<(NodeId, f64)>,
+    /// Counter giving every dropout site its own key.
+    pub dropout_sites: u64,
+}
+
+/// A lowered argument: a tensor node, a compile-time value, or a list.
+#[derive(Clone, Debug)]
+pub enum LArg {
+    Node(NodeId),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Size(Dim),
+    Ints(Vec<i64>),
+    Sizes(Vec<Dim>),
+    Nodes(Vec<NodeId>),
+    Absent,
+}
+
+impl LArg {
+    fn node(&self) -> NodeId {
+        match self {
+            LArg::Node(n) => *n,
+            other => unreachable!("bug: expected a tensor argument, got {other:?}"),
+        }
+    }
+    fn opt_node(&self) -> Option<NodeId> {
+        match self {
+            LArg::Node(n) => Some(*n),
+            _ => None,
+        }
+    }
+    fn int(&self) -> i64 {
+        match self {
+            LArg::Int(v) => *v,
+            other => unreachable!("bug: expected an int argument, got {other:?}"),
+        }
+    }
+    fn float(&self) -> f64 {
+        match self {
+            LArg::Float(v) => *v,
+            LArg::Int(v) => *v as f64,
+            other => unreachable!("bug: expected a number argument, got {other:?}"),
+        }
+    }
+    fn bool(&self) -> bool {
+        matches!(self, LArg::Bool(true))
+    }
+}
+
+fn axis_of(rank: usize, a: i64) -> usize {
+    crate::check::types::normalize_axis(a, rank).expect("bug: axis checked by the checker")
+}
+
+impl Lowering {
+    pub fn step_input(&mut self) -> NodeId {
+        match self.step {
+            Some(s) => s,
+            None => {
+                let s = self.g.input("step", TensorTy::scalar(DType::F32));
+                self.step = Some(s);
+                s
+            }
+        }
+    }
+
+    /// A number as a scalar node of the given element type.
+    pub fn scalar(&mut self, v: f64, dtype: DType) -> NodeId {
+        self.g.constant(v, dtype)
+    }
+
+    /// Lowers primitive `name`; `out` are the result types the checker inferred.
+    pub fn prim(&mut self, name: &str, a: &[LArg], out: &[TensorTy]) -> Vec<NodeId> {
+        let g = &mut self.g;
+        let one = |n: NodeId| vec![n];
+        match name {
+            "exp" | "log" | "sqrt" | "rsqrt" | "tanh" | "sigmoid" | "relu" | "gelu" | "gelu_tanh" | "silu" | "erf"
+            | "sin" | "cos" | "abs" => {
+                let u = match name {
+                    "exp" => Unary::Exp,
+                    "log" => Unary::Log,
+                    "sqrt" => Unary::Sqrt,
+                    "rsqrt" => Unary::Rsqrt,
+                    "tanh" => Unary::Tanh,
+                    "sigmoid" => Unary::Sigmoid,
+                    "relu" => Unary::Relu,
+                    "gelu" => Unary::Gelu,
+                    "gelu_tanh" => Unary::GeluTanh,
+                    "silu" => Unary::Silu,
+                    "erf" => Unary::Erf,
+                    "sin" => Unary::Sin,
+                    "cos" => Unary::Cos,
+                    _ => Unary::Abs,
+                };
+                one(g.unary(u, a[0].node()))
+            }
+            "float" => one(g.cast(a[0].node(), DType::F32)),
+            "int" => one(g.cast(a[0].node(), DType::Int)),
+            "maximum" | "minimum" => {
+                let op = if name == "maximum" { Binary::Max } else { Binary::Min };
+                let (x, y) = (self.operand(&a[0], out[0].dtype), self.operand(&a[1], out[0].dtype));
+                one(self.g.binary(op, x, y))
+            }
+            "where" => {
+                let (x, y) = (self.operand(&a[1], out[0].dtype), self.operand(&a[2], out[0].dtype));
+                one(self.g.select(a[0].node(), x, y))
+            }
+            "sum" | "mean" | "max" | "min" | "var" => {
+                let x = a[0].node();
+                let rank = g.ty(x).rank();
+                let axes: Vec<usize> = match &a[1] {
+                    LArg::Int(v) => vec![axis_of(rank, *v)],
+                    LArg::Ints(vs) => vs.iter().map(|v| axis_of(rank, *v)).collect(),
+                    _ => (0..rank).collect(),
+                };
+                let keep = a[2].bool();
+                let y = match name {
+                    "sum" => self.reduce(Reduce::Sum, x, &axes, keep),
+                    "max" => self.reduce(Reduce::Max, x, &axes, keep),
+                    "min" => self.reduce(Reduce::Min, x, &axes, keep),
+                    "mean" => self.mean(x, &axes, keep),
+                    _ => {
+                        let mu = self.mean(x, &axes, true);
+                        let centered = self.g.sub(x, mu);
+                        let sq = self.g.mul(centered, centered);
+                        self.mean(sq, &axes, keep)
+                    }
+                };
+                one(y)
+            }
+            "argmax" => {
+                let x = a[0].node();
+                let axis = axis_of(g.ty(x).rank(), a[1].int());
+                let y = g.argmax(x, axis);
+                one(g.reshape(y, &out[0].dims))
+            }
+            "softmax" => {
+                let x = a[0].node();
+                let axis = axis_of(g.ty(x).rank(), a[1].int());
+                one(self.softmax(x, axis))
+            }
+            "log_softmax" => {
+                let x = a[0].node();
+                let axis = axis_of(g.ty(x).rank(), a[1].int());
+                one(self.log_softmax(x, axis))
+            }
+            "transpose" => {
+                let x = a[0].node();
+                let r = g.ty(x).rank();
+                let mut perm: Vec<usize> = (0..r).collect();
+                perm.swap(axis_of(r, a[1].int()), axis_of(r, a[2].int()));
+                one(g.permute(x, &perm))
+            }
+            "permute" => {
+                let x = a[0].node();
+                let r = g.ty(x).rank();
+                let perm: Vec<usize> = match &a[1] {
+                    LArg::Ints(vs) => vs.iter().map(|v| axis_of(r, *v)).collect(),
+                    other => unreachable!("bug: permute axes {other:?}"),
+                };
+                one(g.permute(x, &perm))
+            }
+            "reshape" | "split" | "merge" | "unsqueeze" | "squeeze" => one(g.reshape(a[0].node(), &out[0].dims)),
+            "concat" | "stack" => {
+                let LArg::Nodes(xs) = &a[0] else { unreachable!("bug: concat of a non-list") };
+                let rank = out[0].rank();
+                let axis = axis_of(rank, a[1].int());
+                let parts: Vec<NodeId> = if name == "stack" {
+                    xs.iter()
+                        .map(|x| {
+                            let mut dims = self.g.dims(*x).to_vec();
+                            dims.insert(axis, Dim::constant(1));
+                            self.g.reshape(*x, &dims)
+                        })
+                        .collect()
+                } else {
+                    xs.clone()
+                };
+                one(self.g.concat(&parts, axis))
+            }
+            "gather" => one(g.gather(a[0].node(), a[1].node())),
+            "one_hot" => {
+                let LArg::Size(n) = &a[1] else { unreachable!("bug: one_hot size") };
+                one(g.one_hot(a[0].node(), n.clone()))
+            }
+            "arange" => {
+                let LArg::Size(n) = &a[0] else { unreachable!("bug: arange size") };
+                one(g.iota(n.clone()))
+            }
+            "dropout" => {
+                let x = a[0].node();
+                let p = a[1].float();
+                if !self.training || p == 0.0 {
+                    return one(x);
+                }
+                let step = self.step_input();
+                self.dropout_sites += 1;
+                let dims = self.g.dims(x).to_vec();
+                let mask = self.g.dropout_mask(step, p, self.dropout_sites, &dims);
+                one(self.g.mul(x, mask))
+            }
+            "linear" => {
+                let (x, w) = (a[0].node(), a[1].node());
+                let wt = g.transpose_last(w);
+                let y = self.matmul(x, wt);
+                match a[2].opt_node() {
+                    Some(b) => one(self.g.add(y, b)),
+                    None => one(y),
+                }
+            }
+            "attend" => one(self.attend(a)),
+            "rope" => {
+                let x = a[0].node();
+                let theta = a[1].float();
+                let d = g.dims(x)[3].as_const().expect("bug: rope head size is known");
+                let rot = match a[2] {
+                    LArg::Int(r) => r,
+                    _ => d,
+                };
+                one(self.rope(x, theta, rot as usize))
+            }
+            "topk" => {
+                let (v, i) = g.topk(a[0].node(), a[1].int() as usize);
+                vec![v, i]
+            }
+            "cross_entropy" => one(self.cross_entropy(a[0].node(), a[1].node(), a[2].int())),
+            "mse" => {
+                let d = g.sub(a[0].node(), a[1].node());
+                let sq = g.mul(d, d);
+                let axes: Vec<usize> = (0..g.ty(sq).rank()).collect();
+                one(self.mean(sq, &axes, false))
+            }
+            "add_loss" => {
+                self.aux_losses.push((a[1].node(), a[2].float()));
+                one(a[0].node())
+            }
+            other => unreachable!("bug: no lowering for primitive `{other}`"),
+        }
+    }
+
+    /// A tensor argument, or a number made a scalar of `dtype`.
+    pub fn operand(&mut self, a: &LArg, dtype: DType) -> NodeId {
+        match a {
+            LArg::Node(n) => *n,
+            LArg::Int(v) => self.scalar(*v as f64, dtype),
+            LArg::Float(v) => self.scalar(*v, dtype),
+            LArg::Bool(b) => self.scalar(f64::from(u8::from(*b)), DType::Bool),
+            LArg::Size(d) => {
+                let s = self.g.size(d.clone());
+                self.g.cast(s, dtype)
+            }
+            other => unreachable!("bug: operand {other:?}"),
+        }
+    }
+
+    pub fn reduce(&mut self, r: Reduce, x: NodeId, axes: &[usize], keep: bool) -> NodeId {
+        if keep { self.g.reduce_keep(r, x, axes) } else { self.g.reduce(r, x, axes) }
+    }
+
+    pub fn mean(&mut self, x: NodeId, axes: &[usize], keep: bool) -> NodeId {
+        let count = axes.iter().fold(Dim::constant(1), |acc, a| acc.mul(&self.g.dims(x)[*a]));
+        let s = self.reduce(Reduce::Sum, x, axes, keep);
+        let n = self.g.size(count);
+        self.g.div(s, n)
+    }
+
+    pub fn softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let m = self.g.reduce_keep(Reduce::Max, x, &[axis]);
+        let shifted = self.g.sub(x, m);
+        let e = self.g.unary(Unary::Exp, shifted);
+        let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
+        self.g.div(e, s)
+    }
+
+    pub fn log_softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let m = self.g.reduce_keep(Reduce::Max, x, &[axis]);
+        let shifted = self.g.sub(x, m);
+        let e = self.g.unary(Unary::Exp, shifted);
+        let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
+        let l = self.g.unary(Unary::Log, s);
+        self.g.sub(shifted, l)
+    }
+
+    /// NumPy matmul on the IR's batched matmul: broadcast batch axes and
+    /// treat 1-D operands as vectors.
+    pub fn matmul(&mut self, x: NodeId, y: NodeId) -> NodeId {
+        let (xd, yd) = (self.g.dims(x).to_vec(), self.g.dims(y).to_vec());
+        let one = Dim::constant(1);
+        let (xv, yv) = (xd.len() == 1, yd.len() == 1);
+        let x2 = if xv { self.g.reshape(x, &[one.clone(), xd[0].clone()]) } else { x };
+        let y2 = if yv { self.g.reshape(y, &[yd[0].clone(), one.clone()]) } else { y };
+        let (xd, yd) = (self.g.dims(x2).to_vec(), self.g.dims(y2).to_vec());
+        let batch =
+            crate::check::types::broadcast(&xd[..xd.len() - 2], &yd[..yd.len() - 2]).expect("bug: matmul batch");
+        let out = if yd.len() == 2 && !batch.is_empty() {
+            // [..., n, k] @ [k, m]: fold the batch into rows, one big product.
+            let rows = batch.iter().fold(xd[xd.len() - 2].clone(), |acc, d| acc.mul(d));
+            let flat = self.g.broadcast(x2, &[batch.clone(), xd[xd.len() - 2..].to_vec()].concat());
+            let flat = self.g.reshape(flat, &[rows, xd[xd.len() - 1].clone()]);
+            let p = self.g.matmul(flat, y2);
+            let mut dims = batch.clone();
+            dims.push(xd[xd.len() - 2].clone());
+            dims.push(yd[1].clone());
+            self.g.reshape(p, &dims)
+        } else {
+            let xb = self.g.broadcast(x2, &[batch.clone(), xd[xd.len() - 2..].to_vec()].concat());
+            let yb = self.g.broadcast(y2, &[batch.clone(), yd[yd.len() - 2..].to_vec()].concat());
+            self.g.matmul(xb, yb)
+        };
+        let mut dims = self.g.dims(out).to_vec();
+        if yv {
+            dims.pop();
+        }
+        if xv {
+            dims.remove(dims.len() - if yv { 1 } else { 2 });
+        }
+        self.g.reshape(out, &dims)
+    }
+
+    /// Scaled dot-product attention, materialising the [B, H, T, S] scores.
+    fn attend(&mut self, a: &[LArg]) -> NodeId {
+        let (q, k, v) = (a[0].node(), a[1].node(), a[2].node());
+        let (qd, kd, vd) = (self.g.dims(q).to_vec(), self.g.dims(k).to_vec(), self.g.dims(v).to_vec());
+        let (b, t, h, d) = (qd[0].clone(), qd[1].clone(), qd[2].clone(), qd[3].clone());
+        let (s, groups) = (kd[1].clone(), kd[2].clone());
+        // Grouped-query attention: each key/value head serves h/groups query heads.
+        let repeat = |this: &mut Self, x: NodeId, last: Dim| -> NodeId {
+            if groups == h {
+                return x;
+            }
+            let per = h.div(&groups).expect("bug: heads divisible by groups");
+            let e = this.g.reshape(x, &[b.clone(), s.clone(), groups.clone(), Dim::constant(1), last.clone()]);
+            let e = this.g.broadcast(e, &[b.clone(), s.clone(), groups.clone(), per, last.clone()]);
+            this.g.reshape(e, &[b.clone(), s.clone(), h.clone(), last])
+        };
+        let k = repeat(self, k, d.clone());
+        let v = repeat(self, v, vd[3].clone());
+        let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
+        let kh = self.g.permute(k, &[0, 2, 3, 1]); // [B, H, D, S]
+        let vh = self.g.permute(v, &[0, 2, 1, 3]); // [B, H, S, E]
+        let scores = self.g.matmul(qh, kh);
+        let scale = match a[6] {
+            LArg::Float(f) => f,
+            _ => 1.0 / (d.as_const().expect("bug: head size is known") as f64).sqrt(),
+        };
+        let scores = self.g.scale(scores, scale);
+        let mut allowed: Option<NodeId> = None;
+        let causal = a[3].bool();
+        let window = if let LArg::Int(w) = a[4] { Some(w) } else { None };
+        if causal || window.is_some() {
+            // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
+            let qi = self.g.iota(t.clone());
+            let qi = self.g.reshape(qi, &[t.clone(), Dim::constant(1)]);
+            let offset = self.g.size(s.sub(&t));
+            let offset = self.g.cast(offset, DType::Int);
+            let qpos = self.g.add(qi, offset);
+            let kj = self.g.iota(s.clone());
+            let kj = self.g.reshape(kj, &[Dim::constant(1), s.clone()]);
+            let mut ok = if causal { Some(self.g.binary(Binary::Le, kj, qpos)) } else { None };
+            if let Some(w) = window {
+                let wn = self.g.constant(w as f64, DType::Int);
+                let lo = self.g.sub(qpos, wn);
+                let recent = self.g.binary(Binary::Gt, kj, lo);
+                ok = Some(match ok {
+                    Some(o) => self.g.binary(Binary::And, o, recent),
+                    None => recent,
+                });
+            }
+            allowed = ok;
+        }
+        if let Some(mask) = a[5].opt_node() {
+            let md = self.g.dims(mask).to_vec();
+            let m = if md.len() == 2 {
+                self.g.reshape(mask, &[md[0].clone(), Dim::constant(1), Dim::constant(1), md[1].clone()])
+            } else {
+                self.g.reshape(mask, &[md[0].clone(), Dim::constant(1), md[1].clone(), md[2].clone()])
+            };
+            let zero = self.g.constant(0.0, self.g.ty(m).dtype);
+            let keep = self.g.binary(Binary::Ne, m, zero);
+            allowed = Some(match allowed {
+                Some(o) => self.g.binary(Binary::And, o, keep),
+                None => keep,
+            });
+        }
+        let scores = match allowed {
+            Some(ok) => {
+                let neg = self.g.constant(-1e30, DType::F32);
+                self.g.select(ok, scores, neg)
+            }
+            None => scores,
+        };
+        let p = self.softmax(scores, 3);
+        let y = self.g.matmul(p, vh); // [B, H, T, E]
+        self.g.permute(y, &[0, 2, 1, 3])
+    }
+
+    /// Rotary embedding on [B, T, H, D], rotating halves of the first `rot` features.
+    fn rope(&mut self, x: NodeId, theta: f64, rot: usize) -> NodeId {
+        let dims = self.g.dims(x).to_vec();
+        let (t, d) = (dims[1].clone(), dims[3].as_const().expect("bug: head size is known") as usize);
+        let half = rot / 2;
+        // inverse frequencies theta^(-2i/rot), i < half
+        let i = self.g.iota(Dim::constant(half as i64));
+        let i = self.g.cast(i, DType::F32);
+        let inv = self.g.scale(i, -2.0 * theta.ln() / rot as f64);
+        let inv = self.g.unary(Unary::Exp, inv);
+        let pos = self.g.iota(t.clone());
+        let pos = self.g.cast(pos, DType::F32);
+        let pos = self.g.reshape(pos, &[t.clone(), Dim::constant(1)]);
+        let angle = self.g.mul(pos, inv); // [T, half]
+        let angle = self.g.concat(&[angle, angle], 1); // [T, rot]
+        let shape4 = [Dim::constant(1), t.clone(), Dim::constant(1), Dim::constant(rot as i64)];
+        let cos = self.g.unary(Unary::Cos, angle);
+        let cos = self.g.reshape(cos, &shape4);
+        let sin = self.g.unary(Unary::Sin, angle);
+        let sin = self.g.reshape(sin, &shape4);
+        let xr = self.g.slice(x, 3, Dim::constant(0), Dim::constant(rot as i64));
+        let x1 = self.g.slice(x, 3, Dim::constant(0), Dim::constant(half as i64));
+        let x2 = self.g.slice(x, 3, Dim::constant(half as i64), Dim::constant(rot as i64));
+        let nx2 = self.g.neg(x2);
+        let rotated = self.g.concat(&[nx2, x1], 3);
+        let a = self.g.mul(xr, cos);
+        let b = self.g.mul(rotated, sin);
+        let y = self.g.add(a, b);
+        if rot == d {
+            y
+        } else {
+            let rest = self.g.slice(x, 3, Dim::constant(rot as i64), Dim::constant(d as i64));
+            self.g.concat(&[y, rest], 3)
+        }
+    }
+
+    /// Mean negative log-likelihood over targets that are not `ignore`.
+    fn cross_entropy(&mut self, logits: NodeId, targets: NodeId, ignore: i64) -> NodeId {
+        let rank = self.g.ty(logits).rank();
+        let classes = self.g.dims(logits)[rank - 1].clone();
+        let lsm = self.log_softmax(logits, rank - 1);
+        let hot = self.g.one_hot(targets, classes);
+        let picked = self.g.mul(lsm, hot);
+        let picked = self.g.reduce(Reduce::Sum, picked, &[rank - 1]);
+        let ig = self.g.constant(ignore as f64, DType::Int);
+        let valid = self.g.binary(Binary::Ne, targets, ig);
+        let valid = self.g.cast(valid, DType::F32);
+        let total = self.g.mul(picked, valid);
+        let total = self.g.sum_all(total);
+        let count = self.g.sum_all(valid);
+        let one = self.g.constant(1.0, DType::F32);
+        let count = self.g.binary(Binary::Max, count, one);
+        let mean = self.g.div(total, count);
+        self.g.neg(mean)
+    }
+}

@@ -1,0 +1,39 @@
+//! The text form of the IR: one node per line, `%id = op args : type`,
+//! then the named outputs. `modelc ir` prints it; snapshots compare it.
+
+use super::graph::*;
+
+pub fn print(g: &Graph) -> String {
+    let mut out = String::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let args: Vec<String> = n.args.iter().map(|a| a.to_string()).collect();
+        let args = if args.is_empty() { String::new() } else { format!(" {}", args.join(", ")) };
+        out.push_str(&format!("%{i} = {}{args} : {}\n", n.op.name(), n.ty));
+    }
+    for (name, id) in &g.outputs {
+        out.push_str(&format!("output {name} = {id}\n"));
+    }
+    out
+}
+
+/// Counts of nodes by kind and an estimate of floating-point operations.
+pub fn stats(g: &Graph) -> (usize, crate::check::dim::Dim) {
+    use crate::check::dim::Dim;
+    let mut flops = Dim::constant(0);
+    for n in &g.nodes {
+        let numel = n.ty.dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d));
+        let cost = match &n.op {
+            Op::MatMul => {
+                let a = g.ty(n.args[0]);
+                numel.mul(&a.dims[a.rank() - 1]).mul(&Dim::constant(2))
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Select => numel,
+            Op::Reduce(..) | Op::ArgMax(_) | Op::TopKValues(_) => {
+                g.ty(n.args[0]).dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d))
+            }
+            _ => Dim::constant(0),
+        };
+        flops = flops.add(&cost);
+    }
+    (g.nodes.len(), flops)
+}
