@@ -49,3 +49,90 @@ pub fn check_text(name: &str, text: &str, dir: Option<&Path>, opts: &Options) ->
 pub fn sets(pairs: &[(&str, &str)]) -> Options {
     Options { config: None, sets: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
 }
+
+// ------------------------------------------------------------------ IR helpers
+
+use modelc::check::LowerOptions;
+use modelc::ir::graph::{Graph, NodeId};
+use modelc::ir::interp::{Array, Precision, run};
+use std::collections::HashMap;
+
+/// Checks and lowers a spec given as text.
+pub fn lower_text(text: &str, opts: &Options, training: bool) -> (Checked, Graph) {
+    let program = check::load_source("test.model", text, Some(&repo().join("specs")))
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d, false)));
+    check::lower(&program, opts, LowerOptions { training })
+        .unwrap_or_else(|d| panic!("{}\n{text}", render(&program.sources, &d, false)))
+}
+
+/// A small deterministic generator (xorshift), so tests need no rand crate.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [-1, 1).
+    pub fn signed(&mut self) -> f64 {
+        2.0 * self.next() - 1.0
+    }
+    pub fn array(&mut self, shape: &[usize], scale: f64) -> Array {
+        let n = shape.iter().product();
+        Array::new(shape.to_vec(), (0..n).map(|_| self.signed() * scale).collect())
+    }
+}
+
+/// Random values for every parameter of a checked model.
+pub fn random_params(checked: &Checked, rng: &mut Rng, scale: f64) -> HashMap<String, Array> {
+    checked
+        .params
+        .iter()
+        .map(|p| {
+            let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
+            (p.name.clone(), rng.array(&shape, scale))
+        })
+        .collect()
+}
+
+/// Compares autodiff gradients of the `loss` output with central finite
+/// differences (f64) for up to `samples` elements of each named feed.
+pub fn check_gradients(
+    g: &Graph,
+    feeds: &HashMap<String, Array>,
+    wrt: &[String],
+    samples: usize,
+) -> Result<(), String> {
+    let loss = g.output("loss").ok_or("no loss output")?;
+    let mut gg = g.clone();
+    let ids: Vec<NodeId> =
+        wrt.iter().map(|n| gg.params().find(|(p, _)| p == n).map(|(_, id)| id).expect("param exists")).collect();
+    let grads = modelc::ir::grad::grad(&mut gg, loss, &ids);
+    gg.outputs = wrt.iter().zip(&grads).map(|(n, id)| (n.clone(), *id)).collect();
+    let analytic = run(&gg, feeds, Precision::F64)?;
+    let loss_at =
+        |feeds: &HashMap<String, Array>| -> Result<f64, String> { Ok(run(g, feeds, Precision::F64)?["loss"].data[0]) };
+    let eps = 1e-6;
+    for name in wrt {
+        let a = &analytic[name];
+        let n = a.len();
+        let stride = (n / samples).max(1);
+        for i in (0..n).step_by(stride) {
+            let mut f = feeds.clone();
+            let orig = f[name].data[i];
+            f.get_mut(name).unwrap().data[i] = orig + eps;
+            let up = loss_at(&f)?;
+            f.get_mut(name).unwrap().data[i] = orig - eps;
+            let down = loss_at(&f)?;
+            let numeric = (up - down) / (2.0 * eps);
+            let exact = a.data[i];
+            let tol = 1e-5 * (1.0 + numeric.abs().max(exact.abs()));
+            if (numeric - exact).abs() > tol {
+                return Err(format!("d loss / d {name}[{i}]: autodiff {exact}, finite differences {numeric}"));
+            }
+        }
+    }
+    Ok(())
+}

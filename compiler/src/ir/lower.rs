@@ -66,6 +66,13 @@ impl LArg {
     fn bool(&self) -> bool {
         matches!(self, LArg::Bool(true))
     }
+    fn size(&self) -> Dim {
+        match self {
+            LArg::Int(v) => Dim::constant(*v),
+            LArg::Size(d) => d.clone(),
+            other => unreachable!("bug: expected a size argument, got {other:?}"),
+        }
+    }
 }
 
 fn axis_of(rank: usize, a: i64) -> usize {
@@ -199,14 +206,8 @@ impl Lowering {
                 one(self.g.concat(&parts, axis))
             }
             "gather" => one(g.gather(a[0].node(), a[1].node())),
-            "one_hot" => {
-                let LArg::Size(n) = &a[1] else { unreachable!("bug: one_hot size") };
-                one(g.one_hot(a[0].node(), n.clone()))
-            }
-            "arange" => {
-                let LArg::Size(n) = &a[0] else { unreachable!("bug: arange size") };
-                one(g.iota(n.clone()))
-            }
+            "one_hot" => one(g.one_hot(a[0].node(), a[1].size())),
+            "arange" => one(g.iota(a[0].size())),
             "dropout" => {
                 let x = a[0].node();
                 let p = a[1].float();

@@ -1,8 +1,10 @@
 //! The tensor IR and what works on it: lowering from the checker, the
 //! reference interpreter, reverse-mode autodiff and the training program.
 
+pub mod grad;
 pub mod graph;
 pub mod interp;
 pub mod lower;
 pub mod print;
 pub mod prune;
+pub mod train;

@@ -1,0 +1,335 @@
+//! Reverse-mode automatic differentiation as a graph-to-graph transform:
+//! appends to the graph the nodes that compute d(loss)/d(x) for each x
+//! asked for. One local rule per primitive, in an exhaustive match, so an
+//! operation cannot exist without its gradient.
+
+use super::graph::*;
+use crate::check::dim::Dim;
+use crate::syntax::ast::DType;
+
+/// Appends the gradient of the scalar `loss` with respect to each of `wrt`;
+/// returns their nodes (zeros for one the loss does not depend on).
+pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
+    let n = loss.index() + 1;
+    // Which nodes lie on a path from a `wrt` node to the loss.
+    let mut needs = vec![false; n];
+    for w in wrt {
+        if w.index() < n {
+            needs[w.index()] = true;
+        }
+    }
+    for i in 0..n {
+        if !needs[i] && g.nodes[i].ty.dtype == DType::F32 {
+            needs[i] = g.nodes[i].args.iter().any(|a| needs[a.index()]);
+        }
+    }
+    let mut adj: Vec<Option<NodeId>> = vec![None; n];
+    adj[loss.index()] = Some(g.constant(1.0, DType::F32));
+    for i in (0..n).rev() {
+        let Some(gy) = adj[i] else { continue };
+        if !needs[i] {
+            continue;
+        }
+        let node = g.nodes[i].clone();
+        for (k, contribution) in local(g, &node, NodeId(i as u32), gy).into_iter().enumerate() {
+            let Some(c) = contribution else { continue };
+            let a = node.args[k];
+            if !needs[a.index()] {
+                continue;
+            }
+            adj[a.index()] = Some(match adj[a.index()] {
+                Some(prev) => g.add(prev, c),
+                None => c,
+            });
+        }
+    }
+    wrt.iter()
+        .map(|w| match adj.get(w.index()).copied().flatten() {
+            Some(a) => a,
+            None => {
+                let dims = g.dims(*w).to_vec();
+                g.full(0.0, DType::F32, &dims)
+            }
+        })
+        .collect()
+}
+
+/// The contribution of a node's output adjoint `gy` to each of its inputs.
+fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId>> {
+    use std::f64::consts::PI;
+    let a = &node.args;
+    let x = a.first().copied();
+    let zero = |g: &mut Graph| g.constant(0.0, DType::F32);
+    match &node.op {
+        Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Size(_) | Op::Iota => vec![],
+        Op::ArgMax(_) | Op::OneHot | Op::TopKIndices(_) | Op::DropoutMask { .. } => vec![None; a.len()],
+        Op::Cast(_) => vec![None],
+        Op::Unary(u) => {
+            let x = x.expect("unary has an input");
+            let d = match u {
+                Unary::Neg => g.neg(gy),
+                Unary::Exp => g.mul(gy, y),
+                Unary::Log => g.div(gy, x),
+                Unary::Sqrt => {
+                    let t = g.div(gy, y);
+                    g.scale(t, 0.5)
+                }
+                Unary::Rsqrt => {
+                    let y2 = g.mul(y, y);
+                    let y3 = g.mul(y2, y);
+                    let t = g.mul(gy, y3);
+                    g.scale(t, -0.5)
+                }
+                Unary::Tanh => {
+                    let y2 = g.mul(y, y);
+                    let one = g.constant(1.0, DType::F32);
+                    let d = g.sub(one, y2);
+                    g.mul(gy, d)
+                }
+                Unary::Sigmoid => {
+                    let one = g.constant(1.0, DType::F32);
+                    let d = g.sub(one, y);
+                    let d = g.mul(y, d);
+                    g.mul(gy, d)
+                }
+                Unary::Relu => {
+                    let z = zero(g);
+                    let pos = g.binary(Binary::Gt, x, z);
+                    g.select(pos, gy, z)
+                }
+                Unary::Gelu => {
+                    // d/dx x Φ(x) = Φ(x) + x φ(x)
+                    let s = g.scale(x, 1.0 / 2f64.sqrt());
+                    let erf = g.unary(Unary::Erf, s);
+                    let one = g.constant(1.0, DType::F32);
+                    let cdf = g.add(erf, one);
+                    let cdf = g.scale(cdf, 0.5);
+                    let x2 = g.mul(x, x);
+                    let e = g.scale(x2, -0.5);
+                    let e = g.unary(Unary::Exp, e);
+                    let pdf = g.scale(e, 1.0 / (2.0 * PI).sqrt());
+                    let xp = g.mul(x, pdf);
+                    let d = g.add(cdf, xp);
+                    g.mul(gy, d)
+                }
+                Unary::GeluTanh => {
+                    // u = c (x + 0.044715 x^3); d = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) c (1 + 3 * 0.044715 x^2)
+                    let c = (2.0 / PI).sqrt();
+                    let x2 = g.mul(x, x);
+                    let x3 = g.mul(x2, x);
+                    let k = g.scale(x3, 0.044715);
+                    let inner = g.add(x, k);
+                    let u = g.scale(inner, c);
+                    let t = g.unary(Unary::Tanh, u);
+                    let one = g.constant(1.0, DType::F32);
+                    let left = g.add(one, t);
+                    let left = g.scale(left, 0.5);
+                    let t2 = g.mul(t, t);
+                    let sech2 = g.sub(one, t2);
+                    let poly = g.scale(x2, 3.0 * 0.044715);
+                    let poly = g.add(one, poly);
+                    let right = g.mul(sech2, poly);
+                    let right = g.mul(right, x);
+                    let right = g.scale(right, 0.5 * c);
+                    let d = g.add(left, right);
+                    g.mul(gy, d)
+                }
+                Unary::Silu => {
+                    let s = g.unary(Unary::Sigmoid, x);
+                    let one = g.constant(1.0, DType::F32);
+                    let oms = g.sub(one, s);
+                    let t = g.mul(x, oms);
+                    let t = g.add(one, t);
+                    let d = g.mul(s, t);
+                    g.mul(gy, d)
+                }
+                Unary::Erf => {
+                    let x2 = g.mul(x, x);
+                    let e = g.neg(x2);
+                    let e = g.unary(Unary::Exp, e);
+                    let d = g.scale(e, 2.0 / PI.sqrt());
+                    g.mul(gy, d)
+                }
+                Unary::Sin => {
+                    let c = g.unary(Unary::Cos, x);
+                    g.mul(gy, c)
+                }
+                Unary::Cos => {
+                    let s = g.unary(Unary::Sin, x);
+                    let t = g.mul(gy, s);
+                    g.neg(t)
+                }
+                Unary::Abs => {
+                    let z = zero(g);
+                    let neg = g.binary(Binary::Lt, x, z);
+                    let ng = g.neg(gy);
+                    g.select(neg, ng, gy)
+                }
+                Unary::Floor | Unary::Not => return vec![None],
+            };
+            vec![Some(d)]
+        }
+        Op::Binary(b) => {
+            let (p, q) = (a[0], a[1]);
+            match b {
+                Binary::Add => vec![Some(gy), Some(gy)],
+                Binary::Sub => {
+                    let n = g.neg(gy);
+                    vec![Some(gy), Some(n)]
+                }
+                Binary::Mul => {
+                    let gp = g.mul(gy, q);
+                    let gq = g.mul(gy, p);
+                    vec![Some(gp), Some(gq)]
+                }
+                Binary::Div => {
+                    let gp = g.div(gy, q);
+                    let t = g.mul(gp, y);
+                    let gq = g.neg(t);
+                    vec![Some(gp), Some(gq)]
+                }
+                Binary::Pow => {
+                    let one = g.constant(1.0, DType::F32);
+                    let qm1 = g.sub(q, one);
+                    let pw = g.binary(Binary::Pow, p, qm1);
+                    let d = g.mul(q, pw);
+                    let gp = g.mul(gy, d);
+                    let lp = g.unary(Unary::Log, p);
+                    let t = g.mul(y, lp);
+                    let gq = g.mul(gy, t);
+                    vec![Some(gp), Some(gq)]
+                }
+                Binary::Rem => {
+                    let r = g.div(p, q);
+                    let f = g.unary(Unary::Floor, r);
+                    let t = g.mul(gy, f);
+                    let gq = g.neg(t);
+                    vec![Some(gy), Some(gq)]
+                }
+                Binary::Max | Binary::Min => {
+                    // Ties send the gradient to the first operand.
+                    let first = if *b == Binary::Max { Binary::Ge } else { Binary::Le };
+                    let c = g.binary(first, p, q);
+                    let z = zero(g);
+                    let gp = g.select(c, gy, z);
+                    let gq = g.select(c, z, gy);
+                    vec![Some(gp), Some(gq)]
+                }
+                Binary::Eq
+                | Binary::Ne
+                | Binary::Lt
+                | Binary::Le
+                | Binary::Gt
+                | Binary::Ge
+                | Binary::And
+                | Binary::Or => {
+                    vec![None, None]
+                }
+            }
+        }
+        Op::Select => {
+            let z = zero(g);
+            let ga = g.select(a[0], gy, z);
+            let gb = g.select(a[0], z, gy);
+            vec![None, Some(ga), Some(gb)]
+        }
+        Op::Reduce(r, axes) => {
+            let x = a[0];
+            let xd = g.dims(x).to_vec();
+            let mut kept = xd.clone();
+            for ax in axes {
+                kept[*ax] = Dim::constant(1);
+            }
+            let gk = g.reshape(gy, &kept);
+            let gb = g.broadcast(gk, &xd);
+            match r {
+                Reduce::Sum => vec![Some(gb)],
+                Reduce::Max | Reduce::Min => {
+                    // Split evenly among the elements equal to the extreme.
+                    let yk = g.reshape(y, &kept);
+                    let hit = g.binary(Binary::Eq, x, yk);
+                    let hit = g.cast(hit, DType::F32);
+                    let count = g.reduce_keep(Reduce::Sum, hit, axes);
+                    let share = g.div(hit, count);
+                    vec![Some(g.mul(gb, share))]
+                }
+            }
+        }
+        Op::MatMul => {
+            let (p, q) = (a[0], a[1]);
+            let qt = g.transpose_last(q);
+            let gp = g.matmul(gy, qt);
+            let pt = g.transpose_last(p);
+            let gq = g.matmul(pt, gy);
+            vec![Some(gp), Some(gq)]
+        }
+        Op::Reshape => {
+            let xd = g.dims(a[0]).to_vec();
+            vec![Some(g.reshape(gy, &xd))]
+        }
+        Op::Permute(perm) => {
+            let mut inverse = vec![0; perm.len()];
+            for (i, p) in perm.iter().enumerate() {
+                inverse[*p] = i;
+            }
+            vec![Some(g.permute(gy, &inverse))]
+        }
+        Op::Broadcast => {
+            let xd = g.dims(a[0]).to_vec();
+            let od = node.ty.dims.clone();
+            let off = od.len() - xd.len();
+            let one = Dim::constant(1);
+            let axes: Vec<usize> = (0..od.len()).filter(|&i| i < off || (xd[i - off] == one && od[i] != one)).collect();
+            let s = g.reduce(Reduce::Sum, gy, &axes);
+            vec![Some(g.reshape(s, &xd))]
+        }
+        Op::Slice { axis, start, end } => {
+            let xd = g.dims(a[0]).to_vec();
+            let mut parts = Vec::new();
+            if start.as_const() != Some(0) {
+                let mut d = xd.clone();
+                d[*axis] = start.clone();
+                parts.push(g.full(0.0, DType::F32, &d));
+            }
+            parts.push(gy);
+            let after = xd[*axis].sub(end);
+            if after.as_const() != Some(0) {
+                let mut d = xd.clone();
+                d[*axis] = after;
+                parts.push(g.full(0.0, DType::F32, &d));
+            }
+            vec![Some(g.concat(&parts, *axis))]
+        }
+        Op::Concat(axis) => {
+            let mut offset = Dim::constant(0);
+            let mut out = Vec::new();
+            for arg in a {
+                let len = g.dims(*arg)[*axis].clone();
+                let end = offset.add(&len);
+                out.push(Some(g.slice(gy, *axis, offset.clone(), end.clone())));
+                offset = end;
+            }
+            out
+        }
+        Op::Gather => {
+            let table = g.dims(a[0]).to_vec();
+            vec![Some(g.scatter_add(a[1], gy, &table)), None]
+        }
+        Op::ScatterAdd => vec![None, Some(g.gather(gy, a[0]))],
+        Op::TopKValues(k) => {
+            let x = a[0];
+            let xd = g.dims(x).to_vec();
+            let mut idx_dims = xd.clone();
+            *idx_dims.last_mut().expect("rank >= 1") = Dim::constant(*k as i64);
+            let idx =
+                g.push(Op::TopKIndices(*k), vec![x], crate::check::types::TensorTy::new(DType::Int, idx_dims.clone()));
+            let hot = g.one_hot(idx, xd.last().expect("rank >= 1").clone()); // [..., k, N]
+            let mut col = idx_dims;
+            col.push(Dim::constant(1));
+            let gcol = g.reshape(gy, &col); // [..., k, 1]
+            let spread = g.mul(hot, gcol);
+            let r = g.ty(spread).rank();
+            vec![Some(g.reduce(Reduce::Sum, spread, &[r - 2]))]
+        }
+    }
+}

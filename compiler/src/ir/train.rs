@@ -1,0 +1,131 @@
+//! The training program: forward, loss, backward and the optimiser update
+//! in one graph. Frozen parameters get neither gradients nor updates.
+//!
+//! Inputs besides the model's: `lr` (this step's learning rate, so the
+//! schedule lives outside), `step` (1-based; seeds dropout and bias
+//! correction) and the optimiser state `m:NAME`, `v:NAME` (AdamW) or
+//! `momentum:NAME` (SGD). Outputs: `loss`, `grad_norm`, `new:NAME` and the
+//! new optimiser state under the input names.
+
+use super::grad::grad;
+use super::graph::*;
+use crate::check::types::TensorTy;
+use crate::syntax::ast::DType;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    /// Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+    AdamW { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+    /// SGD with momentum; weight decay added to the gradient.
+    Sgd { momentum: f64, weight_decay: f64 },
+}
+
+impl Default for Optimizer {
+    fn default() -> Optimizer {
+        Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainConfig {
+    pub optimizer: Optimizer,
+    /// Clip the global gradient norm to this value.
+    pub clip: Option<f64>,
+}
+
+/// Names of the optimiser state tensors of one parameter.
+pub fn state_names(opt: &Optimizer, param: &str) -> Vec<String> {
+    match opt {
+        Optimizer::AdamW { .. } => vec![format!("m:{param}"), format!("v:{param}")],
+        Optimizer::Sgd { .. } => vec![format!("momentum:{param}")],
+    }
+}
+
+/// Extends a lowered training graph (with a `loss` output) into the training
+/// program updating `trainable` parameters. Returns `None` without a loss.
+pub fn training_program(forward: &Graph, trainable: &[String], cfg: &TrainConfig) -> Option<Graph> {
+    let mut g = forward.clone();
+    let loss = g.output("loss")?;
+    let params: Vec<(String, NodeId)> =
+        g.params().filter(|(n, _)| trainable.iter().any(|t| t == n)).map(|(n, id)| (n.to_string(), id)).collect();
+    let ids: Vec<NodeId> = params.iter().map(|(_, id)| *id).collect();
+    let mut grads = grad(&mut g, loss, &ids);
+
+    // Global norm, and clipping by it.
+    let mut total = g.constant(0.0, DType::F32);
+    for gr in &grads {
+        let sq = g.mul(*gr, *gr);
+        let s = g.sum_all(sq);
+        total = g.add(total, s);
+    }
+    let norm = g.unary(Unary::Sqrt, total);
+    if let Some(clip) = cfg.clip {
+        let eps = g.constant(1e-6, DType::F32);
+        let denom = g.add(norm, eps);
+        let c = g.constant(clip, DType::F32);
+        let ratio = g.div(c, denom);
+        let one = g.constant(1.0, DType::F32);
+        let factor = g.binary(Binary::Min, ratio, one);
+        for gr in &mut grads {
+            *gr = g.mul(*gr, factor);
+        }
+    }
+    g.outputs.push(("grad_norm".into(), norm));
+
+    let lr = g.input("lr", TensorTy::scalar(DType::F32));
+    let step = g.input("step", TensorTy::scalar(DType::F32));
+    for ((name, p), gr) in params.iter().zip(grads) {
+        let ty = g.ty(*p).clone();
+        match cfg.optimizer {
+            Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
+                let m = g.input(&format!("m:{name}"), ty.clone());
+                let v = g.input(&format!("v:{name}"), ty.clone());
+                let m1 = g.scale(m, beta1);
+                let gm = g.scale(gr, 1.0 - beta1);
+                let m_new = g.add(m1, gm);
+                let v1 = g.scale(v, beta2);
+                let g2 = g.mul(gr, gr);
+                let gv = g.scale(g2, 1.0 - beta2);
+                let v_new = g.add(v1, gv);
+                // Bias corrections 1 - beta^step.
+                let b1 = g.constant(beta1, DType::F32);
+                let b1t = g.binary(Binary::Pow, b1, step);
+                let one = g.constant(1.0, DType::F32);
+                let c1 = g.sub(one, b1t);
+                let b2 = g.constant(beta2, DType::F32);
+                let b2t = g.binary(Binary::Pow, b2, step);
+                let c2 = g.sub(one, b2t);
+                let m_hat = g.div(m_new, c1);
+                let v_hat = g.div(v_new, c2);
+                let root = g.unary(Unary::Sqrt, v_hat);
+                let e = g.constant(eps, DType::F32);
+                let denom = g.add(root, e);
+                let mut update = g.div(m_hat, denom);
+                if weight_decay != 0.0 {
+                    let wd = g.scale(*p, weight_decay);
+                    update = g.add(update, wd);
+                }
+                let delta = g.mul(update, lr);
+                let p_new = g.sub(*p, delta);
+                g.outputs.push((format!("new:{name}"), p_new));
+                g.outputs.push((format!("m:{name}"), m_new));
+                g.outputs.push((format!("v:{name}"), v_new));
+            }
+            Optimizer::Sgd { momentum, weight_decay } => {
+                let mut d = gr;
+                if weight_decay != 0.0 {
+                    let wd = g.scale(*p, weight_decay);
+                    d = g.add(d, wd);
+                }
+                let buf = g.input(&format!("momentum:{name}"), ty.clone());
+                let b = g.scale(buf, momentum);
+                let buf_new = g.add(b, d);
+                let delta = g.mul(buf_new, lr);
+                let p_new = g.sub(*p, delta);
+                g.outputs.push((format!("new:{name}"), p_new));
+                g.outputs.push((format!("momentum:{name}"), buf_new));
+            }
+        }
+    }
+    Some(g)
+}
