@@ -323,10 +323,9 @@ fn argmax(x: &Array, axis: usize, shape: Vec<usize>) -> Array {
                 k += 1;
             }
         }
-        if x.data[flat] > best[o].0 || (idx[axis] == 0) {
-            if idx[axis] == 0 || x.data[flat] > best[o].0 {
-                best[o] = (x.data[flat], idx[axis]);
-            }
+        // The first maximum wins, as in NumPy.
+        if idx[axis] == 0 || x.data[flat] > best[o].0 {
+            best[o] = (x.data[flat], idx[axis]);
         }
     });
     Array::new(shape, best.into_iter().map(|(_, i)| i as f64).collect())
