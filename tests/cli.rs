@@ -108,3 +108,19 @@ fn ast_prints_the_tree() {
     assert_eq!(code, 0);
     assert!(out.contains("(layer RMSNorm"), "{out}");
 }
+
+#[test]
+fn ir_prints_the_graph_and_its_statistics() {
+    let (code, out, err) =
+        modelc(&["ir", "specs/mlp.model", "--set", "inputs=4", "--set", "hidden=8", "--set", "classes=3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("input \"x\" : [B, 4]") && out.contains("matmul") && out.contains("output logits"), "{out}");
+
+    let (code, out, err) = modelc(&["ir", "specs/tiny-gpt.model", "--train", "--opt", "--stats", "--set", "layers=1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("model TinyGPT:") && out.contains("optimised:") && out.contains("Saturated"), "{out}");
+
+    let (code, _, err) = modelc(&["ir", "specs/bert.model", "--train"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no loss to train"), "{err}");
+}

@@ -242,3 +242,41 @@ fn small_llama_trains_on_the_interpreter() {
     let losses = train("specs/llama.model", &sets_, &batch, 6, 2e-2);
     assert!(losses.windows(2).all(|w| w[1] < w[0]) && losses[5] < losses[0] - 0.15, "loss did not fall: {losses:?}");
 }
+
+fn graphs(spec: &str, sets_: &[(&str, &str)]) -> (String, String, String) {
+    let text = std::fs::read_to_string(repo().join(spec)).unwrap();
+    let (checked, forward) = lower_text(&text, &sets(sets_), false);
+    let forward = modelc::ir::prune::prune(&forward);
+    let (_, train_fwd) = lower_text(&text, &sets(sets_), true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let cfg = TrainConfig { clip: Some(1.0), ..TrainConfig::default() };
+    let training = modelc::ir::prune::prune(&training_program(&train_fwd, &trainable, &cfg).unwrap());
+    let (optimized, _) = modelc::opt::optimize(&forward, modelc::opt::Limits::default());
+    let print = modelc::ir::print::print;
+    (print(&forward), print(&training), print(&optimized))
+}
+
+#[test]
+fn ir_snapshots() {
+    let small_llama =
+        [("vocab", "32"), ("dim", "16"), ("layers", "2"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")];
+    for (name, spec, sets_) in
+        [("tiny-gpt", "specs/tiny-gpt.model", &[("layers", "1")][..]), ("llama", "specs/llama.model", &small_llama[..])]
+    {
+        let (forward, training, optimized) = graphs(spec, sets_);
+        insta::assert_snapshot!(format!("ir-{name}"), forward);
+        insta::assert_snapshot!(format!("ir-train-{name}"), training);
+        insta::assert_snapshot!(format!("ir-opt-{name}"), optimized);
+    }
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_or_update() {
+    let text = "import std.core\nimport std.adapters\n\nmodel Base {\n    proj: Linear(4, 4)\n\n    forward(x: [B, 4]) -> y: [B, 4] = proj(x)\n\n    train {\n        loss: sum(y * y)\n    }\n}\n\nmodel Tuned = adapt Base with LoRA(rank: 2) on proj\n";
+    let (checked, g) = lower_text(text, &Options::default(), true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    assert_eq!(trainable, ["proj.lora_A.weight", "proj.lora_B.weight"]);
+    let program = training_program(&g, &trainable, &TrainConfig::default()).unwrap();
+    let updated: Vec<&str> = program.outputs.iter().filter_map(|(n, _)| n.strip_prefix("new:")).collect();
+    assert_eq!(updated, ["proj.lora_A.weight", "proj.lora_B.weight"]);
+}

@@ -48,6 +48,20 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Print the tensor IR of a spec's model (forward, or with --train the training program).
+    Ir {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The training program: forward, loss, backward and the optimiser update.
+        #[arg(long)]
+        train: bool,
+        /// Optimise with the e-graph rewrites first.
+        #[arg(long)]
+        opt: bool,
+        /// Print node counts, estimated FLOPs and optimisation time instead of the IR.
+        #[arg(long)]
+        stats: bool,
+    },
     /// Print the syntax tree of a file.
     Ast {
         /// The .model file.
@@ -61,6 +75,7 @@ pub fn main() -> ExitCode {
         Command::Check { model, json } => cmd_check(&model, json),
         Command::Fmt { files, check } => cmd_fmt(&files, check),
         Command::Ast { file } => cmd_ast(&file),
+        Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
     }
 }
 
@@ -78,6 +93,15 @@ fn fail(sources: &SourceMap, diags: &[Diagnostic]) -> ExitCode {
 /// Loads and checks the model named by the command-line arguments.
 fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCode> {
     let program = check::load_file(&args.spec).map_err(|(sources, diags)| fail(&sources, &diags))?;
+    let opts = options(args, &program.sources)?;
+    match check::check(&program, &opts) {
+        Ok(checked) => Ok((program, checked)),
+        Err(diags) => Err(fail(&program.sources, &diags)),
+    }
+}
+
+/// `--config` and `--set` as checker options.
+fn options(args: &ModelArgs, sources: &SourceMap) -> Result<Options, ExitCode> {
     let mut opts = Options::default();
     if let Some(path) = &args.config {
         let name = path.display().to_string();
@@ -86,21 +110,18 @@ fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCod
             .and_then(|text| serde_json::from_str(&text).map_err(|e| format!("{name} is not valid JSON: {e}")));
         match parsed {
             Ok(json) => opts.config = Some((json, name)),
-            Err(msg) => return Err(fail(&program.sources, &[Diagnostic::new("E0501", msg)])),
+            Err(msg) => return Err(fail(sources, &[Diagnostic::new("E0501", msg)])),
         }
     }
     for set in &args.sets {
         let Some((k, v)) = set.split_once('=') else {
             let d = Diagnostic::new("E0502", format!("--set {set}: expected KEY=VALUE"))
                 .help("for example `--set layers=2`");
-            return Err(fail(&program.sources, &[d]));
+            return Err(fail(sources, &[d]));
         };
         opts.sets.push((k.trim().to_string(), v.to_string()));
     }
-    match check::check(&program, &opts) {
-        Ok(checked) => Ok((program, checked)),
-        Err(diags) => Err(fail(&program.sources, &diags)),
-    }
+    Ok(opts)
 }
 
 fn cmd_check(args: &ModelArgs, json: bool) -> ExitCode {
@@ -177,4 +198,69 @@ fn cmd_ast(path: &Path) -> ExitCode {
         }
         (None, errors) => fail(&sources, &errors),
     }
+}
+
+fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
+    use crate::ir::{print, prune, train as training};
+    let program = match check::load_file(&args.spec) {
+        Ok(p) => p,
+        Err((sources, diags)) => return fail(&sources, &diags),
+    };
+    let opts = match options(args, &program.sources) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    let (checked, graph) = match check::lower(&program, &opts, check::LowerOptions { training: train }) {
+        Ok(v) => v,
+        Err(diags) => return fail(&program.sources, &diags),
+    };
+    let graph = if train {
+        let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+        let cfg = training::TrainConfig { clip: Some(1.0), ..Default::default() };
+        match training::training_program(&graph, &trainable, &cfg) {
+            Some(g) => g,
+            None => {
+                let d = Diagnostic::new("E0601", format!("`{}` has no loss to train", checked.model))
+                    .help("add `train { loss: ... }` to the model");
+                return fail(&program.sources, &[d]);
+            }
+        }
+    } else {
+        graph
+    };
+    let graph = prune::prune(&graph);
+    let started = std::time::Instant::now();
+    let optimized = opt.then(|| crate::opt::optimize(&graph, crate::opt::Limits::default()));
+    let elapsed = started.elapsed();
+    if stats {
+        // FLOPs as polynomials in the symbolic sizes, and at batch 1 with 128 for every other size.
+        let at = |f: &crate::check::dim::Dim| {
+            let v = f.substitute(&|s| Some(crate::check::dim::Dim::constant(if s == "B" { 1 } else { 128 })));
+            v.as_const().unwrap_or(0) as f64
+        };
+        let (nodes, flops) = print::stats(&graph);
+        println!("model {}: {nodes} nodes, {flops} FLOPs ({:.4e} at B=1, T=128)", checked.model, at(&flops));
+        if let Some((g, report)) = &optimized {
+            let (nodes, flops) = print::stats(g);
+            println!(
+                "optimised: {nodes} nodes, {flops} FLOPs ({:.4e} at B=1, T=128) in {:.3} s ({}, {} iterations, {} e-nodes)",
+                at(&flops),
+                elapsed.as_secs_f64(),
+                report.stop_reason,
+                report.iterations,
+                report.egraph_nodes
+            );
+            for (rule, n) in &report.applied {
+                println!("  {rule}: {n}");
+            }
+            for (i, (nodes, search, apply, rebuild)) in report.timeline.iter().enumerate() {
+                println!(
+                    "  iteration {i}: {nodes} e-nodes, search {search:.3} s, apply {apply:.3} s, rebuild {rebuild:.3} s"
+                );
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", print::print(optimized.as_ref().map_or(&graph, |(g, _)| g)));
+    ExitCode::SUCCESS
 }

@@ -8,5 +8,6 @@ pub mod check;
 pub mod cli;
 pub mod diag;
 pub mod ir;
+pub mod opt;
 pub mod source;
 pub mod syntax;

@@ -1,0 +1,286 @@
+//! The IR as an egg language. Each node becomes `(kind arg... attr type)`:
+//! the kind (`mul`, `permute`, ...) is what patterns match; the last two
+//! children are leaves naming interned tables entries, the full operation
+//! (with its attributes) and the result type. Equal types share a leaf, so a
+//! repeated `?t` in a pattern means "the same type".
+
+use crate::check::types::TensorTy;
+use crate::ir::graph::*;
+use egg::{Analysis, DidMerge, EGraph, Id, Symbol, define_language};
+use std::collections::HashMap;
+
+// One variant per kind of operation, so that egg's index by operator lets a
+// pattern look only at the classes that hold its kind.
+define_language! {
+    pub enum IrLang {
+        "input" = Input(Box<[Id]>),
+        "param" = Param(Box<[Id]>),
+        "const" = Const(Box<[Id]>),
+        "size" = Size(Box<[Id]>),
+        "iota" = Iota(Box<[Id]>),
+        "neg" = Neg(Box<[Id]>),
+        "exp" = Exp(Box<[Id]>),
+        "log" = Log(Box<[Id]>),
+        "sqrt" = Sqrt(Box<[Id]>),
+        "rsqrt" = Rsqrt(Box<[Id]>),
+        "tanh" = Tanh(Box<[Id]>),
+        "sigmoid" = Sigmoid(Box<[Id]>),
+        "relu" = Relu(Box<[Id]>),
+        "gelu" = Gelu(Box<[Id]>),
+        "gelu_tanh" = GeluTanh(Box<[Id]>),
+        "silu" = Silu(Box<[Id]>),
+        "erf" = Erf(Box<[Id]>),
+        "sin" = Sin(Box<[Id]>),
+        "cos" = Cos(Box<[Id]>),
+        "abs" = Abs(Box<[Id]>),
+        "floor" = Floor(Box<[Id]>),
+        "not" = Not(Box<[Id]>),
+        "add" = Add(Box<[Id]>),
+        "sub" = Sub(Box<[Id]>),
+        "mul" = Mul(Box<[Id]>),
+        "div" = Div(Box<[Id]>),
+        "pow" = Pow(Box<[Id]>),
+        "rem" = Rem(Box<[Id]>),
+        "max" = Max(Box<[Id]>),
+        "min" = Min(Box<[Id]>),
+        "eq" = Eq(Box<[Id]>),
+        "ne" = Ne(Box<[Id]>),
+        "lt" = Lt(Box<[Id]>),
+        "le" = Le(Box<[Id]>),
+        "gt" = Gt(Box<[Id]>),
+        "ge" = Ge(Box<[Id]>),
+        "and" = And(Box<[Id]>),
+        "or" = Or(Box<[Id]>),
+        "select" = Select(Box<[Id]>),
+        "cast" = Cast(Box<[Id]>),
+        "reduce_sum" = ReduceSum(Box<[Id]>),
+        "reduce_max" = ReduceMax(Box<[Id]>),
+        "reduce_min" = ReduceMin(Box<[Id]>),
+        "argmax" = Argmax(Box<[Id]>),
+        "matmul" = Matmul(Box<[Id]>),
+        "reshape" = Reshape(Box<[Id]>),
+        "permute" = Permute(Box<[Id]>),
+        "broadcast" = Broadcast(Box<[Id]>),
+        "slice" = Slice(Box<[Id]>),
+        "concat" = Concat(Box<[Id]>),
+        "gather" = Gather(Box<[Id]>),
+        "scatter_add" = ScatterAdd(Box<[Id]>),
+        "one_hot" = OneHot(Box<[Id]>),
+        "topk_values" = TopkValues(Box<[Id]>),
+        "topk_indices" = TopkIndices(Box<[Id]>),
+        "dropout_mask" = DropoutMask(Box<[Id]>),
+        Leaf(Symbol),
+    }
+}
+
+/// The children of an operation node (`None` for a leaf).
+pub fn op_children(n: &IrLang) -> Option<&[Id]> {
+    match n {
+        IrLang::Leaf(_) => None,
+        other => Some(egg::Language::children(other)),
+    }
+}
+
+/// Interned operations and types, owned by the analysis.
+#[derive(Default, Debug)]
+pub struct Tables {
+    pub ops: Vec<Op>,
+    op_index: HashMap<String, usize>,
+    pub types: Vec<TensorTy>,
+    type_index: HashMap<String, usize>,
+}
+
+impl Tables {
+    pub fn op_leaf(&mut self, op: &Op) -> Symbol {
+        let key = op.name();
+        let n = *self.op_index.entry(key).or_insert_with(|| {
+            self.ops.push(op.clone());
+            self.ops.len() - 1
+        });
+        Symbol::from(format!("a{n}"))
+    }
+
+    pub fn type_leaf(&mut self, ty: &TensorTy) -> Symbol {
+        let key = ty.to_string();
+        let n = *self.type_index.entry(key).or_insert_with(|| {
+            self.types.push(ty.clone());
+            self.types.len() - 1
+        });
+        Symbol::from(format!("t{n}"))
+    }
+}
+
+/// The pattern-facing name of an operation.
+pub fn kind(op: &Op) -> &'static str {
+    match op {
+        Op::Input(_) => "input",
+        Op::Param(_) => "param",
+        Op::Const(_) => "const",
+        Op::Size(_) => "size",
+        Op::Iota => "iota",
+        Op::Unary(u) => match u {
+            Unary::Neg => "neg",
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Sqrt => "sqrt",
+            Unary::Rsqrt => "rsqrt",
+            Unary::Tanh => "tanh",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Relu => "relu",
+            Unary::Gelu => "gelu",
+            Unary::GeluTanh => "gelu_tanh",
+            Unary::Silu => "silu",
+            Unary::Erf => "erf",
+            Unary::Sin => "sin",
+            Unary::Cos => "cos",
+            Unary::Abs => "abs",
+            Unary::Floor => "floor",
+            Unary::Not => "not",
+        },
+        Op::Binary(b) => match b {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+            Binary::Pow => "pow",
+            Binary::Rem => "rem",
+            Binary::Max => "max",
+            Binary::Min => "min",
+            Binary::Eq => "eq",
+            Binary::Ne => "ne",
+            Binary::Lt => "lt",
+            Binary::Le => "le",
+            Binary::Gt => "gt",
+            Binary::Ge => "ge",
+            Binary::And => "and",
+            Binary::Or => "or",
+        },
+        Op::Select => "select",
+        Op::Cast(_) => "cast",
+        Op::Reduce(Reduce::Sum, _) => "reduce_sum",
+        Op::Reduce(Reduce::Max, _) => "reduce_max",
+        Op::Reduce(Reduce::Min, _) => "reduce_min",
+        Op::ArgMax(_) => "argmax",
+        Op::MatMul => "matmul",
+        Op::Reshape => "reshape",
+        Op::Permute(_) => "permute",
+        Op::Broadcast => "broadcast",
+        Op::Slice { .. } => "slice",
+        Op::Concat(_) => "concat",
+        Op::Gather => "gather",
+        Op::ScatterAdd => "scatter_add",
+        Op::OneHot => "one_hot",
+        Op::TopKValues(_) => "topk_values",
+        Op::TopKIndices(_) => "topk_indices",
+        Op::DropoutMask { .. } => "dropout_mask",
+    }
+}
+
+/// What the analysis knows of an e-class.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Facts {
+    /// Index into `Tables::types`; `None` for leaves.
+    pub ty: Option<usize>,
+    /// The value, when every element is the same known constant.
+    pub constant: Option<f64>,
+}
+
+#[derive(Default, Debug)]
+pub struct IrAnalysis {
+    pub tables: Tables,
+}
+
+pub type IrGraph = EGraph<IrLang, IrAnalysis>;
+
+fn leaf_index(egraph: &IrGraph, id: Id) -> Option<usize> {
+    egraph[id].nodes.iter().find_map(|n| match n {
+        IrLang::Leaf(s) => s.as_str()[1..].parse().ok(),
+        _ => None,
+    })
+}
+
+/// The operation of an e-node (from its attribute leaf).
+pub fn node_op(egraph: &IrGraph, children: &[Id]) -> Op {
+    let a = leaf_index(egraph, children[children.len() - 2]).expect("bug: attribute leaf");
+    egraph.analysis.tables.ops[a].clone()
+}
+
+pub fn type_of(egraph: &IrGraph, id: Id) -> Option<&TensorTy> {
+    egraph[id].data.ty.map(|t| &egraph.analysis.tables.types[t])
+}
+
+impl Analysis<IrLang> for IrAnalysis {
+    type Data = Facts;
+
+    fn make(egraph: &mut IrGraph, enode: &IrLang) -> Facts {
+        let Some(children) = op_children(enode) else { return Facts { ty: None, constant: None } };
+        let ty = leaf_index(egraph, *children.last().expect("type leaf"));
+        let op = node_op(egraph, children);
+        let args = &children[..children.len() - 2];
+        let c = |i: usize| egraph[args[i]].data.constant;
+        let scalar = ty.is_some_and(|t| egraph.analysis.tables.types[t].rank() == 0);
+        let constant = match &op {
+            Op::Const(v) => Some(*v),
+            Op::Broadcast | Op::Reshape => c(0),
+            Op::Unary(u) if scalar && !matches!(u, Unary::Not) => c(0).map(|x| crate::ir::interp::unary(*u, x)),
+            Op::Binary(b) if scalar && !b.is_comparison() && !matches!(b, Binary::And | Binary::Or) => {
+                let int = ty.is_some_and(|t| egraph.analysis.tables.types[t].dtype == crate::syntax::ast::DType::Int);
+                c(0).zip(c(1)).map(|(x, y)| crate::ir::interp::binary(*b, x, y, int))
+            }
+            _ => None,
+        };
+        Facts { ty, constant: constant.filter(|v| v.is_finite()) }
+    }
+
+    fn merge(&mut self, a: &mut Facts, b: Facts) -> DidMerge {
+        let mut changed = false;
+        if a.ty.is_none() && b.ty.is_some() {
+            a.ty = b.ty;
+            changed = true;
+        }
+        if a.constant.is_none() && b.constant.is_some() {
+            a.constant = b.constant;
+            changed = true;
+        }
+        DidMerge(changed, a.constant != b.constant || a.ty != b.ty)
+    }
+
+    /// A scalar known to be constant gets a `const` node, so extraction can
+    /// replace the computation by the value (constant folding).
+    fn modify(egraph: &mut IrGraph, id: Id) {
+        let Facts { ty: Some(t), constant: Some(v) } = egraph[id].data.clone() else { return };
+        if egraph.analysis.tables.types[t].rank() != 0 {
+            return;
+        }
+        let is_const = egraph[id].nodes.iter().any(|n| matches!(n, IrLang::Const(_)));
+        if !is_const {
+            let ty = egraph.analysis.tables.types[t].clone();
+            let c = add_op(egraph, &Op::Const(v), &[], &ty);
+            egraph.union(id, c);
+        }
+    }
+}
+
+/// Adds `(kind args... attr type)` to the e-graph.
+pub fn add_op(egraph: &mut IrGraph, op: &Op, args: &[Id], ty: &TensorTy) -> Id {
+    let attr = egraph.analysis.tables.op_leaf(op);
+    let tyl = egraph.analysis.tables.type_leaf(ty);
+    let a = egraph.add(IrLang::Leaf(attr));
+    let t = egraph.add(IrLang::Leaf(tyl));
+    let mut children = args.to_vec();
+    children.push(a);
+    children.push(t);
+    egraph.add(<IrLang as egg::FromOp>::from_op(kind(op), children).expect("bug: every kind has a variant"))
+}
+
+/// Loads a graph; returns the e-class of every node.
+pub fn to_egraph(g: &Graph) -> (IrGraph, Vec<Id>) {
+    let mut egraph = IrGraph::new(IrAnalysis::default());
+    let mut ids: Vec<Id> = Vec::with_capacity(g.nodes.len());
+    for n in &g.nodes {
+        let args: Vec<Id> = n.args.iter().map(|a| ids[a.index()]).collect();
+        ids.push(add_op(&mut egraph, &n.op, &args, &n.ty));
+    }
+    egraph.rebuild();
+    (egraph, ids)
+}

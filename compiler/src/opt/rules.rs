@@ -1,0 +1,163 @@
+//! The rewrite rules, as named data grouped by topic. Each rule keeps the
+//! meaning of the graph exactly (up to floating-point reassociation, which
+//! no rule here performs) and never makes it larger: there is no blanket
+//! commutativity or associativity.
+//!
+//! - algebra: identities with 0 and 1, double negation, log of exp
+//! - layout: reshape and broadcast chains, no-op reshapes, permute chains
+//! - sinking: elementwise work moved before a broadcast, on fewer elements
+//! - constant folding happens in the analysis (`lang.rs`); common
+//!   subexpressions merge by construction of the e-graph.
+
+use super::lang::*;
+use crate::ir::graph::Op;
+use egg::{Applier, Id, PatternAst, Rewrite, Subst, Symbol, Var, rewrite as rw};
+
+type Rule = Rewrite<IrLang, IrAnalysis>;
+
+fn var(s: &str) -> Var {
+    s.parse().expect("valid variable")
+}
+
+/// The class of `v` holds the constant `c` everywhere.
+fn is_const(v: &str, c: f64) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    let v = var(v);
+    move |eg, _, s| eg[s[v]].data.constant == Some(c)
+}
+
+/// The class of `x` has the type named by the leaf bound to `t`.
+fn same_type(x: &str, t: &str) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    let (x, t) = (var(x), var(t));
+    move |eg, _, s| {
+        let want = eg[s[t]].nodes.iter().find_map(|n| match n {
+            IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
+            _ => None,
+        });
+        eg[s[x]].data.ty.is_some() && eg[s[x]].data.ty == want
+    }
+}
+
+pub fn rules() -> Vec<Rule> {
+    let mut rules: Vec<Rule> = vec![
+        // algebra
+        rw!("add-zero"; "(add ?x ?z ?a ?t)" => "?x" if is_const("?z", 0.0) if same_type("?x", "?t")),
+        rw!("zero-add"; "(add ?z ?x ?a ?t)" => "?x" if is_const("?z", 0.0) if same_type("?x", "?t")),
+        rw!("sub-zero"; "(sub ?x ?z ?a ?t)" => "?x" if is_const("?z", 0.0) if same_type("?x", "?t")),
+        rw!("mul-one"; "(mul ?x ?o ?a ?t)" => "?x" if is_const("?o", 1.0) if same_type("?x", "?t")),
+        rw!("one-mul"; "(mul ?o ?x ?a ?t)" => "?x" if is_const("?o", 1.0) if same_type("?x", "?t")),
+        rw!("div-one"; "(div ?x ?o ?a ?t)" => "?x" if is_const("?o", 1.0) if same_type("?x", "?t")),
+        rw!("neg-neg"; "(neg (neg ?x ?a ?t) ?a ?t)" => "?x"),
+        rw!("log-exp"; "(log (exp ?x ?a ?t) ?b ?t)" => "?x"),
+        // layout
+        rw!("reshape-reshape"; "(reshape (reshape ?x ?a ?t1) ?a ?t2)" => "(reshape ?x ?a ?t2)"),
+        rw!("reshape-noop"; "(reshape ?x ?a ?t)" => "?x" if same_type("?x", "?t")),
+        rw!("broadcast-broadcast"; "(broadcast (broadcast ?x ?a ?t1) ?a ?t2)" => "(broadcast ?x ?a ?t2)"),
+        rw!("broadcast-noop"; "(broadcast ?x ?a ?t)" => "?x" if same_type("?x", "?t")),
+        Rewrite::new(
+            "permute-permute",
+            "(permute (permute ?x ?q ?t1) ?p ?t)".parse::<egg::Pattern<IrLang>>().expect("pattern"),
+            ComposePermutes,
+        )
+        .expect("rule"),
+    ];
+    // sinking: f(broadcast x) = broadcast(f x), computed on fewer elements
+    for k in [
+        "neg",
+        "exp",
+        "log",
+        "sqrt",
+        "rsqrt",
+        "tanh",
+        "sigmoid",
+        "relu",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "erf",
+        "sin",
+        "cos",
+        "abs",
+        "cast",
+    ] {
+        let pattern: egg::Pattern<IrLang> = format!("({k} (broadcast ?x ?a ?s) ?b ?t)").parse().expect("pattern");
+        rules
+            .push(Rewrite::new(format!("sink-broadcast-{k}"), pattern, SinkBroadcast { binary: false }).expect("rule"));
+    }
+    for k in ["add", "sub", "mul", "div", "max", "min", "pow", "eq", "ne", "lt", "le", "gt", "ge", "and", "or"] {
+        let pattern: egg::Pattern<IrLang> =
+            format!("({k} (broadcast ?x ?a ?s) (broadcast ?y ?a ?s) ?b ?t)").parse().expect("pattern");
+        rules.push(Rewrite::new(format!("sink-broadcast-{k}"), pattern, SinkBroadcast { binary: true }).expect("rule"));
+    }
+    rules
+}
+
+/// permute p of permute q of x is permute (q . p) of x, or x itself.
+struct ComposePermutes;
+
+impl Applier<IrLang, IrAnalysis> for ComposePermutes {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let leaf_op = |eg: &IrGraph, v: &str| -> Op {
+            let id = subst[var(v)];
+            let n = eg[id].nodes.iter().find_map(|n| match n {
+                IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
+                _ => None,
+            });
+            eg.analysis.tables.ops[n.expect("attribute leaf")].clone()
+        };
+        let (Op::Permute(q), Op::Permute(p)) = (leaf_op(eg, "?q"), leaf_op(eg, "?p")) else { return vec![] };
+        let composed: Vec<usize> = p.iter().map(|i| q[*i]).collect();
+        let x = subst[var("?x")];
+        let Some(ty) = type_of(eg, eclass).cloned() else { return vec![] };
+        let result = if composed.iter().enumerate().all(|(i, c)| i == *c) {
+            x
+        } else {
+            add_op(eg, &Op::Permute(composed), &[x], &ty)
+        };
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
+}
+
+/// `(f (broadcast x) ...)` to `(broadcast (f x ...))`, the inner result typed
+/// with x's shape and f's element type.
+struct SinkBroadcast {
+    binary: bool,
+}
+
+impl Applier<IrLang, IrAnalysis> for SinkBroadcast {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[var("?x")];
+        let (Some(inner_in), Some(outer)) = (type_of(eg, x).cloned(), type_of(eg, eclass).cloned()) else {
+            return vec![];
+        };
+        if self.binary && type_of(eg, subst[var("?y")]) != Some(&inner_in) {
+            return vec![];
+        }
+        let op = {
+            let b = subst[var("?b")];
+            let n = eg[b].nodes.iter().find_map(|n| match n {
+                IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
+                _ => None,
+            });
+            eg.analysis.tables.ops[n.expect("attribute leaf")].clone()
+        };
+        let inner_ty = crate::check::types::TensorTy::new(outer.dtype, inner_in.dims.clone());
+        let args: Vec<Id> = if self.binary { vec![x, subst[var("?y")]] } else { vec![x] };
+        let inner = add_op(eg, &op, &args, &inner_ty);
+        let result = add_op(eg, &Op::Broadcast, &[inner], &outer);
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
+}
