@@ -280,3 +280,59 @@ fn frozen_weights_get_no_gradient_or_update() {
     let updated: Vec<&str> = program.outputs.iter().filter_map(|(n, _)| n.strip_prefix("new:")).collect();
     assert_eq!(updated, ["proj.lora_A.weight", "proj.lora_B.weight"]);
 }
+
+#[test]
+fn printed_ir_parses_back_and_verifies() {
+    let small_llama =
+        [("vocab", "32"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")];
+    for (spec, sets_) in [
+        ("specs/tiny-gpt.model", &[("layers", "1")][..]),
+        ("specs/llama.model", &small_llama[..]),
+        (
+            "specs/mixtral.model",
+            &[
+                ("vocab", "32"),
+                ("dim", "16"),
+                ("layers", "1"),
+                ("heads", "2"),
+                ("kv_heads", "1"),
+                ("hidden", "8"),
+                ("experts", "3"),
+            ][..],
+        ),
+        (
+            "specs/bert.model",
+            &[("vocab", "32"), ("positions", "16"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")][..],
+        ),
+    ] {
+        let text = std::fs::read_to_string(repo().join(spec)).unwrap();
+        let (checked, forward) = lower_text(&text, &sets(sets_), true);
+        modelc::ir::verify::verify(&forward).unwrap_or_else(|e| panic!("{spec} forward: {e}"));
+        let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+        let programs = match training_program(&forward, &trainable, &TrainConfig::default()) {
+            Some(t) => vec![forward.clone(), t],
+            None => vec![forward.clone()],
+        };
+        for g in programs {
+            let g = modelc::ir::prune::prune(&g);
+            modelc::ir::verify::verify(&g).unwrap_or_else(|e| panic!("{spec}: {e}"));
+            let (opt, _) = modelc::opt::optimize(&g, modelc::opt::Limits::default());
+            modelc::ir::verify::verify(&opt).unwrap_or_else(|e| panic!("{spec} optimised: {e}"));
+            let printed = modelc::ir::print::print(&g);
+            let parsed = modelc::ir::parse::parse(&printed).unwrap_or_else(|e| panic!("{spec}: {e}"));
+            assert_eq!(modelc::ir::print::print(&parsed), printed, "{spec}: print . parse . print differs");
+        }
+    }
+}
+
+#[test]
+fn the_verifier_rejects_a_broken_graph() {
+    let text = "%0 = input \"x\" : [2, 3]\n%1 = reshape %0 : [4, 2]\noutput y = %1\n";
+    let g = modelc::ir::parse::parse(text).unwrap();
+    let err = modelc::ir::verify::verify(&g).unwrap_err();
+    assert!(err.contains("changes the element count"), "{err}");
+    assert!(
+        modelc::ir::parse::parse("%0 = frobnicate : [2]\n").unwrap_err().contains("unknown operation `frobnicate`")
+    );
+    assert!(modelc::ir::parse::parse("%0 = neg %3 : [2]\n").unwrap_err().contains("used before it is defined"));
+}

@@ -5,6 +5,8 @@ pub mod grad;
 pub mod graph;
 pub mod interp;
 pub mod lower;
+pub mod parse;
 pub mod print;
 pub mod prune;
 pub mod train;
+pub mod verify;

@@ -1,0 +1,191 @@
+//! The IR's text form back into a [`Graph`]: the inverse of `print.rs`, so
+//! IR can be written by hand in tests and round-trips exactly.
+
+use super::graph::*;
+use crate::check::dim::Dim;
+use crate::check::types::TensorTy;
+use crate::syntax::ast::DType;
+
+/// Parses printed IR; the error names the line.
+pub fn parse(text: &str) -> Result<Graph, String> {
+    let mut g = Graph::default();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |m: &str| format!("line {}: {m}: {line}", n + 1);
+        if let Some(rest) = line.strip_prefix("output ") {
+            let (name, id) = rest.split_once(" = ").ok_or_else(|| err("expected `output NAME = %ID`"))?;
+            g.outputs.push((name.to_string(), node_ref(id, g.nodes.len()).map_err(|e| err(&e))?));
+            continue;
+        }
+        let (lhs, rhs) = line.split_once(" = ").ok_or_else(|| err("expected `%ID = ...`"))?;
+        if lhs != format!("%{}", g.nodes.len()) {
+            return Err(err(&format!("expected node %{}", g.nodes.len())));
+        }
+        let (op_text, ty_text) = rhs.rsplit_once(" : ").ok_or_else(|| err("expected ` : TYPE`"))?;
+        let ty = tensor_type(ty_text).map_err(|e| err(&e))?;
+        // Arguments are the trailing `%n` tokens.
+        let mut words: Vec<&str> = op_text.split(' ').collect();
+        let mut args = Vec::new();
+        while let Some(last) = words.last() {
+            if !last.starts_with('%') {
+                break;
+            }
+            args.insert(0, node_ref(last.trim_end_matches(','), g.nodes.len()).map_err(|e| err(&e))?);
+            words.pop();
+        }
+        let op = op(&words.join(" ")).map_err(|e| err(&e))?;
+        g.nodes.push(Node { op, args, ty });
+    }
+    Ok(g)
+}
+
+fn node_ref(s: &str, len: usize) -> Result<NodeId, String> {
+    let n: u32 = s.strip_prefix('%').and_then(|v| v.parse().ok()).ok_or(format!("`{s}` is not a node"))?;
+    if n as usize >= len {
+        return Err(format!("{s} is used before it is defined"));
+    }
+    Ok(NodeId(n))
+}
+
+fn op(text: &str) -> Result<Op, String> {
+    let (head, rest) = text.split_once(' ').unwrap_or((text, ""));
+    let quoted =
+        || rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')).map(str::to_string).ok_or("expected a quoted name");
+    let axes = || -> Result<Vec<usize>, String> {
+        let inner = rest.trim().strip_prefix('[').and_then(|r| r.strip_suffix(']')).ok_or("expected [axes]")?;
+        inner
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(|_| format!("bad axis `{s}`")))
+            .collect()
+    };
+    let num = |s: &str| -> Result<usize, String> { s.trim().parse().map_err(|_| format!("bad number `{s}`")) };
+    let unary = |u| Ok(Op::Unary(u));
+    let binary = |b| Ok(Op::Binary(b));
+    match head {
+        "input" => Ok(Op::Input(quoted()?)),
+        "param" => Ok(Op::Param(quoted()?)),
+        "const" => rest.trim().parse().map(Op::Const).map_err(|_| format!("bad constant `{rest}`")),
+        "size" => Ok(Op::Size(dim(rest)?)),
+        "iota" => Ok(Op::Iota),
+        "neg" => unary(Unary::Neg),
+        "exp" => unary(Unary::Exp),
+        "log" => unary(Unary::Log),
+        "sqrt" => unary(Unary::Sqrt),
+        "rsqrt" => unary(Unary::Rsqrt),
+        "tanh" => unary(Unary::Tanh),
+        "sigmoid" => unary(Unary::Sigmoid),
+        "relu" => unary(Unary::Relu),
+        "gelu" => unary(Unary::Gelu),
+        "gelutanh" => unary(Unary::GeluTanh),
+        "silu" => unary(Unary::Silu),
+        "erf" => unary(Unary::Erf),
+        "sin" => unary(Unary::Sin),
+        "cos" => unary(Unary::Cos),
+        "abs" => unary(Unary::Abs),
+        "floor" => unary(Unary::Floor),
+        "not" => unary(Unary::Not),
+        "add" => binary(Binary::Add),
+        "sub" => binary(Binary::Sub),
+        "mul" => binary(Binary::Mul),
+        "div" => binary(Binary::Div),
+        "pow" => binary(Binary::Pow),
+        "rem" => binary(Binary::Rem),
+        "max" => binary(Binary::Max),
+        "min" => binary(Binary::Min),
+        "eq" => binary(Binary::Eq),
+        "ne" => binary(Binary::Ne),
+        "lt" => binary(Binary::Lt),
+        "le" => binary(Binary::Le),
+        "gt" => binary(Binary::Gt),
+        "ge" => binary(Binary::Ge),
+        "and" => binary(Binary::And),
+        "or" => binary(Binary::Or),
+        "select" => Ok(Op::Select),
+        "cast" => Ok(Op::Cast(dtype(rest.trim())?)),
+        "reduce_sum" => Ok(Op::Reduce(Reduce::Sum, axes()?)),
+        "reduce_max" => Ok(Op::Reduce(Reduce::Max, axes()?)),
+        "reduce_min" => Ok(Op::Reduce(Reduce::Min, axes()?)),
+        "argmax" => Ok(Op::ArgMax(num(rest)?)),
+        "matmul" => Ok(Op::MatMul),
+        "reshape" => Ok(Op::Reshape),
+        "permute" => Ok(Op::Permute(axes()?)),
+        "broadcast" => Ok(Op::Broadcast),
+        "slice" => {
+            let (axis, range) = rest.split_once(' ').ok_or("expected `slice AXIS START:END`")?;
+            let (start, end) = range.split_once(':').ok_or("expected START:END")?;
+            Ok(Op::Slice { axis: num(axis)?, start: dim(start)?, end: dim(end)? })
+        }
+        "concat" => Ok(Op::Concat(num(rest)?)),
+        "gather" => Ok(Op::Gather),
+        "scatter_add" => Ok(Op::ScatterAdd),
+        "one_hot" => Ok(Op::OneHot),
+        "topk_values" => Ok(Op::TopKValues(num(rest)?)),
+        "topk_indices" => Ok(Op::TopKIndices(num(rest)?)),
+        "dropout_mask" => {
+            let (p, key) = rest.split_once(" #").ok_or("expected `dropout_mask P #KEY`")?;
+            Ok(Op::DropoutMask {
+                p: p.parse().map_err(|_| "bad probability")?,
+                key: key.parse().map_err(|_| "bad key")?,
+            })
+        }
+        other => Err(format!("unknown operation `{other}`")),
+    }
+}
+
+fn dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "int" => Ok(DType::Int),
+        "bool" => Ok(DType::Bool),
+        other => Err(format!("unknown element type `{other}`")),
+    }
+}
+
+/// `[B, T - 1, 256] int`
+pub fn tensor_type(s: &str) -> Result<TensorTy, String> {
+    let s = s.trim();
+    let close = s.rfind(']').ok_or("expected a shape `[...]`")?;
+    let inner = s.strip_prefix('[').ok_or("expected a shape `[...]`")?;
+    let inner = &inner[..close - 1];
+    let dims =
+        if inner.trim().is_empty() { Vec::new() } else { inner.split(',').map(dim).collect::<Result<_, _>>()? };
+    let rest = s[close + 1..].trim();
+    let dtype = if rest.is_empty() { DType::F32 } else { dtype(rest)? };
+    Ok(TensorTy::new(dtype, dims))
+}
+
+/// A dimension as `Dim` prints it: `2*B*T + T - 1`.
+pub fn dim(s: &str) -> Result<Dim, String> {
+    let s = s.trim();
+    let mut total = Dim::constant(0);
+    let mut sign = 1;
+    let mut first = true;
+    for tok in s.split(' ').filter(|t| !t.is_empty()) {
+        match tok {
+            "+" => sign = 1,
+            "-" => sign = -1,
+            term => {
+                let (neg, term) = if first && term.starts_with('-') { (-1, &term[1..]) } else { (1, term) };
+                let mut value = Dim::constant(sign * neg);
+                for factor in term.split('*') {
+                    let f = match factor.parse::<i64>() {
+                        Ok(v) => Dim::constant(v),
+                        Err(_) if !factor.is_empty() && factor.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                            Dim::symbol(factor)
+                        }
+                        Err(_) => return Err(format!("bad size `{s}`")),
+                    };
+                    value = value.mul(&f);
+                }
+                total = total.add(&value);
+            }
+        }
+        first = false;
+    }
+    Ok(total)
+}

@@ -1,0 +1,143 @@
+//! The verifier: re-derives every node's type from its operation and inputs
+//! and checks the graph's invariants (inputs defined first, outputs exist).
+//! Run after lowering, autodiff, the training program and optimisation in
+//! the tests, so a pass that breaks the IR fails where it breaks it.
+
+use super::graph::*;
+use crate::check::dim::Dim;
+use crate::check::types::broadcast;
+use crate::syntax::ast::DType;
+
+pub fn verify(g: &Graph) -> Result<(), String> {
+    for (i, n) in g.nodes.iter().enumerate() {
+        let here = |m: String| format!("%{i} = {}: {m}", n.op.name());
+        for a in &n.args {
+            if a.index() >= i {
+                return Err(here(format!("uses {a}, which is not defined before it")));
+            }
+        }
+        let t = |k: usize| g.ty(n.args[k]);
+        let want_args = |k: usize| {
+            if n.args.len() == k { Ok(()) } else { Err(here(format!("takes {k} inputs, has {}", n.args.len()))) }
+        };
+        let same =
+            |a: &[Dim], b: &[Dim]| if a == b { Ok(()) } else { Err(here(format!("shapes {a:?} and {b:?} differ"))) };
+        let out = &n.ty;
+        match &n.op {
+            Op::Input(_) | Op::Param(_) | Op::Iota => want_args(0)?,
+            Op::Const(_) | Op::Size(_) => {
+                want_args(0)?;
+                if out.rank() != 0 {
+                    return Err(here("a constant is a scalar".into()));
+                }
+            }
+            Op::Unary(_) | Op::Cast(_) => {
+                want_args(1)?;
+                same(&t(0).dims, &out.dims)?;
+            }
+            Op::Binary(b) => {
+                want_args(2)?;
+                same(&t(0).dims, &t(1).dims)?;
+                same(&t(0).dims, &out.dims)?;
+                if t(0).dtype != t(1).dtype {
+                    return Err(here("operands have different element types".into()));
+                }
+                let want = if b.is_comparison() { DType::Bool } else { t(0).dtype };
+                if out.dtype != want {
+                    return Err(here(format!("result should be {}", want.as_str())));
+                }
+            }
+            Op::Select => {
+                want_args(3)?;
+                same(&t(0).dims, &out.dims)?;
+                same(&t(1).dims, &out.dims)?;
+                same(&t(2).dims, &out.dims)?;
+            }
+            Op::Reduce(_, axes) => {
+                want_args(1)?;
+                let kept: Vec<Dim> =
+                    t(0).dims.iter().enumerate().filter(|(k, _)| !axes.contains(k)).map(|(_, d)| d.clone()).collect();
+                same(&kept, &out.dims)?;
+            }
+            Op::ArgMax(axis) => {
+                want_args(1)?;
+                let mut kept = t(0).dims.clone();
+                kept.remove(*axis);
+                same(&kept, &out.dims)?;
+            }
+            Op::MatMul => {
+                want_args(2)?;
+                let (a, b) = (t(0), t(1));
+                let r = a.rank();
+                if r < 2 || b.rank() != r || a.dims[..r - 2] != b.dims[..r - 2] || a.dims[r - 1] != b.dims[r - 2] {
+                    return Err(here(format!("cannot multiply {a} by {b}")));
+                }
+                let mut dims = a.dims[..r - 1].to_vec();
+                dims.push(b.dims[r - 1].clone());
+                same(&dims, &out.dims)?;
+            }
+            Op::Reshape => {
+                want_args(1)?;
+                let count = |d: &[Dim]| d.iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
+                if count(&t(0).dims) != count(&out.dims) {
+                    return Err(here(format!("reshape of {} to {out} changes the element count", t(0))));
+                }
+            }
+            Op::Permute(perm) => {
+                want_args(1)?;
+                let mut sorted = perm.clone();
+                sorted.sort();
+                if sorted != (0..t(0).rank()).collect::<Vec<_>>() {
+                    return Err(here("not a permutation".into()));
+                }
+                same(&perm.iter().map(|p| t(0).dims[*p].clone()).collect::<Vec<_>>(), &out.dims)?;
+            }
+            Op::Broadcast => {
+                want_args(1)?;
+                if broadcast(&t(0).dims, &out.dims).ok().as_deref() != Some(&out.dims[..]) {
+                    return Err(here(format!("{} does not broadcast to {out}", t(0))));
+                }
+            }
+            Op::Slice { axis, start, end } => {
+                want_args(1)?;
+                let mut dims = t(0).dims.clone();
+                dims[*axis] = end.sub(start);
+                same(&dims, &out.dims)?;
+            }
+            Op::Concat(axis) => {
+                let mut dims = t(0).dims.clone();
+                dims[*axis] = n.args.iter().fold(Dim::constant(0), |acc, a| acc.add(&g.ty(*a).dims[*axis]));
+                same(&dims, &out.dims)?;
+            }
+            Op::Gather => {
+                want_args(2)?;
+                let mut dims = t(1).dims.clone();
+                dims.extend(t(0).dims[1..].iter().cloned());
+                same(&dims, &out.dims)?;
+            }
+            Op::ScatterAdd => {
+                want_args(2)?;
+                let mut dims = t(0).dims.clone();
+                dims.extend(out.dims[1..].iter().cloned());
+                same(&dims, &t(1).dims)?;
+            }
+            Op::OneHot => {
+                want_args(1)?;
+                same(&t(0).dims, &out.dims[..out.rank() - 1])?;
+            }
+            Op::TopKValues(k) | Op::TopKIndices(k) => {
+                want_args(1)?;
+                let mut dims = t(0).dims.clone();
+                *dims.last_mut().ok_or_else(|| here("topk of a scalar".into()))? = Dim::constant(*k as i64);
+                same(&dims, &out.dims)?;
+            }
+            Op::DropoutMask { .. } => want_args(1)?,
+        }
+    }
+    for (name, id) in &g.outputs {
+        if id.index() >= g.nodes.len() {
+            return Err(format!("output {name} refers to {id}, which does not exist"));
+        }
+    }
+    Ok(())
+}
