@@ -124,3 +124,16 @@ fn ir_prints_the_graph_and_its_statistics() {
     assert_eq!(code, 1);
     assert!(err.contains("has no loss to train"), "{err}");
 }
+
+#[test]
+fn graph_draws_the_layers_and_shapes() {
+    let out = std::env::temp_dir().join(format!("modelc-graph-{}.svg", std::process::id()));
+    let (code, _, err) = modelc(&["graph", "specs/tiny-gpt.model", "-o", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let svg = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("blocks PreNormBlock × 4"), "{svg}");
+    assert!(svg.contains("logits: [B, T, 256]"), "{svg}");
+    insta::assert_snapshot!("graph-tiny-gpt", svg);
+}

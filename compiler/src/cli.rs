@@ -62,6 +62,14 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Draw the model as an SVG picture: its layers and the shapes between them.
+    Graph {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Where to write the SVG.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Print the syntax tree of a file.
     Ast {
         /// The .model file.
@@ -76,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Fmt { files, check } => cmd_fmt(&files, check),
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
+        Command::Graph { model, output } => cmd_graph(&model, &output),
     }
 }
 
@@ -262,5 +271,27 @@ fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     print!("{}", print::print(optimized.as_ref().map_or(&graph, |(g, _)| g)));
+    ExitCode::SUCCESS
+}
+
+fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
+    let program = match check::load_file(&args.spec) {
+        Ok(p) => p,
+        Err((sources, diags)) => return fail(&sources, &diags),
+    };
+    let opts = match options(args, &program.sources) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    let (checked, calls) = match check::trace_calls(&program, &opts) {
+        Ok(v) => v,
+        Err(diags) => return fail(&program.sources, &diags),
+    };
+    let svg = crate::draw::svg(&checked, &calls);
+    let tmp = output.with_extension("svg.tmp");
+    if let Err(e) = std::fs::write(&tmp, svg).and_then(|_| std::fs::rename(&tmp, output)) {
+        return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
+    }
+    eprintln!("wrote {}", output.display());
     ExitCode::SUCCESS
 }

@@ -7,6 +7,7 @@
 pub mod check;
 pub mod cli;
 pub mod diag;
+pub mod draw;
 pub mod ir;
 pub mod opt;
 pub mod source;

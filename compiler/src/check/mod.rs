@@ -17,7 +17,7 @@ mod statics;
 pub mod types;
 pub mod value;
 
-pub use elaborate::{FieldInst, InstId, Instance, ParamInfo};
+pub use elaborate::{CallRecord, FieldInst, InstId, Instance, ParamInfo};
 pub use load::{Program, STDLIB, load_file, load_source};
 
 use crate::diag::{Diagnostic, suggest};
@@ -133,6 +133,19 @@ pub fn lower(
         return check(p, opts).map(|_| unreachable!("check fails without a model"));
     };
     check_and_lower(p, entry, opts, Some(how)).map(|(c, g)| (c, g.expect("lowered")))
+}
+
+/// Checks the spec's model and records every layer call of its forward.
+pub fn trace_calls(p: &Program, opts: &Options) -> Result<(Checked, Vec<CallRecord>), Vec<Diagnostic>> {
+    let Some(entry) = p.entry_model() else {
+        return check(p, opts).map(|_| unreachable!("check fails without a model"));
+    };
+    let mut c = Checker::new(p);
+    c.calls = Some(Vec::new());
+    match run(&mut c, entry, opts) {
+        Ok(checked) if c.diags.is_empty() => Ok((checked, c.calls.take().unwrap_or_default())),
+        _ => Err(c.diags),
+    }
 }
 
 fn check_and_lower(
