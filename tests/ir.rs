@@ -336,3 +336,33 @@ fn the_verifier_rejects_a_broken_graph() {
     );
     assert!(modelc::ir::parse::parse("%0 = neg %3 : [2]\n").unwrap_err().contains("used before it is defined"));
 }
+
+#[test]
+fn transposed_matmul_gradients_match_finite_differences() {
+    use modelc::check::dim::Dim;
+    use modelc::check::types::TensorTy;
+    use modelc::syntax::ast::DType;
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let mut g = modelc::ir::graph::Graph::default();
+        let shape =
+            |r: i64, c: i64| TensorTy::new(DType::F32, vec![Dim::constant(2), Dim::constant(r), Dim::constant(c)]);
+        let a = g.param("a", if ta { shape(4, 3) } else { shape(3, 4) });
+        let b = g.param("b", if tb { shape(5, 4) } else { shape(4, 5) });
+        let c = g.matmul_t(a, b, ta, tb);
+        let w = g.param("w", shape(3, 5));
+        let y = g.mul(c, w);
+        let loss = g.sum_all(y);
+        g.outputs.push(("loss".into(), loss));
+        modelc::ir::verify::verify(&g).unwrap();
+        let mut rng = Rng(17);
+        let feeds: HashMap<String, Array> = ["a", "b", "w"]
+            .iter()
+            .map(|n| {
+                let id = g.params().find(|(p, _)| p == n).unwrap().1;
+                let dims: Vec<usize> = g.dims(id).iter().map(|d| d.as_const().unwrap() as usize).collect();
+                (n.to_string(), rng.array(&dims, 1.0))
+            })
+            .collect();
+        check_gradients(&g, &feeds, &["a".into(), "b".into()], 24).unwrap_or_else(|e| panic!("ta {ta}, tb {tb}: {e}"));
+    }
+}

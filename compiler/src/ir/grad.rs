@@ -255,12 +255,15 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
                 }
             }
         }
-        Op::MatMul => {
+        Op::MatMul { ta, tb } => {
+            // C = op(A) op(B); each gradient is a matmul with the right transposes.
             let (p, q) = (a[0], a[1]);
-            let qt = g.transpose_last(q);
-            let gp = g.matmul(gy, qt);
-            let pt = g.transpose_last(p);
-            let gq = g.matmul(pt, gy);
+            let (gp, gq) = match (ta, tb) {
+                (false, false) => (g.matmul_t(gy, q, false, true), g.matmul_t(p, gy, true, false)),
+                (false, true) => (g.matmul_t(gy, q, false, false), g.matmul_t(gy, p, true, false)),
+                (true, false) => (g.matmul_t(q, gy, false, true), g.matmul_t(p, gy, false, false)),
+                (true, true) => (g.matmul_t(q, gy, true, true), g.matmul_t(gy, p, true, true)),
+            };
             vec![Some(gp), Some(gq)]
         }
         Op::Reshape => {

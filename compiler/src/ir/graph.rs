@@ -104,8 +104,12 @@ pub enum Op {
     Reduce(Reduce, Vec<usize>),
     /// Index of the largest element along an axis, which is removed.
     ArgMax(usize),
-    /// `[..., n, k] x [..., k, m] -> [..., n, m]` with equal batch axes.
-    MatMul,
+    /// `[..., n, k] x [..., k, m] -> [..., n, m]` with equal batch axes;
+    /// `ta` / `tb` read an operand with its last two axes swapped.
+    MatMul {
+        ta: bool,
+        tb: bool,
+    },
     /// Same elements, the node's shape.
     Reshape,
     Permute(Vec<usize>),
@@ -147,7 +151,9 @@ impl Op {
             Op::Cast(d) => format!("cast {}", d.as_str()),
             Op::Reduce(r, axes) => format!("reduce_{} {axes:?}", format!("{r:?}").to_lowercase()),
             Op::ArgMax(a) => format!("argmax {a}"),
-            Op::MatMul => "matmul".into(),
+            Op::MatMul { ta, tb } => {
+                format!("matmul{}{}", if *ta { " ta" } else { "" }, if *tb { " tb" } else { "" })
+            }
             Op::Reshape => "reshape".into(),
             Op::Permute(p) => format!("permute {p:?}"),
             Op::Broadcast => "broadcast".into(),
@@ -175,6 +181,23 @@ pub struct Node {
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub outputs: Vec<(String, NodeId)>,
+}
+
+/// The result shape of a (transposed) matmul, or `None` if they do not fit.
+pub fn matmul_dims(a: &TensorTy, b: &TensorTy, ta: bool, tb: bool) -> Option<Vec<Dim>> {
+    let r = a.rank();
+    if r < 2 || b.rank() != r || a.dims[..r - 2] != b.dims[..r - 2] {
+        return None;
+    }
+    let (n, k) = if ta { (&a.dims[r - 1], &a.dims[r - 2]) } else { (&a.dims[r - 2], &a.dims[r - 1]) };
+    let (k2, m) = if tb { (&b.dims[r - 1], &b.dims[r - 2]) } else { (&b.dims[r - 2], &b.dims[r - 1]) };
+    if k != k2 {
+        return None;
+    }
+    let mut dims = a.dims[..r - 2].to_vec();
+    dims.push(n.clone());
+    dims.push(m.clone());
+    Some(dims)
 }
 
 fn f32s(dims: Vec<Dim>) -> TensorTy {
@@ -408,15 +431,14 @@ impl Graph {
     // ------------------------------------------------------------ contractions and indexing
 
     pub fn matmul(&mut self, a: NodeId, b: NodeId) -> NodeId {
-        let (ta, tb) = (self.ty(a).clone(), self.ty(b).clone());
-        let r = ta.rank();
-        assert!(
-            r >= 2 && tb.rank() == r && ta.dims[..r - 2] == tb.dims[..r - 2] && ta.dims[r - 1] == tb.dims[r - 2],
-            "bug: matmul of {ta} and {tb}"
-        );
-        let mut dims = ta.dims[..r - 1].to_vec();
-        dims.push(tb.dims[r - 1].clone());
-        self.push(Op::MatMul, vec![a, b], f32s(dims))
+        self.matmul_t(a, b, false, false)
+    }
+
+    /// `op(a) x op(b)` where `op` swaps the last two axes when its flag is set.
+    pub fn matmul_t(&mut self, a: NodeId, b: NodeId, ta: bool, tb: bool) -> NodeId {
+        let dims = matmul_dims(self.ty(a), self.ty(b), ta, tb)
+            .unwrap_or_else(|| panic!("bug: matmul of {} and {} (ta {ta}, tb {tb})", self.ty(a), self.ty(b)));
+        self.push(Op::MatMul { ta, tb }, vec![a, b], f32s(dims))
     }
 
     pub fn gather(&mut self, table: NodeId, ids: NodeId) -> NodeId {

@@ -175,7 +175,7 @@ fn eval(
         },
         Op::Reduce(r, axes) => reduce(*r, args[0], axes, shape),
         Op::ArgMax(axis) => argmax(args[0], *axis, shape),
-        Op::MatMul => matmul(args[0], args[1], shape),
+        Op::MatMul { ta, tb } => matmul(args[0], args[1], *ta, *tb, shape),
         Op::Reshape => Array::new(shape, args[0].data.clone()),
         Op::Permute(perm) => permute(args[0], perm, shape),
         Op::Broadcast => broadcast(args[0], shape),
@@ -331,18 +331,22 @@ fn argmax(x: &Array, axis: usize, shape: Vec<usize>) -> Array {
     Array::new(shape, best.into_iter().map(|(_, i)| i as f64).collect())
 }
 
-fn matmul(a: &Array, b: &Array, shape: Vec<usize>) -> Array {
+fn matmul(a: &Array, b: &Array, ta: bool, tb: bool, shape: Vec<usize>) -> Array {
     let r = a.shape.len();
-    let (n, k, m) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+    let (n, m) = (shape[r - 2], shape[r - 1]);
+    let k = if ta { a.shape[r - 2] } else { a.shape[r - 1] };
     let batch: usize = a.shape[..r - 2].iter().product();
     let mut out = vec![0.0; batch * n * m];
+    // Element (i, p) of op(a) and (p, j) of op(b), in their stored layouts.
+    let at = |i: usize, p: usize| if ta { p * n + i } else { i * k + p };
+    let bt = |p: usize, j: usize| if tb { j * k + p } else { p * m + j };
     for bi in 0..batch {
         let (ao, bo, oo) = (bi * n * k, bi * k * m, bi * n * m);
         for i in 0..n {
             for j in 0..m {
                 let mut acc = 0.0;
                 for p in 0..k {
-                    acc += a.data[ao + i * k + p] * b.data[bo + p * m + j];
+                    acc += a.data[ao + at(i, p)] * b.data[bo + bt(p, j)];
                 }
                 out[oo + i * m + j] = acc;
             }

@@ -111,7 +111,7 @@ fn op(text: &str) -> Result<Op, String> {
         "reduce_max" => Ok(Op::Reduce(Reduce::Max, axes()?)),
         "reduce_min" => Ok(Op::Reduce(Reduce::Min, axes()?)),
         "argmax" => Ok(Op::ArgMax(num(rest)?)),
-        "matmul" => Ok(Op::MatMul),
+        "matmul" => Ok(Op::MatMul { ta: rest.split(' ').any(|w| w == "ta"), tb: rest.split(' ').any(|w| w == "tb") }),
         "reshape" => Ok(Op::Reshape),
         "permute" => Ok(Op::Permute(axes()?)),
         "broadcast" => Ok(Op::Broadcast),

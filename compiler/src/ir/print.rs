@@ -23,9 +23,10 @@ pub fn stats(g: &Graph) -> (usize, crate::check::dim::Dim) {
     for n in &g.nodes {
         let numel = n.ty.dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d));
         let cost = match &n.op {
-            Op::MatMul => {
+            Op::MatMul { ta, .. } => {
                 let a = g.ty(n.args[0]);
-                numel.mul(&a.dims[a.rank() - 1]).mul(&Dim::constant(2))
+                let k = if *ta { &a.dims[a.rank() - 2] } else { &a.dims[a.rank() - 1] };
+                numel.mul(k).mul(&Dim::constant(2))
             }
             Op::Unary(_) | Op::Binary(_) | Op::Select => numel,
             Op::Reduce(..) | Op::ArgMax(_) | Op::TopKValues(_) => {

@@ -65,15 +65,11 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 kept.remove(*axis);
                 same(&kept, &out.dims)?;
             }
-            Op::MatMul => {
+            Op::MatMul { ta, tb } => {
                 want_args(2)?;
-                let (a, b) = (t(0), t(1));
-                let r = a.rank();
-                if r < 2 || b.rank() != r || a.dims[..r - 2] != b.dims[..r - 2] || a.dims[r - 1] != b.dims[r - 2] {
-                    return Err(here(format!("cannot multiply {a} by {b}")));
-                }
-                let mut dims = a.dims[..r - 1].to_vec();
-                dims.push(b.dims[r - 1].clone());
+                let Some(dims) = matmul_dims(t(0), t(1), *ta, *tb) else {
+                    return Err(here(format!("cannot multiply {} by {}", t(0), t(1))));
+                };
                 same(&dims, &out.dims)?;
             }
             Op::Reshape => {

@@ -38,11 +38,12 @@ impl CostFunction<IrLang> for Cost<'_> {
             Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Size(_) => 0.0,
             Op::Reshape => 0.01 * n,
             Op::Broadcast => 0.5 * n,
-            Op::MatMul => {
+            Op::MatMul { ta, .. } => {
                 let a = children[0];
                 let k = self.egraph[a].data.ty.map_or(64.0, |t| {
                     let dims = &self.egraph.analysis.tables.types[t].dims;
-                    elements(&dims[dims.len() - 1..])
+                    let axis = if *ta { dims.len() - 2 } else { dims.len() - 1 };
+                    elements(&dims[axis..=axis])
                 });
                 2.0 * n * k
             }

@@ -161,7 +161,7 @@ pub fn kind(op: &Op) -> &'static str {
         Op::Reduce(Reduce::Max, _) => "reduce_max",
         Op::Reduce(Reduce::Min, _) => "reduce_min",
         Op::ArgMax(_) => "argmax",
-        Op::MatMul => "matmul",
+        Op::MatMul { .. } => "matmul",
         Op::Reshape => "reshape",
         Op::Permute(_) => "permute",
         Op::Broadcast => "broadcast",

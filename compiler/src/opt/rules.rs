@@ -5,6 +5,7 @@
 //!
 //! - algebra: identities with 0 and 1, double negation, log of exp
 //! - layout: reshape and broadcast chains, no-op reshapes, permute chains
+//! - contractions: a transposed matmul operand becomes a transpose flag
 //! - sinking: elementwise work moved before a broadcast, on fewer elements
 //! - constant folding happens in the analysis (`lang.rs`); common
 //!   subexpressions merge by construction of the e-graph.
@@ -17,6 +18,10 @@ type Rule = Rewrite<IrLang, IrAnalysis>;
 
 fn var(s: &str) -> Var {
     s.parse().expect("valid variable")
+}
+
+fn pattern(text: &str) -> egg::Pattern<IrLang> {
+    text.parse().expect("valid pattern")
 }
 
 /// The class of `v` holds the constant `c` everywhere.
@@ -53,6 +58,19 @@ pub fn rules() -> Vec<Rule> {
         rw!("reshape-noop"; "(reshape ?x ?a ?t)" => "?x" if same_type("?x", "?t")),
         rw!("broadcast-broadcast"; "(broadcast (broadcast ?x ?a ?t1) ?a ?t2)" => "(broadcast ?x ?a ?t2)"),
         rw!("broadcast-noop"; "(broadcast ?x ?a ?t)" => "?x" if same_type("?x", "?t")),
+        // contractions
+        Rewrite::new(
+            "matmul-transposed-a",
+            pattern("(matmul (permute ?x ?p ?s) ?y ?m ?t)"),
+            FoldTranspose { operand: 0 },
+        )
+        .expect("rule"),
+        Rewrite::new(
+            "matmul-transposed-b",
+            pattern("(matmul ?x (permute ?y ?p ?s) ?m ?t)"),
+            FoldTranspose { operand: 1 },
+        )
+        .expect("rule"),
         Rewrite::new(
             "permute-permute",
             "(permute (permute ?x ?q ?t1) ?p ?t)".parse::<egg::Pattern<IrLang>>().expect("pattern"),
@@ -120,6 +138,47 @@ impl Applier<IrLang, IrAnalysis> for ComposePermutes {
         } else {
             add_op(eg, &Op::Permute(composed), &[x], &ty)
         };
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
+}
+
+/// A matmul operand that is its input with the last two axes swapped reads
+/// that input directly, with the operand's transpose flag flipped.
+struct FoldTranspose {
+    operand: usize,
+}
+
+fn attr_op(eg: &IrGraph, subst: &Subst, v: &str) -> Op {
+    let id = subst[var(v)];
+    let n = eg[id].nodes.iter().find_map(|n| match n {
+        IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
+        _ => None,
+    });
+    eg.analysis.tables.ops[n.expect("attribute leaf")].clone()
+}
+
+impl Applier<IrLang, IrAnalysis> for FoldTranspose {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let (Op::Permute(p), Op::MatMul { ta, tb }) = (attr_op(eg, subst, "?p"), attr_op(eg, subst, "?m")) else {
+            return vec![];
+        };
+        let r = p.len();
+        let swaps_last_two =
+            r >= 2 && p[..r - 2].iter().enumerate().all(|(i, v)| i == *v) && p[r - 2] == r - 1 && p[r - 1] == r - 2;
+        let Some(ty) = type_of(eg, eclass).cloned() else { return vec![] };
+        if !swaps_last_two {
+            return vec![];
+        }
+        let (x, y) = (subst[var("?x")], subst[var("?y")]);
+        let op = if self.operand == 0 { Op::MatMul { ta: !ta, tb } } else { Op::MatMul { ta, tb: !tb } };
+        let result = add_op(eg, &op, &[x, y], &ty);
         if eg.union(eclass, result) { vec![result] } else { vec![] }
     }
 }
