@@ -368,3 +368,36 @@ fn optimised_specs_compute_the_same() {
         }
     }
 }
+
+/// `exp(x) / sum(exp(x))` as written by hand, over the last axis of [2, 3].
+fn naive_softmax(g: &mut Graph, x: NodeId) -> NodeId {
+    let e = g.unary(Unary::Exp, x);
+    let s = g.reduce_keep(Reduce::Sum, e, &[1]);
+    g.div(e, s)
+}
+
+#[test]
+fn softmax_rules_make_it_stable_and_fuse_the_log() {
+    // Stable: large inputs would overflow exp without the shift.
+    let (mut g, x) = base();
+    let p = naive_softmax(&mut g, x);
+    g.outputs.push(("p".into(), p));
+    let (opt, report) = optimize(&g, Limits::default());
+    assert!(report.applied.iter().any(|(r, _)| r == "stable-softmax"), "{:?}", report.applied);
+    assert!(opt.nodes.iter().any(|n| matches!(n.op, Op::Reduce(Reduce::Max, _))), "{}", modelc::ir::print::print(&opt));
+    let mut feeds = feeds_for(&g, 1);
+    assert_same(&g, &opt, &feeds);
+    feeds.get_mut("x").unwrap().data[0] = 1000.0;
+    let out = run(&opt, &feeds, Precision::F64).unwrap();
+    assert!(out["p"].data.iter().all(|v| v.is_finite()), "stable softmax overflowed: {:?}", out["p"].data);
+
+    // log(softmax) becomes a log-softmax: no division of probabilities remains.
+    let (mut g, x) = base();
+    let p = naive_softmax(&mut g, x);
+    let l = g.unary(Unary::Log, p);
+    g.outputs.push(("l".into(), l));
+    let (opt, report) = optimize(&g, Limits::default());
+    assert!(report.applied.iter().any(|(r, _)| r == "log-softmax"), "{:?}", report.applied);
+    assert!(!opt.nodes.iter().any(|n| matches!(n.op, Op::Binary(Binary::Div))), "{}", modelc::ir::print::print(&opt));
+    assert_same(&g, &opt, &feeds_for(&g, 2));
+}

@@ -47,6 +47,9 @@ impl CostFunction<IrLang> for Cost<'_> {
                 });
                 2.0 * n * k
             }
+            // An exp of a value not shifted by its maximum can overflow: when a
+            // stable form exists (`stable-softmax`), it must win.
+            Op::Unary(crate::ir::graph::Unary::Exp) if !self.egraph[children[0]].data.shifted => 50.0 * n,
             Op::Unary(_) => 2.0 * n,
             _ => n,
         };

@@ -183,6 +183,10 @@ pub struct Facts {
     pub ty: Option<usize>,
     /// The value, when every element is the same known constant.
     pub constant: Option<f64>,
+    /// A maximum (possibly reshaped or broadcast): what softmax subtracts.
+    pub is_max: bool,
+    /// `x - max(x)`: at most 0, so its `exp` cannot overflow.
+    pub shifted: bool,
 }
 
 #[derive(Default, Debug)]
@@ -213,7 +217,9 @@ impl Analysis<IrLang> for IrAnalysis {
     type Data = Facts;
 
     fn make(egraph: &mut IrGraph, enode: &IrLang) -> Facts {
-        let Some(children) = op_children(enode) else { return Facts { ty: None, constant: None } };
+        let Some(children) = op_children(enode) else {
+            return Facts { ty: None, constant: None, is_max: false, shifted: false };
+        };
         let ty = leaf_index(egraph, *children.last().expect("type leaf"));
         let op = node_op(egraph, children);
         let args = &children[..children.len() - 2];
@@ -229,7 +235,13 @@ impl Analysis<IrLang> for IrAnalysis {
             }
             _ => None,
         };
-        Facts { ty, constant: constant.filter(|v| v.is_finite()) }
+        let is_max = match &op {
+            Op::Reduce(Reduce::Max, _) => true,
+            Op::Reshape | Op::Broadcast => egraph[args[0]].data.is_max,
+            _ => false,
+        };
+        let shifted = matches!(op, Op::Binary(Binary::Sub)) && egraph[args[1]].data.is_max;
+        Facts { ty, constant: constant.filter(|v| v.is_finite()), is_max, shifted }
     }
 
     fn merge(&mut self, a: &mut Facts, b: Facts) -> DidMerge {
@@ -242,13 +254,19 @@ impl Analysis<IrLang> for IrAnalysis {
             a.constant = b.constant;
             changed = true;
         }
-        DidMerge(changed, a.constant != b.constant || a.ty != b.ty)
+        for (x, y) in [(&mut a.is_max, b.is_max), (&mut a.shifted, b.shifted)] {
+            if !*x && y {
+                *x = true;
+                changed = true;
+            }
+        }
+        DidMerge(changed, true)
     }
 
     /// A scalar known to be constant gets a `const` node, so extraction can
     /// replace the computation by the value (constant folding).
     fn modify(egraph: &mut IrGraph, id: Id) {
-        let Facts { ty: Some(t), constant: Some(v) } = egraph[id].data.clone() else { return };
+        let Facts { ty: Some(t), constant: Some(v), .. } = egraph[id].data.clone() else { return };
         if egraph.analysis.tables.types[t].rank() != 0 {
             return;
         }

@@ -5,13 +5,14 @@
 //!
 //! - algebra: identities with 0 and 1, double negation, log of exp
 //! - layout: reshape and broadcast chains, no-op reshapes, permute chains
+//! - softmax: `log(softmax x)` to a log-softmax; unshifted softmax made stable
 //! - contractions: a transposed matmul operand becomes a transpose flag
 //! - sinking: elementwise work moved before a broadcast, on fewer elements
 //! - constant folding happens in the analysis (`lang.rs`); common
 //!   subexpressions merge by construction of the e-graph.
 
 use super::lang::*;
-use crate::ir::graph::Op;
+use crate::ir::graph::{Binary, Op, Unary};
 use egg::{Applier, Id, PatternAst, Rewrite, Subst, Symbol, Var, rewrite as rw};
 
 type Rule = Rewrite<IrLang, IrAnalysis>;
@@ -58,6 +59,21 @@ pub fn rules() -> Vec<Rule> {
         rw!("reshape-noop"; "(reshape ?x ?a ?t)" => "?x" if same_type("?x", "?t")),
         rw!("broadcast-broadcast"; "(broadcast (broadcast ?x ?a ?t1) ?a ?t2)" => "(broadcast ?x ?a ?t2)"),
         rw!("broadcast-noop"; "(broadcast ?x ?a ?t)" => "?x" if same_type("?x", "?t")),
+        // softmax: log of a softmax becomes a log-softmax (never forming the
+        // probabilities, as cross-entropy wants); an unshifted softmax gets its
+        // maximum subtracted so that exp cannot overflow.
+        Rewrite::new(
+            "log-softmax",
+            pattern("(log (div (exp ?s ?e ?t) (broadcast (reshape (reduce_sum (exp ?s ?e ?t) ?r ?u) ?h ?k) ?b ?t) ?d ?t) ?l ?t)"),
+            LogSoftmax,
+        )
+        .expect("rule"),
+        Rewrite::new(
+            "stable-softmax",
+            pattern("(div (exp ?x ?e ?t) (broadcast (reshape (reduce_sum (exp ?x ?e ?t) ?r ?u) ?h ?k) ?b ?t) ?d ?t)"),
+            StableSoftmax,
+        )
+        .expect("rule"),
         // contractions
         Rewrite::new(
             "matmul-transposed-a",
@@ -138,6 +154,85 @@ impl Applier<IrLang, IrAnalysis> for ComposePermutes {
         } else {
             add_op(eg, &Op::Permute(composed), &[x], &ty)
         };
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
+}
+
+/// The type named by the leaf bound to `v`.
+fn leaf_type(eg: &IrGraph, subst: &Subst, v: &str) -> crate::check::types::TensorTy {
+    let id = subst[var(v)];
+    let n = eg[id].nodes.iter().find_map(|n| match n {
+        IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
+        _ => None,
+    });
+    eg.analysis.tables.types[n.expect("type leaf")].clone()
+}
+
+/// The class of `sum(exp s)` kept as `[..., 1, ...]`, re-found by adding it
+/// (an e-graph adds an existing node as the class that has it).
+fn kept_sum(eg: &mut IrGraph, subst: &Subst, exp_of: Id) -> Id {
+    let t = leaf_type(eg, subst, "?t");
+    let e = add_op(eg, &Op::Unary(Unary::Exp), &[exp_of], &t);
+    let reduce = attr_op(eg, subst, "?r");
+    let z = add_op(eg, &reduce, &[e], &leaf_type(eg, subst, "?u"));
+    add_op(eg, &Op::Reshape, &[z], &leaf_type(eg, subst, "?k"))
+}
+
+/// `log(exp s / sum exp s)` = `s - log(sum exp s)`.
+struct LogSoftmax;
+
+impl Applier<IrLang, IrAnalysis> for LogSoftmax {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let s = subst[var("?s")];
+        let z = kept_sum(eg, subst, s);
+        let (t, kt) = (leaf_type(eg, subst, "?t"), leaf_type(eg, subst, "?k"));
+        let log_sum = add_op(eg, &Op::Unary(Unary::Log), &[z], &kt);
+        let spread = add_op(eg, &Op::Broadcast, &[log_sum], &t);
+        let result = add_op(eg, &Op::Binary(Binary::Sub), &[s, spread], &t);
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
+}
+
+/// `exp x / sum exp x` = `exp(x - m) / sum exp(x - m)` with m the maximum
+/// over the same axes, unless x is already shifted by a maximum.
+struct StableSoftmax;
+
+impl Applier<IrLang, IrAnalysis> for StableSoftmax {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[var("?x")];
+        let has = |eg: &IrGraph, id: Id, f: &dyn Fn(&IrLang) -> Option<Id>| eg[id].nodes.iter().find_map(f);
+        let shifted = has(eg, x, &|n| if let IrLang::Sub(ch) = n { Some(ch[1]) } else { None })
+            .and_then(|b| has(eg, b, &|n| if let IrLang::Broadcast(ch) = n { Some(ch[0]) } else { None }))
+            .and_then(|r| has(eg, r, &|n| if let IrLang::Reshape(ch) = n { Some(ch[0]) } else { None }))
+            .is_some_and(|m| eg[m].nodes.iter().any(|n| matches!(n, IrLang::ReduceMax(_))));
+        if shifted {
+            return vec![];
+        }
+        let Op::Reduce(_, axes) = attr_op(eg, subst, "?r") else { return vec![] };
+        let (t, ut, kt) = (leaf_type(eg, subst, "?t"), leaf_type(eg, subst, "?u"), leaf_type(eg, subst, "?k"));
+        let m = add_op(eg, &Op::Reduce(crate::ir::graph::Reduce::Max, axes.clone()), &[x], &ut);
+        let m = add_op(eg, &Op::Reshape, &[m], &kt);
+        let m = add_op(eg, &Op::Broadcast, &[m], &t);
+        let s = add_op(eg, &Op::Binary(Binary::Sub), &[x, m], &t);
+        let e = add_op(eg, &Op::Unary(Unary::Exp), &[s], &t);
+        let z = add_op(eg, &Op::Reduce(crate::ir::graph::Reduce::Sum, axes), &[e], &ut);
+        let z = add_op(eg, &Op::Reshape, &[z], &kt);
+        let z = add_op(eg, &Op::Broadcast, &[z], &t);
+        let result = add_op(eg, &Op::Binary(Binary::Div), &[e, z], &t);
         if eg.union(eclass, result) { vec![result] } else { vec![] }
     }
 }
