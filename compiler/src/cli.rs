@@ -101,12 +101,18 @@ fn fail(sources: &SourceMap, diags: &[Diagnostic]) -> ExitCode {
 
 /// Loads and checks the model named by the command-line arguments.
 fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCode> {
-    let program = check::load_file(&args.spec).map_err(|(sources, diags)| fail(&sources, &diags))?;
-    let opts = options(args, &program.sources)?;
+    let (program, opts) = load(args)?;
     match check::check(&program, &opts) {
         Ok(checked) => Ok((program, checked)),
         Err(diags) => Err(fail(&program.sources, &diags)),
     }
+}
+
+/// The spec and its `--config` / `--set` options.
+fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
+    let program = check::load_file(&args.spec).map_err(|(sources, diags)| fail(&sources, &diags))?;
+    let opts = options(args, &program.sources)?;
+    Ok((program, opts))
 }
 
 /// `--config` and `--set` as checker options.
@@ -211,12 +217,8 @@ fn cmd_ast(path: &Path) -> ExitCode {
 
 fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
     use crate::ir::{print, prune, train as training};
-    let program = match check::load_file(&args.spec) {
-        Ok(p) => p,
-        Err((sources, diags)) => return fail(&sources, &diags),
-    };
-    let opts = match options(args, &program.sources) {
-        Ok(o) => o,
+    let (program, opts) = match load(args) {
+        Ok(v) => v,
         Err(code) => return code,
     };
     let (checked, graph) = match check::lower(&program, &opts, check::LowerOptions { training: train }) {
@@ -275,12 +277,8 @@ fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
 }
 
 fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
-    let program = match check::load_file(&args.spec) {
-        Ok(p) => p,
-        Err((sources, diags)) => return fail(&sources, &diags),
-    };
-    let opts = match options(args, &program.sources) {
-        Ok(o) => o,
+    let (program, opts) = match load(args) {
+        Ok(v) => v,
         Err(code) => return code,
     };
     let (checked, calls) = match check::trace_calls(&program, &opts) {

@@ -28,10 +28,7 @@ impl CostFunction<IrLang> for Cost<'_> {
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &IrLang, mut costs: C) -> f64 {
         let Some(children) = super::lang::op_children(enode) else { return 0.0 };
         let ty_leaf = children[children.len() - 1];
-        let ty_index = self.egraph[ty_leaf].nodes.iter().find_map(|n| match n {
-            IrLang::Leaf(s) => s.as_str()[1..].parse::<usize>().ok(),
-            _ => None,
-        });
+        let ty_index = super::lang::leaf_index(self.egraph, ty_leaf);
         let n = ty_index.map_or(1.0, |t| elements(&self.egraph.analysis.tables.types[t].dims));
         let op = node_op(self.egraph, children);
         let own = match &op {

@@ -196,7 +196,8 @@ pub struct IrAnalysis {
 
 pub type IrGraph = EGraph<IrLang, IrAnalysis>;
 
-fn leaf_index(egraph: &IrGraph, id: Id) -> Option<usize> {
+/// The table index named by the leaf in class `id`.
+pub fn leaf_index(egraph: &IrGraph, id: Id) -> Option<usize> {
     egraph[id].nodes.iter().find_map(|n| match n {
         IrLang::Leaf(s) => s.as_str()[1..].parse().ok(),
         _ => None,

@@ -35,10 +35,7 @@ fn is_const(v: &str, c: f64) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
 fn same_type(x: &str, t: &str) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
     let (x, t) = (var(x), var(t));
     move |eg, _, s| {
-        let want = eg[s[t]].nodes.iter().find_map(|n| match n {
-            IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
-            _ => None,
-        });
+        let want = leaf_index(eg, s[t]);
         eg[s[x]].data.ty.is_some() && eg[s[x]].data.ty == want
     }
 }
@@ -137,15 +134,9 @@ impl Applier<IrLang, IrAnalysis> for ComposePermutes {
         _: Option<&PatternAst<IrLang>>,
         _: Symbol,
     ) -> Vec<Id> {
-        let leaf_op = |eg: &IrGraph, v: &str| -> Op {
-            let id = subst[var(v)];
-            let n = eg[id].nodes.iter().find_map(|n| match n {
-                IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
-                _ => None,
-            });
-            eg.analysis.tables.ops[n.expect("attribute leaf")].clone()
+        let (Op::Permute(q), Op::Permute(p)) = (attr_op(eg, subst, "?q"), attr_op(eg, subst, "?p")) else {
+            return vec![];
         };
-        let (Op::Permute(q), Op::Permute(p)) = (leaf_op(eg, "?q"), leaf_op(eg, "?p")) else { return vec![] };
         let composed: Vec<usize> = p.iter().map(|i| q[*i]).collect();
         let x = subst[var("?x")];
         let Some(ty) = type_of(eg, eclass).cloned() else { return vec![] };
@@ -160,12 +151,7 @@ impl Applier<IrLang, IrAnalysis> for ComposePermutes {
 
 /// The type named by the leaf bound to `v`.
 fn leaf_type(eg: &IrGraph, subst: &Subst, v: &str) -> crate::check::types::TensorTy {
-    let id = subst[var(v)];
-    let n = eg[id].nodes.iter().find_map(|n| match n {
-        IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
-        _ => None,
-    });
-    eg.analysis.tables.types[n.expect("type leaf")].clone()
+    eg.analysis.tables.types[leaf_index(eg, subst[var(v)]).expect("type leaf")].clone()
 }
 
 /// The class of `sum(exp s)` kept as `[..., 1, ...]`, re-found by adding it
@@ -214,11 +200,7 @@ impl Applier<IrLang, IrAnalysis> for StableSoftmax {
         _: Symbol,
     ) -> Vec<Id> {
         let x = subst[var("?x")];
-        let has = |eg: &IrGraph, id: Id, f: &dyn Fn(&IrLang) -> Option<Id>| eg[id].nodes.iter().find_map(f);
-        let shifted = has(eg, x, &|n| if let IrLang::Sub(ch) = n { Some(ch[1]) } else { None })
-            .and_then(|b| has(eg, b, &|n| if let IrLang::Broadcast(ch) = n { Some(ch[0]) } else { None }))
-            .and_then(|r| has(eg, r, &|n| if let IrLang::Reshape(ch) = n { Some(ch[0]) } else { None }))
-            .is_some_and(|m| eg[m].nodes.iter().any(|n| matches!(n, IrLang::ReduceMax(_))));
+        let shifted = eg[x].data.shifted;
         if shifted {
             return vec![];
         }
@@ -243,13 +225,9 @@ struct FoldTranspose {
     operand: usize,
 }
 
+/// The operation named by the attribute leaf bound to `v`.
 fn attr_op(eg: &IrGraph, subst: &Subst, v: &str) -> Op {
-    let id = subst[var(v)];
-    let n = eg[id].nodes.iter().find_map(|n| match n {
-        IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
-        _ => None,
-    });
-    eg.analysis.tables.ops[n.expect("attribute leaf")].clone()
+    eg.analysis.tables.ops[leaf_index(eg, subst[var(v)]).expect("attribute leaf")].clone()
 }
 
 impl Applier<IrLang, IrAnalysis> for FoldTranspose {
@@ -300,14 +278,7 @@ impl Applier<IrLang, IrAnalysis> for SinkBroadcast {
         if self.binary && type_of(eg, subst[var("?y")]) != Some(&inner_in) {
             return vec![];
         }
-        let op = {
-            let b = subst[var("?b")];
-            let n = eg[b].nodes.iter().find_map(|n| match n {
-                IrLang::Leaf(sym) => sym.as_str()[1..].parse::<usize>().ok(),
-                _ => None,
-            });
-            eg.analysis.tables.ops[n.expect("attribute leaf")].clone()
-        };
+        let op = attr_op(eg, subst, "?b");
         let inner_ty = crate::check::types::TensorTy::new(outer.dtype, inner_in.dims.clone());
         let args: Vec<Id> = if self.binary { vec![x, subst[var("?y")]] } else { vec![x] };
         let inner = add_op(eg, &op, &args, &inner_ty);
