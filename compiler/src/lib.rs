@@ -4,6 +4,7 @@
 //! [`check`] resolves imports and names, elaborates a model with concrete
 //! hyperparameters and infers every tensor shape, reporting [`diag`]nostics.
 
+pub mod backend;
 pub mod check;
 pub mod cli;
 pub mod diag;

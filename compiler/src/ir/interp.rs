@@ -139,7 +139,8 @@ pub fn run_all(g: &Graph, feeds: &HashMap<String, Array>, precision: Precision) 
     Ok(values)
 }
 
-fn eval(
+/// Evaluates one node from its argument values (its shape already bound).
+pub fn eval(
     n: &Node,
     args: &[&Array],
     shape: Vec<usize>,

@@ -1,0 +1,460 @@
+//! Cranelift code generation for fused elementwise kernels.
+//!
+//! Each kernel becomes `fn(ptrs: *const *mut f32, start: i64, end: i64)`
+//! computing output elements `start..end`; `ptrs[0]` is the output and
+//! `ptrs[1..]` the inputs in the kernel's order. When every input is read
+//! contiguously (or is a scalar) the loop runs on f32x4 vectors with a
+//! scalar tail; inputs read through a broadcast use integer index
+//! arithmetic with the sizes baked in. Functions Cranelift has no
+//! instruction for (exp, log, tanh, erf, sin, cos, pow) are calls into Rust.
+
+use crate::ir::graph::{Binary, Graph, NodeId, Op, Unary};
+use crate::syntax::ast::DType;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, Type, Value, types};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+use std::collections::HashMap;
+
+pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64);
+
+/// How a fused kernel reads one input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Access {
+    /// Same shape as the output: element i.
+    Contiguous,
+    /// One element, for every i.
+    Scalar,
+    /// Broadcast: for each output axis, (output stride, output size, input stride).
+    Indexed(Vec<(i64, i64, i64)>),
+}
+
+/// A fused kernel ready for code generation, sizes bound.
+pub struct FusedSpec<'a> {
+    pub graph: &'a Graph,
+    pub nodes: &'a [NodeId],
+    pub inputs: &'a [NodeId],
+    /// How each member that reads memory reads it (inputs, or broadcast members).
+    pub access: HashMap<NodeId, Access>,
+    /// Values of `size` nodes, which are inlined as constants.
+    pub sizes: HashMap<NodeId, f64>,
+}
+
+extern "C" fn call_exp(x: f32) -> f32 {
+    x.exp()
+}
+extern "C" fn call_log(x: f32) -> f32 {
+    x.ln()
+}
+extern "C" fn call_tanh(x: f32) -> f32 {
+    x.tanh()
+}
+extern "C" fn call_sin(x: f32) -> f32 {
+    x.sin()
+}
+extern "C" fn call_cos(x: f32) -> f32 {
+    x.cos()
+}
+extern "C" fn call_erf(x: f32) -> f32 {
+    crate::check::prims::erf(x as f64) as f32
+}
+extern "C" fn call_pow(x: f32, y: f32) -> f32 {
+    x.powf(y)
+}
+
+const CALLS: &[(&str, *const u8, usize)] = &[
+    ("modelc_exp", call_exp as *const u8, 1),
+    ("modelc_log", call_log as *const u8, 1),
+    ("modelc_tanh", call_tanh as *const u8, 1),
+    ("modelc_sin", call_sin as *const u8, 1),
+    ("modelc_cos", call_cos as *const u8, 1),
+    ("modelc_erf", call_erf as *const u8, 1),
+    ("modelc_pow", call_pow as *const u8, 2),
+];
+
+/// Operations that need a call, which only the scalar loop makes.
+fn needs_call(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(
+            Unary::Exp
+                | Unary::Log
+                | Unary::Tanh
+                | Unary::Sigmoid
+                | Unary::Gelu
+                | Unary::GeluTanh
+                | Unary::Silu
+                | Unary::Erf
+                | Unary::Sin
+                | Unary::Cos
+        ) | Op::Binary(Binary::Pow)
+    )
+}
+
+pub struct Jit {
+    module: JITModule,
+    calls: HashMap<&'static str, FuncId>,
+    count: usize,
+}
+
+impl Jit {
+    pub fn new() -> Result<Jit, String> {
+        let mut flags = settings::builder();
+        flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
+        flags.set("is_pic", "false").map_err(|e| e.to_string())?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| format!("this CPU is not supported by Cranelift: {e}"))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| e.to_string())?;
+        let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
+        for (name, ptr, _) in CALLS {
+            jb.symbol(*name, *ptr);
+        }
+        let mut module = JITModule::new(jb);
+        let mut calls = HashMap::new();
+        for (name, _, arity) in CALLS {
+            let mut sig = module.make_signature();
+            for _ in 0..*arity {
+                sig.params.push(AbiParam::new(types::F32));
+            }
+            sig.returns.push(AbiParam::new(types::F32));
+            let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| e.to_string())?;
+            calls.insert(*name, id);
+        }
+        Ok(Jit { module, calls, count: 0 })
+    }
+
+    /// Compiles one fused kernel; returns its Cranelift IR text too.
+    pub fn compile(&mut self, spec: &FusedSpec) -> Result<(FuncId, String), String> {
+        let ptr = self.module.target_config().pointer_type();
+        let mut sig = Signature::new(self.module.isa().default_call_conv());
+        sig.params.push(AbiParam::new(ptr));
+        sig.params.push(AbiParam::new(types::I64));
+        sig.params.push(AbiParam::new(types::I64));
+        let name = format!("kernel{}", self.count);
+        self.count += 1;
+        let id = self.module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+        let mut ctx = self.module.make_context();
+        ctx.func.signature = sig;
+        let mut fctx = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let mut refs = HashMap::new();
+            for (name, fid) in &self.calls {
+                refs.insert(*name, self.module.declare_func_in_func(*fid, b.func));
+            }
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            b.seal_block(entry);
+            let (ptrs, start, end) = (b.block_params(entry)[0], b.block_params(entry)[1], b.block_params(entry)[2]);
+            let trusted = MemFlagsData::trusted();
+            let out = b.ins().load(ptr, trusted, ptrs, 0);
+            let bases: Vec<Value> =
+                (0..spec.inputs.len()).map(|k| b.ins().load(ptr, trusted, ptrs, (8 * (k + 1)) as i32)).collect();
+            let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
+                && spec.access.values().all(|a| !matches!(a, Access::Indexed(_)));
+            let tail_start = if vectorizable {
+                // Vector loop over whole groups of 4, then the scalar tail.
+                let len = b.ins().isub(end, start);
+                let whole = b.ins().band_imm_s(len, !3);
+                let vend = b.ins().iadd(start, whole);
+                let head = b.create_block();
+                let body = b.create_block();
+                let done = b.create_block();
+                b.append_block_param(head, types::I64);
+                b.append_block_param(done, types::I64);
+                b.ins().jump(head, &[start.into()]);
+                b.switch_to_block(head);
+                let i = b.block_params(head)[0];
+                let more = b.ins().icmp(IntCC::SignedLessThan, i, vend);
+                b.ins().brif(more, body, &[], done, &[i.into()]);
+                b.switch_to_block(body);
+                let v = emit_element(&mut b, spec, &bases, i, types::F32X4, &refs);
+                let addr = address(&mut b, out, i);
+                let store = MemFlagsData::new().with_notrap();
+                b.ins().store(store, v, addr, 0);
+                let next = b.ins().iadd_imm_s(i, 4);
+                b.ins().jump(head, &[next.into()]);
+                b.seal_block(body);
+                b.seal_block(head);
+                b.switch_to_block(done);
+                b.seal_block(done);
+                b.block_params(done)[0]
+            } else {
+                start
+            };
+            let head = b.create_block();
+            let body = b.create_block();
+            let exit = b.create_block();
+            b.append_block_param(head, types::I64);
+            b.ins().jump(head, &[tail_start.into()]);
+            b.switch_to_block(head);
+            let i = b.block_params(head)[0];
+            let more = b.ins().icmp(IntCC::SignedLessThan, i, end);
+            b.ins().brif(more, body, &[], exit, &[]);
+            b.switch_to_block(body);
+            let v = emit_element(&mut b, spec, &bases, i, types::F32, &refs);
+            let addr = address(&mut b, out, i);
+            let store = MemFlagsData::new().with_notrap();
+            b.ins().store(store, v, addr, 0);
+            let next = b.ins().iadd_imm_s(i, 1);
+            b.ins().jump(head, &[next.into()]);
+            b.seal_block(body);
+            b.seal_block(head);
+            b.switch_to_block(exit);
+            b.seal_block(exit);
+            b.ins().return_(&[]);
+            b.finalize(self.module.target_config());
+        }
+        let clif = ctx.func.display().to_string();
+        self.module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
+        self.module.clear_context(&mut ctx);
+        Ok((id, clif))
+    }
+
+    /// Makes every compiled kernel callable.
+    pub fn finish(&mut self) -> Result<(), String> {
+        self.module.finalize_definitions().map_err(|e| e.to_string())
+    }
+
+    pub fn function(&self, id: FuncId) -> KernelFn {
+        let code = self.module.get_finalized_function(id);
+        // SAFETY: the function was defined with this signature in `compile`.
+        unsafe { std::mem::transmute::<*const u8, KernelFn>(code) }
+    }
+}
+
+fn address(b: &mut FunctionBuilder, base: Value, index: Value) -> Value {
+    let off = b.ins().ishl_imm_u(index, 2);
+    b.ins().iadd(base, off)
+}
+
+fn constant(b: &mut FunctionBuilder, v: f64, ty: Type) -> Value {
+    let c = b.ins().f32const(v as f32);
+    if ty == types::F32 { c } else { b.ins().splat(ty, c) }
+}
+
+/// 1.0 where `cond` holds, else 0.0.
+fn flag(b: &mut FunctionBuilder, cond: Value, ty: Type) -> Value {
+    let (one, zero) = (constant(b, 1.0, ty), constant(b, 0.0, ty));
+    choose(b, cond, one, zero, ty)
+}
+
+fn cond_mask(b: &mut FunctionBuilder, cond: Value) -> Value {
+    let little = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+    b.ins().bitcast(types::F32X4, little, cond)
+}
+
+fn choose(b: &mut FunctionBuilder, cond: Value, x: Value, y: Value, ty: Type) -> Value {
+    if ty == types::F32 {
+        b.ins().select(cond, x, y)
+    } else {
+        let mask = cond_mask(b, cond);
+        b.ins().bitselect(mask, x, y)
+    }
+}
+
+fn nonzero(b: &mut FunctionBuilder, x: Value, ty: Type) -> Value {
+    let zero = constant(b, 0.0, ty);
+    b.ins().fcmp(FloatCC::NotEqual, x, zero)
+}
+
+fn call1(b: &mut FunctionBuilder, refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>, name: &str, x: Value) -> Value {
+    let call = b.ins().call(refs[name], &[x]);
+    b.inst_results(call)[0]
+}
+
+/// The kernel's output element (or 4 elements) at index `i`.
+fn emit_element(
+    b: &mut FunctionBuilder,
+    spec: &FusedSpec,
+    bases: &[Value],
+    i: Value,
+    ty: Type,
+    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+) -> Value {
+    let mut values: HashMap<NodeId, Value> = HashMap::new();
+    let load = |b: &mut FunctionBuilder, k: usize, access: &Access| -> Value {
+        let flags = MemFlagsData::new().with_notrap().with_readonly();
+        match access {
+            Access::Contiguous => {
+                let addr = address(b, bases[k], i);
+                b.ins().load(ty, flags, addr, 0)
+            }
+            Access::Scalar => {
+                let x = b.ins().load(types::F32, flags, bases[k], 0);
+                if ty == types::F32 { x } else { b.ins().splat(ty, x) }
+            }
+            Access::Indexed(axes) => {
+                let mut src = b.ins().iconst(types::I64, 0);
+                for &(ostride, osize, istride) in axes {
+                    if istride == 0 {
+                        continue;
+                    }
+                    let q = b.ins().udiv_imm_u(i, ostride);
+                    let r = b.ins().urem_imm_u(q, osize);
+                    let t = b.ins().imul_imm_u(r, istride);
+                    src = b.ins().iadd(src, t);
+                }
+                let addr = address(b, bases[k], src);
+                b.ins().load(types::F32, flags, addr, 0)
+            }
+        }
+    };
+    // The value of an argument: a member computed earlier, an input, or inline.
+    let arg = |b: &mut FunctionBuilder, values: &HashMap<NodeId, Value>, a: NodeId| -> Value {
+        if let Some(v) = values.get(&a) {
+            return *v;
+        }
+        match &spec.graph.node(a).op {
+            Op::Const(c) => constant(b, *c, ty),
+            _ if spec.sizes.contains_key(&a) => constant(b, spec.sizes[&a], ty),
+            _ => {
+                let k = spec.inputs.iter().position(|x| *x == a).expect("bug: a fused kernel reads an unknown value");
+                load(b, k, &spec.access[&a])
+            }
+        }
+    };
+    for &n in spec.nodes {
+        let node = spec.graph.node(n);
+        let x = |b: &mut FunctionBuilder, values: &HashMap<NodeId, Value>, k: usize| arg(b, values, node.args[k]);
+        let v = match &node.op {
+            Op::Broadcast => {
+                let src = node.args[0];
+                match (&spec.graph.node(src).op, spec.access.get(&n)) {
+                    (Op::Const(c), _) => constant(b, *c, ty),
+                    (_, Some(access)) => {
+                        let k = spec.inputs.iter().position(|x| *x == src).expect("bug: broadcast source is an input");
+                        load(b, k, access)
+                    }
+                    _ => arg(b, &values, src),
+                }
+            }
+            Op::Unary(u) => {
+                let a = x(b, &values, 0);
+                match u {
+                    Unary::Neg => b.ins().fneg(a),
+                    Unary::Abs => b.ins().fabs(a),
+                    Unary::Sqrt => b.ins().sqrt(a),
+                    Unary::Rsqrt => {
+                        let s = b.ins().sqrt(a);
+                        let one = constant(b, 1.0, ty);
+                        b.ins().fdiv(one, s)
+                    }
+                    Unary::Floor => b.ins().floor(a),
+                    Unary::Relu => {
+                        let zero = constant(b, 0.0, ty);
+                        b.ins().fmax(a, zero)
+                    }
+                    Unary::Not => {
+                        let zero = constant(b, 0.0, ty);
+                        let c = b.ins().fcmp(FloatCC::Equal, a, zero);
+                        flag(b, c, ty)
+                    }
+                    Unary::Exp => call1(b, refs, "modelc_exp", a),
+                    Unary::Log => call1(b, refs, "modelc_log", a),
+                    Unary::Tanh => call1(b, refs, "modelc_tanh", a),
+                    Unary::Sin => call1(b, refs, "modelc_sin", a),
+                    Unary::Cos => call1(b, refs, "modelc_cos", a),
+                    Unary::Erf => call1(b, refs, "modelc_erf", a),
+                    Unary::Sigmoid | Unary::Silu => {
+                        let n = b.ins().fneg(a);
+                        let e = call1(b, refs, "modelc_exp", n);
+                        let one = constant(b, 1.0, ty);
+                        let d = b.ins().fadd(one, e);
+                        if *u == Unary::Sigmoid { b.ins().fdiv(one, d) } else { b.ins().fdiv(a, d) }
+                    }
+                    Unary::Gelu => {
+                        let s = constant(b, std::f64::consts::FRAC_1_SQRT_2, ty);
+                        let t = b.ins().fmul(a, s);
+                        let e = call1(b, refs, "modelc_erf", t);
+                        let one = constant(b, 1.0, ty);
+                        let half = constant(b, 0.5, ty);
+                        let p = b.ins().fadd(one, e);
+                        let h = b.ins().fmul(half, a);
+                        b.ins().fmul(h, p)
+                    }
+                    Unary::GeluTanh => {
+                        let c = constant(b, (2.0 / std::f64::consts::PI).sqrt(), ty);
+                        let k = constant(b, 0.044715, ty);
+                        let a2 = b.ins().fmul(a, a);
+                        let a3 = b.ins().fmul(a2, a);
+                        let ka3 = b.ins().fmul(k, a3);
+                        let inner = b.ins().fadd(a, ka3);
+                        let u = b.ins().fmul(c, inner);
+                        let t = call1(b, refs, "modelc_tanh", u);
+                        let one = constant(b, 1.0, ty);
+                        let half = constant(b, 0.5, ty);
+                        let p = b.ins().fadd(one, t);
+                        let h = b.ins().fmul(half, a);
+                        b.ins().fmul(h, p)
+                    }
+                }
+            }
+            Op::Binary(op) => {
+                let (p, q) = (x(b, &values, 0), x(b, &values, 1));
+                let int = spec.graph.ty(node.args[0]).dtype == DType::Int;
+                match op {
+                    Binary::Add => b.ins().fadd(p, q),
+                    Binary::Sub => b.ins().fsub(p, q),
+                    Binary::Mul => b.ins().fmul(p, q),
+                    Binary::Div if int => {
+                        let d = b.ins().fdiv(p, q);
+                        b.ins().trunc(d)
+                    }
+                    Binary::Div => b.ins().fdiv(p, q),
+                    Binary::Max => b.ins().fmax(p, q),
+                    Binary::Min => b.ins().fmin(p, q),
+                    Binary::Rem => {
+                        let d = b.ins().fdiv(p, q);
+                        let f = b.ins().floor(d);
+                        let m = b.ins().fmul(f, q);
+                        b.ins().fsub(p, m)
+                    }
+                    Binary::Pow => {
+                        let call = b.ins().call(refs["modelc_pow"], &[p, q]);
+                        b.inst_results(call)[0]
+                    }
+                    Binary::Eq | Binary::Ne | Binary::Lt | Binary::Le | Binary::Gt | Binary::Ge => {
+                        let cc = match op {
+                            Binary::Eq => FloatCC::Equal,
+                            Binary::Ne => FloatCC::NotEqual,
+                            Binary::Lt => FloatCC::LessThan,
+                            Binary::Le => FloatCC::LessThanOrEqual,
+                            Binary::Gt => FloatCC::GreaterThan,
+                            _ => FloatCC::GreaterThanOrEqual,
+                        };
+                        let c = b.ins().fcmp(cc, p, q);
+                        flag(b, c, ty)
+                    }
+                    Binary::And | Binary::Or => {
+                        let (cp, cq) = (nonzero(b, p, ty), nonzero(b, q, ty));
+                        let c = if *op == Binary::And { b.ins().band(cp, cq) } else { b.ins().bor(cp, cq) };
+                        flag(b, c, ty)
+                    }
+                }
+            }
+            Op::Select => {
+                let (c, p, q) = (x(b, &values, 0), x(b, &values, 1), x(b, &values, 2));
+                let cond = nonzero(b, c, ty);
+                choose(b, cond, p, q, ty)
+            }
+            Op::Cast(DType::F32) => x(b, &values, 0),
+            Op::Cast(DType::Int) => {
+                let a = x(b, &values, 0);
+                b.ins().trunc(a)
+            }
+            Op::Cast(DType::Bool) => {
+                let a = x(b, &values, 0);
+                let c = nonzero(b, a, ty);
+                flag(b, c, ty)
+            }
+            other => unreachable!("bug: `{}` in a fused kernel", other.name()),
+        };
+        values.insert(n, v);
+    }
+    values[spec.nodes.last().expect("a fused kernel has nodes")]
+}

@@ -1,0 +1,134 @@
+//! The memory plan: every value a kernel stores gets a range of one arena,
+//! reused once the value is dead (liveness over the schedule), in place for
+//! elementwise kernels whose same-sized input dies there. Peak bytes are
+//! known before anything runs.
+
+use super::schedule::{Kernel, Schedule};
+use crate::ir::graph::*;
+use crate::ir::interp::{Sizes, eval_dim};
+
+/// Where a value lives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Place {
+    /// Elements `offset..offset + len` of the arena.
+    Arena { offset: usize, len: usize },
+    /// Given by the caller: an input or a weight.
+    External(String),
+    /// A view of another value's memory (reshape).
+    Alias(NodeId),
+    /// Not stored: a constant read inline, or a value fused away.
+    None,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub places: Vec<Place>,
+    /// Arena size in elements.
+    pub arena_len: usize,
+    /// Elements each node holds, with the sizes bound.
+    pub lens: Vec<usize>,
+}
+
+impl Plan {
+    pub fn peak_bytes(&self) -> usize {
+        self.arena_len * std::mem::size_of::<f32>()
+    }
+
+    /// The arena range or external name a value is read from, following views.
+    pub fn resolve(&self, mut n: NodeId) -> &Place {
+        loop {
+            match &self.places[n.index()] {
+                Place::Alias(of) => n = *of,
+                p => return p,
+            }
+        }
+    }
+}
+
+pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
+    let n = g.nodes.len();
+    let mut lens = vec![0usize; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        lens[i] = node.ty.dims.iter().map(|d| eval_dim(d, sizes)).product::<Result<usize, String>>()?;
+    }
+    let mut places = vec![Place::None; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if let Op::Input(name) | Op::Param(name) = &node.op {
+            places[i] = Place::External(name.clone());
+        }
+    }
+    // Live ranges over kernel positions; a view extends its source's range.
+    let storage = |mut k: NodeId, places: &[Place]| {
+        while let Place::Alias(of) = places[k.index()] {
+            k = of;
+        }
+        k
+    };
+    let mut def = vec![usize::MAX; n];
+    let mut last = vec![0usize; n];
+    for (pos, kernel) in s.kernels.iter().enumerate() {
+        let out = kernel.output();
+        if let Kernel::View(v) = kernel {
+            places[v.index()] = Place::Alias(g.node(*v).args[0]);
+        }
+        let reads: Vec<NodeId> = match kernel {
+            Kernel::Fused { inputs, .. } => inputs.clone(),
+            Kernel::Single(x) => g.node(*x).args.clone(),
+            Kernel::View(_) => vec![],
+        };
+        for r in reads {
+            let st = storage(r, &places);
+            last[st.index()] = last[st.index()].max(pos);
+        }
+        if !matches!(kernel, Kernel::View(_)) {
+            def[out.index()] = pos;
+            last[out.index()] = last[out.index()].max(pos);
+        }
+    }
+    for (_, o) in &g.outputs {
+        let st = storage(*o, &places);
+        last[st.index()] = usize::MAX;
+    }
+    // First-fit allocation in kernel order.
+    let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, len, last use)
+    let mut arena_len = 0;
+    for (pos, kernel) in s.kernels.iter().enumerate() {
+        if matches!(kernel, Kernel::View(_)) {
+            continue;
+        }
+        let out = kernel.output();
+        let len = lens[out.index()];
+        // In place: an elementwise kernel may write over a same-sized input that dies here.
+        let mut chosen = None;
+        if let Kernel::Fused { inputs, .. } = kernel {
+            for inp in inputs {
+                let st = storage(*inp, &places);
+                if let Place::Arena { offset, len: l } = places[st.index()]
+                    && l == len
+                    && last[st.index()] == pos
+                    && lens[inp.index()] == len
+                {
+                    chosen = Some(offset);
+                    live.retain(|(o, _, _)| *o != offset);
+                    break;
+                }
+            }
+        }
+        live.retain(|(_, _, end)| *end >= pos);
+        let offset = chosen.unwrap_or_else(|| {
+            live.sort();
+            let mut at = 0;
+            for (o, l, _) in &live {
+                if at + len <= *o {
+                    break;
+                }
+                at = at.max(o + l);
+            }
+            at
+        });
+        live.push((offset, len, last[out.index()]));
+        arena_len = arena_len.max(offset + len);
+        places[out.index()] = Place::Arena { offset, len };
+    }
+    Ok(Plan { places, arena_len, lens })
+}

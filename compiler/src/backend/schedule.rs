@@ -1,0 +1,134 @@
+//! The scheduler: groups the IR into kernels, the unit every backend
+//! compiles. Chains of elementwise operations fuse into one loop over the
+//! output, reading broadcast inputs in place and keeping intermediates in
+//! registers; everything else (contractions, reductions, layout changes,
+//! indexing) is a kernel of its own. Reshapes are views: no kernel at all.
+
+use crate::ir::graph::*;
+
+/// One unit of work, in execution order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    /// `nodes` (elementwise, in order) computed in one pass over the shape of
+    /// the last one, which is the only value written to memory. `inputs`
+    /// are the values read from memory, each possibly through a broadcast.
+    Fused { nodes: Vec<NodeId>, inputs: Vec<NodeId> },
+    /// A single operation with a kernel of its own.
+    Single(NodeId),
+    /// A reshape: the output shares the input's memory.
+    View(NodeId),
+}
+
+impl Kernel {
+    /// The node whose value the kernel produces.
+    pub fn output(&self) -> NodeId {
+        match self {
+            Kernel::Fused { nodes, .. } => *nodes.last().expect("a fused kernel has nodes"),
+            Kernel::Single(n) | Kernel::View(n) => *n,
+        }
+    }
+}
+
+/// Operations computed element by element (possibly of broadcast inputs).
+pub fn is_elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast(_))
+}
+
+/// Values that cost nothing to read inside a fused loop.
+fn is_inline(op: &Op) -> bool {
+    matches!(op, Op::Const(_))
+}
+
+#[derive(Debug, Default)]
+pub struct Schedule {
+    pub kernels: Vec<Kernel>,
+}
+
+/// Groups `g` into kernels. A node joins its single consumer's fused kernel
+/// when both are elementwise over the same shape; a broadcast of a stored
+/// value feeding an elementwise node is read in place, not materialised.
+pub fn schedule(g: &Graph) -> Schedule {
+    let n = g.nodes.len();
+    let mut users = vec![0usize; n];
+    for node in &g.nodes {
+        for a in &node.args {
+            users[a.index()] += 1;
+        }
+    }
+    for (_, id) in &g.outputs {
+        users[id.index()] += 1;
+    }
+    // The fused group each node belongs to, by its root (the node stored).
+    let mut root: Vec<Option<usize>> = vec![None; n];
+    for i in (0..n).rev() {
+        let node = &g.nodes[i];
+        if !is_elementwise(&node.op) {
+            continue;
+        }
+        let r = root[i].unwrap_or(i);
+        root[i] = Some(r);
+        for a in &node.args {
+            let arg = &g.nodes[a.index()];
+            // A single-use broadcast is read in place: its source becomes the kernel's input.
+            let joins = matches!(arg.op, Op::Broadcast) || is_elementwise(&arg.op);
+            if joins && users[a.index()] == 1 && arg.ty.dims == node.ty.dims {
+                root[a.index()] = Some(r);
+            }
+        }
+    }
+    let mut kernels = Vec::new();
+    let mut emitted = vec![false; n];
+    for i in 0..n {
+        let node = &g.nodes[i];
+        match (&node.op, root[i]) {
+            (Op::Input(_) | Op::Param(_), _) => {}
+            (op, _) if is_inline(op) => {}
+            (Op::Reshape, _) => kernels.push(Kernel::View(NodeId(i as u32))),
+            (_, Some(r)) if r == i => {
+                let members: Vec<usize> = (0..=i).filter(|k| root[*k] == Some(i)).collect();
+                let mut inputs = Vec::new();
+                for &m in &members {
+                    for a in &g.nodes[m].args {
+                        let k = a.index();
+                        if root[k] != Some(i) && !is_inline(&g.nodes[k].op) && !inputs.contains(a) {
+                            inputs.push(*a);
+                        }
+                    }
+                }
+                for &m in &members {
+                    emitted[m] = true;
+                }
+                kernels.push(Kernel::Fused { nodes: members.into_iter().map(|m| NodeId(m as u32)).collect(), inputs });
+            }
+            (_, Some(_)) => {}
+            (_, None) => kernels.push(Kernel::Single(NodeId(i as u32))),
+        }
+    }
+    Schedule { kernels }
+}
+
+/// The schedule as text: what `modelc kernels` prints.
+pub fn describe(g: &Graph, s: &Schedule) -> String {
+    let mut out = String::new();
+    for (k, kernel) in s.kernels.iter().enumerate() {
+        match kernel {
+            Kernel::Fused { nodes, inputs } => {
+                let ops: Vec<String> = nodes.iter().map(|n| g.node(*n).op.name()).collect();
+                let ins: Vec<String> = inputs.iter().map(|n| n.to_string()).collect();
+                out.push_str(&format!(
+                    "k{k} fused {} -> {} : {} [{}]\n",
+                    ins.join(", "),
+                    kernel.output(),
+                    g.ty(kernel.output()),
+                    ops.join(", ")
+                ));
+            }
+            Kernel::Single(n) => {
+                let args: Vec<String> = g.node(*n).args.iter().map(|a| a.to_string()).collect();
+                out.push_str(&format!("k{k} {} {} -> {n} : {}\n", g.node(*n).op.name(), args.join(", "), g.ty(*n)));
+            }
+            Kernel::View(n) => out.push_str(&format!("k{k} view {} -> {n} : {}\n", g.node(*n).args[0], g.ty(*n))),
+        }
+    }
+    out
+}

@@ -1,0 +1,290 @@
+//! The CPU backend: a compiled program runs the schedule's kernels over one
+//! arena laid out by the memory plan. Fused elementwise kernels are
+//! Cranelift machine code (`jit.rs`); matrix products use the `gemm` crate;
+//! the other kernels currently evaluate through the reference interpreter's
+//! implementations on f64 copies (correct, not yet fast). Every tensor is
+//! stored as f32; int and bool values are exact up to 2^24.
+
+use modelc::backend::clif::{Access, FusedSpec, Jit, KernelFn};
+use modelc::backend::plan::{Place, Plan, plan};
+use modelc::backend::schedule::{Kernel, Schedule, schedule};
+use modelc::ir::graph::{Graph, NodeId, Op};
+use modelc::ir::interp::{self, Array, Sizes};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// A dense row-major f32 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "bug: tensor data does not fill its shape");
+        Tensor { shape, data }
+    }
+}
+
+enum Compiled {
+    Fused { f: KernelFn, inputs: Vec<NodeId> },
+    Other,
+}
+
+/// A graph compiled for given sizes.
+pub struct Program {
+    graph: Graph,
+    schedule: Schedule,
+    plan: Plan,
+    sizes: Sizes,
+    kernels: Vec<Compiled>,
+    /// Cranelift IR of each fused kernel.
+    pub clif: Vec<String>,
+    _jit: Jit,
+    pub compile_seconds: f64,
+}
+
+// SAFETY: compiled kernels are plain functions; the JIT module is only read after compilation.
+unsafe impl Send for Program {}
+unsafe impl Sync for Program {}
+
+/// Binds symbolic sizes from the shapes of the given inputs and weights.
+pub fn bind(g: &Graph, shapes: &HashMap<String, Vec<usize>>) -> Result<Sizes, String> {
+    let mut sizes = Sizes::new();
+    for n in &g.nodes {
+        if let Op::Input(name) | Op::Param(name) = &n.op {
+            let shape = shapes.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
+            interp::bind_sizes(name, &n.ty.dims, shape, &mut sizes)?;
+        }
+    }
+    Ok(sizes)
+}
+
+fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
+    g.dims(n).iter().map(|d| interp::eval_dim(d, sizes)).collect()
+}
+
+impl Program {
+    pub fn compile(graph: &Graph, sizes: &Sizes) -> Result<Program, String> {
+        let started = std::time::Instant::now();
+        let graph = graph.clone();
+        let schedule = schedule(&graph);
+        let plan = plan(&graph, &schedule, sizes)?;
+        let mut jit = Jit::new()?;
+        let mut pending = Vec::new();
+        let mut clif = Vec::new();
+        for kernel in &schedule.kernels {
+            let Kernel::Fused { nodes, inputs } = kernel else {
+                pending.push(None);
+                continue;
+            };
+            let out_shape = concrete(&graph, kernel.output(), sizes)?;
+            let mut access = HashMap::new();
+            let mut size_values = HashMap::new();
+            for inp in inputs {
+                if let Op::Size(d) = &graph.node(*inp).op {
+                    size_values.insert(*inp, interp::eval_dim(d, sizes)? as f64);
+                }
+            }
+            for n in nodes {
+                let node = graph.node(*n);
+                if let Op::Broadcast = node.op {
+                    access.insert(*n, broadcast_access(&concrete(&graph, node.args[0], sizes)?, &out_shape));
+                }
+                for a in &node.args {
+                    if inputs.contains(a) && !access.contains_key(a) {
+                        access.insert(*a, if plan.lens[a.index()] == 1 { Access::Scalar } else { Access::Contiguous });
+                    }
+                }
+            }
+            let spec = FusedSpec { graph: &graph, nodes, inputs, access, sizes: size_values };
+            let (id, text) = jit.compile(&spec)?;
+            clif.push(text);
+            pending.push(Some((id, inputs.clone())));
+        }
+        jit.finish()?;
+        let kernels = pending
+            .into_iter()
+            .map(|p| match p {
+                Some((id, inputs)) => Compiled::Fused { f: jit.function(id), inputs },
+                None => Compiled::Other,
+            })
+            .collect();
+        let compile_seconds = started.elapsed().as_secs_f64();
+        Ok(Program { graph, schedule, plan, sizes: sizes.clone(), kernels, clif, _jit: jit, compile_seconds })
+    }
+
+    pub fn peak_bytes(&self) -> usize {
+        self.plan.peak_bytes()
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Runs the program; `feeds` holds every input and weight by name.
+    pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
+        for n in &self.graph.nodes {
+            if let Op::Input(name) | Op::Param(name) = &n.op {
+                let t = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
+                let want: Vec<usize> =
+                    n.ty.dims.iter().map(|d| interp::eval_dim(d, &self.sizes)).collect::<Result<_, _>>()?;
+                if t.shape != want {
+                    return Err(format!("`{name}` has shape {:?}, but the program was compiled for {want:?}", t.shape));
+                }
+            }
+        }
+        let mut arena = vec![0f32; self.plan.arena_len];
+        for (kernel, compiled) in self.schedule.kernels.iter().zip(&self.kernels) {
+            match (kernel, compiled) {
+                (Kernel::View(_), _) => {}
+                (Kernel::Fused { .. }, Compiled::Fused { f, inputs }) => {
+                    let out = kernel.output();
+                    let len = self.plan.lens[out.index()];
+                    let base = arena.as_mut_ptr();
+                    let mut ptrs: Vec<*mut f32> = Vec::with_capacity(inputs.len() + 1);
+                    ptrs.push(self.pointer(out, base, feeds));
+                    for i in inputs {
+                        ptrs.push(self.pointer(*i, base, feeds));
+                    }
+                    let ptrs = SendPtrs(ptrs);
+                    let chunk = 1 << 15;
+                    if len > 2 * chunk {
+                        (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                            let (s, e) = (c * chunk, ((c + 1) * chunk).min(len));
+                            // SAFETY: chunks write disjoint output ranges; inputs are only read.
+                            unsafe { f(ptrs.get(), s as i64, e as i64) };
+                        });
+                    } else {
+                        // SAFETY: every pointer covers the elements the plan gave it.
+                        unsafe { f(ptrs.get(), 0, len as i64) };
+                    }
+                }
+                (Kernel::Single(n), _) => self.single(*n, &mut arena, feeds)?,
+                (Kernel::Fused { .. }, Compiled::Other) => unreachable!("bug: fused kernel without code"),
+            }
+        }
+        let mut out = HashMap::new();
+        for (name, id) in &self.graph.outputs {
+            let shape = concrete(&self.graph, *id, &self.sizes)?;
+            out.insert(name.clone(), Tensor::new(shape, self.read(*id, &arena, feeds).into_owned()));
+        }
+        Ok(out)
+    }
+
+    fn pointer(&self, n: NodeId, arena: *mut f32, feeds: &HashMap<String, Tensor>) -> *mut f32 {
+        match self.plan.resolve(n) {
+            // SAFETY: the plan keeps offsets inside the arena.
+            Place::Arena { offset, .. } => unsafe { arena.add(*offset) },
+            Place::External(name) => feeds[name].data.as_ptr() as *mut f32,
+            other => unreachable!("bug: kernel input {n} has no memory ({other:?})"),
+        }
+    }
+
+    fn read<'a>(&self, n: NodeId, arena: &'a [f32], feeds: &'a HashMap<String, Tensor>) -> Cow<'a, [f32]> {
+        match self.plan.resolve(n) {
+            Place::Arena { offset, len } => Cow::Borrowed(&arena[*offset..offset + len]),
+            Place::External(name) => Cow::Borrowed(&feeds[name].data),
+            _ => match &self.graph.node(n).op {
+                Op::Const(v) => Cow::Owned(vec![*v as f32]),
+                other => unreachable!("bug: {n} ({}) is not stored", other.name()),
+            },
+        }
+    }
+
+    fn single(&self, n: NodeId, arena: &mut [f32], feeds: &HashMap<String, Tensor>) -> Result<(), String> {
+        let node = self.graph.node(n);
+        let Place::Arena { offset, len } = self.plan.resolve(n).clone() else {
+            unreachable!("bug: kernel output not in the arena")
+        };
+        if let Op::MatMul { ta, tb } = node.op {
+            let (a, b) = (node.args[0], node.args[1]);
+            let (sa, sb) = (concrete(&self.graph, a, &self.sizes)?, concrete(&self.graph, b, &self.sizes)?);
+            let r = sa.len();
+            let (rows, cols) = (if ta { sa[r - 1] } else { sa[r - 2] }, if tb { sb[r - 2] } else { sb[r - 1] });
+            let k = if ta { sa[r - 2] } else { sa[r - 1] };
+            let batch: usize = sa[..r - 2].iter().product();
+            let av = self.read(a, arena, feeds).into_owned();
+            let bv = self.read(b, arena, feeds).into_owned();
+            let out = &mut arena[offset..offset + len];
+            let par = if rows * cols * k > 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+            for bi in 0..batch {
+                let (ao, bo, oo) = (bi * rows * k, bi * k * cols, bi * rows * cols);
+                // (row stride, column stride) of op(A) and op(B) in their row-major storage.
+                let (a_rs, a_cs) = if ta { (1, rows as isize) } else { (k as isize, 1) };
+                let (b_rs, b_cs) = if tb { (1, k as isize) } else { (cols as isize, 1) };
+                // SAFETY: the strides describe the operands' layouts exactly and stay inside them.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        cols,
+                        k,
+                        out[oo..].as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        false,
+                        av[ao..].as_ptr(),
+                        a_cs,
+                        a_rs,
+                        bv[bo..].as_ptr(),
+                        b_cs,
+                        b_rs,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+            return Ok(());
+        }
+        // The remaining kernels use the reference implementation on f64 copies.
+        let args: Vec<Array> = node
+            .args
+            .iter()
+            .map(|a| {
+                let shape = concrete(&self.graph, *a, &self.sizes)?;
+                Ok(Array::new(shape, self.read(*a, arena, feeds).iter().map(|v| *v as f64).collect()))
+            })
+            .collect::<Result<_, String>>()?;
+        let refs: Vec<&Array> = args.iter().collect();
+        let result = interp::eval(node, &refs, concrete(&self.graph, n, &self.sizes)?, &HashMap::new(), &self.sizes)?;
+        for (dst, v) in arena[offset..offset + len].iter_mut().zip(&result.data) {
+            *dst = *v as f32;
+        }
+        Ok(())
+    }
+}
+
+struct SendPtrs(Vec<*mut f32>);
+// SAFETY: the pointers are used by kernels that write disjoint ranges.
+unsafe impl Sync for SendPtrs {}
+unsafe impl Send for SendPtrs {}
+impl SendPtrs {
+    fn get(&self) -> *const *mut f32 {
+        self.0.as_ptr()
+    }
+}
+
+/// How an input of shape `src` is read for an output of shape `out`.
+fn broadcast_access(src: &[usize], out: &[usize]) -> Access {
+    if src.iter().product::<usize>() == 1 {
+        return Access::Scalar;
+    }
+    if src == out {
+        return Access::Contiguous;
+    }
+    let off = out.len() - src.len();
+    let (ss, os) = (interp::strides(src), interp::strides(out));
+    let axes = (0..out.len())
+        .map(|d| {
+            let istride = if d < off || src[d - off] == 1 { 0 } else { ss[d - off] };
+            (os[d] as i64, out[d] as i64, istride as i64)
+        })
+        .collect();
+    Access::Indexed(axes)
+}
