@@ -132,3 +132,75 @@ fn every_spec_matches_the_interpreter() {
         }
     }
 }
+
+use modelc::check::dim::Dim;
+use modelc::check::types::TensorTy;
+use modelc::ir::graph::{Binary, Graph, Reduce, Unary};
+use modelc::syntax::ast::DType;
+use proptest::prelude::{ProptestConfig, any, prop, proptest};
+
+/// A random chain of elementwise, broadcast, reduction and layout operations
+/// on inputs of shape [r, c] and [c], with r and c not multiples of 4.
+fn random_graph(r: i64, c: i64, ops: &[(u8, usize, usize)]) -> Graph {
+    let d = Dim::constant;
+    let mut g = Graph::default();
+    let x = g.input("x", TensorTy::new(DType::F32, vec![d(r), d(c)]));
+    let y = g.input("y", TensorTy::new(DType::F32, vec![d(r), d(c)]));
+    let v = g.input("v", TensorTy::new(DType::F32, vec![d(c)]));
+    let bv = g.broadcast(v, &[d(r), d(c)]);
+    let mut pool = vec![x, y, bv];
+    for &(op, i, j) in ops {
+        let (a, b) = (pool[i % pool.len()], pool[j % pool.len()]);
+        let n = match op % 12 {
+            0 => g.add(a, b),
+            1 => g.mul(a, b),
+            2 => g.unary(Unary::Tanh, a),
+            3 => g.unary(Unary::Exp, a),
+            4 => g.binary(Binary::Max, a, b),
+            5 => {
+                let m = g.reduce_keep(Reduce::Max, a, &[1]);
+                g.sub(a, m)
+            }
+            6 => {
+                let s = g.reduce_keep(Reduce::Sum, a, &[0]);
+                g.mul(s, b)
+            }
+            7 => {
+                let t = g.transpose_last(a);
+                let t = g.unary(Unary::Neg, t);
+                g.transpose_last(t)
+            }
+            8 => {
+                let c0 = g.binary(Binary::Gt, a, b);
+                g.select(c0, a, b)
+            }
+            9 => g.unary(Unary::Gelu, a),
+            10 => {
+                let t = g.transpose_last(b);
+                let m = g.matmul(a, t);
+                let m = g.reduce_keep(Reduce::Sum, m, &[1]);
+                g.mul(m, a)
+            }
+            _ => g.unary(Unary::Silu, a),
+        };
+        pool.push(n);
+    }
+    let last = *pool.last().expect("non-empty");
+    g.outputs.push(("out".into(), last));
+    g
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn generated_graphs_match_the_interpreter(r in 1i64..7, c in 1i64..11, ops in prop::collection::vec((any::<u8>(), any::<usize>(), any::<usize>()), 1..12), seed in any::<u64>()) {
+        let g = random_graph(r, c, &ops);
+        let mut rng = Rng(seed | 1);
+        let mut feeds = HashMap::new();
+        feeds.insert("x".to_string(), rng.array(&[r as usize, c as usize], 1.0));
+        feeds.insert("y".to_string(), rng.array(&[r as usize, c as usize], 1.0));
+        feeds.insert("v".to_string(), rng.array(&[c as usize], 1.0));
+        compare("generated", &g, &feeds, 2e-4);
+    }
+}

@@ -62,6 +62,20 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Print the CPU kernel schedule of a spec's model, its memory plan and (with --clif) Cranelift IR.
+    Kernels {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The training program instead of the forward.
+        #[arg(long)]
+        train: bool,
+        /// Print the Cranelift IR of every fused kernel.
+        #[arg(long)]
+        clif: bool,
+        /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
+        #[arg(long = "size", value_name = "NAME=N")]
+        sizes: Vec<String>,
+    },
     /// Draw the model as an SVG picture: its layers and the shapes between them.
     Graph {
         #[command(flatten)]
@@ -85,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
         Command::Graph { model, output } => cmd_graph(&model, &output),
+        Command::Kernels { model, train, clif, sizes } => cmd_kernels(&model, train, clif, &sizes),
     }
 }
 
@@ -215,16 +230,12 @@ fn cmd_ast(path: &Path) -> ExitCode {
     }
 }
 
-fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
-    use crate::ir::{print, prune, train as training};
-    let (program, opts) = match load(args) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (checked, graph) = match check::lower(&program, &opts, check::LowerOptions { training: train }) {
-        Ok(v) => v,
-        Err(diags) => return fail(&program.sources, &diags),
-    };
+/// The model's forward or training program, pruned.
+fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, crate::ir::graph::Graph), ExitCode> {
+    use crate::ir::train as training;
+    let (program, opts) = load(args)?;
+    let (checked, graph) = check::lower(&program, &opts, check::LowerOptions { training: train })
+        .map_err(|d| fail(&program.sources, &d))?;
     let graph = if train {
         let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
         let cfg = training::TrainConfig { clip: Some(1.0), ..Default::default() };
@@ -233,13 +244,21 @@ fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
             None => {
                 let d = Diagnostic::new("E0601", format!("`{}` has no loss to train", checked.model))
                     .help("add `train { loss: ... }` to the model");
-                return fail(&program.sources, &[d]);
+                return Err(fail(&program.sources, &[d]));
             }
         }
     } else {
         graph
     };
-    let graph = prune::prune(&graph);
+    Ok((checked, crate::ir::prune::prune(&graph)))
+}
+
+fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
+    use crate::ir::print;
+    let (checked, graph) = match program_graph(args, train) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
     let started = std::time::Instant::now();
     let optimized = opt.then(|| crate::opt::optimize(&graph, crate::opt::Limits::default()));
     let elapsed = started.elapsed();
@@ -291,5 +310,72 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
         return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
     }
     eprintln!("wrote {}", output.display());
+    ExitCode::SUCCESS
+}
+
+fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
+    use crate::backend::{clif as codegen, plan, schedule};
+    let (checked, graph) = match program_graph(args, train) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
+    let mut bound = crate::ir::interp::Sizes::new();
+    for s in sizes {
+        let Some((k, v)) = s.split_once('=').and_then(|(k, v)| v.trim().parse::<i64>().ok().map(|v| (k.trim(), v)))
+        else {
+            eprint!(
+                "{}",
+                render(&SourceMap::new(), &[Diagnostic::new("E0502", format!("--size {s}: expected NAME=N"))], color())
+            );
+            return ExitCode::FAILURE;
+        };
+        bound.insert(k.to_string(), v);
+    }
+    for n in &graph.nodes {
+        for d in &n.ty.dims {
+            for sym in d.symbols() {
+                bound.entry(sym.to_string()).or_insert(if sym == "B" { 1 } else { 128 });
+            }
+        }
+    }
+    let sched = schedule::schedule(&graph);
+    let memory = match plan::plan(&graph, &sched, &bound) {
+        Ok(p) => p,
+        Err(e) => {
+            eprint!("{}", render(&SourceMap::new(), &[Diagnostic::new("E0502", e)], color()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut shown: Vec<(&String, &i64)> = bound.iter().collect();
+    shown.sort();
+    let shown: Vec<String> = shown.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "model {}: {} kernels, peak memory {} bytes ({})",
+        checked.model,
+        sched.kernels.len(),
+        memory.peak_bytes(),
+        shown.join(", ")
+    );
+    print!("{}", schedule::describe(&graph, &sched));
+    if clif {
+        let mut jit = match codegen::Jit::new() {
+            Ok(j) => j,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for (k, kernel) in sched.kernels.iter().enumerate() {
+            let schedule::Kernel::Fused { nodes, inputs } = kernel else { continue };
+            match codegen::describe(&mut jit, &graph, nodes, inputs, &bound, &memory) {
+                Ok(text) => println!("\n; k{k}\n{text}"),
+                Err(e) => {
+                    eprintln!("error: k{k}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
     ExitCode::SUCCESS
 }

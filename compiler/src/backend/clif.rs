@@ -458,3 +458,68 @@ fn emit_element(
     }
     values[spec.nodes.last().expect("a fused kernel has nodes")]
 }
+
+/// The fused kernel's spec: how each input is read, sizes bound.
+pub fn spec<'a>(
+    graph: &'a Graph,
+    nodes: &'a [NodeId],
+    inputs: &'a [NodeId],
+    sizes: &crate::ir::interp::Sizes,
+    plan: &crate::backend::plan::Plan,
+) -> Result<FusedSpec<'a>, String> {
+    use crate::ir::interp::eval_dim;
+    let concrete =
+        |n: NodeId| -> Result<Vec<usize>, String> { graph.dims(n).iter().map(|d| eval_dim(d, sizes)).collect() };
+    let out_shape = concrete(*nodes.last().expect("a fused kernel has nodes"))?;
+    let mut access = HashMap::new();
+    let mut size_values = HashMap::new();
+    for inp in inputs {
+        if let Op::Size(d) = &graph.node(*inp).op {
+            size_values.insert(*inp, eval_dim(d, sizes)? as f64);
+        }
+    }
+    for n in nodes {
+        let node = graph.node(*n);
+        if let Op::Broadcast = node.op {
+            access.insert(*n, broadcast_access(&concrete(node.args[0])?, &out_shape));
+        }
+        for a in &node.args {
+            if inputs.contains(a) && !access.contains_key(a) {
+                access.insert(*a, if plan.lens[a.index()] == 1 { Access::Scalar } else { Access::Contiguous });
+            }
+        }
+    }
+    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values })
+}
+
+/// Cranelift IR of one fused kernel, for `modelc kernels --clif`.
+pub fn describe(
+    jit: &mut Jit,
+    graph: &Graph,
+    nodes: &[NodeId],
+    inputs: &[NodeId],
+    sizes: &crate::ir::interp::Sizes,
+    plan: &crate::backend::plan::Plan,
+) -> Result<String, String> {
+    let spec = spec(graph, nodes, inputs, sizes, plan)?;
+    jit.compile(&spec).map(|(_, text)| text)
+}
+
+/// How an input of shape `src` is read for an output of shape `out`.
+fn broadcast_access(src: &[usize], out: &[usize]) -> Access {
+    if src.iter().product::<usize>() == 1 {
+        return Access::Scalar;
+    }
+    if src == out {
+        return Access::Contiguous;
+    }
+    let off = out.len() - src.len();
+    let (ss, os) = (crate::ir::interp::strides(src), crate::ir::interp::strides(out));
+    let axes = (0..out.len())
+        .map(|d| {
+            let istride = if d < off || src[d - off] == 1 { 0 } else { ss[d - off] };
+            (os[d] as i64, out[d] as i64, istride as i64)
+        })
+        .collect();
+    Access::Indexed(axes)
+}

@@ -5,7 +5,9 @@
 //! implementations on f64 copies (correct, not yet fast). Every tensor is
 //! stored as f32; int and bool values are exact up to 2^24.
 
-use modelc::backend::clif::{Access, FusedSpec, Jit, KernelFn};
+mod kernels;
+
+use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::plan::{Place, Plan, plan};
 use modelc::backend::schedule::{Kernel, Schedule, schedule};
 use modelc::ir::graph::{Graph, NodeId, Op};
@@ -80,26 +82,7 @@ impl Program {
                 pending.push(None);
                 continue;
             };
-            let out_shape = concrete(&graph, kernel.output(), sizes)?;
-            let mut access = HashMap::new();
-            let mut size_values = HashMap::new();
-            for inp in inputs {
-                if let Op::Size(d) = &graph.node(*inp).op {
-                    size_values.insert(*inp, interp::eval_dim(d, sizes)? as f64);
-                }
-            }
-            for n in nodes {
-                let node = graph.node(*n);
-                if let Op::Broadcast = node.op {
-                    access.insert(*n, broadcast_access(&concrete(&graph, node.args[0], sizes)?, &out_shape));
-                }
-                for a in &node.args {
-                    if inputs.contains(a) && !access.contains_key(a) {
-                        access.insert(*a, if plan.lens[a.index()] == 1 { Access::Scalar } else { Access::Contiguous });
-                    }
-                }
-            }
-            let spec = FusedSpec { graph: &graph, nodes, inputs, access, sizes: size_values };
+            let spec = modelc::backend::clif::spec(&graph, nodes, inputs, sizes, &plan)?;
             let (id, text) = jit.compile(&spec)?;
             clif.push(text);
             pending.push(Some((id, inputs.clone())));
@@ -242,6 +225,70 @@ impl Program {
             }
             return Ok(());
         }
+        let shape_of = |x: NodeId| concrete(&self.graph, x, &self.sizes);
+        // Constants read by this kernel, kept alive until it returns.
+        let owned: std::cell::RefCell<Vec<Vec<f32>>> = Default::default();
+        // SAFETY: a single kernel's output range never overlaps a live input (the plan
+        // writes in place only in fused kernels), and the arena is not resized while the
+        // kernel runs, so these slices stay valid; an owned value's heap buffer does not
+        // move when `owned` grows.
+        let input = |x: NodeId| -> &[f32] {
+            match self.read(x, arena, feeds) {
+                Cow::Borrowed(b) => unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) },
+                Cow::Owned(o) => {
+                    let (ptr, len) = (o.as_ptr(), o.len());
+                    owned.borrow_mut().push(o);
+                    unsafe { std::slice::from_raw_parts(ptr, len) }
+                }
+            }
+        };
+        let native = match &node.op {
+            Op::Permute(perm) => {
+                let (src, shape) = (input(node.args[0]), shape_of(node.args[0])?);
+                Some(Box::new(move |out: &mut [f32]| kernels::permute(src, &shape, perm, out))
+                    as Box<dyn FnOnce(&mut [f32])>)
+            }
+            Op::Broadcast => {
+                let (src, shape, out_shape) = (input(node.args[0]), shape_of(node.args[0])?, shape_of(n)?);
+                Some(Box::new(move |out: &mut [f32]| kernels::broadcast(src, &shape, &out_shape, out))
+                    as Box<dyn FnOnce(&mut [f32])>)
+            }
+            Op::Slice { axis, start, .. } => {
+                let (src, shape, out_shape) = (input(node.args[0]), shape_of(node.args[0])?, shape_of(n)?);
+                let start = interp::eval_dim(start, &self.sizes)?;
+                let axis = *axis;
+                Some(Box::new(move |out: &mut [f32]| kernels::slice(src, &shape, axis, start, &out_shape, out))
+                    as Box<dyn FnOnce(&mut [f32])>)
+            }
+            Op::Concat(axis) => {
+                let parts: Vec<(&[f32], Vec<usize>)> =
+                    node.args.iter().map(|a| Ok((input(*a), shape_of(*a)?))).collect::<Result<_, String>>()?;
+                let out_shape = shape_of(n)?;
+                let axis = *axis;
+                Some(Box::new(move |out: &mut [f32]| {
+                    let refs: Vec<(&[f32], &[usize])> = parts.iter().map(|(d, s)| (*d, s.as_slice())).collect();
+                    kernels::concat(&refs, axis, &out_shape, out)
+                }) as Box<dyn FnOnce(&mut [f32])>)
+            }
+            Op::Reduce(r, axes) => {
+                let (src, shape) = (input(node.args[0]), shape_of(node.args[0])?);
+                let (r, axes) = (*r, axes.clone());
+                Some(Box::new(move |out: &mut [f32]| kernels::reduce(r, src, &shape, &axes, out))
+                    as Box<dyn FnOnce(&mut [f32])>)
+            }
+            Op::Iota => Some(Box::new(|out: &mut [f32]| out.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32))
+                as Box<dyn FnOnce(&mut [f32])>),
+            _ => None,
+        };
+        if let Some(k) = native {
+            k(&mut arena[offset..offset + len]);
+            return Ok(());
+        }
+        if let Op::Gather = node.op {
+            let (table, ids) = (input(node.args[0]), input(node.args[1]));
+            let rows = shape_of(node.args[0])?[0];
+            return kernels::gather(table, rows, ids, &mut arena[offset..offset + len]);
+        }
         // The remaining kernels use the reference implementation on f64 copies.
         let args: Vec<Array> = node
             .args
@@ -268,23 +315,4 @@ impl SendPtrs {
     fn get(&self) -> *const *mut f32 {
         self.0.as_ptr()
     }
-}
-
-/// How an input of shape `src` is read for an output of shape `out`.
-fn broadcast_access(src: &[usize], out: &[usize]) -> Access {
-    if src.iter().product::<usize>() == 1 {
-        return Access::Scalar;
-    }
-    if src == out {
-        return Access::Contiguous;
-    }
-    let off = out.len() - src.len();
-    let (ss, os) = (interp::strides(src), interp::strides(out));
-    let axes = (0..out.len())
-        .map(|d| {
-            let istride = if d < off || src[d - off] == 1 { 0 } else { ss[d - off] };
-            (os[d] as i64, out[d] as i64, istride as i64)
-        })
-        .collect();
-    Access::Indexed(axes)
 }

@@ -1,0 +1,151 @@
+//! Native f32 kernels for the operations that are not fused or contractions:
+//! one strided-copy routine serves permute, broadcast and slice; concat,
+//! reductions, gather and iota have loops of their own.
+
+use modelc::ir::graph::Reduce;
+use modelc::ir::interp::strides;
+
+/// Copies `out_shape` elements from `src`, element `idx` read at
+/// `base + sum(idx[d] * eff[d])`. The innermost axis runs as a tight loop.
+pub fn strided_copy(src: &[f32], base: usize, eff: &[usize], out_shape: &[usize], out: &mut [f32]) {
+    let rank = out_shape.len();
+    if rank == 0 {
+        out[0] = src[base];
+        return;
+    }
+    let inner = out_shape[rank - 1];
+    let inner_stride = eff[rank - 1];
+    let outer: usize = out_shape[..rank - 1].iter().product();
+    let mut idx = vec![0usize; rank - 1];
+    let mut offset = base;
+    for o in 0..outer {
+        let dst = &mut out[o * inner..(o + 1) * inner];
+        if inner_stride == 1 {
+            dst.copy_from_slice(&src[offset..offset + inner]);
+        } else {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = src[offset + j * inner_stride];
+            }
+        }
+        // Advance the outer index, updating the source offset incrementally.
+        for d in (0..rank - 1).rev() {
+            idx[d] += 1;
+            offset += eff[d];
+            if idx[d] < out_shape[d] {
+                break;
+            }
+            offset -= eff[d] * out_shape[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+pub fn permute(src: &[f32], in_shape: &[usize], perm: &[usize], out: &mut [f32]) {
+    let s = strides(in_shape);
+    let eff: Vec<usize> = perm.iter().map(|p| s[*p]).collect();
+    let out_shape: Vec<usize> = perm.iter().map(|p| in_shape[*p]).collect();
+    strided_copy(src, 0, &eff, &out_shape, out);
+}
+
+pub fn broadcast(src: &[f32], in_shape: &[usize], out_shape: &[usize], out: &mut [f32]) {
+    let off = out_shape.len() - in_shape.len();
+    let s = strides(in_shape);
+    let eff: Vec<usize> =
+        (0..out_shape.len()).map(|d| if d < off || in_shape[d - off] == 1 { 0 } else { s[d - off] }).collect();
+    strided_copy(src, 0, &eff, out_shape, out);
+}
+
+pub fn slice(src: &[f32], in_shape: &[usize], axis: usize, start: usize, out_shape: &[usize], out: &mut [f32]) {
+    let s = strides(in_shape);
+    strided_copy(src, start * s[axis], &s, out_shape, out);
+}
+
+pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], out: &mut [f32]) {
+    let outer: usize = out_shape[..axis].iter().product();
+    let inner: usize = out_shape[axis + 1..].iter().product();
+    let row = out_shape[axis] * inner;
+    let mut at = 0;
+    for (src, shape) in parts {
+        let chunk = shape[axis] * inner;
+        for o in 0..outer {
+            out[o * row + at..o * row + at + chunk].copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
+        }
+        at += chunk;
+    }
+}
+
+pub fn reduce(op: Reduce, src: &[f32], in_shape: &[usize], axes: &[usize], out: &mut [f32]) {
+    let init = match op {
+        Reduce::Sum => 0.0,
+        Reduce::Max => f32::NEG_INFINITY,
+        Reduce::Min => f32::INFINITY,
+    };
+    out.fill(init);
+    // The output offset of each input element: output strides, 0 on reduced axes.
+    let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).map(|d| in_shape[d]).collect();
+    let ks = strides(&kept);
+    let mut k = 0;
+    let eff: Vec<usize> = (0..in_shape.len())
+        .map(|d| {
+            if axes.contains(&d) {
+                0
+            } else {
+                k += 1;
+                ks[k - 1]
+            }
+        })
+        .collect();
+    let rank = in_shape.len();
+    if rank == 0 {
+        out[0] = src[0];
+        return;
+    }
+    let inner = in_shape[rank - 1];
+    let inner_eff = eff[rank - 1];
+    let outer: usize = in_shape[..rank - 1].iter().product();
+    let mut idx = vec![0usize; rank - 1];
+    let mut offset = 0;
+    for o in 0..outer {
+        let row = &src[o * inner..(o + 1) * inner];
+        if inner_eff == 0 {
+            // Reducing the innermost axis: fold the row into one slot.
+            let acc = &mut out[offset];
+            match op {
+                Reduce::Sum => *acc += row.iter().sum::<f32>(),
+                Reduce::Max => *acc = row.iter().fold(*acc, |a, b| a.max(*b)),
+                Reduce::Min => *acc = row.iter().fold(*acc, |a, b| a.min(*b)),
+            }
+        } else {
+            for (j, v) in row.iter().enumerate() {
+                let acc = &mut out[offset + j * inner_eff];
+                match op {
+                    Reduce::Sum => *acc += v,
+                    Reduce::Max => *acc = acc.max(*v),
+                    Reduce::Min => *acc = acc.min(*v),
+                }
+            }
+        }
+        for d in (0..rank - 1).rev() {
+            idx[d] += 1;
+            offset += eff[d];
+            if idx[d] < in_shape[d] {
+                break;
+            }
+            offset -= eff[d] * in_shape[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Rows of `table` ([V, row]) picked by `ids`; an id out of range is an error.
+pub fn gather(table: &[f32], rows: usize, ids: &[f32], out: &mut [f32]) -> Result<(), String> {
+    let row = table.len().checked_div(rows).unwrap_or(0);
+    for (k, id) in ids.iter().enumerate() {
+        let i = *id as usize;
+        if *id < 0.0 || i >= rows {
+            return Err(format!("index {id} is out of range for a table of {rows} rows"));
+        }
+        out[k * row..(k + 1) * row].copy_from_slice(&table[i * row..(i + 1) * row]);
+    }
+    Ok(())
+}
