@@ -189,8 +189,16 @@ impl Program {
             let (rows, cols) = (if ta { sa[r - 1] } else { sa[r - 2] }, if tb { sb[r - 2] } else { sb[r - 1] });
             let k = if ta { sa[r - 2] } else { sa[r - 1] };
             let batch: usize = sa[..r - 2].iter().product();
-            let av = self.read(a, arena, feeds).into_owned();
-            let bv = self.read(b, arena, feeds).into_owned();
+            // SAFETY: the output range does not overlap the operands (no in-place
+            // writes outside fused kernels), and the arena is not resized meanwhile.
+            let raw = |v: Cow<[f32]>| -> (*const f32, Vec<f32>) {
+                match v {
+                    Cow::Borrowed(b) => (b.as_ptr(), Vec::new()),
+                    Cow::Owned(o) => (o.as_ptr(), o),
+                }
+            };
+            let (ap, _keep_a) = raw(self.read(a, arena, feeds));
+            let (bp, _keep_b) = raw(self.read(b, arena, feeds));
             let out = &mut arena[offset..offset + len];
             let par = if rows * cols * k > 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
             for bi in 0..batch {
@@ -208,10 +216,10 @@ impl Program {
                         1,
                         cols as isize,
                         false,
-                        av[ao..].as_ptr(),
+                        ap.add(ao),
                         a_cs,
                         a_rs,
-                        bv[bo..].as_ptr(),
+                        bp.add(bo),
                         b_cs,
                         b_rs,
                         0.0,
