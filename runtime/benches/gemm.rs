@@ -70,7 +70,12 @@ fn main() {
         let flops = 2.0 * (n as f64).powi(3);
         let t = ours(n, reps);
         match numpy(n, reps, threads) {
-            Some(np) => println!("  {n:>4}: modelc {:7.1}   numpy {:7.1}   ratio {:.2}", flops / t / 1e9, flops / np / 1e9, np / t),
+            Some(np) => println!(
+                "  {n:>4}: modelc {:7.1}   numpy {:7.1}   ratio {:.2}",
+                flops / t / 1e9,
+                flops / np / 1e9,
+                np / t
+            ),
             None => println!("  {n:>4}: modelc {:7.1}   (numpy not importable)", flops / t / 1e9),
         }
     }
