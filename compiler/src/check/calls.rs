@@ -3,7 +3,7 @@
 //! by prims.rs), and `route`, which calls every expert.
 
 use super::dim::Dim;
-use super::elaborate::{Checker, InstId, MAX_DEPTH, STATIC_FUNCTIONS};
+use super::elaborate::{Checker, InstId, MAX_DEPTH, is_static_function};
 use super::forward::{CallArg, Frame, Ty, larg};
 use super::prims::{self, Arg as PArg, Kind, Out, PRIMITIVES, UNARY_MATH};
 use super::types::TensorTy;
@@ -34,7 +34,7 @@ impl Checker<'_> {
                 None if prims::signature(n).is_some() => {
                     return self.prim(frame, n, args, span, callee_expr.span);
                 }
-                None if STATIC_FUNCTIONS.contains(&n.as_str()) && args.iter().all(|a| matches!(a.ty, Ty::Value(_))) => {
+                None if is_static_function(n) && args.iter().all(|a| matches!(a.ty, Ty::Value(_))) => {
                     let (mut positional, mut named) = (Vec::new(), Vec::new());
                     for a in args {
                         let Ty::Value(v) = a.ty else { unreachable!("checked above") };

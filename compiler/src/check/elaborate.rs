@@ -87,31 +87,13 @@ pub const MAX_DEPTH: usize = 48;
 
 /// Names that evaluate to initialisers in declarations.
 pub const INITS: &[&str] = &["zeros", "ones", "normal", "uniform", "fan_in", "constant"];
-/// Functions on numbers usable in hyperparameter expressions.
-/// (The unary math primitives, such as `sqrt` and `log`, also fold numbers.)
-pub const STATIC_FUNCTIONS: &[&str] = &[
-    "min",
-    "max",
-    "float",
-    "int",
-    "floor",
-    "ceil",
-    "round",
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "tanh",
-    "sigmoid",
-    "relu",
-    "gelu",
-    "gelu_tanh",
-    "silu",
-    "erf",
-    "sin",
-    "cos",
-    "abs",
-];
+/// Functions on numbers usable in hyperparameter expressions, besides the
+/// unary math primitives (`sqrt`, `log`, ...), which fold numbers too.
+pub const STATIC_FUNCTIONS: &[&str] = &["min", "max", "float", "int", "floor", "ceil", "round"];
+
+pub fn is_static_function(name: &str) -> bool {
+    STATIC_FUNCTIONS.contains(&name) || super::prims::UNARY_MATH.contains(&name)
+}
 
 /// `Err(())` means a diagnostic has been recorded.
 pub type Fallible<T> = Result<T, ()>;

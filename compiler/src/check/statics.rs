@@ -1,7 +1,7 @@
 //! The static evaluator: hyperparameter expressions, lets, initialisers and
 //! settings, all known before anything runs.
 
-use super::elaborate::{Checker, Env, Fallible, INITS, STATIC_FUNCTIONS};
+use super::elaborate::{Checker, Env, Fallible, INITS, STATIC_FUNCTIONS, is_static_function};
 use super::value::{Init, Value};
 use crate::diag::Diagnostic;
 use crate::source::Span;
@@ -299,11 +299,11 @@ impl Checker<'_> {
         if let Some(def) = self.p.scopes[m].get(name) {
             return Ok(self.layer_value(*def, positional, named, span));
         }
-        if settings && !STATIC_FUNCTIONS.contains(&name.as_str()) && !INITS.contains(&name.as_str()) {
+        if settings && !is_static_function(name) && !INITS.contains(&name.as_str()) {
             return Ok(Value::Record(name.clone(), named));
         }
-        if !STATIC_FUNCTIONS.contains(&name.as_str()) && !INITS.contains(&name.as_str()) {
-            let extra = [INITS, STATIC_FUNCTIONS].concat();
+        if !is_static_function(name) && !INITS.contains(&name.as_str()) {
+            let extra = [INITS, STATIC_FUNCTIONS, super::prims::UNARY_MATH].concat();
             self.unknown_name(m, env, name, module.expr(callee).span, &extra);
             return Err(());
         }
