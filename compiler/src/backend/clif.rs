@@ -6,7 +6,9 @@
 //! contiguously (or is a scalar) the loop runs on f32x4 vectors with a
 //! scalar tail; inputs read through a broadcast use integer index
 //! arithmetic with the sizes baked in. Functions Cranelift has no
-//! instruction for (exp, log, tanh, erf, sin, cos, pow) are calls into Rust.
+//! instruction for are calls into Rust in the scalar loop; exp, tanh and erf
+//! have f32x4 approximations (about 1e-7), so softmax and the activations
+//! stay vectorised; log, sin, cos and pow keep a kernel scalar.
 
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Unary};
 use crate::syntax::ast::DType;
@@ -74,23 +76,11 @@ const CALLS: &[(&str, *const u8, usize)] = &[
     ("modelc_pow", call_pow as *const u8, 2),
 ];
 
-/// Operations that need a call, which only the scalar loop makes.
+/// Operations that need a call, which only the scalar loop makes. exp and
+/// what is built from it (sigmoid, SiLU, tanh, erf, GELU) have vector
+/// approximations instead.
 fn needs_call(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(
-            Unary::Exp
-                | Unary::Log
-                | Unary::Tanh
-                | Unary::Sigmoid
-                | Unary::Gelu
-                | Unary::GeluTanh
-                | Unary::Silu
-                | Unary::Erf
-                | Unary::Sin
-                | Unary::Cos
-        ) | Op::Binary(Binary::Pow)
-    )
+    matches!(op, Op::Unary(Unary::Log | Unary::Sin | Unary::Cos) | Op::Binary(Binary::Pow))
 }
 
 pub struct Jit {
@@ -154,8 +144,16 @@ impl Jit {
             let out = b.ins().load(ptr, trusted, ptrs, 0);
             let bases: Vec<Value> =
                 (0..spec.inputs.len()).map(|k| b.ins().load(ptr, trusted, ptrs, (8 * (k + 1)) as i32)).collect();
+            // Broadcast reads vectorise when each group of 4 lanes lies in one row of the
+            // output and the input's innermost axis is contiguous (a vector load) or
+            // broadcast (one element, splat): the index arithmetic then runs once per group.
             let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
-                && spec.access.values().all(|a| !matches!(a, Access::Indexed(_)));
+                && spec.access.values().all(|a| match a {
+                    Access::Indexed(axes) => {
+                        axes.last().is_some_and(|&(_, osize, istride)| osize % 4 == 0 && istride <= 1)
+                    }
+                    _ => true,
+                });
             let tail_start = if vectorizable {
                 // Vector loop over whole groups of 4, then the scalar tail.
                 let len = b.ins().isub(end, start);
@@ -267,6 +265,96 @@ fn call1(b: &mut FunctionBuilder, refs: &HashMap<&str, cranelift_codegen::ir::Fu
     b.inst_results(call)[0]
 }
 
+/// e^x on f32x4: x = k ln 2 + r with |r| <= ln 2 / 2, e^r by a degree-6
+/// polynomial, times 2^k added into the exponent bits. Relative error about
+/// 2e-7; inputs are clamped to the finite range of f32.
+fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
+    let ty = types::F32X4;
+    let lo = constant(b, -87.336_55, ty);
+    let hi = constant(b, 88.722_83, ty);
+    let x = b.ins().fmax(x, lo);
+    let x = b.ins().fmin(x, hi);
+    let log2e = constant(b, std::f64::consts::LOG2_E, ty);
+    let t = b.ins().fmul(x, log2e);
+    let k = b.ins().nearest(t);
+    let ln2_hi = constant(b, 0.693_145_75, ty);
+    let ln2_lo = constant(b, 1.428_606_8e-6, ty);
+    let a = b.ins().fmul(k, ln2_hi);
+    let r = b.ins().fsub(x, a);
+    let a = b.ins().fmul(k, ln2_lo);
+    let r = b.ins().fsub(r, a);
+    let mut p = constant(b, 1.0 / 720.0, ty);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        let m = b.ins().fmul(p, r);
+        let c = constant(b, c, ty);
+        p = b.ins().fadd(m, c);
+    }
+    let ki = b.ins().fcvt_to_sint_sat(types::I32X4, k);
+    let shift = b.ins().ishl_imm_u(ki, 23);
+    let little = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+    let bits = b.ins().bitcast(types::I32X4, little, p);
+    let bits = b.ins().iadd(bits, shift);
+    b.ins().bitcast(ty, little, bits)
+}
+
+/// tanh on f32x4 as 1 - 2 / (e^(2x) + 1), exact in the limits.
+fn vtanh(b: &mut FunctionBuilder, x: Value) -> Value {
+    let ty = types::F32X4;
+    let two = constant(b, 2.0, ty);
+    let one = constant(b, 1.0, ty);
+    let x2 = b.ins().fmul(x, two);
+    let e = vexp(b, x2);
+    let d = b.ins().fadd(e, one);
+    let q = b.ins().fdiv(two, d);
+    b.ins().fsub(one, q)
+}
+
+/// erf on f32x4 (Abramowitz and Stegun 7.1.26, absolute error below 1.5e-7).
+fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
+    let ty = types::F32X4;
+    let ax = b.ins().fabs(x);
+    let one = constant(b, 1.0, ty);
+    let p = constant(b, 0.327_591_1, ty);
+    let t = b.ins().fmul(p, ax);
+    let t = b.ins().fadd(one, t);
+    let t = b.ins().fdiv(one, t);
+    let mut poly = constant(b, 1.061_405_429, ty);
+    for c in [-1.453_152_027, 1.421_413_741, -0.284_496_736, 0.254_829_592] {
+        let m = b.ins().fmul(poly, t);
+        let c = constant(b, c, ty);
+        poly = b.ins().fadd(m, c);
+    }
+    let poly = b.ins().fmul(poly, t);
+    let x2 = b.ins().fmul(ax, ax);
+    let nx2 = b.ins().fneg(x2);
+    let e = vexp(b, nx2);
+    let tail = b.ins().fmul(poly, e);
+    let y = b.ins().fsub(one, tail);
+    // erf is odd: give y the sign of x.
+    let zero = constant(b, 0.0, ty);
+    let neg = b.ins().fcmp(FloatCC::LessThan, x, zero);
+    let ny = b.ins().fneg(y);
+    choose(b, neg, ny, y, ty)
+}
+
+/// exp, tanh and erf: a call per element in the scalar loop, an approximation on vectors.
+fn exp_like(
+    b: &mut FunctionBuilder,
+    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+    name: &str,
+    x: Value,
+    ty: Type,
+) -> Value {
+    if ty == types::F32 {
+        return call1(b, refs, name, x);
+    }
+    match name {
+        "modelc_exp" => vexp(b, x),
+        "modelc_tanh" => vtanh(b, x),
+        _ => verf(b, x),
+    }
+}
+
 /// The kernel's output element (or 4 elements) at index `i`.
 fn emit_element(
     b: &mut FunctionBuilder,
@@ -300,7 +388,13 @@ fn emit_element(
                     src = b.ins().iadd(src, t);
                 }
                 let addr = address(b, bases[k], src);
-                b.ins().load(types::F32, flags, addr, 0)
+                let inner_contiguous = axes.last().is_some_and(|a| a.2 == 1);
+                if ty == types::F32 || inner_contiguous {
+                    b.ins().load(ty, flags, addr, 0)
+                } else {
+                    let x = b.ins().load(types::F32, flags, addr, 0);
+                    b.ins().splat(ty, x)
+                }
             }
         }
     };
@@ -354,15 +448,15 @@ fn emit_element(
                         let c = b.ins().fcmp(FloatCC::Equal, a, zero);
                         flag(b, c, ty)
                     }
-                    Unary::Exp => call1(b, refs, "modelc_exp", a),
+                    Unary::Exp => exp_like(b, refs, "modelc_exp", a, ty),
                     Unary::Log => call1(b, refs, "modelc_log", a),
-                    Unary::Tanh => call1(b, refs, "modelc_tanh", a),
+                    Unary::Tanh => exp_like(b, refs, "modelc_tanh", a, ty),
                     Unary::Sin => call1(b, refs, "modelc_sin", a),
                     Unary::Cos => call1(b, refs, "modelc_cos", a),
-                    Unary::Erf => call1(b, refs, "modelc_erf", a),
+                    Unary::Erf => exp_like(b, refs, "modelc_erf", a, ty),
                     Unary::Sigmoid | Unary::Silu => {
                         let n = b.ins().fneg(a);
-                        let e = call1(b, refs, "modelc_exp", n);
+                        let e = exp_like(b, refs, "modelc_exp", n, ty);
                         let one = constant(b, 1.0, ty);
                         let d = b.ins().fadd(one, e);
                         if *u == Unary::Sigmoid { b.ins().fdiv(one, d) } else { b.ins().fdiv(a, d) }
@@ -370,7 +464,7 @@ fn emit_element(
                     Unary::Gelu => {
                         let s = constant(b, std::f64::consts::FRAC_1_SQRT_2, ty);
                         let t = b.ins().fmul(a, s);
-                        let e = call1(b, refs, "modelc_erf", t);
+                        let e = exp_like(b, refs, "modelc_erf", t, ty);
                         let one = constant(b, 1.0, ty);
                         let half = constant(b, 0.5, ty);
                         let p = b.ins().fadd(one, e);
@@ -385,7 +479,7 @@ fn emit_element(
                         let ka3 = b.ins().fmul(k, a3);
                         let inner = b.ins().fadd(a, ka3);
                         let u = b.ins().fmul(c, inner);
-                        let t = call1(b, refs, "modelc_tanh", u);
+                        let t = exp_like(b, refs, "modelc_tanh", u, ty);
                         let one = constant(b, 1.0, ty);
                         let half = constant(b, 0.5, ty);
                         let p = b.ins().fadd(one, t);

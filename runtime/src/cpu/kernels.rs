@@ -149,3 +149,67 @@ pub fn gather(table: &[f32], rows: usize, ids: &[f32], out: &mut [f32]) -> Resul
     }
     Ok(())
 }
+
+/// Index of the first maximum along `axis` of `[outer, n, inner]`.
+pub fn argmax(src: &[f32], outer: usize, n: usize, inner: usize, out: &mut [f32]) {
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut best = (f32::NEG_INFINITY, 0usize);
+            for k in 0..n {
+                let v = src[(o * n + k) * inner + i];
+                if k == 0 || v > best.0 {
+                    best = (v, k);
+                }
+            }
+            out[o * inner + i] = best.1 as f32;
+        }
+    }
+}
+
+/// Rows of zeros with a one at each id; ids outside `0..classes` give a zero row.
+pub fn one_hot(ids: &[f32], classes: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (k, id) in ids.iter().enumerate() {
+        if *id >= 0.0 && (*id as usize) < classes {
+            out[k * classes + *id as usize] = 1.0;
+        }
+    }
+}
+
+/// Adds each row of `updates` into row `ids[k]` of `out` ([rows, row]).
+pub fn scatter_add(ids: &[f32], updates: &[f32], rows: usize, out: &mut [f32]) -> Result<(), String> {
+    out.fill(0.0);
+    let row = out.len().checked_div(rows).unwrap_or(0);
+    for (k, id) in ids.iter().enumerate() {
+        let i = *id as usize;
+        if *id < 0.0 || i >= rows {
+            return Err(format!("index {id} is out of range for a table of {rows} rows"));
+        }
+        for (dst, v) in out[i * row..(i + 1) * row].iter_mut().zip(&updates[k * row..(k + 1) * row]) {
+            *dst += v;
+        }
+    }
+    Ok(())
+}
+
+/// The `k` largest of each row of `n` (ties keep the lower index first):
+/// their values, or their indices.
+pub fn topk(src: &[f32], n: usize, k: usize, indices: bool, out: &mut [f32]) {
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    for (r, row) in src.chunks(n.max(1)).enumerate() {
+        order.clear();
+        order.extend(0..n);
+        order.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b)));
+        for (j, &i) in order[..k].iter().enumerate() {
+            out[r * k + j] = if indices { i as f32 } else { row[i] };
+        }
+    }
+}
+
+/// The dropout mask of the interpreter, in f32: 0 with probability p, else 1/(1-p).
+pub fn dropout_mask(p: f64, key: u64, step: u64, out: &mut [f32]) {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    for (i, v) in out.iter_mut().enumerate() {
+        *v = if modelc::ir::interp::uniform(key, step, i as u64) < p { 0.0 } else { keep };
+    }
+}

@@ -1,9 +1,9 @@
 //! The CPU backend: a compiled program runs the schedule's kernels over one
 //! arena laid out by the memory plan. Fused elementwise kernels are
-//! Cranelift machine code (`jit.rs`); matrix products use the `gemm` crate;
-//! the other kernels currently evaluate through the reference interpreter's
-//! implementations on f64 copies (correct, not yet fast). Every tensor is
-//! stored as f32; int and bool values are exact up to 2^24.
+//! Cranelift machine code (`modelc::backend::clif`); matrix products use the
+//! `gemm` crate; every other operation has a native f32 kernel
+//! (`kernels.rs`). Every tensor is stored as f32; int and bool values are
+//! exact up to 2^24.
 
 mod kernels;
 
@@ -11,7 +11,7 @@ use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::plan::{Place, Plan, plan};
 use modelc::backend::schedule::{Kernel, Schedule, schedule};
 use modelc::ir::graph::{Graph, NodeId, Op};
-use modelc::ir::interp::{self, Array, Sizes};
+use modelc::ir::interp::{self, Sizes};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -46,6 +46,8 @@ pub struct Program {
     pub clif: Vec<String>,
     _jit: Jit,
     pub compile_seconds: f64,
+    /// Reused across runs: every value is written before it is read, so it needs no clearing.
+    arena: std::sync::Mutex<Vec<f32>>,
 }
 
 // SAFETY: compiled kernels are plain functions; the JIT module is only read after compilation.
@@ -96,7 +98,8 @@ impl Program {
             })
             .collect();
         let compile_seconds = started.elapsed().as_secs_f64();
-        Ok(Program { graph, schedule, plan, sizes: sizes.clone(), kernels, clif, _jit: jit, compile_seconds })
+        let arena = std::sync::Mutex::new(vec![0f32; plan.arena_len]);
+        Ok(Program { graph, schedule, plan, sizes: sizes.clone(), kernels, clif, _jit: jit, compile_seconds, arena })
     }
 
     pub fn peak_bytes(&self) -> usize {
@@ -119,7 +122,8 @@ impl Program {
                 }
             }
         }
-        let mut arena = vec![0f32; self.plan.arena_len];
+        let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let arena: &mut Vec<f32> = &mut guard;
         for (kernel, compiled) in self.schedule.kernels.iter().zip(&self.kernels) {
             match (kernel, compiled) {
                 (Kernel::View(_), _) => {}
@@ -145,14 +149,14 @@ impl Program {
                         unsafe { f(ptrs.get(), 0, len as i64) };
                     }
                 }
-                (Kernel::Single(n), _) => self.single(*n, &mut arena, feeds)?,
+                (Kernel::Single(n), _) => self.single(*n, arena, feeds)?,
                 (Kernel::Fused { .. }, Compiled::Other) => unreachable!("bug: fused kernel without code"),
             }
         }
         let mut out = HashMap::new();
         for (name, id) in &self.graph.outputs {
             let shape = concrete(&self.graph, *id, &self.sizes)?;
-            out.insert(name.clone(), Tensor::new(shape, self.read(*id, &arena, feeds).into_owned()));
+            out.insert(name.clone(), Tensor::new(shape, self.read(*id, arena, feeds).into_owned()));
         }
         Ok(out)
     }
@@ -292,26 +296,51 @@ impl Program {
             k(&mut arena[offset..offset + len]);
             return Ok(());
         }
-        if let Op::Gather = node.op {
-            let (table, ids) = (input(node.args[0]), input(node.args[1]));
-            let rows = shape_of(node.args[0])?[0];
-            return kernels::gather(table, rows, ids, &mut arena[offset..offset + len]);
+        let out_shape = shape_of(n)?;
+        match &node.op {
+            Op::Gather => {
+                let (table, ids) = (input(node.args[0]), input(node.args[1]));
+                let rows = shape_of(node.args[0])?[0];
+                return kernels::gather(table, rows, ids, &mut arena[offset..offset + len]);
+            }
+            Op::ScatterAdd => {
+                let (ids, updates) = (input(node.args[0]), input(node.args[1]));
+                return kernels::scatter_add(ids, updates, out_shape[0], &mut arena[offset..offset + len]);
+            }
+            Op::OneHot => {
+                let classes = *out_shape.last().expect("one_hot has a class axis");
+                kernels::one_hot(input(node.args[0]), classes, &mut arena[offset..offset + len]);
+                return Ok(());
+            }
+            Op::ArgMax(axis) => {
+                let shape = shape_of(node.args[0])?;
+                let (outer, inner) = (shape[..*axis].iter().product(), shape[axis + 1..].iter().product());
+                kernels::argmax(input(node.args[0]), outer, shape[*axis], inner, &mut arena[offset..offset + len]);
+                return Ok(());
+            }
+            Op::TopKValues(k) | Op::TopKIndices(k) => {
+                let shape = shape_of(node.args[0])?;
+                let n_last = *shape.last().expect("topk of rank >= 1");
+                let indices = matches!(node.op, Op::TopKIndices(_));
+                kernels::topk(input(node.args[0]), n_last, *k, indices, &mut arena[offset..offset + len]);
+                return Ok(());
+            }
+            Op::DropoutMask { p, key } => {
+                let step = input(node.args[0])[0] as u64;
+                kernels::dropout_mask(*p, *key, step, &mut arena[offset..offset + len]);
+                return Ok(());
+            }
+            Op::Size(d) => {
+                arena[offset] = interp::eval_dim(d, &self.sizes)? as f32;
+                return Ok(());
+            }
+            Op::Const(v) => {
+                arena[offset] = *v as f32;
+                return Ok(());
+            }
+            _ => {}
         }
-        // The remaining kernels use the reference implementation on f64 copies.
-        let args: Vec<Array> = node
-            .args
-            .iter()
-            .map(|a| {
-                let shape = concrete(&self.graph, *a, &self.sizes)?;
-                Ok(Array::new(shape, self.read(*a, arena, feeds).iter().map(|v| *v as f64).collect()))
-            })
-            .collect::<Result<_, String>>()?;
-        let refs: Vec<&Array> = args.iter().collect();
-        let result = interp::eval(node, &refs, concrete(&self.graph, n, &self.sizes)?, &HashMap::new(), &self.sizes)?;
-        for (dst, v) in arena[offset..offset + len].iter_mut().zip(&result.data) {
-            *dst = *v as f32;
-        }
-        Ok(())
+        unreachable!("bug: `{}` is fused, a view or an input, never a kernel of its own", node.op.name())
     }
 }
 
