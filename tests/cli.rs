@@ -137,3 +137,22 @@ fn graph_draws_the_layers_and_shapes() {
     assert!(svg.contains("logits: [B, T, 256]"), "{svg}");
     insta::assert_snapshot!("graph-tiny-gpt", svg);
 }
+
+#[test]
+fn info_and_kernels_describe_the_cpu_program() {
+    let (code, out, err) = modelc(&["info", "specs/tiny-gpt.model", "--size", "B=2", "--size", "T=16"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("total 826,112 parameters") && out.contains("forward program on the CPU (B=2, T=16)"),
+        "{out}"
+    );
+    assert!(out.contains("planned memory") && out.contains("JIT compile"), "{out}");
+
+    let (code, out, err) = modelc(&["kernels", "specs/mlp.model", "--clif", "--size", "B=3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("matmul") && out.contains("fused") && out.contains("function u0:0"), "{out}");
+
+    let (code, _, err) = modelc(&["kernels", "specs/mlp.model", "--size", "B"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected NAME=N"), "{err}");
+}

@@ -204,3 +204,44 @@ proptest! {
         compare("generated", &g, &feeds, 2e-4);
     }
 }
+
+/// Generated kernels and native kernels on odd shapes, run under valgrind's
+/// memcheck: any read or write outside an allocation fails the test. The
+/// test runs itself as the child process (valgrind is installed by CI).
+#[test]
+fn kernels_stay_in_bounds_under_valgrind() {
+    if std::env::var_os("MODELC_UNDER_VALGRIND").is_some() {
+        for (r, c) in [(1, 1), (3, 5), (2, 7), (5, 3), (4, 9), (2, 8)] {
+            let ops: Vec<(u8, usize, usize)> = (0..12u8).map(|k| (k, k as usize + 1, k as usize * 7 + 2)).collect();
+            let g = random_graph(r, c, &ops);
+            let mut rng = Rng(r as u64 * 31 + c as u64);
+            let mut feeds = HashMap::new();
+            feeds.insert("x".to_string(), rng.array(&[r as usize, c as usize], 1.0));
+            feeds.insert("y".to_string(), rng.array(&[r as usize, c as usize], 1.0));
+            feeds.insert("v".to_string(), rng.array(&[c as usize], 1.0));
+            compare("valgrind", &g, &feeds, 2e-4);
+        }
+        let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
+        let (checked, g) =
+            lower_text(&text, &sets(&[("layers", "1"), ("dim", "12"), ("heads", "2"), ("vocab", "7")]), true);
+        let mut rng = Rng(5);
+        let mut feeds = random_params(&checked, &mut rng, 0.3);
+        feeds.insert("input_ids".into(), Array::new(vec![1, 3], vec![1.0, 6.0, 0.0]));
+        feeds.insert("step".into(), Array::scalar(1.0));
+        compare("valgrind tiny-gpt", &modelc::ir::prune::prune(&g), &feeds, 2e-4);
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("valgrind")
+        .args(["--error-exitcode=99", "--quiet", "--smc-check=all-non-file"])
+        .arg(&exe)
+        .args(["--exact", "kernels_stay_in_bounds_under_valgrind", "--test-threads=1"])
+        .env("MODELC_UNDER_VALGRIND", "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("valgrind runs (CI installs it)");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "valgrind reported errors ({:?}):\n{log}", out.status.code());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 passed"), "the child did not run the kernels:\n{stdout}");
+}

@@ -62,6 +62,14 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Hyperparameters, parameter table, and the CPU program: kernels, planned memory, JIT compile time.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
+        #[arg(long = "size", value_name = "NAME=N")]
+        sizes: Vec<String>,
+    },
     /// Print the CPU kernel schedule of a spec's model, its memory plan and (with --clif) Cranelift IR.
     Kernels {
         #[command(flatten)]
@@ -100,6 +108,7 @@ pub fn main() -> ExitCode {
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
         Command::Graph { model, output } => cmd_graph(&model, &output),
         Command::Kernels { model, train, clif, sizes } => cmd_kernels(&model, train, clif, &sizes),
+        Command::Info { model, sizes } => cmd_info(&model, &sizes),
     }
 }
 
@@ -313,13 +322,8 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
-    use crate::backend::{clif as codegen, plan, schedule};
-    let (checked, graph) = match program_graph(args, train) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
+/// `--size NAME=N` values, and defaults (B=1, others 128) for the rest.
+fn bind_sizes(graph: &crate::ir::graph::Graph, sizes: &[String]) -> Result<crate::ir::interp::Sizes, ExitCode> {
     let mut bound = crate::ir::interp::Sizes::new();
     for s in sizes {
         let Some((k, v)) = s.split_once('=').and_then(|(k, v)| v.trim().parse::<i64>().ok().map(|v| (k.trim(), v)))
@@ -328,7 +332,7 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> E
                 "{}",
                 render(&SourceMap::new(), &[Diagnostic::new("E0502", format!("--size {s}: expected NAME=N"))], color())
             );
-            return ExitCode::FAILURE;
+            return Err(ExitCode::FAILURE);
         };
         bound.insert(k.to_string(), v);
     }
@@ -339,6 +343,72 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> E
             }
         }
     }
+    Ok(bound)
+}
+
+fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
+    use crate::backend::{clif as codegen, plan, schedule};
+    let (checked, graph) = match program_graph(args, false) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    print!("{}", report::text(&checked));
+    let started = std::time::Instant::now();
+    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
+    let optimize_time = started.elapsed();
+    let bound = match bind_sizes(&graph, sizes) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let sched = schedule::schedule(&graph);
+    let memory = match plan::plan(&graph, &sched, &bound) {
+        Ok(p) => p,
+        Err(e) => return fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]),
+    };
+    let started = std::time::Instant::now();
+    let mut fused = 0;
+    let compiled = codegen::Jit::new().and_then(|mut jit| {
+        for kernel in &sched.kernels {
+            if let schedule::Kernel::Fused { nodes, inputs } = kernel {
+                codegen::describe(&mut jit, &graph, nodes, inputs, &bound, &memory)?;
+                fused += 1;
+            }
+        }
+        jit.finish()
+    });
+    if let Err(e) = compiled {
+        return fail(&SourceMap::new(), &[Diagnostic::new("E0999", format!("code generation failed: {e}"))]);
+    }
+    let mut shown: Vec<String> = bound.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    shown.sort();
+    println!("\nforward program on the CPU ({})", shown.join(", "));
+    println!("  IR nodes        {}", graph.nodes.len());
+    println!("  kernels         {} ({fused} fused, compiled by Cranelift)", sched.kernels.len());
+    println!("  planned memory  {} (activations; weights not included)", bytes(memory.peak_bytes()));
+    println!("  optimise time   {:.1} ms", optimize_time.as_secs_f64() * 1e3);
+    println!("  JIT compile     {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    ExitCode::SUCCESS
+}
+
+fn bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n => format!("{:.1} KiB", n as f64 / 1024.0),
+    }
+}
+
+fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
+    use crate::backend::{clif as codegen, plan, schedule};
+    let (checked, graph) = match program_graph(args, train) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
+    let bound = match bind_sizes(&graph, sizes) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
     let sched = schedule::schedule(&graph);
     let memory = match plan::plan(&graph, &sched, &bound) {
         Ok(p) => p,
