@@ -86,6 +86,54 @@ trait Pipe: Sized {
 }
 impl<T> Pipe for T {}
 
+/// One AdamW step of a spec's training program at `batch` x `seq`.
+fn train_step(spec: &str, batch: usize, seq: usize) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
+    let program = check::load_file(&root.join(spec)).unwrap_or_else(|_| panic!("{spec} loads"));
+    let (checked, g) =
+        check::lower(&program, &Options::default(), LowerOptions { training: true }).expect("spec checks");
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let cfg = modelc::ir::train::TrainConfig { clip: Some(1.0), ..Default::default() };
+    let step =
+        modelc::ir::prune::prune(&modelc::ir::train::training_program(&g, &trainable, &cfg).expect("has a loss"));
+    let (step, _) = modelc::opt::optimize(&step, modelc::opt::Limits::default());
+    let mut feeds: HashMap<String, Tensor> = HashMap::new();
+    for (name, id) in step.inputs().chain(step.params()) {
+        let dims: Vec<usize> = step
+            .dims(id)
+            .iter()
+            .map(|d| d.as_const().map(|v| v as usize).unwrap_or(if d.to_string() == "B" { batch } else { seq }))
+            .collect();
+        let n = dims.iter().product();
+        let data = match name {
+            "input_ids" => (0..n).map(|i| (i * 31 % 256) as f32).collect(),
+            "lr" => vec![1e-3],
+            "step" => vec![1.0],
+            _ => (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.02).collect(),
+        };
+        feeds.insert(name.to_string(), Tensor::new(dims, data));
+    }
+    let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let compiled = Program::compile(&step, &bind(&step, &shapes).expect("sizes")).expect("compiles");
+    compiled.run(&feeds).expect("runs");
+    let times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            compiled.run(&feeds).expect("runs");
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let t = median(times);
+    println!(
+        "{spec} training step, batch {batch} x {seq}: {:.1} ms, {:.0} tokens/s; jit compile {:.0} ms ({} kernels, peak {} MiB)",
+        t * 1e3,
+        (batch * seq) as f64 / t,
+        compiled.compile_seconds * 1e3,
+        compiled.schedule().kernels.len(),
+        compiled.peak_bytes() >> 20
+    );
+}
+
 fn main() {
     bench("specs/tiny-gpt.model", &[], 4, 64);
     bench(
@@ -94,4 +142,5 @@ fn main() {
         2,
         32,
     );
+    train_step("specs/tiny-gpt.model", 16, 128);
 }
