@@ -346,25 +346,35 @@ fn bind_sizes(graph: &crate::ir::graph::Graph, sizes: &[String]) -> Result<crate
     Ok(bound)
 }
 
+/// The optimised graph scheduled and planned for the CPU at the given sizes.
+fn cpu_plan(
+    graph: &crate::ir::graph::Graph,
+    sizes: &[String],
+) -> Result<
+    (crate::ir::graph::Graph, crate::ir::interp::Sizes, crate::backend::schedule::Schedule, crate::backend::plan::Plan),
+    ExitCode,
+> {
+    let (graph, _) = crate::opt::optimize(graph, crate::opt::Limits::default());
+    let bound = bind_sizes(&graph, sizes)?;
+    let sched = crate::backend::schedule::schedule(&graph);
+    let memory = crate::backend::plan::plan(&graph, &sched, &bound)
+        .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
+    Ok((graph, bound, sched, memory))
+}
+
 fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
-    use crate::backend::{clif as codegen, plan, schedule};
+    use crate::backend::{clif as codegen, schedule};
     let (checked, graph) = match program_graph(args, false) {
         Ok(v) => v,
         Err(code) => return code,
     };
     print!("{}", report::text(&checked));
     let started = std::time::Instant::now();
-    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
-    let optimize_time = started.elapsed();
-    let bound = match bind_sizes(&graph, sizes) {
-        Ok(b) => b,
+    let (graph, bound, sched, memory) = match cpu_plan(&graph, sizes) {
+        Ok(v) => v,
         Err(code) => return code,
     };
-    let sched = schedule::schedule(&graph);
-    let memory = match plan::plan(&graph, &sched, &bound) {
-        Ok(p) => p,
-        Err(e) => return fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]),
-    };
+    let plan_time = started.elapsed();
     let started = std::time::Instant::now();
     let mut fused = 0;
     let compiled = codegen::Jit::new().and_then(|mut jit| {
@@ -385,7 +395,7 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     println!("  IR nodes        {}", graph.nodes.len());
     println!("  kernels         {} ({fused} fused, compiled by Cranelift)", sched.kernels.len());
     println!("  planned memory  {} (activations; weights not included)", bytes(memory.peak_bytes()));
-    println!("  optimise time   {:.1} ms", optimize_time.as_secs_f64() * 1e3);
+    println!("  optimise + plan {:.1} ms", plan_time.as_secs_f64() * 1e3);
     println!("  JIT compile     {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
     ExitCode::SUCCESS
 }
@@ -399,23 +409,14 @@ fn bytes(n: usize) -> String {
 }
 
 fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
-    use crate::backend::{clif as codegen, plan, schedule};
+    use crate::backend::{clif as codegen, schedule};
     let (checked, graph) = match program_graph(args, train) {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
-    let bound = match bind_sizes(&graph, sizes) {
-        Ok(b) => b,
+    let (graph, bound, sched, memory) = match cpu_plan(&graph, sizes) {
+        Ok(v) => v,
         Err(code) => return code,
-    };
-    let sched = schedule::schedule(&graph);
-    let memory = match plan::plan(&graph, &sched, &bound) {
-        Ok(p) => p,
-        Err(e) => {
-            eprint!("{}", render(&SourceMap::new(), &[Diagnostic::new("E0502", e)], color()));
-            return ExitCode::FAILURE;
-        }
     };
     let mut shown: Vec<(&String, &i64)> = bound.iter().collect();
     shown.sort();

@@ -47,6 +47,29 @@ pub enum Unary {
     Not,
 }
 
+impl Unary {
+    /// Every unary operation, for tables that range over them.
+    pub const ALL: [Unary; 17] = [
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Sqrt,
+        Unary::Rsqrt,
+        Unary::Tanh,
+        Unary::Sigmoid,
+        Unary::Relu,
+        Unary::Gelu,
+        Unary::GeluTanh,
+        Unary::Silu,
+        Unary::Erf,
+        Unary::Sin,
+        Unary::Cos,
+        Unary::Abs,
+        Unary::Floor,
+        Unary::Not,
+    ];
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Binary {
     Add,

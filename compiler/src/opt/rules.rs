@@ -92,24 +92,8 @@ pub fn rules() -> Vec<Rule> {
         .expect("rule"),
     ];
     // sinking: f(broadcast x) = broadcast(f x), computed on fewer elements
-    for k in [
-        "neg",
-        "exp",
-        "log",
-        "sqrt",
-        "rsqrt",
-        "tanh",
-        "sigmoid",
-        "relu",
-        "gelu",
-        "gelu_tanh",
-        "silu",
-        "erf",
-        "sin",
-        "cos",
-        "abs",
-        "cast",
-    ] {
+    let unary_kinds = Unary::ALL.iter().map(|u| kind(&Op::Unary(*u)));
+    for k in unary_kinds.chain(["cast"]) {
         let pattern: egg::Pattern<IrLang> = format!("({k} (broadcast ?x ?a ?s) ?b ?t)").parse().expect("pattern");
         rules
             .push(Rewrite::new(format!("sink-broadcast-{k}"), pattern, SinkBroadcast { binary: false }).expect("rule"));
