@@ -156,3 +156,122 @@ fn info_and_kernels_describe_the_cpu_program() {
     assert_eq!(code, 1);
     assert!(err.contains("expected NAME=N"), "{err}");
 }
+
+/// A small corpus in a fresh temporary folder.
+fn corpus_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("modelc-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(40);
+    std::fs::write(dir.join("data.txt"), text).unwrap();
+    dir
+}
+
+const SMALL: [&str; 6] = ["--set", "layers=1", "--set", "dim=16", "--set", "heads=2"];
+
+#[test]
+fn train_writes_the_best_checkpoint_and_infer_continues_text() {
+    let dir = corpus_dir("train");
+    let (data, out) = (dir.join("data.txt"), dir.join("run"));
+    let mut args =
+        vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend([
+        "--steps",
+        "40",
+        "--batch",
+        "4",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "20",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "3",
+    ]);
+    let (code, _, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("best eval loss"), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 40);
+    assert!(losses[39] < losses[0] - 1.0, "loss did not fall: {losses:?}");
+    let weights = out.join("model.safetensors");
+    assert!(weights.exists() && !out.join("model.safetensors.tmp").exists());
+
+    // Greedy decoding is deterministic and streams the prompt, then new bytes.
+    let mut args = vec![
+        "infer",
+        "specs/tiny-gpt.model",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--context",
+        "16",
+    ];
+    args.extend(SMALL);
+    let (code, first, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(first.starts_with("the quick") && first.len() == "the quick".len() + 12 + 1, "{first:?}");
+    assert!(err.contains("tokens/s"), "{err}");
+    assert_eq!(modelc(&args).1, first);
+
+    args.push("--json");
+    let (code, json, _) = modelc(&args);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["new_token_ids"].as_array().unwrap().len(), 12);
+
+    // Weights that do not fit the model are listed by name.
+    let mut wrong = vec![
+        "infer",
+        "specs/tiny-gpt.model",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--set",
+        "layers=2",
+        "--set",
+        "dim=16",
+        "--set",
+        "heads=2",
+    ];
+    wrong.extend(["--max-new-tokens", "1"]);
+    let (code, _, err) = modelc(&wrong);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing tensor `blocks.1.mlp.fc1.weight` [64, 16]"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_and_infer_reject_bad_input_clearly() {
+    let (code, _, err) = modelc(&["train", "specs/tiny-gpt.model", "--data", "/no/such/file"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read /no/such/file"), "{err}");
+
+    let dir = corpus_dir("bad");
+    let data = dir.join("data.txt");
+    let (code, _, err) = modelc(&["train", "specs/bert.model", "--data", data.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no `train { loss: ... }` block"), "{err}");
+
+    let (code, _, err) =
+        modelc(&["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--optimizer", "adam"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected adamw or sgd"), "{err}");
+
+    std::fs::write(dir.join("junk.safetensors"), b"not a checkpoint").unwrap();
+    let (code, _, err) =
+        modelc(&["infer", "specs/tiny-gpt.model", "--weights", dir.join("junk.safetensors").to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a safetensors file"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

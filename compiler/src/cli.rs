@@ -1,36 +1,32 @@
-//! The `modelc` command line: argument parsing and the commands, which print
-//! what the library returns and turn diagnostics into a non-zero exit.
+//! The compiler's commands of the `modelc` command line (check, fmt, ast,
+//! ir, kernels, info, graph): argument parsing and the commands, which print
+//! what the library returns and turn diagnostics into a non-zero exit. The
+//! binary itself lives in the runtime crate, which adds train and infer.
 
 use crate::check::{self, Options, Program, report};
 use crate::diag::{Diagnostic, render};
 use crate::source::SourceMap;
 use crate::syntax::{dump_module, parse, print_module};
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(Parser)]
-#[command(name = "modelc", version, about = "Compile neural networks written as .model specs", long_about = None)]
-pub struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(clap::Args)]
-struct ModelArgs {
+/// The spec a command works on and where its hyperparameters come from.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
     /// The .model spec.
-    spec: PathBuf,
+    pub spec: PathBuf,
     /// A Hugging Face config.json whose keys set the hyperparameters (see the model's `from hf(...)`).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Set a hyperparameter, e.g. `--set layers=2` (repeatable; applied after --config).
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    sets: Vec<String>,
+    pub sets: Vec<String>,
 }
 
-#[derive(Subcommand)]
-enum Command {
+#[derive(Subcommand, Debug)]
+pub enum Command {
     /// Check a spec: names, types and every shape; print hyperparameters and the parameter table.
     Check {
         #[command(flatten)]
@@ -99,9 +95,9 @@ enum Command {
     },
 }
 
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+/// Runs one of the compiler's commands.
+pub fn run(command: Command) -> ExitCode {
+    match command {
         Command::Check { model, json } => cmd_check(&model, json),
         Command::Fmt { files, check } => cmd_fmt(&files, check),
         Command::Ast { file } => cmd_ast(&file),
@@ -112,11 +108,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn color() -> bool {
+pub fn color() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-fn fail(sources: &SourceMap, diags: &[Diagnostic]) -> ExitCode {
+/// Prints diagnostics and returns the failing exit code.
+pub fn fail(sources: &SourceMap, diags: &[Diagnostic]) -> ExitCode {
     eprint!("{}", render(sources, diags, color()));
     let n = diags.len();
     eprintln!("error: {n} problem{} found", if n == 1 { "" } else { "s" });
@@ -133,7 +130,7 @@ fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCod
 }
 
 /// The spec and its `--config` / `--set` options.
-fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
+pub fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
     let program = check::load_file(&args.spec).map_err(|(sources, diags)| fail(&sources, &diags))?;
     let opts = options(args, &program.sources)?;
     Ok((program, opts))
@@ -240,7 +237,7 @@ fn cmd_ast(path: &Path) -> ExitCode {
 }
 
 /// The model's forward or training program, pruned.
-fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, crate::ir::graph::Graph), ExitCode> {
+pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, crate::ir::graph::Graph), ExitCode> {
     use crate::ir::train as training;
     let (program, opts) = load(args)?;
     let (checked, graph) = check::lower(&program, &opts, check::LowerOptions { training: train })

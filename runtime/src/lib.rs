@@ -1,4 +1,9 @@
-//! The modelc runtime: executing compiled programs. `cpu` holds the CPU
-//! backend (Cranelift kernels, gemm, one memory arena).
+//! The modelc runtime: executing compiled programs and the commands that do
+//! it. `cpu` holds the CPU backend (Cranelift kernels, gemm, one memory
+//! arena); `weights` initialisation and safetensors; `train` and `infer`
+//! the commands of the same names.
 
 pub mod cpu;
+pub mod infer;
+pub mod train;
+pub mod weights;
