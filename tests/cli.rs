@@ -275,3 +275,37 @@ fn train_and_infer_reject_bad_input_clearly() {
     assert!(err.contains("is not a safetensors file"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn losses(metrics: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| l.split("\"lr\"").next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn resume_continues_with_the_same_losses() {
+    let dir = corpus_dir("resume");
+    let data = dir.join("data.txt");
+    let run = |out: &str, extra: &[&str]| {
+        let out = dir.join(out);
+        let mut args =
+            vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(SMALL);
+        args.extend(["--steps", "20", "--batch", "2", "--seq-len", "16", "--eval-every", "5", "--seed", "9"]);
+        args.extend(extra);
+        let (code, _, err) = modelc(&args);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let straight = run("straight", &[]);
+    let interrupted = run("interrupted", &["--until", "12"]);
+    assert_eq!(losses(&interrupted.join("metrics.jsonl")).len(), 12);
+    let resumed = run("interrupted", &["--resume", interrupted.to_str().unwrap()]);
+    let (a, b) = (losses(&straight.join("metrics.jsonl")), losses(&resumed.join("metrics.jsonl")));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a, b, "a resumed run must repeat the uninterrupted losses exactly");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -51,6 +51,16 @@ pub struct TrainArgs {
     pub eval_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write the whole training state (weights, optimiser state, step) every N steps.
+    #[arg(long = "checkpoint-every", default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Stop after this step (the schedule still spans --steps); continue later with --resume.
+    #[arg(long)]
+    pub until: Option<usize>,
+    /// Continue the run saved in this folder (`state.safetensors`) with the same losses
+    /// an uninterrupted run would have had.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
 }
 
 fn usage(message: impl Into<String>) -> ExitCode {
@@ -148,6 +158,30 @@ pub fn run(args: &TrainArgs) -> ExitCode {
             }
         }
     }
+    let mut first_step = 1;
+    let mut best = f64::INFINITY;
+    if let Some(dir) = &args.resume {
+        let (saved, meta) = match weights::load_all(&dir.join("state.safetensors")) {
+            Ok(v) => v,
+            Err(e) => return usage(e),
+        };
+        for (name, t) in &state {
+            match saved.get(name) {
+                Some(s) if s.shape == t.shape => {}
+                Some(s) => {
+                    return usage(format!(
+                        "--resume: `{name}` is {:?} in the saved state, the model has {:?}",
+                        s.shape, t.shape
+                    ));
+                }
+                None => return usage(format!("--resume: the saved state has no `{name}`")),
+            }
+        }
+        state = saved;
+        first_step = meta.get("step").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0) + 1;
+        best = meta.get("best_eval").and_then(|s| s.parse().ok()).unwrap_or(f64::INFINITY);
+        eprintln!("resuming {} at step {first_step}", dir.display());
+    }
     let mut shapes: HashMap<String, Vec<usize>> = state.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
     shapes.insert("input_ids".into(), vec![batch, seq]);
     shapes.insert("lr".into(), vec![]);
@@ -160,7 +194,13 @@ pub fn run(args: &TrainArgs) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(&args.out) {
         return usage(format!("cannot create {}: {e}", args.out.display()));
     }
-    let mut metrics = match std::fs::File::create(args.out.join("metrics.jsonl")) {
+    let metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(args.resume.is_some())
+        .write(true)
+        .truncate(args.resume.is_none())
+        .open(args.out.join("metrics.jsonl"));
+    let mut metrics = match metrics_file {
         Ok(f) => f,
         Err(e) => return usage(format!("cannot write {}: {e}", args.out.join("metrics.jsonl").display())),
     };
@@ -192,9 +232,13 @@ pub fn run(args: &TrainArgs) -> ExitCode {
     };
 
     let started = Instant::now();
-    let mut best = f64::INFINITY;
     let mut last_report = Instant::now();
-    for step in 1..=steps {
+    let save_state = |state: &HashMap<String, Tensor>, step: usize, best: f64| {
+        let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
+        weights::save_with(&args.out.join("state.safetensors"), state, Some(meta))
+    };
+    let last = args.until.unwrap_or(steps).min(steps);
+    for step in first_step..=last {
         let rate = if step <= warmup {
             lr * step as f64 / warmup as f64
         } else {
@@ -202,7 +246,10 @@ pub fn run(args: &TrainArgs) -> ExitCode {
             let progress = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
             lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
         };
-        let ids: Vec<f32> = (0..batch).flat_map(|_| window(train_text, rng.below(train_text.len() - seq))).collect();
+        // Batches depend only on (seed, step), so a resumed run sees the same ones.
+        let mut batch_rng = Rng::new(args.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step as u64);
+        let ids: Vec<f32> =
+            (0..batch).flat_map(|_| window(train_text, batch_rng.below(train_text.len() - seq))).collect();
         let mut feeds = std::mem::take(&mut state);
         feeds.insert("input_ids".into(), Tensor::new(vec![batch, seq], ids));
         feeds.insert("lr".into(), Tensor::new(vec![], vec![rate as f32]));
@@ -227,12 +274,12 @@ pub fn run(args: &TrainArgs) -> ExitCode {
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let tps = (step * batch * seq) as f64 / elapsed;
+        let tps = ((step - first_step + 1) * batch * seq) as f64 / elapsed;
         let _ = writeln!(
             metrics,
             "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"tokens_per_s\": {tps:.0}}}"
         );
-        let eval_now = eval_len > 0 && (step % args.eval_every == 0 || step == steps);
+        let eval_now = eval_len > 0 && (step % args.eval_every == 0 || step == last);
         if eval_now {
             let eval = match evaluate(&state) {
                 Ok(e) => e,
@@ -253,10 +300,15 @@ pub fn run(args: &TrainArgs) -> ExitCode {
                 if improved { " (best, saved)" } else { "" }
             );
             last_report = Instant::now();
-        } else if last_report.elapsed().as_secs_f64() > 5.0 {
-            let eta = elapsed / step as f64 * (steps - step) as f64;
+        } else if last_report.elapsed().as_secs_f64() > 5.0 && step % 10 == 0 {
+            let eta = elapsed / (step - first_step + 1) as f64 * (steps - step) as f64;
             eprintln!("step {step:>5}/{steps}  loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s  eta {eta:.0} s");
             last_report = Instant::now();
+        }
+        if (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || step == last {
+            if let Err(e) = save_state(&state, step, best) {
+                return usage(e);
+            }
         }
     }
     if eval_len == 0 {

@@ -61,6 +61,15 @@ pub fn init(params: &[ParamInfo], rng: &mut Rng) -> HashMap<String, Tensor> {
 /// Writes tensors to a safetensors file through a temporary file and a
 /// rename, so an interrupted write never leaves a broken checkpoint.
 pub fn save(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), String> {
+    save_with(path, tensors, None)
+}
+
+/// [`save`] with string metadata in the file's header.
+pub fn save_with(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), String> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = {
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -78,7 +87,7 @@ pub fn save(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), String
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, None, &tmp)
+    safetensors::tensor::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -148,4 +157,22 @@ fn f16_to_f32(h: u16) -> f32 {
         (e, f) => sign | ((e + 112) << 23) | (f << 13),
     };
     f32::from_bits(bits)
+}
+
+/// Every tensor of a safetensors file and its metadata (a training state).
+pub fn load_all(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+    let file =
+        SafeTensors::deserialize(&bytes).map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, view) in file.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), view.dtype()));
+        }
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        out.insert(name, Tensor::new(view.shape().to_vec(), data));
+    }
+    Ok((out, header.metadata().clone().unwrap_or_default()))
 }
