@@ -309,3 +309,46 @@ fn resume_continues_with_the_same_losses() {
     assert_eq!(a, b, "a resumed run must repeat the uninterrupted losses exactly");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ctrl_c_saves_the_state_and_exits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let dir = corpus_dir("sigint");
+    let (data, out) = (dir.join("data.txt"), dir.join("run"));
+    let mut args =
+        vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend([
+        "--steps",
+        "1000000",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        "0",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelc"))
+        .args(&args)
+        .current_dir(repo())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Wait for training to be under way: the first evaluation line.
+    for line in lines.by_ref() {
+        if line.unwrap().contains("eval") {
+            break;
+        }
+    }
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("interrupted: saving the state")), "{rest:?}");
+    assert!(out.join("state.safetensors").exists() && out.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

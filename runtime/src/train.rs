@@ -237,8 +237,13 @@ pub fn run(args: &TrainArgs) -> ExitCode {
         let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
         weights::save_with(&args.out.join("state.safetensors"), state, Some(meta))
     };
-    let last = args.until.unwrap_or(steps).min(steps);
-    for step in first_step..=last {
+    let mut last = args.until.unwrap_or(steps).min(steps);
+    // Ctrl-C ends the run after the current step, with everything saved.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let mut step = first_step;
+    while step <= last {
         let rate = if step <= warmup {
             lr * step as f64 / warmup as f64
         } else {
@@ -305,11 +310,15 @@ pub fn run(args: &TrainArgs) -> ExitCode {
             eprintln!("step {step:>5}/{steps}  loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s  eta {eta:.0} s");
             last_report = Instant::now();
         }
-        if (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || step == last {
-            if let Err(e) = save_state(&state, step, best) {
-                return usage(e);
-            }
+        if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("interrupted: saving the state at step {step}; continue with --resume {}", args.out.display());
+            last = step;
         }
+        let checkpoint = (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || step == last;
+        if checkpoint && let Err(e) = save_state(&state, step, best) {
+            return usage(e);
+        }
+        step += 1;
     }
     if eval_len == 0 {
         let params: HashMap<String, Tensor> = state.into_iter().filter(|(k, _)| !k.contains(':')).collect();

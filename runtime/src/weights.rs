@@ -159,8 +159,11 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Tensors by name.
+pub type Tensors = HashMap<String, Tensor>;
+
 /// Every tensor of a safetensors file and its metadata (a training state).
-pub fn load_all(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), String> {
+pub fn load_all(path: &Path) -> Result<(Tensors, HashMap<String, String>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (_, header) =
         SafeTensors::read_metadata(&bytes).map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
