@@ -28,15 +28,19 @@ pub struct InferArgs {
     /// The prompt as token ids instead, e.g. `--prompt-ids 72,101`.
     #[arg(long = "prompt-ids", value_delimiter = ',')]
     pub prompt_ids: Vec<usize>,
+    /// How many tokens to generate.
     #[arg(long = "max-new-tokens", default_value_t = 200)]
     pub max_new_tokens: usize,
     /// 0 picks the most likely token.
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f64,
+    /// Sample among the k most likely tokens only (0: all).
     #[arg(long = "top-k", default_value_t = 0)]
     pub top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to p.
     #[arg(long = "top-p", default_value_t = 1.0)]
     pub top_p: f64,
+    /// Seeds the sampling; the same seed repeats the text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Tokens the model sees at once (the spec's seq_len, else 128).

@@ -26,16 +26,22 @@ pub struct TrainArgs {
     /// Where to write model.safetensors (the best evaluated weights) and metrics.jsonl.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
+    /// Optimiser steps (default: the spec's `steps`, else 1000).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Sequences per step (default: the spec's `batch`, else 16).
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Tokens per sequence (default: the spec's `seq_len`, else 128).
     #[arg(long = "seq-len")]
     pub seq_len: Option<usize>,
+    /// Peak learning rate (default: the spec's `lr`, else 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Decoupled weight decay (default: the spec's `weight_decay`, else 0).
     #[arg(long = "weight-decay")]
     pub weight_decay: Option<f64>,
+    /// Steps of linear warmup before the cosine decay to lr / 10.
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Clip the global gradient norm (0 turns clipping off).
@@ -47,8 +53,10 @@ pub struct TrainArgs {
     /// Fraction of the data held out for evaluation.
     #[arg(long = "eval-split")]
     pub eval_split: Option<f64>,
+    /// Evaluate (and keep the best weights) every N steps.
     #[arg(long = "eval-every", default_value_t = 100)]
     pub eval_every: usize,
+    /// Seeds the initial weights and the batches; the same seed repeats a run exactly.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also write the whole training state (weights, optimiser state, step) every N steps.
