@@ -53,9 +53,9 @@ pub struct TrainArgs {
     /// Fraction of the data held out for evaluation.
     #[arg(long = "eval-split")]
     pub eval_split: Option<f64>,
-    /// Evaluate (and keep the best weights) every N steps.
-    #[arg(long = "eval-every", default_value_t = 100)]
-    pub eval_every: usize,
+    /// Evaluate (and keep the best weights) every N steps (default: the spec's `eval_every`, else 100).
+    #[arg(long = "eval-every")]
+    pub eval_every: Option<usize>,
     /// Seeds the initial weights and the batches; the same seed repeats a run exactly.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -109,6 +109,7 @@ pub fn run(args: &TrainArgs) -> ExitCode {
     let warmup = setting(s, "warmup", args.warmup.map(|v| v as f64), 0.0) as usize;
     let clip = setting(s, "clip", args.clip, 0.0);
     let eval_split = setting(s, "eval_split", args.eval_split, 0.1);
+    let eval_every = (setting(s, "eval_every", args.eval_every.map(|v| v as f64), 100.0) as usize).max(1);
     let betas = s.iter().find_map(|(k, v)| match (k.as_str(), v) {
         ("optimizer", Value::Record(_, fields)) => {
             fields.iter().find(|(f, _)| f == "betas").and_then(|(_, b)| match b {
@@ -292,7 +293,7 @@ pub fn run(args: &TrainArgs) -> ExitCode {
             metrics,
             "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"tokens_per_s\": {tps:.0}}}"
         );
-        let eval_now = eval_len > 0 && (step % args.eval_every == 0 || step == last);
+        let eval_now = eval_len > 0 && (step % eval_every == 0 || step == last);
         if eval_now {
             let eval = match evaluate(&state) {
                 Ok(e) => e,
