@@ -168,13 +168,19 @@ fn corpus_dir(tag: &str) -> std::path::PathBuf {
 
 const SMALL: [&str; 6] = ["--set", "layers=1", "--set", "dim=16", "--set", "heads=2"];
 
+/// `train` of a small tiny-gpt on `data`, writing to `out`.
+fn train_args<'a>(data: &'a std::path::Path, out: &'a std::path::Path) -> Vec<&'a str> {
+    let mut args =
+        vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(SMALL);
+    args
+}
+
 #[test]
 fn train_writes_the_best_checkpoint_and_infer_continues_text() {
     let dir = corpus_dir("train");
     let (data, out) = (dir.join("data.txt"), dir.join("run"));
-    let mut args =
-        vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
-    args.extend(SMALL);
+    let mut args = train_args(&data, &out);
     args.extend([
         "--steps",
         "40",
@@ -291,9 +297,7 @@ fn resume_continues_with_the_same_losses() {
     let data = dir.join("data.txt");
     let run = |out: &str, extra: &[&str]| {
         let out = dir.join(out);
-        let mut args =
-            vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
-        args.extend(SMALL);
+        let mut args = train_args(&data, &out);
         args.extend(["--steps", "20", "--batch", "2", "--seq-len", "16", "--eval-every", "5", "--seed", "9"]);
         args.extend(extra);
         let (code, _, err) = modelc(&args);
@@ -315,9 +319,7 @@ fn ctrl_c_saves_the_state_and_exits_cleanly() {
     use std::io::{BufRead, BufReader};
     let dir = corpus_dir("sigint");
     let (data, out) = (dir.join("data.txt"), dir.join("run"));
-    let mut args =
-        vec!["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
-    args.extend(SMALL);
+    let mut args = train_args(&data, &out);
     args.extend([
         "--steps",
         "1000000",

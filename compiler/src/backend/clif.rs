@@ -159,51 +159,11 @@ impl Jit {
                 let len = b.ins().isub(end, start);
                 let whole = b.ins().band_imm_s(len, !3);
                 let vend = b.ins().iadd(start, whole);
-                let head = b.create_block();
-                let body = b.create_block();
-                let done = b.create_block();
-                b.append_block_param(head, types::I64);
-                b.append_block_param(done, types::I64);
-                b.ins().jump(head, &[start.into()]);
-                b.switch_to_block(head);
-                let i = b.block_params(head)[0];
-                let more = b.ins().icmp(IntCC::SignedLessThan, i, vend);
-                b.ins().brif(more, body, &[], done, &[i.into()]);
-                b.switch_to_block(body);
-                let v = emit_element(&mut b, spec, &bases, i, types::F32X4, &refs);
-                let addr = address(&mut b, out, i);
-                let store = MemFlagsData::new().with_notrap();
-                b.ins().store(store, v, addr, 0);
-                let next = b.ins().iadd_imm_s(i, 4);
-                b.ins().jump(head, &[next.into()]);
-                b.seal_block(body);
-                b.seal_block(head);
-                b.switch_to_block(done);
-                b.seal_block(done);
-                b.block_params(done)[0]
+                element_loop(&mut b, spec, &bases, &refs, out, start, vend, types::F32X4)
             } else {
                 start
             };
-            let head = b.create_block();
-            let body = b.create_block();
-            let exit = b.create_block();
-            b.append_block_param(head, types::I64);
-            b.ins().jump(head, &[tail_start.into()]);
-            b.switch_to_block(head);
-            let i = b.block_params(head)[0];
-            let more = b.ins().icmp(IntCC::SignedLessThan, i, end);
-            b.ins().brif(more, body, &[], exit, &[]);
-            b.switch_to_block(body);
-            let v = emit_element(&mut b, spec, &bases, i, types::F32, &refs);
-            let addr = address(&mut b, out, i);
-            let store = MemFlagsData::new().with_notrap();
-            b.ins().store(store, v, addr, 0);
-            let next = b.ins().iadd_imm_s(i, 1);
-            b.ins().jump(head, &[next.into()]);
-            b.seal_block(body);
-            b.seal_block(head);
-            b.switch_to_block(exit);
-            b.seal_block(exit);
+            element_loop(&mut b, spec, &bases, &refs, out, tail_start, end, types::F32);
             b.ins().return_(&[]);
             b.finalize(self.module.target_config());
         }
@@ -223,6 +183,42 @@ impl Jit {
         // SAFETY: the function was defined with this signature in `compile`.
         unsafe { std::mem::transmute::<*const u8, KernelFn>(code) }
     }
+}
+
+/// `for i in (from..to).step_by(lanes) { out[i..] = element(i) }`, as blocks;
+/// returns the index the loop stopped at.
+#[allow(clippy::too_many_arguments)]
+fn element_loop(
+    b: &mut FunctionBuilder,
+    spec: &FusedSpec,
+    bases: &[Value],
+    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+    out: Value,
+    from: Value,
+    to: Value,
+    ty: Type,
+) -> Value {
+    let head = b.create_block();
+    let body = b.create_block();
+    let done = b.create_block();
+    b.append_block_param(head, types::I64);
+    b.append_block_param(done, types::I64);
+    b.ins().jump(head, &[from.into()]);
+    b.switch_to_block(head);
+    let i = b.block_params(head)[0];
+    let more = b.ins().icmp(IntCC::SignedLessThan, i, to);
+    b.ins().brif(more, body, &[], done, &[i.into()]);
+    b.switch_to_block(body);
+    let v = emit_element(b, spec, bases, i, ty, refs);
+    let addr = address(b, out, i);
+    b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+    let next = b.ins().iadd_imm_s(i, i64::from(ty.lane_count()));
+    b.ins().jump(head, &[next.into()]);
+    b.seal_block(body);
+    b.seal_block(head);
+    b.switch_to_block(done);
+    b.seal_block(done);
+    b.block_params(done)[0]
 }
 
 fn address(b: &mut FunctionBuilder, base: Value, index: Value) -> Value {
