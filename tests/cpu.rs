@@ -100,15 +100,20 @@ fn every_spec_matches_the_interpreter() {
         let base = if name.starts_with("llama-") { "llama" } else { name.as_str() };
         let opts = sets(&small(base));
         let program = modelc::check::load_source(&format!("{name}.model"), &text, path.parent()).ok().unwrap();
-        let (checked, forward) =
-            modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training: false }).unwrap();
+        let (checked, forward) = modelc::check::lower(
+            &program,
+            &opts,
+            modelc::check::LowerOptions { training: false, ..Default::default() },
+        )
+        .unwrap();
         let mut rng = Rng(99);
         let mut feeds = random_params(&checked, &mut rng, 0.3);
         feeds.extend(inputs(&checked, &mut rng));
         compare(&format!("{name} forward"), &modelc::ir::prune::prune(&forward), &feeds, 2e-4);
 
         let (_, train_fwd) =
-            modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training: true }).unwrap();
+            modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training: true, ..Default::default() })
+                .unwrap();
         let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
         if let Some(step) =
             training_program(&train_fwd, &trainable, &TrainConfig { clip: Some(1.0), ..Default::default() })

@@ -61,7 +61,7 @@ use std::collections::HashMap;
 pub fn lower_text(text: &str, opts: &Options, training: bool) -> (Checked, Graph) {
     let program = check::load_source("test.model", text, Some(&repo().join("specs")))
         .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d, false)));
-    check::lower(&program, opts, LowerOptions { training })
+    check::lower(&program, opts, LowerOptions { training, ..Default::default() })
         .unwrap_or_else(|d| panic!("{}\n{text}", render(&program.sources, &d, false)))
 }
 

@@ -240,7 +240,7 @@ fn cmd_ast(path: &Path) -> ExitCode {
 pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, crate::ir::graph::Graph), ExitCode> {
     use crate::ir::train as training;
     let (program, opts) = load(args)?;
-    let (checked, graph) = check::lower(&program, &opts, check::LowerOptions { training: train })
+    let (checked, graph) = check::lower(&program, &opts, check::LowerOptions { training: train, ..Default::default() })
         .map_err(|d| fail(&program.sources, &d))?;
     let graph = if train {
         let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();

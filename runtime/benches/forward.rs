@@ -17,7 +17,7 @@ fn bench(spec: &str, sets: &[(&str, &str)], batch: usize, seq: usize) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
     let program = check::load_file(&root.join(spec)).unwrap_or_else(|_| panic!("{spec} loads"));
     let opts = Options { config: None, sets: sets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
-    let (checked, g) = check::lower(&program, &opts, LowerOptions { training: false }).expect("spec checks");
+    let (checked, g) = check::lower(&program, &opts, LowerOptions::default()).expect("spec checks");
     let g = modelc::ir::prune::prune(&g);
     let (g, _) = modelc::opt::optimize(&g, modelc::opt::Limits::default());
     let mut state = 12345u64;
@@ -91,7 +91,7 @@ fn train_step(spec: &str, batch: usize, seq: usize) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
     let program = check::load_file(&root.join(spec)).unwrap_or_else(|_| panic!("{spec} loads"));
     let (checked, g) =
-        check::lower(&program, &Options::default(), LowerOptions { training: true }).expect("spec checks");
+        check::lower(&program, &Options::default(), LowerOptions { training: true, ..Default::default() }).expect("spec checks");
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let cfg = modelc::ir::train::TrainConfig { clip: Some(1.0), ..Default::default() };
     let step =

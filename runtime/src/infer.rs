@@ -1,58 +1,71 @@
-//! `modelc infer`: generates text from trained weights, one byte per token,
-//! streaming each token as it comes. The forward program is compiled once
-//! for a fixed context; the tokens so far sit at its start (causal attention
-//! makes the padding after them irrelevant) and the last real position's
-//! logits give the next token. Greedy, temperature, top-k and top-p.
+//! `modelc infer`: generates text from trained weights, streaming each token
+//! as it comes. Decoding is KV-cached: the model is lowered with a key/value
+//! cache (`ir::lower::Cache`), the prompt is read in one call and each new
+//! token costs one call with a single position. When the cache is full, the
+//! most recent half of the tokens is read again from position 0 and decoding
+//! goes on. `--no-cache` recomputes the whole context for every token
+//! instead (to measure what the cache saves). Greedy, temperature, top-k and
+//! top-p sampling, seeded.
 
-use crate::cpu::{Program, Tensor, bind};
-use crate::weights::{self, Rng};
-use modelc::cli::{ModelArgs, fail, load};
-use modelc::diag::Diagnostic;
-use modelc::source::SourceMap;
+use crate::cpu::{Program, Tensor};
+use crate::model::{RunArgs, compile, error, forward_graph, load_weights};
+use crate::tokenize::{Stream, Tokenizer};
+use crate::weights::{Rng, Tensors};
+use modelc::check::value::Value;
+use modelc::check::{Checked, LowerOptions};
+use modelc::cli::ModelArgs;
+use modelc::ir::graph::{Graph, Op};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+const CODE: &str = "E0702";
+
 #[derive(clap::Args, Debug)]
 pub struct InferArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Trained weights (a safetensors file with the model's weight names).
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Trained weights: a safetensors file, a sharded checkpoint's index, or a folder.
     #[arg(long)]
     pub weights: PathBuf,
+    /// A Hugging Face tokenizer.json (default: one beside the weights, else bytes as tokens).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// The text to continue.
     #[arg(long, default_value = "")]
     pub prompt: String,
     /// The prompt as token ids instead, e.g. `--prompt-ids 72,101`.
     #[arg(long = "prompt-ids", value_delimiter = ',')]
     pub prompt_ids: Vec<usize>,
-    /// How many tokens to generate.
-    #[arg(long = "max-new-tokens", default_value_t = 200)]
-    pub max_new_tokens: usize,
-    /// 0 picks the most likely token.
-    #[arg(long, default_value_t = 0.8)]
-    pub temperature: f64,
+    /// How many tokens to generate (default: the spec's `max_new_tokens`, else 200).
+    #[arg(long = "max-new-tokens")]
+    pub max_new_tokens: Option<usize>,
+    /// 0 picks the most likely token (default: the spec's `temperature`, else 0.8).
+    #[arg(long)]
+    pub temperature: Option<f64>,
     /// Sample among the k most likely tokens only (0: all).
-    #[arg(long = "top-k", default_value_t = 0)]
-    pub top_k: usize,
+    #[arg(long = "top-k")]
+    pub top_k: Option<usize>,
     /// Sample among the most likely tokens whose probabilities add up to p.
-    #[arg(long = "top-p", default_value_t = 1.0)]
-    pub top_p: f64,
+    #[arg(long = "top-p")]
+    pub top_p: Option<f64>,
     /// Seeds the sampling; the same seed repeats the text.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Tokens the model sees at once (the spec's seq_len, else 128).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Positions the model sees at once (default: the spec's `context` in `infer`,
+    /// else its training `seq_len`, else its `positions` hyperparameter, else 2048).
     #[arg(long)]
     pub context: Option<usize>,
-    /// Print one JSON object with the new token ids instead of text.
+    /// Recompute the whole context for every token instead of using the key/value cache.
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+    /// Print one JSON object with the new token ids (and the text) instead of streaming.
     #[arg(long)]
     pub json: bool,
-}
-
-fn usage(message: impl Into<String>) -> ExitCode {
-    fail(&SourceMap::new(), &[Diagnostic::new("E0702", message)])
 }
 
 /// Picks a token from logits with temperature, top-k and top-p.
@@ -90,81 +103,204 @@ pub fn sample(logits: &[f32], temperature: f64, top_k: usize, top_p: f64, rng: &
     order[kept - 1]
 }
 
+/// A setting: the flag, else the spec's block, else a default.
+fn setting(block: &[(String, Value)], key: &str, flag: Option<f64>, default: f64) -> f64 {
+    flag.or_else(|| block.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_f64())).unwrap_or(default)
+}
+
+/// How many positions the model can attend over.
+fn context(args: &InferArgs, checked: &Checked) -> usize {
+    let from = |block: &[(String, Value)], key: &str| {
+        block.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_f64()).map(|v| v as usize)
+    };
+    args.context
+        .or_else(|| from(&checked.infer, "context"))
+        .or_else(|| from(&checked.train, "seq_len"))
+        .or_else(|| from(&checked.hparams, "positions"))
+        .unwrap_or(2048)
+        .max(2)
+}
+
+/// Next-token logits for a growing sequence.
+trait Decoder {
+    /// Reads `new` (the tokens after those already read) and returns the
+    /// logits after the last of them.
+    fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String>;
+}
+
+/// KV-cached decoding: one program per number of new tokens (the prompt,
+/// then 1), sharing the weights and the cache tensors.
+struct Cached {
+    graph: Graph,
+    feeds: Tensors,
+    programs: HashMap<usize, Program>,
+    len: usize,
+    vocab: usize,
+    /// Tokens whose keys and values the cache holds.
+    held: usize,
+}
+
+impl Cached {
+    fn new(graph: Graph, weights: Tensors, len: usize, vocab: usize) -> Cached {
+        let mut feeds = weights;
+        for n in &graph.nodes {
+            if let Op::Input(name) = &n.op
+                && name.starts_with("past.")
+            {
+                // [B, len, kv_heads, head_dim] with B = 1.
+                let shape: Vec<usize> =
+                    n.ty.dims
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| if i == 0 { 1 } else { d.as_const().unwrap_or(1) as usize })
+                        .collect();
+                let count = shape.iter().product();
+                feeds.insert(name.clone(), Tensor::new(shape, vec![0.0; count]));
+            }
+        }
+        Cached { graph, feeds, programs: HashMap::new(), len, vocab, held: 0 }
+    }
+
+    fn read(&mut self, ids: &[usize], position: usize) -> Result<Vec<f32>, String> {
+        let t = ids.len();
+        self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], ids.iter().map(|i| *i as f32).collect()));
+        self.feeds.insert("position".into(), Tensor::new(vec![], vec![position as f32]));
+        if !self.programs.contains_key(&t) {
+            let p = compile(CODE, &self.graph, &self.feeds).map_err(|_| "cannot compile the decoder".to_string())?;
+            self.programs.insert(t, p);
+        }
+        let mut out = self.programs[&t].run(&self.feeds)?;
+        for (name, value) in out.iter_mut() {
+            if let Some(layer) = name.strip_prefix("present.") {
+                self.feeds.insert(format!("past.{layer}"), std::mem::replace(value, Tensor::new(vec![0], vec![])));
+            }
+        }
+        let logits = &out["logits"].data;
+        Ok(logits[(t - 1) * self.vocab..t * self.vocab].to_vec())
+    }
+}
+
+impl Decoder for Cached {
+    fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String> {
+        if self.held + new <= self.len {
+            let start = tokens.len() - new;
+            let logits = self.read(&tokens[start..], self.held)?;
+            self.held += new;
+            return Ok(logits);
+        }
+        // Full: start over from the most recent half of the context.
+        let keep = (self.len / 2).max(1).min(tokens.len());
+        self.held = keep;
+        self.read(&tokens[tokens.len() - keep..], 0)
+    }
+}
+
+/// Recomputes the last `len` tokens for every new one, on a program compiled
+/// once for a fixed length (causal attention makes the padding irrelevant).
+struct Recompute {
+    program: Program,
+    feeds: Tensors,
+    len: usize,
+    vocab: usize,
+}
+
+impl Decoder for Recompute {
+    fn next(&mut self, tokens: &[usize], _new: usize) -> Result<Vec<f32>, String> {
+        let seen = &tokens[tokens.len().saturating_sub(self.len)..];
+        let mut ids: Vec<f32> = seen.iter().map(|t| *t as f32).collect();
+        ids.resize(self.len, 0.0);
+        self.feeds.insert("input_ids".into(), Tensor::new(vec![1, self.len], ids));
+        let out = self.program.run(&self.feeds)?;
+        let pos = seen.len() - 1;
+        Ok(out["logits"].data[pos * self.vocab..(pos + 1) * self.vocab].to_vec())
+    }
+}
+
 pub fn run(args: &InferArgs) -> ExitCode {
-    let (program, opts) = match load(&args.model) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (checked, g) = match modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training: false }) {
-        Ok(v) => v,
-        Err(d) => return fail(&program.sources, &d),
-    };
+    match infer(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+fn infer(args: &InferArgs) -> Result<(), ExitCode> {
+    args.run.apply(CODE)?;
+    let (checked, _) = forward_graph(&args.model, LowerOptions::default(), &["logits"])?;
     let Some(logits_sig) = checked.outputs.iter().find(|o| o.name == "logits") else {
-        return usage(format!("`{}` has no `logits` output to generate from", checked.model));
+        return Err(error(CODE, format!("`{}` has no `logits` output to generate from", checked.model)));
     };
     let vocab = logits_sig.ty.dims.last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
-    let mut g = modelc::ir::prune::prune(&g);
-    g.outputs.retain(|(n, _)| n == "logits");
-    let (g, _) = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default());
-    let params = match weights::load(&args.weights, &checked.params) {
-        Ok(p) => p,
-        Err(e) => return usage(e),
-    };
-    let context = args
-        .context
-        .or_else(|| {
-            checked.train.iter().find(|(k, _)| k == "seq_len").and_then(|(_, v)| v.as_f64()).map(|v| v as usize)
-        })
-        .unwrap_or(128);
-    let mut tokens: Vec<usize> = if args.prompt_ids.is_empty() {
-        args.prompt.bytes().map(usize::from).collect()
+    let absent: Vec<String> = checked.inputs.iter().filter(|i| i.optional).map(|i| i.name.clone()).collect();
+    if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
+        return Err(error(CODE, format!("`infer` feeds `input_ids` only; `{}` needs other inputs too", checked.model)));
+    }
+    let weights = load_weights(CODE, &args.weights, &checked)?;
+    let tokenizer_path = Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights));
+    let tokenizer = Tokenizer::open(tokenizer_path.as_deref()).map_err(|e| error(CODE, e))?;
+    let prompt_ids = if args.prompt_ids.is_empty() {
+        tokenizer.encode(&args.prompt).map_err(|e| error(CODE, e))?
     } else {
         args.prompt_ids.clone()
     };
-    if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
-        return usage(format!("prompt token {bad} is outside the vocabulary of {vocab}"));
+    let mut tokens = prompt_ids.clone();
+    if tokens.is_empty() {
+        return Err(error(CODE, "the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3"));
     }
-    let mut shapes: HashMap<String, Vec<usize>> = params.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    shapes.insert("input_ids".into(), vec![1, context]);
-    let compiled = match bind(&g, &shapes).and_then(|s| Program::compile(&g, &s)) {
-        Ok(p) => p,
-        Err(e) => return usage(e),
+    if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
+        return Err(error(CODE, format!("prompt token {bad} is outside the vocabulary of {vocab}")));
+    }
+    let s = &checked.infer;
+    let max_new = setting(s, "max_new_tokens", args.max_new_tokens.map(|v| v as f64), 200.0) as usize;
+    let temperature = setting(s, "temperature", args.temperature, 0.8);
+    let top_k = setting(s, "top_k", args.top_k.map(|v| v as f64), 0.0) as usize;
+    let top_p = setting(s, "top_p", args.top_p, 1.0);
+    let seed = setting(s, "seed", args.seed.map(|v| v as f64), 0.0) as u64;
+    let context = context(args, &checked);
+
+    let mut decoder: Box<dyn Decoder> = if args.no_cache {
+        let (_, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &["logits"])?;
+        let len = context.min(tokens.len() + max_new);
+        let mut feeds = weights;
+        feeds.insert("input_ids".into(), Tensor::new(vec![1, len], vec![0.0; len]));
+        let program = compile(CODE, &g, &feeds)?;
+        Box::new(Recompute { program, feeds, len, vocab })
+    } else {
+        let len = context.min(tokens.len() + max_new);
+        let how = LowerOptions { absent, cache: Some(len), ..Default::default() };
+        let (_, g) = forward_graph(&args.model, how, &[])?;
+        Box::new(Cached::new(g, weights, len, vocab))
     };
-    let mut feeds = params;
-    let mut rng = Rng::new(args.seed);
+
+    let mut rng = Rng::new(seed);
     let mut out = std::io::stdout().lock();
     if !args.json {
-        let _ = out.write_all(&tokens.iter().map(|t| *t as u8).collect::<Vec<u8>>());
+        let _ = out.write_all(&tokenizer.decode(&tokens));
+        let _ = out.flush();
     }
+    let mut stream = Stream::new(&tokenizer);
     let started = Instant::now();
     let mut fresh = Vec::new();
-    for _ in 0..args.max_new_tokens {
-        // The last `context` tokens, padded at the end.
-        let start = tokens.len().saturating_sub(context - 1);
-        let seen = &tokens[start..];
-        let mut ids: Vec<f32> = seen.iter().map(|t| *t as f32).collect();
-        ids.resize(context, 0.0);
-        feeds.insert("input_ids".into(), Tensor::new(vec![1, context], ids));
-        let logits = match compiled.run(&feeds) {
-            Ok(o) => o,
-            Err(e) => return usage(e),
-        };
-        let pos = seen.len().max(1) - 1;
-        let row = &logits["logits"].data[pos * vocab..(pos + 1) * vocab];
-        let next = sample(row, args.temperature, args.top_k, args.top_p, &mut rng);
+    let mut new = tokens.len();
+    for _ in 0..max_new {
+        let logits = decoder.next(&tokens, new).map_err(|e| error(CODE, e))?;
+        let next = sample(&logits, temperature, top_k, top_p, &mut rng);
         tokens.push(next);
         fresh.push(next);
+        new = 1;
         if !args.json {
-            let _ = out.write_all(&[next as u8]);
+            let _ = out.write_all(&stream.push(next));
             let _ = out.flush();
         }
     }
     let secs = started.elapsed().as_secs_f64();
     if args.json {
-        let _ = writeln!(out, "{}", serde_json::json!({ "new_token_ids": fresh }));
+        let text = String::from_utf8_lossy(&tokenizer.decode(&fresh)).into_owned();
+        let _ =
+            writeln!(out, "{}", serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": fresh, "text": text }));
     } else {
+        let _ = out.write_all(&stream.finish());
         let _ = writeln!(out);
     }
     eprintln!("{} tokens in {secs:.2} s, {:.1} tokens/s", fresh.len(), fresh.len() as f64 / secs.max(1e-9));
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -4,6 +4,9 @@
 //! the commands of the same names.
 
 pub mod cpu;
+pub mod forward;
 pub mod infer;
+pub mod model;
+pub mod tokenize;
 pub mod train;
 pub mod weights;

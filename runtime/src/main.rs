@@ -18,6 +18,8 @@ enum Top {
     Train(modelc_runtime::train::TrainArgs),
     /// Generate text from a trained model.
     Infer(modelc_runtime::infer::InferArgs),
+    /// Run the model on named input tensors and write its named outputs (safetensors).
+    Forward(modelc_runtime::forward::ForwardArgs),
 }
 
 fn main() -> ExitCode {
@@ -25,5 +27,6 @@ fn main() -> ExitCode {
         Top::Compiler(c) => modelc::cli::run(c),
         Top::Train(args) => modelc_runtime::train::run(&args),
         Top::Infer(args) => modelc_runtime::infer::run(&args),
+        Top::Forward(args) => modelc_runtime::forward::run(&args),
     }
 }

@@ -85,7 +85,9 @@ pub fn run(args: &TrainArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let lower = |training| modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training });
+    let lower = |training| {
+        modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training, ..Default::default() })
+    };
     let (checked, train_fwd) = match lower(true) {
         Ok(v) => v,
         Err(d) => return fail(&program.sources, &d),

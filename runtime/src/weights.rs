@@ -36,7 +36,7 @@ impl Rng {
 }
 
 /// Fresh weights as the spec's initialisers say.
-pub fn init(params: &[ParamInfo], rng: &mut Rng) -> HashMap<String, Tensor> {
+pub fn init(params: &[ParamInfo], rng: &mut Rng) -> Tensors {
     params
         .iter()
         .map(|p| {
@@ -92,45 +92,54 @@ pub fn save_with(
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Reads the weights `params` names from a safetensors file (f32, f16 or
-/// bf16 on disk); every missing, unexpected or misshaped tensor is listed.
-pub fn load(path: &Path, params: &[ParamInfo]) -> Result<HashMap<String, Tensor>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let file =
-        SafeTensors::deserialize(&bytes).map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+/// Reads the weights `params` names from a checkpoint: one safetensors
+/// file, a sharded checkpoint's `model.safetensors.index.json`, or a folder
+/// holding either. Tensors may be f32, f16 or bf16 on disk. As in
+/// Hugging Face's loader, a checkpoint saved from the base model (names
+/// without the first component, e.g. `h.0...` for `transformer.h.0...`) loads
+/// too, and non-persistent buffers older versions saved are ignored. Every
+/// missing, unexpected, misshaped or mistyped tensor is listed by name.
+pub fn load(path: &Path, params: &[ParamInfo]) -> Result<Tensors, String> {
+    let files = checkpoint_files(path)?;
+    let mut on_disk: HashMap<String, (usize, Vec<usize>)> = HashMap::new();
+    let mut blobs = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| format!("{} is not a safetensors file: {e}", file.display()))?;
+        for (name, view) in st.tensors() {
+            on_disk.insert(name, (i, view.shape().to_vec()));
+        }
+        blobs.push(bytes);
+    }
+    let stripped = |name: &str| name.split_once('.').map(|(_, rest)| rest.to_string());
     let mut out = HashMap::new();
+    let mut used = std::collections::HashSet::new();
     let mut problems = Vec::new();
     for p in params {
         let want: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
-        let view = match file.tensor(&p.name) {
-            Ok(v) => v,
-            Err(_) => {
-                problems.push(format!("missing tensor `{}` {want:?}", p.name));
-                continue;
-            }
+        let stored = [Some(p.name.clone()), stripped(&p.name)].into_iter().flatten().find(|n| on_disk.contains_key(n));
+        let Some(stored) = stored else {
+            problems.push(format!("missing tensor `{}` {want:?}", p.name));
+            continue;
         };
-        if view.shape() != want.as_slice() {
-            problems.push(format!("tensor `{}` has shape {:?}, expected {want:?}", p.name, view.shape()));
+        used.insert(stored.clone());
+        let (file, shape) = &on_disk[&stored];
+        if *shape != want {
+            problems.push(format!("tensor `{}` has shape {shape:?}, expected {want:?}", p.name));
             continue;
         }
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                .collect(),
-            Dtype::F16 => view.data().chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
-            other => {
-                problems.push(format!("tensor `{}` is {other:?}; f32, f16 and bf16 are supported", p.name));
-                continue;
+        let st = SafeTensors::deserialize(&blobs[*file]).expect("parsed above");
+        let view = st.tensor(&stored).expect("listed above");
+        match to_f32(&view) {
+            Ok(data) => {
+                out.insert(p.name.clone(), Tensor::new(want, data));
             }
-        };
-        out.insert(p.name.clone(), Tensor::new(want, data));
+            Err(e) => problems.push(format!("tensor `{}` {e}", p.name)),
+        }
     }
-    let known: std::collections::HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
-    for name in file.names() {
-        if !known.contains(name) {
+    for name in on_disk.keys() {
+        if !used.contains(name) && !is_buffer(name) {
             problems.push(format!("unexpected tensor `{name}`"));
         }
     }
@@ -140,6 +149,59 @@ pub fn load(path: &Path, params: &[ParamInfo]) -> Result<HashMap<String, Tensor>
         problems.sort();
         Err(format!("{} does not fit the model:\n  {}", path.display(), problems.join("\n  ")))
     }
+}
+
+/// Buffers that older transformers versions saved with the weights: the
+/// causal mask of GPT-2 attention and the RoPE inverse frequencies.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// The safetensors files of a checkpoint: the file itself, or every shard an
+/// index names, or what a folder holds.
+pub fn checkpoint_files(path: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    if path.is_dir() {
+        for name in ["model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"] {
+            if path.join(name).exists() {
+                return checkpoint_files(&path.join(name));
+            }
+        }
+        return Err(format!("{} holds no model.safetensors or model.safetensors.index.json", path.display()));
+    }
+    if !path.to_string_lossy().ends_with(".json") {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(format!("{} has no `weight_map` object", path.display()));
+    };
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    shards.sort();
+    shards.dedup();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+/// A tensor's elements as f32, whatever its dtype on disk (integers are
+/// exact up to 2^24, which covers token ids and masks).
+pub fn to_f32(view: &TensorView) -> Result<Vec<f32>, String> {
+    let d = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+        Dtype::BF16 => {
+            d.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+        }
+        Dtype::F16 => d.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+        Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
+        Dtype::I16 => d.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as f32).collect(),
+        Dtype::I8 => d.iter().map(|b| *b as i8 as f32).collect(),
+        Dtype::U8 | Dtype::BOOL => d.iter().map(|b| *b as f32).collect(),
+        other => return Err(format!("is {other:?}; f32, f16, bf16 and integer tensors are supported")),
+    })
 }
 
 fn f16_to_f32(h: u16) -> f32 {
@@ -171,10 +233,7 @@ pub fn load_all(path: &Path) -> Result<(Tensors, HashMap<String, String>), Strin
         SafeTensors::deserialize(&bytes).map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in file.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), view.dtype()));
-        }
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = to_f32(&view).map_err(|e| format!("{}: tensor `{name}` {e}", path.display()))?;
         out.insert(name, Tensor::new(view.shape().to_vec(), data));
     }
     Ok((out, header.metadata().clone().unwrap_or_default()))

@@ -97,7 +97,7 @@ pub const TRAIN_KEYS: &[&str] = &[
     "checkpoint_every",
 ];
 /// Settings an `infer { }` block understands.
-pub const INFER_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"];
+pub const INFER_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "context"];
 
 /// Checks the spec's model (the last `model` of the entry file).
 pub fn check(p: &Program, opts: &Options) -> Result<Checked, Vec<Diagnostic>> {
@@ -116,10 +116,16 @@ pub fn check_model(p: &Program, entry: DefRef, opts: &Options) -> Result<Checked
 }
 
 /// How to lower a checked model to IR.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LowerOptions {
     /// Emit dropout and the `loss` output of the train block.
     pub training: bool,
+    /// Optional model inputs the caller leaves out: they are `none` in the
+    /// forward, as if the model were called without them.
+    pub absent: Vec<String>,
+    /// Lower for incremental decoding with a key/value cache of this many
+    /// positions (see `ir::lower::Cache`).
+    pub cache: Option<usize>,
 }
 
 /// Checks the spec's model and lowers its forward (and, when training, its
@@ -142,7 +148,7 @@ pub fn trace_calls(p: &Program, opts: &Options) -> Result<(Checked, Vec<CallReco
     };
     let mut c = Checker::new(p);
     c.calls = Some(Vec::new());
-    match run(&mut c, entry, opts) {
+    match run(&mut c, entry, opts, &[]) {
         Ok(checked) if c.diags.is_empty() => Ok((checked, c.calls.take().unwrap_or_default())),
         _ => Err(c.diags),
     }
@@ -155,8 +161,9 @@ fn check_and_lower(
     how: Option<LowerOptions>,
 ) -> Result<(Checked, Option<crate::ir::graph::Graph>), Vec<Diagnostic>> {
     let mut c = Checker::new(p);
-    c.lower = how.map(|h| crate::ir::lower::Lowering { training: h.training, ..Default::default() });
-    let result = run(&mut c, entry, opts);
+    let absent = how.as_ref().map(|h| h.absent.clone()).unwrap_or_default();
+    c.lower = how.map(|h| crate::ir::lower::Lowering::new(h.training, h.cache));
+    let result = run(&mut c, entry, opts, &absent);
     match result {
         Ok(checked) if c.diags.is_empty() => Ok((checked, c.lower.take().map(|l| l.g))),
         _ => {
@@ -168,7 +175,7 @@ fn check_and_lower(
     }
 }
 
-fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
+fn run(c: &mut Checker, entry: DefRef, opts: &Options, absent: &[String]) -> Fallible<Checked> {
     let (model_ref, adapt) = match p_item(c, entry) {
         Item::Adapt(a) => {
             let Some(base) = c.p.scopes[entry.module].get(&a.base.text).copied() else {
@@ -233,8 +240,12 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options) -> Fallible<Checked> {
     let mut inputs = Vec::new();
     for input in &fwd.inputs {
         let ty = boundary_type(c, &mut frame, &input.ty)?;
-        let node = c.lower.as_mut().map(|l| l.g.input(&input.name.text, ty.clone()));
-        frame.locals.insert(input.name.text.clone(), Ty::tensor(ty.clone(), node));
+        if input.optional && absent.contains(&input.name.text) {
+            frame.locals.insert(input.name.text.clone(), Ty::Value(Value::None));
+        } else {
+            let node = c.lower.as_mut().map(|l| l.model_input(&input.name.text, ty.clone()));
+            frame.locals.insert(input.name.text.clone(), Ty::tensor(ty.clone(), node));
+        }
         inputs.push(Signature { name: input.name.text.clone(), ty, optional: input.optional });
     }
     let mut rest = None;

@@ -21,6 +21,28 @@ pub struct Lowering {
     pub aux_losses: Vec<(NodeId, f64)>,
     /// Counter giving every dropout site its own key.
     pub dropout_sites: u64,
+    /// Incremental decoding with a key/value cache, when asked for.
+    pub cache: Option<Cache>,
+}
+
+/// Incremental decoding. The model sees `T` new tokens at positions
+/// `position .. position + T` (`position` is an int input). Every causal
+/// self-attention keeps its keys and values for `len` positions: it reads
+/// them from the inputs `past.{i}.key` / `past.{i}.value` ([B, len, kv_heads,
+/// head_dim]), writes the new tokens' rows, attends over all `len` slots
+/// with the causal mask hiding the unwritten ones, and returns the updated
+/// cache as the outputs `present.{i}.key` / `present.{i}.value`. Positions
+/// count from `position`: RoPE's angles, and `arange` over the sequence axis
+/// of the model's first input (learned or sinusoidal positions).
+#[derive(Debug)]
+pub struct Cache {
+    pub len: usize,
+    /// The sequence axis of the model's first input.
+    pub time: Option<Dim>,
+    /// The `position` input, made on first use.
+    pub position: Option<NodeId>,
+    /// Attention layers given a cache so far.
+    pub layers: usize,
 }
 
 /// A lowered argument: a tensor node, a compile-time value, or a list.
@@ -80,6 +102,70 @@ fn axis_of(rank: usize, a: i64) -> usize {
 }
 
 impl Lowering {
+    pub fn new(training: bool, cache: Option<usize>) -> Lowering {
+        let cache = cache.map(|len| Cache { len, time: None, position: None, layers: 0 });
+        Lowering { training, cache, ..Default::default() }
+    }
+
+    /// A model input; with a cache, the first one fixes the sequence axis.
+    pub fn model_input(&mut self, name: &str, ty: TensorTy) -> NodeId {
+        if let Some(c) = self.cache.as_mut()
+            && c.time.is_none()
+            && ty.rank() >= 2
+        {
+            c.time = Some(ty.dims[1].clone());
+        }
+        self.g.input(name, ty)
+    }
+
+    /// `iota(n)`, shifted to absolute positions when `n` is the cached sequence axis.
+    fn positions(&mut self, n: Dim) -> NodeId {
+        let i = self.g.iota(n.clone());
+        let shifted = self.cache.as_ref().is_some_and(|c| c.time.as_ref() == Some(&n));
+        if !shifted {
+            return i;
+        }
+        let p = self.position_input();
+        self.g.add(i, p)
+    }
+
+    fn position_input(&mut self) -> NodeId {
+        let c = self.cache.as_mut().expect("bug: position without a cache");
+        match c.position {
+            Some(p) => p,
+            None => {
+                let p = self.g.input("position", TensorTy::scalar(DType::Int));
+                self.cache.as_mut().expect("checked").position = Some(p);
+                p
+            }
+        }
+    }
+
+    /// Writes `new` ([B, T, G, D], rows for positions `position ..
+    /// position + T`) into the cache `past` ([B, len, G, D]).
+    fn cache_write(&mut self, past: NodeId, new: NodeId) -> NodeId {
+        let position = self.position_input();
+        let nd = self.g.dims(new).to_vec();
+        let len = self.g.dims(past)[1].clone();
+        let (t, one) = (nd[1].clone(), Dim::constant(1));
+        let j = self.g.iota(len.clone());
+        let j = self.g.reshape(j, &[len.clone(), one.clone()]);
+        let i = self.g.iota(t.clone());
+        let i = self.g.reshape(i, &[one.clone(), t.clone()]);
+        let at = self.g.add(i, position);
+        let hit = self.g.binary(Binary::Eq, j, at); // [len, T]: slot j takes new row t
+        let hit = self.g.cast(hit, DType::F32);
+        let width = nd[2].mul(&nd[3]);
+        let rows = self.g.reshape(new, &[nd[0].clone(), t.clone(), width.clone()]);
+        let placed = self.matmul(hit, rows); // [B, len, G*D]
+        let placed = self.g.reshape(placed, &[nd[0].clone(), len.clone(), nd[2].clone(), nd[3].clone()]);
+        let written = self.g.reduce(Reduce::Sum, hit, &[1]); // [len]: 1 where a row was written
+        let half = self.g.constant(0.5, DType::F32);
+        let written = self.g.binary(Binary::Gt, written, half);
+        let written = self.g.reshape(written, &[one.clone(), len, one.clone(), one]);
+        self.g.select(written, placed, past)
+    }
+
     pub fn step_input(&mut self) -> NodeId {
         match self.step {
             Some(s) => s,
@@ -207,7 +293,7 @@ impl Lowering {
             }
             "gather" => one(g.gather(a[0].node(), a[1].node())),
             "one_hot" => one(g.one_hot(a[0].node(), a[1].size())),
-            "arange" => one(g.iota(a[0].size())),
+            "arange" => one(self.positions(a[0].size())),
             "dropout" => {
                 let x = a[0].node();
                 let p = a[1].float();
@@ -343,7 +429,24 @@ impl Lowering {
         let (q, k, v) = (a[0].node(), a[1].node(), a[2].node());
         let (qd, kd, vd) = (self.g.dims(q).to_vec(), self.g.dims(k).to_vec(), self.g.dims(v).to_vec());
         let (b, t, h, d) = (qd[0].clone(), qd[1].clone(), qd[2].clone(), qd[3].clone());
-        let (s, groups) = (kd[1].clone(), kd[2].clone());
+        let (mut s, groups) = (kd[1].clone(), kd[2].clone());
+        let causal = a[3].bool();
+        // Causal self-attention reads and extends the key/value cache.
+        let (mut k, mut v, mut cached) = (k, v, false);
+        if causal && s == t && self.cache.is_some() {
+            let c = self.cache.as_mut().expect("checked");
+            let (i, len) = (c.layers, c.len);
+            c.layers += 1;
+            s = Dim::constant(len as i64);
+            for (x, kind) in [(&mut k, "key"), (&mut v, "value")] {
+                let mut dims = self.g.dims(*x).to_vec();
+                dims[1] = s.clone();
+                let past = self.g.input(&format!("past.{i}.{kind}"), TensorTy::new(DType::F32, dims));
+                *x = self.cache_write(past, *x);
+                self.g.outputs.push((format!("present.{i}.{kind}"), *x));
+            }
+            cached = true;
+        }
         // Grouped-query attention: each key/value head serves h/groups query heads.
         let repeat = |this: &mut Self, x: NodeId, last: Dim| -> NodeId {
             if groups == h {
@@ -366,14 +469,17 @@ impl Lowering {
         };
         let scores = self.g.scale(scores, scale);
         let mut allowed: Option<NodeId> = None;
-        let causal = a[3].bool();
         let window = if let LArg::Int(w) = a[4] { Some(w) } else { None };
         if causal || window.is_some() {
             // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
             let qi = self.g.iota(t.clone());
             let qi = self.g.reshape(qi, &[t.clone(), Dim::constant(1)]);
-            let offset = self.g.size(s.sub(&t));
-            let offset = self.g.cast(offset, DType::Int);
+            let offset = if cached {
+                self.position_input()
+            } else {
+                let o = self.g.size(s.sub(&t));
+                self.g.cast(o, DType::Int)
+            };
             let qpos = self.g.add(qi, offset);
             let kj = self.g.iota(s.clone());
             let kj = self.g.reshape(kj, &[Dim::constant(1), s.clone()]);
@@ -389,7 +495,8 @@ impl Lowering {
             }
             allowed = ok;
         }
-        if let Some(mask) = a[5].opt_node() {
+        // A padding mask covers the new tokens only; decoding with a cache has none.
+        if let Some(mask) = a[5].opt_node().filter(|_| !cached) {
             let md = self.g.dims(mask).to_vec();
             let m = if md.len() == 2 {
                 self.g.reshape(mask, &[md[0].clone(), Dim::constant(1), Dim::constant(1), md[1].clone()])
@@ -425,7 +532,14 @@ impl Lowering {
         let i = self.g.cast(i, DType::F32);
         let inv = self.g.scale(i, -2.0 * theta.ln() / rot as f64);
         let inv = self.g.unary(Unary::Exp, inv);
-        let pos = self.g.iota(t.clone());
+        let pos = match self.cache {
+            Some(_) => {
+                let i = self.g.iota(t.clone());
+                let p = self.position_input();
+                self.g.add(i, p)
+            }
+            None => self.g.iota(t.clone()),
+        };
         let pos = self.g.cast(pos, DType::F32);
         let pos = self.g.reshape(pos, &[t.clone(), Dim::constant(1)]);
         let angle = self.g.mul(pos, inv); // [T, half]

@@ -1,0 +1,76 @@
+//! `modelc forward`: named input tensors in, the model's named outputs out,
+//! both as safetensors files (the form Hugging Face tools read and write).
+
+use crate::model::{RunArgs, compile, error, forward_graph, load_weights};
+use crate::weights;
+use modelc::check::LowerOptions;
+use modelc::cli::ModelArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const CODE: &str = "E0703";
+
+#[derive(clap::Args, Debug)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The model's weights: a safetensors file, a sharded checkpoint's index, or a folder.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// The inputs by name, e.g. `input_ids` [B, T] (any integer or float dtype).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Where to write the outputs (f32), e.g. `logits`.
+    #[arg(long)]
+    pub outputs: PathBuf,
+}
+
+pub fn run(args: &ForwardArgs) -> ExitCode {
+    match forward(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
+    args.run.apply(CODE)?;
+    let (inputs, _) = weights::load_all(&args.inputs).map_err(|e| error(CODE, e))?;
+    // Learn the model's inputs first, so that optional ones not given are lowered as absent.
+    let (checked, _) = forward_graph(&args.model, LowerOptions::default(), &[])?;
+    let known: Vec<&str> = checked.inputs.iter().map(|i| i.name.as_str()).collect();
+    let mut problems = Vec::new();
+    let mut absent = Vec::new();
+    for i in &checked.inputs {
+        match inputs.get(&i.name) {
+            Some(t) if t.shape.len() != i.ty.rank() => problems.push(format!(
+                "input `{}` has shape {:?}, expected rank {} ({})",
+                i.name,
+                t.shape,
+                i.ty.rank(),
+                i.ty
+            )),
+            Some(_) => {}
+            None if i.optional => absent.push(i.name.clone()),
+            None => problems.push(format!("missing input `{}` {}", i.name, i.ty)),
+        }
+    }
+    let mut unexpected: Vec<&String> = inputs.keys().filter(|k| !known.contains(&k.as_str())).collect();
+    unexpected.sort();
+    for name in unexpected {
+        problems.push(format!("unexpected input `{name}` (the model takes {})", known.join(", ")));
+    }
+    if !problems.is_empty() {
+        return Err(error(
+            CODE,
+            format!("{} does not fit the model:\n  {}", args.inputs.display(), problems.join("\n  ")),
+        ));
+    }
+    let (checked, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[])?;
+    let mut feeds = load_weights(CODE, &args.weights, &checked)?;
+    feeds.extend(inputs);
+    let program = compile(CODE, &g, &feeds)?;
+    let outputs = program.run(&feeds).map_err(|e| error(CODE, e))?;
+    weights::save(&args.outputs, &outputs).map_err(|e| error(CODE, e))
+}

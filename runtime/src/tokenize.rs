@@ -1,0 +1,98 @@
+//! Text to token ids and back: bytes as tokens by default, or any Hugging
+//! Face `tokenizer.json` through the `tokenizers` crate (the library
+//! `transformers` itself uses, so ids agree exactly).
+
+use std::path::{Path, PathBuf};
+
+pub enum Tokenizer {
+    /// Each byte is a token (vocabularies of at least 256).
+    Bytes,
+    Hf(Box<tokenizers::Tokenizer>),
+}
+
+impl Tokenizer {
+    pub fn open(path: Option<&Path>) -> Result<Tokenizer, String> {
+        match path {
+            None => Ok(Tokenizer::Bytes),
+            Some(p) => tokenizers::Tokenizer::from_file(p)
+                .map(|t| Tokenizer::Hf(Box::new(t)))
+                .map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display())),
+        }
+    }
+
+    /// `--tokenizer`, else a `tokenizer.json` beside (or in) the weights.
+    pub fn find(flag: Option<&Path>, weights: Option<&Path>) -> Option<PathBuf> {
+        if let Some(f) = flag {
+            return Some(f.to_path_buf());
+        }
+        let w = weights?;
+        let dir = if w.is_dir() { w } else { w.parent()? };
+        let candidate = dir.join("tokenizer.json");
+        candidate.exists().then_some(candidate)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<usize>, String> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(usize::from).collect()),
+            Tokenizer::Hf(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().iter().map(|i| *i as usize).collect())
+                .map_err(|e| format!("cannot tokenize the text: {e}")),
+        }
+    }
+
+    /// The bytes of the text `ids` stand for.
+    pub fn decode(&self, ids: &[usize]) -> Vec<u8> {
+        match self {
+            Tokenizer::Bytes => ids.iter().map(|t| *t as u8).collect(),
+            Tokenizer::Hf(t) => {
+                let ids: Vec<u32> = ids.iter().map(|i| *i as u32).collect();
+                t.decode(&ids, false).unwrap_or_default().into_bytes()
+            }
+        }
+    }
+
+    pub fn vocab_size(&self) -> Option<usize> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(t) => Some(t.get_vocab_size(true)),
+        }
+    }
+}
+
+/// Prints generated text as tokens arrive. A multi-token character (or an
+/// incomplete UTF-8 sequence of byte tokens) is held back until it is whole.
+pub struct Stream<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<usize>,
+    printed: usize,
+}
+
+impl<'a> Stream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Stream<'a> {
+        Stream { tokenizer, ids: Vec::new(), printed: 0 }
+    }
+
+    /// The new text that `id` completes.
+    pub fn push(&mut self, id: usize) -> Vec<u8> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids);
+        let whole = match std::str::from_utf8(&text[self.printed..]) {
+            Ok(s) if !s.ends_with('\u{FFFD}') => text.len(),
+            Ok(_) => self.printed,
+            Err(e) if e.error_len().is_none() => self.printed + e.valid_up_to(),
+            Err(_) => text.len(),
+        };
+        let new = text[self.printed..whole].to_vec();
+        self.printed = whole;
+        new
+    }
+
+    /// Whatever is still held back at the end.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let text = self.tokenizer.decode(&self.ids);
+        let rest = text[self.printed.min(text.len())..].to_vec();
+        self.printed = text.len();
+        rest
+    }
+}

@@ -1,0 +1,167 @@
+//! modelc against Hugging Face `transformers` on tiny checkpoints written by
+//! `tests/hf_fixtures.py` (config.json, model.safetensors, tokenizer.json,
+//! the logits transformers computes, and its greedy `generate`).
+
+mod support;
+
+use modelc_runtime::cpu::Tensor;
+use modelc_runtime::weights::{self, Tensors};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::repo;
+
+fn modelc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelc")).args(args).current_dir(repo()).output().expect("modelc runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixture(model: &str) -> PathBuf {
+    repo().join("tests/fixtures/hf").join(model)
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("modelc-hf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `modelc forward` on the fixture's inputs with the given weights; the logits.
+fn forward(model: &str, weights: &Path, out: &Path) -> Tensor {
+    let dir = fixture(model);
+    let spec = format!("specs/{model}.model");
+    let (code, _, err) = modelc(&[
+        "forward",
+        &spec,
+        "--config",
+        dir.join("config.json").to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--inputs",
+        dir.join("inputs.safetensors").to_str().unwrap(),
+        "--outputs",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    weights::load_all(out).unwrap().0.remove("logits").expect("a logits output")
+}
+
+fn assert_logits_match(model: &str, got: &Tensor) {
+    let want = weights::load_all(&fixture(model).join("logits.safetensors")).unwrap().0.remove("logits").unwrap();
+    assert_eq!(got.shape, want.shape);
+    let worst = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "{model}: logits differ from transformers' by up to {worst}");
+}
+
+#[test]
+fn forward_matches_transformers() {
+    for model in ["gpt2", "llama"] {
+        let out = scratch(&format!("forward-{model}"));
+        let got = forward(model, &fixture(model).join("model.safetensors"), &out.join("logits.safetensors"));
+        assert_logits_match(model, &got);
+    }
+}
+
+#[test]
+fn sharded_and_base_model_checkpoints_load() {
+    let (tensors, _) = weights::load_all(&fixture("gpt2").join("model.safetensors")).unwrap();
+    // Two shards and an index, as save_pretrained(max_shard_size=...) writes them.
+    let dir = scratch("sharded");
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let t: Tensors = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        weights::save(&dir.join(shard), &t).unwrap();
+        for n in part {
+            map.insert((*n).clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_logits_match("gpt2", &forward("gpt2", &dir, &dir.join("out.safetensors")));
+
+    // The original GPT-2 upload: base-model names (no `transformer.`) and the causal-mask buffers.
+    let base = scratch("base");
+    let mut renamed: Tensors =
+        tensors.iter().map(|(k, v)| (k.strip_prefix("transformer.").unwrap_or(k).to_string(), v.clone())).collect();
+    renamed.insert("h.0.attn.bias".into(), Tensor::new(vec![1, 1, 4, 4], vec![1.0; 16]));
+    weights::save(&base.join("model.safetensors"), &renamed).unwrap();
+    assert_logits_match("gpt2", &forward("gpt2", &base.join("model.safetensors"), &base.join("out.safetensors")));
+}
+
+fn generate(model: &str, extra: &[&str]) -> serde_json::Value {
+    let dir = fixture(model);
+    let spec = format!("specs/{model}.model");
+    let mut args = vec![
+        "infer",
+        &spec,
+        "--config",
+        dir.join("config.json").to_str().unwrap(),
+        "--weights",
+        dir.join("model.safetensors").to_str().unwrap(),
+        "--prompt",
+        "This License",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn greedy_decoding_matches_transformers_generate() {
+    for model in ["gpt2", "llama"] {
+        let want: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(model).join("generate.json")).unwrap()).unwrap();
+        // The tokenizer.json beside the weights encodes the prompt as transformers did.
+        let cached = generate(model, &[]);
+        assert_eq!(cached["prompt_ids"], want["prompt_ids"], "{model}: prompt ids");
+        assert_eq!(cached["new_token_ids"], want["new_token_ids"], "{model}: KV-cached decoding");
+        assert_eq!(cached["text"], want["text"], "{model}: decoded text");
+        let recomputed = generate(model, &["--no-cache"]);
+        assert_eq!(recomputed["new_token_ids"], want["new_token_ids"], "{model}: decoding without the cache");
+    }
+}
+
+#[test]
+fn inputs_that_do_not_fit_are_named() {
+    let dir = scratch("bad-inputs");
+    let bad = dir.join("inputs.safetensors");
+    let mut t = Tensors::new();
+    t.insert("input_id".into(), Tensor::new(vec![1, 3], vec![1.0, 2.0, 3.0]));
+    weights::save(&bad, &t).unwrap();
+    let config = fixture("gpt2").join("config.json");
+    let weights = fixture("gpt2").join("model.safetensors");
+    let (code, _, err) = modelc(&[
+        "forward",
+        "specs/gpt2.model",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--inputs",
+        bad.to_str().unwrap(),
+        "--outputs",
+        dir.join("out.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("missing input `input_ids` [B, T] int") && err.contains("unexpected input `input_id`"),
+        "{err}"
+    );
+}

@@ -1,0 +1,95 @@
+"""Writes the tiny Hugging Face checkpoints the integration tests compare with.
+
+    pip install torch transformers tokenizers safetensors
+    python3 tests/hf_fixtures.py            # rewrites tests/fixtures/hf/
+
+For each model (gpt2, llama) it writes, under tests/fixtures/hf/NAME/:
+  config.json, model.safetensors     save_pretrained() of a seeded random model
+  tokenizer.json                     a byte-level BPE trained on the GPL-3 text
+  inputs.safetensors                 input_ids [2, 12] (int64)
+  logits.safetensors                 the logits transformers computes for them
+  generate.json                      prompt, prompt ids and greedy generate() ids
+
+Weights are drawn with a large initializer range so that logits are far from
+uniform and greedy decoding does not hinge on near-ties.
+"""
+
+import json
+import os
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+ROOT = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
+CORPUS = "/usr/share/common-licenses/GPL-3"
+VOCAB = 384
+PROMPT = "This License"
+NEW_TOKENS = 24
+
+
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train([CORPUS], trainer)
+    return tok
+
+
+def gpt2() -> torch.nn.Module:
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+        bos_token_id=None, eos_token_id=None,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def llama() -> torch.nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.2,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def write(name: str, model: torch.nn.Module, tok: Tokenizer) -> None:
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    save_file({"input_ids": input_ids}, out / "inputs.safetensors")
+    save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
+    prompt_ids = tok.encode(PROMPT).ids
+    with torch.no_grad():
+        generated = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    new_ids = generated[0, len(prompt_ids):].tolist()
+    record = {"prompt": PROMPT, "prompt_ids": prompt_ids, "new_token_ids": new_ids, "text": tok.decode(new_ids)}
+    (out / "generate.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, generated {new_ids}")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = tokenizer()
+    write("gpt2", gpt2(), tok)
+    torch.manual_seed(0)
+    write("llama", llama(), tok)
+
+
+if __name__ == "__main__":
+    main()
