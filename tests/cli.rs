@@ -354,3 +354,63 @@ fn ctrl_c_saves_the_state_and_exits_cleanly() {
     assert!(out.join("state.safetensors").exists() && out.join("model.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn built_binaries_carry_their_spec_and_config() {
+    let dir = corpus_dir("build");
+    let exe = dir.join("gpt2-tiny");
+    let fixture = repo().join("tests/fixtures/hf/gpt2");
+    let (code, _, err) = modelc(&[
+        "build",
+        "specs/gpt2.model",
+        "--config",
+        fixture.join("config.json").to_str().unwrap(),
+        "-o",
+        exe.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("39,808 parameters"), "{err}");
+    // Moved away from the repository, it still knows its spec and config.
+    let moved = std::env::temp_dir().join(format!("modelc-moved-{}", std::process::id()));
+    std::fs::create_dir_all(&moved).unwrap();
+    let copy = moved.join("gpt2-tiny");
+    std::fs::copy(&exe, &copy).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&copy).args(args).current_dir(&moved).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["check", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["params"], 39_808);
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("gpt2.model") && out.contains("infer") && !out.contains("fmt"), "{out}");
+    // --set at run time goes on top of the built-in config.
+    let (_, out, _) = run(&["check", "--json", "--set", "layers=1"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["hyperparameters"]["layers"], 1);
+    let (code, out, err) = run(&[
+        "infer",
+        "--weights",
+        fixture.join("model.safetensors").to_str().unwrap(),
+        "--prompt",
+        "This License",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("generate.json")).unwrap()).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["new_token_ids"], want["new_token_ids"]);
+    std::fs::remove_dir_all(&moved).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

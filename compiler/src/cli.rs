@@ -15,8 +15,8 @@ use std::process::ExitCode;
 /// The spec a command works on and where its hyperparameters come from.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// The .model spec.
-    pub spec: PathBuf,
+    /// The .model spec (a binary made by `modelc build` has its own built in).
+    pub spec: Option<PathBuf>,
     /// A Hugging Face config.json whose keys set the hyperparameters (see the model's `from hf(...)`).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -129,10 +129,76 @@ fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCod
     }
 }
 
+/// A spec compiled into a binary by `modelc build`: its files, and the
+/// config and `--set` values given at build time (flags at run time go on top).
+#[derive(Clone, Debug)]
+pub struct Embedded {
+    pub entry: PathBuf,
+    pub files: check::load::Bundle,
+    /// The config file's name and text.
+    pub config: Option<(String, String)>,
+    pub sets: Vec<String>,
+}
+
+/// Set once at start-up by a built binary.
+pub static EMBEDDED: std::sync::OnceLock<Embedded> = std::sync::OnceLock::new();
+
+impl Embedded {
+    pub fn to_json(&self) -> serde_json::Value {
+        let files: serde_json::Map<String, serde_json::Value> =
+            self.files.iter().map(|(p, t)| (p.display().to_string(), t.clone().into())).collect();
+        serde_json::json!({
+            "entry": self.entry.display().to_string(),
+            "files": files,
+            "config": self.config.as_ref().map(|(n, t)| serde_json::json!({ "name": n, "text": t })),
+            "sets": self.sets,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Option<Embedded> {
+        let files = v["files"].as_object()?.iter().map(|(p, t)| Some((PathBuf::from(p), t.as_str()?.to_string())));
+        Some(Embedded {
+            entry: PathBuf::from(v["entry"].as_str()?),
+            files: files.collect::<Option<_>>()?,
+            config: v["config"]
+                .as_object()
+                .and_then(|c| Some((c.get("name")?.as_str()?.to_string(), c.get("text")?.as_str()?.to_string()))),
+            sets: v["sets"].as_array()?.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+        })
+    }
+}
+
 /// The spec and its `--config` / `--set` options.
 pub fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
-    let program = check::load_file(&args.spec).map_err(|(sources, diags)| fail(&sources, &diags))?;
-    let opts = options(args, &program.sources)?;
+    let embedded = match &args.spec {
+        Some(_) => None,
+        None => EMBEDDED.get(),
+    };
+    let program = match (&args.spec, embedded) {
+        (Some(path), _) => check::load_file(path),
+        (None, Some(e)) => check::load::load_bundle(&e.entry, e.files.clone()),
+        (None, None) => {
+            let d = Diagnostic::new("E0100", "no spec given")
+                .help("name the .model file, e.g. `modelc check specs/tiny-gpt.model`");
+            return Err(fail(&SourceMap::new(), &[d]));
+        }
+    }
+    .map_err(|(sources, diags)| fail(&sources, &diags))?;
+    let mut opts = options(args, &program.sources)?;
+    if let Some(e) = embedded {
+        if args.config.is_none()
+            && let Some((name, text)) = &e.config
+        {
+            let json = serde_json::from_str(text).map_err(|err| {
+                fail(&program.sources, &[Diagnostic::new("E0501", format!("{name} is not valid JSON: {err}"))])
+            })?;
+            opts.config = Some((json, name.clone()));
+        }
+        let built = ModelArgs { spec: None, config: None, sets: e.sets.clone() };
+        let mut sets = options(&built, &program.sources)?.sets;
+        sets.extend(opts.sets);
+        opts.sets = sets;
+    }
     Ok((program, opts))
 }
 

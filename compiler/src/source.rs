@@ -52,6 +52,10 @@ impl SourceMap {
         FileId(self.files.len() as u32 - 1)
     }
 
+    pub fn files(&self) -> impl Iterator<Item = &SourceFile> {
+        self.files.iter()
+    }
+
     pub fn file(&self, id: FileId) -> &SourceFile {
         &self.files[id.0 as usize]
     }

@@ -91,7 +91,8 @@ fn train_step(spec: &str, batch: usize, seq: usize) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
     let program = check::load_file(&root.join(spec)).unwrap_or_else(|_| panic!("{spec} loads"));
     let (checked, g) =
-        check::lower(&program, &Options::default(), LowerOptions { training: true, ..Default::default() }).expect("spec checks");
+        check::lower(&program, &Options::default(), LowerOptions { training: true, ..Default::default() })
+            .expect("spec checks");
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let cfg = modelc::ir::train::TrainConfig { clip: Some(1.0), ..Default::default() };
     let step =

@@ -3,6 +3,7 @@
 //! arena); `weights` initialisation and safetensors; `train` and `infer`
 //! the commands of the same names.
 
+pub mod build;
 pub mod cpu;
 pub mod forward;
 pub mod infer;

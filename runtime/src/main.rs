@@ -1,9 +1,9 @@
 //! The `modelc` binary: the compiler's commands and the runtime's.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use std::process::ExitCode;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "modelc", version, about = "Compile, train and run neural networks written as .model specs", long_about = None)]
 struct Cli {
     #[command(subcommand)]
@@ -18,15 +18,38 @@ enum Top {
     Train(modelc_runtime::train::TrainArgs),
     /// Generate text from a trained model.
     Infer(modelc_runtime::infer::InferArgs),
+    /// Make a self-contained executable for the spec: `./NAME train …`, `./NAME infer …`.
+    Build(modelc_runtime::build::BuildArgs),
     /// Run the model on named input tensors and write its named outputs (safetensors).
     Forward(modelc_runtime::forward::ForwardArgs),
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let mut command = Cli::command();
+    if let Some(spec) = modelc_runtime::build::embedded() {
+        // A built binary: its own name, and the spec it carries.
+        let name = std::env::args()
+            .next()
+            .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned()));
+        let file = spec.entry.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let about = format!("The model of {file}, built by modelc: train it, run it, inspect it");
+        for tool in ["fmt", "ast", "build"] {
+            command = command.mut_subcommand(tool, |c| c.hide(true));
+        }
+        command =
+            command.bin_name(name.unwrap_or_else(|| "model".into())).about(about).version(env!("CARGO_PKG_VERSION"));
+        let _ = modelc::cli::EMBEDDED.set(spec);
+    }
+    let matches = command.get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
         Top::Compiler(c) => modelc::cli::run(c),
         Top::Train(args) => modelc_runtime::train::run(&args),
         Top::Infer(args) => modelc_runtime::infer::run(&args),
         Top::Forward(args) => modelc_runtime::forward::run(&args),
+        Top::Build(args) => modelc_runtime::build::run(&args),
     }
 }

@@ -84,6 +84,42 @@ pub fn load_file(path: &Path) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
     load(path.display().to_string(), Origin::Disk(canonical), text)
 }
 
+/// Spec files held in memory by absolute path: what `modelc build` compiles
+/// into a binary, so that it needs no files at run time.
+pub type Bundle = HashMap<PathBuf, String>;
+
+/// Loads the spec at `entry` from a bundle; its imports come from the bundle too.
+pub fn load_bundle(entry: &Path, bundle: Bundle) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
+    let Some(text) = bundle.get(entry).cloned() else {
+        let d = Diagnostic::new("E0100", format!("the built-in spec {} is missing", entry.display()));
+        return Err((SourceMap::new(), vec![d]));
+    };
+    let name = entry.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    load_with(name, Origin::Disk(entry.to_path_buf()), text, Some(bundle))
+}
+
+impl Program {
+    /// The spec files read from disk (not the standard library), by absolute path.
+    pub fn bundle(&self) -> Bundle {
+        self.sources.files().filter_map(|f| Some((f.path.clone()?, f.text.clone()))).collect()
+    }
+}
+
+/// `a/b/../c` as `a/c`, without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Loads a spec given as text; relative imports resolve against `dir`.
 pub fn load_source(name: &str, text: &str, dir: Option<&Path>) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
     let origin = match dir {
@@ -101,10 +137,22 @@ struct Loader {
     /// Per module: (import span, imported module index).
     imports: Vec<Vec<(Span, usize)>>,
     files: Vec<crate::source::FileId>,
+    /// Files to read instead of the disk's.
+    bundle: Option<Bundle>,
 }
 
 fn load(name: String, origin: Origin, text: String) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
+    load_with(name, origin, text, None)
+}
+
+fn load_with(
+    name: String,
+    origin: Origin,
+    text: String,
+    bundle: Option<Bundle>,
+) -> Result<Program, (SourceMap, Vec<Diagnostic>)> {
     let mut l = Loader {
+        bundle,
         sources: SourceMap::new(),
         modules: Vec::new(),
         origins: Vec::new(),
@@ -183,11 +231,18 @@ impl Loader {
                 };
                 let path = base.parent().unwrap_or(Path::new(".")).join(rel);
                 let display = self.display_of(from, rel);
-                let canonical = path.canonicalize().unwrap_or(path.clone());
+                let canonical = match &self.bundle {
+                    Some(_) => normalize(&path),
+                    None => path.canonicalize().unwrap_or(path.clone()),
+                };
                 if let Some(i) = self.origins.iter().position(|o| *o == Origin::Disk(canonical.clone())) {
                     return Some(i);
                 }
-                match std::fs::read_to_string(&path) {
+                let read = match &self.bundle {
+                    Some(b) => b.get(&canonical).cloned().ok_or_else(|| "not in the built binary".to_string()),
+                    None => std::fs::read_to_string(&path).map_err(|e| e.to_string()),
+                };
+                match read {
                     Ok(text) => (display, Origin::Disk(canonical), text),
                     Err(e) => {
                         let d = Diagnostic::at("E0101", span, format!("cannot import \"{rel}\": {e}"))
