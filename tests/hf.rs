@@ -165,3 +165,93 @@ fn inputs_that_do_not_fit_are_named() {
         "{err}"
     );
 }
+
+/// `modelc train` on the fixture's batch from its weights, writing to `out`; the losses.
+fn train_on_batch(model: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
+    let dir = fixture(model);
+    let spec = format!("specs/{model}.model");
+    let files = [
+        ("--config", dir.join("config.json")),
+        ("--weights", dir.join("model.safetensors")),
+        ("--batch-file", dir.join("inputs.safetensors")),
+        ("--out", out.to_path_buf()),
+    ];
+    let mut args: Vec<String> = vec!["train".into(), spec];
+    for (flag, path) in files {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64()).collect()
+}
+
+#[test]
+fn gradients_match_transformers() {
+    for model in ["gpt2", "llama"] {
+        let out = scratch(&format!("grads-{model}"));
+        let path = out.join("grads.safetensors");
+        train_on_batch(model, &out, &["--steps", "1", "--dump-grads", path.to_str().unwrap()]);
+        let (got, _) = weights::load_all(&path).unwrap();
+        let (want, _) = weights::load_all(&fixture(model).join("grads.safetensors")).unwrap();
+        let mut names: Vec<&String> = got.keys().collect();
+        names.sort();
+        assert_eq!(names, {
+            let mut w: Vec<&String> = want.keys().collect();
+            w.sort();
+            w
+        });
+        for (name, g) in &got {
+            let worst = g.data.iter().zip(&want[name].data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-5, "{model}: gradient of `{name}` differs from torch's by {worst}");
+        }
+        // The run folder is a Hugging Face checkpoint again: config.json and model.safetensors.
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["vocab_size"], 384);
+        assert!(std::fs::read(out.join("loss.png")).unwrap().starts_with(b"\x89PNG"));
+    }
+}
+
+#[test]
+fn accumulated_gradients_equal_one_batch() {
+    // Two micro-batches of the same batch average to that batch's gradient.
+    let (a, b) = (scratch("accum-1"), scratch("accum-2"));
+    let one = train_on_batch("llama", &a, &["--steps", "4", "--lr", "1e-2"]);
+    let two = train_on_batch("llama", &b, &["--steps", "4", "--lr", "1e-2", "--grad-accum", "2"]);
+    assert_eq!(one.len(), 4);
+    assert!(one[3] < one[0], "the loss falls on a batch it trains on: {one:?}");
+    for (x, y) in one.iter().zip(&two) {
+        assert!((x - y).abs() < 1e-4, "{one:?} vs {two:?}");
+    }
+}
+
+#[test]
+fn a_diverging_run_names_where_values_went_bad() {
+    // A path of fixed length, relative to the repository, keeps the message's wrapping stable.
+    let out = Path::new("target/diverging-run");
+    let dir = fixture("llama");
+    let (code, _, err) = modelc(&[
+        "train",
+        "specs/llama.model",
+        "--config",
+        dir.join("config.json").to_str().unwrap(),
+        "--batch-file",
+        dir.join("inputs.safetensors").to_str().unwrap(),
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e20",
+        "--clip",
+        "0",
+        "--steps",
+        "50",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(err);
+    assert!(repo().join(out).join("state.safetensors").exists(), "the state before the bad step is kept");
+}

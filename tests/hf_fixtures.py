@@ -8,6 +8,7 @@ For each model (gpt2, llama) it writes, under tests/fixtures/hf/NAME/:
   tokenizer.json                     a byte-level BPE trained on the GPL-3 text
   inputs.safetensors                 input_ids [2, 12] (int64)
   logits.safetensors                 the logits transformers computes for them
+  grads.safetensors                  gradients of its LM loss on them, by weight name
   generate.json                      prompt, prompt ids and greedy generate() ids
 
 Weights are drawn with a large initializer range so that logits are far from
@@ -44,7 +45,7 @@ def tokenizer() -> Tokenizer:
 def gpt2() -> torch.nn.Module:
     config = GPT2Config(
         vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
-        bos_token_id=None, eos_token_id=None,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
     )
     return GPT2LMHeadModel(config)
 
@@ -70,6 +71,11 @@ def write(name: str, model: torch.nn.Module, tok: Tokenizer) -> None:
         logits = model(input_ids).logits
     save_file({"input_ids": input_ids}, out / "inputs.safetensors")
     save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
+    # Gradients of the language-model loss on the same batch (no dropout).
+    model.zero_grad()
+    model(input_ids, labels=input_ids).loss.backward()
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters()}
+    save_file(grads, out / "grads.safetensors")
     prompt_ids = tok.encode(PROMPT).ids
     with torch.no_grad():
         generated = model.generate(

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod forward;
 pub mod infer;
 pub mod model;
+pub mod plot;
 pub mod tokenize;
 pub mod train;
 pub mod weights;

@@ -1,40 +1,69 @@
-//! `modelc train`: trains a spec's model on a text file, one byte per token,
-//! with AdamW (or SGD), linear warmup and cosine decay, an evaluation split,
-//! and the best-evaluated weights kept in `DIR/model.safetensors`.
+//! `modelc train`: trains a spec's model on text (bytes as tokens, or a
+//! Hugging Face tokenizer) or on one fixed batch, with AdamW or SGD, linear
+//! warmup and cosine decay, clipping, gradient accumulation, an evaluation
+//! split and the best-evaluated weights kept in `DIR/model.safetensors`.
 //! Settings come from the spec's `train { }` block; flags override them.
+//!
+//! Batches depend only on (seed, step), so `--resume` repeats an
+//! uninterrupted run exactly. Every file is written atomically.
 
-use crate::cpu::{Program, Tensor, bind};
-use crate::weights::{self, Rng};
+use crate::cpu::{Program, Tensor};
+use crate::model::{RunArgs, compile, error};
+use crate::tokenize::Tokenizer;
+use crate::weights::{self, Rng, Tensors};
+use modelc::check::types::TensorTy;
 use modelc::check::value::Value;
+use modelc::check::{Checked, LowerOptions};
 use modelc::cli::{ModelArgs, fail, load};
-use modelc::diag::Diagnostic;
-use modelc::ir::train::{Optimizer, TrainConfig, state_names, training_program};
-use modelc::source::SourceMap;
+use modelc::ir::graph::Graph;
+use modelc::ir::train::{Optimizer, TrainConfig, gradient_program, state_names, training_program, update_program};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+
+const CODE: &str = "E0701";
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text to train on; each byte is a token.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Text to train on (bytes as tokens unless --tokenizer is given).
+    #[arg(long, required_unless_present = "batch_file")]
+    pub data: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json to turn the text into tokens.
     #[arg(long)]
-    pub data: PathBuf,
-    /// Where to write model.safetensors (the best evaluated weights) and metrics.jsonl.
+    pub tokenizer: Option<PathBuf>,
+    /// Train on exactly the `input_ids` [B, T] in this safetensors file, every step
+    /// (next-token targets shifted as Hugging Face does); no evaluation split.
+    #[arg(long = "batch-file", conflicts_with = "data")]
+    pub batch_file: Option<PathBuf>,
+    /// Start from these weights (safetensors file, sharded index or folder) instead of
+    /// the spec's initialisers.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Where to write model.safetensors (the best evaluated weights), config.json,
+    /// state.safetensors, metrics.jsonl and loss.png.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
     /// Optimiser steps (default: the spec's `steps`, else 1000).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
+    /// Train for this many passes over the training text instead of a number of steps.
+    #[arg(long)]
+    pub epochs: Option<f64>,
     /// Sequences per step (default: the spec's `batch`, else 16).
     #[arg(long)]
     pub batch: Option<usize>,
     /// Tokens per sequence (default: the spec's `seq_len`, else 128).
     #[arg(long = "seq-len")]
     pub seq_len: Option<usize>,
+    /// Micro-batches whose gradients are averaged per step (default: the spec's `grad_accum`, else 1).
+    #[arg(long = "grad-accum")]
+    pub grad_accum: Option<usize>,
     /// Peak learning rate (default: the spec's `lr`, else 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -69,10 +98,9 @@ pub struct TrainArgs {
     /// an uninterrupted run would have had.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-}
-
-fn usage(message: impl Into<String>) -> ExitCode {
-    fail(&SourceMap::new(), &[Diagnostic::new("E0701", message)])
+    /// Write the gradients of the first step, by weight name, to this safetensors file.
+    #[arg(long = "dump-grads")]
+    pub dump_grads: Option<PathBuf>,
 }
 
 /// A training setting: the flag, else the spec's `train` block, else a default.
@@ -80,263 +108,688 @@ fn setting(settings: &[(String, Value)], key: &str, flag: Option<f64>, default: 
     flag.or_else(|| settings.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_f64())).unwrap_or(default)
 }
 
-pub fn run(args: &TrainArgs) -> ExitCode {
-    let (program, opts) = match load(&args.model) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let lower = |training| {
-        modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training, ..Default::default() })
-    };
-    let (checked, train_fwd) = match lower(true) {
-        Ok(v) => v,
-        Err(d) => return fail(&program.sources, &d),
-    };
-    let (_, eval_fwd) = match lower(false) {
-        Ok(v) => v,
-        Err(d) => return fail(&program.sources, &d),
-    };
-    if eval_fwd.output("loss").is_none() {
-        return usage(format!("`{}` has no `train {{ loss: ... }}` block to train", checked.model));
-    }
-    if checked.inputs.len() != 1 || checked.inputs[0].name != "input_ids" {
-        return usage(format!("`train --data` feeds bytes as `input_ids`; `{}` takes other inputs", checked.model));
-    }
-    let s = &checked.train;
-    let steps = setting(s, "steps", args.steps.map(|v| v as f64), 1000.0) as usize;
-    let batch = setting(s, "batch", args.batch.map(|v| v as f64), 16.0) as usize;
-    let seq = setting(s, "seq_len", args.seq_len.map(|v| v as f64), 128.0) as usize;
-    let lr = setting(s, "lr", args.lr, 1e-3);
+/// Everything the run needs to know, resolved from flags and the spec.
+struct Settings {
+    steps: usize,
+    batch: usize,
+    seq: usize,
+    accumulate: usize,
+    lr: f64,
+    warmup: usize,
+    eval_split: f64,
+    eval_every: usize,
+    config: TrainConfig,
+}
+
+fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String> {
+    let number = |key: &str, flag: Option<usize>, default: f64| setting(s, key, flag.map(|v| v as f64), default);
     let wd = setting(s, "weight_decay", args.weight_decay, 0.0);
-    let warmup = setting(s, "warmup", args.warmup.map(|v| v as f64), 0.0) as usize;
+    let record = s.iter().find_map(|(k, v)| match (k.as_str(), v) {
+        ("optimizer", Value::Record(name, fields)) => Some((name.clone(), fields.clone())),
+        _ => None,
+    });
+    let field = |key: &str| -> Option<Value> {
+        let fields = record.as_ref().map(|(_, f)| f.as_slice()).unwrap_or(&[]);
+        fields.iter().chain(s.iter()).find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
+    let betas = match field("betas") {
+        Some(Value::List(items)) if items.len() == 2 => {
+            Some((items[0].as_f64().unwrap_or(0.9), items[1].as_f64().unwrap_or(0.999)))
+        }
+        _ => None,
+    };
+    let optimizer =
+        match args.optimizer.clone().or(record.as_ref().map(|(n, _)| n.clone())).as_deref().unwrap_or("adamw") {
+            "adamw" => {
+                let (beta1, beta2) = betas.unwrap_or((0.9, 0.999));
+                Optimizer::AdamW { beta1, beta2, eps: 1e-8, weight_decay: wd }
+            }
+            "sgd" => {
+                let momentum = field("momentum").and_then(|v| v.as_f64()).unwrap_or(0.9);
+                Optimizer::Sgd { momentum, weight_decay: wd }
+            }
+            other => return Err(format!("--optimizer {other}: expected adamw or sgd")),
+        };
     let clip = setting(s, "clip", args.clip, 0.0);
-    let eval_split = setting(s, "eval_split", args.eval_split, 0.1);
-    let eval_every = (setting(s, "eval_every", args.eval_every.map(|v| v as f64), 100.0) as usize).max(1);
-    let betas = s.iter().find_map(|(k, v)| match (k.as_str(), v) {
-        ("optimizer", Value::Record(_, fields)) => {
-            fields.iter().find(|(f, _)| f == "betas").and_then(|(_, b)| match b {
-                Value::List(items) if items.len() == 2 => Some((items[0].as_f64()?, items[1].as_f64()?)),
-                _ => None,
-            })
-        }
-        _ => None,
-    });
-    let spec_opt = s.iter().find_map(|(k, v)| match (k.as_str(), v) {
-        ("optimizer", Value::Record(name, _)) => Some(name.clone()),
-        _ => None,
-    });
-    let optimizer = match args.optimizer.clone().or(spec_opt).as_deref().unwrap_or("adamw") {
-        "adamw" => {
-            let (beta1, beta2) = betas.unwrap_or((0.9, 0.999));
-            Optimizer::AdamW { beta1, beta2, eps: 1e-8, weight_decay: wd }
-        }
-        "sgd" => Optimizer::Sgd { momentum: 0.9, weight_decay: wd },
-        other => return usage(format!("--optimizer {other}: expected adamw or sgd")),
+    let settings = Settings {
+        steps: number("steps", args.steps, 1000.0) as usize,
+        batch: number("batch", args.batch, 16.0) as usize,
+        seq: number("seq_len", args.seq_len, 128.0) as usize,
+        accumulate: number("grad_accum", args.grad_accum, 1.0) as usize,
+        lr: setting(s, "lr", args.lr, 1e-3),
+        warmup: number("warmup", args.warmup, 0.0) as usize,
+        eval_split: setting(s, "eval_split", args.eval_split, 0.1).clamp(0.0, 0.9),
+        eval_every: (number("eval_every", args.eval_every, 100.0) as usize).max(1),
+        config: TrainConfig { optimizer, clip: (clip > 0.0).then_some(clip) },
     };
-    if batch == 0 || seq < 2 || steps == 0 {
-        return usage("--batch, --steps must be at least 1 and --seq-len at least 2");
+    if settings.batch == 0 || settings.seq < 2 || settings.steps == 0 || settings.accumulate == 0 {
+        return Err("--batch, --steps and --grad-accum must be at least 1 and --seq-len at least 2".into());
     }
-    let text = match std::fs::read(&args.data) {
-        Ok(t) => t,
-        Err(e) => return usage(format!("cannot read {}: {e}", args.data.display())),
-    };
-    let eval_len = ((text.len() as f64) * eval_split.clamp(0.0, 0.9)) as usize;
-    let (train_text, eval_text) = text.split_at(text.len() - eval_len);
-    if train_text.len() <= seq || (eval_len > 0 && eval_text.len() <= seq) {
-        return usage(format!(
-            "{} has {} bytes: too few for sequences of {seq} with a {eval_split} eval split",
-            args.data.display(),
-            text.len()
-        ));
+    Ok(settings)
+}
+
+impl Settings {
+    /// Linear warmup, then cosine from lr down to lr / 10.
+    fn rate(&self, step: usize) -> f64 {
+        if step <= self.warmup {
+            return self.lr * step as f64 / self.warmup as f64;
+        }
+        let progress = (step - self.warmup) as f64 / (self.steps - self.warmup).max(1) as f64;
+        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    }
+}
+
+/// What the batches come from.
+enum Data {
+    /// Token ids of the training text and of the held-out end of it.
+    Text { train: Vec<u32>, eval: Vec<u32> },
+    /// `--batch-file`: the same batch every step.
+    Fixed(Tensor),
+}
+
+impl Data {
+    fn load(args: &TrainArgs, s: &mut Settings, vocab: Option<usize>) -> Result<Data, String> {
+        if let Some(path) = &args.batch_file {
+            let (mut tensors, _) = weights::load_all(path)?;
+            let ids =
+                tensors.remove("input_ids").ok_or_else(|| format!("{} has no `input_ids` tensor", path.display()))?;
+            if ids.shape.len() != 2 || ids.shape[1] < 2 {
+                return Err(format!("{}: `input_ids` is {:?}, expected [B, T] with T >= 2", path.display(), ids.shape));
+            }
+            (s.batch, s.seq, s.eval_split) = (ids.shape[0], ids.shape[1], 0.0);
+            check_vocab(ids.data.iter().map(|v| *v as u32), vocab)?;
+            return Ok(Data::Fixed(ids));
+        }
+        let path = args.data.as_ref().expect("clap requires --data or --batch-file");
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let tokens: Vec<u32> = match &args.tokenizer {
+            None => bytes.iter().map(|b| u32::from(*b)).collect(),
+            Some(t) => {
+                let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+                let tok = Tokenizer::open(Some(t))?;
+                tok.encode(&text)?.into_iter().map(|i| i as u32).collect()
+            }
+        };
+        check_vocab(tokens.iter().copied(), vocab)?;
+        let eval_len = (tokens.len() as f64 * s.eval_split) as usize;
+        let (train, eval) = tokens.split_at(tokens.len() - eval_len);
+        if train.len() <= s.seq || (eval_len > 0 && eval.len() <= s.seq) {
+            return Err(format!(
+                "{} has {} tokens: too few for sequences of {} with a {} eval split",
+                path.display(),
+                tokens.len(),
+                s.seq,
+                s.eval_split
+            ));
+        }
+        if let Some(epochs) = args.epochs {
+            s.steps =
+                ((epochs * train.len() as f64) / (s.batch * s.seq * s.accumulate) as f64).ceil().max(1.0) as usize;
+        }
+        Ok(Data::Text { train: train.to_vec(), eval: eval.to_vec() })
     }
 
-    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
-    let cfg = TrainConfig { optimizer, clip: (clip > 0.0).then_some(clip) };
-    let step_graph = modelc::ir::prune::prune(&training_program(&train_fwd, &trainable, &cfg).expect("has a loss"));
-    let (step_graph, _) = modelc::opt::optimize(&step_graph, modelc::opt::Limits::default());
-    let mut eval_graph = modelc::ir::prune::prune(&eval_fwd);
-    eval_graph.outputs.retain(|(n, _)| n == "loss");
-    let eval_graph = modelc::ir::prune::prune(&eval_graph);
-    let (eval_graph, _) = modelc::opt::optimize(&eval_graph, modelc::opt::Limits::default());
-
-    let mut rng = Rng::new(args.seed);
-    let mut state = weights::init(&checked.params, &mut rng);
-    for p in &checked.params {
-        if p.trainable {
-            for n in state_names(&optimizer, &p.name) {
-                let t = &state[&p.name];
-                state.insert(n, Tensor::new(t.shape.clone(), vec![0.0; t.data.len()]));
+    /// Micro-batch `micro` of `step`: random windows that depend only on (seed, step, micro).
+    fn batch(&self, seed: u64, step: usize, micro: usize, s: &Settings) -> Tensor {
+        match self {
+            Data::Fixed(ids) => ids.clone(),
+            Data::Text { train, .. } => {
+                let key = (step as u64) | ((micro as u64) << 40);
+                let mut rng = Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ key);
+                let ids = (0..s.batch).flat_map(|_| window(train, rng.below(train.len() - s.seq), s.seq)).collect();
+                Tensor::new(vec![s.batch, s.seq], ids)
             }
         }
     }
+
+    /// Evenly spaced windows over the held-out text, the same every time.
+    fn eval_batches(&self, s: &Settings) -> Vec<Tensor> {
+        let Data::Text { eval, .. } = self else { return Vec::new() };
+        if eval.is_empty() {
+            return Vec::new();
+        }
+        let positions = eval.len() - s.seq;
+        let count = (positions / (s.batch * s.seq)).clamp(1, 8);
+        (0..count)
+            .map(|b| {
+                let ids = (0..s.batch)
+                    .flat_map(|k| window(eval, (b * s.batch + k) * positions / (count * s.batch), s.seq))
+                    .collect();
+                Tensor::new(vec![s.batch, s.seq], ids)
+            })
+            .collect()
+    }
+
+    fn held_out(&self) -> usize {
+        match self {
+            Data::Text { eval, .. } => eval.len(),
+            Data::Fixed(_) => 0,
+        }
+    }
+
+    fn tokens(&self) -> usize {
+        match self {
+            Data::Text { train, eval } => train.len() + eval.len(),
+            Data::Fixed(t) => t.data.len(),
+        }
+    }
+}
+
+fn window(data: &[u32], start: usize, len: usize) -> Vec<f32> {
+    data[start..start + len].iter().map(|t| *t as f32).collect()
+}
+
+fn check_vocab(tokens: impl Iterator<Item = u32>, vocab: Option<usize>) -> Result<(), String> {
+    let (Some(vocab), Some(max)) = (vocab, tokens.max()) else { return Ok(()) };
+    if max as usize >= vocab {
+        return Err(format!(
+            "the data holds token {max}, outside the model's vocabulary of {vocab} (a tokenizer for another model?)"
+        ));
+    }
+    Ok(())
+}
+
+/// The compiled programs of one run.
+enum Step {
+    /// Forward, backward and update in one program.
+    Fused(Box<Program>),
+    /// Gradients per micro-batch, averaged, then the update.
+    Accumulated { grads: Box<Program>, update: Box<Program> },
+}
+
+/// What a step reports.
+struct Outcome {
+    loss: f64,
+    grad_norm: f64,
+}
+
+impl Step {
+    /// Runs one step on `batches`; `state` becomes the updated weights and optimiser state.
+    fn run(&self, state: &mut Tensors, batches: Vec<Tensor>, rate: f64, step: usize) -> Result<Outcome, String> {
+        let mut feeds = std::mem::take(state);
+        feeds.insert("lr".into(), Tensor::new(vec![], vec![rate as f32]));
+        feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
+        let result = self.outputs(&mut feeds, batches);
+        for k in ["input_ids", "lr", "step"] {
+            feeds.remove(k);
+        }
+        let (out, loss) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                *state = feeds;
+                return Err(e);
+            }
+        };
+        let grad_norm = out.get("grad_norm").map(|t| t.data[0] as f64).unwrap_or(f64::NAN);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // Keep the weights from before the step, for the report and the saved state.
+            *state = feeds;
+            return Ok(Outcome { loss, grad_norm });
+        }
+        for (name, value) in out {
+            if let Some(p) = name.strip_prefix("new:") {
+                feeds.insert(p.to_string(), value);
+            } else if name.contains(':') && !name.starts_with("grad:") {
+                feeds.insert(name, value);
+            }
+        }
+        *state = feeds;
+        Ok(Outcome { loss, grad_norm })
+    }
+
+    fn outputs(&self, feeds: &mut Tensors, batches: Vec<Tensor>) -> Result<(Tensors, f64), String> {
+        match self {
+            Step::Fused(p) => {
+                feeds.insert("input_ids".into(), batches.into_iter().next().expect("one batch"));
+                let out = p.run(feeds)?;
+                let loss = out["loss"].data[0] as f64;
+                Ok((out, loss))
+            }
+            Step::Accumulated { grads, update } => {
+                let n = batches.len();
+                let mut sum: Tensors = HashMap::new();
+                let mut loss = 0.0;
+                for b in batches {
+                    feeds.insert("input_ids".into(), b);
+                    for (name, g) in grads.run(feeds)? {
+                        if name == "loss" {
+                            loss += g.data[0] as f64 / n as f64;
+                        } else if let Some(acc) = sum.get_mut(&name) {
+                            acc.data.iter_mut().zip(&g.data).for_each(|(a, v)| *a += v);
+                        } else {
+                            sum.insert(name, g);
+                        }
+                    }
+                }
+                for g in sum.values_mut() {
+                    g.data.iter_mut().for_each(|v| *v /= n as f32);
+                }
+                feeds.extend(sum);
+                let out = update.run(feeds)?;
+                feeds.retain(|k, _| !k.starts_with("grad:"));
+                Ok((out, loss))
+            }
+        }
+    }
+}
+
+pub fn run(args: &TrainArgs) -> ExitCode {
+    match train(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+fn usage(message: impl Into<String>) -> ExitCode {
+    error(CODE, message)
+}
+
+fn train(args: &TrainArgs) -> Result<(), ExitCode> {
+    args.run.apply(CODE)?;
+    let (program, opts) = load(&args.model)?;
+    let lower = |training| {
+        modelc::check::lower(&program, &opts, LowerOptions { training, ..Default::default() })
+            .map_err(|d| fail(&program.sources, &d))
+    };
+    let (checked, train_fwd) = lower(true)?;
+    let (_, eval_fwd) = lower(false)?;
+    if eval_fwd.output("loss").is_none() {
+        return Err(usage(format!("`{}` has no `train {{ loss: ... }}` block to train", checked.model)));
+    }
+    if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
+        return Err(usage(format!("`train` feeds token ids as `input_ids`; `{}` takes other inputs", checked.model)));
+    }
+    let mut s = settings(args, &checked.train).map_err(usage)?;
+    let vocab = checked
+        .outputs
+        .iter()
+        .find(|o| o.name == "logits")
+        .and_then(|o| o.ty.dims.last().and_then(|d| d.as_const()))
+        .map(|v| v as usize);
+    let data = Data::load(args, &mut s, vocab).map_err(usage)?;
+    let eval_batches = data.eval_batches(&s);
+
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let optimized = |g: &Graph| modelc::opt::optimize(&modelc::ir::prune::prune(g), modelc::opt::Limits::default()).0;
+    let mut eval_graph = eval_fwd.clone();
+    eval_graph.outputs.retain(|(n, _)| n == "loss");
+    let eval_graph = optimized(&eval_graph);
+
+    let mut state = initial_state(args, &checked, &s)?;
     let mut first_step = 1;
     let mut best = f64::INFINITY;
     if let Some(dir) = &args.resume {
-        let (saved, meta) = match weights::load_all(&dir.join("state.safetensors")) {
-            Ok(v) => v,
-            Err(e) => return usage(e),
-        };
-        for (name, t) in &state {
-            match saved.get(name) {
-                Some(s) if s.shape == t.shape => {}
-                Some(s) => {
-                    return usage(format!(
-                        "--resume: `{name}` is {:?} in the saved state, the model has {:?}",
-                        s.shape, t.shape
-                    ));
-                }
-                None => return usage(format!("--resume: the saved state has no `{name}`")),
-            }
-        }
-        state = saved;
-        first_step = meta.get("step").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0) + 1;
-        best = meta.get("best_eval").and_then(|s| s.parse().ok()).unwrap_or(f64::INFINITY);
+        (state, first_step, best) = resume(dir, state)?;
         eprintln!("resuming {} at step {first_step}", dir.display());
     }
-    let mut shapes: HashMap<String, Vec<usize>> = state.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    shapes.insert("input_ids".into(), vec![batch, seq]);
-    shapes.insert("lr".into(), vec![]);
-    shapes.insert("step".into(), vec![]);
-    let compile = |g| bind(g, &shapes).and_then(|sizes| Program::compile(g, &sizes));
-    let (step_program, eval_program) = match (compile(&step_graph), compile(&eval_graph)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => return usage(e),
+    // Only shapes matter to the compiler.
+    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new() };
+    let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
+    shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
+    shapes.insert("lr".into(), placeholder(vec![]));
+    shapes.insert("step".into(), placeholder(vec![]));
+    let step_program = if s.accumulate == 1 {
+        let g = training_program(&train_fwd, &trainable, &s.config).expect("has a loss");
+        Step::Fused(Box::new(compile(CODE, &optimized(&g), &shapes)?))
+    } else {
+        let grads = gradient_program(&train_fwd, &trainable).expect("has a loss");
+        let params: Vec<(String, TensorTy)> = checked
+            .params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    TensorTy::new(
+                        modelc::syntax::ast::DType::F32,
+                        p.shape.iter().map(|d| modelc::check::dim::Dim::constant(*d)).collect(),
+                    ),
+                )
+            })
+            .collect();
+        let update = update_program(&params, &s.config);
+        for (name, ty) in &params {
+            let dims = ty.dims.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+            shapes.insert(format!("grad:{name}"), placeholder(dims));
+        }
+        Step::Accumulated {
+            grads: Box::new(compile(CODE, &optimized(&grads), &shapes)?),
+            update: Box::new(compile(CODE, &optimized(&update), &shapes)?),
+        }
     };
-    if let Err(e) = std::fs::create_dir_all(&args.out) {
-        return usage(format!("cannot create {}: {e}", args.out.display()));
-    }
-    let metrics_file = std::fs::OpenOptions::new()
+    let eval_program = compile(CODE, &eval_graph, &shapes)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| usage(format!("cannot create {}: {e}", args.out.display())))?;
+    write_config(args, &program, &checked, &opts)?;
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(args.resume.is_some())
         .write(true)
         .truncate(args.resume.is_none())
-        .open(args.out.join("metrics.jsonl"));
-    let mut metrics = match metrics_file {
-        Ok(f) => f,
-        Err(e) => return usage(format!("cannot write {}: {e}", args.out.join("metrics.jsonl").display())),
-    };
+        .open(&metrics_path)
+        .map_err(|e| usage(format!("cannot write {}: {e}", metrics_path.display())))?;
     eprintln!(
-        "training {} ({} trainable parameters) on {} ({} bytes, {} held out): {steps} steps of {batch} x {seq}",
+        "training {} ({} trainable parameters) on {} tokens ({} held out): {} steps of {} x {}{}",
         checked.model,
         modelc::check::report::thousands(checked.trainable_params()),
-        args.data.display(),
-        text.len(),
-        eval_len
+        data.tokens(),
+        data.held_out(),
+        s.steps,
+        s.batch,
+        s.seq,
+        if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() }
     );
 
-    let window =
-        |data: &[u8], start: usize| -> Vec<f32> { data[start..start + seq].iter().map(|b| *b as f32).collect() };
-    let evaluate = |state: &HashMap<String, Tensor>| -> Result<f64, String> {
-        // Evenly spaced windows over the held-out text, the same every time.
-        let positions = eval_text.len() - seq;
-        let batches = (positions / (batch * seq)).clamp(1, 8);
+    let evaluate = |state: &Tensors| -> Result<f64, String> {
         let mut total = 0.0;
-        for b in 0..batches {
-            let ids: Vec<f32> =
-                (0..batch).flat_map(|k| window(eval_text, (b * batch + k) * positions / (batches * batch))).collect();
-            let mut feeds: HashMap<String, Tensor> =
+        for b in &eval_batches {
+            let mut feeds: Tensors =
                 state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
-            feeds.insert("input_ids".into(), Tensor::new(vec![batch, seq], ids));
+            feeds.insert("input_ids".into(), b.clone());
             total += eval_program.run(&feeds)?["loss"].data[0] as f64;
         }
-        Ok(total / batches as f64)
+        Ok(total / eval_batches.len() as f64)
     };
-
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    let save_state = |state: &HashMap<String, Tensor>, step: usize, best: f64| {
+    let save_state = |state: &Tensors, step: usize, best: f64| {
         let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
         weights::save_with(&args.out.join("state.safetensors"), state, Some(meta))
     };
-    let mut last = args.until.unwrap_or(steps).min(steps);
+    let save_model = |state: &Tensors| {
+        let params: Tensors =
+            state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+        weights::save(&args.out.join("model.safetensors"), &params)
+    };
+    let mut last = args.until.unwrap_or(s.steps).min(s.steps);
     // Ctrl-C ends the run after the current step, with everything saved.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();
     let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let progress = Progress::new(s.steps, first_step);
+    let (mut curve, mut eval_curve) = read_curves(&metrics_path, args.resume.is_some());
+    let started = Instant::now();
     let mut step = first_step;
     while step <= last {
-        let rate = if step <= warmup {
-            lr * step as f64 / warmup as f64
-        } else {
-            // Cosine from lr down to lr / 10 over the remaining steps.
-            let progress = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
-            lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
-        };
-        // Batches depend only on (seed, step), so a resumed run sees the same ones.
-        let mut batch_rng = Rng::new(args.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step as u64);
-        let ids: Vec<f32> =
-            (0..batch).flat_map(|_| window(train_text, batch_rng.below(train_text.len() - seq))).collect();
-        let mut feeds = std::mem::take(&mut state);
-        feeds.insert("input_ids".into(), Tensor::new(vec![batch, seq], ids));
-        feeds.insert("lr".into(), Tensor::new(vec![], vec![rate as f32]));
-        feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
-        let out = match step_program.run(&feeds) {
-            Ok(o) => o,
-            Err(e) => return usage(format!("step {step}: {e}")),
-        };
-        let loss = out["loss"].data[0] as f64;
-        if !loss.is_finite() {
-            return usage(format!("step {step}: the loss is {loss}; lower --lr or enable --clip"));
+        let rate = s.rate(step);
+        let batches: Vec<Tensor> = (0..s.accumulate).map(|m| data.batch(args.seed, step, m, &s)).collect();
+        if step == first_step
+            && let Some(path) = &args.dump_grads
+        {
+            dump_grads(path, gradients(&train_fwd, &trainable, &state, &batches[0], step))?;
         }
-        state = feeds;
-        state.remove("input_ids");
-        state.remove("lr");
-        state.remove("step");
-        for (name, value) in out {
-            if let Some(p) = name.strip_prefix("new:") {
-                state.insert(p.to_string(), value);
-            } else if name.contains(':') {
-                state.insert(name, value);
-            }
+        let first = batches[0].clone();
+        let outcome =
+            step_program.run(&mut state, batches, rate, step).map_err(|e| usage(format!("step {step}: {e}")))?;
+        let loss = outcome.loss;
+        if !loss.is_finite() || !outcome.grad_norm.is_finite() {
+            let _ = save_state(&state, step - 1, best);
+            let what = if loss.is_finite() {
+                format!("the gradient norm is {}", outcome.grad_norm)
+            } else {
+                format!("the loss is {loss}")
+            };
+            let culprit = first_non_finite(args, &state, &first).unwrap_or_else(|| {
+                // The forward is fine: name the weights whose gradients are not.
+                let grads = gradients(&train_fwd, &trainable, &state, &first, step).unwrap_or_default();
+                let bad: Vec<&String> = trainable
+                    .iter()
+                    .filter(|n| grads.get(*n).is_some_and(|g| g.data.iter().any(|v| !v.is_finite())))
+                    .collect();
+                match bad.as_slice() {
+                    [] => "every layer's output and every gradient is finite without dropout".to_string(),
+                    [one] => format!("every layer's output is finite, but the gradient of `{one}` is not"),
+                    [first, ..] => format!(
+                        "every layer's output is finite, but the gradients of {} weights are not, the first `{first}`",
+                        bad.len()
+                    ),
+                }
+            });
+            return Err(usage(format!(
+                "step {step}: {what}; {culprit}. The state before this step is in {}; lower --lr or set --clip",
+                args.out.join("state.safetensors").display()
+            )));
         }
+        curve.push((step, loss));
         let elapsed = started.elapsed().as_secs_f64();
-        let tps = ((step - first_step + 1) * batch * seq) as f64 / elapsed;
+        let tps = ((step - first_step + 1) * s.batch * s.seq * s.accumulate) as f64 / elapsed;
         let _ = writeln!(
             metrics,
-            "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"tokens_per_s\": {tps:.0}}}"
+            "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"grad_norm\": {:.4}, \"tokens_per_s\": {tps:.0}}}",
+            outcome.grad_norm
         );
-        let eval_now = eval_len > 0 && (step % eval_every == 0 || step == last);
-        if eval_now {
-            let eval = match evaluate(&state) {
-                Ok(e) => e,
-                Err(e) => return usage(format!("evaluation at step {step}: {e}")),
-            };
+        let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
+        if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
+            let eval = evaluate(&state).map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
             let _ = writeln!(metrics, "{{\"step\": {step}, \"eval_loss\": {eval:.5}}}");
+            eval_curve.push((step, eval));
             let improved = eval < best;
             if improved {
                 best = eval;
-                let params: HashMap<String, Tensor> =
-                    state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
-                if let Err(e) = weights::save(&args.out.join("model.safetensors"), &params) {
-                    return usage(e);
-                }
+                save_model(&state).map_err(usage)?;
             }
-            eprintln!(
-                "step {step:>5}/{steps}  loss {loss:.3}  eval {eval:.3}{}  lr {rate:.2e}  {tps:.0} tok/s  {elapsed:.0} s",
+            line = format!(
+                "loss {loss:.3}  eval {eval:.3}{}  lr {rate:.2e}  {tps:.0} tok/s",
                 if improved { " (best, saved)" } else { "" }
             );
-            last_report = Instant::now();
-        } else if last_report.elapsed().as_secs_f64() > 5.0 && step % 10 == 0 {
-            let eta = elapsed / (step - first_step + 1) as f64 * (steps - step) as f64;
-            eprintln!("step {step:>5}/{steps}  loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s  eta {eta:.0} s");
-            last_report = Instant::now();
+            progress.log(step, &line, elapsed);
         }
+        progress.advance(step, &line, elapsed);
         if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("interrupted: saving the state at step {step}; continue with --resume {}", args.out.display());
+            progress.println(&format!(
+                "interrupted: saving the state at step {step}; continue with --resume {}",
+                args.out.display()
+            ));
             last = step;
         }
         let checkpoint = (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || step == last;
-        if checkpoint && let Err(e) = save_state(&state, step, best) {
-            return usage(e);
+        if checkpoint {
+            save_state(&state, step, best).map_err(usage)?;
         }
         step += 1;
     }
-    if eval_len == 0 {
-        let params: HashMap<String, Tensor> = state.into_iter().filter(|(k, _)| !k.contains(':')).collect();
-        if let Err(e) = weights::save(&args.out.join("model.safetensors"), &params) {
-            return usage(e);
+    progress.finish();
+    if eval_batches.is_empty() {
+        save_model(&state).map_err(usage)?;
+    }
+    let title = format!(
+        "{} on {}",
+        checked.model,
+        args.data.as_ref().or(args.batch_file.as_ref()).map(|p| p.display().to_string()).unwrap_or_default()
+    );
+    if let Err(e) = crate::plot::loss_curve(&args.out.join("loss.png"), &title, &curve, &eval_curve) {
+        eprintln!("warning: {e}");
+    }
+    if eval_batches.is_empty() {
+        eprintln!("weights in {}", args.out.join("model.safetensors").display());
+    } else {
+        eprintln!("best eval loss {best:.3}; weights in {}", args.out.join("model.safetensors").display());
+    }
+    eprintln!("loss curve in {}", args.out.join("loss.png").display());
+    Ok(())
+}
+
+/// Fresh weights from the spec's initialisers (or `--weights`), and zeroed optimiser state.
+fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Tensors, ExitCode> {
+    let mut state = match &args.weights {
+        Some(w) => weights::load(w, &checked.params).map_err(usage)?,
+        None => weights::init(&checked.params, &mut Rng::new(args.seed)),
+    };
+    for p in checked.params.iter().filter(|p| p.trainable) {
+        for n in state_names(&s.config.optimizer, &p.name) {
+            let t = &state[&p.name];
+            state.insert(n, Tensor::new(t.shape.clone(), vec![0.0; t.data.len()]));
         }
     }
-    eprintln!("best eval loss {best:.3}; weights in {}", args.out.join("model.safetensors").display());
-    ExitCode::SUCCESS
+    Ok(state)
+}
+
+/// The saved state of `dir`, checked against the model's: (state, next step, best eval).
+fn resume(dir: &Path, fresh: Tensors) -> Result<(Tensors, usize, f64), ExitCode> {
+    let (saved, meta) = weights::load_all(&dir.join("state.safetensors")).map_err(usage)?;
+    for (name, t) in &fresh {
+        match saved.get(name) {
+            Some(s) if s.shape == t.shape => {}
+            Some(s) => {
+                return Err(usage(format!(
+                    "--resume: `{name}` is {:?} in the saved state, the model has {:?}",
+                    s.shape, t.shape
+                )));
+            }
+            None => return Err(usage(format!("--resume: the saved state has no `{name}`"))),
+        }
+    }
+    let step = meta.get("step").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0) + 1;
+    let best = meta.get("best_eval").and_then(|s| s.parse().ok()).unwrap_or(f64::INFINITY);
+    Ok((saved, step, best))
+}
+
+/// The losses already in metrics.jsonl when resuming, so the curve covers the whole run.
+/// Losses by step.
+type Curve = Vec<(usize, f64)>;
+
+fn read_curves(path: &Path, resuming: bool) -> (Curve, Curve) {
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    if !resuming {
+        return (train, eval);
+    }
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(step) = v["step"].as_u64() else { continue };
+        if let Some(l) = v["loss"].as_f64() {
+            train.push((step as usize, l));
+        }
+        if let Some(l) = v["eval_loss"].as_f64() {
+            eval.push((step as usize, l));
+        }
+    }
+    (train, eval)
+}
+
+/// `DIR/config.json` with the model's hyperparameters under Hugging Face's
+/// keys (and `DIR/tokenizer.json`), so `transformers` and `infer` find them.
+fn write_config(
+    args: &TrainArgs,
+    program: &modelc::check::load::Program,
+    checked: &Checked,
+    opts: &modelc::check::Options,
+) -> Result<(), ExitCode> {
+    let base = opts.config.as_ref().map(|(json, _)| json);
+    if let Some(config) = modelc::check::hf_config(program, checked, base) {
+        let text = serde_json::to_string_pretty(&config).expect("JSON") + "\n";
+        write_atomic(&args.out.join("config.json"), text.as_bytes()).map_err(usage)?;
+    }
+    if let Some(t) = &args.tokenizer {
+        let bytes = std::fs::read(t).map_err(|e| usage(format!("cannot read {}: {e}", t.display())))?;
+        write_atomic(&args.out.join("tokenizer.json"), &bytes).map_err(usage)?;
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The gradients of the loss on `batch` with the weights in `state`, by weight name.
+fn gradients(
+    forward: &Graph,
+    trainable: &[String],
+    state: &Tensors,
+    batch: &Tensor,
+    step: usize,
+) -> Result<Tensors, String> {
+    let g = gradient_program(forward, trainable).expect("has a loss");
+    let g = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default()).0;
+    let mut feeds: Tensors =
+        state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+    feeds.insert("input_ids".into(), batch.clone());
+    feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
+    let shapes: HashMap<String, Vec<usize>> = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let program = crate::cpu::bind(&g, &shapes).and_then(|s| Program::compile(&g, &s))?;
+    let out = program.run(&feeds)?;
+    Ok(out.into_iter().filter_map(|(k, v)| k.strip_prefix("grad:").map(|n| (n.to_string(), v))).collect())
+}
+
+/// `--dump-grads`: the gradients of the first step's loss, by weight name.
+fn dump_grads(path: &Path, grads: Result<Tensors, String>) -> Result<(), ExitCode> {
+    let grads = grads.map_err(|e| usage(format!("--dump-grads: {e}")))?;
+    weights::save(path, &grads).map_err(usage)
+}
+
+/// Names the first layer call whose output is not finite on `batch` (or a
+/// weight that is not finite); `None` when everything is finite.
+fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensor) -> Option<String> {
+    let traced = || -> Result<Option<String>, String> {
+        let (program, opts) = load(&args.model).map_err(|_| "cannot reload the spec".to_string())?;
+        let how = LowerOptions { trace: true, ..Default::default() };
+        let (_, g) = modelc::check::lower(&program, &opts, how).map_err(|_| "cannot lower the spec".to_string())?;
+        let g = modelc::ir::prune::prune(&g);
+        let mut feeds: Tensors =
+            state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+        feeds.insert("input_ids".into(), batch.clone());
+        let p = compile(CODE, &g, &feeds).map_err(|_| "cannot compile the traced forward".to_string())?;
+        let out = p.run(&feeds)?;
+        let weights_bad =
+            feeds.iter().filter(|(_, t)| t.data.iter().any(|v| !v.is_finite())).map(|(k, _)| k.clone()).min();
+        if let Some(w) = weights_bad {
+            return Ok(Some(format!("the weight `{w}` is not finite")));
+        }
+        Ok(g.outputs.iter().find_map(|(name, _)| {
+            let layer = name.strip_prefix("trace:")?;
+            out[name]
+                .data
+                .iter()
+                .any(|v| !v.is_finite())
+                .then(|| format!("the first layer whose output is not finite is `{layer}`"))
+        }))
+    };
+    match traced() {
+        Ok(found) => found,
+        Err(e) => Some(format!("could not find the layer ({e})")),
+    }
+}
+
+/// A progress bar on a terminal; plain lines (every few seconds and at
+/// evaluations) when stderr is a file or a pipe.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    last_line: std::cell::Cell<Instant>,
+    steps: usize,
+    first: usize,
+}
+
+impl Progress {
+    fn new(steps: usize, first: usize) -> Progress {
+        let bar = indicatif::ProgressBar::new(steps as u64);
+        bar.set_position(first.saturating_sub(1) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len}  {msg}  eta {eta}")
+                .expect("a valid template"),
+        );
+        Progress { bar, last_line: std::cell::Cell::new(Instant::now()), steps, first }
+    }
+
+    fn advance(&self, step: usize, line: &str, elapsed: f64) {
+        self.bar.set_position(step as u64);
+        self.bar.set_message(line.to_string());
+        if self.bar.is_hidden() && self.last_line.get().elapsed().as_secs_f64() > 5.0 {
+            let eta = elapsed / (step - self.first + 1) as f64 * (self.steps - step) as f64;
+            eprintln!("step {step:>5}/{}  {line}  eta {eta:.0} s", self.steps);
+            self.last_line.set(Instant::now());
+        }
+    }
+
+    fn log(&self, step: usize, line: &str, elapsed: f64) {
+        self.println(&format!("step {step:>5}/{}  {line}  {elapsed:.0} s", self.steps));
+        self.last_line.set(Instant::now());
+    }
+
+    fn println(&self, line: &str) {
+        if self.bar.is_hidden() { eprintln!("{line}") } else { self.bar.println(line) }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }

@@ -462,6 +462,13 @@ impl Checker<'_> {
         let result = self.forward_body(&mut frame, fwd, &mut rest);
         self.context.pop();
         self.depth -= 1;
+        if let (Some(l), Ty::Tensor(t)) = (self.lower.as_mut(), &result)
+            && l.trace
+            && let Some(node) = t.node
+        {
+            let name = format!("trace:{} ({})", self.instances[inst].path, def.name.text);
+            l.g.outputs.push((name, node));
+        }
         if let (Some((depth, inputs)), Some(slot), Some(calls)) = (record, slot, self.calls.as_mut()) {
             let output = match &result {
                 Ty::Tensor(t) => t.ty.to_string(),

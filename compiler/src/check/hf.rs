@@ -116,3 +116,33 @@ pub fn from_set(def: &Def, key: &str, text: &str) -> Result<(String, Value), Dia
         )
     })
 }
+
+/// A `config.json` for the model: `base` (the config it was built from, if
+/// any) with every `from hf(...)` key set to the hyperparameter's value. A
+/// key present in `base` is updated where it is (`rope_parameters.rope_theta`
+/// stays nested); otherwise the first key of the mapping is written.
+pub fn to_config(def: &Def, hparams: &[(String, Value)], base: Option<&serde_json::Value>) -> serde_json::Value {
+    let mut config = base.filter(|b| b.is_object()).cloned().unwrap_or_else(|| serde_json::json!({}));
+    for entry in &def.hf {
+        let Some((_, value)) = hparams.iter().find(|(n, _)| *n == entry.name.text) else { continue };
+        let json = match value {
+            Value::Int(i) => serde_json::json!(i),
+            Value::Float(f) => serde_json::json!(f),
+            Value::Bool(b) => serde_json::json!(b),
+            Value::Str(s) => serde_json::json!(s),
+            Value::None => serde_json::Value::Null,
+            _ => continue,
+        };
+        let Some(first) = entry.keys.first() else { continue };
+        let key = entry.keys.iter().find(|k| lookup(&config, &k.text).is_some()).unwrap_or(first);
+        let mut slot = &mut config;
+        for part in key.text.split('.') {
+            if !slot.is_object() {
+                *slot = serde_json::json!({});
+            }
+            slot = slot.as_object_mut().expect("an object").entry(part).or_insert(serde_json::Value::Null);
+        }
+        *slot = json;
+    }
+    config
+}

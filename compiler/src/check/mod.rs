@@ -126,6 +126,9 @@ pub struct LowerOptions {
     /// Lower for incremental decoding with a key/value cache of this many
     /// positions (see `ir::lower::Cache`).
     pub cache: Option<usize>,
+    /// Also output every layer call's result as `trace:PATH (Layer)`, in
+    /// the order the calls finish (to find where values go wrong).
+    pub trace: bool,
 }
 
 /// Checks the spec's model and lowers its forward (and, when training, its
@@ -139,6 +142,24 @@ pub fn lower(
         return check(p, opts).map(|_| unreachable!("check fails without a model"));
     };
     check_and_lower(p, entry, opts, Some(how)).map(|(c, g)| (c, g.expect("lowered")))
+}
+
+/// A Hugging Face `config.json` holding the checked model's hyperparameters
+/// (see `hf::to_config`); `None` when the model has no `from hf(...)`.
+pub fn hf_config(p: &Program, checked: &Checked, base: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+    let entry = p.entry_model()?;
+    let def = match p.item(entry) {
+        Item::Def(d) => d,
+        Item::Adapt(a) => match p.scopes[entry.module].get(&a.base.text).map(|r| p.item(*r)) {
+            Some(Item::Def(d)) => d,
+            _ => return None,
+        },
+        Item::Import(_) => return None,
+    };
+    if def.hf.is_empty() {
+        return None;
+    }
+    Some(hf::to_config(def, &checked.hparams, base))
 }
 
 /// Checks the spec's model and records every layer call of its forward.
@@ -162,7 +183,8 @@ fn check_and_lower(
 ) -> Result<(Checked, Option<crate::ir::graph::Graph>), Vec<Diagnostic>> {
     let mut c = Checker::new(p);
     let absent = how.as_ref().map(|h| h.absent.clone()).unwrap_or_default();
-    c.lower = how.map(|h| crate::ir::lower::Lowering::new(h.training, h.cache));
+    c.lower = how
+        .map(|h| crate::ir::lower::Lowering { trace: h.trace, ..crate::ir::lower::Lowering::new(h.training, h.cache) });
     let result = run(&mut c, entry, opts, &absent);
     match result {
         Ok(checked) if c.diags.is_empty() => Ok((checked, c.lower.take().map(|l| l.g))),

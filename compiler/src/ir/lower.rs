@@ -23,6 +23,8 @@ pub struct Lowering {
     pub dropout_sites: u64,
     /// Incremental decoding with a key/value cache, when asked for.
     pub cache: Option<Cache>,
+    /// Output every layer call's result (`LowerOptions::trace`).
+    pub trace: bool,
 }
 
 /// Incremental decoding. The model sees `T` new tokens at positions

@@ -45,12 +45,45 @@ pub fn state_names(opt: &Optimizer, param: &str) -> Vec<String> {
 /// program updating `trainable` parameters. Returns `None` without a loss.
 pub fn training_program(forward: &Graph, trainable: &[String], cfg: &TrainConfig) -> Option<Graph> {
     let mut g = forward.clone();
+    let (params, grads) = gradients(&mut g, trainable)?;
+    update(&mut g, &params, grads, cfg);
+    Some(g)
+}
+
+/// The forward graph with the gradients of the loss as outputs `grad:NAME`
+/// (for gradient accumulation, and to inspect them).
+pub fn gradient_program(forward: &Graph, trainable: &[String]) -> Option<Graph> {
+    let mut g = forward.clone();
+    let (params, grads) = gradients(&mut g, trainable)?;
+    for ((name, _), gr) in params.iter().zip(grads) {
+        g.outputs.push((format!("grad:{name}"), gr));
+    }
+    Some(g)
+}
+
+/// The optimiser step alone: parameters and their (accumulated) gradients
+/// `grad:NAME` in, the same outputs as the training program but `loss`.
+pub fn update_program(params: &[(String, TensorTy)], cfg: &TrainConfig) -> Graph {
+    let mut g = Graph::default();
+    let ids: Vec<(String, NodeId)> = params.iter().map(|(n, ty)| (n.clone(), g.param(n, ty.clone()))).collect();
+    let grads = params.iter().map(|(n, ty)| g.input(&format!("grad:{n}"), ty.clone())).collect();
+    update(&mut g, &ids, grads, cfg);
+    g
+}
+
+type Grads = (Vec<(String, NodeId)>, Vec<NodeId>);
+
+fn gradients(g: &mut Graph, trainable: &[String]) -> Option<Grads> {
     let loss = g.output("loss")?;
     let params: Vec<(String, NodeId)> =
         g.params().filter(|(n, _)| trainable.iter().any(|t| t == n)).map(|(n, id)| (n.to_string(), id)).collect();
     let ids: Vec<NodeId> = params.iter().map(|(_, id)| *id).collect();
-    let mut grads = grad(&mut g, loss, &ids);
+    let grads = grad(g, loss, &ids);
+    Some((params, grads))
+}
 
+/// Global-norm clipping and the optimiser's update of each parameter.
+fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cfg: &TrainConfig) {
     // Global norm, and clipping by it.
     let mut total = g.constant(0.0, DType::F32);
     for gr in &grads {
@@ -127,5 +160,4 @@ pub fn training_program(forward: &Graph, trainable: &[String], cfg: &TrainConfig
             }
         }
     }
-    Some(g)
 }
