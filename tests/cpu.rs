@@ -33,7 +33,7 @@ fn compare(label: &str, g: &modelc::ir::graph::Graph, feeds: &HashMap<String, Ar
         for (i, (w, h)) in want.data.iter().zip(&have.data).enumerate() {
             let h = *h as f64;
             assert!(
-                w == h || (w - h).abs() <= tol * (1.0 + w.abs()) || (w.is_nan() && h.is_nan()),
+                *w == h || (w - h).abs() <= tol * (1.0 + w.abs()) || (w.is_nan() && h.is_nan()),
                 "{label}: {name}[{i}]: interpreter {w}, cpu {h}"
             );
         }
