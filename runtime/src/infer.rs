@@ -123,6 +123,10 @@ fn context(args: &InferArgs, checked: &Checked) -> usize {
 
 /// Next-token logits for a growing sequence.
 trait Decoder {
+    /// Compiles what reading a prompt of `prompt` tokens and then decoding needs.
+    fn prepare(&mut self, _prompt: usize) -> Result<(), String> {
+        Ok(())
+    }
     /// Reads `new` (the tokens after those already read) and returns the
     /// logits after the last of them.
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String>;
@@ -161,14 +165,22 @@ impl Cached {
         Cached { graph, feeds, programs: HashMap::new(), len, vocab, held: 0 }
     }
 
-    fn read(&mut self, ids: &[usize], position: usize) -> Result<Vec<f32>, String> {
-        let t = ids.len();
-        self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], ids.iter().map(|i| *i as f32).collect()));
-        self.feeds.insert("position".into(), Tensor::new(vec![], vec![position as f32]));
+    /// The program for `t` new tokens, compiled on first use.
+    fn program(&mut self, t: usize) -> Result<(), String> {
         if !self.programs.contains_key(&t) {
+            self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], vec![0.0; t]));
+            self.feeds.insert("position".into(), Tensor::new(vec![], vec![0.0]));
             let p = compile(CODE, &self.graph, &self.feeds).map_err(|_| "cannot compile the decoder".to_string())?;
             self.programs.insert(t, p);
         }
+        Ok(())
+    }
+
+    fn read(&mut self, ids: &[usize], position: usize) -> Result<Vec<f32>, String> {
+        let t = ids.len();
+        self.program(t)?;
+        self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], ids.iter().map(|i| *i as f32).collect()));
+        self.feeds.insert("position".into(), Tensor::new(vec![], vec![position as f32]));
         let mut out = self.programs[&t].run(&self.feeds)?;
         for (name, value) in out.iter_mut() {
             if let Some(layer) = name.strip_prefix("present.") {
@@ -181,6 +193,11 @@ impl Cached {
 }
 
 impl Decoder for Cached {
+    fn prepare(&mut self, prompt: usize) -> Result<(), String> {
+        self.program(prompt.min(self.len))?;
+        self.program(1)
+    }
+
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String> {
         if self.held + new <= self.len {
             let start = tokens.len() - new;
@@ -277,6 +294,7 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let _ = out.write_all(&tokenizer.decode(&tokens));
         let _ = out.flush();
     }
+    decoder.prepare(tokens.len()).map_err(|e| error(CODE, e))?;
     let mut stream = Stream::new(&tokenizer);
     let started = Instant::now();
     let mut fresh = Vec::new();

@@ -517,6 +517,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             dump_grads(path, gradients(&train_fwd, &trainable, &state, &batches[0], step))?;
         }
         let first = batches[0].clone();
+        let step_started = Instant::now();
         let outcome =
             step_program.run(&mut state, batches, rate, step).map_err(|e| usage(format!("step {step}: {e}")))?;
         let loss = outcome.loss;
@@ -548,12 +549,13 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
                 args.out.join("state.safetensors").display()
             )));
         }
+        let step_seconds = step_started.elapsed().as_secs_f64();
         curve.push((step, loss));
         let elapsed = started.elapsed().as_secs_f64();
         let tps = ((step - first_step + 1) * s.batch * s.seq * s.accumulate) as f64 / elapsed;
         let _ = writeln!(
             metrics,
-            "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"grad_norm\": {:.4}, \"tokens_per_s\": {tps:.0}}}",
+            "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"grad_norm\": {:.4}, \"seconds\": {step_seconds:.4}, \"tokens_per_s\": {tps:.0}}}",
             outcome.grad_norm
         );
         let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
