@@ -128,6 +128,13 @@ fn algebra_rules_fire_and_keep_values() {
             }),
         ),
         (
+            "sum-neg",
+            Box::new(|g, x| {
+                let n = g.neg(x);
+                g.reduce(Reduce::Sum, n, &[1])
+            }),
+        ),
+        (
             "reshape-reshape",
             Box::new(|g, x| {
                 let r = g.reshape(x, &[d(3), d(2)]);

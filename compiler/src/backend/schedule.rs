@@ -45,19 +45,32 @@ pub struct Schedule {
 }
 
 /// Groups `g` into kernels. A node joins its single consumer's fused kernel
-/// when both are elementwise over the same shape; a broadcast of a stored
-/// value feeding an elementwise node is read in place, not materialised.
+/// when both are elementwise over the same shape. A broadcast feeding only
+/// elementwise nodes of its shape is never materialised: every kernel that
+/// uses it reads its source in place (re-reading is cheaper than a pass that
+/// writes the broadcast tensor out).
 pub fn schedule(g: &Graph) -> Schedule {
     let n = g.nodes.len();
-    let mut users = vec![0usize; n];
-    for node in &g.nodes {
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, node) in g.nodes.iter().enumerate() {
         for a in &node.args {
-            users[a.index()] += 1;
+            users[a.index()].push(i);
         }
     }
+    let mut is_output = vec![false; n];
     for (_, id) in &g.outputs {
-        users[id.index()] += 1;
+        is_output[id.index()] = true;
     }
+    let single_use = |k: usize| users[k].len() == 1 && !is_output[k];
+    let shared: Vec<bool> = (0..n)
+        .map(|k| {
+            let node = &g.nodes[k];
+            matches!(node.op, Op::Broadcast)
+                && !is_output[k]
+                && users[k].len() > 1
+                && users[k].iter().all(|u| is_elementwise(&g.nodes[*u].op) && g.nodes[*u].ty.dims == node.ty.dims)
+        })
+        .collect();
     // The fused group each node belongs to, by its root (the node stored).
     let mut root: Vec<Option<usize>> = vec![None; n];
     for i in (0..n).rev() {
@@ -71,32 +84,37 @@ pub fn schedule(g: &Graph) -> Schedule {
             let arg = &g.nodes[a.index()];
             // A single-use broadcast is read in place: its source becomes the kernel's input.
             let joins = matches!(arg.op, Op::Broadcast) || is_elementwise(&arg.op);
-            if joins && users[a.index()] == 1 && arg.ty.dims == node.ty.dims {
+            if joins && single_use(a.index()) && arg.ty.dims == node.ty.dims {
                 root[a.index()] = Some(r);
             }
         }
     }
     let mut kernels = Vec::new();
-    let mut emitted = vec![false; n];
     for i in 0..n {
         let node = &g.nodes[i];
         match (&node.op, root[i]) {
             (Op::Input(_) | Op::Param(_), _) => {}
             (op, _) if is_inline(op) => {}
             (Op::Reshape, _) => kernels.push(Kernel::View(NodeId(i as u32))),
+            (_, None) if shared[i] => {}
             (_, Some(r)) if r == i => {
-                let members: Vec<usize> = (0..=i).filter(|k| root[*k] == Some(i)).collect();
+                let mut members: Vec<usize> = (0..=i).filter(|k| root[*k] == Some(i)).collect();
+                let borrowed: Vec<usize> = members
+                    .iter()
+                    .flat_map(|m| g.nodes[*m].args.iter().map(|a| a.index()))
+                    .filter(|k| shared[*k])
+                    .collect();
+                members.extend(borrowed);
+                members.sort_unstable();
+                members.dedup();
                 let mut inputs = Vec::new();
                 for &m in &members {
                     for a in &g.nodes[m].args {
                         let k = a.index();
-                        if root[k] != Some(i) && !is_inline(&g.nodes[k].op) && !inputs.contains(a) {
+                        if !members.contains(&k) && !is_inline(&g.nodes[k].op) && !inputs.contains(a) {
                             inputs.push(*a);
                         }
                     }
-                }
-                for &m in &members {
-                    emitted[m] = true;
                 }
                 kernels.push(Kernel::Fused { nodes: members.into_iter().map(|m| NodeId(m as u32)).collect(), inputs });
             }

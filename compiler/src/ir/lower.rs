@@ -572,7 +572,18 @@ impl Lowering {
         let rank = self.g.ty(logits).rank();
         let classes = self.g.dims(logits)[rank - 1].clone();
         let lsm = self.log_softmax(logits, rank - 1);
-        let hot = self.g.one_hot(targets, classes);
+        // One-hot as a comparison with the class index, so that it fuses into
+        // the kernels that use it instead of filling a [..., classes] tensor.
+        let mut dims = self.g.dims(targets).to_vec();
+        dims.push(Dim::constant(1));
+        let t = self.g.reshape(targets, &dims);
+        let class = self.g.iota(classes.clone());
+        dims.pop();
+        dims.push(classes);
+        let t = self.g.broadcast(t, &dims);
+        let class = self.g.broadcast(class, &dims);
+        let hot = self.g.binary(Binary::Eq, t, class);
+        let hot = self.g.cast(hot, DType::F32);
         let picked = self.g.mul(lsm, hot);
         let picked = self.g.reduce(Reduce::Sum, picked, &[rank - 1]);
         let ig = self.g.constant(ignore as f64, DType::Int);

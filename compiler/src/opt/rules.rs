@@ -51,6 +51,9 @@ pub fn rules() -> Vec<Rule> {
         rw!("div-one"; "(div ?x ?o ?a ?t)" => "?x" if is_const("?o", 1.0) if same_type("?x", "?t")),
         rw!("neg-neg"; "(neg (neg ?x ?a ?t) ?a ?t)" => "?x"),
         rw!("log-exp"; "(log (exp ?x ?a ?t) ?b ?t)" => "?x"),
+        // A sum of negated values is the negated sum, on fewer elements
+        // (the backward of cross-entropy has this shape).
+        rw!("sum-neg"; "(reduce_sum (neg ?x ?a ?t) ?r ?u)" => "(neg (reduce_sum ?x ?r ?u) ?a ?u)"),
         // layout
         rw!("reshape-reshape"; "(reshape (reshape ?x ?a ?t1) ?a ?t2)" => "(reshape ?x ?a ?t2)"),
         rw!("reshape-noop"; "(reshape ?x ?a ?t)" => "?x" if same_type("?x", "?t")),

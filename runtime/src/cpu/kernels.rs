@@ -4,20 +4,51 @@
 
 use modelc::ir::graph::Reduce;
 use modelc::ir::interp::strides;
+use rayon::prelude::*;
+
+/// Outputs at least this long are split over the thread pool, by rows.
+const PARALLEL: usize = 1 << 16;
+
+/// Rows of `inner` elements per parallel task: about `PARALLEL` elements.
+fn rows_per_task(inner: usize) -> usize {
+    (PARALLEL / inner.max(1)).max(1)
+}
 
 /// Copies `out_shape` elements from `src`, element `idx` read at
-/// `base + sum(idx[d] * eff[d])`. The innermost axis runs as a tight loop.
+/// `base + sum(idx[d] * eff[d])`. The innermost axis runs as a tight loop;
+/// large copies split their rows over the thread pool.
 pub fn strided_copy(src: &[f32], base: usize, eff: &[usize], out_shape: &[usize], out: &mut [f32]) {
     let rank = out_shape.len();
     if rank == 0 {
         out[0] = src[base];
         return;
     }
+    let inner = out_shape[rank - 1].max(1);
+    if out.len() >= 2 * PARALLEL {
+        let rows = rows_per_task(inner);
+        out.par_chunks_mut(rows * inner).enumerate().for_each(|(c, chunk)| {
+            copy_rows(src, base, eff, out_shape, c * rows, chunk);
+        });
+    } else {
+        copy_rows(src, base, eff, out_shape, 0, out);
+    }
+}
+
+/// The rows of a strided copy from row `first` on, filling `out`.
+fn copy_rows(src: &[f32], base: usize, eff: &[usize], out_shape: &[usize], first: usize, out: &mut [f32]) {
+    let rank = out_shape.len();
     let inner = out_shape[rank - 1];
     let inner_stride = eff[rank - 1];
-    let outer: usize = out_shape[..rank - 1].iter().product();
+    let outer = out.len() / inner.max(1);
+    // The index of row `first` and its source offset.
     let mut idx = vec![0usize; rank - 1];
+    let mut rest = first;
     let mut offset = base;
+    for d in (0..rank - 1).rev() {
+        idx[d] = rest % out_shape[d];
+        rest /= out_shape[d];
+        offset += idx[d] * eff[d];
+    }
     for o in 0..outer {
         let dst = &mut out[o * inner..(o + 1) * inner];
         if inner_stride == 1 {
@@ -74,7 +105,52 @@ pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], ou
     }
 }
 
+/// Folds one row with eight independent accumulators (which vectorise),
+/// combined in a fixed order, so a row's result never depends on threads.
+fn fold_row(op: Reduce, row: &[f32]) -> f32 {
+    let combine = |a: f32, b: f32| match op {
+        Reduce::Sum => a + b,
+        Reduce::Max => a.max(b),
+        Reduce::Min => a.min(b),
+    };
+    let init = match op {
+        Reduce::Sum => 0.0,
+        Reduce::Max => f32::NEG_INFINITY,
+        Reduce::Min => f32::INFINITY,
+    };
+    let mut lanes = [init; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = combine(*l, *v);
+        }
+    }
+    let mut acc = lanes.iter().fold(init, |a, b| combine(a, *b));
+    for v in tail {
+        acc = combine(acc, *v);
+    }
+    acc
+}
+
 pub fn reduce(op: Reduce, src: &[f32], in_shape: &[usize], axes: &[usize], out: &mut [f32]) {
+    let rank = in_shape.len();
+    if rank > 0 && axes == [rank - 1] {
+        // The innermost axis: each output is one row, rows in parallel.
+        let inner = in_shape[rank - 1];
+        if inner == 0 {
+            out.fill(fold_row(op, &[]));
+            return;
+        }
+        let rows = if src.len() >= 2 * PARALLEL { rows_per_task(inner) } else { out.len().max(1) };
+        out.par_chunks_mut(rows).enumerate().for_each(|(c, chunk)| {
+            for (k, o) in chunk.iter_mut().enumerate() {
+                let r = c * rows + k;
+                *o = fold_row(op, &src[r * inner..(r + 1) * inner]);
+            }
+        });
+        return;
+    }
     let init = match op {
         Reduce::Sum => 0.0,
         Reduce::Max => f32::NEG_INFINITY,

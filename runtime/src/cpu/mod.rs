@@ -48,6 +48,34 @@ pub struct Program {
     pub compile_seconds: f64,
     /// Reused across runs: every value is written before it is read, so it needs no clearing.
     arena: std::sync::Mutex<Vec<f32>>,
+    /// Seconds spent in each kernel, when `MODELC_PROFILE` is set; printed on drop.
+    profile: Option<std::sync::Mutex<Vec<f64>>>,
+}
+
+impl Drop for Program {
+    /// With `MODELC_PROFILE` set, the kernels that took the most time, on stderr.
+    fn drop(&mut self) {
+        let Some(p) = &self.profile else { return };
+        let times = p.lock().unwrap_or_else(|e| e.into_inner());
+        let total: f64 = times.iter().sum();
+        if total == 0.0 {
+            return;
+        }
+        let lines = modelc::backend::schedule::describe(&self.graph, &self.schedule);
+        let lines: Vec<&str> = lines.lines().collect();
+        let mut order: Vec<usize> = (0..times.len()).collect();
+        order.sort_by(|a, b| times[*b].total_cmp(&times[*a]));
+        eprintln!("profile: {:.3} s in {} kernels", total, times.len());
+        for k in order.into_iter().take(25) {
+            let line = lines.get(k).copied().unwrap_or("");
+            eprintln!(
+                "{:>8.2} ms {:>5.1}%  {}",
+                times[k] * 1e3,
+                100.0 * times[k] / total,
+                &line[..line.len().min(150)]
+            );
+        }
+    }
 }
 
 // SAFETY: compiled kernels are plain functions; the JIT module is only read after compilation.
@@ -99,7 +127,20 @@ impl Program {
             .collect();
         let compile_seconds = started.elapsed().as_secs_f64();
         let arena = std::sync::Mutex::new(vec![0f32; plan.arena_len]);
-        Ok(Program { graph, schedule, plan, sizes: sizes.clone(), kernels, clif, _jit: jit, compile_seconds, arena })
+        let profile =
+            std::env::var_os("MODELC_PROFILE").map(|_| std::sync::Mutex::new(vec![0.0; schedule.kernels.len()]));
+        Ok(Program {
+            graph,
+            schedule,
+            plan,
+            sizes: sizes.clone(),
+            kernels,
+            clif,
+            _jit: jit,
+            compile_seconds,
+            arena,
+            profile,
+        })
     }
 
     pub fn peak_bytes(&self) -> usize {
@@ -124,7 +165,8 @@ impl Program {
         }
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
-        for (kernel, compiled) in self.schedule.kernels.iter().zip(&self.kernels) {
+        for (k, (kernel, compiled)) in self.schedule.kernels.iter().zip(&self.kernels).enumerate() {
+            let started = self.profile.as_ref().map(|_| std::time::Instant::now());
             match (kernel, compiled) {
                 (Kernel::View(_), _) => {}
                 (Kernel::Fused { .. }, Compiled::Fused { f, inputs }) => {
@@ -151,6 +193,9 @@ impl Program {
                 }
                 (Kernel::Single(n), _) => self.single(*n, arena, feeds)?,
                 (Kernel::Fused { .. }, Compiled::Other) => unreachable!("bug: fused kernel without code"),
+            }
+            if let (Some(p), Some(t)) = (&self.profile, started) {
+                p.lock().unwrap_or_else(|e| e.into_inner())[k] += t.elapsed().as_secs_f64();
             }
         }
         let mut out = HashMap::new();
