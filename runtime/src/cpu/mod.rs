@@ -66,6 +66,18 @@ impl Drop for Program {
         let mut order: Vec<usize> = (0..times.len()).collect();
         order.sort_by(|a, b| times[*b].total_cmp(&times[*a]));
         eprintln!("profile: {:.3} s in {} kernels", total, times.len());
+        // By kind: the operation of a single kernel, or `fused`.
+        let mut kinds: Vec<(String, f64)> = Vec::new();
+        for (k, t) in times.iter().enumerate() {
+            let kind = lines.get(k).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?").to_string();
+            match kinds.iter_mut().find(|(n, _)| *n == kind) {
+                Some(e) => e.1 += t,
+                None => kinds.push((kind, *t)),
+            }
+        }
+        kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let summary: Vec<String> = kinds.iter().map(|(n, t)| format!("{n} {:.0}%", 100.0 * t / total)).collect();
+        eprintln!("by kind: {}", summary.join(", "));
         for k in order.into_iter().take(25) {
             let line = lines.get(k).copied().unwrap_or("");
             eprintln!(
@@ -249,26 +261,26 @@ impl Program {
             let (ap, _keep_a) = raw(self.read(a, arena, feeds));
             let (bp, _keep_b) = raw(self.read(b, arena, feeds));
             let out = &mut arena[offset..offset + len];
-            let par = if rows * cols * k > 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-            for bi in 0..batch {
-                let (ao, bo, oo) = (bi * rows * k, bi * k * cols, bi * rows * cols);
-                // (row stride, column stride) of op(A) and op(B) in their row-major storage.
-                let (a_rs, a_cs) = if ta { (1, rows as isize) } else { (k as isize, 1) };
-                let (b_rs, b_cs) = if tb { (1, k as isize) } else { (cols as isize, 1) };
+            // (row stride, column stride) of op(A) and op(B) in their row-major storage.
+            let (a_rs, a_cs) = if ta { (1, rows as isize) } else { (k as isize, 1) };
+            let (b_rs, b_cs) = if tb { (1, k as isize) } else { (cols as isize, 1) };
+            let (ap, bp) = (SendPtr(ap as *mut f32), SendPtr(bp as *mut f32));
+            let product = |bi: usize, out: &mut [f32], par: gemm::Parallelism| {
+                let (ao, bo) = (bi * rows * k, bi * k * cols);
                 // SAFETY: the strides describe the operands' layouts exactly and stay inside them.
                 unsafe {
                     gemm::gemm(
                         rows,
                         cols,
                         k,
-                        out[oo..].as_mut_ptr(),
+                        out.as_mut_ptr(),
                         1,
                         cols as isize,
                         false,
-                        ap.add(ao),
+                        ap.get().add(ao),
                         a_cs,
                         a_rs,
-                        bp.add(bo),
+                        bp.get().add(bo),
                         b_cs,
                         b_rs,
                         0.0,
@@ -278,6 +290,16 @@ impl Program {
                         false,
                         par,
                     );
+                }
+            };
+            let work = rows * cols * k;
+            if batch > 1 && work < 1 << 20 && batch * work > 1 << 18 {
+                // Many small products (attention heads): one per task, each on one thread.
+                out.par_chunks_mut(rows * cols).enumerate().for_each(|(bi, o)| product(bi, o, gemm::Parallelism::None));
+            } else {
+                let par = if work > 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+                for (bi, o) in out.chunks_mut(rows * cols).enumerate() {
+                    product(bi, o, par);
                 }
             }
             return Ok(());
@@ -396,5 +418,17 @@ unsafe impl Send for SendPtrs {}
 impl SendPtrs {
     fn get(&self) -> *const *mut f32 {
         self.0.as_ptr()
+    }
+}
+
+/// An operand pointer shared by the tasks of a batched matrix product.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: operands are only read while the tasks write disjoint outputs.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *const f32 {
+        self.0
     }
 }
