@@ -255,3 +255,73 @@ fn a_diverging_run_names_where_values_went_bad() {
     insta::assert_snapshot!(err);
     assert!(repo().join(out).join("state.safetensors").exists(), "the state before the bad step is kept");
 }
+
+#[test]
+fn encoders_match_transformers_and_embed_as_sentence_transformers_does() {
+    let dir = fixture("bert");
+    let config = dir.join("config.json");
+    let weights = dir.join("model.safetensors");
+    // last_hidden_state of a padded batch, through the BERT and the MiniLM specs.
+    let (inputs, _) = weights::load_all(&dir.join("inputs.safetensors")).unwrap();
+    let (want, _) = weights::load_all(&dir.join("outputs.safetensors")).unwrap();
+    let want = &want["last_hidden_state"];
+    for spec in ["specs/bert.model", "specs/minilm.model"] {
+        let out = scratch(&format!("encoder-{}", spec.len()));
+        let path = out.join("out.safetensors");
+        let (code, _, err) = modelc(&[
+            "forward",
+            spec,
+            "--config",
+            config.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--inputs",
+            dir.join("inputs.safetensors").to_str().unwrap(),
+            "--outputs",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let got = weights::load_all(&path).unwrap().0.remove("last_hidden_state").unwrap();
+        assert_eq!(got.shape, want.shape);
+        let dim = want.shape[2];
+        for (row, m) in inputs["attention_mask"].data.iter().enumerate() {
+            if *m == 0.0 {
+                continue; // padding: what it holds is not defined
+            }
+            for i in row * dim..(row + 1) * dim {
+                assert!((got.data[i] - want.data[i]).abs() <= 1e-4, "{spec}: state {i}");
+            }
+        }
+    }
+    // Sentences as arguments and on stdin give sentence-transformers' embeddings.
+    let records: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("embeddings.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = records.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    let mut args = vec!["embed", "specs/minilm.model", "--config", config.to_str().unwrap()];
+    args.extend(["--weights", weights.to_str().unwrap()]);
+    let mut with_args = args.clone();
+    with_args.extend(&texts);
+    let (code, out, err) = modelc(&with_args);
+    assert_eq!(code, 0, "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelc"))
+        .args(&args)
+        .current_dir(repo())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(texts.join("\n").as_bytes()).unwrap();
+    let piped = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(piped, out);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), records.len());
+    for (got, want) in lines.iter().zip(&records) {
+        assert_eq!(got["text"], want["text"]);
+        let (g, w) = (got["embedding"].as_array().unwrap(), want["embedding"].as_array().unwrap());
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-5, "{}", want["text"]);
+        }
+    }
+}

@@ -3,13 +3,18 @@
     pip install torch transformers tokenizers safetensors
     python3 tests/hf_fixtures.py            # rewrites tests/fixtures/hf/
 
-For each model (gpt2, llama) it writes, under tests/fixtures/hf/NAME/:
+For each language model (gpt2, llama) it writes, under tests/fixtures/hf/NAME/:
   config.json, model.safetensors     save_pretrained() of a seeded random model
   tokenizer.json                     a byte-level BPE trained on the GPL-3 text
   inputs.safetensors                 input_ids [2, 12] (int64)
   logits.safetensors                 the logits transformers computes for them
   grads.safetensors                  gradients of its LM loss on them, by weight name
   generate.json                      prompt, prompt ids and greedy generate() ids
+
+For the encoder (bert, a tiny all-MiniLM-style BertModel) it writes
+config.json, model.safetensors, tokenizer.json (WordPiece), inputs and
+last_hidden_state for a padded batch, and embeddings.json: mean-pooled,
+L2-normalised sentence embeddings as sentence-transformers computes them.
 
 Weights are drawn with a large initializer range so that logits are far from
 uniform and greedy decoding does not hinge on near-ties.
@@ -21,8 +26,8 @@ import pathlib
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
 CORPUS = "/usr/share/common-licenses/GPL-3"
@@ -40,6 +45,50 @@ def tokenizer() -> Tokenizer:
     )
     tok.train([CORPUS], trainer)
     return tok
+
+
+SENTENCES = ["This License applies to any program.", "Free software is a matter of liberty.", "Hello"]
+
+
+def wordpiece() -> Tokenizer:
+    """A BERT-style tokenizer: lower-cased WordPiece, [CLS] ... [SEP]."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train([CORPUS], trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
+    return tok
+
+
+def write_encoder(name: str, tok: Tokenizer) -> None:
+    """A tiny BertModel, and sentence embeddings as sentence-transformers
+    makes them: mean over the attention mask, then L2-normalised."""
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+    )
+    model = BertModel(config, add_pooling_layer=True).eval()
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    encodings = tok.encode_batch(SENTENCES)
+    longest = max(len(e.ids) for e in encodings)
+    ids = torch.tensor([e.ids + [0] * (longest - len(e.ids)) for e in encodings])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (longest - len(e.ids)) for e in encodings])
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    save_file({"input_ids": ids, "attention_mask": mask}, out / "inputs.safetensors")
+    save_file({"last_hidden_state": states.contiguous()}, out / "outputs.safetensors")
+    weights = mask.unsqueeze(-1).float()
+    pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    records = [{"text": t, "embedding": e.tolist()} for t, e in zip(SENTENCES, pooled)]
+    (out / "embeddings.json").write_text(json.dumps(records) + "\n")
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {len(SENTENCES)} sentences embedded")
 
 
 def gpt2() -> torch.nn.Module:
@@ -95,6 +144,8 @@ def main() -> None:
     write("gpt2", gpt2(), tok)
     torch.manual_seed(0)
     write("llama", llama(), tok)
+    torch.manual_seed(0)
+    write_encoder("bert", wordpiece())
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ pub struct Embedded {
     pub sets: Vec<String>,
 }
 
+/// What a built binary passes as the spec argument: its own spec.
+pub const BUILT_IN: &str = "<built-in spec>";
+
 /// Set once at start-up by a built binary.
 pub static EMBEDDED: std::sync::OnceLock<Embedded> = std::sync::OnceLock::new();
 
@@ -171,12 +174,12 @@ impl Embedded {
 /// The spec and its `--config` / `--set` options.
 pub fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
     let embedded = match &args.spec {
-        Some(_) => None,
-        None => EMBEDDED.get(),
+        Some(p) if p.as_os_str() != BUILT_IN => None,
+        _ => EMBEDDED.get(),
     };
     let program = match (&args.spec, embedded) {
-        (Some(path), _) => check::load_file(path),
-        (None, Some(e)) => check::load::load_bundle(&e.entry, e.files.clone()),
+        (_, Some(e)) => check::load::load_bundle(&e.entry, e.files.clone()),
+        (Some(path), None) => check::load_file(path),
         (None, None) => {
             let d = Diagnostic::new("E0100", "no spec given")
                 .help("name the .model file, e.g. `modelc check specs/tiny-gpt.model`");

@@ -5,6 +5,7 @@
 
 pub mod build;
 pub mod cpu;
+pub mod embed;
 pub mod forward;
 pub mod infer;
 pub mod model;

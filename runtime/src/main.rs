@@ -20,6 +20,8 @@ enum Top {
     Infer(modelc_runtime::infer::InferArgs),
     /// Make a self-contained executable for the spec: `./NAME train …`, `./NAME infer …`.
     Build(modelc_runtime::build::BuildArgs),
+    /// Sentences to L2-normalised embeddings with an encoder (JSON lines or safetensors).
+    Embed(modelc_runtime::embed::EmbedArgs),
     /// Run the model on named input tensors and write its named outputs (safetensors).
     Forward(modelc_runtime::forward::ForwardArgs),
 }
@@ -40,7 +42,14 @@ fn main() -> ExitCode {
             command.bin_name(name.unwrap_or_else(|| "model".into())).about(about).version(env!("CARGO_PKG_VERSION"));
         let _ = modelc::cli::EMBEDDED.set(spec);
     }
-    let matches = command.get_matches();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if modelc::cli::EMBEDDED.get().is_some()
+        && argv.get(1).is_some_and(|a| !a.to_string_lossy().starts_with('-') && a != "help")
+    {
+        // `./NAME train --data x` reads as `modelc train <built-in spec> --data x`.
+        argv.insert(2, modelc::cli::BUILT_IN.into());
+    }
+    let matches = command.get_matches_from(argv);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -51,5 +60,6 @@ fn main() -> ExitCode {
         Top::Infer(args) => modelc_runtime::infer::run(&args),
         Top::Forward(args) => modelc_runtime::forward::run(&args),
         Top::Build(args) => modelc_runtime::build::run(&args),
+        Top::Embed(args) => modelc_runtime::embed::run(&args),
     }
 }

@@ -35,7 +35,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(usize::from).collect()),
             Tokenizer::Hf(t) => t
-                .encode(text, false)
+                .encode(text, true)
                 .map(|e| e.get_ids().iter().map(|i| *i as usize).collect())
                 .map_err(|e| format!("cannot tokenize the text: {e}")),
         }
@@ -48,6 +48,19 @@ impl Tokenizer {
             Tokenizer::Hf(t) => {
                 let ids: Vec<u32> = ids.iter().map(|i| *i as u32).collect();
                 t.decode(&ids, false).unwrap_or_default().into_bytes()
+            }
+        }
+    }
+
+    /// The id that pads a batch: the tokenizer's own padding token, else 0.
+    pub fn pad_id(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => 0,
+            Tokenizer::Hf(t) => {
+                let named = t.get_padding().map(|p| p.pad_id as usize);
+                named
+                    .or_else(|| t.token_to_id("[PAD]").or_else(|| t.token_to_id("<pad>")).map(|i| i as usize))
+                    .unwrap_or(0)
             }
         }
     }
