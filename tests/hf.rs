@@ -325,3 +325,104 @@ fn encoders_match_transformers_and_embed_as_sentence_transformers_does() {
         }
     }
 }
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+}
+
+/// `modelc forward` of the LLaMA fixture's inputs with extra flags; the logits.
+fn llama_forward(out: &Path, extra: &[&str]) -> Tensor {
+    let dir = fixture("llama");
+    let path = out.join("logits.safetensors");
+    let mut args = vec![
+        "forward".to_string(),
+        "specs/llama.model".into(),
+        "--config".into(),
+        dir.join("config.json").display().to_string(),
+        "--inputs".into(),
+        dir.join("inputs.safetensors").display().to_string(),
+        "--outputs".into(),
+        path.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    weights::load_all(&path).unwrap().0.remove("logits").unwrap()
+}
+
+#[test]
+fn peft_adapters_load_and_merge_as_peft_does() {
+    let base = fixture("llama").join("model.safetensors");
+    for kind in ["llama-lora", "llama-dora"] {
+        let adapter = fixture(kind);
+        let out = scratch(kind);
+        let want = weights::load_all(&adapter.join("logits.safetensors")).unwrap().0.remove("logits").unwrap();
+        let got = llama_forward(&out, &["--weights", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()]);
+        assert!(max_difference(&got, &want) <= 1e-4, "{kind}: adapted logits differ from PEFT's");
+
+        // merge gives merge_and_unload()'s weights, which the plain spec runs to the same logits.
+        let merged = out.join("merged");
+        let (code, _, err) = modelc(&[
+            "merge",
+            "specs/llama.model",
+            "--config",
+            fixture("llama").join("config.json").to_str().unwrap(),
+            "--weights",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let (ours, _) = weights::load_all(&merged.join("model.safetensors")).unwrap();
+        let (peft, _) = weights::load_all(&adapter.join("merged.safetensors")).unwrap();
+        assert_eq!(ours.len(), peft.len());
+        for (name, w) in &peft {
+            assert!(max_difference(&ours[name], w) <= 1e-5, "{kind}: merged `{name}`");
+        }
+        assert!(merged.join("config.json").exists());
+        let plain = llama_forward(&out, &["--weights", merged.join("model.safetensors").to_str().unwrap()]);
+        assert!(max_difference(&plain, &want) <= 1e-4, "{kind}: merged logits");
+    }
+}
+
+#[test]
+fn a_new_dora_adapter_starts_at_the_base_model_and_saves_as_peft() {
+    let (base_run, dora_run) = (scratch("base-run"), scratch("dora-run"));
+    let base = train_on_batch("llama", &base_run, &["--steps", "1"]);
+    let dir = fixture("llama");
+    let files = [
+        ("--config", dir.join("config.json")),
+        ("--weights", dir.join("model.safetensors")),
+        ("--batch-file", dir.join("inputs.safetensors")),
+        ("--out", dora_run.clone()),
+    ];
+    let mut args: Vec<String> = vec!["train".into(), "specs/llama-dora.model".into()];
+    for (flag, path) in files {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    args.extend(["--steps", "3", "--lr", "1e-2"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    let metrics = std::fs::read_to_string(dora_run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    // B = 0 and the magnitude = the base rows' norms: the adapted model is the base model.
+    assert!((first["loss"].as_f64().unwrap() - base[0]).abs() < 1e-4, "{first} vs {}", base[0]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dora_run.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["use_dora"], true);
+    assert_eq!(config["r"], 8);
+    let (saved, _) = weights::load_all(&dora_run.join("adapter_model.safetensors")).unwrap();
+    assert!(saved.keys().all(|k| k.starts_with("base_model.model.model.layers.")), "{:?}", saved.keys());
+    // It loads back as an adapter of the plain spec.
+    let out = scratch("dora-forward");
+    let logits = llama_forward(
+        &out,
+        &["--weights", dir.join("model.safetensors").to_str().unwrap(), "--adapter", dora_run.to_str().unwrap()],
+    );
+    assert_eq!(logits.shape, vec![2, 12, 384]);
+}

@@ -11,6 +11,10 @@ For each language model (gpt2, llama) it writes, under tests/fixtures/hf/NAME/:
   grads.safetensors                  gradients of its LM loss on them, by weight name
   generate.json                      prompt, prompt ids and greedy generate() ids
 
+For PEFT (llama-lora, llama-dora): adapter_config.json and
+adapter_model.safetensors on the tiny LLaMA, the adapted logits, and the
+weights merge_and_unload() gives.
+
 For the encoder (bert, a tiny all-MiniLM-style BertModel) it writes
 config.json, model.safetensors, tokenizer.json (WordPiece), inputs and
 last_hidden_state for a padded batch, and embeddings.json: mean-pooled,
@@ -91,6 +95,40 @@ def write_encoder(name: str, tok: Tokenizer) -> None:
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {len(SENTENCES)} sentences embedded")
 
 
+def write_adapters(tok: Tokenizer) -> None:
+    """PEFT LoRA and DoRA adapters on the tiny LLaMA (random, non-zero B so
+    that they change the output), the adapted logits, and the weights that
+    merge_and_unload() folds them into."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = ROOT / "llama"
+    from safetensors.torch import load_file
+
+    input_ids = load_file(base_dir / "inputs.safetensors")["input_ids"]
+    for name, dora in [("llama-lora", False), ("llama-dora", True)]:
+        torch.manual_seed(0)
+        base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=dora,
+            init_lora_weights=False, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, config).eval()
+        out = ROOT / name
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        (out / "README.md").unlink(missing_ok=True)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = "../llama"
+        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        adapter = sum(p.numel() for n, p in model.state_dict().items() if "lora" in n)
+        with torch.no_grad():
+            logits = model(input_ids).logits
+        save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
+        merged = model.merge_and_unload()
+        save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, out / "merged.safetensors")
+        print(f"{name}: adapter of {adapter} parameters")
+
+
 def gpt2() -> torch.nn.Module:
     config = GPT2Config(
         vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
@@ -146,6 +184,7 @@ def main() -> None:
     write("llama", llama(), tok)
     torch.manual_seed(0)
     write_encoder("bert", wordpiece())
+    write_adapters(tok)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ pub struct ModelArgs {
     /// Set a hyperparameter, e.g. `--set layers=2` (repeatable; applied after --config).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// A PEFT adapter folder (adapter_config.json, adapter_model.safetensors): the
+    /// model is adapted with its LoRA or DoRA settings.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,6 +191,10 @@ pub fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
         }
     }
     .map_err(|(sources, diags)| fail(&sources, &diags))?;
+    let program = match &args.adapter {
+        Some(dir) => adapted(program, dir, args, embedded)?,
+        None => program,
+    };
     let mut opts = options(args, &program.sources)?;
     if let Some(e) = embedded {
         if args.config.is_none()
@@ -197,12 +205,39 @@ pub fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
             })?;
             opts.config = Some((json, name.clone()));
         }
-        let built = ModelArgs { spec: None, config: None, sets: e.sets.clone() };
+        let built = ModelArgs { spec: None, config: None, sets: e.sets.clone(), adapter: None };
         let mut sets = options(&built, &program.sources)?.sets;
         sets.extend(opts.sets);
         opts.sets = sets;
     }
     Ok((program, opts))
+}
+
+/// The spec's model adapted as `--adapter DIR/adapter_config.json` says.
+fn adapted(program: Program, dir: &Path, args: &ModelArgs, embedded: Option<&Embedded>) -> Result<Program, ExitCode> {
+    let config =
+        crate::peft::AdapterConfig::read(dir).map_err(|e| fail(&program.sources, &[Diagnostic::new("E0503", e)]))?;
+    let Some(model) = program.entry_model().map(|m| program.item_name(m).to_string()) else {
+        return Err(fail(&program.sources, &[Diagnostic::new("E0503", "--adapter needs a spec with a model")]));
+    };
+    let entry = match embedded {
+        Some(e) => e.entry.clone(),
+        None => args.spec.clone().unwrap_or_default(),
+    };
+    let file = entry.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let text = config.spec(&model, &file);
+    // A file name beside the spec, so that its relative import resolves.
+    let name = "adapter.model";
+    let loaded = match embedded {
+        Some(e) => {
+            let path = entry.with_file_name("adapter.model");
+            let mut files = e.files.clone();
+            files.insert(path.clone(), text);
+            check::load::load_bundle(&path, files)
+        }
+        None => check::load::load_source(name, &text, entry.parent()),
+    };
+    loaded.map_err(|(sources, diags)| fail(&sources, &diags))
 }
 
 /// `--config` and `--set` as checker options.

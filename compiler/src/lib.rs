@@ -11,5 +11,6 @@ pub mod diag;
 pub mod draw;
 pub mod ir;
 pub mod opt;
+pub mod peft;
 pub mod source;
 pub mod syntax;

@@ -68,7 +68,7 @@ fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
         ));
     }
     let (checked, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[])?;
-    let mut feeds = load_weights(CODE, &args.weights, &checked)?;
+    let mut feeds = load_weights(CODE, &args.weights, &args.model, &checked)?;
     feeds.extend(inputs);
     let program = compile(CODE, &g, &feeds)?;
     let outputs = program.run(&feeds).map_err(|e| error(CODE, e))?;

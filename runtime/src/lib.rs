@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod embed;
 pub mod forward;
 pub mod infer;
+pub mod merge;
 pub mod model;
 pub mod plot;
 pub mod tokenize;

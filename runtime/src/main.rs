@@ -22,6 +22,8 @@ enum Top {
     Build(modelc_runtime::build::BuildArgs),
     /// Sentences to L2-normalised embeddings with an encoder (JSON lines or safetensors).
     Embed(modelc_runtime::embed::EmbedArgs),
+    /// Fold a PEFT LoRA/DoRA adapter into the base weights (a checkpoint transformers loads).
+    Merge(modelc_runtime::merge::MergeArgs),
     /// Run the model on named input tensors and write its named outputs (safetensors).
     Forward(modelc_runtime::forward::ForwardArgs),
 }
@@ -61,5 +63,6 @@ fn main() -> ExitCode {
         Top::Forward(args) => modelc_runtime::forward::run(&args),
         Top::Build(args) => modelc_runtime::build::run(&args),
         Top::Embed(args) => modelc_runtime::embed::run(&args),
+        Top::Merge(args) => modelc_runtime::merge::run(&args),
     }
 }

@@ -64,9 +64,14 @@ pub fn forward_graph(model: &ModelArgs, how: LowerOptions, outputs: &[&str]) -> 
     Ok((checked, g))
 }
 
-/// The model's weights from `path`, checked against its parameters.
-pub fn load_weights(code: &'static str, path: &Path, checked: &Checked) -> Result<Tensors, ExitCode> {
-    weights::load(path, &checked.params).map_err(|e| error(code, e))
+/// The model's weights from `path` (and its `--adapter`), checked against its parameters.
+pub fn load_weights(
+    code: &'static str,
+    path: &Path,
+    model: &ModelArgs,
+    checked: &Checked,
+) -> Result<Tensors, ExitCode> {
+    weights::load_model(path, model.adapter.as_deref(), &checked.params).map_err(|e| error(code, e))
 }
 
 /// Compiles `g` for the shapes of `feeds` (weights and inputs).

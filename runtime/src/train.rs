@@ -419,7 +419,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let mut first_step = 1;
     let mut best = f64::INFINITY;
     if let Some(dir) = &args.resume {
-        (state, first_step, best) = resume(dir, state)?;
+        (state, first_step, best) = resume(dir, state, &trainable)?;
         eprintln!("resuming {} at step {first_step}", dir.display());
     }
     // Only shapes matter to the compiler.
@@ -490,15 +490,23 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         }
         Ok(total / eval_batches.len() as f64)
     };
+    // Frozen weights (an adapter's base) are not saved: they come from --weights again.
+    let adapter = modelc::peft::adapter_of(&program, &checked);
+    let saved = |k: &str| k.contains(':') || trainable.iter().any(|t| t == k);
     let save_state = |state: &Tensors, step: usize, best: f64| {
         let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
-        weights::save_with(&args.out.join("state.safetensors"), state, Some(meta))
+        let kept: Tensors = state.iter().filter(|(k, _)| saved(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        weights::save_with(&args.out.join("state.safetensors"), &kept, Some(meta))
     };
-    let save_model = |state: &Tensors| {
-        let params: Tensors =
-            state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
-        weights::save(&args.out.join("model.safetensors"), &params)
+    let save_model = |state: &Tensors| match &adapter {
+        Some(cfg) => weights::save_adapter(&args.out, state, cfg, "CAUSAL_LM"),
+        None => {
+            let params: Tensors =
+                state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+            weights::save(&args.out.join("model.safetensors"), &params)
+        }
     };
+    let weights_file = args.out.join(if adapter.is_some() { "adapter_model.safetensors" } else { "model.safetensors" });
     let mut last = args.until.unwrap_or(s.steps).min(s.steps);
     // Ctrl-C ends the run after the current step, with everything saved.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -601,9 +609,9 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         eprintln!("warning: {e}");
     }
     if eval_batches.is_empty() {
-        eprintln!("weights in {}", args.out.join("model.safetensors").display());
+        eprintln!("weights in {}", weights_file.display());
     } else {
-        eprintln!("best eval loss {best:.3}; weights in {}", args.out.join("model.safetensors").display());
+        eprintln!("best eval loss {best:.3}; weights in {}", weights_file.display());
     }
     eprintln!("loss curve in {}", args.out.join("loss.png").display());
     Ok(())
@@ -611,9 +619,27 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
 
 /// Fresh weights from the spec's initialisers (or `--weights`), and zeroed optimiser state.
 fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Tensors, ExitCode> {
-    let mut state = match &args.weights {
-        Some(w) => weights::load(w, &checked.params).map_err(usage)?,
-        None => weights::init(&checked.params, &mut Rng::new(args.seed)),
+    let fresh = weights::init(&checked.params, &mut Rng::new(args.seed));
+    let mut state = match (&args.weights, &args.model.adapter) {
+        (Some(w), Some(a)) => weights::load_model(w, Some(a), &checked.params).map_err(usage)?,
+        (Some(w), None) if checked.params.iter().any(|p| weights::is_adapter(&p.name)) => {
+            // A new adapter on pretrained weights: the base from the file, the adapter
+            // initialised; DoRA's magnitude starts at the base rows' norms (W' = W).
+            let base: Vec<_> = checked.params.iter().filter(|p| !weights::is_adapter(&p.name)).cloned().collect();
+            let mut state = weights::load(w, &base).map_err(usage)?;
+            for p in checked.params.iter().filter(|p| weights::is_adapter(&p.name)) {
+                let mut t = fresh[&p.name].clone();
+                if let Some(layer) = p.name.strip_suffix(".lora_magnitude_vector") {
+                    let base = &state[&format!("{layer}.weight")];
+                    let row = base.shape[1];
+                    t.data = base.data.chunks_exact(row).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
+                }
+                state.insert(p.name.clone(), t);
+            }
+            state
+        }
+        (Some(w), None) => weights::load(w, &checked.params).map_err(usage)?,
+        (None, _) => fresh,
     };
     for p in checked.params.iter().filter(|p| p.trainable) {
         for n in state_names(&s.config.optimizer, &p.name) {
@@ -625,9 +651,10 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
 }
 
 /// The saved state of `dir`, checked against the model's: (state, next step, best eval).
-fn resume(dir: &Path, fresh: Tensors) -> Result<(Tensors, usize, f64), ExitCode> {
+fn resume(dir: &Path, mut fresh: Tensors, trainable: &[String]) -> Result<(Tensors, usize, f64), ExitCode> {
     let (saved, meta) = weights::load_all(&dir.join("state.safetensors")).map_err(usage)?;
-    for (name, t) in &fresh {
+    let kept = |k: &str| k.contains(':') || trainable.iter().any(|t| t == k);
+    for (name, t) in fresh.iter().filter(|(k, _)| kept(k)) {
         match saved.get(name) {
             Some(s) if s.shape == t.shape => {}
             Some(s) => {
@@ -641,7 +668,8 @@ fn resume(dir: &Path, fresh: Tensors) -> Result<(Tensors, usize, f64), ExitCode>
     }
     let step = meta.get("step").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0) + 1;
     let best = meta.get("best_eval").and_then(|s| s.parse().ok()).unwrap_or(f64::INFINITY);
-    Ok((saved, step, best))
+    fresh.extend(saved);
+    Ok((fresh, step, best))
 }
 
 /// The losses already in metrics.jsonl when resuming, so the curve covers the whole run.

@@ -100,6 +100,51 @@ pub fn save_with(
 /// too, and non-persistent buffers older versions saved are ignored. Every
 /// missing, unexpected, misshaped or mistyped tensor is listed by name.
 pub fn load(path: &Path, params: &[ParamInfo]) -> Result<Tensors, String> {
+    load_names(path, params, &|name| {
+        [Some(name.to_string()), name.split_once('.').map(|(_, rest)| rest.to_string())].into_iter().flatten().collect()
+    })
+}
+
+/// Whether a weight belongs to a LoRA/DoRA adapter rather than the base model.
+pub fn is_adapter(name: &str) -> bool {
+    name.contains(".lora_")
+}
+
+/// A possibly adapted model's weights: the base ones from `base`, and the
+/// adapter's from a PEFT folder (`adapter_model.safetensors`, names prefixed
+/// `base_model.model.`) when one is given; without it, all from `base`.
+pub fn load_model(base: &Path, adapter: Option<&Path>, params: &[ParamInfo]) -> Result<Tensors, String> {
+    let Some(dir) = adapter else { return load(base, params) };
+    let (lora, plain): (Vec<ParamInfo>, Vec<ParamInfo>) = params.iter().cloned().partition(|p| is_adapter(&p.name));
+    let mut weights = load(base, &plain)?;
+    let file = dir.join("adapter_model.safetensors");
+    weights.extend(load_names(&file, &lora, &|name| vec![format!("{}{name}", modelc::peft::PREFIX)])?);
+    Ok(weights)
+}
+
+/// Writes the adapter weights of `weights` as PEFT does, with its config.
+pub fn save_adapter(
+    dir: &Path,
+    weights: &Tensors,
+    config: &modelc::peft::AdapterConfig,
+    task: &str,
+) -> Result<(), String> {
+    let tensors: Tensors = weights
+        .iter()
+        .filter(|(k, _)| is_adapter(k) && !k.contains(':'))
+        .map(|(k, v)| (format!("{}{k}", modelc::peft::PREFIX), v.clone()))
+        .collect();
+    save(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let text = serde_json::to_string_pretty(&config.to_json(task)).expect("JSON") + "\n";
+    let path = dir.join("adapter_config.json");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Reads `params` from a checkpoint, each under the first of `names(param)` it holds.
+fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<String>) -> Result<Tensors, String> {
     let files = checkpoint_files(path)?;
     let mut on_disk: HashMap<String, (usize, Vec<usize>)> = HashMap::new();
     let mut blobs = Vec::new();
@@ -112,13 +157,12 @@ pub fn load(path: &Path, params: &[ParamInfo]) -> Result<Tensors, String> {
         }
         blobs.push(bytes);
     }
-    let stripped = |name: &str| name.split_once('.').map(|(_, rest)| rest.to_string());
     let mut out = HashMap::new();
     let mut used = std::collections::HashSet::new();
     let mut problems = Vec::new();
     for p in params {
         let want: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
-        let stored = [Some(p.name.clone()), stripped(&p.name)].into_iter().flatten().find(|n| on_disk.contains_key(n));
+        let stored = names(&p.name).into_iter().find(|n| on_disk.contains_key(n));
         let Some(stored) = stored else {
             problems.push(format!("missing tensor `{}` {want:?}", p.name));
             continue;
