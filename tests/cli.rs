@@ -414,3 +414,44 @@ fn built_binaries_carry_their_spec_and_config() {
     std::fs::remove_dir_all(&moved).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_run_killed_while_writing_keeps_a_loadable_checkpoint() {
+    // With a checkpoint every step the process is nearly always writing one;
+    // SIGKILL it three times and resume each time.
+    let dir = corpus_dir("killed");
+    let (data, out) = (dir.join("data.txt"), dir.join("run"));
+    let state = out.join("state.safetensors");
+    let mut last_step = 0;
+    for round in 0..3 {
+        let mut args = train_args(&data, &out);
+        args.extend(["--steps", "100000", "--batch", "2", "--seq-len", "16", "--checkpoint-every", "1"]);
+        args.extend(["--eval-every", "100000"]);
+        if round > 0 {
+            args.extend(["--resume", out.to_str().unwrap()]);
+        }
+        let before = std::fs::metadata(&state).and_then(|m| m.modified()).ok();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modelc"))
+            .args(&args)
+            .current_dir(repo())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until this process has written a checkpoint of its own.
+        loop {
+            let now = std::fs::metadata(&state).and_then(|m| m.modified()).ok();
+            if now.is_some() && now != before {
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "training ended early");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (tensors, meta) = modelc_runtime::weights::load_all(&state).expect("the checkpoint survives the kill");
+        let step: usize = meta["step"].parse().unwrap();
+        assert!(tensors.contains_key("embed.weight") && step > last_step, "step {step} after {last_step}");
+        last_step = step;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

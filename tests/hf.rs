@@ -426,3 +426,70 @@ fn a_new_dora_adapter_starts_at_the_base_model_and_saves_as_peft() {
     );
     assert_eq!(logits.shape, vec![2, 12, 384]);
 }
+
+#[test]
+fn runtime_errors_are_clear() {
+    // Files at fixed relative paths keep the messages' wrapping stable.
+    let dir = Path::new("target/error-cases");
+    std::fs::create_dir_all(repo().join(dir)).unwrap();
+    let good = fixture("gpt2").join("model.safetensors");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(repo().join(dir).join("truncated.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(repo().join(dir).join("garbage.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage").unwrap();
+    let u32s = safetensors::tensor::TensorView::new(safetensors::Dtype::U32, vec![2], &[0u8; 8]).unwrap();
+    safetensors::tensor::serialize_to_file([("input_ids", u32s)], None, &repo().join(dir).join("u32.safetensors"))
+        .unwrap();
+    std::fs::create_dir_all(repo().join(dir).join("rslora")).unwrap();
+    let mut rslora: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama-lora").join("adapter_config.json")).unwrap())
+            .unwrap();
+    rslora["use_rslora"] = true.into();
+    std::fs::write(repo().join(dir).join("rslora/adapter_config.json"), rslora.to_string()).unwrap();
+
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "weights-of-another-model",
+            "infer specs/gpt2.model --config tests/fixtures/hf/gpt2/config.json --set layers=3 --set dim=16 \
+             --weights tests/fixtures/hf/gpt2/model.safetensors --prompt-ids 1",
+        ),
+        ("truncated-weights", "infer specs/gpt2.model --weights target/error-cases/truncated.safetensors"),
+        ("garbage-weights", "infer specs/gpt2.model --weights target/error-cases/garbage.safetensors"),
+        (
+            "unsupported-dtype",
+            "forward specs/gpt2.model --config tests/fixtures/hf/gpt2/config.json --weights \
+             tests/fixtures/hf/gpt2/model.safetensors --inputs target/error-cases/u32.safetensors --outputs x",
+        ),
+        ("bad-device", "infer specs/gpt2.model --weights W --device tpu"),
+        ("gpu-not-built", "infer specs/gpt2.model --weights W --device gpu"),
+        ("zero-threads", "train specs/tiny-gpt.model --data README.md --threads 0"),
+        (
+            "prompt-outside-vocabulary",
+            "infer specs/gpt2.model --config tests/fixtures/hf/gpt2/config.json --weights \
+             tests/fixtures/hf/gpt2/model.safetensors --prompt-ids 5000",
+        ),
+        (
+            "no-logits-to-generate",
+            "infer specs/bert.model --config tests/fixtures/hf/bert/config.json --weights \
+             tests/fixtures/hf/bert/model.safetensors --prompt-ids 1",
+        ),
+        ("adapter-missing", "check specs/llama.model --adapter target/error-cases/none"),
+        ("adapter-unsupported", "check specs/llama.model --adapter target/error-cases/rslora"),
+        ("merge-without-adapter", "merge specs/llama.model --weights W --out target/error-cases/merged"),
+        (
+            "batch-file-without-ids",
+            "train specs/llama.model --config tests/fixtures/hf/llama/config.json --batch-file \
+             tests/fixtures/hf/llama/logits.safetensors",
+        ),
+        ("data-and-batch-file", "train specs/llama.model --data README.md --batch-file x.safetensors"),
+    ]
+    .into_iter()
+    .map(|(name, line)| (name, line.split_whitespace().map(String::from).collect()))
+    .collect();
+    for (name, args) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = modelc(&args);
+        assert_ne!(code, 0, "{name} must fail");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        insta::assert_snapshot!(format!("runtime-error-{name}"), err);
+    }
+}

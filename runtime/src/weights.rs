@@ -191,7 +191,20 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
         Ok(out)
     } else {
         problems.sort();
-        Err(format!("{} does not fit the model:\n  {}", path.display(), problems.join("\n  ")))
+        let count = |what: &str| problems.iter().filter(|p| p.contains(what)).count();
+        let summary = format!(
+            "{} missing, {} misshaped or mistyped, {} unexpected",
+            count("missing tensor"),
+            problems.len() - count("missing tensor") - count("unexpected tensor"),
+            count("unexpected tensor")
+        );
+        const SHOWN: usize = 12;
+        if problems.len() > SHOWN {
+            let more = problems.len() - SHOWN;
+            problems.truncate(SHOWN);
+            problems.push(format!("... and {more} more"));
+        }
+        Err(format!("{} does not fit the model ({summary}):\n  {}", path.display(), problems.join("\n  ")))
     }
 }
 
