@@ -86,11 +86,13 @@ pub struct TrainArgs {
     #[arg(long = "eval-every")]
     pub eval_every: Option<usize>,
     /// Seeds the initial weights and the batches; the same seed repeats a run exactly.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// (default: the spec's `seed`, else 0)
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Also write the whole training state (weights, optimiser state, step) every N steps.
-    #[arg(long = "checkpoint-every", default_value_t = 100)]
-    pub checkpoint_every: usize,
+    /// (default: the spec's `checkpoint_every`, else 100; 0: only at the end)
+    #[arg(long = "checkpoint-every")]
+    pub checkpoint_every: Option<usize>,
     /// Stop after this step (the schedule still spans --steps); continue later with --resume.
     #[arg(long)]
     pub until: Option<usize>,
@@ -110,6 +112,10 @@ fn setting(settings: &[(String, Value)], key: &str, flag: Option<f64>, default: 
 
 /// Everything the run needs to know, resolved from flags and the spec.
 struct Settings {
+    seed: u64,
+    checkpoint_every: usize,
+    /// Passes over the training text, when given instead of steps.
+    epochs: Option<f64>,
     steps: usize,
     batch: usize,
     seq: usize,
@@ -151,7 +157,11 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
             other => return Err(format!("--optimizer {other}: expected adamw or sgd")),
         };
     let clip = setting(s, "clip", args.clip, 0.0);
+    let epochs = args.epochs.or_else(|| s.iter().find(|(k, _)| k == "epochs").and_then(|(_, v)| v.as_f64()));
     let settings = Settings {
+        seed: args.seed.unwrap_or_else(|| setting(s, "seed", None, 0.0) as u64),
+        checkpoint_every: number("checkpoint_every", args.checkpoint_every, 100.0) as usize,
+        epochs: if args.steps.is_some() { None } else { epochs },
         steps: number("steps", args.steps, 1000.0) as usize,
         batch: number("batch", args.batch, 16.0) as usize,
         seq: number("seq_len", args.seq_len, 128.0) as usize,
@@ -222,7 +232,7 @@ impl Data {
                 s.eval_split
             ));
         }
-        if let Some(epochs) = args.epochs {
+        if let Some(epochs) = s.epochs {
             s.steps =
                 ((epochs * train.len() as f64) / (s.batch * s.seq * s.accumulate) as f64).ceil().max(1.0) as usize;
         }
@@ -518,7 +528,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let mut step = first_step;
     while step <= last {
         let rate = s.rate(step);
-        let batches: Vec<Tensor> = (0..s.accumulate).map(|m| data.batch(args.seed, step, m, &s)).collect();
+        let batches: Vec<Tensor> = (0..s.accumulate).map(|m| data.batch(s.seed, step, m, &s)).collect();
         if step == first_step
             && let Some(path) = &args.dump_grads
         {
@@ -590,7 +600,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             ));
             last = step;
         }
-        let checkpoint = (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || step == last;
+        let checkpoint = (s.checkpoint_every > 0 && step % s.checkpoint_every == 0) || step == last;
         if checkpoint {
             save_state(&state, step, best).map_err(usage)?;
         }
@@ -619,7 +629,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
 
 /// Fresh weights from the spec's initialisers (or `--weights`), and zeroed optimiser state.
 fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Tensors, ExitCode> {
-    let fresh = weights::init(&checked.params, &mut Rng::new(args.seed));
+    let fresh = weights::init(&checked.params, &mut Rng::new(s.seed));
     let mut state = match (&args.weights, &args.model.adapter) {
         (Some(w), Some(a)) => weights::load_model(w, Some(a), &checked.params).map_err(usage)?,
         (Some(w), None) if checked.params.iter().any(|p| weights::is_adapter(&p.name)) => {
