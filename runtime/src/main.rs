@@ -14,8 +14,8 @@ struct Cli {
 enum Top {
     #[command(flatten)]
     Compiler(modelc::cli::Command),
-    /// Train a model on text (bytes as tokens) and keep the best checkpoint.
-    Train(modelc_runtime::train::TrainArgs),
+    /// Train a model on text or token batches and keep the best checkpoint.
+    Train(Box<modelc_runtime::train::TrainArgs>),
     /// Generate text from a trained model.
     Infer(modelc_runtime::infer::InferArgs),
     /// Make a self-contained executable for the spec: `./NAME train …`, `./NAME infer …`.
