@@ -1,198 +1,26 @@
-//! The CPU backend against the reference interpreter: every spec (small
-//! configurations), forward and one training step, plus generated shapes
-//! that are not multiples of the vector width.
-//!
-//! Tolerance: the JIT computes in f32 and the interpreter in f64 rounded to
-//! f32 after every operation, and gemm sums in another order, so values
-//! agree to |a - b| <= 2e-4 * (1 + |a|) (forward) and 2e-3 (a training step,
-//! whose gradients go through more operations).
+//! The CPU backend against the reference interpreter (`differential.rs`):
+//! every spec (small configurations), forward and one training step,
+//! generated graphs on shapes that are not multiples of the vector width,
+//! and kernels under valgrind.
 
+mod differential;
 mod support;
 
-use modelc::ir::interp::{Array, Precision, run};
-use modelc::ir::train::{TrainConfig, training_program};
-use modelc_runtime::cpu::{Program, Tensor, bind};
+use differential::*;
+use modelc::ir::graph::Graph;
+use modelc::ir::interp::{Array, Sizes};
+use modelc_runtime::cpu::{Program, Tensor};
+use proptest::prelude::{ProptestConfig, any, prop, proptest};
 use std::collections::HashMap;
 use support::*;
 
-fn to_tensor(a: &Array) -> Tensor {
-    Tensor::new(a.shape.clone(), a.data.iter().map(|v| *v as f32).collect())
-}
-
-/// Runs `g` on both and compares every output.
-fn compare(label: &str, g: &modelc::ir::graph::Graph, feeds: &HashMap<String, Array>, tol: f64) {
-    let expected = run(g, feeds, Precision::F32).unwrap_or_else(|e| panic!("{label}: interpreter: {e}"));
-    let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    let sizes = bind(g, &shapes).unwrap();
-    let program = Program::compile(g, &sizes).unwrap_or_else(|e| panic!("{label}: compile: {e}"));
-    let tensors: HashMap<String, Tensor> = feeds.iter().map(|(k, v)| (k.clone(), to_tensor(v))).collect();
-    let got = program.run(&tensors).unwrap_or_else(|e| panic!("{label}: run: {e}"));
-    for (name, want) in &expected {
-        let have = &got[name];
-        assert_eq!(have.shape, want.shape, "{label}: {name}");
-        for (i, (w, h)) in want.data.iter().zip(&have.data).enumerate() {
-            let h = *h as f64;
-            assert!(
-                *w == h || (w - h).abs() <= tol * (1.0 + w.abs()) || (w.is_nan() && h.is_nan()),
-                "{label}: {name}[{i}]: interpreter {w}, cpu {h}"
-            );
-        }
-    }
-}
-
-fn small(name: &str) -> Vec<(&'static str, &'static str)> {
-    match name {
-        "mlp" => vec![("inputs", "8"), ("hidden", "16"), ("classes", "3")],
-        "tiny-gpt" => vec![("layers", "1"), ("dim", "32"), ("heads", "2")],
-        "transformer" => vec![
-            ("vocab", "50"),
-            ("dim", "16"),
-            ("encoder_layers", "1"),
-            ("decoder_layers", "1"),
-            ("heads", "2"),
-            ("hidden", "24"),
-        ],
-        "gpt2" => vec![("vocab", "50"), ("positions", "16"), ("dim", "16"), ("layers", "1"), ("heads", "2")],
-        "bert" | "minilm" => {
-            vec![("vocab", "50"), ("positions", "16"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")]
-        }
-        "mixtral" => vec![
-            ("vocab", "50"),
-            ("dim", "16"),
-            ("layers", "1"),
-            ("heads", "2"),
-            ("kv_heads", "1"),
-            ("hidden", "24"),
-            ("experts", "3"),
-        ],
-        _ => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")],
-    }
-}
-
-/// Inputs for a spec: token ids below 50, masks of ones, float data.
-fn inputs(checked: &modelc::check::Checked, rng: &mut Rng) -> HashMap<String, Array> {
-    let mut feeds = HashMap::new();
-    let (b, t) = (2usize, 5usize);
-    for sig in checked.inputs.iter().chain(&checked.targets) {
-        let shape: Vec<usize> = sig
-            .ty
-            .dims
-            .iter()
-            .map(|d| d.as_const().map(|v| v as usize).unwrap_or(if d.to_string() == "B" { b } else { t }))
-            .collect();
-        let n: usize = shape.iter().product();
-        let data: Vec<f64> = match sig.ty.dtype {
-            modelc::syntax::ast::DType::F32 => (0..n).map(|_| rng.signed()).collect(),
-            _ if sig.name.contains("mask") => vec![1.0; n],
-            _ if sig.name.contains("type") => vec![0.0; n],
-            _ => (0..n).map(|_| (rng.next() * 3.0).floor()).collect(),
-        };
-        feeds.insert(sig.name.clone(), Array::new(shape, data));
-    }
-    feeds
+fn cpu(g: &Graph, sizes: &Sizes, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
+    Program::compile(g, sizes).map_err(|e| format!("compile: {e}"))?.run(feeds).map_err(|e| format!("run: {e}"))
 }
 
 #[test]
 fn every_spec_matches_the_interpreter() {
-    for path in specs() {
-        let name = stem(&path);
-        let text = std::fs::read_to_string(&path).unwrap();
-        let base = if name.starts_with("llama-") { "llama" } else { name.as_str() };
-        let opts = sets(&small(base));
-        let program = modelc::check::load_source(&format!("{name}.model"), &text, path.parent()).ok().unwrap();
-        let (checked, forward) = modelc::check::lower(
-            &program,
-            &opts,
-            modelc::check::LowerOptions { training: false, ..Default::default() },
-        )
-        .unwrap();
-        let mut rng = Rng(99);
-        let mut feeds = random_params(&checked, &mut rng, 0.3);
-        feeds.extend(inputs(&checked, &mut rng));
-        compare(&format!("{name} forward"), &modelc::ir::prune::prune(&forward), &feeds, 2e-4);
-
-        let (_, train_fwd) =
-            modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training: true, ..Default::default() })
-                .unwrap();
-        let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
-        if let Some(step) =
-            training_program(&train_fwd, &trainable, &TrainConfig { clip: Some(1.0), ..Default::default() })
-        {
-            let step = modelc::ir::prune::prune(&step);
-            let mut feeds = feeds.clone();
-            for (n, id) in step.inputs() {
-                if !feeds.contains_key(n) {
-                    let shape: Vec<usize> = step.dims(id).iter().map(|d| d.as_const().unwrap_or(1) as usize).collect();
-                    let value = if n == "step" {
-                        Array::scalar(1.0)
-                    } else if n == "lr" {
-                        Array::scalar(1e-3)
-                    } else {
-                        Array::zeros(&shape)
-                    };
-                    feeds.insert(n.to_string(), value);
-                }
-            }
-            compare(&format!("{name} training step"), &step, &feeds, 2e-3);
-        }
-    }
-}
-
-use modelc::check::dim::Dim;
-use modelc::check::types::TensorTy;
-use modelc::ir::graph::{Binary, Graph, Reduce, Unary};
-use modelc::syntax::ast::DType;
-use proptest::prelude::{ProptestConfig, any, prop, proptest};
-
-/// A random chain of elementwise, broadcast, reduction and layout operations
-/// on inputs of shape [r, c] and [c], with r and c not multiples of 4.
-fn random_graph(r: i64, c: i64, ops: &[(u8, usize, usize)]) -> Graph {
-    let d = Dim::constant;
-    let mut g = Graph::default();
-    let x = g.input("x", TensorTy::new(DType::F32, vec![d(r), d(c)]));
-    let y = g.input("y", TensorTy::new(DType::F32, vec![d(r), d(c)]));
-    let v = g.input("v", TensorTy::new(DType::F32, vec![d(c)]));
-    let bv = g.broadcast(v, &[d(r), d(c)]);
-    let mut pool = vec![x, y, bv];
-    for &(op, i, j) in ops {
-        let (a, b) = (pool[i % pool.len()], pool[j % pool.len()]);
-        let n = match op % 12 {
-            0 => g.add(a, b),
-            1 => g.mul(a, b),
-            2 => g.unary(Unary::Tanh, a),
-            3 => g.unary(Unary::Exp, a),
-            4 => g.binary(Binary::Max, a, b),
-            5 => {
-                let m = g.reduce_keep(Reduce::Max, a, &[1]);
-                g.sub(a, m)
-            }
-            6 => {
-                let s = g.reduce_keep(Reduce::Sum, a, &[0]);
-                g.mul(s, b)
-            }
-            7 => {
-                let t = g.transpose_last(a);
-                let t = g.unary(Unary::Neg, t);
-                g.transpose_last(t)
-            }
-            8 => {
-                let c0 = g.binary(Binary::Gt, a, b);
-                g.select(c0, a, b)
-            }
-            9 => g.unary(Unary::Gelu, a),
-            10 => {
-                let t = g.transpose_last(b);
-                let m = g.matmul(a, t);
-                let m = g.reduce_keep(Reduce::Sum, m, &[1]);
-                g.mul(m, a)
-            }
-            _ => g.unary(Unary::Silu, a),
-        };
-        pool.push(n);
-    }
-    let last = *pool.last().expect("non-empty");
-    g.outputs.push(("out".into(), last));
-    g
+    every_spec(cpu);
 }
 
 proptest! {
@@ -200,19 +28,10 @@ proptest! {
 
     #[test]
     fn generated_graphs_match_the_interpreter(r in 1i64..7, c in 1i64..11, ops in prop::collection::vec((any::<u8>(), any::<usize>(), any::<usize>()), 1..12), seed in any::<u64>()) {
-        let g = random_graph(r, c, &ops);
-        let mut rng = Rng(seed | 1);
-        let mut feeds = HashMap::new();
-        feeds.insert("x".to_string(), rng.array(&[r as usize, c as usize], 1.0));
-        feeds.insert("y".to_string(), rng.array(&[r as usize, c as usize], 1.0));
-        feeds.insert("v".to_string(), rng.array(&[c as usize], 1.0));
-        compare("generated", &g, &feeds, 2e-4);
+        generated(cpu, r, c, &ops, seed);
     }
 }
 
-/// Generated kernels and native kernels on odd shapes, run under valgrind's
-/// memcheck: any read or write outside an allocation fails the test. The
-/// test runs itself as the child process (valgrind is installed by CI).
 #[test]
 fn kernels_stay_in_bounds_under_valgrind() {
     if std::env::var_os("MODELC_UNDER_VALGRIND").is_some() {
@@ -224,7 +43,7 @@ fn kernels_stay_in_bounds_under_valgrind() {
             feeds.insert("x".to_string(), rng.array(&[r as usize, c as usize], 1.0));
             feeds.insert("y".to_string(), rng.array(&[r as usize, c as usize], 1.0));
             feeds.insert("v".to_string(), rng.array(&[c as usize], 1.0));
-            compare("valgrind", &g, &feeds, 2e-4);
+            compare(cpu, "valgrind", &g, &feeds, 2e-4);
         }
         let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
         let (checked, g) =
@@ -233,7 +52,7 @@ fn kernels_stay_in_bounds_under_valgrind() {
         let mut feeds = random_params(&checked, &mut rng, 0.3);
         feeds.insert("input_ids".into(), Array::new(vec![1, 3], vec![1.0, 6.0, 0.0]));
         feeds.insert("step".into(), Array::scalar(1.0));
-        compare("valgrind tiny-gpt", &modelc::ir::prune::prune(&g), &feeds, 2e-4);
+        compare(cpu, "valgrind tiny-gpt", &modelc::ir::prune::prune(&g), &feeds, 2e-4);
         return;
     }
     let exe = std::env::current_exe().unwrap();

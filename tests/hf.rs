@@ -460,7 +460,6 @@ fn runtime_errors_are_clear() {
              tests/fixtures/hf/gpt2/model.safetensors --inputs target/error-cases/u32.safetensors --outputs x",
         ),
         ("bad-device", "infer specs/gpt2.model --weights W --device tpu"),
-        ("gpu-not-built", "infer specs/gpt2.model --weights W --device gpu"),
         ("zero-threads", "train specs/tiny-gpt.model --data README.md --threads 0"),
         (
             "prompt-outside-vocabulary",

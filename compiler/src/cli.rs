@@ -84,6 +84,17 @@ pub enum Command {
         #[arg(long = "size", value_name = "NAME=N")]
         sizes: Vec<String>,
     },
+    /// Print the WGSL compute shader of every GPU kernel (each validated with naga).
+    Wgsl {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The training program instead of the forward.
+        #[arg(long)]
+        train: bool,
+        /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
+        #[arg(long = "size", value_name = "NAME=N")]
+        sizes: Vec<String>,
+    },
     /// Draw the model as an SVG picture: its layers and the shapes between them.
     Graph {
         #[command(flatten)]
@@ -109,6 +120,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Graph { model, output } => cmd_graph(&model, &output),
         Command::Kernels { model, train, clif, sizes } => cmd_kernels(&model, train, clif, &sizes),
         Command::Info { model, sizes } => cmd_info(&model, &sizes),
+        Command::Wgsl { model, train, sizes } => cmd_wgsl(&model, train, &sizes),
     }
 }
 
@@ -507,6 +519,37 @@ fn bytes(n: usize) -> String {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
         n => format!("{:.1} KiB", n as f64 / 1024.0),
     }
+}
+
+fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
+    use crate::backend::wgsl;
+    let (checked, graph) = match program_graph(args, train) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let (graph, bound, sched, memory) = match cpu_plan(&graph, sizes) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let layout = wgsl::layout(&graph, &memory);
+    let shaders = match wgsl::shaders(&graph, &sched, &memory, &bound, &layout) {
+        Ok(s) => s,
+        Err(e) => return fail(&SourceMap::new(), &[Diagnostic::new("E0999", e)]),
+    };
+    println!(
+        "model {}: {} shaders over one buffer of {} bytes",
+        checked.model,
+        shaders.iter().flatten().count(),
+        layout.len * std::mem::size_of::<f32>()
+    );
+    for shader in shaders.iter().flatten() {
+        if let Err(e) = wgsl::validate(shader) {
+            return fail(&SourceMap::new(), &[Diagnostic::new("E0999", e)]);
+        }
+        let [x, y, z] = shader.workgroups;
+        println!("\n// {}: {x} x {y} x {z} workgroups\n{}", shader.label, shader.source);
+    }
+    ExitCode::SUCCESS
 }
 
 fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {

@@ -7,7 +7,8 @@
 //! instead (to measure what the cache saves). Greedy, temperature, top-k and
 //! top-p sampling, seeded.
 
-use crate::cpu::{Program, Tensor};
+use crate::cpu::Tensor;
+use crate::model::Compiled;
 use crate::model::{RunArgs, compile, error, forward_graph, load_weights};
 use crate::tokenize::{Stream, Tokenizer};
 use crate::weights::{Rng, Tensors};
@@ -137,7 +138,7 @@ trait Decoder {
 struct Cached {
     graph: Graph,
     feeds: Tensors,
-    programs: HashMap<usize, Program>,
+    programs: HashMap<usize, Compiled>,
     len: usize,
     vocab: usize,
     /// Tokens whose keys and values the cache holds.
@@ -215,7 +216,7 @@ impl Decoder for Cached {
 /// Recomputes the last `len` tokens for every new one, on a program compiled
 /// once for a fixed length (causal attention makes the padding irrelevant).
 struct Recompute {
-    program: Program,
+    program: Compiled,
     feeds: Tensors,
     len: usize,
     vocab: usize,

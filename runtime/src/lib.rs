@@ -7,6 +7,7 @@ pub mod build;
 pub mod cpu;
 pub mod embed;
 pub mod forward;
+pub mod gpu;
 pub mod infer;
 pub mod merge;
 pub mod model;

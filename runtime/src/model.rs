@@ -24,19 +24,42 @@ pub struct RunArgs {
     pub threads: Option<usize>,
 }
 
+/// Where programs run: set once by the command's `--device`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Device {
+    Cpu,
+    Gpu,
+}
+
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// The device programs compile for (the CPU unless a command chose the GPU).
+pub fn device() -> Device {
+    *DEVICE.get().unwrap_or(&Device::Cpu)
+}
+
 impl RunArgs {
-    /// Applies `--threads` and checks `--device`; the error code is the command's.
+    /// Applies `--threads` and `--device`; the error code is the command's.
+    /// `auto` takes a real GPU when there is one (not a software one such as
+    /// lavapipe, which the CPU backend outruns) and says which.
     pub fn apply(&self, code: &'static str) -> Result<(), ExitCode> {
-        match self.device.as_str() {
-            "cpu" | "auto" => {}
+        let chosen = match self.device.as_str() {
+            "cpu" => Device::Cpu,
             "gpu" => {
-                return Err(error(
-                    code,
-                    "--device gpu: this build of modelc has no GPU backend yet; use --device cpu".to_string(),
-                ));
+                let gpu = crate::gpu::gpu().map_err(|e| error(code, format!("--device gpu: {e}")))?;
+                eprintln!("device: {}", gpu.name);
+                Device::Gpu
             }
+            "auto" => match crate::gpu::present().then(crate::gpu::gpu) {
+                Some(Ok(gpu)) if gpu.hardware => {
+                    eprintln!("device: {} (--device auto)", gpu.name);
+                    Device::Gpu
+                }
+                _ => Device::Cpu,
+            },
             other => return Err(error(code, format!("--device {other}: expected cpu, gpu or auto"))),
-        }
+        };
+        let _ = DEVICE.set(chosen);
         if let Some(n) = self.threads {
             if n == 0 {
                 return Err(error(code, "--threads must be at least 1".to_string()));
@@ -74,8 +97,28 @@ pub fn load_weights(
     weights::load_model(path, model.adapter.as_deref(), &checked.params).map_err(|e| error(code, e))
 }
 
-/// Compiles `g` for the shapes of `feeds` (weights and inputs).
-pub fn compile(code: &'static str, g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Program, ExitCode> {
+/// A program compiled for the chosen device.
+pub enum Compiled {
+    Cpu(Box<Program>),
+    Gpu(Box<crate::gpu::GpuProgram>),
+}
+
+impl Compiled {
+    pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
+        match self {
+            Compiled::Cpu(p) => p.run(feeds),
+            Compiled::Gpu(p) => p.run(feeds),
+        }
+    }
+}
+
+/// Compiles `g` for the shapes of `feeds` (weights and inputs), for the device `--device` chose.
+pub fn compile(code: &'static str, g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Compiled, ExitCode> {
     let shapes: HashMap<String, Vec<usize>> = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    bind(g, &shapes).and_then(|s| Program::compile(g, &s)).map_err(|e| error(code, e))
+    let sizes = bind(g, &shapes).map_err(|e| error(code, e))?;
+    match device() {
+        Device::Cpu => Program::compile(g, &sizes).map(|p| Compiled::Cpu(Box::new(p))),
+        Device::Gpu => crate::gpu::GpuProgram::compile(g, &sizes).map(|p| Compiled::Gpu(Box::new(p))),
+    }
+    .map_err(|e| error(code, e))
 }

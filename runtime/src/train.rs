@@ -8,6 +8,7 @@
 //! uninterrupted run exactly. Every file is written atomically.
 
 use crate::cpu::{Program, Tensor};
+use crate::model::Compiled;
 use crate::model::{RunArgs, compile, error};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Rng, Tensors};
@@ -302,9 +303,9 @@ fn check_vocab(tokens: impl Iterator<Item = u32>, vocab: Option<usize>) -> Resul
 /// The compiled programs of one run.
 enum Step {
     /// Forward, backward and update in one program.
-    Fused(Box<Program>),
+    Fused(Compiled),
     /// Gradients per micro-batch, averaged, then the update.
-    Accumulated { grads: Box<Program>, update: Box<Program> },
+    Accumulated { grads: Compiled, update: Compiled },
 }
 
 /// What a step reports.
@@ -440,7 +441,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     shapes.insert("step".into(), placeholder(vec![]));
     let step_program = if s.accumulate == 1 {
         let g = training_program(&train_fwd, &trainable, &s.config).expect("has a loss");
-        Step::Fused(Box::new(compile(CODE, &optimized(&g), &shapes)?))
+        Step::Fused(compile(CODE, &optimized(&g), &shapes)?)
     } else {
         let grads = gradient_program(&train_fwd, &trainable).expect("has a loss");
         let params: Vec<(String, TensorTy)> = checked
@@ -463,8 +464,8 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             shapes.insert(format!("grad:{name}"), placeholder(dims));
         }
         Step::Accumulated {
-            grads: Box::new(compile(CODE, &optimized(&grads), &shapes)?),
-            update: Box::new(compile(CODE, &optimized(&update), &shapes)?),
+            grads: compile(CODE, &optimized(&grads), &shapes)?,
+            update: compile(CODE, &optimized(&update), &shapes)?,
         }
     };
     let eval_program = compile(CODE, &eval_graph, &shapes)?;

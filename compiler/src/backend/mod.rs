@@ -1,6 +1,7 @@
-//! Backends: the kernel schedule and memory plan every backend shares, and
-//! Cranelift code generation for the CPU.
+//! Backends: the kernel schedule and memory plan every backend shares,
+//! Cranelift code generation for the CPU, and WGSL for the GPU.
 
 pub mod clif;
 pub mod plan;
 pub mod schedule;
+pub mod wgsl;

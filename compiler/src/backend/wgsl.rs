@@ -1,0 +1,551 @@
+//! WGSL code generation: one compute shader per kernel of the schedule.
+//!
+//! All values live in one storage buffer of f32 (`mem`): the program's
+//! inputs and weights first, then the memory plan's arena, so every shader
+//! binds the same single buffer and offsets are constants baked into the
+//! text, as are sizes (like the Cranelift kernels). Int and bool values are
+//! f32, exact below 2^24, as on the CPU.
+//!
+//! Kernel kinds: fused elementwise chains (one invocation per output
+//! element, broadcast inputs read through index arithmetic); matrix
+//! products tiled through workgroup memory (16 x 16 tiles, batched over
+//! `workgroup_id.z`, transposes as strides); reductions, strided copies
+//! (permute, broadcast, slice), concat, gather, scatter-add (one invocation
+//! per output element summing its rows: deterministic, no float atomics),
+//! one-hot, argmax, top-k (selection per row), dropout masks (the
+//! interpreter's splitmix64 in 32-bit halves, so masks equal the CPU's),
+//! iota and sizes.
+
+use super::clif::{Access, spec};
+use super::plan::{Place, Plan};
+use super::schedule::{Kernel, Schedule};
+use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::interp::{Sizes, eval_dim, strides};
+use crate::syntax::ast::DType;
+use std::fmt::Write;
+
+/// Invocations per workgroup of the one-dimensional kernels.
+pub const WORKGROUP: usize = 64;
+/// Side of a matrix-product tile.
+pub const TILE: usize = 16;
+
+/// Where each value lives in the one buffer.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Element offset of each node's value, when it is stored.
+    pub offsets: Vec<Option<usize>>,
+    /// Externals (inputs and weights): name, offset, length.
+    pub externals: Vec<(String, usize, usize)>,
+    /// Elements in all.
+    pub len: usize,
+}
+
+/// Lays out the externals, then the plan's arena.
+pub fn layout(g: &Graph, plan: &Plan) -> Layout {
+    let mut externals = Vec::new();
+    let mut at = 0;
+    for (i, n) in g.nodes.iter().enumerate() {
+        if let Op::Input(name) | Op::Param(name) = &n.op
+            && !externals.iter().any(|(e, _, _): &(String, usize, usize)| e == name)
+        {
+            externals.push((name.clone(), at, plan.lens[i]));
+            at += plan.lens[i];
+        }
+    }
+    let arena = at;
+    let offsets = (0..g.nodes.len())
+        .map(|i| match plan.resolve(NodeId(i as u32)) {
+            Place::Arena { offset, .. } => Some(arena + offset),
+            Place::External(name) => externals.iter().find(|(e, _, _)| e == name).map(|(_, o, _)| *o),
+            _ => None,
+        })
+        .collect();
+    Layout { offsets, externals, len: arena + plan.arena_len }
+}
+
+/// One kernel's shader and how to dispatch it.
+#[derive(Clone, Debug)]
+pub struct Shader {
+    /// The kernel, as `modelc kernels` names it.
+    pub label: String,
+    pub source: String,
+    /// Workgroups in x, y, z.
+    pub workgroups: [u32; 3],
+}
+
+/// The shaders of a scheduled program (`None` for views, which need none).
+pub fn shaders(
+    g: &Graph,
+    s: &Schedule,
+    plan: &Plan,
+    sizes: &Sizes,
+    layout: &Layout,
+) -> Result<Vec<Option<Shader>>, String> {
+    s.kernels
+        .iter()
+        .enumerate()
+        .map(|(k, kernel)| {
+            let e = Emitter { g, plan, sizes, layout };
+            let shader = match kernel {
+                Kernel::View(_) => return Ok(None),
+                Kernel::Fused { nodes, inputs } => e.fused(nodes, inputs)?,
+                Kernel::Single(n) => e.single(*n)?,
+            };
+            Ok(shader.map(|(source, workgroups)| Shader { label: format!("k{k}"), source, workgroups }))
+        })
+        .collect()
+}
+
+/// A float literal WGSL accepts (infinities and NaN through their bits).
+fn lit(v: f64) -> String {
+    let f = v as f32;
+    if f.is_nan() {
+        return "bitcast<f32>(0x7fc00000u)".into();
+    }
+    if f.is_infinite() {
+        return format!("bitcast<f32>({}u)", if f > 0.0 { "0x7f800000" } else { "0xff800000" });
+    }
+    let text = format!("{f:?}");
+    if text.contains('.') || text.contains('e') { format!("f32({text})") } else { format!("f32({text}.0)") }
+}
+
+const PRELUDE: &str = "@group(0) @binding(0) var<storage, read_write> mem: array<f32>;
+
+fn erf_(x: f32) -> f32 {
+    // Abramowitz and Stegun 7.1.26, as the CPU kernels.
+    let t = 1.0 / (1.0 + 0.3275911 * abs(x));
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-x * x);
+    return select(-y, y, x >= 0.0);
+}
+
+fn flag(c: bool) -> f32 {
+    return select(0.0, 1.0, c);
+}
+";
+
+/// Workgroups for `n` invocations of a one-dimensional kernel (x, then y past 65535).
+fn grid(n: usize) -> [u32; 3] {
+    let groups = n.div_ceil(WORKGROUP).max(1);
+    let x = groups.min(65535);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}
+
+/// A one-dimensional kernel: `body` runs for each `i < n`.
+fn elementwise(n: usize, body: &str) -> (String, [u32; 3]) {
+    let source = format!(
+        "{PRELUDE}
+@compute @workgroup_size({WORKGROUP})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {{
+    let i = gid.x + gid.y * groups.x * {WORKGROUP}u;
+    if (i >= {n}u) {{
+        return;
+    }}
+{body}}}
+"
+    );
+    (source, grid(n))
+}
+
+struct Emitter<'a> {
+    g: &'a Graph,
+    plan: &'a Plan,
+    sizes: &'a Sizes,
+    layout: &'a Layout,
+}
+
+impl Emitter<'_> {
+    fn shape(&self, n: NodeId) -> Result<Vec<usize>, String> {
+        self.g.dims(n).iter().map(|d| eval_dim(d, self.sizes)).collect()
+    }
+
+    fn at(&self, n: NodeId) -> Result<usize, String> {
+        self.layout.offsets[n.index()].ok_or_else(|| format!("bug: {n} has no memory on the GPU"))
+    }
+
+    /// How to read `n` at index `idx` (a WGSL u32 expression): memory or an inline constant.
+    fn read(&self, n: NodeId, idx: &str) -> Result<String, String> {
+        // A view of a constant is the constant.
+        let mut root = n;
+        while let (Op::Reshape, Place::Alias(of)) = (&self.g.node(root).op, &self.plan.places[root.index()]) {
+            root = *of;
+        }
+        match &self.g.node(root).op {
+            Op::Const(v) => Ok(lit(*v)),
+            Op::Size(d) => Ok(lit(eval_dim(d, self.sizes)? as f64)),
+            _ => Ok(format!("mem[{}u + {idx}]", self.at(n)?)),
+        }
+    }
+
+    fn fused(&self, nodes: &[NodeId], inputs: &[NodeId]) -> Result<Option<(String, [u32; 3])>, String> {
+        let spec = spec(self.g, nodes, inputs, self.sizes, self.plan)?;
+        let out = *nodes.last().expect("a fused kernel has nodes");
+        let n = self.plan.lens[out.index()];
+        let mut body = String::new();
+        let load = |src: NodeId, access: &Access| -> Result<String, String> {
+            match access {
+                Access::Contiguous => self.read(src, "i"),
+                Access::Scalar => self.read(src, "0u"),
+                Access::Indexed(axes) => {
+                    let terms: Vec<String> = axes
+                        .iter()
+                        .filter(|a| a.2 != 0)
+                        .map(|(ostride, osize, istride)| format!("((i / {ostride}u) % {osize}u) * {istride}u"))
+                        .collect();
+                    self.read(src, &if terms.is_empty() { "0u".into() } else { terms.join(" + ") })
+                }
+            }
+        };
+        let value = |a: NodeId| -> Result<String, String> {
+            if nodes.contains(&a) {
+                return Ok(format!("v{}", a.index()));
+            }
+            match &self.g.node(a).op {
+                Op::Const(v) => Ok(lit(*v)),
+                _ if spec.sizes.contains_key(&a) => Ok(lit(spec.sizes[&a])),
+                _ => load(a, &spec.access[&a]),
+            }
+        };
+        for &m in nodes {
+            let node = self.g.node(m);
+            let x = |k: usize| value(node.args[k]);
+            let expr = match &node.op {
+                Op::Broadcast => {
+                    let src = node.args[0];
+                    match (&self.g.node(src).op, spec.access.get(&m)) {
+                        (Op::Const(c), _) => lit(*c),
+                        (_, Some(access)) if !nodes.contains(&src) => load(src, access)?,
+                        _ => value(src)?,
+                    }
+                }
+                Op::Unary(u) => {
+                    let a = x(0)?;
+                    match u {
+                        Unary::Neg => format!("-({a})"),
+                        Unary::Abs => format!("abs({a})"),
+                        Unary::Sqrt => format!("sqrt({a})"),
+                        Unary::Rsqrt => format!("1.0 / sqrt({a})"),
+                        Unary::Floor => format!("floor({a})"),
+                        Unary::Relu => format!("max({a}, 0.0)"),
+                        Unary::Not => format!("flag({a} == 0.0)"),
+                        Unary::Exp => format!("exp({a})"),
+                        Unary::Log => format!("log({a})"),
+                        Unary::Tanh => format!("tanh(clamp({a}, -15.0, 15.0))"),
+                        Unary::Sin => format!("sin({a})"),
+                        Unary::Cos => format!("cos({a})"),
+                        Unary::Erf => format!("erf_({a})"),
+                        Unary::Sigmoid => format!("1.0 / (1.0 + exp(-({a})))"),
+                        Unary::Silu => format!("({a}) / (1.0 + exp(-({a})))"),
+                        Unary::Gelu => format!("0.5 * ({a}) * (1.0 + erf_(({a}) * 0.70710678118654752))"),
+                        Unary::GeluTanh => format!(
+                            "0.5 * ({a}) * (1.0 + tanh(clamp(0.7978845608028654 * (({a}) + 0.044715 * ({a}) * ({a}) * ({a})), -15.0, 15.0)))"
+                        ),
+                    }
+                }
+                Op::Binary(op) => {
+                    let (p, q) = (x(0)?, x(1)?);
+                    let int = self.g.ty(node.args[0]).dtype == DType::Int;
+                    match op {
+                        Binary::Add => format!("({p}) + ({q})"),
+                        Binary::Sub => format!("({p}) - ({q})"),
+                        Binary::Mul => format!("({p}) * ({q})"),
+                        Binary::Div if int => format!("trunc(({p}) / ({q}))"),
+                        Binary::Div => format!("({p}) / ({q})"),
+                        Binary::Max => format!("max({p}, {q})"),
+                        Binary::Min => format!("min({p}, {q})"),
+                        Binary::Rem => format!("({p}) - floor(({p}) / ({q})) * ({q})"),
+                        Binary::Pow => format!("pow({p}, {q})"),
+                        Binary::Eq => format!("flag(({p}) == ({q}))"),
+                        Binary::Ne => format!("flag(({p}) != ({q}))"),
+                        Binary::Lt => format!("flag(({p}) < ({q}))"),
+                        Binary::Le => format!("flag(({p}) <= ({q}))"),
+                        Binary::Gt => format!("flag(({p}) > ({q}))"),
+                        Binary::Ge => format!("flag(({p}) >= ({q}))"),
+                        Binary::And => format!("flag(({p}) != 0.0 && ({q}) != 0.0)"),
+                        Binary::Or => format!("flag(({p}) != 0.0 || ({q}) != 0.0)"),
+                    }
+                }
+                Op::Select => format!("select({}, {}, ({}) != 0.0)", x(2)?, x(1)?, x(0)?),
+                Op::Cast(DType::F32) => x(0)?,
+                Op::Cast(DType::Int) => format!("trunc({})", x(0)?),
+                Op::Cast(DType::Bool) => format!("flag(({}) != 0.0)", x(0)?),
+                other => return Err(format!("bug: `{}` in a fused kernel", other.name())),
+            };
+            let _ = writeln!(body, "    let v{} = {expr};", m.index());
+        }
+        let _ = writeln!(body, "    mem[{}u + i] = v{};", self.at(out)?, out.index());
+        Ok(Some(elementwise(n, &body)))
+    }
+
+    fn single(&self, n: NodeId) -> Result<Option<(String, [u32; 3])>, String> {
+        let node = self.g.node(n);
+        let out_shape = self.shape(n)?;
+        let len: usize = out_shape.iter().product();
+        let o = self.at(n)?;
+        let arg = |k: usize| node.args[k];
+        Ok(Some(match &node.op {
+            Op::MatMul { ta, tb } => return self.matmul(n, *ta, *tb).map(Some),
+            Op::Permute(perm) => {
+                let in_shape = self.shape(arg(0))?;
+                let s = strides(&in_shape);
+                let eff: Vec<usize> = perm.iter().map(|p| s[*p]).collect();
+                self.strided(n, arg(0), 0, &eff)?
+            }
+            Op::Broadcast => {
+                let in_shape = self.shape(arg(0))?;
+                let off = out_shape.len() - in_shape.len();
+                let s = strides(&in_shape);
+                let eff: Vec<usize> = (0..out_shape.len())
+                    .map(|d| if d < off || in_shape[d - off] == 1 { 0 } else { s[d - off] })
+                    .collect();
+                self.strided(n, arg(0), 0, &eff)?
+            }
+            Op::Slice { axis, start, .. } => {
+                let s = strides(&self.shape(arg(0))?);
+                let base = eval_dim(start, self.sizes)? * s[*axis];
+                self.strided(n, arg(0), base, &s)?
+            }
+            Op::Concat(axis) => {
+                let inner: usize = out_shape[axis + 1..].iter().product();
+                let total = out_shape[*axis];
+                let mut body = format!(
+                    "    let inner = i % {inner}u;\n    let a = (i / {inner}u) % {total}u;\n    let outer = i / ({inner}u * {total}u);\n"
+                );
+                let mut at = 0;
+                for (k, part) in node.args.iter().enumerate() {
+                    let size = self.shape(*part)?[*axis];
+                    let idx = format!("(outer * {size}u + (a - {at}u)) * {inner}u + inner");
+                    let cond =
+                        if k + 1 == node.args.len() { "true".to_string() } else { format!("a < {}u", at + size) };
+                    let _ = writeln!(
+                        body,
+                        "    if ({cond}) {{\n        mem[{o}u + i] = {};\n        return;\n    }}",
+                        self.read(*part, &idx)?
+                    );
+                    at += size;
+                }
+                elementwise(len, &body)
+            }
+            Op::Reduce(r, axes) => self.reduce(n, *r, axes)?,
+            Op::Gather => {
+                let rows = self.shape(arg(0))?[0];
+                let row = self.plan.lens[arg(0).index()].checked_div(rows).unwrap_or(0).max(1);
+                let body = format!(
+                    "    let id = {};\n    let j = i % {row}u;\n    var v = 0.0;\n    if (id >= 0.0 && id < {rows}.0) {{\n        v = {};\n    }}\n    mem[{o}u + i] = v;\n",
+                    self.read(arg(1), &format!("i / {row}u"))?,
+                    self.read(arg(0), &format!("u32(id) * {row}u + j"))?
+                );
+                elementwise(len, &body)
+            }
+            Op::ScatterAdd => {
+                let rows = out_shape[0];
+                let row = len.checked_div(rows).unwrap_or(0).max(1);
+                let count = self.plan.lens[arg(0).index()];
+                let body = format!(
+                    "    let r = f32(i / {row}u);\n    let j = i % {row}u;\n    var acc = 0.0;\n    for (var k = 0u; k < {count}u; k++) {{\n        if ({} == r) {{\n            acc += {};\n        }}\n    }}\n    mem[{o}u + i] = acc;\n",
+                    self.read(arg(0), "k")?,
+                    self.read(arg(1), &format!("k * {row}u + j"))?
+                );
+                elementwise(len, &body)
+            }
+            Op::OneHot => {
+                let classes = *out_shape.last().expect("one_hot has a class axis");
+                let body = format!(
+                    "    mem[{o}u + i] = flag({} == f32(i % {classes}u));\n",
+                    self.read(arg(0), &format!("i / {classes}u"))?
+                );
+                elementwise(len, &body)
+            }
+            Op::ArgMax(axis) => {
+                let shape = self.shape(arg(0))?;
+                let (count, inner) = (shape[*axis], shape[axis + 1..].iter().product::<usize>());
+                let at = |k: &str| {
+                    self.read(arg(0), &format!("((i / {inner}u) * {count}u + {k}) * {inner}u + i % {inner}u"))
+                };
+                let body = format!(
+                    "    var best = {};\n    var index = 0u;\n    for (var k = 1u; k < {count}u; k++) {{\n        let v = {};\n        if (v > best) {{\n            best = v;\n            index = k;\n        }}\n    }}\n    mem[{o}u + i] = f32(index);\n",
+                    at("0u")?,
+                    at("k")?
+                );
+                elementwise(len, &body)
+            }
+            Op::TopKValues(k) | Op::TopKIndices(k) => {
+                let count = *self.shape(arg(0))?.last().expect("topk of rank >= 1");
+                let rows = len / (*k).max(1);
+                let indices = matches!(node.op, Op::TopKIndices(_));
+                // Selection: the next entry in (value desc, index asc) order after the previous one.
+                let body = format!(
+                    "    let r = i;\n    var pv = bitcast<f32>(0x7f800000u);\n    var pi = -1;\n    for (var j = 0u; j < {k}u; j++) {{\n        var bv = bitcast<f32>(0xff800000u);\n        var bi = -1;\n        for (var c = 0u; c < {count}u; c++) {{\n            let v = {};\n            let after = v < pv || (v == pv && i32(c) > pi);\n            let better = bi < 0 || v > bv;\n            if (after && better) {{\n                bv = v;\n                bi = i32(c);\n            }}\n        }}\n        pv = bv;\n        pi = bi;\n        mem[{o}u + r * {k}u + j] = {};\n    }}\n",
+                    self.read(arg(0), &format!("r * {count}u + c"))?,
+                    if indices { "f32(bi)" } else { "bv" }
+                );
+                elementwise(rows, &body)
+            }
+            Op::DropoutMask { p, key } => {
+                // Zero where the interpreter's uniform number is below p, i.e.
+                // where splitmix64(...) >> 11 < ceil(p * 2^53).
+                let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
+                let keep = (1.0 / (1.0 - p)) as f32;
+                let step = self.read(arg(0), "0u")?;
+                let (t_lo, t_hi) = (threshold as u32, (threshold >> 32) as u32);
+                let body = format!(
+                    "    let key = vec2<u32>({}u, {}u);\n    let step = vec2<u32>(u32({step}), 0u);\n    let z = splitmix(key, step, vec2<u32>(i, 0u));\n    let below = z.y < {t_hi}u || (z.y == {t_hi}u && z.x < {t_lo}u);\n    mem[{o}u + i] = select({}, 0.0, below);\n",
+                    *key as u32,
+                    (*key >> 32) as u32,
+                    lit(keep as f64)
+                );
+                let (source, groups) = elementwise(len, &body);
+                (source.replacen("fn flag", &format!("{SPLITMIX}\nfn flag"), 1), groups)
+            }
+            Op::Iota => elementwise(len, &format!("    mem[{o}u + i] = f32(i);\n")),
+            Op::Size(d) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(eval_dim(d, self.sizes)? as f64))),
+            Op::Const(v) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(*v))),
+            Op::Input(_) | Op::Param(_) | Op::Reshape => return Ok(None),
+            other => return Err(format!("bug: no GPU kernel for `{}`", other.name())),
+        }))
+    }
+
+    /// Output element i read from `base + sum(idx[d] * eff[d])`.
+    fn strided(&self, n: NodeId, src: NodeId, base: usize, eff: &[usize]) -> Result<(String, [u32; 3]), String> {
+        let shape = self.shape(n)?;
+        let s = strides(&shape);
+        let mut terms = vec![format!("{base}u")];
+        for d in 0..shape.len() {
+            if eff[d] != 0 && shape[d] > 1 {
+                terms.push(format!("((i / {}u) % {}u) * {}u", s[d], shape[d], eff[d]));
+            }
+        }
+        let body = format!("    mem[{}u + i] = {};\n", self.at(n)?, self.read(src, &terms.join(" + "))?);
+        Ok(elementwise(shape.iter().product(), &body))
+    }
+
+    fn reduce(&self, n: NodeId, r: Reduce, axes: &[usize]) -> Result<(String, [u32; 3]), String> {
+        let src = self.g.node(n).args[0];
+        let shape = self.shape(src)?;
+        let s = strides(&shape);
+        let kept: Vec<usize> = (0..shape.len()).filter(|d| !axes.contains(d)).collect();
+        let ks = strides(&kept.iter().map(|d| shape[*d]).collect::<Vec<_>>());
+        let mut base = vec!["0u".to_string()];
+        for (k, d) in kept.iter().enumerate() {
+            base.push(format!("((i / {}u) % {}u) * {}u", ks[k], shape[*d], s[*d]));
+        }
+        let count: usize = axes.iter().map(|a| shape[*a]).product();
+        let rs = strides(&axes.iter().map(|a| shape[*a]).collect::<Vec<_>>());
+        let mut offset = vec!["0u".to_string()];
+        for (k, a) in axes.iter().enumerate() {
+            offset.push(format!("((j / {}u) % {}u) * {}u", rs[k], shape[*a], s[*a]));
+        }
+        let (init, combine) = match r {
+            Reduce::Sum => ("0.0", "acc + v"),
+            Reduce::Max => ("bitcast<f32>(0xff800000u)", "max(acc, v)"),
+            Reduce::Min => ("bitcast<f32>(0x7f800000u)", "min(acc, v)"),
+        };
+        let body = format!(
+            "    let base = {};\n    var acc = {init};\n    for (var j = 0u; j < {count}u; j++) {{\n        let v = {};\n        acc = {combine};\n    }}\n    mem[{}u + i] = acc;\n",
+            base.join(" + "),
+            self.read(src, &format!("base + {}", offset.join(" + ")))?,
+            self.at(n)?
+        );
+        Ok(elementwise(self.plan.lens[n.index()], &body))
+    }
+
+    /// Batched `op(A) @ op(B)`, 16 x 16 output tiles through workgroup memory.
+    fn matmul(&self, n: NodeId, ta: bool, tb: bool) -> Result<(String, [u32; 3]), String> {
+        let node = self.g.node(n);
+        let (sa, sb) = (self.shape(node.args[0])?, self.shape(node.args[1])?);
+        let r = sa.len();
+        let (rows, cols) = (if ta { sa[r - 1] } else { sa[r - 2] }, if tb { sb[r - 2] } else { sb[r - 1] });
+        let k = if ta { sa[r - 2] } else { sa[r - 1] };
+        let batch: usize = sa[..r - 2].iter().product();
+        let (a_rs, a_cs) = if ta { (1, rows) } else { (k, 1) };
+        let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
+        let (a, b, c) = (self.at(node.args[0])?, self.at(node.args[1])?, self.at(n)?);
+        let t = TILE;
+        let source = format!(
+            "{PRELUDE}
+var<workgroup> tile_a: array<f32, {tt}>;
+var<workgroup> tile_b: array<f32, {tt}>;
+
+@compute @workgroup_size({t}, {t})
+fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>) {{
+    let row = group.y * {t}u + local.y;
+    let col = group.x * {t}u + local.x;
+    let a0 = {a}u + group.z * {ab}u;
+    let b0 = {b}u + group.z * {bb}u;
+    var acc = 0.0;
+    for (var k0 = 0u; k0 < {k}u; k0 += {t}u) {{
+        let ka = k0 + local.x;
+        let kb = k0 + local.y;
+        var x = 0.0;
+        if (row < {rows}u && ka < {k}u) {{
+            x = mem[a0 + row * {a_rs}u + ka * {a_cs}u];
+        }}
+        var y = 0.0;
+        if (kb < {k}u && col < {cols}u) {{
+            y = mem[b0 + kb * {b_rs}u + col * {b_cs}u];
+        }}
+        tile_a[local.y * {t}u + local.x] = x;
+        tile_b[local.y * {t}u + local.x] = y;
+        workgroupBarrier();
+        for (var kk = 0u; kk < {t}u; kk++) {{
+            acc += tile_a[local.y * {t}u + kk] * tile_b[kk * {t}u + local.x];
+        }}
+        workgroupBarrier();
+    }}
+    if (row < {rows}u && col < {cols}u) {{
+        mem[{c}u + group.z * {cb}u + row * {cols}u + col] = acc;
+    }}
+}}
+",
+            tt = t * t,
+            ab = rows * k,
+            bb = k * cols,
+            cb = rows * cols,
+        );
+        Ok((source, [cols.div_ceil(t) as u32, rows.div_ceil(t) as u32, batch.max(1) as u32]))
+    }
+}
+
+/// splitmix64 on (low, high) u32 pairs, as `ir::interp::uniform` computes it.
+const SPLITMIX: &str = "fn mul32(a: u32, b: u32) -> vec2<u32> {
+    // The full 64-bit product of two u32, from 16-bit halves.
+    let a0 = a & 0xffffu;
+    let a1 = a >> 16u;
+    let b0 = b & 0xffffu;
+    let b1 = b >> 16u;
+    let lo = a0 * b0;
+    let m1 = a1 * b0;
+    let m2 = a0 * b1;
+    let hi = a1 * b1;
+    let mid = (lo >> 16u) + (m1 & 0xffffu) + (m2 & 0xffffu);
+    let low = (lo & 0xffffu) | (mid << 16u);
+    let high = hi + (m1 >> 16u) + (m2 >> 16u) + (mid >> 16u);
+    return vec2<u32>(low, high);
+}
+
+fn mul64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+    let p = mul32(a.x, b.x);
+    return vec2<u32>(p.x, p.y + a.x * b.y + a.y * b.x);
+}
+
+fn shr64(a: vec2<u32>, s: u32) -> vec2<u32> {
+    return vec2<u32>((a.x >> s) | (a.y << (32u - s)), a.y >> s);
+}
+
+fn splitmix(key: vec2<u32>, step: vec2<u32>, index: vec2<u32>) -> vec2<u32> {
+    var z = mul64(key, vec2<u32>(0x7f4a7c15u, 0x9e3779b9u)) ^ mul64(step, vec2<u32>(0x1ce4e5b9u, 0xbf58476du)) ^ index;
+    z = mul64(z ^ shr64(z, 30u), vec2<u32>(0x1ce4e5b9u, 0xbf58476du));
+    z = mul64(z ^ shr64(z, 27u), vec2<u32>(0x133111ebu, 0x94d049bbu));
+    z = z ^ shr64(z, 31u);
+    return shr64(z, 11u);
+}
+";
+
+/// Parses and validates a shader with naga; the error names the kernel.
+pub fn validate(shader: &Shader) -> Result<(), String> {
+    let module = naga::front::wgsl::parse_str(&shader.source)
+        .map_err(|e| format!("{}: WGSL does not parse: {}", shader.label, e.emit_to_string(&shader.source)))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| format!("{}: WGSL does not validate: {}", shader.label, e.emit_to_string(&shader.source)))?;
+    Ok(())
+}
