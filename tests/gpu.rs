@@ -146,3 +146,45 @@ fn tiny_gpt_trains_on_the_gpu_with_the_cpu_losses() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn matrix_products_span_many_tiles_with_transposes() {
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::syntax::ast::DType;
+    // 3 batches of 70 x 37 @ 37 x 130: several 64 x 64 tiles, ragged edges, and
+    // a k that is not a multiple of 16, for each way of storing A and B.
+    let (b, m, k, n) = (3, 70, 37, 130);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let d = |v: usize| Dim::constant(v as i64);
+        let mut g = Graph::default();
+        let a_dims = if ta { vec![d(b), d(k), d(m)] } else { vec![d(b), d(m), d(k)] };
+        let b_dims = if tb { vec![d(b), d(n), d(k)] } else { vec![d(b), d(k), d(n)] };
+        let x = g.input("a", TensorTy::new(DType::F32, a_dims.clone()));
+        let y = g.input("b", TensorTy::new(DType::F32, b_dims.clone()));
+        let p = g.matmul_t(x, y, ta, tb);
+        g.outputs.push(("c".into(), p));
+        let mut rng = Rng(7);
+        let shape = |dims: &[Dim]| dims.iter().map(|v| v.as_const().unwrap() as usize).collect::<Vec<_>>();
+        let mut feeds = HashMap::new();
+        feeds.insert("a".to_string(), rng.array(&shape(&a_dims), 1.0));
+        feeds.insert("b".to_string(), rng.array(&shape(&b_dims), 1.0));
+        compare(gpu, &format!("matmul ta={ta} tb={tb}"), &g, &feeds, 2e-4);
+    }
+}
+
+#[test]
+fn kv_cached_decoding_on_the_gpu_gives_transformers_tokens() {
+    let dir = repo().join("tests/fixtures/hf/llama");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelc"))
+        .args(["infer", "specs/llama.model", "--config", dir.join("config.json").to_str().unwrap()])
+        .args(["--weights", dir.join("model.safetensors").to_str().unwrap(), "--prompt", "This License"])
+        .args(["--temperature", "0", "--max-new-tokens", "24", "--json", "--device", "gpu"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
+    assert_eq!(got["new_token_ids"], want["new_token_ids"]);
+}

@@ -90,6 +90,11 @@ pub struct GpuProgram {
     buffer: wgpu::Buffer,
     bind_group: wgpu::BindGroup,
     pipelines: Vec<(wgpu::ComputePipeline, [u32; 3])>,
+    /// Receives the outputs of a run, to be mapped and read.
+    staging: wgpu::Buffer,
+    /// Inputs that stay on the GPU once uploaded (weights while decoding).
+    resident: std::sync::Mutex<(Vec<String>, Vec<String>)>,
+    running: std::sync::Mutex<()>,
     pub compile_seconds: f64,
 }
 
@@ -155,7 +160,17 @@ impl GpuProgram {
             });
             pipelines.push((pipeline, shader.workgroups));
         }
+        let outputs: u64 = graph.outputs.iter().map(|(_, id)| (plan.lens[id.index()] * 4) as u64).sum();
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("modelc outputs"),
+            size: outputs.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(GpuProgram {
+            staging,
+            resident: Default::default(),
+            running: Default::default(),
             graph,
             sizes: sizes.clone(),
             plan,
@@ -167,13 +182,43 @@ impl GpuProgram {
         })
     }
 
+    /// Uploads `names` on the next run only: the caller promises not to change them.
+    pub fn keep_resident(&self, names: &[String]) {
+        self.resident.lock().unwrap_or_else(|e| e.into_inner()).0 = names.to_vec();
+    }
+
     pub fn peak_bytes(&self) -> usize {
         self.layout.len * 4
+    }
+
+    /// Seconds per run of the kernels alone: `feeds` uploaded once, then
+    /// `repeats` runs in one submission, nothing read back (for benchmarks).
+    pub fn time_kernels(&self, feeds: &HashMap<String, Tensor>, repeats: usize) -> Result<f64, String> {
+        let gpu = gpu()?;
+        self.run(feeds)?;
+        let started = std::time::Instant::now();
+        let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        {
+            let mut pass =
+                encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            pass.set_bind_group(0, &self.bind_group, &[]);
+            for _ in 0..repeats {
+                for (pipeline, [x, y, z]) in &self.pipelines {
+                    pass.set_pipeline(pipeline);
+                    pass.dispatch_workgroups(*x, *y, *z);
+                }
+            }
+        }
+        gpu.queue.submit([encoder.finish()]);
+        gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| format!("the GPU failed: {e}"))?;
+        Ok(started.elapsed().as_secs_f64() / repeats.max(1) as f64)
     }
 
     /// Runs the program; `feeds` holds every input and weight by name.
     pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
         let gpu = gpu()?;
+        // One run at a time: runs share the staging buffer.
+        let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         for n in &self.graph.nodes {
             if let Op::Input(name) | Op::Param(name) = &n.op {
                 let t = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
@@ -184,12 +229,20 @@ impl GpuProgram {
                 }
             }
         }
+        let mut resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
         for (name, offset, len) in &self.layout.externals {
+            if resident.1.contains(name) {
+                continue;
+            }
             let data = &feeds[name].data;
             if *len > 0 {
                 gpu.queue.write_buffer(&self.buffer, (*offset * 4) as u64, bytes_of(&data[..*len]));
             }
+            if resident.0.contains(name) {
+                resident.1.push(name.clone());
+            }
         }
+        drop(resident);
         let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         {
             let mut pass =
@@ -208,21 +261,10 @@ impl GpuProgram {
             spans.push((name.clone(), *id, total, len));
             total += (len * 4) as u64;
         }
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("modelc outputs"),
-            size: total.max(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = &self.staging;
         for (_, id, at, len) in &spans {
             if let (Some(offset), true) = (self.layout.offsets[id.index()], *len > 0) {
-                encoder.copy_buffer_to_buffer(
-                    &self.buffer,
-                    (offset * 4) as u64,
-                    &staging,
-                    *at,
-                    Some((*len * 4) as u64),
-                );
+                encoder.copy_buffer_to_buffer(&self.buffer, (offset * 4) as u64, staging, *at, Some((*len * 4) as u64));
             }
         }
         gpu.queue.submit([encoder.finish()]);
@@ -233,21 +275,35 @@ impl GpuProgram {
         gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| format!("the GPU failed: {e}"))?;
         rx.recv().map_err(|e| format!("the GPU failed: {e}"))?.map_err(|e| format!("cannot read GPU memory: {e}"))?;
         let view = staging.slice(..).get_mapped_range().map_err(|e| format!("cannot read GPU memory: {e}"))?;
+        let bytes: &[u8] = &view[..total as usize];
         let mut out = HashMap::new();
+        let mut problem = None;
         for (name, id, at, len) in spans {
-            let shape: Vec<usize> =
-                self.graph.dims(id).iter().map(|d| interp::eval_dim(d, &self.sizes)).collect::<Result<_, _>>()?;
+            let shape = self.graph.dims(id).iter().map(|d| interp::eval_dim(d, &self.sizes)).collect();
             let data: Vec<f32> = match (self.layout.offsets[id.index()], &self.graph.node(id).op) {
-                (Some(_), _) => view[at as usize..at as usize + len * 4]
+                (Some(_), _) => bytes[at as usize..at as usize + len * 4]
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
                 (None, Op::Const(v)) => vec![*v as f32; len],
-                (None, _) => return Err(format!("bug: output `{name}` has no memory")),
+                (None, _) => {
+                    problem = Some(format!("bug: output `{name}` has no memory"));
+                    continue;
+                }
             };
-            out.insert(name, Tensor::new(shape, data));
+            match shape {
+                Ok(shape) => {
+                    out.insert(name, Tensor::new(shape, data));
+                }
+                Err(e) => problem = Some(e),
+            }
         }
-        Ok(out)
+        drop(view);
+        staging.unmap();
+        match problem {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 }
 

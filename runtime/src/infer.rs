@@ -172,6 +172,14 @@ impl Cached {
             self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], vec![0.0; t]));
             self.feeds.insert("position".into(), Tensor::new(vec![], vec![0.0]));
             let p = compile(CODE, &self.graph, &self.feeds).map_err(|_| "cannot compile the decoder".to_string())?;
+            // Weights stay on the device between tokens; the cache and the tokens move.
+            let weights: Vec<String> = self
+                .feeds
+                .keys()
+                .filter(|k| !k.starts_with("past.") && *k != "input_ids" && *k != "position")
+                .cloned()
+                .collect();
+            p.keep_resident(&weights);
             self.programs.insert(t, p);
         }
         Ok(())
@@ -281,6 +289,8 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let mut feeds = weights;
         feeds.insert("input_ids".into(), Tensor::new(vec![1, len], vec![0.0; len]));
         let program = compile(CODE, &g, &feeds)?;
+        let weights: Vec<String> = feeds.keys().filter(|k| *k != "input_ids").cloned().collect();
+        program.keep_resident(&weights);
         Box::new(Recompute { program, feeds, len, vocab })
     } else {
         let len = context.min(tokens.len() + max_new);

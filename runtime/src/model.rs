@@ -104,6 +104,14 @@ pub enum Compiled {
 }
 
 impl Compiled {
+    /// Inputs that will not change between runs (weights while decoding):
+    /// the GPU keeps them after the first upload.
+    pub fn keep_resident(&self, names: &[String]) {
+        if let Compiled::Gpu(p) = self {
+            p.keep_resident(names);
+        }
+    }
+
     pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
         match self {
             Compiled::Cpu(p) => p.run(feeds),

@@ -8,8 +8,9 @@
 //!
 //! Kernel kinds: fused elementwise chains (one invocation per output
 //! element, broadcast inputs read through index arithmetic); matrix
-//! products tiled through workgroup memory (16 x 16 tiles, batched over
-//! `workgroup_id.z`, transposes as strides); reductions, strided copies
+//! products tiled through workgroup memory with register blocking (64 x 64
+//! tiles of C, 4 x 4 per invocation, batched over `workgroup_id.z`,
+//! transposes as strides); reductions, strided copies
 //! (permute, broadcast, slice), concat, gather, scatter-add (one invocation
 //! per output element summing its rows: deterministic, no float atomics),
 //! one-hot, argmax, top-k (selection per row), dropout masks (the
@@ -26,8 +27,10 @@ use std::fmt::Write;
 
 /// Invocations per workgroup of the one-dimensional kernels.
 pub const WORKGROUP: usize = 64;
-/// Side of a matrix-product tile.
+/// Side of a matrix-product workgroup (in invocations) and depth of a k step.
 pub const TILE: usize = 16;
+/// Rows and columns of C each matrix-product invocation keeps in registers.
+pub const BLOCK: usize = 4;
 
 /// Where each value lives in the one buffer.
 #[derive(Clone, Debug)]
@@ -448,7 +451,10 @@ impl Emitter<'_> {
         Ok(elementwise(self.plan.lens[n.index()], &body))
     }
 
-    /// Batched `op(A) @ op(B)`, 16 x 16 output tiles through workgroup memory.
+    /// Batched `op(A) @ op(B)`: a 16 x 16 workgroup computes a 64 x 64 tile
+    /// of C, each invocation a 4 x 4 block of it in registers (rows and
+    /// columns 16 apart, so that neighbours read neighbouring memory), with
+    /// 64 x 16 slices of A and 16 x 64 slices of B staged in workgroup memory.
     fn matmul(&self, n: NodeId, ta: bool, tb: bool) -> Result<(String, [u32; 3]), String> {
         let node = self.g.node(n);
         let (sa, sb) = (self.shape(node.args[0])?, self.shape(node.args[1])?);
@@ -459,49 +465,74 @@ impl Emitter<'_> {
         let (a_rs, a_cs) = if ta { (1, rows) } else { (k, 1) };
         let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
         let (a, b, c) = (self.at(node.args[0])?, self.at(node.args[1])?, self.at(n)?);
-        let t = TILE;
+        let (t, big) = (TILE, TILE * BLOCK);
         let source = format!(
             "{PRELUDE}
-var<workgroup> tile_a: array<f32, {tt}>;
-var<workgroup> tile_b: array<f32, {tt}>;
+var<workgroup> tile_a: array<f32, {tiles}>;
+var<workgroup> tile_b: array<f32, {tiles}>;
 
 @compute @workgroup_size({t}, {t})
 fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>) {{
-    let row = group.y * {t}u + local.y;
-    let col = group.x * {t}u + local.x;
+    let me = local.y * {t}u + local.x;
+    let row0 = group.y * {big}u;
+    let col0 = group.x * {big}u;
     let a0 = {a}u + group.z * {ab}u;
     let b0 = {b}u + group.z * {bb}u;
-    var acc = 0.0;
+    var acc: array<f32, {blocks}>;
     for (var k0 = 0u; k0 < {k}u; k0 += {t}u) {{
-        let ka = k0 + local.x;
-        let kb = k0 + local.y;
-        var x = 0.0;
-        if (row < {rows}u && ka < {k}u) {{
-            x = mem[a0 + row * {a_rs}u + ka * {a_cs}u];
+        for (var l = 0u; l < {per}u; l++) {{
+            let e = me + l * {threads}u;
+            let ra = row0 + e / {t}u;
+            let ka = k0 + e % {t}u;
+            var x = 0.0;
+            if (ra < {rows}u && ka < {k}u) {{
+                x = mem[a0 + ra * {a_rs}u + ka * {a_cs}u];
+            }}
+            tile_a[e] = x;
+            let kb = k0 + e / {big}u;
+            let cb = col0 + e % {big}u;
+            var y = 0.0;
+            if (kb < {k}u && cb < {cols}u) {{
+                y = mem[b0 + kb * {b_rs}u + cb * {b_cs}u];
+            }}
+            tile_b[e] = y;
         }}
-        var y = 0.0;
-        if (kb < {k}u && col < {cols}u) {{
-            y = mem[b0 + kb * {b_rs}u + col * {b_cs}u];
-        }}
-        tile_a[local.y * {t}u + local.x] = x;
-        tile_b[local.y * {t}u + local.x] = y;
         workgroupBarrier();
         for (var kk = 0u; kk < {t}u; kk++) {{
-            acc += tile_a[local.y * {t}u + kk] * tile_b[kk * {t}u + local.x];
+            var x: array<f32, {BLOCK}>;
+            var y: array<f32, {BLOCK}>;
+            for (var i = 0u; i < {BLOCK}u; i++) {{
+                x[i] = tile_a[(local.y + i * {t}u) * {t}u + kk];
+                y[i] = tile_b[kk * {big}u + local.x + i * {t}u];
+            }}
+            for (var i = 0u; i < {BLOCK}u; i++) {{
+                for (var j = 0u; j < {BLOCK}u; j++) {{
+                    acc[i * {BLOCK}u + j] += x[i] * y[j];
+                }}
+            }}
         }}
         workgroupBarrier();
     }}
-    if (row < {rows}u && col < {cols}u) {{
-        mem[{c}u + group.z * {cb}u + row * {cols}u + col] = acc;
+    for (var i = 0u; i < {BLOCK}u; i++) {{
+        for (var j = 0u; j < {BLOCK}u; j++) {{
+            let row = row0 + local.y + i * {t}u;
+            let col = col0 + local.x + j * {t}u;
+            if (row < {rows}u && col < {cols}u) {{
+                mem[{c}u + group.z * {cb}u + row * {cols}u + col] = acc[i * {BLOCK}u + j];
+            }}
+        }}
     }}
 }}
 ",
-            tt = t * t,
+            tiles = big * t,
+            blocks = BLOCK * BLOCK,
+            threads = t * t,
+            per = big * t / (t * t),
             ab = rows * k,
             bb = k * cols,
             cb = rows * cols,
         );
-        Ok((source, [cols.div_ceil(t) as u32, rows.div_ceil(t) as u32, batch.max(1) as u32]))
+        Ok((source, [cols.div_ceil(big) as u32, rows.div_ceil(big) as u32, batch.max(1) as u32]))
     }
 }
 
