@@ -25,10 +25,7 @@ pub struct BuildArgs {
 }
 
 pub fn run(args: &BuildArgs) -> ExitCode {
-    match build(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
+    crate::model::exit(build(args))
 }
 
 fn build(args: &BuildArgs) -> Result<(), ExitCode> {

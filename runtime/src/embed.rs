@@ -45,10 +45,7 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: &EmbedArgs) -> ExitCode {
-    match embed(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
+    crate::model::exit(embed(args))
 }
 
 fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {

@@ -28,10 +28,7 @@ pub struct ForwardArgs {
 }
 
 pub fn run(args: &ForwardArgs) -> ExitCode {
-    match forward(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
+    crate::model::exit(forward(args))
 }
 
 fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {

@@ -219,16 +219,7 @@ impl GpuProgram {
         let gpu = gpu()?;
         // One run at a time: runs share the staging buffer.
         let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        for n in &self.graph.nodes {
-            if let Op::Input(name) | Op::Param(name) = &n.op {
-                let t = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
-                let want: Vec<usize> =
-                    n.ty.dims.iter().map(|d| interp::eval_dim(d, &self.sizes)).collect::<Result<_, _>>()?;
-                if t.shape != want {
-                    return Err(format!("`{name}` has shape {:?}, but the program was compiled for {want:?}", t.shape));
-                }
-            }
-        }
+        crate::cpu::check_feeds(&self.graph, &self.sizes, feeds)?;
         let mut resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
         for (name, offset, len) in &self.layout.externals {
             if resident.1.contains(name) {

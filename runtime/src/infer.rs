@@ -243,10 +243,7 @@ impl Decoder for Recompute {
 }
 
 pub fn run(args: &InferArgs) -> ExitCode {
-    match infer(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
+    crate::model::exit(infer(args))
 }
 
 fn infer(args: &InferArgs) -> Result<(), ExitCode> {

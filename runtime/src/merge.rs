@@ -30,10 +30,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: &MergeArgs) -> ExitCode {
-    match merge(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
+    crate::model::exit(merge(args))
 }
 
 fn merge(args: &MergeArgs) -> Result<(), ExitCode> {

@@ -71,6 +71,11 @@ impl RunArgs {
     }
 }
 
+/// A command's exit code: success, or the code its error was reported with.
+pub fn exit(result: Result<(), ExitCode>) -> ExitCode {
+    result.err().unwrap_or(ExitCode::SUCCESS)
+}
+
 /// Reports a runtime error (no source snippet) and returns the failing exit code.
 pub fn error(code: &'static str, message: impl Into<String>) -> ExitCode {
     fail(&SourceMap::new(), &[Diagnostic::new(code, message)])

@@ -385,10 +385,7 @@ impl Step {
 }
 
 pub fn run(args: &TrainArgs) -> ExitCode {
-    match train(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
+    crate::model::exit(train(args))
 }
 
 fn usage(message: impl Into<String>) -> ExitCode {

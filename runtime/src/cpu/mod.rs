@@ -106,6 +106,20 @@ pub fn bind(g: &Graph, shapes: &HashMap<String, Vec<usize>>) -> Result<Sizes, St
     Ok(sizes)
 }
 
+/// Every input and weight of `g` is fed, with the shape it was compiled for.
+pub fn check_feeds(g: &Graph, sizes: &Sizes, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
+    for n in &g.nodes {
+        if let Op::Input(name) | Op::Param(name) = &n.op {
+            let t = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
+            let want: Vec<usize> = n.ty.dims.iter().map(|d| interp::eval_dim(d, sizes)).collect::<Result<_, _>>()?;
+            if t.shape != want {
+                return Err(format!("`{name}` has shape {:?}, but the program was compiled for {want:?}", t.shape));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
     g.dims(n).iter().map(|d| interp::eval_dim(d, sizes)).collect()
 }
@@ -165,16 +179,7 @@ impl Program {
 
     /// Runs the program; `feeds` holds every input and weight by name.
     pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
-        for n in &self.graph.nodes {
-            if let Op::Input(name) | Op::Param(name) = &n.op {
-                let t = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
-                let want: Vec<usize> =
-                    n.ty.dims.iter().map(|d| interp::eval_dim(d, &self.sizes)).collect::<Result<_, _>>()?;
-                if t.shape != want {
-                    return Err(format!("`{name}` has shape {:?}, but the program was compiled for {want:?}", t.shape));
-                }
-            }
-        }
+        check_feeds(&self.graph, &self.sizes, feeds)?;
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
         for (k, (kernel, compiled)) in self.schedule.kernels.iter().zip(&self.kernels).enumerate() {
