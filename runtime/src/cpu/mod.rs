@@ -179,6 +179,16 @@ impl Program {
 
     /// Runs the program; `feeds` holds every input and weight by name.
     pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
+        self.run_with(feeds, true)
+    }
+
+    /// Runs the kernels only, leaving the outputs in the arena (for benchmarks
+    /// of the kernels themselves).
+    pub fn run_kernels(&self, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
+        self.run_with(feeds, false).map(|_| ())
+    }
+
+    fn run_with(&self, feeds: &HashMap<String, Tensor>, collect: bool) -> Result<HashMap<String, Tensor>, String> {
         check_feeds(&self.graph, &self.sizes, feeds)?;
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
@@ -216,7 +226,7 @@ impl Program {
             }
         }
         let mut out = HashMap::new();
-        for (name, id) in &self.graph.outputs {
+        for (name, id) in self.graph.outputs.iter().filter(|_| collect) {
             let shape = concrete(&self.graph, *id, &self.sizes)?;
             out.insert(name.clone(), Tensor::new(shape, self.read(*id, arena, feeds).into_owned()));
         }
