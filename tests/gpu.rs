@@ -81,13 +81,15 @@ fn every_shader_of_every_spec_validates() {
 
 #[test]
 fn one_shader_of_each_kind_is_snapshotted() {
-    // The tiny-gpt training program has every kind: fused, matmul, reductions,
-    // copies, concat, gather, scatter-add, dropout masks, iota.
+    // The tiny-gpt training program has every kind: fused (and folded into a
+    // reduction), matmul, reductions, copies, concat, gather, scatter-add,
+    // dropout masks, iota.
     let (_, g) = programs(&repo().join("specs/tiny-gpt.model")).remove(1);
     let mut seen = std::collections::BTreeMap::new();
     for (kernel, shader) in shaders(&g) {
         let kind = match &kernel {
             Kernel::Fused { .. } => "fused".to_string(),
+            Kernel::FusedReduce { .. } => "fused_reduce".to_string(),
             Kernel::Single(n) => g.node(*n).op.name().split_whitespace().next().unwrap_or("").to_string(),
             Kernel::View(_) => continue,
         };

@@ -476,7 +476,7 @@ fn cpu_plan(
 }
 
 fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
-    use crate::backend::{clif as codegen, schedule};
+    use crate::backend::clif as codegen;
     let (checked, graph) = match program_graph(args, false) {
         Ok(v) => v,
         Err(code) => return code,
@@ -492,8 +492,7 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     let mut fused = 0;
     let compiled = codegen::Jit::new().and_then(|mut jit| {
         for kernel in &sched.kernels {
-            if let schedule::Kernel::Fused { nodes, inputs } = kernel {
-                codegen::describe(&mut jit, &graph, nodes, inputs, &bound, &memory)?;
+            if codegen::describe(&mut jit, &graph, kernel, &bound, &memory)?.is_some() {
                 fused += 1;
             }
         }
@@ -582,9 +581,9 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> E
             }
         };
         for (k, kernel) in sched.kernels.iter().enumerate() {
-            let schedule::Kernel::Fused { nodes, inputs } = kernel else { continue };
-            match codegen::describe(&mut jit, &graph, nodes, inputs, &bound, &memory) {
-                Ok(text) => println!("\n; k{k}\n{text}"),
+            match codegen::describe(&mut jit, &graph, kernel, &bound, &memory) {
+                Ok(None) => {}
+                Ok(Some(text)) => println!("\n; k{k}\n{text}"),
                 Err(e) => {
                     eprintln!("error: k{k}: {e}");
                     return ExitCode::FAILURE;

@@ -10,7 +10,7 @@
 //! have f32x4 approximations (about 1e-7), so softmax and the activations
 //! stay vectorised; log, sin, cos and pow keep a kernel scalar.
 
-use crate::ir::graph::{Binary, Graph, NodeId, Op, Unary};
+use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::syntax::ast::DType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, Type, Value, types};
@@ -42,6 +42,9 @@ pub struct FusedSpec<'a> {
     pub access: HashMap<NodeId, Access>,
     /// Values of `size` nodes, which are inlined as constants.
     pub sizes: HashMap<NodeId, f64>,
+    /// For a `FusedReduce` kernel: the reduction and the row length it folds;
+    /// the kernel's range is then one of rows.
+    pub reduce: Option<(Reduce, i64)>,
 }
 
 extern "C" fn call_exp(x: f32) -> f32 {
@@ -154,6 +157,21 @@ impl Jit {
                     }
                     _ => true,
                 });
+            if let Some((op, row)) = spec.reduce {
+                // Loads of broadcast inputs stay inside a row: no condition on row lengths.
+                let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
+                    && spec.access.values().all(|a| match a {
+                        Access::Indexed(axes) => axes.last().is_some_and(|&(_, _, istride)| istride <= 1),
+                        _ => true,
+                    });
+                reduce_rows(&mut b, spec, &bases, &refs, out, start, end, row, op, vectorizable);
+                b.ins().return_(&[]);
+                b.finalize(self.module.target_config());
+                let clif = ctx.func.display().to_string();
+                self.module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
+                self.module.clear_context(&mut ctx);
+                return Ok((id, clif));
+            }
             let tail_start = if vectorizable {
                 // Vector loop over whole groups of 4, then the scalar tail.
                 let len = b.ins().isub(end, start);
@@ -219,6 +237,88 @@ fn element_loop(
     b.switch_to_block(done);
     b.seal_block(done);
     b.block_params(done)[0]
+}
+
+fn combine(b: &mut FunctionBuilder, op: Reduce, x: Value, y: Value) -> Value {
+    match op {
+        Reduce::Sum => b.ins().fadd(x, y),
+        Reduce::Max => b.ins().fmax(x, y),
+        Reduce::Min => b.ins().fmin(x, y),
+    }
+}
+
+/// `for r in from..to { out[r] = fold(op, element(r * row + j) for j in 0..row) }`:
+/// whole groups of 4 in f32x4 (when `vector`), lanes folded in order, then the tail.
+#[allow(clippy::too_many_arguments)]
+fn reduce_rows(
+    b: &mut FunctionBuilder,
+    spec: &FusedSpec,
+    bases: &[Value],
+    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+    out: Value,
+    from: Value,
+    to: Value,
+    row: i64,
+    op: Reduce,
+    vector: bool,
+) {
+    let init = match op {
+        Reduce::Sum => 0.0,
+        Reduce::Max => f64::NEG_INFINITY,
+        Reduce::Min => f64::INFINITY,
+    };
+    let whole = if vector { row & !3 } else { 0 };
+    let (rows, rows_body, rows_done) = (b.create_block(), b.create_block(), b.create_block());
+    b.append_block_param(rows, types::I64);
+    b.ins().jump(rows, &[from.into()]);
+    b.switch_to_block(rows);
+    let r = b.block_params(rows)[0];
+    let more = b.ins().icmp(IntCC::SignedLessThan, r, to);
+    b.ins().brif(more, rows_body, &[], rows_done, &[]);
+    b.switch_to_block(rows_body);
+    let base = b.ins().imul_imm_u(r, row);
+    // One loop over j with an accumulator of type `ty`, from `j0` (exclusive end `j1`).
+    let inner = |b: &mut FunctionBuilder, ty: Type, acc0: Value, j0: i64, j1: i64| -> Value {
+        let (head, body, done) = (b.create_block(), b.create_block(), b.create_block());
+        b.append_block_param(head, types::I64);
+        b.append_block_param(head, ty);
+        b.append_block_param(done, ty);
+        let start = b.ins().iconst(types::I64, j0);
+        b.ins().jump(head, &[start.into(), acc0.into()]);
+        b.switch_to_block(head);
+        let (j, acc) = (b.block_params(head)[0], b.block_params(head)[1]);
+        let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, j1);
+        b.ins().brif(more, body, &[], done, &[acc.into()]);
+        b.switch_to_block(body);
+        let i = b.ins().iadd(base, j);
+        let v = emit_element(b, spec, bases, i, ty, refs);
+        let next_acc = combine(b, op, acc, v);
+        let next = b.ins().iadd_imm_s(j, i64::from(ty.lane_count()));
+        b.ins().jump(head, &[next.into(), next_acc.into()]);
+        b.seal_block(body);
+        b.seal_block(head);
+        b.switch_to_block(done);
+        b.seal_block(done);
+        b.block_params(done)[0]
+    };
+    let mut acc = constant(b, init, types::F32);
+    if whole > 0 {
+        let acc4 = constant(b, init, types::F32X4);
+        let acc4 = inner(b, types::F32X4, acc4, 0, whole);
+        for lane in 0..4u8 {
+            let x = b.ins().extractlane(acc4, lane);
+            acc = combine(b, op, acc, x);
+        }
+    }
+    let acc = inner(b, types::F32, acc, whole, row);
+    let addr = address(b, out, r);
+    b.ins().store(MemFlagsData::new().with_notrap(), acc, addr, 0);
+    let next = b.ins().iadd_imm_s(r, 1);
+    b.ins().jump(rows, &[next.into()]);
+    b.seal_block(rows_body);
+    b.seal_block(rows);
+    b.switch_to_block(rows_done);
+    b.seal_block(rows_done);
 }
 
 fn address(b: &mut FunctionBuilder, base: Value, index: Value) -> Value {
@@ -579,20 +679,41 @@ pub fn spec<'a>(
             }
         }
     }
-    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values })
+    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values, reduce: None })
 }
 
-/// Cranelift IR of one fused kernel, for `modelc kernels --clif`.
+/// The spec of a `FusedReduce` kernel: the chain's, and the reduction that folds its rows.
+pub fn reduce_spec<'a>(
+    graph: &'a Graph,
+    nodes: &'a [NodeId],
+    inputs: &'a [NodeId],
+    reduce: NodeId,
+    sizes: &crate::ir::interp::Sizes,
+    plan: &crate::backend::plan::Plan,
+) -> Result<FusedSpec<'a>, String> {
+    let mut s = spec(graph, nodes, inputs, sizes, plan)?;
+    let Op::Reduce(r, _) = graph.node(reduce).op else { return Err(format!("bug: {reduce} is not a reduction")) };
+    let chain = *nodes.last().expect("a fused kernel has nodes");
+    let row = crate::ir::interp::eval_dim(graph.dims(chain).last().expect("a reduced axis"), sizes)?;
+    s.reduce = Some((r, row as i64));
+    Ok(s)
+}
+
+/// Cranelift IR of a fused kernel (`None` for other kernels), for `modelc kernels --clif`.
 pub fn describe(
     jit: &mut Jit,
     graph: &Graph,
-    nodes: &[NodeId],
-    inputs: &[NodeId],
+    kernel: &crate::backend::schedule::Kernel,
     sizes: &crate::ir::interp::Sizes,
     plan: &crate::backend::plan::Plan,
-) -> Result<String, String> {
-    let spec = spec(graph, nodes, inputs, sizes, plan)?;
-    jit.compile(&spec).map(|(_, text)| text)
+) -> Result<Option<String>, String> {
+    use crate::backend::schedule::Kernel;
+    let spec = match kernel {
+        Kernel::Fused { nodes, inputs } => spec(graph, nodes, inputs, sizes, plan)?,
+        Kernel::FusedReduce { nodes, inputs, reduce } => reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?,
+        _ => return Ok(None),
+    };
+    jit.compile(&spec).map(|(_, text)| Some(text))
 }
 
 /// How an input of shape `src` is read for an output of shape `out`.

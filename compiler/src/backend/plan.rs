@@ -72,7 +72,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
             places[v.index()] = Place::Alias(g.node(*v).args[0]);
         }
         let reads: Vec<NodeId> = match kernel {
-            Kernel::Fused { inputs, .. } => inputs.clone(),
+            Kernel::Fused { inputs, .. } | Kernel::FusedReduce { inputs, .. } => inputs.clone(),
             Kernel::Single(x) => g.node(*x).args.clone(),
             Kernel::View(_) => vec![],
         };

@@ -13,6 +13,10 @@ pub enum Kernel {
     /// the last one, which is the only value written to memory. `inputs`
     /// are the values read from memory, each possibly through a broadcast.
     Fused { nodes: Vec<NodeId>, inputs: Vec<NodeId> },
+    /// A fused chain like `Fused` whose result is never stored: `reduce`
+    /// (a reduction over the innermost axis, the chain's only user) folds
+    /// each row of it as it is computed, and only the reduction is written.
+    FusedReduce { nodes: Vec<NodeId>, inputs: Vec<NodeId>, reduce: NodeId },
     /// A single operation with a kernel of its own.
     Single(NodeId),
     /// A reshape: the output shares the input's memory.
@@ -24,6 +28,7 @@ impl Kernel {
     pub fn output(&self) -> NodeId {
         match self {
             Kernel::Fused { nodes, .. } => *nodes.last().expect("a fused kernel has nodes"),
+            Kernel::FusedReduce { reduce, .. } => *reduce,
             Kernel::Single(n) | Kernel::View(n) => *n,
         }
     }
@@ -89,10 +94,23 @@ pub fn schedule(g: &Graph) -> Schedule {
             }
         }
     }
+    // A reduction over the innermost axis of a chain nothing else reads folds into it.
+    let mut folds: Vec<Option<usize>> = vec![None; n];
+    let mut folded = vec![false; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        let Op::Reduce(_, axes) = &node.op else { continue };
+        let a = node.args[0].index();
+        let rank = g.nodes[a].ty.rank();
+        if rank > 0 && axes.as_slice() == [rank - 1] && root[a] == Some(a) && single_use(a) {
+            folds[a] = Some(i);
+            folded[i] = true;
+        }
+    }
     let mut kernels = Vec::new();
     for i in 0..n {
         let node = &g.nodes[i];
         match (&node.op, root[i]) {
+            _ if folded[i] => {}
             (Op::Input(_) | Op::Param(_), _) => {}
             (op, _) if is_inline(op) => {}
             (Op::Reshape, _) => kernels.push(Kernel::View(NodeId(i as u32))),
@@ -116,7 +134,11 @@ pub fn schedule(g: &Graph) -> Schedule {
                         }
                     }
                 }
-                kernels.push(Kernel::Fused { nodes: members.into_iter().map(|m| NodeId(m as u32)).collect(), inputs });
+                let nodes = members.into_iter().map(|m| NodeId(m as u32)).collect();
+                kernels.push(match folds[i] {
+                    Some(r) => Kernel::FusedReduce { nodes, inputs, reduce: NodeId(r as u32) },
+                    None => Kernel::Fused { nodes, inputs },
+                });
             }
             (_, Some(_)) => {}
             (_, None) => kernels.push(Kernel::Single(NodeId(i as u32))),
@@ -139,6 +161,17 @@ pub fn describe(g: &Graph, s: &Schedule) -> String {
                     kernel.output(),
                     g.ty(kernel.output()),
                     ops.join(", ")
+                ));
+            }
+            Kernel::FusedReduce { nodes, inputs, reduce } => {
+                let ops: Vec<String> = nodes.iter().map(|n| g.node(*n).op.name()).collect();
+                let ins: Vec<String> = inputs.iter().map(|n| n.to_string()).collect();
+                out.push_str(&format!(
+                    "k{k} fused {} -> {reduce} : {} [{}] then {}\n",
+                    ins.join(", "),
+                    g.ty(*reduce),
+                    ops.join(", "),
+                    g.node(*reduce).op.name()
                 ));
             }
             Kernel::Single(n) => {

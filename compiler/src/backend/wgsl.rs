@@ -92,6 +92,7 @@ pub fn shaders(
             let shader = match kernel {
                 Kernel::View(_) => return Ok(None),
                 Kernel::Fused { nodes, inputs } => e.fused(nodes, inputs)?,
+                Kernel::FusedReduce { nodes, inputs, reduce } => e.fused_reduce(nodes, inputs, *reduce)?,
                 Kernel::Single(n) => e.single(*n)?,
             };
             Ok(shader.map(|(source, workgroups)| Shader { label: format!("k{k}"), source, workgroups }))
@@ -180,9 +181,39 @@ impl Emitter<'_> {
     }
 
     fn fused(&self, nodes: &[NodeId], inputs: &[NodeId]) -> Result<Option<(String, [u32; 3])>, String> {
-        let spec = spec(self.g, nodes, inputs, self.sizes, self.plan)?;
         let out = *nodes.last().expect("a fused kernel has nodes");
-        let n = self.plan.lens[out.index()];
+        let mut body = self.chain(nodes, inputs, "    ")?;
+        let _ = writeln!(body, "    mem[{}u + i] = v{};", self.at(out)?, out.index());
+        Ok(Some(elementwise(self.plan.lens[out.index()], &body)))
+    }
+
+    /// One invocation per row of the chain, folding the row into the reduction.
+    fn fused_reduce(
+        &self,
+        nodes: &[NodeId],
+        inputs: &[NodeId],
+        reduce: NodeId,
+    ) -> Result<Option<(String, [u32; 3])>, String> {
+        let last = *nodes.last().expect("a fused kernel has nodes");
+        let row = *self.shape(last)?.last().expect("a reduced axis");
+        let (init, combine) = match &self.g.node(reduce).op {
+            Op::Reduce(Reduce::Sum, _) => ("0.0", "acc + v"),
+            Op::Reduce(Reduce::Max, _) => ("bitcast<f32>(0xff800000u)", "max(acc, v)"),
+            Op::Reduce(Reduce::Min, _) => ("bitcast<f32>(0x7f800000u)", "min(acc, v)"),
+            other => return Err(format!("bug: `{}` folds a chain", other.name())),
+        };
+        let chain = self.chain(nodes, inputs, "        ")?;
+        let body = format!(
+            "    let r = i;\n    var acc = {init};\n    for (var j = 0u; j < {row}u; j++) {{\n        let i = r * {row}u + j;\n{chain}        let v = v{};\n        acc = {combine};\n    }}\n    mem[{}u + r] = acc;\n",
+            last.index(),
+            self.at(reduce)?
+        );
+        Ok(Some(elementwise(self.plan.lens[reduce.index()], &body)))
+    }
+
+    /// `let vN = ...;` for each member of a fused chain at element `i`.
+    fn chain(&self, nodes: &[NodeId], inputs: &[NodeId], indent: &str) -> Result<String, String> {
+        let spec = spec(self.g, nodes, inputs, self.sizes, self.plan)?;
         let mut body = String::new();
         let load = |src: NodeId, access: &Access| -> Result<String, String> {
             match access {
@@ -273,10 +304,9 @@ impl Emitter<'_> {
                 Op::Cast(DType::Bool) => format!("flag(({}) != 0.0)", x(0)?),
                 other => return Err(format!("bug: `{}` in a fused kernel", other.name())),
             };
-            let _ = writeln!(body, "    let v{} = {expr};", m.index());
+            let _ = writeln!(body, "{indent}let v{} = {expr};", m.index());
         }
-        let _ = writeln!(body, "    mem[{}u + i] = v{};", self.at(out)?, out.index());
-        Ok(Some(elementwise(n, &body)))
+        Ok(body)
     }
 
     fn single(&self, n: NodeId) -> Result<Option<(String, [u32; 3])>, String> {

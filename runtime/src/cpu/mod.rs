@@ -31,7 +31,12 @@ impl Tensor {
 }
 
 enum Compiled {
-    Fused { f: KernelFn, inputs: Vec<NodeId> },
+    /// `row`: elements of work per unit of the kernel's range (1, or a reduced row's length).
+    Fused {
+        f: KernelFn,
+        inputs: Vec<NodeId>,
+        row: usize,
+    },
     Other,
 }
 
@@ -134,20 +139,27 @@ impl Program {
         let mut pending = Vec::new();
         let mut clif = Vec::new();
         for kernel in &schedule.kernels {
-            let Kernel::Fused { nodes, inputs } = kernel else {
-                pending.push(None);
-                continue;
+            let spec = match kernel {
+                Kernel::Fused { nodes, inputs } => modelc::backend::clif::spec(&graph, nodes, inputs, sizes, &plan)?,
+                Kernel::FusedReduce { nodes, inputs, reduce } => {
+                    modelc::backend::clif::reduce_spec(&graph, nodes, inputs, *reduce, sizes, &plan)?
+                }
+                _ => {
+                    pending.push(None);
+                    continue;
+                }
             };
-            let spec = modelc::backend::clif::spec(&graph, nodes, inputs, sizes, &plan)?;
             let (id, text) = jit.compile(&spec)?;
             clif.push(text);
-            pending.push(Some((id, inputs.clone())));
+            // A reduction's range is rows: each of `row` elements.
+            let row = spec.reduce.map(|(_, row)| row.max(1) as usize).unwrap_or(1);
+            pending.push(Some((id, spec.inputs.to_vec(), row)));
         }
         jit.finish()?;
         let kernels = pending
             .into_iter()
             .map(|p| match p {
-                Some((id, inputs)) => Compiled::Fused { f: jit.function(id), inputs },
+                Some((id, inputs, row)) => Compiled::Fused { f: jit.function(id), inputs, row },
                 None => Compiled::Other,
             })
             .collect();
@@ -196,7 +208,7 @@ impl Program {
             let started = self.profile.as_ref().map(|_| std::time::Instant::now());
             match (kernel, compiled) {
                 (Kernel::View(_), _) => {}
-                (Kernel::Fused { .. }, Compiled::Fused { f, inputs }) => {
+                (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Fused { f, inputs, row }) => {
                     let out = kernel.output();
                     let len = self.plan.lens[out.index()];
                     let base = arena.as_mut_ptr();
@@ -206,7 +218,7 @@ impl Program {
                         ptrs.push(self.pointer(*i, base, feeds));
                     }
                     let ptrs = SendPtrs(ptrs);
-                    let chunk = 1 << 15;
+                    let chunk = ((1 << 15) / row).max(1);
                     if len > 2 * chunk {
                         (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
                             let (s, e) = (c * chunk, ((c + 1) * chunk).min(len));
@@ -219,7 +231,9 @@ impl Program {
                     }
                 }
                 (Kernel::Single(n), _) => self.single(*n, arena, feeds)?,
-                (Kernel::Fused { .. }, Compiled::Other) => unreachable!("bug: fused kernel without code"),
+                (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Other) => {
+                    unreachable!("bug: fused kernel without code")
+                }
             }
             if let (Some(p), Some(t)) = (&self.profile, started) {
                 p.lock().unwrap_or_else(|e| e.into_inner())[k] += t.elapsed().as_secs_f64();
