@@ -203,8 +203,47 @@ impl Jit {
     }
 }
 
-/// `for i in (from..to).step_by(lanes) { out[i..] = element(i) }`, as blocks;
-/// returns the index the loop stopped at.
+/// `for i in (from..to).step_by(step)` as blocks, threading `carried` values
+/// (of the given types) through the iterations: `body` gets the index and
+/// the carried values and returns their next values. Returns the index the
+/// loop stopped at and the final carried values.
+fn counted_loop(
+    b: &mut FunctionBuilder,
+    from: Value,
+    to: Value,
+    step: i64,
+    carried: &[(Value, Type)],
+    mut body: impl FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
+) -> (Value, Vec<Value>) {
+    let (head, block, done) = (b.create_block(), b.create_block(), b.create_block());
+    b.append_block_param(head, types::I64);
+    b.append_block_param(done, types::I64);
+    for (_, ty) in carried {
+        b.append_block_param(head, *ty);
+        b.append_block_param(done, *ty);
+    }
+    let start: Vec<_> = std::iter::once(from).chain(carried.iter().map(|(v, _)| *v)).map(Into::into).collect();
+    b.ins().jump(head, &start);
+    b.switch_to_block(head);
+    let params = b.block_params(head).to_vec();
+    let more = b.ins().icmp(IntCC::SignedLessThan, params[0], to);
+    let exit: Vec<_> = params.iter().map(|v| (*v).into()).collect();
+    b.ins().brif(more, block, &[], done, &exit);
+    b.switch_to_block(block);
+    let next_values = body(b, params[0], &params[1..]);
+    let next = b.ins().iadd_imm_s(params[0], step);
+    let again: Vec<_> = std::iter::once(next).chain(next_values).map(Into::into).collect();
+    b.ins().jump(head, &again);
+    b.seal_block(block);
+    b.seal_block(head);
+    b.switch_to_block(done);
+    b.seal_block(done);
+    let results = b.block_params(done).to_vec();
+    (results[0], results[1..].to_vec())
+}
+
+/// `for i in (from..to).step_by(lanes) { out[i..] = element(i) }`; returns
+/// the index the loop stopped at.
 #[allow(clippy::too_many_arguments)]
 fn element_loop(
     b: &mut FunctionBuilder,
@@ -216,27 +255,14 @@ fn element_loop(
     to: Value,
     ty: Type,
 ) -> Value {
-    let head = b.create_block();
-    let body = b.create_block();
-    let done = b.create_block();
-    b.append_block_param(head, types::I64);
-    b.append_block_param(done, types::I64);
-    b.ins().jump(head, &[from.into()]);
-    b.switch_to_block(head);
-    let i = b.block_params(head)[0];
-    let more = b.ins().icmp(IntCC::SignedLessThan, i, to);
-    b.ins().brif(more, body, &[], done, &[i.into()]);
-    b.switch_to_block(body);
-    let v = emit_element(b, spec, bases, i, ty, refs);
-    let addr = address(b, out, i);
-    b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
-    let next = b.ins().iadd_imm_s(i, i64::from(ty.lane_count()));
-    b.ins().jump(head, &[next.into()]);
-    b.seal_block(body);
-    b.seal_block(head);
-    b.switch_to_block(done);
-    b.seal_block(done);
-    b.block_params(done)[0]
+    let step = i64::from(ty.lane_count());
+    counted_loop(b, from, to, step, &[], |b, i, _| {
+        let v = emit_element(b, spec, bases, i, ty, refs);
+        let addr = address(b, out, i);
+        b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+        Vec::new()
+    })
+    .0
 }
 
 fn combine(b: &mut FunctionBuilder, op: Reduce, x: Value, y: Value) -> Value {
@@ -268,57 +294,35 @@ fn reduce_rows(
         Reduce::Min => f64::INFINITY,
     };
     let whole = if vector { row & !3 } else { 0 };
-    let (rows, rows_body, rows_done) = (b.create_block(), b.create_block(), b.create_block());
-    b.append_block_param(rows, types::I64);
-    b.ins().jump(rows, &[from.into()]);
-    b.switch_to_block(rows);
-    let r = b.block_params(rows)[0];
-    let more = b.ins().icmp(IntCC::SignedLessThan, r, to);
-    b.ins().brif(more, rows_body, &[], rows_done, &[]);
-    b.switch_to_block(rows_body);
-    let base = b.ins().imul_imm_u(r, row);
-    // One loop over j with an accumulator of type `ty`, from `j0` (exclusive end `j1`).
-    let inner = |b: &mut FunctionBuilder, ty: Type, acc0: Value, j0: i64, j1: i64| -> Value {
-        let (head, body, done) = (b.create_block(), b.create_block(), b.create_block());
-        b.append_block_param(head, types::I64);
-        b.append_block_param(head, ty);
-        b.append_block_param(done, ty);
-        let start = b.ins().iconst(types::I64, j0);
-        b.ins().jump(head, &[start.into(), acc0.into()]);
-        b.switch_to_block(head);
-        let (j, acc) = (b.block_params(head)[0], b.block_params(head)[1]);
-        let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, j1);
-        b.ins().brif(more, body, &[], done, &[acc.into()]);
-        b.switch_to_block(body);
-        let i = b.ins().iadd(base, j);
-        let v = emit_element(b, spec, bases, i, ty, refs);
-        let next_acc = combine(b, op, acc, v);
-        let next = b.ins().iadd_imm_s(j, i64::from(ty.lane_count()));
-        b.ins().jump(head, &[next.into(), next_acc.into()]);
-        b.seal_block(body);
-        b.seal_block(head);
-        b.switch_to_block(done);
-        b.seal_block(done);
-        b.block_params(done)[0]
-    };
-    let mut acc = constant(b, init, types::F32);
-    if whole > 0 {
-        let acc4 = constant(b, init, types::F32X4);
-        let acc4 = inner(b, types::F32X4, acc4, 0, whole);
-        for lane in 0..4u8 {
-            let x = b.ins().extractlane(acc4, lane);
-            acc = combine(b, op, acc, x);
+    let row_count = b.ins().iconst(types::I64, row);
+    let rows_end = to;
+    counted_loop(b, from, rows_end, 1, &[], |b, r, _| {
+        let base = b.ins().imul(r, row_count);
+        // One pass over j in [j0, j1) with an accumulator of type `ty`.
+        let fold = |b: &mut FunctionBuilder, ty: Type, acc: Value, j0: i64, j1: i64| -> Value {
+            let (from, to) = (b.ins().iconst(types::I64, j0), b.ins().iconst(types::I64, j1));
+            let step = i64::from(ty.lane_count());
+            counted_loop(b, from, to, step, &[(acc, ty)], |b, j, acc| {
+                let i = b.ins().iadd(base, j);
+                let v = emit_element(b, spec, bases, i, ty, refs);
+                vec![combine(b, op, acc[0], v)]
+            })
+            .1[0]
+        };
+        let mut acc = constant(b, init, types::F32);
+        if whole > 0 {
+            let acc4 = constant(b, init, types::F32X4);
+            let acc4 = fold(b, types::F32X4, acc4, 0, whole);
+            for lane in 0..4u8 {
+                let x = b.ins().extractlane(acc4, lane);
+                acc = combine(b, op, acc, x);
+            }
         }
-    }
-    let acc = inner(b, types::F32, acc, whole, row);
-    let addr = address(b, out, r);
-    b.ins().store(MemFlagsData::new().with_notrap(), acc, addr, 0);
-    let next = b.ins().iadd_imm_s(r, 1);
-    b.ins().jump(rows, &[next.into()]);
-    b.seal_block(rows_body);
-    b.seal_block(rows);
-    b.switch_to_block(rows_done);
-    b.seal_block(rows_done);
+        let acc = fold(b, types::F32, acc, whole, row);
+        let addr = address(b, out, r);
+        b.ins().store(MemFlagsData::new().with_notrap(), acc, addr, 0);
+        Vec::new()
+    });
 }
 
 fn address(b: &mut FunctionBuilder, base: Value, index: Value) -> Value {
