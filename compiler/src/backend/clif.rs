@@ -101,6 +101,8 @@ impl Jit {
             .map_err(|e| format!("this CPU is not supported by Cranelift: {e}"))?
             .finish(settings::Flags::new(flags))
             .map_err(|e| e.to_string())?;
+        let fma = isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
+        let _ = FMA.set(fma);
         let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
         for (name, ptr, _) in CALLS {
             jb.symbol(*name, *ptr);
@@ -368,6 +370,19 @@ fn call1(b: &mut FunctionBuilder, refs: &HashMap<&str, cranelift_codegen::ir::Fu
 /// e^x on f32x4: x = k ln 2 + r with |r| <= ln 2 / 2, e^r by a degree-6
 /// polynomial, times 2^k added into the exponent bits. Relative error about
 /// 2e-7; inputs are clamped to the finite range of f32.
+/// Whether the host has fused multiply-add (set when the first JIT is made).
+static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// `x * y + z`, fused (one rounding) where the CPU has FMA.
+fn mul_add(b: &mut FunctionBuilder, x: Value, y: Value, z: Value) -> Value {
+    if *FMA.get().unwrap_or(&false) {
+        b.ins().fma(x, y, z)
+    } else {
+        let m = b.ins().fmul(x, y);
+        b.ins().fadd(m, z)
+    }
+}
+
 fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
     let ty = types::F32X4;
     let lo = constant(b, -87.336_55, ty);
@@ -377,17 +392,14 @@ fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
     let log2e = constant(b, std::f64::consts::LOG2_E, ty);
     let t = b.ins().fmul(x, log2e);
     let k = b.ins().nearest(t);
-    let ln2_hi = constant(b, 0.693_145_75, ty);
-    let ln2_lo = constant(b, 1.428_606_8e-6, ty);
-    let a = b.ins().fmul(k, ln2_hi);
-    let r = b.ins().fsub(x, a);
-    let a = b.ins().fmul(k, ln2_lo);
-    let r = b.ins().fsub(r, a);
+    let ln2_hi = constant(b, -0.693_145_75, ty);
+    let ln2_lo = constant(b, -1.428_606_8e-6, ty);
+    let r = mul_add(b, k, ln2_hi, x);
+    let r = mul_add(b, k, ln2_lo, r);
     let mut p = constant(b, 1.0 / 720.0, ty);
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        let m = b.ins().fmul(p, r);
         let c = constant(b, c, ty);
-        p = b.ins().fadd(m, c);
+        p = mul_add(b, p, r, c);
     }
     let ki = b.ins().fcvt_to_sint_sat(types::I32X4, k);
     let shift = b.ins().ishl_imm_u(ki, 23);
@@ -415,14 +427,12 @@ fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
     let ax = b.ins().fabs(x);
     let one = constant(b, 1.0, ty);
     let p = constant(b, 0.327_591_1, ty);
-    let t = b.ins().fmul(p, ax);
-    let t = b.ins().fadd(one, t);
+    let t = mul_add(b, p, ax, one);
     let t = b.ins().fdiv(one, t);
     let mut poly = constant(b, 1.061_405_429, ty);
     for c in [-1.453_152_027, 1.421_413_741, -0.284_496_736, 0.254_829_592] {
-        let m = b.ins().fmul(poly, t);
         let c = constant(b, c, ty);
-        poly = b.ins().fadd(m, c);
+        poly = mul_add(b, poly, t, c);
     }
     let poly = b.ins().fmul(poly, t);
     let x2 = b.ins().fmul(ax, ax);
