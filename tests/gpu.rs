@@ -140,7 +140,7 @@ fn tiny_gpt_trains_on_the_gpu_with_the_cpu_losses() {
             })
             .collect()
     };
-    // Dropout (0.2 in tiny-gpt) draws the same masks on both devices.
+    // Dropout (0.25 in tiny-gpt) draws the same masks on both devices.
     let (cpu, gpu) = (losses("cpu"), losses("gpu"));
     assert_eq!(cpu.len(), 8);
     for (a, b) in cpu.iter().zip(&gpu) {
