@@ -50,7 +50,7 @@ pub fn run(args: &EmbedArgs) -> ExitCode {
 
 fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     args.run.apply(CODE)?;
-    let (checked, _) = forward_graph(&args.model, LowerOptions::default(), &[])?;
+    let checked = crate::model::checked(&args.model)?;
     let output = ["sentence_embedding", "last_hidden_state"]
         .into_iter()
         .find(|o| checked.outputs.iter().any(|s| s.name == *o))

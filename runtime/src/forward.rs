@@ -35,7 +35,7 @@ fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
     args.run.apply(CODE)?;
     let (inputs, _) = weights::load_all(&args.inputs).map_err(|e| error(CODE, e))?;
     // Learn the model's inputs first, so that optional ones not given are lowered as absent.
-    let (checked, _) = forward_graph(&args.model, LowerOptions::default(), &[])?;
+    let checked = crate::model::checked(&args.model)?;
     let known: Vec<&str> = checked.inputs.iter().map(|i| i.name.as_str()).collect();
     let mut problems = Vec::new();
     let mut absent = Vec::new();

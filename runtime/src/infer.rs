@@ -248,7 +248,7 @@ pub fn run(args: &InferArgs) -> ExitCode {
 
 fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     args.run.apply(CODE)?;
-    let (checked, _) = forward_graph(&args.model, LowerOptions::default(), &["logits"])?;
+    let checked = crate::model::checked(&args.model)?;
     let Some(logits_sig) = checked.outputs.iter().find(|o| o.name == "logits") else {
         return Err(error(CODE, format!("`{}` has no `logits` output to generate from", checked.model)));
     };

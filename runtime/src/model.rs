@@ -81,6 +81,13 @@ pub fn error(code: &'static str, message: impl Into<String>) -> ExitCode {
     fail(&SourceMap::new(), &[Diagnostic::new(code, message)])
 }
 
+/// The checked model alone (inputs, outputs, weights, settings): what a
+/// command needs to know before it decides how to lower it.
+pub fn checked(model: &ModelArgs) -> Result<Checked, ExitCode> {
+    let (program, opts) = load(model)?;
+    modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))
+}
+
 /// A spec's forward lowered with `how`, pruned to `outputs` (all when
 /// empty) and optimised.
 pub fn forward_graph(model: &ModelArgs, how: LowerOptions, outputs: &[&str]) -> Result<(Checked, Graph), ExitCode> {

@@ -152,38 +152,28 @@ impl Jit {
             // Broadcast reads vectorise when each group of 4 lanes lies in one row of the
             // output and the input's innermost axis is contiguous (a vector load) or
             // broadcast (one element, splat): the index arithmetic then runs once per group.
+            // A folded reduction's groups never cross a row, whatever the row length.
             let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
                 && spec.access.values().all(|a| match a {
-                    Access::Indexed(axes) => {
-                        axes.last().is_some_and(|&(_, osize, istride)| osize % 4 == 0 && istride <= 1)
-                    }
+                    Access::Indexed(axes) => axes
+                        .last()
+                        .is_some_and(|&(_, osize, istride)| (spec.reduce.is_some() || osize % 4 == 0) && istride <= 1),
                     _ => true,
                 });
             if let Some((op, row)) = spec.reduce {
-                // Loads of broadcast inputs stay inside a row: no condition on row lengths.
-                let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
-                    && spec.access.values().all(|a| match a {
-                        Access::Indexed(axes) => axes.last().is_some_and(|&(_, _, istride)| istride <= 1),
-                        _ => true,
-                    });
                 reduce_rows(&mut b, spec, &bases, &refs, out, start, end, row, op, vectorizable);
-                b.ins().return_(&[]);
-                b.finalize(self.module.target_config());
-                let clif = ctx.func.display().to_string();
-                self.module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
-                self.module.clear_context(&mut ctx);
-                return Ok((id, clif));
-            }
-            let tail_start = if vectorizable {
-                // Vector loop over whole groups of 4, then the scalar tail.
-                let len = b.ins().isub(end, start);
-                let whole = b.ins().band_imm_s(len, !3);
-                let vend = b.ins().iadd(start, whole);
-                element_loop(&mut b, spec, &bases, &refs, out, start, vend, types::F32X4)
             } else {
-                start
-            };
-            element_loop(&mut b, spec, &bases, &refs, out, tail_start, end, types::F32);
+                let tail_start = if vectorizable {
+                    // Vector loop over whole groups of 4, then the scalar tail.
+                    let len = b.ins().isub(end, start);
+                    let whole = b.ins().band_imm_s(len, !3);
+                    let vend = b.ins().iadd(start, whole);
+                    element_loop(&mut b, spec, &bases, &refs, out, start, vend, types::F32X4)
+                } else {
+                    start
+                };
+                element_loop(&mut b, spec, &bases, &refs, out, tail_start, end, types::F32);
+            }
             b.ins().return_(&[]);
             b.finalize(self.module.target_config());
         }
@@ -297,8 +287,7 @@ fn reduce_rows(
     };
     let whole = if vector { row & !3 } else { 0 };
     let row_count = b.ins().iconst(types::I64, row);
-    let rows_end = to;
-    counted_loop(b, from, rows_end, 1, &[], |b, r, _| {
+    counted_loop(b, from, to, 1, &[], |b, r, _| {
         let base = b.ins().imul(r, row_count);
         // One pass over j in [j0, j1) with an accumulator of type `ty`.
         let fold = |b: &mut FunctionBuilder, ty: Type, acc: Value, j0: i64, j1: i64| -> Value {

@@ -100,6 +100,15 @@ pub fn shaders(
         .collect()
 }
 
+/// A reduction's starting value and its step `acc = f(acc, v)`, in WGSL.
+fn fold(r: Reduce) -> (&'static str, &'static str) {
+    match r {
+        Reduce::Sum => ("0.0", "acc + v"),
+        Reduce::Max => ("bitcast<f32>(0xff800000u)", "max(acc, v)"),
+        Reduce::Min => ("bitcast<f32>(0x7f800000u)", "min(acc, v)"),
+    }
+}
+
 /// A float literal WGSL accepts (infinities and NaN through their bits).
 fn lit(v: f64) -> String {
     let f = v as f32;
@@ -196,12 +205,10 @@ impl Emitter<'_> {
     ) -> Result<Option<(String, [u32; 3])>, String> {
         let last = *nodes.last().expect("a fused kernel has nodes");
         let row = *self.shape(last)?.last().expect("a reduced axis");
-        let (init, combine) = match &self.g.node(reduce).op {
-            Op::Reduce(Reduce::Sum, _) => ("0.0", "acc + v"),
-            Op::Reduce(Reduce::Max, _) => ("bitcast<f32>(0xff800000u)", "max(acc, v)"),
-            Op::Reduce(Reduce::Min, _) => ("bitcast<f32>(0x7f800000u)", "min(acc, v)"),
-            other => return Err(format!("bug: `{}` folds a chain", other.name())),
+        let Op::Reduce(r, _) = &self.g.node(reduce).op else {
+            return Err(format!("bug: {reduce} folds a chain but is not a reduction"));
         };
+        let (init, combine) = fold(*r);
         let chain = self.chain(nodes, inputs, "        ")?;
         let body = format!(
             "    let r = i;\n    var acc = {init};\n    for (var j = 0u; j < {row}u; j++) {{\n        let i = r * {row}u + j;\n{chain}        let v = v{};\n        acc = {combine};\n    }}\n    mem[{}u + r] = acc;\n",
@@ -467,11 +474,7 @@ impl Emitter<'_> {
         for (k, a) in axes.iter().enumerate() {
             offset.push(format!("((j / {}u) % {}u) * {}u", rs[k], shape[*a], s[*a]));
         }
-        let (init, combine) = match r {
-            Reduce::Sum => ("0.0", "acc + v"),
-            Reduce::Max => ("bitcast<f32>(0xff800000u)", "max(acc, v)"),
-            Reduce::Min => ("bitcast<f32>(0x7f800000u)", "min(acc, v)"),
-        };
+        let (init, combine) = fold(r);
         let body = format!(
             "    let base = {};\n    var acc = {init};\n    for (var j = 0u; j < {count}u; j++) {{\n        let v = {};\n        acc = {combine};\n    }}\n    mem[{}u + i] = acc;\n",
             base.join(" + "),
