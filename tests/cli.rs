@@ -157,6 +157,32 @@ fn info_and_kernels_describe_the_cpu_program() {
     assert!(err.contains("expected NAME=N"), "{err}");
 }
 
+#[test]
+fn kernels_prints_the_schedule_with_row_groups() {
+    // The tiny GPT's forward pass: layer norms and the attention softmax run
+    // as row groups; matrix products, copies and views between them.
+    let (code, out, err) = modelc(&["kernels", "specs/tiny-gpt.model", "--size", "B=2", "--size", "T=16"]);
+    assert_eq!(code, 0, "{err}");
+    insta::assert_snapshot!("kernels-tiny-gpt", out);
+
+    // Cranelift IR of RMSNorm's parts: a folded sum of squares, the per-row
+    // scale, and the row loop that reads it once per row (no exp, so the
+    // text is the same with and without FMA).
+    let dir = std::env::temp_dir().join(format!("modelc-kernels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("rmsnorm.model");
+    std::fs::write(
+        &spec,
+        "model RmsNorm() {\n    forward(x: [R, N]) -> y: [R, N] = x * rsqrt(mean(x * x, axis: -1, keep: true) + 1e-5)\n}\n",
+    )
+    .unwrap();
+    let (code, out, err) = modelc(&["kernels", spec.to_str().unwrap(), "--clif", "--size", "R=3", "--size", "N=20"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("k1 rows (4 parts"), "{out}");
+    insta::assert_snapshot!("kernels-clif-rmsnorm", out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A small corpus in a fresh temporary folder.
 fn corpus_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("modelc-{tag}-{}", std::process::id()));

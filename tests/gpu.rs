@@ -62,7 +62,7 @@ fn shaders(g: &Graph) -> Vec<(Kernel, wgsl::Shader)> {
     let memory = plan(g, &sched, &sizes).unwrap();
     let layout = wgsl::layout(g, &memory);
     let shaders = wgsl::shaders(g, &sched, &memory, &sizes, &layout).unwrap();
-    sched.kernels.into_iter().zip(shaders).filter_map(|(k, s)| Some((k, s?))).collect()
+    sched.leaves().into_iter().cloned().zip(shaders).filter_map(|(k, s)| Some((k, s?))).collect()
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn one_shader_of_each_kind_is_snapshotted() {
             Kernel::Fused { .. } => "fused".to_string(),
             Kernel::FusedReduce { .. } => "fused_reduce".to_string(),
             Kernel::Single(n) => g.node(*n).op.name().split_whitespace().next().unwrap_or("").to_string(),
-            Kernel::View(_) => continue,
+            Kernel::View(_) | Kernel::Rows(_) => continue,
         };
         seen.entry(kind).or_insert(shader.source);
     }
@@ -111,7 +111,7 @@ proptest! {
 
     #[test]
     fn generated_graphs_match_the_interpreter_on_the_gpu(r in 1i64..7, c in 1i64..70, ops in prop::collection::vec((any::<u8>(), any::<usize>(), any::<usize>()), 1..10), seed in any::<u64>()) {
-        generated(gpu, r, c, &ops, seed);
+        generated(gpu, r, c, &ops, seed, 2e-4);
     }
 }
 

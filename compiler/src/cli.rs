@@ -491,7 +491,7 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     let started = std::time::Instant::now();
     let mut fused = 0;
     let compiled = codegen::Jit::new().and_then(|mut jit| {
-        for kernel in &sched.kernels {
+        for kernel in sched.leaves() {
             if codegen::describe(&mut jit, &graph, kernel, &bound, &memory)?.is_some() {
                 fused += 1;
             }
@@ -505,7 +505,8 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     shown.sort();
     println!("\nforward program on the CPU ({})", shown.join(", "));
     println!("  IR nodes        {}", graph.nodes.len());
-    println!("  kernels         {} ({fused} fused, compiled by Cranelift)", sched.kernels.len());
+    let groups = sched.kernels.iter().filter(|k| matches!(k, crate::backend::schedule::Kernel::Rows(_))).count();
+    println!("  kernels         {} ({fused} fused, compiled by Cranelift; {groups} row groups)", sched.leaves().len());
     println!("  planned memory  {} (activations; weights not included)", bytes(memory.peak_bytes()));
     println!("  optimise + plan {:.1} ms", plan_time.as_secs_f64() * 1e3);
     println!("  JIT compile     {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
@@ -551,6 +552,19 @@ fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The names `modelc kernels` gives the leaves of a schedule: `k3`, or `k3.1` for a row group's part.
+fn kernel_names(sched: &crate::backend::schedule::Schedule) -> Vec<String> {
+    use crate::backend::schedule::Kernel;
+    let mut names = Vec::new();
+    for (k, kernel) in sched.kernels.iter().enumerate() {
+        match kernel {
+            Kernel::Rows(parts) => names.extend((0..parts.len()).map(|p| format!("k{k}.{p}"))),
+            _ => names.push(format!("k{k}")),
+        }
+    }
+    names
+}
+
 fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
     use crate::backend::{clif as codegen, schedule};
     let (checked, graph) = match program_graph(args, train) {
@@ -580,12 +594,13 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> E
                 return ExitCode::FAILURE;
             }
         };
-        for (k, kernel) in sched.kernels.iter().enumerate() {
+        let names = kernel_names(&sched);
+        for (kernel, name) in sched.leaves().into_iter().zip(names) {
             match codegen::describe(&mut jit, &graph, kernel, &bound, &memory) {
                 Ok(None) => {}
-                Ok(Some(text)) => println!("\n; k{k}\n{text}"),
+                Ok(Some(text)) => println!("\n; {name}\n{text}"),
                 Err(e) => {
-                    eprintln!("error: k{k}: {e}");
+                    eprintln!("error: {name}: {e}");
                     return ExitCode::FAILURE;
                 }
             }

@@ -20,6 +20,8 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 use std::collections::HashMap;
 
+pub use cranelift_module::FuncId as KernelId;
+
 pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64);
 
 /// How a fused kernel reads one input.
@@ -45,6 +47,16 @@ pub struct FusedSpec<'a> {
     /// For a `FusedReduce` kernel: the reduction and the row length it folds;
     /// the kernel's range is then one of rows.
     pub reduce: Option<(Reduce, i64)>,
+}
+
+impl FusedSpec<'_> {
+    /// The output's row length, when some input is read through a broadcast.
+    fn row_len(&self) -> Option<i64> {
+        self.access.values().find_map(|a| match a {
+            Access::Indexed(axes) => axes.last().map(|a| a.1),
+            _ => None,
+        })
+    }
 }
 
 extern "C" fn call_exp(x: f32) -> f32 {
@@ -137,8 +149,9 @@ impl Jit {
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
             let mut refs = HashMap::new();
-            for (name, fid) in &self.calls {
-                refs.insert(*name, self.module.declare_func_in_func(*fid, b.func));
+            // In a fixed order, so the printed IR is the same every run.
+            for (name, _, _) in CALLS {
+                refs.insert(*name, self.module.declare_func_in_func(self.calls[name], b.func));
             }
             let entry = b.create_block();
             b.append_block_params_for_function_params(entry);
@@ -151,28 +164,32 @@ impl Jit {
                 (0..spec.inputs.len()).map(|k| b.ins().load(ptr, trusted, ptrs, (8 * (k + 1)) as i32)).collect();
             // Broadcast reads vectorise when each group of 4 lanes lies in one row of the
             // output and the input's innermost axis is contiguous (a vector load) or
-            // broadcast (one element, splat): the index arithmetic then runs once per group.
-            // A folded reduction's groups never cross a row, whatever the row length.
+            // broadcast (one element, splat). A folded reduction's groups never cross a row,
+            // nor do those of a kernel run row by row (`row_loop`).
+            let by_rows = spec.reduce.is_none() && spec.row_len().is_some_and(|l| l >= ROW_LOOP_MIN);
             let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
                 && spec.access.values().all(|a| match a {
-                    Access::Indexed(axes) => axes
-                        .last()
-                        .is_some_and(|&(_, osize, istride)| (spec.reduce.is_some() || osize % 4 == 0) && istride <= 1),
+                    Access::Indexed(axes) => axes.last().is_some_and(|&(_, osize, istride)| {
+                        (spec.reduce.is_some() || by_rows || osize % 4 == 0) && istride <= 1
+                    }),
                     _ => true,
                 });
+            let flat = HashMap::new();
             if let Some((op, row)) = spec.reduce {
                 reduce_rows(&mut b, spec, &bases, &refs, out, start, end, row, op, vectorizable);
+            } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
+                row_loop(&mut b, spec, &bases, &refs, out, start, end, len, vectorizable);
             } else {
                 let tail_start = if vectorizable {
                     // Vector loop over whole groups of 4, then the scalar tail.
                     let len = b.ins().isub(end, start);
                     let whole = b.ins().band_imm_s(len, !3);
                     let vend = b.ins().iadd(start, whole);
-                    element_loop(&mut b, spec, &bases, &refs, out, start, vend, types::F32X4)
+                    element_loop(&mut b, spec, &bases, &flat, &refs, out, start, vend, types::F32X4)
                 } else {
                     start
                 };
-                element_loop(&mut b, spec, &bases, &refs, out, tail_start, end, types::F32);
+                element_loop(&mut b, spec, &bases, &flat, &refs, out, tail_start, end, types::F32);
             }
             b.ins().return_(&[]);
             b.finalize(self.module.target_config());
@@ -241,6 +258,7 @@ fn element_loop(
     b: &mut FunctionBuilder,
     spec: &FusedSpec,
     bases: &[Value],
+    rows: &HashMap<usize, RowRead>,
     refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
     out: Value,
     from: Value,
@@ -249,12 +267,105 @@ fn element_loop(
 ) -> Value {
     let step = i64::from(ty.lane_count());
     counted_loop(b, from, to, step, &[], |b, i, _| {
-        let v = emit_element(b, spec, bases, i, ty, refs);
+        let v = emit_element(b, spec, bases, rows, i, ty, refs);
         let addr = address(b, out, i);
         b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
         Vec::new()
     })
     .0
+}
+
+/// Rows at least this long run by `row_loop`; shorter ones keep the flat loop.
+const ROW_LOOP_MIN: i64 = 16;
+
+/// How a broadcast input reads within one row of the output, its row offset
+/// computed once per row instead of dividing the index for every element.
+#[derive(Clone, Copy)]
+enum RowRead {
+    /// Broadcast along the row: one element for the whole row.
+    Splat(Value),
+    /// Contiguous along the row: element `i` is at this pointer + 4 i.
+    Shifted(Value),
+}
+
+/// The per-row reads of the row starting at output index `row_start`.
+fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_start: Value) -> HashMap<usize, RowRead> {
+    let mut reads = HashMap::new();
+    for (k, input) in spec.inputs.iter().enumerate() {
+        let axes = spec.nodes.iter().chain([input]).find_map(|n| match spec.access.get(n) {
+            Some(Access::Indexed(axes)) if access_source(spec, *n) == *input => Some(axes),
+            _ => None,
+        });
+        let Some(axes) = axes else { continue };
+        let Some(&(_, _, inner)) = axes.last() else { continue };
+        if inner > 1 {
+            continue;
+        }
+        let mut offset = b.ins().iconst(types::I64, 0);
+        for &(ostride, osize, istride) in &axes[..axes.len() - 1] {
+            if istride == 0 {
+                continue;
+            }
+            let q = b.ins().udiv_imm_u(row_start, ostride);
+            let r = b.ins().urem_imm_u(q, osize);
+            let t = b.ins().imul_imm_u(r, istride);
+            offset = b.ins().iadd(offset, t);
+        }
+        let read = if inner == 0 {
+            let addr = address(b, bases[k], offset);
+            RowRead::Splat(b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), addr, 0))
+        } else {
+            let shift = b.ins().isub(offset, row_start);
+            RowRead::Shifted(address(b, bases[k], shift))
+        };
+        reads.insert(k, read);
+    }
+    reads
+}
+
+/// The value an access entry reads: a broadcast member's source, or the input itself.
+fn access_source(spec: &FusedSpec, n: NodeId) -> NodeId {
+    match spec.graph.node(n).op {
+        Op::Broadcast if spec.nodes.contains(&n) => spec.graph.node(n).args[0],
+        _ => n,
+    }
+}
+
+/// The elements `from..to` of a kernel with broadcast inputs, row by row
+/// (rows of `len`): each row's broadcast offsets once, then its elements
+/// in groups of 4 (when `vector`) and a scalar tail.
+#[allow(clippy::too_many_arguments)]
+fn row_loop(
+    b: &mut FunctionBuilder,
+    spec: &FusedSpec,
+    bases: &[Value],
+    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+    out: Value,
+    from: Value,
+    to: Value,
+    len: i64,
+    vector: bool,
+) {
+    let first = b.ins().udiv_imm_u(from, len);
+    let past = b.ins().iadd_imm_s(to, len - 1);
+    let past = b.ins().udiv_imm_u(past, len);
+    counted_loop(b, first, past, 1, &[], |b, r, _| {
+        let row_start = b.ins().imul_imm_u(r, len);
+        let row_end = b.ins().iadd_imm_s(row_start, len);
+        let lo = b.ins().smax(from, row_start);
+        let hi = b.ins().smin(to, row_end);
+        let reads = row_reads(b, spec, bases, row_start);
+        let tail = if vector {
+            let n = b.ins().isub(hi, lo);
+            let whole = b.ins().band_imm_s(n, !3);
+            let vend = b.ins().iadd(lo, whole);
+            element_loop(b, spec, bases, &reads, refs, out, lo, vend, types::F32X4)
+        } else {
+            lo
+        };
+        element_loop(b, spec, bases, &reads, refs, out, tail, hi, types::F32);
+        Vec::new()
+    });
 }
 
 fn combine(b: &mut FunctionBuilder, op: Reduce, x: Value, y: Value) -> Value {
@@ -289,13 +400,14 @@ fn reduce_rows(
     let row_count = b.ins().iconst(types::I64, row);
     counted_loop(b, from, to, 1, &[], |b, r, _| {
         let base = b.ins().imul(r, row_count);
+        let reads = row_reads(b, spec, bases, base);
         // One pass over j in [j0, j1) with an accumulator of type `ty`.
         let fold = |b: &mut FunctionBuilder, ty: Type, acc: Value, j0: i64, j1: i64| -> Value {
             let (from, to) = (b.ins().iconst(types::I64, j0), b.ins().iconst(types::I64, j1));
             let step = i64::from(ty.lane_count());
             counted_loop(b, from, to, step, &[(acc, ty)], |b, j, acc| {
                 let i = b.ins().iadd(base, j);
-                let v = emit_element(b, spec, bases, i, ty, refs);
+                let v = emit_element(b, spec, bases, &reads, i, ty, refs);
                 vec![combine(b, op, acc[0], v)]
             })
             .1[0]
@@ -356,9 +468,6 @@ fn call1(b: &mut FunctionBuilder, refs: &HashMap<&str, cranelift_codegen::ir::Fu
     b.inst_results(call)[0]
 }
 
-/// e^x on f32x4: x = k ln 2 + r with |r| <= ln 2 / 2, e^r by a degree-6
-/// polynomial, times 2^k added into the exponent bits. Relative error about
-/// 2e-7; inputs are clamped to the finite range of f32.
 /// Whether the host has fused multiply-add (set when the first JIT is made).
 static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
@@ -372,30 +481,52 @@ fn mul_add(b: &mut FunctionBuilder, x: Value, y: Value, z: Value) -> Value {
     }
 }
 
+/// e^x on f32x4: x = k ln 2 + r with |r| <= ln 2 / 2, e^r by a degree-6
+/// polynomial, times 2^k added into the exponent bits. Relative error about
+/// 2e-7; inputs are clamped to the finite range of f32, and those above it give infinity.
 fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
     let ty = types::F32X4;
     let lo = constant(b, -87.336_55, ty);
     let hi = constant(b, 88.722_83, ty);
-    let x = b.ins().fmax(x, lo);
-    let x = b.ins().fmin(x, hi);
+    let c = clamp(b, x, lo, hi);
     let log2e = constant(b, std::f64::consts::LOG2_E, ty);
-    let t = b.ins().fmul(x, log2e);
-    let k = b.ins().nearest(t);
+    // k = round(c log2 e) by adding 1.5 * 2^23: the sum's low mantissa bits
+    // hold k, so shifting its bits left by 23 gives k in the exponent field
+    // (cheaper than `nearest` and a saturating conversion).
+    let magic = constant(b, 12_582_912.0, ty);
+    let km = mul_add(b, c, log2e, magic);
+    let k = b.ins().fsub(km, magic);
     let ln2_hi = constant(b, -0.693_145_75, ty);
     let ln2_lo = constant(b, -1.428_606_8e-6, ty);
-    let r = mul_add(b, k, ln2_hi, x);
+    let r = mul_add(b, k, ln2_hi, c);
     let r = mul_add(b, k, ln2_lo, r);
     let mut p = constant(b, 1.0 / 720.0, ty);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        let c = constant(b, c, ty);
-        p = mul_add(b, p, r, c);
+    for coefficient in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        let coefficient = constant(b, coefficient, ty);
+        p = mul_add(b, p, r, coefficient);
     }
-    let ki = b.ins().fcvt_to_sint_sat(types::I32X4, k);
-    let shift = b.ins().ishl_imm_u(ki, 23);
     let little = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+    let kbits = b.ins().bitcast(types::I32X4, little, km);
+    let shift = b.ins().ishl_imm_u(kbits, 23);
     let bits = b.ins().bitcast(types::I32X4, little, p);
     let bits = b.ins().iadd(bits, shift);
-    b.ins().bitcast(ty, little, bits)
+    let e = b.ins().bitcast(ty, little, bits);
+    // Past the clamp e^x overflows: infinity, as f32 arithmetic gives. NaN
+    // in, NaN out (the shift of a NaN's bits need not be 0).
+    let inf = constant(b, f64::INFINITY, ty);
+    let over = b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+    let e = choose(b, over, inf, e, ty);
+    let nan = b.ins().fcmp(FloatCC::Unordered, x, x);
+    choose(b, nan, x, e, ty)
+}
+
+/// `x` limited to `[lo, hi]` in two instructions (`maxps`, `minps`: the
+/// pattern Cranelift matches); a NaN `x` passes through.
+fn clamp(b: &mut FunctionBuilder, x: Value, lo: Value, hi: Value) -> Value {
+    let below = b.ins().fcmp(FloatCC::LessThan, x, lo);
+    let x = choose(b, below, lo, x, types::F32X4);
+    let above = b.ins().fcmp(FloatCC::LessThan, hi, x);
+    choose(b, above, hi, x, types::F32X4)
 }
 
 /// tanh on f32x4 as 1 - 2 / (e^(2x) + 1), exact in the limits.
@@ -459,6 +590,7 @@ fn emit_element(
     b: &mut FunctionBuilder,
     spec: &FusedSpec,
     bases: &[Value],
+    rows: &HashMap<usize, RowRead>,
     i: Value,
     ty: Type,
     refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
@@ -475,6 +607,19 @@ fn emit_element(
                 let x = b.ins().load(types::F32, flags, bases[k], 0);
                 if ty == types::F32 { x } else { b.ins().splat(ty, x) }
             }
+            Access::Indexed(_) if rows.contains_key(&k) => match rows[&k] {
+                RowRead::Splat(x) => {
+                    if ty == types::F32 {
+                        x
+                    } else {
+                        b.ins().splat(ty, x)
+                    }
+                }
+                RowRead::Shifted(base) => {
+                    let addr = address(b, base, i);
+                    b.ins().load(ty, flags, addr, 0)
+                }
+            },
             Access::Indexed(axes) => {
                 let mut src = b.ins().iconst(types::I64, 0);
                 for &(ostride, osize, istride) in axes {

@@ -3,5 +3,6 @@
 
 pub mod clif;
 pub mod plan;
+pub mod rows;
 pub mod schedule;
 pub mod wgsl;

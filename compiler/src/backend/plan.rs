@@ -1,7 +1,8 @@
 //! The memory plan: every value a kernel stores gets a range of one arena,
 //! reused once the value is dead (liveness over the schedule), in place for
 //! elementwise kernels whose same-sized input dies there. Peak bytes are
-//! known before anything runs.
+//! known before anything runs. The parts of a row group count as running
+//! at once for reuse, since they run interleaved.
 
 use super::schedule::{Kernel, Schedule};
 use crate::ir::graph::*;
@@ -57,7 +58,20 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
             places[i] = Place::External(name.clone());
         }
     }
-    // Live ranges over kernel positions; a view extends its source's range.
+    // Kernels in execution order, each with its time and the time its row
+    // group starts. The parts of a group run interleaved, block by block, so
+    // memory freed inside a group is reused only after it.
+    let mut steps: Vec<(&Kernel, usize)> = Vec::new();
+    for kernel in &s.kernels {
+        match kernel {
+            Kernel::Rows(parts) => {
+                let start = steps.len();
+                steps.extend(parts.iter().map(|p| (p, start)));
+            }
+            k => steps.push((k, steps.len())),
+        }
+    }
+    // Live ranges over times; a view extends its source's range.
     let storage = |mut k: NodeId, places: &[Place]| {
         while let Place::Alias(of) = places[k.index()] {
             k = of;
@@ -66,47 +80,45 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
     };
     let mut def = vec![usize::MAX; n];
     let mut last = vec![0usize; n];
-    for (pos, kernel) in s.kernels.iter().enumerate() {
+    for (time, (kernel, _)) in steps.iter().enumerate() {
         let out = kernel.output();
         if let Kernel::View(v) = kernel {
             places[v.index()] = Place::Alias(g.node(*v).args[0]);
         }
-        let reads: Vec<NodeId> = match kernel {
-            Kernel::Fused { inputs, .. } | Kernel::FusedReduce { inputs, .. } => inputs.clone(),
-            Kernel::Single(x) => g.node(*x).args.clone(),
-            Kernel::View(_) => vec![],
-        };
-        for r in reads {
+        for r in kernel.reads(g) {
             let st = storage(r, &places);
-            last[st.index()] = last[st.index()].max(pos);
+            last[st.index()] = last[st.index()].max(time);
         }
         if !matches!(kernel, Kernel::View(_)) {
-            def[out.index()] = pos;
-            last[out.index()] = last[out.index()].max(pos);
+            def[out.index()] = time;
+            last[out.index()] = last[out.index()].max(time);
         }
     }
     for (_, o) in &g.outputs {
         let st = storage(*o, &places);
         last[st.index()] = usize::MAX;
     }
-    // First-fit allocation in kernel order.
+    // First-fit allocation in execution order.
     let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, len, last use)
     let mut arena_len = 0;
-    for (pos, kernel) in s.kernels.iter().enumerate() {
+    for (time, (kernel, start)) in steps.iter().enumerate() {
         if matches!(kernel, Kernel::View(_)) {
             continue;
         }
         let out = kernel.output();
         let len = lens[out.index()];
-        // In place: an elementwise kernel may write over a same-sized input that dies here.
+        // In place: an elementwise kernel may write over a same-sized input
+        // that dies here. Inside a row group, only over a value of the group:
+        // those are read row by row, so no earlier part needs the rows written.
         let mut chosen = None;
         if let Kernel::Fused { inputs, .. } = kernel {
             for inp in inputs {
                 let st = storage(*inp, &places);
                 if let Place::Arena { offset, len: l } = places[st.index()]
                     && l == len
-                    && last[st.index()] == pos
+                    && last[st.index()] == time
                     && lens[inp.index()] == len
+                    && (time == *start || def[st.index()] >= *start)
                 {
                     chosen = Some(offset);
                     live.retain(|(o, _, _)| *o != offset);
@@ -114,7 +126,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
                 }
             }
         }
-        live.retain(|(_, _, end)| *end >= pos);
+        live.retain(|(_, _, end)| *end >= *start);
         let offset = chosen.unwrap_or_else(|| {
             live.sort();
             let mut at = 0;

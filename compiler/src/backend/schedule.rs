@@ -3,6 +3,8 @@
 //! output, reading broadcast inputs in place and keeping intermediates in
 //! registers; everything else (contractions, reductions, layout changes,
 //! indexing) is a kernel of its own. Reshapes are views: no kernel at all.
+//! Kernels over the same rows are then grouped to run row block by row
+//! block (`rows.rs`).
 
 use crate::ir::graph::*;
 
@@ -21,15 +23,31 @@ pub enum Kernel {
     Single(NodeId),
     /// A reshape: the output shares the input's memory.
     View(NodeId),
+    /// Kernels over the same rows (softmax, norms, their backward passes)
+    /// run one block of rows at a time, each part over the block in turn,
+    /// so the values they pass each other stay in cache. See `rows.rs`.
+    Rows(Vec<Kernel>),
 }
 
 impl Kernel {
     /// The node whose value the kernel produces.
+    /// (For a row group, its last part's.)
     pub fn output(&self) -> NodeId {
         match self {
             Kernel::Fused { nodes, .. } => *nodes.last().expect("a fused kernel has nodes"),
             Kernel::FusedReduce { reduce, .. } => *reduce,
             Kernel::Single(n) | Kernel::View(n) => *n,
+            Kernel::Rows(parts) => parts.last().expect("a row group has parts").output(),
+        }
+    }
+
+    /// The values the kernel reads from memory.
+    pub fn reads(&self, g: &Graph) -> Vec<NodeId> {
+        match self {
+            Kernel::Fused { inputs, .. } | Kernel::FusedReduce { inputs, .. } => inputs.clone(),
+            Kernel::Single(x) => g.node(*x).args.clone(),
+            Kernel::View(_) => vec![],
+            Kernel::Rows(parts) => parts.iter().flat_map(|p| p.reads(g)).collect(),
         }
     }
 }
@@ -47,6 +65,20 @@ fn is_inline(op: &Op) -> bool {
 #[derive(Debug, Default)]
 pub struct Schedule {
     pub kernels: Vec<Kernel>,
+}
+
+impl Schedule {
+    /// Every kernel in execution order, row groups opened: what a backend
+    /// that runs parts one after the other (the GPU) sees.
+    pub fn leaves(&self) -> Vec<&Kernel> {
+        self.kernels
+            .iter()
+            .flat_map(|k| match k {
+                Kernel::Rows(parts) => parts.iter().collect(),
+                k => vec![k],
+            })
+            .collect()
+    }
 }
 
 /// Groups `g` into kernels. A node joins its single consumer's fused kernel
@@ -144,42 +176,41 @@ pub fn schedule(g: &Graph) -> Schedule {
             (_, None) => kernels.push(Kernel::Single(NodeId(i as u32))),
         }
     }
-    Schedule { kernels }
+    Schedule { kernels: super::rows::group(g, kernels) }
 }
 
 /// The schedule as text: what `modelc kernels` prints.
 pub fn describe(g: &Graph, s: &Schedule) -> String {
-    let mut out = String::new();
-    for (k, kernel) in s.kernels.iter().enumerate() {
-        match kernel {
-            Kernel::Fused { nodes, inputs } => {
-                let ops: Vec<String> = nodes.iter().map(|n| g.node(*n).op.name()).collect();
-                let ins: Vec<String> = inputs.iter().map(|n| n.to_string()).collect();
-                out.push_str(&format!(
-                    "k{k} fused {} -> {} : {} [{}]\n",
-                    ins.join(", "),
-                    kernel.output(),
-                    g.ty(kernel.output()),
-                    ops.join(", ")
-                ));
+    s.kernels.iter().enumerate().map(|(k, kernel)| describe_kernel(g, kernel, &format!("k{k}"))).collect()
+}
+
+/// One kernel as text, named `name`; a row group lists its parts indented.
+pub fn describe_kernel(g: &Graph, kernel: &Kernel, name: &str) -> String {
+    let ops = |nodes: &[NodeId]| nodes.iter().map(|n| g.node(*n).op.name()).collect::<Vec<_>>().join(", ");
+    let ids = |nodes: &[NodeId]| nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    match kernel {
+        Kernel::Fused { nodes, inputs } => {
+            let out = kernel.output();
+            format!("{name} fused {} -> {out} : {} [{}]\n", ids(inputs), g.ty(out), ops(nodes))
+        }
+        Kernel::FusedReduce { nodes, inputs, reduce } => format!(
+            "{name} fused {} -> {reduce} : {} [{}] then {}\n",
+            ids(inputs),
+            g.ty(*reduce),
+            ops(nodes),
+            g.node(*reduce).op.name()
+        ),
+        Kernel::Single(n) => {
+            format!("{name} {} {} -> {n} : {}\n", g.node(*n).op.name(), ids(&g.node(*n).args), g.ty(*n))
+        }
+        Kernel::View(n) => format!("{name} view {} -> {n} : {}\n", g.node(*n).args[0], g.ty(*n)),
+        Kernel::Rows(parts) => {
+            let mut out = format!("{name} rows ({} parts, row block by row block)\n", parts.len());
+            for (p, part) in parts.iter().enumerate() {
+                out.push_str("  ");
+                out.push_str(&describe_kernel(g, part, &format!("{name}.{p}")));
             }
-            Kernel::FusedReduce { nodes, inputs, reduce } => {
-                let ops: Vec<String> = nodes.iter().map(|n| g.node(*n).op.name()).collect();
-                let ins: Vec<String> = inputs.iter().map(|n| n.to_string()).collect();
-                out.push_str(&format!(
-                    "k{k} fused {} -> {reduce} : {} [{}] then {}\n",
-                    ins.join(", "),
-                    g.ty(*reduce),
-                    ops.join(", "),
-                    g.node(*reduce).op.name()
-                ));
-            }
-            Kernel::Single(n) => {
-                let args: Vec<String> = g.node(*n).args.iter().map(|a| a.to_string()).collect();
-                out.push_str(&format!("k{k} {} {} -> {n} : {}\n", g.node(*n).op.name(), args.join(", "), g.ty(*n)));
-            }
-            Kernel::View(n) => out.push_str(&format!("k{k} view {} -> {n} : {}\n", g.node(*n).args[0], g.ty(*n))),
+            out
         }
     }
-    out
 }

@@ -76,7 +76,9 @@ pub struct Shader {
     pub workgroups: [u32; 3],
 }
 
-/// The shaders of a scheduled program (`None` for views, which need none).
+/// The shaders of a scheduled program, one per kernel of `Schedule::leaves`
+/// (`None` for views, which need none): a row group's parts run one after
+/// the other, each over every row.
 pub fn shaders(
     g: &Graph,
     s: &Schedule,
@@ -84,8 +86,8 @@ pub fn shaders(
     sizes: &Sizes,
     layout: &Layout,
 ) -> Result<Vec<Option<Shader>>, String> {
-    s.kernels
-        .iter()
+    s.leaves()
+        .into_iter()
         .enumerate()
         .map(|(k, kernel)| {
             let e = Emitter { g, plan, sizes, layout };
@@ -94,6 +96,7 @@ pub fn shaders(
                 Kernel::Fused { nodes, inputs } => e.fused(nodes, inputs)?,
                 Kernel::FusedReduce { nodes, inputs, reduce } => e.fused_reduce(nodes, inputs, *reduce)?,
                 Kernel::Single(n) => e.single(*n)?,
+                Kernel::Rows(_) => unreachable!("bug: leaves() opens row groups"),
             };
             Ok(shader.map(|(source, workgroups)| Shader { label: format!("k{k}"), source, workgroups }))
         })

@@ -107,7 +107,7 @@ pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], ou
 
 /// Folds one row with eight independent accumulators (which vectorise),
 /// combined in a fixed order, so a row's result never depends on threads.
-fn fold_row(op: Reduce, row: &[f32]) -> f32 {
+pub fn fold_row(op: Reduce, row: &[f32]) -> f32 {
     let combine = |a: f32, b: f32| match op {
         Reduce::Sum => a + b,
         Reduce::Max => a.max(b),

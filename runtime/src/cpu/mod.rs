@@ -37,8 +37,18 @@ enum Compiled {
         inputs: Vec<NodeId>,
         row: usize,
     },
+    /// A row group over `rows` rows of `len` elements, one compiled entry per part.
+    Rows {
+        parts: Vec<Compiled>,
+        rows: usize,
+        len: usize,
+    },
     Other,
 }
+
+/// Elements a row group works on per block of rows: small enough that the
+/// values its parts pass each other stay in the core's cache.
+const ROW_BLOCK: usize = 1 << 13;
 
 /// A graph compiled for given sizes.
 pub struct Program {
@@ -66,8 +76,13 @@ impl Drop for Program {
         if total == 0.0 {
             return;
         }
-        let lines = modelc::backend::schedule::describe(&self.graph, &self.schedule);
-        let lines: Vec<&str> = lines.lines().collect();
+        // The first line of each kernel's description (a row group's header).
+        let lines: Vec<String> = (self.schedule.kernels.iter().enumerate())
+            .map(|(k, kernel)| {
+                let text = modelc::backend::schedule::describe_kernel(&self.graph, kernel, &format!("k{k}"));
+                text.lines().next().unwrap_or("").to_string()
+            })
+            .collect();
         let mut order: Vec<usize> = (0..times.len()).collect();
         order.sort_by(|a, b| times[*b].total_cmp(&times[*a]));
         eprintln!("profile: {:.3} s in {} kernels", total, times.len());
@@ -84,13 +99,68 @@ impl Drop for Program {
         let summary: Vec<String> = kinds.iter().map(|(n, t)| format!("{n} {:.0}%", 100.0 * t / total)).collect();
         eprintln!("by kind: {}", summary.join(", "));
         for k in order.into_iter().take(25) {
-            let line = lines.get(k).copied().unwrap_or("");
+            let line = lines.get(k).map(String::as_str).unwrap_or("");
             eprintln!(
                 "{:>8.2} ms {:>5.1}%  {}",
                 times[k] * 1e3,
                 100.0 * times[k] / total,
                 &line[..line.len().min(150)]
             );
+        }
+    }
+}
+
+/// A kernel compiled but not yet callable (the JIT finalises all at once).
+enum Pending {
+    Fused(modelc::backend::clif::KernelId, Vec<NodeId>, usize),
+    Rows(Vec<Pending>, usize, usize),
+    Other,
+}
+
+impl Pending {
+    fn of(
+        kernel: &Kernel,
+        graph: &Graph,
+        sizes: &Sizes,
+        plan: &Plan,
+        jit: &mut Jit,
+        clif: &mut Vec<String>,
+    ) -> Result<Pending, String> {
+        let spec = match kernel {
+            Kernel::Fused { nodes, inputs } => modelc::backend::clif::spec(graph, nodes, inputs, sizes, plan)?,
+            Kernel::FusedReduce { nodes, inputs, reduce } => {
+                modelc::backend::clif::reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?
+            }
+            Kernel::Rows(parts) => {
+                // The rows are the first part's: its output's, or those it reduces.
+                let first = match &parts[0] {
+                    Kernel::FusedReduce { nodes, .. } => *nodes.last().expect("a fused kernel has nodes"),
+                    Kernel::Single(n) => graph.node(*n).args[0],
+                    k => k.output(),
+                };
+                let shape = concrete(graph, first, sizes)?;
+                let len = *shape.last().expect("rows have a length");
+                let rows = shape[..shape.len() - 1].iter().product();
+                let parts =
+                    parts.iter().map(|p| Pending::of(p, graph, sizes, plan, jit, clif)).collect::<Result<_, _>>()?;
+                return Ok(Pending::Rows(parts, rows, len));
+            }
+            _ => return Ok(Pending::Other),
+        };
+        let (id, text) = jit.compile(&spec)?;
+        clif.push(text);
+        // A reduction's range is rows: each of `row` elements.
+        let row = spec.reduce.map(|(_, row)| row.max(1) as usize).unwrap_or(1);
+        Ok(Pending::Fused(id, spec.inputs.to_vec(), row))
+    }
+
+    fn finish(self, jit: &Jit) -> Compiled {
+        match self {
+            Pending::Fused(id, inputs, row) => Compiled::Fused { f: jit.function(id), inputs, row },
+            Pending::Rows(parts, rows, len) => {
+                Compiled::Rows { parts: parts.into_iter().map(|p| p.finish(jit)).collect(), rows, len }
+            }
+            Pending::Other => Compiled::Other,
         }
     }
 }
@@ -136,33 +206,14 @@ impl Program {
         let schedule = schedule(&graph);
         let plan = plan(&graph, &schedule, sizes)?;
         let mut jit = Jit::new()?;
-        let mut pending = Vec::new();
         let mut clif = Vec::new();
-        for kernel in &schedule.kernels {
-            let spec = match kernel {
-                Kernel::Fused { nodes, inputs } => modelc::backend::clif::spec(&graph, nodes, inputs, sizes, &plan)?,
-                Kernel::FusedReduce { nodes, inputs, reduce } => {
-                    modelc::backend::clif::reduce_spec(&graph, nodes, inputs, *reduce, sizes, &plan)?
-                }
-                _ => {
-                    pending.push(None);
-                    continue;
-                }
-            };
-            let (id, text) = jit.compile(&spec)?;
-            clif.push(text);
-            // A reduction's range is rows: each of `row` elements.
-            let row = spec.reduce.map(|(_, row)| row.max(1) as usize).unwrap_or(1);
-            pending.push(Some((id, spec.inputs.to_vec(), row)));
-        }
+        let pending = schedule
+            .kernels
+            .iter()
+            .map(|k| Pending::of(k, &graph, sizes, &plan, &mut jit, &mut clif))
+            .collect::<Result<Vec<_>, String>>()?;
         jit.finish()?;
-        let kernels = pending
-            .into_iter()
-            .map(|p| match p {
-                Some((id, inputs, row)) => Compiled::Fused { f: jit.function(id), inputs, row },
-                None => Compiled::Other,
-            })
-            .collect();
+        let kernels = pending.into_iter().map(|p| p.finish(&jit)).collect();
         let compile_seconds = started.elapsed().as_secs_f64();
         let arena = std::sync::Mutex::new(vec![0f32; plan.arena_len]);
         let profile =
@@ -211,13 +262,7 @@ impl Program {
                 (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Fused { f, inputs, row }) => {
                     let out = kernel.output();
                     let len = self.plan.lens[out.index()];
-                    let base = arena.as_mut_ptr();
-                    let mut ptrs: Vec<*mut f32> = Vec::with_capacity(inputs.len() + 1);
-                    ptrs.push(self.pointer(out, base, feeds));
-                    for i in inputs {
-                        ptrs.push(self.pointer(*i, base, feeds));
-                    }
-                    let ptrs = SendPtrs(ptrs);
+                    let ptrs = self.pointers(out, inputs, arena.as_mut_ptr(), feeds);
                     let chunk = ((1 << 15) / row).max(1);
                     if len > 2 * chunk {
                         (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
@@ -230,9 +275,12 @@ impl Program {
                         unsafe { f(ptrs.get(), 0, len as i64) };
                     }
                 }
+                (Kernel::Rows(parts), Compiled::Rows { parts: compiled, rows, len }) => {
+                    self.rows(parts, compiled, *rows, *len, arena, feeds)
+                }
                 (Kernel::Single(n), _) => self.single(*n, arena, feeds)?,
-                (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Other) => {
-                    unreachable!("bug: fused kernel without code")
+                (Kernel::Fused { .. } | Kernel::FusedReduce { .. } | Kernel::Rows(_), _) => {
+                    unreachable!("bug: kernel compiled as something else")
                 }
             }
             if let (Some(p), Some(t)) = (&self.profile, started) {
@@ -245,6 +293,80 @@ impl Program {
             out.insert(name.clone(), Tensor::new(shape, self.read(*id, arena, feeds).into_owned()));
         }
         Ok(out)
+    }
+
+    /// A row group: each block of rows through every part in turn, blocks in parallel.
+    fn rows(
+        &self,
+        parts: &[Kernel],
+        compiled: &[Compiled],
+        rows: usize,
+        len: usize,
+        arena: &mut [f32],
+        feeds: &HashMap<String, Tensor>,
+    ) {
+        enum Part {
+            Jit { f: KernelFn, ptrs: SendPtrs, per_row: usize },
+            Reduce { op: modelc::ir::graph::Reduce, src: SendPtr, out: SendPtr },
+        }
+        let base = arena.as_mut_ptr();
+        let runnable: Vec<Part> = parts
+            .iter()
+            .zip(compiled)
+            .filter_map(|(kernel, c)| match (kernel, c) {
+                (_, Compiled::Fused { f, inputs, .. }) => {
+                    let out = kernel.output();
+                    let per_row = self.plan.lens[out.index()] / rows.max(1);
+                    Some(Part::Jit { f: *f, ptrs: self.pointers(out, inputs, base, feeds), per_row })
+                }
+                (Kernel::Single(n), _) => {
+                    let Op::Reduce(op, _) = self.graph.node(*n).op else {
+                        unreachable!("bug: a row group's single kernel is a reduction")
+                    };
+                    let src = SendPtr(self.pointer(self.graph.node(*n).args[0], base, feeds));
+                    Some(Part::Reduce { op, src, out: SendPtr(self.pointer(*n, base, feeds)) })
+                }
+                _ => None,
+            })
+            .collect();
+        let block = |r0: usize, r1: usize| {
+            for part in &runnable {
+                match part {
+                    // SAFETY: the part writes rows r0..r1 of its output and reads rows the
+                    // parts before it wrote for this block, or values complete before the group.
+                    Part::Jit { f, ptrs, per_row } => unsafe {
+                        f(ptrs.get(), (r0 * per_row) as i64, (r1 * per_row) as i64)
+                    },
+                    Part::Reduce { op, src, out } => {
+                        for r in r0..r1 {
+                            // SAFETY: row r of the source and slot r of the output are planned memory.
+                            unsafe {
+                                let row = std::slice::from_raw_parts(src.get().add(r * len), len);
+                                *(out.get() as *mut f32).add(r) = kernels::fold_row(*op, row);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let per_block = (ROW_BLOCK / len.max(1)).max(1);
+        if rows * len <= 2 * ROW_BLOCK {
+            block(0, rows);
+        } else {
+            (0..rows.div_ceil(per_block))
+                .into_par_iter()
+                .for_each(|b| block(b * per_block, ((b + 1) * per_block).min(rows)));
+        }
+    }
+
+    /// The output pointer then the inputs', as a fused kernel takes them.
+    fn pointers(&self, out: NodeId, inputs: &[NodeId], base: *mut f32, feeds: &HashMap<String, Tensor>) -> SendPtrs {
+        let mut ptrs: Vec<*mut f32> = Vec::with_capacity(inputs.len() + 1);
+        ptrs.push(self.pointer(out, base, feeds));
+        for i in inputs {
+            ptrs.push(self.pointer(*i, base, feeds));
+        }
+        SendPtrs(ptrs)
     }
 
     fn pointer(&self, n: NodeId, arena: *mut f32, feeds: &HashMap<String, Tensor>) -> *mut f32 {

@@ -1,0 +1,158 @@
+//! Row groups: consecutive kernels over the same rows become one
+//! `Kernel::Rows`. Softmax is a max over each row, an exponential of the row
+//! minus it, a sum, and a division: four passes over the whole tensor, each
+//! reading what the last one wrote back from memory. Run one block of rows
+//! at a time through all four instead and the block stays in cache: the
+//! tensor is read from memory once and written once, like a copy. Norms,
+//! the cross-entropy and their backward passes have the same shape.
+//!
+//! A group fixes outer axes `O` and a row length `N`. Its parts are fused
+//! kernels over `O + [N]` ("wide") or `O` / `O + [1]` ("narrow", a value per
+//! row), reductions of an `O + [N]` value over its last axis, and views
+//! between narrow shapes. A part may read anything computed before the
+//! group, but a value computed inside the group only row by row: the same
+//! shape, or a per-row value broadcast along the row. Then block `b` of
+//! every part needs only block `b` of the parts before it.
+
+use super::schedule::Kernel;
+use crate::check::dim::Dim;
+use crate::ir::graph::*;
+use std::collections::HashSet;
+
+/// `kernels` (in execution order) with runs of row-wise kernels grouped.
+pub fn group(g: &Graph, kernels: Vec<Kernel>) -> Vec<Kernel> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < kernels.len() {
+        let Some(rows) = Rows::anchored_at(g, &kernels[i]) else {
+            out.push(kernels[i].clone());
+            i += 1;
+            continue;
+        };
+        let mut members: HashSet<NodeId> = HashSet::from([kernels[i].output()]);
+        let (mut parts, mut hoisted) = (vec![kernels[i].clone()], Vec::new());
+        let mut j = i + 1;
+        while j < kernels.len() {
+            let k = &kernels[j];
+            if rows.joins(g, k, &members) {
+                members.insert(k.output());
+                parts.push(k.clone());
+            } else if reads_nothing_computed(g, k, &members) {
+                // Free to run before the group: a size, a constant, a view of a value from before.
+                hoisted.push(k.clone());
+            } else {
+                break;
+            }
+            j += 1;
+        }
+        // Views at the end belong after the group: they cost nothing either way.
+        let trailing = parts.iter().rev().take_while(|p| matches!(p, Kernel::View(_))).count();
+        hoisted.extend(parts.drain(parts.len() - trailing..));
+        let work = parts.iter().filter(|p| !matches!(p, Kernel::View(_))).count();
+        if work >= 2 {
+            let (before, after): (Vec<_>, Vec<_>) =
+                hoisted.into_iter().partition(|k| reads_nothing_computed(g, k, &members));
+            out.extend(before);
+            out.push(Kernel::Rows(parts));
+            out.extend(after);
+        } else {
+            out.extend(kernels[i..j].iter().cloned());
+        }
+        i = j;
+    }
+    out
+}
+
+/// Kernels that compute nothing from other kernels' values: hoisting them is always safe.
+fn reads_nothing_computed(g: &Graph, k: &Kernel, members: &HashSet<NodeId>) -> bool {
+    match k {
+        Kernel::View(v) => !members.contains(&g.node(*v).args[0]),
+        Kernel::Single(n) => g.node(*n).args.is_empty(),
+        _ => false,
+    }
+}
+
+/// The rows of a group: outer axes and row length.
+struct Rows {
+    outer: Vec<Dim>,
+    len: Dim,
+}
+
+impl Rows {
+    /// The rows a group starting with `k` runs over: a fused kernel's output
+    /// rows, or the rows a reduction folds.
+    fn anchored_at(g: &Graph, k: &Kernel) -> Option<Rows> {
+        let dims = match k {
+            Kernel::Fused { .. } => g.dims(k.output()),
+            Kernel::FusedReduce { nodes, .. } => g.dims(*nodes.last()?),
+            Kernel::Single(n) if innermost_reduce(g, *n) => g.dims(g.node(*n).args[0]),
+            _ => return None,
+        };
+        let (len, outer) = dims.split_last()?;
+        Some(Rows { outer: outer.to_vec(), len: len.clone() })
+    }
+
+    fn wide(&self, dims: &[Dim]) -> bool {
+        dims.split_last().is_some_and(|(l, o)| *l == self.len && o == self.outer.as_slice())
+    }
+
+    /// `O` or `O + [1]`: one value per row.
+    fn narrow(&self, dims: &[Dim]) -> bool {
+        dims == self.outer.as_slice()
+            || dims.split_last().is_some_and(|(l, o)| *l == Dim::constant(1) && o == self.outer.as_slice())
+    }
+
+    /// Whether `k` can run row block by row block after the group's parts so
+    /// far, whose values are `members`. It must read at least one of them.
+    fn joins(&self, g: &Graph, k: &Kernel, members: &HashSet<NodeId>) -> bool {
+        match k {
+            Kernel::View(v) => {
+                let src = g.node(*v).args[0];
+                members.contains(&src) && self.narrow(g.dims(src)) && self.narrow(g.dims(*v))
+            }
+            Kernel::Fused { nodes, .. } => {
+                let out = g.dims(k.output());
+                (self.wide(out) || self.narrow(out)) && self.reads_by_row(g, nodes, members, self.wide(out))
+            }
+            Kernel::FusedReduce { nodes, reduce, .. } => {
+                nodes.last().is_some_and(|c| self.wide(g.dims(*c)))
+                    && self.narrow(g.dims(*reduce))
+                    && self.reads_by_row(g, nodes, members, true)
+            }
+            Kernel::Single(n) => {
+                let src = g.node(*n).args.first();
+                innermost_reduce(g, *n)
+                    && src.is_some_and(|s| members.contains(s) && self.wide(g.dims(*s)))
+                    && self.narrow(g.dims(*n))
+            }
+            Kernel::Rows(_) => false,
+        }
+    }
+
+    /// Whether a fused chain reads the group's values only row by row (a
+    /// wide chain may broadcast a per-row value along its rows), and reads one at all.
+    fn reads_by_row(&self, g: &Graph, nodes: &[NodeId], members: &HashSet<NodeId>, wide: bool) -> bool {
+        let mut reads_any = false;
+        for &n in nodes {
+            let node = g.node(n);
+            for a in node.args.iter().filter(|a| members.contains(a)) {
+                reads_any = true;
+                let ok = match node.op {
+                    Op::Broadcast => wide && self.narrow(g.dims(*a)) && g.dims(*a).len() == self.outer.len() + 1,
+                    _ => g.dims(*a) == g.dims(n),
+                };
+                if !ok {
+                    return false;
+                }
+            }
+        }
+        reads_any
+    }
+}
+
+fn innermost_reduce(g: &Graph, n: NodeId) -> bool {
+    let node = g.node(n);
+    let Op::Reduce(_, axes) = &node.op else { return false };
+    let rank = g.dims(node.args[0]).len();
+    rank > 0 && axes.as_slice() == [rank - 1]
+}
