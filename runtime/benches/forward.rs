@@ -66,8 +66,8 @@ fn bench(spec: &str, sets: &[(&str, &str)], batch: usize, seq: usize) {
             })
             .pipe(median)
     };
-    let interp = time(&mut || drop(run(&g, &feeds, Precision::F32).expect("runs")), 3);
-    let cpu = time(&mut || drop(compiled.run(&tensors).expect("runs")), 9);
+    let interp = time(&mut || drop(run(&g, &feeds, Precision::F32).expect("runs")), 7);
+    let cpu = time(&mut || drop(compiled.run(&tensors).expect("runs")), 31);
     println!(
         "{spec} {sets:?} batch {batch} x {seq}: interpreter {:.1} ms, cpu {:.2} ms, {:.0}x faster; jit compile {:.1} ms ({} kernels, peak {} KiB)",
         interp * 1e3,
