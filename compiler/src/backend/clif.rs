@@ -368,13 +368,27 @@ fn row_loop(
     });
 }
 
-fn combine(b: &mut FunctionBuilder, op: Reduce, x: Value, y: Value) -> Value {
+/// `acc op v`. Max and min skip a NaN `v`, as the interpreter's do, in one
+/// instruction on vectors (the compare-and-select Cranelift turns into
+/// `maxps` / `minps`; its own `fmax` propagates NaN through a long sequence).
+fn combine(b: &mut FunctionBuilder, op: Reduce, acc: Value, v: Value) -> Value {
+    let ty = b.func.dfg.value_type(acc);
     match op {
-        Reduce::Sum => b.ins().fadd(x, y),
-        Reduce::Max => b.ins().fmax(x, y),
-        Reduce::Min => b.ins().fmin(x, y),
+        Reduce::Sum => b.ins().fadd(acc, v),
+        Reduce::Max => {
+            let larger = b.ins().fcmp(FloatCC::LessThan, acc, v);
+            choose(b, larger, v, acc, ty)
+        }
+        Reduce::Min => {
+            let smaller = b.ins().fcmp(FloatCC::LessThan, v, acc);
+            choose(b, smaller, v, acc, ty)
+        }
     }
 }
+
+/// Vector accumulators a row reduction keeps, so that successive adds do not
+/// wait on each other; combined pairwise in a fixed order.
+const ACCUMULATORS: i64 = 4;
 
 /// `for r in from..to { out[r] = fold(op, element(r * row + j) for j in 0..row) }`:
 /// whole groups of 4 in f32x4 (when `vector`), lanes folded in order, then the tail.
@@ -415,7 +429,31 @@ fn reduce_rows(
         let mut acc = constant(b, init, types::F32);
         if whole > 0 {
             let acc4 = constant(b, init, types::F32X4);
-            let acc4 = fold(b, types::F32X4, acc4, 0, whole);
+            // Runs of 4 x 4 elements into separate accumulators, then groups of 4.
+            let unrolled = if vector { row / (4 * ACCUMULATORS) * (4 * ACCUMULATORS) } else { 0 };
+            let acc4 = if unrolled > 0 {
+                let (from, to) = (b.ins().iconst(types::I64, 0), b.ins().iconst(types::I64, unrolled));
+                let carried = vec![(acc4, types::F32X4); ACCUMULATORS as usize];
+                let accs = counted_loop(b, from, to, 4 * ACCUMULATORS, &carried, |b, j, accs| {
+                    (0..ACCUMULATORS)
+                        .map(|k| {
+                            let jk = b.ins().iadd_imm_s(j, 4 * k);
+                            let i = b.ins().iadd(base, jk);
+                            let v = emit_element(b, spec, bases, &reads, i, types::F32X4, refs);
+                            combine(b, op, accs[k as usize], v)
+                        })
+                        .collect()
+                })
+                .1;
+                let mut accs = accs;
+                while accs.len() > 1 {
+                    accs = accs.chunks(2).map(|pair| combine(b, op, pair[0], pair[1])).collect();
+                }
+                accs[0]
+            } else {
+                acc4
+            };
+            let acc4 = fold(b, types::F32X4, acc4, unrolled, whole);
             for lane in 0..4u8 {
                 let x = b.ins().extractlane(acc4, lane);
                 acc = combine(b, op, acc, x);

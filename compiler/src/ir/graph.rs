@@ -122,6 +122,8 @@ pub enum Op {
     Binary(Binary),
     /// `where(cond, a, b)` on equal shapes.
     Select,
+    /// Conversion; casts have no gradient, so a cast of f32 to f32 is the
+    /// IR's stop-gradient (`Graph::detach`).
     Cast(DType),
     /// Reduces the listed axes away.
     Reduce(Reduce, Vec<usize>),
@@ -346,6 +348,13 @@ impl Graph {
         let (c, a, b) = (self.broadcast(cond, &dims), self.broadcast(a, &dims), self.broadcast(b, &dims));
         let dtype = self.ty(a).dtype;
         self.push(Op::Select, vec![c, a, b], TensorTy::new(dtype, dims))
+    }
+
+    /// `x` as a value the autodiff treats as a constant: an f32-to-f32 cast
+    /// (casts have no gradient), which kernels read as `x` itself.
+    pub fn detach(&mut self, x: NodeId) -> NodeId {
+        let ty = self.ty(x).clone();
+        self.push(Op::Cast(DType::F32), vec![x], ty)
     }
 
     pub fn cast(&mut self, x: NodeId, dtype: DType) -> NodeId {

@@ -373,8 +373,16 @@ impl Lowering {
         self.g.div(s, n)
     }
 
+    /// The row maximum subtracted for stability. Softmax does not depend on
+    /// it, so its gradient is exactly zero: detached, the backward pass has no
+    /// max-mask kernels to compute a sum that rounds to about zero.
+    fn stable_shift(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let fixed = self.g.detach(x);
+        self.g.reduce_keep(Reduce::Max, fixed, &[axis])
+    }
+
     pub fn softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
-        let m = self.g.reduce_keep(Reduce::Max, x, &[axis]);
+        let m = self.stable_shift(x, axis);
         let shifted = self.g.sub(x, m);
         let e = self.g.unary(Unary::Exp, shifted);
         let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
@@ -382,7 +390,7 @@ impl Lowering {
     }
 
     pub fn log_softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
-        let m = self.g.reduce_keep(Reduce::Max, x, &[axis]);
+        let m = self.stable_shift(x, axis);
         let shifted = self.g.sub(x, m);
         let e = self.g.unary(Unary::Exp, shifted);
         let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
