@@ -155,7 +155,7 @@ pub fn random_graph(r: i64, c: i64, ops: &[(u8, usize, usize)]) -> Graph {
     let mut pool = vec![x, y, bv];
     for &(op, i, j) in ops {
         let (a, b) = (pool[i % pool.len()], pool[j % pool.len()]);
-        let n = match op % 14 {
+        let n = match op % 15 {
             0 => g.add(a, b),
             1 => g.mul(a, b),
             2 => g.unary(Unary::Tanh, a),
@@ -196,13 +196,31 @@ pub fn random_graph(r: i64, c: i64, ops: &[(u8, usize, usize)]) -> Graph {
                 let inv = g.unary(Unary::Rsqrt, ms);
                 g.mul(a, inv)
             }
-            _ => {
+            13 => {
                 // Softmax over rows.
                 let m = g.reduce_keep(Reduce::Max, a, &[1]);
                 let z = g.sub(a, m);
                 let e = g.unary(Unary::Exp, z);
                 let s = g.reduce_keep(Reduce::Sum, e, &[1]);
                 g.div(e, s)
+            }
+            _ if c < 2 => g.neg(a),
+            _ => {
+                // RoPE's rotate-half on columns: slices read in place by the
+                // elementwise kernels that use them, one copied into a concat.
+                let back = g.slice(a, 1, d(1), d(c));
+                let back = g.neg(back);
+                let front = g.slice(a, 1, d(0), d(1));
+                let front = g.mul(front, front);
+                let rolled = g.concat(&[back, front], 1);
+                let b2 = if r < 2 {
+                    b
+                } else {
+                    let late = g.slice(b, 0, d(r / 2), d(r));
+                    let early = g.slice(b, 0, d(0), d(r / 2));
+                    g.concat(&[late, early], 0)
+                };
+                g.add(rolled, b2)
             }
         };
         pool.push(n);

@@ -31,8 +31,9 @@ pub enum Access {
     Contiguous,
     /// One element, for every i.
     Scalar,
-    /// Broadcast: for each output axis, (output stride, output size, input stride).
-    Indexed(Vec<(i64, i64, i64)>),
+    /// Through a broadcast or a slice: element `offset + sum over output axes
+    /// of ((i / output stride) % output size) * input stride`.
+    Indexed { offset: i64, axes: Vec<(i64, i64, i64)> },
 }
 
 /// A fused kernel ready for code generation, sizes bound.
@@ -53,7 +54,7 @@ impl FusedSpec<'_> {
     /// The output's row length, when some input is read through a broadcast.
     fn row_len(&self) -> Option<i64> {
         self.access.values().find_map(|a| match a {
-            Access::Indexed(axes) => axes.last().map(|a| a.1),
+            Access::Indexed { axes, .. } => axes.last().map(|a| a.1),
             _ => None,
         })
     }
@@ -169,7 +170,7 @@ impl Jit {
             let by_rows = spec.reduce.is_none() && spec.row_len().is_some_and(|l| l >= ROW_LOOP_MIN);
             let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
                 && spec.access.values().all(|a| match a {
-                    Access::Indexed(axes) => axes.last().is_some_and(|&(_, osize, istride)| {
+                    Access::Indexed { axes, .. } => axes.last().is_some_and(|&(_, osize, istride)| {
                         (spec.reduce.is_some() || by_rows || osize % 4 == 0) && istride <= 1
                     }),
                     _ => true,
@@ -292,16 +293,16 @@ enum RowRead {
 fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_start: Value) -> HashMap<usize, RowRead> {
     let mut reads = HashMap::new();
     for (k, input) in spec.inputs.iter().enumerate() {
-        let axes = spec.nodes.iter().chain([input]).find_map(|n| match spec.access.get(n) {
-            Some(Access::Indexed(axes)) if access_source(spec, *n) == *input => Some(axes),
+        let indexed = spec.nodes.iter().chain([input]).find_map(|n| match spec.access.get(n) {
+            Some(Access::Indexed { offset, axes }) if access_source(spec, *n) == *input => Some((*offset, axes)),
             _ => None,
         });
-        let Some(axes) = axes else { continue };
+        let Some((start, axes)) = indexed else { continue };
         let Some(&(_, _, inner)) = axes.last() else { continue };
         if inner > 1 {
             continue;
         }
-        let mut offset = b.ins().iconst(types::I64, 0);
+        let mut offset = b.ins().iconst(types::I64, start);
         for &(ostride, osize, istride) in &axes[..axes.len() - 1] {
             if istride == 0 {
                 continue;
@@ -326,7 +327,7 @@ fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_sta
 /// The value an access entry reads: a broadcast member's source, or the input itself.
 fn access_source(spec: &FusedSpec, n: NodeId) -> NodeId {
     match spec.graph.node(n).op {
-        Op::Broadcast if spec.nodes.contains(&n) => spec.graph.node(n).args[0],
+        Op::Broadcast | Op::Slice { .. } if spec.nodes.contains(&n) => spec.graph.node(n).args[0],
         _ => n,
     }
 }
@@ -669,7 +670,7 @@ fn emit_element(
                 let x = b.ins().load(types::F32, flags, bases[k], 0);
                 if ty == types::F32 { x } else { b.ins().splat(ty, x) }
             }
-            Access::Indexed(_) if rows.contains_key(&k) => match rows[&k] {
+            Access::Indexed { .. } if rows.contains_key(&k) => match rows[&k] {
                 RowRead::Splat(x) => {
                     if ty == types::F32 {
                         x
@@ -682,8 +683,8 @@ fn emit_element(
                     b.ins().load(ty, flags, addr, 0)
                 }
             },
-            Access::Indexed(axes) => {
-                let mut src = b.ins().iconst(types::I64, 0);
+            Access::Indexed { offset, axes } => {
+                let mut src = b.ins().iconst(types::I64, *offset);
                 for &(ostride, osize, istride) in axes {
                     if istride == 0 {
                         continue;
@@ -722,12 +723,12 @@ fn emit_element(
         let node = spec.graph.node(n);
         let x = |b: &mut FunctionBuilder, values: &HashMap<NodeId, Value>, k: usize| arg(b, values, node.args[k]);
         let v = match &node.op {
-            Op::Broadcast => {
+            Op::Broadcast | Op::Slice { .. } => {
                 let src = node.args[0];
                 match (&spec.graph.node(src).op, spec.access.get(&n)) {
                     (Op::Const(c), _) => constant(b, *c, ty),
                     (_, Some(access)) => {
-                        let k = spec.inputs.iter().position(|x| *x == src).expect("bug: broadcast source is an input");
+                        let k = spec.inputs.iter().position(|x| *x == src).expect("bug: a read's source is an input");
                         load(b, k, access)
                     }
                     _ => arg(b, &values, src),
@@ -880,8 +881,15 @@ pub fn spec<'a>(
     }
     for n in nodes {
         let node = graph.node(*n);
-        if let Op::Broadcast = node.op {
-            access.insert(*n, broadcast_access(&concrete(node.args[0])?, &out_shape));
+        match &node.op {
+            Op::Broadcast => {
+                access.insert(*n, broadcast_access(&concrete(node.args[0])?, &out_shape));
+            }
+            Op::Slice { axis, start, .. } => {
+                let start = eval_dim(start, sizes)?;
+                access.insert(*n, slice_access(&concrete(node.args[0])?, &out_shape, *axis, start));
+            }
+            _ => {}
         }
         for a in &node.args {
             if inputs.contains(a) && !access.contains_key(a) {
@@ -942,5 +950,15 @@ fn broadcast_access(src: &[usize], out: &[usize]) -> Access {
             (os[d] as i64, out[d] as i64, istride as i64)
         })
         .collect();
-    Access::Indexed(axes)
+    Access::Indexed { offset: 0, axes }
+}
+
+/// How a slice of `src` along `axis` from `start` is read for an output of shape `out`.
+fn slice_access(src: &[usize], out: &[usize], axis: usize, start: usize) -> Access {
+    if src == out {
+        return Access::Contiguous;
+    }
+    let (ss, os) = (crate::ir::interp::strides(src), crate::ir::interp::strides(out));
+    let axes = (0..out.len()).map(|d| (os[d] as i64, out[d] as i64, ss[d] as i64)).collect();
+    Access::Indexed { offset: (start * ss[axis]) as i64, axes }
 }

@@ -57,6 +57,12 @@ pub fn is_elementwise(op: &Op) -> bool {
     matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast(_))
 }
 
+/// Layout operations a fused loop reads through (index arithmetic on the
+/// source) instead of a kernel copying them out.
+fn is_read_in_place(op: &Op) -> bool {
+    matches!(op, Op::Broadcast | Op::Slice { .. })
+}
+
 /// Values that cost nothing to read inside a fused loop.
 fn is_inline(op: &Op) -> bool {
     matches!(op, Op::Const(_))
@@ -82,10 +88,10 @@ impl Schedule {
 }
 
 /// Groups `g` into kernels. A node joins its single consumer's fused kernel
-/// when both are elementwise over the same shape. A broadcast feeding only
-/// elementwise nodes of its shape is never materialised: every kernel that
-/// uses it reads its source in place (re-reading is cheaper than a pass that
-/// writes the broadcast tensor out).
+/// when both are elementwise over the same shape. A broadcast or slice
+/// feeding only elementwise nodes of its shape is never materialised: every
+/// kernel that uses it reads its source in place (re-reading is cheaper than
+/// a pass that writes the broadcast or sliced tensor out).
 pub fn schedule(g: &Graph) -> Schedule {
     let n = g.nodes.len();
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -102,7 +108,7 @@ pub fn schedule(g: &Graph) -> Schedule {
     let shared: Vec<bool> = (0..n)
         .map(|k| {
             let node = &g.nodes[k];
-            matches!(node.op, Op::Broadcast)
+            is_read_in_place(&node.op)
                 && !is_output[k]
                 && users[k].len() > 1
                 && users[k].iter().all(|u| is_elementwise(&g.nodes[*u].op) && g.nodes[*u].ty.dims == node.ty.dims)
@@ -119,8 +125,8 @@ pub fn schedule(g: &Graph) -> Schedule {
         root[i] = Some(r);
         for a in &node.args {
             let arg = &g.nodes[a.index()];
-            // A single-use broadcast is read in place: its source becomes the kernel's input.
-            let joins = matches!(arg.op, Op::Broadcast) || is_elementwise(&arg.op);
+            // A single-use broadcast or slice is read in place: its source becomes the kernel's input.
+            let joins = is_read_in_place(&arg.op) || is_elementwise(&arg.op);
             if joins && single_use(a.index()) && arg.ty.dims == node.ty.dims {
                 root[a.index()] = Some(r);
             }

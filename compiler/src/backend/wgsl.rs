@@ -229,11 +229,15 @@ impl Emitter<'_> {
             match access {
                 Access::Contiguous => self.read(src, "i"),
                 Access::Scalar => self.read(src, "0u"),
-                Access::Indexed(axes) => {
-                    let terms: Vec<String> = axes
-                        .iter()
-                        .filter(|a| a.2 != 0)
-                        .map(|(ostride, osize, istride)| format!("((i / {ostride}u) % {osize}u) * {istride}u"))
+                Access::Indexed { offset, axes } => {
+                    let terms: Vec<String> = (*offset != 0)
+                        .then(|| format!("{offset}u"))
+                        .into_iter()
+                        .chain(
+                            axes.iter()
+                                .filter(|a| a.2 != 0)
+                                .map(|(ostride, osize, istride)| format!("((i / {ostride}u) % {osize}u) * {istride}u")),
+                        )
                         .collect();
                     self.read(src, &if terms.is_empty() { "0u".into() } else { terms.join(" + ") })
                 }
@@ -253,7 +257,7 @@ impl Emitter<'_> {
             let node = self.g.node(m);
             let x = |k: usize| value(node.args[k]);
             let expr = match &node.op {
-                Op::Broadcast => {
+                Op::Broadcast | Op::Slice { .. } => {
                     let src = node.args[0];
                     match (&self.g.node(src).op, spec.access.get(&m)) {
                         (Op::Const(c), _) => lit(*c),

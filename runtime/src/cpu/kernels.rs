@@ -19,6 +19,9 @@ fn rows_per_task(inner: usize) -> usize {
 /// large copies split their rows over the thread pool.
 pub fn strided_copy(src: &[f32], base: usize, eff: &[usize], out_shape: &[usize], out: &mut [f32]) {
     let rank = out_shape.len();
+    if out.is_empty() {
+        return;
+    }
     if rank == 0 {
         out[0] = src[base];
         return;
