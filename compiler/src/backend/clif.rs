@@ -321,7 +321,39 @@ fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_sta
         };
         reads.insert(k, read);
     }
+    // Pass them into a new block: computed as pure instructions, Cranelift
+    // would otherwise recompute them (divisions included) at every use
+    // inside the loops over the row.
+    let keys: Vec<usize> = reads.keys().copied().collect();
+    let values: Vec<Value> = keys
+        .iter()
+        .map(|k| match reads[k] {
+            RowRead::Splat(v) | RowRead::Shifted(v) => v,
+        })
+        .collect();
+    let pinned = pin(b, &values);
+    for (k, v) in keys.into_iter().zip(pinned) {
+        let read = match reads[&k] {
+            RowRead::Splat(_) => RowRead::Splat(v),
+            RowRead::Shifted(_) => RowRead::Shifted(v),
+        };
+        reads.insert(k, read);
+    }
     reads
+}
+
+/// `values` as the parameters of a new block that continues the current one.
+fn pin(b: &mut FunctionBuilder, values: &[Value]) -> Vec<Value> {
+    let next = b.create_block();
+    for v in values {
+        let ty = b.func.dfg.value_type(*v);
+        b.append_block_param(next, ty);
+    }
+    let args: Vec<_> = values.iter().map(|v| (*v).into()).collect();
+    b.ins().jump(next, &args);
+    b.switch_to_block(next);
+    b.seal_block(next);
+    b.block_params(next).to_vec()
 }
 
 /// The value an access entry reads: a broadcast member's source, or the input itself.
