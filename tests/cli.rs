@@ -165,6 +165,14 @@ fn kernels_prints_the_schedule_with_row_groups() {
     assert_eq!(code, 0, "{err}");
     insta::assert_snapshot!("kernels-tiny-gpt", out);
 
+    // In the training step the targets' one-hot is recomputed inside the
+    // two kernels that use it (the loss and its gradient), never stored.
+    let (code, out, err) = modelc(&["kernels", "specs/tiny-gpt.model", "--train", "--size", "B=2", "--size", "T=16"]);
+    assert_eq!(code, 0, "{err}");
+    let one_hot: Vec<&str> = out.lines().filter(|l| l.contains("eq, cast f32")).collect();
+    assert_eq!(one_hot.len(), 2, "{out}");
+    assert!(one_hot.iter().all(|l| l.contains("mul")), "{one_hot:?}");
+
     // Cranelift IR of RMSNorm's parts: a folded sum of squares, the per-row
     // scale, and the row loop that reads it once per row (no exp, so the
     // text is the same with and without FMA).

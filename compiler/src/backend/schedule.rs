@@ -132,6 +132,30 @@ pub fn schedule(g: &Graph) -> Schedule {
             }
         }
     }
+    let group_of = |r: usize| -> Vec<usize> { (0..=r).filter(|k| root[*k] == Some(r)).collect() };
+    // A chain that reads memory only through broadcasts (a one-hot built by
+    // comparing targets with the class index, a mask) and feeds only
+    // elementwise kernels of its shape is computed again inside each of
+    // them: cheaper than storing the full-size result and reading it back.
+    let recompute: Vec<bool> = (0..n)
+        .map(|r| {
+            let node = &g.nodes[r];
+            if root[r] != Some(r) || is_output[r] || users[r].len() < 2 {
+                return false;
+            }
+            if !users[r].iter().all(|u| is_elementwise(&g.nodes[*u].op) && g.nodes[*u].ty.dims == node.ty.dims) {
+                return false;
+            }
+            let members = group_of(r);
+            members.iter().all(|m| {
+                let through_broadcast = matches!(g.nodes[*m].op, Op::Broadcast);
+                g.nodes[*m].args.iter().all(|a| {
+                    let k = a.index();
+                    members.contains(&k) || is_inline(&g.nodes[k].op) || shared[k] || through_broadcast
+                })
+            })
+        })
+        .collect();
     // A reduction over the innermost axis of a chain nothing else reads folds into it.
     let mut folds: Vec<Option<usize>> = vec![None; n];
     let mut folded = vec![false; n];
@@ -153,14 +177,24 @@ pub fn schedule(g: &Graph) -> Schedule {
             (op, _) if is_inline(op) => {}
             (Op::Reshape, _) => kernels.push(Kernel::View(NodeId(i as u32))),
             (_, None) if shared[i] => {}
+            (_, Some(r)) if r == i && recompute[i] => {}
             (_, Some(r)) if r == i => {
-                let mut members: Vec<usize> = (0..=i).filter(|k| root[*k] == Some(i)).collect();
-                let borrowed: Vec<usize> = members
-                    .iter()
-                    .flat_map(|m| g.nodes[*m].args.iter().map(|a| a.index()))
-                    .filter(|k| shared[*k])
-                    .collect();
-                members.extend(borrowed);
+                let mut members: Vec<usize> = group_of(i);
+                // Borrowed: shared broadcasts and recomputed chains this one reads.
+                let mut k = 0;
+                while k < members.len() {
+                    for a in &g.nodes[members[k]].args {
+                        let a = a.index();
+                        let more = match root[a] {
+                            _ if members.contains(&a) => vec![],
+                            _ if shared[a] => vec![a],
+                            Some(r) if recompute[r] => group_of(r),
+                            _ => vec![],
+                        };
+                        members.extend(more.into_iter().filter(|m| !members.contains(m)).collect::<Vec<_>>());
+                    }
+                    k += 1;
+                }
                 members.sort_unstable();
                 members.dedup();
                 let mut inputs = Vec::new();

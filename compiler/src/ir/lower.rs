@@ -575,11 +575,21 @@ impl Lowering {
         }
     }
 
-    /// Mean negative log-likelihood over targets that are not `ignore`.
+    /// Mean negative log-likelihood over targets that are not `ignore`, as
+    /// logsumexp(logits) - logits[target]. The backward pass then needs only
+    /// exp(logits - max) and its sum (the softmax), not a stored log-softmax
+    /// as well: one tensor of the logits' size less to write and read.
     fn cross_entropy(&mut self, logits: NodeId, targets: NodeId, ignore: i64) -> NodeId {
         let rank = self.g.ty(logits).rank();
         let classes = self.g.dims(logits)[rank - 1].clone();
-        let lsm = self.log_softmax(logits, rank - 1);
+        let m = self.stable_shift(logits, rank - 1);
+        let shifted = self.g.sub(logits, m);
+        let e = self.g.unary(Unary::Exp, shifted);
+        let s = self.g.reduce_keep(Reduce::Sum, e, &[rank - 1]);
+        let l = self.g.unary(Unary::Log, s);
+        let lse = self.g.add(l, m);
+        let per_target = self.g.dims(targets).to_vec();
+        let lse = self.g.reshape(lse, &per_target);
         // One-hot as a comparison with the class index, so that it fuses into
         // the kernels that use it instead of filling a [..., classes] tensor.
         let mut dims = self.g.dims(targets).to_vec();
@@ -592,17 +602,17 @@ impl Lowering {
         let class = self.g.broadcast(class, &dims);
         let hot = self.g.binary(Binary::Eq, t, class);
         let hot = self.g.cast(hot, DType::F32);
-        let picked = self.g.mul(lsm, hot);
+        let picked = self.g.mul(logits, hot);
         let picked = self.g.reduce(Reduce::Sum, picked, &[rank - 1]);
+        let nll = self.g.sub(lse, picked);
         let ig = self.g.constant(ignore as f64, DType::Int);
         let valid = self.g.binary(Binary::Ne, targets, ig);
         let valid = self.g.cast(valid, DType::F32);
-        let total = self.g.mul(picked, valid);
+        let total = self.g.mul(nll, valid);
         let total = self.g.sum_all(total);
         let count = self.g.sum_all(valid);
         let one = self.g.constant(1.0, DType::F32);
         let count = self.g.binary(Binary::Max, count, one);
-        let mean = self.g.div(total, count);
-        self.g.neg(mean)
+        self.g.div(total, count)
     }
 }
