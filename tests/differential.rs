@@ -241,3 +241,34 @@ pub fn generated(backend: Backend, r: i64, c: i64, ops: &[(u8, usize, usize)], s
     feeds.insert("v".to_string(), rng.array(&[c as usize], 1.0));
     compare(backend, "generated", &g, &feeds, tol);
 }
+
+/// Attention over heads, `softmax(q k^T / 4 + mask) v` with a causal mask,
+/// on random q, k, v [b, h, t, d]: against the interpreter.
+pub fn attention(backend: Backend, b: usize, h: usize, t: usize, d: usize, seed: u64) {
+    let dims = |xs: &[usize]| xs.iter().map(|x| Dim::constant(*x as i64)).collect::<Vec<_>>();
+    let mut g = Graph::default();
+    let ty = TensorTy::new(DType::F32, dims(&[b, h, t, d]));
+    let (q, k, v) = (g.input("q", ty.clone()), g.input("k", ty.clone()), g.input("v", ty));
+    let scores = g.matmul_t(q, k, false, true);
+    let scores = g.scale(scores, 0.25);
+    let row = g.iota(Dim::constant(t as i64));
+    let row = g.reshape(row, &dims(&[t, 1]));
+    let col = g.iota(Dim::constant(t as i64));
+    let col = g.reshape(col, &dims(&[1, t]));
+    let (row, col) = (g.broadcast(row, &dims(&[t, t])), g.broadcast(col, &dims(&[t, t])));
+    let allowed = g.binary(Binary::Le, col, row);
+    let allowed = g.broadcast(allowed, &dims(&[b, h, t, t]));
+    let hidden = g.full(-1e9, DType::F32, &dims(&[b, h, t, t]));
+    let scores = g.select(allowed, scores, hidden);
+    let m = g.reduce_keep(Reduce::Max, scores, &[3]);
+    let z = g.sub(scores, m);
+    let e = g.unary(Unary::Exp, z);
+    let s = g.reduce_keep(Reduce::Sum, e, &[3]);
+    let p = g.div(e, s);
+    let out = g.matmul(p, v);
+    g.outputs.push(("out".into(), out));
+    let mut rng = Rng(seed | 1);
+    let feeds: HashMap<String, Array> =
+        ["q", "k", "v"].iter().map(|n| (n.to_string(), rng.array(&[b, h, t, d], 1.0))).collect();
+    compare(backend, "attention", &g, &feeds, 2e-4);
+}

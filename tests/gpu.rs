@@ -102,6 +102,13 @@ fn one_shader_of_each_kind_is_snapshotted() {
 }
 
 #[test]
+fn attention_matches_the_interpreter_on_the_gpu() {
+    for (b, h, t, d, seed) in [(2, 3, 100, 20, 1), (1, 2, 37, 7, 2)] {
+        attention(gpu, b, h, t, d, seed);
+    }
+}
+
+#[test]
 fn every_spec_matches_the_interpreter_on_the_gpu() {
     every_spec(gpu);
 }

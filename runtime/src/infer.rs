@@ -143,6 +143,8 @@ struct Cached {
     vocab: usize,
     /// Tokens whose keys and values the cache holds.
     held: usize,
+    /// Last token's outputs, the buffers of the next token's (`run_into`).
+    spare: Tensors,
 }
 
 impl Cached {
@@ -163,7 +165,7 @@ impl Cached {
                 feeds.insert(name.clone(), Tensor::new(shape, vec![0.0; count]));
             }
         }
-        Cached { graph, feeds, programs: HashMap::new(), len, vocab, held: 0 }
+        Cached { graph, feeds, programs: HashMap::new(), len, vocab, held: 0, spare: Tensors::new() }
     }
 
     /// The program for `t` new tokens, compiled on first use.
@@ -190,14 +192,20 @@ impl Cached {
         self.program(t)?;
         self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], ids.iter().map(|i| *i as f32).collect()));
         self.feeds.insert("position".into(), Tensor::new(vec![], vec![position as f32]));
-        let mut out = self.programs[&t].run(&self.feeds)?;
+        let mut out = std::mem::take(&mut self.spare);
+        self.programs[&t].run_into(&self.feeds, &mut out)?;
+        // The new cache becomes the input; the old one the next output's buffer.
         for (name, value) in out.iter_mut() {
             if let Some(layer) = name.strip_prefix("present.") {
-                self.feeds.insert(format!("past.{layer}"), std::mem::replace(value, Tensor::new(vec![0], vec![])));
+                match self.feeds.get_mut(&format!("past.{layer}")) {
+                    Some(past) => std::mem::swap(past, value),
+                    None => unreachable!("bug: a cache output without its input"),
+                }
             }
         }
-        let logits = &out["logits"].data;
-        Ok(logits[(t - 1) * self.vocab..t * self.vocab].to_vec())
+        let logits = out["logits"].data[(t - 1) * self.vocab..t * self.vocab].to_vec();
+        self.spare = out;
+        Ok(logits)
     }
 }
 

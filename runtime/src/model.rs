@@ -130,6 +130,22 @@ impl Compiled {
             Compiled::Gpu(p) => p.run(feeds),
         }
     }
+
+    /// `run`, reusing the tensors in `outputs` as the outputs' buffers where
+    /// their shapes fit (on the CPU; the GPU reads back into new ones).
+    pub fn run_into(
+        &self,
+        feeds: &HashMap<String, Tensor>,
+        outputs: &mut HashMap<String, Tensor>,
+    ) -> Result<(), String> {
+        match self {
+            Compiled::Cpu(p) => p.run_into(feeds, outputs),
+            Compiled::Gpu(p) => {
+                outputs.extend(p.run(feeds)?);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Compiles `g` for the shapes of `feeds` (weights and inputs), for the device `--device` chose.

@@ -315,12 +315,21 @@ struct Outcome {
 }
 
 impl Step {
-    /// Runs one step on `batches`; `state` becomes the updated weights and optimiser state.
-    fn run(&self, state: &mut Tensors, batches: Vec<Tensor>, rate: f64, step: usize) -> Result<Outcome, String> {
+    /// Runs one step on `batches`; `state` becomes the updated weights and
+    /// optimiser state. `spare` holds buffers for the outputs: the tensors the
+    /// update replaced go back into it for the next step.
+    fn run(
+        &self,
+        state: &mut Tensors,
+        spare: &mut Tensors,
+        batches: Vec<Tensor>,
+        rate: f64,
+        step: usize,
+    ) -> Result<Outcome, String> {
         let mut feeds = std::mem::take(state);
         feeds.insert("lr".into(), Tensor::new(vec![], vec![rate as f32]));
         feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
-        let result = self.outputs(&mut feeds, batches);
+        let result = self.outputs(&mut feeds, spare, batches);
         for k in ["input_ids", "lr", "step"] {
             feeds.remove(k);
         }
@@ -338,21 +347,32 @@ impl Step {
             return Ok(Outcome { loss, grad_norm });
         }
         for (name, value) in out {
-            if let Some(p) = name.strip_prefix("new:") {
-                feeds.insert(p.to_string(), value);
+            let replaced = if let Some(p) = name.strip_prefix("new:") {
+                feeds.insert(p.to_string(), value)
             } else if name.contains(':') && !name.starts_with("grad:") {
-                feeds.insert(name, value);
+                feeds.insert(name.clone(), value)
+            } else {
+                Some(value)
+            };
+            if let Some(old) = replaced {
+                spare.insert(name, old);
             }
         }
         *state = feeds;
         Ok(Outcome { loss, grad_norm })
     }
 
-    fn outputs(&self, feeds: &mut Tensors, batches: Vec<Tensor>) -> Result<(Tensors, f64), String> {
+    fn outputs(
+        &self,
+        feeds: &mut Tensors,
+        spare: &mut Tensors,
+        batches: Vec<Tensor>,
+    ) -> Result<(Tensors, f64), String> {
         match self {
             Step::Fused(p) => {
                 feeds.insert("input_ids".into(), batches.into_iter().next().expect("one batch"));
-                let out = p.run(feeds)?;
+                let mut out = std::mem::take(spare);
+                p.run_into(feeds, &mut out)?;
                 let loss = out["loss"].data[0] as f64;
                 Ok((out, loss))
             }
@@ -376,7 +396,8 @@ impl Step {
                     g.data.iter_mut().for_each(|v| *v /= n as f32);
                 }
                 feeds.extend(sum);
-                let out = update.run(feeds)?;
+                let mut out = std::mem::take(spare);
+                update.run_into(feeds, &mut out)?;
                 feeds.retain(|k, _| !k.starts_with("grad:"));
                 Ok((out, loss))
             }
@@ -524,6 +545,8 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let (mut curve, mut eval_curve) = read_curves(&metrics_path, args.resume.is_some());
     let started = Instant::now();
     let mut step = first_step;
+    // Output buffers handed from step to step (see `Step::run`).
+    let mut spare = Tensors::new();
     while step <= last {
         let rate = s.rate(step);
         let batches: Vec<Tensor> = (0..s.accumulate).map(|m| data.batch(s.seed, step, m, &s)).collect();
@@ -534,8 +557,9 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         }
         let first = batches[0].clone();
         let step_started = Instant::now();
-        let outcome =
-            step_program.run(&mut state, batches, rate, step).map_err(|e| usage(format!("step {step}: {e}")))?;
+        let outcome = step_program
+            .run(&mut state, &mut spare, batches, rate, step)
+            .map_err(|e| usage(format!("step {step}: {e}")))?;
         let loss = outcome.loss;
         if !loss.is_finite() || !outcome.grad_norm.is_finite() {
             let _ = save_state(&state, step - 1, best);
