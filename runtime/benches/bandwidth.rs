@@ -1,6 +1,6 @@
 //! Memory bandwidth of fused row operations against a plain copy, in the
 //! same run and on the same threads: `cargo bench -p modelc-runtime --bench
-//! bandwidth`. Softmax, RMSNorm and GELU over rows of 1024 floats, 16384 rows
+//! bandwidth`. Softmax, RMSNorm, GELU and a log over rows of 1024 floats, 16384 rows
 //! (64 MiB in, 64 MiB out: beyond the caches). Effective bandwidth counts the
 //! bytes the operation must move at least (read x once, write y once); the
 //! kernels are timed without copying the output out of the arena.
@@ -61,6 +61,7 @@ fn main() {
         ("softmax", "softmax(x, axis: -1)"),
         ("rmsnorm", "x * rsqrt(mean(x * x, axis: -1, keep: true) + 1e-5)"),
         ("gelu", "gelu(x)"),
+        ("log", "log(x * x + 1.0)"),
     ] {
         let (p, feeds) = program(name, body);
         let t = time(|| {

@@ -93,10 +93,10 @@ const CALLS: &[(&str, *const u8, usize)] = &[
 ];
 
 /// Operations that need a call, which only the scalar loop makes. exp and
-/// what is built from it (sigmoid, SiLU, tanh, erf, GELU) have vector
-/// approximations instead.
+/// what is built from it (sigmoid, SiLU, tanh, GELU), erf and log have
+/// vector approximations instead.
 fn needs_call(op: &Op) -> bool {
-    matches!(op, Op::Unary(Unary::Log | Unary::Sin | Unary::Cos) | Op::Binary(Binary::Pow))
+    matches!(op, Op::Unary(Unary::Sin | Unary::Cos) | Op::Binary(Binary::Pow))
 }
 
 pub struct Jit {
@@ -600,6 +600,78 @@ fn clamp(b: &mut FunctionBuilder, x: Value, lo: Value, hi: Value) -> Value {
     choose(b, above, hi, x, types::F32X4)
 }
 
+/// Natural log on f32x4 (Cephes' logf): x = m 2^e with m in [sqrt(1/2),
+/// sqrt(2)), log(m) by a degree-9 polynomial in m - 1, e ln 2 added in two
+/// parts. Relative error below 1e-7; subnormals are scaled by 2^23 first;
+/// log(0) = -inf, log(inf) = inf, negative or NaN -> NaN.
+fn vlog(b: &mut FunctionBuilder, x: Value) -> Value {
+    let ty = types::F32X4;
+    let little = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+    let int = |b: &mut FunctionBuilder, v: i64| {
+        let c = b.ins().iconst(types::I32, v);
+        b.ins().splat(types::I32X4, c)
+    };
+    let smallest = constant(b, f64::from(f32::MIN_POSITIVE), ty);
+    let subnormal = b.ins().fcmp(FloatCC::LessThan, x, smallest);
+    let scale = constant(b, 8_388_608.0, ty);
+    let scaled = b.ins().fmul(x, scale);
+    let xs = choose(b, subnormal, scaled, x, ty);
+    let (minus23, zero) = (constant(b, -23.0, ty), constant(b, 0.0, ty));
+    let adjust = choose(b, subnormal, minus23, zero, ty);
+    let bits = b.ins().bitcast(types::I32X4, little, xs);
+    // Exponent and mantissa, the mantissa in [0.5, 1).
+    let exponent = b.ins().ushr_imm_u(bits, 23);
+    let bias = int(b, 126);
+    let exponent = b.ins().isub(exponent, bias);
+    let e = b.ins().fcvt_from_sint(ty, exponent);
+    let e = b.ins().fadd(e, adjust);
+    let (mask, half) = (int(b, 0x007F_FFFF), int(b, 0x3F00_0000));
+    let m = b.ins().band(bits, mask);
+    let m = b.ins().bor(m, half);
+    let m = b.ins().bitcast(ty, little, m);
+    // Below sqrt(1/2): use 2m and one less in the exponent.
+    let root_half = constant(b, std::f64::consts::FRAC_1_SQRT_2, ty);
+    let low = b.ins().fcmp(FloatCC::LessThan, m, root_half);
+    let (one, doubled) = (constant(b, 1.0, ty), b.ins().fadd(m, m));
+    let e_less = b.ins().fsub(e, one);
+    let e = choose(b, low, e_less, e, ty);
+    let m = choose(b, low, doubled, m, ty);
+    let t = b.ins().fsub(m, one);
+    let z = b.ins().fmul(t, t);
+    let mut p = constant(b, 7.037_683_629_2e-2, ty);
+    for c in [
+        -1.151_461_031_0e-1,
+        1.167_699_874_0e-1,
+        -1.242_014_084_6e-1,
+        1.424_932_278_7e-1,
+        -1.666_805_766_5e-1,
+        2.000_071_476_5e-1,
+        -2.499_999_399_3e-1,
+        3.333_333_117_4e-1,
+    ] {
+        let c = constant(b, c, ty);
+        p = mul_add(b, p, t, c);
+    }
+    let p = b.ins().fmul(p, t);
+    let y = b.ins().fmul(p, z);
+    let ln2_lo = constant(b, -2.121_944_40e-4, ty);
+    let y = mul_add(b, e, ln2_lo, y);
+    let minus_half = constant(b, -0.5, ty);
+    let y = mul_add(b, z, minus_half, y);
+    let r = b.ins().fadd(t, y);
+    let ln2_hi = constant(b, 0.693_359_375, ty);
+    let r = mul_add(b, e, ln2_hi, r);
+    // The edges: log 0 = -inf, log inf = inf, a negative or NaN gives NaN.
+    let (inf, minus_inf) = (constant(b, f64::INFINITY, ty), constant(b, f64::NEG_INFINITY, ty));
+    let is_zero = b.ins().fcmp(FloatCC::Equal, x, zero);
+    let r = choose(b, is_zero, minus_inf, r, ty);
+    let is_inf = b.ins().fcmp(FloatCC::Equal, x, inf);
+    let r = choose(b, is_inf, inf, r, ty);
+    let in_domain = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, zero);
+    let nan = constant(b, f64::NAN, ty);
+    choose(b, in_domain, r, nan, ty)
+}
+
 /// tanh on f32x4 as 1 - 2 / (e^(2x) + 1), exact in the limits.
 fn vtanh(b: &mut FunctionBuilder, x: Value) -> Value {
     let ty = types::F32X4;
@@ -662,7 +734,7 @@ fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
     choose(b, saturated, unit, y, ty)
 }
 
-/// exp, tanh and erf: a call per element in the scalar loop, an approximation on vectors.
+/// exp, log, tanh and erf: a call per element in the scalar loop, an approximation on vectors.
 fn exp_like(
     b: &mut FunctionBuilder,
     refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
@@ -675,6 +747,7 @@ fn exp_like(
     }
     match name {
         "modelc_exp" => vexp(b, x),
+        "modelc_log" => vlog(b, x),
         "modelc_tanh" => vtanh(b, x),
         _ => verf(b, x),
     }
@@ -788,7 +861,7 @@ fn emit_element(
                         flag(b, c, ty)
                     }
                     Unary::Exp => exp_like(b, refs, "modelc_exp", a, ty),
-                    Unary::Log => call1(b, refs, "modelc_log", a),
+                    Unary::Log => exp_like(b, refs, "modelc_log", a, ty),
                     Unary::Tanh => exp_like(b, refs, "modelc_tanh", a, ty),
                     Unary::Sin => call1(b, refs, "modelc_sin", a),
                     Unary::Cos => call1(b, refs, "modelc_cos", a),
