@@ -6,9 +6,10 @@
 //! contiguously (or is a scalar) the loop runs on f32x4 vectors with a
 //! scalar tail; inputs read through a broadcast use integer index
 //! arithmetic with the sizes baked in. Functions Cranelift has no
-//! instruction for are calls into Rust in the scalar loop; exp, tanh and erf
-//! have f32x4 approximations (about 1e-7), so softmax and the activations
-//! stay vectorised; log, sin, cos and pow keep a kernel scalar.
+//! instruction for are calls into Rust in the scalar loop; exp, log, tanh
+//! and erf have f32x4 approximations (about 1e-7), so softmax, the losses
+//! and the activations stay vectorised; sin, cos and pow keep a kernel
+//! scalar.
 
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::syntax::ast::DType;
