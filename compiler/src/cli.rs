@@ -459,6 +459,27 @@ fn bind_sizes(graph: &crate::ir::graph::Graph, sizes: &[String]) -> Result<crate
     Ok(bound)
 }
 
+/// The model's program (see `program_graph`), optimised, scheduled and planned at the given sizes.
+#[allow(clippy::type_complexity)]
+fn planned(
+    args: &ModelArgs,
+    train: bool,
+    sizes: &[String],
+) -> Result<
+    (
+        check::Checked,
+        crate::ir::graph::Graph,
+        crate::ir::interp::Sizes,
+        crate::backend::schedule::Schedule,
+        crate::backend::plan::Plan,
+    ),
+    ExitCode,
+> {
+    let (checked, graph) = program_graph(args, train)?;
+    let (graph, bound, sched, memory) = cpu_plan(&graph, sizes)?;
+    Ok((checked, graph, bound, sched, memory))
+}
+
 /// The optimised graph scheduled and planned for the CPU at the given sizes.
 fn cpu_plan(
     graph: &crate::ir::graph::Graph,
@@ -523,11 +544,7 @@ fn bytes(n: usize) -> String {
 
 fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
     use crate::backend::wgsl;
-    let (checked, graph) = match program_graph(args, train) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (graph, bound, sched, memory) = match cpu_plan(&graph, sizes) {
+    let (checked, graph, bound, sched, memory) = match planned(args, train, sizes) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -552,26 +569,9 @@ fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The names `modelc kernels` gives the leaves of a schedule: `k3`, or `k3.1` for a row group's part.
-fn kernel_names(sched: &crate::backend::schedule::Schedule) -> Vec<String> {
-    use crate::backend::schedule::Kernel;
-    let mut names = Vec::new();
-    for (k, kernel) in sched.kernels.iter().enumerate() {
-        match kernel {
-            Kernel::Rows(parts) => names.extend((0..parts.len()).map(|p| format!("k{k}.{p}"))),
-            _ => names.push(format!("k{k}")),
-        }
-    }
-    names
-}
-
 fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
     use crate::backend::{clif as codegen, schedule};
-    let (checked, graph) = match program_graph(args, train) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (graph, bound, sched, memory) = match cpu_plan(&graph, sizes) {
+    let (checked, graph, bound, sched, memory) = match planned(args, train, sizes) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -594,8 +594,7 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> E
                 return ExitCode::FAILURE;
             }
         };
-        let names = kernel_names(&sched);
-        for (kernel, name) in sched.leaves().into_iter().zip(names) {
+        for (kernel, name) in sched.leaves().into_iter().zip(sched.leaf_names()) {
             match codegen::describe(&mut jit, &graph, kernel, &bound, &memory) {
                 Ok(None) => {}
                 Ok(Some(text)) => println!("\n; {name}\n{text}"),

@@ -303,16 +303,8 @@ fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_sta
         if inner > 1 {
             continue;
         }
-        let mut offset = b.ins().iconst(types::I64, start);
-        for &(ostride, osize, istride) in &axes[..axes.len() - 1] {
-            if istride == 0 {
-                continue;
-            }
-            let q = b.ins().udiv_imm_u(row_start, ostride);
-            let r = b.ins().urem_imm_u(q, osize);
-            let t = b.ins().imul_imm_u(r, istride);
-            offset = b.ins().iadd(offset, t);
-        }
+        // The row's offset: every axis but the innermost at the row's first element.
+        let offset = indexed_offset(b, row_start, start, &axes[..axes.len() - 1]);
         let read = if inner == 0 {
             let addr = address(b, bases[k], offset);
             RowRead::Splat(b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), addr, 0))
@@ -498,6 +490,19 @@ fn reduce_rows(
         b.ins().store(MemFlagsData::new().with_notrap(), acc, addr, 0);
         Vec::new()
     });
+}
+
+/// `start + sum over axes of ((index / output stride) % output size) * input stride`:
+/// where output element `index` reads an `Access::Indexed` input.
+fn indexed_offset(b: &mut FunctionBuilder, index: Value, start: i64, axes: &[(i64, i64, i64)]) -> Value {
+    let mut offset = b.ins().iconst(types::I64, start);
+    for &(ostride, osize, istride) in axes.iter().filter(|a| a.2 != 0) {
+        let q = b.ins().udiv_imm_u(index, ostride);
+        let r = b.ins().urem_imm_u(q, osize);
+        let t = b.ins().imul_imm_u(r, istride);
+        offset = b.ins().iadd(offset, t);
+    }
+    offset
 }
 
 fn address(b: &mut FunctionBuilder, base: Value, index: Value) -> Value {
@@ -790,16 +795,7 @@ fn emit_element(
                 }
             },
             Access::Indexed { offset, axes } => {
-                let mut src = b.ins().iconst(types::I64, *offset);
-                for &(ostride, osize, istride) in axes {
-                    if istride == 0 {
-                        continue;
-                    }
-                    let q = b.ins().udiv_imm_u(i, ostride);
-                    let r = b.ins().urem_imm_u(q, osize);
-                    let t = b.ins().imul_imm_u(r, istride);
-                    src = b.ins().iadd(src, t);
-                }
+                let src = indexed_offset(b, i, *offset, axes);
                 let addr = address(b, bases[k], src);
                 let inner_contiguous = axes.last().is_some_and(|a| a.2 == 1);
                 if ty == types::F32 || inner_contiguous {

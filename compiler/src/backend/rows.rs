@@ -82,13 +82,7 @@ impl Rows {
     /// The rows a group starting with `k` runs over: a fused kernel's output
     /// rows, or the rows a reduction folds.
     fn anchored_at(g: &Graph, k: &Kernel) -> Option<Rows> {
-        let dims = match k {
-            Kernel::Fused { .. } => g.dims(k.output()),
-            Kernel::FusedReduce { nodes, .. } => g.dims(*nodes.last()?),
-            Kernel::Single(n) if innermost_reduce(g, *n) => g.dims(g.node(*n).args[0]),
-            _ => return None,
-        };
-        let (len, outer) = dims.split_last()?;
+        let (len, outer) = g.dims(row_value(g, k)?).split_last()?;
         Some(Rows { outer: outer.to_vec(), len: len.clone() })
     }
 
@@ -147,6 +141,18 @@ impl Rows {
             }
         }
         reads_any
+    }
+}
+
+/// The value whose rows a group starting with `k` runs over (outer axes,
+/// then the row): a fused kernel's output, or what a reduction folds.
+/// `None` when `k` cannot start a group.
+pub fn row_value(g: &Graph, k: &Kernel) -> Option<NodeId> {
+    match k {
+        Kernel::Fused { .. } => Some(k.output()),
+        Kernel::FusedReduce { nodes, .. } => nodes.last().copied(),
+        Kernel::Single(n) if innermost_reduce(g, *n) => Some(g.node(*n).args[0]),
+        _ => None,
     }
 }
 

@@ -85,6 +85,19 @@ impl Schedule {
             })
             .collect()
     }
+
+    /// The names of `leaves()` as `modelc kernels` prints them: `k3`, or
+    /// `k3.1` for part 1 of row group 3.
+    pub fn leaf_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            match kernel {
+                Kernel::Rows(parts) => names.extend((0..parts.len()).map(|p| format!("k{k}.{p}"))),
+                _ => names.push(format!("k{k}")),
+            }
+        }
+        names
+    }
 }
 
 /// Groups `g` into kernels. A node joins its single consumer's fused kernel

@@ -88,8 +88,8 @@ pub fn shaders(
 ) -> Result<Vec<Option<Shader>>, String> {
     s.leaves()
         .into_iter()
-        .enumerate()
-        .map(|(k, kernel)| {
+        .zip(s.leaf_names())
+        .map(|(kernel, label)| {
             let e = Emitter { g, plan, sizes, layout };
             let shader = match kernel {
                 Kernel::View(_) => return Ok(None),
@@ -98,7 +98,7 @@ pub fn shaders(
                 Kernel::Single(n) => e.single(*n)?,
                 Kernel::Rows(_) => unreachable!("bug: leaves() opens row groups"),
             };
-            Ok(shader.map(|(source, workgroups)| Shader { label: format!("k{k}"), source, workgroups }))
+            Ok(shader.map(|(source, workgroups)| Shader { label, source, workgroups }))
         })
         .collect()
 }

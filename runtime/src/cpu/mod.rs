@@ -132,12 +132,7 @@ impl Pending {
                 modelc::backend::clif::reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?
             }
             Kernel::Rows(parts) => {
-                // The rows are the first part's: its output's, or those it reduces.
-                let first = match &parts[0] {
-                    Kernel::FusedReduce { nodes, .. } => *nodes.last().expect("a fused kernel has nodes"),
-                    Kernel::Single(n) => graph.node(*n).args[0],
-                    k => k.output(),
-                };
+                let first = modelc::backend::rows::row_value(graph, &parts[0]).expect("bug: a group starts a row");
                 let shape = concrete(graph, first, sizes)?;
                 let len = *shape.last().expect("rows have a length");
                 let rows = shape[..shape.len() - 1].iter().product();
@@ -311,6 +306,7 @@ impl Program {
             let shape = concrete(&self.graph, *id, &self.sizes)?;
             let value = self.read(*id, arena, feeds);
             match outputs.get_mut(name) {
+                Some(t) if t.shape == shape && t.data.len() < 1 << 18 => t.data.copy_from_slice(&value),
                 Some(t) if t.shape == shape => t
                     .data
                     .par_chunks_mut(1 << 16)
