@@ -8,13 +8,21 @@
 //! arithmetic with the sizes baked in. Functions Cranelift has no
 //! instruction for are calls into Rust in the scalar loop; exp, log, tanh
 //! and erf have f32x4 approximations (about 1e-7), so softmax, the losses
-//! and the activations stay vectorised; sin, cos and pow keep a kernel
-//! scalar.
+//! and the activations stay vectorised; pow keeps a kernel scalar.
+//!
+//! Where the host has AVX2 and FMA, elementwise kernels instead run in
+//! chunks of `CHUNK` elements and hand exp, log, erf, the activations, sin
+//! and cos to `vmath`'s functions built for 8- or 16-lane vectors: the
+//! argument goes into a stack buffer, the function maps it, the rest of the
+//! kernel reads it back (`Wide`).
 
+use super::vmath;
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::syntax::ast::DType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, Type, Value, types};
+use cranelift_codegen::ir::{
+    AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value, types,
+};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -103,11 +111,21 @@ fn needs_call(op: &Op) -> bool {
 pub struct Jit {
     module: JITModule,
     calls: HashMap<&'static str, FuncId>,
+    /// The wide-vector functions (`vmath`) by the operation they compute, in
+    /// `vmath::functions`' order; empty when the host lacks them or they are off.
+    wide: Vec<(Unary, FuncId)>,
     count: usize,
 }
 
 impl Jit {
     pub fn new() -> Result<Jit, String> {
+        Jit::with_wide_math(true)
+    }
+
+    /// A JIT whose kernels call `vmath`'s wide-vector functions for exp, erf
+    /// and the like (when `wide` and the host has them), or compute them in
+    /// f32x4 themselves.
+    pub fn with_wide_math(wide: bool) -> Result<Jit, String> {
         let mut flags = settings::builder();
         flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
         flags.set("is_pic", "false").map_err(|e| e.to_string())?;
@@ -121,7 +139,12 @@ impl Jit {
         for (name, ptr, _) in CALLS {
             jb.symbol(*name, *ptr);
         }
+        let functions = if wide { vmath::functions() } else { Vec::new() };
+        for (_, f) in &functions {
+            jb.symbol(f.name, f.ptr);
+        }
         let mut module = JITModule::new(jb);
+
         let mut calls = HashMap::new();
         for (name, _, arity) in CALLS {
             let mut sig = module.make_signature();
@@ -132,7 +155,17 @@ impl Jit {
             let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| e.to_string())?;
             calls.insert(*name, id);
         }
-        Ok(Jit { module, calls, count: 0 })
+        let mut slice_sig = module.make_signature();
+        let ptr = module.target_config().pointer_type();
+        slice_sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::I64)]);
+        let wide = functions
+            .iter()
+            .map(|(op, f)| {
+                let id = module.declare_function(f.name, Linkage::Import, &slice_sig).map_err(|e| e.to_string())?;
+                Ok((*op, id))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Jit { module, calls, wide, count: 0 })
     }
 
     /// Compiles one fused kernel; returns its Cranelift IR text too.
@@ -164,34 +197,29 @@ impl Jit {
             let out = b.ins().load(ptr, trusted, ptrs, 0);
             let bases: Vec<Value> =
                 (0..spec.inputs.len()).map(|k| b.ins().load(ptr, trusted, ptrs, (8 * (k + 1)) as i32)).collect();
+            // Elementwise kernels hand their exp, erf, ... to the wide functions
+            // chunk by chunk; reductions keep them inline.
+            let wide = if spec.reduce.is_none() { Wide::new(&mut b, spec, &self.wide, &mut self.module) } else { None };
+            let staged = |n: &NodeId| wide.as_ref().is_some_and(|w| w.staged.iter().any(|s| s.node == *n));
             // Broadcast reads vectorise when each group of 4 lanes lies in one row of the
             // output and the input's innermost axis is contiguous (a vector load) or
             // broadcast (one element, splat). A folded reduction's groups never cross a row,
             // nor do those of a kernel run row by row (`row_loop`).
             let by_rows = spec.reduce.is_none() && spec.row_len().is_some_and(|l| l >= ROW_LOOP_MIN);
-            let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op))
+            let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op) && !staged(n))
                 && spec.access.values().all(|a| match a {
                     Access::Indexed { axes, .. } => axes.last().is_some_and(|&(_, osize, istride)| {
                         (spec.reduce.is_some() || by_rows || osize % 4 == 0) && istride <= 1
                     }),
                     _ => true,
                 });
-            let flat = HashMap::new();
+            let k = Emit { spec, bases, refs, out, vector: vectorizable, wide };
             if let Some((op, row)) = spec.reduce {
-                reduce_rows(&mut b, spec, &bases, &refs, out, start, end, row, op, vectorizable);
+                reduce_rows(&mut b, &k, start, end, row, op);
             } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
-                row_loop(&mut b, spec, &bases, &refs, out, start, end, len, vectorizable);
+                row_loop(&mut b, &k, start, end, len);
             } else {
-                let tail_start = if vectorizable {
-                    // Vector loop over whole groups of 4, then the scalar tail.
-                    let len = b.ins().isub(end, start);
-                    let whole = b.ins().band_imm_s(len, !3);
-                    let vend = b.ins().iadd(start, whole);
-                    element_loop(&mut b, spec, &bases, &flat, &refs, out, start, vend, types::F32X4)
-                } else {
-                    start
-                };
-                element_loop(&mut b, spec, &bases, &flat, &refs, out, tail_start, end, types::F32);
+                range(&mut b, &k, &HashMap::new(), start, end);
             }
             b.ins().return_(&[]);
             b.finalize(self.module.target_config());
@@ -253,28 +281,179 @@ fn counted_loop(
     (results[0], results[1..].to_vec())
 }
 
-/// `for i in (from..to).step_by(lanes) { out[i..] = element(i) }`; returns
-/// the index the loop stopped at.
-#[allow(clippy::too_many_arguments)]
-fn element_loop(
-    b: &mut FunctionBuilder,
-    spec: &FusedSpec,
-    bases: &[Value],
-    rows: &HashMap<usize, RowRead>,
-    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+/// What the loops of one kernel share.
+struct Emit<'s, 'a> {
+    spec: &'s FusedSpec<'a>,
+    /// The inputs' base pointers, in the kernel's order.
+    bases: Vec<Value>,
+    refs: HashMap<&'static str, FuncRef>,
     out: Value,
+    /// Whether the element loops run on f32x4 (then a scalar tail).
+    vector: bool,
+    wide: Option<Wide>,
+}
+
+impl Emit<'_, '_> {
+    fn root(&self) -> NodeId {
+        *self.spec.nodes.last().expect("a fused kernel has nodes")
+    }
+}
+
+/// Elements per chunk of a kernel that calls wide functions: the chunk's
+/// buffers (4 KiB each on the stack) stay in L1.
+const CHUNK: i64 = 1024;
+
+/// The members of an elementwise kernel that `vmath`'s wide functions
+/// compute, chunk by chunk: their arguments are written to a buffer for the
+/// chunk, the function maps it in place, and later members read it back.
+struct Wide {
+    staged: Vec<Staged>,
+}
+
+struct Staged {
+    node: NodeId,
+    /// 1 + the deepest level among the staged members its argument needs:
+    /// the chunk's levels run in order.
+    level: usize,
+    function: FuncRef,
+    /// The chunk's buffer (a stack slot's address).
+    buffer: Value,
+}
+
+impl Wide {
+    fn new(
+        b: &mut FunctionBuilder,
+        spec: &FusedSpec,
+        wide: &[(Unary, FuncId)],
+        module: &mut JITModule,
+    ) -> Option<Wide> {
+        let ptr = module.target_config().pointer_type();
+        let mut levels: HashMap<NodeId, usize> = HashMap::new();
+        let mut staged = Vec::new();
+        for &n in spec.nodes {
+            let node = spec.graph.node(n);
+            let below = node.args.iter().filter_map(|a| levels.get(a)).max().copied().unwrap_or(0);
+            let function = match node.op {
+                Op::Unary(u) => wide.iter().find(|(op, _)| *op == u).map(|(_, id)| *id),
+                _ => None,
+            };
+            let level = match function {
+                Some(id) => {
+                    let slot = b.create_sized_stack_slot(StackSlotData::new(
+                        StackSlotKind::ExplicitSlot,
+                        (CHUNK * 4) as u32,
+                        6,
+                    ));
+                    let buffer = b.ins().stack_addr(ptr, slot, 0);
+                    let function = module.declare_func_in_func(id, b.func);
+                    staged.push(Staged { node: n, level: below + 1, function, buffer });
+                    below + 1
+                }
+                None => below,
+            };
+            levels.insert(n, level);
+        }
+        (!staged.is_empty()).then_some(Wide { staged })
+    }
+}
+
+/// The chunk a kernel's loops are in: where it starts, and the buffers of
+/// the staged members computed so far.
+struct Chunk {
+    start: Value,
+    buffers: HashMap<NodeId, Value>,
+}
+
+/// `body(i, ty)` for `i` in `from..to`: groups of 4 as f32x4 when `vector`, then one by one.
+fn lanes(
+    b: &mut FunctionBuilder,
+    vector: bool,
     from: Value,
     to: Value,
-    ty: Type,
-) -> Value {
-    let step = i64::from(ty.lane_count());
-    counted_loop(b, from, to, step, &[], |b, i, _| {
-        let v = emit_element(b, spec, bases, rows, i, ty, refs);
-        let addr = address(b, out, i);
-        b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+    mut body: impl FnMut(&mut FunctionBuilder, Value, Type),
+) {
+    let tail = if vector {
+        let n = b.ins().isub(to, from);
+        let whole = b.ins().band_imm_s(n, !3);
+        let vend = b.ins().iadd(from, whole);
+        counted_loop(b, from, vend, 4, &[], |b, i, _| {
+            body(b, i, types::F32X4);
+            Vec::new()
+        });
+        vend
+    } else {
+        from
+    };
+    counted_loop(b, tail, to, 1, &[], |b, i, _| {
+        body(b, i, types::F32);
         Vec::new()
-    })
-    .0
+    });
+}
+
+/// Output elements `from..to` (`rows`: the row's reads, when in one row).
+fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, from: Value, to: Value) {
+    let Some(wide) = &k.wide else {
+        lanes(b, k.vector, from, to, |b, i, ty| {
+            let v = emit_element(b, k, rows, None, i, ty, k.root());
+            let addr = address(b, k.out, i);
+            b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+        });
+        return;
+    };
+    let root = k.root();
+    let levels = wide.staged.iter().map(|s| s.level).max().unwrap_or(0);
+    counted_loop(b, from, to, CHUNK, &[], |b, start, _| {
+        let next = b.ins().iadd_imm_s(start, CHUNK);
+        let end = b.ins().smin(next, to);
+        let n = b.ins().isub(end, start);
+        let mut chunk = Chunk { start, buffers: HashMap::new() };
+        for level in 1..=levels {
+            let now: Vec<&Staged> = wide.staged.iter().filter(|s| s.level == level).collect();
+            // Each function's source: a staged member's buffer, an input read
+            // contiguously (in place), or the argument computed into its buffer.
+            let mut computed = Vec::new();
+            let mut sources = Vec::new();
+            for s in &now {
+                let a = k.spec.graph.node(s.node).args[0];
+                let input = k.spec.inputs.iter().position(|x| *x == a);
+                let source = match (chunk.buffers.get(&a), input) {
+                    (Some(buffer), _) => *buffer,
+                    (None, Some(i)) if k.spec.access.get(&a) == Some(&Access::Contiguous) => {
+                        address(b, k.bases[i], start)
+                    }
+                    _ => {
+                        computed.push((a, s.buffer));
+                        s.buffer
+                    }
+                };
+                sources.push(source);
+            }
+            if !computed.is_empty() {
+                lanes(b, k.vector, start, end, |b, i, ty| {
+                    let j = b.ins().isub(i, chunk.start);
+                    for &(a, buffer) in &computed {
+                        let v = emit_element(b, k, rows, Some(&chunk), i, ty, a);
+                        let addr = address(b, buffer, j);
+                        b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+                    }
+                });
+            }
+            for (s, source) in now.iter().zip(sources) {
+                // The root's function writes the output itself.
+                let target = if s.node == root { address(b, k.out, start) } else { s.buffer };
+                b.ins().call(s.function, &[source, target, n]);
+                chunk.buffers.insert(s.node, s.buffer);
+            }
+        }
+        if !wide.staged.iter().any(|s| s.node == root) {
+            lanes(b, k.vector, start, end, |b, i, ty| {
+                let v = emit_element(b, k, rows, Some(&chunk), i, ty, root);
+                let addr = address(b, k.out, i);
+                b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+            });
+        }
+        Vec::new()
+    });
 }
 
 /// Rows at least this long run by `row_loop`; shorter ones keep the flat loop.
@@ -291,9 +470,10 @@ enum RowRead {
 }
 
 /// The per-row reads of the row starting at output index `row_start`.
-fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_start: Value) -> HashMap<usize, RowRead> {
+fn row_reads(b: &mut FunctionBuilder, k: &Emit, row_start: Value) -> HashMap<usize, RowRead> {
+    let (spec, bases) = (k.spec, &k.bases);
     let mut reads = HashMap::new();
-    for (k, input) in spec.inputs.iter().enumerate() {
+    for (j, input) in spec.inputs.iter().enumerate() {
         let indexed = spec.nodes.iter().chain([input]).find_map(|n| match spec.access.get(n) {
             Some(Access::Indexed { offset, axes }) if access_source(spec, *n) == *input => Some((*offset, axes)),
             _ => None,
@@ -306,13 +486,13 @@ fn row_reads(b: &mut FunctionBuilder, spec: &FusedSpec, bases: &[Value], row_sta
         // The row's offset: every axis but the innermost at the row's first element.
         let offset = indexed_offset(b, row_start, start, &axes[..axes.len() - 1]);
         let read = if inner == 0 {
-            let addr = address(b, bases[k], offset);
+            let addr = address(b, bases[j], offset);
             RowRead::Splat(b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), addr, 0))
         } else {
             let shift = b.ins().isub(offset, row_start);
-            RowRead::Shifted(address(b, bases[k], shift))
+            RowRead::Shifted(address(b, bases[j], shift))
         };
-        reads.insert(k, read);
+        reads.insert(j, read);
     }
     // Pass them into a new block: computed as pure instructions, Cranelift
     // would otherwise recompute them (divisions included) at every use
@@ -360,18 +540,7 @@ fn access_source(spec: &FusedSpec, n: NodeId) -> NodeId {
 /// The elements `from..to` of a kernel with broadcast inputs, row by row
 /// (rows of `len`): each row's broadcast offsets once, then its elements
 /// in groups of 4 (when `vector`) and a scalar tail.
-#[allow(clippy::too_many_arguments)]
-fn row_loop(
-    b: &mut FunctionBuilder,
-    spec: &FusedSpec,
-    bases: &[Value],
-    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
-    out: Value,
-    from: Value,
-    to: Value,
-    len: i64,
-    vector: bool,
-) {
+fn row_loop(b: &mut FunctionBuilder, k: &Emit, from: Value, to: Value, len: i64) {
     let first = b.ins().udiv_imm_u(from, len);
     let past = b.ins().iadd_imm_s(to, len - 1);
     let past = b.ins().udiv_imm_u(past, len);
@@ -380,16 +549,8 @@ fn row_loop(
         let row_end = b.ins().iadd_imm_s(row_start, len);
         let lo = b.ins().smax(from, row_start);
         let hi = b.ins().smin(to, row_end);
-        let reads = row_reads(b, spec, bases, row_start);
-        let tail = if vector {
-            let n = b.ins().isub(hi, lo);
-            let whole = b.ins().band_imm_s(n, !3);
-            let vend = b.ins().iadd(lo, whole);
-            element_loop(b, spec, bases, &reads, refs, out, lo, vend, types::F32X4)
-        } else {
-            lo
-        };
-        element_loop(b, spec, bases, &reads, refs, out, tail, hi, types::F32);
+        let reads = row_reads(b, k, row_start);
+        range(b, k, &reads, lo, hi);
         Vec::new()
     });
 }
@@ -418,19 +579,8 @@ const ACCUMULATORS: i64 = 4;
 
 /// `for r in from..to { out[r] = fold(op, element(r * row + j) for j in 0..row) }`:
 /// whole groups of 4 in f32x4 (when `vector`), lanes folded in order, then the tail.
-#[allow(clippy::too_many_arguments)]
-fn reduce_rows(
-    b: &mut FunctionBuilder,
-    spec: &FusedSpec,
-    bases: &[Value],
-    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
-    out: Value,
-    from: Value,
-    to: Value,
-    row: i64,
-    op: Reduce,
-    vector: bool,
-) {
+fn reduce_rows(b: &mut FunctionBuilder, k: &Emit, from: Value, to: Value, row: i64, op: Reduce) {
+    let vector = k.vector;
     let init = match op {
         Reduce::Sum => 0.0,
         Reduce::Max => f64::NEG_INFINITY,
@@ -440,14 +590,14 @@ fn reduce_rows(
     let row_count = b.ins().iconst(types::I64, row);
     counted_loop(b, from, to, 1, &[], |b, r, _| {
         let base = b.ins().imul(r, row_count);
-        let reads = row_reads(b, spec, bases, base);
+        let reads = row_reads(b, k, base);
         // One pass over j in [j0, j1) with an accumulator of type `ty`.
         let fold = |b: &mut FunctionBuilder, ty: Type, acc: Value, j0: i64, j1: i64| -> Value {
             let (from, to) = (b.ins().iconst(types::I64, j0), b.ins().iconst(types::I64, j1));
             let step = i64::from(ty.lane_count());
             counted_loop(b, from, to, step, &[(acc, ty)], |b, j, acc| {
                 let i = b.ins().iadd(base, j);
-                let v = emit_element(b, spec, bases, &reads, i, ty, refs);
+                let v = emit_element(b, k, &reads, None, i, ty, k.root());
                 vec![combine(b, op, acc[0], v)]
             })
             .1[0]
@@ -462,11 +612,11 @@ fn reduce_rows(
                 let carried = vec![(acc4, types::F32X4); ACCUMULATORS as usize];
                 let accs = counted_loop(b, from, to, 4 * ACCUMULATORS, &carried, |b, j, accs| {
                     (0..ACCUMULATORS)
-                        .map(|k| {
-                            let jk = b.ins().iadd_imm_s(j, 4 * k);
-                            let i = b.ins().iadd(base, jk);
-                            let v = emit_element(b, spec, bases, &reads, i, types::F32X4, refs);
-                            combine(b, op, accs[k as usize], v)
+                        .map(|a| {
+                            let ja = b.ins().iadd_imm_s(j, 4 * a);
+                            let i = b.ins().iadd(base, ja);
+                            let v = emit_element(b, k, &reads, None, i, types::F32X4, k.root());
+                            combine(b, op, accs[a as usize], v)
                         })
                         .collect()
                 })
@@ -486,7 +636,7 @@ fn reduce_rows(
             }
         }
         let acc = fold(b, types::F32, acc, whole, row);
-        let addr = address(b, out, r);
+        let addr = address(b, k.out, r);
         b.ins().store(MemFlagsData::new().with_notrap(), acc, addr, 0);
         Vec::new()
     });
@@ -540,7 +690,7 @@ fn nonzero(b: &mut FunctionBuilder, x: Value, ty: Type) -> Value {
     b.ins().fcmp(FloatCC::NotEqual, x, zero)
 }
 
-fn call1(b: &mut FunctionBuilder, refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>, name: &str, x: Value) -> Value {
+fn call1(b: &mut FunctionBuilder, refs: &HashMap<&str, FuncRef>, name: &str, x: Value) -> Value {
     let call = b.ins().call(refs[name], &[x]);
     b.inst_results(call)[0]
 }
@@ -741,13 +891,7 @@ fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
 }
 
 /// exp, log, tanh and erf: a call per element in the scalar loop, an approximation on vectors.
-fn exp_like(
-    b: &mut FunctionBuilder,
-    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
-    name: &str,
-    x: Value,
-    ty: Type,
-) -> Value {
+fn exp_like(b: &mut FunctionBuilder, refs: &HashMap<&str, FuncRef>, name: &str, x: Value, ty: Type) -> Value {
     if ty == types::F32 {
         return call1(b, refs, name, x);
     }
@@ -759,17 +903,28 @@ fn exp_like(
     }
 }
 
-/// The kernel's output element (or 4 elements) at index `i`.
+/// The value of `target` (a member or an input) at output index `i`, one
+/// element or 4. Members a wide function computed for this chunk are read
+/// from their buffers; only what `target` needs is computed.
 fn emit_element(
     b: &mut FunctionBuilder,
-    spec: &FusedSpec,
-    bases: &[Value],
+    k: &Emit,
     rows: &HashMap<usize, RowRead>,
+    chunk: Option<&Chunk>,
     i: Value,
     ty: Type,
-    refs: &HashMap<&str, cranelift_codegen::ir::FuncRef>,
+    target: NodeId,
 ) -> Value {
+    let (spec, bases, refs) = (k.spec, &k.bases, &k.refs);
     let mut values: HashMap<NodeId, Value> = HashMap::new();
+    let buffered = |n: &NodeId| chunk.and_then(|c| c.buffers.get(n)).copied();
+    // What `target` needs, walking back from it; a buffered member needs nothing.
+    let mut needed = std::collections::HashSet::from([target]);
+    for &n in spec.nodes.iter().rev() {
+        if needed.contains(&n) && buffered(&n).is_none() {
+            needed.extend(spec.graph.node(n).args.iter().copied());
+        }
+    }
     let load = |b: &mut FunctionBuilder, k: usize, access: &Access| -> Value {
         let flags = MemFlagsData::new().with_notrap().with_readonly();
         match access {
@@ -822,6 +977,15 @@ fn emit_element(
         }
     };
     for &n in spec.nodes {
+        if !needed.contains(&n) {
+            continue;
+        }
+        if let (Some(buffer), Some(c)) = (buffered(&n), chunk) {
+            let j = b.ins().isub(i, c.start);
+            let addr = address(b, buffer, j);
+            values.insert(n, b.ins().load(ty, MemFlagsData::new().with_notrap().with_readonly(), addr, 0));
+            continue;
+        }
         let node = spec.graph.node(n);
         let x = |b: &mut FunctionBuilder, values: &HashMap<NodeId, Value>, k: usize| arg(b, values, node.args[k]);
         let v = match &node.op {
@@ -959,7 +1123,7 @@ fn emit_element(
         };
         values.insert(n, v);
     }
-    values[spec.nodes.last().expect("a fused kernel has nodes")]
+    arg(b, &values, target)
 }
 
 /// The fused kernel's spec: how each input is read, sizes bound.

@@ -5,4 +5,5 @@ pub mod clif;
 pub mod plan;
 pub mod rows;
 pub mod schedule;
+pub mod vmath;
 pub mod wgsl;

@@ -194,13 +194,32 @@ fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
     g.dims(n).iter().map(|d| interp::eval_dim(d, sizes)).collect()
 }
 
+/// How a program is compiled.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileOptions {
+    /// Elementwise kernels call the host's wide-vector exp, erf, ... over
+    /// chunks (`modelc::backend::vmath`) where it has AVX2 and FMA; off, they
+    /// compute them in f32x4 (the tests compare both with the interpreter).
+    pub wide_math: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> CompileOptions {
+        CompileOptions { wide_math: true }
+    }
+}
+
 impl Program {
     pub fn compile(graph: &Graph, sizes: &Sizes) -> Result<Program, String> {
+        Program::compile_with(graph, sizes, CompileOptions::default())
+    }
+
+    pub fn compile_with(graph: &Graph, sizes: &Sizes, options: CompileOptions) -> Result<Program, String> {
         let started = std::time::Instant::now();
         let graph = graph.clone();
         let schedule = schedule(&graph);
         let plan = plan(&graph, &schedule, sizes)?;
-        let mut jit = Jit::new()?;
+        let mut jit = Jit::with_wide_math(options.wide_math)?;
         let mut clif = Vec::new();
         let pending = schedule
             .kernels
