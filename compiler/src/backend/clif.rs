@@ -364,7 +364,13 @@ struct Chunk {
     buffers: HashMap<NodeId, Value>,
 }
 
-/// `body(i, ty)` for `i` in `from..to`: groups of 4 as f32x4 when `vector`, then one by one.
+/// f32x4 groups per iteration of the vector loops: halves the loop's own
+/// instructions (GELU over 16M floats 2.9 -> 1.7 ms) for a third more
+/// code to compile (LLaMA-2-7B's forward: 120 -> 155 ms).
+const UNROLL: i64 = 2;
+
+/// `body(i, ty)` for `i` in `from..to`: runs of `UNROLL` groups of 4, then
+/// groups of 4 as f32x4 (when `vector`), then one by one.
 fn lanes(
     b: &mut FunctionBuilder,
     vector: bool,
@@ -374,9 +380,18 @@ fn lanes(
 ) {
     let tail = if vector {
         let n = b.ins().isub(to, from);
+        let unrolled = b.ins().band_imm_s(n, !(4 * UNROLL - 1));
+        let uend = b.ins().iadd(from, unrolled);
+        counted_loop(b, from, uend, 4 * UNROLL, &[], |b, i, _| {
+            for u in 0..UNROLL {
+                let iu = b.ins().iadd_imm_s(i, 4 * u);
+                body(b, iu, types::F32X4);
+            }
+            Vec::new()
+        });
         let whole = b.ins().band_imm_s(n, !3);
         let vend = b.ins().iadd(from, whole);
-        counted_loop(b, from, vend, 4, &[], |b, i, _| {
+        counted_loop(b, uend, vend, 4, &[], |b, i, _| {
             body(b, i, types::F32X4);
             Vec::new()
         });
@@ -976,6 +991,16 @@ fn emit_element(
             }
         }
     };
+    // Whether a value is the same for every element of the loop it is read
+    // in: a constant, a size, a scalar input, or a broadcast along the row.
+    let invariant = |a: NodeId| -> bool {
+        let source = access_source(spec, a);
+        let k = spec.inputs.iter().position(|x| *x == source);
+        matches!(spec.graph.node(a).op, Op::Const(_))
+            || spec.sizes.contains_key(&a)
+            || spec.access.get(&a) == Some(&Access::Scalar)
+            || k.is_some_and(|k| matches!(rows.get(&k), Some(RowRead::Splat(_))))
+    };
     for &n in spec.nodes {
         if !needed.contains(&n) {
             continue;
@@ -1071,6 +1096,14 @@ fn emit_element(
                     Binary::Div if int => {
                         let d = b.ins().fdiv(p, q);
                         b.ins().trunc(d)
+                    }
+                    // By a value the loop does not change (softmax's sum, a
+                    // norm): one division, hoisted out of the loop by Cranelift,
+                    // and a multiplication per element (within 1.5 ulp).
+                    Binary::Div if invariant(node.args[1]) => {
+                        let one = constant(b, 1.0, ty);
+                        let r = b.ins().fdiv(one, q);
+                        b.ins().fmul(p, r)
                     }
                     Binary::Div => b.ins().fdiv(p, q),
                     Binary::Max => b.ins().fmax(p, q),
