@@ -97,14 +97,29 @@ pub fn slice(src: &[f32], in_shape: &[usize], axis: usize, start: usize, out_sha
 pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], out: &mut [f32]) {
     let outer: usize = out_shape[..axis].iter().product();
     let inner: usize = out_shape[axis + 1..].iter().product();
-    let row = out_shape[axis] * inner;
-    let mut at = 0;
-    for (src, shape) in parts {
-        let chunk = shape[axis] * inner;
-        for o in 0..outer {
-            out[o * row + at..o * row + at + chunk].copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
+    // Each part's chunk of each outer row, cut into pieces of at most PIECE
+    // floats, in output order: disjoint slices of `out`, copied in parallel
+    // (the gradient of the LM loss's sliced logits is a 262 MB concat).
+    const PIECE: usize = 1 << 16;
+    let mut pieces: Vec<(&mut [f32], &[f32])> = Vec::new();
+    let mut rest = out;
+    for o in 0..outer {
+        for (src, shape) in parts {
+            let chunk = shape[axis] * inner;
+            let mut from = &src[o * chunk..(o + 1) * chunk];
+            while !from.is_empty() {
+                let n = from.len().min(PIECE);
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                pieces.push((dst, &from[..n]));
+                from = &from[n..];
+                rest = tail;
+            }
         }
-        at += chunk;
+    }
+    if pieces.len() > 4 {
+        pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        pieces.into_iter().for_each(|(d, s)| d.copy_from_slice(s));
     }
 }
 
