@@ -97,6 +97,20 @@ pub fn slice(src: &[f32], in_shape: &[usize], axis: usize, start: usize, out_sha
 pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], out: &mut [f32]) {
     let outer: usize = out_shape[..axis].iter().product();
     let inner: usize = out_shape[axis + 1..].iter().product();
+    if out.len() < 1 << 18 {
+        // Small (RoPE's rotate-half while decoding: a few dozen floats a
+        // piece): threads would cost more than the copy.
+        let row = out_shape[axis] * inner;
+        let mut at = 0;
+        for (src, shape) in parts {
+            let chunk = shape[axis] * inner;
+            for o in 0..outer {
+                out[o * row + at..o * row + at + chunk].copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
+            }
+            at += chunk;
+        }
+        return;
+    }
     // Each part's chunk of each outer row, cut into pieces of at most PIECE
     // floats, in output order: disjoint slices of `out`, copied in parallel
     // (the gradient of the LM loss's sliced logits is a 262 MB concat).
@@ -116,11 +130,7 @@ pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], ou
             }
         }
     }
-    if pieces.len() > 4 {
-        pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
-    } else {
-        pieces.into_iter().for_each(|(d, s)| d.copy_from_slice(s));
-    }
+    pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 /// Folds one row with eight independent accumulators (which vectorise),
@@ -305,5 +315,46 @@ pub fn dropout_mask(p: f64, key: u64, step: u64, out: &mut [f32]) {
     let keep = (1.0 / (1.0 - p)) as f32;
     for (i, v) in out.iter_mut().enumerate() {
         *v = if modelc::ir::interp::uniform(key, step, i as u64) < p { 0.0 } else { keep };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concat;
+
+    /// The parallel path (outputs of 256k floats and more) against an
+    /// element-by-element concatenation, on every axis of a [3, 5, N] shape.
+    #[test]
+    fn large_concatenations_put_every_element_in_place() {
+        let (a_shape, b_shape) = ([3usize, 5, 20_000], [3usize, 5, 7_001]);
+        let a: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|i| -(i as f32) - 1.0).collect();
+        for axis in 0..3 {
+            // Parts that differ only along `axis`.
+            let mut bs = a_shape;
+            bs[axis] = b_shape[axis];
+            let b = &b[..bs.iter().product::<usize>()];
+            let mut out_shape = a_shape;
+            out_shape[axis] += bs[axis];
+            let mut out = vec![f32::NAN; out_shape.iter().product()];
+            assert!(out.len() >= 1 << 18);
+            concat(&[(&a, &a_shape), (b, &bs)], axis, &out_shape, &mut out);
+            let index = |s: &[usize], i: [usize; 3]| (i[0] * s[1] + i[1]) * s[2] + i[2];
+            for i in 0..out_shape[0] {
+                for j in 0..out_shape[1] {
+                    for k in 0..out_shape[2] {
+                        let at = [i, j, k];
+                        let want = if at[axis] < a_shape[axis] {
+                            a[index(&a_shape, at)]
+                        } else {
+                            let mut at = at;
+                            at[axis] -= a_shape[axis];
+                            b[index(&bs, at)]
+                        };
+                        assert_eq!(out[index(&out_shape, [i, j, k])], want, "axis {axis} at {i},{j},{k}");
+                    }
+                }
+            }
+        }
     }
 }
