@@ -57,12 +57,16 @@ pub struct FusedSpec<'a> {
     /// For a `FusedReduce` kernel: the reduction and the row length it folds;
     /// the kernel's range is then one of rows.
     pub reduce: Option<(Reduce, i64)>,
+    /// Where output element i goes: i, or (a part placed into a
+    /// concatenation) the concatenation's element for it.
+    pub output: Access,
 }
 
 impl FusedSpec<'_> {
-    /// The output's row length, when some input is read through a broadcast.
+    /// The output's row length, when some input is read (or the output
+    /// written) through index arithmetic.
     fn row_len(&self) -> Option<i64> {
-        self.access.values().find_map(|a| match a {
+        self.access.values().chain([&self.output]).find_map(|a| match a {
             Access::Indexed { axes, .. } => axes.last().map(|a| a.1),
             _ => None,
         })
@@ -205,7 +209,10 @@ impl Jit {
             // output and the input's innermost axis is contiguous (a vector load) or
             // broadcast (one element, splat). A folded reduction's groups never cross a row,
             // nor do those of a kernel run row by row (`row_loop`).
-            let by_rows = spec.reduce.is_none() && spec.row_len().is_some_and(|l| l >= ROW_LOOP_MIN);
+            // A part placed into a concatenation always runs by rows: each of its
+            // rows is contiguous in the concatenation.
+            let placed = spec.output != Access::Contiguous;
+            let by_rows = spec.reduce.is_none() && (placed || spec.row_len().is_some_and(|l| l >= ROW_LOOP_MIN));
             let vectorizable = !spec.nodes.iter().any(|n| needs_call(&spec.graph.node(*n).op) && !staged(n))
                 && spec.access.values().all(|a| match a {
                     Access::Indexed { axes, .. } => axes.last().is_some_and(|&(_, osize, istride)| {
@@ -219,7 +226,7 @@ impl Jit {
             } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
                 row_loop(&mut b, &k, start, end, len);
             } else {
-                range(&mut b, &k, &HashMap::new(), start, end);
+                range(&mut b, &k, &HashMap::new(), out, start, end);
             }
             b.ins().return_(&[]);
             b.finalize(self.module.target_config());
@@ -406,11 +413,11 @@ fn lanes(
 }
 
 /// Output elements `from..to` (`rows`: the row's reads, when in one row).
-fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, from: Value, to: Value) {
+fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out: Value, from: Value, to: Value) {
     let Some(wide) = &k.wide else {
         lanes(b, k.vector, from, to, |b, i, ty| {
             let v = emit_element(b, k, rows, None, i, ty, k.root());
-            let addr = address(b, k.out, i);
+            let addr = address(b, out, i);
             b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
         });
         return;
@@ -455,7 +462,7 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, from
             }
             for (s, source) in now.iter().zip(sources) {
                 // The root's function writes the output itself.
-                let target = if s.node == root { address(b, k.out, start) } else { s.buffer };
+                let target = if s.node == root { address(b, out, start) } else { s.buffer };
                 b.ins().call(s.function, &[source, target, n]);
                 chunk.buffers.insert(s.node, s.buffer);
             }
@@ -463,7 +470,7 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, from
         if !wide.staged.iter().any(|s| s.node == root) {
             lanes(b, k.vector, start, end, |b, i, ty| {
                 let v = emit_element(b, k, rows, Some(&chunk), i, ty, root);
-                let addr = address(b, k.out, i);
+                let addr = address(b, out, i);
                 b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
             });
         }
@@ -565,7 +572,18 @@ fn row_loop(b: &mut FunctionBuilder, k: &Emit, from: Value, to: Value, len: i64)
         let lo = b.ins().smax(from, row_start);
         let hi = b.ins().smin(to, row_end);
         let reads = row_reads(b, k, row_start);
-        range(b, k, &reads, lo, hi);
+        // Where this row of the output goes (its start, shifted so that
+        // element i is at out + 4 i), pinned like the reads.
+        let out = match &k.spec.output {
+            Access::Indexed { offset, axes } => {
+                let dest = indexed_offset(b, row_start, *offset, &axes[..axes.len() - 1]);
+                let shift = b.ins().isub(dest, row_start);
+                let out = address(b, k.out, shift);
+                pin(b, &[out])[0]
+            }
+            _ => k.out,
+        };
+        range(b, k, &reads, out, lo, hi);
         Vec::new()
     });
 }
@@ -1196,7 +1214,23 @@ pub fn spec<'a>(
             }
         }
     }
-    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values, reduce: None })
+    // A part placed into a concatenation writes where a slice of the
+    // concatenation at the part's position would read.
+    let output = match plan.places[nodes.last().expect("a fused kernel has nodes").index()] {
+        crate::backend::plan::Place::Part(concat) => {
+            let Op::Concat(axis) = graph.node(concat).op else {
+                return Err(format!("bug: {concat} holds a part but is not a concatenation"));
+            };
+            let out = *nodes.last().expect("a fused kernel has nodes");
+            let mut at = 0;
+            for a in graph.node(concat).args.iter().take_while(|a| **a != out) {
+                at += concrete(*a)?[axis];
+            }
+            slice_access(&concrete(concat)?, &out_shape, axis, at)
+        }
+        _ => Access::Contiguous,
+    };
+    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values, reduce: None, output })
 }
 
 /// The spec of a `FusedReduce` kernel: the chain's, and the reduction that folds its rows.

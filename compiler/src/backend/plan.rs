@@ -17,6 +17,10 @@ pub enum Place {
     External(String),
     /// A view of another value's memory (reshape).
     Alias(NodeId),
+    /// Written by its kernel straight into its place in a concatenation
+    /// (`Schedule::placed`): its address is the concatenation's, and the
+    /// kernel offsets every element.
+    Part(NodeId),
     /// Not stored: a constant read inline, or a value fused away.
     None,
 }
@@ -39,7 +43,7 @@ impl Plan {
     pub fn resolve(&self, mut n: NodeId) -> &Place {
         loop {
             match &self.places[n.index()] {
-                Place::Alias(of) => n = *of,
+                Place::Alias(of) | Place::Part(of) => n = *of,
                 p => return p,
             }
         }
@@ -106,12 +110,24 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
             continue;
         }
         let out = kernel.output();
+        // A placed part takes its concatenation's memory, which is then
+        // live from the first part computed to the concatenation's last use.
+        let out = match s.placed.get(&out) {
+            Some(concat) => {
+                places[out.index()] = Place::Part(*concat);
+                *concat
+            }
+            None => out,
+        };
+        if matches!(places[out.index()], Place::Arena { .. }) {
+            continue;
+        }
         let len = lens[out.index()];
         // In place: an elementwise kernel may write over a same-sized input
         // that dies here. Inside a row group, only over a value of the group:
         // those are read row by row, so no earlier part needs the rows written.
         let mut chosen = None;
-        if let Kernel::Fused { inputs, .. } = kernel {
+        if let (Kernel::Fused { inputs, .. }, false) = (kernel, s.placed.contains_key(&kernel.output())) {
             for inp in inputs {
                 let st = storage(*inp, &places);
                 if let Place::Arena { offset, len: l } = places[st.index()]

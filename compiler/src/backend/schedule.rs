@@ -7,6 +7,7 @@
 //! block (`rows.rs`).
 
 use crate::ir::graph::*;
+use std::collections::HashMap;
 
 /// One unit of work, in execution order.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +72,10 @@ fn is_inline(op: &Op) -> bool {
 #[derive(Debug, Default)]
 pub struct Schedule {
     pub kernels: Vec<Kernel>,
+    /// Concatenation parts written straight into the concatenation's memory
+    /// (part -> concatenation): each is the output of a fused kernel that
+    /// nothing else reads, so the concatenation copies only its other parts.
+    pub placed: HashMap<NodeId, NodeId>,
 }
 
 impl Schedule {
@@ -229,22 +234,47 @@ pub fn schedule(g: &Graph) -> Schedule {
             (_, None) => kernels.push(Kernel::Single(NodeId(i as u32))),
         }
     }
-    Schedule { kernels: super::rows::group(g, kernels) }
+    let kernels = super::rows::group(g, kernels);
+    let placed = placed_parts(g, &kernels, &users, &is_output);
+    Schedule { kernels, placed }
+}
+
+/// The parts of each concatenation that a fused kernel of its own computes
+/// and only the concatenation reads (once): the gradient of a slice (the LM
+/// loss's shifted logits), RoPE's rotate-half. Writing them in place saves
+/// a copy of each.
+fn placed_parts(g: &Graph, kernels: &[Kernel], users: &[Vec<usize>], is_output: &[bool]) -> HashMap<NodeId, NodeId> {
+    let fused: std::collections::HashSet<NodeId> =
+        kernels.iter().filter(|k| matches!(k, Kernel::Fused { .. })).map(Kernel::output).collect();
+    let mut placed = HashMap::new();
+    for kernel in kernels {
+        let Kernel::Single(c) = kernel else { continue };
+        let Op::Concat(_) = g.node(*c).op else { continue };
+        let args = &g.node(*c).args;
+        for p in args {
+            let once = args.iter().filter(|a| *a == p).count() == 1;
+            if once && fused.contains(p) && users[p.index()] == [c.index()] && !is_output[p.index()] {
+                placed.insert(*p, *c);
+            }
+        }
+    }
+    placed
 }
 
 /// The schedule as text: what `modelc kernels` prints.
 pub fn describe(g: &Graph, s: &Schedule) -> String {
-    s.kernels.iter().enumerate().map(|(k, kernel)| describe_kernel(g, kernel, &format!("k{k}"))).collect()
+    s.kernels.iter().enumerate().map(|(k, kernel)| describe_kernel(g, s, kernel, &format!("k{k}"))).collect()
 }
 
 /// One kernel as text, named `name`; a row group lists its parts indented.
-pub fn describe_kernel(g: &Graph, kernel: &Kernel, name: &str) -> String {
+pub fn describe_kernel(g: &Graph, s: &Schedule, kernel: &Kernel, name: &str) -> String {
     let ops = |nodes: &[NodeId]| nodes.iter().map(|n| g.node(*n).op.name()).collect::<Vec<_>>().join(", ");
     let ids = |nodes: &[NodeId]| nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
     match kernel {
         Kernel::Fused { nodes, inputs } => {
             let out = kernel.output();
-            format!("{name} fused {} -> {out} : {} [{}]\n", ids(inputs), g.ty(out), ops(nodes))
+            let into = s.placed.get(&out).map(|c| format!(" (into {c})")).unwrap_or_default();
+            format!("{name} fused {} -> {out}{into} : {} [{}]\n", ids(inputs), g.ty(out), ops(nodes))
         }
         Kernel::FusedReduce { nodes, inputs, reduce } => format!(
             "{name} fused {} -> {reduce} : {} [{}] then {}\n",
@@ -261,7 +291,7 @@ pub fn describe_kernel(g: &Graph, kernel: &Kernel, name: &str) -> String {
             let mut out = format!("{name} rows ({} parts, row block by row block)\n", parts.len());
             for (p, part) in parts.iter().enumerate() {
                 out.push_str("  ");
-                out.push_str(&describe_kernel(g, part, &format!("{name}.{p}")));
+                out.push_str(&describe_kernel(g, s, part, &format!("{name}.{p}")));
             }
             out
         }

@@ -162,6 +162,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     (source, grid(n))
 }
 
+/// The element an `Access::Indexed` names for element `i`, as WGSL.
+fn index(offset: i64, axes: &[(i64, i64, i64)]) -> String {
+    let terms: Vec<String> = (offset != 0)
+        .then(|| format!("{offset}u"))
+        .into_iter()
+        .chain(
+            axes.iter()
+                .filter(|a| a.2 != 0)
+                .map(|(ostride, osize, istride)| format!("((i / {ostride}u) % {osize}u) * {istride}u")),
+        )
+        .collect();
+    if terms.is_empty() { "0u".into() } else { terms.join(" + ") }
+}
+
 struct Emitter<'a> {
     g: &'a Graph,
     plan: &'a Plan,
@@ -195,7 +209,12 @@ impl Emitter<'_> {
     fn fused(&self, nodes: &[NodeId], inputs: &[NodeId]) -> Result<Option<(String, [u32; 3])>, String> {
         let out = *nodes.last().expect("a fused kernel has nodes");
         let mut body = self.chain(nodes, inputs, "    ")?;
-        let _ = writeln!(body, "    mem[{}u + i] = v{};", self.at(out)?, out.index());
+        // A part placed into a concatenation writes at its place there.
+        let at = match spec(self.g, nodes, inputs, self.sizes, self.plan)?.output {
+            Access::Indexed { offset, axes } => index(offset, &axes),
+            _ => "i".to_string(),
+        };
+        let _ = writeln!(body, "    mem[{}u + {at}] = v{};", self.at(out)?, out.index());
         Ok(Some(elementwise(self.plan.lens[out.index()], &body)))
     }
 
@@ -229,18 +248,7 @@ impl Emitter<'_> {
             match access {
                 Access::Contiguous => self.read(src, "i"),
                 Access::Scalar => self.read(src, "0u"),
-                Access::Indexed { offset, axes } => {
-                    let terms: Vec<String> = (*offset != 0)
-                        .then(|| format!("{offset}u"))
-                        .into_iter()
-                        .chain(
-                            axes.iter()
-                                .filter(|a| a.2 != 0)
-                                .map(|(ostride, osize, istride)| format!("((i / {ostride}u) % {osize}u) * {istride}u")),
-                        )
-                        .collect();
-                    self.read(src, &if terms.is_empty() { "0u".into() } else { terms.join(" + ") })
-                }
+                Access::Indexed { offset, axes } => self.read(src, &index(*offset, axes)),
             }
         };
         let value = |a: NodeId| -> Result<String, String> {
@@ -363,11 +371,12 @@ impl Emitter<'_> {
                     let idx = format!("(outer * {size}u + (a - {at}u)) * {inner}u + inner");
                     let cond =
                         if k + 1 == node.args.len() { "true".to_string() } else { format!("a < {}u", at + size) };
-                    let _ = writeln!(
-                        body,
-                        "    if ({cond}) {{\n        mem[{o}u + i] = {};\n        return;\n    }}",
-                        self.read(*part, &idx)?
-                    );
+                    // A part its kernel wrote in place is left as it is.
+                    let write = match self.plan.places[part.index()] {
+                        Place::Part(_) => String::new(),
+                        _ => format!("        mem[{o}u + i] = {};\n", self.read(*part, &idx)?),
+                    };
+                    let _ = writeln!(body, "    if ({cond}) {{\n{write}        return;\n    }}");
                     at += size;
                 }
                 elementwise(len, &body)

@@ -94,7 +94,9 @@ pub fn slice(src: &[f32], in_shape: &[usize], axis: usize, start: usize, out_sha
     strided_copy(src, start * s[axis], &s, out_shape, out);
 }
 
-pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], out: &mut [f32]) {
+/// Copies each part into its place along `axis`; a part given as `None` is
+/// already there (its kernel wrote it in place).
+pub fn concat(parts: &[(Option<&[f32]>, &[usize])], axis: usize, out_shape: &[usize], out: &mut [f32]) {
     let outer: usize = out_shape[..axis].iter().product();
     let inner: usize = out_shape[axis + 1..].iter().product();
     if out.len() < 1 << 18 {
@@ -104,8 +106,10 @@ pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], ou
         let mut at = 0;
         for (src, shape) in parts {
             let chunk = shape[axis] * inner;
-            for o in 0..outer {
-                out[o * row + at..o * row + at + chunk].copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
+            if let Some(src) = src {
+                for o in 0..outer {
+                    out[o * row + at..o * row + at + chunk].copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
+                }
             }
             at += chunk;
         }
@@ -120,6 +124,11 @@ pub fn concat(parts: &[(&[f32], &[usize])], axis: usize, out_shape: &[usize], ou
     for o in 0..outer {
         for (src, shape) in parts {
             let chunk = shape[axis] * inner;
+            let Some(src) = src else {
+                // In place already: step over its span of this outer row.
+                rest = &mut std::mem::take(&mut rest)[chunk..];
+                continue;
+            };
             let mut from = &src[o * chunk..(o + 1) * chunk];
             while !from.is_empty() {
                 let n = from.len().min(PIECE);
@@ -338,7 +347,7 @@ mod tests {
             out_shape[axis] += bs[axis];
             let mut out = vec![f32::NAN; out_shape.iter().product()];
             assert!(out.len() >= 1 << 18);
-            concat(&[(&a, &a_shape), (b, &bs)], axis, &out_shape, &mut out);
+            concat(&[(Some(&a), &a_shape), (Some(b), &bs)], axis, &out_shape, &mut out);
             let index = |s: &[usize], i: [usize; 3]| (i[0] * s[1] + i[1]) * s[2] + i[2];
             for i in 0..out_shape[0] {
                 for j in 0..out_shape[1] {

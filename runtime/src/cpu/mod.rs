@@ -79,7 +79,8 @@ impl Drop for Program {
         // The first line of each kernel's description (a row group's header).
         let lines: Vec<String> = (self.schedule.kernels.iter().enumerate())
             .map(|(k, kernel)| {
-                let text = modelc::backend::schedule::describe_kernel(&self.graph, kernel, &format!("k{k}"));
+                let text =
+                    modelc::backend::schedule::describe_kernel(&self.graph, &self.schedule, kernel, &format!("k{k}"));
                 text.lines().next().unwrap_or("").to_string()
             })
             .collect();
@@ -535,12 +536,18 @@ impl Program {
                     as Box<dyn FnOnce(&mut [f32])>)
             }
             Op::Concat(axis) => {
-                let parts: Vec<(&[f32], Vec<usize>)> =
-                    node.args.iter().map(|a| Ok((input(*a), shape_of(*a)?))).collect::<Result<_, String>>()?;
+                // Parts their kernels wrote in place are skipped (not read: their
+                // memory is this output's).
+                let placed = |a: &NodeId| self.schedule.placed.contains_key(a);
+                let parts: Vec<(Option<&[f32]>, Vec<usize>)> = node
+                    .args
+                    .iter()
+                    .map(|a| Ok(((!placed(a)).then(|| input(*a)), shape_of(*a)?)))
+                    .collect::<Result<_, String>>()?;
                 let out_shape = shape_of(n)?;
                 let axis = *axis;
                 Some(Box::new(move |out: &mut [f32]| {
-                    let refs: Vec<(&[f32], &[usize])> = parts.iter().map(|(d, s)| (*d, s.as_slice())).collect();
+                    let refs: Vec<(Option<&[f32]>, &[usize])> = parts.iter().map(|(d, s)| (*d, s.as_slice())).collect();
                     kernels::concat(&refs, axis, &out_shape, out)
                 }) as Box<dyn FnOnce(&mut [f32])>)
             }
