@@ -347,8 +347,12 @@ mod tests {
             out_shape[axis] += bs[axis];
             let mut out = vec![f32::NAN; out_shape.iter().product()];
             assert!(out.len() >= 1 << 18);
-            concat(&[(Some(&a), &a_shape), (Some(b), &bs)], axis, &out_shape, &mut out);
             let index = |s: &[usize], i: [usize; 3]| (i[0] * s[1] + i[1]) * s[2] + i[2];
+            // A part already in place (None) is stepped over, left as it is.
+            concat(&[(None, &a_shape), (Some(b), &bs)], axis, &out_shape, &mut out);
+            let untouched = (0..out.len()).filter(|i| out[*i].is_nan()).count();
+            assert_eq!(untouched, a.len(), "axis {axis}: only the part in place is left");
+            concat(&[(Some(&a), &a_shape), (Some(b), &bs)], axis, &out_shape, &mut out);
             for i in 0..out_shape[0] {
                 for j in 0..out_shape[1] {
                     for k in 0..out_shape[2] {
