@@ -103,6 +103,32 @@ fn vector_functions_handle_the_edges_of_their_domains() {
 }
 
 #[test]
+fn products_of_one_row_match_the_interpreter() {
+    // One row on the left (decoding): x W^T and x B on weights large enough
+    // to split over threads (37 x 4099) and small ones, odd sizes, a batch.
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::syntax::ast::DType;
+    let mut rng = Rng(7);
+    for (batch, k, n) in [(1, 37, 4099), (1, 5, 3), (1, 300, 17), (3, 19, 2053), (6, 48, 7)] {
+        for tb in [true, false] {
+            let d = |v: usize| Dim::constant(v as i64);
+            let mut g = Graph::default();
+            let x = g.input("x", TensorTy::new(DType::F32, vec![d(batch), d(1), d(k)]));
+            let w_dims = if tb { vec![d(batch), d(n), d(k)] } else { vec![d(batch), d(k), d(n)] };
+            let w = g.input("w", TensorTy::new(DType::F32, w_dims));
+            let y = g.matmul_t(x, w, false, tb);
+            g.outputs.push(("y".into(), y));
+            let w_shape = if tb { [batch, n, k] } else { [batch, k, n] };
+            let feeds = HashMap::from([
+                ("x".to_string(), rng.array(&[batch, 1, k], 1.0)),
+                ("w".to_string(), rng.array(&w_shape, 1.0)),
+            ]);
+            compare(cpu, &format!("[{batch}, 1, {k}] x {n} (tb {tb})"), &g, &feeds, 2e-4);
+        }
+    }
+}
+
+#[test]
 fn attention_row_groups_match_the_interpreter() {
     // The masked softmax over the scores runs as a row group, at these sizes
     // split into blocks over threads; head dimensions not multiples of 4.
