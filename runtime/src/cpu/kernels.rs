@@ -6,8 +6,9 @@ use modelc::ir::graph::Reduce;
 use modelc::ir::interp::strides;
 use rayon::prelude::*;
 
-/// Outputs at least this long are split over the thread pool, by rows.
-const PARALLEL: usize = 1 << 16;
+/// Elements per parallel task: outputs of two tasks or more are split over
+/// the thread pool, by rows (fused kernels too).
+pub const PARALLEL: usize = 1 << 16;
 
 /// Rows of `inner` elements per parallel task: about `PARALLEL` elements.
 fn rows_per_task(inner: usize) -> usize {

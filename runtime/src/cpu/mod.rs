@@ -298,7 +298,11 @@ impl Program {
                     let len = self.plan.lens[out.index()];
                     let ptrs = self.pointers(out, inputs, arena.as_mut_ptr(), feeds);
                     let chunk = ((1 << 15) / row).max(1);
-                    if len > 2 * chunk {
+                    // Below two tasks' worth, as for the native kernels: waking the other
+                    // threads costs more than it saves. Decoding runs dozens of kernels of
+                    // ~75k elements a token (the KV cache writes); splitting those at 64k
+                    // made it 15% slower.
+                    if len * row >= 2 * kernels::PARALLEL && len > 2 * chunk {
                         (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
                             let (s, e) = (c * chunk, ((c + 1) * chunk).min(len));
                             // SAFETY: chunks write disjoint output ranges; inputs are only read.
