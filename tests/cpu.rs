@@ -103,6 +103,49 @@ fn vector_functions_handle_the_edges_of_their_domains() {
 }
 
 #[test]
+fn wide_function_arguments_fold_into_the_call() {
+    // exp(x op c) with x read in place (an input, a slice along the row) and
+    // c fixed over the loop (a constant, a scalar input, a value broadcast
+    // along the row), c on either side: the kernel passes x, a scale and a
+    // shift to the wide function instead of computing the argument.
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::ir::graph::{Binary, Unary};
+    use modelc::syntax::ast::DType;
+    let (r, c) = (5usize, 70usize);
+    let d = |v: usize| Dim::constant(v as i64);
+    let mut rng = Rng(11);
+    for op in [Binary::Add, Binary::Sub, Binary::Mul] {
+        for fixed in 0..3 {
+            for (sliced, fixed_first) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut g = Graph::default();
+                let wide = g.input("x", TensorTy::new(DType::F32, vec![d(r), d(c + 3)]));
+                let z = g.input("z", TensorTy::new(DType::F32, vec![d(r), d(c)]));
+                let s = g.input("s", TensorTy::new(DType::F32, vec![d(1)]));
+                let m = g.input("m", TensorTy::new(DType::F32, vec![d(r), d(1)]));
+                let x = if sliced { g.slice(wide, 1, d(2), d(c + 2)) } else { z };
+                let k = match fixed {
+                    0 => g.constant(0.75, DType::F32),
+                    1 => g.broadcast(s, &[d(r), d(c)]),
+                    _ => g.broadcast(m, &[d(r), d(c)]),
+                };
+                let arg = if fixed_first { g.binary(op, k, x) } else { g.binary(op, x, k) };
+                let y = g.unary(Unary::Exp, arg);
+                g.outputs.push(("y".into(), y));
+                let feeds = HashMap::from([
+                    ("x".to_string(), rng.array(&[r, c + 3], 1.5)),
+                    ("z".to_string(), rng.array(&[r, c], 1.5)),
+                    ("s".to_string(), rng.array(&[1], 1.0)),
+                    ("m".to_string(), rng.array(&[r, 1], 1.0)),
+                ]);
+                let label = format!("exp({op:?}) fixed {fixed} sliced {sliced} first {fixed_first}");
+                compare(cpu, &label, &g, &feeds, 1e-5);
+                compare(cpu_f32x4, &label, &g, &feeds, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
 fn products_of_one_row_match_the_interpreter() {
     // One row on the left (decoding): x W^T and x B on weights large enough
     // to split over threads (37 x 4099) and small ones, odd sizes, a batch.

@@ -161,7 +161,13 @@ impl Jit {
         }
         let mut slice_sig = module.make_signature();
         let ptr = module.target_config().pointer_type();
-        slice_sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::I64)]);
+        slice_sig.params.extend([
+            AbiParam::new(ptr),
+            AbiParam::new(ptr),
+            AbiParam::new(types::I64),
+            AbiParam::new(types::F32),
+            AbiParam::new(types::F32),
+        ]);
         let wide = functions
             .iter()
             .map(|(op, f)| {
@@ -412,6 +418,76 @@ fn lanes(
     });
 }
 
+/// The address of element `start` of `a` when it is read in place with
+/// consecutive elements adjacent: an input read contiguously, or (in a row)
+/// a slice or broadcast contiguous along the row.
+fn streamed(
+    b: &mut FunctionBuilder,
+    k: &Emit,
+    rows: &HashMap<usize, RowRead>,
+    a: NodeId,
+    start: Value,
+) -> Option<Value> {
+    let source = access_source(k.spec, a);
+    let i = k.spec.inputs.iter().position(|x| *x == source)?;
+    match (k.spec.access.get(&a)?, rows.get(&i)) {
+        (Access::Contiguous, _) => Some(address(b, k.bases[i], start)),
+        (Access::Indexed { .. }, Some(RowRead::Shifted(base))) => Some(address(b, *base, start)),
+        _ => None,
+    }
+}
+
+/// `a`'s value as one f32 when the loop does not change it: a constant, a
+/// size, a scalar input, or (in a row) a value broadcast along the row.
+fn invariant_scalar(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<Value> {
+    if let Op::Const(c) = k.spec.graph.node(a).op {
+        return Some(b.ins().f32const(c as f32));
+    }
+    if let Some(v) = k.spec.sizes.get(&a) {
+        return Some(b.ins().f32const(*v as f32));
+    }
+    let source = access_source(k.spec, a);
+    let i = k.spec.inputs.iter().position(|x| *x == source)?;
+    match (k.spec.access.get(&a)?, rows.get(&i)) {
+        (Access::Scalar, _) => {
+            Some(b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), k.bases[i], 0))
+        }
+        (Access::Indexed { .. }, Some(RowRead::Splat(v))) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A wide function's argument `x * scale + shift` with `x` read in place
+/// and `scale`, `shift` fixed over the loop: (address of `x` at `start`,
+/// scale, shift).
+fn affine(
+    b: &mut FunctionBuilder,
+    k: &Emit,
+    rows: &HashMap<usize, RowRead>,
+    a: NodeId,
+    start: Value,
+) -> Option<(Value, Value, Value)> {
+    if !k.spec.nodes.contains(&a) || k.spec.graph.ty(a).dtype != DType::F32 {
+        return None;
+    }
+    let node = k.spec.graph.node(a);
+    let Op::Binary(op @ (Binary::Add | Binary::Sub | Binary::Mul)) = node.op else { return None };
+    let (p, q) = (node.args[0], node.args[1]);
+    // The operand read in place, the fixed one, and whether the read one is first.
+    let (x, c, first) = match (streamed(b, k, rows, p, start), streamed(b, k, rows, q, start)) {
+        (Some(x), _) => (x, invariant_scalar(b, k, rows, q)?, true),
+        (None, Some(x)) => (x, invariant_scalar(b, k, rows, p)?, false),
+        _ => return None,
+    };
+    let (one, minus_one, minus_zero) = (b.ins().f32const(1.0), b.ins().f32const(-1.0), b.ins().f32const(-0.0));
+    Some(match (op, first) {
+        (Binary::Mul, _) => (x, c, minus_zero),
+        (Binary::Add, _) => (x, one, c),
+        (Binary::Sub, true) => (x, one, b.ins().fneg(c)),
+        _ => (x, minus_one, c),
+    })
+}
+
 /// Output elements `from..to` (`rows`: the row's reads, when in one row).
 fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out: Value, from: Value, to: Value) {
     let Some(wide) = &k.wide else {
@@ -431,22 +507,27 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
         let mut chunk = Chunk { start, buffers: HashMap::new() };
         for level in 1..=levels {
             let now: Vec<&Staged> = wide.staged.iter().filter(|s| s.level == level).collect();
-            // Each function's source: a staged member's buffer, an input read
-            // contiguously (in place), or the argument computed into its buffer.
+            // Each function's source (and the scale and shift it applies): a
+            // staged member's buffer, a value read in place, possibly times or
+            // plus a value the loop does not change (softmax's `x - max`), or
+            // the argument computed into its buffer.
             let mut computed = Vec::new();
             let mut sources = Vec::new();
             for s in &now {
                 let a = k.spec.graph.node(s.node).args[0];
-                let input = k.spec.inputs.iter().position(|x| *x == a);
-                let source = match (chunk.buffers.get(&a), input) {
-                    (Some(buffer), _) => *buffer,
-                    (None, Some(i)) if k.spec.access.get(&a) == Some(&Access::Contiguous) => {
-                        address(b, k.bases[i], start)
-                    }
-                    _ => {
-                        computed.push((a, s.buffer));
-                        s.buffer
-                    }
+                let (one, minus_zero) = (b.ins().f32const(1.0), b.ins().f32const(-0.0));
+                let source = match chunk.buffers.get(&a) {
+                    Some(buffer) => (*buffer, one, minus_zero),
+                    None => match streamed(b, k, rows, a, start).map(|p| (p, one, minus_zero)) {
+                        Some(source) => source,
+                        None => match affine(b, k, rows, a, start) {
+                            Some(source) => source,
+                            None => {
+                                computed.push((a, s.buffer));
+                                (s.buffer, one, minus_zero)
+                            }
+                        },
+                    },
                 };
                 sources.push(source);
             }
@@ -460,10 +541,10 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
                     }
                 });
             }
-            for (s, source) in now.iter().zip(sources) {
+            for (s, (source, scale, shift)) in now.iter().zip(sources) {
                 // The root's function writes the output itself.
                 let target = if s.node == root { address(b, out, start) } else { s.buffer };
-                b.ins().call(s.function, &[source, target, n]);
+                b.ins().call(s.function, &[source, target, n, scale, shift]);
                 chunk.buffers.insert(s.node, s.buffer);
             }
         }
