@@ -218,3 +218,8 @@ fn kernels_stay_in_bounds_under_valgrind() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("1 passed"), "the child did not run the kernels:\n{stdout}");
 }
+
+#[test]
+fn reductions_over_several_axes_match_the_interpreter() {
+    reductions_over_several_axes(cpu);
+}

@@ -277,3 +277,24 @@ pub fn attention(backend: Backend, b: usize, h: usize, t: usize, d: usize, seed:
         ["q", "k", "v"].iter().map(|n| (n.to_string(), rng.array(&[b, h, t, d], 1.0))).collect();
     compare(backend, "attention", &g, &feeds, 2e-4);
 }
+
+/// Reductions over several axes, the innermost among them or not, of a
+/// chain (`x * x - 0.5`, so the innermost part folds into it), against the
+/// interpreter. The backends split those that include the innermost axis.
+pub fn reductions_over_several_axes(backend: Backend) {
+    let d = Dim::constant;
+    let mut rng = Rng(5);
+    for axes in [vec![0, 2], vec![1, 2], vec![0, 1, 2], vec![0, 1], vec![2]] {
+        for op in [Reduce::Sum, Reduce::Max, Reduce::Min] {
+            let mut g = Graph::default();
+            let x = g.input("x", TensorTy::new(DType::F32, vec![d(3), d(5), d(37)]));
+            let sq = g.mul(x, x);
+            let half = g.constant(0.5, DType::F32);
+            let y = g.sub(sq, half);
+            let r = g.reduce(op, y, &axes);
+            g.outputs.push(("r".into(), r));
+            let feeds = HashMap::from([("x".to_string(), rng.array(&[3, 5, 37], 1.0))]);
+            compare(backend, &format!("{op:?} over {axes:?}"), &g, &feeds, 2e-4);
+        }
+    }
+}

@@ -197,3 +197,8 @@ fn kv_cached_decoding_on_the_gpu_gives_transformers_tokens() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
     assert_eq!(got["new_token_ids"], want["new_token_ids"]);
 }
+
+#[test]
+fn reductions_over_several_axes_match_the_interpreter() {
+    reductions_over_several_axes(gpu);
+}

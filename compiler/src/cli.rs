@@ -489,6 +489,7 @@ fn cpu_plan(
     ExitCode,
 > {
     let (graph, _) = crate::opt::optimize(graph, crate::opt::Limits::default());
+    let graph = crate::backend::split::split_reductions(&graph);
     let bound = bind_sizes(&graph, sizes)?;
     let sched = crate::backend::schedule::schedule(&graph);
     let memory = crate::backend::plan::plan(&graph, &sched, &bound)

@@ -102,7 +102,7 @@ impl GpuProgram {
     pub fn compile(graph: &Graph, sizes: &Sizes) -> Result<GpuProgram, String> {
         let started = std::time::Instant::now();
         let gpu = gpu()?;
-        let graph = graph.clone();
+        let graph = modelc::backend::split::split_reductions(graph);
         let sched = schedule(&graph);
         let plan = plan(&graph, &sched, sizes)?;
         let layout = wgsl::layout(&graph, &plan);

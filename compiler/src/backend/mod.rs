@@ -5,5 +5,6 @@ pub mod clif;
 pub mod plan;
 pub mod rows;
 pub mod schedule;
+pub mod split;
 pub mod vmath;
 pub mod wgsl;

@@ -217,7 +217,7 @@ impl Program {
 
     pub fn compile_with(graph: &Graph, sizes: &Sizes, options: CompileOptions) -> Result<Program, String> {
         let started = std::time::Instant::now();
-        let graph = graph.clone();
+        let graph = modelc::backend::split::split_reductions(graph);
         let schedule = schedule(&graph);
         let plan = plan(&graph, &schedule, sizes)?;
         let mut jit = Jit::with_wide_math(options.wide_math)?;
