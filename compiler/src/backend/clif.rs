@@ -226,7 +226,8 @@ impl Jit {
                     }),
                     _ => true,
                 });
-            let k = Emit { spec, bases, refs, out, vector: vectorizable, wide };
+            let unroll = spec.nodes.len() <= UNROLL_NODES_MAX;
+            let k = Emit { spec, bases, refs, out, vector: vectorizable, unroll, wide };
             if let Some((op, row)) = spec.reduce {
                 reduce_rows(&mut b, &k, start, end, row, op);
             } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
@@ -303,6 +304,10 @@ struct Emit<'s, 'a> {
     out: Value,
     /// Whether the element loops run on f32x4 (then a scalar tail).
     vector: bool,
+    /// Whether they take `UNROLL` vectors an iteration: for short bodies,
+    /// whose loop overhead is a large part; longer ones would only cost
+    /// compile time.
+    unroll: bool,
     wide: Option<Wide>,
 }
 
@@ -377,31 +382,41 @@ struct Chunk {
     buffers: HashMap<NodeId, Value>,
 }
 
-/// f32x4 groups per iteration of the vector loops: halves the loop's own
-/// instructions (GELU over 16M floats 2.9 -> 1.7 ms) for a third more
-/// code to compile (LLaMA-2-7B's forward: 120 -> 155 ms).
+/// f32x4 groups per iteration of the vector loops of short kernels: halves
+/// the loop's own instructions (GELU over 16M floats 2.9 -> 1.7 ms).
 const UNROLL: i64 = 2;
+
+/// Kernels of at most this many members unroll their vector loops. Longer
+/// bodies gain little and cost compile time: unrolling every kernel took
+/// LLaMA-2-7B's forward from 120 to 150-155 ms, these only to 126-134.
+const UNROLL_NODES_MAX: usize = 3;
 
 /// `body(i, ty)` for `i` in `from..to`: runs of `UNROLL` groups of 4, then
 /// groups of 4 as f32x4 (when `vector`), then one by one.
 fn lanes(
     b: &mut FunctionBuilder,
     vector: bool,
+    unroll: bool,
     from: Value,
     to: Value,
     mut body: impl FnMut(&mut FunctionBuilder, Value, Type),
 ) {
     let tail = if vector {
         let n = b.ins().isub(to, from);
-        let unrolled = b.ins().band_imm_s(n, !(4 * UNROLL - 1));
-        let uend = b.ins().iadd(from, unrolled);
-        counted_loop(b, from, uend, 4 * UNROLL, &[], |b, i, _| {
-            for u in 0..UNROLL {
-                let iu = b.ins().iadd_imm_s(i, 4 * u);
-                body(b, iu, types::F32X4);
-            }
-            Vec::new()
-        });
+        let uend = if unroll {
+            let unrolled = b.ins().band_imm_s(n, !(4 * UNROLL - 1));
+            let uend = b.ins().iadd(from, unrolled);
+            counted_loop(b, from, uend, 4 * UNROLL, &[], |b, i, _| {
+                for u in 0..UNROLL {
+                    let iu = b.ins().iadd_imm_s(i, 4 * u);
+                    body(b, iu, types::F32X4);
+                }
+                Vec::new()
+            });
+            uend
+        } else {
+            from
+        };
         let whole = b.ins().band_imm_s(n, !3);
         let vend = b.ins().iadd(from, whole);
         counted_loop(b, uend, vend, 4, &[], |b, i, _| {
@@ -491,7 +506,7 @@ fn affine(
 /// Output elements `from..to` (`rows`: the row's reads, when in one row).
 fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out: Value, from: Value, to: Value) {
     let Some(wide) = &k.wide else {
-        lanes(b, k.vector, from, to, |b, i, ty| {
+        lanes(b, k.vector, k.unroll, from, to, |b, i, ty| {
             let v = emit_element(b, k, rows, None, i, ty, k.root());
             let addr = address(b, out, i);
             b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
@@ -532,7 +547,7 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
                 sources.push(source);
             }
             if !computed.is_empty() {
-                lanes(b, k.vector, start, end, |b, i, ty| {
+                lanes(b, k.vector, k.unroll, start, end, |b, i, ty| {
                     let j = b.ins().isub(i, chunk.start);
                     for &(a, buffer) in &computed {
                         let v = emit_element(b, k, rows, Some(&chunk), i, ty, a);
@@ -549,7 +564,7 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
             }
         }
         if !wide.staged.iter().any(|s| s.node == root) {
-            lanes(b, k.vector, start, end, |b, i, ty| {
+            lanes(b, k.vector, k.unroll, start, end, |b, i, ty| {
                 let v = emit_element(b, k, rows, Some(&chunk), i, ty, root);
                 let addr = address(b, out, i);
                 b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
