@@ -856,9 +856,9 @@ fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
     let ln2_lo = constant(b, -1.428_606_8e-6, ty);
     let r = mul_add(b, k, ln2_hi, c);
     let r = mul_add(b, k, ln2_lo, r);
-    let mut p = constant(b, 1.0 / 720.0, ty);
-    for coefficient in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        let coefficient = constant(b, coefficient, ty);
+    let mut p = constant(b, vmath::EXP_POLY[0], ty);
+    for coefficient in &vmath::EXP_POLY[1..] {
+        let coefficient = constant(b, *coefficient, ty);
         p = mul_add(b, p, r, coefficient);
     }
     let little = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
@@ -923,18 +923,9 @@ fn vlog(b: &mut FunctionBuilder, x: Value) -> Value {
     let m = choose(b, low, doubled, m, ty);
     let t = b.ins().fsub(m, one);
     let z = b.ins().fmul(t, t);
-    let mut p = constant(b, 7.037_683_629_2e-2, ty);
-    for c in [
-        -1.151_461_031_0e-1,
-        1.167_699_874_0e-1,
-        -1.242_014_084_6e-1,
-        1.424_932_278_7e-1,
-        -1.666_805_766_5e-1,
-        2.000_071_476_5e-1,
-        -2.499_999_399_3e-1,
-        3.333_333_117_4e-1,
-    ] {
-        let c = constant(b, c, ty);
+    let mut p = constant(b, vmath::LOG_POLY[0], ty);
+    for c in &vmath::LOG_POLY[1..] {
+        let c = constant(b, *c, ty);
         p = mul_add(b, p, t, c);
     }
     let p = b.ins().fmul(p, t);
@@ -985,29 +976,9 @@ fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
         }
         p
     };
-    let p = polynomial(
-        b,
-        &[
-            2.290_506_586_135_064_6e-4,
-            3.408_291_010_710_950_6e-3,
-            5.095_569_506_238_086e-2,
-            0.185_208_322_399_761_45,
-            1.128_379_143_519_084,
-        ],
-    );
+    let p = polynomial(b, &vmath::ERF_P);
     let p = b.ins().fmul(p, c);
-    let q = polynomial(
-        b,
-        &[
-            -1.179_160_295_436_169_7e-7,
-            2.354_796_647_131_318_5e-5,
-            1.017_962_527_891_488_5e-3,
-            1.407_047_017_116_766_7e-2,
-            0.110_985_051_782_853_62,
-            0.497_469_251_100_675_4,
-            1.0,
-        ],
-    );
+    let q = polynomial(b, &vmath::ERF_Q);
     let y = b.ins().fdiv(p, q);
     let one = constant(b, 1.0, ty);
     let sign_bit = constant(b, -0.0, ty);

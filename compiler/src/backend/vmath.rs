@@ -24,6 +24,42 @@ const fn k(v: f64) -> f32 {
     v as f32
 }
 
+/// e^r on |r| <= ln 2 / 2: Taylor coefficients, highest degree first
+/// (shared with `clif::vexp`, so that both compute the same values).
+pub const EXP_POLY: [f64; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
+/// Cephes' logf polynomial in m - 1, highest degree first (with `clif::vlog`).
+pub const LOG_POLY: [f64; 9] = [
+    7.037_683_629_2e-2,
+    -1.151_461_031_0e-1,
+    1.167_699_874_0e-1,
+    -1.242_014_084_6e-1,
+    1.424_932_278_7e-1,
+    -1.666_805_766_5e-1,
+    2.000_071_476_5e-1,
+    -2.499_999_399_3e-1,
+    3.333_333_117_4e-1,
+];
+
+/// erf(x) ~ x P(x^2) / Q(x^2) (Eigen's and XLA's), highest degree first
+/// (with `clif::verf`).
+pub const ERF_P: [f64; 5] = [
+    2.290_506_586_135_064_6e-4,
+    3.408_291_010_710_950_6e-3,
+    5.095_569_506_238_086e-2,
+    0.185_208_322_399_761_45,
+    1.128_379_143_519_084,
+];
+pub const ERF_Q: [f64; 7] = [
+    -1.179_160_295_436_169_7e-7,
+    2.354_796_647_131_318_5e-5,
+    1.017_962_527_891_488_5e-3,
+    1.407_047_017_116_766_7e-2,
+    0.110_985_051_782_853_62,
+    0.497_469_251_100_675_4,
+    1.0,
+];
+
 /// e^x: the algorithm and coefficients of `clif::vexp`.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -37,9 +73,9 @@ pub fn exp(x: f32) -> f32 {
     let kf = km - magic;
     let r = kf.mul_add(k(-0.693_145_75), c);
     let r = kf.mul_add(k(-1.428_606_8e-6), r);
-    let mut p = k(1.0 / 720.0);
-    for coefficient in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(r, k(coefficient));
+    let mut p = k(EXP_POLY[0]);
+    for coefficient in &EXP_POLY[1..] {
+        p = p.mul_add(r, k(*coefficient));
     }
     let e = f32::from_bits(p.to_bits().wrapping_add(km.to_bits() << 23));
     let e = if x > hi { f32::INFINITY } else { e };
@@ -60,18 +96,9 @@ pub fn log(x: f32) -> f32 {
     let m = if low { m + m } else { m };
     let t = m - 1.0;
     let z = t * t;
-    let mut p = k(7.037_683_629_2e-2);
-    for c in [
-        -1.151_461_031_0e-1,
-        1.167_699_874_0e-1,
-        -1.242_014_084_6e-1,
-        1.424_932_278_7e-1,
-        -1.666_805_766_5e-1,
-        2.000_071_476_5e-1,
-        -2.499_999_399_3e-1,
-        3.333_333_117_4e-1,
-    ] {
-        p = p.mul_add(t, k(c));
+    let mut p = k(LOG_POLY[0]);
+    for c in &LOG_POLY[1..] {
+        p = p.mul_add(t, k(*c));
     }
     let y = p * t * z;
     let y = e.mul_add(k(-2.121_944_40e-4), y);
@@ -101,22 +128,8 @@ pub fn erf(x: f32) -> f32 {
         }
         p
     };
-    let p = polynomial(&[
-        2.290_506_586_135_064_6e-4,
-        3.408_291_010_710_950_6e-3,
-        5.095_569_506_238_086e-2,
-        0.185_208_322_399_761_45,
-        1.128_379_143_519_084,
-    ]) * c;
-    let q = polynomial(&[
-        -1.179_160_295_436_169_7e-7,
-        2.354_796_647_131_318_5e-5,
-        1.017_962_527_891_488_5e-3,
-        1.407_047_017_116_766_7e-2,
-        0.110_985_051_782_853_62,
-        0.497_469_251_100_675_4,
-        1.0,
-    ]);
+    let p = polynomial(&ERF_P) * c;
+    let q = polynomial(&ERF_Q);
     let unit = f32::from_bits(1.0f32.to_bits() | (c.to_bits() & 0x8000_0000));
     if c.abs() > k(3.9) { unit } else { p / q }
 }
