@@ -223,3 +223,61 @@ fn kernels_stay_in_bounds_under_valgrind() {
 fn reductions_over_several_axes_match_the_interpreter() {
     reductions_over_several_axes(cpu);
 }
+
+#[test]
+fn a_training_step_gives_the_same_bits_on_any_thread_count() {
+    // The llama spec at a size whose kernels split across threads (logits
+    // of 8 x 64 x 256: fused kernels, row groups and products in parallel),
+    // one AdamW step run on 1, 2 and 3 threads and twice on 2: every output
+    // bit for bit the same (rows, blocks and products never split a sum).
+    use modelc::ir::train::{TrainConfig, training_program};
+    let text = std::fs::read_to_string(repo().join("specs/llama.model")).unwrap();
+    let opts =
+        sets(&[("vocab", "256"), ("dim", "32"), ("layers", "1"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "48")]);
+    let program = modelc::check::load_source("llama.model", &text, Some(&repo().join("specs"))).ok().unwrap();
+    let lower = |training| {
+        modelc::check::lower(&program, &opts, modelc::check::LowerOptions { training, ..Default::default() }).unwrap()
+    };
+    let (checked, _) = lower(false);
+    let (_, forward) = lower(true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let step = training_program(&forward, &trainable, &TrainConfig { clip: Some(1.0), ..Default::default() }).unwrap();
+    let step = modelc::ir::prune::prune(&step);
+    let (step, _) = modelc::opt::optimize(&step, modelc::opt::Limits::default());
+    let mut rng = Rng(3);
+    let mut feeds: HashMap<String, Tensor> =
+        random_params(&checked, &mut rng, 0.3).iter().map(|(k, v)| (k.clone(), to_tensor(v))).collect();
+    for (name, id) in step.inputs() {
+        if feeds.contains_key(name) {
+            continue;
+        }
+        let shape: Vec<usize> = step
+            .dims(id)
+            .iter()
+            .map(|d| d.as_const().map(|v| v as usize).unwrap_or(if d.to_string() == "B" { 8 } else { 64 }))
+            .collect();
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match name {
+            "step" => vec![1.0],
+            "lr" => vec![1e-3],
+            _ if name.starts_with("m.") || name.starts_with("v.") => vec![0.0; n],
+            _ => (0..n).map(|_| (rng.next() * 256.0).floor() as f32).collect(),
+        };
+        feeds.insert(name.to_string(), Tensor::new(shape, data));
+    }
+    let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let compiled = Program::compile(&step, &modelc_runtime::cpu::bind(&step, &shapes).unwrap()).unwrap();
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| compiled.run(&feeds).unwrap())
+    };
+    let reference = on(2);
+    assert!(reference["logits"].data.len() >= 1 << 17, "the logits are large enough to split");
+    for threads in [1, 2, 3] {
+        let got = on(threads);
+        for (name, want) in &reference {
+            let same = want.data.iter().zip(&got[name].data).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name} differs on {threads} threads");
+        }
+    }
+}
