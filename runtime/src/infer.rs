@@ -154,7 +154,7 @@ impl Cached {
             if let Op::Input(name) = &n.op
                 && name.starts_with("past.")
             {
-                // [B, len, kv_heads, head_dim] with B = 1.
+                // [B, kv_heads, len, head_dim] with B = 1.
                 let shape: Vec<usize> =
                     n.ty.dims
                         .iter()

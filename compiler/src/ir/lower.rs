@@ -30,8 +30,8 @@ pub struct Lowering {
 /// Incremental decoding. The model sees `T` new tokens at positions
 /// `position .. position + T` (`position` is an int input). Every causal
 /// self-attention keeps its keys and values for `len` positions: it reads
-/// them from the inputs `past.{i}.key` / `past.{i}.value` ([B, len, kv_heads,
-/// head_dim]), writes the new tokens' rows, attends over all `len` slots
+/// them from the inputs `past.{i}.key` / `past.{i}.value` ([B, kv_heads, len,
+/// head_dim]: heads first, as the products read them), writes the new tokens' rows, attends over all `len` slots
 /// with the causal mask hiding the unwritten ones, and returns the updated
 /// cache as the outputs `present.{i}.key` / `present.{i}.value`. Positions
 /// count from `position`: RoPE's angles, and `arange` over the sequence axis
@@ -145,11 +145,13 @@ impl Lowering {
 
     /// Writes `new` ([B, T, G, D], rows for positions `position ..
     /// position + T`) into the cache `past` ([B, len, G, D]).
+    /// The cache `past` ([B, G, len, D], heads first) with the new tokens'
+    /// rows `new` ([B, G, T, D]) written at `position ..`.
     fn cache_write(&mut self, past: NodeId, new: NodeId) -> NodeId {
         let position = self.position_input();
         let nd = self.g.dims(new).to_vec();
-        let len = self.g.dims(past)[1].clone();
-        let (t, one) = (nd[1].clone(), Dim::constant(1));
+        let len = self.g.dims(past)[2].clone();
+        let (t, one) = (nd[2].clone(), Dim::constant(1));
         let j = self.g.iota(len.clone());
         let j = self.g.reshape(j, &[len.clone(), one.clone()]);
         let i = self.g.iota(t.clone());
@@ -157,14 +159,14 @@ impl Lowering {
         let at = self.g.add(i, position);
         let hit = self.g.binary(Binary::Eq, j, at); // [len, T]: slot j takes new row t
         let hit = self.g.cast(hit, DType::F32);
-        let width = nd[2].mul(&nd[3]);
-        let rows = self.g.reshape(new, &[nd[0].clone(), t.clone(), width.clone()]);
-        let placed = self.matmul(hit, rows); // [B, len, G*D]
-        let placed = self.g.reshape(placed, &[nd[0].clone(), len.clone(), nd[2].clone(), nd[3].clone()]);
+        let heads = nd[0].mul(&nd[1]);
+        let rows = self.g.reshape(new, &[heads, t.clone(), nd[3].clone()]);
+        let placed = self.matmul(hit, rows); // [B*G, len, D]
+        let placed = self.g.reshape(placed, &[nd[0].clone(), nd[1].clone(), len.clone(), nd[3].clone()]);
         let written = self.g.reduce(Reduce::Sum, hit, &[1]); // [len]: 1 where a row was written
         let half = self.g.constant(0.5, DType::F32);
         let written = self.g.binary(Binary::Gt, written, half);
-        let written = self.g.reshape(written, &[one.clone(), len, one.clone(), one]);
+        let written = self.g.reshape(written, &[one.clone(), one.clone(), len, one]);
         self.g.select(written, placed, past)
     }
 
@@ -448,11 +450,15 @@ impl Lowering {
             let (i, len) = (c.layers, c.len);
             c.layers += 1;
             s = Dim::constant(len as i64);
+            // The cache is kept heads first, [B, G, len, D]: the products read
+            // it as it is (keys transposed by a flag), with no copy of the
+            // whole cache per token to put the heads first.
             for (x, kind) in [(&mut k, "key"), (&mut v, "value")] {
-                let mut dims = self.g.dims(*x).to_vec();
-                dims[1] = s.clone();
+                let rows = self.g.permute(*x, &[0, 2, 1, 3]); // [B, G, T, D]: the new tokens only
+                let mut dims = self.g.dims(rows).to_vec();
+                dims[2] = s.clone();
                 let past = self.g.input(&format!("past.{i}.{kind}"), TensorTy::new(DType::F32, dims));
-                *x = self.cache_write(past, *x);
+                *x = self.cache_write(past, rows);
                 self.g.outputs.push((format!("present.{i}.{kind}"), *x));
             }
             cached = true;
@@ -467,12 +473,28 @@ impl Lowering {
             let e = this.g.broadcast(e, &[b.clone(), s.clone(), groups.clone(), per, last.clone()]);
             this.g.reshape(e, &[b.clone(), s.clone(), h.clone(), last])
         };
-        let k = repeat(self, k, d.clone());
-        let v = repeat(self, v, vd[3].clone());
+        // The same on a heads-first cache, [B, G, S, D] -> [B, H, S, D].
+        let repeat_cached = |this: &mut Self, x: NodeId, last: Dim| -> NodeId {
+            if groups == h {
+                return x;
+            }
+            let per = h.div(&groups).expect("bug: heads divisible by groups");
+            let e = this.g.reshape(x, &[b.clone(), groups.clone(), Dim::constant(1), s.clone(), last.clone()]);
+            let e = this.g.broadcast(e, &[b.clone(), groups.clone(), per, s.clone(), last.clone()]);
+            this.g.reshape(e, &[b.clone(), h.clone(), s.clone(), last])
+        };
         let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
-        let kh = self.g.permute(k, &[0, 2, 3, 1]); // [B, H, D, S]
-        let vh = self.g.permute(v, &[0, 2, 1, 3]); // [B, H, S, E]
-        let scores = self.g.matmul(qh, kh);
+        let (scores, vh) = if cached {
+            let kh = repeat_cached(self, k, d.clone()); // [B, H, S, D]
+            let vh = repeat_cached(self, v, vd[3].clone()); // [B, H, S, E]
+            (self.g.matmul_t(qh, kh, false, true), vh)
+        } else {
+            let k = repeat(self, k, d.clone());
+            let v = repeat(self, v, vd[3].clone());
+            let kh = self.g.permute(k, &[0, 2, 3, 1]); // [B, H, D, S]
+            let vh = self.g.permute(v, &[0, 2, 1, 3]); // [B, H, S, E]
+            (self.g.matmul(qh, kh), vh)
+        };
         let scale = match a[6] {
             LArg::Float(f) => f,
             _ => 1.0 / (d.as_const().expect("bug: head size is known") as f64).sqrt(),
