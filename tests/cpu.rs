@@ -107,14 +107,18 @@ fn wide_function_arguments_fold_into_the_call() {
     // exp(x op c) with x read in place (an input, a slice along the row) and
     // c fixed over the loop (a constant, a scalar input, a value broadcast
     // along the row), c on either side: the kernel passes x, a scale and a
-    // shift to the wide function instead of computing the argument.
+    // shift to the wide function instead of computing the argument. And
+    // `x op c` alone: one call of the affine map (c / x is not affine).
     use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::{Binary, Unary};
     use modelc::syntax::ast::DType;
     let (r, c) = (5usize, 70usize);
     let d = |v: usize| Dim::constant(v as i64);
     let mut rng = Rng(11);
-    for op in [Binary::Add, Binary::Sub, Binary::Mul] {
+    let away = |a: Array| Array::new(a.shape.clone(), a.data.iter().map(|v| v.signum() * (0.5 + v.abs())).collect());
+    for (op, wrap) in
+        [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div].into_iter().flat_map(|op| [(op, true), (op, false)])
+    {
         for fixed in 0..3 {
             for (sliced, fixed_first) in [(false, false), (false, true), (true, false), (true, true)] {
                 let mut g = Graph::default();
@@ -129,15 +133,16 @@ fn wide_function_arguments_fold_into_the_call() {
                     _ => g.broadcast(m, &[d(r), d(c)]),
                 };
                 let arg = if fixed_first { g.binary(op, k, x) } else { g.binary(op, x, k) };
-                let y = g.unary(Unary::Exp, arg);
+                let y = if wrap { g.unary(Unary::Exp, arg) } else { arg };
                 g.outputs.push(("y".into(), y));
                 let feeds = HashMap::from([
                     ("x".to_string(), rng.array(&[r, c + 3], 1.5)),
                     ("z".to_string(), rng.array(&[r, c], 1.5)),
-                    ("s".to_string(), rng.array(&[1], 1.0)),
-                    ("m".to_string(), rng.array(&[r, 1], 1.0)),
+                    // Away from zero: some cases divide by them.
+                    ("s".to_string(), away(rng.array(&[1], 1.0))),
+                    ("m".to_string(), away(rng.array(&[r, 1], 1.0))),
                 ]);
-                let label = format!("exp({op:?}) fixed {fixed} sliced {sliced} first {fixed_first}");
+                let label = format!("{op:?} (exp {wrap}) fixed {fixed} sliced {sliced} first {fixed_first}");
                 compare(cpu, &label, &g, &feeds, 1e-5);
                 compare(cpu_f32x4, &label, &g, &feeds, 1e-5);
             }

@@ -80,6 +80,11 @@ pub enum Command {
         /// Print the Cranelift IR of every fused kernel.
         #[arg(long)]
         clif: bool,
+        /// With --clif: the kernels as compiled without the host's wide-vector
+        /// functions (exp, erf, ... in f32x4 inside the kernel), which is what
+        /// a CPU without AVX2 and FMA gets.
+        #[arg(long, requires = "clif")]
+        no_wide_math: bool,
         /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
         #[arg(long = "size", value_name = "NAME=N")]
         sizes: Vec<String>,
@@ -118,7 +123,9 @@ pub fn run(command: Command) -> ExitCode {
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
         Command::Graph { model, output } => cmd_graph(&model, &output),
-        Command::Kernels { model, train, clif, sizes } => cmd_kernels(&model, train, clif, &sizes),
+        Command::Kernels { model, train, clif, no_wide_math, sizes } => {
+            cmd_kernels(&model, train, clif.then_some(!no_wide_math), &sizes)
+        }
         Command::Info { model, sizes } => cmd_info(&model, &sizes),
         Command::Wgsl { model, train, sizes } => cmd_wgsl(&model, train, &sizes),
     }
@@ -570,7 +577,8 @@ fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> ExitCode {
+/// `clif`: print the kernels' Cranelift IR, with the wide-vector functions or not.
+fn cmd_kernels(args: &ModelArgs, train: bool, clif: Option<bool>, sizes: &[String]) -> ExitCode {
     use crate::backend::{clif as codegen, schedule};
     let (checked, graph, bound, sched, memory) = match planned(args, train, sizes) {
         Ok(v) => v,
@@ -587,8 +595,8 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: bool, sizes: &[String]) -> E
         shown.join(", ")
     );
     print!("{}", schedule::describe(&graph, &sched));
-    if clif {
-        let mut jit = match codegen::Jit::new() {
+    if let Some(wide_math) = clif {
+        let mut jit = match codegen::Jit::with_wide_math(wide_math) {
             Ok(j) => j,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -117,7 +117,7 @@ pub struct Jit {
     calls: HashMap<&'static str, FuncId>,
     /// The wide-vector functions (`vmath`) by the operation they compute, in
     /// `vmath::functions`' order; empty when the host lacks them or they are off.
-    wide: Vec<(Unary, FuncId)>,
+    wide: Vec<(vmath::Map, FuncId)>,
     count: usize,
 }
 
@@ -227,7 +227,15 @@ impl Jit {
                     _ => true,
                 });
             let unroll = spec.nodes.len() <= UNROLL_NODES_MAX;
-            let k = Emit { spec, bases, refs, out, vector: vectorizable, unroll, wide };
+            // An elementwise kernel whose result is a value it reads, scaled or
+            // shifted by one fixed over the loop, may be one call (`range`).
+            let root = spec.graph.node(*spec.nodes.last().expect("a fused kernel has nodes"));
+            let affine_root = spec.reduce.is_none()
+                && wide.is_none()
+                && matches!(root.op, Op::Binary(Binary::Add | Binary::Sub | Binary::Mul | Binary::Div));
+            let affine = self.wide.iter().find(|(map, _)| *map == vmath::Map::Affine).filter(|_| affine_root);
+            let affine = affine.map(|(_, id)| self.module.declare_func_in_func(*id, b.func));
+            let k = Emit { spec, bases, refs, out, vector: vectorizable, unroll, wide, affine };
             if let Some((op, row)) = spec.reduce {
                 reduce_rows(&mut b, &k, start, end, row, op);
             } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
@@ -309,6 +317,8 @@ struct Emit<'s, 'a> {
     /// compile time.
     unroll: bool,
     wide: Option<Wide>,
+    /// `vmath`'s affine map, for a kernel whose root may be one call of it.
+    affine: Option<FuncRef>,
 }
 
 impl Emit<'_, '_> {
@@ -342,7 +352,7 @@ impl Wide {
     fn new(
         b: &mut FunctionBuilder,
         spec: &FusedSpec,
-        wide: &[(Unary, FuncId)],
+        wide: &[(vmath::Map, FuncId)],
         module: &mut JITModule,
     ) -> Option<Wide> {
         let ptr = module.target_config().pointer_type();
@@ -352,7 +362,7 @@ impl Wide {
             let node = spec.graph.node(n);
             let below = node.args.iter().filter_map(|a| levels.get(a)).max().copied().unwrap_or(0);
             let function = match node.op {
-                Op::Unary(u) => wide.iter().find(|(op, _)| *op == u).map(|(_, id)| *id),
+                Op::Unary(u) => wide.iter().find(|(map, _)| *map == vmath::Map::Unary(u)).map(|(_, id)| *id),
                 _ => None,
             };
             let level = match function {
@@ -486,7 +496,7 @@ fn affine(
         return None;
     }
     let node = k.spec.graph.node(a);
-    let Op::Binary(op @ (Binary::Add | Binary::Sub | Binary::Mul)) = node.op else { return None };
+    let Op::Binary(op @ (Binary::Add | Binary::Sub | Binary::Mul | Binary::Div)) = node.op else { return None };
     let (p, q) = (node.args[0], node.args[1]);
     // The operand read in place, the fixed one, and whether the read one is first.
     let (x, c, first) = match (streamed(b, k, rows, p, start), streamed(b, k, rows, q, start)) {
@@ -497,6 +507,9 @@ fn affine(
     let (one, minus_one, minus_zero) = (b.ins().f32const(1.0), b.ins().f32const(-1.0), b.ins().f32const(-0.0));
     Some(match (op, first) {
         (Binary::Mul, _) => (x, c, minus_zero),
+        // x / c as x * (1 / c), as the f32x4 loops divide by a fixed value.
+        (Binary::Div, true) => (x, b.ins().fdiv(one, c), minus_zero),
+        (Binary::Div, false) => return None,
         (Binary::Add, _) => (x, one, c),
         (Binary::Sub, true) => (x, one, b.ins().fneg(c)),
         _ => (x, minus_one, c),
@@ -505,6 +518,15 @@ fn affine(
 
 /// Output elements `from..to` (`rows`: the row's reads, when in one row).
 fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out: Value, from: Value, to: Value) {
+    // `x * scale + shift` of a value read in place: one call over the range.
+    if let Some(f) = k.affine
+        && let Some((x, scale, shift)) = affine(b, k, rows, k.root(), from)
+    {
+        let n = b.ins().isub(to, from);
+        let target = address(b, out, from);
+        b.ins().call(f, &[x, target, n, scale, shift]);
+        return;
+    }
     let Some(wide) = &k.wide else {
         lanes(b, k.vector, k.unroll, from, to, |b, i, ty| {
             let v = emit_element(b, k, rows, None, i, ty, k.root());

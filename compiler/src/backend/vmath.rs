@@ -12,6 +12,16 @@
 //! `extern "C" fn(src, dst, n, scale, shift)`, mapping `src * scale +
 //! shift`; `src` may equal `dst`.
 
+/// What a wide function maps its argument (`src * scale + shift`) through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Map {
+    Unary(crate::ir::graph::Unary),
+    /// Nothing: the argument itself. A kernel that only scales or shifts a
+    /// value it reads (softmax's division by the row sum, a norm's scaling)
+    /// is one call of this.
+    Affine,
+}
+
 /// The math function a kernel calls for a unary operation, by symbol name.
 pub struct WideFn {
     pub name: &'static str,
@@ -169,6 +179,11 @@ pub fn cos(x: f32) -> f32 {
     x.cos()
 }
 
+#[inline(always)]
+fn identity(x: f32) -> f32 {
+    x
+}
+
 /// `dst[i] = f(src[i] * scale + shift)` for `i < n` (one rounding: with
 /// `scale` 1 it is exactly `src[i] + shift`; with `shift` -0.0 as well, the
 /// argument is `src[i]` itself, signed zeros included), in place when
@@ -195,7 +210,7 @@ unsafe fn map(src: *const f32, dst: *mut f32, n: usize, scale: f32, shift: f32, 
 
 /// The wide functions by the unary operation they compute; empty where the
 /// host lacks the vectors they are built for (the kernels then keep f32x4).
-pub fn functions() -> Vec<(crate::ir::graph::Unary, WideFn)> {
+pub fn functions() -> Vec<(Map, WideFn)> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -208,7 +223,6 @@ pub fn functions() -> Vec<(crate::ir::graph::Unary, WideFn)> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use crate::ir::graph::Unary;
     use std::sync::OnceLock;
 
     /// Whether the host has AVX-512F (else AVX2 and FMA, which `functions` requires).
@@ -218,10 +232,11 @@ mod x86 {
     }
 
     macro_rules! wide {
-        ($($op:ident $symbol:literal => $element:path),* $(,)?) => {
-            pub fn all() -> Vec<(Unary, WideFn)> {
+        ($($map:expr, $symbol:literal => $element:path),* $(,)?) => {
+            pub fn all() -> Vec<(Map, WideFn)> {
+                use crate::ir::graph::Unary;
                 vec![$(
-                    (Unary::$op, WideFn { name: $symbol, ptr: {
+                    ($map, WideFn { name: $symbol, ptr: {
                         extern "C" fn f(src: *const f32, dst: *mut f32, n: i64, scale: f32, shift: f32) {
                             #[target_feature(enable = "avx512f,avx2,fma")]
                             unsafe fn avx512(src: *const f32, dst: *mut f32, n: usize, scale: f32, shift: f32) {
@@ -249,15 +264,16 @@ mod x86 {
     }
 
     wide! {
-        Exp "modelc_wide_exp" => exp,
-        Log "modelc_wide_log" => log,
-        Tanh "modelc_wide_tanh" => tanh,
-        Erf "modelc_wide_erf" => erf,
-        Sigmoid "modelc_wide_sigmoid" => sigmoid,
-        Silu "modelc_wide_silu" => silu,
-        Gelu "modelc_wide_gelu" => gelu,
-        GeluTanh "modelc_wide_gelu_tanh" => gelu_tanh,
-        Sin "modelc_wide_sin" => sin,
-        Cos "modelc_wide_cos" => cos,
+        Map::Unary(Unary::Exp), "modelc_wide_exp" => exp,
+        Map::Unary(Unary::Log), "modelc_wide_log" => log,
+        Map::Unary(Unary::Tanh), "modelc_wide_tanh" => tanh,
+        Map::Unary(Unary::Erf), "modelc_wide_erf" => erf,
+        Map::Unary(Unary::Sigmoid), "modelc_wide_sigmoid" => sigmoid,
+        Map::Unary(Unary::Silu), "modelc_wide_silu" => silu,
+        Map::Unary(Unary::Gelu), "modelc_wide_gelu" => gelu,
+        Map::Unary(Unary::GeluTanh), "modelc_wide_gelu_tanh" => gelu_tanh,
+        Map::Unary(Unary::Sin), "modelc_wide_sin" => sin,
+        Map::Unary(Unary::Cos), "modelc_wide_cos" => cos,
+        Map::Affine, "modelc_wide_affine" => identity,
     }
 }

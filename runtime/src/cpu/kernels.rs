@@ -143,32 +143,49 @@ pub fn concat(parts: &[(Option<&[f32]>, &[usize])], axis: usize, out_shape: &[us
     pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
 }
 
-/// Folds one row with eight independent accumulators (which vectorise),
+/// Folds one row with 32 independent accumulators (which vectorise),
 /// combined in a fixed order, so a row's result never depends on threads.
 pub fn fold_row(op: Reduce, row: &[f32]) -> f32 {
-    let combine = |a: f32, b: f32| match op {
-        Reduce::Sum => a + b,
-        Reduce::Max => a.max(b),
-        Reduce::Min => a.min(b),
-    };
-    let init = match op {
-        Reduce::Sum => 0.0,
-        Reduce::Max => f32::NEG_INFINITY,
-        Reduce::Min => f32::INFINITY,
-    };
-    let mut lanes = [init; 8];
-    let chunks = row.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (l, v) in lanes.iter_mut().zip(c) {
-            *l = combine(*l, *v);
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2")) {
+            // SAFETY: the host has AVX2.
+            return unsafe { fold_row_avx2(op, row) };
         }
     }
-    let mut acc = lanes.iter().fold(init, |a, b| combine(a, *b));
-    for v in tail {
-        acc = combine(acc, *v);
+    fold_row_lanes(op, row)
+}
+
+/// `fold_row` built for AVX2 (the crate itself targets baseline x86-64):
+/// the same additions in the same order, on wider registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fold_row_avx2(op: Reduce, row: &[f32]) -> f32 {
+    fold_row_lanes(op, row)
+}
+
+/// 32 lanes (four 256-bit accumulators, so that additions do not wait on
+/// each other), combined in order, then the tail.
+#[inline(always)]
+fn fold_row_lanes(op: Reduce, row: &[f32]) -> f32 {
+    #[inline(always)]
+    fn fold(row: &[f32], init: f32, combine: impl Fn(f32, f32) -> f32) -> f32 {
+        let mut lanes = [init; 32];
+        let (chunks, tail) = row.as_chunks::<32>();
+        for c in chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l = combine(*l, *v);
+            }
+        }
+        let acc = lanes.iter().fold(init, |a, b| combine(a, *b));
+        tail.iter().fold(acc, |a, b| combine(a, *b))
     }
-    acc
+    match op {
+        Reduce::Sum => fold(row, 0.0, |a, b| a + b),
+        Reduce::Max => fold(row, f32::NEG_INFINITY, f32::max),
+        Reduce::Min => fold(row, f32::INFINITY, f32::min),
+    }
 }
 
 pub fn reduce(op: Reduce, src: &[f32], in_shape: &[usize], axes: &[usize], out: &mut [f32]) {
