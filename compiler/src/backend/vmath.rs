@@ -179,6 +179,7 @@ pub fn cos(x: f32) -> f32 {
     x.cos()
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn identity(x: f32) -> f32 {
     x
@@ -192,6 +193,7 @@ fn identity(x: f32) -> f32 {
 ///
 /// # Safety
 /// `src` and `dst` point to `n` floats each, and are equal or do not overlap.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 unsafe fn map(src: *const f32, dst: *mut f32, n: usize, scale: f32, shift: f32, f: impl Fn(f32) -> f32) {
     if std::ptr::eq(src, dst) {
