@@ -483,14 +483,15 @@ impl Lowering {
             let e = this.g.broadcast(e, &[b.clone(), groups.clone(), per, s.clone(), last.clone()]);
             this.g.reshape(e, &[b.clone(), h.clone(), s.clone(), last])
         };
-        let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
         let (scores, vh) = if cached {
             let kh = repeat_cached(self, k, d.clone()); // [B, H, S, D]
             let vh = repeat_cached(self, v, vd[3].clone()); // [B, H, S, E]
+            let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
             (self.g.matmul_t(qh, kh, false, true), vh)
         } else {
             let k = repeat(self, k, d.clone());
             let v = repeat(self, v, vd[3].clone());
+            let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
             let kh = self.g.permute(k, &[0, 2, 3, 1]); // [B, H, D, S]
             let vh = self.g.permute(v, &[0, 2, 1, 3]); // [B, H, S, E]
             (self.g.matmul(qh, kh), vh)
