@@ -146,7 +146,7 @@ fn info_and_kernels_describe_the_cpu_program() {
         out.contains("total 826,112 parameters") && out.contains("forward program on the CPU (B=2, T=16)"),
         "{out}"
     );
-    assert!(out.contains("planned memory") && out.contains("JIT compile"), "{out}");
+    assert!(out.contains("planned memory") && out.contains("JIT compile") && out.contains("vector math"), "{out}");
 
     let (code, out, err) = modelc(&["kernels", "specs/mlp.model", "--clif", "--size", "B=3"]);
     assert_eq!(code, 0, "{err}");

@@ -539,6 +539,10 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     println!("  planned memory  {} (activations; weights not included)", bytes(memory.peak_bytes()));
     println!("  optimise + plan {:.1} ms", plan_time.as_secs_f64() * 1e3);
     println!("  JIT compile     {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    match crate::backend::vmath::vectors() {
+        Some(v) => println!("  vector math     exp, erf, log, ... on {v} (Cranelift's own loops: f32x4)"),
+        None => println!("  vector math     f32x4 (no AVX2 and FMA on this CPU)"),
+    }
     ExitCode::SUCCESS
 }
 

@@ -210,6 +210,18 @@ unsafe fn map(src: *const f32, dst: *mut f32, n: usize, scale: f32, shift: f32, 
     }
 }
 
+/// The vectors the wide functions use on this host, for `modelc info`:
+/// `None` where they are not used (no AVX2 and FMA).
+pub fn vectors() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !functions().is_empty() {
+            return Some(if std::arch::is_x86_feature_detected!("avx512f") { "AVX-512" } else { "AVX2" });
+        }
+    }
+    None
+}
+
 /// The wide functions by the unary operation they compute; empty where the
 /// host lacks the vectors they are built for (the kernels then keep f32x4).
 pub fn functions() -> Vec<(Map, WideFn)> {
