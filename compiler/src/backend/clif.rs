@@ -462,24 +462,39 @@ fn streamed(
     }
 }
 
-/// `a`'s value as one f32 when the loop does not change it: a constant, a
-/// size, a scalar input, or (in a row) a value broadcast along the row.
-fn invariant_scalar(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<Value> {
-    if let Op::Const(c) = k.spec.graph.node(a).op {
-        return Some(b.ins().f32const(c as f32));
+/// A value the loop does not change.
+enum Fixed {
+    Constant(f64),
+    /// The kernel's input of this index, one element.
+    Scalar(usize),
+    /// (In a row) a value broadcast along the row, read once per row.
+    Splat(Value),
+}
+
+/// How `a` is fixed over the loop, if it is.
+fn fixed(spec: &FusedSpec, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<Fixed> {
+    if let Op::Const(c) = spec.graph.node(a).op {
+        return Some(Fixed::Constant(c));
     }
-    if let Some(v) = k.spec.sizes.get(&a) {
-        return Some(b.ins().f32const(*v as f32));
+    if let Some(v) = spec.sizes.get(&a) {
+        return Some(Fixed::Constant(*v));
     }
-    let source = access_source(k.spec, a);
-    let i = k.spec.inputs.iter().position(|x| *x == source)?;
-    match (k.spec.access.get(&a)?, rows.get(&i)) {
-        (Access::Scalar, _) => {
-            Some(b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), k.bases[i], 0))
-        }
-        (Access::Indexed { .. }, Some(RowRead::Splat(v))) => Some(*v),
+    let source = access_source(spec, a);
+    let i = spec.inputs.iter().position(|x| *x == source)?;
+    match (spec.access.get(&a)?, rows.get(&i)) {
+        (Access::Scalar, _) => Some(Fixed::Scalar(i)),
+        (Access::Indexed { .. }, Some(RowRead::Splat(v))) => Some(Fixed::Splat(*v)),
         _ => None,
     }
+}
+
+/// `a`'s value as one f32 when the loop does not change it (`fixed`).
+fn invariant_scalar(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<Value> {
+    Some(match fixed(k.spec, rows, a)? {
+        Fixed::Constant(c) => b.ins().f32const(c as f32),
+        Fixed::Scalar(i) => b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), k.bases[i], 0),
+        Fixed::Splat(v) => v,
+    })
 }
 
 /// A wide function's argument `x * scale + shift` with `x` read in place
@@ -1098,16 +1113,6 @@ fn emit_element(
             }
         }
     };
-    // Whether a value is the same for every element of the loop it is read
-    // in: a constant, a size, a scalar input, or a broadcast along the row.
-    let invariant = |a: NodeId| -> bool {
-        let source = access_source(spec, a);
-        let k = spec.inputs.iter().position(|x| *x == source);
-        matches!(spec.graph.node(a).op, Op::Const(_))
-            || spec.sizes.contains_key(&a)
-            || spec.access.get(&a) == Some(&Access::Scalar)
-            || k.is_some_and(|k| matches!(rows.get(&k), Some(RowRead::Splat(_))))
-    };
     for &n in spec.nodes {
         if !needed.contains(&n) {
             continue;
@@ -1207,7 +1212,7 @@ fn emit_element(
                     // By a value the loop does not change (softmax's sum, a
                     // norm): one division, hoisted out of the loop by Cranelift,
                     // and a multiplication per element (within 1.5 ulp).
-                    Binary::Div if invariant(node.args[1]) => {
+                    Binary::Div if fixed(spec, rows, node.args[1]).is_some() => {
                         let one = constant(b, 1.0, ty);
                         let r = b.ins().fdiv(one, q);
                         b.ins().fmul(p, r)

@@ -109,16 +109,13 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
         if matches!(kernel, Kernel::View(_)) {
             continue;
         }
-        let out = kernel.output();
         // A placed part takes its concatenation's memory, which is then
         // live from the first part computed to the concatenation's last use.
-        let out = match s.placed.get(&out) {
-            Some(concat) => {
-                places[out.index()] = Place::Part(*concat);
-                *concat
-            }
-            None => out,
-        };
+        let placed = s.placed.get(&kernel.output()).copied();
+        if let Some(concat) = placed {
+            places[kernel.output().index()] = Place::Part(concat);
+        }
+        let out = placed.unwrap_or(kernel.output());
         if matches!(places[out.index()], Place::Arena { .. }) {
             continue;
         }
@@ -127,7 +124,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
         // that dies here. Inside a row group, only over a value of the group:
         // those are read row by row, so no earlier part needs the rows written.
         let mut chosen = None;
-        if let (Kernel::Fused { inputs, .. }, false) = (kernel, s.placed.contains_key(&kernel.output())) {
+        if let (Kernel::Fused { inputs, .. }, None) = (kernel, placed) {
             for inp in inputs {
                 let st = storage(*inp, &places);
                 if let Place::Arena { offset, len: l } = places[st.index()]

@@ -237,12 +237,11 @@ pub fn functions() -> Vec<(Map, WideFn)> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use std::sync::OnceLock;
 
-    /// Whether the host has AVX-512F (else AVX2 and FMA, which `functions` requires).
+    /// Whether the host has AVX-512F (else AVX2 and FMA, which `functions`
+    /// requires); the standard library caches the answer.
     fn has_avx512() -> bool {
-        static AVX512: OnceLock<bool> = OnceLock::new();
-        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        std::arch::is_x86_feature_detected!("avx512f")
     }
 
     macro_rules! wide {

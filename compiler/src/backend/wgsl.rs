@@ -17,7 +17,7 @@
 //! interpreter's splitmix64 in 32-bit halves, so masks equal the CPU's),
 //! iota and sizes.
 
-use super::clif::{Access, spec};
+use super::clif::{Access, FusedSpec, spec};
 use super::plan::{Place, Plan};
 use super::schedule::{Kernel, Schedule};
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
@@ -208,10 +208,11 @@ impl Emitter<'_> {
 
     fn fused(&self, nodes: &[NodeId], inputs: &[NodeId]) -> Result<Option<(String, [u32; 3])>, String> {
         let out = *nodes.last().expect("a fused kernel has nodes");
-        let mut body = self.chain(nodes, inputs, "    ")?;
+        let spec = spec(self.g, nodes, inputs, self.sizes, self.plan)?;
+        let mut body = self.chain(&spec, "    ")?;
         // A part placed into a concatenation writes at its place there.
-        let at = match spec(self.g, nodes, inputs, self.sizes, self.plan)?.output {
-            Access::Indexed { offset, axes } => index(offset, &axes),
+        let at = match &spec.output {
+            Access::Indexed { offset, axes } => index(*offset, axes),
             _ => "i".to_string(),
         };
         let _ = writeln!(body, "    mem[{}u + {at}] = v{};", self.at(out)?, out.index());
@@ -231,7 +232,7 @@ impl Emitter<'_> {
             return Err(format!("bug: {reduce} folds a chain but is not a reduction"));
         };
         let (init, combine) = fold(*r);
-        let chain = self.chain(nodes, inputs, "        ")?;
+        let chain = self.chain(&spec(self.g, nodes, inputs, self.sizes, self.plan)?, "        ")?;
         let body = format!(
             "    let r = i;\n    var acc = {init};\n    for (var j = 0u; j < {row}u; j++) {{\n        let i = r * {row}u + j;\n{chain}        let v = v{};\n        acc = {combine};\n    }}\n    mem[{}u + r] = acc;\n",
             last.index(),
@@ -241,8 +242,8 @@ impl Emitter<'_> {
     }
 
     /// `let vN = ...;` for each member of a fused chain at element `i`.
-    fn chain(&self, nodes: &[NodeId], inputs: &[NodeId], indent: &str) -> Result<String, String> {
-        let spec = spec(self.g, nodes, inputs, self.sizes, self.plan)?;
+    fn chain(&self, spec: &FusedSpec, indent: &str) -> Result<String, String> {
+        let nodes = spec.nodes;
         let mut body = String::new();
         let load = |src: NodeId, access: &Access| -> Result<String, String> {
             match access {

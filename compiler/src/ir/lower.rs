@@ -439,8 +439,8 @@ impl Lowering {
     /// Scaled dot-product attention, materialising the [B, H, T, S] scores.
     fn attend(&mut self, a: &[LArg]) -> NodeId {
         let (q, k, v) = (a[0].node(), a[1].node(), a[2].node());
-        let (qd, kd, vd) = (self.g.dims(q).to_vec(), self.g.dims(k).to_vec(), self.g.dims(v).to_vec());
-        let (b, t, h, d) = (qd[0].clone(), qd[1].clone(), qd[2].clone(), qd[3].clone());
+        let (qd, kd) = (self.g.dims(q).to_vec(), self.g.dims(k).to_vec());
+        let (t, h, d) = (qd[1].clone(), qd[2].clone(), qd[3].clone());
         let (mut s, groups) = (kd[1].clone(), kd[2].clone());
         let causal = a[3].bool();
         // Causal self-attention reads and extends the key/value cache.
@@ -463,34 +463,31 @@ impl Lowering {
             }
             cached = true;
         }
-        // Grouped-query attention: each key/value head serves h/groups query heads.
-        let repeat = |this: &mut Self, x: NodeId, last: Dim| -> NodeId {
+        // Grouped-query attention: each key/value head serves h/groups query
+        // heads. `x` has its heads on `axis`: [B, S, G, D] (2), or a
+        // heads-first cache [B, G, S, D] (1).
+        let repeat = |this: &mut Self, x: NodeId, axis: usize| -> NodeId {
             if groups == h {
                 return x;
             }
             let per = h.div(&groups).expect("bug: heads divisible by groups");
-            let e = this.g.reshape(x, &[b.clone(), s.clone(), groups.clone(), Dim::constant(1), last.clone()]);
-            let e = this.g.broadcast(e, &[b.clone(), s.clone(), groups.clone(), per, last.clone()]);
-            this.g.reshape(e, &[b.clone(), s.clone(), h.clone(), last])
-        };
-        // The same on a heads-first cache, [B, G, S, D] -> [B, H, S, D].
-        let repeat_cached = |this: &mut Self, x: NodeId, last: Dim| -> NodeId {
-            if groups == h {
-                return x;
-            }
-            let per = h.div(&groups).expect("bug: heads divisible by groups");
-            let e = this.g.reshape(x, &[b.clone(), groups.clone(), Dim::constant(1), s.clone(), last.clone()]);
-            let e = this.g.broadcast(e, &[b.clone(), groups.clone(), per, s.clone(), last.clone()]);
-            this.g.reshape(e, &[b.clone(), h.clone(), s.clone(), last])
+            let mut dims = this.g.dims(x).to_vec();
+            dims.insert(axis + 1, Dim::constant(1));
+            let e = this.g.reshape(x, &dims);
+            dims[axis + 1] = per;
+            let e = this.g.broadcast(e, &dims);
+            dims.remove(axis + 1);
+            dims[axis] = h.clone();
+            this.g.reshape(e, &dims)
         };
         let (scores, vh) = if cached {
-            let kh = repeat_cached(self, k, d.clone()); // [B, H, S, D]
-            let vh = repeat_cached(self, v, vd[3].clone()); // [B, H, S, E]
+            let kh = repeat(self, k, 1); // [B, H, S, D]
+            let vh = repeat(self, v, 1); // [B, H, S, E]
             let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
             (self.g.matmul_t(qh, kh, false, true), vh)
         } else {
-            let k = repeat(self, k, d.clone());
-            let v = repeat(self, v, vd[3].clone());
+            let k = repeat(self, k, 2);
+            let v = repeat(self, v, 2);
             let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
             let kh = self.g.permute(k, &[0, 2, 3, 1]); // [B, H, D, S]
             let vh = self.g.permute(v, &[0, 2, 1, 3]); // [B, H, S, E]

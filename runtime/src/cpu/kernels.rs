@@ -100,25 +100,12 @@ pub fn slice(src: &[f32], in_shape: &[usize], axis: usize, start: usize, out_sha
 pub fn concat(parts: &[(Option<&[f32]>, &[usize])], axis: usize, out_shape: &[usize], out: &mut [f32]) {
     let outer: usize = out_shape[..axis].iter().product();
     let inner: usize = out_shape[axis + 1..].iter().product();
-    if out.len() < 1 << 18 {
-        // Small (RoPE's rotate-half while decoding: a few dozen floats a
-        // piece): threads would cost more than the copy.
-        let row = out_shape[axis] * inner;
-        let mut at = 0;
-        for (src, shape) in parts {
-            let chunk = shape[axis] * inner;
-            if let Some(src) = src {
-                for o in 0..outer {
-                    out[o * row + at..o * row + at + chunk].copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
-                }
-            }
-            at += chunk;
-        }
-        return;
-    }
+    let parallel = out.len() >= 1 << 18;
     // Each part's chunk of each outer row, cut into pieces of at most PIECE
     // floats, in output order: disjoint slices of `out`, copied in parallel
-    // (the gradient of the LM loss's sliced logits is a 262 MB concat).
+    // when large (the gradient of the LM loss's sliced logits is a 262 MB
+    // concat) and on this thread when small (RoPE's rotate-half while
+    // decoding: a few dozen floats a piece, less than waking a thread).
     const PIECE: usize = 1 << 16;
     let mut pieces: Vec<(&mut [f32], &[f32])> = Vec::new();
     let mut rest = out;
@@ -140,19 +127,21 @@ pub fn concat(parts: &[(Option<&[f32]>, &[usize])], axis: usize, out_shape: &[us
             }
         }
     }
-    pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    if parallel {
+        pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        pieces.into_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    }
 }
 
 /// Folds one row with 32 independent accumulators (which vectorise),
 /// combined in a fixed order, so a row's result never depends on threads.
 pub fn fold_row(op: Reduce, row: &[f32]) -> f32 {
+    // (The standard library caches the feature check.)
     #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2")) {
-            // SAFETY: the host has AVX2.
-            return unsafe { fold_row_avx2(op, row) };
-        }
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the host has AVX2.
+        return unsafe { fold_row_avx2(op, row) };
     }
     fold_row_lanes(op, row)
 }
