@@ -176,6 +176,61 @@ fn products_of_one_row_match_the_interpreter() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    // Query blocks are 64 rows and key blocks 256 keys: these span several
+    // of each, with partial last blocks.
+    #[test]
+    fn fused_attention_matches_the_interpreter(c in attention_cases(150, 300), seed in any::<u64>()) {
+        fused_attention(cpu, &c, seed);
+    }
+}
+
+#[test]
+fn fused_attention_of_a_decoding_step_matches_the_interpreter() {
+    // One new token against a cache longer than one key block, at positions
+    // inside it, at its end, and a sliding window.
+    for (offset, window) in [(0, None), (5, None), (299, None), (299, Some(40)), (130, Some(1))] {
+        let c = AttentionCase {
+            b: 2,
+            t: 1,
+            s: 300,
+            h: 4,
+            g: 2,
+            d: 16,
+            e: 16,
+            offset,
+            causal: true,
+            window,
+            heads_first: true,
+            mask: 0,
+        };
+        fused_attention(cpu, &c, offset as u64);
+    }
+}
+
+#[test]
+fn fused_attention_averages_rows_with_every_key_masked() {
+    // The first query sees no key (padding mask) and its block skips keys
+    // 64..: its row is the mean of all 100 values, as in the decomposition.
+    let c = AttentionCase {
+        b: 1,
+        t: 100,
+        s: 100,
+        h: 2,
+        g: 1,
+        d: 8,
+        e: 8,
+        offset: 0,
+        causal: true,
+        window: None,
+        heads_first: false,
+        mask: 2,
+    };
+    fused_attention(cpu, &c, 3);
+}
+
 #[test]
 fn attention_row_groups_match_the_interpreter() {
     // The masked softmax over the scores runs as a row group, at these sizes
@@ -207,6 +262,23 @@ fn kernels_stay_in_bounds_under_valgrind() {
         feeds.insert("step".into(), Array::scalar(1.0));
         compare(cpu, "valgrind tiny-gpt", &modelc::ir::prune::prune(&g), &feeds, 2e-4);
         attention(cpu, 2, 2, 70, 5, 4);
+        for (causal, mask, heads_first) in [(true, 2, false), (false, 1, true)] {
+            let c = AttentionCase {
+                b: 1,
+                t: 70,
+                s: 270,
+                h: 2,
+                g: 1,
+                d: 5,
+                e: 3,
+                offset: 200,
+                causal,
+                window: None,
+                heads_first,
+                mask,
+            };
+            fused_attention(cpu, &c, 7);
+        }
         return;
     }
     let exe = std::env::current_exe().unwrap();

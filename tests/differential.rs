@@ -298,3 +298,98 @@ pub fn reductions_over_several_axes(backend: Backend) {
         }
     }
 }
+
+/// One fused attention (`Op::Attention`) to test: queries `[b, t, h, d]`,
+/// keys and values `[b, s, g, _]` (or heads first), the first query at key
+/// position `offset`, and a padding mask `[b, 1, s]` (`mask` 1) or
+/// `[b, t, s]` (2) with about a third of the keys hidden and, in the
+/// second case, every key of the first row.
+#[derive(Clone, Debug)]
+pub struct AttentionCase {
+    pub b: usize,
+    pub t: usize,
+    pub s: usize,
+    pub h: usize,
+    pub g: usize,
+    pub d: usize,
+    pub e: usize,
+    pub offset: i64,
+    pub causal: bool,
+    pub window: Option<i64>,
+    pub heads_first: bool,
+    pub mask: u8,
+}
+
+/// The fused operation and its decomposition (`ir::attention`) on the
+/// backend against the interpreter, and the interpreter's reference for the
+/// fused operation against its decomposition (tight: both in f64).
+pub fn fused_attention(backend: Backend, c: &AttentionCase, seed: u64) {
+    let dims = |xs: &[usize]| xs.iter().map(|x| Dim::constant(*x as i64)).collect::<Vec<_>>();
+    let kv = |w: usize| if c.heads_first { [c.b, c.g, c.s, w] } else { [c.b, c.s, c.g, w] };
+    let mut g = Graph::default();
+    let f32s = |xs: &[usize]| TensorTy::new(DType::F32, dims(xs));
+    let q = g.input("q", f32s(&[c.b, c.t, c.h, c.d]));
+    let k = g.input("k", f32s(&kv(c.d)));
+    let v = g.input("v", f32s(&kv(c.e)));
+    let offset = g.input("offset", TensorTy::new(DType::Int, vec![]));
+    let mut args = vec![q, k, v, offset];
+    let mut rng = Rng(seed | 1);
+    let mut feeds: HashMap<String, Array> = HashMap::from([
+        ("q".to_string(), rng.array(&[c.b, c.t, c.h, c.d], 1.5)),
+        ("k".to_string(), rng.array(&kv(c.d), 1.5)),
+        ("v".to_string(), rng.array(&kv(c.e), 1.0)),
+        ("offset".to_string(), Array::scalar(c.offset as f64)),
+    ]);
+    if c.mask > 0 {
+        let rows = if c.mask == 1 { 1 } else { c.t };
+        args.push(g.input("mask", f32s(&[c.b, rows, c.s])));
+        let mut m: Vec<f64> = (0..c.b * rows * c.s).map(|_| f64::from(rng.next() > 0.3)).collect();
+        if c.mask == 2 {
+            m[..c.s].fill(0.0);
+        }
+        feeds.insert("mask".into(), Array::new(vec![c.b, rows, c.s], m));
+    }
+    let spec = modelc::ir::graph::Attention {
+        scale: 1.0 / (c.d as f64).sqrt(),
+        causal: c.causal,
+        window: c.window,
+        kv_heads_first: c.heads_first,
+    };
+    let fused = g.attention(spec.clone(), &args);
+    let decomposed = modelc::ir::attention::decompose(&mut g, &spec, &args);
+    g.outputs.push(("fused".into(), fused));
+    g.outputs.push(("decomposed".into(), decomposed));
+    modelc::ir::verify::verify(&g).unwrap();
+    let reference = run(&g, &feeds, Precision::F64).unwrap();
+    let (want, have) = (&reference["decomposed"], &reference["fused"]);
+    for (i, (w, h)) in want.data.iter().zip(&have.data).enumerate() {
+        assert!((w - h).abs() <= 1e-9 * (1.0 + w.abs()), "{c:?}: reference [{i}] {h}, decomposition {w}");
+    }
+    compare(backend, &format!("{c:?}"), &g, &feeds, 2e-4);
+}
+
+/// Attention cases: up to `max_t` queries and `max_extra` more keys than
+/// queries, every head grouping, odd head sizes, every mask kind, and
+/// offsets a few positions either side of the usual S - T.
+pub fn attention_cases(max_t: usize, max_extra: usize) -> impl proptest::strategy::Strategy<Value = AttentionCase> {
+    use proptest::prelude::*;
+    let heads = prop::sample::select(vec![(1, 1), (2, 1), (2, 2), (4, 2), (3, 1), (6, 3)]);
+    (
+        (1usize..3, 1usize..max_t, 0usize..max_extra, heads, 1usize..20, 1usize..20),
+        (any::<bool>(), prop::option::of(1i64..40), any::<bool>(), 0u8..3, -3i64..4),
+    )
+        .prop_map(|((b, t, extra, (h, g), d, e), (causal, window, heads_first, mask, shift))| AttentionCase {
+            b,
+            t,
+            s: t + extra,
+            h,
+            g,
+            d,
+            e,
+            offset: extra as i64 + shift,
+            causal,
+            window,
+            heads_first,
+            mask,
+        })
+}

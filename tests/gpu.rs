@@ -83,10 +83,14 @@ fn every_shader_of_every_spec_validates() {
 fn one_shader_of_each_kind_is_snapshotted() {
     // The tiny-gpt training program has every kind: fused (and folded into a
     // reduction), matmul, reductions, copies, concat, gather, scatter-add,
-    // dropout masks, iota.
-    let (_, g) = programs(&repo().join("specs/tiny-gpt.model")).remove(1);
+    // dropout masks, iota; its forward (inference) program adds attention.
+    let mut programs = programs(&repo().join("specs/tiny-gpt.model"));
+    let (_, forward) = programs.remove(0);
+    let (_, train) = programs.remove(0);
     let mut seen = std::collections::BTreeMap::new();
-    for (kernel, shader) in shaders(&g) {
+    for (g, (kernel, shader)) in
+        [&train, &forward].into_iter().flat_map(|g| shaders(g).into_iter().map(move |s| (g, s)))
+    {
         let kind = match &kernel {
             Kernel::Fused { .. } => "fused".to_string(),
             Kernel::FusedReduce { .. } => "fused_reduce".to_string(),
@@ -98,13 +102,22 @@ fn one_shader_of_each_kind_is_snapshotted() {
     for (kind, source) in &seen {
         insta::assert_snapshot!(format!("wgsl-{kind}"), source);
     }
-    assert!(seen.len() >= 10, "{:?}", seen.keys());
+    assert!(seen.len() >= 11 && seen.contains_key("attention"), "{:?}", seen.keys());
 }
 
 #[test]
 fn attention_matches_the_interpreter_on_the_gpu() {
     for (b, h, t, d, seed) in [(2, 3, 100, 20, 1), (1, 2, 37, 7, 2)] {
         attention(gpu, b, h, t, d, seed);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fused_attention_matches_the_interpreter_on_the_gpu(c in attention_cases(40, 60), seed in any::<u64>()) {
+        fused_attention(gpu, &c, seed);
     }
 }
 

@@ -366,3 +366,54 @@ fn transposed_matmul_gradients_match_finite_differences() {
         check_gradients(&g, &feeds, &["a".into(), "b".into()], 24).unwrap_or_else(|e| panic!("ta {ta}, tb {tb}: {e}"));
     }
 }
+
+#[test]
+fn fused_attention_gradients_match_finite_differences() {
+    use modelc::check::dim::Dim;
+    use modelc::check::types::TensorTy;
+    use modelc::ir::graph::Attention;
+    use modelc::syntax::ast::DType;
+    // (heads, groups, causal, window, keys heads first, mask rows (0: none), offset)
+    let cases = [
+        (4, 2, true, Some(3), false, 0, 2),
+        (2, 2, false, None, true, 3, 0),
+        (3, 1, true, None, false, 1, 2),
+        (2, 1, true, None, true, 3, -2),
+    ];
+    for (h, groups, causal, window, heads_first, mask_rows, offset) in cases {
+        let (b, t, s, d, e) = (2, 3, 5, 3, 2);
+        let dims = |xs: &[usize]| TensorTy::new(DType::F32, xs.iter().map(|x| Dim::constant(*x as i64)).collect());
+        let kv = |w: usize| if heads_first { [b, groups, s, w] } else { [b, s, groups, w] };
+        let mut g = modelc::ir::graph::Graph::default();
+        let q = g.param("q", dims(&[b, t, h, d]));
+        let k = g.param("k", dims(&kv(d)));
+        let v = g.param("v", dims(&kv(e)));
+        let off = g.constant(offset as f64, DType::Int);
+        let mut args = vec![q, k, v, off];
+        let mut rng = Rng(23);
+        let mut feeds = HashMap::new();
+        if mask_rows > 0 {
+            args.push(g.input("mask", dims(&[b, mask_rows, s])));
+            // Some keys hidden; with a mask per query, one query sees none.
+            let mut m: Vec<f64> = (0..b * mask_rows * s).map(|i| f64::from(i % 3 != 1)).collect();
+            if mask_rows > 1 {
+                m[s..2 * s].fill(0.0);
+            }
+            feeds.insert("mask".to_string(), Array::new(vec![b, mask_rows, s], m));
+        }
+        let spec = Attention { scale: 0.7, causal, window, kv_heads_first: heads_first };
+        let y = g.attention(spec, &args);
+        let w = g.param("w", dims(&[b, t, h, e]));
+        let weighted = g.mul(y, w);
+        let loss = g.sum_all(weighted);
+        g.outputs.push(("loss".into(), loss));
+        modelc::ir::verify::verify(&g).unwrap();
+        for n in ["q", "k", "v", "w"] {
+            let id = g.params().find(|(p, _)| *p == n).unwrap().1;
+            let shape: Vec<usize> = g.dims(id).iter().map(|d| d.as_const().unwrap() as usize).collect();
+            feeds.insert(n.to_string(), rng.array(&shape, 1.0));
+        }
+        check_gradients(&g, &feeds, &["q".into(), "k".into(), "v".into()], 40)
+            .unwrap_or_else(|e| panic!("heads {h}/{groups}, causal {causal}, mask {mask_rows}: {e}"));
+    }
+}

@@ -20,7 +20,7 @@
 use super::clif::{Access, FusedSpec, spec};
 use super::plan::{Place, Plan};
 use super::schedule::{Kernel, Schedule};
-use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::graph::{Attention, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::ir::interp::{Sizes, eval_dim, strides};
 use crate::syntax::ast::DType;
 use std::fmt::Write;
@@ -453,12 +453,84 @@ impl Emitter<'_> {
                 let (source, groups) = elementwise(len, &body);
                 (source.replacen("fn flag", &format!("{SPLITMIX}\nfn flag"), 1), groups)
             }
+            Op::Attention(a) => self.attention(n, a)?,
             Op::Iota => elementwise(len, &format!("    mem[{o}u + i] = f32(i);\n")),
             Op::Size(d) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(eval_dim(d, self.sizes)? as f64))),
             Op::Const(v) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(*v))),
             Op::Input(_) | Op::Param(_) | Op::Reshape => return Ok(None),
             other => return Err(format!("bug: no GPU kernel for `{}`", other.name())),
         }))
+    }
+
+    /// Attention, one invocation per (batch, query, head) row walking every
+    /// key with a running maximum and sum (online softmax), so the scores
+    /// are never stored. Masked scores are -1e30 as in the decomposition.
+    fn attention(&self, n: NodeId, a: &Attention) -> Result<(String, [u32; 3]), String> {
+        let node = self.g.node(n);
+        let (q, k) = (self.shape(node.args[0])?, self.shape(node.args[1])?);
+        let (t, h, d) = (q[1], q[2], q[3]);
+        let (s, g) = if a.kv_heads_first { (k[2], k[1]) } else { (k[1], k[2]) };
+        let e = self.shape(node.args[2])?[3];
+        let o = self.at(n)?;
+        let row = |width: usize, feature: &str| {
+            if a.kv_heads_first {
+                format!("((b * {g}u + g) * {s}u + j) * {width}u + {feature}")
+            } else {
+                format!("((b * {s}u + j) * {g}u + g) * {width}u + {feature}")
+            }
+        };
+        let mut seen = vec!["true".to_string()];
+        if a.causal {
+            seen.push("i32(j) <= p".into());
+        }
+        if let Some(w) = a.window {
+            seen.push(format!("i32(j) > p - {w}"));
+        }
+        if let Some(m) = node.args.get(4) {
+            let rows = self.shape(*m)?[1];
+            let mrow = if rows == 1 { "0u".to_string() } else { "t".to_string() };
+            seen.push(format!("{} != 0.0", self.read(*m, &format!("(b * {rows}u + {mrow}) * {s}u + j"))?));
+        }
+        let body = format!(
+            "    let hh = i % {h}u;
+    let t = (i / {h}u) % {t}u;
+    let b = i / ({h}u * {t}u);
+    let g = hh / {per}u;
+    let p = i32(t) + i32({offset});
+    var m = -1e30;
+    var l = 0.0;
+    var acc: array<f32, {e}>;
+    for (var j = 0u; j < {s}u; j++) {{
+        var score = -1e30;
+        if ({seen}) {{
+            var dot = 0.0;
+            for (var c = 0u; c < {d}u; c++) {{
+                dot += {q_at} * {k_at};
+            }}
+            score = dot * {scale};
+        }}
+        let m_new = max(m, score);
+        let rescale = exp(m - m_new);
+        let weight = exp(score - m_new);
+        l = l * rescale + weight;
+        for (var c = 0u; c < {e}u; c++) {{
+            acc[c] = acc[c] * rescale + weight * {v_at};
+        }}
+        m = m_new;
+    }}
+    for (var c = 0u; c < {e}u; c++) {{
+        mem[{o}u + i * {e}u + c] = acc[c] / l;
+    }}
+",
+            per = h / g,
+            offset = self.read(node.args[3], "0u")?,
+            seen = seen.join(" && "),
+            q_at = self.read(node.args[0], &format!("i * {d}u + c"))?,
+            k_at = self.read(node.args[1], &row(d, "c"))?,
+            v_at = self.read(node.args[2], &row(e, "c"))?,
+            scale = lit(a.scale),
+        );
+        Ok(elementwise(q[0] * t * h, &body))
     }
 
     /// Output element i read from `base + sum(idx[d] * eff[d])`.

@@ -64,6 +64,7 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
         Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Size(_) | Op::Iota => vec![],
         Op::ArgMax(_) | Op::OneHot | Op::TopKIndices(_) | Op::DropoutMask { .. } => vec![None; a.len()],
         Op::Cast(_) => vec![None],
+        Op::Attention(spec) => super::attention::gradient(g, spec, a, y, gy),
         Op::Unary(u) => {
             let x = x.expect("unary has an input");
             let d = match u {

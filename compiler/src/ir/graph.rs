@@ -160,6 +160,37 @@ pub enum Op {
         p: f64,
         key: u64,
     },
+    /// Scaled dot-product attention in one operation, so that a backend can
+    /// run it without storing the [B, H, T, S] scores (online softmax).
+    /// Inputs: queries `[B, T, H, D]`, keys `[B, S, G, D]` and values
+    /// `[B, S, G, E]` (`[B, G, S, _]` with `kv_heads_first`: a KV cache),
+    /// the offset of the first query among the keys (a scalar int: query
+    /// `i` sits at key position `i + offset`), and optionally a padding mask
+    /// `[B, 1 or T, S]` (a key is seen where it is non-zero). Each key/value
+    /// head serves H/G query heads. Result `[B, T, H, E]`. Its meaning is
+    /// `ir::attention::decompose`: masked scores are -1e30, so a row with
+    /// every key masked averages all S values, as the decomposed softmax does.
+    Attention(Attention),
+}
+
+/// The attributes of [`Op::Attention`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    /// Multiplies the query-key dot products.
+    pub scale: f64,
+    /// Query at position p sees keys at positions <= p.
+    pub causal: bool,
+    /// Query at position p sees keys at positions > p - window.
+    pub window: Option<i64>,
+    /// Keys and values are `[B, G, S, _]` rather than `[B, S, G, _]`.
+    pub kv_heads_first: bool,
+}
+
+impl Attention {
+    /// Whether a key position is seen by a query position (before any padding mask).
+    pub fn sees(&self, query: i64, key: i64) -> bool {
+        (!self.causal || key <= query) && self.window.is_none_or(|w| key > query - w)
+    }
 }
 
 impl Op {
@@ -190,6 +221,19 @@ impl Op {
             Op::TopKValues(k) => format!("topk_values {k}"),
             Op::TopKIndices(k) => format!("topk_indices {k}"),
             Op::DropoutMask { p, key } => format!("dropout_mask {} #{key}", crate::syntax::float_text(*p)),
+            Op::Attention(a) => {
+                let mut s = format!("attention scale {}", crate::syntax::float_text(a.scale));
+                if a.causal {
+                    s += " causal";
+                }
+                if let Some(w) = a.window {
+                    s += &format!(" window {w}");
+                }
+                if a.kv_heads_first {
+                    s += " kv_heads_first";
+                }
+                s
+            }
         }
     }
 }
@@ -223,6 +267,39 @@ pub fn matmul_dims(a: &TensorTy, b: &TensorTy, ta: bool, tb: bool) -> Option<Vec
     dims.push(n.clone());
     dims.push(m.clone());
     Some(dims)
+}
+
+/// The result shape of an attention over these inputs (see [`Op::Attention`]),
+/// or why they do not fit.
+pub fn attention_dims(a: &Attention, args: &[&TensorTy]) -> Result<Vec<Dim>, String> {
+    let [q, k, v, offset, rest @ ..] = args else { return Err("takes queries, keys, values and an offset".into()) };
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(format!("queries {q}, keys {k} and values {v} should have 4 axes"));
+    }
+    let (s_axis, g_axis) = if a.kv_heads_first { (2, 1) } else { (1, 2) };
+    let (b, t, h) = (&q.dims[0], &q.dims[1], &q.dims[2]);
+    let fits = k.dims[0] == *b
+        && v.dims[0] == *b
+        && k.dims[s_axis] == v.dims[s_axis]
+        && k.dims[g_axis] == v.dims[g_axis]
+        && k.dims[3] == q.dims[3]
+        && h.div(&k.dims[g_axis]).is_some();
+    if !fits {
+        return Err(format!("queries {q}, keys {k} and values {v} do not fit"));
+    }
+    if offset.rank() != 0 || offset.dtype != DType::Int {
+        return Err(format!("the offset {offset} is not an int scalar"));
+    }
+    match rest {
+        [] => {}
+        [m] if m.rank() == 3
+            && m.dims[0] == *b
+            && (m.dims[1] == *t || m.dims[1].as_const() == Some(1))
+            && m.dims[2] == k.dims[s_axis] => {}
+        [m] => return Err(format!("the mask {m} is not [B, 1 or T, S]")),
+        _ => return Err("takes at most one mask".into()),
+    }
+    Ok(vec![b.clone(), t.clone(), h.clone(), v.dims[3].clone()])
 }
 
 fn f32s(dims: Vec<Dim>) -> TensorTy {
@@ -389,6 +466,22 @@ impl Graph {
         self.reshape(y, &dims)
     }
 
+    /// The row maximum subtracted for stability. Softmax does not depend on
+    /// it, so its gradient is exactly zero: detached, the backward pass has no
+    /// max-mask kernels to compute a sum that rounds to about zero.
+    pub fn stable_shift(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let fixed = self.detach(x);
+        self.reduce_keep(Reduce::Max, fixed, &[axis])
+    }
+
+    pub fn softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let m = self.stable_shift(x, axis);
+        let shifted = self.sub(x, m);
+        let e = self.unary(Unary::Exp, shifted);
+        let s = self.reduce_keep(Reduce::Sum, e, &[axis]);
+        self.div(e, s)
+    }
+
     pub fn sum_all(&mut self, x: NodeId) -> NodeId {
         let axes: Vec<usize> = (0..self.ty(x).rank()).collect();
         self.reduce(Reduce::Sum, x, &axes)
@@ -501,5 +594,13 @@ impl Graph {
 
     pub fn dropout_mask(&mut self, step: NodeId, p: f64, key: u64, dims: &[Dim]) -> NodeId {
         self.push(Op::DropoutMask { p, key }, vec![step], f32s(dims.to_vec()))
+    }
+
+    /// Fused attention (see [`Op::Attention`]); `args` are queries, keys,
+    /// values, offset and an optional mask.
+    pub fn attention(&mut self, a: Attention, args: &[NodeId]) -> NodeId {
+        let tys: Vec<&TensorTy> = args.iter().map(|x| self.ty(*x)).collect();
+        let dims = attention_dims(&a, &tys).unwrap_or_else(|e| panic!("bug: attention: {e}"));
+        self.push(Op::Attention(a), args.to_vec(), f32s(dims))
     }
 }

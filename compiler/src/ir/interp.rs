@@ -227,7 +227,55 @@ pub fn eval(
             let _ = feeds;
             Array::new(shape, data)
         }
+        Op::Attention(a) => attention(a, args, shape),
     })
+}
+
+/// Attention as its decomposition computes it (`ir::attention`): every
+/// score of a row, masked ones -1e30, a stable softmax, the weighted values.
+fn attention(a: &Attention, args: &[&Array], shape: Vec<usize>) -> Array {
+    let (q, k, v) = (args[0], args[1], args[2]);
+    let offset = args[3].data[0] as i64;
+    let (b_n, t_n, h_n, d_n) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (s_n, g_n) = if a.kv_heads_first { (k.shape[2], k.shape[1]) } else { (k.shape[1], k.shape[2]) };
+    let e_n = v.shape[3];
+    // Offset of row (b, s, g) of keys or values with `width` features.
+    let row = |b: usize, s: usize, g: usize, width: usize| {
+        if a.kv_heads_first { ((b * g_n + g) * s_n + s) * width } else { ((b * s_n + s) * g_n + g) * width }
+    };
+    let mut out = vec![0.0; shape.iter().product()];
+    let mut scores = vec![0.0; s_n];
+    for b in 0..b_n {
+        for i in 0..t_n {
+            for h in 0..h_n {
+                let g = h / (h_n / g_n);
+                let qo = ((b * t_n + i) * h_n + h) * d_n;
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let masked = args.get(4).is_some_and(|m| {
+                        let mi = if m.shape[1] == 1 { 0 } else { i };
+                        m.data[(b * m.shape[1] + mi) * s_n + j] == 0.0
+                    });
+                    *score = if !a.sees(i as i64 + offset, j as i64) || masked {
+                        -1e30
+                    } else {
+                        let ko = row(b, j, g, d_n);
+                        a.scale * (0..d_n).map(|d| q.data[qo + d] * k.data[ko + d]).sum::<f64>()
+                    };
+                }
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                let oo = ((b * t_n + i) * h_n + h) * e_n;
+                for (j, w) in weights.iter().enumerate() {
+                    let vo = row(b, j, g, e_n);
+                    for e in 0..e_n {
+                        out[oo + e] += w / total * v.data[vo + e];
+                    }
+                }
+            }
+        }
+    }
+    Array::new(shape, out)
 }
 
 /// A deterministic uniform number in [0, 1) from (key, step, index): splitmix64.

@@ -1,8 +1,10 @@
 //! Lowering: the checker's walk through `forward` calls into this module to
 //! emit IR for each primitive and operator, with the types it already
-//! inferred. Composite operations (softmax, attention, RoPE, routing,
-//! cross-entropy) are decomposed into the primitive set here, never in a
-//! backend.
+//! inferred. Composite operations (softmax, RoPE, routing, cross-entropy)
+//! are decomposed into the primitive set here, never in a backend. The one
+//! exception is attention at inference, one `Op::Attention` whose meaning
+//! is its decomposition (`ir::attention`), so that backends can run it
+//! without storing the scores.
 
 use super::graph::*;
 use crate::check::dim::Dim;
@@ -375,24 +377,12 @@ impl Lowering {
         self.g.div(s, n)
     }
 
-    /// The row maximum subtracted for stability. Softmax does not depend on
-    /// it, so its gradient is exactly zero: detached, the backward pass has no
-    /// max-mask kernels to compute a sum that rounds to about zero.
-    fn stable_shift(&mut self, x: NodeId, axis: usize) -> NodeId {
-        let fixed = self.g.detach(x);
-        self.g.reduce_keep(Reduce::Max, fixed, &[axis])
-    }
-
     pub fn softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
-        let m = self.stable_shift(x, axis);
-        let shifted = self.g.sub(x, m);
-        let e = self.g.unary(Unary::Exp, shifted);
-        let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
-        self.g.div(e, s)
+        self.g.softmax(x, axis)
     }
 
     pub fn log_softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
-        let m = self.stable_shift(x, axis);
+        let m = self.g.stable_shift(x, axis);
         let shifted = self.g.sub(x, m);
         let e = self.g.unary(Unary::Exp, shifted);
         let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
@@ -436,12 +426,13 @@ impl Lowering {
         self.g.reshape(out, &dims)
     }
 
-    /// Scaled dot-product attention, materialising the [B, H, T, S] scores.
+    /// Scaled dot-product attention: one `Op::Attention` for inference, its
+    /// decomposition (`ir::attention`) for training.
     fn attend(&mut self, a: &[LArg]) -> NodeId {
         let (q, k, v) = (a[0].node(), a[1].node(), a[2].node());
         let (qd, kd) = (self.g.dims(q).to_vec(), self.g.dims(k).to_vec());
-        let (t, h, d) = (qd[1].clone(), qd[2].clone(), qd[3].clone());
-        let (mut s, groups) = (kd[1].clone(), kd[2].clone());
+        let (t, d) = (qd[1].clone(), qd[3].clone());
+        let mut s = kd[1].clone();
         let causal = a[3].bool();
         // Causal self-attention reads and extends the key/value cache.
         let (mut k, mut v, mut cached) = (k, v, false);
@@ -463,93 +454,35 @@ impl Lowering {
             }
             cached = true;
         }
-        // Grouped-query attention: each key/value head serves h/groups query
-        // heads. `x` has its heads on `axis`: [B, S, G, D] (2), or a
-        // heads-first cache [B, G, S, D] (1).
-        let repeat = |this: &mut Self, x: NodeId, axis: usize| -> NodeId {
-            if groups == h {
-                return x;
-            }
-            let per = h.div(&groups).expect("bug: heads divisible by groups");
-            let mut dims = this.g.dims(x).to_vec();
-            dims.insert(axis + 1, Dim::constant(1));
-            let e = this.g.reshape(x, &dims);
-            dims[axis + 1] = per;
-            let e = this.g.broadcast(e, &dims);
-            dims.remove(axis + 1);
-            dims[axis] = h.clone();
-            this.g.reshape(e, &dims)
-        };
-        let (scores, vh) = if cached {
-            let kh = repeat(self, k, 1); // [B, H, S, D]
-            let vh = repeat(self, v, 1); // [B, H, S, E]
-            let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
-            (self.g.matmul_t(qh, kh, false, true), vh)
-        } else {
-            let k = repeat(self, k, 2);
-            let v = repeat(self, v, 2);
-            let qh = self.g.permute(q, &[0, 2, 1, 3]); // [B, H, T, D]
-            let kh = self.g.permute(k, &[0, 2, 3, 1]); // [B, H, D, S]
-            let vh = self.g.permute(v, &[0, 2, 1, 3]); // [B, H, S, E]
-            (self.g.matmul(qh, kh), vh)
-        };
         let scale = match a[6] {
             LArg::Float(f) => f,
             _ => 1.0 / (d.as_const().expect("bug: head size is known") as f64).sqrt(),
         };
-        let scores = self.g.scale(scores, scale);
-        let mut allowed: Option<NodeId> = None;
         let window = if let LArg::Int(w) = a[4] { Some(w) } else { None };
-        if causal || window.is_some() {
-            // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
-            let qi = self.g.iota(t.clone());
-            let qi = self.g.reshape(qi, &[t.clone(), Dim::constant(1)]);
-            let offset = if cached {
-                self.position_input()
-            } else {
-                let o = self.g.size(s.sub(&t));
-                self.g.cast(o, DType::Int)
-            };
-            let qpos = self.g.add(qi, offset);
-            let kj = self.g.iota(s.clone());
-            let kj = self.g.reshape(kj, &[Dim::constant(1), s.clone()]);
-            let mut ok = if causal { Some(self.g.binary(Binary::Le, kj, qpos)) } else { None };
-            if let Some(w) = window {
-                let wn = self.g.constant(w as f64, DType::Int);
-                let lo = self.g.sub(qpos, wn);
-                let recent = self.g.binary(Binary::Gt, kj, lo);
-                ok = Some(match ok {
-                    Some(o) => self.g.binary(Binary::And, o, recent),
-                    None => recent,
-                });
-            }
-            allowed = ok;
-        }
+        // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
+        let offset = if cached {
+            self.position_input()
+        } else {
+            let o = self.g.size(s.sub(&t));
+            self.g.cast(o, DType::Int)
+        };
+        let mut args = vec![q, k, v, offset];
         // A padding mask covers the new tokens only; decoding with a cache has none.
         if let Some(mask) = a[5].opt_node().filter(|_| !cached) {
             let md = self.g.dims(mask).to_vec();
-            let m = if md.len() == 2 {
-                self.g.reshape(mask, &[md[0].clone(), Dim::constant(1), Dim::constant(1), md[1].clone()])
-            } else {
-                self.g.reshape(mask, &[md[0].clone(), Dim::constant(1), md[1].clone(), md[2].clone()])
-            };
-            let zero = self.g.constant(0.0, self.g.ty(m).dtype);
-            let keep = self.g.binary(Binary::Ne, m, zero);
-            allowed = Some(match allowed {
-                Some(o) => self.g.binary(Binary::And, o, keep),
-                None => keep,
+            args.push(match md.len() {
+                2 => self.g.reshape(mask, &[md[0].clone(), Dim::constant(1), md[1].clone()]),
+                _ => mask,
             });
         }
-        let scores = match allowed {
-            Some(ok) => {
-                let neg = self.g.constant(-1e30, DType::F32);
-                self.g.select(ok, scores, neg)
-            }
-            None => scores,
-        };
-        let p = self.softmax(scores, 3);
-        let y = self.g.matmul(p, vh); // [B, H, T, E]
-        self.g.permute(y, &[0, 2, 1, 3])
+        let spec = Attention { scale, causal, window, kv_heads_first: cached };
+        // Training keeps the probabilities its backward pass reads; inference
+        // runs the fused operation, which never stores them.
+        if self.training {
+            crate::ir::attention::decompose(&mut self.g, &spec, &args)
+        } else {
+            self.g.attention(spec, &args)
+        }
     }
 
     /// Rotary embedding on [B, T, H, D], rotating halves of the first `rot` features.
@@ -602,7 +535,7 @@ impl Lowering {
     fn cross_entropy(&mut self, logits: NodeId, targets: NodeId, ignore: i64) -> NodeId {
         let rank = self.g.ty(logits).rank();
         let classes = self.g.dims(logits)[rank - 1].clone();
-        let m = self.stable_shift(logits, rank - 1);
+        let m = self.g.stable_shift(logits, rank - 1);
         let shifted = self.g.sub(logits, m);
         let e = self.g.unary(Unary::Exp, shifted);
         let s = self.g.reduce_keep(Reduce::Sum, e, &[rank - 1]);

@@ -1,6 +1,7 @@
 //! The tensor IR and what works on it: lowering from the checker, the
 //! reference interpreter, reverse-mode autodiff and the training program.
 
+pub mod attention;
 pub mod grad;
 pub mod graph;
 pub mod interp;

@@ -133,6 +133,17 @@ fn op(text: &str) -> Result<Op, String> {
                 key: key.parse().map_err(|_| "bad key")?,
             })
         }
+        "attention" => {
+            let words: Vec<&str> = rest.split(' ').collect();
+            let after = |w: &str| words.iter().position(|x| *x == w).and_then(|i| words.get(i + 1));
+            let scale = after("scale").ok_or("expected `attention scale S [causal] [window W] [kv_heads_first]`")?;
+            Ok(Op::Attention(Attention {
+                scale: scale.parse().map_err(|_| "bad scale")?,
+                causal: words.contains(&"causal"),
+                window: after("window").map(|w| w.parse().map_err(|_| "bad window")).transpose()?,
+                kv_heads_first: words.contains(&"kv_heads_first"),
+            }))
+        }
         other => Err(format!("unknown operation `{other}`")),
     }
 }

@@ -28,6 +28,13 @@ pub fn stats(g: &Graph) -> (usize, crate::check::dim::Dim) {
                 let k = if *ta { &a.dims[a.rank() - 2] } else { &a.dims[a.rank() - 1] };
                 numel.mul(k).mul(&Dim::constant(2))
             }
+            // Two products over every (query, key) pair, as if nothing were masked.
+            Op::Attention(a) => {
+                let (q, v) = (g.ty(n.args[0]), g.ty(n.args[2]));
+                let keys = &g.ty(n.args[1]).dims[if a.kv_heads_first { 2 } else { 1 }];
+                let per_pair = q.dims[3].add(&v.dims[3]).mul(&Dim::constant(2));
+                numel.div(&v.dims[3]).map_or(Dim::constant(0), |rows| rows.mul(keys).mul(&per_pair))
+            }
             Op::Unary(_) | Op::Binary(_) | Op::Select => numel,
             Op::Reduce(..) | Op::ArgMax(_) | Op::TopKValues(_) => {
                 g.ty(n.args[0]).dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d))

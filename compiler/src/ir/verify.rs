@@ -5,7 +5,7 @@
 
 use super::graph::*;
 use crate::check::dim::Dim;
-use crate::check::types::broadcast;
+use crate::check::types::{TensorTy, broadcast};
 use crate::syntax::ast::DType;
 
 pub fn verify(g: &Graph) -> Result<(), String> {
@@ -128,6 +128,10 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 same(&dims, &out.dims)?;
             }
             Op::DropoutMask { .. } => want_args(1)?,
+            Op::Attention(a) => {
+                let tys: Vec<&TensorTy> = n.args.iter().map(|x| g.ty(*x)).collect();
+                same(&attention_dims(a, &tys).map_err(here)?, &out.dims)?;
+            }
         }
     }
     for (name, id) in &g.outputs {

@@ -44,6 +44,15 @@ impl CostFunction<IrLang> for Cost<'_> {
                 });
                 2.0 * n * k
             }
+            // Both products over every (query, key) pair: the output's
+            // elements times twice the key count.
+            Op::Attention(a) => {
+                let keys = self.egraph[children[1]].data.ty.map_or(64.0, |t| {
+                    let dims = &self.egraph.analysis.tables.types[t].dims;
+                    elements(&dims[if a.kv_heads_first { 2 } else { 1 }..][..1])
+                });
+                4.0 * n * keys
+            }
             // An exp of a value not shifted by its maximum can overflow: when a
             // stable form exists (`stable-softmax`), it must win.
             Op::Unary(crate::ir::graph::Unary::Exp) if !self.egraph[children[0]].data.shifted => 50.0 * n,

@@ -69,6 +69,7 @@ define_language! {
         "topk_values" = TopkValues(Box<[Id]>),
         "topk_indices" = TopkIndices(Box<[Id]>),
         "dropout_mask" = DropoutMask(Box<[Id]>),
+        "attention" = Attention(Box<[Id]>),
         Leaf(Symbol),
     }
 }
@@ -173,6 +174,7 @@ pub fn kind(op: &Op) -> &'static str {
         Op::TopKValues(_) => "topk_values",
         Op::TopKIndices(_) => "topk_indices",
         Op::DropoutMask { .. } => "dropout_mask",
+        Op::Attention(_) => "attention",
     }
 }
 

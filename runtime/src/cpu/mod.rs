@@ -5,6 +5,7 @@
 //! (`kernels.rs`). Every tensor is stored as f32; int and bool values are
 //! exact up to 2^24.
 
+mod attention;
 mod kernels;
 
 use modelc::backend::clif::{Jit, KernelFn};
@@ -596,6 +597,24 @@ impl Program {
                 let n_last = *shape.last().expect("topk of rank >= 1");
                 let indices = matches!(node.op, Op::TopKIndices(_));
                 kernels::topk(input(node.args[0]), n_last, *k, indices, &mut arena[offset..offset + len]);
+                return Ok(());
+            }
+            Op::Attention(a) => {
+                let (qs, ks, vs) = (shape_of(node.args[0])?, shape_of(node.args[1])?, shape_of(node.args[2])?);
+                let (s, g) = if a.kv_heads_first { (ks[2], ks[1]) } else { (ks[1], ks[2]) };
+                let n = attention::Sizes { b: qs[0], t: qs[1], h: qs[2], d: qs[3], s, g, e: vs[3] };
+                let mask = match node.args.get(4) {
+                    Some(m) => Some((input(*m), shape_of(*m)?[1])),
+                    None => None,
+                };
+                let x = attention::Inputs {
+                    q: input(node.args[0]),
+                    k: input(node.args[1]),
+                    v: input(node.args[2]),
+                    offset: input(node.args[3])[0] as i64,
+                    mask,
+                };
+                attention::attention(a, &x, n, &mut arena[offset..offset + len]);
                 return Ok(());
             }
             Op::DropoutMask { p, key } => {
