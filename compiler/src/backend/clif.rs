@@ -985,7 +985,8 @@ fn vlog(b: &mut FunctionBuilder, x: Value) -> Value {
     choose(b, in_domain, r, nan, ty)
 }
 
-/// tanh on f32x4 as 1 - 2 / (e^(2x) + 1), exact in the limits.
+/// tanh on f32x4: x + x^3 P(x^2) for |x| < 0.625 (where the other form
+/// cancels), else 1 - 2 / (e^(2x) + 1), exact in the limits (`vmath::tanh`).
 fn vtanh(b: &mut FunctionBuilder, x: Value) -> Value {
     let ty = types::F32X4;
     let two = constant(b, 2.0, ty);
@@ -994,7 +995,19 @@ fn vtanh(b: &mut FunctionBuilder, x: Value) -> Value {
     let e = vexp(b, x2);
     let d = b.ins().fadd(e, one);
     let q = b.ins().fdiv(two, d);
-    b.ins().fsub(one, q)
+    let large = b.ins().fsub(one, q);
+    let s = b.ins().fmul(x, x);
+    let mut p = constant(b, vmath::TANH_POLY[0], ty);
+    for c in &vmath::TANH_POLY[1..] {
+        let c = constant(b, *c, ty);
+        p = mul_add(b, p, s, c);
+    }
+    let p = b.ins().fmul(p, s);
+    let small = mul_add(b, p, x, x);
+    let magnitude = b.ins().fabs(x);
+    let bound = constant(b, vmath::TANH_SMALL, ty);
+    let near_zero = b.ins().fcmp(FloatCC::LessThan, magnitude, bound);
+    choose(b, near_zero, small, large, ty)
 }
 
 /// erf on f32x4: x P(x^2) / Q(x^2) on x clamped to [-4, 4] (the rational
