@@ -5,8 +5,9 @@
 //! PyTorch's `scaled_dot_product_attention` with the same thread count,
 //! measured in the same run: `cargo bench -p modelc-runtime --bench attention`.
 //! LLaMA-like heads: 8 query heads sharing 2 key/value heads (GQA), head
-//! size 64, batch 1. Needs `python3` with torch for the peer column; medians
-//! of repeated runs; planned activation memory of each program.
+//! size 64, batch 1; and the attention shapes of the forward bench's small
+//! models. Needs `python3` with torch for the peer column; medians of
+//! repeated runs; planned activation memory of each program.
 
 use modelc::check::dim::Dim;
 use modelc::check::types::TensorTy;
@@ -17,9 +18,16 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Instant;
 
-const HEADS: usize = 8;
-const GROUPS: usize = 2;
-const HEAD: usize = 64;
+/// Batch, query heads, key/value heads, head size.
+#[derive(Clone, Copy)]
+struct Heads {
+    batch: usize,
+    heads: usize,
+    groups: usize,
+    size: usize,
+}
+
+const LLAMA: Heads = Heads { batch: 1, heads: 8, groups: 2, size: 64 };
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
@@ -27,14 +35,16 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Seconds a run (median) and planned bytes of attention over t tokens.
-fn ours(t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f64, usize) {
+fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f64, usize) {
     let d = |x: usize| Dim::constant(x as i64);
     let mut g = Graph::default();
-    let q = g.input("q", TensorTy::new(DType::F32, vec![d(1), d(t), d(HEADS), d(HEAD)]));
-    let k = g.input("k", TensorTy::new(DType::F32, vec![d(1), d(t), d(GROUPS), d(HEAD)]));
-    let v = g.input("v", TensorTy::new(DType::F32, vec![d(1), d(t), d(GROUPS), d(HEAD)]));
+    let qs = [x.batch, t, x.heads, x.size];
+    let ks = [x.batch, t, x.groups, x.size];
+    let q = g.input("q", TensorTy::new(DType::F32, qs.iter().map(|n| d(*n)).collect()));
+    let k = g.input("k", TensorTy::new(DType::F32, ks.iter().map(|n| d(*n)).collect()));
+    let v = g.input("v", TensorTy::new(DType::F32, ks.iter().map(|n| d(*n)).collect()));
     let offset = g.constant(0.0, DType::Int);
-    let spec = Attention { scale: 1.0 / (HEAD as f64).sqrt(), causal: true, window, kv_heads_first: false };
+    let spec = Attention { scale: 1.0 / (x.size as f64).sqrt(), causal: true, window, kv_heads_first: false };
     let y = if fused {
         g.attention(spec, &[q, k, v, offset])
     } else {
@@ -43,10 +53,11 @@ fn ours(t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f64, usize)
     g.outputs.push(("y".into(), y));
     let g = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default()).0;
     let data = |n: usize, salt: usize| (0..n).map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let (qn, kn) = (qs.iter().product(), ks.iter().product());
     let feeds: HashMap<String, Tensor> = HashMap::from([
-        ("q".to_string(), Tensor::new(vec![1, t, HEADS, HEAD], data(t * HEADS * HEAD, 0))),
-        ("k".to_string(), Tensor::new(vec![1, t, GROUPS, HEAD], data(t * GROUPS * HEAD, 1))),
-        ("v".to_string(), Tensor::new(vec![1, t, GROUPS, HEAD], data(t * GROUPS * HEAD, 2))),
+        ("q".to_string(), Tensor::new(qs.to_vec(), data(qn, 0))),
+        ("k".to_string(), Tensor::new(ks.to_vec(), data(kn, 1))),
+        ("v".to_string(), Tensor::new(ks.to_vec(), data(kn, 2))),
     ]);
     let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
     let program = Program::compile(&g, &bind(&g, &shapes).expect("sizes")).expect("compiles");
@@ -63,7 +74,8 @@ fn ours(t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f64, usize)
     (time, program.peak_bytes())
 }
 
-fn torch(t: usize, window: Option<i64>, reps: usize, threads: usize) -> Option<f64> {
+fn torch(x: Heads, t: usize, window: Option<i64>, reps: usize, threads: usize) -> Option<f64> {
+    let Heads { batch, heads, groups, size } = x;
     // A sliding window is an explicit boolean mask for PyTorch.
     let call = match window {
         None => "F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)".to_string(),
@@ -73,7 +85,7 @@ fn torch(t: usize, window: Option<i64>, reps: usize, threads: usize) -> Option<f
     };
     let script = format!(
         "import torch, time\nimport torch.nn.functional as F\ntorch.set_num_threads({threads})\n\
-         q = torch.rand(1, {HEADS}, {t}, {HEAD}); k = torch.rand(1, {GROUPS}, {t}, {HEAD}); v = torch.rand(1, {GROUPS}, {t}, {HEAD})\n\
+         q = torch.rand({batch}, {heads}, {t}, {size}); k = torch.rand({batch}, {groups}, {t}, {size}); v = torch.rand({batch}, {groups}, {t}, {size})\n\
          i = torch.arange({t})[:, None]; j = torch.arange({t})[None, :]\n\
          with torch.no_grad():\n    {call}\n    ts = []\n    for _ in range({reps}):\n        s = time.perf_counter(); {call}; ts.append(time.perf_counter() - s)\n\
          print(sorted(ts)[len(ts) // 2])\n"
@@ -84,23 +96,32 @@ fn torch(t: usize, window: Option<i64>, reps: usize, threads: usize) -> Option<f
 
 fn main() {
     let threads = rayon::current_num_threads();
-    println!(
-        "causal attention, batch 1, {HEADS} heads sharing {GROUPS} key/value heads, head size {HEAD}, {threads} threads (median ms; planned MiB)"
-    );
+    println!("causal attention, {threads} threads: median ms (planned MiB); ratios are speed-ups of the fused kernel");
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    for (t, window, reps) in [(256, None, 30), (1024, None, 10), (4096, None, 3), (4096, Some(512), 3)] {
-        let (fused, fused_bytes) = ours(t, window, true, reps);
-        let (stored, stored_bytes) = ours(t, window, false, reps);
-        let label = match window {
-            Some(w) => format!("T {t}, window {w}"),
-            None => format!("T {t}"),
-        };
-        let peer = match torch(t, window, reps, threads) {
-            Some(p) => format!("   torch {:8.2}   torch/fused {:.2}x", p * 1e3, p / fused),
+    let tiny_gpt = Heads { batch: 4, heads: 4, groups: 4, size: 32 };
+    let small_llama = Heads { batch: 2, heads: 4, groups: 2, size: 16 };
+    let cases = [
+        ("small llama", small_llama, 32, None, 200),
+        ("tiny-gpt", tiny_gpt, 64, None, 100),
+        ("8/2 heads of 64", LLAMA, 256, None, 30),
+        ("8/2 heads of 64", LLAMA, 1024, None, 10),
+        ("8/2 heads of 64", LLAMA, 4096, None, 3),
+        ("8/2 heads of 64", LLAMA, 4096, Some(512), 3),
+    ];
+    for (name, x, t, window, reps) in cases {
+        let (fused, fused_bytes) = ours(x, t, window, true, reps);
+        let (stored, stored_bytes) = ours(x, t, window, false, reps);
+        let label = format!(
+            "{name}, B {} T {t}{}",
+            x.batch,
+            window.map(|w| format!(", window {w}")).unwrap_or_default()
+        );
+        let peer = match torch(x, t, window, reps, threads) {
+            Some(p) => format!("   torch {:8.3}   vs torch {:.2}x", p * 1e3, p / fused),
             None => "   (torch not importable)".to_string(),
         };
         println!(
-            "  {label:<18} fused {:8.2} ({:6.1} MiB)   decomposed {:8.2} ({:6.1} MiB)   decomposed/fused {:.2}x{peer}",
+            "  {label:<36} fused {:8.3} ({:5.1})   decomposed {:8.3} ({:5.1})   vs decomposed {:.2}x{peer}",
             fused * 1e3,
             mib(fused_bytes),
             stored * 1e3,
