@@ -111,11 +111,8 @@ fn main() {
     for (name, x, t, window, reps) in cases {
         let (fused, fused_bytes) = ours(x, t, window, true, reps);
         let (stored, stored_bytes) = ours(x, t, window, false, reps);
-        let label = format!(
-            "{name}, B {} T {t}{}",
-            x.batch,
-            window.map(|w| format!(", window {w}")).unwrap_or_default()
-        );
+        let label =
+            format!("{name}, B {} T {t}{}", x.batch, window.map(|w| format!(", window {w}")).unwrap_or_default());
         let peer = match torch(x, t, window, reps, threads) {
             Some(p) => format!("   torch {:8.3}   vs torch {:.2}x", p * 1e3, p / fused),
             None => "   (torch not importable)".to_string(),

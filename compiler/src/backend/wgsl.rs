@@ -20,7 +20,7 @@
 use super::clif::{Access, FusedSpec, spec};
 use super::plan::{Place, Plan};
 use super::schedule::{Kernel, Schedule};
-use crate::ir::graph::{Attention, Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::graph::{Attention, AttentionPass, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::ir::interp::{Sizes, eval_dim, strides};
 use crate::syntax::ast::DType;
 use std::fmt::Write;
@@ -453,7 +453,8 @@ impl Emitter<'_> {
                 let (source, groups) = elementwise(len, &body);
                 (source.replacen("fn flag", &format!("{SPLITMIX}\nfn flag"), 1), groups)
             }
-            Op::Attention(a) => self.attention(n, a)?,
+            Op::Attention(a) => self.attention(n, a, None)?,
+            Op::AttentionBackward(a, pass) => self.attention(n, a, Some(*pass))?,
             Op::Iota => elementwise(len, &format!("    mem[{o}u + i] = f32(i);\n")),
             Op::Size(d) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(eval_dim(d, self.sizes)? as f64))),
             Op::Const(v) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(*v))),
@@ -462,21 +463,27 @@ impl Emitter<'_> {
         }))
     }
 
-    /// Attention, one invocation per (batch, query, head) row walking every
-    /// key with a running maximum and sum (online softmax), so the scores
-    /// are never stored. Masked scores are -1e30 as in the decomposition.
-    fn attention(&self, n: NodeId, a: &Attention) -> Result<(String, [u32; 3]), String> {
+    /// Attention and its backward's passes, one invocation per row (a
+    /// query's for the forward, the log-sum-exp and the queries' gradient; a
+    /// key's for the keys' and values' gradient) walking every key (or every
+    /// query of the key's heads), so the scores are never stored. The forward
+    /// keeps a running maximum and sum (online softmax). Masked scores are
+    /// -1e30 as in the decomposition (`score` below).
+    fn attention(&self, n: NodeId, a: &Attention, pass: Option<AttentionPass>) -> Result<(String, [u32; 3]), String> {
         let node = self.g.node(n);
-        let (q, k) = (self.shape(node.args[0])?, self.shape(node.args[1])?);
-        let (t, h, d) = (q[1], q[2], q[3]);
+        let x = &node.args[node.op.attention_inputs().unwrap_or(0)..];
+        let (q, k) = (self.shape(x[0])?, self.shape(x[1])?);
+        let (bs, t, h, d) = (q[0], q[1], q[2], q[3]);
         let (s, g) = if a.kv_heads_first { (k[2], k[1]) } else { (k[1], k[2]) };
-        let e = self.shape(node.args[2])?[3];
+        let e = self.shape(x[2])?[3];
+        let per = h / g;
         let o = self.at(n)?;
-        let row = |width: usize, feature: &str| {
+        // Row (b, j, g) of keys or values, feature c.
+        let kv = |width: usize| {
             if a.kv_heads_first {
-                format!("((b * {g}u + g) * {s}u + j) * {width}u + {feature}")
+                format!("((b * {g}u + g) * {s}u + j) * {width}u + c")
             } else {
-                format!("((b * {s}u + j) * {g}u + g) * {width}u + {feature}")
+                format!("((b * {s}u + j) * {g}u + g) * {width}u + c")
             }
         };
         let mut seen = vec!["true".to_string()];
@@ -486,51 +493,187 @@ impl Emitter<'_> {
         if let Some(w) = a.window {
             seen.push(format!("i32(j) > p - {w}"));
         }
-        if let Some(m) = node.args.get(4) {
+        if let Some(m) = x.get(4) {
             let rows = self.shape(*m)?[1];
             let mrow = if rows == 1 { "0u".to_string() } else { "t".to_string() };
             seen.push(format!("{} != 0.0", self.read(*m, &format!("(b * {rows}u + {mrow}) * {s}u + j"))?));
         }
-        let body = format!(
+        let score = format!(
+            "fn score(b: u32, t: u32, hh: u32, j: u32) -> f32 {{
+    let g = hh / {per}u;
+    let p = i32(t) + i32({offset});
+    if (!({seen})) {{
+        return -1e30;
+    }}
+    var dot = 0.0;
+    for (var c = 0u; c < {d}u; c++) {{
+        dot += {q_at} * {k_at};
+    }}
+    return dot * {scale};
+}}
+",
+            offset = self.read(x[3], "0u")?,
+            seen = seen.join(" && "),
+            q_at = self.read(x[0], &format!("((b * {t}u + t) * {h}u + hh) * {d}u + c"))?,
+            k_at = self.read(x[1], &kv(d))?,
+            scale = lit(a.scale),
+        );
+        let v_at = self.read(x[2], &kv(e))?;
+        let query_row = format!(
             "    let hh = i % {h}u;
     let t = (i / {h}u) % {t}u;
     let b = i / ({h}u * {t}u);
     let g = hh / {per}u;
-    let p = i32(t) + i32({offset});
-    var m = -1e30;
-    var l = 0.0;
-    var acc: array<f32, {e}>;
-    for (var j = 0u; j < {s}u; j++) {{
-        var score = -1e30;
-        if ({seen}) {{
-            var dot = 0.0;
-            for (var c = 0u; c < {d}u; c++) {{
-                dot += {q_at} * {k_at};
-            }}
-            score = dot * {scale};
+"
+        );
+        let (body, rows) = match pass {
+            None | Some(AttentionPass::Lse) => {
+                let (acc, update, write) = if pass.is_none() {
+                    (
+                        format!(
+                            "    var acc: array<f32, {e}>;
+"
+                        ),
+                        format!(
+                            "        for (var c = 0u; c < {e}u; c++) {{
+            acc[c] = acc[c] * rescale + weight * {v_at};
         }}
+"
+                        ),
+                        format!(
+                            "    for (var c = 0u; c < {e}u; c++) {{
+        mem[{o}u + i * {e}u + c] = acc[c] / l;
+    }}
+"
+                        ),
+                    )
+                } else {
+                    (
+                        String::new(),
+                        String::new(),
+                        format!(
+                            "    mem[{o}u + i] = select(m + log(l), -1e30, m <= -1e30);
+"
+                        ),
+                    )
+                };
+                let body = format!(
+                    "{query_row}    var m = -1e30;
+    var l = 0.0;
+{acc}    for (var j = 0u; j < {s}u; j++) {{
+        let score = score(b, t, hh, j);
         let m_new = max(m, score);
         let rescale = exp(m - m_new);
         let weight = exp(score - m_new);
         l = l * rescale + weight;
-        for (var c = 0u; c < {e}u; c++) {{
-            acc[c] = acc[c] * rescale + weight * {v_at};
-        }}
-        m = m_new;
+{update}        m = m_new;
     }}
-    for (var c = 0u; c < {e}u; c++) {{
-        mem[{o}u + i * {e}u + c] = acc[c] / l;
+{write}"
+                );
+                (body, bs * t * h)
+            }
+            Some(AttentionPass::Queries) => {
+                let body = format!(
+                    "{query_row}    let lse = {lse};
+    let delta = {delta};
+    var acc: array<f32, {d}>;
+    if (lse > -1e30) {{
+        for (var j = 0u; j < {s}u; j++) {{
+            let score = score(b, t, hh, j);
+            if (score <= -1e30) {{
+                continue;
+            }}
+            let p = exp(score - lse);
+            var dp = 0.0;
+            for (var c = 0u; c < {e}u; c++) {{
+                dp += {gy} * {v_at};
+            }}
+            let ds = p * (dp - delta);
+            for (var c = 0u; c < {d}u; c++) {{
+                acc[c] += ds * {k_at};
+            }}
+        }}
+    }}
+    for (var c = 0u; c < {d}u; c++) {{
+        mem[{o}u + i * {d}u + c] = acc[c] * {scale};
     }}
 ",
-            per = h / g,
-            offset = self.read(node.args[3], "0u")?,
-            seen = seen.join(" && "),
-            q_at = self.read(node.args[0], &format!("i * {d}u + c"))?,
-            k_at = self.read(node.args[1], &row(d, "c"))?,
-            v_at = self.read(node.args[2], &row(e, "c"))?,
-            scale = lit(a.scale),
-        );
-        Ok(elementwise(q[0] * t * h, &body))
+                    lse = self.read(node.args[1], "i")?,
+                    delta = self.read(node.args[2], "i")?,
+                    gy = self.read(node.args[0], &format!("i * {e}u + c"))?,
+                    k_at = self.read(x[1], &kv(d))?,
+                    scale = lit(a.scale),
+                );
+                (body, bs * t * h)
+            }
+            Some(AttentionPass::KeysValues) => {
+                let key_row = if a.kv_heads_first {
+                    format!(
+                        "    let j = i % {s}u;
+    let g = (i / {s}u) % {g}u;
+    let b = i / ({s}u * {g}u);
+"
+                    )
+                } else {
+                    format!(
+                        "    let g = i % {g}u;
+    let j = (i / {g}u) % {s}u;
+    let b = i / ({g}u * {s}u);
+"
+                    )
+                };
+                let row_at = |width: usize| format!("((b * {t}u + t) * {h}u + hh) * {width}u + c");
+                let body = format!(
+                    "{key_row}    var dk: array<f32, {d}>;
+    var dv: array<f32, {e}>;
+    for (var hh = g * {per}u; hh < (g + 1u) * {per}u; hh++) {{
+        for (var t = 0u; t < {t}u; t++) {{
+            let row = (b * {t}u + t) * {h}u + hh;
+            let lse = {lse};
+            if (lse <= -1e30) {{
+                // Every key masked: the row's adjoint spreads evenly over the values.
+                for (var c = 0u; c < {e}u; c++) {{
+                    dv[c] += {gy} / {s}.0;
+                }}
+                continue;
+            }}
+            let score = score(b, t, hh, j);
+            if (score <= -1e30) {{
+                continue;
+            }}
+            let p = exp(score - lse);
+            var dp = 0.0;
+            for (var c = 0u; c < {e}u; c++) {{
+                dp += {gy} * {v_at};
+            }}
+            let ds = p * (dp - {delta}) * {scale};
+            for (var c = 0u; c < {d}u; c++) {{
+                dk[c] += ds * {q_at};
+            }}
+            for (var c = 0u; c < {e}u; c++) {{
+                dv[c] += p * {gy};
+            }}
+        }}
+    }}
+    for (var c = 0u; c < {d}u; c++) {{
+        mem[{o}u + i * {w}u + c] = dk[c];
+    }}
+    for (var c = 0u; c < {e}u; c++) {{
+        mem[{o}u + i * {w}u + {d}u + c] = dv[c];
+    }}
+",
+                    lse = self.read(node.args[1], "row")?,
+                    delta = self.read(node.args[2], "row")?,
+                    gy = self.read(node.args[0], &row_at(e))?,
+                    q_at = self.read(x[0], &row_at(d))?,
+                    scale = lit(a.scale),
+                    w = d + e,
+                );
+                (body, bs * s * g)
+            }
+        };
+        let (source, groups) = elementwise(rows, &body);
+        Ok((source.replacen("fn flag", &format!("{score}fn flag"), 1), groups))
     }
 
     /// Output element i read from `base + sum(idx[d] * eff[d])`.

@@ -1,24 +1,12 @@
 //! Attention in primitives: what [`Op::Attention`] means (the interpreter
-//! and the tests hold the fused kernels to it), the form a training forward
-//! lowers to, and its gradient, which recomputes the probabilities from the
-//! inputs instead of keeping a [B, H, T, S] tensor alive until the backward.
+//! and the tests hold the fused kernels to it) and the form a training
+//! forward lowers to; and the fused operation's gradient, as passes that
+//! recompute the probabilities block by block instead of keeping a
+//! [B, H, T, S] tensor alive until the backward.
 
 use super::graph::*;
 use crate::check::dim::Dim;
 use crate::syntax::ast::DType;
-
-/// The pieces of an attention in primitives, heads first.
-pub struct Parts {
-    /// Queries `[B, H, T, D]`.
-    pub queries: NodeId,
-    /// Keys and values `[B, H, S, _]`, repeated for the query heads each serves.
-    pub keys: NodeId,
-    pub values: NodeId,
-    /// Softmax probabilities `[B, H, T, S]`.
-    pub probs: NodeId,
-    /// Where a query sees a key (`[T, S]` or `[B, 1, T or 1, S]` bool), if not everywhere.
-    pub allowed: Option<NodeId>,
-}
 
 /// Keys or values `[B, H, S, _]`: heads first, each key/value head repeated
 /// for the H/G query heads it serves.
@@ -37,21 +25,6 @@ fn per_query_head(g: &mut Graph, a: &Attention, x: NodeId, heads: &Dim) -> NodeI
     dims.remove(2);
     dims[1] = heads.clone();
     g.reshape(e, &dims)
-}
-
-/// The inverse of `per_query_head` for gradients: sums the query heads a
-/// key/value head serves and restores the input's layout.
-fn per_kv_head(g: &mut Graph, a: &Attention, x: NodeId, groups: &Dim) -> NodeId {
-    let dims = g.dims(x).to_vec();
-    let x = if dims[1] == *groups {
-        x
-    } else {
-        let per = dims[1].div(groups).expect("bug: heads divisible by groups");
-        let split = [dims[0].clone(), groups.clone(), per, dims[2].clone(), dims[3].clone()];
-        let x = g.reshape(x, &split);
-        g.reduce(Reduce::Sum, x, &[2])
-    };
-    if a.kv_heads_first { x } else { g.permute(x, &[0, 2, 1, 3]) }
 }
 
 /// Where query i (at key position i + offset) sees key j: the causal and
@@ -90,9 +63,9 @@ fn allowed(g: &mut Graph, a: &Attention, t: &Dim, s: &Dim, offset: NodeId, mask:
     ok
 }
 
-/// The attention's probabilities and operands in primitives; `args` as
-/// [`Op::Attention`] takes them.
-pub fn parts(g: &mut Graph, a: &Attention, args: &[NodeId]) -> Parts {
+/// [`Op::Attention`] in primitives, materialising the [B, H, T, S] scores
+/// and probabilities.
+pub fn decompose(g: &mut Graph, a: &Attention, args: &[NodeId]) -> NodeId {
     let (q, k, v, offset, mask) = (args[0], args[1], args[2], args[3], args.get(4).copied());
     let (t, h) = (g.dims(q)[1].clone(), g.dims(q)[2].clone());
     let queries = g.permute(q, &[0, 2, 1, 3]);
@@ -101,8 +74,7 @@ pub fn parts(g: &mut Graph, a: &Attention, args: &[NodeId]) -> Parts {
     let s = g.dims(keys)[2].clone();
     let scores = g.matmul_t(queries, keys, false, true);
     let scores = g.scale(scores, a.scale);
-    let allowed = allowed(g, a, &t, &s, offset, mask);
-    let scores = match allowed {
+    let scores = match allowed(g, a, &t, &s, offset, mask) {
         Some(ok) => {
             let neg = g.constant(-1e30, DType::F32);
             g.select(ok, scores, neg)
@@ -110,46 +82,31 @@ pub fn parts(g: &mut Graph, a: &Attention, args: &[NodeId]) -> Parts {
         None => scores,
     };
     let probs = g.softmax(scores, 3);
-    Parts { queries, keys, values, probs, allowed }
-}
-
-/// [`Op::Attention`] in primitives, materialising the [B, H, T, S] scores.
-pub fn decompose(g: &mut Graph, a: &Attention, args: &[NodeId]) -> NodeId {
-    let p = parts(g, a, args);
-    let y = g.matmul(p.probs, p.values); // [B, H, T, E]
+    let y = g.matmul(probs, values); // [B, H, T, E]
     g.permute(y, &[0, 2, 1, 3])
 }
 
 /// The gradients of queries, keys and values of `y = attention(args)` given
-/// `gy`, the adjoint of `y`. With P the probabilities: dV = Pᵀ dY,
-/// dP = dY Vᵀ, dS = P (dP - rowsum(dY ∘ Y)) (rowsum(dP ∘ P) = rowsum(dY ∘ Y)),
-/// dQ = scale dS K, dK = scale dSᵀ Q.
+/// `gy`, the adjoint of `y`, as passes that never store the [B, H, T, S]
+/// probabilities: each row's log-sum-exp of its scores, then, recomputing
+/// P = exp(score - lse) block by block, dQ = scale dS K (one pass over the
+/// queries) and dK = scale dSᵀ Q beside dV = Pᵀ dY (one pass over the keys),
+/// with dP = dY Vᵀ and dS = P (dP - delta), delta = rowsum(dY ∘ Y) (equal
+/// to rowsum(dP ∘ P)). Masked scores get no gradient; a row with every key
+/// masked spreads its adjoint evenly over all the values (its P is 1/S),
+/// as the decomposition's gradient does.
 pub fn gradient(g: &mut Graph, a: &Attention, args: &[NodeId], y: NodeId, gy: NodeId) -> Vec<Option<NodeId>> {
-    let groups = g.dims(args[1])[if a.kv_heads_first { 1 } else { 2 }].clone();
-    let p = parts(g, a, args);
-    let gyh = g.permute(gy, &[0, 2, 1, 3]); // [B, H, T, E]
-    let yh = g.permute(y, &[0, 2, 1, 3]);
-    let dv = g.matmul_t(p.probs, gyh, true, false); // [B, H, S, E]
-    let dp = g.matmul_t(gyh, p.values, false, true); // [B, H, T, S]
-    let gy_y = g.mul(gyh, yh);
-    let delta = g.reduce_keep(Reduce::Sum, gy_y, &[3]);
-    let centred = g.sub(dp, delta);
-    let ds = g.mul(p.probs, centred);
-    // Masked scores were replaced by a constant: no gradient reaches them
-    // (P is 0 there anyway, unless a row has every key masked).
-    let ds = match p.allowed {
-        Some(ok) => {
-            let zero = g.constant(0.0, DType::F32);
-            g.select(ok, ds, zero)
-        }
-        None => ds,
-    };
-    let ds = g.scale(ds, a.scale);
-    let dq = g.matmul(ds, p.keys); // [B, H, T, D]
-    let dq = g.permute(dq, &[0, 2, 1, 3]);
-    let dk = g.matmul_t(ds, p.queries, true, false); // [B, H, S, D]
-    let dk = per_kv_head(g, a, dk, &groups);
-    let dv = per_kv_head(g, a, dv, &groups);
+    let lse = g.attention_backward(a.clone(), AttentionPass::Lse, args);
+    let gy_y = g.mul(gy, y);
+    let delta = g.reduce(Reduce::Sum, gy_y, &[3]);
+    let mut pass_args = vec![gy, lse, delta];
+    pass_args.extend_from_slice(args);
+    let dq = g.attention_backward(a.clone(), AttentionPass::Queries, &pass_args);
+    let dkv = g.attention_backward(a.clone(), AttentionPass::KeysValues, &pass_args);
+    let dims = g.dims(dkv).to_vec();
+    let d = g.dims(args[1])[3].clone();
+    let dk = g.slice(dkv, 3, Dim::constant(0), d.clone());
+    let dv = g.slice(dkv, 3, d, dims[3].clone());
     let mut grads = vec![Some(dq), Some(dk), Some(dv), None];
     grads.extend(args.get(4).map(|_| None));
     grads

@@ -65,6 +65,8 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
         Op::ArgMax(_) | Op::OneHot | Op::TopKIndices(_) | Op::DropoutMask { .. } => vec![None; a.len()],
         Op::Cast(_) => vec![None],
         Op::Attention(spec) => super::attention::gradient(g, spec, a, y, gy),
+        // Only gradients compute these; nothing differentiates a gradient twice.
+        Op::AttentionBackward(..) => panic!("bug: a second derivative of attention"),
         Op::Unary(u) => {
             let x = x.expect("unary has an input");
             let d = match u {

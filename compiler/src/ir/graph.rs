@@ -171,6 +171,43 @@ pub enum Op {
     /// `ir::attention::decompose`: masked scores are -1e30, so a row with
     /// every key masked averages all S values, as the decomposed softmax does.
     Attention(Attention),
+    /// A pass of the attention's backward that never stores the scores
+    /// either (see [`AttentionPass`]); its meaning is given with the
+    /// gradient in `ir::attention`.
+    AttentionBackward(Attention, AttentionPass),
+}
+
+/// The passes of the fused attention's backward. `Lse` takes the forward's
+/// inputs and gives each row's log-sum-exp of its scores `[B, T, H]`
+/// (-1e30 for a row whose every key is masked). `Queries` and `KeysValues`
+/// take the output's adjoint `[B, T, H, E]`, the log-sum-exp, the row sums
+/// of adjoint times output `[B, T, H]`, then the forward's inputs, and give
+/// the queries' gradient `[B, T, H, D]`, or the keys' and values' side by
+/// side in the keys' layout (`[B, S, G, D + E]` or `[B, G, S, D + E]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPass {
+    Lse,
+    Queries,
+    KeysValues,
+}
+
+impl AttentionPass {
+    /// Where the forward's inputs start among the pass's arguments.
+    pub fn forward_inputs(self) -> usize {
+        if self == AttentionPass::Lse { 0 } else { 3 }
+    }
+}
+
+impl Op {
+    /// Where an attention's (or a pass of its backward's) forward inputs
+    /// start among its arguments; `None` for other operations.
+    pub fn attention_inputs(&self) -> Option<usize> {
+        match self {
+            Op::Attention(_) => Some(0),
+            Op::AttentionBackward(_, pass) => Some(pass.forward_inputs()),
+            _ => None,
+        }
+    }
 }
 
 /// The attributes of [`Op::Attention`].
@@ -187,6 +224,21 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// ` scale S [causal] [window W] [kv_heads_first]`, as the IR prints it.
+    pub fn attributes(&self) -> String {
+        let mut s = format!(" scale {}", crate::syntax::float_text(self.scale));
+        if self.causal {
+            s += " causal";
+        }
+        if let Some(w) = self.window {
+            s += &format!(" window {w}");
+        }
+        if self.kv_heads_first {
+            s += " kv_heads_first";
+        }
+        s
+    }
+
     /// Whether a key position is seen by a query position (before any padding mask).
     pub fn sees(&self, query: i64, key: i64) -> bool {
         (!self.causal || key <= query) && self.window.is_none_or(|w| key > query - w)
@@ -221,18 +273,14 @@ impl Op {
             Op::TopKValues(k) => format!("topk_values {k}"),
             Op::TopKIndices(k) => format!("topk_indices {k}"),
             Op::DropoutMask { p, key } => format!("dropout_mask {} #{key}", crate::syntax::float_text(*p)),
-            Op::Attention(a) => {
-                let mut s = format!("attention scale {}", crate::syntax::float_text(a.scale));
-                if a.causal {
-                    s += " causal";
-                }
-                if let Some(w) = a.window {
-                    s += &format!(" window {w}");
-                }
-                if a.kv_heads_first {
-                    s += " kv_heads_first";
-                }
-                s
+            Op::Attention(a) => format!("attention{}", a.attributes()),
+            Op::AttentionBackward(a, pass) => {
+                let kind = match pass {
+                    AttentionPass::Lse => "lse",
+                    AttentionPass::Queries => "grad_q",
+                    AttentionPass::KeysValues => "grad_kv",
+                };
+                format!("attention_{kind}{}", a.attributes())
             }
         }
     }
@@ -300,6 +348,31 @@ pub fn attention_dims(a: &Attention, args: &[&TensorTy]) -> Result<Vec<Dim>, Str
         _ => return Err("takes at most one mask".into()),
     }
     Ok(vec![b.clone(), t.clone(), h.clone(), v.dims[3].clone()])
+}
+
+/// The result shape of a pass of the attention's backward (see
+/// [`AttentionPass`]), or why its inputs do not fit.
+pub fn attention_backward_dims(a: &Attention, pass: AttentionPass, args: &[&TensorTy]) -> Result<Vec<Dim>, String> {
+    if pass == AttentionPass::Lse {
+        let mut dims = attention_dims(a, args)?;
+        dims.pop();
+        return Ok(dims);
+    }
+    let [gy, lse, delta, forward @ ..] = args else {
+        return Err("takes the adjoint, lse, delta and the forward's inputs".into());
+    };
+    let y = attention_dims(a, forward)?;
+    if gy.dims != y || lse.dims != y[..3] || delta.dims != y[..3] {
+        return Err(format!("adjoint {gy}, lse {lse} and delta {delta} do not fit the output {y:?}"));
+    }
+    Ok(match pass {
+        AttentionPass::Queries => forward[0].dims.clone(),
+        _ => {
+            let mut dims = forward[1].dims.clone();
+            dims[3] = dims[3].add(&forward[2].dims[3]);
+            dims
+        }
+    })
 }
 
 fn f32s(dims: Vec<Dim>) -> TensorTy {
@@ -602,5 +675,12 @@ impl Graph {
         let tys: Vec<&TensorTy> = args.iter().map(|x| self.ty(*x)).collect();
         let dims = attention_dims(&a, &tys).unwrap_or_else(|e| panic!("bug: attention: {e}"));
         self.push(Op::Attention(a), args.to_vec(), f32s(dims))
+    }
+
+    /// A pass of the fused attention's backward (see [`AttentionPass`]).
+    pub fn attention_backward(&mut self, a: Attention, pass: AttentionPass, args: &[NodeId]) -> NodeId {
+        let tys: Vec<&TensorTy> = args.iter().map(|x| self.ty(*x)).collect();
+        let dims = attention_backward_dims(&a, pass, &tys).unwrap_or_else(|e| panic!("bug: attention backward: {e}"));
+        self.push(Op::AttentionBackward(a, pass), args.to_vec(), f32s(dims))
     }
 }

@@ -228,53 +228,153 @@ pub fn eval(
             Array::new(shape, data)
         }
         Op::Attention(a) => attention(a, args, shape),
+        Op::AttentionBackward(a, pass) => attention_backward(a, *pass, args, shape),
     })
+}
+
+/// One attention's inputs as the reference reads them.
+struct Heads<'a> {
+    a: &'a Attention,
+    q: &'a Array,
+    k: &'a Array,
+    v: &'a Array,
+    offset: i64,
+    mask: Option<&'a Array>,
+    /// batch, queries, heads, head size, keys, key/value heads, value size
+    n: [usize; 7],
+}
+
+impl<'a> Heads<'a> {
+    /// `forward`: queries, keys, values, offset and the optional mask.
+    fn new(a: &'a Attention, forward: &[&'a Array]) -> Heads<'a> {
+        let (q, k, v) = (forward[0], forward[1], forward[2]);
+        let (s, g) = if a.kv_heads_first { (k.shape[2], k.shape[1]) } else { (k.shape[1], k.shape[2]) };
+        let n = [q.shape[0], q.shape[1], q.shape[2], q.shape[3], s, g, v.shape[3]];
+        Heads { a, q, k, v, offset: forward[3].data[0] as i64, mask: forward.get(4).copied(), n }
+    }
+
+    /// Offset of key/value row (b, j, g) with `width` features.
+    fn kv(&self, b: usize, j: usize, g: usize, width: usize) -> usize {
+        let [_, _, _, _, s, gs, _] = self.n;
+        if self.a.kv_heads_first { ((b * gs + g) * s + j) * width } else { ((b * s + j) * gs + g) * width }
+    }
+
+    /// Offset of query row (b, i, h) with `width` features.
+    fn query(&self, b: usize, i: usize, h: usize, width: usize) -> usize {
+        ((b * self.n[1] + i) * self.n[2] + h) * width
+    }
+
+    fn group(&self, h: usize) -> usize {
+        h / (self.n[2] / self.n[5])
+    }
+
+    /// The scaled score of query (b, i, h) and key j, or `None` where masked.
+    fn score(&self, b: usize, i: usize, h: usize, j: usize) -> Option<f64> {
+        let masked = self.mask.is_some_and(|m| {
+            let mi = if m.shape[1] == 1 { 0 } else { i };
+            m.data[(b * m.shape[1] + mi) * self.n[4] + j] == 0.0
+        });
+        if masked || !self.a.sees(i as i64 + self.offset, j as i64) {
+            return None;
+        }
+        let d = self.n[3];
+        let (qo, ko) = (self.query(b, i, h, d), self.kv(b, j, self.group(h), d));
+        Some(self.a.scale * (0..d).map(|c| self.q.data[qo + c] * self.k.data[ko + c]).sum::<f64>())
+    }
+
+    /// A row's scores, -1e30 where masked, and their log-sum-exp (-1e30
+    /// when every key is masked).
+    fn row(&self, b: usize, i: usize, h: usize) -> (Vec<f64>, f64) {
+        let scores: Vec<f64> = (0..self.n[4]).map(|j| self.score(b, i, h, j).unwrap_or(-1e30)).collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+        (scores, if max <= -1e30 { -1e30 } else { lse })
+    }
+
+    /// Calls `f(b, i, h)` for every query row.
+    fn each_row(&self, mut f: impl FnMut(usize, usize, usize)) {
+        for b in 0..self.n[0] {
+            for i in 0..self.n[1] {
+                for h in 0..self.n[2] {
+                    f(b, i, h);
+                }
+            }
+        }
+    }
 }
 
 /// Attention as its decomposition computes it (`ir::attention`): every
 /// score of a row, masked ones -1e30, a stable softmax, the weighted values.
 fn attention(a: &Attention, args: &[&Array], shape: Vec<usize>) -> Array {
-    let (q, k, v) = (args[0], args[1], args[2]);
-    let offset = args[3].data[0] as i64;
-    let (b_n, t_n, h_n, d_n) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    let (s_n, g_n) = if a.kv_heads_first { (k.shape[2], k.shape[1]) } else { (k.shape[1], k.shape[2]) };
-    let e_n = v.shape[3];
-    // Offset of row (b, s, g) of keys or values with `width` features.
-    let row = |b: usize, s: usize, g: usize, width: usize| {
-        if a.kv_heads_first { ((b * g_n + g) * s_n + s) * width } else { ((b * s_n + s) * g_n + g) * width }
-    };
+    let x = Heads::new(a, args);
+    let e_n = x.n[6];
     let mut out = vec![0.0; shape.iter().product()];
-    let mut scores = vec![0.0; s_n];
-    for b in 0..b_n {
-        for i in 0..t_n {
-            for h in 0..h_n {
-                let g = h / (h_n / g_n);
-                let qo = ((b * t_n + i) * h_n + h) * d_n;
-                for (j, score) in scores.iter_mut().enumerate() {
-                    let masked = args.get(4).is_some_and(|m| {
-                        let mi = if m.shape[1] == 1 { 0 } else { i };
-                        m.data[(b * m.shape[1] + mi) * s_n + j] == 0.0
-                    });
-                    *score = if !a.sees(i as i64 + offset, j as i64) || masked {
-                        -1e30
-                    } else {
-                        let ko = row(b, j, g, d_n);
-                        a.scale * (0..d_n).map(|d| q.data[qo + d] * k.data[ko + d]).sum::<f64>()
-                    };
-                }
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                let oo = ((b * t_n + i) * h_n + h) * e_n;
-                for (j, w) in weights.iter().enumerate() {
-                    let vo = row(b, j, g, e_n);
+    x.each_row(|b, i, h| {
+        let (scores, _) = x.row(b, i, h);
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let oo = x.query(b, i, h, e_n);
+        for (j, w) in weights.iter().enumerate() {
+            let vo = x.kv(b, j, x.group(h), e_n);
+            for e in 0..e_n {
+                out[oo + e] += w / total * x.v.data[vo + e];
+            }
+        }
+    });
+    Array::new(shape, out)
+}
+
+/// A pass of the attention's backward (`ir::attention::gradient`): with
+/// P = exp(score - lse) (0 where masked), dP = dY Vᵀ and dS = P (dP - delta),
+/// dQ = scale dS K, dK = scale dSᵀ Q, dV = Pᵀ dY; a row with every key masked
+/// has P = 1/S everywhere and no dS, as the decomposition's gradient gives.
+fn attention_backward(a: &Attention, pass: AttentionPass, args: &[&Array], shape: Vec<usize>) -> Array {
+    let mut out = vec![0.0; shape.iter().product()];
+    if pass == AttentionPass::Lse {
+        let x = Heads::new(a, args);
+        x.each_row(|b, i, h| out[x.query(b, i, h, 1)] = x.row(b, i, h).1);
+        return Array::new(shape, out);
+    }
+    let (gy, lse, delta) = (args[0], args[1], args[2]);
+    let x = Heads::new(a, &args[3..]);
+    let [_, _, _, d_n, s_n, _, e_n] = x.n;
+    x.each_row(|b, i, h| {
+        let (row, g) = (x.query(b, i, h, 1), x.group(h));
+        let go = x.query(b, i, h, e_n);
+        if lse.data[row] <= -1e30 {
+            if pass == AttentionPass::KeysValues {
+                for j in 0..s_n {
+                    let o = x.kv(b, j, g, d_n + e_n) + d_n;
                     for e in 0..e_n {
-                        out[oo + e] += w / total * v.data[vo + e];
+                        out[o + e] += gy.data[go + e] / s_n as f64;
                     }
                 }
             }
+            return;
         }
-    }
+        for j in 0..s_n {
+            let Some(s) = x.score(b, i, h, j) else { continue };
+            let p = (s - lse.data[row]).exp();
+            let vo = x.kv(b, j, g, e_n);
+            let dp: f64 = (0..e_n).map(|e| gy.data[go + e] * x.v.data[vo + e]).sum();
+            let ds = p * (dp - delta.data[row]) * a.scale;
+            if pass == AttentionPass::Queries {
+                let (o, ko) = (x.query(b, i, h, d_n), x.kv(b, j, g, d_n));
+                for c in 0..d_n {
+                    out[o + c] += ds * x.k.data[ko + c];
+                }
+            } else {
+                let (o, qo) = (x.kv(b, j, g, d_n + e_n), x.query(b, i, h, d_n));
+                for c in 0..d_n {
+                    out[o + c] += ds * x.q.data[qo + c];
+                }
+                for e in 0..e_n {
+                    out[o + d_n + e] += p * gy.data[go + e];
+                }
+            }
+        }
+    });
     Array::new(shape, out)
 }
 

@@ -2,9 +2,9 @@
 //! emit IR for each primitive and operator, with the types it already
 //! inferred. Composite operations (softmax, RoPE, routing, cross-entropy)
 //! are decomposed into the primitive set here, never in a backend. The one
-//! exception is attention at inference, one `Op::Attention` whose meaning
-//! is its decomposition (`ir::attention`), so that backends can run it
-//! without storing the scores.
+//! exception is attention, one `Op::Attention` whose meaning is its
+//! decomposition (`ir::attention`), so that backends can run it (and its
+//! gradient) without storing the scores.
 
 use super::graph::*;
 use crate::check::dim::Dim;
@@ -426,8 +426,7 @@ impl Lowering {
         self.g.reshape(out, &dims)
     }
 
-    /// Scaled dot-product attention: one `Op::Attention` for inference, its
-    /// decomposition (`ir::attention`) for training.
+    /// Scaled dot-product attention as one `Op::Attention`.
     fn attend(&mut self, a: &[LArg]) -> NodeId {
         let (q, k, v) = (a[0].node(), a[1].node(), a[2].node());
         let (qd, kd) = (self.g.dims(q).to_vec(), self.g.dims(k).to_vec());
@@ -475,14 +474,9 @@ impl Lowering {
                 _ => mask,
             });
         }
-        let spec = Attention { scale, causal, window, kv_heads_first: cached };
-        // Training keeps the probabilities its backward pass reads; inference
-        // runs the fused operation, which never stores them.
-        if self.training {
-            crate::ir::attention::decompose(&mut self.g, &spec, &args)
-        } else {
-            self.g.attention(spec, &args)
-        }
+        // One operation, which backends run without storing the scores; its
+        // gradient is passes that recompute them (`ir::attention`).
+        self.g.attention(Attention { scale, causal, window, kv_heads_first: cached }, &args)
     }
 
     /// Rotary embedding on [B, T, H, D], rotating halves of the first `rot` features.

@@ -133,19 +133,25 @@ fn op(text: &str) -> Result<Op, String> {
                 key: key.parse().map_err(|_| "bad key")?,
             })
         }
-        "attention" => {
-            let words: Vec<&str> = rest.split(' ').collect();
-            let after = |w: &str| words.iter().position(|x| *x == w).and_then(|i| words.get(i + 1));
-            let scale = after("scale").ok_or("expected `attention scale S [causal] [window W] [kv_heads_first]`")?;
-            Ok(Op::Attention(Attention {
-                scale: scale.parse().map_err(|_| "bad scale")?,
-                causal: words.contains(&"causal"),
-                window: after("window").map(|w| w.parse().map_err(|_| "bad window")).transpose()?,
-                kv_heads_first: words.contains(&"kv_heads_first"),
-            }))
-        }
+        "attention" => Ok(Op::Attention(attention(rest)?)),
+        "attention_lse" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Lse)),
+        "attention_grad_q" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Queries)),
+        "attention_grad_kv" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::KeysValues)),
         other => Err(format!("unknown operation `{other}`")),
     }
+}
+
+/// `scale S [causal] [window W] [kv_heads_first]`
+fn attention(rest: &str) -> Result<Attention, String> {
+    let words: Vec<&str> = rest.split(' ').collect();
+    let after = |w: &str| words.iter().position(|x| *x == w).and_then(|i| words.get(i + 1));
+    let scale = after("scale").ok_or("expected `attention scale S [causal] [window W] [kv_heads_first]`")?;
+    Ok(Attention {
+        scale: scale.parse().map_err(|_| "bad scale")?,
+        causal: words.contains(&"causal"),
+        window: after("window").map(|w| w.parse().map_err(|_| "bad window")).transpose()?,
+        kv_heads_first: words.contains(&"kv_heads_first"),
+    })
 }
 
 fn dtype(s: &str) -> Result<DType, String> {

@@ -28,12 +28,22 @@ pub fn stats(g: &Graph) -> (usize, crate::check::dim::Dim) {
                 let k = if *ta { &a.dims[a.rank() - 2] } else { &a.dims[a.rank() - 1] };
                 numel.mul(k).mul(&Dim::constant(2))
             }
-            // Two products over every (query, key) pair, as if nothing were masked.
-            Op::Attention(a) => {
-                let (q, v) = (g.ty(n.args[0]), g.ty(n.args[2]));
-                let keys = &g.ty(n.args[1]).dims[if a.kv_heads_first { 2 } else { 1 }];
-                let per_pair = q.dims[3].add(&v.dims[3]).mul(&Dim::constant(2));
-                numel.div(&v.dims[3]).map_or(Dim::constant(0), |rows| rows.mul(keys).mul(&per_pair))
+            // Products over every (query, key) pair, as if nothing were masked:
+            // scores and values forward; the backward's passes recompute the
+            // scores, and add dP (queries), dQ (queries), or dP, dK and dV.
+            Op::Attention(a) | Op::AttentionBackward(a, _) => {
+                let forward = n.op.attention_inputs().unwrap_or(0);
+                let (q, k, v) = (g.ty(n.args[forward]), g.ty(n.args[forward + 1]), g.ty(n.args[forward + 2]));
+                let (d, e) = (&q.dims[3], &v.dims[3]);
+                let keys = &k.dims[if a.kv_heads_first { 2 } else { 1 }];
+                let per_pair = match &n.op {
+                    Op::AttentionBackward(_, AttentionPass::Lse) => d.clone(),
+                    Op::AttentionBackward(_, AttentionPass::Queries) => d.add(e).add(d),
+                    Op::AttentionBackward(..) => d.add(e).add(d).add(e),
+                    _ => d.add(e),
+                };
+                let rows = q.dims[..3].iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
+                rows.mul(keys).mul(&per_pair).mul(&Dim::constant(2))
             }
             Op::Unary(_) | Op::Binary(_) | Op::Select => numel,
             Op::Reduce(..) | Op::ArgMax(_) | Op::TopKValues(_) => {

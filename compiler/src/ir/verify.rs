@@ -132,6 +132,10 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 let tys: Vec<&TensorTy> = n.args.iter().map(|x| g.ty(*x)).collect();
                 same(&attention_dims(a, &tys).map_err(here)?, &out.dims)?;
             }
+            Op::AttentionBackward(a, pass) => {
+                let tys: Vec<&TensorTy> = n.args.iter().map(|x| g.ty(*x)).collect();
+                same(&attention_backward_dims(a, *pass, &tys).map_err(here)?, &out.dims)?;
+            }
         }
     }
     for (name, id) in &g.outputs {

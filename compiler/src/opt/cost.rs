@@ -46,8 +46,9 @@ impl CostFunction<IrLang> for Cost<'_> {
             }
             // Both products over every (query, key) pair: the output's
             // elements times twice the key count.
-            Op::Attention(a) => {
-                let keys = self.egraph[children[1]].data.ty.map_or(64.0, |t| {
+            Op::Attention(a) | Op::AttentionBackward(a, _) => {
+                let forward = 1 + op.attention_inputs().unwrap_or(0);
+                let keys = self.egraph[children[forward]].data.ty.map_or(64.0, |t| {
                     let dims = &self.egraph.analysis.tables.types[t].dims;
                     elements(&dims[if a.kv_heads_first { 2 } else { 1 }..][..1])
                 });

@@ -70,6 +70,7 @@ define_language! {
         "topk_indices" = TopkIndices(Box<[Id]>),
         "dropout_mask" = DropoutMask(Box<[Id]>),
         "attention" = Attention(Box<[Id]>),
+        "attention_backward" = AttentionBackward(Box<[Id]>),
         Leaf(Symbol),
     }
 }
@@ -175,6 +176,7 @@ pub fn kind(op: &Op) -> &'static str {
         Op::TopKIndices(_) => "topk_indices",
         Op::DropoutMask { .. } => "dropout_mask",
         Op::Attention(_) => "attention",
+        Op::AttentionBackward(..) => "attention_backward",
     }
 }
 

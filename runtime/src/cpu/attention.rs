@@ -4,18 +4,24 @@
 //! sum and weighted values (online softmax, as in FlashAttention). Causal
 //! and sliding-window attention skip the key blocks no query of the block
 //! sees, half the work of the materialised form for causal self-attention.
-//! The two products of a block go through `gemm`; exp through the wide
-//! math functions where the host has them.
+//! The backward's passes (`ir::attention::gradient`) work the same way:
+//! each row's log-sum-exp, then the queries' gradient by query blocks and
+//! the keys' and values' by key blocks, recomputing the probabilities of a
+//! block from its scores. The block products go through `gemm`; exp
+//! through the wide math functions where the host has them.
 
 use super::kernels::fold_row;
 use modelc::backend::vmath;
-use modelc::ir::graph::{Attention, Reduce};
+use modelc::ir::graph::{Attention, AttentionPass, Reduce};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Queries per task: the block's scores and running sums stay in cache.
 const QUERY_BLOCK: usize = 64;
 /// Keys per step of the walk.
 const KEY_BLOCK: usize = 256;
+/// Keys per task of the keys' and values' gradient pass.
+const KV_BLOCK: usize = 128;
 /// What every masked score is, as in the decomposition: a row with every
 /// key masked has all its scores equal, and averages all the values.
 const MASKED: f32 = -1e30;
@@ -43,6 +49,15 @@ pub struct Inputs<'a> {
     pub mask: Option<(&'a [f32], usize)>,
 }
 
+/// What the backward's gradient passes read besides the forward's inputs:
+/// the output's adjoint `[b, t, h, e]`, each row's log-sum-exp and
+/// `rowsum(adjoint * output)` (both `[b, t, h]`).
+pub struct Adjoint<'a> {
+    pub gy: &'a [f32],
+    pub lse: &'a [f32],
+    pub delta: &'a [f32],
+}
+
 type ExpFn = extern "C" fn(*const f32, *mut f32, i64, f32, f32);
 
 /// `x[i] = exp(x[i] - shift)` over a row, wide where the host allows.
@@ -60,42 +75,67 @@ fn wide_exp() -> Option<ExpFn> {
     Some(unsafe { std::mem::transmute::<*const u8, ExpFn>(f.ptr) })
 }
 
-/// One task's scratch memory, reused across the tasks a thread runs.
-struct Scratch {
-    queries: Vec<f32>,
-    scores: Vec<f32>,
-    acc: Vec<f32>,
-    max: Vec<f32>,
-    sum: Vec<f32>,
+/// `c = alpha c + a b` on row-major blocks given as (pointer, row stride,
+/// column stride); `alpha` 0 overwrites.
+///
+/// # Safety
+/// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs as isize,
+            alpha != 0.0,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            alpha,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// The output pointer, shared by tasks that write disjoint rows.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
-// SAFETY: each task writes only the rows of its (batch, head, query block).
+// SAFETY: each task writes only the rows of its own block.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+impl Out {
+    /// The pointer (a method, so closures capture the `Sync` wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
-/// Runs the attention `a` into `out` (`[b, t, h, e]`).
-pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
-    assert!(out.len() == n.b * n.t * n.h * n.e, "bug: attention output size");
-    let blocks = n.t.div_ceil(QUERY_BLOCK);
-    let tasks = n.b * n.h * blocks;
-    let wide = wide_exp();
-    let out = Out(out.as_mut_ptr());
-    let scratch = || Scratch {
-        queries: vec![0.0; QUERY_BLOCK * n.d],
-        scores: vec![0.0; QUERY_BLOCK * KEY_BLOCK],
-        acc: vec![0.0; QUERY_BLOCK * n.e],
-        max: vec![0.0; QUERY_BLOCK],
-        sum: vec![0.0; QUERY_BLOCK],
-    };
-    let run = |scratch: &mut Scratch, task: usize| {
-        let (bh, block) = (task / blocks, task % blocks);
-        let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(n.t);
-        query_block(a, x, n, bh / n.h, bh % n.h, rows, scratch, wide, out);
-    };
-    // Every task computes the same values whichever thread runs it.
+/// Runs `tasks` on the thread pool when the attention is big enough to pay
+/// for waking it; every task computes the same values on any thread.
+fn run_tasks<S>(
+    n: Sizes,
+    tasks: usize,
+    scratch: impl Fn() -> S + Sync + Send,
+    run: impl Fn(&mut S, usize) + Sync + Send,
+) {
     if tasks > 1 && n.b * n.h * n.t * n.s * (n.d + n.e) > 1 << 18 {
         (0..tasks).into_par_iter().for_each_init(scratch, run);
     } else {
@@ -105,134 +145,236 @@ pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
 }
 
 /// The keys query `i` sees by position, as a range (before the padding mask).
-fn visible(a: &Attention, i: usize, offset: i64, s: usize) -> std::ops::Range<usize> {
+fn visible(a: &Attention, i: usize, offset: i64, s: usize) -> Range<usize> {
     let p = i as i64 + offset;
     let hi = if a.causal { (p + 1).clamp(0, s as i64) } else { s as i64 };
     let lo = a.window.map_or(0, |w| (p - w + 1).clamp(0, s as i64));
     lo as usize..(hi as usize).max(lo as usize)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn query_block(
-    a: &Attention,
-    x: &Inputs,
+/// The keys some query of `rows` sees; the rest are skipped.
+fn keys_seen(a: &Attention, rows: &Range<usize>, offset: i64, s: usize) -> Range<usize> {
+    let (first, last) = (visible(a, rows.start, offset, s), visible(a, rows.end - 1, offset, s));
+    first.start.min(last.start)..first.end.max(last.end)
+}
+
+/// One (batch, head) of an attention: where its keys and values start and
+/// their row strides.
+struct Head<'a> {
+    a: &'a Attention,
+    x: &'a Inputs<'a>,
     n: Sizes,
     b: usize,
     h: usize,
-    rows: std::ops::Range<usize>,
-    sc: &mut Scratch,
-    wide: Option<ExpFn>,
-    out: Out,
-) {
-    let g = h / (n.h / n.g);
-    let m = rows.len();
-    // Row strides and the first row of this (batch, group) in keys and values.
-    let (k_stride, v_stride, k0, v0) = if a.kv_heads_first {
-        (n.d, n.e, (b * n.g + g) * n.s * n.d, (b * n.g + g) * n.s * n.e)
-    } else {
-        (n.g * n.d, n.g * n.e, b * n.s * n.g * n.d + g * n.d, b * n.s * n.g * n.e + g * n.e)
-    };
-    let scale = a.scale as f32;
-    for (r, i) in rows.clone().enumerate() {
-        let q = &x.q[((b * n.t + i) * n.h + h) * n.d..][..n.d];
-        for (dst, src) in sc.queries[r * n.d..(r + 1) * n.d].iter_mut().zip(q) {
-            *dst = src * scale;
+    k0: usize,
+    v0: usize,
+    k_stride: usize,
+    v_stride: usize,
+}
+
+impl<'a> Head<'a> {
+    fn new(a: &'a Attention, x: &'a Inputs<'a>, n: Sizes, b: usize, h: usize) -> Head<'a> {
+        let g = h / (n.h / n.g);
+        let (k_stride, v_stride, k0, v0) = if a.kv_heads_first {
+            (n.d, n.e, (b * n.g + g) * n.s * n.d, (b * n.g + g) * n.s * n.e)
+        } else {
+            (n.g * n.d, n.g * n.e, b * n.s * n.g * n.d + g * n.d, b * n.s * n.g * n.e + g * n.e)
+        };
+        Head { a, x, n, b, h, k0, v0, k_stride, v_stride }
+    }
+
+    /// Index of row (b, i, h) of a `[b, t, h, width]` tensor.
+    fn row(&self, i: usize, width: usize) -> usize {
+        ((self.b * self.n.t + i) * self.n.h + self.h) * width
+    }
+
+    /// The queries of `rows`, times the scale, into `queries` (m x d).
+    fn load_queries(&self, rows: &Range<usize>, queries: &mut [f32]) {
+        let (d, scale) = (self.n.d, self.a.scale as f32);
+        for (r, i) in rows.clone().enumerate() {
+            let q = &self.x.q[self.row(i, d)..][..d];
+            queries[r * d..(r + 1) * d].iter_mut().zip(q).for_each(|(dst, src)| *dst = src * scale);
         }
     }
-    sc.max[..m].fill(f32::NEG_INFINITY);
-    sc.sum[..m].fill(0.0);
-    sc.acc[..m * n.e].fill(0.0);
-    // The keys some query of the block sees; the rest are skipped.
-    let first = visible(a, rows.start, x.offset, n.s);
-    let last = visible(a, rows.end - 1, x.offset, n.s);
-    let (lo, hi) = (first.start.min(last.start), first.end.max(last.end));
-    let mut j0 = lo;
-    while j0 < hi {
-        let bk = KEY_BLOCK.min(hi - j0);
-        let scores = &mut sc.scores[..m * bk];
-        // SAFETY: the strides describe the scratch blocks and the key rows
-        // j0..j0+bk of this (batch, group), all inside their buffers.
+
+    /// The scores of `rows` (scaled queries in `queries`) against keys
+    /// j0..j0+bk into `scores` (m x bk), MASKED where a query does not see a key.
+    fn scores(&self, rows: &Range<usize>, queries: &[f32], j0: usize, bk: usize, scores: &mut [f32]) {
+        let (m, n) = (rows.len(), self.n);
+        // SAFETY: m x d queries and the key rows j0..j0+bk of this head, m x bk scores.
         unsafe {
-            gemm::gemm(
-                m,
-                bk,
-                n.d,
+            product(
+                (m, bk, n.d),
                 scores.as_mut_ptr(),
-                1,
-                bk as isize,
-                false,
-                sc.queries.as_ptr(),
-                1,
-                n.d as isize,
-                x.k.as_ptr().add(k0 + j0 * k_stride),
-                k_stride as isize,
-                1,
+                bk,
                 0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+                (queries.as_ptr(), n.d, 1),
+                (self.x.k.as_ptr().add(self.k0 + j0 * self.k_stride), 1, self.k_stride),
+            )
+        };
         for (r, i) in rows.clone().enumerate() {
             let row = &mut scores[r * bk..(r + 1) * bk];
-            let seen = visible(a, i, x.offset, n.s);
+            let seen = visible(self.a, i, self.x.offset, n.s);
             let (s0, s1) = (seen.start.clamp(j0, j0 + bk) - j0, seen.end.clamp(j0, j0 + bk) - j0);
             row[..s0].fill(MASKED);
             row[s1.max(s0)..].fill(MASKED);
-            if let Some((mask, mask_rows)) = x.mask {
-                let mrow = &mask[(b * mask_rows + if mask_rows == 1 { 0 } else { i }) * n.s + j0..][..bk];
+            if let Some((mask, mask_rows)) = self.x.mask {
+                let mrow = &mask[(self.b * mask_rows + if mask_rows == 1 { 0 } else { i }) * n.s + j0..][..bk];
                 for (s, keep) in row.iter_mut().zip(mrow) {
                     if *keep == 0.0 {
                         *s = MASKED;
                     }
                 }
             }
+        }
+    }
+
+    /// `dp = gy V_blockᵀ` (m x bk) for the adjoint rows in `gy` (m x e).
+    fn adjoint_values(&self, m: usize, gy: &[f32], j0: usize, bk: usize, dp: &mut [f32]) {
+        let e = self.n.e;
+        // SAFETY: m x e adjoint rows, the value rows j0..j0+bk, m x bk out.
+        unsafe {
+            product(
+                (m, bk, e),
+                dp.as_mut_ptr(),
+                bk,
+                0.0,
+                (gy.as_ptr(), e, 1),
+                (self.x.v.as_ptr().add(self.v0 + j0 * self.v_stride), 1, self.v_stride),
+            )
+        };
+    }
+}
+
+/// Scratch memory of one task, reused across the tasks a thread runs.
+struct Scratch {
+    queries: Vec<f32>,
+    adjoint: Vec<f32>,
+    scores: Vec<f32>,
+    dp: Vec<f32>,
+    acc: Vec<f32>,
+    acc2: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(n: Sizes, keys: usize) -> Scratch {
+        Scratch {
+            queries: vec![0.0; QUERY_BLOCK * n.d],
+            adjoint: vec![0.0; QUERY_BLOCK * n.e],
+            scores: vec![0.0; QUERY_BLOCK * keys],
+            dp: vec![0.0; QUERY_BLOCK * keys],
+            acc: vec![0.0; QUERY_BLOCK.max(keys) * n.d.max(n.e)],
+            acc2: vec![0.0; keys * n.e],
+            max: vec![0.0; QUERY_BLOCK],
+            sum: vec![0.0; QUERY_BLOCK],
+        }
+    }
+}
+
+/// The query blocks of an attention as tasks: (batch, head, rows).
+fn query_tasks(n: Sizes) -> (usize, impl Fn(usize) -> (usize, usize, Range<usize>)) {
+    let blocks = n.t.div_ceil(QUERY_BLOCK);
+    (n.b * n.h * blocks, move |task: usize| {
+        let (bh, block) = (task / blocks, task % blocks);
+        (bh / n.h, bh % n.h, block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(n.t))
+    })
+}
+
+/// Runs the attention `a` into `out` (`[b, t, h, e]`).
+pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
+    assert!(out.len() == n.b * n.t * n.h * n.e, "bug: attention output size");
+    let (tasks, task) = query_tasks(n);
+    let wide = wide_exp();
+    let out = Out(out.as_mut_ptr());
+    run_tasks(
+        n,
+        tasks,
+        || Scratch::new(n, KEY_BLOCK),
+        |sc, t| {
+            let (b, h, rows) = task(t);
+            forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out, None);
+        },
+    );
+}
+
+/// Each row's log-sum-exp of its scores into `out` (`[b, t, h]`), MASKED
+/// for a row whose every key is masked.
+pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
+    assert!(out.len() == n.b * n.t * n.h, "bug: attention lse size");
+    let (tasks, task) = query_tasks(n);
+    let wide = wide_exp();
+    let out = Out(out.as_mut_ptr());
+    run_tasks(
+        n,
+        tasks,
+        || Scratch::new(n, KEY_BLOCK),
+        |sc, t| {
+            let (b, h, rows) = task(t);
+            let head = Head::new(a, x, n, b, h);
+            forward_block(&head, rows.clone(), sc, wide, Out(std::ptr::null_mut()), Some(out));
+        },
+    );
+}
+
+/// A block of query rows of the forward: the output rows (`out`), or with
+/// `lse` each row's log-sum-exp instead (no values read).
+fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option<ExpFn>, out: Out, lse: Option<Out>) {
+    let (n, m) = (head.n, rows.len());
+    head.load_queries(&rows, &mut sc.queries);
+    sc.max[..m].fill(f32::NEG_INFINITY);
+    sc.sum[..m].fill(0.0);
+    sc.acc[..m * n.e].fill(0.0);
+    let seen = keys_seen(head.a, &rows, head.x.offset, n.s);
+    let mut j0 = seen.start;
+    while j0 < seen.end {
+        let bk = KEY_BLOCK.min(seen.end - j0);
+        let scores = &mut sc.scores[..m * bk];
+        head.scores(&rows, &sc.queries, j0, bk, scores);
+        for r in 0..m {
+            let row = &mut scores[r * bk..(r + 1) * bk];
             let new_max = fold_row(Reduce::Max, row).max(sc.max[r]);
             let rescale = (sc.max[r] - new_max).exp();
             exp_shifted(wide, row, new_max);
             sc.sum[r] = sc.sum[r] * rescale + fold_row(Reduce::Sum, row);
             sc.max[r] = new_max;
-            if rescale != 1.0 {
+            if rescale != 1.0 && lse.is_none() {
                 sc.acc[r * n.e..(r + 1) * n.e].iter_mut().for_each(|v| *v *= rescale);
             }
         }
-        // SAFETY: as above, for the value rows and the accumulator.
-        unsafe {
-            gemm::gemm(
-                m,
-                n.e,
-                bk,
-                sc.acc.as_mut_ptr(),
-                1,
-                n.e as isize,
-                true,
-                scores.as_ptr(),
-                1,
-                bk as isize,
-                x.v.as_ptr().add(v0 + j0 * v_stride),
-                1,
-                v_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        if lse.is_none() {
+            // SAFETY: m x bk weights, bk value rows of e, m x e accumulators.
+            unsafe {
+                product(
+                    (m, n.e, bk),
+                    sc.acc.as_mut_ptr(),
+                    n.e,
+                    1.0,
+                    (scores.as_ptr(), bk, 1),
+                    (head.x.v.as_ptr().add(head.v0 + j0 * head.v_stride), head.v_stride, 1),
+                )
+            };
         }
         j0 += bk;
     }
     for (r, i) in rows.enumerate() {
-        // SAFETY: row (b, i, h) of the output belongs to this task alone.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(((b * n.t + i) * n.h + h) * n.e), n.e) };
-        if sc.max[r] <= MASKED {
-            // Every key masked (or none visited): the decomposition's softmax
-            // of S equal scores, the mean of all the values.
+        // Every key masked (or none visited): the decomposition's softmax of S
+        // equal scores.
+        let all_masked = sc.max[r] <= MASKED;
+        if let Some(lse) = lse {
+            let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
+            // SAFETY: row (b, i, h) of the output belongs to this task alone.
+            unsafe { *lse.at(head.row(i, 1)) = value };
+            continue;
+        }
+        // SAFETY: as above.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.e)), n.e) };
+        if all_masked {
+            // The mean of all the values.
             dst.fill(0.0);
             for j in 0..n.s {
-                let vrow = &x.v[v0 + j * v_stride..][..n.e];
+                let vrow = &head.x.v[head.v0 + j * head.v_stride..][..n.e];
                 dst.iter_mut().zip(vrow).for_each(|(o, v)| *o += v);
             }
             dst.iter_mut().for_each(|o| *o /= n.s as f32);
@@ -242,5 +384,180 @@ fn query_block(
                 *o = acc * inv;
             }
         }
+    }
+}
+
+/// The probabilities P = exp(score - lse) of a block of scores, in place,
+/// and dS = P (dP - delta) in place of dP; rows with every key masked get
+/// neither (P 0: their values' share is added separately).
+#[allow(clippy::too_many_arguments)]
+fn probabilities_and_ds(
+    head: &Head,
+    dy: &Adjoint,
+    rows: &Range<usize>,
+    bk: usize,
+    scores: &mut [f32],
+    dp: &mut [f32],
+    wide: Option<ExpFn>,
+) {
+    for (r, i) in rows.clone().enumerate() {
+        let (row, dprow) = (&mut scores[r * bk..(r + 1) * bk], &mut dp[r * bk..(r + 1) * bk]);
+        let at = head.row(i, 1);
+        let (lse, delta) = (dy.lse[at], dy.delta[at]);
+        if lse <= MASKED {
+            row.fill(0.0);
+            dprow.fill(0.0);
+            continue;
+        }
+        exp_shifted(wide, row, lse);
+        dprow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
+    }
+}
+
+/// The queries' gradient into `out` (`[b, t, h, d]`).
+pub fn grad_queries(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f32]) {
+    assert!(out.len() == n.b * n.t * n.h * n.d, "bug: attention dq size");
+    let (tasks, task) = query_tasks(n);
+    let wide = wide_exp();
+    let out = Out(out.as_mut_ptr());
+    run_tasks(
+        n,
+        tasks,
+        || Scratch::new(n, KEY_BLOCK),
+        |sc, t| {
+            let (b, h, rows) = task(t);
+            let head = Head::new(a, x, n, b, h);
+            let m = rows.len();
+            head.load_queries(&rows, &mut sc.queries);
+            for (r, i) in rows.clone().enumerate() {
+                sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
+            }
+            sc.acc[..m * n.d].fill(0.0);
+            let seen = keys_seen(a, &rows, x.offset, n.s);
+            let mut j0 = seen.start;
+            while j0 < seen.end {
+                let bk = KEY_BLOCK.min(seen.end - j0);
+                let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
+                head.scores(&rows, &sc.queries, j0, bk, scores);
+                head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
+                probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
+                // dq += dS K_block. SAFETY: m x bk dS, the key rows j0..j0+bk, m x d accumulators.
+                unsafe {
+                    product(
+                        (m, n.d, bk),
+                        sc.acc.as_mut_ptr(),
+                        n.d,
+                        1.0,
+                        (dp.as_ptr(), bk, 1),
+                        (x.k.as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1),
+                    )
+                };
+                j0 += bk;
+            }
+            let scale = a.scale as f32;
+            for (r, i) in rows.enumerate() {
+                // SAFETY: row (b, i, h) of the output belongs to this task alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.d)), n.d) };
+                dst.iter_mut().zip(&sc.acc[r * n.d..(r + 1) * n.d]).for_each(|(o, v)| *o = v * scale);
+            }
+        },
+    );
+}
+
+/// The keys' and values' gradients side by side into `out` (the keys'
+/// layout with d + e features): one task per (batch, key/value head, block
+/// of keys), over the query blocks of every head of its group that see them.
+pub fn grad_keys_values(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f32]) {
+    assert!(out.len() == n.b * n.s * n.g * (n.d + n.e), "bug: attention dkv size");
+    let blocks = n.s.div_ceil(KV_BLOCK);
+    let wide = wide_exp();
+    let out = Out(out.as_mut_ptr());
+    let per = n.h / n.g;
+    run_tasks(
+        n,
+        n.b * n.g * blocks,
+        || Scratch::new(n, KV_BLOCK),
+        |sc, t| {
+            let (bg, block) = (t / blocks, t % blocks);
+            let (b, g) = (bg / n.g, bg % n.g);
+            let keys = block * KV_BLOCK..((block + 1) * KV_BLOCK).min(n.s);
+            let (j0, bk) = (keys.start, keys.len());
+            let (dk, dv) = (&mut sc.acc[..bk * n.d], &mut sc.acc2[..bk * n.e]);
+            dk.fill(0.0);
+            dv.fill(0.0);
+            // Rows with every key masked spread their adjoint over all values.
+            let mut uniform = vec![0.0f32; n.e];
+            for h in g * per..(g + 1) * per {
+                let head = Head::new(a, x, n, b, h);
+                for i in 0..n.t {
+                    if dy.lse[head.row(i, 1)] <= MASKED {
+                        let gy = &dy.gy[head.row(i, n.e)..][..n.e];
+                        uniform.iter_mut().zip(gy).for_each(|(u, v)| *u += v / n.s as f32);
+                    }
+                }
+                let mut i0 = 0;
+                while i0 < n.t {
+                    let rows = i0..(i0 + QUERY_BLOCK).min(n.t);
+                    i0 = rows.end;
+                    let seen = keys_seen(a, &rows, x.offset, n.s);
+                    if seen.end <= j0 || seen.start >= keys.end {
+                        continue;
+                    }
+                    let m = rows.len();
+                    head.load_queries(&rows, &mut sc.queries);
+                    for (r, i) in rows.clone().enumerate() {
+                        sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
+                    }
+                    let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
+                    head.scores(&rows, &sc.queries, j0, bk, scores);
+                    head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
+                    probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
+                    // dv += Pᵀ gy and dk += dSᵀ (scale q). SAFETY: bk x m views of the
+                    // m x bk blocks, m x e adjoint and m x d query rows, bk-row accumulators.
+                    unsafe {
+                        product(
+                            (bk, n.e, m),
+                            dv.as_mut_ptr(),
+                            n.e,
+                            1.0,
+                            (scores.as_ptr(), 1, bk),
+                            (sc.adjoint.as_ptr(), n.e, 1),
+                        );
+                        product(
+                            (bk, n.d, m),
+                            dk.as_mut_ptr(),
+                            n.d,
+                            1.0,
+                            (dp.as_ptr(), 1, bk),
+                            (sc.queries.as_ptr(), n.d, 1),
+                        );
+                    }
+                }
+            }
+            let width = n.d + n.e;
+            for (r, j) in keys.enumerate() {
+                let at = if a.kv_heads_first {
+                    ((b * n.g + g) * n.s + j) * width
+                } else {
+                    ((b * n.s + j) * n.g + g) * width
+                };
+                // SAFETY: key row (b, j, g) of the output belongs to this task alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(at), width) };
+                dst[..n.d].copy_from_slice(&dk[r * n.d..(r + 1) * n.d]);
+                for ((o, v), u) in dst[n.d..].iter_mut().zip(&dv[r * n.e..(r + 1) * n.e]).zip(&uniform) {
+                    *o = v + u;
+                }
+            }
+        },
+    );
+}
+
+/// The pass of the backward `pass` names (see [`AttentionPass`]).
+pub fn backward(a: &Attention, pass: AttentionPass, x: &Inputs, dy: Option<&Adjoint>, n: Sizes, out: &mut [f32]) {
+    match (pass, dy) {
+        (AttentionPass::Lse, _) => log_sum_exp(a, x, n, out),
+        (AttentionPass::Queries, Some(dy)) => grad_queries(a, x, dy, n, out),
+        (AttentionPass::KeysValues, Some(dy)) => grad_keys_values(a, x, dy, n, out),
+        _ => unreachable!("bug: a gradient pass without the adjoint"),
     }
 }

@@ -599,22 +599,38 @@ impl Program {
                 kernels::topk(input(node.args[0]), n_last, *k, indices, &mut arena[offset..offset + len]);
                 return Ok(());
             }
-            Op::Attention(a) => {
-                let (qs, ks, vs) = (shape_of(node.args[0])?, shape_of(node.args[1])?, shape_of(node.args[2])?);
-                let (s, g) = if a.kv_heads_first { (ks[2], ks[1]) } else { (ks[1], ks[2]) };
+            Op::Attention(_) | Op::AttentionBackward(..) => {
+                // The forward's inputs follow the adjoint, lse and delta in a gradient pass.
+                let first = node.op.attention_inputs().unwrap_or(0);
+                let forward = &node.args[first..];
+                let (qs, ks, vs) = (shape_of(forward[0])?, shape_of(forward[1])?, shape_of(forward[2])?);
+                let (a, kv_heads_first) = match &node.op {
+                    Op::Attention(a) | Op::AttentionBackward(a, _) => (a, a.kv_heads_first),
+                    _ => unreachable!(),
+                };
+                let (s, g) = if kv_heads_first { (ks[2], ks[1]) } else { (ks[1], ks[2]) };
                 let n = attention::Sizes { b: qs[0], t: qs[1], h: qs[2], d: qs[3], s, g, e: vs[3] };
-                let mask = match node.args.get(4) {
+                let mask = match forward.get(4) {
                     Some(m) => Some((input(*m), shape_of(*m)?[1])),
                     None => None,
                 };
                 let x = attention::Inputs {
-                    q: input(node.args[0]),
-                    k: input(node.args[1]),
-                    v: input(node.args[2]),
-                    offset: input(node.args[3])[0] as i64,
+                    q: input(forward[0]),
+                    k: input(forward[1]),
+                    v: input(forward[2]),
+                    offset: input(forward[3])[0] as i64,
                     mask,
                 };
-                attention::attention(a, &x, n, &mut arena[offset..offset + len]);
+                let dy = (first == 3).then(|| attention::Adjoint {
+                    gy: input(node.args[0]),
+                    lse: input(node.args[1]),
+                    delta: input(node.args[2]),
+                });
+                let out = &mut arena[offset..offset + len];
+                match &node.op {
+                    Op::AttentionBackward(_, pass) => attention::backward(a, *pass, &x, dy.as_ref(), n, out),
+                    _ => attention::attention(a, &x, n, out),
+                }
                 return Ok(());
             }
             Op::DropoutMask { p, key } => {
