@@ -1,9 +1,11 @@
 //! Causal attention on the CPU: the fused operation (online softmax, never
 //! storing the scores, key blocks past the diagonal skipped) against its
-//! decomposition through the optimiser and the usual kernels (what training
-//! runs: scores and probabilities stored, in row groups) and against
-//! PyTorch's `scaled_dot_product_attention` with the same thread count,
-//! measured in the same run: `cargo bench -p modelc-runtime --bench attention`.
+//! decomposition through the optimiser and the usual kernels (scores and
+//! probabilities stored, softmax in row groups) and against PyTorch's
+//! `scaled_dot_product_attention` with the same thread count, measured in
+//! the same run; then forward and backward (the fused backward's passes
+//! against autodiff through the decomposition, PyTorch's `backward`):
+//! `cargo bench -p modelc-runtime --bench attention`.
 //! LLaMA-like heads: 8 query heads sharing 2 key/value heads (GQA), head
 //! size 64, batch 1; and the attention shapes of the forward bench's small
 //! models. Needs `python3` with torch for the peer column; medians of
@@ -34,8 +36,10 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Seconds a run (median) and planned bytes of attention over t tokens.
-fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f64, usize) {
+/// Seconds a run (median) and planned bytes of attention over t tokens
+/// (with `backward`, also the gradients of queries, keys and values of
+/// `sum(y * w)`).
+fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, backward: bool, reps: usize) -> (f64, usize) {
     let d = |x: usize| Dim::constant(x as i64);
     let mut g = Graph::default();
     let qs = [x.batch, t, x.heads, x.size];
@@ -51,10 +55,18 @@ fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f
         modelc::ir::attention::decompose(&mut g, &spec, &[q, k, v, offset])
     };
     g.outputs.push(("y".into(), y));
+    if backward {
+        let w = g.input("w", TensorTy::new(DType::F32, qs.iter().map(|n| d(*n)).collect()));
+        let weighted = g.mul(y, w);
+        let loss = g.sum_all(weighted);
+        let grads = modelc::ir::grad::grad(&mut g, loss, &[q, k, v]);
+        g.outputs = ["dq", "dk", "dv"].iter().map(|n| n.to_string()).zip(grads).collect();
+    }
     let g = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default()).0;
     let data = |n: usize, salt: usize| (0..n).map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     let (qn, kn) = (qs.iter().product(), ks.iter().product());
     let feeds: HashMap<String, Tensor> = HashMap::from([
+        ("w".to_string(), Tensor::new(qs.to_vec(), data(qn, 3))),
         ("q".to_string(), Tensor::new(qs.to_vec(), data(qn, 0))),
         ("k".to_string(), Tensor::new(ks.to_vec(), data(kn, 1))),
         ("v".to_string(), Tensor::new(ks.to_vec(), data(kn, 2))),
@@ -74,20 +86,22 @@ fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, reps: usize) -> (f
     (time, program.peak_bytes())
 }
 
-fn torch(x: Heads, t: usize, window: Option<i64>, reps: usize, threads: usize) -> Option<f64> {
+fn torch(x: Heads, t: usize, window: Option<i64>, backward: bool, reps: usize, threads: usize) -> Option<f64> {
     let Heads { batch, heads, groups, size } = x;
+    let grad = if backward { "True" } else { "False" };
+    let (context, step) = if backward { ("torch.enable_grad()", "; y.backward(w)") } else { ("torch.no_grad()", "") };
     // A sliding window is an explicit boolean mask for PyTorch.
     let call = match window {
-        None => "F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)".to_string(),
+        None => "y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)".to_string(),
         Some(w) => {
-            format!("F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - {w}), enable_gqa=True)")
+            format!("y = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - {w}), enable_gqa=True)")
         }
-    };
+    } + step;
     let script = format!(
         "import torch, time\nimport torch.nn.functional as F\ntorch.set_num_threads({threads})\n\
-         q = torch.rand({batch}, {heads}, {t}, {size}); k = torch.rand({batch}, {groups}, {t}, {size}); v = torch.rand({batch}, {groups}, {t}, {size})\n\
-         i = torch.arange({t})[:, None]; j = torch.arange({t})[None, :]\n\
-         with torch.no_grad():\n    {call}\n    ts = []\n    for _ in range({reps}):\n        s = time.perf_counter(); {call}; ts.append(time.perf_counter() - s)\n\
+         q = torch.rand({batch}, {heads}, {t}, {size}, requires_grad={grad}); k = torch.rand({batch}, {groups}, {t}, {size}, requires_grad={grad}); v = torch.rand({batch}, {groups}, {t}, {size}, requires_grad={grad})\n\
+         w = torch.rand({batch}, {heads}, {t}, {size}); i = torch.arange({t})[:, None]; j = torch.arange({t})[None, :]\n\
+         with {context}:\n    {call}\n    ts = []\n    for _ in range({reps}):\n        s = time.perf_counter(); {call}; ts.append(time.perf_counter() - s)\n\
          print(sorted(ts)[len(ts) // 2])\n"
     );
     let out = Command::new("python3").arg("-c").arg(script).output().ok()?;
@@ -96,34 +110,39 @@ fn torch(x: Heads, t: usize, window: Option<i64>, reps: usize, threads: usize) -
 
 fn main() {
     let threads = rayon::current_num_threads();
-    println!("causal attention, {threads} threads: median ms (planned MiB); ratios are speed-ups of the fused kernel");
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let tiny_gpt = Heads { batch: 4, heads: 4, groups: 4, size: 32 };
     let small_llama = Heads { batch: 2, heads: 4, groups: 2, size: 16 };
-    let cases = [
-        ("small llama", small_llama, 32, None, 200),
-        ("tiny-gpt", tiny_gpt, 64, None, 100),
-        ("8/2 heads of 64", LLAMA, 256, None, 30),
-        ("8/2 heads of 64", LLAMA, 1024, None, 10),
-        ("8/2 heads of 64", LLAMA, 4096, None, 3),
-        ("8/2 heads of 64", LLAMA, 4096, Some(512), 3),
-    ];
-    for (name, x, t, window, reps) in cases {
-        let (fused, fused_bytes) = ours(x, t, window, true, reps);
-        let (stored, stored_bytes) = ours(x, t, window, false, reps);
-        let label =
-            format!("{name}, B {} T {t}{}", x.batch, window.map(|w| format!(", window {w}")).unwrap_or_default());
-        let peer = match torch(x, t, window, reps, threads) {
-            Some(p) => format!("   torch {:8.3}   vs torch {:.2}x", p * 1e3, p / fused),
-            None => "   (torch not importable)".to_string(),
-        };
+    for backward in [false, true] {
         println!(
-            "  {label:<36} fused {:8.3} ({:5.1})   decomposed {:8.3} ({:5.1})   vs decomposed {:.2}x{peer}",
-            fused * 1e3,
-            mib(fused_bytes),
-            stored * 1e3,
-            mib(stored_bytes),
-            stored / fused
+            "causal attention{}, {threads} threads: median ms (planned MiB); ratios are speed-ups of the fused kernels",
+            if backward { ", forward and backward (gradients of q, k, v)" } else { "" }
         );
+        let cases = [
+            ("small llama", small_llama, 32, None, 200),
+            ("tiny-gpt", tiny_gpt, 64, None, 100),
+            ("8/2 heads of 64", LLAMA, 256, None, 30),
+            ("8/2 heads of 64", LLAMA, 1024, None, 10),
+            ("8/2 heads of 64", LLAMA, 4096, None, 3),
+            ("8/2 heads of 64", LLAMA, 4096, Some(512), 3),
+        ];
+        for (name, x, t, window, reps) in cases {
+            let (fused, fused_bytes) = ours(x, t, window, true, backward, reps);
+            let (stored, stored_bytes) = ours(x, t, window, false, backward, reps);
+            let label =
+                format!("{name}, B {} T {t}{}", x.batch, window.map(|w| format!(", window {w}")).unwrap_or_default());
+            let peer = match torch(x, t, window, backward, reps, threads) {
+                Some(p) => format!("   torch {:8.3}   vs torch {:.2}x", p * 1e3, p / fused),
+                None => "   (torch not importable)".to_string(),
+            };
+            println!(
+                "  {label:<36} fused {:8.3} ({:5.1})   decomposed {:8.3} ({:6.1})   vs decomposed {:.2}x{peer}",
+                fused * 1e3,
+                mib(fused_bytes),
+                stored * 1e3,
+                mib(stored_bytes),
+                stored / fused
+            );
+        }
     }
 }
