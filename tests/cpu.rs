@@ -233,6 +233,27 @@ fn fused_attention_of_a_decoding_step_matches_the_interpreter() {
 }
 
 #[test]
+fn fused_attention_gradients_with_many_key_value_heads() {
+    // Eight (batch, key/value head) pairs or more: the gradient pass keeps
+    // one sum of dQ per pair instead of partial sums over chunks of keys.
+    let c = AttentionCase {
+        b: 2,
+        t: 70,
+        s: 300,
+        h: 8,
+        g: 4,
+        d: 8,
+        e: 6,
+        offset: 230,
+        causal: true,
+        window: Some(100),
+        heads_first: false,
+        mask: 1,
+    };
+    fused_attention(cpu, &c, 11);
+}
+
+#[test]
 fn fused_attention_averages_rows_with_every_key_masked() {
     // The first query sees no key (padding mask) and its block skips keys
     // 64..: its row is the mean of all 100 values, as in the decomposition.

@@ -572,8 +572,10 @@ impl Emitter<'_> {
                 );
                 (body, bs * t * h)
             }
-            Some(AttentionPass::Queries) => {
-                let body = format!(
+            Some(AttentionPass::Gradients) => {
+                // Query rows first (dQ), then key rows (dK beside dV).
+                let q_rows = bs * t * h;
+                let dq = format!(
                     "{query_row}    let lse = {lse};
     let delta = {delta};
     var acc: array<f32, {d}>;
@@ -604,27 +606,19 @@ impl Emitter<'_> {
                     k_at = self.read(x[1], &kv(d))?,
                     scale = lit(a.scale),
                 );
-                (body, bs * t * h)
-            }
-            Some(AttentionPass::KeysValues) => {
                 let key_row = if a.kv_heads_first {
                     format!(
-                        "    let j = i % {s}u;
-    let g = (i / {s}u) % {g}u;
-    let b = i / ({s}u * {g}u);
-"
+                        "    let j = ki % {s}u;\n    let g = (ki / {s}u) % {g}u;\n    let b = ki / ({s}u * {g}u);\n"
                     )
                 } else {
                     format!(
-                        "    let g = i % {g}u;
-    let j = (i / {g}u) % {s}u;
-    let b = i / ({g}u * {s}u);
-"
+                        "    let g = ki % {g}u;\n    let j = (ki / {g}u) % {s}u;\n    let b = ki / ({g}u * {s}u);\n"
                     )
                 };
                 let row_at = |width: usize| format!("((b * {t}u + t) * {h}u + hh) * {width}u + c");
-                let body = format!(
-                    "{key_row}    var dk: array<f32, {d}>;
+                let dkv = format!(
+                    "    let ki = i - {q_rows}u;
+{key_row}    var dk: array<f32, {d}>;
     var dv: array<f32, {e}>;
     for (var hh = g * {per}u; hh < (g + 1u) * {per}u; hh++) {{
         for (var t = 0u; t < {t}u; t++) {{
@@ -655,11 +649,12 @@ impl Emitter<'_> {
             }}
         }}
     }}
+    let out = {o}u + {nq}u + ki * {w}u;
     for (var c = 0u; c < {d}u; c++) {{
-        mem[{o}u + i * {w}u + c] = dk[c];
+        mem[out + c] = dk[c];
     }}
     for (var c = 0u; c < {e}u; c++) {{
-        mem[{o}u + i * {w}u + {d}u + c] = dv[c];
+        mem[out + {d}u + c] = dv[c];
     }}
 ",
                     lse = self.read(node.args[1], "row")?,
@@ -667,9 +662,13 @@ impl Emitter<'_> {
                     gy = self.read(node.args[0], &row_at(e))?,
                     q_at = self.read(x[0], &row_at(d))?,
                     scale = lit(a.scale),
+                    nq = q_rows * d,
                     w = d + e,
                 );
-                (body, bs * s * g)
+                let indent = |text: &str| text.lines().map(|l| format!("    {l}\n")).collect::<String>();
+                let body =
+                    format!("    if (i < {q_rows}u) {{\n{}    }} else {{\n{}    }}\n", indent(&dq), indent(&dkv));
+                (body, q_rows + bs * s * g)
             }
         };
         let (source, groups) = elementwise(rows, &body);

@@ -89,10 +89,9 @@ pub fn decompose(g: &mut Graph, a: &Attention, args: &[NodeId]) -> NodeId {
 /// The gradients of queries, keys and values of `y = attention(args)` given
 /// `gy`, the adjoint of `y`, as passes that never store the [B, H, T, S]
 /// probabilities: each row's log-sum-exp of its scores, then, recomputing
-/// P = exp(score - lse) block by block, dQ = scale dS K (one pass over the
-/// queries) and dK = scale dSᵀ Q beside dV = Pᵀ dY (one pass over the keys),
-/// with dP = dY Vᵀ and dS = P (dP - delta), delta = rowsum(dY ∘ Y) (equal
-/// to rowsum(dP ∘ P)). Masked scores get no gradient; a row with every key
+/// P = exp(score - lse) block by block, dQ = scale dS K, dK = scale dSᵀ Q
+/// and dV = Pᵀ dY in one pass, with dP = dY Vᵀ and dS = P (dP - delta),
+/// delta = rowsum(dY ∘ Y) (equal to rowsum(dP ∘ P)). Masked scores get no gradient; a row with every key
 /// masked spreads its adjoint evenly over all the values (its P is 1/S),
 /// as the decomposition's gradient does.
 pub fn gradient(g: &mut Graph, a: &Attention, args: &[NodeId], y: NodeId, gy: NodeId) -> Vec<Option<NodeId>> {
@@ -101,12 +100,19 @@ pub fn gradient(g: &mut Graph, a: &Attention, args: &[NodeId], y: NodeId, gy: No
     let delta = g.reduce(Reduce::Sum, gy_y, &[3]);
     let mut pass_args = vec![gy, lse, delta];
     pass_args.extend_from_slice(args);
-    let dq = g.attention_backward(a.clone(), AttentionPass::Queries, &pass_args);
-    let dkv = g.attention_backward(a.clone(), AttentionPass::KeysValues, &pass_args);
-    let dims = g.dims(dkv).to_vec();
-    let d = g.dims(args[1])[3].clone();
+    let both = g.attention_backward(a.clone(), AttentionPass::Gradients, &pass_args);
+    let count = |dims: &[Dim]| dims.iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
+    let q_dims = g.dims(args[0]).to_vec();
+    let mut kv_dims = g.dims(args[1]).to_vec();
+    let (d, e) = (kv_dims[3].clone(), g.dims(args[2])[3].clone());
+    kv_dims[3] = d.add(&e);
+    let (nq, total) = (count(&q_dims), g.dims(both)[0].clone());
+    let dq = g.slice(both, 0, Dim::constant(0), nq.clone());
+    let dq = g.reshape(dq, &q_dims);
+    let dkv = g.slice(both, 0, nq, total);
+    let dkv = g.reshape(dkv, &kv_dims);
     let dk = g.slice(dkv, 3, Dim::constant(0), d.clone());
-    let dv = g.slice(dkv, 3, d, dims[3].clone());
+    let dv = g.slice(dkv, 3, d, kv_dims[3].clone());
     let mut grads = vec![Some(dq), Some(dk), Some(dv), None];
     grads.extend(args.get(4).map(|_| None));
     grads

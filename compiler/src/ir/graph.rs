@@ -179,16 +179,16 @@ pub enum Op {
 
 /// The passes of the fused attention's backward. `Lse` takes the forward's
 /// inputs and gives each row's log-sum-exp of its scores `[B, T, H]`
-/// (-1e30 for a row whose every key is masked). `Queries` and `KeysValues`
-/// take the output's adjoint `[B, T, H, E]`, the log-sum-exp, the row sums
-/// of adjoint times output `[B, T, H]`, then the forward's inputs, and give
-/// the queries' gradient `[B, T, H, D]`, or the keys' and values' side by
-/// side in the keys' layout (`[B, S, G, D + E]` or `[B, G, S, D + E]`).
+/// (-1e30 for a row whose every key is masked). `Gradients` takes the
+/// output's adjoint `[B, T, H, E]`, the log-sum-exp, the row sums of
+/// adjoint times output `[B, T, H]`, then the forward's inputs, and gives
+/// the queries' gradient (`[B, T, H, D]`) then the keys' and values' side by
+/// side in the keys' layout (`[B, S, G, D + E]` or `[B, G, S, D + E]`), both
+/// flattened into one vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPass {
     Lse,
-    Queries,
-    KeysValues,
+    Gradients,
 }
 
 impl AttentionPass {
@@ -277,8 +277,7 @@ impl Op {
             Op::AttentionBackward(a, pass) => {
                 let kind = match pass {
                     AttentionPass::Lse => "lse",
-                    AttentionPass::Queries => "grad_q",
-                    AttentionPass::KeysValues => "grad_kv",
+                    AttentionPass::Gradients => "grad",
                 };
                 format!("attention_{kind}{}", a.attributes())
             }
@@ -365,14 +364,10 @@ pub fn attention_backward_dims(a: &Attention, pass: AttentionPass, args: &[&Tens
     if gy.dims != y || lse.dims != y[..3] || delta.dims != y[..3] {
         return Err(format!("adjoint {gy}, lse {lse} and delta {delta} do not fit the output {y:?}"));
     }
-    Ok(match pass {
-        AttentionPass::Queries => forward[0].dims.clone(),
-        _ => {
-            let mut dims = forward[1].dims.clone();
-            dims[3] = dims[3].add(&forward[2].dims[3]);
-            dims
-        }
-    })
+    let count = |dims: &[Dim]| dims.iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
+    let mut kv = forward[1].dims.clone();
+    kv[3] = kv[3].add(&forward[2].dims[3]);
+    Ok(vec![count(&forward[0].dims).add(&count(&kv))])
 }
 
 fn f32s(dims: Vec<Dim>) -> TensorTy {

@@ -338,17 +338,17 @@ fn attention_backward(a: &Attention, pass: AttentionPass, args: &[&Array], shape
     }
     let (gy, lse, delta) = (args[0], args[1], args[2]);
     let x = Heads::new(a, &args[3..]);
-    let [_, _, _, d_n, s_n, _, e_n] = x.n;
+    let [b_n, t_n, h_n, d_n, s_n, _, e_n] = x.n;
+    // dQ first, then the keys' and values' gradients side by side.
+    let (dq, dkv) = out.split_at_mut(b_n * t_n * h_n * d_n);
     x.each_row(|b, i, h| {
         let (row, g) = (x.query(b, i, h, 1), x.group(h));
         let go = x.query(b, i, h, e_n);
         if lse.data[row] <= -1e30 {
-            if pass == AttentionPass::KeysValues {
-                for j in 0..s_n {
-                    let o = x.kv(b, j, g, d_n + e_n) + d_n;
-                    for e in 0..e_n {
-                        out[o + e] += gy.data[go + e] / s_n as f64;
-                    }
+            for j in 0..s_n {
+                let o = x.kv(b, j, g, d_n + e_n) + d_n;
+                for e in 0..e_n {
+                    dkv[o + e] += gy.data[go + e] / s_n as f64;
                 }
             }
             return;
@@ -359,19 +359,13 @@ fn attention_backward(a: &Attention, pass: AttentionPass, args: &[&Array], shape
             let vo = x.kv(b, j, g, e_n);
             let dp: f64 = (0..e_n).map(|e| gy.data[go + e] * x.v.data[vo + e]).sum();
             let ds = p * (dp - delta.data[row]) * a.scale;
-            if pass == AttentionPass::Queries {
-                let (o, ko) = (x.query(b, i, h, d_n), x.kv(b, j, g, d_n));
-                for c in 0..d_n {
-                    out[o + c] += ds * x.k.data[ko + c];
-                }
-            } else {
-                let (o, qo) = (x.kv(b, j, g, d_n + e_n), x.query(b, i, h, d_n));
-                for c in 0..d_n {
-                    out[o + c] += ds * x.q.data[qo + c];
-                }
-                for e in 0..e_n {
-                    out[o + d_n + e] += p * gy.data[go + e];
-                }
+            let (qo, ko, o) = (x.query(b, i, h, d_n), x.kv(b, j, g, d_n), x.kv(b, j, g, d_n + e_n));
+            for c in 0..d_n {
+                dq[qo + c] += ds * x.k.data[ko + c];
+                dkv[o + c] += ds * x.q.data[qo + c];
+            }
+            for e in 0..e_n {
+                dkv[o + d_n + e] += p * gy.data[go + e];
             }
         }
     });

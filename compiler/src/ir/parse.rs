@@ -135,8 +135,7 @@ fn op(text: &str) -> Result<Op, String> {
         }
         "attention" => Ok(Op::Attention(attention(rest)?)),
         "attention_lse" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Lse)),
-        "attention_grad_q" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Queries)),
-        "attention_grad_kv" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::KeysValues)),
+        "attention_grad" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Gradients)),
         other => Err(format!("unknown operation `{other}`")),
     }
 }

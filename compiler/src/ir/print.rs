@@ -38,8 +38,8 @@ pub fn stats(g: &Graph) -> (usize, crate::check::dim::Dim) {
                 let keys = &k.dims[if a.kv_heads_first { 2 } else { 1 }];
                 let per_pair = match &n.op {
                     Op::AttentionBackward(_, AttentionPass::Lse) => d.clone(),
-                    Op::AttentionBackward(_, AttentionPass::Queries) => d.add(e).add(d),
-                    Op::AttentionBackward(..) => d.add(e).add(d).add(e),
+                    // The scores, dP, dQ, dK and dV.
+                    Op::AttentionBackward(..) => d.add(e).add(d).add(d).add(e),
                     _ => d.add(e),
                 };
                 let rows = q.dims[..3].iter().fold(Dim::constant(1), |acc, x| acc.mul(x));

@@ -414,77 +414,41 @@ fn probabilities_and_ds(
     }
 }
 
-/// The queries' gradient into `out` (`[b, t, h, d]`).
-pub fn grad_queries(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f32]) {
-    assert!(out.len() == n.b * n.t * n.h * n.d, "bug: attention dq size");
-    let (tasks, task) = query_tasks(n);
-    let wide = wide_exp();
-    let out = Out(out.as_mut_ptr());
-    run_tasks(
-        n,
-        tasks,
-        || Scratch::new(n, KEY_BLOCK),
-        |sc, t| {
-            let (b, h, rows) = task(t);
-            let head = Head::new(a, x, n, b, h);
-            let m = rows.len();
-            head.load_queries(&rows, &mut sc.queries);
-            for (r, i) in rows.clone().enumerate() {
-                sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
-            }
-            sc.acc[..m * n.d].fill(0.0);
-            let seen = keys_seen(a, &rows, x.offset, n.s);
-            let mut j0 = seen.start;
-            while j0 < seen.end {
-                let bk = KEY_BLOCK.min(seen.end - j0);
-                let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
-                head.scores(&rows, &sc.queries, j0, bk, scores);
-                head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
-                probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
-                // dq += dS K_block. SAFETY: m x bk dS, the key rows j0..j0+bk, m x d accumulators.
-                unsafe {
-                    product(
-                        (m, n.d, bk),
-                        sc.acc.as_mut_ptr(),
-                        n.d,
-                        1.0,
-                        (dp.as_ptr(), bk, 1),
-                        (x.k.as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1),
-                    )
-                };
-                j0 += bk;
-            }
-            let scale = a.scale as f32;
-            for (r, i) in rows.enumerate() {
-                // SAFETY: row (b, i, h) of the output belongs to this task alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.d)), n.d) };
-                dst.iter_mut().zip(&sc.acc[r * n.d..(r + 1) * n.d]).for_each(|(o, v)| *o = v * scale);
-            }
-        },
-    );
+/// How many partial sums of dQ the gradient pass keeps per (batch, key/value
+/// head): one when there are enough of those to share the threads, else up
+/// to 4, each over every 4th block of keys (by shape only, so the sums are
+/// the same on any thread count).
+fn dq_chunks(n: Sizes, blocks: usize) -> usize {
+    if n.b * n.g >= 8 { 1 } else { blocks.clamp(1, 4) }
 }
 
-/// The keys' and values' gradients side by side into `out` (the keys'
-/// layout with d + e features): one task per (batch, key/value head, block
-/// of keys), over the query blocks of every head of its group that see them.
-pub fn grad_keys_values(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f32]) {
-    assert!(out.len() == n.b * n.s * n.g * (n.d + n.e), "bug: attention dkv size");
+/// The queries', keys' and values' gradients in one pass (`out`: dQ
+/// `[b, t, h, d]`, then dK beside dV in the keys' layout with d + e
+/// features). A task is a (batch, key/value head, chunk of key blocks): for
+/// each of its key blocks, the query blocks of every head of the group that
+/// see it give dV += Pᵀ dY and dK += dSᵀ (scale Q) for the block, and
+/// dQ += dS K into the task's partial sum of dQ (the output itself for
+/// chunk 0), added in chunk order at the end.
+pub fn gradients(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f32]) {
+    let nq = n.b * n.t * n.h * n.d;
+    assert!(out.len() == nq + n.b * n.s * n.g * (n.d + n.e), "bug: attention gradients size");
     let blocks = n.s.div_ceil(KV_BLOCK);
+    let chunks = dq_chunks(n, blocks);
+    let (dq, dkv) = out.split_at_mut(nq);
+    dq.fill(0.0);
+    let mut partials = vec![0.0f32; (chunks - 1) * nq];
     let wide = wide_exp();
-    let out = Out(out.as_mut_ptr());
+    let (dq_out, partial_out, dkv_out) = (Out(dq.as_mut_ptr()), Out(partials.as_mut_ptr()), Out(dkv.as_mut_ptr()));
     let per = n.h / n.g;
     run_tasks(
         n,
-        n.b * n.g * blocks,
+        n.b * n.g * chunks,
         || Scratch::new(n, KV_BLOCK),
         |sc, t| {
-            let (bg, block) = (t / blocks, t % blocks);
+            let (bg, chunk) = (t / chunks, t % chunks);
             let (b, g) = (bg / n.g, bg % n.g);
-            let keys = block * KV_BLOCK..((block + 1) * KV_BLOCK).min(n.s);
-            let (j0, bk) = (keys.start, keys.len());
-            let (dk, dv) = (&mut sc.acc[..bk * n.d], &mut sc.acc2[..bk * n.e]);
-            dk.fill(0.0);
-            dv.fill(0.0);
+            // This task's sum of dQ: the output, or a partial of the same layout.
+            let dq_sum = if chunk == 0 { dq_out } else { Out(partial_out.at((chunk - 1) * nq)) };
             // Rows with every key masked spread their adjoint over all values.
             let mut uniform = vec![0.0f32; n.e];
             for h in g * per..(g + 1) * per {
@@ -495,69 +459,81 @@ pub fn grad_keys_values(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: 
                         uniform.iter_mut().zip(gy).for_each(|(u, v)| *u += v / n.s as f32);
                     }
                 }
-                let mut i0 = 0;
-                while i0 < n.t {
-                    let rows = i0..(i0 + QUERY_BLOCK).min(n.t);
-                    i0 = rows.end;
-                    let seen = keys_seen(a, &rows, x.offset, n.s);
-                    if seen.end <= j0 || seen.start >= keys.end {
-                        continue;
-                    }
-                    let m = rows.len();
-                    head.load_queries(&rows, &mut sc.queries);
-                    for (r, i) in rows.clone().enumerate() {
-                        sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
-                    }
-                    let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
-                    head.scores(&rows, &sc.queries, j0, bk, scores);
-                    head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
-                    probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
-                    // dv += Pᵀ gy and dk += dSᵀ (scale q). SAFETY: bk x m views of the
-                    // m x bk blocks, m x e adjoint and m x d query rows, bk-row accumulators.
-                    unsafe {
-                        product(
-                            (bk, n.e, m),
-                            dv.as_mut_ptr(),
-                            n.e,
-                            1.0,
-                            (scores.as_ptr(), 1, bk),
-                            (sc.adjoint.as_ptr(), n.e, 1),
-                        );
-                        product(
-                            (bk, n.d, m),
-                            dk.as_mut_ptr(),
-                            n.d,
-                            1.0,
-                            (dp.as_ptr(), 1, bk),
-                            (sc.queries.as_ptr(), n.d, 1),
-                        );
+            }
+            for block in (chunk..blocks).step_by(chunks) {
+                let keys = block * KV_BLOCK..((block + 1) * KV_BLOCK).min(n.s);
+                let (j0, bk) = (keys.start, keys.len());
+                let (dk, dv) = (&mut sc.acc[..bk * n.d], &mut sc.acc2[..bk * n.e]);
+                dk.fill(0.0);
+                dv.fill(0.0);
+                for h in g * per..(g + 1) * per {
+                    let head = Head::new(a, x, n, b, h);
+                    let mut i0 = 0;
+                    while i0 < n.t {
+                        let rows = i0..(i0 + QUERY_BLOCK).min(n.t);
+                        i0 = rows.end;
+                        let seen = keys_seen(a, &rows, x.offset, n.s);
+                        if seen.end <= j0 || seen.start >= keys.end {
+                            continue;
+                        }
+                        let m = rows.len();
+                        head.load_queries(&rows, &mut sc.queries);
+                        for (r, i) in rows.clone().enumerate() {
+                            sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
+                        }
+                        let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
+                        head.scores(&rows, &sc.queries, j0, bk, scores);
+                        head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
+                        probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
+                        // dv += Pᵀ gy, dk += dSᵀ (scale q), dq += dS K. SAFETY: bk x m views of the
+                        // m x bk blocks, m x e adjoint and m x d query rows, bk-row accumulators;
+                        // rows `rows` of head h in this task's dQ sum, which only this task writes.
+                        unsafe {
+                            let (p, ds) = ((scores.as_ptr(), 1, bk), (dp.as_ptr(), 1, bk));
+                            product((bk, n.e, m), dv.as_mut_ptr(), n.e, 1.0, p, (sc.adjoint.as_ptr(), n.e, 1));
+                            product((bk, n.d, m), dk.as_mut_ptr(), n.d, 1.0, ds, (sc.queries.as_ptr(), n.d, 1));
+                            let key_rows = (x.k.as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1);
+                            let dq_rows = dq_sum.at(head.row(rows.start, n.d));
+                            product((m, n.d, bk), dq_rows, n.h * n.d, 1.0, (dp.as_ptr(), bk, 1), key_rows);
+                        }
                     }
                 }
-            }
-            let width = n.d + n.e;
-            for (r, j) in keys.enumerate() {
-                let at = if a.kv_heads_first {
-                    ((b * n.g + g) * n.s + j) * width
-                } else {
-                    ((b * n.s + j) * n.g + g) * width
-                };
-                // SAFETY: key row (b, j, g) of the output belongs to this task alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(at), width) };
-                dst[..n.d].copy_from_slice(&dk[r * n.d..(r + 1) * n.d]);
-                for ((o, v), u) in dst[n.d..].iter_mut().zip(&dv[r * n.e..(r + 1) * n.e]).zip(&uniform) {
-                    *o = v + u;
+                let width = n.d + n.e;
+                for (r, j) in keys.enumerate() {
+                    let at = if a.kv_heads_first {
+                        ((b * n.g + g) * n.s + j) * width
+                    } else {
+                        ((b * n.s + j) * n.g + g) * width
+                    };
+                    // SAFETY: key row (b, j, g) of the output belongs to this task alone.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(dkv_out.at(at), width) };
+                    dst[..n.d].copy_from_slice(&dk[r * n.d..(r + 1) * n.d]);
+                    for ((o, v), u) in dst[n.d..].iter_mut().zip(&dv[r * n.e..(r + 1) * n.e]).zip(&uniform) {
+                        *o = v + u;
+                    }
                 }
             }
         },
     );
+    // dQ = scale (chunk 0 + chunk 1 + ...), in that order.
+    let scale = a.scale as f32;
+    dq.par_chunks_mut(1 << 14).enumerate().for_each(|(c, part)| {
+        let at = c << 14;
+        for (k, v) in part.iter_mut().enumerate() {
+            let mut sum = *v;
+            for p in 0..chunks - 1 {
+                sum += partials[p * nq + at + k];
+            }
+            *v = sum * scale;
+        }
+    });
 }
 
 /// The pass of the backward `pass` names (see [`AttentionPass`]).
 pub fn backward(a: &Attention, pass: AttentionPass, x: &Inputs, dy: Option<&Adjoint>, n: Sizes, out: &mut [f32]) {
     match (pass, dy) {
         (AttentionPass::Lse, _) => log_sum_exp(a, x, n, out),
-        (AttentionPass::Queries, Some(dy)) => grad_queries(a, x, dy, n, out),
-        (AttentionPass::KeysValues, Some(dy)) => grad_keys_values(a, x, dy, n, out),
+        (AttentionPass::Gradients, Some(dy)) => gradients(a, x, dy, n, out),
         _ => unreachable!("bug: a gradient pass without the adjoint"),
     }
 }
