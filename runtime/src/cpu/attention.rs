@@ -129,18 +129,20 @@ impl Out {
 }
 
 /// Runs `tasks` on the thread pool when the attention is big enough to pay
-/// for waking it; every task computes the same values on any thread.
-fn run_tasks<S>(
-    n: Sizes,
-    tasks: usize,
-    scratch: impl Fn() -> S + Sync + Send,
-    run: impl Fn(&mut S, usize) + Sync + Send,
-) {
+/// for waking it, each with its thread's scratch memory grown to hold
+/// blocks of `keys` keys; every task computes the same values on any thread.
+fn run_tasks(n: Sizes, tasks: usize, keys: usize, run: impl Fn(&mut Scratch, usize) + Sync + Send) {
+    let with_scratch = |task: usize| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.grow(n, keys);
+            run(&mut s, task)
+        })
+    };
     if tasks > 1 && n.b * n.h * n.t * n.s * (n.d + n.e) > 1 << 18 {
-        (0..tasks).into_par_iter().for_each_init(scratch, run);
+        (0..tasks).into_par_iter().for_each(with_scratch);
     } else {
-        let mut s = scratch();
-        (0..tasks).for_each(|task| run(&mut s, task));
+        (0..tasks).for_each(with_scratch);
     }
 }
 
@@ -246,7 +248,10 @@ impl<'a> Head<'a> {
     }
 }
 
-/// Scratch memory of one task, reused across the tasks a thread runs.
+/// Scratch memory of a task: one per thread, kept between calls (allocating
+/// it per call cost a tenth of a small model's attention). Every task
+/// writes what it reads.
+#[derive(Default)]
 struct Scratch {
     queries: Vec<f32>,
     adjoint: Vec<f32>,
@@ -258,18 +263,26 @@ struct Scratch {
     sum: Vec<f32>,
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 impl Scratch {
-    fn new(n: Sizes, keys: usize) -> Scratch {
-        Scratch {
-            queries: vec![0.0; QUERY_BLOCK * n.d],
-            adjoint: vec![0.0; QUERY_BLOCK * n.e],
-            scores: vec![0.0; QUERY_BLOCK * keys],
-            dp: vec![0.0; QUERY_BLOCK * keys],
-            acc: vec![0.0; QUERY_BLOCK.max(keys) * n.d.max(n.e)],
-            acc2: vec![0.0; keys * n.e],
-            max: vec![0.0; QUERY_BLOCK],
-            sum: vec![0.0; QUERY_BLOCK],
-        }
+    /// Makes every buffer at least as long as blocks of `keys` keys need.
+    fn grow(&mut self, n: Sizes, keys: usize) {
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        };
+        grow(&mut self.queries, QUERY_BLOCK * n.d);
+        grow(&mut self.adjoint, QUERY_BLOCK * n.e);
+        grow(&mut self.scores, QUERY_BLOCK * keys);
+        grow(&mut self.dp, QUERY_BLOCK * keys);
+        grow(&mut self.acc, QUERY_BLOCK.max(keys) * n.d.max(n.e));
+        grow(&mut self.acc2, keys * n.e);
+        grow(&mut self.max, QUERY_BLOCK);
+        grow(&mut self.sum, QUERY_BLOCK);
     }
 }
 
@@ -288,15 +301,10 @@ pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     let (tasks, task) = query_tasks(n);
     let wide = wide_exp();
     let out = Out(out.as_mut_ptr());
-    run_tasks(
-        n,
-        tasks,
-        || Scratch::new(n, KEY_BLOCK),
-        |sc, t| {
-            let (b, h, rows) = task(t);
-            forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out, None);
-        },
-    );
+    run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
+        let (b, h, rows) = task(t);
+        forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out, None);
+    });
 }
 
 /// Each row's log-sum-exp of its scores into `out` (`[b, t, h]`), MASKED
@@ -306,16 +314,11 @@ pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     let (tasks, task) = query_tasks(n);
     let wide = wide_exp();
     let out = Out(out.as_mut_ptr());
-    run_tasks(
-        n,
-        tasks,
-        || Scratch::new(n, KEY_BLOCK),
-        |sc, t| {
-            let (b, h, rows) = task(t);
-            let head = Head::new(a, x, n, b, h);
-            forward_block(&head, rows.clone(), sc, wide, Out(std::ptr::null_mut()), Some(out));
-        },
-    );
+    run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
+        let (b, h, rows) = task(t);
+        let head = Head::new(a, x, n, b, h);
+        forward_block(&head, rows.clone(), sc, wide, Out(std::ptr::null_mut()), Some(out));
+    });
 }
 
 /// A block of query rows of the forward: the output rows (`out`), or with
@@ -440,81 +443,76 @@ pub fn gradients(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f
     let wide = wide_exp();
     let (dq_out, partial_out, dkv_out) = (Out(dq.as_mut_ptr()), Out(partials.as_mut_ptr()), Out(dkv.as_mut_ptr()));
     let per = n.h / n.g;
-    run_tasks(
-        n,
-        n.b * n.g * chunks,
-        || Scratch::new(n, KV_BLOCK),
-        |sc, t| {
-            let (bg, chunk) = (t / chunks, t % chunks);
-            let (b, g) = (bg / n.g, bg % n.g);
-            // This task's sum of dQ: the output, or a partial of the same layout.
-            let dq_sum = if chunk == 0 { dq_out } else { Out(partial_out.at((chunk - 1) * nq)) };
-            // Rows with every key masked spread their adjoint over all values.
-            let mut uniform = vec![0.0f32; n.e];
+    run_tasks(n, n.b * n.g * chunks, KV_BLOCK, |sc, t| {
+        let (bg, chunk) = (t / chunks, t % chunks);
+        let (b, g) = (bg / n.g, bg % n.g);
+        // This task's sum of dQ: the output, or a partial of the same layout.
+        let dq_sum = if chunk == 0 { dq_out } else { Out(partial_out.at((chunk - 1) * nq)) };
+        // Rows with every key masked spread their adjoint over all values.
+        let mut uniform = vec![0.0f32; n.e];
+        for h in g * per..(g + 1) * per {
+            let head = Head::new(a, x, n, b, h);
+            for i in 0..n.t {
+                if dy.lse[head.row(i, 1)] <= MASKED {
+                    let gy = &dy.gy[head.row(i, n.e)..][..n.e];
+                    uniform.iter_mut().zip(gy).for_each(|(u, v)| *u += v / n.s as f32);
+                }
+            }
+        }
+        for block in (chunk..blocks).step_by(chunks) {
+            let keys = block * KV_BLOCK..((block + 1) * KV_BLOCK).min(n.s);
+            let (j0, bk) = (keys.start, keys.len());
+            let (dk, dv) = (&mut sc.acc[..bk * n.d], &mut sc.acc2[..bk * n.e]);
+            dk.fill(0.0);
+            dv.fill(0.0);
             for h in g * per..(g + 1) * per {
                 let head = Head::new(a, x, n, b, h);
-                for i in 0..n.t {
-                    if dy.lse[head.row(i, 1)] <= MASKED {
-                        let gy = &dy.gy[head.row(i, n.e)..][..n.e];
-                        uniform.iter_mut().zip(gy).for_each(|(u, v)| *u += v / n.s as f32);
+                let mut i0 = 0;
+                while i0 < n.t {
+                    let rows = i0..(i0 + QUERY_BLOCK).min(n.t);
+                    i0 = rows.end;
+                    let seen = keys_seen(a, &rows, x.offset, n.s);
+                    if seen.end <= j0 || seen.start >= keys.end {
+                        continue;
+                    }
+                    let m = rows.len();
+                    head.load_queries(&rows, &mut sc.queries);
+                    for (r, i) in rows.clone().enumerate() {
+                        sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
+                    }
+                    let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
+                    head.scores(&rows, &sc.queries, j0, bk, scores);
+                    head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
+                    probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
+                    // dv += Pᵀ gy, dk += dSᵀ (scale q), dq += dS K. SAFETY: bk x m views of the
+                    // m x bk blocks, m x e adjoint and m x d query rows, bk-row accumulators;
+                    // rows `rows` of head h in this task's dQ sum, which only this task writes.
+                    unsafe {
+                        let (p, ds) = ((scores.as_ptr(), 1, bk), (dp.as_ptr(), 1, bk));
+                        product((bk, n.e, m), dv.as_mut_ptr(), n.e, 1.0, p, (sc.adjoint.as_ptr(), n.e, 1));
+                        product((bk, n.d, m), dk.as_mut_ptr(), n.d, 1.0, ds, (sc.queries.as_ptr(), n.d, 1));
+                        let key_rows = (x.k.as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1);
+                        let dq_rows = dq_sum.at(head.row(rows.start, n.d));
+                        product((m, n.d, bk), dq_rows, n.h * n.d, 1.0, (dp.as_ptr(), bk, 1), key_rows);
                     }
                 }
             }
-            for block in (chunk..blocks).step_by(chunks) {
-                let keys = block * KV_BLOCK..((block + 1) * KV_BLOCK).min(n.s);
-                let (j0, bk) = (keys.start, keys.len());
-                let (dk, dv) = (&mut sc.acc[..bk * n.d], &mut sc.acc2[..bk * n.e]);
-                dk.fill(0.0);
-                dv.fill(0.0);
-                for h in g * per..(g + 1) * per {
-                    let head = Head::new(a, x, n, b, h);
-                    let mut i0 = 0;
-                    while i0 < n.t {
-                        let rows = i0..(i0 + QUERY_BLOCK).min(n.t);
-                        i0 = rows.end;
-                        let seen = keys_seen(a, &rows, x.offset, n.s);
-                        if seen.end <= j0 || seen.start >= keys.end {
-                            continue;
-                        }
-                        let m = rows.len();
-                        head.load_queries(&rows, &mut sc.queries);
-                        for (r, i) in rows.clone().enumerate() {
-                            sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
-                        }
-                        let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
-                        head.scores(&rows, &sc.queries, j0, bk, scores);
-                        head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
-                        probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
-                        // dv += Pᵀ gy, dk += dSᵀ (scale q), dq += dS K. SAFETY: bk x m views of the
-                        // m x bk blocks, m x e adjoint and m x d query rows, bk-row accumulators;
-                        // rows `rows` of head h in this task's dQ sum, which only this task writes.
-                        unsafe {
-                            let (p, ds) = ((scores.as_ptr(), 1, bk), (dp.as_ptr(), 1, bk));
-                            product((bk, n.e, m), dv.as_mut_ptr(), n.e, 1.0, p, (sc.adjoint.as_ptr(), n.e, 1));
-                            product((bk, n.d, m), dk.as_mut_ptr(), n.d, 1.0, ds, (sc.queries.as_ptr(), n.d, 1));
-                            let key_rows = (x.k.as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1);
-                            let dq_rows = dq_sum.at(head.row(rows.start, n.d));
-                            product((m, n.d, bk), dq_rows, n.h * n.d, 1.0, (dp.as_ptr(), bk, 1), key_rows);
-                        }
-                    }
-                }
-                let width = n.d + n.e;
-                for (r, j) in keys.enumerate() {
-                    let at = if a.kv_heads_first {
-                        ((b * n.g + g) * n.s + j) * width
-                    } else {
-                        ((b * n.s + j) * n.g + g) * width
-                    };
-                    // SAFETY: key row (b, j, g) of the output belongs to this task alone.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(dkv_out.at(at), width) };
-                    dst[..n.d].copy_from_slice(&dk[r * n.d..(r + 1) * n.d]);
-                    for ((o, v), u) in dst[n.d..].iter_mut().zip(&dv[r * n.e..(r + 1) * n.e]).zip(&uniform) {
-                        *o = v + u;
-                    }
+            let width = n.d + n.e;
+            for (r, j) in keys.enumerate() {
+                let at = if a.kv_heads_first {
+                    ((b * n.g + g) * n.s + j) * width
+                } else {
+                    ((b * n.s + j) * n.g + g) * width
+                };
+                // SAFETY: key row (b, j, g) of the output belongs to this task alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(dkv_out.at(at), width) };
+                dst[..n.d].copy_from_slice(&dk[r * n.d..(r + 1) * n.d]);
+                for ((o, v), u) in dst[n.d..].iter_mut().zip(&dv[r * n.e..(r + 1) * n.e]).zip(&uniform) {
+                    *o = v + u;
                 }
             }
-        },
-    );
+        }
+    });
     // dQ = scale (chunk 0 + chunk 1 + ...), in that order.
     let scale = a.scale as f32;
     dq.par_chunks_mut(1 << 14).enumerate().for_each(|(c, part)| {
