@@ -80,7 +80,6 @@ fn wide_exp() -> Option<ExpFn> {
 ///
 /// # Safety
 /// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
-#[allow(clippy::too_many_arguments)]
 unsafe fn product(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
@@ -300,10 +299,10 @@ pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     assert!(out.len() == n.b * n.t * n.h * n.e, "bug: attention output size");
     let (tasks, task) = query_tasks(n);
     let wide = wide_exp();
-    let out = Out(out.as_mut_ptr());
+    let out = Forward::Values(Out(out.as_mut_ptr()));
     run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
         let (b, h, rows) = task(t);
-        forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out, None);
+        forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out);
     });
 }
 
@@ -313,17 +312,24 @@ pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     assert!(out.len() == n.b * n.t * n.h, "bug: attention lse size");
     let (tasks, task) = query_tasks(n);
     let wide = wide_exp();
-    let out = Out(out.as_mut_ptr());
+    let out = Forward::LogSumExp(Out(out.as_mut_ptr()));
     run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
         let (b, h, rows) = task(t);
-        let head = Head::new(a, x, n, b, h);
-        forward_block(&head, rows.clone(), sc, wide, Out(std::ptr::null_mut()), Some(out));
+        forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out);
     });
 }
 
-/// A block of query rows of the forward: the output rows (`out`), or with
-/// `lse` each row's log-sum-exp instead (no values read).
-fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option<ExpFn>, out: Out, lse: Option<Out>) {
+/// What a block of the forward computes: the output rows, or each row's
+/// log-sum-exp (no values read).
+#[derive(Clone, Copy)]
+enum Forward {
+    Values(Out),
+    LogSumExp(Out),
+}
+
+/// A block of query rows of the forward.
+fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option<ExpFn>, out: Forward) {
+    let values = matches!(out, Forward::Values(_));
     let (n, m) = (head.n, rows.len());
     head.load_queries(&rows, &mut sc.queries);
     sc.max[..m].fill(f32::NEG_INFINITY);
@@ -342,11 +348,11 @@ fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option
             exp_shifted(wide, row, new_max);
             sc.sum[r] = sc.sum[r] * rescale + fold_row(Reduce::Sum, row);
             sc.max[r] = new_max;
-            if rescale != 1.0 && lse.is_none() {
+            if rescale != 1.0 && values {
                 sc.acc[r * n.e..(r + 1) * n.e].iter_mut().for_each(|v| *v *= rescale);
             }
         }
-        if lse.is_none() {
+        if values {
             // SAFETY: m x bk weights, bk value rows of e, m x e accumulators.
             unsafe {
                 product(
@@ -365,12 +371,15 @@ fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option
         // Every key masked (or none visited): the decomposition's softmax of S
         // equal scores.
         let all_masked = sc.max[r] <= MASKED;
-        if let Some(lse) = lse {
-            let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
-            // SAFETY: row (b, i, h) of the output belongs to this task alone.
-            unsafe { *lse.at(head.row(i, 1)) = value };
-            continue;
-        }
+        let out = match out {
+            Forward::LogSumExp(lse) => {
+                let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
+                // SAFETY: row (b, i, h) of the output belongs to this task alone.
+                unsafe { *lse.at(head.row(i, 1)) = value };
+                continue;
+            }
+            Forward::Values(out) => out,
+        };
         // SAFETY: as above.
         let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.e)), n.e) };
         if all_masked {

@@ -599,16 +599,12 @@ impl Program {
                 kernels::topk(input(node.args[0]), n_last, *k, indices, &mut arena[offset..offset + len]);
                 return Ok(());
             }
-            Op::Attention(_) | Op::AttentionBackward(..) => {
+            Op::Attention(a) | Op::AttentionBackward(a, _) => {
                 // The forward's inputs follow the adjoint, lse and delta in a gradient pass.
                 let first = node.op.attention_inputs().unwrap_or(0);
                 let forward = &node.args[first..];
                 let (qs, ks, vs) = (shape_of(forward[0])?, shape_of(forward[1])?, shape_of(forward[2])?);
-                let (a, kv_heads_first) = match &node.op {
-                    Op::Attention(a) | Op::AttentionBackward(a, _) => (a, a.kv_heads_first),
-                    _ => unreachable!(),
-                };
-                let (s, g) = if kv_heads_first { (ks[2], ks[1]) } else { (ks[1], ks[2]) };
+                let (s, g) = if a.kv_heads_first { (ks[2], ks[1]) } else { (ks[1], ks[2]) };
                 let n = attention::Sizes { b: qs[0], t: qs[1], h: qs[2], d: qs[3], s, g, e: vs[3] };
                 let mask = match forward.get(4) {
                     Some(m) => Some((input(*m), shape_of(*m)?[1])),
