@@ -5,10 +5,10 @@
 //! and sliding-window attention skip the key blocks no query of the block
 //! sees, half the work of the materialised form for causal self-attention.
 //! The backward's passes (`ir::attention::gradient`) work the same way:
-//! each row's log-sum-exp, then the queries' gradient by query blocks and
-//! the keys' and values' by key blocks, recomputing the probabilities of a
-//! block from its scores. The block products go through `gemm`; exp
-//! through the wide math functions where the host has them.
+//! each row's log-sum-exp, then the queries', keys' and values' gradients
+//! by blocks of keys, recomputing the probabilities of a block from its
+//! scores. The block products go through `gemm`; exp through the wide
+//! math functions where the host has them.
 
 use super::kernels::fold_row;
 use modelc::backend::vmath;
@@ -20,7 +20,7 @@ use std::ops::Range;
 const QUERY_BLOCK: usize = 64;
 /// Keys per step of the walk.
 const KEY_BLOCK: usize = 256;
-/// Keys per task of the keys' and values' gradient pass.
+/// Keys per block of the gradient pass.
 const KV_BLOCK: usize = 128;
 /// What every masked score is, as in the decomposition: a row with every
 /// key masked has all its scores equal, and averages all the values.
@@ -428,8 +428,8 @@ fn probabilities_and_ds(
 
 /// How many partial sums of dQ the gradient pass keeps per (batch, key/value
 /// head): one when there are enough of those to share the threads, else up
-/// to 4, each over every 4th block of keys (by shape only, so the sums are
-/// the same on any thread count).
+/// to 4, chunk c taking key blocks c, c + chunks, ... (by shape only, so
+/// the sums are the same on any thread count).
 fn dq_chunks(n: Sizes, blocks: usize) -> usize {
     if n.b * n.g >= 8 { 1 } else { blocks.clamp(1, 4) }
 }
