@@ -68,11 +68,16 @@ fn exp_shifted(wide: Option<ExpFn>, x: &mut [f32], shift: f32) {
     }
 }
 
+/// The host's wide exp, looked up once (a decoding step calls attention
+/// once a layer, and the lookup builds the whole table).
 fn wide_exp() -> Option<ExpFn> {
-    let functions = vmath::functions();
-    let (_, f) = functions.iter().find(|(m, _)| *m == vmath::Map::Unary(modelc::ir::graph::Unary::Exp))?;
-    // SAFETY: the wide functions all have this signature (see `vmath`).
-    Some(unsafe { std::mem::transmute::<*const u8, ExpFn>(f.ptr) })
+    static EXP: std::sync::OnceLock<Option<ExpFn>> = std::sync::OnceLock::new();
+    *EXP.get_or_init(|| {
+        let functions = vmath::functions();
+        let (_, f) = functions.iter().find(|(m, _)| *m == vmath::Map::Unary(modelc::ir::graph::Unary::Exp))?;
+        // SAFETY: the wide functions all have this signature (see `vmath`).
+        Some(unsafe { std::mem::transmute::<*const u8, ExpFn>(f.ptr) })
+    })
 }
 
 /// `c = alpha c + a b` on row-major blocks given as (pointer, row stride,

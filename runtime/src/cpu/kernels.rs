@@ -155,7 +155,9 @@ fn fold_row_avx2(op: Reduce, row: &[f32]) -> f32 {
 }
 
 /// 32 lanes (four 256-bit accumulators, so that additions do not wait on
-/// each other), combined in order, then the tail.
+/// each other), combined by halves (vector operations: combining them one
+/// by one cost as much as the folding in attention's rows of 64), then the
+/// tail.
 #[inline(always)]
 fn fold_row_lanes(op: Reduce, row: &[f32]) -> f32 {
     #[inline(always)]
@@ -167,8 +169,14 @@ fn fold_row_lanes(op: Reduce, row: &[f32]) -> f32 {
                 *l = combine(*l, *v);
             }
         }
-        let acc = lanes.iter().fold(init, |a, b| combine(a, *b));
-        tail.iter().fold(acc, |a, b| combine(a, *b))
+        let mut width = 16;
+        while width > 0 {
+            for i in 0..width {
+                lanes[i] = combine(lanes[i], lanes[i + width]);
+            }
+            width /= 2;
+        }
+        tail.iter().fold(lanes[0], |a, b| combine(a, *b))
     }
     match op {
         Reduce::Sum => fold(row, 0.0, |a, b| a + b),
