@@ -233,6 +233,47 @@ fn fused_attention_of_a_decoding_step_matches_the_interpreter() {
 }
 
 #[test]
+fn products_lead_row_groups_on_odd_shapes() {
+    // A product, its bias and activation, and a norm over its rows run as one
+    // row group, block of rows by block (600 rows of 37: blocks of 221 rows,
+    // in parallel, the last one partial), with the right operand plain or
+    // transposed.
+    use modelc::backend::schedule::{Kernel, schedule};
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::ir::graph::{Reduce, Unary};
+    let d = |x: i64| Dim::constant(x);
+    let f32s = |dims: &[i64]| TensorTy::new(modelc::syntax::ast::DType::F32, dims.iter().map(|x| d(*x)).collect());
+    for tb in [false, true] {
+        let (m, k, n) = (600, 19, 37);
+        let mut g = Graph::default();
+        let x = g.input("x", f32s(&[m, k]));
+        let w_dims = if tb { [n, k] } else { [k, n] };
+        let w = g.input("w", f32s(&w_dims));
+        let bias = g.input("bias", f32s(&[n]));
+        let y = g.matmul_t(x, w, false, tb);
+        let bias = g.broadcast(bias, &[d(m), d(n)]);
+        let y = g.add(y, bias);
+        let y = g.unary(Unary::Gelu, y);
+        let sq = g.mul(y, y);
+        let ms = g.reduce_keep(Reduce::Sum, sq, &[1]);
+        let inv = g.unary(Unary::Rsqrt, ms);
+        let out = g.mul(y, inv);
+        g.outputs.push(("out".into(), out));
+        let grouped = schedule(&g).kernels.iter().any(|k| {
+            matches!(k, Kernel::Rows(parts) if matches!(parts[0], Kernel::Single(p) if matches!(g.node(p).op, modelc::ir::graph::Op::MatMul { .. })))
+        });
+        assert!(grouped, "the product does not lead a row group");
+        let mut rng = Rng(9);
+        let feeds = HashMap::from([
+            ("x".to_string(), rng.array(&[m as usize, k as usize], 1.0)),
+            ("w".to_string(), rng.array(&w_dims.map(|x| x as usize), 1.0)),
+            ("bias".to_string(), rng.array(&[n as usize], 1.0)),
+        ]);
+        compare(cpu, &format!("product group, tb {tb}"), &g, &feeds, 2e-4);
+    }
+}
+
+#[test]
 fn fused_attention_gradients_with_many_key_value_heads() {
     // Eight (batch, key/value head) pairs or more: the gradient pass keeps
     // one sum of dQ per pair instead of partial sums over chunks of keys.

@@ -51,6 +51,9 @@ enum Compiled {
 /// values its parts pass each other stay in the core's cache.
 const ROW_BLOCK: usize = 1 << 13;
 
+/// Rows a block of a row group that starts with a matrix product takes at least.
+const PRODUCT_ROWS: usize = 128;
+
 /// A graph compiled for given sizes.
 pub struct Program {
     graph: Graph,
@@ -356,8 +359,25 @@ impl Program {
         feeds: &HashMap<String, Tensor>,
     ) {
         enum Part {
-            Jit { f: KernelFn, ptrs: SendPtrs, per_row: usize },
-            Reduce { op: modelc::ir::graph::Reduce, src: SendPtr, out: SendPtr },
+            Jit {
+                f: KernelFn,
+                ptrs: SendPtrs,
+                per_row: usize,
+            },
+            Reduce {
+                op: modelc::ir::graph::Reduce,
+                src: SendPtr,
+                out: SendPtr,
+            },
+            /// `out = a b` for a block of rows: a's rows (`k` long) against
+            /// all of `b` (`k x len`, or `len x k` with `tb`).
+            Product {
+                a: SendPtr,
+                b: SendPtr,
+                out: SendPtr,
+                k: usize,
+                tb: bool,
+            },
         }
         let base = arena.as_mut_ptr();
         let runnable: Vec<Part> = parts
@@ -369,9 +389,22 @@ impl Program {
                     let per_row = self.plan.lens[out.index()] / rows.max(1);
                     Some(Part::Jit { f: *f, ptrs: self.pointers(out, inputs, base, feeds), per_row })
                 }
+                (Kernel::Single(n), _) if modelc::backend::rows::row_product(&self.graph, *n) => {
+                    let node = self.graph.node(*n);
+                    let Op::MatMul { tb, .. } = node.op else { unreachable!() };
+                    let (a, b) = (node.args[0], node.args[1]);
+                    let k = self.plan.lens[a.index()] / rows.max(1);
+                    Some(Part::Product {
+                        a: SendPtr(self.pointer(a, base, feeds)),
+                        b: SendPtr(self.pointer(b, base, feeds)),
+                        out: SendPtr(self.pointer(*n, base, feeds)),
+                        k,
+                        tb,
+                    })
+                }
                 (Kernel::Single(n), _) => {
                     let Op::Reduce(op, _) = self.graph.node(*n).op else {
-                        unreachable!("bug: a row group's single kernel is a reduction")
+                        unreachable!("bug: a row group's single kernel is a reduction or a product")
                     };
                     let src = SendPtr(self.pointer(self.graph.node(*n).args[0], base, feeds));
                     Some(Part::Reduce { op, src, out: SendPtr(self.pointer(*n, base, feeds)) })
@@ -387,6 +420,34 @@ impl Program {
                     Part::Jit { f, ptrs, per_row } => unsafe {
                         f(ptrs.get(), (r0 * per_row) as i64, (r1 * per_row) as i64)
                     },
+                    Part::Product { a, b, out, k, tb } => {
+                        let (k, m) = (*k, r1 - r0);
+                        let (b_rs, b_cs) = if *tb { (1, k as isize) } else { (len as isize, 1) };
+                        // SAFETY: rows r0..r1 of a (k each) and of the output (len each), all of b.
+                        unsafe {
+                            gemm::gemm(
+                                m,
+                                len,
+                                k,
+                                (out.get() as *mut f32).add(r0 * len),
+                                1,
+                                len as isize,
+                                false,
+                                a.get().add(r0 * k),
+                                1,
+                                k as isize,
+                                b.get(),
+                                b_cs,
+                                b_rs,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            )
+                        }
+                    }
                     Part::Reduce { op, src, out } => {
                         for r in r0..r1 {
                             // SAFETY: row r of the source and slot r of the output are planned memory.
@@ -399,7 +460,10 @@ impl Program {
                 }
             }
         };
-        let per_block = (ROW_BLOCK / len.max(1)).max(1);
+        // A product's block must be rows enough for gemm to pay for packing
+        // the whole right operand again each block.
+        let min_rows = if runnable.iter().any(|p| matches!(p, Part::Product { .. })) { PRODUCT_ROWS } else { 1 };
+        let per_block = (ROW_BLOCK / len.max(1)).max(min_rows);
         if rows * len <= 2 * ROW_BLOCK {
             block(0, rows);
         } else {
