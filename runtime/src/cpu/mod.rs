@@ -370,15 +370,23 @@ impl Program {
                 out: SendPtr,
             },
             /// `out = a b` for a block of rows: a's rows (`k` long) against
-            /// all of `b` (`k x len`, or `len x k` with `tb`).
+            /// all of `b` (`k x len`, or `len x k` with `tb`); on gemm's own
+            /// threads when the group runs as one block.
             Product {
                 a: SendPtr,
                 b: SendPtr,
                 out: SendPtr,
                 k: usize,
                 tb: bool,
+                threads: gemm::Parallelism,
             },
         }
+        // A product's block must be rows enough for gemm to pay for packing
+        // the whole right operand again each block.
+        let product =
+            parts.iter().any(|p| matches!(p, Kernel::Single(n) if modelc::backend::rows::row_product(&self.graph, *n)));
+        let per_block = (ROW_BLOCK / len.max(1)).max(if product { PRODUCT_ROWS } else { 1 });
+        let one_block = rows * len <= 2 * ROW_BLOCK || rows <= per_block;
         let base = arena.as_mut_ptr();
         let runnable: Vec<Part> = parts
             .iter()
@@ -400,6 +408,12 @@ impl Program {
                         out: SendPtr(self.pointer(*n, base, feeds)),
                         k,
                         tb,
+                        // As a product of its own (`single`): threads from 2^18 multiply-adds.
+                        threads: if one_block && rows * k * len > 1 << 18 {
+                            gemm::Parallelism::Rayon(0)
+                        } else {
+                            gemm::Parallelism::None
+                        },
                     })
                 }
                 (Kernel::Single(n), _) => {
@@ -420,7 +434,7 @@ impl Program {
                     Part::Jit { f, ptrs, per_row } => unsafe {
                         f(ptrs.get(), (r0 * per_row) as i64, (r1 * per_row) as i64)
                     },
-                    Part::Product { a, b, out, k, tb } => {
+                    Part::Product { a, b, out, k, tb, threads } => {
                         let (k, m) = (*k, r1 - r0);
                         let (b_rs, b_cs) = if *tb { (1, k as isize) } else { (len as isize, 1) };
                         // SAFETY: rows r0..r1 of a (k each) and of the output (len each), all of b.
@@ -444,7 +458,7 @@ impl Program {
                                 false,
                                 false,
                                 false,
-                                gemm::Parallelism::None,
+                                *threads,
                             )
                         }
                     }
@@ -460,11 +474,7 @@ impl Program {
                 }
             }
         };
-        // A product's block must be rows enough for gemm to pay for packing
-        // the whole right operand again each block.
-        let min_rows = if runnable.iter().any(|p| matches!(p, Part::Product { .. })) { PRODUCT_ROWS } else { 1 };
-        let per_block = (ROW_BLOCK / len.max(1)).max(min_rows);
-        if rows * len <= 2 * ROW_BLOCK {
+        if one_block {
             block(0, rows);
         } else {
             (0..rows.div_ceil(per_block))
