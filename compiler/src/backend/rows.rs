@@ -6,13 +6,18 @@
 //! tensor is read from memory once and written once, like a copy. Norms,
 //! the cross-entropy and their backward passes have the same shape.
 //!
-//! A group fixes outer axes `O` and a row length `N`. Its parts are fused
-//! kernels over `O + [N]` ("wide") or `O` / `O + [1]` ("narrow", a value per
-//! row), reductions of an `O + [N]` value over its last axis, and views
-//! between narrow shapes. A part may read anything computed before the
-//! group, but a value computed inside the group only row by row: the same
-//! shape, or a per-row value broadcast along the row. Then block `b` of
-//! every part needs only block `b` of the parts before it.
+//! A group fixes a number of rows `R` and a row length `N`. Its parts are
+//! fused kernels over outer axes of `R` elements then `N` ("wide"), or
+//! over `R` elements, possibly with a last axis of 1 ("narrow", a value per
+//! row); reductions of a wide value over its last axis; views between
+//! narrow shapes or between wide ones (rows are counted in memory order,
+//! so `[B*T, N]` and `[B, T, N]` have the same rows); and, first, a matrix
+//! product whose rows are the group's (its epilogue: the kernels after it
+//! read each block while gemm has just written it). A part may read
+//! anything computed before the group, but a value computed inside the
+//! group only row by row: the same shape, or a per-row value broadcast
+//! along the row. Then block `b` of every part needs only block `b` of the
+//! parts before it.
 
 use super::schedule::Kernel;
 use crate::check::dim::Dim;
