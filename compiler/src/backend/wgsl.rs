@@ -526,6 +526,7 @@ impl Emitter<'_> {
     let g = hh / {per}u;
 "
         );
+        let mut helpers = score;
         let (body, rows) = match pass {
             None | Some(AttentionPass::Lse) => {
                 let (acc, update, write) = if pass.is_none() {
@@ -573,6 +574,21 @@ impl Emitter<'_> {
                 (body, bs * t * h)
             }
             Some(AttentionPass::Gradients) => {
+                // dP of query (b, t, hh) and key j: the adjoint's row times the value's.
+                let row_at = |width: usize| format!("((b * {t}u + t) * {h}u + hh) * {width}u + c");
+                let _ = write!(
+                    helpers,
+                    "fn adjoint_times_value(b: u32, t: u32, hh: u32, j: u32) -> f32 {{
+    let g = hh / {per}u;
+    var dp = 0.0;
+    for (var c = 0u; c < {e}u; c++) {{
+        dp += {gy} * {v_at};
+    }}
+    return dp;
+}}
+",
+                    gy = self.read(node.args[0], &row_at(e))?,
+                );
                 // Query rows first (dQ), then key rows (dK beside dV).
                 let q_rows = bs * t * h;
                 let dq = format!(
@@ -586,11 +602,7 @@ impl Emitter<'_> {
                 continue;
             }}
             let p = exp(score - lse);
-            var dp = 0.0;
-            for (var c = 0u; c < {e}u; c++) {{
-                dp += {gy} * {v_at};
-            }}
-            let ds = p * (dp - delta);
+            let ds = p * (adjoint_times_value(b, t, hh, j) - delta);
             for (var c = 0u; c < {d}u; c++) {{
                 acc[c] += ds * {k_at};
             }}
@@ -602,7 +614,6 @@ impl Emitter<'_> {
 ",
                     lse = self.read(node.args[1], "i")?,
                     delta = self.read(node.args[2], "i")?,
-                    gy = self.read(node.args[0], &format!("i * {e}u + c"))?,
                     k_at = self.read(x[1], &kv(d))?,
                     scale = lit(a.scale),
                 );
@@ -615,7 +626,6 @@ impl Emitter<'_> {
                         "    let g = ki % {g}u;\n    let j = (ki / {g}u) % {s}u;\n    let b = ki / ({g}u * {s}u);\n"
                     )
                 };
-                let row_at = |width: usize| format!("((b * {t}u + t) * {h}u + hh) * {width}u + c");
                 let dkv = format!(
                     "    let ki = i - {q_rows}u;
 {key_row}    var dk: array<f32, {d}>;
@@ -636,11 +646,7 @@ impl Emitter<'_> {
                 continue;
             }}
             let p = exp(score - lse);
-            var dp = 0.0;
-            for (var c = 0u; c < {e}u; c++) {{
-                dp += {gy} * {v_at};
-            }}
-            let ds = p * (dp - {delta}) * {scale};
+            let ds = p * (adjoint_times_value(b, t, hh, j) - {delta}) * {scale};
             for (var c = 0u; c < {d}u; c++) {{
                 dk[c] += ds * {q_at};
             }}
@@ -672,7 +678,7 @@ impl Emitter<'_> {
             }
         };
         let (source, groups) = elementwise(rows, &body);
-        Ok((source.replacen("fn flag", &format!("{score}fn flag"), 1), groups))
+        Ok((source.replacen("fn flag", &format!("{helpers}fn flag"), 1), groups))
     }
 
     /// Output element i read from `base + sum(idx[d] * eff[d])`.

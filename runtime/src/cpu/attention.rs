@@ -10,7 +10,7 @@
 //! scores. The block products go through `gemm`; exp through the wide
 //! math functions where the host has them.
 
-use super::kernels::fold_row;
+use super::kernels::{self, Operand, fold_row};
 use modelc::backend::vmath;
 use modelc::ir::graph::{Attention, AttentionPass, Reduce};
 use rayon::prelude::*;
@@ -80,43 +80,13 @@ fn wide_exp() -> Option<ExpFn> {
     })
 }
 
-/// `c = alpha c + a b` on row-major blocks given as (pointer, row stride,
-/// column stride); `alpha` 0 overwrites.
+/// A block product on the task's own thread (see `kernels::product`).
 ///
 /// # Safety
-/// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    c: *mut f32,
-    c_rs: usize,
-    alpha: f32,
-    (a, a_rs, a_cs): (*const f32, usize, usize),
-    (b, b_rs, b_cs): (*const f32, usize, usize),
-) {
+/// As `kernels::product`'s.
+unsafe fn product(mnk: (usize, usize, usize), c: *mut f32, c_rs: usize, alpha: f32, a: Operand, b: Operand) {
     // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            c_rs as isize,
-            alpha != 0.0,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            alpha,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    unsafe { kernels::product(mnk, c, c_rs, alpha, a, b, gemm::Parallelism::None) }
 }
 
 /// The output pointer, shared by tasks that write disjoint rows.
@@ -302,22 +272,20 @@ fn query_tasks(n: Sizes) -> (usize, impl Fn(usize) -> (usize, usize, Range<usize
 /// Runs the attention `a` into `out` (`[b, t, h, e]`).
 pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     assert!(out.len() == n.b * n.t * n.h * n.e, "bug: attention output size");
-    let (tasks, task) = query_tasks(n);
-    let wide = wide_exp();
-    let out = Forward::Values(Out(out.as_mut_ptr()));
-    run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
-        let (b, h, rows) = task(t);
-        forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out);
-    });
+    forward(a, x, n, Forward::Values(Out(out.as_mut_ptr())));
 }
 
 /// Each row's log-sum-exp of its scores into `out` (`[b, t, h]`), MASKED
 /// for a row whose every key is masked.
 pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     assert!(out.len() == n.b * n.t * n.h, "bug: attention lse size");
+    forward(a, x, n, Forward::LogSumExp(Out(out.as_mut_ptr())));
+}
+
+/// The forward's query blocks as tasks.
+fn forward(a: &Attention, x: &Inputs, n: Sizes, out: Forward) {
     let (tasks, task) = query_tasks(n);
     let wide = wide_exp();
-    let out = Forward::LogSumExp(Out(out.as_mut_ptr()));
     run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
         let (b, h, rows) = task(t);
         forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out);

@@ -134,6 +134,51 @@ pub fn concat(parts: &[(Option<&[f32]>, &[usize])], axis: usize, out_shape: &[us
     }
 }
 
+/// A matrix operand in memory: (first element, row stride, column stride).
+pub type Operand = (*const f32, usize, usize);
+
+/// `c = alpha c + a b` through `gemm` (`alpha` 0 overwrites `c`), for `a`
+/// m x k, `b` k x n and `c` m x n row-major with row stride `c_rs`: the one
+/// call the matrix products, the row groups' products and attention's
+/// blocks share.
+///
+/// # Safety
+/// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
+pub unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    (a, a_rs, a_cs): Operand,
+    (b, b_rs, b_cs): Operand,
+    threads: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs as isize,
+            alpha != 0.0,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            alpha,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        )
+    }
+}
+
 /// Folds one row with 32 independent accumulators (which vectorise),
 /// combined in a fixed order, so a row's result never depends on threads.
 pub fn fold_row(op: Reduce, row: &[f32]) -> f32 {

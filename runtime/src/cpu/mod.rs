@@ -436,28 +436,16 @@ impl Program {
                     },
                     Part::Product { a, b, out, k, tb, threads } => {
                         let (k, m) = (*k, r1 - r0);
-                        let (b_rs, b_cs) = if *tb { (1, k as isize) } else { (len as isize, 1) };
+                        let b_strides = if *tb { (1, k) } else { (len, 1) };
                         // SAFETY: rows r0..r1 of a (k each) and of the output (len each), all of b.
                         unsafe {
-                            gemm::gemm(
-                                m,
-                                len,
-                                k,
+                            kernels::product(
+                                (m, len, k),
                                 (out.get() as *mut f32).add(r0 * len),
-                                1,
-                                len as isize,
-                                false,
-                                a.get().add(r0 * k),
-                                1,
-                                k as isize,
-                                b.get(),
-                                b_cs,
-                                b_rs,
+                                len,
                                 0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
+                                (a.get().add(r0 * k), k, 1),
+                                (b.get(), b_strides.0, b_strides.1),
                                 *threads,
                             )
                         }
@@ -537,35 +525,23 @@ impl Program {
             let (bp, _keep_b) = raw(self.read(b, arena, feeds));
             let out = &mut arena[offset..offset + len];
             // (row stride, column stride) of op(A) and op(B) in their row-major storage.
-            let (a_rs, a_cs) = if ta { (1, rows as isize) } else { (k as isize, 1) };
-            let (b_rs, b_cs) = if tb { (1, k as isize) } else { (cols as isize, 1) };
+            let (a_rs, a_cs) = if ta { (1, rows) } else { (k, 1) };
+            let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
             let (ap, bp) = (SendPtr(ap as *mut f32), SendPtr(bp as *mut f32));
             let product = |bi: usize, out: &mut [f32], par: gemm::Parallelism| {
                 let (ao, bo) = (bi * rows * k, bi * k * cols);
                 // SAFETY: the strides describe the operands' layouts exactly and stay inside them.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        cols,
-                        k,
+                    kernels::product(
+                        (rows, cols, k),
                         out.as_mut_ptr(),
-                        1,
-                        cols as isize,
-                        false,
-                        ap.get().add(ao),
-                        a_cs,
-                        a_rs,
-                        bp.get().add(bo),
-                        b_cs,
-                        b_rs,
+                        cols,
                         0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        (ap.get().add(ao), a_rs, a_cs),
+                        (bp.get().add(bo), b_rs, b_cs),
                         par,
-                    );
-                }
+                    )
+                };
             };
             let work = rows * cols * k;
             if batch > 1 && work < 1 << 20 && batch * work > 1 << 18 {
@@ -691,7 +667,7 @@ impl Program {
                     offset: input(forward[3])[0] as i64,
                     mask,
                 };
-                let dy = (first == 3).then(|| attention::Adjoint {
+                let dy = (first > 0).then(|| attention::Adjoint {
                     gy: input(node.args[0]),
                     lse: input(node.args[1]),
                     delta: input(node.args[2]),
