@@ -893,11 +893,7 @@ fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
     let ln2_lo = constant(b, -1.428_606_8e-6, ty);
     let r = mul_add(b, k, ln2_hi, c);
     let r = mul_add(b, k, ln2_lo, r);
-    let mut p = constant(b, vmath::EXP_POLY[0], ty);
-    for coefficient in &vmath::EXP_POLY[1..] {
-        let coefficient = constant(b, *coefficient, ty);
-        p = mul_add(b, p, r, coefficient);
-    }
+    let p = horner(b, &vmath::EXP_POLY, r, ty);
     let little = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
     let kbits = b.ins().bitcast(types::I32X4, little, km);
     let shift = b.ins().ishl_imm_u(kbits, 23);
@@ -960,11 +956,7 @@ fn vlog(b: &mut FunctionBuilder, x: Value) -> Value {
     let m = choose(b, low, doubled, m, ty);
     let t = b.ins().fsub(m, one);
     let z = b.ins().fmul(t, t);
-    let mut p = constant(b, vmath::LOG_POLY[0], ty);
-    for c in &vmath::LOG_POLY[1..] {
-        let c = constant(b, *c, ty);
-        p = mul_add(b, p, t, c);
-    }
+    let p = horner(b, &vmath::LOG_POLY, t, ty);
     let p = b.ins().fmul(p, t);
     let y = b.ins().fmul(p, z);
     let ln2_lo = constant(b, -2.121_944_40e-4, ty);
@@ -985,6 +977,17 @@ fn vlog(b: &mut FunctionBuilder, x: Value) -> Value {
     choose(b, in_domain, r, nan, ty)
 }
 
+/// A polynomial in `x`, coefficients highest degree first (Horner, fused
+/// multiply-adds where the CPU has them), as `vmath::horner` evaluates it.
+fn horner(b: &mut FunctionBuilder, coefficients: &[f64], x: Value, ty: Type) -> Value {
+    let mut p = constant(b, coefficients[0], ty);
+    for c in &coefficients[1..] {
+        let c = constant(b, *c, ty);
+        p = mul_add(b, p, x, c);
+    }
+    p
+}
+
 /// tanh on f32x4: x + x^3 P(x^2) for |x| < 0.625 (where the other form
 /// cancels), else 1 - 2 / (e^(2x) + 1), exact in the limits (`vmath::tanh`).
 fn vtanh(b: &mut FunctionBuilder, x: Value) -> Value {
@@ -997,11 +1000,7 @@ fn vtanh(b: &mut FunctionBuilder, x: Value) -> Value {
     let q = b.ins().fdiv(two, d);
     let large = b.ins().fsub(one, q);
     let s = b.ins().fmul(x, x);
-    let mut p = constant(b, vmath::TANH_POLY[0], ty);
-    for c in &vmath::TANH_POLY[1..] {
-        let c = constant(b, *c, ty);
-        p = mul_add(b, p, s, c);
-    }
+    let p = horner(b, &vmath::TANH_POLY, s, ty);
     let p = b.ins().fmul(p, s);
     let small = mul_add(b, p, x, x);
     let magnitude = b.ins().fabs(x);
@@ -1018,17 +1017,9 @@ fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
     let (lo, hi) = (constant(b, -4.0, ty), constant(b, 4.0, ty));
     let c = clamp(b, x, lo, hi);
     let x2 = b.ins().fmul(c, c);
-    let polynomial = |b: &mut FunctionBuilder, coefficients: &[f64]| {
-        let mut p = constant(b, coefficients[0], ty);
-        for k in &coefficients[1..] {
-            let k = constant(b, *k, ty);
-            p = mul_add(b, p, x2, k);
-        }
-        p
-    };
-    let p = polynomial(b, &vmath::ERF_P);
+    let p = horner(b, &vmath::ERF_P, x2, ty);
     let p = b.ins().fmul(p, c);
-    let q = polynomial(b, &vmath::ERF_Q);
+    let q = horner(b, &vmath::ERF_Q, x2, ty);
     let y = b.ins().fdiv(p, q);
     let one = constant(b, 1.0, ty);
     let sign_bit = constant(b, -0.0, ty);

@@ -70,6 +70,13 @@ pub const ERF_Q: [f64; 7] = [
     1.0,
 ];
 
+/// A polynomial in `x`, coefficients highest degree first (Horner, fused
+/// multiply-adds), as `clif::horner` evaluates it.
+#[inline(always)]
+fn horner(coefficients: &[f64], x: f32) -> f32 {
+    coefficients[1..].iter().fold(k(coefficients[0]), |p, c| p.mul_add(x, k(*c)))
+}
+
 /// e^x: the algorithm and coefficients of `clif::vexp`.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -83,10 +90,7 @@ pub fn exp(x: f32) -> f32 {
     let kf = km - magic;
     let r = kf.mul_add(k(-0.693_145_75), c);
     let r = kf.mul_add(k(-1.428_606_8e-6), r);
-    let mut p = k(EXP_POLY[0]);
-    for coefficient in &EXP_POLY[1..] {
-        p = p.mul_add(r, k(*coefficient));
-    }
+    let p = horner(&EXP_POLY, r);
     let e = f32::from_bits(p.to_bits().wrapping_add(km.to_bits() << 23));
     let e = if x > hi { f32::INFINITY } else { e };
     if x.is_nan() { x } else { e }
@@ -106,10 +110,7 @@ pub fn log(x: f32) -> f32 {
     let m = if low { m + m } else { m };
     let t = m - 1.0;
     let z = t * t;
-    let mut p = k(LOG_POLY[0]);
-    for c in &LOG_POLY[1..] {
-        p = p.mul_add(t, k(*c));
-    }
+    let p = horner(&LOG_POLY, t);
     let y = p * t * z;
     let y = e.mul_add(k(-2.121_944_40e-4), y);
     let y = z.mul_add(-0.5, y);
@@ -130,10 +131,7 @@ pub const TANH_SMALL: f64 = 0.625;
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
     let s = x * x;
-    let mut p = k(TANH_POLY[0]);
-    for c in &TANH_POLY[1..] {
-        p = p.mul_add(s, k(*c));
-    }
+    let p = horner(&TANH_POLY, s);
     let small = (p * s).mul_add(x, x);
     let large = 1.0 - 2.0 / (exp(x * 2.0) + 1.0);
     if x.abs() < k(TANH_SMALL) { small } else { large }
@@ -145,15 +143,8 @@ pub fn erf(x: f32) -> f32 {
     let c = if x < -4.0 { -4.0 } else { x };
     let c = if 4.0 < c { 4.0 } else { c };
     let x2 = c * c;
-    let polynomial = |coefficients: &[f64]| {
-        let mut p = k(coefficients[0]);
-        for &q in &coefficients[1..] {
-            p = p.mul_add(x2, k(q));
-        }
-        p
-    };
-    let p = polynomial(&ERF_P) * c;
-    let q = polynomial(&ERF_Q);
+    let p = horner(&ERF_P, x2) * c;
+    let q = horner(&ERF_Q, x2);
     let unit = f32::from_bits(1.0f32.to_bits() | (c.to_bits() & 0x8000_0000));
     if c.abs() > k(3.9) { unit } else { p / q }
 }
