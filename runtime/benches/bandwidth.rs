@@ -3,7 +3,8 @@
 //! bandwidth`. Softmax, RMSNorm, GELU and a log over rows of 1024 floats, 16384 rows
 //! (64 MiB in, 64 MiB out: beyond the caches). Effective bandwidth counts the
 //! bytes the operation must move at least (read x once, write y once); the
-//! kernels are timed without copying the output out of the arena.
+//! kernels are timed without copying the output out of the arena. Names
+//! given after `--` keep only those operations (`-- softmax rmsnorm`).
 
 use modelc::check::{self, LowerOptions, Options};
 use modelc_runtime::cpu::{Program, Tensor, bind};
@@ -45,6 +46,7 @@ fn program(name: &str, body: &str) -> (Program, HashMap<String, Tensor>) {
 }
 
 fn main() {
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let bytes = (2 * ROWS * WIDTH * 4) as f64;
     let src: Vec<f32> = vec![1.0; ROWS * WIDTH];
     let mut dst: Vec<f32> = vec![0.0; ROWS * WIDTH];
@@ -63,6 +65,9 @@ fn main() {
         ("gelu", "gelu(x)"),
         ("log", "log(x * x + 1.0)"),
     ] {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
         let (p, feeds) = program(name, body);
         let t = time(|| {
             p.run_kernels(&feeds).expect("runs");
