@@ -233,11 +233,12 @@ fn fused_attention_of_a_decoding_step_matches_the_interpreter() {
 }
 
 #[test]
-fn products_lead_row_groups_on_odd_shapes() {
-    // A product, its bias and activation, and a norm over its rows run as one
-    // row group, block of rows by block (600 rows of 37: blocks of 221 rows,
-    // in parallel, the last one partial), with the right operand plain or
-    // transposed.
+fn products_in_row_groups_on_odd_shapes() {
+    // A product, its bias and activation, a norm over its rows, a second
+    // product of the normed rows (rows of another length: 37, then 23), and
+    // a sum over that product's rows run as one row group, block of rows by
+    // block (600 rows: blocks of 221 rows, in parallel, the last one
+    // partial), with the right operands plain or transposed.
     use modelc::backend::schedule::{Kernel, schedule};
     use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::{Reduce, Unary};
@@ -249,6 +250,8 @@ fn products_lead_row_groups_on_odd_shapes() {
         let x = g.input("x", f32s(&[m, k]));
         let w_dims = if tb { [n, k] } else { [k, n] };
         let w = g.input("w", f32s(&w_dims));
+        let (n2, w2_dims) = (23, if tb { [23, n] } else { [n, 23] });
+        let w2 = g.input("w2", f32s(&w2_dims));
         let bias = g.input("bias", f32s(&[n]));
         let y = g.matmul_t(x, w, false, tb);
         let bias = g.broadcast(bias, &[d(m), d(n)]);
@@ -257,16 +260,23 @@ fn products_lead_row_groups_on_odd_shapes() {
         let sq = g.mul(y, y);
         let ms = g.reduce_keep(Reduce::Sum, sq, &[1]);
         let inv = g.unary(Unary::Rsqrt, ms);
-        let out = g.mul(y, inv);
+        let normed = g.mul(y, inv);
+        let z = g.matmul_t(normed, w2, false, tb);
+        let total = g.reduce_keep(Reduce::Sum, z, &[1]);
+        let total = g.broadcast(total, &[d(m), d(n2)]);
+        let out = g.sub(z, total);
         g.outputs.push(("out".into(), out));
-        let grouped = schedule(&g).kernels.iter().any(|k| {
-            matches!(k, Kernel::Rows(parts) if matches!(parts[0], Kernel::Single(p) if matches!(g.node(p).op, modelc::ir::graph::Op::MatMul { .. })))
-        });
-        assert!(grouped, "the product does not lead a row group");
+        let is_product = |k: &Kernel| matches!(k, Kernel::Single(p) if matches!(g.node(*p).op, modelc::ir::graph::Op::MatMul { .. }));
+        let grouped = schedule(&g)
+            .kernels
+            .iter()
+            .any(|k| matches!(k, Kernel::Rows(parts) if is_product(&parts[0]) && parts[1..].iter().any(is_product)));
+        assert!(grouped, "the products do not run in one row group");
         let mut rng = Rng(9);
         let feeds = HashMap::from([
             ("x".to_string(), rng.array(&[m as usize, k as usize], 1.0)),
             ("w".to_string(), rng.array(&w_dims.map(|x| x as usize), 1.0)),
+            ("w2".to_string(), rng.array(&w2_dims.map(|x| x as usize), 1.0)),
             ("bias".to_string(), rng.array(&[n as usize], 1.0)),
         ]);
         compare(cpu, &format!("product group, tb {tb}"), &g, &feeds, 2e-4);

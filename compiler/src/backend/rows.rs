@@ -6,16 +6,20 @@
 //! tensor is read from memory once and written once, like a copy. Norms,
 //! the cross-entropy and their backward passes have the same shape.
 //!
-//! A group fixes a number of rows `R` and a row length `N`. Its parts are
-//! fused kernels over outer axes of `R` elements then `N` ("wide"), or
-//! over `R` elements, possibly with a last axis of 1 ("narrow", a value per
-//! row); reductions of a wide value over its last axis; views between
-//! narrow shapes or between wide ones (rows are counted in memory order,
-//! so `[B*T, N]` and `[B, T, N]` have the same rows); and, first, a matrix
-//! product whose rows are the group's (its epilogue: the kernels after it
-//! read each block while gemm has just written it). A part may read
-//! anything computed before the group, but a value computed inside the
-//! group only row by row: the same shape, or a per-row value broadcast
+//! A group fixes a number of rows `R`; its rows may have several lengths.
+//! Its parts are fused kernels over outer axes of `R` elements then one of
+//! the lengths ("wide"), or over `R` elements, possibly with a last axis of
+//! 1 ("narrow", a value per row); reductions of a wide value over its last
+//! axis; views between narrow shapes or between wide ones (rows are counted
+//! in memory order, so `[B*T, N]` and `[B, T, N]` have the same rows); and
+//! matrix products whose output rows are the group's, row r from row r of
+//! the left operand. A product may start the group (the kernels after it
+//! are its epilogue: they read each block while gemm has just written it)
+//! or read a wide value of the group as its left operand (then the kernels
+//! before it are its prologue: a LayerNorm's block goes into the product
+//! while it is in cache), and its rows' length joins the group's. A part
+//! may read anything computed before the group, but a value computed inside
+//! the group only row by row: the same shape, or a per-row value broadcast
 //! along the row. Then block `b` of every part needs only block `b` of the
 //! parts before it.
 
@@ -29,7 +33,7 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>) -> Vec<Kernel> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < kernels.len() {
-        let Some(rows) = Rows::anchored_at(g, &kernels[i]) else {
+        let Some(mut rows) = Rows::anchored_at(g, &kernels[i]) else {
             out.push(kernels[i].clone());
             i += 1;
             continue;
@@ -40,6 +44,11 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>) -> Vec<Kernel> {
         while j < kernels.len() {
             let k = &kernels[j];
             if rows.joins(g, k, &members) {
+                if let Kernel::Single(n) = k
+                    && row_product(g, *n)
+                {
+                    rows.lens.push(g.dims(*n)[1].clone());
+                }
                 members.insert(k.output());
                 parts.push(k.clone());
             } else if reads_nothing_computed(g, k, &members) {
@@ -77,10 +86,11 @@ fn reads_nothing_computed(g: &Graph, k: &Kernel, members: &HashSet<NodeId>) -> b
     }
 }
 
-/// The rows of a group: how many, and their length.
+/// The rows of a group: how many, and their lengths (the first value's,
+/// then each product's).
 struct Rows {
     count: Dim,
-    len: Dim,
+    lens: Vec<Dim>,
 }
 
 fn product(dims: &[Dim]) -> Dim {
@@ -92,12 +102,12 @@ impl Rows {
     /// rows, the rows a reduction folds, or a matrix product's output rows.
     fn anchored_at(g: &Graph, k: &Kernel) -> Option<Rows> {
         let (len, outer) = g.dims(row_value(g, k)?).split_last()?;
-        Some(Rows { count: product(outer), len: len.clone() })
+        Some(Rows { count: product(outer), lens: vec![len.clone()] })
     }
 
-    /// The group's rows (outer axes of any shape with that many rows).
+    /// The group's rows (outer axes of any shape with that many rows), of one of its lengths.
     fn wide(&self, dims: &[Dim]) -> bool {
-        dims.split_last().is_some_and(|(l, o)| *l == self.len && product(o) == self.count)
+        dims.split_last().is_some_and(|(l, o)| self.lens.contains(l) && product(o) == self.count)
     }
 
     /// One value per row: as many elements as rows, or that and a last axis of 1.
@@ -124,6 +134,11 @@ impl Rows {
                 nodes.last().is_some_and(|c| self.wide(g.dims(*c)))
                     && self.narrow(g.dims(*reduce))
                     && self.reads_by_row(g, nodes, members, true)
+            }
+            // A product whose left operand is the group's: its prologue is the group so far.
+            Kernel::Single(n) if row_product(g, *n) => {
+                let (a, b) = (g.node(*n).args[0], g.node(*n).args[1]);
+                members.contains(&a) && !members.contains(&b) && self.wide(g.dims(a)) && g.dims(*n)[0] == self.count
             }
             Kernel::Single(n) => {
                 let src = g.node(*n).args.first();

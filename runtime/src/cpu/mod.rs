@@ -364,25 +364,29 @@ impl Program {
                 ptrs: SendPtrs,
                 per_row: usize,
             },
+            /// Each row of `src` (`len` long) folded into a value of `out`.
             Reduce {
                 op: modelc::ir::graph::Reduce,
                 src: SendPtr,
                 out: SendPtr,
+                len: usize,
             },
             /// `out = a b` for a block of rows: a's rows (`k` long) against
-            /// all of `b` (`k x len`, or `len x k` with `tb`); on gemm's own
+            /// all of `b` (`k x n`, or `n x k` with `tb`); on gemm's own
             /// threads when the group runs as one block.
             Product {
                 a: SendPtr,
                 b: SendPtr,
                 out: SendPtr,
                 k: usize,
+                n: usize,
                 tb: bool,
                 threads: gemm::Parallelism,
             },
         }
         // A product's block must be rows enough for gemm to pay for packing
-        // the whole right operand again each block.
+        // the whole right operand again each block. (`len` is the first
+        // value's row length; products' rows may have others.)
         let product =
             parts.iter().any(|p| matches!(p, Kernel::Single(n) if modelc::backend::rows::row_product(&self.graph, *n)));
         let per_block = (ROW_BLOCK / len.max(1)).max(if product { PRODUCT_ROWS } else { 1 });
@@ -401,15 +405,17 @@ impl Program {
                     let node = self.graph.node(*n);
                     let Op::MatMul { tb, .. } = node.op else { unreachable!() };
                     let (a, b) = (node.args[0], node.args[1]);
-                    let k = self.plan.lens[a.index()] / rows.max(1);
+                    let (k, columns) =
+                        (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
                     Some(Part::Product {
                         a: SendPtr(self.pointer(a, base, feeds)),
                         b: SendPtr(self.pointer(b, base, feeds)),
                         out: SendPtr(self.pointer(*n, base, feeds)),
                         k,
+                        n: columns,
                         tb,
                         // As a product of its own (`single`): threads from 2^18 multiply-adds.
-                        threads: if one_block && rows * k * len > 1 << 18 {
+                        threads: if one_block && rows * k * columns > 1 << 18 {
                             gemm::Parallelism::Rayon(0)
                         } else {
                             gemm::Parallelism::None
@@ -420,8 +426,13 @@ impl Program {
                     let Op::Reduce(op, _) = self.graph.node(*n).op else {
                         unreachable!("bug: a row group's single kernel is a reduction or a product")
                     };
-                    let src = SendPtr(self.pointer(self.graph.node(*n).args[0], base, feeds));
-                    Some(Part::Reduce { op, src, out: SendPtr(self.pointer(*n, base, feeds)) })
+                    let src = self.graph.node(*n).args[0];
+                    Some(Part::Reduce {
+                        op,
+                        src: SendPtr(self.pointer(src, base, feeds)),
+                        out: SendPtr(self.pointer(*n, base, feeds)),
+                        len: self.plan.lens[src.index()] / rows.max(1),
+                    })
                 }
                 _ => None,
             })
@@ -434,15 +445,15 @@ impl Program {
                     Part::Jit { f, ptrs, per_row } => unsafe {
                         f(ptrs.get(), (r0 * per_row) as i64, (r1 * per_row) as i64)
                     },
-                    Part::Product { a, b, out, k, tb, threads } => {
-                        let (k, m) = (*k, r1 - r0);
-                        let b_strides = if *tb { (1, k) } else { (len, 1) };
-                        // SAFETY: rows r0..r1 of a (k each) and of the output (len each), all of b.
+                    Part::Product { a, b, out, k, n, tb, threads } => {
+                        let (k, n, m) = (*k, *n, r1 - r0);
+                        let b_strides = if *tb { (1, k) } else { (n, 1) };
+                        // SAFETY: rows r0..r1 of a (k each) and of the output (n each), all of b.
                         unsafe {
                             kernels::product(
-                                (m, len, k),
-                                (out.get() as *mut f32).add(r0 * len),
-                                len,
+                                (m, n, k),
+                                (out.get() as *mut f32).add(r0 * n),
+                                n,
                                 0.0,
                                 (a.get().add(r0 * k), k, 1),
                                 (b.get(), b_strides.0, b_strides.1),
@@ -450,7 +461,8 @@ impl Program {
                             )
                         }
                     }
-                    Part::Reduce { op, src, out } => {
+                    Part::Reduce { op, src, out, len } => {
+                        let len = *len;
                         for r in r0..r1 {
                             // SAFETY: row r of the source and slot r of the output are planned memory.
                             unsafe {
