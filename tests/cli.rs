@@ -147,6 +147,7 @@ fn info_and_kernels_describe_the_cpu_program() {
         "{out}"
     );
     assert!(out.contains("planned memory") && out.contains("JIT compile") && out.contains("vector math"), "{out}");
+    assert!(out.contains("a thread for row groups' blocks"), "{out}");
 
     let (code, out, err) = modelc(&["kernels", "specs/mlp.model", "--clif", "--size", "B=3"]);
     assert_eq!(code, 0, "{err}");
@@ -155,6 +156,27 @@ fn info_and_kernels_describe_the_cpu_program() {
     let (code, _, err) = modelc(&["kernels", "specs/mlp.model", "--size", "B"]);
     assert_eq!(code, 1);
     assert!(err.contains("expected NAME=N"), "{err}");
+}
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    // `modelc kernels ... | head -1`: the pipe closes after one line of
+    // megabytes (more than a pipe holds); the process ends by SIGPIPE as
+    // other tools do, not with a panic message.
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelc"))
+        .args(["kernels", "specs/tiny-gpt.model", "--train", "--clif"])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("modelc runs");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("model TinyGPT"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && out.status.code() != Some(101), "{err}");
 }
 
 #[test]

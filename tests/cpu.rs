@@ -272,6 +272,13 @@ fn products_in_row_groups_on_odd_shapes() {
             .iter()
             .any(|k| matches!(k, Kernel::Rows(parts) if is_product(&parts[0]) && parts[1..].iter().any(is_product)));
         assert!(grouped, "the products do not run in one row group");
+        // What only the group reads lives in per-thread block buffers, not the arena.
+        use modelc::backend::plan::{Blocks, Place, plan};
+        let (sched, sizes) = (schedule(&g), modelc::ir::interp::Sizes::new());
+        let (buffered, in_arena) =
+            (plan(&g, &sched, &sizes, Blocks::Buffered).unwrap(), plan(&g, &sched, &sizes, Blocks::InArena).unwrap());
+        let blocks = buffered.places.iter().filter(|p| matches!(p, Place::Block { .. })).count();
+        assert!(blocks >= 3 && buffered.arena_len < in_arena.arena_len, "{blocks} values in block buffers");
         let mut rng = Rng(9);
         let feeds = HashMap::from([
             ("x".to_string(), rng.array(&[m as usize, k as usize], 1.0)),

@@ -499,7 +499,7 @@ fn cpu_plan(
     let graph = crate::backend::split::split_reductions(&graph);
     let bound = bind_sizes(&graph, sizes)?;
     let sched = crate::backend::schedule::schedule(&graph);
-    let memory = crate::backend::plan::plan(&graph, &sched, &bound)
+    let memory = crate::backend::plan::plan(&graph, &sched, &bound, crate::backend::plan::Blocks::Buffered)
         .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
     Ok((graph, bound, sched, memory))
 }
@@ -536,7 +536,11 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     println!("  IR nodes        {}", graph.nodes.len());
     let groups = sched.kernels.iter().filter(|k| matches!(k, crate::backend::schedule::Kernel::Rows(_))).count();
     println!("  kernels         {} ({fused} fused, compiled by Cranelift; {groups} row groups)", sched.leaves().len());
-    println!("  planned memory  {} (activations; weights not included)", bytes(memory.peak_bytes()));
+    println!(
+        "  planned memory  {} (activations; weights not included), and {} a thread for row groups' blocks",
+        bytes(memory.peak_bytes()),
+        bytes(memory.block_bytes())
+    );
     println!("  optimise + plan {:.1} ms", plan_time.as_secs_f64() * 1e3);
     println!("  JIT compile     {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
     match crate::backend::vmath::vectors() {
@@ -592,10 +596,11 @@ fn cmd_kernels(args: &ModelArgs, train: bool, clif: Option<bool>, sizes: &[Strin
     shown.sort();
     let shown: Vec<String> = shown.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
-        "model {}: {} kernels, peak memory {} bytes ({})",
+        "model {}: {} kernels, peak memory {} bytes, block buffers {} bytes a thread ({})",
         checked.model,
         sched.kernels.len(),
         memory.peak_bytes(),
+        memory.block_bytes(),
         shown.join(", ")
     );
     print!("{}", schedule::describe(&graph, &sched));

@@ -29,6 +29,14 @@ enum Top {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `modelc kernels spec.model | head` would panic
+    // on its next line ("failed printing to stdout"); like other command-line
+    // tools, end quietly instead when the reader has gone.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's action to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let mut command = Cli::command();
     if let Some(spec) = modelc_runtime::build::embedded() {
         // A built binary: its own name, and the spec it carries.

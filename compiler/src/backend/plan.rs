@@ -2,7 +2,11 @@
 //! reused once the value is dead (liveness over the schedule), in place for
 //! elementwise kernels whose same-sized input dies there. Peak bytes are
 //! known before anything runs. The parts of a row group count as running
-//! at once for reuse, since they run interleaved.
+//! at once for reuse, since they run interleaved. On the CPU, a value a row
+//! group computes and only the group reads never reaches the arena: each
+//! thread keeps it for the block of rows it is working on in a buffer of
+//! its own (`Place::Block`), which stays in cache and is reused block after
+//! block.
 
 use super::schedule::{Kernel, Schedule};
 use crate::ir::graph::*;
@@ -21,8 +25,26 @@ pub enum Place {
     /// (`Schedule::placed`): its address is the concatenation's, and the
     /// kernel offsets every element.
     Part(NodeId),
+    /// A row group's value that nothing after the group reads: the rows of
+    /// the block being computed, in the running thread's block buffer. The
+    /// buffer holds `row`-element rows side by side per value: this value
+    /// starts `column` elements into a row of the buffer (so at element
+    /// `column * rows` of a buffer for blocks of `rows` rows). Only the CPU
+    /// backend's plan has these (`Blocks::Buffered`).
+    Block { column: usize, row: usize },
     /// Not stored: a constant read inline, or a value fused away.
     None,
+}
+
+/// Where a plan keeps values that only their row group reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocks {
+    /// In the arena, like every other value (a backend that runs a group's
+    /// parts one after the other over whole tensors: the GPU).
+    InArena,
+    /// In per-thread block buffers (`Place::Block`): the CPU, which runs a
+    /// group block of rows by block.
+    Buffered,
 }
 
 #[derive(Debug)]
@@ -30,6 +52,9 @@ pub struct Plan {
     pub places: Vec<Place>,
     /// Arena size in elements.
     pub arena_len: usize,
+    /// Elements of the largest block buffer a row group needs (each thread
+    /// running blocks has one; `Place::Block`).
+    pub block_len: usize,
     /// Elements each node holds, with the sizes bound.
     pub lens: Vec<usize>,
 }
@@ -37,6 +62,24 @@ pub struct Plan {
 impl Plan {
     pub fn peak_bytes(&self) -> usize {
         self.arena_len * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes of the block buffer each thread keeps for row groups.
+    pub fn block_bytes(&self) -> usize {
+        self.block_len * std::mem::size_of::<f32>()
+    }
+
+    /// Elements per row of the block buffer a row group's parts need
+    /// (`Place::Block` values side by side); 0 when all are in the arena.
+    pub fn block_row(&self, parts: &[Kernel]) -> usize {
+        parts
+            .iter()
+            .map(|p| match self.places[p.output().index()] {
+                Place::Block { column, row } => column + row,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The arena range or external name a value is read from, following views.
@@ -50,7 +93,7 @@ impl Plan {
     }
 }
 
-pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
+pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Plan, String> {
     let n = g.nodes.len();
     let mut lens = vec![0usize; n];
     for (i, node) in g.nodes.iter().enumerate() {
@@ -62,17 +105,23 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
             places[i] = Place::External(name.clone());
         }
     }
-    // Kernels in execution order, each with its time and the time its row
-    // group starts. The parts of a group run interleaved, block by block, so
-    // memory freed inside a group is reused only after it.
-    let mut steps: Vec<(&Kernel, usize)> = Vec::new();
+    // Kernels in execution order, each with its time and its row group's:
+    // the times the group starts and ends, and its row count. The parts of a
+    // group run interleaved, block by block, so memory freed inside a group
+    // is reused only after it.
+    let mut steps: Vec<(&Kernel, Group)> = Vec::new();
+    let mut groups = Vec::new();
     for kernel in &s.kernels {
         match kernel {
             Kernel::Rows(parts) => {
                 let start = steps.len();
-                steps.extend(parts.iter().map(|p| (p, start)));
+                let first = super::rows::row_value(g, &parts[0]).expect("bug: a group starts a row");
+                let row_len = g.dims(first).last().map(|d| eval_dim(d, sizes)).transpose()?.unwrap_or(1);
+                let group = Group { start, end: start + parts.len() - 1, rows: lens[first.index()] / row_len.max(1) };
+                steps.extend(parts.iter().map(|p| (p, group)));
+                groups.push((parts.as_slice(), group.rows, row_len));
             }
-            k => steps.push((k, steps.len())),
+            k => steps.push((k, Group { start: steps.len(), end: steps.len(), rows: 0 })),
         }
     }
     // Live ranges over times; a view extends its source's range.
@@ -102,10 +151,45 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
         let st = storage(*o, &places);
         last[st.index()] = usize::MAX;
     }
-    // First-fit allocation in execution order.
+    // A group's value that an elementwise part writing to the arena would
+    // write over in place (below) stays in the arena: softmax's exp(x - max)
+    // is then written where the output goes, and the division by the sum
+    // writes over it in cache. (In a block buffer, the output's first
+    // writes came in a pass of their own: softmax 3.7 -> 4.4 ms.) Found
+    // from the group's end, so that chains of such values stay too.
+    let mut in_arena_chain = vec![false; n];
+    for (time, (kernel, group)) in steps.iter().enumerate().rev() {
+        let out = kernel.output();
+        let Kernel::Fused { inputs, .. } = kernel else { continue };
+        if group.rows == 0
+            || s.placed.contains_key(&out)
+            || (last[out.index()] <= group.end && !in_arena_chain[out.index()])
+        {
+            continue;
+        }
+        for inp in inputs {
+            let st = storage(*inp, &places);
+            if def[st.index()] != usize::MAX
+                && def[st.index()] >= group.start
+                && lens[st.index()] == lens[out.index()]
+                && lens[inp.index()] == lens[out.index()]
+                && last[st.index()] == time
+            {
+                in_arena_chain[st.index()] = true;
+                break;
+            }
+        }
+    }
+    // First-fit allocation in execution order; a group's buffered values
+    // first-fit in its block buffer's columns.
     let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, len, last use)
+    let mut columns: Vec<(usize, usize, usize)> = Vec::new(); // the same, in the block buffer
     let mut arena_len = 0;
-    for (time, (kernel, start)) in steps.iter().enumerate() {
+    for (time, (kernel, group)) in steps.iter().enumerate() {
+        let start = &group.start;
+        if time == group.start {
+            columns.clear();
+        }
         if matches!(kernel, Kernel::View(_)) {
             continue;
         }
@@ -120,6 +204,40 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
             continue;
         }
         let len = lens[out.index()];
+        // Values of one element a row stay in the arena: they are small, and
+        // softmax was 5-8% slower with its row maxima and sums in the buffer.
+        if blocks == Blocks::Buffered
+            && group.rows > 0
+            && placed.is_none()
+            && last[out.index()] <= group.end
+            && !in_arena_chain[out.index()]
+            && len > group.rows
+        {
+            // Only the group reads it: a block buffer's columns, over a dying
+            // input's when elementwise (as in the arena below).
+            let row = len / group.rows;
+            let mut chosen = None;
+            if let Kernel::Fused { inputs, .. } = kernel {
+                for inp in inputs {
+                    let st = storage(*inp, &places);
+                    if let Place::Block { column, row: r } = places[st.index()]
+                        && r == row
+                        && last[st.index()] == time
+                        && lens[inp.index()] == len
+                    {
+                        chosen = Some(column);
+                        columns.retain(|(c, _, _)| *c != column);
+                        break;
+                    }
+                }
+            }
+            // Parts run one after the other within a block: a column is free once its last reader has run.
+            columns.retain(|(_, _, end)| *end >= time);
+            let column = chosen.unwrap_or_else(|| first_fit(&mut columns, row));
+            columns.push((column, row, last[out.index()]));
+            places[out.index()] = Place::Block { column, row };
+            continue;
+        }
         // In place: an elementwise kernel may write over a same-sized input
         // that dies here. Inside a row group, only over a value of the group:
         // those are read row by row, so no earlier part needs the rows written.
@@ -140,20 +258,35 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes) -> Result<Plan, String> {
             }
         }
         live.retain(|(_, _, end)| *end >= *start);
-        let offset = chosen.unwrap_or_else(|| {
-            live.sort();
-            let mut at = 0;
-            for (o, l, _) in &live {
-                if at + len <= *o {
-                    break;
-                }
-                at = at.max(o + l);
-            }
-            at
-        });
+        let offset = chosen.unwrap_or_else(|| first_fit(&mut live, len));
         live.push((offset, len, last[out.index()]));
         arena_len = arena_len.max(offset + len);
         places[out.index()] = Place::Arena { offset, len };
     }
-    Ok(Plan { places, arena_len, lens })
+    let mut plan = Plan { places, arena_len, lens, block_len: 0 };
+    for (parts, rows, len) in groups {
+        plan.block_len = plan.block_len.max(super::rows::block_rows(g, parts, rows, len) * plan.block_row(parts));
+    }
+    Ok(plan)
+}
+
+/// A kernel's row group (a kernel of its own is a group of one, `rows` 0).
+#[derive(Clone, Copy)]
+struct Group {
+    start: usize,
+    end: usize,
+    rows: usize,
+}
+
+/// The lowest offset where `len` elements fit between the `live` ranges.
+fn first_fit(live: &mut [(usize, usize, usize)], len: usize) -> usize {
+    live.sort();
+    let mut at = 0;
+    for (o, l, _) in live.iter() {
+        if at + len <= *o {
+            break;
+        }
+        at = at.max(o + l);
+    }
+    at
 }

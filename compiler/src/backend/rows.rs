@@ -201,6 +201,23 @@ pub fn row_product(g: &Graph, n: NodeId) -> bool {
         && g.dims(n)[1].as_const().is_some_and(|c| c <= ROW_PRODUCT_COLUMNS)
 }
 
+/// Elements a row group works on per block of rows: small enough that the
+/// values its parts pass each other stay in the core's cache.
+const ROW_BLOCK: usize = 1 << 13;
+
+/// Rows a block of a row group with a matrix product takes at least: gemm
+/// packs the whole right operand again for each block.
+const PRODUCT_ROWS: usize = 128;
+
+/// The rows of each block a group of `rows` rows runs in (the last block
+/// may have fewer), `len` being its first value's row length: all of them
+/// when the group runs as one block (at most two blocks' worth).
+pub fn block_rows(g: &Graph, parts: &[Kernel], rows: usize, len: usize) -> usize {
+    let product = parts.iter().any(|p| matches!(p, Kernel::Single(n) if row_product(g, *n)));
+    let per_block = (ROW_BLOCK / len.max(1)).max(if product { PRODUCT_ROWS } else { 1 });
+    if rows * len <= 2 * ROW_BLOCK || rows <= per_block { rows } else { per_block }
+}
+
 /// Columns of a row group's product, at most.
 const ROW_PRODUCT_COLUMNS: i64 = 1024;
 

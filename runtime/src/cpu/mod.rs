@@ -9,7 +9,7 @@ mod attention;
 mod kernels;
 
 use modelc::backend::clif::{Jit, KernelFn};
-use modelc::backend::plan::{Place, Plan, plan};
+use modelc::backend::plan::{Blocks, Place, Plan, plan};
 use modelc::backend::schedule::{Kernel, Schedule, schedule};
 use modelc::ir::graph::{Graph, NodeId, Op};
 use modelc::ir::interp::{self, Sizes};
@@ -46,13 +46,6 @@ enum Compiled {
     },
     Other,
 }
-
-/// Elements a row group works on per block of rows: small enough that the
-/// values its parts pass each other stay in the core's cache.
-const ROW_BLOCK: usize = 1 << 13;
-
-/// Rows a block of a row group that starts with a matrix product takes at least.
-const PRODUCT_ROWS: usize = 128;
 
 /// A graph compiled for given sizes.
 pub struct Program {
@@ -223,7 +216,7 @@ impl Program {
         let started = std::time::Instant::now();
         let graph = modelc::backend::split::split_reductions(graph);
         let schedule = schedule(&graph);
-        let plan = plan(&graph, &schedule, sizes)?;
+        let plan = plan(&graph, &schedule, sizes, Blocks::Buffered)?;
         let mut jit = Jit::with_wide_math(options.wide_math)?;
         let mut clif = Vec::new();
         let pending = schedule
@@ -348,7 +341,9 @@ impl Program {
         Ok(())
     }
 
-    /// A row group: each block of rows through every part in turn, blocks in parallel.
+    /// A row group: each block of rows through every part in turn, blocks in
+    /// parallel. Values only the group reads live in the running thread's
+    /// block buffer (`Place::Block`), the rest in the arena.
     fn rows(
         &self,
         parts: &[Kernel],
@@ -359,39 +354,23 @@ impl Program {
         feeds: &HashMap<String, Tensor>,
     ) {
         enum Part {
-            Jit {
-                f: KernelFn,
-                ptrs: SendPtrs,
-                per_row: usize,
-            },
+            /// A fused kernel: its output's then its inputs' locations, as it takes them.
+            Jit { f: KernelFn, locs: Vec<Loc>, per_row: usize },
             /// Each row of `src` (`len` long) folded into a value of `out`.
-            Reduce {
-                op: modelc::ir::graph::Reduce,
-                src: SendPtr,
-                out: SendPtr,
-                len: usize,
-            },
+            Reduce { op: modelc::ir::graph::Reduce, src: Loc, out: Loc, len: usize },
             /// `out = a b` for a block of rows: a's rows (`k` long) against
             /// all of `b` (`k x n`, or `n x k` with `tb`); on gemm's own
             /// threads when the group runs as one block.
-            Product {
-                a: SendPtr,
-                b: SendPtr,
-                out: SendPtr,
-                k: usize,
-                n: usize,
-                tb: bool,
-                threads: gemm::Parallelism,
-            },
+            Product { a: Loc, b: SendPtr, out: Loc, k: usize, n: usize, tb: bool, threads: gemm::Parallelism },
         }
-        // A product's block must be rows enough for gemm to pay for packing
-        // the whole right operand again each block. (`len` is the first
-        // value's row length; products' rows may have others.)
-        let product =
-            parts.iter().any(|p| matches!(p, Kernel::Single(n) if modelc::backend::rows::row_product(&self.graph, *n)));
-        let per_block = (ROW_BLOCK / len.max(1)).max(if product { PRODUCT_ROWS } else { 1 });
-        let one_block = rows * len <= 2 * ROW_BLOCK || rows <= per_block;
+        let block_rows = modelc::backend::rows::block_rows(&self.graph, parts, rows, len);
+        let one_block = block_rows == rows;
+        let buffer_len = block_rows * self.plan.block_row(parts);
         let base = arena.as_mut_ptr();
+        let loc = |n: NodeId| match self.plan.resolve(n) {
+            Place::Block { column, row } => Loc::Block { start: column * block_rows, row: *row },
+            _ => Loc::At(SendPtr(self.pointer(n, base, feeds))),
+        };
         let runnable: Vec<Part> = parts
             .iter()
             .zip(compiled)
@@ -399,7 +378,11 @@ impl Program {
                 (_, Compiled::Fused { f, inputs, .. }) => {
                     let out = kernel.output();
                     let per_row = self.plan.lens[out.index()] / rows.max(1);
-                    Some(Part::Jit { f: *f, ptrs: self.pointers(out, inputs, base, feeds), per_row })
+                    Some(Part::Jit {
+                        f: *f,
+                        locs: std::iter::once(out).chain(inputs.iter().copied()).map(loc).collect(),
+                        per_row,
+                    })
                 }
                 (Kernel::Single(n), _) if modelc::backend::rows::row_product(&self.graph, *n) => {
                     let node = self.graph.node(*n);
@@ -408,9 +391,9 @@ impl Program {
                     let (k, columns) =
                         (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
                     Some(Part::Product {
-                        a: SendPtr(self.pointer(a, base, feeds)),
+                        a: loc(a),
                         b: SendPtr(self.pointer(b, base, feeds)),
-                        out: SendPtr(self.pointer(*n, base, feeds)),
+                        out: loc(*n),
                         k,
                         n: columns,
                         tb,
@@ -429,8 +412,8 @@ impl Program {
                     let src = self.graph.node(*n).args[0];
                     Some(Part::Reduce {
                         op,
-                        src: SendPtr(self.pointer(src, base, feeds)),
-                        out: SendPtr(self.pointer(*n, base, feeds)),
+                        src: loc(src),
+                        out: loc(*n),
                         len: self.plan.lens[src.index()] / rows.max(1),
                     })
                 }
@@ -438,13 +421,24 @@ impl Program {
             })
             .collect();
         let block = |r0: usize, r1: usize| {
+            // The thread's buffers, taken (not borrowed) for the block: gemm's
+            // threads may run another group's block on this thread meanwhile.
+            let mut buffer = BLOCK_BUFFER.take();
+            if buffer.len() < buffer_len {
+                buffer.resize(buffer_len, 0.0);
+            }
+            let mut ptrs = BLOCK_POINTERS.take();
+            let data = buffer.as_mut_ptr();
+            let at = |l: &Loc| l.at(data, r0);
             for part in &runnable {
                 match part {
-                    // SAFETY: the part writes rows r0..r1 of its output and reads rows the
-                    // parts before it wrote for this block, or values complete before the group.
-                    Part::Jit { f, ptrs, per_row } => unsafe {
-                        f(ptrs.get(), (r0 * per_row) as i64, (r1 * per_row) as i64)
-                    },
+                    Part::Jit { f, locs, per_row } => {
+                        ptrs.clear();
+                        ptrs.extend(locs.iter().map(&at));
+                        // SAFETY: the part writes rows r0..r1 of its output and reads rows the
+                        // parts before it wrote for this block, or values complete before the group.
+                        unsafe { f(ptrs.as_ptr(), (r0 * per_row) as i64, (r1 * per_row) as i64) }
+                    }
                     Part::Product { a, b, out, k, n, tb, threads } => {
                         let (k, n, m) = (*k, *n, r1 - r0);
                         let b_strides = if *tb { (1, k) } else { (n, 1) };
@@ -452,34 +446,36 @@ impl Program {
                         unsafe {
                             kernels::product(
                                 (m, n, k),
-                                (out.get() as *mut f32).add(r0 * n),
+                                at(out).add(r0 * n),
                                 n,
                                 0.0,
-                                (a.get().add(r0 * k), k, 1),
+                                (at(a).add(r0 * k), k, 1),
                                 (b.get(), b_strides.0, b_strides.1),
                                 *threads,
                             )
                         }
                     }
                     Part::Reduce { op, src, out, len } => {
-                        let len = *len;
+                        let (len, src, out) = (*len, at(src), at(out));
                         for r in r0..r1 {
                             // SAFETY: row r of the source and slot r of the output are planned memory.
                             unsafe {
-                                let row = std::slice::from_raw_parts(src.get().add(r * len), len);
-                                *(out.get() as *mut f32).add(r) = kernels::fold_row(*op, row);
+                                let row = std::slice::from_raw_parts(src.add(r * len), len);
+                                *out.add(r) = kernels::fold_row(*op, row);
                             }
                         }
                     }
                 }
             }
+            BLOCK_POINTERS.set(ptrs);
+            BLOCK_BUFFER.set(buffer);
         };
         if one_block {
             block(0, rows);
         } else {
-            (0..rows.div_ceil(per_block))
+            (0..rows.div_ceil(block_rows))
                 .into_par_iter()
-                .for_each(|b| block(b * per_block, ((b + 1) * per_block).min(rows)));
+                .for_each(|b| block(b * block_rows, ((b + 1) * block_rows).min(rows)));
         }
     }
 
@@ -717,6 +713,35 @@ unsafe impl Send for SendPtrs {}
 impl SendPtrs {
     fn get(&self) -> *const *mut f32 {
         self.0.as_ptr()
+    }
+}
+
+thread_local! {
+    /// Each thread's block buffer for row groups (`Place::Block` values),
+    /// and the pointers it passes a part: kept between blocks and runs.
+    static BLOCK_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static BLOCK_POINTERS: std::cell::Cell<Vec<*mut f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where a row group's part finds a value: memory of its own (the arena, an
+/// input), or `start` elements into the thread's block buffer with rows of
+/// `row` elements (a `Place::Block` value).
+#[derive(Clone, Copy)]
+enum Loc {
+    At(SendPtr),
+    Block { start: usize, row: usize },
+}
+
+impl Loc {
+    /// The value's address for block r0..: element `r * row + j` of a block
+    /// value is the buffer's element `start + (r - r0) * row + j`, so kernels
+    /// index it as they index a whole tensor. (Wrapping: the address of
+    /// element 0 is outside the buffer, and only rows r0.. are read.)
+    fn at(&self, buffer: *mut f32, r0: usize) -> *mut f32 {
+        match self {
+            Loc::At(p) => p.0,
+            Loc::Block { start, row } => buffer.wrapping_add(*start).wrapping_sub(r0 * row),
+        }
     }
 }
 
