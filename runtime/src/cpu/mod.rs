@@ -420,7 +420,27 @@ impl Program {
                 _ => None,
             })
             .collect();
+        // The first value from before the group that a fused part reads
+        // whole rows of: prefetched for the next block (`vmath::read_ahead`).
+        let members: Vec<NodeId> = parts.iter().map(Kernel::output).collect();
+        let streamed = compiled.iter().find_map(|c| match c {
+            Compiled::Fused { inputs, .. } => inputs
+                .iter()
+                .find(|i| {
+                    !members.contains(i)
+                        && self.plan.lens[i.index()] == rows * len
+                        && !matches!(self.plan.resolve(**i), Place::Block { .. })
+                })
+                .map(|i| SendPtr(self.pointer(*i, base, feeds))),
+            _ => None,
+        });
         let block = |r0: usize, r1: usize| {
+            if let Some(p) = streamed {
+                let end = (2 * r1 - r0).min(rows);
+                // SAFETY: rows r1..end of a value of `rows` rows of `len`.
+                let next = unsafe { std::slice::from_raw_parts(p.get().add(r1 * len), (end - r1) * len) };
+                modelc::backend::vmath::read_ahead((r1 < end).then_some(next));
+            }
             // The thread's buffers, taken (not borrowed) for the block: gemm's
             // threads may run another group's block on this thread meanwhile.
             let mut buffer = BLOCK_BUFFER.take();
@@ -469,6 +489,7 @@ impl Program {
             }
             BLOCK_POINTERS.set(ptrs);
             BLOCK_BUFFER.set(buffer);
+            modelc::backend::vmath::read_ahead(None);
         };
         if one_block {
             block(0, rows);
