@@ -42,7 +42,9 @@ pub fn state_names(opt: &Optimizer, param: &str) -> Vec<String> {
 }
 
 /// Extends a lowered training graph (with a `loss` output) into the training
-/// program updating `trainable` parameters. Returns `None` without a loss.
+/// program updating `trainable` parameters: its outputs are the loss, the
+/// gradients' norm and the new parameters and optimiser state (the model's
+/// own outputs are dropped). Returns `None` without a loss.
 pub fn training_program(forward: &Graph, trainable: &[String], cfg: &TrainConfig) -> Option<Graph> {
     let mut g = forward.clone();
     let (params, grads) = gradients(&mut g, trainable)?;
@@ -75,6 +77,10 @@ type Grads = (Vec<(String, NodeId)>, Vec<NodeId>);
 
 fn gradients(g: &mut Graph, trainable: &[String]) -> Option<Grads> {
     let loss = g.output("loss")?;
+    // The step's outputs are the loss and what follows; the model's other
+    // outputs (its logits: 262 MB a step for stories15M) would otherwise stay
+    // alive to the end of the step and be copied out of it.
+    g.outputs.retain(|(name, _)| name == "loss");
     let params: Vec<(String, NodeId)> =
         g.params().filter(|(n, _)| trainable.iter().any(|t| t == n)).map(|(n, id)| (n.to_string(), id)).collect();
     let ids: Vec<NodeId> = params.iter().map(|(_, id)| *id).collect();
