@@ -233,7 +233,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
             }
             // Parts run one after the other within a block: a column is free once its last reader has run.
             columns.retain(|(_, _, end)| *end >= time);
-            let column = chosen.unwrap_or_else(|| first_fit(&mut columns, row));
+            let column = chosen.unwrap_or_else(|| fit(&mut columns, row, 0));
             columns.push((column, row, last[out.index()]));
             places[out.index()] = Place::Block { column, row };
             continue;
@@ -258,7 +258,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
             }
         }
         live.retain(|(_, _, end)| *end >= *start);
-        let offset = chosen.unwrap_or_else(|| first_fit(&mut live, len));
+        let offset = chosen.unwrap_or_else(|| fit(&mut live, len, arena_len));
         live.push((offset, len, last[out.index()]));
         arena_len = arena_len.max(offset + len);
         places[out.index()] = Place::Arena { offset, len };
@@ -278,15 +278,24 @@ struct Group {
     rows: usize,
 }
 
-/// The lowest offset where `len` elements fit between the `live` ranges.
-fn first_fit(live: &mut [(usize, usize, usize)], len: usize) -> usize {
+/// Where `len` elements go among the `live` ranges, in an arena of `size`
+/// so far: the start of the smallest gap they fit in (best fit, the space
+/// after the last range up to `size` counting as a gap), else past the
+/// last range. First fit put a row's loss in the gap a freed logit-sized
+/// tensor left, and the logits' gradient then went above everything.
+fn fit(live: &mut [(usize, usize, usize)], len: usize, size: usize) -> usize {
     live.sort();
     let mut at = 0;
-    for (o, l, _) in live.iter() {
-        if at + len <= *o {
-            break;
+    let mut best: Option<(usize, usize)> = None; // (gap size, offset)
+    let mut consider = |from: usize, to: usize| {
+        if to >= from + len && best.is_none_or(|(gap, _)| to - from < gap) {
+            best = Some((to - from, from));
         }
+    };
+    for (o, l, _) in live.iter() {
+        consider(at, *o);
         at = at.max(o + l);
     }
-    at
+    consider(at, size);
+    best.map_or(at, |(_, offset)| offset)
 }
