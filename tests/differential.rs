@@ -284,17 +284,27 @@ pub fn attention(backend: Backend, b: usize, h: usize, t: usize, d: usize, seed:
 pub fn reductions_over_several_axes(backend: Backend) {
     let d = Dim::constant;
     let mut rng = Rng(5);
-    for axes in [vec![0, 2], vec![1, 2], vec![0, 1, 2], vec![0, 1], vec![2]] {
-        for op in [Reduce::Sum, Reduce::Max, Reduce::Min] {
-            let mut g = Graph::default();
-            let x = g.input("x", TensorTy::new(DType::F32, vec![d(3), d(5), d(37)]));
-            let sq = g.mul(x, x);
-            let half = g.constant(0.5, DType::F32);
-            let y = g.sub(sq, half);
-            let r = g.reduce(op, y, &axes);
-            g.outputs.push(("r".into(), r));
-            let feeds = HashMap::from([("x".to_string(), rng.array(&[3, 5, 37], 1.0))]);
-            compare(backend, &format!("{op:?} over {axes:?}"), &g, &feeds, 2e-4);
+    // The second shape is large enough for leading axes to fold in blocks
+    // of rows in parallel (three blocks, the last partial).
+    for shape in [[3i64, 5, 37], [700, 3, 67]] {
+        let axes_cases: &[Vec<usize>] = if shape[0] == 3 {
+            &[vec![0, 2], vec![1, 2], vec![0, 1, 2], vec![0, 1], vec![2]]
+        } else {
+            &[vec![0], vec![0, 1]]
+        };
+        for axes in axes_cases {
+            for op in [Reduce::Sum, Reduce::Max, Reduce::Min] {
+                let mut g = Graph::default();
+                let x = g.input("x", TensorTy::new(DType::F32, shape.iter().map(|s| d(*s)).collect()));
+                let sq = g.mul(x, x);
+                let half = g.constant(0.5, DType::F32);
+                let y = g.sub(sq, half);
+                let r = g.reduce(op, y, axes);
+                g.outputs.push(("r".into(), r));
+                let dims = shape.map(|s| s as usize);
+                let feeds = HashMap::from([("x".to_string(), rng.array(&dims, 1.0))]);
+                compare(backend, &format!("{op:?} over {axes:?} of {shape:?}"), &g, &feeds, 2e-4);
+            }
         }
     }
 }

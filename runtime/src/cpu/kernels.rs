@@ -230,6 +230,64 @@ fn fold_row_lanes(op: Reduce, row: &[f32]) -> f32 {
     }
 }
 
+/// A reduction over the leading axes (a bias's or a norm's gain's gradient,
+/// summed over batch and positions): `out[j]` folds `src[r * inner + j]`
+/// over the rows r. Blocks of rows (by shape, ~`PARALLEL` elements) fold in
+/// parallel into partial rows, added in block order: the same result on any
+/// thread count. (It was one serial loop: 10% of tiny-gpt's training step.)
+fn leading(op: Reduce, init: f32, src: &[f32], inner: usize, out: &mut [f32]) {
+    let rows = src.len() / inner.max(1);
+    let block = rows_per_task(inner);
+    let fold = |acc: &mut [f32], r0: usize, r1: usize| {
+        for r in r0..r1 {
+            combine_rows(op, acc, &src[r * inner..(r + 1) * inner]);
+        }
+    };
+    out.fill(init);
+    if rows <= block || src.len() < 2 * PARALLEL {
+        fold(out, 0, rows);
+        return;
+    }
+    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![init; inner];
+            fold(&mut acc, b * block, ((b + 1) * block).min(rows));
+            acc
+        })
+        .collect();
+    for p in &partials {
+        combine_rows(op, out, p);
+    }
+}
+
+/// `acc[j] = op(acc[j], row[j])`.
+fn combine_rows(op: Reduce, acc: &mut [f32], row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the host has AVX2.
+        return unsafe { combine_rows_avx2(op, acc, row) };
+    }
+    combine_rows_lanes(op, acc, row)
+}
+
+/// `combine_rows` built for AVX2 (as `fold_row_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn combine_rows_avx2(op: Reduce, acc: &mut [f32], row: &[f32]) {
+    combine_rows_lanes(op, acc, row)
+}
+
+#[inline(always)]
+fn combine_rows_lanes(op: Reduce, acc: &mut [f32], row: &[f32]) {
+    let pairs = acc.iter_mut().zip(row);
+    match op {
+        Reduce::Sum => pairs.for_each(|(a, v)| *a += v),
+        Reduce::Max => pairs.for_each(|(a, v)| *a = a.max(*v)),
+        Reduce::Min => pairs.for_each(|(a, v)| *a = a.min(*v)),
+    }
+}
+
 pub fn reduce(op: Reduce, src: &[f32], in_shape: &[usize], axes: &[usize], out: &mut [f32]) {
     let rank = in_shape.len();
     if rank > 0 && axes == [rank - 1] {
@@ -253,6 +311,10 @@ pub fn reduce(op: Reduce, src: &[f32], in_shape: &[usize], axes: &[usize], out: 
         Reduce::Max => f32::NEG_INFINITY,
         Reduce::Min => f32::INFINITY,
     };
+    if !axes.is_empty() && axes.len() < rank && axes.iter().enumerate().all(|(i, a)| *a == i) {
+        leading(op, init, src, in_shape[axes.len()..].iter().product(), out);
+        return;
+    }
     out.fill(init);
     // The output offset of each input element: output strides, 0 on reduced axes.
     let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).map(|d| in_shape[d]).collect();
