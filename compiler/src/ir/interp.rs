@@ -374,11 +374,18 @@ fn attention_backward(a: &Attention, pass: AttentionPass, args: &[&Array], shape
 
 /// A deterministic uniform number in [0, 1) from (key, step, index): splitmix64.
 pub fn uniform(key: u64, step: u64, index: u64) -> f64 {
+    uniform_bits(key, step, index) as f64 / (1u64 << 53) as f64
+}
+
+/// `uniform`'s 53 random bits, an integer below 2^53: `uniform(..) < p`
+/// exactly when `uniform_bits(..) < (p * 2^53).ceil()`.
+#[inline]
+pub fn uniform_bits(key: u64, step: u64, index: u64) -> u64 {
     let mut z = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ index;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+    z >> 11
 }
 
 pub fn unary(u: Unary, x: f64) -> f64 {

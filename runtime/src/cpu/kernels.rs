@@ -442,16 +442,39 @@ pub fn topk(src: &[f32], n: usize, k: usize, indices: bool, out: &mut [f32]) {
 }
 
 /// The dropout mask of the interpreter, in f32: 0 with probability p, else 1/(1-p).
+/// Element i is 0 where `uniform(key, step, i) < p`, else `1 / (1 - p)`:
+/// the interpreter's mask, compared as integers (no conversion per
+/// element), in parallel pieces (each element's number depends on its index
+/// only). One mask of tiny-gpt's step (262k floats): 0.38 -> 0.29-0.37 ms;
+/// the hash's three 64-bit multiplies per element are most of it.
 pub fn dropout_mask(p: f64, key: u64, step: u64, out: &mut [f32]) {
     let keep = (1.0 / (1.0 - p)) as f32;
-    for (i, v) in out.iter_mut().enumerate() {
-        *v = if modelc::ir::interp::uniform(key, step, i as u64) < p { 0.0 } else { keep };
-    }
+    let below = (p * (1u64 << 53) as f64).ceil() as u64;
+    out.par_chunks_mut(PARALLEL).enumerate().for_each(|(c, piece)| {
+        for (j, v) in piece.iter_mut().enumerate() {
+            let i = (c * PARALLEL + j) as u64;
+            *v = if modelc::ir::interp::uniform_bits(key, step, i) < below { 0.0 } else { keep };
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::concat;
+
+    /// The parallel mask (several pieces) is the interpreter's, element by element.
+    #[test]
+    fn dropout_masks_match_the_interpreter() {
+        for p in [0.1, 0.3, 0.5, 1.0 / 3.0] {
+            let mut out = vec![f32::NAN; 3 * super::PARALLEL + 17];
+            super::dropout_mask(p, 7, 11, &mut out);
+            let keep = (1.0 / (1.0 - p)) as f32;
+            for (i, v) in out.iter().enumerate() {
+                let want = if modelc::ir::interp::uniform(7, 11, i as u64) < p { 0.0 } else { keep };
+                assert_eq!(*v, want, "p {p}, element {i}");
+            }
+        }
+    }
 
     /// The parallel path (outputs of 256k floats and more) against an
     /// element-by-element concatenation, on every axis of a [3, 5, N] shape.
