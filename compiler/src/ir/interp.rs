@@ -379,7 +379,7 @@ pub fn uniform(key: u64, step: u64, index: u64) -> f64 {
 
 /// `uniform`'s 53 random bits, an integer below 2^53: `uniform(..) < p`
 /// exactly when `uniform_bits(..) < (p * 2^53).ceil()`.
-#[inline]
+#[inline(always)]
 pub fn uniform_bits(key: u64, step: u64, index: u64) -> u64 {
     let mut z = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ index;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

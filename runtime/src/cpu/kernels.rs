@@ -441,21 +441,39 @@ pub fn topk(src: &[f32], n: usize, k: usize, indices: bool, out: &mut [f32]) {
     }
 }
 
-/// The dropout mask of the interpreter, in f32: 0 with probability p, else 1/(1-p).
-/// Element i is 0 where `uniform(key, step, i) < p`, else `1 / (1 - p)`:
-/// the interpreter's mask, compared as integers (no conversion per
-/// element), in parallel pieces (each element's number depends on its index
-/// only). One mask of tiny-gpt's step (262k floats): 0.38 -> 0.29-0.37 ms;
-/// the hash's three 64-bit multiplies per element are most of it.
+/// The dropout mask of the interpreter, in f32: element i is 0 where
+/// `uniform(key, step, i) < p`, else `1 / (1 - p)`, compared as integers
+/// (`uniform_bits`), in parallel pieces (each element's number depends on
+/// its index only). The hash's three 64-bit multiplies are the cost: where
+/// the CPU has AVX-512DQ (a vector 64-bit multiply) the loop is built for
+/// it and LLVM vectorises them. One mask of tiny-gpt's step (262k floats):
+/// 0.38 ms serial, 0.29-0.37 in pieces, 0.031-0.033 with AVX-512DQ.
 pub fn dropout_mask(p: f64, key: u64, step: u64, out: &mut [f32]) {
     let keep = (1.0 / (1.0 - p)) as f32;
     let below = (p * (1u64 << 53) as f64).ceil() as u64;
     out.par_chunks_mut(PARALLEL).enumerate().for_each(|(c, piece)| {
-        for (j, v) in piece.iter_mut().enumerate() {
-            let i = (c * PARALLEL + j) as u64;
-            *v = if modelc::ir::interp::uniform_bits(key, step, i) < below { 0.0 } else { keep };
+        let first = (c * PARALLEL) as u64;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the host has AVX-512F and DQ.
+            return unsafe { mask_avx512(key, step, first, below, keep, piece) };
         }
+        mask(key, step, first, below, keep, piece)
     });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn mask_avx512(key: u64, step: u64, first: u64, below: u64, keep: f32, piece: &mut [f32]) {
+    mask(key, step, first, below, keep, piece)
+}
+
+/// Elements `first..` of the mask into `piece`.
+#[inline(always)]
+fn mask(key: u64, step: u64, first: u64, below: u64, keep: f32, piece: &mut [f32]) {
+    for (j, v) in piece.iter_mut().enumerate() {
+        *v = if modelc::ir::interp::uniform_bits(key, step, first + j as u64) < below { 0.0 } else { keep };
+    }
 }
 
 #[cfg(test)]
