@@ -132,11 +132,18 @@ pub fn schedule(g: &Graph) -> Schedule {
                 && users[k].iter().all(|u| is_elementwise(&g.nodes[*u].op) && g.nodes[*u].ty.dims == node.ty.dims)
         })
         .collect();
+    // A slice only a concatenation reads (RoPE's rotate-half, the halves of
+    // a gradient) is a fused kernel of its own, which then writes straight
+    // into the concatenation (`placed_parts`) instead of being copied out
+    // and copied again.
+    let into_concat = |k: usize| {
+        matches!(g.nodes[k].op, Op::Slice { .. }) && single_use(k) && matches!(g.nodes[users[k][0]].op, Op::Concat(_))
+    };
     // The fused group each node belongs to, by its root (the node stored).
     let mut root: Vec<Option<usize>> = vec![None; n];
     for i in (0..n).rev() {
         let node = &g.nodes[i];
-        if !is_elementwise(&node.op) {
+        if !is_elementwise(&node.op) && !into_concat(i) {
             continue;
         }
         let r = root[i].unwrap_or(i);
