@@ -204,6 +204,16 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
             continue;
         }
         let len = lens[out.index()];
+        // In place: the first input of an elementwise kernel that dies here,
+        // of the output's length, whose memory `reuse` accepts (its offset
+        // or column).
+        let dying_input = |kernel: &Kernel, places: &[Place], reuse: &dyn Fn(&Place, NodeId) -> Option<usize>| {
+            let Kernel::Fused { inputs, .. } = kernel else { return None };
+            inputs.iter().find_map(|inp| {
+                let st = storage(*inp, places);
+                (last[st.index()] == time && lens[inp.index()] == len).then(|| reuse(&places[st.index()], st)).flatten()
+            })
+        };
         // Values of one element a row stay in the arena: they are small, and
         // softmax was 5-8% slower with its row maxima and sums in the buffer.
         if blocks == Blocks::Buffered
@@ -216,20 +226,12 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
             // Only the group reads it: a block buffer's columns, over a dying
             // input's when elementwise (as in the arena below).
             let row = len / group.rows;
-            let mut chosen = None;
-            if let Kernel::Fused { inputs, .. } = kernel {
-                for inp in inputs {
-                    let st = storage(*inp, &places);
-                    if let Place::Block { column, row: r } = places[st.index()]
-                        && r == row
-                        && last[st.index()] == time
-                        && lens[inp.index()] == len
-                    {
-                        chosen = Some(column);
-                        columns.retain(|(c, _, _)| *c != column);
-                        break;
-                    }
-                }
+            let chosen = dying_input(kernel, &places, &|place: &Place, _| match *place {
+                Place::Block { column, row: r } if r == row => Some(column),
+                _ => None,
+            });
+            if let Some(column) = chosen {
+                columns.retain(|(c, _, _)| *c != column);
             }
             // Parts run one after the other within a block: a column is free once its last reader has run.
             columns.retain(|(_, _, end)| *end >= time);
@@ -241,21 +243,15 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
         // In place: an elementwise kernel may write over a same-sized input
         // that dies here. Inside a row group, only over a value of the group:
         // those are read row by row, so no earlier part needs the rows written.
-        let mut chosen = None;
-        if let (Kernel::Fused { inputs, .. }, None) = (kernel, placed) {
-            for inp in inputs {
-                let st = storage(*inp, &places);
-                if let Place::Arena { offset, len: l } = places[st.index()]
-                    && l == len
-                    && last[st.index()] == time
-                    && lens[inp.index()] == len
-                    && (time == *start || def[st.index()] >= *start)
-                {
-                    chosen = Some(offset);
-                    live.retain(|(o, _, _)| *o != offset);
-                    break;
-                }
+        let chosen = dying_input(kernel, &places, &|place: &Place, st: NodeId| match *place {
+            Place::Arena { offset, len: l } if l == len && (time == *start || def[st.index()] >= *start) => {
+                Some(offset)
             }
+            _ => None,
+        })
+        .filter(|_| placed.is_none());
+        if let Some(offset) = chosen {
+            live.retain(|(o, _, _)| *o != offset);
         }
         live.retain(|(_, _, end)| *end >= *start);
         let offset = chosen.unwrap_or_else(|| fit(&mut live, len, arena_len));
