@@ -21,6 +21,9 @@ pub enum Place {
     External(String),
     /// A view of another value's memory (reshape).
     Alias(NodeId),
+    /// A contiguous slice of another value (`schedule::is_window`): its
+    /// memory from `offset` elements into that value's.
+    Window { of: NodeId, offset: usize },
     /// Written by its kernel straight into its place in a concatenation
     /// (`Schedule::placed`): its address is the concatenation's, and the
     /// kernel offsets every element.
@@ -82,12 +85,21 @@ impl Plan {
             .unwrap_or(0)
     }
 
-    /// The arena range or external name a value is read from, following views.
-    pub fn resolve(&self, mut n: NodeId) -> &Place {
+    /// The arena range or external name a value is read from, following
+    /// views (a window's range is its own part of its source's).
+    pub fn resolve(&self, n: NodeId) -> Place {
+        let (mut at, mut skipped) = (n, None);
         loop {
-            match &self.places[n.index()] {
-                Place::Alias(of) | Place::Part(of) => n = *of,
-                p => return p,
+            match &self.places[at.index()] {
+                Place::Alias(of) | Place::Part(of) => at = *of,
+                Place::Window { of, offset } => {
+                    skipped = Some(skipped.unwrap_or(0) + offset);
+                    at = *of;
+                }
+                Place::Arena { offset, .. } if let Some(skip) = skipped => {
+                    return Place::Arena { offset: offset + skip, len: self.lens[n.index()] };
+                }
+                p => return p.clone(),
             }
         }
     }
@@ -126,7 +138,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
     }
     // Live ranges over times; a view extends its source's range.
     let storage = |mut k: NodeId, places: &[Place]| {
-        while let Place::Alias(of) = places[k.index()] {
+        while let Place::Alias(of) | Place::Window { of, .. } = places[k.index()] {
             k = of;
         }
         k
@@ -136,7 +148,15 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
     for (time, (kernel, _)) in steps.iter().enumerate() {
         let out = kernel.output();
         if let Kernel::View(v) = kernel {
-            places[v.index()] = Place::Alias(g.node(*v).args[0]);
+            let src = g.node(*v).args[0];
+            places[v.index()] = match &g.node(*v).op {
+                Op::Slice { axis, start, .. } => {
+                    let inner =
+                        g.dims(src)[axis + 1..].iter().map(|d| eval_dim(d, sizes)).product::<Result<usize, _>>()?;
+                    Place::Window { of: src, offset: eval_dim(start, sizes)? * inner }
+                }
+                _ => Place::Alias(src),
+            };
         }
         for r in kernel.reads(g) {
             let st = storage(r, &places);

@@ -22,7 +22,8 @@ pub enum Kernel {
     FusedReduce { nodes: Vec<NodeId>, inputs: Vec<NodeId>, reduce: NodeId },
     /// A single operation with a kernel of its own.
     Single(NodeId),
-    /// A reshape: the output shares the input's memory.
+    /// A reshape, or a contiguous slice (`is_window`): the output is (part
+    /// of) the input's memory.
     View(NodeId),
     /// Kernels over the same rows (softmax, norms, their backward passes)
     /// run one block of rows at a time, each part over the block in turn,
@@ -51,6 +52,22 @@ impl Kernel {
             Kernel::Rows(parts) => parts.iter().flat_map(|p| p.reads(g)).collect(),
         }
     }
+}
+
+/// A slice that is a contiguous part of its source (on the leading axis, or
+/// after axes of size 1: the attention gradient's dQ and dK/dV parts), of a
+/// value the program computes: a view of it rather than a copy. (Inputs and
+/// weights are the caller's tensors; their slices are copied.)
+pub fn is_window(g: &Graph, n: NodeId) -> bool {
+    let Op::Slice { axis, .. } = g.node(n).op else { return false };
+    let mut src = g.node(n).args[0];
+    if !g.dims(src)[..axis].iter().all(|d| *d == crate::check::dim::Dim::constant(1)) {
+        return false;
+    }
+    while let Op::Reshape = g.node(src).op {
+        src = g.node(src).args[0];
+    }
+    !matches!(g.node(src).op, Op::Input(_) | Op::Param(_) | Op::Const(_))
 }
 
 /// Operations computed element by element (possibly of broadcast inputs).
@@ -202,6 +219,9 @@ pub fn schedule(g: &Graph) -> Schedule {
             (op, _) if is_inline(op) => {}
             (Op::Reshape, _) => kernels.push(Kernel::View(NodeId(i as u32))),
             (_, None) if shared[i] => {}
+            (_, None) if !is_output[i] && is_window(g, NodeId(i as u32)) => {
+                kernels.push(Kernel::View(NodeId(i as u32)))
+            }
             (_, Some(r)) if r == i && recompute[i] => {}
             (_, Some(r)) if r == i => {
                 let mut members: Vec<usize> = group_of(i);
@@ -293,7 +313,14 @@ pub fn describe_kernel(g: &Graph, s: &Schedule, kernel: &Kernel, name: &str) -> 
         Kernel::Single(n) => {
             format!("{name} {} {} -> {n} : {}\n", g.node(*n).op.name(), ids(&g.node(*n).args), g.ty(*n))
         }
-        Kernel::View(n) => format!("{name} view {} -> {n} : {}\n", g.node(*n).args[0], g.ty(*n)),
+        Kernel::View(n) => {
+            let slice = if matches!(g.node(*n).op, Op::Slice { .. }) {
+                format!(" [{}]", g.node(*n).op.name())
+            } else {
+                String::new()
+            };
+            format!("{name} view {} -> {n} : {}{slice}\n", g.node(*n).args[0], g.ty(*n))
+        }
         Kernel::Rows(parts) => {
             let mut out = format!("{name} rows ({} parts, row block by row block)\n", parts.len());
             for (p, part) in parts.iter().enumerate() {

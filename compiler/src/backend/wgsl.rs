@@ -59,7 +59,7 @@ pub fn layout(g: &Graph, plan: &Plan) -> Layout {
     let offsets = (0..g.nodes.len())
         .map(|i| match plan.resolve(NodeId(i as u32)) {
             Place::Arena { offset, .. } => Some(arena + offset),
-            Place::External(name) => externals.iter().find(|(e, _, _)| e == name).map(|(_, o, _)| *o),
+            Place::External(name) => externals.iter().find(|(e, _, _)| *e == name).map(|(_, o, _)| *o),
             _ => None,
         })
         .collect();

@@ -368,7 +368,7 @@ impl Program {
         let buffer_len = block_rows * self.plan.block_row(parts);
         let base = arena.as_mut_ptr();
         let loc = |n: NodeId| match self.plan.resolve(n) {
-            Place::Block { column, row } => Loc::Block { start: column * block_rows, row: *row },
+            Place::Block { column, row } => Loc::Block { start: column * block_rows, row },
             _ => Loc::At(SendPtr(self.pointer(n, base, feeds))),
         };
         let runnable: Vec<Part> = parts
@@ -513,16 +513,16 @@ impl Program {
     fn pointer(&self, n: NodeId, arena: *mut f32, feeds: &HashMap<String, Tensor>) -> *mut f32 {
         match self.plan.resolve(n) {
             // SAFETY: the plan keeps offsets inside the arena.
-            Place::Arena { offset, .. } => unsafe { arena.add(*offset) },
-            Place::External(name) => feeds[name].data.as_ptr() as *mut f32,
+            Place::Arena { offset, .. } => unsafe { arena.add(offset) },
+            Place::External(name) => feeds[&name].data.as_ptr() as *mut f32,
             other => unreachable!("bug: kernel input {n} has no memory ({other:?})"),
         }
     }
 
     fn read<'a>(&self, n: NodeId, arena: &'a [f32], feeds: &'a HashMap<String, Tensor>) -> Cow<'a, [f32]> {
         match self.plan.resolve(n) {
-            Place::Arena { offset, len } => Cow::Borrowed(&arena[*offset..offset + len]),
-            Place::External(name) => Cow::Borrowed(&feeds[name].data),
+            Place::Arena { offset, len } => Cow::Borrowed(&arena[offset..offset + len]),
+            Place::External(name) => Cow::Borrowed(&feeds[&name].data),
             _ => match &self.graph.node(n).op {
                 Op::Const(v) => Cow::Owned(vec![*v as f32]),
                 other => unreachable!("bug: {n} ({}) is not stored", other.name()),
@@ -532,7 +532,7 @@ impl Program {
 
     fn single(&self, n: NodeId, arena: &mut [f32], feeds: &HashMap<String, Tensor>) -> Result<(), String> {
         let node = self.graph.node(n);
-        let Place::Arena { offset, len } = self.plan.resolve(n).clone() else {
+        let Place::Arena { offset, len } = self.plan.resolve(n) else {
             unreachable!("bug: kernel output not in the arena")
         };
         if let Op::MatMul { ta, tb } = node.op {
