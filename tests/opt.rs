@@ -163,6 +163,37 @@ fn algebra_rules_fire_and_keep_values() {
                 g.permute(p, &[1, 0])
             }),
         ),
+        // Concatenations cut at the same place: [2, 1] then [2, 2] parts.
+        (
+            "add-concats",
+            Box::new(|g, x| {
+                let (a, b) = (g.slice(x, 1, d(0), d(1)), g.slice(x, 1, d(1), d(3)));
+                let (na, eb) = (g.neg(a), g.unary(Unary::Exp, b));
+                let (p, q) = (g.concat(&[a, b], 1), g.concat(&[na, eb], 1));
+                g.add(p, q)
+            }),
+        ),
+        (
+            "sub-concats",
+            Box::new(|g, x| {
+                let (a, b) = (g.slice(x, 1, d(0), d(1)), g.slice(x, 1, d(1), d(3)));
+                let ea = g.unary(Unary::Exp, a);
+                let (p, q) = (g.concat(&[a, b], 1), g.concat(&[ea, b], 1));
+                g.sub(p, q)
+            }),
+        ),
+        (
+            // RoPE's backward: (x + concat(0, a)) + concat(b, 0).
+            "add-concats-after",
+            Box::new(|g, x| {
+                let (a, b) = (g.slice(x, 1, d(0), d(2)), g.slice(x, 1, d(2), d(3)));
+                let (zb, za) = (g.full(0.0, DType::F32, &[d(2), d(1)]), g.full(0.0, DType::F32, &[d(2), d(2)]));
+                let (na, eb) = (g.neg(a), g.unary(Unary::Exp, b));
+                let (p, q) = (g.concat(&[na, zb], 1), g.concat(&[za, eb], 1));
+                let s = g.add(x, p);
+                g.add(s, q)
+            }),
+        ),
     ];
     for (rule, build) in cases {
         let (mut g, x) = base();

@@ -87,6 +87,29 @@ pub fn rules() -> Vec<Rule> {
             FoldTranspose { operand: 1 },
         )
         .expect("rule"),
+        // Two concatenations along one axis, cut at the same place, added or
+        // subtracted: the concatenation of the parts' sums. The gradient of
+        // RoPE's rotate-half is `concat(0, a) + concat(b, 0)`, which becomes
+        // `concat(b, a)` without the zeros.
+        // (Autodiff accumulates it as `(x + concat(0, a)) + concat(b, 0)`.)
+        Rewrite::new(
+            "add-concats",
+            pattern("(add (concat ?a ?b ?c ?t) (concat ?d ?e ?c ?t) ?o ?t)"),
+            AlignedConcats { plus: false },
+        )
+        .expect("rule"),
+        Rewrite::new(
+            "sub-concats",
+            pattern("(sub (concat ?a ?b ?c ?t) (concat ?d ?e ?c ?t) ?o ?t)"),
+            AlignedConcats { plus: false },
+        )
+        .expect("rule"),
+        Rewrite::new(
+            "add-concats-after",
+            pattern("(add (add ?x (concat ?a ?b ?c ?t) ?o ?t) (concat ?d ?e ?c ?t) ?o ?t)"),
+            AlignedConcats { plus: true },
+        )
+        .expect("rule"),
         Rewrite::new(
             "permute-permute",
             "(permute (permute ?x ?q ?t1) ?p ?t)".parse::<egg::Pattern<IrLang>>().expect("pattern"),
@@ -107,6 +130,35 @@ pub fn rules() -> Vec<Rule> {
         rules.push(Rewrite::new(format!("sink-broadcast-{k}"), pattern, SinkBroadcast { binary: true }).expect("rule"));
     }
     rules
+}
+
+/// `concat(a, b) op concat(d, e)` = `concat(a op d, b op e)` when a and d
+/// (so b and e too) have the same type; with `plus`, `(x + concat(a, b)) +
+/// concat(d, e)` = `x + concat(a + d, b + e)`.
+struct AlignedConcats {
+    plus: bool,
+}
+
+impl Applier<IrLang, IrAnalysis> for AlignedConcats {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let [a, b, d, e] = ["?a", "?b", "?d", "?e"].map(|v| subst[var(v)]);
+        let (Some(first), Some(second)) = (type_of(eg, a).cloned(), type_of(eg, b).cloned()) else { return vec![] };
+        if type_of(eg, d) != Some(&first) || type_of(eg, e) != Some(&second) {
+            return vec![];
+        }
+        let (op, t) = (attr_op(eg, subst, "?o"), leaf_type(eg, subst, "?t"));
+        let (left, right) = (add_op(eg, &op, &[a, d], &first), add_op(eg, &op, &[b, e], &second));
+        let joined = add_op(eg, &attr_op(eg, subst, "?c"), &[left, right], &t);
+        let result = if self.plus { add_op(eg, &op, &[subst[var("?x")], joined], &t) } else { joined };
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
 }
 
 /// permute p of permute q of x is permute (q . p) of x, or x itself.
