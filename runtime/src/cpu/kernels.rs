@@ -454,8 +454,8 @@ pub fn dropout_mask(p: f64, key: u64, step: u64, out: &mut [f32]) {
     out.par_chunks_mut(PARALLEL).enumerate().for_each(|(c, piece)| {
         let first = (c * PARALLEL) as u64;
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512dq") {
-            // SAFETY: the host has AVX-512F and DQ.
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the host has AVX-512F and DQ (both checked, as the build enables both).
             return unsafe { mask_avx512(key, step, first, below, keep, piece) };
         }
         mask(key, step, first, below, keep, piece)
