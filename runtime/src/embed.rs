@@ -7,7 +7,7 @@
 //! is mean-pooled over the mask and normalised, as sentence-transformers do.
 
 use crate::cpu::Tensor;
-use crate::model::{RunArgs, compile, error, forward_graph, load_weights};
+use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Tensors};
 use modelc::check::LowerOptions;
@@ -24,6 +24,8 @@ pub struct EmbedArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
     /// The model's weights: a safetensors file, a sharded checkpoint's index, or a folder.
     #[arg(long)]
     pub weights: PathBuf,
@@ -73,7 +75,8 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     let absent: Vec<String> =
         checked.inputs.iter().filter(|i| i.optional && i.name != "attention_mask").map(|i| i.name.clone()).collect();
     let (_, graph) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[output])?;
-    let weights = load_weights(CODE, &args.weights, &args.model, &checked)?;
+    let mut weights = load_weights(CODE, &args.weights, &args.model, &checked)?;
+    args.dtype.apply(CODE, &graph, &mut weights)?;
     let tokenizer = match Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights)) {
         Some(path) => Tokenizer::open(Some(&path)).map_err(|e| error(CODE, e))?,
         None => {

@@ -1,7 +1,7 @@
 //! `modelc forward`: named input tensors in, the model's named outputs out,
 //! both as safetensors files (the form Hugging Face tools read and write).
 
-use crate::model::{RunArgs, compile, error, forward_graph, load_weights};
+use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
 use crate::weights;
 use modelc::check::LowerOptions;
 use modelc::cli::ModelArgs;
@@ -16,6 +16,8 @@ pub struct ForwardArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
     /// The model's weights: a safetensors file, a sharded checkpoint's index, or a folder.
     #[arg(long)]
     pub weights: PathBuf,
@@ -66,6 +68,7 @@ fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
     }
     let (checked, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[])?;
     let mut feeds = load_weights(CODE, &args.weights, &args.model, &checked)?;
+    args.dtype.apply(CODE, &g, &mut feeds)?;
     feeds.extend(inputs);
     let program = compile(CODE, &g, &feeds)?;
     let outputs = program.run(&feeds).map_err(|e| error(CODE, e))?;

@@ -9,7 +9,7 @@
 
 use crate::cpu::Tensor;
 use crate::model::Compiled;
-use crate::model::{RunArgs, compile, error, forward_graph, load_weights};
+use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
 use crate::tokenize::{Stream, Tokenizer};
 use crate::weights::{Rng, Tensors};
 use modelc::check::value::Value;
@@ -30,6 +30,8 @@ pub struct InferArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
     /// Trained weights: a safetensors file, a sharded checkpoint's index, or a folder.
     #[arg(long)]
     pub weights: PathBuf,
@@ -67,6 +69,9 @@ pub struct InferArgs {
     /// Print one JSON object with the new token ids (and the text) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// End with one JSON line on stderr: prompt and decode times and tokens/s, compile time.
+    #[arg(long)]
+    pub timings: bool,
 }
 
 /// Picks a token from logits with temperature, top-k and top-p.
@@ -131,6 +136,8 @@ trait Decoder {
     /// Reads `new` (the tokens after those already read) and returns the
     /// logits after the last of them.
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String>;
+    /// Seconds spent compiling programs so far.
+    fn compile_seconds(&self) -> f64;
 }
 
 /// KV-cached decoding: one program per number of new tokens (the prompt,
@@ -203,13 +210,19 @@ impl Cached {
                 }
             }
         }
-        let logits = out["logits"].data[(t - 1) * self.vocab..t * self.vocab].to_vec();
+        // The last position's logits (the program may compute only those).
+        let all = &out["logits"].data;
+        let logits = all[all.len() - self.vocab..].to_vec();
         self.spare = out;
         Ok(logits)
     }
 }
 
 impl Decoder for Cached {
+    fn compile_seconds(&self) -> f64 {
+        self.programs.values().map(Compiled::compile_seconds).sum()
+    }
+
     fn prepare(&mut self, prompt: usize) -> Result<(), String> {
         self.program(prompt.min(self.len))?;
         self.program(1)
@@ -239,6 +252,10 @@ struct Recompute {
 }
 
 impl Decoder for Recompute {
+    fn compile_seconds(&self) -> f64 {
+        self.program.compile_seconds()
+    }
+
     fn next(&mut self, tokens: &[usize], _new: usize) -> Result<Vec<f32>, String> {
         let seen = &tokens[tokens.len().saturating_sub(self.len)..];
         let mut ids: Vec<f32> = seen.iter().map(|t| *t as f32).collect();
@@ -292,6 +309,7 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let (_, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &["logits"])?;
         let len = context.min(tokens.len() + max_new);
         let mut feeds = weights;
+        args.dtype.apply(CODE, &g, &mut feeds)?;
         feeds.insert("input_ids".into(), Tensor::new(vec![1, len], vec![0.0; len]));
         let program = compile(CODE, &g, &feeds)?;
         let weights: Vec<String> = feeds.keys().filter(|k| *k != "input_ids").cloned().collect();
@@ -301,6 +319,10 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let len = context.min(tokens.len() + max_new);
         let how = LowerOptions { absent, cache: Some(len), ..Default::default() };
         let (_, g) = forward_graph(&args.model, how, &[])?;
+        // The prompt's logits after its last token only (what decoding reads).
+        let g = modelc::ir::last_position::last_position(&g, "logits").unwrap_or(g);
+        let mut weights = weights;
+        args.dtype.apply(CODE, &g, &mut weights)?;
         Box::new(Cached::new(g, weights, len, vocab))
     };
 
@@ -315,8 +337,11 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     let started = Instant::now();
     let mut fresh = Vec::new();
     let mut new = tokens.len();
+    // When the prompt has been read (its logits are the first token's).
+    let mut prompt_read = None;
     for _ in 0..max_new {
         let logits = decoder.next(&tokens, new).map_err(|e| error(CODE, e))?;
+        prompt_read.get_or_insert_with(Instant::now);
         let next = sample(&logits, temperature, top_k, top_p, &mut rng);
         tokens.push(next);
         fresh.push(next);
@@ -336,5 +361,23 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let _ = writeln!(out);
     }
     eprintln!("{} tokens in {secs:.2} s, {:.1} tokens/s", fresh.len(), fresh.len() as f64 / secs.max(1e-9));
+    if args.timings {
+        // The prompt's time includes sampling the first token; decoding is every later token.
+        let prefill = prompt_read.map_or(0.0, |t| (t - started).as_secs_f64());
+        let decode = secs - prefill;
+        let decoded = fresh.len().saturating_sub(1);
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": prompt_ids.len(),
+                "prefill_s": prefill,
+                "prefill_tokens_per_s": prompt_ids.len() as f64 / prefill.max(1e-9),
+                "decode_tokens": decoded,
+                "decode_s": decode,
+                "decode_tokens_per_s": decoded as f64 / decode.max(1e-9),
+                "compile_s": decoder.compile_seconds(),
+            })
+        );
+    }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! (`--device`, `--threads`), and a spec lowered, optimised and compiled
 //! for the CPU with its weights loaded.
 
-use crate::cpu::{Program, Tensor, bind};
+use crate::cpu::{Format, Program, Tensor, bind};
 use crate::weights::{self, Tensors};
 use modelc::check::{Checked, LowerOptions};
 use modelc::cli::{ModelArgs, fail, load};
@@ -22,6 +22,38 @@ pub struct RunArgs {
     /// Worker threads (default: one per core). Results repeat exactly for a fixed count.
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+/// How inference holds the weights it multiplies by (`--dtype`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct DtypeArgs {
+    /// Weights of matrix products as f32, bf16, q8 (int8 in blocks of 32 with
+    /// an f16 scale, llama.cpp's Q8_0) or q4 (Q4_0), converted at load; on the CPU.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DtypeArgs {
+    /// Packs the weights `g` multiplies by in the chosen format and frees
+    /// their f32 values where `g` reads them no other way; says how many
+    /// and how large on stderr.
+    pub fn apply(&self, code: &'static str, g: &Graph, feeds: &mut HashMap<String, Tensor>) -> Result<(), ExitCode> {
+        let format = Format::parse(&self.dtype).map_err(|e| error(code, e))?;
+        if format == Format::F32 {
+            return Ok(());
+        }
+        if device() == Device::Gpu {
+            return Err(error(
+                code,
+                format!("--dtype {}: compact weights run on the CPU only; add --device cpu", self.dtype),
+            ));
+        }
+        let count = crate::cpu::pack_weights(g, feeds, format);
+        crate::cpu::drop_unread(&[g], feeds);
+        let bytes: usize = feeds.values().filter_map(|t| t.packed.as_ref()).map(|p| p.bytes()).sum();
+        eprintln!("weights: {count} matrices as {} ({:.1} MB)", format.name(), bytes as f64 / 1e6);
+        Ok(())
+    }
 }
 
 /// Where programs run: set once by the command's `--device`.
@@ -121,6 +153,14 @@ impl Compiled {
     pub fn keep_resident(&self, names: &[String]) {
         if let Compiled::Gpu(p) = self {
             p.keep_resident(names);
+        }
+    }
+
+    /// Seconds the compiler took to make this program.
+    pub fn compile_seconds(&self) -> f64 {
+        match self {
+            Compiled::Cpu(p) => p.compile_seconds,
+            Compiled::Gpu(p) => p.compile_seconds,
         }
     }
 

@@ -452,7 +452,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         eprintln!("resuming {} at step {first_step}", dir.display());
     }
     // Only shapes matter to the compiler.
-    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new() };
+    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None };
     let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
     shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
     shapes.insert("lr".into(), placeholder(vec![]));

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod grad;
 pub mod graph;
 pub mod interp;
+pub mod last_position;
 pub mod lower;
 pub mod parse;
 pub mod print;

@@ -7,27 +7,94 @@
 
 mod attention;
 mod kernels;
+pub mod packed;
 
 use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::plan::{Blocks, Place, Plan, plan};
 use modelc::backend::schedule::{Kernel, Schedule, schedule};
 use modelc::ir::graph::{Graph, NodeId, Op};
 use modelc::ir::interp::{self, Sizes};
+pub use packed::{Format, Packed};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// A dense row-major f32 tensor.
+/// A dense row-major f32 tensor. A weight may also carry a compact copy
+/// (`packed`) that matrix products read instead; once no kernel reads its
+/// f32 values, `data` may be emptied (`drop_unread`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    pub packed: Option<std::sync::Arc<Packed>>,
 }
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "bug: tensor data does not fill its shape");
-        Tensor { shape, data }
+        Tensor { shape, data, packed: None }
+    }
+}
+
+/// Whether node `user` reads argument `arg` as a weight `W` of `x @ W^T`
+/// (a 2-D right operand, transposed): what a packed weight can serve.
+fn reads_as_rows(g: &Graph, user: NodeId, arg: usize) -> bool {
+    let node = g.node(user);
+    matches!(node.op, Op::MatMul { ta: false, tb: true }) && arg == 1 && g.dims(node.args[1]).len() == 2
+}
+
+/// Packs, in `format`, each weight of `feeds` that `g` multiplies as `x @
+/// W^T` and whose rows fit the format; returns how many it packed.
+pub fn pack_weights(g: &Graph, feeds: &mut HashMap<String, Tensor>, format: Format) -> usize {
+    if format == Format::F32 {
+        return 0;
+    }
+    let mut packed = 0;
+    for (id, node) in g.nodes.iter().enumerate() {
+        for (arg, input) in node.args.iter().enumerate() {
+            let Op::Param(name) = &g.node(*input).op else { continue };
+            let Some(t) = feeds.get_mut(name) else { continue };
+            if t.packed.is_some() || t.shape.len() != 2 || !format.fits(t.shape[1]) {
+                continue;
+            }
+            if reads_as_rows(g, NodeId(id as u32), arg) {
+                t.packed = Some(std::sync::Arc::new(Packed::new(format, &t.data, t.shape[0], t.shape[1])));
+                packed += 1;
+            }
+        }
+    }
+    packed
+}
+
+/// Weights `g` reads as f32 values (other than through a packed product).
+pub fn f32_reads(g: &Graph) -> std::collections::HashSet<String> {
+    let mut reads = std::collections::HashSet::new();
+    for (id, node) in g.nodes.iter().enumerate() {
+        for (arg, input) in node.args.iter().enumerate() {
+            if let Op::Param(name) = &g.node(*input).op
+                && !reads_as_rows(g, NodeId(id as u32), arg)
+            {
+                reads.insert(name.clone());
+            }
+        }
+    }
+    for (_, out) in &g.outputs {
+        if let Op::Param(name) = &g.node(*out).op {
+            reads.insert(name.clone());
+        }
+    }
+    reads
+}
+
+/// Empties the f32 values of packed weights that none of `graphs` reads
+/// as f32 (their products read the packed copy): the memory compact
+/// weights are for.
+pub fn drop_unread(graphs: &[&Graph], feeds: &mut HashMap<String, Tensor>) {
+    let reads: std::collections::HashSet<String> = graphs.iter().flat_map(|g| f32_reads(g)).collect();
+    for (name, t) in feeds.iter_mut() {
+        if t.packed.is_some() && !reads.contains(name) {
+            t.data = Vec::new();
+        }
     }
 }
 
@@ -344,16 +411,16 @@ impl Program {
     /// A row group: each block of rows through every part in turn, blocks in
     /// parallel. Values only the group reads live in the running thread's
     /// block buffer (`Place::Block`), the rest in the arena.
-    fn rows(
+    fn rows<'f>(
         &self,
         parts: &[Kernel],
         compiled: &[Compiled],
         rows: usize,
         len: usize,
         arena: &mut [f32],
-        feeds: &HashMap<String, Tensor>,
+        feeds: &'f HashMap<String, Tensor>,
     ) {
-        enum Part {
+        enum Part<'f> {
             /// A fused kernel: its output's then its inputs' locations, as it takes them.
             Jit { f: KernelFn, locs: Vec<Loc>, per_row: usize },
             /// Each row of `src` (`len` long) folded into a value of `out`.
@@ -361,7 +428,16 @@ impl Program {
             /// `out = a b` for a block of rows: a's rows (`k` long) against
             /// all of `b` (`k x n`, or `n x k` with `tb`); on gemm's own
             /// threads when the group runs as one block.
-            Product { a: Loc, b: SendPtr, out: Loc, k: usize, n: usize, tb: bool, threads: gemm::Parallelism },
+            Product {
+                a: Loc,
+                b: SendPtr,
+                packed: Option<&'f Packed>,
+                out: Loc,
+                k: usize,
+                n: usize,
+                tb: bool,
+                parallel: bool,
+            },
         }
         let block_rows = modelc::backend::rows::block_rows(&self.graph, parts, rows, len);
         let one_block = block_rows == rows;
@@ -371,7 +447,7 @@ impl Program {
             Place::Block { column, row } => Loc::Block { start: column * block_rows, row },
             _ => Loc::At(SendPtr(self.pointer(n, base, feeds))),
         };
-        let runnable: Vec<Part> = parts
+        let runnable: Vec<Part<'f>> = parts
             .iter()
             .zip(compiled)
             .filter_map(|(kernel, c)| match (kernel, c) {
@@ -393,16 +469,13 @@ impl Program {
                     Some(Part::Product {
                         a: loc(a),
                         b: SendPtr(self.pointer(b, base, feeds)),
+                        packed: self.packed(*n, feeds),
                         out: loc(*n),
                         k,
                         n: columns,
                         tb,
-                        // As a product of its own (`single`): threads from 2^18 multiply-adds.
-                        threads: if one_block && rows * k * columns > 1 << 18 {
-                            gemm::Parallelism::Rayon(0)
-                        } else {
-                            gemm::Parallelism::None
-                        },
+                        // As a product of its own (`single`).
+                        parallel: one_block && packed::worth_threads(rows, columns, k),
                     })
                 }
                 (Kernel::Single(n), _) => {
@@ -459,19 +532,23 @@ impl Program {
                         // parts before it wrote for this block, or values complete before the group.
                         unsafe { f(ptrs.as_ptr(), (r0 * per_row) as i64, (r1 * per_row) as i64) }
                     }
-                    Part::Product { a, b, out, k, n, tb, threads } => {
+                    Part::Product { a, b, packed, out, k, n, tb, parallel } => {
                         let (k, n, m) = (*k, *n, r1 - r0);
                         let b_strides = if *tb { (1, k) } else { (n, 1) };
+                        let rhs = match packed {
+                            Some(w) => packed::Rhs::Packed(w),
+                            None => packed::Rhs::Dense((b.get(), b_strides.0, b_strides.1)),
+                        };
                         // SAFETY: rows r0..r1 of a (k each) and of the output (n each), all of b.
                         unsafe {
-                            kernels::product(
+                            packed::product(
                                 (m, n, k),
                                 at(out).add(r0 * n),
                                 n,
                                 0.0,
                                 (at(a).add(r0 * k), k, 1),
-                                (b.get(), b_strides.0, b_strides.1),
-                                *threads,
+                                rhs,
+                                *parallel,
                             )
                         }
                     }
@@ -497,6 +574,15 @@ impl Program {
             (0..rows.div_ceil(block_rows))
                 .into_par_iter()
                 .for_each(|b| block(b * block_rows, ((b + 1) * block_rows).min(rows)));
+        }
+    }
+
+    /// The packed weight a product multiplies by, if its right operand is one.
+    fn packed<'f>(&self, product: NodeId, feeds: &'f HashMap<String, Tensor>) -> Option<&'f Packed> {
+        let b = self.graph.node(product).args[1];
+        match &self.graph.node(b).op {
+            Op::Param(name) if reads_as_rows(&self.graph, product, 1) => feeds.get(name)?.packed.as_deref(),
+            _ => None,
         }
     }
 
@@ -557,29 +643,35 @@ impl Program {
             let (a_rs, a_cs) = if ta { (1, rows) } else { (k, 1) };
             let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
             let (ap, bp) = (SendPtr(ap as *mut f32), SendPtr(bp as *mut f32));
-            let product = |bi: usize, out: &mut [f32], par: gemm::Parallelism| {
+            let packed = if batch == 1 { self.packed(n, feeds) } else { None };
+            let product = |bi: usize, out: &mut [f32], parallel: bool| {
                 let (ao, bo) = (bi * rows * k, bi * k * cols);
+                let rhs = match packed {
+                    Some(w) => packed::Rhs::Packed(w),
+                    // SAFETY: batch bi's operand lies inside b.
+                    None => packed::Rhs::Dense((unsafe { bp.get().add(bo) }, b_rs, b_cs)),
+                };
                 // SAFETY: the strides describe the operands' layouts exactly and stay inside them.
                 unsafe {
-                    kernels::product(
+                    packed::product(
                         (rows, cols, k),
                         out.as_mut_ptr(),
                         cols,
                         0.0,
                         (ap.get().add(ao), a_rs, a_cs),
-                        (bp.get().add(bo), b_rs, b_cs),
-                        par,
+                        rhs,
+                        parallel,
                     )
                 };
             };
             let work = rows * cols * k;
             if batch > 1 && work < 1 << 20 && batch * work > 1 << 18 {
                 // Many small products (attention heads): one per task, each on one thread.
-                out.par_chunks_mut(rows * cols).enumerate().for_each(|(bi, o)| product(bi, o, gemm::Parallelism::None));
+                out.par_chunks_mut(rows * cols).enumerate().for_each(|(bi, o)| product(bi, o, false));
             } else {
-                let par = if work > 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+                let parallel = packed::worth_threads(rows, cols, k);
                 for (bi, o) in out.chunks_mut(rows * cols).enumerate() {
-                    product(bi, o, par);
+                    product(bi, o, parallel);
                 }
             }
             return Ok(());

@@ -1,0 +1,746 @@
+//! Compact weights for inference and the matrix-vector products that read
+//! them where they lie.
+//!
+//! A weight used as `x @ transpose(W)` (every Linear layer, a tied output
+//! layer) has each output's `k` inputs contiguous: row `j` of `W`. Decoding
+//! reads each such row once per token, so its speed is the memory's, and
+//! fewer bytes a weight is more tokens a second. Formats, per row:
+//!
+//! - `bf16`: the top half of each f32 (rounded to nearest even);
+//! - `q8`: blocks of 32 weights, one f16 scale `d` and 32 int8 `q`,
+//!   `w = d q` (llama.cpp's Q8_0);
+//! - `q4`: blocks of 32, one f16 scale and 16 bytes of 4-bit `q`,
+//!   `w = d (q - 8)`, element `i` in the low nibble of byte `i` and element
+//!   `i + 16` in its high nibble (llama.cpp's Q4_0).
+//!
+//! Scales are kept apart from the quants (one array each), so that the
+//! quants of a row start aligned. Products dequantise in registers: no f32
+//! copy of a weight is made, except a panel of columns per thread when a
+//! prompt's many rows make a matrix product worth it (`product`).
+
+use super::kernels::{self, Operand};
+use half::f16;
+use rayon::prelude::*;
+
+/// How a weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    F32,
+    Bf16,
+    Q8,
+    Q4,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Format, String> {
+        match s {
+            "f32" => Ok(Format::F32),
+            "bf16" => Ok(Format::Bf16),
+            "q8" => Ok(Format::Q8),
+            "q4" => Ok(Format::Q4),
+            other => Err(format!("--dtype {other}: expected f32, bf16, q8 or q4")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::F32 => "f32",
+            Format::Bf16 => "bf16",
+            Format::Q8 => "q8",
+            Format::Q4 => "q4",
+        }
+    }
+
+    /// Bytes a weight takes, on average.
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Format::F32 => 4.0,
+            Format::Bf16 => 2.0,
+            Format::Q8 => 34.0 / 32.0,
+            Format::Q4 => 18.0 / 32.0,
+        }
+    }
+
+    /// Whether rows of `k` weights can be stored this way (blocks of 32).
+    pub fn fits(self, k: usize) -> bool {
+        match self {
+            Format::Q8 | Format::Q4 => k.is_multiple_of(BLOCK),
+            Format::F32 | Format::Bf16 => true,
+        }
+    }
+}
+
+/// Weights a block of q8 or q4 has.
+pub const BLOCK: usize = 32;
+
+/// A weight matrix `[n, k]` (n rows of k) in a compact format.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed {
+    pub format: Format,
+    pub n: usize,
+    pub k: usize,
+    /// bf16 bits, row-major (bf16).
+    halves: Vec<u16>,
+    /// int8 quants (q8), or two 4-bit quants a byte (q4), row-major.
+    quants: Vec<u8>,
+    /// f16 bits of each block's scale, row-major (q8, q4).
+    scales: Vec<u16>,
+}
+
+/// Rounds to bf16 (nearest even; NaN stays NaN).
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+impl Packed {
+    /// Packs `w` (`n` rows of `k`) in `format`, which must fit `k`.
+    pub fn new(format: Format, w: &[f32], n: usize, k: usize) -> Packed {
+        assert!(
+            format != Format::F32 && format.fits(k) && w.len() == n * k,
+            "bug: cannot pack {n} x {k} as {format:?}"
+        );
+        let mut p = Packed { format, n, k, halves: Vec::new(), quants: Vec::new(), scales: Vec::new() };
+        match format {
+            Format::Bf16 => p.halves = w.par_iter().with_min_len(1 << 16).map(|x| bf16_bits(*x)).collect(),
+            Format::Q8 | Format::Q4 => {
+                let per_block = if format == Format::Q8 { BLOCK } else { BLOCK / 2 };
+                let blocks = n * k / BLOCK;
+                p.quants = vec![0; blocks * per_block];
+                p.scales = vec![0; blocks];
+                p.quants
+                    .par_chunks_mut(per_block)
+                    .zip(p.scales.par_iter_mut())
+                    .zip(w.par_chunks(BLOCK))
+                    .with_min_len(1 << 10)
+                    .for_each(|((q, d), x)| *d = quantize_block(format, x, q));
+            }
+            Format::F32 => unreachable!(),
+        }
+        p
+    }
+
+    /// Row `j` as f32: what the products compute with.
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        let k = self.k;
+        match self.format {
+            Format::Bf16 => {
+                for (o, h) in out.iter_mut().zip(&self.halves[j * k..(j + 1) * k]) {
+                    *o = f32::from_bits((*h as u32) << 16);
+                }
+            }
+            Format::Q8 => {
+                let first = j * k / BLOCK;
+                for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let d = f16::from_bits(self.scales[first + b]).to_f32();
+                    let q = &self.quants[(first + b) * BLOCK..(first + b + 1) * BLOCK];
+                    for (o, q) in o.iter_mut().zip(q) {
+                        *o = d * (*q as i8) as f32;
+                    }
+                }
+            }
+            Format::Q4 => {
+                let first = j * k / BLOCK;
+                let half = BLOCK / 2;
+                for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let d = f16::from_bits(self.scales[first + b]).to_f32();
+                    let q = &self.quants[(first + b) * half..(first + b + 1) * half];
+                    let (lo, hi) = o.split_at_mut(half);
+                    for i in 0..half {
+                        lo[i] = d * ((q[i] & 15) as i32 - 8) as f32;
+                        hi[i] = d * ((q[i] >> 4) as i32 - 8) as f32;
+                    }
+                }
+            }
+            Format::F32 => unreachable!(),
+        }
+    }
+
+    /// Bytes the packed weight takes.
+    pub fn bytes(&self) -> usize {
+        2 * self.halves.len() + self.quants.len() + 2 * self.scales.len()
+    }
+}
+
+/// Quantises 32 weights as llama.cpp does (its reference quantize_row_*),
+/// returning the scale's f16 bits.
+fn quantize_block(format: Format, x: &[f32], q: &mut [u8]) -> u16 {
+    if format == Format::Q8 {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        for (q, v) in q.iter_mut().zip(x) {
+            *q = (v * id).round() as i8 as u8;
+        }
+        return f16::from_f32(d).to_bits();
+    }
+    // q4: the value of largest magnitude, with its sign, maps to -8.
+    let max = x.iter().fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for i in 0..BLOCK / 2 {
+        let lo = ((x[i] * id + 8.5) as i32).min(15) as u8;
+        let hi = ((x[i + BLOCK / 2] * id + 8.5) as i32).min(15) as u8;
+        q[i] = lo | (hi << 4);
+    }
+    f16::from_f32(d).to_bits()
+}
+
+/// A matrix product's right-hand side, `k x n` as `op(B)`: f32 in memory at
+/// strides, or a packed weight read as its transpose (`x @ W^T`).
+#[derive(Clone, Copy)]
+pub enum Rhs<'a> {
+    Dense(Operand),
+    Packed(&'a Packed),
+}
+
+/// `c = alpha c + a op(B)` for `a` m x k and `c` m x n (row stride `c_rs`):
+/// the matrix products of programs. A few rows against weight rows
+/// (decoding) go a weight row at a time, read once (`matvec`); many rows
+/// against a packed weight by panels; the rest through gemm. `parallel`:
+/// the product may use the thread pool.
+///
+/// # Safety
+/// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
+pub unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    (a, a_rs, a_cs): Operand,
+    b: Rhs,
+    parallel: bool,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match b {
+            Rhs::Packed(w) => {
+                assert!(a_cs == 1 && (w.n, w.k) == (n, k), "bug: a packed product's operands do not fit");
+                if m <= SMALL_M {
+                    matvec((m, n, k), (a, a_rs), (c, c_rs), alpha, Rows::Packed(w), parallel)
+                } else {
+                    panels(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
+                }
+            }
+            Rhs::Dense((b, 1, b_cs)) if m <= SMALL_M && a_cs == 1 => {
+                matvec((m, n, k), (a, a_rs), (c, c_rs), alpha, Rows::F32(b, b_cs), parallel)
+            }
+            Rhs::Dense(b) => {
+                let threads = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+                kernels::product((m, n, k), c, c_rs, alpha, (a, a_rs, a_cs), b, threads)
+            }
+        }
+    }
+}
+
+/// `c = a b` through gemm on all threads (what `product` does for many
+/// rows): for benchmarks.
+///
+/// # Safety
+/// As `product`.
+pub unsafe fn gemm_product((m, n, k): (usize, usize, usize), c: *mut f32, c_rs: usize, a: Operand, b: Operand) {
+    // SAFETY: the caller's contract.
+    unsafe { kernels::product((m, n, k), c, c_rs, 0.0, a, b, gemm::Parallelism::Rayon(0)) }
+}
+
+/// Whether a product of this size is worth splitting over the thread pool:
+/// from 2^18 multiply-adds, or, a few rows against weight rows, from 2^14
+/// weights (waking the other threads costs a few microseconds).
+pub fn worth_threads(m: usize, n: usize, k: usize) -> bool {
+    m * n * k > 1 << 18 || (m <= SMALL_M && n * k >= 1 << 14)
+}
+
+/// Rows of the left operand up to which a product is computed a weight row
+/// at a time (each weight read once, dequantised in registers) rather than
+/// as a blocked matrix product.
+pub const SMALL_M: usize = 4;
+
+/// `c = alpha c + a op(B)` for `a` m x k (row stride `a_rs`, contiguous
+/// rows), `c` m x n (row stride `c_rs`), where column j of op(B) is the
+/// contiguous row `w(j)` of k weights. Columns are split over the thread
+/// pool when `parallel`.
+///
+/// # Safety
+/// `a`, `c` and every weight row cover what they are read or written at;
+/// `c` overlaps neither.
+pub unsafe fn matvec(
+    (m, n, k): (usize, usize, usize),
+    a: (*const f32, usize),
+    c: (*mut f32, usize),
+    alpha: f32,
+    rhs: Rows,
+    parallel: bool,
+) {
+    let (a, c) = (Shared(a.0 as *mut f32, a.1), Shared(c.0, c.1));
+    let columns = |j0: usize, j1: usize| {
+        // SAFETY: the caller's contract; tasks write disjoint columns of c.
+        unsafe { matvec_columns(m, k, a, c, alpha, rhs, j0, j1) }
+    };
+    let tasks = if parallel { (rayon::current_num_threads() * 2).min(n / 16).max(1) } else { 1 };
+    if tasks == 1 {
+        columns(0, n);
+    } else {
+        // Column ranges of whole 16s, so vector loads stay aligned to rows.
+        let per = n.div_ceil(tasks).next_multiple_of(16);
+        (0..n.div_ceil(per)).into_par_iter().for_each(|t| columns(t * per, ((t + 1) * per).min(n)));
+    }
+}
+
+/// Where a product's weight rows are: f32 rows `stride` apart, or packed.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(*const f32, usize),
+    Packed(&'a Packed),
+}
+
+// SAFETY: the rows are only read.
+unsafe impl Send for Rows<'_> {}
+unsafe impl Sync for Rows<'_> {}
+
+#[derive(Clone, Copy)]
+struct Shared(*mut f32, usize);
+// SAFETY: tasks read `a` and write disjoint columns of `c`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// Columns j0..j1 of the product.
+///
+/// # Safety
+/// As `matvec`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matvec_columns(m: usize, k: usize, a: Shared, c: Shared, alpha: f32, rhs: Rows, j0: usize, j1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the host has AVX-512 (F, BW), FMA and F16C.
+        unsafe { avx512::columns(m, k, a.0, a.1, c.0, c.1, alpha, rhs, j0, j1) };
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { generic_columns(m, k, a, c, alpha, rhs, j0, j1) }
+}
+
+/// `matvec_columns` in portable code (16 lanes that LLVM vectorises).
+///
+/// # Safety
+/// As `matvec`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn generic_columns(m: usize, k: usize, a: Shared, c: Shared, alpha: f32, rhs: Rows, j0: usize, j1: usize) {
+    let mut row = vec![0f32; k];
+    for j in j0..j1 {
+        let w: &[f32] = match rhs {
+            // SAFETY: row j of the weights holds k floats.
+            Rows::F32(p, stride) => unsafe { std::slice::from_raw_parts(p.add(j * stride), k) },
+            Rows::Packed(p) => {
+                p.row(j, &mut row);
+                &row
+            }
+        };
+        for i in 0..m {
+            // SAFETY: row i of a holds k floats; element (i, j) of c is the caller's.
+            unsafe {
+                let x = std::slice::from_raw_parts(a.0.add(i * a.1), k);
+                let out = c.0.add(i * c.1 + j);
+                let dot = dot16(x, w);
+                *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+            }
+        }
+    }
+}
+
+/// A dot product in 16 lanes (which vectorise), summed by halves.
+fn dot16(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+    let (xt, wt) = (xc.remainder(), wc.remainder());
+    for (x, w) in xc.zip(wc) {
+        for l in 0..16 {
+            acc[l] += x[l] * w[l];
+        }
+    }
+    for (l, (x, w)) in xt.iter().zip(wt).enumerate() {
+        acc[l] += x * w;
+    }
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// Whether the host runs the AVX-512 kernels (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("MODELC_NO_AVX512").is_none()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The products with AVX-512, a weight row at a time: each row follows
+    //! the last in memory, so the weights are one stream. (Four rows at once,
+    //! sharing each load of x, read at 10-12 GB/s here against 16-17 for one:
+    //! four streams the prefetcher follows worse.)
+
+    use super::{BLOCK, Format, Rows};
+    use std::arch::x86_64::*;
+
+    /// How far ahead of the weights being read the next are asked for, in
+    /// bytes: the hardware's prefetcher stops at each 4 KiB page.
+    const AHEAD: usize = 1024;
+
+    #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn columns(
+        m: usize,
+        k: usize,
+        a: *mut f32,
+        a_rs: usize,
+        c: *mut f32,
+        c_rs: usize,
+        alpha: f32,
+        rhs: Rows,
+        j0: usize,
+        j1: usize,
+    ) {
+        for j in j0..j1 {
+            for i in 0..m {
+                // SAFETY: the caller's contract (row i of a, weight row j, element (i, j) of c).
+                unsafe {
+                    let x = a.add(i * a_rs);
+                    let dot = match rhs {
+                        Rows::F32(w, stride) => dense(x, k, w.add(j * stride)),
+                        Rows::Packed(p) => match p.format {
+                            Format::Bf16 => bf16(x, k, p.halves.as_ptr().add(j * k)),
+                            Format::Q8 => q8(
+                                x,
+                                k,
+                                p.quants.as_ptr().add(j * k) as *const i8,
+                                p.scales.as_ptr().add(j * k / BLOCK),
+                            ),
+                            Format::Q4 => {
+                                q4(x, k, p.quants.as_ptr().add(j * k / 2), p.scales.as_ptr().add(j * k / BLOCK))
+                            }
+                            Format::F32 => unreachable!("bug: f32 is not packed"),
+                        },
+                    };
+                    let out = c.add(i * c_rs + j);
+                    *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                }
+            }
+        }
+    }
+
+    /// Asks for the line at `p`. (A prefetch never faults, so the last rows
+    /// may ask past their weights.)
+    #[inline(always)]
+    fn ahead<T>(p: *const T) {
+        // SAFETY: prefetching reads nothing the program sees.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+    }
+
+    /// Lanes of the last partial vector of a row of k.
+    #[inline(always)]
+    fn tail(k: usize) -> __mmask16 {
+        ((1u32 << (k % 16)) - 1) as __mmask16
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn dense(x: *const f32, k: usize, w: *const f32) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        let full = k / 16 * 16;
+        unsafe {
+            for p in (0..full).step_by(16) {
+                ahead(w.add(p + AHEAD / 4));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(p)), _mm512_loadu_ps(x.add(p)), acc);
+            }
+            if full < k {
+                let mask = tail(k);
+                let (wv, xv) = (_mm512_maskz_loadu_ps(mask, w.add(full)), _mm512_maskz_loadu_ps(mask, x.add(full)));
+                acc = _mm512_fmadd_ps(wv, xv, acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// bf16 bits to f32: the bits in the top half.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn widen(h: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,fma")]
+    #[inline]
+    unsafe fn bf16(x: *const f32, k: usize, w: *const u16) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        let full = k / 16 * 16;
+        unsafe {
+            for p in (0..full).step_by(16) {
+                if p % 32 == 0 {
+                    ahead(w.add(p + AHEAD / 2));
+                }
+                let h = _mm256_loadu_si256(w.add(p) as *const __m256i);
+                acc = _mm512_fmadd_ps(widen(h), _mm512_loadu_ps(x.add(p)), acc);
+            }
+            if full < k {
+                let mask = tail(k);
+                let h = _mm256_maskz_loadu_epi16(mask, w.add(full) as *const i16);
+                acc = _mm512_fmadd_ps(widen(h), _mm512_maskz_loadu_ps(mask, x.add(full)), acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// A block's scale as a vector.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[inline]
+    fn scale(bits: u16) -> __m512 {
+        _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))))
+    }
+
+    /// One row of q8 blocks (`q`: its quants, `d`: its scales).
+    #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+    #[inline]
+    unsafe fn q8(x: *const f32, k: usize, q: *const i8, d: *const u16) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        unsafe {
+            for b in 0..k / BLOCK {
+                let qb = q.add(b * BLOCK);
+                if b % 2 == 0 {
+                    ahead(qb.add(AHEAD));
+                }
+                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i)));
+                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i)));
+                let (x0, x1) = (_mm512_loadu_ps(x.add(b * BLOCK)), _mm512_loadu_ps(x.add(b * BLOCK + 16)));
+                let s = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+                acc = _mm512_fmadd_ps(s, scale(*d.add(b)), acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// One row of q4 blocks (`q`: its packed quants, `d`: its scales).
+    #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+    #[inline]
+    unsafe fn q4(x: *const f32, k: usize, q: *const u8, d: *const u16) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        unsafe {
+            let low = _mm_set1_epi8(15);
+            let eight = _mm512_set1_epi32(8);
+            for b in 0..k / BLOCK {
+                let qb = q.add(b * BLOCK / 2);
+                if b % 4 == 0 {
+                    ahead(qb.add(AHEAD));
+                }
+                let bytes = _mm_loadu_si128(qb as *const __m128i);
+                let lo = _mm_and_si128(bytes, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+                let w0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), eight));
+                let w1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), eight));
+                let (x0, x1) = (_mm512_loadu_ps(x.add(b * BLOCK)), _mm512_loadu_ps(x.add(b * BLOCK + 16)));
+                let s = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+                acc = _mm512_fmadd_ps(s, scale(*d.add(b)), acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+}
+
+/// `c = a W^T` for a packed `W` when `a` has many rows (a prompt): columns
+/// in panels of `PANEL`, each panel's rows dequantised into the running
+/// thread's buffer and multiplied by gemm there, panels in parallel.
+///
+/// # Safety
+/// `a` (m x k, row stride `a_rs`) and `c` (m x n, row stride `c_rs`) cover
+/// their elements; `c` overlaps neither.
+pub unsafe fn panels(m: usize, a: (*const f32, usize), c: (*mut f32, usize), alpha: f32, w: &Packed, parallel: bool) {
+    const PANEL: usize = 64;
+    let (n, k) = (w.n, w.k);
+    let (a, c) = (Shared(a.0 as *mut f32, a.1), Shared(c.0, c.1));
+    let panel = move |p: usize| {
+        let (a, c) = (a, c);
+        let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+        PANEL_BUFFER.with_borrow_mut(|buf| {
+            buf.resize(PANEL * k, 0.0);
+            for j in j0..j1 {
+                w.row(j, &mut buf[(j - j0) * k..(j - j0 + 1) * k]);
+            }
+            // SAFETY: the panel's columns of c; the buffer holds j1 - j0 rows of k.
+            unsafe {
+                kernels::product(
+                    (m, j1 - j0, k),
+                    c.0.add(j0),
+                    c.1,
+                    alpha,
+                    (a.0, a.1, 1),
+                    (buf.as_ptr(), 1, k),
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+    };
+    if parallel {
+        (0..n.div_ceil(PANEL)).into_par_iter().for_each(panel);
+    } else {
+        (0..n.div_ceil(PANEL)).for_each(panel);
+    }
+}
+
+thread_local! {
+    static PANEL_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixture's matrix and its encodings by llama.cpp's reference
+    /// quantisers (`tests/quant_fixtures.py`).
+    fn fixture() -> (Vec<f32>, usize, usize, std::collections::HashMap<String, Vec<u8>>) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/quant/blocks.safetensors");
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let w = st.tensor("w").unwrap();
+        let (n, k) = (w.shape()[0], w.shape()[1]);
+        let data = w.data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let enc =
+            ["bf16", "q8_0", "q4_0"].iter().map(|e| (e.to_string(), st.tensor(e).unwrap().data().to_vec())).collect();
+        (data, n, k, enc)
+    }
+
+    /// A packed weight in llama.cpp's byte layout: per block, the f16 scale then the quants.
+    fn ggml_bytes(p: &Packed) -> Vec<u8> {
+        if p.format == Format::Bf16 {
+            return p.halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        }
+        let per = p.quants.len() / p.scales.len();
+        p.scales
+            .iter()
+            .enumerate()
+            .flat_map(|(b, d)| d.to_le_bytes().into_iter().chain(p.quants[b * per..(b + 1) * per].iter().copied()))
+            .collect()
+    }
+
+    #[test]
+    fn packing_matches_llama_cpp_bit_for_bit() {
+        let (w, n, k, enc) = fixture();
+        for (format, name) in [(Format::Bf16, "bf16"), (Format::Q8, "q8_0"), (Format::Q4, "q4_0")] {
+            let p = Packed::new(format, &w, n, k);
+            assert_eq!(ggml_bytes(&p), enc[name], "{name}");
+            assert_eq!(p.bytes(), enc[name].len(), "{name}");
+        }
+    }
+
+    #[test]
+    fn dequantised_rows_stay_within_half_a_step() {
+        let (w, n, k, _) = fixture();
+        for format in [Format::Bf16, Format::Q8, Format::Q4] {
+            let p = Packed::new(format, &w, n, k);
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                p.row(j, &mut row);
+                for (b, (got, want)) in row.chunks(BLOCK).zip(w[j * k..(j + 1) * k].chunks(BLOCK)).enumerate() {
+                    let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    // Half a step of the block's grid (q4: a whole step at the clamped
+                    // end, opposite the value that set the scale), plus the f16 scale's
+                    // rounding (2^-11 of the scale, times a quant of at most amax / scale).
+                    let bound = match format {
+                        Format::Bf16 => amax / 256.0,
+                        Format::Q8 => amax / 127.0 / 2.0 + amax / 2048.0,
+                        _ => amax / 8.0 + amax / 2048.0,
+                    };
+                    for (g, v) in got.iter().zip(want) {
+                        assert!((g - v).abs() <= bound * 1.0001, "{format:?} row {j} block {b}: {g} vs {v}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every product path (AVX-512 where the host has it, portable, one or
+    /// several tasks, alpha 0 or 1) against a plain f64 sum over the
+    /// dequantised rows.
+    #[test]
+    fn products_match_the_dequantised_sums() {
+        let mut seed = 1u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for (n, k) in [(37, 64), (131, 96), (16, 40), (300, 288)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rand()).collect();
+            for format in [Format::F32, Format::Bf16, Format::Q8, Format::Q4] {
+                if !format.fits(k) {
+                    continue;
+                }
+                let packed = (format != Format::F32).then(|| Packed::new(format, &w, n, k));
+                let dense: Vec<f32> = match &packed {
+                    Some(p) => (0..n)
+                        .flat_map(|j| {
+                            let mut r = vec![0f32; k];
+                            p.row(j, &mut r);
+                            r
+                        })
+                        .collect(),
+                    None => w.clone(),
+                };
+                for m in [1, 3, SMALL_M + 5] {
+                    let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+                    let start: Vec<f32> = (0..m * n).map(|_| rand()).collect();
+                    for alpha in [0.0, 1.0] {
+                        let want: Vec<f64> = (0..m * n)
+                            .map(|e| {
+                                let (i, j) = (e / n, e % n);
+                                let dot: f64 = (0..k).map(|p| a[i * k + p] as f64 * dense[j * k + p] as f64).sum();
+                                alpha as f64 * start[e] as f64 + dot
+                            })
+                            .collect();
+                        let rhs = match &packed {
+                            Some(p) => Rhs::Packed(p),
+                            None => Rhs::Dense((w.as_ptr(), 1, k)),
+                        };
+                        let mut runs: Vec<(&str, Vec<f32>)> = Vec::new();
+                        for parallel in [false, true] {
+                            let mut c = start.clone();
+                            // SAFETY: a is m x k, c m x n, the weights n x k.
+                            unsafe { product((m, n, k), c.as_mut_ptr(), n, alpha, (a.as_ptr(), k, 1), rhs, parallel) };
+                            runs.push(("product", c));
+                        }
+                        if m <= SMALL_M {
+                            let rows = match &packed {
+                                Some(p) => Rows::Packed(p),
+                                None => Rows::F32(w.as_ptr(), k),
+                            };
+                            let mut c = start.clone();
+                            let (sa, sc) = (Shared(a.as_ptr() as *mut f32, k), Shared(c.as_mut_ptr(), n));
+                            // SAFETY: as above.
+                            unsafe { generic_columns(m, k, sa, sc, alpha, rows, 0, n) };
+                            runs.push(("portable", c));
+                        }
+                        for (how, c) in runs {
+                            for (e, (g, v)) in c.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (*g as f64 - v).abs() < 1e-4 * (1.0 + v.abs()),
+                                    "{format:?} {how} m {m} n {n} k {k} alpha {alpha} [{e}]: {g} vs {v}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
