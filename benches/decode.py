@@ -140,6 +140,9 @@ class LlamaCpp:
         import llama_cpp
 
         self.lib = llama_cpp
+        # Quiet: llama.cpp logs every load to stderr.
+        self.quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(self.quiet, ctypes.c_void_p())
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
@@ -149,6 +152,7 @@ class LlamaCpp:
         cp.n_ubatch = 512
         cp.n_threads = threads
         cp.n_threads_batch = threads
+        cp.no_perf = False
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         self.vocab = VOCAB
 
@@ -170,8 +174,8 @@ class LlamaCpp:
             if lib.llama_decode(self.ctx, lib.llama_batch_get_one(one, 1)) != 0:
                 sys.exit("llama_decode failed")
         perf = lib.llama_perf_context(self.ctx)
-        pp = perf.n_p_eval / (perf.t_p_eval_ms / 1e3)
-        tg = perf.n_eval / (perf.t_eval_ms / 1e3)
+        pp = perf.n_p_eval / (perf.t_p_eval_ms / 1e3) if perf.t_p_eval_ms > 0 else 0.0
+        tg = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
         return pp, tg, out
 
     def close(self):

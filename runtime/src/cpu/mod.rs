@@ -350,6 +350,13 @@ impl Program {
         feeds: &HashMap<String, Tensor>,
         collect: Option<&mut HashMap<String, Tensor>>,
     ) -> Result<(), String> {
+        if rayon::current_thread_index().is_none() {
+            // On one of the pool's threads: a parallel section then starts
+            // by handing work to the other threads (which take it when they
+            // wake), not by waking them and sleeping until they finish (two
+            // context switches a section; decoding has dozens a token).
+            return rayon::scope(|_| self.run_with(feeds, collect));
+        }
         check_feeds(&self.graph, &self.sizes, feeds)?;
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
