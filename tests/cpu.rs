@@ -198,6 +198,47 @@ fn products_of_one_row_match_the_interpreter() {
     }
 }
 
+#[test]
+fn cache_writes_land_in_place_and_match_the_interpreter() {
+    // A cache [1, 2, 7, 3] taking 2 or 3 rows at positions inside it, at its
+    // end (rows past it are dropped) and at 0; its user reads it whole.
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::syntax::ast::DType;
+    let d = |v: usize| Dim::constant(v as i64);
+    let mut rng = Rng(11);
+    for (t, start) in [(2, 3), (3, 5), (1, 6), (2, 0)] {
+        let mut g = Graph::default();
+        let cache = g.input("cache", TensorTy::new(DType::F32, vec![d(1), d(2), d(7), d(3)]));
+        let rows = g.input("rows", TensorTy::new(DType::F32, vec![d(1), d(2), d(t), d(3)]));
+        let at = g.input("at", TensorTy::scalar(DType::Int));
+        let written = g.write_rows(cache, rows, at);
+        let doubled = g.add(written, written);
+        g.outputs.push(("doubled".into(), doubled));
+        let feeds = HashMap::from([
+            ("cache".to_string(), rng.array(&[1, 2, 7, 3], 1.0)),
+            ("rows".to_string(), rng.array(&[1, 2, t, 3], 1.0)),
+            ("at".to_string(), Array::new(vec![], vec![start as f64])),
+        ]);
+        let want = modelc::ir::interp::run(&g, &feeds, modelc::ir::interp::Precision::F32).unwrap();
+        let tensors: HashMap<String, Tensor> = feeds.iter().map(|(k, v)| (k.clone(), to_tensor(v))).collect();
+        let shapes = tensors.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+        let program = Program::compile(&g, &modelc_runtime::cpu::bind(&g, &shapes).unwrap()).unwrap();
+        assert_eq!(program.state(), ["cache".to_string()]);
+        // Without the cache handed over to be written, a clear error.
+        let err = program.run(&tensors).unwrap_err();
+        assert!(err.contains("`cache` is written in place"), "{err}");
+        let mut state = HashMap::from([("cache".to_string(), tensors["cache"].clone())]);
+        let mut given = tensors.clone();
+        given.remove("cache");
+        let mut out = HashMap::new();
+        program.run_state(&given, &mut state, &mut out).unwrap();
+        let doubled: Vec<f32> = want["doubled"].data.iter().map(|v| *v as f32).collect();
+        assert_eq!(out["doubled"].data, doubled, "t {t} at {start}");
+        let halves: Vec<f32> = doubled.iter().map(|v| v / 2.0).collect();
+        assert_eq!(state["cache"].data, halves, "t {t} at {start}: the cache itself holds the new rows");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -273,10 +314,12 @@ fn products_in_row_groups_on_odd_shapes() {
             .any(|k| matches!(k, Kernel::Rows(parts) if is_product(&parts[0]) && parts[1..].iter().any(is_product)));
         assert!(grouped, "the products do not run in one row group");
         // What only the group reads lives in per-thread block buffers, not the arena.
-        use modelc::backend::plan::{Blocks, Place, plan};
+        use modelc::backend::plan::{Blocks, Inputs, Place, plan};
         let (sched, sizes) = (schedule(&g), modelc::ir::interp::Sizes::new());
-        let (buffered, in_arena) =
-            (plan(&g, &sched, &sizes, Blocks::Buffered).unwrap(), plan(&g, &sched, &sizes, Blocks::InArena).unwrap());
+        let (buffered, in_arena) = (
+            plan(&g, &sched, &sizes, Blocks::Buffered, Inputs::ReadOnly).unwrap(),
+            plan(&g, &sched, &sizes, Blocks::InArena, Inputs::ReadOnly).unwrap(),
+        );
         let blocks = buffered.places.iter().filter(|p| matches!(p, Place::Block { .. })).count();
         assert!(blocks >= 3 && buffered.arena_len < in_arena.arena_len, "{blocks} values in block buffers");
         let mut rng = Rng(9);

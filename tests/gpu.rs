@@ -10,7 +10,7 @@ mod support;
 use differential::*;
 use modelc::backend::schedule::{Kernel, schedule};
 use modelc::backend::{
-    plan::{Blocks, plan},
+    plan::{Blocks, Inputs, plan},
     wgsl,
 };
 use modelc::ir::graph::Graph;
@@ -62,7 +62,7 @@ fn sizes_of(g: &Graph) -> Sizes {
 fn shaders(g: &Graph) -> Vec<(Kernel, wgsl::Shader)> {
     let sizes = sizes_of(g);
     let sched = schedule(g);
-    let memory = plan(g, &sched, &sizes, Blocks::InArena).unwrap();
+    let memory = plan(g, &sched, &sizes, Blocks::InArena, Inputs::ReadOnly).unwrap();
     let layout = wgsl::layout(g, &memory);
     let shaders = wgsl::shaders(g, &sched, &memory, &sizes, &layout).unwrap();
     sched.leaves().into_iter().cloned().zip(shaders).filter_map(|(k, s)| Some((k, s?))).collect()

@@ -499,8 +499,14 @@ fn cpu_plan(
     let graph = crate::backend::split::split_reductions(&graph);
     let bound = bind_sizes(&graph, sizes)?;
     let sched = crate::backend::schedule::schedule(&graph);
-    let memory = crate::backend::plan::plan(&graph, &sched, &bound, crate::backend::plan::Blocks::Buffered)
-        .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
+    let memory = crate::backend::plan::plan(
+        &graph,
+        &sched,
+        &bound,
+        crate::backend::plan::Blocks::Buffered,
+        crate::backend::plan::Inputs::Writable,
+    )
+    .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
     Ok((graph, bound, sched, memory))
 }
 

@@ -7,7 +7,7 @@
 //! lavapipe (Vulkan on the CPU).
 
 use crate::cpu::Tensor;
-use modelc::backend::plan::{Blocks, Plan, plan};
+use modelc::backend::plan::{Blocks, Inputs, Plan, plan};
 use modelc::backend::schedule::schedule;
 use modelc::backend::wgsl::{self, Layout};
 use modelc::ir::graph::{Graph, Op};
@@ -104,7 +104,7 @@ impl GpuProgram {
         let gpu = gpu()?;
         let graph = modelc::backend::split::split_reductions(graph);
         let sched = schedule(&graph);
-        let plan = plan(&graph, &sched, sizes, Blocks::InArena)?;
+        let plan = plan(&graph, &sched, sizes, Blocks::InArena, Inputs::ReadOnly)?;
         let layout = wgsl::layout(&graph, &plan);
         let bytes = (layout.len.max(1) * 4) as u64;
         if bytes > gpu.max_binding {

@@ -9,7 +9,7 @@
 
 use crate::cpu::Tensor;
 use crate::model::Compiled;
-use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
+use crate::model::{DtypeArgs, RunArgs, compile, compile_shapes, error, forward_graph, load_weights};
 use crate::tokenize::{Stream, Tokenizer};
 use crate::weights::{Rng, Tensors};
 use modelc::check::value::Value;
@@ -141,10 +141,15 @@ trait Decoder {
 }
 
 /// KV-cached decoding: one program per number of new tokens (the prompt,
-/// then 1), sharing the weights and the cache tensors.
+/// then 1), sharing the weights and the cache tensors. On the CPU the
+/// caches are state the programs write the new rows into where they lie
+/// (`Program::run_state`); on the GPU each run returns them updated
+/// (`present.*`), and they become the next run's inputs.
 struct Cached {
     graph: Graph,
     feeds: Tensors,
+    /// The caches written in place (CPU), by input name.
+    caches: Tensors,
     programs: HashMap<usize, Compiled>,
     len: usize,
     vocab: usize,
@@ -155,8 +160,14 @@ struct Cached {
 }
 
 impl Cached {
-    fn new(graph: Graph, weights: Tensors, len: usize, vocab: usize) -> Cached {
+    fn new(mut graph: Graph, weights: Tensors, len: usize, vocab: usize) -> Cached {
         let mut feeds = weights;
+        let mut caches = Tensors::new();
+        let in_place = crate::model::device() == crate::model::Device::Cpu;
+        if in_place {
+            // The caches stay where the programs write them: nothing to return.
+            graph.outputs.retain(|(name, _)| !name.starts_with("present."));
+        }
         for n in &graph.nodes {
             if let Op::Input(name) = &n.op
                 && name.starts_with("past.")
@@ -169,10 +180,15 @@ impl Cached {
                         .map(|(i, d)| if i == 0 { 1 } else { d.as_const().unwrap_or(1) as usize })
                         .collect();
                 let count = shape.iter().product();
-                feeds.insert(name.clone(), Tensor::new(shape, vec![0.0; count]));
+                let cache = Tensor::new(shape, vec![0.0; count]);
+                if in_place {
+                    caches.insert(name.clone(), cache)
+                } else {
+                    feeds.insert(name.clone(), cache)
+                };
             }
         }
-        Cached { graph, feeds, programs: HashMap::new(), len, vocab, held: 0, spare: Tensors::new() }
+        Cached { graph, feeds, caches, programs: HashMap::new(), len, vocab, held: 0, spare: Tensors::new() }
     }
 
     /// The program for `t` new tokens, compiled on first use.
@@ -180,7 +196,8 @@ impl Cached {
         if !self.programs.contains_key(&t) {
             self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], vec![0.0; t]));
             self.feeds.insert("position".into(), Tensor::new(vec![], vec![0.0]));
-            let p = compile(CODE, &self.graph, &self.feeds).map_err(|_| "cannot compile the decoder".to_string())?;
+            let shapes = self.feeds.iter().chain(&self.caches).map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+            let p = compile_shapes(CODE, &self.graph, &shapes).map_err(|_| "cannot compile the decoder".to_string())?;
             // Weights stay on the device between tokens; the cache and the tokens move.
             let weights: Vec<String> = self
                 .feeds
@@ -200,7 +217,7 @@ impl Cached {
         self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], ids.iter().map(|i| *i as f32).collect()));
         self.feeds.insert("position".into(), Tensor::new(vec![], vec![position as f32]));
         let mut out = std::mem::take(&mut self.spare);
-        self.programs[&t].run_into(&self.feeds, &mut out)?;
+        self.programs[&t].run_state(&self.feeds, &mut self.caches, &mut out)?;
         // The new cache becomes the input; the old one the next output's buffer.
         for (name, value) in out.iter_mut() {
             if let Some(layer) = name.strip_prefix("present.") {

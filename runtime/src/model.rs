@@ -164,6 +164,24 @@ impl Compiled {
         }
     }
 
+    /// `run_into` with the inputs the CPU program writes in place given
+    /// apart (`Program::run_state`); elsewhere `state` is empty and every
+    /// input is in `feeds`.
+    pub fn run_state(
+        &self,
+        feeds: &HashMap<String, Tensor>,
+        state: &mut HashMap<String, Tensor>,
+        outputs: &mut HashMap<String, Tensor>,
+    ) -> Result<(), String> {
+        match self {
+            Compiled::Cpu(p) => p.run_state(feeds, state, outputs),
+            Compiled::Gpu(p) => {
+                outputs.extend(p.run(feeds)?);
+                Ok(())
+            }
+        }
+    }
+
     pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
         match self {
             Compiled::Cpu(p) => p.run(feeds),
@@ -191,6 +209,16 @@ impl Compiled {
 /// Compiles `g` for the shapes of `feeds` (weights and inputs), for the device `--device` chose.
 pub fn compile(code: &'static str, g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Compiled, ExitCode> {
     let shapes: HashMap<String, Vec<usize>> = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    compile_shapes(code, g, &shapes)
+}
+
+/// Compiles `g` for the given shapes of its weights and inputs.
+pub fn compile_shapes(
+    code: &'static str,
+    g: &Graph,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<Compiled, ExitCode> {
+    let shapes = shapes.clone();
     let sizes = bind(g, &shapes).map_err(|e| error(code, e))?;
     match device() {
         Device::Cpu => Program::compile(g, &sizes).map(|p| Compiled::Cpu(Box::new(p))),

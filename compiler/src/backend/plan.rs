@@ -39,6 +39,17 @@ pub enum Place {
     None,
 }
 
+/// What a backend may do with the memory of the caller's inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inputs {
+    /// Only read them.
+    ReadOnly,
+    /// A `WriteRows` whose base is an input writes its rows into that
+    /// input where it lies (the caller hands it over to be written: a
+    /// decoder's key/value cache), instead of copying it first.
+    Writable,
+}
+
 /// Where a plan keeps values that only their row group reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Blocks {
@@ -105,16 +116,27 @@ impl Plan {
     }
 }
 
-pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Plan, String> {
+pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inputs) -> Result<Plan, String> {
     let n = g.nodes.len();
     let mut lens = vec![0usize; n];
     for (i, node) in g.nodes.iter().enumerate() {
         lens[i] = node.ty.dims.iter().map(|d| eval_dim(d, sizes)).product::<Result<usize, String>>()?;
     }
     let mut places = vec![Place::None; n];
+    let mut users = vec![0usize; n];
+    for node in &g.nodes {
+        node.args.iter().for_each(|a| users[a.index()] += 1);
+    }
     for (i, node) in g.nodes.iter().enumerate() {
         if let Op::Input(name) | Op::Param(name) = &node.op {
             places[i] = Place::External(name.clone());
+        }
+        if inputs == Inputs::Writable
+            && matches!(node.op, Op::WriteRows)
+            && matches!(g.node(node.args[0]).op, Op::Input(_))
+            && users[node.args[0].index()] == 1
+        {
+            places[i] = Place::Alias(node.args[0]);
         }
     }
     // Kernels in execution order, each with its time and its row group's:
@@ -220,7 +242,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks) -> Result<Pl
             places[kernel.output().index()] = Place::Part(concat);
         }
         let out = placed.unwrap_or(kernel.output());
-        if matches!(places[out.index()], Place::Arena { .. }) {
+        if matches!(places[out.index()], Place::Arena { .. } | Place::Alias(_)) {
             continue;
         }
         let len = lens[out.index()];

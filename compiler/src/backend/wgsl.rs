@@ -404,6 +404,18 @@ impl Emitter<'_> {
                 );
                 elementwise(len, &body)
             }
+            Op::WriteRows => {
+                let r = out_shape.len();
+                let (rows, d) = (out_shape[r - 2], out_shape[r - 1]);
+                let t = self.shape(arg(1))?[r - 2];
+                let body = format!(
+                    "    let j = (i / {d}u) % {rows}u;\n    let start = i32({});\n    let at = i32(j) - start;\n    if (at >= 0 && at < {t}) {{\n        mem[{o}u + i] = {};\n    }} else {{\n        mem[{o}u + i] = {};\n    }}\n",
+                    self.read(arg(2), "0u")?,
+                    self.read(arg(1), &format!("((i / ({d}u * {rows}u)) * {t}u + u32(at)) * {d}u + i % {d}u"))?,
+                    self.read(arg(0), "i")?
+                );
+                elementwise(len, &body)
+            }
             Op::OneHot => {
                 let classes = *out_shape.last().expect("one_hot has a class axis");
                 let body = format!(

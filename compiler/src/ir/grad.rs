@@ -67,6 +67,8 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
         Op::Attention(spec) => super::attention::gradient(g, spec, a, y, gy),
         // Only gradients compute these; nothing differentiates a gradient twice.
         Op::AttentionBackward(..) => panic!("bug: a second derivative of attention"),
+        // Only decoding writes a cache, and nothing differentiates it.
+        Op::WriteRows => panic!("bug: a gradient through a key/value cache write"),
         Op::Unary(u) => {
             let x = x.expect("unary has an input");
             let d = match u {

@@ -154,6 +154,11 @@ pub enum Op {
     OneHot,
     TopKValues(usize),
     TopKIndices(usize),
+    /// `base [..., L, D]` with rows `rows [..., T, D]` written at positions
+    /// `start .. start + T` of its second-to-last axis (`start` a scalar
+    /// int; rows past L are dropped): a key/value cache taking the new
+    /// tokens' rows. A backend may write them into `base`'s own memory.
+    WriteRows,
     /// A mask of the node's shape: 0 with probability p, else 1/(1-p).
     /// Its one input is the step (a scalar), so masks differ between steps.
     DropoutMask {
@@ -272,6 +277,7 @@ impl Op {
             Op::OneHot => "one_hot".into(),
             Op::TopKValues(k) => format!("topk_values {k}"),
             Op::TopKIndices(k) => format!("topk_indices {k}"),
+            Op::WriteRows => "write_rows".into(),
             Op::DropoutMask { p, key } => format!("dropout_mask {} #{key}", crate::syntax::float_text(*p)),
             Op::Attention(a) => format!("attention{}", a.attributes()),
             Op::AttentionBackward(a, pass) => {
@@ -632,6 +638,12 @@ impl Graph {
         let dims = matmul_dims(self.ty(a), self.ty(b), ta, tb)
             .unwrap_or_else(|| panic!("bug: matmul of {} and {} (ta {ta}, tb {tb})", self.ty(a), self.ty(b)));
         self.push(Op::MatMul { ta, tb }, vec![a, b], f32s(dims))
+    }
+
+    /// `base` with `rows` written from position `start` of its second-to-last axis.
+    pub fn write_rows(&mut self, base: NodeId, rows: NodeId, start: NodeId) -> NodeId {
+        let ty = self.ty(base).clone();
+        self.push(Op::WriteRows, vec![base, rows, start], ty)
     }
 
     pub fn gather(&mut self, table: NodeId, ids: NodeId) -> NodeId {

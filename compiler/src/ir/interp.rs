@@ -215,6 +215,22 @@ pub fn eval(
             }
             Array::new(shape, out)
         }
+        Op::WriteRows => {
+            let (base, rows, start) = (args[0], args[1], args[2].data[0]);
+            let r = shape.len();
+            let (len, d, t) = (shape[r - 2], shape[r - 1], rows.shape[r - 2]);
+            let mut out = base.clone();
+            for outer in 0..base.len() / (len * d).max(1) {
+                for i in 0..t {
+                    let at = start + i as f64;
+                    if at >= 0.0 && (at as usize) < len {
+                        let (to, from) = ((outer * len + at as usize) * d, (outer * t + i) * d);
+                        out.data[to..to + d].copy_from_slice(&rows.data[from..from + d]);
+                    }
+                }
+            }
+            out
+        }
         Op::DropoutMask { p, key } => {
             let step = args[0].data[0] as u64;
             let len: usize = shape.iter().product();

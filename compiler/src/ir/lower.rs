@@ -145,31 +145,12 @@ impl Lowering {
         }
     }
 
-    /// Writes `new` ([B, T, G, D], rows for positions `position ..
-    /// position + T`) into the cache `past` ([B, len, G, D]).
     /// The cache `past` ([B, G, len, D], heads first) with the new tokens'
-    /// rows `new` ([B, G, T, D]) written at `position ..`.
+    /// rows `new` ([B, G, T, D]) written at `position ..` (`Op::WriteRows`:
+    /// the CPU writes them into the cache where it lies).
     fn cache_write(&mut self, past: NodeId, new: NodeId) -> NodeId {
         let position = self.position_input();
-        let nd = self.g.dims(new).to_vec();
-        let len = self.g.dims(past)[2].clone();
-        let (t, one) = (nd[2].clone(), Dim::constant(1));
-        let j = self.g.iota(len.clone());
-        let j = self.g.reshape(j, &[len.clone(), one.clone()]);
-        let i = self.g.iota(t.clone());
-        let i = self.g.reshape(i, &[one.clone(), t.clone()]);
-        let at = self.g.add(i, position);
-        let hit = self.g.binary(Binary::Eq, j, at); // [len, T]: slot j takes new row t
-        let hit = self.g.cast(hit, DType::F32);
-        let heads = nd[0].mul(&nd[1]);
-        let rows = self.g.reshape(new, &[heads, t.clone(), nd[3].clone()]);
-        let placed = self.matmul(hit, rows); // [B*G, len, D]
-        let placed = self.g.reshape(placed, &[nd[0].clone(), nd[1].clone(), len.clone(), nd[3].clone()]);
-        let written = self.g.reduce(Reduce::Sum, hit, &[1]); // [len]: 1 where a row was written
-        let half = self.g.constant(0.5, DType::F32);
-        let written = self.g.binary(Binary::Gt, written, half);
-        let written = self.g.reshape(written, &[one.clone(), one.clone(), len, one]);
-        self.g.select(written, placed, past)
+        self.g.write_rows(past, new, position)
     }
 
     pub fn step_input(&mut self) -> NodeId {

@@ -126,6 +126,7 @@ fn op(text: &str) -> Result<Op, String> {
         "one_hot" => Ok(Op::OneHot),
         "topk_values" => Ok(Op::TopKValues(num(rest)?)),
         "topk_indices" => Ok(Op::TopKIndices(num(rest)?)),
+        "write_rows" => Ok(Op::WriteRows),
         "dropout_mask" => {
             let (p, key) = rest.split_once(" #").ok_or("expected `dropout_mask P #KEY`")?;
             Ok(Op::DropoutMask {

@@ -128,6 +128,17 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 same(&dims, &out.dims)?;
             }
             Op::DropoutMask { .. } => want_args(1)?,
+            Op::WriteRows => {
+                want_args(3)?;
+                same(&t(0).dims, &out.dims)?;
+                let (b, r) = (&t(0).dims, &t(1).dims);
+                if b.len() < 2 || r.len() != b.len() || b[..b.len() - 2] != r[..r.len() - 2] || b.last() != r.last() {
+                    return Err(here(format!("rows {r:?} do not fit {b:?}")));
+                }
+                if t(2).rank() != 0 {
+                    return Err(here("the start of write_rows is a scalar".into()));
+                }
+            }
             Op::Attention(a) => {
                 let tys: Vec<&TensorTy> = n.args.iter().map(|x| g.ty(*x)).collect();
                 same(&attention_dims(a, &tys).map_err(here)?, &out.dims)?;

@@ -10,7 +10,7 @@ mod kernels;
 pub mod packed;
 
 use modelc::backend::clif::{Jit, KernelFn};
-use modelc::backend::plan::{Blocks, Place, Plan, plan};
+use modelc::backend::plan::{Blocks, Inputs, Place, Plan, plan};
 use modelc::backend::schedule::{Kernel, Schedule, schedule};
 use modelc::ir::graph::{Graph, NodeId, Op};
 use modelc::ir::interp::{self, Sizes};
@@ -129,6 +129,8 @@ pub struct Program {
     arena: std::sync::Mutex<Vec<f32>>,
     /// Seconds spent in each kernel, when `MODELC_PROFILE` is set; printed on drop.
     profile: Option<std::sync::Mutex<Vec<f64>>>,
+    /// Inputs written in place (`run_state`).
+    state: Vec<String>,
 }
 
 impl Drop for Program {
@@ -243,16 +245,63 @@ pub fn bind(g: &Graph, shapes: &HashMap<String, Vec<usize>>) -> Result<Sizes, St
 
 /// Every input and weight of `g` is fed, with the shape it was compiled for.
 pub fn check_feeds(g: &Graph, sizes: &Sizes, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
+    check_shapes(g, sizes, &|name| feeds.get(name).map(|t| t.shape.as_slice()))
+}
+
+/// Every input and weight of `g` has a shape (`shape_of`), the one it was compiled for.
+fn check_shapes<'a>(g: &Graph, sizes: &Sizes, shape_of: &dyn Fn(&str) -> Option<&'a [usize]>) -> Result<(), String> {
     for n in &g.nodes {
         if let Op::Input(name) | Op::Param(name) = &n.op {
-            let t = feeds.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
+            let shape = shape_of(name).ok_or_else(|| format!("no value given for `{name}`"))?;
             let want: Vec<usize> = n.ty.dims.iter().map(|d| interp::eval_dim(d, sizes)).collect::<Result<_, _>>()?;
-            if t.shape != want {
-                return Err(format!("`{name}` has shape {:?}, but the program was compiled for {want:?}", t.shape));
+            if shape != want {
+                return Err(format!("`{name}` has shape {shape:?}, but the program was compiled for {want:?}"));
             }
         }
     }
     Ok(())
+}
+
+/// What a run reads besides its arena: the caller's inputs and weights,
+/// and the inputs handed over to be written in place (`Program::run_state`).
+struct Given<'a> {
+    feeds: &'a HashMap<String, Tensor>,
+    /// Each state input's values (borrowed mutably for the run) and shape.
+    state: HashMap<&'a str, (SendPtr, usize, &'a [usize])>,
+}
+
+impl<'a> Given<'a> {
+    fn new(feeds: &'a HashMap<String, Tensor>, state: Option<&'a mut HashMap<String, Tensor>>) -> Given<'a> {
+        let state = state
+            .into_iter()
+            .flat_map(|s| s.iter_mut())
+            .map(|(k, t)| (k.as_str(), (SendPtr(t.data.as_mut_ptr()), t.data.len(), t.shape.as_slice())))
+            .collect();
+        Given { feeds, state }
+    }
+
+    fn shape(&self, name: &str) -> Option<&'a [usize]> {
+        match self.state.get(name) {
+            Some((_, _, shape)) => Some(shape),
+            None => self.feeds.get(name).map(|t| t.shape.as_slice()),
+        }
+    }
+
+    /// Where an input's values are; kernels write only through state inputs'.
+    fn pointer(&self, name: &str) -> *mut f32 {
+        match self.state.get(name) {
+            Some((p, _, _)) => p.0,
+            None => self.feeds[name].data.as_ptr() as *mut f32,
+        }
+    }
+
+    fn values(&self, name: &str) -> &[f32] {
+        match self.state.get(name) {
+            // SAFETY: the state tensor is borrowed for the run; no kernel writes it while this is read.
+            Some((p, len, _)) => unsafe { std::slice::from_raw_parts(p.0, *len) },
+            None => &self.feeds[name].data,
+        }
+    }
 }
 
 fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
@@ -283,7 +332,7 @@ impl Program {
         let started = std::time::Instant::now();
         let graph = modelc::backend::split::split_reductions(graph);
         let schedule = schedule(&graph);
-        let plan = plan(&graph, &schedule, sizes, Blocks::Buffered)?;
+        let plan = plan(&graph, &schedule, sizes, Blocks::Buffered, Inputs::Writable)?;
         let mut jit = Jit::with_wide_math(options.wide_math)?;
         let mut clif = Vec::new();
         let pending = schedule
@@ -297,6 +346,14 @@ impl Program {
         let arena = std::sync::Mutex::new(vec![0f32; plan.arena_len]);
         let profile =
             std::env::var_os("MODELC_PROFILE").map(|_| std::sync::Mutex::new(vec![0.0; schedule.kernels.len()]));
+        // Inputs a cache write writes where they lie.
+        let state = (graph.nodes.iter().enumerate())
+            .filter(|(i, n)| matches!(n.op, Op::WriteRows) && plan.places[*i] == Place::Alias(n.args[0]))
+            .filter_map(|(_, n)| match &graph.node(n.args[0]).op {
+                Op::Input(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
         Ok(Program {
             graph,
             schedule,
@@ -308,6 +365,7 @@ impl Program {
             compile_seconds,
             arena,
             profile,
+            state,
         })
     }
 
@@ -336,20 +394,37 @@ impl Program {
         feeds: &HashMap<String, Tensor>,
         outputs: &mut HashMap<String, Tensor>,
     ) -> Result<(), String> {
-        self.run_with(feeds, Some(outputs))
+        self.run_with(Given::new(feeds, None), Some(outputs))
     }
 
     /// Runs the kernels only, leaving the outputs in the arena (for benchmarks
     /// of the kernels themselves).
     pub fn run_kernels(&self, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
-        self.run_with(feeds, None)
+        self.run_with(Given::new(feeds, None), None)
     }
 
-    fn run_with(
+    /// `run_into`, with the inputs the program writes in place (`state`:
+    /// every key/value cache a `WriteRows` writes its new rows into) handed
+    /// over in `state` rather than `feeds`: a decoder keeps its caches
+    /// there, written token by token and never copied.
+    pub fn run_state(
         &self,
         feeds: &HashMap<String, Tensor>,
-        collect: Option<&mut HashMap<String, Tensor>>,
+        state: &mut HashMap<String, Tensor>,
+        outputs: &mut HashMap<String, Tensor>,
     ) -> Result<(), String> {
+        self.run_with(Given::new(feeds, Some(state)), Some(outputs))
+    }
+
+    /// The inputs the program writes in place, which `run_state` takes.
+    pub fn state(&self) -> &[String] {
+        &self.state
+    }
+
+    fn run_with(&self, feeds: Given, collect: Option<&mut HashMap<String, Tensor>>) -> Result<(), String> {
+        if let Some(missing) = self.state.iter().find(|n| !feeds.state.contains_key(n.as_str())) {
+            return Err(format!("`{missing}` is written in place: give it to run_state as state"));
+        }
         if rayon::current_thread_index().is_none() {
             // On one of the pool's threads: a parallel section then starts
             // by handing work to the other threads (which take it when they
@@ -357,7 +432,8 @@ impl Program {
             // context switches a section; decoding has dozens a token).
             return rayon::scope(|_| self.run_with(feeds, collect));
         }
-        check_feeds(&self.graph, &self.sizes, feeds)?;
+        let feeds = &feeds;
+        check_shapes(&self.graph, &self.sizes, &|name| feeds.shape(name))?;
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
         for (k, (kernel, compiled)) in self.schedule.kernels.iter().zip(&self.kernels).enumerate() {
@@ -425,7 +501,7 @@ impl Program {
         rows: usize,
         len: usize,
         arena: &mut [f32],
-        feeds: &'f HashMap<String, Tensor>,
+        feeds: &Given<'f>,
     ) {
         enum Part<'f> {
             /// A fused kernel: its output's then its inputs' locations, as it takes them.
@@ -584,17 +660,49 @@ impl Program {
         }
     }
 
+    /// `Op::WriteRows`: the base copied to the output unless the output is
+    /// the base's own memory (a state input), then the new rows written.
+    fn write_rows(&self, n: NodeId, arena: &mut [f32], feeds: &Given) -> Result<(), String> {
+        let node = self.graph.node(n);
+        let (base, rows, start) = (node.args[0], node.args[1], node.args[2]);
+        let shape = concrete(&self.graph, n, &self.sizes)?;
+        let r = shape.len();
+        let (len, d, t) = (shape[r - 2], shape[r - 1], concrete(&self.graph, rows, &self.sizes)?[r - 2]);
+        let start = self.read(start, arena, feeds)[0];
+        let out = self.pointer(n, arena.as_mut_ptr(), feeds);
+        let from = self.pointer(base, arena.as_mut_ptr(), feeds);
+        let total = self.plan.lens[n.index()];
+        let new = self.pointer(rows, arena.as_mut_ptr(), feeds);
+        // SAFETY: the output, the base and the rows are planned memory of their
+        // lengths; the output is the base itself or a value of its own.
+        unsafe {
+            if out != from {
+                std::ptr::copy_nonoverlapping(from, out, total);
+            }
+            for outer in 0..total / (len * d).max(1) {
+                for i in 0..t {
+                    let at = start + i as f32;
+                    if at >= 0.0 && (at as usize) < len {
+                        let to = out.add((outer * len + at as usize) * d);
+                        std::ptr::copy_nonoverlapping(new.add((outer * t + i) * d), to, d);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The packed weight a product multiplies by, if its right operand is one.
-    fn packed<'f>(&self, product: NodeId, feeds: &'f HashMap<String, Tensor>) -> Option<&'f Packed> {
+    fn packed<'f>(&self, product: NodeId, feeds: &Given<'f>) -> Option<&'f Packed> {
         let b = self.graph.node(product).args[1];
         match &self.graph.node(b).op {
-            Op::Param(name) if reads_as_rows(&self.graph, product, 1) => feeds.get(name)?.packed.as_deref(),
+            Op::Param(name) if reads_as_rows(&self.graph, product, 1) => feeds.feeds.get(name)?.packed.as_deref(),
             _ => None,
         }
     }
 
     /// The output pointer then the inputs', as a fused kernel takes them.
-    fn pointers(&self, out: NodeId, inputs: &[NodeId], base: *mut f32, feeds: &HashMap<String, Tensor>) -> SendPtrs {
+    fn pointers(&self, out: NodeId, inputs: &[NodeId], base: *mut f32, feeds: &Given) -> SendPtrs {
         let mut ptrs: Vec<*mut f32> = Vec::with_capacity(inputs.len() + 1);
         ptrs.push(self.pointer(out, base, feeds));
         for i in inputs {
@@ -603,19 +711,19 @@ impl Program {
         SendPtrs(ptrs)
     }
 
-    fn pointer(&self, n: NodeId, arena: *mut f32, feeds: &HashMap<String, Tensor>) -> *mut f32 {
+    fn pointer(&self, n: NodeId, arena: *mut f32, feeds: &Given) -> *mut f32 {
         match self.plan.resolve(n) {
             // SAFETY: the plan keeps offsets inside the arena.
             Place::Arena { offset, .. } => unsafe { arena.add(offset) },
-            Place::External(name) => feeds[&name].data.as_ptr() as *mut f32,
+            Place::External(name) => feeds.pointer(&name),
             other => unreachable!("bug: kernel input {n} has no memory ({other:?})"),
         }
     }
 
-    fn read<'a>(&self, n: NodeId, arena: &'a [f32], feeds: &'a HashMap<String, Tensor>) -> Cow<'a, [f32]> {
+    fn read<'a>(&self, n: NodeId, arena: &'a [f32], feeds: &'a Given) -> Cow<'a, [f32]> {
         match self.plan.resolve(n) {
             Place::Arena { offset, len } => Cow::Borrowed(&arena[offset..offset + len]),
-            Place::External(name) => Cow::Borrowed(&feeds[&name].data),
+            Place::External(name) => Cow::Borrowed(feeds.values(&name)),
             _ => match &self.graph.node(n).op {
                 Op::Const(v) => Cow::Owned(vec![*v as f32]),
                 other => unreachable!("bug: {n} ({}) is not stored", other.name()),
@@ -623,8 +731,11 @@ impl Program {
         }
     }
 
-    fn single(&self, n: NodeId, arena: &mut [f32], feeds: &HashMap<String, Tensor>) -> Result<(), String> {
+    fn single(&self, n: NodeId, arena: &mut [f32], feeds: &Given) -> Result<(), String> {
         let node = self.graph.node(n);
+        if let Op::WriteRows = node.op {
+            return self.write_rows(n, arena, feeds);
+        }
         let Place::Arena { offset, len } = self.plan.resolve(n) else {
             unreachable!("bug: kernel output not in the arena")
         };
