@@ -354,7 +354,8 @@ fn llama_forward(out: &Path, extra: &[&str]) -> Tensor {
 
 /// `--dtype`: the LLaMA fixture's logits (largest 4.06) with bf16, q8 and
 /// q4 weights stay within stated bounds of transformers' f32 logits (0.05,
-/// 0.12 and 1.77 measured: this fixture's weights are large and its layers
+/// 0.19 and 1.77 measured, the q8 and q4 products rounding their
+/// activations to int8 blocks too: this fixture's weights are large and its layers
 /// 32 wide, so q4's 16 levels show), and each error is not zero (the
 /// products really read the compact weights), the prompt's panels and
 /// decoding's matrix-vector products alike; greedy decoding with bf16

@@ -274,10 +274,37 @@ pub unsafe fn matvec(
     rhs: Rows,
     parallel: bool,
 ) {
-    let (a, c) = (Shared(a.0 as *mut f32, a.1), Shared(c.0, c.1));
+    // q8 and q4 multiply activations rounded to int8 blocks, as llama.cpp
+    // does: integer dot products where the host has them (VNNI), else the
+    // rounded values as f32; rows of `a` are rounded once, here.
+    let quantized: Vec<Activation> = match rhs {
+        Rows::Packed(p) if matches!(p.format, Format::Q8 | Format::Q4) => (0..m)
+            // SAFETY: row i of a holds k floats.
+            .map(|i| Activation::new(unsafe { std::slice::from_raw_parts(a.0.add(i * a.1), k) }))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let rounded: Vec<f32> = if quantized.is_empty() || vnni() {
+        Vec::new()
+    } else {
+        let mut rounded = Vec::with_capacity(m * k);
+        quantized.iter().for_each(|x| x.values_into(&mut rounded));
+        rounded
+    };
+    let a = if rounded.is_empty() { Shared(a.0 as *mut f32, a.1) } else { Shared(rounded.as_ptr() as *mut f32, k) };
+    let c = Shared(c.0, c.1);
+    let quantized = &quantized;
     let columns = |j0: usize, j1: usize| {
         // SAFETY: the caller's contract; tasks write disjoint columns of c.
-        unsafe { matvec_columns(m, k, a, c, alpha, rhs, j0, j1) }
+        unsafe {
+            match rhs {
+                #[cfg(target_arch = "x86_64")]
+                Rows::Packed(p) if !quantized.is_empty() && vnni() => {
+                    vnni::columns(quantized, c.0, c.1, alpha, p, j0, j1)
+                }
+                _ => matvec_columns(m, k, a, c, alpha, rhs, j0, j1),
+            }
+        }
     };
     let tasks = if parallel { (rayon::current_num_threads() * 2).min(n / 16).max(1) } else { 1 };
     if tasks == 1 {
@@ -559,6 +586,196 @@ mod avx512 {
     }
 }
 
+/// A row of activations rounded for q8/q4 products: blocks of 32 as int8
+/// with an f32 scale each (`x ~ d q`, as llama.cpp's Q8_0 rounds them).
+pub struct Activation {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    /// The scales of blocks 2p and 2p + 1 over 8 lanes each, 16 a pair
+    /// (zero past the last block): what a 512-bit vector of two blocks'
+    /// integer sums is scaled by.
+    spread: Vec<f32>,
+    /// Each block's sum of quants times its scale: what the products'
+    /// offsets (q8's +128, q4's -8) cost, taken off once per block.
+    sums: Vec<f32>,
+}
+
+impl Activation {
+    /// Rounds `x` (a whole number of blocks).
+    pub fn new(x: &[f32]) -> Activation {
+        let blocks = x.len() / BLOCK;
+        let mut a = Activation {
+            q: vec![0; x.len()],
+            d: vec![0.0; blocks],
+            spread: vec![0.0; blocks.div_ceil(2) * 16],
+            sums: vec![0.0; blocks],
+        };
+        for (b, (x, q)) in x.chunks_exact(BLOCK).zip(a.q.chunks_exact_mut(BLOCK)).enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in q.iter_mut().zip(x) {
+                // Rounded half away from zero, as `round` does, without its libm
+                // call (the crate targets baseline x86-64): |v id| <= 127, so
+                // the fraction is exact.
+                let r = v * id;
+                let t = r as i32;
+                let frac = r - t as f32;
+                *q = (t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)) as i8;
+                sum += *q as i32;
+            }
+            a.d[b] = d;
+            a.sums[b] = sum as f32 * d;
+            a.spread[b * 8..b * 8 + 8].fill(d);
+        }
+        a
+    }
+
+    /// The rounded values as f32.
+    pub fn values(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.q.len());
+        self.values_into(&mut out);
+        out
+    }
+
+    /// Appends the rounded values as f32 to `out`.
+    pub fn values_into(&self, out: &mut Vec<f32>) {
+        for (q, d) in self.q.chunks_exact(BLOCK).zip(&self.d) {
+            out.extend(q.iter().map(|q| d * *q as f32));
+        }
+    }
+}
+
+/// Whether the host has the integer dot products (AVX-512 VNNI, on 256-bit
+/// vectors) the q8 and q4 products use.
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        avx512() && std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    //! q8 and q4 rows against rounded activations in integers: per block of
+    //! 32, one `vpdpbusd` (unsigned bytes times signed bytes, summed by
+    //! fours into 8 lanes), then the lanes scaled by the two blocks' scales
+    //! into a float sum. The unsigned side is the weight: q8's quants plus
+    //! 128 (a flip of the sign bit), q4's nibbles as they are (the value
+    //! plus 8); the offset times the activations' block sum is taken off
+    //! once per block, in floats.
+
+    use super::{Activation, BLOCK, Format, Packed};
+    use std::arch::x86_64::*;
+
+    /// Columns j0..j1 of `c = alpha c + x W^T` for each rounded row `x`.
+    #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx512bw,fma,f16c")]
+    pub unsafe fn columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f32, w: &Packed, j0: usize, j1: usize) {
+        let k = w.k;
+        let blocks = k / BLOCK;
+        for j in j0..j1 {
+            // SAFETY: row j's scales and quants; element (i, j) of c.
+            unsafe {
+                let d = w.scales.as_ptr().add(j * blocks);
+                for (i, x) in xs.iter().enumerate() {
+                    // The offsets' cost, Σ_b dw_b sums_b, sixteen blocks at a time.
+                    let mut offsets = _mm512_setzero_ps();
+                    for g in (0..blocks).step_by(16) {
+                        let mask = (((1u32 << (blocks - g).min(16)) - 1) & 0xffff) as __mmask16;
+                        let mask = if blocks - g >= 16 { 0xffff } else { mask };
+                        let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d.add(g) as *const i16));
+                        offsets = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(mask, x.sums.as_ptr().add(g)), offsets);
+                    }
+                    let offset = _mm512_reduce_add_ps(offsets);
+                    let dot = match w.format {
+                        Format::Q8 => q8(x, w.quants.as_ptr().add(j * k) as *const i8, d, blocks) - 128.0 * offset,
+                        _ => q4(x, w.quants.as_ptr().add(j * k / 2), d, blocks) - 8.0 * offset,
+                    };
+                    let out = c.add(i * c_rs + j);
+                    *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                }
+            }
+        }
+    }
+
+    /// The weight scales of blocks 2p and 2p + 1 (the second 0 past the
+    /// last block) over 8 lanes each, times the activations'.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[inline]
+    unsafe fn scales(d: *const u16, p: usize, blocks: usize, x: &Activation) -> __m512 {
+        // SAFETY: the row's scales of blocks 2p (and 2p + 1 when there is one).
+        unsafe {
+            let second = if 2 * p + 1 < blocks { *d.add(2 * p + 1) as i32 } else { 0 };
+            let pair = _mm_cvtph_ps(_mm_cvtsi32_si128((*d.add(2 * p) as i32) | (second << 16)));
+            let lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            let dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(pair));
+            _mm512_mul_ps(dw, _mm512_loadu_ps(x.spread.as_ptr().add(p * 16)))
+        }
+    }
+
+    /// Σ_b dw_b dx_b Σ (q_w + 128) q_x over a q8 row, two blocks a step.
+    #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx512bw,fma")]
+    #[inline]
+    unsafe fn q8(x: &Activation, q: *const i8, d: *const u16, blocks: usize) -> f32 {
+        let (xq, x) = (x.q.as_ptr(), x);
+        let flip = _mm512_set1_epi8(-128);
+        let mut acc = _mm512_setzero_ps();
+        // SAFETY: blocks 2p, 2p + 1 of the row and of the activations; an odd
+        // last block is read as half a vector.
+        unsafe {
+            for p in 0..blocks.div_ceil(2) {
+                _mm_prefetch::<_MM_HINT_T0>(q.add(p * 2 * BLOCK + 1024));
+                let mask: __mmask64 = if 2 * p + 1 < blocks { !0 } else { (1 << BLOCK) - 1 };
+                let w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q.add(p * 2 * BLOCK)), flip);
+                let xv = _mm512_maskz_loadu_epi8(mask, xq.add(p * 2 * BLOCK));
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales(d, p, blocks, x), acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// Σ_b dw_b dx_b Σ (q_w + 8) q_x over a q4 row, two blocks a step.
+    #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx512bw,fma")]
+    #[inline]
+    unsafe fn q4(x: &Activation, q: *const u8, d: *const u16, blocks: usize) -> f32 {
+        let (xq, x) = (x.q.as_ptr(), x);
+        let low = _mm256_set1_epi8(15);
+        let mut acc = _mm512_setzero_ps();
+        // SAFETY: blocks 2p, 2p + 1 of the row (16 bytes each) and of the
+        // activations; an odd last block is read as half.
+        unsafe {
+            for p in 0..blocks.div_ceil(2) {
+                if p % 2 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(q.add(p * BLOCK + 1024) as *const i8);
+                }
+                let two = 2 * p + 1 < blocks;
+                let bytes = _mm256_maskz_loadu_epi8(if two { !0 } else { 0xffff }, q.add(p * BLOCK) as *const i8);
+                // [lo0 | lo1] and [hi0 | hi1] as bytes 0..15, then [lo0, hi0, lo1, hi1].
+                let lo = _mm256_and_si256(bytes, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+                let w = _mm512_shuffle_i64x2(
+                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                    0b11_01_10_00,
+                );
+                let mask: __mmask64 = if two { !0 } else { (1 << BLOCK) - 1 };
+                let xv = _mm512_maskz_loadu_epi8(mask, xq.add(p * 2 * BLOCK));
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales(d, p, blocks, x), acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+}
+
 /// `c = a W^T` for a packed `W` when `a` has many rows (a prompt): columns
 /// in panels of `PANEL`, each panel's rows dequantised into the running
 /// thread's buffer and multiplied by gemm there, panels in parallel.
@@ -569,7 +786,18 @@ mod avx512 {
 pub unsafe fn panels(m: usize, a: (*const f32, usize), c: (*mut f32, usize), alpha: f32, w: &Packed, parallel: bool) {
     const PANEL: usize = 64;
     let (n, k) = (w.n, w.k);
-    let (a, c) = (Shared(a.0 as *mut f32, a.1), Shared(c.0, c.1));
+    // q8 and q4 multiply activations rounded as `matvec` rounds them, so
+    // that a prompt and the tokens after it compute alike.
+    let mut rounded: Vec<f32> = Vec::new();
+    if matches!(w.format, Format::Q8 | Format::Q4) {
+        rounded.reserve_exact(m * k);
+        for i in 0..m {
+            // SAFETY: row i of a holds k floats.
+            Activation::new(unsafe { std::slice::from_raw_parts(a.0.add(i * a.1), k) }).values_into(&mut rounded);
+        }
+    }
+    let a = if rounded.is_empty() { Shared(a.0 as *mut f32, a.1) } else { Shared(rounded.as_ptr() as *mut f32, k) };
+    let c = Shared(c.0, c.1);
     let panel = move |p: usize| {
         let (a, c) = (a, c);
         let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
@@ -700,11 +928,16 @@ mod tests {
                 for m in [1, 3, SMALL_M + 5] {
                     let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
                     let start: Vec<f32> = (0..m * n).map(|_| rand()).collect();
+                    // q8 and q4 multiply the activations rounded to int8 blocks.
+                    let x: Vec<f32> = match format {
+                        Format::Q8 | Format::Q4 => a.chunks(k).flat_map(|r| Activation::new(r).values()).collect(),
+                        _ => a.clone(),
+                    };
                     for alpha in [0.0, 1.0] {
                         let want: Vec<f64> = (0..m * n)
                             .map(|e| {
                                 let (i, j) = (e / n, e % n);
-                                let dot: f64 = (0..k).map(|p| a[i * k + p] as f64 * dense[j * k + p] as f64).sum();
+                                let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * dense[j * k + p] as f64).sum();
                                 alpha as f64 * start[e] as f64 + dot
                             })
                             .collect();
@@ -725,7 +958,7 @@ mod tests {
                                 None => Rows::F32(w.as_ptr(), k),
                             };
                             let mut c = start.clone();
-                            let (sa, sc) = (Shared(a.as_ptr() as *mut f32, k), Shared(c.as_mut_ptr(), n));
+                            let (sa, sc) = (Shared(x.as_ptr() as *mut f32, k), Shared(c.as_mut_ptr(), n));
                             // SAFETY: as above.
                             unsafe { generic_columns(m, k, sa, sc, alpha, rows, 0, n) };
                             runs.push(("portable", c));
