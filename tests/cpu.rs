@@ -199,6 +199,40 @@ fn products_of_one_row_match_the_interpreter() {
 }
 
 #[test]
+fn a_weight_multiplied_both_ways_keeps_its_f32_values() {
+    // W [64, 64] in x @ W^T and in x @ W: a packed copy serves one way, the
+    // f32 values the other, and neither is freed.
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::syntax::ast::DType;
+    use modelc_runtime::cpu::{Format, drop_unread, f32_reads, pack_weights};
+    let d = |v: usize| Dim::constant(v as i64);
+    let mut g = Graph::default();
+    let x = g.input("x", TensorTy::new(DType::F32, vec![d(1), d(64)]));
+    let w = g.param("w", TensorTy::new(DType::F32, vec![d(64), d(64)]));
+    let rows = g.matmul_t(x, w, false, true);
+    let columns = g.matmul_t(x, w, false, false);
+    g.outputs.push(("rows".into(), rows));
+    g.outputs.push(("columns".into(), columns));
+    let mut rng = Rng(5);
+    let feeds =
+        HashMap::from([("x".to_string(), rng.array(&[1, 64], 1.0)), ("w".to_string(), rng.array(&[64, 64], 1.0))]);
+    let want = modelc::ir::interp::run(&g, &feeds, modelc::ir::interp::Precision::F32).unwrap();
+    let mut tensors: HashMap<String, Tensor> = feeds.iter().map(|(k, v)| (k.clone(), to_tensor(v))).collect();
+    assert_eq!(pack_weights(&g, &mut tensors, Format::Q8), 1);
+    assert!(f32_reads(&g).contains("w"));
+    drop_unread(&[&g], &mut tensors);
+    assert_eq!(tensors["w"].data.len(), 64 * 64, "the f32 values another product reads were freed");
+    let shapes = tensors.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let got = Program::compile(&g, &modelc_runtime::cpu::bind(&g, &shapes).unwrap()).unwrap().run(&tensors).unwrap();
+    let worst = |name: &str| {
+        got[name].data.iter().zip(&want[name].data).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)
+    };
+    // The first use packed it (x @ W^T, within q8's rounding); the other is exact.
+    assert!(worst("rows") > 1e-6 && worst("rows") < 0.1, "{}", worst("rows"));
+    assert!(worst("columns") < 1e-4, "{}", worst("columns"));
+}
+
+#[test]
 fn cache_writes_land_in_place_and_match_the_interpreter() {
     // A cache [1, 2, 7, 3] taking 2 or 3 rows at positions inside it, at its
     // end (rows past it are dropped) and at 0; its user reads it whole.

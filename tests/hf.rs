@@ -352,25 +352,45 @@ fn llama_forward(out: &Path, extra: &[&str]) -> Tensor {
     weights::load_all(&path).unwrap().0.remove("logits").unwrap()
 }
 
-/// `--dtype`: the LLaMA fixture's logits (largest 4.06) with bf16, q8 and
-/// q4 weights stay within stated bounds of transformers' f32 logits (0.05,
-/// 0.19 and 1.77 measured, the q8 and q4 products rounding their
-/// activations to int8 blocks too: this fixture's weights are large and its layers
-/// 32 wide, so q4's 16 levels show), and each error is not zero (the
-/// products really read the compact weights), the prompt's panels and
-/// decoding's matrix-vector products alike; greedy decoding with bf16
-/// weights still gives transformers' tokens, and q8 decoding with and without the cache agree.
+/// `--dtype`: the LLaMA and GPT-2 fixtures' logits (largest 4.06 and 3.98)
+/// with bf16, q8 and q4 weights stay within stated bounds of transformers'
+/// f32 logits (LLaMA 0.05, 0.19, 1.77 measured; GPT-2, whose Conv1D
+/// weights are packed from their transposes, 0.02, 0.10, 1.62; q8 and q4
+/// products round their activations to int8 blocks too, and these
+/// fixtures' weights are large and their layers 32 wide, so q4's 16 levels
+/// show), and each error is not zero (the products really read the compact
+/// weights), the prompt's panels and decoding's matrix-vector products
+/// alike; greedy decoding with bf16 weights still gives transformers'
+/// tokens, and q8 decoding with and without the cache agree.
 #[test]
 fn compact_weights_stay_close_to_f32() {
-    let out = scratch("dtype");
-    let want = weights::load_all(&fixture("llama").join("logits.safetensors")).unwrap().0.remove("logits").unwrap();
-    let weights = fixture("llama").join("model.safetensors");
-    for (dtype, bound) in [("f32", 1e-4), ("bf16", 0.1), ("q8", 0.25), ("q4", 2.5)] {
-        let got = llama_forward(&out, &["--weights", weights.to_str().unwrap(), "--dtype", dtype]);
-        let worst = max_difference(&got, &want);
-        assert!(worst <= bound, "{dtype}: logits differ from f32 by up to {worst}");
-        if dtype != "f32" {
-            assert!(worst > 1e-5, "{dtype}: the logits equal f32's, so the compact weights were not used");
+    for model in ["llama", "gpt2"] {
+        let out = scratch(&format!("dtype-{model}"));
+        let dir = fixture(model);
+        let want = weights::load_all(&dir.join("logits.safetensors")).unwrap().0.remove("logits").unwrap();
+        for (dtype, bound) in [("f32", 1e-4), ("bf16", 0.1), ("q8", 0.25), ("q4", 2.5)] {
+            let path = out.join(format!("{dtype}.safetensors"));
+            let (code, _, err) = modelc(&[
+                "forward",
+                &format!("specs/{model}.model"),
+                "--config",
+                dir.join("config.json").to_str().unwrap(),
+                "--weights",
+                dir.join("model.safetensors").to_str().unwrap(),
+                "--inputs",
+                dir.join("inputs.safetensors").to_str().unwrap(),
+                "--outputs",
+                path.to_str().unwrap(),
+                "--dtype",
+                dtype,
+            ]);
+            assert_eq!(code, 0, "{err}");
+            let got = weights::load_all(&path).unwrap().0.remove("logits").unwrap();
+            let worst = max_difference(&got, &want);
+            assert!(worst <= bound, "{model} {dtype}: logits differ from f32 by up to {worst}");
+            if dtype != "f32" {
+                assert!(worst > 1e-5, "{model} {dtype}: the logits equal f32's, so the compact weights were not used");
+            }
         }
     }
     let want: serde_json::Value =

@@ -36,15 +36,21 @@ impl Tensor {
     }
 }
 
-/// Whether node `user` reads argument `arg` as a weight `W` of `x @ W^T`
-/// (a 2-D right operand, transposed): what a packed weight can serve.
-fn reads_as_rows(g: &Graph, user: NodeId, arg: usize) -> bool {
+/// How node `user` reads argument `arg` when that is a product's 2-D right
+/// operand, a weight a packed copy can serve: `Some(true)` for `x @ W^T`
+/// (each output's weights are a row of W, as stored), `Some(false)` for
+/// `x @ W` (GPT-2's Conv1D: a column, packed from W's transpose).
+fn product_weight(g: &Graph, user: NodeId, arg: usize) -> Option<bool> {
     let node = g.node(user);
-    matches!(node.op, Op::MatMul { ta: false, tb: true }) && arg == 1 && g.dims(node.args[1]).len() == 2
+    match node.op {
+        Op::MatMul { ta: false, tb } if arg == 1 && g.dims(node.args[1]).len() == 2 => Some(tb),
+        _ => None,
+    }
 }
 
-/// Packs, in `format`, each weight of `feeds` that `g` multiplies as `x @
-/// W^T` and whose rows fit the format; returns how many it packed.
+/// Packs, in `format`, each weight of `feeds` that `g` multiplies by (as
+/// `x @ W^T` or `x @ W`) and whose rows of inputs fit the format; returns
+/// how many it packed.
 pub fn pack_weights(g: &Graph, feeds: &mut HashMap<String, Tensor>, format: Format) -> usize {
     if format == Format::F32 {
         return 0;
@@ -53,28 +59,44 @@ pub fn pack_weights(g: &Graph, feeds: &mut HashMap<String, Tensor>, format: Form
     for (id, node) in g.nodes.iter().enumerate() {
         for (arg, input) in node.args.iter().enumerate() {
             let Op::Param(name) = &g.node(*input).op else { continue };
+            let Some(tb) = product_weight(g, NodeId(id as u32), arg) else { continue };
             let Some(t) = feeds.get_mut(name) else { continue };
-            if t.packed.is_some() || t.shape.len() != 2 || !format.fits(t.shape[1]) {
+            if t.packed.is_some() || t.shape.len() != 2 {
                 continue;
             }
-            if reads_as_rows(g, NodeId(id as u32), arg) {
-                t.packed = Some(std::sync::Arc::new(Packed::new(format, &t.data, t.shape[0], t.shape[1])));
-                packed += 1;
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let (n, k) = if tb { (rows, cols) } else { (cols, rows) };
+            if !format.fits(k) {
+                continue;
             }
+            let w = if tb {
+                std::borrow::Cow::Borrowed(&t.data)
+            } else {
+                let mut w = vec![0f32; rows * cols];
+                kernels::permute(&t.data, &t.shape, &[1, 0], &mut w);
+                std::borrow::Cow::Owned(w)
+            };
+            t.packed = Some(std::sync::Arc::new(Packed::new(format, &w, n, k).transposed(!tb)));
+            packed += 1;
         }
     }
     packed
 }
 
-/// Weights `g` reads as f32 values (other than through a packed product).
+/// Weights `g` reads as f32 values: other than as a product's right
+/// operand, or as one both ways (`x @ W` and `x @ W^T`; a packed copy
+/// serves one).
 pub fn f32_reads(g: &Graph) -> std::collections::HashSet<String> {
     let mut reads = std::collections::HashSet::new();
+    let mut ways: HashMap<&str, bool> = HashMap::new();
     for (id, node) in g.nodes.iter().enumerate() {
         for (arg, input) in node.args.iter().enumerate() {
-            if let Op::Param(name) = &g.node(*input).op
-                && !reads_as_rows(g, NodeId(id as u32), arg)
-            {
-                reads.insert(name.clone());
+            let Op::Param(name) = &g.node(*input).op else { continue };
+            match product_weight(g, NodeId(id as u32), arg) {
+                Some(tb) if *ways.entry(name).or_insert(tb) == tb => {}
+                _ => {
+                    reads.insert(name.clone());
+                }
             }
         }
     }
@@ -696,7 +718,10 @@ impl Program {
     fn packed<'f>(&self, product: NodeId, feeds: &Given<'f>) -> Option<&'f Packed> {
         let b = self.graph.node(product).args[1];
         match &self.graph.node(b).op {
-            Op::Param(name) if reads_as_rows(&self.graph, product, 1) => feeds.feeds.get(name)?.packed.as_deref(),
+            Op::Param(name) => {
+                let tb = product_weight(&self.graph, product, 1)?;
+                feeds.feeds.get(name)?.packed.as_deref().filter(|p| p.transposed != tb)
+            }
             _ => None,
         }
     }

@@ -79,6 +79,9 @@ pub struct Packed {
     pub format: Format,
     pub n: usize,
     pub k: usize,
+    /// Packed from the transpose of a weight stored `[k, n]` and used as
+    /// `x @ W` (GPT-2's Conv1D), rather than one stored `[n, k]` for `x @ W^T`.
+    pub transposed: bool,
     /// bf16 bits, row-major (bf16).
     halves: Vec<u16>,
     /// int8 quants (q8), or two 4-bit quants a byte (q4), row-major.
@@ -103,7 +106,8 @@ impl Packed {
             format != Format::F32 && format.fits(k) && w.len() == n * k,
             "bug: cannot pack {n} x {k} as {format:?}"
         );
-        let mut p = Packed { format, n, k, halves: Vec::new(), quants: Vec::new(), scales: Vec::new() };
+        let mut p =
+            Packed { format, n, k, transposed: false, halves: Vec::new(), quants: Vec::new(), scales: Vec::new() };
         match format {
             Format::Bf16 => p.halves = w.par_iter().with_min_len(1 << 16).map(|x| bf16_bits(*x)).collect(),
             Format::Q8 | Format::Q4 => {
@@ -121,6 +125,12 @@ impl Packed {
             Format::F32 => unreachable!(),
         }
         p
+    }
+
+    /// The same, marked as packed from a weight's transpose (or not).
+    pub fn transposed(mut self, transposed: bool) -> Packed {
+        self.transposed = transposed;
+        self
     }
 
     /// Row `j` as f32: what the products compute with.
