@@ -393,6 +393,25 @@ fn compact_weights_stay_close_to_f32() {
             }
         }
     }
+    // The GPU (lavapipe here) takes f32 weights only, and says so.
+    let dir = fixture("gpt2");
+    let (code, _, err) = modelc(&[
+        "forward",
+        "specs/gpt2.model",
+        "--config",
+        dir.join("config.json").to_str().unwrap(),
+        "--weights",
+        dir.join("model.safetensors").to_str().unwrap(),
+        "--inputs",
+        dir.join("inputs.safetensors").to_str().unwrap(),
+        "--outputs",
+        "target/unused.safetensors",
+        "--dtype",
+        "q8",
+        "--device",
+        "gpu",
+    ]);
+    assert!(code != 0 && err.contains("--dtype q8: compact weights run on the CPU only; add --device cpu"), "{err}");
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("generate.json")).unwrap()).unwrap();
     assert_eq!(generate("llama", &["--dtype", "bf16"])["new_token_ids"], want["new_token_ids"], "bf16: greedy tokens");
@@ -512,6 +531,7 @@ fn runtime_errors_are_clear() {
              tests/fixtures/hf/gpt2/model.safetensors --inputs target/error-cases/u32.safetensors --outputs x",
         ),
         ("bad-device", "infer specs/gpt2.model --weights W --device tpu"),
+        ("unknown-weight-format", "infer specs/gpt2.model --weights W --dtype q5"),
         ("zero-threads", "train specs/tiny-gpt.model --data README.md --threads 0"),
         (
             "prompt-outside-vocabulary",

@@ -29,7 +29,7 @@ pub struct RunArgs {
 pub struct DtypeArgs {
     /// Weights of matrix products as f32, bf16, q8 (int8 in blocks of 32 with
     /// an f16 scale, llama.cpp's Q8_0) or q4 (Q4_0), converted at load; on the CPU.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "q8", "q4"])]
     pub dtype: String,
 }
 
