@@ -601,10 +601,6 @@ mod avx512 {
 pub struct Activation {
     q: Vec<i8>,
     d: Vec<f32>,
-    /// The scales of blocks 2p and 2p + 1 over 8 lanes each, 16 a pair
-    /// (zero past the last block): what a 512-bit vector of two blocks'
-    /// integer sums is scaled by.
-    spread: Vec<f32>,
     /// Each block's sum of quants times its scale: what the products'
     /// offsets (q8's +128, q4's -8) cost, taken off once per block.
     sums: Vec<f32>,
@@ -614,12 +610,7 @@ impl Activation {
     /// Rounds `x` (a whole number of blocks).
     pub fn new(x: &[f32]) -> Activation {
         let blocks = x.len() / BLOCK;
-        let mut a = Activation {
-            q: vec![0; x.len()],
-            d: vec![0.0; blocks],
-            spread: vec![0.0; blocks.div_ceil(2) * 16],
-            sums: vec![0.0; blocks],
-        };
+        let mut a = Activation { q: vec![0; x.len()], d: vec![0.0; blocks], sums: vec![0.0; blocks] };
         for (b, (x, q)) in x.chunks_exact(BLOCK).zip(a.q.chunks_exact_mut(BLOCK)).enumerate() {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -637,7 +628,6 @@ impl Activation {
             }
             a.d[b] = d;
             a.sums[b] = sum as f32 * d;
-            a.spread[b * 8..b * 8 + 8].fill(d);
         }
         a
     }
@@ -715,38 +705,53 @@ mod vnni {
         }
     }
 
-    /// The weight scales of blocks 2p and 2p + 1 (the second 0 past the
-    /// last block) over 8 lanes each, times the activations'.
-    #[target_feature(enable = "avx512f,f16c")]
+    /// The scales of blocks 8g .. 8g + 8 (the weight's times the
+    /// activations'; 0 past the last block), as a vector's low half.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c")]
     #[inline]
-    unsafe fn scales(d: *const u16, p: usize, blocks: usize, x: &Activation) -> __m512 {
-        // SAFETY: the row's scales of blocks 2p (and 2p + 1 when there is one).
+    unsafe fn group_scales(d: *const u16, g: usize, blocks: usize, x: &Activation) -> __m512 {
+        let n = (blocks - 8 * g).min(8);
+        let mask = ((1u32 << n) - 1) as __mmask8;
+        // SAFETY: the row's scales and the activations' of the group's blocks.
         unsafe {
-            let second = if 2 * p + 1 < blocks { *d.add(2 * p + 1) as i32 } else { 0 };
-            let pair = _mm_cvtph_ps(_mm_cvtsi32_si128((*d.add(2 * p) as i32) | (second << 16)));
-            let lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-            let dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(pair));
-            _mm512_mul_ps(dw, _mm512_loadu_ps(x.spread.as_ptr().add(p * 16)))
+            let dw = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(mask, d.add(8 * g) as *const i16));
+            _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_maskz_loadu_ps(mask, x.d.as_ptr().add(8 * g))))
         }
+    }
+
+    /// For the p-th pair of blocks in a group of 8: lanes 0-7 take scale 2p,
+    /// lanes 8-15 scale 2p + 1 (a `vpdpbusd` over two blocks sums each
+    /// block's bytes into 8 lanes).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn pairs() -> [__m512i; 4] {
+        std::array::from_fn(|p| {
+            let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+            _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+        })
     }
 
     /// Σ_b dw_b dx_b Σ (q_w + 128) q_x over a q8 row, two blocks a step.
     #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx512bw,fma")]
     #[inline]
     unsafe fn q8(x: &Activation, q: *const i8, d: *const u16, blocks: usize) -> f32 {
-        let (xq, x) = (x.q.as_ptr(), x);
+        let (xq, pairs) = (x.q.as_ptr(), pairs());
         let flip = _mm512_set1_epi8(-128);
-        let mut acc = _mm512_setzero_ps();
+        let (mut acc, mut group) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         // SAFETY: blocks 2p, 2p + 1 of the row and of the activations; an odd
         // last block is read as half a vector.
         unsafe {
             for p in 0..blocks.div_ceil(2) {
+                if p % 4 == 0 {
+                    group = group_scales(d, p / 4, blocks, x);
+                }
                 _mm_prefetch::<_MM_HINT_T0>(q.add(p * 2 * BLOCK + 1024));
                 let mask: __mmask64 = if 2 * p + 1 < blocks { !0 } else { (1 << BLOCK) - 1 };
                 let w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q.add(p * 2 * BLOCK)), flip);
                 let xv = _mm512_maskz_loadu_epi8(mask, xq.add(p * 2 * BLOCK));
                 let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales(d, p, blocks, x), acc);
+                let scale = _mm512_permutexvar_ps(pairs[p % 4], group);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
             }
         }
         _mm512_reduce_add_ps(acc)
@@ -756,13 +761,16 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx512bw,fma")]
     #[inline]
     unsafe fn q4(x: &Activation, q: *const u8, d: *const u16, blocks: usize) -> f32 {
-        let (xq, x) = (x.q.as_ptr(), x);
+        let (xq, pairs) = (x.q.as_ptr(), pairs());
         let low = _mm256_set1_epi8(15);
-        let mut acc = _mm512_setzero_ps();
+        let (mut acc, mut group) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         // SAFETY: blocks 2p, 2p + 1 of the row (16 bytes each) and of the
         // activations; an odd last block is read as half.
         unsafe {
             for p in 0..blocks.div_ceil(2) {
+                if p % 4 == 0 {
+                    group = group_scales(d, p / 4, blocks, x);
+                }
                 if p % 2 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(q.add(p * BLOCK + 1024) as *const i8);
                 }
@@ -779,7 +787,8 @@ mod vnni {
                 let mask: __mmask64 = if two { !0 } else { (1 << BLOCK) - 1 };
                 let xv = _mm512_maskz_loadu_epi8(mask, xq.add(p * 2 * BLOCK));
                 let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales(d, p, blocks, x), acc);
+                let scale = _mm512_permutexvar_ps(pairs[p % 4], group);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
             }
         }
         _mm512_reduce_add_ps(acc)
