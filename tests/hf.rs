@@ -32,9 +32,14 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// `modelc forward` on the fixture's inputs with the given weights; the logits.
 fn forward(model: &str, weights: &Path, out: &Path) -> Tensor {
+    forward_with(model, weights, out, &[])
+}
+
+/// `forward` with extra flags.
+fn forward_with(model: &str, weights: &Path, out: &Path, extra: &[&str]) -> Tensor {
     let dir = fixture(model);
     let spec = format!("specs/{model}.model");
-    let (code, _, err) = modelc(&[
+    let mut args = vec![
         "forward",
         &spec,
         "--config",
@@ -45,7 +50,13 @@ fn forward(model: &str, weights: &Path, out: &Path) -> Tensor {
         dir.join("inputs.safetensors").to_str().unwrap(),
         "--outputs",
         out.to_str().unwrap(),
-    ]);
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = modelc(&args);
     assert_eq!(code, 0, "{err}");
     weights::load_all(out).unwrap().0.remove("logits").expect("a logits output")
 }
@@ -370,22 +381,7 @@ fn compact_weights_stay_close_to_f32() {
         let want = weights::load_all(&dir.join("logits.safetensors")).unwrap().0.remove("logits").unwrap();
         for (dtype, bound) in [("f32", 1e-4), ("bf16", 0.1), ("q8", 0.25), ("q4", 2.5)] {
             let path = out.join(format!("{dtype}.safetensors"));
-            let (code, _, err) = modelc(&[
-                "forward",
-                &format!("specs/{model}.model"),
-                "--config",
-                dir.join("config.json").to_str().unwrap(),
-                "--weights",
-                dir.join("model.safetensors").to_str().unwrap(),
-                "--inputs",
-                dir.join("inputs.safetensors").to_str().unwrap(),
-                "--outputs",
-                path.to_str().unwrap(),
-                "--dtype",
-                dtype,
-            ]);
-            assert_eq!(code, 0, "{err}");
-            let got = weights::load_all(&path).unwrap().0.remove("logits").unwrap();
+            let got = forward_with(model, &dir.join("model.safetensors"), &path, &["--dtype", dtype]);
             let worst = max_difference(&got, &want);
             assert!(worst <= bound, "{model} {dtype}: logits differ from f32 by up to {worst}");
             if dtype != "f32" {
