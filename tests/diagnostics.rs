@@ -52,3 +52,48 @@ fn several_independent_errors_are_reported_together() {
     let err = check_file(&repo().join("tests/errors/several-errors.model"), &Options::default()).unwrap_err();
     assert!(err.contains("Lineer") && err.contains("bais"), "{err}");
 }
+
+/// A spec whose model computes `body` from `x: [B, dim]` with a weight `w`.
+fn spec_with(hparams: &str, body: &str) -> String {
+    format!(
+        "import std.core\nmodel M(dim: int = 4{hparams}) {{\n    w: param[dim] = ones\n    forward(x: [B, dim]) -> [B, dim] = {body}\n}}\n"
+    )
+}
+
+/// Inputs that once crashed the parser, the checker or the renderer: each
+/// gets its located error (snapshotted), never a panic or a stack overflow.
+#[test]
+fn hostile_specs_get_located_errors() {
+    let n = 20_000;
+    let cases = [
+        ("deep-parens", spec_with("", &format!("{}x{} * w", "(".repeat(n), ")".repeat(n)))),
+        ("deep-brackets", spec_with("", &format!("{}x{}", "[".repeat(n), "]".repeat(n)))),
+        ("deep-negations", spec_with("", &format!("{}x * w", "- ".repeat(n)))),
+        ("deep-ifs", spec_with("", &format!("{}x{}", "if true then ".repeat(n), " else x".repeat(n)))),
+        ("long-chain", spec_with("", &format!("x{} * w", " - x".repeat(n)))),
+        ("long-pipe", spec_with("", &format!("x{} * w", " |> exp".repeat(n)))),
+        ("long-line", spec_with("", &format!("x * w{} + zz", " ".repeat(70_000)))),
+        ("long-name", spec_with("", &format!("x * {}", "a".repeat(70_000)))),
+        ("min-div-minus-one", spec_with(", a: int = -9223372036854775807 - 1, b: int = a / -1", "x * w")),
+        ("min-rem-minus-one", spec_with(", a: int = -9223372036854775807 - 1, b: int = a % -1", "x * w")),
+        ("huge-param", "model M(n: int = 4294967296) {\n    w: param[n, n] = ones\n    forward(x: [B]) -> [B] = x\n}\n".into()),
+        ("huge-repeat", "import std.core\nimport std.mlp\nmodel M() {\n    layers: repeat(10000000) Linear(4, 4)\n    forward(x: [B, 4]) -> [B, 4] = x |> layers\n}\n".into()),
+    ];
+    for (name, text) in cases {
+        let rendered = match check_text(&format!("{name}.model"), &text, None, &Options::default()) {
+            Ok(_) => panic!("{name} was expected to fail"),
+            Err(text) => text,
+        };
+        assert!(
+            rendered.lines().all(|l| l.chars().count() < 300),
+            "{name}: a line too long to read in\n{rendered:.2000}"
+        );
+        insta::assert_snapshot!(format!("hostile-{name}"), rendered);
+    }
+    // Names too long for format widths in the table `modelc check` prints.
+    let long = "b".repeat(70_000);
+    let text = spec_with(&format!(", {long}: int = 1"), "x * w");
+    let checked = check_text("long-hparam.model", &text, None, &Options::default()).unwrap();
+    let table = modelc::check::report::text(&checked);
+    assert!(table.contains(&format!("  {long}  1\n")), "{:.300}", table);
+}

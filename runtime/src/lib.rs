@@ -9,6 +9,7 @@ pub mod embed;
 pub mod forward;
 pub mod gpu;
 pub mod infer;
+pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod plot;

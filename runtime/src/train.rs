@@ -651,6 +651,23 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
 
 /// Fresh weights from the spec's initialisers (or `--weights`), and zeroed optimiser state.
 fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Tensors, ExitCode> {
+    // A trainable weight and its optimiser state are held twice: passed in,
+    // and the step's new values (gradients are part of the program's plan,
+    // checked when it compiles).
+    let copies = 2 * (1 + state_names(&s.config.optimizer, "").len()) as u64;
+    let items: Vec<(String, u64)> = (checked.params.iter())
+        .map(|p| {
+            let bytes = (p.count() as u64).saturating_mul(4);
+            let shape = format!("{:?}", p.shape);
+            if p.trainable {
+                (format!("`{}` {shape}, with its optimiser state, twice", p.name), bytes.saturating_mul(copies))
+            } else {
+                (format!("`{}` {shape}", p.name), bytes)
+            }
+        })
+        .collect();
+    crate::memory::ensure_available("the weights and optimiser state", crate::memory::total(&items), &items)
+        .map_err(usage)?;
     let fresh = weights::init(&checked.params, &mut Rng::new(s.seed));
     let mut state = match (&args.weights, &args.model.adapter) {
         (Some(w), Some(a)) => weights::load_model(w, Some(a), &checked.params).map_err(usage)?,

@@ -120,7 +120,12 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
     let n = g.nodes.len();
     let mut lens = vec![0usize; n];
     for (i, node) in g.nodes.iter().enumerate() {
-        lens[i] = node.ty.dims.iter().map(|d| eval_dim(d, sizes)).product::<Result<usize, String>>()?;
+        let dims = node.ty.dims.iter().map(|d| eval_dim(d, sizes)).collect::<Result<Vec<usize>, String>>()?;
+        lens[i] = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n as u64 <= crate::check::MAX_ELEMENTS as u64)
+            .ok_or_else(|| format!("%{i} of shape {dims:?} is too large: a tensor holds at most 2^48 elements"))?;
     }
     let mut places = vec![Place::None; n];
     let mut users = vec![0usize; n];

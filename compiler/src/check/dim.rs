@@ -1,6 +1,7 @@
 //! Symbolic dimensions: polynomials over named sizes such as `B` and `T`, so
 //! that `merge` gives `B*T` and a KV cache gives `S + T`, and two shapes can be
-//! compared exactly.
+//! compared exactly. Coefficients saturate rather than wrap: a size past
+//! 2^63 is refused later (parameters, memory plans), never silently small.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,14 +42,15 @@ impl Dim {
     pub fn add(&self, other: &Dim) -> Dim {
         let mut terms = self.terms.clone();
         for (m, c) in &other.terms {
-            *terms.entry(m.clone()).or_insert(0) += c;
+            let t = terms.entry(m.clone()).or_insert(0);
+            *t = t.saturating_add(*c);
         }
         terms.retain(|_, c| *c != 0);
         Dim { terms }
     }
 
     pub fn neg(&self) -> Dim {
-        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
+        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c.saturating_neg())).collect() }
     }
 
     pub fn sub(&self, other: &Dim) -> Dim {
@@ -61,7 +63,8 @@ impl Dim {
             for (mb, cb) in &other.terms {
                 let mut m: Vec<String> = ma.iter().chain(mb).cloned().collect();
                 m.sort();
-                *terms.entry(m).or_insert(0) += ca * cb;
+                let t = terms.entry(m).or_insert(0);
+                *t = t.saturating_add(ca.saturating_mul(*cb));
             }
         }
         terms.retain(|_, c| *c != 0);
@@ -71,7 +74,7 @@ impl Dim {
     /// Exact division; `None` when the quotient is not a polynomial.
     pub fn div(&self, other: &Dim) -> Option<Dim> {
         if let Some(d) = other.as_const() {
-            if d == 0 || self.terms.values().any(|c| c % d != 0) {
+            if d == 0 || self.terms.values().any(|c| c.checked_rem(d) != Some(0)) {
                 return None;
             }
             return Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect() });
@@ -81,7 +84,7 @@ impl Dim {
             let (om, oc) = other.terms.iter().next().expect("one term");
             let mut terms = BTreeMap::new();
             for (m, c) in &self.terms {
-                if c % oc != 0 {
+                if c.checked_rem(*oc) != Some(0) {
                     return None;
                 }
                 let mut rest = m.clone();

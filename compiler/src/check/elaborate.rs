@@ -50,10 +50,20 @@ pub struct ParamInfo {
 }
 
 impl ParamInfo {
+    /// At most [`MAX_ELEMENTS`]: the checker refuses larger parameters.
     pub fn count(&self) -> i64 {
         self.shape.iter().product()
     }
 }
+
+/// The most layer instances a model may have: checking costs time and
+/// memory for each (a few KiB), and real models have hundreds.
+pub const MAX_INSTANCES: usize = 100_000;
+
+/// The most elements a parameter may have (2^48, a petabyte of f32): far
+/// beyond any machine, and small enough that sizes and byte counts of
+/// parameters never overflow 64 bits.
+pub const MAX_ELEMENTS: i64 = 1 << 48;
 
 pub struct Checker<'p> {
     pub p: &'p Program,
@@ -162,6 +172,17 @@ impl<'p> Checker<'p> {
     }
 
     fn instantiate_inner(&mut self, lv: &LayerValue, path: String, trainable: bool) -> Fallible<InstId> {
+        if self.instances.len() >= MAX_INSTANCES {
+            self.error(
+                Diagnostic::at(
+                    "E0208",
+                    lv.span,
+                    format!("the model has more than {MAX_INSTANCES} layers, at `{path}`"),
+                )
+                .help("a `repeat` count is probably far too large"),
+            );
+            return Err(());
+        }
         if self.depth >= MAX_DEPTH {
             self.error(
                 Diagnostic::at("E0208", lv.span, format!("layers nest more than {MAX_DEPTH} deep at `{path}`"))
@@ -395,6 +416,18 @@ impl<'p> Checker<'p> {
                         Err(()) => return Err(()),
                     }
                 }
+                if shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d)).is_none_or(|n| n > MAX_ELEMENTS) {
+                    let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+                    self.error(
+                        Diagnostic::at(
+                            "E0206",
+                            ty.span,
+                            format!("parameter `{path}` of shape [{}] is too large", dims.join(", ")),
+                        )
+                        .help(format!("a tensor holds at most 2^48 = {MAX_ELEMENTS} elements")),
+                    );
+                    return Err(());
+                }
                 let init = match init {
                     None => Init::Normal { std: 0.02 },
                     Some(e) => match self.eval_static(m, env, *e, false)? {
@@ -461,6 +494,17 @@ impl<'p> Checker<'p> {
                     ));
                     return Err(());
                 };
+                if n > MAX_INSTANCES as i64 {
+                    self.error(
+                        Diagnostic::at(
+                            "E0208",
+                            module.expr(*count).span,
+                            format!("`repeat({n})` makes more than {MAX_INSTANCES} layers"),
+                        )
+                        .help("models have tens or hundreds of layers; is the count right?"),
+                    );
+                    return Err(());
+                }
                 let mut ids = Vec::new();
                 for i in 0..n {
                     ids.push(self.instantiate(&lv, format!("{path}.{i}"), trainable)?);

@@ -8,6 +8,7 @@
 mod calls;
 pub mod dim;
 mod elaborate;
+pub use elaborate::MAX_ELEMENTS;
 mod forward;
 pub mod hf;
 pub mod load;
@@ -67,11 +68,11 @@ pub struct Signature {
 
 impl Checked {
     pub fn total_params(&self) -> i64 {
-        self.params.iter().filter(|p| !p.buffer).map(ParamInfo::count).sum()
+        self.params.iter().filter(|p| !p.buffer).map(ParamInfo::count).fold(0, i64::saturating_add)
     }
 
     pub fn trainable_params(&self) -> i64 {
-        self.params.iter().filter(|p| p.trainable).map(ParamInfo::count).sum()
+        self.params.iter().filter(|p| p.trainable).map(ParamInfo::count).fold(0, i64::saturating_add)
     }
 }
 

@@ -17,13 +17,23 @@ pub fn thousands(n: i64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
+/// `s` padded with spaces to `width` bytes. (Not `{:<width$}`: format
+/// widths over 65,535 panic, and names may be that long.)
+fn pad(s: &str, width: usize) -> String {
+    format!("{s}{}", " ".repeat(width.saturating_sub(s.len())))
+}
+
+fn pad_left(s: &str, width: usize) -> String {
+    format!("{}{s}", " ".repeat(width.saturating_sub(s.len())))
+}
+
 pub fn text(c: &Checked) -> String {
     let mut out = format!("model {}\n", c.model);
     if !c.hparams.is_empty() {
         out.push_str("\nhyperparameters\n");
         let w = c.hparams.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (k, v) in &c.hparams {
-            out.push_str(&format!("  {k:<w$}  {v}\n"));
+            out.push_str(&format!("  {}  {v}\n", pad(k, w)));
         }
     }
     let sig = |title: &str, sigs: &[super::Signature], out: &mut String| {
@@ -34,7 +44,7 @@ pub fn text(c: &Checked) -> String {
         let w = sigs.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for s in sigs {
             let opt = if s.optional { " (optional)" } else { "" };
-            out.push_str(&format!("  {:<w$}  {}{opt}\n", s.name, s.ty));
+            out.push_str(&format!("  {}  {}{opt}\n", pad(&s.name, w), s.ty));
         }
     };
     sig("inputs", &c.inputs, &mut out);
@@ -45,7 +55,7 @@ pub fn text(c: &Checked) -> String {
             out.push_str(&format!("\n{title}\n"));
             let w = settings.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
             for (k, v) in settings {
-                out.push_str(&format!("  {k:<w$}  {v}\n"));
+                out.push_str(&format!("  {}  {v}\n", pad(k, w)));
             }
         }
     }
@@ -68,9 +78,9 @@ pub fn text(c: &Checked) -> String {
     let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(4).max(4);
     let w1 = rows.iter().map(|r| r.1.len()).max().unwrap_or(5).max(5);
     let w2 = rows.iter().map(|r| r.2.len()).max().unwrap_or(5).max(5);
-    out.push_str(&format!("  {:<w0$}  {:<w1$}  {:>w2$}\n", "name", "shape", "count"));
+    out.push_str(&format!("  {}  {}  {}\n", pad("name", w0), pad("shape", w1), pad_left("count", w2)));
     for (name, shape, count, kind) in &rows {
-        out.push_str(&format!("  {name:<w0$}  {shape:<w1$}  {count:>w2$}  {kind}\n"));
+        out.push_str(&format!("  {}  {}  {}  {kind}\n", pad(name, w0), pad(shape, w1), pad_left(count, w2)));
     }
     out.push_str(&format!(
         "\ntotal {} parameters, {} trainable\n",

@@ -181,7 +181,9 @@ impl Checker<'_> {
                             self.error(Diagnostic::at("E0205", span, "division by zero").label(rs, "this is 0"));
                             return Err(());
                         }
-                        BinOp::Rem => Some(a.rem_euclid(b)),
+                        BinOp::Rem => a.checked_rem_euclid(b),
+                        // i64::MIN / -1 overflows.
+                        _ if a.checked_rem(b).is_none() => None,
                         _ => {
                             if a % b != 0 {
                                 let (lt, rt) =

@@ -266,6 +266,41 @@ pub enum ExprKind {
     If { cond: ExprId, then: ExprId, otherwise: ExprId },
 }
 
+impl ExprKind {
+    /// Calls `f` with each operand, in source order.
+    pub fn for_each_child(&self, mut f: impl FnMut(ExprId)) {
+        match self {
+            ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Bool(_) | ExprKind::None => {}
+            ExprKind::Str(_) | ExprKind::Name(_) => {}
+            ExprKind::List(items) => items.iter().copied().for_each(f),
+            ExprKind::Unary(_, e) | ExprKind::Member { base: e, .. } => f(*e),
+            ExprKind::Binary(_, a, b) => {
+                f(*a);
+                f(*b);
+            }
+            ExprKind::Call { callee, args } => {
+                f(*callee);
+                args.iter().for_each(|a| f(a.value));
+            }
+            ExprKind::Index { base, items } => {
+                f(*base);
+                for item in items {
+                    match *item {
+                        IndexItem::Rest => {}
+                        IndexItem::Slice(lo, hi) => lo.into_iter().chain(hi).for_each(&mut f),
+                        IndexItem::At(e) => f(e),
+                    }
+                }
+            }
+            ExprKind::If { cond, then, otherwise } => {
+                f(*cond);
+                f(*then);
+                f(*otherwise);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Arg {
     pub name: Option<Name>,

@@ -42,6 +42,11 @@ static PRATT: LazyLock<PrattParser<Rule>> = LazyLock::new(|| {
 /// Parses one file. On a syntax error the module is `None` and the
 /// diagnostics say where and what was expected.
 pub fn parse(file: FileId, text: &str) -> (Option<Module>, Vec<Diagnostic>) {
+    // The parser and every pass over expressions recurse; bound the depth
+    // first so that no input can overflow the stack.
+    if let Some(d) = too_deep(file, text) {
+        return (None, vec![d]);
+    }
     let pairs = match Grammar::parse(Rule::file, text) {
         Ok(pairs) => pairs,
         Err(e) => return (None, vec![syntax_error(file, text, e)]),
@@ -53,9 +58,131 @@ pub fn parse(file: FileId, text: &str) -> (Option<Module>, Vec<Diagnostic>) {
             items.push(builder.item(pair));
         }
     }
-    let errors = builder.errors.into_inner();
-    let module = Module { file, items, exprs: builder.exprs.into_inner(), comments: comments(file, text) };
+    let mut errors = builder.errors.into_inner();
+    let exprs = builder.exprs.into_inner();
+    errors.extend(deepest_expr(&exprs));
+    let module = Module { file, items, exprs, comments: comments(file, text) };
     (errors.is_empty().then_some(module), errors)
+}
+
+/// The deepest an expression may nest, counting brackets, prefix operators,
+/// `if`s and operands of operator chains (`a - b - c` is 3 deep). Real specs
+/// stay under 30; the compiler's recursive passes fit far more than this on
+/// a 2 MiB thread stack.
+pub const MAX_DEPTH: usize = 256;
+
+/// An error at the first place where `text` nests more than [`MAX_DEPTH`]
+/// brackets, prefix operators and `if`s, found by a scan that never recurses
+/// (the parser itself recurses once per level). Within one bracket level,
+/// prefix operators and `if`s count until the next `,`, `=` or `let`.
+fn too_deep(file: FileId, text: &str) -> Option<Diagnostic> {
+    let bytes = text.as_bytes();
+    // For each open bracket, the prefix operators and `if`s seen in it.
+    let mut levels: Vec<usize> = vec![0];
+    let mut depth = 0usize; // brackets + every level's count
+    let mut operand_before = false; // `-` after an operand is subtraction
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let start = i;
+        let mut opened = false;
+        match c {
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                operand_before = true;
+            }
+            b'(' | b'[' | b'{' => {
+                levels.push(0);
+                depth += 1;
+                opened = true;
+                operand_before = false;
+            }
+            b')' | b']' | b'}' => {
+                if levels.len() > 1 {
+                    depth -= 1 + levels.pop().unwrap_or(0);
+                }
+                operand_before = true;
+            }
+            b',' | b'=' => {
+                let level = levels.last_mut().expect("the file level");
+                depth -= *level;
+                *level = 0;
+                operand_before = false;
+            }
+            b'-' if !operand_before => {
+                *levels.last_mut().expect("the file level") += 1;
+                depth += 1;
+                opened = true;
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' => {
+                while i + 1 < bytes.len()
+                    && (bytes[i + 1].is_ascii_alphanumeric() || matches!(bytes[i + 1], b'_' | b'.'))
+                {
+                    i += 1;
+                }
+                match &text[start..=i] {
+                    "if" | "not" => {
+                        *levels.last_mut().expect("the file level") += 1;
+                        depth += 1;
+                        opened = true;
+                        operand_before = false;
+                    }
+                    "let" => {
+                        let level = levels.last_mut().expect("the file level");
+                        depth -= *level;
+                        *level = 0;
+                        operand_before = false;
+                    }
+                    "then" | "else" | "and" | "or" => operand_before = false,
+                    _ => operand_before = true,
+                }
+            }
+            c if c.is_ascii_whitespace() => {}
+            _ => operand_before = false,
+        }
+        if opened && depth > MAX_DEPTH {
+            let span = Span::new(file, start, i + 1);
+            return Some(
+                Diagnostic::new("E0003", format!("nested more than {MAX_DEPTH} deep"))
+                    .label(span, "this bracket, `-`, `not` or `if` is one level too many")
+                    .help("name the inner parts with `let`, or define a layer for them"),
+            );
+        }
+        i += 1;
+    }
+    None
+}
+
+/// An error at the first expression more than [`MAX_DEPTH`] deep, computed
+/// over the arena in allocation order (operands are allocated before the
+/// expressions that use them), without recursion.
+fn deepest_expr(exprs: &Arena<Expr>) -> Option<Diagnostic> {
+    let mut depth = la_arena::ArenaMap::default();
+    for (id, e) in exprs.iter() {
+        let mut deepest = 0;
+        e.kind.for_each_child(|c| deepest = deepest.max(depth.get(c).copied().unwrap_or(0)));
+        let d = deepest + 1;
+        if d > MAX_DEPTH {
+            let span =
+                Span::new(e.span.file, e.span.start as usize, (e.span.start as usize + 1).min(e.span.end as usize));
+            return Some(
+                Diagnostic::new("E0003", format!("expression nested more than {MAX_DEPTH} deep"))
+                    .label(span, "this expression is one level too deep")
+                    .help("split a long chain of operators with `let`, or define a layer for a part of it"),
+            );
+        }
+        depth.insert(id, d);
+    }
+    None
 }
 
 /// Parses a lone expression (used by `--set key=value`).

@@ -355,6 +355,20 @@ impl Program {
         let graph = modelc::backend::split::split_reductions(graph);
         let schedule = schedule(&graph);
         let plan = plan(&graph, &schedule, sizes, Blocks::Buffered, Inputs::Writable)?;
+        let threads = rayon::current_num_threads() as u64;
+        let buffers = (plan.peak_bytes() as u64).saturating_add((plan.block_bytes() as u64).saturating_mul(threads));
+        let largest: Vec<(String, u64)> = (graph.nodes.iter().zip(&plan.lens))
+            .enumerate()
+            .map(|(i, (n, len))| {
+                let dims: Vec<String> =
+                    n.ty.dims.iter().map(|d| interp::eval_dim(d, sizes).unwrap_or(0).to_string()).collect();
+                (
+                    format!("%{i} [{}] ({})", dims.join(", "), modelc::check::types::shape_text(&n.ty.dims)),
+                    *len as u64 * 4,
+                )
+            })
+            .collect();
+        crate::memory::ensure_available("the program's activations", buffers, &largest)?;
         let mut jit = Jit::with_wide_math(options.wide_math)?;
         let mut clif = Vec::new();
         let pending = schedule
