@@ -261,6 +261,7 @@ fn a_diverging_run_names_where_values_went_bad() {
         "50",
         "--out",
         out.to_str().unwrap(),
+        "--overwrite",
     ]);
     assert_eq!(code, 1);
     insta::assert_snapshot!(err);

@@ -566,11 +566,19 @@ fn bytes(n: usize) -> String {
 
 fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
     use crate::backend::wgsl;
-    let (checked, graph, bound, sched, memory) = match planned(args, train, sizes) {
+    let (checked, graph) = match program_graph(args, train) {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let layout = wgsl::layout(&graph, &memory);
+    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
+    let bound = match bind_sizes(&graph, sizes) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let (graph, sched, memory, layout) = match wgsl::prepare(&graph, &bound) {
+        Ok(v) => v,
+        Err(e) => return fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]),
+    };
     let shaders = match wgsl::shaders(&graph, &sched, &memory, &bound, &layout) {
         Ok(s) => s,
         Err(e) => return fail(&SourceMap::new(), &[Diagnostic::new("E0999", e)]),

@@ -12,8 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const CODE: &str = "E0704";
-/// Ends every built binary: payload length (u64, little-endian), then this.
-const MAGIC: &[u8; 8] = b"MODELC\x01\x00";
+/// Ends every built binary: the payload, its FNV-1a hash and its length
+/// (u64s, little-endian), then this.
+const MAGIC: &[u8; 8] = b"MODELC\x02\x00";
+const TRAILER: usize = 24;
+
+/// 64-bit FNV-1a: enough to tell a damaged payload from the one written.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
 
 #[derive(clap::Args, Debug)]
 pub struct BuildArgs {
@@ -49,6 +56,7 @@ fn build(args: &BuildArgs) -> Result<(), ExitCode> {
     let mut binary = std::fs::read(&exe).map_err(|e| error(CODE, format!("cannot read {}: {e}", exe.display())))?;
     binary.truncate(binary.len() - trailer_len(&binary));
     binary.extend_from_slice(&payload);
+    binary.extend_from_slice(&fnv1a(&payload).to_le_bytes());
     binary.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     binary.extend_from_slice(MAGIC);
     write_executable(&args.output, &binary).map_err(|e| error(CODE, e))?;
@@ -70,11 +78,14 @@ fn shown(path: &Path) -> String {
 /// Bytes of payload and trailer at the end of `binary` (0 for plain modelc).
 fn trailer_len(binary: &[u8]) -> usize {
     let n = binary.len();
-    if n < 16 || &binary[n - 8..] != MAGIC {
+    if n < TRAILER || &binary[n - 8..] != MAGIC {
         return 0;
     }
-    let len = u64::from_le_bytes(binary[n - 16..n - 8].try_into().expect("8 bytes")) as usize;
-    if len + 16 > n { 0 } else { len + 16 }
+    let len = u64::from_le_bytes(binary[n - 16..n - 8].try_into().expect("8 bytes"));
+    match usize::try_from(len).ok().and_then(|l| l.checked_add(TRAILER)) {
+        Some(total) if total <= n => total,
+        _ => 0,
+    }
 }
 
 fn write_executable(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -90,25 +101,39 @@ fn write_executable(path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// The spec built into this executable, if it is a built binary.
-pub fn embedded() -> Option<Embedded> {
-    let mut f = std::fs::File::open(std::env::current_exe().ok()?).ok()?;
-    let end = f.seek(SeekFrom::End(0)).ok()?;
-    if end < 16 {
-        return None;
+/// The spec built into this executable: `None` for plain modelc, an error
+/// when the executable ends like a built one but its payload is damaged.
+pub fn embedded() -> Result<Option<Embedded>, String> {
+    let Some(exe) = std::env::current_exe().ok() else { return Ok(None) };
+    let Ok(mut f) = std::fs::File::open(&exe) else { return Ok(None) };
+    let damaged = |why: &str| {
+        format!(
+            "{} is a model built by modelc, but its built-in spec is damaged ({why}); build it again",
+            exe.display()
+        )
+    };
+    let io = |e: std::io::Error| damaged(&e.to_string());
+    let end = f.seek(SeekFrom::End(0)).map_err(io)?;
+    if end < TRAILER as u64 {
+        return Ok(None);
     }
-    let mut tail = [0u8; 16];
-    f.seek(SeekFrom::End(-16)).ok()?;
-    f.read_exact(&mut tail).ok()?;
-    if &tail[8..] != MAGIC {
-        return None;
+    let mut tail = [0u8; TRAILER];
+    f.seek(SeekFrom::End(-(TRAILER as i64))).map_err(io)?;
+    f.read_exact(&mut tail).map_err(io)?;
+    if &tail[16..] != MAGIC {
+        return Ok(None);
     }
-    let len = u64::from_le_bytes(tail[..8].try_into().ok()?);
-    if len + 16 > end {
-        return None;
+    let hash = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
+    if len.checked_add(TRAILER as u64).is_none_or(|n| n > end) {
+        return Err(damaged(&format!("it says {len} bytes, longer than the file")));
     }
     let mut payload = vec![0u8; len as usize];
-    f.seek(SeekFrom::Start(end - 16 - len)).ok()?;
-    f.read_exact(&mut payload).ok()?;
-    Embedded::from_json(&serde_json::from_slice(&payload).ok()?)
+    f.seek(SeekFrom::Start(end - TRAILER as u64 - len)).map_err(io)?;
+    f.read_exact(&mut payload).map_err(io)?;
+    if fnv1a(&payload) != hash {
+        return Err(damaged("its bytes changed since it was built"));
+    }
+    let json = serde_json::from_slice(&payload).map_err(|e| damaged(&e.to_string()))?;
+    Embedded::from_json(&json).map(Some).ok_or_else(|| damaged("it lacks the spec's files"))
 }

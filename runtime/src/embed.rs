@@ -35,7 +35,7 @@ pub struct EmbedArgs {
     /// The sentences, after the spec (default: one per line from stdin).
     pub sentences: Vec<String>,
     /// Sentences per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::flags::count)]
     pub batch: usize,
     /// Write the embeddings as one safetensors tensor `embeddings` [N, dim] here
     /// instead of JSON lines on stdout.

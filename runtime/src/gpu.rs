@@ -7,8 +7,7 @@
 //! lavapipe (Vulkan on the CPU).
 
 use crate::cpu::Tensor;
-use modelc::backend::plan::{Blocks, Inputs, Plan, plan};
-use modelc::backend::schedule::schedule;
+use modelc::backend::plan::Plan;
 use modelc::backend::wgsl::{self, Layout};
 use modelc::ir::graph::{Graph, Op};
 use modelc::ir::interp::{self, Sizes};
@@ -102,10 +101,7 @@ impl GpuProgram {
     pub fn compile(graph: &Graph, sizes: &Sizes) -> Result<GpuProgram, String> {
         let started = std::time::Instant::now();
         let gpu = gpu()?;
-        let graph = modelc::backend::split::split_reductions(graph);
-        let sched = schedule(&graph);
-        let plan = plan(&graph, &sched, sizes, Blocks::InArena, Inputs::ReadOnly)?;
-        let layout = wgsl::layout(&graph, &plan);
+        let (graph, sched, plan, layout) = wgsl::prepare(graph, sizes)?;
         let bytes = (layout.len.max(1) * 4) as u64;
         if bytes > gpu.max_binding {
             return Err(format!(

@@ -47,21 +47,21 @@ pub struct InferArgs {
     /// How many tokens to generate (default: the spec's `max_new_tokens`, else 200).
     #[arg(long = "max-new-tokens")]
     pub max_new_tokens: Option<usize>,
-    /// 0 picks the most likely token (default: the spec's `temperature`, else 0.8).
-    #[arg(long)]
+    /// >= 0; 0 picks the most likely token (default: the spec's `temperature`, else 0.8).
+    #[arg(long, value_parser = crate::flags::non_negative)]
     pub temperature: Option<f64>,
     /// Sample among the k most likely tokens only (0: all).
     #[arg(long = "top-k")]
     pub top_k: Option<usize>,
-    /// Sample among the most likely tokens whose probabilities add up to p.
-    #[arg(long = "top-p")]
+    /// Sample among the most likely tokens whose probabilities add up to p, in (0, 1].
+    #[arg(long = "top-p", value_parser = crate::flags::probability)]
     pub top_p: Option<f64>,
     /// Seeds the sampling; the same seed repeats the text.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Positions the model sees at once (default: the spec's `context` in `infer`,
-    /// else its training `seq_len`, else its `positions` hyperparameter, else 2048).
-    #[arg(long)]
+    /// else its training `seq_len`, else its `positions` hyperparameter, else 2048); at least 1.
+    #[arg(long, value_parser = crate::flags::count)]
     pub context: Option<usize>,
     /// Recompute the whole context for every token instead of using the key/value cache.
     #[arg(long = "no-cache")]
@@ -316,9 +316,12 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     }
     let s = &checked.infer;
     let max_new = setting(s, "max_new_tokens", args.max_new_tokens.map(|v| v as f64), 200.0) as usize;
-    let temperature = setting(s, "temperature", args.temperature, 0.8);
+    let checked_setting = |key: &str, flag: Option<f64>, default: f64, parser| {
+        crate::flags::check(key, setting(s, key, flag, default), parser).map_err(|e| error(CODE, e))
+    };
+    let temperature = checked_setting("temperature", args.temperature, 0.8, crate::flags::non_negative)?;
     let top_k = setting(s, "top_k", args.top_k.map(|v| v as f64), 0.0) as usize;
-    let top_p = setting(s, "top_p", args.top_p, 1.0);
+    let top_p = checked_setting("top_p", args.top_p, 1.0, crate::flags::probability)?;
     let seed = setting(s, "seed", args.seed.map(|v| v as f64), 0.0) as u64;
     let context = context(args, &checked);
 

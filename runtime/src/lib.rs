@@ -6,6 +6,7 @@
 pub mod build;
 pub mod cpu;
 pub mod embed;
+pub mod flags;
 pub mod forward;
 pub mod gpu;
 pub mod infer;
@@ -13,6 +14,7 @@ pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod plot;
+pub mod run_dir;
 pub mod tokenize;
 pub mod train;
 pub mod weights;

@@ -38,7 +38,11 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let mut command = Cli::command();
-    if let Some(spec) = modelc_runtime::build::embedded() {
+    let embedded = match modelc_runtime::build::embedded() {
+        Ok(spec) => spec,
+        Err(e) => return modelc_runtime::model::error("E0704", e),
+    };
+    if let Some(spec) = embedded {
         // A built binary: its own name, and the spec it carries.
         let name = std::env::args()
             .next()

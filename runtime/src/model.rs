@@ -19,8 +19,9 @@ pub struct RunArgs {
     /// cpu, gpu or auto (auto picks a GPU when one is present).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Worker threads (default: one per core). Results repeat exactly for a fixed count.
-    #[arg(long)]
+    /// Worker threads, 1 to 1024 (default: one per core). Results repeat exactly for a
+    /// fixed count.
+    #[arg(long, value_parser = crate::flags::threads)]
     pub threads: Option<usize>,
 }
 

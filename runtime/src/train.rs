@@ -8,8 +8,10 @@
 //! uninterrupted run exactly. Every file is written atomically.
 
 use crate::cpu::{Program, Tensor};
+use crate::flags;
 use crate::model::Compiled;
 use crate::model::{RunArgs, compile, error};
+use crate::run_dir::{self, RunDir};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Rng, Tensors};
 use modelc::check::types::TensorTy;
@@ -19,7 +21,6 @@ use modelc::cli::{ModelArgs, fail, load};
 use modelc::ir::graph::Graph;
 use modelc::ir::train::{Optimizer, TrainConfig, gradient_program, state_names, training_program, update_program};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -50,41 +51,42 @@ pub struct TrainArgs {
     /// state.safetensors, metrics.jsonl and loss.png.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
-    /// Optimiser steps (default: the spec's `steps`, else 1000).
-    #[arg(long, conflicts_with = "epochs")]
+    /// Optimiser steps, at least 1 (default: the spec's `steps`, else 1000).
+    #[arg(long, conflicts_with = "epochs", value_parser = flags::count)]
     pub steps: Option<usize>,
-    /// Train for this many passes over the training text instead of a number of steps.
-    #[arg(long)]
+    /// Train for this many passes over the training text instead of a number of steps (> 0).
+    #[arg(long, value_parser = flags::positive)]
     pub epochs: Option<f64>,
-    /// Sequences per step (default: the spec's `batch`, else 16).
-    #[arg(long)]
+    /// Sequences per step, at least 1 (default: the spec's `batch`, else 16).
+    #[arg(long, value_parser = flags::count)]
     pub batch: Option<usize>,
-    /// Tokens per sequence (default: the spec's `seq_len`, else 128).
-    #[arg(long = "seq-len")]
+    /// Tokens per sequence, at least 2 (default: the spec's `seq_len`, else 128).
+    #[arg(long = "seq-len", value_parser = flags::count)]
     pub seq_len: Option<usize>,
-    /// Micro-batches whose gradients are averaged per step (default: the spec's `grad_accum`, else 1).
-    #[arg(long = "grad-accum")]
+    /// Micro-batches whose gradients are averaged per step, at least 1 (default: the spec's
+    /// `grad_accum`, else 1).
+    #[arg(long = "grad-accum", value_parser = flags::count)]
     pub grad_accum: Option<usize>,
-    /// Peak learning rate (default: the spec's `lr`, else 1e-3).
-    #[arg(long)]
+    /// Peak learning rate, >= 0 (default: the spec's `lr`, else 1e-3).
+    #[arg(long, value_parser = flags::non_negative)]
     pub lr: Option<f64>,
-    /// Decoupled weight decay (default: the spec's `weight_decay`, else 0).
-    #[arg(long = "weight-decay")]
+    /// Decoupled weight decay, >= 0 (default: the spec's `weight_decay`, else 0).
+    #[arg(long = "weight-decay", value_parser = flags::non_negative)]
     pub weight_decay: Option<f64>,
     /// Steps of linear warmup before the cosine decay to lr / 10.
     #[arg(long)]
     pub warmup: Option<usize>,
-    /// Clip the global gradient norm (0 turns clipping off).
-    #[arg(long)]
+    /// Clip the global gradient norm, >= 0 (0 turns clipping off).
+    #[arg(long, value_parser = flags::non_negative)]
     pub clip: Option<f64>,
     /// adamw or sgd.
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Fraction of the data held out for evaluation.
-    #[arg(long = "eval-split")]
+    /// Fraction of the data held out for evaluation, in [0, 1).
+    #[arg(long = "eval-split", value_parser = flags::fraction)]
     pub eval_split: Option<f64>,
     /// Evaluate (and keep the best weights) every N steps (default: the spec's `eval_every`, else 100).
-    #[arg(long = "eval-every")]
+    #[arg(long = "eval-every", value_parser = flags::count)]
     pub eval_every: Option<usize>,
     /// Seeds the initial weights and the batches; the same seed repeats a run exactly.
     /// (default: the spec's `seed`, else 0)
@@ -101,6 +103,10 @@ pub struct TrainArgs {
     /// an uninterrupted run would have had.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Replace the run the --out folder holds (without it, a folder holding a run is
+    /// only continued, with --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Write the gradients of the first step, by weight name, to this safetensors file.
     #[arg(long = "dump-grads")]
     pub dump_grads: Option<PathBuf>,
@@ -157,8 +163,12 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
             }
             other => return Err(format!("--optimizer {other}: expected adamw or sgd")),
         };
-    let clip = setting(s, "clip", args.clip, 0.0);
+    let clip = flags::check("clip", setting(s, "clip", args.clip, 0.0), flags::non_negative)?;
+    flags::check("weight_decay", wd, flags::non_negative)?;
     let epochs = args.epochs.or_else(|| s.iter().find(|(k, _)| k == "epochs").and_then(|(_, v)| v.as_f64()));
+    if let Some(e) = epochs {
+        flags::check("epochs", e, flags::positive)?;
+    }
     let settings = Settings {
         seed: args.seed.unwrap_or_else(|| setting(s, "seed", None, 0.0) as u64),
         checkpoint_every: number("checkpoint_every", args.checkpoint_every, 100.0) as usize,
@@ -167,9 +177,9 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
         batch: number("batch", args.batch, 16.0) as usize,
         seq: number("seq_len", args.seq_len, 128.0) as usize,
         accumulate: number("grad_accum", args.grad_accum, 1.0) as usize,
-        lr: setting(s, "lr", args.lr, 1e-3),
+        lr: flags::check("lr", setting(s, "lr", args.lr, 1e-3), flags::non_negative)?,
         warmup: number("warmup", args.warmup, 0.0) as usize,
-        eval_split: setting(s, "eval_split", args.eval_split, 0.1).clamp(0.0, 0.9),
+        eval_split: flags::check("eval_split", setting(s, "eval_split", args.eval_split, 0.1), flags::fraction)?,
         eval_every: (number("eval_every", args.eval_every, 100.0) as usize).max(1),
         config: TrainConfig { optimizer, clip: (clip > 0.0).then_some(clip) },
     };
@@ -312,6 +322,8 @@ enum Step {
 struct Outcome {
     loss: f64,
     grad_norm: f64,
+    /// Whether every weight the step updated is finite.
+    weights_finite: bool,
 }
 
 impl Step {
@@ -341,10 +353,14 @@ impl Step {
             }
         };
         let grad_norm = out.get("grad_norm").map(|t| t.data[0] as f64).unwrap_or(f64::NAN);
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        // A finite step can still produce non-finite weights (a learning rate
+        // of 1e30): they would be saved as the state before the next step.
+        let updated_finite =
+            out.iter().filter(|(n, _)| n.starts_with("new:")).all(|(_, t)| t.data.iter().all(|v| v.is_finite()));
+        if !loss.is_finite() || !grad_norm.is_finite() || !updated_finite {
             // Keep the weights from before the step, for the report and the saved state.
             *state = feeds;
-            return Ok(Outcome { loss, grad_norm });
+            return Ok(Outcome { loss, grad_norm, weights_finite: updated_finite });
         }
         for (name, value) in out {
             let replaced = if let Some(p) = name.strip_prefix("new:") {
@@ -359,7 +375,7 @@ impl Step {
             }
         }
         *state = feeds;
-        Ok(Outcome { loss, grad_norm })
+        Ok(Outcome { loss, grad_norm, weights_finite: true })
     }
 
     fn outputs(
@@ -437,6 +453,12 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         .map(|v| v as usize);
     let data = Data::load(args, &mut s, vocab).map_err(usage)?;
     let eval_batches = data.eval_batches(&s);
+    let mode = match &args.resume {
+        Some(dir) if same_dir(dir, &args.out) => run_dir::Mode::Resume,
+        _ if args.overwrite => run_dir::Mode::Overwrite,
+        _ => run_dir::Mode::Fresh,
+    };
+    let out = RunDir::open(&args.out, mode).map_err(usage)?;
 
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let optimized = |g: &Graph| modelc::opt::optimize(&modelc::ir::prune::prune(g), modelc::opt::Limits::default()).0;
@@ -448,7 +470,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let mut first_step = 1;
     let mut best = f64::INFINITY;
     if let Some(dir) = &args.resume {
-        (state, first_step, best) = resume(dir, state, &trainable)?;
+        (state, first_step, best) = resume(dir, state, &trainable, s.steps)?;
         eprintln!("resuming {} at step {first_step}", dir.display());
     }
     // Only shapes matter to the compiler.
@@ -487,16 +509,9 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         }
     };
     let eval_program = compile(CODE, &eval_graph, &shapes)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| usage(format!("cannot create {}: {e}", args.out.display())))?;
     write_config(args, &program, &checked, &opts)?;
     let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(args.resume.is_some())
-        .write(true)
-        .truncate(args.resume.is_none())
-        .open(&metrics_path)
-        .map_err(|e| usage(format!("cannot write {}: {e}", metrics_path.display())))?;
+    let mut metrics = out.metrics(mode, first_step - 1).map_err(usage)?;
     eprintln!(
         "training {} ({} trainable parameters) on {} tokens ({} held out): {} steps of {} x {}{}",
         checked.model,
@@ -542,7 +557,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let flag = interrupted.clone();
     let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
     let progress = Progress::new(s.steps, first_step);
-    let (mut curve, mut eval_curve) = read_curves(&metrics_path, args.resume.is_some());
+    let (mut curve, mut eval_curve) = read_curves(&metrics_path, mode == run_dir::Mode::Resume);
     let started = Instant::now();
     let mut step = first_step;
     // Output buffers handed from step to step (see `Step::run`).
@@ -561,12 +576,14 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             .run(&mut state, &mut spare, batches, rate, step)
             .map_err(|e| usage(format!("step {step}: {e}")))?;
         let loss = outcome.loss;
-        if !loss.is_finite() || !outcome.grad_norm.is_finite() {
+        if !loss.is_finite() || !outcome.grad_norm.is_finite() || !outcome.weights_finite {
             let _ = save_state(&state, step - 1, best);
-            let what = if loss.is_finite() {
+            let what = if !loss.is_finite() {
+                format!("the loss is {loss}")
+            } else if !outcome.grad_norm.is_finite() {
                 format!("the gradient norm is {}", outcome.grad_norm)
             } else {
-                format!("the loss is {loss}")
+                "the updated weights are not finite".to_string()
             };
             let culprit = first_non_finite(args, &state, &first).unwrap_or_else(|| {
                 // The forward is fine: name the weights whose gradients are not.
@@ -593,15 +610,29 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         curve.push((step, loss));
         let elapsed = started.elapsed().as_secs_f64();
         let tps = ((step - first_step + 1) * s.batch * s.seq * s.accumulate) as f64 / elapsed;
-        let _ = writeln!(
-            metrics,
-            "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"grad_norm\": {:.4}, \"seconds\": {step_seconds:.4}, \"tokens_per_s\": {tps:.0}}}",
-            outcome.grad_norm
-        );
+        // A failed write (a full disk) ends the run with the state saved, if it still can be.
+        let record = |metrics: &mut run_dir::Metrics, line: String, state: &Tensors, best: f64| {
+            metrics.append(&line).map_err(|e| {
+                let saved = match save_state(state, step, best) {
+                    Ok(()) => format!("the state at step {step} is saved"),
+                    Err(e) => format!("the state could not be saved either ({e}); the last checkpoint stands"),
+                };
+                usage(format!("step {step}: {e}; {saved}"))
+            })
+        };
+        record(
+            &mut metrics,
+            format!(
+                "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"grad_norm\": {:.4}, \"seconds\": {step_seconds:.4}, \"tokens_per_s\": {tps:.0}}}",
+                outcome.grad_norm
+            ),
+            &state,
+            best,
+        )?;
         let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
         if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
             let eval = evaluate(&state).map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
-            let _ = writeln!(metrics, "{{\"step\": {step}, \"eval_loss\": {eval:.5}}}");
+            record(&mut metrics, format!("{{\"step\": {step}, \"eval_loss\": {eval:.5}}}"), &state, best)?;
             eval_curve.push((step, eval));
             let improved = eval < best;
             if improved {
@@ -700,7 +731,12 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
 }
 
 /// The saved state of `dir`, checked against the model's: (state, next step, best eval).
-fn resume(dir: &Path, mut fresh: Tensors, trainable: &[String]) -> Result<(Tensors, usize, f64), ExitCode> {
+fn resume(
+    dir: &Path,
+    mut fresh: Tensors,
+    trainable: &[String],
+    steps: usize,
+) -> Result<(Tensors, usize, f64), ExitCode> {
     let (saved, meta) = weights::load_all(&dir.join("state.safetensors")).map_err(usage)?;
     let kept = |k: &str| k.contains(':') || trainable.iter().any(|t| t == k);
     for (name, t) in fresh.iter().filter(|(k, _)| kept(k)) {
@@ -715,10 +751,29 @@ fn resume(dir: &Path, mut fresh: Tensors, trainable: &[String]) -> Result<(Tenso
             None => return Err(usage(format!("--resume: the saved state has no `{name}`"))),
         }
     }
-    let step = meta.get("step").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0) + 1;
-    let best = meta.get("best_eval").and_then(|s| s.parse().ok()).unwrap_or(f64::INFINITY);
+    let state_file = dir.join("state.safetensors");
+    let field = |key: &str| {
+        meta.get(key).ok_or_else(|| usage(format!("--resume: {} has no `{key}` in its metadata", state_file.display())))
+    };
+    let step = field("step")?;
+    let step = step.parse::<usize>().ok().filter(|&s| s <= steps).ok_or_else(|| {
+        usage(format!("--resume: the `step` of {} is `{step}`, not a step of this run's {steps}", state_file.display()))
+    })?;
+    let best = field("best_eval")?;
+    let best = best.parse::<f64>().ok().filter(|b| !b.is_nan()).ok_or_else(|| {
+        usage(format!("--resume: the `best_eval` of {} is `{best}`, not a loss", state_file.display()))
+    })?;
+    let step = step + 1;
     fresh.extend(saved);
     Ok((fresh, step, best))
+}
+
+/// Whether two paths name the same folder (`runs/a` and `./runs/a/`).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a.components().eq(b.components()),
+    }
 }
 
 /// The losses already in metrics.jsonl when resuming, so the curve covers the whole run.
@@ -765,9 +820,13 @@ fn write_config(
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
+    let written = std::fs::write(&tmp, bytes)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .and_then(|()| weights::commit(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The gradients of the loss on `batch` with the weights in `state`, by weight name.

@@ -87,9 +87,27 @@ pub fn save_with(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    let written = safetensors::tensor::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
+        .and_then(|()| commit(&tmp, path));
+    if written.is_err() {
+        // A full disk: leave no half-written file taking the space.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Moves a fully written `tmp` over `path`: its bytes reach the disk first
+/// (so a power cut cannot leave `path` empty), then the rename, then the
+/// folder's entry.
+pub fn commit(tmp: &Path, path: &Path) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(fail)?;
+    std::fs::rename(tmp, path).map_err(fail)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// Reads the weights `params` names from a checkpoint: one safetensors
@@ -175,6 +193,17 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
         }
         let st = SafeTensors::deserialize(&blobs[*file]).expect("parsed above");
         let view = st.tensor(&stored).expect("listed above");
+        let float_on_disk = matches!(view.dtype(), Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16);
+        if p.dtype == modelc::syntax::ast::DType::F32 && !float_on_disk {
+            // Integers read as weights would be a quantised checkpoint's codes, silently wrong.
+            problems.push(format!(
+                "tensor `{}` holds {:?} values, but the spec's weight is f32 (f32, f16, bf16 or f64 on disk; \
+                 a quantised checkpoint must be dequantised first)",
+                p.name,
+                view.dtype()
+            ));
+            continue;
+        }
         match to_f32(&view) {
             Ok(data) => {
                 out.insert(p.name.clone(), Tensor::new(want, data));

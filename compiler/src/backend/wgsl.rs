@@ -66,6 +66,29 @@ pub fn layout(g: &Graph, plan: &Plan) -> Layout {
     Layout { offsets, externals, len: arena + plan.arena_len }
 }
 
+/// A graph as the GPU runs it: reductions split, scheduled, planned with
+/// row groups' blocks in the arena and inputs read-only (a shader cannot
+/// alias them), and laid out in one buffer. The one way to get there, for
+/// the runtime and for `modelc wgsl`. Errors when the buffer has more
+/// elements than a WGSL `u32` index reaches.
+pub fn prepare(graph: &Graph, sizes: &Sizes) -> Result<(Graph, Schedule, Plan, Layout), String> {
+    use super::plan::{Blocks, Inputs, plan};
+    let graph = super::split::split_reductions(graph);
+    let sched = super::schedule::schedule(&graph);
+    let plan = plan(&graph, &sched, sizes, Blocks::InArena, Inputs::ReadOnly)?;
+    let layout = layout(&graph, &plan);
+    if layout.len > u32::MAX as usize {
+        let (ext, arena) = (layout.len - plan.arena_len, plan.arena_len);
+        return Err(format!(
+            "the program needs {} elements in one GPU buffer ({ext} of weights and inputs, {arena} planned), \
+             more than the 2^32 a WGSL index reaches (16 GiB of f32); models this large do not run on the GPU yet \
+             (`--set` makes a smaller one)",
+            layout.len
+        ));
+    }
+    Ok((graph, sched, plan, layout))
+}
+
 /// One kernel's shader and how to dispatch it.
 #[derive(Clone, Debug)]
 pub struct Shader {

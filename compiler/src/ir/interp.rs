@@ -580,7 +580,7 @@ fn gather(table: &Array, ids: &Array, shape: Vec<usize>) -> Result<Array, String
     let row = row_size(&table.shape);
     let mut out = Vec::with_capacity(shape.iter().product());
     for id in &ids.data {
-        if *id < 0.0 || *id as usize >= table.shape[0] {
+        if id.is_nan() || *id < 0.0 || *id as usize >= table.shape[0] {
             return Err(format!("index {id} is out of range for a table of {} rows", table.shape[0]));
         }
         let i = *id as usize;
@@ -593,7 +593,7 @@ fn scatter_add(ids: &Array, updates: &Array, shape: Vec<usize>) -> Result<Array,
     let row = row_size(&shape);
     let mut out = Array::zeros(&shape);
     for (k, id) in ids.data.iter().enumerate() {
-        if *id < 0.0 || *id as usize >= shape[0] {
+        if id.is_nan() || *id < 0.0 || *id as usize >= shape[0] {
             return Err(format!("index {id} is out of range for a table of {} rows", shape[0]));
         }
         let i = *id as usize;

@@ -377,7 +377,8 @@ pub fn gather(table: &[f32], rows: usize, ids: &[f32], out: &mut [f32]) -> Resul
     let row = table.len().checked_div(rows).unwrap_or(0);
     for (k, id) in ids.iter().enumerate() {
         let i = *id as usize;
-        if *id < 0.0 || i >= rows {
+        // NaN would become row 0 through `as usize`.
+        if id.is_nan() || *id < 0.0 || i >= rows {
             return Err(format!("index {id} is out of range for a table of {rows} rows"));
         }
         out[k * row..(k + 1) * row].copy_from_slice(&table[i * row..(i + 1) * row]);
@@ -417,7 +418,8 @@ pub fn scatter_add(ids: &[f32], updates: &[f32], rows: usize, out: &mut [f32]) -
     let row = out.len().checked_div(rows).unwrap_or(0);
     for (k, id) in ids.iter().enumerate() {
         let i = *id as usize;
-        if *id < 0.0 || i >= rows {
+        // NaN would become row 0 through `as usize`.
+        if id.is_nan() || *id < 0.0 || i >= rows {
             return Err(format!("index {id} is out of range for a table of {rows} rows"));
         }
         for (dst, v) in out[i * row..(i + 1) * row].iter_mut().zip(&updates[k * row..(k + 1) * row]) {
