@@ -518,3 +518,93 @@ fn a_run_killed_while_writing_keeps_a_loadable_checkpoint() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every inspection command, with its flags, on every shipped spec, as a user
+/// types it; and every subcommand's `--help`. Each either works or (no loss
+/// to train, a model too large for one GPU buffer) ends with a clear error:
+/// never a panic or a compiler bug. Too-large models are tried again small.
+#[test]
+fn every_command_runs_on_every_spec() {
+    let svg = std::env::temp_dir().join(format!("modelc-every-{}.svg", std::process::id()));
+    let svg = svg.to_str().unwrap();
+    let commands: [&[&str]; 13] = [
+        &["check"],
+        &["check", "--json"],
+        &["fmt", "--check"],
+        &["ast"],
+        &["ir"],
+        &["ir", "--opt", "--stats"],
+        &["ir", "--train"],
+        &["info"],
+        &["kernels"],
+        &["kernels", "--size", "B=2", "--size", "T=8"],
+        &["wgsl"],
+        &["wgsl", "--train"],
+        &["graph", "-o", svg],
+    ];
+    const SMALL: [&str; 12] = [
+        "--set",
+        "layers=1",
+        "--set",
+        "dim=64",
+        "--set",
+        "hidden=128",
+        "--set",
+        "heads=4",
+        "--set",
+        "kv_heads=2",
+        "--set",
+        "vocab=128",
+    ];
+    let specs = support::specs();
+    assert!(specs.len() >= 10);
+    for spec in &specs {
+        let spec = spec.strip_prefix(repo()).unwrap().to_str().unwrap();
+        // The encoders have no `train { loss: ... }`.
+        let trains = !["specs/bert.model", "specs/minilm.model"].contains(&spec);
+        for command in commands {
+            let mut args = vec![command[0], spec];
+            args.extend(&command[1..]);
+            let (code, out, err) = modelc(&args);
+            let what = format!("modelc {}", args.join(" "));
+            assert!(!err.contains("panicked") && !err.contains("bug"), "{what}:\n{err}");
+            let trains_here = !command.contains(&"--train") || trains;
+            if code == 0 {
+                assert!(trains_here, "{what} must say there is no loss");
+                assert!(!out.is_empty() || command[0] == "fmt" || command[0] == "graph", "{what} printed nothing");
+                continue;
+            }
+            assert_eq!(code, 1, "{what}:\n{err}");
+            if !trains_here {
+                assert!(err.contains("has no loss to train"), "{what}:\n{err}");
+            } else {
+                assert!(
+                    command[0] == "wgsl" && err.contains("more than the 2^32 a WGSL index reaches"),
+                    "{what}:\n{err}"
+                );
+                let mut small = args.clone();
+                small.extend(SMALL);
+                let (code, out, err) = modelc(&small);
+                assert_eq!(code, 0, "{what} {}:\n{err}", SMALL.join(" "));
+                assert!(out.contains("shaders over one buffer"), "{out:.300}");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(svg);
+    let (code, out, _) = modelc(&["--help"]);
+    assert_eq!(code, 0);
+    let subcommands: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert_eq!(subcommands.len(), 14, "{out}");
+    for c in subcommands {
+        let (code, out, err) = modelc(&[c, "--help"]);
+        assert_eq!(code, 0, "{c} --help: {err}");
+        assert!(out.contains("Usage: modelc ") && out.contains("-h, --help"), "{c} --help:\n{out}");
+    }
+}
