@@ -5,17 +5,25 @@
 #   2. LLaMA at the stories15M shape and at a 110M shape (dim 768, 12 layers,
 #      12 heads, hidden 2048): a training step (batch 8 x 256, AdamW) and
 #      greedy decoding of 256 tokens, on --device gpu.
-# Needs only cargo and python3 (the standard library writes the inputs).
+# Needs only cargo and python3 (the standard library writes the inputs). On a
+# machine without cargo, give binaries built elsewhere: MODELC=path/modelc
+# GPU_MATMUL=path/gpu_matmul (`cargo bench --no-run --bench gpu_matmul`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
-cargo build --release --bin modelc --bench gpu_matmul -q 2>/dev/null || cargo build --release --bin modelc
-modelc=target/release/modelc
+if [ -z "${MODELC:-}" ]; then
+    cargo build --release --bin modelc --bench gpu_matmul -q 2>/dev/null || cargo build --release --bin modelc
+fi
+modelc=${MODELC:-target/release/modelc}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "== matmul"
-cargo bench -q -p modelc-runtime --bench gpu_matmul -- 1024 4096
+if [ -n "${GPU_MATMUL:-}" ]; then
+    "$GPU_MATMUL" 1024 4096
+else
+    cargo bench -q -p modelc-runtime --bench gpu_matmul -- 1024 4096
+fi
 python3 - 2>/dev/null <<'PY' || echo "PyTorch: not importable with CUDA here"
 import time, torch
 assert torch.cuda.is_available()
@@ -53,8 +61,12 @@ with open(f"{out}/batch.safetensors", "wb") as f:
     f.write(struct.pack("<Q", len(header)) + header + struct.pack(f"<{len(ids)}q", *ids))
 PY
     echo "== $name (dim $2, $3 layers, hidden $5)"
-    "$modelc" train specs/llama.model --config "$dir/config.json" --batch-file "$dir/batch.safetensors" \
-        --steps 4 --device gpu --checkpoint-every 0 --out "$dir/run" 2>&1 | grep -E "device|weights" || true
+    if ! "$modelc" train specs/llama.model --config "$dir/config.json" --batch-file "$dir/batch.safetensors" \
+        --steps 4 --device gpu --checkpoint-every 0 --out "$dir/run" > "$dir/train.log" 2>&1; then
+        grep -E "×|│" "$dir/train.log"
+        continue
+    fi
+    grep -E "device|weights" "$dir/train.log"
     python3 - "$dir/run/metrics.jsonl" <<'PY'
 import json, statistics, sys
 seconds = [json.loads(l)["seconds"] for l in open(sys.argv[1]) if "seconds" in l]
@@ -64,3 +76,17 @@ PY
         --prompt-ids 1,2,3,4,5,6,7,8 --max-new-tokens 256 --temperature 0 --device gpu --json 2>&1 >/dev/null \
         | grep -E "tokens/s" | sed 's/^/greedy decoding: /'
 done
+
+echo "== tiny-gpt: 30 training steps on the GPU against the CPU (the same losses to 1e-3)"
+head -c 200000 /usr/share/common-licenses/GPL-3 > "$work/gpl.txt" 2>/dev/null || python3 -c "print('the quick brown fox. ' * 10000)" > "$work/gpl.txt"
+for device in cpu gpu; do
+    "$modelc" train specs/tiny-gpt.model --data "$work/gpl.txt" --steps 30 --eval-every 10 --device "$device" \
+        --out "$work/tiny-$device" 2>&1 | grep -E "^E0|error" || true
+done
+python3 - "$work/tiny-cpu/metrics.jsonl" "$work/tiny-gpu/metrics.jsonl" <<'PY'
+import json, statistics, sys
+runs = [[json.loads(l) for l in open(p) if '"loss"' in l] for p in sys.argv[1:]]
+diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(*runs))
+cpu, gpu = (statistics.median(r["seconds"] for r in run[1:]) for run in runs)
+print(f"{len(runs[1])} steps, largest loss difference {diff:.2e}; step {cpu * 1e3:.1f} ms on the CPU, {gpu * 1e3:.1f} ms on the GPU")
+PY
