@@ -530,6 +530,15 @@ fn runtime_errors_are_clear() {
         ("bad-device", "infer specs/gpt2.model --weights W --device tpu"),
         ("unknown-weight-format", "infer specs/gpt2.model --weights W --dtype q5"),
         ("zero-threads", "train specs/tiny-gpt.model --data README.md --threads 0"),
+        ("too-many-threads", "train specs/tiny-gpt.model --data README.md --threads 100000"),
+        ("nan-learning-rate", "train specs/tiny-gpt.model --data README.md --lr nan"),
+        ("negative-clip", "train specs/tiny-gpt.model --data README.md --clip=-1"),
+        ("eval-split-above-one", "train specs/tiny-gpt.model --data README.md --eval-split 1.5"),
+        ("zero-epochs", "train specs/tiny-gpt.model --data README.md --epochs 0"),
+        ("negative-temperature", "infer specs/gpt2.model --weights W --temperature=-1"),
+        ("top-p-zero", "infer specs/gpt2.model --weights W --top-p 0"),
+        ("zero-context", "infer specs/gpt2.model --weights W --context 0"),
+        ("resume-and-overwrite", "train specs/tiny-gpt.model --data README.md --resume runs/x --overwrite"),
         (
             "prompt-outside-vocabulary",
             "infer specs/gpt2.model --config tests/fixtures/hf/gpt2/config.json --weights \

@@ -327,7 +327,7 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
 
     let mut decoder: Box<dyn Decoder> = if args.no_cache {
         let (_, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &["logits"])?;
-        let len = context.min(tokens.len() + max_new);
+        let len = context.min(tokens.len().saturating_add(max_new));
         let mut feeds = weights;
         args.dtype.apply(CODE, &g, &mut feeds)?;
         feeds.insert("input_ids".into(), Tensor::new(vec![1, len], vec![0.0; len]));
@@ -336,7 +336,7 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         program.keep_resident(&weights);
         Box::new(Recompute { program, feeds, len, vocab })
     } else {
-        let len = context.min(tokens.len() + max_new);
+        let len = context.min(tokens.len().saturating_add(max_new));
         let how = LowerOptions { absent, cache: Some(len), ..Default::default() };
         let (_, g) = forward_graph(&args.model, how, &[])?;
         // The prompt's logits after its last token only (what decoding reads).
