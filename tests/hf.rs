@@ -150,6 +150,33 @@ fn greedy_decoding_matches_transformers_generate() {
 }
 
 #[test]
+fn a_hugging_face_folder_brings_its_config_and_tokenizer() {
+    // `--weights DIR` reads DIR/config.json (no --config), as from_pretrained(DIR) does.
+    for model in ["gpt2", "llama"] {
+        let want: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(model).join("generate.json")).unwrap()).unwrap();
+        let spec = format!("specs/{model}.model");
+        let dir = fixture(model);
+        let (code, out, err) = modelc(&[
+            "infer",
+            &spec,
+            "--weights",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "This License",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{model}: {err}");
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(got["new_token_ids"], want["new_token_ids"], "{model}");
+    }
+}
+
+#[test]
 fn inputs_that_do_not_fit_are_named() {
     let dir = scratch("bad-inputs");
     let bad = dir.join("inputs.safetensors");

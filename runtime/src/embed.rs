@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 const CODE: &str = "E0705";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -47,7 +47,8 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: &EmbedArgs) -> ExitCode {
-    crate::model::exit(embed(args))
+    let args = EmbedArgs { model: crate::model::with_folder_config(&args.model, &args.weights), ..args.clone() };
+    crate::model::exit(embed(&args))
 }
 
 fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 const CODE: &str = "E0703";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct ForwardArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -30,7 +30,8 @@ pub struct ForwardArgs {
 }
 
 pub fn run(args: &ForwardArgs) -> ExitCode {
-    crate::model::exit(forward(args))
+    let args = ForwardArgs { model: crate::model::with_folder_config(&args.model, &args.weights), ..args.clone() };
+    crate::model::exit(forward(&args))
 }
 
 fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {

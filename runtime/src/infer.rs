@@ -24,7 +24,7 @@ use std::time::Instant;
 
 const CODE: &str = "E0702";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct InferArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -285,7 +285,8 @@ impl Decoder for Recompute {
 }
 
 pub fn run(args: &InferArgs) -> ExitCode {
-    crate::model::exit(infer(args))
+    let args = InferArgs { model: crate::model::with_folder_config(&args.model, &args.weights), ..args.clone() };
+    crate::model::exit(infer(&args))
 }
 
 fn infer(args: &InferArgs) -> Result<(), ExitCode> {

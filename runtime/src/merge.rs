@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 const CODE: &str = "E0706";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct MergeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -30,7 +30,8 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: &MergeArgs) -> ExitCode {
-    crate::model::exit(merge(args))
+    let args = MergeArgs { model: crate::model::with_folder_config(&args.model, &args.weights), ..args.clone() };
+    crate::model::exit(merge(&args))
 }
 
 fn merge(args: &MergeArgs) -> Result<(), ExitCode> {

@@ -116,6 +116,18 @@ pub fn error(code: &'static str, message: impl Into<String>) -> ExitCode {
 
 /// The checked model alone (inputs, outputs, weights, settings): what a
 /// command needs to know before it decides how to lower it.
+/// `--weights DIR` with a Hugging Face folder: its `config.json` sets the
+/// hyperparameters when no `--config` is given, as `from_pretrained(DIR)`
+/// reads it.
+pub fn with_folder_config(model: &ModelArgs, weights: &Path) -> ModelArgs {
+    let mut model = model.clone();
+    let config = weights.join("config.json");
+    if model.config.is_none() && weights.is_dir() && config.is_file() {
+        model.config = Some(config);
+    }
+    model
+}
+
 pub fn checked(model: &ModelArgs) -> Result<Checked, ExitCode> {
     let (program, opts) = load(model)?;
     modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))

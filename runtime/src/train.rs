@@ -27,7 +27,7 @@ use std::time::Instant;
 
 const CODE: &str = "E0701";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -422,7 +422,11 @@ impl Step {
 }
 
 pub fn run(args: &TrainArgs) -> ExitCode {
-    crate::model::exit(train(args))
+    let model = match &args.weights {
+        Some(w) => crate::model::with_folder_config(&args.model, w),
+        None => args.model.clone(),
+    };
+    crate::model::exit(train(&TrainArgs { model, ..args.clone() }))
 }
 
 fn usage(message: impl Into<String>) -> ExitCode {

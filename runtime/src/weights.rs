@@ -239,8 +239,13 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
 
 /// Buffers that older transformers versions saved with the weights: the
 /// causal mask of GPT-2 attention and the RoPE inverse frequencies.
+/// Buffers `transformers` keeps out of a model's weights when it loads a
+/// checkpoint that has them (older versions saved them): causal-mask and
+/// rotary caches, position and token-type ids. A spec that declares one
+/// loads it; otherwise it is ignored, as `from_pretrained` ignores it.
 fn is_buffer(name: &str) -> bool {
-    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
+    [".attn.bias", ".attn.masked_bias", "position_ids", "embeddings.token_type_ids"].iter().any(|b| name.ends_with(b))
+        || ["rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached"].iter().any(|b| name.ends_with(b))
 }
 
 /// The safetensors files of a checkpoint: the file itself, or every shard an
