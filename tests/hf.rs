@@ -597,3 +597,64 @@ fn runtime_errors_are_clear() {
         insta::assert_snapshot!(format!("runtime-error-{name}"), err);
     }
 }
+
+#[test]
+fn one_adamw_step_matches_pytorch() {
+    // torch.optim.AdamW, betas and weight decay as the spec's train block, no clipping,
+    // a constant learning rate: the gradients and the written weights are torch's.
+    let out = scratch("adamw-step");
+    let grads_file = out.join("grads.safetensors");
+    let flags = ["--steps", "1", "--schedule", "constant", "--warmup", "0", "--lr", "1e-3", "--clip", "0"];
+    train_on_batch(
+        "llama",
+        &out,
+        &[&flags[..], &["--weight-decay", "0.1", "--dump-grads", grads_file.to_str().unwrap()]].concat(),
+    );
+    let load = |path: &Path| weights::load_all(path).unwrap().0;
+    let (got, grads) = (load(&out.join("model.safetensors")), load(&grads_file));
+    let (want, want_grads) =
+        (load(&fixture("llama").join("adamw_step.safetensors")), load(&fixture("llama").join("grads.safetensors")));
+    let before = load(&fixture("llama").join("model.safetensors"));
+    assert_eq!(got.len(), want.len());
+    let mut ill_conditioned = 0;
+    for (name, w) in &want {
+        let (g, gw) = (&grads[name].data, &want_grads[name].data);
+        let worst = g.iter().zip(gw).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "`{name}`: gradient {worst:e} from torch's");
+        let moved = before[name].data.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved > 1e-4, "`{name}` must move in the step for the comparison to mean something");
+        for (i, (a, b)) in got[name].data.iter().zip(&w.data).enumerate() {
+            // Adam's first step moves each weight by lr * g / (|g| + eps): where |g| is
+            // within float noise of zero (nonzero and below 1e-6, against eps 1e-8) that ratio is
+            // noise too, in torch as here, so those few weights only stay within lr.
+            if gw[i] != 0.0 && gw[i].abs() < 1e-6 {
+                ill_conditioned += 1;
+                assert!((a - b).abs() <= 2e-3, "`{name}`[{i}]: {a} against torch's {b}");
+            } else {
+                assert!((a - b).abs() <= 1e-6, "`{name}`[{i}]: {a} against torch's {b} ({:e} apart)", (a - b).abs());
+            }
+        }
+    }
+    let total: usize = want.values().map(|t| t.data.len()).sum();
+    assert!(ill_conditioned * 100 < total, "{ill_conditioned} of {total} gradients within noise of zero");
+}
+
+#[test]
+fn learning_rate_schedules_match_transformers() {
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/schedules.json")).unwrap()).unwrap();
+    for schedule in ["cosine", "linear"] {
+        let out = scratch(&format!("schedule-{schedule}"));
+        train_on_batch("llama", &out, &["--steps", "10", "--warmup", "3", "--lr", "1e-3", "--schedule", schedule]);
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let rates: Vec<f64> = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64())
+            .collect();
+        let reference: Vec<f64> = want[schedule].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(rates.len(), 10, "{schedule}");
+        for (k, (a, b)) in rates.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-9, "{schedule}, step {}: {a} against transformers' {b}", k + 1);
+        }
+    }
+}

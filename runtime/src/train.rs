@@ -73,9 +73,18 @@ pub struct TrainArgs {
     /// Decoupled weight decay, >= 0 (default: the spec's `weight_decay`, else 0).
     #[arg(long = "weight-decay", value_parser = flags::non_negative)]
     pub weight_decay: Option<f64>,
-    /// Steps of linear warmup before the cosine decay to lr / 10.
+    /// Steps of linear warmup from 0 to --lr (default: the spec's `warmup`, else 0).
     #[arg(long)]
     pub warmup: Option<usize>,
+    /// How the learning rate falls after warmup: `cosine` (to --min-lr at the last step),
+    /// `linear` (likewise) or `constant`; step k takes transformers' schedule at k - 1
+    /// (default: the spec's `schedule`, else cosine).
+    #[arg(long, value_parser = ["cosine", "linear", "constant"])]
+    pub schedule: Option<String>,
+    /// The learning rate the cosine and linear schedules end at, >= 0 (default: the
+    /// spec's `min_lr`, else 0, as transformers' schedules).
+    #[arg(long = "min-lr", value_parser = flags::non_negative)]
+    pub min_lr: Option<f64>,
     /// Clip the global gradient norm, >= 0 (0 turns clipping off).
     #[arg(long, value_parser = flags::non_negative)]
     pub clip: Option<f64>,
@@ -129,9 +138,19 @@ struct Settings {
     accumulate: usize,
     lr: f64,
     warmup: usize,
+    schedule: Schedule,
+    min_lr: f64,
     eval_split: f64,
     eval_every: usize,
     config: TrainConfig,
+}
+
+/// The learning rate's course after warmup.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
 }
 
 fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String> {
@@ -164,6 +183,16 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
             other => return Err(format!("--optimizer {other}: expected adamw or sgd")),
         };
     let clip = flags::check("clip", setting(s, "clip", args.clip, 0.0), flags::non_negative)?;
+    let spec_schedule = s.iter().find(|(k, _)| k == "schedule").map(|(_, v)| match v {
+        Value::Str(name) => name.clone(),
+        other => other.to_string(),
+    });
+    let schedule = match args.schedule.clone().or(spec_schedule).as_deref().unwrap_or("cosine") {
+        "cosine" => Schedule::Cosine,
+        "linear" => Schedule::Linear,
+        "constant" => Schedule::Constant,
+        other => return Err(format!("schedule `{other}`: expected cosine, linear or constant")),
+    };
     flags::check("weight_decay", wd, flags::non_negative)?;
     let epochs = args.epochs.or_else(|| s.iter().find(|(k, _)| k == "epochs").and_then(|(_, v)| v.as_f64()));
     if let Some(e) = epochs {
@@ -179,6 +208,8 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
         accumulate: number("grad_accum", args.grad_accum, 1.0) as usize,
         lr: flags::check("lr", setting(s, "lr", args.lr, 1e-3), flags::non_negative)?,
         warmup: number("warmup", args.warmup, 0.0) as usize,
+        schedule,
+        min_lr: flags::check("min_lr", setting(s, "min_lr", args.min_lr, 0.0), flags::non_negative)?,
         eval_split: flags::check("eval_split", setting(s, "eval_split", args.eval_split, 0.1), flags::fraction)?,
         eval_every: (number("eval_every", args.eval_every, 100.0) as usize).max(1),
         config: TrainConfig { optimizer, clip: (clip > 0.0).then_some(clip) },
@@ -190,13 +221,22 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
 }
 
 impl Settings {
-    /// Linear warmup, then cosine from lr down to lr / 10.
+    /// The learning rate of step `step` (from 1): transformers' schedules
+    /// (`get_cosine_schedule_with_warmup`, `get_linear_schedule_with_warmup`,
+    /// constant with warmup) at step - 1, as their first optimiser step
+    /// reads the schedule at 0; cosine and linear fall to `min_lr`.
     fn rate(&self, step: usize) -> f64 {
-        if step <= self.warmup {
-            return self.lr * step as f64 / self.warmup as f64;
+        let k = step.saturating_sub(1);
+        if k < self.warmup {
+            return self.lr * k as f64 / self.warmup as f64;
         }
-        let progress = (step - self.warmup) as f64 / (self.steps - self.warmup).max(1) as f64;
-        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+        let progress = (k - self.warmup) as f64 / self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let factor = match self.schedule {
+            Schedule::Constant => return self.lr,
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Schedule::Linear => (1.0 - progress).max(0.0),
+        };
+        self.min_lr + (self.lr - self.min_lr) * factor
     }
 }
 
@@ -627,7 +667,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         record(
             &mut metrics,
             format!(
-                "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:.3e}, \"grad_norm\": {:.4}, \"seconds\": {step_seconds:.4}, \"tokens_per_s\": {tps:.0}}}",
+                "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:e}, \"grad_norm\": {:.4}, \"seconds\": {step_seconds:.4}, \"tokens_per_s\": {tps:.0}}}",
                 outcome.grad_norm
             ),
             &state,

@@ -86,6 +86,7 @@ pub const TRAIN_KEYS: &[&str] = &[
     "momentum",
     "warmup",
     "schedule",
+    "min_lr",
     "steps",
     "epochs",
     "batch",

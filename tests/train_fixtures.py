@@ -1,0 +1,59 @@
+"""Writes the references for one optimiser step and the learning-rate
+schedules, from the tiny LLaMA checkpoint tests/hf_fixtures.py wrote.
+
+    pip install torch transformers safetensors
+    python3 tests/train_fixtures.py
+
+  tests/fixtures/hf/llama/adamw_step.safetensors
+      the weights after one torch.optim.AdamW step (lr 1e-3, betas 0.9/0.95 as
+      specs/llama.model's train block, eps 1e-8, weight decay 0.1, no
+      clipping) on the language-model loss of inputs.safetensors
+  tests/fixtures/schedules.json
+      the learning rate of each of the first 10 optimiser steps under
+      transformers' get_cosine_schedule_with_warmup and
+      get_linear_schedule_with_warmup (peak 1e-3, 3 warmup steps, 10 steps)
+"""
+
+import json
+import pathlib
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+def adamw_step() -> None:
+    folder = FIXTURES / "hf" / "llama"
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model.train()
+    input_ids = load_file(folder / "inputs.safetensors")["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    weights = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(weights, folder / "adamw_step.safetensors")
+    print(f"adamw_step: {len(weights)} tensors")
+
+
+def schedules() -> None:
+    record = {"lr": 1e-3, "warmup": 3, "steps": 10}
+    for name, make in [("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=record["lr"])
+        schedule = make(optimizer, record["warmup"], record["steps"])
+        rates = []
+        for _ in range(record["steps"]):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        record[name] = rates
+    (FIXTURES / "schedules.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"schedules: {record}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    adamw_step()
+    schedules()
