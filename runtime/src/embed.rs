@@ -12,8 +12,9 @@ use crate::tokenize::Tokenizer;
 use crate::weights::{self, Tensors};
 use modelc::check::LowerOptions;
 use modelc::cli::ModelArgs;
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const CODE: &str = "E0705";
@@ -54,18 +55,26 @@ pub fn run(args: &EmbedArgs) -> ExitCode {
 fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     args.run.apply(CODE)?;
     let checked = crate::model::checked(&args.model)?;
-    let output = ["sentence_embedding", "last_hidden_state"]
-        .into_iter()
-        .find(|o| checked.outputs.iter().any(|s| s.name == *o))
-        .ok_or_else(|| {
-            error(
+    let folder = if args.weights.is_dir() { args.weights.clone() } else { args.weights.with_file_name("") };
+    let sentence = Sentence::read(&folder).map_err(|e| error(CODE, e))?;
+    let has = |name: &str| checked.outputs.iter().any(|s| s.name == name);
+    // A sentence-transformers folder says how to pool; without one, the
+    // model's own `sentence_embedding`, else mean pooling.
+    let output = match &sentence {
+        Some(_) if has("last_hidden_state") => "last_hidden_state",
+        _ if has("sentence_embedding") => "sentence_embedding",
+        _ if has("last_hidden_state") => "last_hidden_state",
+        _ => {
+            return Err(error(
                 CODE,
                 format!(
                     "`{}` has neither a `sentence_embedding` nor a `last_hidden_state` output to embed with",
                     checked.model
                 ),
-            )
-        })?;
+            ));
+        }
+    };
+    let (pooling, normalize) = sentence.as_ref().map_or((Pooling::Mean, true), |s| (s.pooling, s.normalize));
     let takes = |name: &str| checked.inputs.iter().any(|i| i.name == name);
     if !takes("input_ids") || checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
         return Err(error(
@@ -78,12 +87,19 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     let (_, graph) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[output])?;
     let mut weights = load_weights(CODE, &args.weights, &args.model, &checked)?;
     args.dtype.apply(CODE, &graph, &mut weights)?;
-    let tokenizer = match Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights)) {
+    let mut tokenizer = match Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights)) {
         Some(path) => Tokenizer::open(Some(&path)).map_err(|e| error(CODE, e))?,
         None => {
             return Err(error(CODE, "no tokenizer: give --tokenizer tokenizer.json or put one beside the weights"));
         }
     };
+    // Longer texts are cut, as sentence-transformers cuts them: at its
+    // `max_seq_length`, else at the positions the model has.
+    let positions = checked.hparams.iter().find(|(k, _)| k == "positions").and_then(|(_, v)| v.as_f64());
+    let max_len = sentence.as_ref().and_then(|s| s.max_len).or(positions.map(|p| p as usize));
+    if let Some(n) = max_len {
+        tokenizer.truncate(n).map_err(|e| error(CODE, e))?;
+    }
     let sentences: Vec<String> = if args.sentences.is_empty() {
         std::io::stdin().lock().lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).collect()
     } else {
@@ -92,35 +108,47 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     if sentences.is_empty() {
         return Err(error(CODE, "no sentences: give them as arguments or one per line on stdin"));
     }
-    let mut rows: Vec<Vec<f32>> = Vec::new();
+    let ids: Vec<Vec<usize>> =
+        sentences.iter().map(|s| tokenizer.encode(s)).collect::<Result<_, _>>().map_err(|e| error(CODE, e))?;
+    // Batches of similar lengths (longest first, as sentence-transformers
+    // orders them), padded to a few lengths and a fixed batch size, so that
+    // a run compiles a handful of programs, not one a batch.
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let b = args.batch.min(ids.len());
+    let mut programs: HashMap<usize, crate::model::Compiled> = HashMap::new();
+    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
     let mut feeds = weights;
-    for chunk in sentences.chunks(args.batch.max(1)) {
-        let ids: Vec<Vec<usize>> =
-            chunk.iter().map(|s| tokenizer.encode(s)).collect::<Result<_, _>>().map_err(|e| error(CODE, e))?;
-        let t = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let (mut flat, mut mask) = (Vec::new(), Vec::new());
-        for row in &ids {
+    for chunk in order.chunks(b) {
+        let longest = ids[chunk[0]].len().max(1);
+        let t = longest.next_multiple_of(8).min(max_len.unwrap_or(usize::MAX)).max(longest);
+        let (mut flat, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for r in 0..b {
+            let row: &[usize] = chunk.get(r).map_or(&[], |&i| &ids[i]);
             flat.extend(row.iter().map(|i| *i as f32));
             flat.extend(std::iter::repeat_n(tokenizer.pad_id() as f32, t - row.len()));
-            mask.extend(std::iter::repeat_n(1.0, row.len()));
-            mask.extend(std::iter::repeat_n(0.0, t - row.len()));
+            // A filler row sees its first position, so no softmax is over nothing.
+            let seen = row.len().max(1);
+            mask.extend(std::iter::repeat_n(1.0, seen));
+            mask.extend(std::iter::repeat_n(0.0, t - seen));
         }
-        let b = chunk.len();
         feeds.insert("input_ids".into(), Tensor::new(vec![b, t], flat));
         if takes("attention_mask") {
             feeds.insert("attention_mask".into(), Tensor::new(vec![b, t], mask.clone()));
         }
-        let program = compile(CODE, &graph, &feeds)?;
-        let out = program.run(&feeds).map_err(|e| error(CODE, e))?;
+        if !programs.contains_key(&t) {
+            programs.insert(t, compile(CODE, &graph, &feeds)?);
+        }
+        let out = programs[&t].run(&feeds).map_err(|e| error(CODE, e))?;
         let value = &out[output];
         let dim = *value.shape.last().expect("a feature axis");
-        for r in 0..b {
+        for (r, &i) in chunk.iter().enumerate() {
             let v = if output == "sentence_embedding" {
                 value.data[r * dim..(r + 1) * dim].to_vec()
             } else {
-                mean_pool(&value.data[r * t * dim..(r + 1) * t * dim], &mask[r * t..(r + 1) * t], dim)
+                pooling.pool(&value.data[r * t * dim..(r + 1) * t * dim], &mask[r * t..(r + 1) * t], dim)
             };
-            rows.push(normalize(v));
+            rows[i] = if normalize { normalized(v) } else { v };
         }
     }
     match &args.output {
@@ -140,6 +168,85 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     }
 }
 
+/// How sentence-transformers pools token states into one vector.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pooling {
+    Mean,
+    Cls,
+    Max,
+    MeanSqrtLen,
+}
+
+impl Pooling {
+    /// One vector from `states` ([T, dim]) where `mask` is 1.
+    fn pool(self, states: &[f32], mask: &[f32], dim: usize) -> Vec<f32> {
+        let seen = || states.chunks_exact(dim).zip(mask).filter(|(_, m)| **m > 0.0).map(|(row, _)| row);
+        match self {
+            Pooling::Cls => states[..dim].to_vec(),
+            Pooling::Max => seen()
+                .fold(vec![f32::NEG_INFINITY; dim], |acc, row| acc.iter().zip(row).map(|(a, v)| a.max(*v)).collect()),
+            Pooling::Mean | Pooling::MeanSqrtLen => {
+                let mean = mean_pool(states, mask, dim);
+                if self == Pooling::Mean {
+                    return mean;
+                }
+                let count = mask.iter().sum::<f32>().max(1e-9);
+                mean.into_iter().map(|v| v * count / count.sqrt()).collect()
+            }
+        }
+    }
+}
+
+/// A sentence-transformers folder's settings: `modules.json` (is there a
+/// `Normalize` module), the pooling module's `config.json`, and
+/// `sentence_bert_config.json` (`max_seq_length`).
+struct Sentence {
+    max_len: Option<usize>,
+    pooling: Pooling,
+    normalize: bool,
+}
+
+impl Sentence {
+    /// `None` when `dir` is not a sentence-transformers folder.
+    fn read(dir: &Path) -> Result<Option<Sentence>, String> {
+        let json = |path: PathBuf| -> Result<serde_json::Value, String> {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
+        };
+        let modules_file = dir.join("modules.json");
+        if !modules_file.is_file() {
+            return Ok(None);
+        }
+        let modules = json(modules_file.clone())?;
+        let modules =
+            modules.as_array().ok_or_else(|| format!("{} is not a list of modules", modules_file.display()))?;
+        let kind = |m: &serde_json::Value| {
+            m["type"].as_str().unwrap_or_default().rsplit('.').next().unwrap_or_default().to_string()
+        };
+        let normalize = modules.iter().any(|m| kind(m) == "Normalize");
+        let pooling = match modules.iter().find(|m| kind(m) == "Pooling") {
+            None => Pooling::Mean,
+            Some(m) => {
+                let config = json(dir.join(m["path"].as_str().unwrap_or("1_Pooling")).join("config.json"))?;
+                let on = |key: &str| config[key].as_bool() == Some(true);
+                if on("pooling_mode_cls_token") {
+                    Pooling::Cls
+                } else if on("pooling_mode_max_tokens") {
+                    Pooling::Max
+                } else if on("pooling_mode_mean_sqrt_len_tokens") {
+                    Pooling::MeanSqrtLen
+                } else {
+                    Pooling::Mean
+                }
+            }
+        };
+        let settings = dir.join("sentence_bert_config.json");
+        let max_len =
+            if settings.is_file() { json(settings)?["max_seq_length"].as_u64().map(|n| n as usize) } else { None };
+        Ok(Some(Sentence { max_len, pooling, normalize }))
+    }
+}
+
 /// The mean of the rows of `states` ([T, dim]) where `mask` is 1.
 fn mean_pool(states: &[f32], mask: &[f32], dim: usize) -> Vec<f32> {
     let mut sum = vec![0.0f32; dim];
@@ -150,7 +257,7 @@ fn mean_pool(states: &[f32], mask: &[f32], dim: usize) -> Vec<f32> {
     sum.into_iter().map(|s| s / count).collect()
 }
 
-fn normalize(v: Vec<f32>) -> Vec<f32> {
+fn normalized(v: Vec<f32>) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     v.into_iter().map(|x| x / norm).collect()
 }

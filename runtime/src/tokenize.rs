@@ -7,17 +7,38 @@ use std::path::{Path, PathBuf};
 pub enum Tokenizer {
     /// Each byte is a token (vocabularies of at least 256).
     Bytes,
-    Hf(Box<tokenizers::Tokenizer>),
+    /// A `tokenizer.json`, and the id that pads a batch.
+    Hf { tokenizer: Box<tokenizers::Tokenizer>, pad: usize },
 }
 
 impl Tokenizer {
+    /// Reads a `tokenizer.json`. The padding and truncation it may carry
+    /// (sentence-transformers' files pad every text to 128 tokens and cut
+    /// it there) are turned off: callers pad batches with a mask of their
+    /// own and truncate where the model needs it ([`Tokenizer::truncate`]),
+    /// as `transformers` does when it is called with `padding=True`.
     pub fn open(path: Option<&Path>) -> Result<Tokenizer, String> {
-        match path {
-            None => Ok(Tokenizer::Bytes),
-            Some(p) => tokenizers::Tokenizer::from_file(p)
-                .map(|t| Tokenizer::Hf(Box::new(t)))
-                .map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display())),
+        let Some(p) = path else { return Ok(Tokenizer::Bytes) };
+        let mut t = tokenizers::Tokenizer::from_file(p)
+            .map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display()))?;
+        let pad = t
+            .get_padding()
+            .map(|p| p.pad_id as usize)
+            .or_else(|| t.token_to_id("[PAD]").or_else(|| t.token_to_id("<pad>")).map(|i| i as usize))
+            .unwrap_or(0);
+        t.with_padding(None);
+        t.with_truncation(None).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(Tokenizer::Hf { tokenizer: Box::new(t), pad })
+    }
+
+    /// Cuts every later encoding to `max_len` tokens, special tokens
+    /// included (the end of the text goes; `[SEP]` stays).
+    pub fn truncate(&mut self, max_len: usize) -> Result<(), String> {
+        if let Tokenizer::Hf { tokenizer, .. } = self {
+            let params = tokenizers::TruncationParams { max_length: max_len, ..Default::default() };
+            tokenizer.with_truncation(Some(params)).map_err(|e| format!("cannot truncate to {max_len}: {e}"))?;
         }
+        Ok(())
     }
 
     /// `--tokenizer`, else a `tokenizer.json` beside (or in) the weights.
@@ -34,7 +55,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<usize>, String> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(usize::from).collect()),
-            Tokenizer::Hf(t) => t
+            Tokenizer::Hf { tokenizer, .. } => tokenizer
                 .encode(text, true)
                 .map(|e| e.get_ids().iter().map(|i| *i as usize).collect())
                 .map_err(|e| format!("cannot tokenize the text: {e}")),
@@ -45,9 +66,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[usize]) -> Vec<u8> {
         match self {
             Tokenizer::Bytes => ids.iter().map(|t| *t as u8).collect(),
-            Tokenizer::Hf(t) => {
+            Tokenizer::Hf { tokenizer, .. } => {
                 let ids: Vec<u32> = ids.iter().map(|i| *i as u32).collect();
-                t.decode(&ids, false).unwrap_or_default().into_bytes()
+                tokenizer.decode(&ids, false).unwrap_or_default().into_bytes()
             }
         }
     }
@@ -56,19 +77,14 @@ impl Tokenizer {
     pub fn pad_id(&self) -> usize {
         match self {
             Tokenizer::Bytes => 0,
-            Tokenizer::Hf(t) => {
-                let named = t.get_padding().map(|p| p.pad_id as usize);
-                named
-                    .or_else(|| t.token_to_id("[PAD]").or_else(|| t.token_to_id("<pad>")).map(|i| i as usize))
-                    .unwrap_or(0)
-            }
+            Tokenizer::Hf { pad, .. } => *pad,
         }
     }
 
     pub fn vocab_size(&self) -> Option<usize> {
         match self {
             Tokenizer::Bytes => None,
-            Tokenizer::Hf(t) => Some(t.get_vocab_size(true)),
+            Tokenizer::Hf { tokenizer, .. } => Some(tokenizer.get_vocab_size(true)),
         }
     }
 }
