@@ -729,3 +729,36 @@ fn published_minilm_embeds_as_sentence_transformers() {
         assert!(cosine >= 0.9999, "cosine {cosine} for {s:.60?}");
     }
 }
+
+#[test]
+fn a_padding_row_gets_no_gradient_as_in_pytorch() {
+    // nn.Embedding(padding_idx=0) with a non-zero pad row: positions holding 0
+    // read it (the head's gradients depend on it) but send it no gradient.
+    let dir = repo().join("tests/fixtures/padded");
+    let out = scratch("padded");
+    let grads_file = out.join("grads.safetensors");
+    let (code, _, err) = modelc(&[
+        "train",
+        dir.join("padded.model").to_str().unwrap(),
+        "--weights",
+        dir.join("model.safetensors").to_str().unwrap(),
+        "--batch-file",
+        dir.join("inputs.safetensors").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--dump-grads",
+        grads_file.to_str().unwrap(),
+        "--out",
+        out.join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (got, _) = weights::load_all(&grads_file).unwrap();
+    let (want, _) = weights::load_all(&dir.join("grads.safetensors")).unwrap();
+    let pad_row = &got["embed.weight"].data[..8];
+    assert!(pad_row.iter().all(|g| *g == 0.0), "the pad row's gradient: {pad_row:?}");
+    assert!(got["embed.weight"].data[8..].iter().any(|g| *g != 0.0));
+    for (name, w) in &want {
+        let worst = got[name].data.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "`{name}`: {worst:e} from PyTorch's gradient");
+    }
+}

@@ -8,6 +8,11 @@ schedules, from the tiny LLaMA checkpoint tests/hf_fixtures.py wrote.
       the weights after one torch.optim.AdamW step (lr 1e-3, betas 0.9/0.95 as
       specs/llama.model's train block, eps 1e-8, weight decay 0.1, no
       clipping) on the language-model loss of inputs.safetensors
+  tests/fixtures/padded/{model,inputs,grads}.safetensors
+      tests/fixtures/padded/padded.model in PyTorch: nn.Embedding(16, 8,
+      padding_idx=0) (its pad row set non-zero, so the forward reads it),
+      tanh, nn.Linear(8, 16); the gradients of the next-token loss on a
+      batch holding the pad id, as inputs and as targets
   tests/fixtures/schedules.json
       the learning rate of each of the first 10 optimiser steps under
       transformers' get_cosine_schedule_with_warmup and
@@ -37,6 +42,24 @@ def adamw_step() -> None:
     print(f"adamw_step: {len(weights)} tensors")
 
 
+def padded_embedding() -> None:
+    out = FIXTURES / "padded"
+    embed = torch.nn.Embedding(16, 8, padding_idx=0)
+    head = torch.nn.Linear(8, 16)
+    with torch.no_grad():
+        embed.weight[0] = torch.linspace(-0.5, 0.5, 8)
+    input_ids = torch.tensor([[3, 0, 0, 5, 9, 0, 2], [0, 1, 4, 0, 15, 7, 0]])
+    logits = head(torch.tanh(embed(input_ids)))
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 16), input_ids[:, 1:].reshape(-1))
+    loss.backward()
+    weights = {"embed.weight": embed.weight, "head.weight": head.weight, "head.bias": head.bias}
+    save_file({n: p.detach().contiguous() for n, p in weights.items()}, out / "model.safetensors")
+    save_file({"input_ids": input_ids}, out / "inputs.safetensors")
+    save_file({n: p.grad.contiguous() for n, p in weights.items()}, out / "grads.safetensors")
+    assert embed.weight.grad[0].abs().max() == 0
+    print(f"padded: loss {loss.item():.6f}")
+
+
 def schedules() -> None:
     record = {"lr": 1e-3, "warmup": 3, "steps": 10}
     for name, make in [("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)]:
@@ -56,4 +79,5 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     torch.set_num_threads(1)
     adamw_step()
+    padded_embedding()
     schedules()

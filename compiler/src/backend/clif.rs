@@ -1146,6 +1146,7 @@ fn emit_element(
                 match u {
                     Unary::Neg => b.ins().fneg(a),
                     Unary::Abs => b.ins().fabs(a),
+                    Unary::Detach => a,
                     Unary::Sqrt => b.ins().sqrt(a),
                     Unary::Rsqrt => {
                         let s = b.ins().sqrt(a);

@@ -302,6 +302,7 @@ impl Emitter<'_> {
                     match u {
                         Unary::Neg => format!("-({a})"),
                         Unary::Abs => format!("abs({a})"),
+                        Unary::Detach => a.to_string(),
                         Unary::Sqrt => format!("sqrt({a})"),
                         Unary::Rsqrt => format!("1.0 / sqrt({a})"),
                         Unary::Floor => format!("floor({a})"),

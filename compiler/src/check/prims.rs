@@ -77,6 +77,7 @@ pub const UNARY_MATH: &[&str] = &[
     "sin",
     "cos",
     "abs",
+    "detach",
 ];
 
 /// Every primitive with its parameters, in the order positional arguments bind.
@@ -95,6 +96,7 @@ pub const PRIMITIVES: &[(&str, &[Param])] = &[
     ("sin", &[req("x", K::T)]),
     ("cos", &[req("x", K::T)]),
     ("abs", &[req("x", K::T)]),
+    ("detach", &[req("x", K::T)]),
     ("float", &[req("x", K::T)]),
     ("int", &[req("x", K::T)]),
     ("maximum", &[req("a", K::TS), req("b", K::TS)]),
@@ -797,6 +799,7 @@ pub fn fold_unary(name: &str, x: f64) -> f64 {
         "sin" => x.sin(),
         "cos" => x.cos(),
         "abs" => x.abs(),
+        "detach" => x,
         "silu" => x / (1.0 + (-x).exp()),
         "erf" => erf(x),
         "gelu" => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),

@@ -170,7 +170,7 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
                     let ng = g.neg(gy);
                     g.select(neg, ng, gy)
                 }
-                Unary::Floor | Unary::Not => return vec![None],
+                Unary::Floor | Unary::Not | Unary::Detach => return vec![None],
             };
             vec![Some(d)]
         }

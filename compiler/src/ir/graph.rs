@@ -45,11 +45,13 @@ pub enum Unary {
     Abs,
     Floor,
     Not,
+    /// The value as it is; no gradient flows through it (PyTorch's `detach`).
+    Detach,
 }
 
 impl Unary {
     /// Every unary operation, for tables that range over them.
-    pub const ALL: [Unary; 17] = [
+    pub const ALL: [Unary; 18] = [
         Unary::Neg,
         Unary::Exp,
         Unary::Log,
@@ -67,6 +69,7 @@ impl Unary {
         Unary::Abs,
         Unary::Floor,
         Unary::Not,
+        Unary::Detach,
     ];
 }
 

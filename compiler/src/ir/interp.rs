@@ -422,6 +422,7 @@ pub fn unary(u: Unary, x: f64) -> f64 {
         Unary::Sin => x.sin(),
         Unary::Cos => x.cos(),
         Unary::Abs => x.abs(),
+        Unary::Detach => x,
         Unary::Floor => x.floor(),
         Unary::Not => f64::from(u8::from(x == 0.0)),
     }

@@ -175,7 +175,7 @@ impl Lowering {
         let one = |n: NodeId| vec![n];
         match name {
             "exp" | "log" | "sqrt" | "rsqrt" | "tanh" | "sigmoid" | "relu" | "gelu" | "gelu_tanh" | "silu" | "erf"
-            | "sin" | "cos" | "abs" => {
+            | "sin" | "cos" | "abs" | "detach" => {
                 let u = match name {
                     "exp" => Unary::Exp,
                     "log" => Unary::Log,
@@ -190,6 +190,7 @@ impl Lowering {
                     "erf" => Unary::Erf,
                     "sin" => Unary::Sin,
                     "cos" => Unary::Cos,
+                    "detach" => Unary::Detach,
                     _ => Unary::Abs,
                 };
                 one(g.unary(u, a[0].node()))

@@ -89,6 +89,7 @@ fn op(text: &str) -> Result<Op, String> {
         "abs" => unary(Unary::Abs),
         "floor" => unary(Unary::Floor),
         "not" => unary(Unary::Not),
+        "detach" => unary(Unary::Detach),
         "add" => binary(Binary::Add),
         "sub" => binary(Binary::Sub),
         "mul" => binary(Binary::Mul),

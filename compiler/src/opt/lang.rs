@@ -35,6 +35,7 @@ define_language! {
         "abs" = Abs(Box<[Id]>),
         "floor" = Floor(Box<[Id]>),
         "not" = Not(Box<[Id]>),
+        "detach" = Detach(Box<[Id]>),
         "add" = Add(Box<[Id]>),
         "sub" = Sub(Box<[Id]>),
         "mul" = Mul(Box<[Id]>),
@@ -139,6 +140,7 @@ pub fn kind(op: &Op) -> &'static str {
             Unary::Abs => "abs",
             Unary::Floor => "floor",
             Unary::Not => "not",
+            Unary::Detach => "detach",
         },
         Op::Binary(b) => match b {
             Binary::Add => "add",
