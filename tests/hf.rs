@@ -762,3 +762,64 @@ fn a_padding_row_gets_no_gradient_as_in_pytorch() {
         assert!(worst <= 1e-6, "`{name}`: {worst:e} from PyTorch's gradient");
     }
 }
+
+#[test]
+fn bert_masked_lm_matches_transformers_and_pretrains() {
+    // BertForMaskedLM's weights and names (the decoder tied to the word
+    // embeddings), from a folder with its config: logits equal transformers'.
+    let dir = fixture("bert-mlm");
+    let out = scratch("bert-mlm");
+    let (code, _, err) = modelc(&[
+        "forward",
+        "specs/bert-mlm.model",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--inputs",
+        dir.join("inputs.safetensors").to_str().unwrap(),
+        "--outputs",
+        out.join("logits.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (got, _) = weights::load_all(&out.join("logits.safetensors")).unwrap();
+    let (want, _) = weights::load_all(&dir.join("logits.safetensors")).unwrap();
+    let worst = got["logits"].data.iter().zip(&want["logits"].data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "logits {worst:e} from transformers'");
+
+    // Pretraining from text: masked tokens, their loss falling, accuracy logged.
+    let run = out.join("run");
+    let (code, _, err) = modelc(&[
+        "train",
+        "specs/bert-mlm.model",
+        "--config",
+        dir.join("config.json").to_str().unwrap(),
+        "--tokenizer",
+        dir.join("tokenizer.json").to_str().unwrap(),
+        "--data",
+        "/usr/share/common-licenses/GPL-3",
+        "--steps",
+        "60",
+        "--batch",
+        "8",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "5",
+        "--eval-every",
+        "30",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<(f64, f64)> =
+        records.iter().filter_map(|r| Some((r["eval_loss"].as_f64()?, r["eval_accuracy"].as_f64()?))).collect();
+    assert_eq!(evals.len(), 2, "{records:?}");
+    assert!(evals[1].0 < evals[0].0, "the masked-LM loss falls: {evals:?}");
+    assert!(evals[1].1 > 0.0, "some masked tokens are predicted: {evals:?}");
+}

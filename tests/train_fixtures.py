@@ -13,6 +13,11 @@ schedules, from the tiny LLaMA checkpoint tests/hf_fixtures.py wrote.
       padding_idx=0) (its pad row set non-zero, so the forward reads it),
       tanh, nn.Linear(8, 16); the gradients of the next-token loss on a
       batch holding the pad id, as inputs and as targets
+  tests/fixtures/hf/bert-mlm/
+      a tiny BertForMaskedLM (the bert fixture's sizes and WordPiece
+      tokenizer, seeded random weights): config.json, model.safetensors,
+      tokenizer.json, inputs.safetensors (input_ids and a padding
+      attention_mask) and the logits transformers computes for them
   tests/fixtures/schedules.json
       the learning rate of each of the first 10 optimiser steps under
       transformers' get_cosine_schedule_with_warmup and
@@ -24,7 +29,15 @@ import pathlib
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+import shutil
+
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    LlamaForCausalLM,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
@@ -60,6 +73,33 @@ def padded_embedding() -> None:
     print(f"padded: loss {loss.item():.6f}")
 
 
+def bert_mlm() -> None:
+    source = FIXTURES / "hf" / "bert"
+    out = FIXTURES / "hf" / "bert-mlm"
+    out.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, initializer_range=0.2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        # A visible output bias, so that the test sees it load.
+        model.cls.predictions.bias.copy_(torch.linspace(-1.0, 1.0, 384))
+    model.save_pretrained(out)
+    shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(5, 384, (2, 10), generator=g)
+    attention_mask = torch.ones(2, 10, dtype=torch.int64)
+    input_ids[1, 7:] = 0
+    attention_mask[1, 7:] = 0
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    save_file({"input_ids": input_ids, "attention_mask": attention_mask}, out / "inputs.safetensors")
+    save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
+    print(f"bert-mlm: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 def schedules() -> None:
     record = {"lr": 1e-3, "warmup": 3, "steps": 10}
     for name, make in [("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)]:
@@ -80,4 +120,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     adamw_step()
     padded_embedding()
+    bert_mlm()
     schedules()

@@ -136,10 +136,11 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
         if takes("attention_mask") {
             feeds.insert("attention_mask".into(), Tensor::new(vec![b, t], mask.clone()));
         }
-        if !programs.contains_key(&t) {
-            programs.insert(t, compile(CODE, &graph, &feeds)?);
-        }
-        let out = programs[&t].run(&feeds).map_err(|e| error(CODE, e))?;
+        let program = match programs.entry(t) {
+            std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(compile(CODE, &graph, &feeds)?),
+        };
+        let out = program.run(&feeds).map_err(|e| error(CODE, e))?;
         let value = &out[output];
         let dim = *value.shape.last().expect("a feature axis");
         for (r, &i) in chunk.iter().enumerate() {

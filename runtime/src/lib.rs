@@ -10,6 +10,7 @@ pub mod flags;
 pub mod forward;
 pub mod gpu;
 pub mod infer;
+pub mod masking;
 pub mod memory;
 pub mod merge;
 pub mod model;

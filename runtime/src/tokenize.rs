@@ -81,6 +81,29 @@ impl Tokenizer {
         }
     }
 
+    /// The id of `token` (`[MASK]`), if the tokenizer has it.
+    pub fn id_of(&self, token: &str) -> Option<usize> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf { tokenizer, .. } => tokenizer.token_to_id(token).map(|i| i as usize),
+        }
+    }
+
+    /// The ids of the special tokens (`[CLS]`, `[SEP]`, `[PAD]`, ...).
+    pub fn special_ids(&self) -> Vec<usize> {
+        match self {
+            Tokenizer::Bytes => Vec::new(),
+            Tokenizer::Hf { tokenizer, .. } => {
+                let mut ids: Vec<usize> = (tokenizer.get_added_tokens_decoder().iter())
+                    .filter(|(_, t)| t.special)
+                    .map(|(id, _)| *id as usize)
+                    .collect();
+                ids.sort();
+                ids
+            }
+        }
+    }
+
     pub fn vocab_size(&self) -> Option<usize> {
         match self {
             Tokenizer::Bytes => None,

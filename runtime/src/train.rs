@@ -374,7 +374,7 @@ impl Step {
         &self,
         state: &mut Tensors,
         spare: &mut Tensors,
-        batches: Vec<Tensor>,
+        batches: Vec<Tensors>,
         rate: f64,
         step: usize,
     ) -> Result<Outcome, String> {
@@ -382,7 +382,7 @@ impl Step {
         feeds.insert("lr".into(), Tensor::new(vec![], vec![rate as f32]));
         feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
         let result = self.outputs(&mut feeds, spare, batches);
-        for k in ["input_ids", "lr", "step"] {
+        for k in ["input_ids", "labels", "lr", "step"] {
             feeds.remove(k);
         }
         let (out, loss) = match result {
@@ -422,11 +422,11 @@ impl Step {
         &self,
         feeds: &mut Tensors,
         spare: &mut Tensors,
-        batches: Vec<Tensor>,
+        batches: Vec<Tensors>,
     ) -> Result<(Tensors, f64), String> {
         match self {
             Step::Fused(p) => {
-                feeds.insert("input_ids".into(), batches.into_iter().next().expect("one batch"));
+                feeds.extend(batches.into_iter().next().expect("one batch"));
                 let mut out = std::mem::take(spare);
                 p.run_into(feeds, &mut out)?;
                 let loss = out["loss"].data[0] as f64;
@@ -437,7 +437,7 @@ impl Step {
                 let mut sum: Tensors = HashMap::new();
                 let mut loss = 0.0;
                 for b in batches {
-                    feeds.insert("input_ids".into(), b);
+                    feeds.extend(b);
                     for (name, g) in grads.run(feeds)? {
                         if name == "loss" {
                             loss += g.data[0] as f64 / n as f64;
@@ -476,8 +476,15 @@ fn usage(message: impl Into<String>) -> ExitCode {
 fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     args.run.apply(CODE)?;
     let (program, opts) = load(&args.model)?;
+    // Training feeds token ids (and targets) only: optional inputs (an
+    // attention mask, token types) are lowered as absent.
+    let absent: Vec<String> = (modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))?.inputs)
+        .into_iter()
+        .filter(|i| i.optional)
+        .map(|i| i.name)
+        .collect();
     let lower = |training| {
-        modelc::check::lower(&program, &opts, LowerOptions { training, ..Default::default() })
+        modelc::check::lower(&program, &opts, LowerOptions { training, absent: absent.clone(), ..Default::default() })
             .map_err(|d| fail(&program.sources, &d))
     };
     let (checked, train_fwd) = lower(true)?;
@@ -488,6 +495,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
         return Err(usage(format!("`train` feeds token ids as `input_ids`; `{}` takes other inputs", checked.model)));
     }
+    let masking = masking(args, &checked).map_err(usage)?;
     let mut s = settings(args, &checked.train).map_err(usage)?;
     let vocab = checked
         .outputs
@@ -496,7 +504,19 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         .and_then(|o| o.ty.dims.last().and_then(|d| d.as_const()))
         .map(|v| v as usize);
     let data = Data::load(args, &mut s, vocab).map_err(usage)?;
-    let eval_batches = data.eval_batches(&s);
+    // Each micro-batch's feeds: its token ids, masked with their labels for a
+    // masked-language model (seeded by step and micro-batch, or by the
+    // evaluation batch's index).
+    let feeds_of = |ids: Tensor, key: u64| -> Tensors {
+        let Some(m) = &masking else { return Tensors::from([("input_ids".to_string(), ids)]) };
+        let (inputs, labels) = m.apply(&ids.data, &mut Rng::new(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ key));
+        Tensors::from([
+            ("input_ids".to_string(), Tensor::new(ids.shape.clone(), inputs)),
+            ("labels".to_string(), Tensor::new(ids.shape, labels)),
+        ])
+    };
+    let eval_batches: Vec<Tensors> =
+        data.eval_batches(&s).into_iter().enumerate().map(|(i, b)| feeds_of(b, u64::MAX - i as u64)).collect();
     let mode = match &args.resume {
         Some(dir) if same_dir(dir, &args.out) => run_dir::Mode::Resume,
         _ if args.overwrite => run_dir::Mode::Overwrite,
@@ -507,7 +527,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let optimized = |g: &Graph| modelc::opt::optimize(&modelc::ir::prune::prune(g), modelc::opt::Limits::default()).0;
     let mut eval_graph = eval_fwd.clone();
-    eval_graph.outputs.retain(|(n, _)| n == "loss");
+    eval_graph.outputs.retain(|(n, _)| n == "loss" || (masking.is_some() && n == "logits"));
     let eval_graph = optimized(&eval_graph);
 
     let mut state = initial_state(args, &checked, &s)?;
@@ -521,6 +541,9 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None };
     let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
     shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
+    if masking.is_some() {
+        shapes.insert("labels".into(), placeholder(vec![s.batch, s.seq]));
+    }
     shapes.insert("lr".into(), placeholder(vec![]));
     shapes.insert("step".into(), placeholder(vec![]));
     let step_program = if s.accumulate == 1 {
@@ -568,15 +591,29 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() }
     );
 
-    let evaluate = |state: &Tensors| -> Result<f64, String> {
-        let mut total = 0.0;
+    // The mean loss over the evaluation batches, and for a masked-language
+    // model the share of masked tokens predicted right.
+    let evaluate = |state: &Tensors| -> Result<(f64, Option<f64>), String> {
+        let (mut total, mut right, mut masked) = (0.0, 0usize, 0usize);
         for b in &eval_batches {
             let mut feeds: Tensors =
                 state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
-            feeds.insert("input_ids".into(), b.clone());
-            total += eval_program.run(&feeds)?["loss"].data[0] as f64;
+            feeds.extend(b.clone());
+            let out = eval_program.run(&feeds)?;
+            total += out["loss"].data[0] as f64;
+            if let (Some(logits), Some(labels)) = (out.get("logits"), b.get("labels")) {
+                let vocab = *logits.shape.last().expect("a vocabulary axis");
+                for (row, label) in logits.data.chunks_exact(vocab).zip(&labels.data) {
+                    if *label != crate::masking::IGNORED {
+                        let best = (0..vocab).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap_or(0);
+                        right += usize::from(best as f32 == *label);
+                        masked += 1;
+                    }
+                }
+            }
         }
-        Ok(total / eval_batches.len() as f64)
+        let accuracy = (masked > 0).then(|| right as f64 / masked as f64);
+        Ok((total / eval_batches.len() as f64, accuracy))
     };
     // Frozen weights (an adapter's base) are not saved: they come from --weights again.
     let adapter = modelc::peft::adapter_of(&program, &checked);
@@ -608,7 +645,9 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let mut spare = Tensors::new();
     while step <= last {
         let rate = s.rate(step);
-        let batches: Vec<Tensor> = (0..s.accumulate).map(|m| data.batch(s.seed, step, m, &s)).collect();
+        let batches: Vec<Tensors> = (0..s.accumulate)
+            .map(|m| feeds_of(data.batch(s.seed, step, m, &s), (step as u64) | ((m as u64) << 40)))
+            .collect();
         if step == first_step
             && let Some(path) = &args.dump_grads
         {
@@ -675,16 +714,23 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         )?;
         let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
         if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
-            let eval = evaluate(&state).map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
-            record(&mut metrics, format!("{{\"step\": {step}, \"eval_loss\": {eval:.5}}}"), &state, best)?;
+            let (eval, accuracy) = evaluate(&state).map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
+            let accuracy_field = accuracy.map(|a| format!(", \"eval_accuracy\": {a:.5}")).unwrap_or_default();
+            record(
+                &mut metrics,
+                format!("{{\"step\": {step}, \"eval_loss\": {eval:.5}{accuracy_field}}}"),
+                &state,
+                best,
+            )?;
             eval_curve.push((step, eval));
             let improved = eval < best;
             if improved {
                 best = eval;
                 save_model(&state).map_err(usage)?;
             }
+            let accuracy_text = accuracy.map(|a| format!(", {:.1}% right", a * 100.0)).unwrap_or_default();
             line = format!(
-                "loss {loss:.3}  eval {eval:.3}{}  lr {rate:.2e}  {tps:.0} tok/s",
+                "loss {loss:.3}  eval {eval:.3}{accuracy_text}{}  lr {rate:.2e}  {tps:.0} tok/s",
                 if improved { " (best, saved)" } else { "" }
             );
             progress.log(step, &line, elapsed);
@@ -812,6 +858,39 @@ fn resume(
     Ok((fresh, step, best))
 }
 
+/// The spec's `masking: mlm(probability: p, mask_token: id)` setting:
+/// special tokens and `[MASK]` from the tokenizer, random tokens from the
+/// model's vocabulary; it fills the `labels` target.
+fn masking(args: &TrainArgs, checked: &Checked) -> Result<Option<crate::masking::Masking>, String> {
+    let Some((_, setting)) = checked.train.iter().find(|(k, _)| k == "masking") else { return Ok(None) };
+    let Value::Record(name, fields) = setting else {
+        return Err(format!("masking: expected `mlm(probability: 0.15)`, found `{setting}`"));
+    };
+    if name != "mlm" {
+        return Err(format!("masking: `{name}` is not a masking scheme; the one there is is `mlm`"));
+    }
+    let field = |key: &str| fields.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    let probability = field("probability").and_then(Value::as_f64).unwrap_or(0.15);
+    flags::check("masking probability", probability, flags::fraction)?;
+    if !checked.targets.iter().any(|t| t.name == "labels") {
+        return Err(format!(
+            "masking fills the target `labels`; declare `target labels: [B, T] int` in `{}`'s train block",
+            checked.model
+        ));
+    }
+    let vocab = (checked.outputs.iter().find(|o| o.name == "logits"))
+        .and_then(|o| o.ty.dims.last().and_then(|d| d.as_const()))
+        .ok_or("masking needs a `logits` output over the vocabulary")? as usize;
+    let tokenizer = Tokenizer::open(args.tokenizer.as_deref())?;
+    let mask = match field("mask_token").and_then(Value::as_f64) {
+        Some(id) => id as usize,
+        None => tokenizer.id_of("[MASK]").or_else(|| tokenizer.id_of("<mask>")).ok_or(
+            "masking needs a mask token: the tokenizer has no [MASK]; give --tokenizer or `mlm(mask_token: id)`",
+        )?,
+    };
+    Ok(Some(crate::masking::Masking { probability, mask, vocab, special: tokenizer.special_ids() }))
+}
+
 /// Whether two paths name the same folder (`runs/a` and `./runs/a/`).
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -878,14 +957,14 @@ fn gradients(
     forward: &Graph,
     trainable: &[String],
     state: &Tensors,
-    batch: &Tensor,
+    batch: &Tensors,
     step: usize,
 ) -> Result<Tensors, String> {
     let g = gradient_program(forward, trainable).expect("has a loss");
     let g = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default()).0;
     let mut feeds: Tensors =
         state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
-    feeds.insert("input_ids".into(), batch.clone());
+    feeds.extend(batch.clone());
     feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
     let shapes: HashMap<String, Vec<usize>> = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
     let program = crate::cpu::bind(&g, &shapes).and_then(|s| Program::compile(&g, &s))?;
@@ -901,7 +980,7 @@ fn dump_grads(path: &Path, grads: Result<Tensors, String>) -> Result<(), ExitCod
 
 /// Names the first layer call whose output is not finite on `batch` (or a
 /// weight that is not finite); `None` when everything is finite.
-fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensor) -> Option<String> {
+fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensors) -> Option<String> {
     let traced = || -> Result<Option<String>, String> {
         let (program, opts) = load(&args.model).map_err(|_| "cannot reload the spec".to_string())?;
         let how = LowerOptions { trace: true, ..Default::default() };
@@ -909,7 +988,7 @@ fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensor) -> Option
         let g = modelc::ir::prune::prune(&g);
         let mut feeds: Tensors =
             state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
-        feeds.insert("input_ids".into(), batch.clone());
+        feeds.insert("input_ids".into(), batch["input_ids"].clone());
         let p = compile(CODE, &g, &feeds).map_err(|_| "cannot compile the traced forward".to_string())?;
         let out = p.run(&feeds)?;
         let weights_bad =

@@ -97,6 +97,7 @@ pub const TRAIN_KEYS: &[&str] = &[
     "eval_every",
     "seed",
     "checkpoint_every",
+    "masking",
 ];
 /// Settings an `infer { }` block understands.
 pub const INFER_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "context"];
