@@ -359,45 +359,29 @@ fn flags_out_of_range_are_refused_with_the_range() {
     let data = dir.join("data.txt");
     let data = data.to_str().unwrap();
     // `--flag=value`, as a negative value must be written.
-    let train = |flag: &str, value: &str| {
-        modelc(&[
-            "train",
-            "specs/tiny-gpt.model",
-            "--data",
-            data,
-            "--out",
-            "/nonexistent/never",
-            &format!("{flag}={value}"),
-        ])
-    };
-    for (flag, value, says) in [
-        ("--lr", "nan", "finite"),
-        ("--lr", "-0.1", ">= 0"),
-        ("--clip", "-1", ">= 0"),
-        ("--weight-decay", "inf", "finite"),
-        ("--epochs", "0", "above 0"),
-        ("--epochs", "-2", "above 0"),
-        ("--eval-split", "1.5", "[0, 1)"),
-        ("--batch", "0", "at least 1"),
-        ("--steps", "0", "at least 1"),
-        ("--threads", "100000", "more than 1024"),
+    let train = ["train", "specs/tiny-gpt.model", "--data", data, "--out", "/nonexistent/never"];
+    let infer = ["infer", "specs/tiny-gpt.model", "--weights", "w", "--prompt", "x", "--max-new-tokens", "1"];
+    for (command, flag, value, says) in [
+        (&train[..], "--lr", "nan", "finite"),
+        (&train, "--lr", "-0.1", ">= 0"),
+        (&train, "--clip", "-1", ">= 0"),
+        (&train, "--weight-decay", "inf", "finite"),
+        (&train, "--epochs", "0", "above 0"),
+        (&train, "--epochs", "-2", "above 0"),
+        (&train, "--eval-split", "1.5", "[0, 1)"),
+        (&train, "--batch", "0", "at least 1"),
+        (&train, "--steps", "0", "at least 1"),
+        (&train, "--threads", "100000", "more than 1024"),
+        (&train, "--min-lr", "-1", ">= 0"),
+        (&infer, "--temperature", "-1", ">= 0"),
+        (&infer, "--temperature", "NaN", "finite"),
+        (&infer, "--top-p", "0", "(0, 1]"),
+        (&infer, "--top-p", "1.5", "(0, 1]"),
+        (&infer, "--context", "0", "at least 1"),
+        (&infer, "--threads", "0", "at least 1"),
     ] {
-        let (code, _, err) = train(flag, value);
-        assert_eq!(code, 2, "{flag} {value}: {err}");
-        assert!(err.contains(says), "{flag} {value}: {err}");
-    }
-    let infer = |flag: &str, value: &str| {
-        modelc(&["infer", "specs/tiny-gpt.model", "--weights", "w", &format!("{flag}={value}")])
-    };
-    for (flag, value, says) in [
-        ("--temperature", "-1", ">= 0"),
-        ("--temperature", "NaN", "finite"),
-        ("--top-p", "0", "(0, 1]"),
-        ("--top-p", "1.5", "(0, 1]"),
-        ("--context", "0", "at least 1"),
-        ("--threads", "0", "at least 1"),
-    ] {
-        let (code, _, err) = infer(flag, value);
+        let flag_value = format!("{flag}={value}");
+        let (code, _, err) = modelc(&[command, &[flag_value.as_str()]].concat());
         assert_eq!(code, 2, "{flag} {value}: {err}");
         assert!(err.contains(says), "{flag} {value}: {err}");
     }
