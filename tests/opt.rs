@@ -248,6 +248,7 @@ fn every_sinking_rule_fires_and_keeps_values() {
             "abs" => unary(Unary::Abs),
             "floor" => unary(Unary::Floor),
             "not" => unary(Unary::Not),
+            "detach" => unary(Unary::Detach),
             "cast" => Some(Op::Cast(DType::Int)),
             _ => None,
         };

@@ -136,7 +136,7 @@ fn small(name: &str) -> Options {
             ("hidden", "64"),
         ]),
         "gpt2" => sets(&[("vocab", "100"), ("positions", "64"), ("dim", "32"), ("layers", "2"), ("heads", "4")]),
-        "bert" | "minilm" => sets(&[
+        "bert" | "bert-mlm" | "minilm" => sets(&[
             ("vocab", "100"),
             ("positions", "64"),
             ("dim", "32"),
