@@ -59,7 +59,7 @@ pub fn small(name: &str) -> Vec<(&'static str, &'static str)> {
             ("hidden", "24"),
         ],
         "gpt2" => vec![("vocab", "50"), ("positions", "16"), ("dim", "16"), ("layers", "1"), ("heads", "2")],
-        "bert" | "minilm" => {
+        "bert" | "bert-mlm" | "minilm" => {
             vec![("vocab", "50"), ("positions", "16"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")]
         }
         "mixtral" => vec![
