@@ -6,11 +6,11 @@
 
 pub mod backend;
 pub mod check;
-pub mod cli;
 pub mod diag;
 pub mod draw;
 pub mod ir;
 pub mod opt;
 pub mod peft;
 pub mod source;
+pub mod spec;
 pub mod syntax;

@@ -5,8 +5,8 @@
 //! the trailer and, when it is there, acts as the model's own command line
 //! (`./NAME train …`, `./NAME infer …`), taking no spec argument.
 
+use crate::cli::{ModelArgs, load};
 use crate::model::error;
-use modelc::cli::{Embedded, ModelArgs, load};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +20,45 @@ const TRAILER: usize = 24;
 /// 64-bit FNV-1a: enough to tell a damaged payload from the one written.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A spec compiled into a binary by `modelc build`: its files, and the
+/// config and `--set` values given at build time (flags at run time go on top).
+#[derive(Clone, Debug)]
+pub struct Embedded {
+    pub entry: PathBuf,
+    pub files: modelc::check::load::Bundle,
+    /// The config file's name and text.
+    pub config: Option<(String, String)>,
+    pub sets: Vec<String>,
+}
+
+/// What a built binary passes as the spec argument: its own spec.
+pub const BUILT_IN: &str = "<built-in spec>";
+
+impl Embedded {
+    pub fn to_json(&self) -> serde_json::Value {
+        let files: serde_json::Map<String, serde_json::Value> =
+            self.files.iter().map(|(p, t)| (p.display().to_string(), t.clone().into())).collect();
+        serde_json::json!({
+            "entry": self.entry.display().to_string(),
+            "files": files,
+            "config": self.config.as_ref().map(|(n, t)| serde_json::json!({ "name": n, "text": t })),
+            "sets": self.sets,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Option<Embedded> {
+        let files = v["files"].as_object()?.iter().map(|(p, t)| Some((PathBuf::from(p), t.as_str()?.to_string())));
+        Some(Embedded {
+            entry: PathBuf::from(v["entry"].as_str()?),
+            files: files.collect::<Option<_>>()?,
+            config: v["config"]
+                .as_object()
+                .and_then(|c| Some((c.get("name")?.as_str()?.to_string(), c.get("text")?.as_str()?.to_string()))),
+            sets: v["sets"].as_array()?.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+        })
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -40,7 +79,7 @@ fn build(args: &BuildArgs) -> Result<(), ExitCode> {
         return Err(error(CODE, "name the spec to build, e.g. `modelc build specs/tiny-gpt.model -o tiny-gpt`"));
     };
     let (program, opts) = load(&args.model)?;
-    let checked = modelc::check::check(&program, &opts).map_err(|d| modelc::cli::fail(&program.sources, &d))?;
+    let checked = modelc::check::check(&program, &opts).map_err(|d| crate::cli::fail(&program.sources, &d))?;
     let config = match &args.model.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)

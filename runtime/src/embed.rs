@@ -6,12 +6,12 @@
 //! MiniLM spec pools and normalises itself); otherwise `last_hidden_state`
 //! is mean-pooled over the mask and normalised, as sentence-transformers do.
 
+use crate::cli::ModelArgs;
 use crate::cpu::Tensor;
 use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Tensors};
 use modelc::check::LowerOptions;
-use modelc::cli::ModelArgs;
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ pub fn run(args: &EmbedArgs) -> ExitCode {
 }
 
 fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
-    args.run.apply(CODE)?;
+    let device = args.run.apply(CODE)?;
     let checked = crate::model::checked(&args.model)?;
     let folder = if args.weights.is_dir() { args.weights.clone() } else { args.weights.with_file_name("") };
     let sentence = Sentence::read(&folder).map_err(|e| error(CODE, e))?;
@@ -86,7 +86,7 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
         checked.inputs.iter().filter(|i| i.optional && i.name != "attention_mask").map(|i| i.name.clone()).collect();
     let (_, graph) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[output])?;
     let mut weights = load_weights(CODE, &args.weights, &args.model, &checked)?;
-    args.dtype.apply(CODE, &graph, &mut weights)?;
+    args.dtype.apply(CODE, device, &graph, &mut weights)?;
     let mut tokenizer = match Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights)) {
         Some(path) => Tokenizer::open(Some(&path)).map_err(|e| error(CODE, e))?,
         None => {
@@ -138,7 +138,7 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
         }
         let program = match programs.entry(t) {
             std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(compile(CODE, &graph, &feeds)?),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(compile(CODE, device, &graph, &feeds)?),
         };
         let out = program.run(&feeds).map_err(|e| error(CODE, e))?;
         let value = &out[output];

@@ -1,10 +1,10 @@
 //! `modelc forward`: named input tensors in, the model's named outputs out,
 //! both as safetensors files (the form Hugging Face tools read and write).
 
+use crate::cli::ModelArgs;
 use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
 use crate::weights;
 use modelc::check::LowerOptions;
-use modelc::cli::ModelArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,7 +35,7 @@ pub fn run(args: &ForwardArgs) -> ExitCode {
 }
 
 fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
-    args.run.apply(CODE)?;
+    let device = args.run.apply(CODE)?;
     let (inputs, _) = weights::load_all(&args.inputs).map_err(|e| error(CODE, e))?;
     // Learn the model's inputs first, so that optional ones not given are lowered as absent.
     let checked = crate::model::checked(&args.model)?;
@@ -75,9 +75,9 @@ fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
     }
     let (checked, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[])?;
     let mut feeds = load_weights(CODE, &args.weights, &args.model, &checked)?;
-    args.dtype.apply(CODE, &g, &mut feeds)?;
+    args.dtype.apply(CODE, device, &g, &mut feeds)?;
     feeds.extend(inputs);
-    let program = compile(CODE, &g, &feeds)?;
+    let program = compile(CODE, device, &g, &feeds)?;
     let outputs = program.run(&feeds).map_err(|e| error(CODE, e))?;
     weights::save(&args.outputs, &outputs).map_err(|e| error(CODE, e))
 }

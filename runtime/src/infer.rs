@@ -7,14 +7,14 @@
 //! instead (to measure what the cache saves). Greedy, temperature, top-k and
 //! top-p sampling, seeded.
 
+use crate::cli::ModelArgs;
 use crate::cpu::Tensor;
 use crate::model::Compiled;
-use crate::model::{DtypeArgs, RunArgs, compile, compile_shapes, error, forward_graph, load_weights};
+use crate::model::{Device, DtypeArgs, RunArgs, compile, compile_shapes, error, forward_graph, load_weights};
 use crate::tokenize::{Stream, Tokenizer};
 use crate::weights::{Rng, Tensors};
 use modelc::check::value::Value;
 use modelc::check::{Checked, LowerOptions};
-use modelc::cli::ModelArgs;
 use modelc::ir::graph::{Graph, Op};
 use std::collections::HashMap;
 use std::io::Write;
@@ -146,6 +146,7 @@ trait Decoder {
 /// (`Program::run_state`); on the GPU each run returns them updated
 /// (`present.*`), and they become the next run's inputs.
 struct Cached {
+    device: Device,
     graph: Graph,
     feeds: Tensors,
     /// The caches written in place (CPU), by input name.
@@ -160,10 +161,10 @@ struct Cached {
 }
 
 impl Cached {
-    fn new(mut graph: Graph, weights: Tensors, len: usize, vocab: usize) -> Cached {
+    fn new(device: Device, mut graph: Graph, weights: Tensors, len: usize, vocab: usize) -> Cached {
         let mut feeds = weights;
         let mut caches = Tensors::new();
-        let in_place = crate::model::device() == crate::model::Device::Cpu;
+        let in_place = device == Device::Cpu;
         if in_place {
             // The caches stay where the programs write them: nothing to return.
             graph.outputs.retain(|(name, _)| !name.starts_with("present."));
@@ -188,7 +189,7 @@ impl Cached {
                 };
             }
         }
-        Cached { graph, feeds, caches, programs: HashMap::new(), len, vocab, held: 0, spare: Tensors::new() }
+        Cached { device, graph, feeds, caches, programs: HashMap::new(), len, vocab, held: 0, spare: Tensors::new() }
     }
 
     /// The program for `t` new tokens, compiled on first use.
@@ -197,7 +198,8 @@ impl Cached {
             self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], vec![0.0; t]));
             self.feeds.insert("position".into(), Tensor::new(vec![], vec![0.0]));
             let shapes = self.feeds.iter().chain(&self.caches).map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-            let p = compile_shapes(CODE, &self.graph, &shapes).map_err(|_| "cannot compile the decoder".to_string())?;
+            let p = compile_shapes(CODE, self.device, &self.graph, &shapes)
+                .map_err(|_| "cannot compile the decoder".to_string())?;
             // Weights stay on the device between tokens; the cache and the tokens move.
             let weights: Vec<String> = self
                 .feeds
@@ -290,7 +292,7 @@ pub fn run(args: &InferArgs) -> ExitCode {
 }
 
 fn infer(args: &InferArgs) -> Result<(), ExitCode> {
-    args.run.apply(CODE)?;
+    let device = args.run.apply(CODE)?;
     let checked = crate::model::checked(&args.model)?;
     let Some(logits_sig) = checked.outputs.iter().find(|o| o.name == "logits") else {
         return Err(error(CODE, format!("`{}` has no `logits` output to generate from", checked.model)));
@@ -330,9 +332,9 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let (_, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &["logits"])?;
         let len = context.min(tokens.len().saturating_add(max_new));
         let mut feeds = weights;
-        args.dtype.apply(CODE, &g, &mut feeds)?;
+        args.dtype.apply(CODE, device, &g, &mut feeds)?;
         feeds.insert("input_ids".into(), Tensor::new(vec![1, len], vec![0.0; len]));
-        let program = compile(CODE, &g, &feeds)?;
+        let program = compile(CODE, device, &g, &feeds)?;
         let weights: Vec<String> = feeds.keys().filter(|k| *k != "input_ids").cloned().collect();
         program.keep_resident(&weights);
         Box::new(Recompute { program, feeds, len, vocab })
@@ -343,8 +345,8 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         // The prompt's logits after its last token only (what decoding reads).
         let g = modelc::ir::last_position::last_position(&g, "logits").unwrap_or(g);
         let mut weights = weights;
-        args.dtype.apply(CODE, &g, &mut weights)?;
-        Box::new(Cached::new(g, weights, len, vocab))
+        args.dtype.apply(CODE, device, &g, &mut weights)?;
+        Box::new(Cached::new(device, g, weights, len, vocab))
     };
 
     let mut rng = Rng::new(seed);

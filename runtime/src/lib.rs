@@ -4,6 +4,7 @@
 //! the commands of the same names.
 
 pub mod build;
+pub mod cli;
 pub mod cpu;
 pub mod embed;
 pub mod flags;

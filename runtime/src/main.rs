@@ -13,7 +13,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Top {
     #[command(flatten)]
-    Compiler(modelc::cli::Command),
+    Compiler(modelc_runtime::cli::Command),
     /// Train a model on text or token batches and keep the best checkpoint.
     Train(Box<modelc_runtime::train::TrainArgs>),
     /// Generate text from a trained model.
@@ -26,6 +26,21 @@ enum Top {
     Merge(modelc_runtime::merge::MergeArgs),
     /// Run the model on named input tensors and write its named outputs (safetensors).
     Forward(modelc_runtime::forward::ForwardArgs),
+}
+
+impl Top {
+    /// The arguments naming the command's spec, where it has one.
+    fn model_args(&mut self) -> Option<&mut modelc_runtime::cli::ModelArgs> {
+        match self {
+            Top::Compiler(c) => c.model_args(),
+            Top::Train(a) => Some(&mut a.model),
+            Top::Infer(a) => Some(&mut a.model),
+            Top::Forward(a) => Some(&mut a.model),
+            Top::Build(a) => Some(&mut a.model),
+            Top::Embed(a) => Some(&mut a.model),
+            Top::Merge(a) => Some(&mut a.model),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -42,7 +57,7 @@ fn main() -> ExitCode {
         Ok(spec) => spec,
         Err(e) => return modelc_runtime::model::error("E0704", e),
     };
-    if let Some(spec) = embedded {
+    if let Some(spec) = &embedded {
         // A built binary: its own name, and the spec it carries.
         let name = std::env::args()
             .next()
@@ -54,22 +69,22 @@ fn main() -> ExitCode {
         }
         command =
             command.bin_name(name.unwrap_or_else(|| "model".into())).about(about).version(env!("CARGO_PKG_VERSION"));
-        let _ = modelc::cli::EMBEDDED.set(spec);
     }
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if modelc::cli::EMBEDDED.get().is_some()
-        && argv.get(1).is_some_and(|a| !a.to_string_lossy().starts_with('-') && a != "help")
-    {
+    if embedded.is_some() && argv.get(1).is_some_and(|a| !a.to_string_lossy().starts_with('-') && a != "help") {
         // `./NAME train --data x` reads as `modelc train <built-in spec> --data x`.
-        argv.insert(2, modelc::cli::BUILT_IN.into());
+        argv.insert(2, modelc_runtime::cli::BUILT_IN.into());
     }
     let matches = command.get_matches_from(argv);
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    if let Some(model) = cli.command.model_args() {
+        model.embedded = embedded;
+    }
     match cli.command {
-        Top::Compiler(c) => modelc::cli::run(c),
+        Top::Compiler(c) => modelc_runtime::cli::run(c),
         Top::Train(args) => modelc_runtime::train::run(&args),
         Top::Infer(args) => modelc_runtime::infer::run(&args),
         Top::Forward(args) => modelc_runtime::forward::run(&args),

@@ -5,10 +5,10 @@
 //! LoRA: W' = W + (alpha / r) B A. DoRA: V = W + (alpha / r) B A, and each
 //! output row of V is rescaled to the learned magnitude: W' = (m / ||V||) V.
 
+use crate::cli::{ModelArgs, fail, load};
 use crate::cpu::Tensor;
 use crate::model::{RunArgs, error};
 use crate::weights::{self, Tensors, is_adapter};
-use modelc::cli::{ModelArgs, fail, load};
 use modelc::peft::AdapterConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;

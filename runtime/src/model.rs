@@ -2,10 +2,10 @@
 //! (`--device`, `--threads`), and a spec lowered, optimised and compiled
 //! for the CPU with its weights loaded.
 
+use crate::cli::{ModelArgs, fail, load};
 use crate::cpu::{Format, Program, Tensor, bind};
 use crate::weights::{self, Tensors};
 use modelc::check::{Checked, LowerOptions};
-use modelc::cli::{ModelArgs, fail, load};
 use modelc::diag::Diagnostic;
 use modelc::ir::graph::Graph;
 use modelc::source::SourceMap;
@@ -38,12 +38,18 @@ impl DtypeArgs {
     /// Packs the weights `g` multiplies by in the chosen format and frees
     /// their f32 values where `g` reads them no other way; says how many
     /// and how large on stderr.
-    pub fn apply(&self, code: &'static str, g: &Graph, feeds: &mut HashMap<String, Tensor>) -> Result<(), ExitCode> {
+    pub fn apply(
+        &self,
+        code: &'static str,
+        device: Device,
+        g: &Graph,
+        feeds: &mut HashMap<String, Tensor>,
+    ) -> Result<(), ExitCode> {
         let format = Format::parse(&self.dtype).map_err(|e| error(code, e))?;
         if format == Format::F32 {
             return Ok(());
         }
-        if device() == Device::Gpu {
+        if device == Device::Gpu {
             return Err(error(
                 code,
                 format!("--dtype {}: compact weights run on the CPU only; add --device cpu", self.dtype),
@@ -57,25 +63,18 @@ impl DtypeArgs {
     }
 }
 
-/// Where programs run: set once by the command's `--device`.
+/// Where a command's programs run: its `--device`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Device {
     Cpu,
     Gpu,
 }
 
-static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
-
-/// The device programs compile for (the CPU unless a command chose the GPU).
-pub fn device() -> Device {
-    *DEVICE.get().unwrap_or(&Device::Cpu)
-}
-
 impl RunArgs {
     /// Applies `--threads` and `--device`; the error code is the command's.
     /// `auto` takes a real GPU when there is one (not a software one such as
     /// lavapipe, which the CPU backend outruns) and says which.
-    pub fn apply(&self, code: &'static str) -> Result<(), ExitCode> {
+    pub fn apply(&self, code: &'static str) -> Result<Device, ExitCode> {
         let chosen = match self.device.as_str() {
             "cpu" => Device::Cpu,
             "gpu" => {
@@ -92,7 +91,6 @@ impl RunArgs {
             },
             other => return Err(error(code, format!("--device {other}: expected cpu, gpu or auto"))),
         };
-        let _ = DEVICE.set(chosen);
         if let Some(n) = self.threads {
             if n == 0 {
                 return Err(error(code, "--threads must be at least 1".to_string()));
@@ -100,7 +98,7 @@ impl RunArgs {
             // Only the first call sets the pool; later ones (tests) keep it.
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
         }
-        Ok(())
+        Ok(chosen)
     }
 }
 
@@ -219,21 +217,27 @@ impl Compiled {
     }
 }
 
-/// Compiles `g` for the shapes of `feeds` (weights and inputs), for the device `--device` chose.
-pub fn compile(code: &'static str, g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Compiled, ExitCode> {
+/// Compiles `g` for the shapes of `feeds` (weights and inputs), for `device`.
+pub fn compile(
+    code: &'static str,
+    device: Device,
+    g: &Graph,
+    feeds: &HashMap<String, Tensor>,
+) -> Result<Compiled, ExitCode> {
     let shapes: HashMap<String, Vec<usize>> = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    compile_shapes(code, g, &shapes)
+    compile_shapes(code, device, g, &shapes)
 }
 
 /// Compiles `g` for the given shapes of its weights and inputs.
 pub fn compile_shapes(
     code: &'static str,
+    device: Device,
     g: &Graph,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<Compiled, ExitCode> {
     let shapes = shapes.clone();
     let sizes = bind(g, &shapes).map_err(|e| error(code, e))?;
-    match device() {
+    match device {
         Device::Cpu => Program::compile(g, &sizes).map(|p| Compiled::Cpu(Box::new(p))),
         Device::Gpu => crate::gpu::GpuProgram::compile(g, &sizes).map(|p| Compiled::Gpu(Box::new(p))),
     }

@@ -7,6 +7,7 @@
 //! Batches depend only on (seed, step), so `--resume` repeats an
 //! uninterrupted run exactly. Every file is written atomically.
 
+use crate::cli::{ModelArgs, fail, load};
 use crate::cpu::{Program, Tensor};
 use crate::flags;
 use crate::model::Compiled;
@@ -17,7 +18,6 @@ use crate::weights::{self, Rng, Tensors};
 use modelc::check::types::TensorTy;
 use modelc::check::value::Value;
 use modelc::check::{Checked, LowerOptions};
-use modelc::cli::{ModelArgs, fail, load};
 use modelc::ir::graph::Graph;
 use modelc::ir::train::{Optimizer, TrainConfig, gradient_program, state_names, training_program, update_program};
 use std::collections::HashMap;
@@ -474,7 +474,7 @@ fn usage(message: impl Into<String>) -> ExitCode {
 }
 
 fn train(args: &TrainArgs) -> Result<(), ExitCode> {
-    args.run.apply(CODE)?;
+    let device = args.run.apply(CODE)?;
     let (program, opts) = load(&args.model)?;
     // Training feeds token ids (and targets) only: optional inputs (an
     // attention mask, token types) are lowered as absent.
@@ -548,7 +548,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     shapes.insert("step".into(), placeholder(vec![]));
     let step_program = if s.accumulate == 1 {
         let g = training_program(&train_fwd, &trainable, &s.config).expect("has a loss");
-        Step::Fused(compile(CODE, &optimized(&g), &shapes)?)
+        Step::Fused(compile(CODE, device, &optimized(&g), &shapes)?)
     } else {
         let grads = gradient_program(&train_fwd, &trainable).expect("has a loss");
         let params: Vec<(String, TensorTy)> = checked
@@ -571,11 +571,11 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             shapes.insert(format!("grad:{name}"), placeholder(dims));
         }
         Step::Accumulated {
-            grads: compile(CODE, &optimized(&grads), &shapes)?,
-            update: compile(CODE, &optimized(&update), &shapes)?,
+            grads: compile(CODE, device, &optimized(&grads), &shapes)?,
+            update: compile(CODE, device, &optimized(&update), &shapes)?,
         }
     };
-    let eval_program = compile(CODE, &eval_graph, &shapes)?;
+    let eval_program = compile(CODE, device, &eval_graph, &shapes)?;
     write_config(args, &program, &checked, &opts)?;
     let metrics_path = args.out.join("metrics.jsonl");
     let mut metrics = out.metrics(mode, first_step - 1).map_err(usage)?;
@@ -989,7 +989,9 @@ fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensors) -> Optio
         let mut feeds: Tensors =
             state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
         feeds.insert("input_ids".into(), batch["input_ids"].clone());
-        let p = compile(CODE, &g, &feeds).map_err(|_| "cannot compile the traced forward".to_string())?;
+        // On the CPU whatever the run's device: it reads the host's copy of the state.
+        let p = compile(CODE, crate::model::Device::Cpu, &g, &feeds)
+            .map_err(|_| "cannot compile the traced forward".to_string())?;
         let out = p.run(&feeds)?;
         let weights_bad =
             feeds.iter().filter(|(_, t)| t.data.iter().any(|v| !v.is_finite())).map(|(k, _)| k.clone()).min();

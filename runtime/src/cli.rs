@@ -3,11 +3,13 @@
 //! what the library returns and turn diagnostics into a non-zero exit. The
 //! binary itself lives in the runtime crate, which adds train and infer.
 
-use crate::check::{self, Options, Program, report};
-use crate::diag::{Diagnostic, render};
-use crate::source::SourceMap;
-use crate::syntax::{dump_module, parse, print_module};
+pub use crate::build::{BUILT_IN, Embedded};
 use clap::Subcommand;
+use modelc::check::{self, Options, Program, report};
+use modelc::diag::{Diagnostic, render};
+use modelc::source::SourceMap;
+use modelc::spec::{Config, Entry, Spec};
+use modelc::syntax::{dump_module, parse, print_module};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,6 +29,43 @@ pub struct ModelArgs {
     /// model is adapted with its LoRA or DoRA settings.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// The spec a built binary carries (set at start-up, not a flag): used
+    /// when no spec is named, or the name is `BUILT_IN`.
+    #[arg(skip)]
+    pub embedded: Option<Embedded>,
+}
+
+impl ModelArgs {
+    /// The library's description of the spec these arguments name: a
+    /// built binary's own files, config and settings, with the flags on top.
+    /// `None` when there is no spec: none named and none built in.
+    pub fn spec(&self) -> Option<Spec> {
+        let embedded = match &self.spec {
+            Some(p) if p.as_os_str() != BUILT_IN => None,
+            _ => self.embedded.as_ref(),
+        };
+        let entry = match (embedded, &self.spec) {
+            (Some(e), _) => Entry::Bundle { entry: e.entry.clone(), files: e.files.clone() },
+            (None, Some(path)) => Entry::File(path.clone()),
+            (None, None) => return None,
+        };
+        let config = match (&self.config, embedded.and_then(|e| e.config.as_ref())) {
+            (Some(path), _) => Some(Config::File(path.clone())),
+            (None, Some((name, text))) => Some(Config::Text { name: name.clone(), text: text.clone() }),
+            (None, None) => None,
+        };
+        let mut sets = embedded.map(|e| e.sets.clone()).unwrap_or_default();
+        sets.extend(self.sets.iter().cloned());
+        Some(Spec { entry, adapter: self.adapter.clone(), config, sets })
+    }
+
+    fn required_spec(&self) -> Result<Spec, ExitCode> {
+        self.spec().ok_or_else(|| {
+            let d = Diagnostic::new("E0100", "no spec given")
+                .help("name the .model file, e.g. `modelc check specs/tiny-gpt.model`");
+            fail(&SourceMap::new(), &[d])
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +154,21 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The arguments naming the command's spec, where it has one.
+    pub fn model_args(&mut self) -> Option<&mut ModelArgs> {
+        match self {
+            Command::Check { model, .. }
+            | Command::Ir { model, .. }
+            | Command::Info { model, .. }
+            | Command::Kernels { model, .. }
+            | Command::Wgsl { model, .. }
+            | Command::Graph { model, .. } => Some(model),
+            Command::Fmt { .. } | Command::Ast { .. } => None,
+        }
+    }
+}
+
 /// Runs one of the compiler's commands.
 pub fn run(command: Command) -> ExitCode {
     match command {
@@ -145,142 +199,12 @@ pub fn fail(sources: &SourceMap, diags: &[Diagnostic]) -> ExitCode {
 
 /// Loads and checks the model named by the command-line arguments.
 fn load_and_check(args: &ModelArgs) -> Result<(Program, check::Checked), ExitCode> {
-    let (program, opts) = load(args)?;
-    match check::check(&program, &opts) {
-        Ok(checked) => Ok((program, checked)),
-        Err(diags) => Err(fail(&program.sources, &diags)),
-    }
-}
-
-/// A spec compiled into a binary by `modelc build`: its files, and the
-/// config and `--set` values given at build time (flags at run time go on top).
-#[derive(Clone, Debug)]
-pub struct Embedded {
-    pub entry: PathBuf,
-    pub files: check::load::Bundle,
-    /// The config file's name and text.
-    pub config: Option<(String, String)>,
-    pub sets: Vec<String>,
-}
-
-/// What a built binary passes as the spec argument: its own spec.
-pub const BUILT_IN: &str = "<built-in spec>";
-
-/// Set once at start-up by a built binary.
-pub static EMBEDDED: std::sync::OnceLock<Embedded> = std::sync::OnceLock::new();
-
-impl Embedded {
-    pub fn to_json(&self) -> serde_json::Value {
-        let files: serde_json::Map<String, serde_json::Value> =
-            self.files.iter().map(|(p, t)| (p.display().to_string(), t.clone().into())).collect();
-        serde_json::json!({
-            "entry": self.entry.display().to_string(),
-            "files": files,
-            "config": self.config.as_ref().map(|(n, t)| serde_json::json!({ "name": n, "text": t })),
-            "sets": self.sets,
-        })
-    }
-
-    pub fn from_json(v: &serde_json::Value) -> Option<Embedded> {
-        let files = v["files"].as_object()?.iter().map(|(p, t)| Some((PathBuf::from(p), t.as_str()?.to_string())));
-        Some(Embedded {
-            entry: PathBuf::from(v["entry"].as_str()?),
-            files: files.collect::<Option<_>>()?,
-            config: v["config"]
-                .as_object()
-                .and_then(|c| Some((c.get("name")?.as_str()?.to_string(), c.get("text")?.as_str()?.to_string()))),
-            sets: v["sets"].as_array()?.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
-        })
-    }
+    args.required_spec()?.check().map_err(|(sources, diags)| fail(&sources, &diags))
 }
 
 /// The spec and its `--config` / `--set` options.
 pub fn load(args: &ModelArgs) -> Result<(Program, Options), ExitCode> {
-    let embedded = match &args.spec {
-        Some(p) if p.as_os_str() != BUILT_IN => None,
-        _ => EMBEDDED.get(),
-    };
-    let program = match (&args.spec, embedded) {
-        (_, Some(e)) => check::load::load_bundle(&e.entry, e.files.clone()),
-        (Some(path), None) => check::load_file(path),
-        (None, None) => {
-            let d = Diagnostic::new("E0100", "no spec given")
-                .help("name the .model file, e.g. `modelc check specs/tiny-gpt.model`");
-            return Err(fail(&SourceMap::new(), &[d]));
-        }
-    }
-    .map_err(|(sources, diags)| fail(&sources, &diags))?;
-    let program = match &args.adapter {
-        Some(dir) => adapted(program, dir, args, embedded)?,
-        None => program,
-    };
-    let mut opts = options(args, &program.sources)?;
-    if let Some(e) = embedded {
-        if args.config.is_none()
-            && let Some((name, text)) = &e.config
-        {
-            let json = serde_json::from_str(text).map_err(|err| {
-                fail(&program.sources, &[Diagnostic::new("E0501", format!("{name} is not valid JSON: {err}"))])
-            })?;
-            opts.config = Some((json, name.clone()));
-        }
-        let built = ModelArgs { spec: None, config: None, sets: e.sets.clone(), adapter: None };
-        let mut sets = options(&built, &program.sources)?.sets;
-        sets.extend(opts.sets);
-        opts.sets = sets;
-    }
-    Ok((program, opts))
-}
-
-/// The spec's model adapted as `--adapter DIR/adapter_config.json` says.
-fn adapted(program: Program, dir: &Path, args: &ModelArgs, embedded: Option<&Embedded>) -> Result<Program, ExitCode> {
-    let config =
-        crate::peft::AdapterConfig::read(dir).map_err(|e| fail(&program.sources, &[Diagnostic::new("E0503", e)]))?;
-    let Some(model) = program.entry_model().map(|m| program.item_name(m).to_string()) else {
-        return Err(fail(&program.sources, &[Diagnostic::new("E0503", "--adapter needs a spec with a model")]));
-    };
-    let entry = match embedded {
-        Some(e) => e.entry.clone(),
-        None => args.spec.clone().unwrap_or_default(),
-    };
-    let file = entry.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let text = config.spec(&model, &file);
-    // A file name beside the spec, so that its relative import resolves.
-    let name = "adapter.model";
-    let loaded = match embedded {
-        Some(e) => {
-            let path = entry.with_file_name("adapter.model");
-            let mut files = e.files.clone();
-            files.insert(path.clone(), text);
-            check::load::load_bundle(&path, files)
-        }
-        None => check::load::load_source(name, &text, entry.parent()),
-    };
-    loaded.map_err(|(sources, diags)| fail(&sources, &diags))
-}
-
-/// `--config` and `--set` as checker options.
-fn options(args: &ModelArgs, sources: &SourceMap) -> Result<Options, ExitCode> {
-    let mut opts = Options::default();
-    if let Some(path) = &args.config {
-        let name = path.display().to_string();
-        let parsed = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {name}: {e}"))
-            .and_then(|text| serde_json::from_str(&text).map_err(|e| format!("{name} is not valid JSON: {e}")));
-        match parsed {
-            Ok(json) => opts.config = Some((json, name)),
-            Err(msg) => return Err(fail(sources, &[Diagnostic::new("E0501", msg)])),
-        }
-    }
-    for set in &args.sets {
-        let Some((k, v)) = set.split_once('=') else {
-            let d = Diagnostic::new("E0502", format!("--set {set}: expected KEY=VALUE"))
-                .help("for example `--set layers=2`");
-            return Err(fail(sources, &[d]));
-        };
-        opts.sets.push((k.trim().to_string(), v.to_string()));
-    }
-    Ok(opts)
+    args.required_spec()?.load().map_err(|(sources, diags)| fail(&sources, &diags))
 }
 
 fn cmd_check(args: &ModelArgs, json: bool) -> ExitCode {
@@ -296,7 +220,7 @@ fn cmd_check(args: &ModelArgs, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn read(path: &Path, sources: &mut SourceMap) -> Result<crate::source::FileId, ExitCode> {
+fn read(path: &Path, sources: &mut SourceMap) -> Result<modelc::source::FileId, ExitCode> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(sources.add(path.display().to_string(), Some(path.to_path_buf()), text)),
         Err(e) => Err(fail(sources, &[Diagnostic::new("E0100", format!("cannot read {}: {e}", path.display()))])),
@@ -360,8 +284,8 @@ fn cmd_ast(path: &Path) -> ExitCode {
 }
 
 /// The model's forward or training program, pruned.
-pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, crate::ir::graph::Graph), ExitCode> {
-    use crate::ir::train as training;
+pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, modelc::ir::graph::Graph), ExitCode> {
+    use modelc::ir::train as training;
     let (program, opts) = load(args)?;
     let (checked, graph) = check::lower(&program, &opts, check::LowerOptions { training: train, ..Default::default() })
         .map_err(|d| fail(&program.sources, &d))?;
@@ -379,22 +303,22 @@ pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, c
     } else {
         graph
     };
-    Ok((checked, crate::ir::prune::prune(&graph)))
+    Ok((checked, modelc::ir::prune::prune(&graph)))
 }
 
 fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
-    use crate::ir::print;
+    use modelc::ir::print;
     let (checked, graph) = match program_graph(args, train) {
         Ok(v) => v,
         Err(code) => return code,
     };
     let started = std::time::Instant::now();
-    let optimized = opt.then(|| crate::opt::optimize(&graph, crate::opt::Limits::default()));
+    let optimized = opt.then(|| modelc::opt::optimize(&graph, modelc::opt::Limits::default()));
     let elapsed = started.elapsed();
     if stats {
         // FLOPs as polynomials in the symbolic sizes, and at batch 1 with 128 for every other size.
-        let at = |f: &crate::check::dim::Dim| {
-            let v = f.substitute(&|s| Some(crate::check::dim::Dim::constant(if s == "B" { 1 } else { 128 })));
+        let at = |f: &modelc::check::dim::Dim| {
+            let v = f.substitute(&|s| Some(modelc::check::dim::Dim::constant(if s == "B" { 1 } else { 128 })));
             v.as_const().unwrap_or(0) as f64
         };
         let (nodes, flops) = print::stats(&graph);
@@ -433,7 +357,7 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
         Ok(v) => v,
         Err(diags) => return fail(&program.sources, &diags),
     };
-    let svg = crate::draw::svg(&checked, &calls);
+    let svg = modelc::draw::svg(&checked, &calls);
     let tmp = output.with_extension("svg.tmp");
     if let Err(e) = std::fs::write(&tmp, svg).and_then(|_| std::fs::rename(&tmp, output)) {
         return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
@@ -443,8 +367,8 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
 }
 
 /// `--size NAME=N` values, and defaults (B=1, others 128) for the rest.
-fn bind_sizes(graph: &crate::ir::graph::Graph, sizes: &[String]) -> Result<crate::ir::interp::Sizes, ExitCode> {
-    let mut bound = crate::ir::interp::Sizes::new();
+fn bind_sizes(graph: &modelc::ir::graph::Graph, sizes: &[String]) -> Result<modelc::ir::interp::Sizes, ExitCode> {
+    let mut bound = modelc::ir::interp::Sizes::new();
     for s in sizes {
         let Some((k, v)) = s.split_once('=').and_then(|(k, v)| v.trim().parse::<i64>().ok().map(|v| (k.trim(), v)))
         else {
@@ -475,10 +399,10 @@ fn planned(
 ) -> Result<
     (
         check::Checked,
-        crate::ir::graph::Graph,
-        crate::ir::interp::Sizes,
-        crate::backend::schedule::Schedule,
-        crate::backend::plan::Plan,
+        modelc::ir::graph::Graph,
+        modelc::ir::interp::Sizes,
+        modelc::backend::schedule::Schedule,
+        modelc::backend::plan::Plan,
     ),
     ExitCode,
 > {
@@ -489,29 +413,34 @@ fn planned(
 
 /// The optimised graph scheduled and planned for the CPU at the given sizes.
 fn cpu_plan(
-    graph: &crate::ir::graph::Graph,
+    graph: &modelc::ir::graph::Graph,
     sizes: &[String],
 ) -> Result<
-    (crate::ir::graph::Graph, crate::ir::interp::Sizes, crate::backend::schedule::Schedule, crate::backend::plan::Plan),
+    (
+        modelc::ir::graph::Graph,
+        modelc::ir::interp::Sizes,
+        modelc::backend::schedule::Schedule,
+        modelc::backend::plan::Plan,
+    ),
     ExitCode,
 > {
-    let (graph, _) = crate::opt::optimize(graph, crate::opt::Limits::default());
-    let graph = crate::backend::split::split_reductions(&graph);
+    let (graph, _) = modelc::opt::optimize(graph, modelc::opt::Limits::default());
+    let graph = modelc::backend::split::split_reductions(&graph);
     let bound = bind_sizes(&graph, sizes)?;
-    let sched = crate::backend::schedule::schedule(&graph);
-    let memory = crate::backend::plan::plan(
+    let sched = modelc::backend::schedule::schedule(&graph);
+    let memory = modelc::backend::plan::plan(
         &graph,
         &sched,
         &bound,
-        crate::backend::plan::Blocks::Buffered,
-        crate::backend::plan::Inputs::Writable,
+        modelc::backend::plan::Blocks::Buffered,
+        modelc::backend::plan::Inputs::Writable,
     )
     .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
     Ok((graph, bound, sched, memory))
 }
 
 fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
-    use crate::backend::clif as codegen;
+    use modelc::backend::clif as codegen;
     let (checked, graph) = match program_graph(args, false) {
         Ok(v) => v,
         Err(code) => return code,
@@ -540,7 +469,7 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     shown.sort();
     println!("\nforward program on the CPU ({})", shown.join(", "));
     println!("  IR nodes        {}", graph.nodes.len());
-    let groups = sched.kernels.iter().filter(|k| matches!(k, crate::backend::schedule::Kernel::Rows(_))).count();
+    let groups = sched.kernels.iter().filter(|k| matches!(k, modelc::backend::schedule::Kernel::Rows(_))).count();
     println!("  kernels         {} ({fused} fused, compiled by Cranelift; {groups} row groups)", sched.leaves().len());
     println!(
         "  planned memory  {} (activations; weights not included), and {} a thread for row groups' blocks",
@@ -549,7 +478,7 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     );
     println!("  optimise + plan {:.1} ms", plan_time.as_secs_f64() * 1e3);
     println!("  JIT compile     {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
-    match crate::backend::vmath::vectors() {
+    match modelc::backend::vmath::vectors() {
         Some(v) => println!("  vector math     exp, erf, log, ... on {v} (Cranelift's own loops: f32x4)"),
         None => println!("  vector math     f32x4 (no AVX2 and FMA on this CPU)"),
     }
@@ -565,12 +494,12 @@ fn bytes(n: usize) -> String {
 }
 
 fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
-    use crate::backend::wgsl;
+    use modelc::backend::wgsl;
     let (checked, graph) = match program_graph(args, train) {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let (graph, _) = crate::opt::optimize(&graph, crate::opt::Limits::default());
+    let (graph, _) = modelc::opt::optimize(&graph, modelc::opt::Limits::default());
     let bound = match bind_sizes(&graph, sizes) {
         Ok(b) => b,
         Err(code) => return code,
@@ -601,7 +530,7 @@ fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
 
 /// `clif`: print the kernels' Cranelift IR, with the wide-vector functions or not.
 fn cmd_kernels(args: &ModelArgs, train: bool, clif: Option<bool>, sizes: &[String]) -> ExitCode {
-    use crate::backend::{clif as codegen, schedule};
+    use modelc::backend::{clif as codegen, schedule};
     let (checked, graph, bound, sched, memory) = match planned(args, train, sizes) {
         Ok(v) => v,
         Err(code) => return code,
