@@ -178,7 +178,7 @@ fn checked_form_of_every_spec() {
 #[test]
 fn every_primitive_is_documented() {
     let doc = std::fs::read_to_string(repo().join("docs/language.md")).unwrap();
-    for (name, _) in modelc::check::prims::PRIMITIVES {
+    for name in modelc::check::prims::Prim::names() {
         assert!(doc.contains(&format!("`{name}`")), "docs/language.md does not document `{name}`");
     }
     for code in ["E0001", "E0104", "E0204", "E0301", "E0401", "E0602"] {

@@ -11,6 +11,7 @@ pub mod draw;
 pub mod ir;
 pub mod opt;
 pub mod peft;
+pub mod scalar;
 pub mod source;
 pub mod spec;
 pub mod syntax;

@@ -18,6 +18,7 @@
 
 use super::vmath;
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::scalar::Expr;
 use crate::syntax::ast::DType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
@@ -89,7 +90,7 @@ extern "C" fn call_cos(x: f32) -> f32 {
     x.cos()
 }
 extern "C" fn call_erf(x: f32) -> f32 {
-    crate::check::prims::erf(x as f64) as f32
+    crate::scalar::erf(x as f64) as f32
 }
 extern "C" fn call_pow(x: f32, y: f32) -> f32 {
     x.powf(y)
@@ -1032,6 +1033,104 @@ fn verf(b: &mut FunctionBuilder, x: Value) -> Value {
 }
 
 /// exp, log, tanh and erf: a call per element in the scalar loop, an approximation on vectors.
+/// A unary operation of `scalar::UNARY`: the native ones as Cranelift
+/// instructions or calls of the host's functions, the others built from
+/// their definitions.
+fn unary(b: &mut FunctionBuilder, refs: &HashMap<&str, FuncRef>, u: Unary, a: Value, ty: Type) -> Value {
+    match u {
+        Unary::Neg => b.ins().fneg(a),
+        Unary::Abs => b.ins().fabs(a),
+        Unary::Sqrt => b.ins().sqrt(a),
+        Unary::Floor => b.ins().floor(a),
+        Unary::Not => {
+            let zero = constant(b, 0.0, ty);
+            let c = b.ins().fcmp(FloatCC::Equal, a, zero);
+            flag(b, c, ty)
+        }
+        Unary::Exp => exp_like(b, refs, "modelc_exp", a, ty),
+        Unary::Log => exp_like(b, refs, "modelc_log", a, ty),
+        Unary::Tanh => exp_like(b, refs, "modelc_tanh", a, ty),
+        Unary::Sin => call1(b, refs, "modelc_sin", a),
+        Unary::Cos => call1(b, refs, "modelc_cos", a),
+        Unary::Erf => exp_like(b, refs, "modelc_erf", a, ty),
+        _ => expression(b, refs, &u.expression(), a, ty),
+    }
+}
+
+/// A scalar expression of the operand `a` (see `scalar::Expr`).
+fn expression(b: &mut FunctionBuilder, refs: &HashMap<&str, FuncRef>, e: &Expr, a: Value, ty: Type) -> Value {
+    match e {
+        Expr::X => a,
+        Expr::Const(v) => constant(b, *v, ty),
+        Expr::Unary(u, p) => {
+            let p = expression(b, refs, p, a, ty);
+            unary(b, refs, *u, p, ty)
+        }
+        Expr::Binary(op, p, q) => {
+            let (p, q) = (expression(b, refs, p, a, ty), expression(b, refs, q, a, ty));
+            binary(b, refs, *op, p, q, ty, false)
+        }
+        Expr::Select(k, p, q) => {
+            let (k, p, q) =
+                (expression(b, refs, k, a, ty), expression(b, refs, p, a, ty), expression(b, refs, q, a, ty));
+            let cond = nonzero(b, k, ty);
+            choose(b, cond, p, q, ty)
+        }
+        Expr::Y | Expr::G => unreachable!("bug: a gradient's variable in an operation's definition"),
+    }
+}
+
+/// A binary operation; `int` for integer tensors (division truncates).
+fn binary(
+    b: &mut FunctionBuilder,
+    refs: &HashMap<&str, FuncRef>,
+    op: Binary,
+    p: Value,
+    q: Value,
+    ty: Type,
+    int: bool,
+) -> Value {
+    match op {
+        Binary::Add => b.ins().fadd(p, q),
+        Binary::Sub => b.ins().fsub(p, q),
+        Binary::Mul => b.ins().fmul(p, q),
+        Binary::Div if int => {
+            let d = b.ins().fdiv(p, q);
+            b.ins().trunc(d)
+        }
+        Binary::Div => b.ins().fdiv(p, q),
+        Binary::Max => b.ins().fmax(p, q),
+        Binary::Min => b.ins().fmin(p, q),
+        Binary::Rem => {
+            let d = b.ins().fdiv(p, q);
+            let f = b.ins().floor(d);
+            let m = b.ins().fmul(f, q);
+            b.ins().fsub(p, m)
+        }
+        Binary::Pow => {
+            let call = b.ins().call(refs["modelc_pow"], &[p, q]);
+            b.inst_results(call)[0]
+        }
+        Binary::Eq | Binary::Ne | Binary::Lt | Binary::Le | Binary::Gt | Binary::Ge => {
+            let cc = match op {
+                Binary::Eq => FloatCC::Equal,
+                Binary::Ne => FloatCC::NotEqual,
+                Binary::Lt => FloatCC::LessThan,
+                Binary::Le => FloatCC::LessThanOrEqual,
+                Binary::Gt => FloatCC::GreaterThan,
+                _ => FloatCC::GreaterThanOrEqual,
+            };
+            let c = b.ins().fcmp(cc, p, q);
+            flag(b, c, ty)
+        }
+        Binary::And | Binary::Or => {
+            let (cp, cq) = (nonzero(b, p, ty), nonzero(b, q, ty));
+            let c = if op == Binary::And { b.ins().band(cp, cq) } else { b.ins().bor(cp, cq) };
+            flag(b, c, ty)
+        }
+    }
+}
+
 fn exp_like(b: &mut FunctionBuilder, refs: &HashMap<&str, FuncRef>, name: &str, x: Value, ty: Type) -> Value {
     if ty == types::F32 {
         return call1(b, refs, name, x);
@@ -1143,115 +1242,21 @@ fn emit_element(
             }
             Op::Unary(u) => {
                 let a = x(b, &values, 0);
-                match u {
-                    Unary::Neg => b.ins().fneg(a),
-                    Unary::Abs => b.ins().fabs(a),
-                    Unary::Detach => a,
-                    Unary::Sqrt => b.ins().sqrt(a),
-                    Unary::Rsqrt => {
-                        let s = b.ins().sqrt(a);
-                        let one = constant(b, 1.0, ty);
-                        b.ins().fdiv(one, s)
-                    }
-                    Unary::Floor => b.ins().floor(a),
-                    Unary::Relu => {
-                        let zero = constant(b, 0.0, ty);
-                        b.ins().fmax(a, zero)
-                    }
-                    Unary::Not => {
-                        let zero = constant(b, 0.0, ty);
-                        let c = b.ins().fcmp(FloatCC::Equal, a, zero);
-                        flag(b, c, ty)
-                    }
-                    Unary::Exp => exp_like(b, refs, "modelc_exp", a, ty),
-                    Unary::Log => exp_like(b, refs, "modelc_log", a, ty),
-                    Unary::Tanh => exp_like(b, refs, "modelc_tanh", a, ty),
-                    Unary::Sin => call1(b, refs, "modelc_sin", a),
-                    Unary::Cos => call1(b, refs, "modelc_cos", a),
-                    Unary::Erf => exp_like(b, refs, "modelc_erf", a, ty),
-                    Unary::Sigmoid | Unary::Silu => {
-                        let n = b.ins().fneg(a);
-                        let e = exp_like(b, refs, "modelc_exp", n, ty);
-                        let one = constant(b, 1.0, ty);
-                        let d = b.ins().fadd(one, e);
-                        if *u == Unary::Sigmoid { b.ins().fdiv(one, d) } else { b.ins().fdiv(a, d) }
-                    }
-                    Unary::Gelu => {
-                        let s = constant(b, std::f64::consts::FRAC_1_SQRT_2, ty);
-                        let t = b.ins().fmul(a, s);
-                        let e = exp_like(b, refs, "modelc_erf", t, ty);
-                        let one = constant(b, 1.0, ty);
-                        let half = constant(b, 0.5, ty);
-                        let p = b.ins().fadd(one, e);
-                        let h = b.ins().fmul(half, a);
-                        b.ins().fmul(h, p)
-                    }
-                    Unary::GeluTanh => {
-                        let c = constant(b, (2.0 / std::f64::consts::PI).sqrt(), ty);
-                        let k = constant(b, 0.044715, ty);
-                        let a2 = b.ins().fmul(a, a);
-                        let a3 = b.ins().fmul(a2, a);
-                        let ka3 = b.ins().fmul(k, a3);
-                        let inner = b.ins().fadd(a, ka3);
-                        let u = b.ins().fmul(c, inner);
-                        let t = exp_like(b, refs, "modelc_tanh", u, ty);
-                        let one = constant(b, 1.0, ty);
-                        let half = constant(b, 0.5, ty);
-                        let p = b.ins().fadd(one, t);
-                        let h = b.ins().fmul(half, a);
-                        b.ins().fmul(h, p)
-                    }
-                }
+                unary(b, refs, *u, a, ty)
             }
             Op::Binary(op) => {
                 let (p, q) = (x(b, &values, 0), x(b, &values, 1));
                 let int = spec.graph.ty(node.args[0]).dtype == DType::Int;
                 match op {
-                    Binary::Add => b.ins().fadd(p, q),
-                    Binary::Sub => b.ins().fsub(p, q),
-                    Binary::Mul => b.ins().fmul(p, q),
-                    Binary::Div if int => {
-                        let d = b.ins().fdiv(p, q);
-                        b.ins().trunc(d)
-                    }
                     // By a value the loop does not change (softmax's sum, a
                     // norm): one division, hoisted out of the loop by Cranelift,
                     // and a multiplication per element (within 1.5 ulp).
-                    Binary::Div if fixed(spec, rows, node.args[1]).is_some() => {
+                    Binary::Div if !int && fixed(spec, rows, node.args[1]).is_some() => {
                         let one = constant(b, 1.0, ty);
                         let r = b.ins().fdiv(one, q);
                         b.ins().fmul(p, r)
                     }
-                    Binary::Div => b.ins().fdiv(p, q),
-                    Binary::Max => b.ins().fmax(p, q),
-                    Binary::Min => b.ins().fmin(p, q),
-                    Binary::Rem => {
-                        let d = b.ins().fdiv(p, q);
-                        let f = b.ins().floor(d);
-                        let m = b.ins().fmul(f, q);
-                        b.ins().fsub(p, m)
-                    }
-                    Binary::Pow => {
-                        let call = b.ins().call(refs["modelc_pow"], &[p, q]);
-                        b.inst_results(call)[0]
-                    }
-                    Binary::Eq | Binary::Ne | Binary::Lt | Binary::Le | Binary::Gt | Binary::Ge => {
-                        let cc = match op {
-                            Binary::Eq => FloatCC::Equal,
-                            Binary::Ne => FloatCC::NotEqual,
-                            Binary::Lt => FloatCC::LessThan,
-                            Binary::Le => FloatCC::LessThanOrEqual,
-                            Binary::Gt => FloatCC::GreaterThan,
-                            _ => FloatCC::GreaterThanOrEqual,
-                        };
-                        let c = b.ins().fcmp(cc, p, q);
-                        flag(b, c, ty)
-                    }
-                    Binary::And | Binary::Or => {
-                        let (cp, cq) = (nonzero(b, p, ty), nonzero(b, q, ty));
-                        let c = if *op == Binary::And { b.ins().band(cp, cq) } else { b.ins().bor(cp, cq) };
-                        flag(b, c, ty)
-                    }
+                    _ => binary(b, refs, *op, p, q, ty, int),
                 }
             }
             Op::Select => {

@@ -22,6 +22,7 @@ use super::plan::{Place, Plan};
 use super::schedule::{Kernel, Schedule};
 use crate::ir::graph::{Attention, AttentionPass, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::ir::interp::{Sizes, eval_dim, strides};
+use crate::scalar::Expr;
 use crate::syntax::ast::DType;
 use std::fmt::Write;
 
@@ -136,6 +137,63 @@ fn fold(r: Reduce) -> (&'static str, &'static str) {
 }
 
 /// A float literal WGSL accepts (infinities and NaN through their bits).
+/// A unary operation of `scalar::UNARY` on the WGSL expression `a`: the
+/// native ones as WGSL's functions, the others printed from their definitions.
+fn unary(u: Unary, a: &str) -> String {
+    match u {
+        Unary::Neg => format!("-({a})"),
+        Unary::Abs => format!("abs({a})"),
+        Unary::Sqrt => format!("sqrt({a})"),
+        Unary::Floor => format!("floor({a})"),
+        Unary::Not => format!("flag({a} == 0.0)"),
+        Unary::Exp => format!("exp({a})"),
+        Unary::Log => format!("log({a})"),
+        // WGSL's tanh may overflow through exp beyond +-15; tanh is +-1 there in f32.
+        Unary::Tanh => format!("tanh(clamp({a}, -15.0, 15.0))"),
+        Unary::Sin => format!("sin({a})"),
+        Unary::Cos => format!("cos({a})"),
+        Unary::Erf => format!("erf_({a})"),
+        _ => expression(&u.expression(), a),
+    }
+}
+
+/// A scalar expression of the operand `a` (see `scalar::Expr`).
+fn expression(e: &Expr, a: &str) -> String {
+    match e {
+        Expr::X => a.to_string(),
+        Expr::Const(v) => lit(*v),
+        Expr::Unary(u, p) => unary(*u, &expression(p, a)),
+        Expr::Binary(b, p, q) => binary(*b, &expression(p, a), &expression(q, a), false),
+        Expr::Select(k, p, q) => {
+            format!("select({}, {}, ({}) != 0.0)", expression(q, a), expression(p, a), expression(k, a))
+        }
+        Expr::Y | Expr::G => unreachable!("bug: a gradient's variable in an operation's definition"),
+    }
+}
+
+/// A binary operation on WGSL expressions; `int` for integer tensors.
+fn binary(op: Binary, p: &str, q: &str, int: bool) -> String {
+    match op {
+        Binary::Add => format!("({p}) + ({q})"),
+        Binary::Sub => format!("({p}) - ({q})"),
+        Binary::Mul => format!("({p}) * ({q})"),
+        Binary::Div if int => format!("trunc(({p}) / ({q}))"),
+        Binary::Div => format!("({p}) / ({q})"),
+        Binary::Max => format!("max({p}, {q})"),
+        Binary::Min => format!("min({p}, {q})"),
+        Binary::Rem => format!("({p}) - floor(({p}) / ({q})) * ({q})"),
+        Binary::Pow => format!("pow({p}, {q})"),
+        Binary::Eq => format!("flag(({p}) == ({q}))"),
+        Binary::Ne => format!("flag(({p}) != ({q}))"),
+        Binary::Lt => format!("flag(({p}) < ({q}))"),
+        Binary::Le => format!("flag(({p}) <= ({q}))"),
+        Binary::Gt => format!("flag(({p}) > ({q}))"),
+        Binary::Ge => format!("flag(({p}) >= ({q}))"),
+        Binary::And => format!("flag(({p}) != 0.0 && ({q}) != 0.0)"),
+        Binary::Or => format!("flag(({p}) != 0.0 || ({q}) != 0.0)"),
+    }
+}
+
 fn lit(v: f64) -> String {
     let f = v as f32;
     if f.is_nan() {
@@ -297,54 +355,8 @@ impl Emitter<'_> {
                         _ => value(src)?,
                     }
                 }
-                Op::Unary(u) => {
-                    let a = x(0)?;
-                    match u {
-                        Unary::Neg => format!("-({a})"),
-                        Unary::Abs => format!("abs({a})"),
-                        Unary::Detach => a.to_string(),
-                        Unary::Sqrt => format!("sqrt({a})"),
-                        Unary::Rsqrt => format!("1.0 / sqrt({a})"),
-                        Unary::Floor => format!("floor({a})"),
-                        Unary::Relu => format!("max({a}, 0.0)"),
-                        Unary::Not => format!("flag({a} == 0.0)"),
-                        Unary::Exp => format!("exp({a})"),
-                        Unary::Log => format!("log({a})"),
-                        Unary::Tanh => format!("tanh(clamp({a}, -15.0, 15.0))"),
-                        Unary::Sin => format!("sin({a})"),
-                        Unary::Cos => format!("cos({a})"),
-                        Unary::Erf => format!("erf_({a})"),
-                        Unary::Sigmoid => format!("1.0 / (1.0 + exp(-({a})))"),
-                        Unary::Silu => format!("({a}) / (1.0 + exp(-({a})))"),
-                        Unary::Gelu => format!("0.5 * ({a}) * (1.0 + erf_(({a}) * 0.70710678118654752))"),
-                        Unary::GeluTanh => format!(
-                            "0.5 * ({a}) * (1.0 + tanh(clamp(0.7978845608028654 * (({a}) + 0.044715 * ({a}) * ({a}) * ({a})), -15.0, 15.0)))"
-                        ),
-                    }
-                }
-                Op::Binary(op) => {
-                    let (p, q) = (x(0)?, x(1)?);
-                    let int = self.g.ty(node.args[0]).dtype == DType::Int;
-                    match op {
-                        Binary::Add => format!("({p}) + ({q})"),
-                        Binary::Sub => format!("({p}) - ({q})"),
-                        Binary::Mul => format!("({p}) * ({q})"),
-                        Binary::Div if int => format!("trunc(({p}) / ({q}))"),
-                        Binary::Div => format!("({p}) / ({q})"),
-                        Binary::Max => format!("max({p}, {q})"),
-                        Binary::Min => format!("min({p}, {q})"),
-                        Binary::Rem => format!("({p}) - floor(({p}) / ({q})) * ({q})"),
-                        Binary::Pow => format!("pow({p}, {q})"),
-                        Binary::Eq => format!("flag(({p}) == ({q}))"),
-                        Binary::Ne => format!("flag(({p}) != ({q}))"),
-                        Binary::Lt => format!("flag(({p}) < ({q}))"),
-                        Binary::Le => format!("flag(({p}) <= ({q}))"),
-                        Binary::Gt => format!("flag(({p}) > ({q}))"),
-                        Binary::Ge => format!("flag(({p}) >= ({q}))"),
-                        Binary::And => format!("flag(({p}) != 0.0 && ({q}) != 0.0)"),
-                        Binary::Or => format!("flag(({p}) != 0.0 || ({q}) != 0.0)"),
-                    }
-                }
+                Op::Unary(u) => unary(*u, &x(0)?),
+                Op::Binary(op) => binary(*op, &x(0)?, &x(1)?, self.g.ty(node.args[0]).dtype == DType::Int),
                 Op::Select => format!("select({}, {}, ({}) != 0.0)", x(2)?, x(1)?, x(0)?),
                 Op::Cast(DType::F32) => x(0)?,
                 Op::Cast(DType::Int) => format!("trunc({})", x(0)?),

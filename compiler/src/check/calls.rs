@@ -5,7 +5,7 @@
 use super::dim::Dim;
 use super::elaborate::{Checker, InstId, MAX_DEPTH, is_static_function};
 use super::forward::{CallArg, Frame, Ty, larg};
-use super::prims::{self, Arg as PArg, Kind, Out, PRIMITIVES, UNARY_MATH};
+use super::prims::{self, Arg as PArg, Kind, Out, Prim};
 use super::types::TensorTy;
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
@@ -65,7 +65,7 @@ impl Checker<'_> {
                     }
                     Ty::Tensor(_) => {
                         let mut d = Diagnostic::at("E0104", name.span, format!("unknown primitive `{}`", name.text));
-                        if let Some(s) = suggest(&name.text, PRIMITIVES.iter().map(|(n, _)| *n)) {
+                        if let Some(s) = suggest(&name.text, Prim::names()) {
                             d = d.help(s);
                         }
                         self.error(d);
@@ -128,14 +128,18 @@ impl Checker<'_> {
         span: Span,
         name_span: Span,
     ) -> Ty {
-        let sig = prims::signature(name).expect("caller checked");
+        let prim = Prim::from_name(name).expect("caller checked");
+        let sig = prim.params();
         // Math on plain numbers folds to a number.
-        if UNARY_MATH.contains(&name) && args.len() == 1 && matches!(args[0].ty, Ty::Value(_)) {
+        if let Prim::Math(u) = prim
+            && args.len() == 1
+            && matches!(args[0].ty, Ty::Value(_))
+        {
             let Some(x) = (if let Ty::Value(v) = &args[0].ty { v.as_f64() } else { None }) else {
                 self.error(Diagnostic::at("E0201", span, format!("`{name}` of {}", args[0].ty.describe())));
                 return Ty::Error;
             };
-            return Ty::Value(Value::Float(prims::fold_unary(name, x)));
+            return Ty::Value(Value::Float(u.eval(x)));
         }
         let mut bound: Vec<Option<(PArg, Span, LArg)>> = vec![None; sig.len()];
         let mut positional = 0;
@@ -233,18 +237,18 @@ impl Checker<'_> {
                 }
             }
         }
-        if name == "route" {
+        if prim == Prim::Route {
             return self.route(frame, &values, &spans, &largs, span);
         }
         let _ = name_span;
-        match prims::infer(name, &values) {
+        match prims::infer(prim, &values) {
             Ok(out) => {
                 let types = match out {
                     Out::One(t) => vec![t],
                     Out::Many(ts) => ts,
                 };
                 let nodes: Vec<Option<NodeId>> = match self.lower.as_mut() {
-                    Some(l) => l.prim(name, &largs, &types).into_iter().map(Some).collect(),
+                    Some(l) => l.prim(prim, &largs, &types).into_iter().map(Some).collect(),
                     None => vec![None; types.len()],
                 };
                 let mut tys: Vec<Ty> = types.into_iter().zip(nodes).map(|(t, n)| Ty::tensor(t, n)).collect();

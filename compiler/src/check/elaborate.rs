@@ -102,7 +102,7 @@ pub const INITS: &[&str] = &["zeros", "ones", "normal", "uniform", "fan_in", "co
 pub const STATIC_FUNCTIONS: &[&str] = &["min", "max", "float", "int", "floor", "ceil", "round"];
 
 pub fn is_static_function(name: &str) -> bool {
-    STATIC_FUNCTIONS.contains(&name) || super::prims::UNARY_MATH.contains(&name)
+    STATIC_FUNCTIONS.contains(&name) || crate::scalar::Unary::primitive(name).is_some()
 }
 
 /// `Err(())` means a diagnostic has been recorded.

@@ -6,7 +6,7 @@
 
 use super::dim::Dim;
 use super::elaborate::{Checker, Env, FieldInst, InstId};
-use super::prims::{self, PRIMITIVES};
+use super::prims::{self, Prim};
 use super::types::{TensorTy, shape_text};
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
@@ -122,7 +122,7 @@ impl Checker<'_> {
         candidates.extend(frame.dims.keys().cloned());
         candidates.extend(inst.fields.iter().map(|(n, _)| n.clone()));
         candidates.extend(inst.env.keys().cloned());
-        candidates.extend(PRIMITIVES.iter().map(|(n, _)| n.to_string()));
+        candidates.extend(Prim::names().map(String::from));
         let mut d = Diagnostic::at("E0104", span, format!("unknown name `{name}`"));
         if let Some(s) = suggest(name, candidates.iter().map(String::as_str)) {
             d = d.help(s);

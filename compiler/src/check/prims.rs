@@ -5,6 +5,7 @@
 use super::dim::Dim;
 use super::types::{TensorTy, broadcast, normalize_axis, shape_text};
 use super::value::Value;
+use crate::scalar::Unary;
 use crate::syntax::ast::DType;
 
 /// What an argument must be.
@@ -62,69 +63,81 @@ const fn req(name: &'static str, kind: Kind) -> Param {
 use Fallback as D;
 use Kind as K;
 
-pub const UNARY_MATH: &[&str] = &[
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "tanh",
-    "sigmoid",
-    "relu",
-    "gelu",
-    "gelu_tanh",
-    "silu",
-    "erf",
-    "sin",
-    "cos",
-    "abs",
-    "detach",
-];
+/// The primitives of the language. `PRIMITIVES` gives each one's name and
+/// parameters; its shape rule (`infer`) and its lowering (`ir::lower`) are
+/// exhaustive matches, so a primitive cannot lack either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prim {
+    /// `exp(x)`, `silu(x)`, ...: the unary primitives of `scalar::UNARY`.
+    Math(Unary),
+    Float,
+    Int,
+    Maximum,
+    Minimum,
+    Where,
+    Sum,
+    Mean,
+    Max,
+    Min,
+    Var,
+    Argmax,
+    Softmax,
+    LogSoftmax,
+    Transpose,
+    Permute,
+    Reshape,
+    Split,
+    Merge,
+    Unsqueeze,
+    Squeeze,
+    Concat,
+    Stack,
+    Gather,
+    OneHot,
+    Arange,
+    Dropout,
+    Linear,
+    Attend,
+    Rope,
+    Topk,
+    Route,
+    CrossEntropy,
+    Mse,
+    AddLoss,
+}
 
-/// Every primitive with its parameters, in the order positional arguments bind.
-pub const PRIMITIVES: &[(&str, &[Param])] = &[
-    ("exp", &[req("x", K::T)]),
-    ("log", &[req("x", K::T)]),
-    ("sqrt", &[req("x", K::T)]),
-    ("rsqrt", &[req("x", K::T)]),
-    ("tanh", &[req("x", K::T)]),
-    ("sigmoid", &[req("x", K::T)]),
-    ("relu", &[req("x", K::T)]),
-    ("gelu", &[req("x", K::T)]),
-    ("gelu_tanh", &[req("x", K::T)]),
-    ("silu", &[req("x", K::T)]),
-    ("erf", &[req("x", K::T)]),
-    ("sin", &[req("x", K::T)]),
-    ("cos", &[req("x", K::T)]),
-    ("abs", &[req("x", K::T)]),
-    ("detach", &[req("x", K::T)]),
-    ("float", &[req("x", K::T)]),
-    ("int", &[req("x", K::T)]),
-    ("maximum", &[req("a", K::TS), req("b", K::TS)]),
-    ("minimum", &[req("a", K::TS), req("b", K::TS)]),
-    ("where", &[req("cond", K::T), req("a", K::TS), req("b", K::TS)]),
-    ("sum", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
-    ("mean", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
-    ("max", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
-    ("min", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
-    ("var", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
-    ("argmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1)), p("keep", K::Bool, D::Bool(false))]),
-    ("softmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
-    ("log_softmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
-    ("transpose", &[req("x", K::T), p("a", K::Int, D::Int(-2)), p("b", K::Int, D::Int(-1))]),
-    ("permute", &[req("x", K::T), req("axes", K::Ints)]),
-    ("reshape", &[req("x", K::T), req("shape", K::Sizes)]),
-    ("split", &[req("x", K::T), req("axis", K::Int), req("sizes", K::Sizes)]),
-    ("merge", &[req("x", K::T), p("start", K::Int, D::Int(-2)), p("end", K::Int, D::Int(-1))]),
-    ("unsqueeze", &[req("x", K::T), req("axis", K::Int)]),
-    ("squeeze", &[req("x", K::T), req("axis", K::Int)]),
-    ("concat", &[req("xs", K::Tensors), p("axis", K::Int, D::Int(-1))]),
-    ("stack", &[req("xs", K::Tensors), p("axis", K::Int, D::Int(-1))]),
-    ("gather", &[req("table", K::T), req("ids", K::T)]),
-    ("one_hot", &[req("ids", K::T), req("n", K::Size)]),
-    ("arange", &[req("n", K::Size)]),
-    ("dropout", &[req("x", K::T), p("p", K::Float, D::Float(0.1))]),
-    ("linear", &[req("x", K::T), req("weight", K::T), p("bias", K::OptT, D::None)]),
+/// Every primitive but the unary ones with its name and parameters, in the
+/// order positional arguments bind.
+pub const PRIMITIVES: &[(Prim, &str, &[Param])] = &[
+    (Prim::Float, "float", &[req("x", K::T)]),
+    (Prim::Int, "int", &[req("x", K::T)]),
+    (Prim::Maximum, "maximum", &[req("a", K::TS), req("b", K::TS)]),
+    (Prim::Minimum, "minimum", &[req("a", K::TS), req("b", K::TS)]),
+    (Prim::Where, "where", &[req("cond", K::T), req("a", K::TS), req("b", K::TS)]),
+    (Prim::Sum, "sum", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
+    (Prim::Mean, "mean", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
+    (Prim::Max, "max", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
+    (Prim::Min, "min", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
+    (Prim::Var, "var", &[req("x", K::T), p("axis", K::Axes, D::None), p("keep", K::Bool, D::Bool(false))]),
+    (Prim::Argmax, "argmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1)), p("keep", K::Bool, D::Bool(false))]),
+    (Prim::Softmax, "softmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
+    (Prim::LogSoftmax, "log_softmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
+    (Prim::Transpose, "transpose", &[req("x", K::T), p("a", K::Int, D::Int(-2)), p("b", K::Int, D::Int(-1))]),
+    (Prim::Permute, "permute", &[req("x", K::T), req("axes", K::Ints)]),
+    (Prim::Reshape, "reshape", &[req("x", K::T), req("shape", K::Sizes)]),
+    (Prim::Split, "split", &[req("x", K::T), req("axis", K::Int), req("sizes", K::Sizes)]),
+    (Prim::Merge, "merge", &[req("x", K::T), p("start", K::Int, D::Int(-2)), p("end", K::Int, D::Int(-1))]),
+    (Prim::Unsqueeze, "unsqueeze", &[req("x", K::T), req("axis", K::Int)]),
+    (Prim::Squeeze, "squeeze", &[req("x", K::T), req("axis", K::Int)]),
+    (Prim::Concat, "concat", &[req("xs", K::Tensors), p("axis", K::Int, D::Int(-1))]),
+    (Prim::Stack, "stack", &[req("xs", K::Tensors), p("axis", K::Int, D::Int(-1))]),
+    (Prim::Gather, "gather", &[req("table", K::T), req("ids", K::T)]),
+    (Prim::OneHot, "one_hot", &[req("ids", K::T), req("n", K::Size)]),
+    (Prim::Arange, "arange", &[req("n", K::Size)]),
+    (Prim::Dropout, "dropout", &[req("x", K::T), p("p", K::Float, D::Float(0.1))]),
+    (Prim::Linear, "linear", &[req("x", K::T), req("weight", K::T), p("bias", K::OptT, D::None)]),
     (
+        Prim::Attend,
         "attend",
         &[
             req("q", K::T),
@@ -136,16 +149,58 @@ pub const PRIMITIVES: &[(&str, &[Param])] = &[
             p("scale", K::OptFloat, D::None),
         ],
     ),
-    ("rope", &[req("x", K::T), p("theta", K::Float, D::Float(10000.0)), p("rotary_dim", K::OptInt, D::None)]),
-    ("topk", &[req("x", K::T), req("k", K::Int)]),
-    ("route", &[req("x", K::T), req("indices", K::T), req("weights", K::T), req("experts", K::Stack)]),
-    ("cross_entropy", &[req("logits", K::T), req("targets", K::T), p("ignore_index", K::Int, D::Int(-100))]),
-    ("mse", &[req("pred", K::T), req("target", K::T)]),
-    ("add_loss", &[req("x", K::T), req("loss", K::T), p("weight", K::Float, D::Float(1.0))]),
+    (
+        Prim::Rope,
+        "rope",
+        &[req("x", K::T), p("theta", K::Float, D::Float(10000.0)), p("rotary_dim", K::OptInt, D::None)],
+    ),
+    (Prim::Topk, "topk", &[req("x", K::T), req("k", K::Int)]),
+    (Prim::Route, "route", &[req("x", K::T), req("indices", K::T), req("weights", K::T), req("experts", K::Stack)]),
+    (
+        Prim::CrossEntropy,
+        "cross_entropy",
+        &[req("logits", K::T), req("targets", K::T), p("ignore_index", K::Int, D::Int(-100))],
+    ),
+    (Prim::Mse, "mse", &[req("pred", K::T), req("target", K::T)]),
+    (Prim::AddLoss, "add_loss", &[req("x", K::T), req("loss", K::T), p("weight", K::Float, D::Float(1.0))]),
 ];
 
+impl Prim {
+    /// The primitive called `name`, unary ones included.
+    pub fn from_name(name: &str) -> Option<Prim> {
+        Unary::primitive(name)
+            .map(Prim::Math)
+            .or_else(|| PRIMITIVES.iter().find(|(_, n, _)| *n == name).map(|(p, _, _)| *p))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Prim::Math(u) => u.name(),
+            other => {
+                PRIMITIVES.iter().find(|(p, _, _)| *p == other).map(|(_, n, _)| *n).expect("every primitive has a row")
+            }
+        }
+    }
+
+    /// Its parameters, in the order positional arguments bind.
+    pub fn params(self) -> &'static [Param] {
+        const X: &[Param] = &[req("x", K::T)];
+        match self {
+            Prim::Math(_) => X,
+            other => {
+                PRIMITIVES.iter().find(|(p, _, _)| *p == other).map(|(_, _, s)| *s).expect("every primitive has a row")
+            }
+        }
+    }
+
+    /// Every primitive's name (for suggestions and coverage tests).
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        crate::scalar::UNARY.iter().filter(|r| r.primitive).map(|r| r.name).chain(PRIMITIVES.iter().map(|(_, n, _)| *n))
+    }
+}
+
 pub fn signature(name: &str) -> Option<&'static [Param]> {
-    PRIMITIVES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    Prim::from_name(name).map(Prim::params)
 }
 
 /// A bound argument, as the walker evaluated it.
@@ -292,22 +347,23 @@ fn product(dims: &[Dim]) -> Dim {
     dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d))
 }
 
-/// Infers the result of primitive `name` from its bound arguments.
-pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
+/// Infers the result of primitive `prim` from its bound arguments.
+pub fn infer(prim: Prim, args: &[Arg]) -> Result<Out, PrimError> {
+    let name = prim.name();
     let a = Args(args);
     let one = |t: TensorTy| Ok(Out::One(t));
-    match name {
-        n if UNARY_MATH.contains(&n) => {
-            need_float(a.t(0), 0, n)?;
+    match prim {
+        Prim::Math(_) => {
+            need_float(a.t(0), 0, name)?;
             one(a.t(0).clone())
         }
-        "float" => one(a.t(0).with_dtype(DType::F32)),
-        "int" => one(a.t(0).with_dtype(DType::Int)),
-        "maximum" | "minimum" => {
+        Prim::Float => one(a.t(0).with_dtype(DType::F32)),
+        Prim::Int => one(a.t(0).with_dtype(DType::Int)),
+        Prim::Maximum | Prim::Minimum => {
             let (x, y) = (a.ts(0, DType::F32), a.ts(1, DType::F32));
             elementwise(&x, &y, 0, 1).map(Out::One)
         }
-        "where" => {
+        Prim::Where => {
             let cond = a.t(0);
             if cond.dtype != DType::Bool {
                 return Err(err("the condition of `where` must be a bool tensor")
@@ -328,7 +384,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             })?;
             one(TensorTy::new(xy.dtype, dims))
         }
-        "sum" | "mean" | "max" | "min" | "var" => {
+        Prim::Sum | Prim::Mean | Prim::Max | Prim::Min | Prim::Var => {
             let x = a.t(0);
             if name != "max" && name != "min" && x.dtype == DType::Bool {
                 return Err(err(format!("`{name}` of a bool tensor")).at(0, "convert with `float(x)`"));
@@ -359,7 +415,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
                 .collect();
             one(TensorTy::new(x.dtype, dims))
         }
-        "argmax" => {
+        Prim::Argmax => {
             let x = a.t(0);
             let ax = axis(x, a.int(1), 1)?;
             let mut dims = x.dims.clone();
@@ -370,20 +426,20 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::new(DType::Int, dims))
         }
-        "softmax" | "log_softmax" => {
+        Prim::Softmax | Prim::LogSoftmax => {
             let x = a.t(0);
             need_float(x, 0, name)?;
             axis(x, a.int(1), 1)?;
             one(x.clone())
         }
-        "transpose" => {
+        Prim::Transpose => {
             let x = a.t(0);
             let (i, j) = (axis(x, a.int(1), 1)?, axis(x, a.int(2), 2)?);
             let mut dims = x.dims.clone();
             dims.swap(i, j);
             one(TensorTy::new(x.dtype, dims))
         }
-        "permute" => {
+        Prim::Permute => {
             let x = a.t(0);
             let axes = a.ints(1);
             let resolved: Vec<usize> = axes.iter().map(|ax| axis(x, *ax, 1)).collect::<Result<_, _>>()?;
@@ -395,7 +451,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::new(x.dtype, resolved.iter().map(|i| x.dims[*i].clone()).collect()))
         }
-        "reshape" => {
+        Prim::Reshape => {
             let x = a.t(0);
             let dims = fill_wildcard(&x.dims, a.sizes(1), 1)?;
             let (before, after) = (product(&x.dims), product(&dims));
@@ -410,7 +466,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::new(x.dtype, dims))
         }
-        "split" => {
+        Prim::Split => {
             let x = a.t(0);
             let ax = axis(x, a.int(1), 1)?;
             let sizes = fill_wildcard(&x.dims[ax..=ax], a.sizes(2), 2)?;
@@ -430,7 +486,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             dims.splice(ax..=ax, sizes);
             one(TensorTy::new(x.dtype, dims))
         }
-        "merge" => {
+        Prim::Merge => {
             let x = a.t(0);
             let (s, e) = (axis(x, a.int(1), 1)?, axis(x, a.int(2), 2)?);
             if s > e {
@@ -443,7 +499,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             dims.splice(s..=e, [merged]);
             one(TensorTy::new(x.dtype, dims))
         }
-        "unsqueeze" => {
+        Prim::Unsqueeze => {
             let x = a.t(0);
             let ax = normalize_axis(a.int(1), x.rank() + 1).ok_or_else(|| {
                 err(format!("axis {} is out of range for unsqueezing a tensor of rank {}", a.int(1), x.rank()))
@@ -453,7 +509,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             dims.insert(ax, Dim::constant(1));
             one(TensorTy::new(x.dtype, dims))
         }
-        "squeeze" => {
+        Prim::Squeeze => {
             let x = a.t(0);
             let ax = axis(x, a.int(1), 1)?;
             if x.dims[ax] != Dim::constant(1) {
@@ -464,7 +520,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             dims.remove(ax);
             one(TensorTy::new(x.dtype, dims))
         }
-        "concat" | "stack" => {
+        Prim::Concat | Prim::Stack => {
             let xs = a.tensors(0);
             let Some(first) = xs.first() else {
                 return Err(err(format!("`{name}` needs at least one tensor")).at(0, "empty list"));
@@ -499,7 +555,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::new(first.dtype, dims))
         }
-        "gather" => {
+        Prim::Gather => {
             let (table, ids) = (a.t(0), a.t(1));
             need_int(ids, 1, "the indices of `gather`")?;
             if table.rank() == 0 {
@@ -509,15 +565,15 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             dims.extend(table.dims[1..].iter().cloned());
             one(TensorTy::new(table.dtype, dims))
         }
-        "one_hot" => {
+        Prim::OneHot => {
             let ids = a.t(0);
             need_int(ids, 0, "the indices of `one_hot`")?;
             let mut dims = ids.dims.clone();
             dims.push(a.size(1));
             one(TensorTy::new(DType::F32, dims))
         }
-        "arange" => one(TensorTy::new(DType::Int, vec![a.size(0)])),
-        "dropout" => {
+        Prim::Arange => one(TensorTy::new(DType::Int, vec![a.size(0)])),
+        Prim::Dropout => {
             let p = a.float(1);
             if !(0.0..1.0).contains(&p) {
                 return Err(err(format!("dropout probability {p} is not in [0, 1)")).at(1, "here"));
@@ -525,7 +581,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             need_float(a.t(0), 0, "dropout")?;
             one(a.t(0).clone())
         }
-        "linear" => {
+        Prim::Linear => {
             let (x, w) = (a.t(0), a.t(1));
             if w.rank() != 2 {
                 return Err(err(format!("the weight of `linear` must be [out, in], found {}", shape_text(&w.dims)))
@@ -557,8 +613,8 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             *dims.last_mut().expect("rank >= 1") = w.dims[0].clone();
             one(TensorTy::new(DType::F32, dims))
         }
-        "attend" => attend(&a),
-        "rope" => {
+        Prim::Attend => attend(&a),
+        Prim::Rope => {
             let x = a.t(0);
             need_float(x, 0, "rope")?;
             if x.rank() != 4 {
@@ -580,7 +636,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(x.clone())
         }
-        "topk" => {
+        Prim::Topk => {
             let x = a.t(0);
             let k = a.int(1);
             let Some(last) = x.dims.last() else {
@@ -593,7 +649,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             *dims.last_mut().expect("rank >= 1") = Dim::constant(k);
             Ok(Out::Many(vec![TensorTy::new(x.dtype, dims.clone()), TensorTy::new(DType::Int, dims)]))
         }
-        "cross_entropy" => {
+        Prim::CrossEntropy => {
             let (logits, targets) = (a.t(0), a.t(1));
             need_float(logits, 0, "cross_entropy")?;
             need_int(targets, 1, "the targets of `cross_entropy`")?;
@@ -608,7 +664,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::scalar(DType::F32))
         }
-        "mse" => {
+        Prim::Mse => {
             let (p, t) = (a.t(0), a.t(1));
             if p.dims != t.dims {
                 return Err(err(format!(
@@ -621,7 +677,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::scalar(DType::F32))
         }
-        "add_loss" => {
+        Prim::AddLoss => {
             let loss = a.t(1);
             if loss.rank() != 0 {
                 return Err(err(format!("an added loss must be a scalar, found {}", shape_text(&loss.dims)))
@@ -630,7 +686,7 @@ pub fn infer(name: &str, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(a.t(0).clone())
         }
-        _ => unreachable!("primitive `{name}` has a signature but no rule"),
+        Prim::Route => unreachable!("bug: `route` is typed by the checker's call walk"),
     }
 }
 
@@ -784,54 +840,4 @@ fn fill_wildcard(from: &[Dim], mut to: Vec<Dim>, arg: usize) -> Result<Vec<Dim>,
         return Err(err(format!("size {bad} must be at least 1")).at(arg, "here"));
     }
     Ok(to)
-}
-
-/// Math on a plain number, for hyperparameter expressions such as `log(base)`.
-pub fn fold_unary(name: &str, x: f64) -> f64 {
-    match name {
-        "exp" => x.exp(),
-        "log" => x.ln(),
-        "sqrt" => x.sqrt(),
-        "rsqrt" => 1.0 / x.sqrt(),
-        "tanh" => x.tanh(),
-        "sigmoid" => 1.0 / (1.0 + (-x).exp()),
-        "relu" => x.max(0.0),
-        "sin" => x.sin(),
-        "cos" => x.cos(),
-        "abs" => x.abs(),
-        "detach" => x,
-        "silu" => x / (1.0 + (-x).exp()),
-        "erf" => erf(x),
-        "gelu" => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
-        "gelu_tanh" => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()),
-        _ => unreachable!("`{name}` is not a unary math primitive"),
-    }
-}
-
-/// The error function (Abramowitz and Stegun 7.1.26 refined by a series for
-/// small arguments); accurate to about 1e-12.
-pub fn erf(x: f64) -> f64 {
-    if x.abs() < 2.0 {
-        // Maclaurin series: 2/sqrt(pi) * sum (-1)^n x^(2n+1) / (n! (2n+1)).
-        let mut term = x;
-        let mut sum = x;
-        let x2 = x * x;
-        for n in 1..60 {
-            term *= -x2 / n as f64;
-            let add = term / (2 * n + 1) as f64;
-            sum += add;
-            if add.abs() < 1e-17 {
-                break;
-            }
-        }
-        return sum * 2.0 / std::f64::consts::PI.sqrt();
-    }
-    // Continued fraction for erfc at larger |x|.
-    let t = x.abs();
-    let mut f = 0.0;
-    for k in (1..60).rev() {
-        f = (k as f64 / 2.0) / (t + f);
-    }
-    let erfc = (-t * t).exp() / std::f64::consts::PI.sqrt() / (t + f);
-    if x > 0.0 { 1.0 - erfc } else { erfc - 1.0 }
 }

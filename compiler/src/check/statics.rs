@@ -305,7 +305,8 @@ impl Checker<'_> {
             return Ok(Value::Record(name.clone(), named));
         }
         if !is_static_function(name) && !INITS.contains(&name.as_str()) {
-            let extra = [INITS, STATIC_FUNCTIONS, super::prims::UNARY_MATH].concat();
+            let unary: Vec<&str> = crate::scalar::UNARY.iter().filter(|r| r.primitive).map(|r| r.name).collect();
+            let extra = [INITS, STATIC_FUNCTIONS, &unary].concat();
             self.unknown_name(m, env, name, module.expr(callee).span, &extra);
             return Err(());
         }
@@ -343,8 +344,10 @@ pub fn static_function(name: &str, positional: &[Value], named: &[(String, Value
         "normal" => num(get("std", 0)).map(|std| Value::Init(Init::Normal { std })),
         "uniform" => num(get("bound", 0)).map(|bound| Value::Init(Init::Uniform { bound })),
         "constant" => num(get("value", 0)).map(|v| Value::Init(Init::Constant(v))),
-        n if super::prims::UNARY_MATH.contains(&n) && n != "abs" => {
-            num(get("x", 0)).map(|x| Value::Float(super::prims::fold_unary(n, x)))
+        n if let Some(u) = crate::scalar::Unary::primitive(n)
+            && n != "abs" =>
+        {
+            num(get("x", 0)).map(|x| Value::Float(u.eval(x)))
         }
         "abs" => get("x", 0).and_then(|v| match v {
             Value::Int(i) => Some(Value::Int(i.abs())),

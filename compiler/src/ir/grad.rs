@@ -5,6 +5,7 @@
 
 use super::graph::*;
 use crate::check::dim::Dim;
+use crate::scalar::Expr;
 use crate::syntax::ast::DType;
 
 /// Appends the gradient of the scalar `loss` with respect to each of `wrt`;
@@ -56,7 +57,6 @@ pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
 
 /// The contribution of a node's output adjoint `gy` to each of its inputs.
 fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId>> {
-    use std::f64::consts::PI;
     let a = &node.args;
     let x = a.first().copied();
     let zero = |g: &mut Graph| g.constant(0.0, DType::F32);
@@ -69,111 +69,13 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
         Op::AttentionBackward(..) => panic!("bug: a second derivative of attention"),
         // Only decoding writes a cache, and nothing differentiates it.
         Op::WriteRows => panic!("bug: a gradient through a key/value cache write"),
-        Op::Unary(u) => {
-            let x = x.expect("unary has an input");
-            let d = match u {
-                Unary::Neg => g.neg(gy),
-                Unary::Exp => g.mul(gy, y),
-                Unary::Log => g.div(gy, x),
-                Unary::Sqrt => {
-                    let t = g.div(gy, y);
-                    g.scale(t, 0.5)
-                }
-                Unary::Rsqrt => {
-                    let y2 = g.mul(y, y);
-                    let y3 = g.mul(y2, y);
-                    let t = g.mul(gy, y3);
-                    g.scale(t, -0.5)
-                }
-                Unary::Tanh => {
-                    let y2 = g.mul(y, y);
-                    let one = g.constant(1.0, DType::F32);
-                    let d = g.sub(one, y2);
-                    g.mul(gy, d)
-                }
-                Unary::Sigmoid => {
-                    let one = g.constant(1.0, DType::F32);
-                    let d = g.sub(one, y);
-                    let d = g.mul(y, d);
-                    g.mul(gy, d)
-                }
-                Unary::Relu => {
-                    let z = zero(g);
-                    let pos = g.binary(Binary::Gt, x, z);
-                    g.select(pos, gy, z)
-                }
-                Unary::Gelu => {
-                    // d/dx x Φ(x) = Φ(x) + x φ(x)
-                    let s = g.scale(x, 1.0 / 2f64.sqrt());
-                    let erf = g.unary(Unary::Erf, s);
-                    let one = g.constant(1.0, DType::F32);
-                    let cdf = g.add(erf, one);
-                    let cdf = g.scale(cdf, 0.5);
-                    let x2 = g.mul(x, x);
-                    let e = g.scale(x2, -0.5);
-                    let e = g.unary(Unary::Exp, e);
-                    let pdf = g.scale(e, 1.0 / (2.0 * PI).sqrt());
-                    let xp = g.mul(x, pdf);
-                    let d = g.add(cdf, xp);
-                    g.mul(gy, d)
-                }
-                Unary::GeluTanh => {
-                    // u = c (x + 0.044715 x^3); d = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) c (1 + 3 * 0.044715 x^2)
-                    let c = (2.0 / PI).sqrt();
-                    let x2 = g.mul(x, x);
-                    let x3 = g.mul(x2, x);
-                    let k = g.scale(x3, 0.044715);
-                    let inner = g.add(x, k);
-                    let u = g.scale(inner, c);
-                    let t = g.unary(Unary::Tanh, u);
-                    let one = g.constant(1.0, DType::F32);
-                    let left = g.add(one, t);
-                    let left = g.scale(left, 0.5);
-                    let t2 = g.mul(t, t);
-                    let sech2 = g.sub(one, t2);
-                    let poly = g.scale(x2, 3.0 * 0.044715);
-                    let poly = g.add(one, poly);
-                    let right = g.mul(sech2, poly);
-                    let right = g.mul(right, x);
-                    let right = g.scale(right, 0.5 * c);
-                    let d = g.add(left, right);
-                    g.mul(gy, d)
-                }
-                Unary::Silu => {
-                    let s = g.unary(Unary::Sigmoid, x);
-                    let one = g.constant(1.0, DType::F32);
-                    let oms = g.sub(one, s);
-                    let t = g.mul(x, oms);
-                    let t = g.add(one, t);
-                    let d = g.mul(s, t);
-                    g.mul(gy, d)
-                }
-                Unary::Erf => {
-                    let x2 = g.mul(x, x);
-                    let e = g.neg(x2);
-                    let e = g.unary(Unary::Exp, e);
-                    let d = g.scale(e, 2.0 / PI.sqrt());
-                    g.mul(gy, d)
-                }
-                Unary::Sin => {
-                    let c = g.unary(Unary::Cos, x);
-                    g.mul(gy, c)
-                }
-                Unary::Cos => {
-                    let s = g.unary(Unary::Sin, x);
-                    let t = g.mul(gy, s);
-                    g.neg(t)
-                }
-                Unary::Abs => {
-                    let z = zero(g);
-                    let neg = g.binary(Binary::Lt, x, z);
-                    let ng = g.neg(gy);
-                    g.select(neg, ng, gy)
-                }
-                Unary::Floor | Unary::Not | Unary::Detach => return vec![None],
-            };
-            vec![Some(d)]
-        }
+        Op::Unary(u) => match u.row().gradient {
+            Some(rule) => {
+                let x = x.expect("unary has an input");
+                vec![Some(build(g, &rule(), x, y, gy, &mut Vec::new()))]
+            }
+            None => vec![None],
+        },
         Op::Binary(b) => {
             let (p, q) = (a[0], a[1]);
             match b {
@@ -340,4 +242,33 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
             vec![Some(g.reduce(Reduce::Sum, spread, &[r - 2]))]
         }
     }
+}
+
+/// Adds a gradient rule of `scalar::UNARY` to the graph, elementwise over
+/// `x`, `y` and `gy`; equal subexpressions become one node.
+fn build(g: &mut Graph, e: &Expr, x: NodeId, y: NodeId, gy: NodeId, built: &mut Vec<(Expr, NodeId)>) -> NodeId {
+    if let Some((_, n)) = built.iter().find(|(done, _)| done == e) {
+        return *n;
+    }
+    let mut arg = |g: &mut Graph, a: &Expr| build(g, a, x, y, gy, built);
+    let n = match e {
+        Expr::X => x,
+        Expr::Y => y,
+        Expr::G => gy,
+        Expr::Const(v) => g.constant(*v, DType::F32),
+        Expr::Unary(u, a) => {
+            let a = arg(g, a);
+            g.unary(*u, a)
+        }
+        Expr::Binary(b, p, q) => {
+            let (p, q) = (arg(g, p), arg(g, q));
+            g.binary(*b, p, q)
+        }
+        Expr::Select(k, p, q) => {
+            let (k, p, q) = (arg(g, k), arg(g, p), arg(g, q));
+            g.select(k, p, q)
+        }
+    };
+    built.push((e.clone(), n));
+    n
 }

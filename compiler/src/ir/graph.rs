@@ -26,78 +26,7 @@ impl fmt::Display for NodeId {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Unary {
-    Neg,
-    Exp,
-    Log,
-    Sqrt,
-    Rsqrt,
-    Tanh,
-    Sigmoid,
-    Relu,
-    Gelu,
-    GeluTanh,
-    Silu,
-    Erf,
-    Sin,
-    Cos,
-    Abs,
-    Floor,
-    Not,
-    /// The value as it is; no gradient flows through it (PyTorch's `detach`).
-    Detach,
-}
-
-impl Unary {
-    /// Every unary operation, for tables that range over them.
-    pub const ALL: [Unary; 18] = [
-        Unary::Neg,
-        Unary::Exp,
-        Unary::Log,
-        Unary::Sqrt,
-        Unary::Rsqrt,
-        Unary::Tanh,
-        Unary::Sigmoid,
-        Unary::Relu,
-        Unary::Gelu,
-        Unary::GeluTanh,
-        Unary::Silu,
-        Unary::Erf,
-        Unary::Sin,
-        Unary::Cos,
-        Unary::Abs,
-        Unary::Floor,
-        Unary::Not,
-        Unary::Detach,
-    ];
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Binary {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Pow,
-    Rem,
-    Max,
-    Min,
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-    And,
-    Or,
-}
-
-impl Binary {
-    pub fn is_comparison(self) -> bool {
-        matches!(self, Binary::Eq | Binary::Ne | Binary::Lt | Binary::Le | Binary::Gt | Binary::Ge)
-    }
-}
+pub use crate::scalar::{Binary, Unary};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reduce {
@@ -261,8 +190,8 @@ impl Op {
             Op::Const(v) => format!("const {}", crate::syntax::float_text(*v)),
             Op::Size(d) => format!("size {d}"),
             Op::Iota => "iota".into(),
-            Op::Unary(u) => format!("{u:?}").to_lowercase(),
-            Op::Binary(b) => format!("{b:?}").to_lowercase(),
+            Op::Unary(u) => u.name().into(),
+            Op::Binary(b) => b.name().into(),
             Op::Select => "select".into(),
             Op::Cast(d) => format!("cast {}", d.as_str()),
             Op::Reduce(r, axes) => format!("reduce_{} {axes:?}", format!("{r:?}").to_lowercase()),

@@ -159,11 +159,11 @@ pub fn eval(
         Op::Const(v) => Array::scalar(*v),
         Op::Size(d) => Array::scalar(eval_dim(d, sizes)? as f64),
         Op::Iota => Array::new(shape.clone(), (0..shape[0]).map(|i| i as f64).collect()),
-        Op::Unary(u) => map(args[0], &|x| unary(*u, x)),
+        Op::Unary(u) => map(args[0], &u.function()),
         Op::Binary(b) => {
             let (x, y) = (args[0], args[1]);
             let int = n.ty.dtype == DType::Int;
-            Array::new(shape, x.data.iter().zip(&y.data).map(|(a, c)| binary(*b, *a, *c, int)).collect())
+            Array::new(shape, x.data.iter().zip(&y.data).map(|(a, c)| b.eval(*a, *c, int)).collect())
         }
         Op::Select => {
             let (c, a, b) = (args[0], args[1], args[2]);
@@ -402,53 +402,6 @@ pub fn uniform_bits(key: u64, step: u64, index: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     z >> 11
-}
-
-pub fn unary(u: Unary, x: f64) -> f64 {
-    use std::f64::consts::{PI, SQRT_2};
-    match u {
-        Unary::Neg => -x,
-        Unary::Exp => x.exp(),
-        Unary::Log => x.ln(),
-        Unary::Sqrt => x.sqrt(),
-        Unary::Rsqrt => 1.0 / x.sqrt(),
-        Unary::Tanh => x.tanh(),
-        Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-        Unary::Relu => x.max(0.0),
-        Unary::Gelu => 0.5 * x * (1.0 + crate::check::prims::erf(x / SQRT_2)),
-        Unary::GeluTanh => 0.5 * x * (1.0 + ((2.0 / PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
-        Unary::Silu => x / (1.0 + (-x).exp()),
-        Unary::Erf => crate::check::prims::erf(x),
-        Unary::Sin => x.sin(),
-        Unary::Cos => x.cos(),
-        Unary::Abs => x.abs(),
-        Unary::Detach => x,
-        Unary::Floor => x.floor(),
-        Unary::Not => f64::from(u8::from(x == 0.0)),
-    }
-}
-
-pub fn binary(b: Binary, x: f64, y: f64, int: bool) -> f64 {
-    let bool = |c: bool| f64::from(u8::from(c));
-    match b {
-        Binary::Add => x + y,
-        Binary::Sub => x - y,
-        Binary::Mul => x * y,
-        Binary::Div if int => (x / y).trunc(),
-        Binary::Div => x / y,
-        Binary::Pow => x.powf(y),
-        Binary::Rem => x - (x / y).floor() * y,
-        Binary::Max => x.max(y),
-        Binary::Min => x.min(y),
-        Binary::Eq => bool(x == y),
-        Binary::Ne => bool(x != y),
-        Binary::Lt => bool(x < y),
-        Binary::Le => bool(x <= y),
-        Binary::Gt => bool(x > y),
-        Binary::Ge => bool(x >= y),
-        Binary::And => bool(x != 0.0 && y != 0.0),
-        Binary::Or => bool(x != 0.0 || y != 0.0),
-    }
 }
 
 fn reduce(r: Reduce, x: &Array, axes: &[usize], shape: Vec<usize>) -> Array {

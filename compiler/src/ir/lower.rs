@@ -8,6 +8,7 @@
 
 use super::graph::*;
 use crate::check::dim::Dim;
+use crate::check::prims::Prim;
 use crate::check::types::TensorTy;
 use crate::syntax::ast::DType;
 
@@ -169,44 +170,24 @@ impl Lowering {
         self.g.constant(v, dtype)
     }
 
-    /// Lowers primitive `name`; `out` are the result types the checker inferred.
-    pub fn prim(&mut self, name: &str, a: &[LArg], out: &[TensorTy]) -> Vec<NodeId> {
+    /// Lowers primitive `prim`; `out` are the result types the checker inferred.
+    pub fn prim(&mut self, prim: Prim, a: &[LArg], out: &[TensorTy]) -> Vec<NodeId> {
         let g = &mut self.g;
         let one = |n: NodeId| vec![n];
-        match name {
-            "exp" | "log" | "sqrt" | "rsqrt" | "tanh" | "sigmoid" | "relu" | "gelu" | "gelu_tanh" | "silu" | "erf"
-            | "sin" | "cos" | "abs" | "detach" => {
-                let u = match name {
-                    "exp" => Unary::Exp,
-                    "log" => Unary::Log,
-                    "sqrt" => Unary::Sqrt,
-                    "rsqrt" => Unary::Rsqrt,
-                    "tanh" => Unary::Tanh,
-                    "sigmoid" => Unary::Sigmoid,
-                    "relu" => Unary::Relu,
-                    "gelu" => Unary::Gelu,
-                    "gelu_tanh" => Unary::GeluTanh,
-                    "silu" => Unary::Silu,
-                    "erf" => Unary::Erf,
-                    "sin" => Unary::Sin,
-                    "cos" => Unary::Cos,
-                    "detach" => Unary::Detach,
-                    _ => Unary::Abs,
-                };
-                one(g.unary(u, a[0].node()))
-            }
-            "float" => one(g.cast(a[0].node(), DType::F32)),
-            "int" => one(g.cast(a[0].node(), DType::Int)),
-            "maximum" | "minimum" => {
-                let op = if name == "maximum" { Binary::Max } else { Binary::Min };
+        match prim {
+            Prim::Math(u) => one(g.unary(u, a[0].node())),
+            Prim::Float => one(g.cast(a[0].node(), DType::F32)),
+            Prim::Int => one(g.cast(a[0].node(), DType::Int)),
+            Prim::Maximum | Prim::Minimum => {
+                let op = if prim == Prim::Maximum { Binary::Max } else { Binary::Min };
                 let (x, y) = (self.operand(&a[0], out[0].dtype), self.operand(&a[1], out[0].dtype));
                 one(self.g.binary(op, x, y))
             }
-            "where" => {
+            Prim::Where => {
                 let (x, y) = (self.operand(&a[1], out[0].dtype), self.operand(&a[2], out[0].dtype));
                 one(self.g.select(a[0].node(), x, y))
             }
-            "sum" | "mean" | "max" | "min" | "var" => {
+            Prim::Sum | Prim::Mean | Prim::Max | Prim::Min | Prim::Var => {
                 let x = a[0].node();
                 let rank = g.ty(x).rank();
                 let axes: Vec<usize> = match &a[1] {
@@ -215,11 +196,11 @@ impl Lowering {
                     _ => (0..rank).collect(),
                 };
                 let keep = a[2].bool();
-                let y = match name {
-                    "sum" => self.reduce(Reduce::Sum, x, &axes, keep),
-                    "max" => self.reduce(Reduce::Max, x, &axes, keep),
-                    "min" => self.reduce(Reduce::Min, x, &axes, keep),
-                    "mean" => self.mean(x, &axes, keep),
+                let y = match prim {
+                    Prim::Sum => self.reduce(Reduce::Sum, x, &axes, keep),
+                    Prim::Max => self.reduce(Reduce::Max, x, &axes, keep),
+                    Prim::Min => self.reduce(Reduce::Min, x, &axes, keep),
+                    Prim::Mean => self.mean(x, &axes, keep),
                     _ => {
                         let mu = self.mean(x, &axes, true);
                         let centered = self.g.sub(x, mu);
@@ -229,30 +210,30 @@ impl Lowering {
                 };
                 one(y)
             }
-            "argmax" => {
+            Prim::Argmax => {
                 let x = a[0].node();
                 let axis = axis_of(g.ty(x).rank(), a[1].int());
                 let y = g.argmax(x, axis);
                 one(g.reshape(y, &out[0].dims))
             }
-            "softmax" => {
+            Prim::Softmax => {
                 let x = a[0].node();
                 let axis = axis_of(g.ty(x).rank(), a[1].int());
                 one(self.softmax(x, axis))
             }
-            "log_softmax" => {
+            Prim::LogSoftmax => {
                 let x = a[0].node();
                 let axis = axis_of(g.ty(x).rank(), a[1].int());
                 one(self.log_softmax(x, axis))
             }
-            "transpose" => {
+            Prim::Transpose => {
                 let x = a[0].node();
                 let r = g.ty(x).rank();
                 let mut perm: Vec<usize> = (0..r).collect();
                 perm.swap(axis_of(r, a[1].int()), axis_of(r, a[2].int()));
                 one(g.permute(x, &perm))
             }
-            "permute" => {
+            Prim::Permute => {
                 let x = a[0].node();
                 let r = g.ty(x).rank();
                 let perm: Vec<usize> = match &a[1] {
@@ -261,12 +242,14 @@ impl Lowering {
                 };
                 one(g.permute(x, &perm))
             }
-            "reshape" | "split" | "merge" | "unsqueeze" | "squeeze" => one(g.reshape(a[0].node(), &out[0].dims)),
-            "concat" | "stack" => {
+            Prim::Reshape | Prim::Split | Prim::Merge | Prim::Unsqueeze | Prim::Squeeze => {
+                one(g.reshape(a[0].node(), &out[0].dims))
+            }
+            Prim::Concat | Prim::Stack => {
                 let LArg::Nodes(xs) = &a[0] else { unreachable!("bug: concat of a non-list") };
                 let rank = out[0].rank();
                 let axis = axis_of(rank, a[1].int());
-                let parts: Vec<NodeId> = if name == "stack" {
+                let parts: Vec<NodeId> = if prim == Prim::Stack {
                     xs.iter()
                         .map(|x| {
                             let mut dims = self.g.dims(*x).to_vec();
@@ -279,10 +262,10 @@ impl Lowering {
                 };
                 one(self.g.concat(&parts, axis))
             }
-            "gather" => one(g.gather(a[0].node(), a[1].node())),
-            "one_hot" => one(g.one_hot(a[0].node(), a[1].size())),
-            "arange" => one(self.positions(a[0].size())),
-            "dropout" => {
+            Prim::Gather => one(g.gather(a[0].node(), a[1].node())),
+            Prim::OneHot => one(g.one_hot(a[0].node(), a[1].size())),
+            Prim::Arange => one(self.positions(a[0].size())),
+            Prim::Dropout => {
                 let x = a[0].node();
                 let p = a[1].float();
                 if !self.training || p == 0.0 {
@@ -294,7 +277,7 @@ impl Lowering {
                 let mask = self.g.dropout_mask(step, p, self.dropout_sites, &dims);
                 one(self.g.mul(x, mask))
             }
-            "linear" => {
+            Prim::Linear => {
                 let (x, w) = (a[0].node(), a[1].node());
                 let wt = g.transpose_last(w);
                 let y = self.matmul(x, wt);
@@ -303,8 +286,8 @@ impl Lowering {
                     None => one(y),
                 }
             }
-            "attend" => one(self.attend(a)),
-            "rope" => {
+            Prim::Attend => one(self.attend(a)),
+            Prim::Rope => {
                 let x = a[0].node();
                 let theta = a[1].float();
                 let d = g.dims(x)[3].as_const().expect("bug: rope head size is known");
@@ -314,22 +297,22 @@ impl Lowering {
                 };
                 one(self.rope(x, theta, rot as usize))
             }
-            "topk" => {
+            Prim::Topk => {
                 let (v, i) = g.topk(a[0].node(), a[1].int() as usize);
                 vec![v, i]
             }
-            "cross_entropy" => one(self.cross_entropy(a[0].node(), a[1].node(), a[2].int())),
-            "mse" => {
+            Prim::CrossEntropy => one(self.cross_entropy(a[0].node(), a[1].node(), a[2].int())),
+            Prim::Mse => {
                 let d = g.sub(a[0].node(), a[1].node());
                 let sq = g.mul(d, d);
                 let axes: Vec<usize> = (0..g.ty(sq).rank()).collect();
                 one(self.mean(sq, &axes, false))
             }
-            "add_loss" => {
+            Prim::AddLoss => {
                 self.aux_losses.push((a[1].node(), a[2].float()));
                 one(a[0].node())
             }
-            other => unreachable!("bug: no lowering for primitive `{other}`"),
+            Prim::Route => unreachable!("bug: `route` is lowered by the checker's call walk"),
         }
     }
 

@@ -64,48 +64,18 @@ fn op(text: &str) -> Result<Op, String> {
             .collect()
     };
     let num = |s: &str| -> Result<usize, String> { s.trim().parse().map_err(|_| format!("bad number `{s}`")) };
-    let unary = |u| Ok(Op::Unary(u));
-    let binary = |b| Ok(Op::Binary(b));
+    if let Some(u) = Unary::from_name(head) {
+        return Ok(Op::Unary(u));
+    }
+    if let Some(b) = Binary::from_name(head) {
+        return Ok(Op::Binary(b));
+    }
     match head {
         "input" => Ok(Op::Input(quoted()?)),
         "param" => Ok(Op::Param(quoted()?)),
         "const" => rest.trim().parse().map(Op::Const).map_err(|_| format!("bad constant `{rest}`")),
         "size" => Ok(Op::Size(dim(rest)?)),
         "iota" => Ok(Op::Iota),
-        "neg" => unary(Unary::Neg),
-        "exp" => unary(Unary::Exp),
-        "log" => unary(Unary::Log),
-        "sqrt" => unary(Unary::Sqrt),
-        "rsqrt" => unary(Unary::Rsqrt),
-        "tanh" => unary(Unary::Tanh),
-        "sigmoid" => unary(Unary::Sigmoid),
-        "relu" => unary(Unary::Relu),
-        "gelu" => unary(Unary::Gelu),
-        "gelutanh" => unary(Unary::GeluTanh),
-        "silu" => unary(Unary::Silu),
-        "erf" => unary(Unary::Erf),
-        "sin" => unary(Unary::Sin),
-        "cos" => unary(Unary::Cos),
-        "abs" => unary(Unary::Abs),
-        "floor" => unary(Unary::Floor),
-        "not" => unary(Unary::Not),
-        "detach" => unary(Unary::Detach),
-        "add" => binary(Binary::Add),
-        "sub" => binary(Binary::Sub),
-        "mul" => binary(Binary::Mul),
-        "div" => binary(Binary::Div),
-        "pow" => binary(Binary::Pow),
-        "rem" => binary(Binary::Rem),
-        "max" => binary(Binary::Max),
-        "min" => binary(Binary::Min),
-        "eq" => binary(Binary::Eq),
-        "ne" => binary(Binary::Ne),
-        "lt" => binary(Binary::Lt),
-        "le" => binary(Binary::Le),
-        "gt" => binary(Binary::Gt),
-        "ge" => binary(Binary::Ge),
-        "and" => binary(Binary::And),
-        "or" => binary(Binary::Or),
         "select" => Ok(Op::Select),
         "cast" => Ok(Op::Cast(dtype(rest.trim())?)),
         "reduce_sum" => Ok(Op::Reduce(Reduce::Sum, axes()?)),

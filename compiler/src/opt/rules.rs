@@ -118,7 +118,7 @@ pub fn rules() -> Vec<Rule> {
         .expect("rule"),
     ];
     // sinking: f(broadcast x) = broadcast(f x), computed on fewer elements
-    let unary_kinds = Unary::ALL.iter().map(|u| kind(&Op::Unary(*u)));
+    let unary_kinds = Unary::all().map(|u| kind(&Op::Unary(u)));
     for k in unary_kinds.chain(["cast"]) {
         let pattern: egg::Pattern<IrLang> = format!("({k} (broadcast ?x ?a ?s) ?b ?t)").parse().expect("pattern");
         rules
