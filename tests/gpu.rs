@@ -218,3 +218,23 @@ fn kv_cached_decoding_on_the_gpu_gives_transformers_tokens() {
 fn reductions_over_several_axes_match_the_interpreter() {
     reductions_over_several_axes(gpu);
 }
+
+#[test]
+fn every_unary_operation_matches_the_interpreter_on_the_gpu() {
+    // Each row of scalar::UNARY as WGSL prints it (composites from their
+    // definitions), over ordinary values: a GPU's handling of infinities and
+    // NaN in WGSL's built-ins is the implementation's.
+    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::ir::graph::Unary;
+    use modelc::ir::interp::Array;
+    let xs: Vec<f64> = (0..41).map(|i| -6.0 + 0.3 * i as f64).chain([0.0, 1e-3, -1e-3, 14.0, -14.0, 40.0]).collect();
+    for op in Unary::all() {
+        let mut g = Graph::default();
+        let x = g.input("x", TensorTy::new(modelc::syntax::ast::DType::F32, vec![Dim::constant(xs.len() as i64)]));
+        let x = if matches!(op, Unary::Log | Unary::Sqrt | Unary::Rsqrt) { g.unary(Unary::Abs, x) } else { x };
+        let y = g.unary(op, x);
+        g.outputs.push(("y".into(), y));
+        let feeds = HashMap::from([("x".to_string(), Array::new(vec![xs.len()], xs.clone()))]);
+        compare(gpu, &format!("{op:?}"), &g, &feeds, 2e-5);
+    }
+}

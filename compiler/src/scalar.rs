@@ -401,6 +401,8 @@ impl Binary {
             Binary::Div => x / y,
             Binary::Pow => x.powf(y),
             Binary::Rem => x - (x / y).floor() * y,
+            // NaN propagates, as in PyTorch (`relu(nan)` is nan) and Cranelift's fmax.
+            Binary::Max | Binary::Min if x.is_nan() || y.is_nan() => f64::NAN,
             Binary::Max => x.max(y),
             Binary::Min => x.min(y),
             Binary::Eq => flag(x == y),
