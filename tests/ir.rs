@@ -23,6 +23,7 @@ const PRIMITIVE_CASES: &[(&str, &str)] = &[
     ("gelu", "sum(gelu(a) * b)"),
     ("gelu_tanh", "sum(gelu_tanh(a) * b)"),
     ("silu", "sum(silu(a) * b)"),
+    ("softplus", "sum(softplus(a) * b)"),
     ("erf", "sum(erf(a) * b)"),
     ("sin", "sum(sin(a) * b)"),
     ("cos", "sum(cos(a) * b)"),

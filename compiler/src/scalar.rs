@@ -31,6 +31,7 @@ pub enum Unary {
     Not,
     /// The value as it is; no gradient flows through it (PyTorch's `detach`).
     Detach,
+    Softplus,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -298,6 +299,18 @@ pub const UNARY: &[UnaryRow] = &[
         gradient: None,
     },
     UnaryRow { op: Unary::Detach, name: "detach", primitive: true, meaning: Meaning::Composite(|| X), gradient: None },
+    UnaryRow {
+        op: Unary::Softplus,
+        name: "softplus",
+        primitive: true,
+        // log(1 + e^x) without overflow, max(x, 0) + log(1 + e^-|x|), and
+        // e^x itself far below 0, where 1 + e^x rounds to 1.
+        meaning: Meaning::Composite(|| {
+            let stable = X.binary(Binary::Max, c(0.0)) + (c(1.0) + (-X.unary(Unary::Abs)).exp()).unary(Unary::Log);
+            Expr::select(X.binary(Binary::Lt, c(-20.0)), X.exp(), stable)
+        }),
+        gradient: Some(|| G * X.unary(Unary::Sigmoid)),
+    },
 ];
 
 impl Unary {
@@ -459,6 +472,15 @@ mod tests {
             assert_eq!(*b as usize, i, "{name}");
             assert_eq!(Binary::from_name(name), Some(*b));
         }
+    }
+
+    #[test]
+    fn composites_keep_their_values_where_a_plain_formula_overflows() {
+        assert!((Unary::Softplus.eval(0.0) - 2f64.ln()).abs() < 1e-15);
+        assert_eq!(Unary::Softplus.eval(1000.0), 1000.0);
+        assert!((Unary::Softplus.eval(-50.0) / (-50f64).exp() - 1.0).abs() < 1e-15);
+        assert_eq!(Unary::Relu.eval(-3.0), 0.0);
+        assert!(Unary::Relu.eval(f64::NAN).is_nan());
     }
 
     #[test]
