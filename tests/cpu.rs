@@ -312,7 +312,7 @@ fn products_in_row_groups_on_odd_shapes() {
     // a sum over that product's rows run as one row group, block of rows by
     // block (600 rows: blocks of 221 rows, in parallel, the last one
     // partial), with the right operands plain or transposed.
-    use modelc::backend::schedule::{Kernel, schedule};
+    use modelc::backend::{kernel::Kernel, schedule::schedule};
     use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::{Reduce, Unary};
     let d = |x: i64| Dim::constant(x);

@@ -8,7 +8,7 @@ mod differential;
 mod support;
 
 use differential::*;
-use modelc::backend::schedule::{Kernel, schedule};
+use modelc::backend::{kernel::Kernel, schedule::schedule};
 use modelc::backend::{
     plan::{Blocks, Inputs, plan},
     wgsl,

@@ -425,17 +425,10 @@ fn cpu_plan(
     ExitCode,
 > {
     let (graph, _) = modelc::opt::optimize(graph, modelc::opt::Limits::default());
-    let graph = modelc::backend::split::split_reductions(&graph);
     let bound = bind_sizes(&graph, sizes)?;
-    let sched = modelc::backend::schedule::schedule(&graph);
-    let memory = modelc::backend::plan::plan(
-        &graph,
-        &sched,
-        &bound,
-        modelc::backend::plan::Blocks::Buffered,
-        modelc::backend::plan::Inputs::Writable,
-    )
-    .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
+    let modelc::backend::KernelProgram { graph, schedule: sched, plan: memory } =
+        modelc::backend::prepare(&graph, &bound, modelc::backend::Target::Cpu)
+            .map_err(|e| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]))?;
     Ok((graph, bound, sched, memory))
 }
 
@@ -469,7 +462,7 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     shown.sort();
     println!("\nforward program on the CPU ({})", shown.join(", "));
     println!("  IR nodes        {}", graph.nodes.len());
-    let groups = sched.kernels.iter().filter(|k| matches!(k, modelc::backend::schedule::Kernel::Rows(_))).count();
+    let groups = sched.kernels.iter().filter(|k| matches!(k, modelc::backend::kernel::Kernel::Rows(_))).count();
     println!("  kernels         {} ({fused} fused, compiled by Cranelift; {groups} row groups)", sched.leaves().len());
     println!(
         "  planned memory  {} (activations; weights not included), and {} a thread for row groups' blocks",

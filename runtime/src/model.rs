@@ -138,8 +138,7 @@ pub fn forward_graph(model: &ModelArgs, how: LowerOptions, outputs: &[&str]) -> 
     let (checked, g) = modelc::check::lower(&program, &opts, how).map_err(|d| fail(&program.sources, &d))?;
     let mut g = modelc::ir::prune::prune(&g);
     g.outputs.retain(|(n, _)| n != "loss" && (outputs.is_empty() || outputs.contains(&n.as_str())));
-    let (g, _) = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default());
-    Ok((checked, g))
+    Ok((checked, modelc::opt::optimized(&g)))
 }
 
 /// The model's weights from `path` (and its `--adapter`), checked against its parameters.

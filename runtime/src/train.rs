@@ -525,7 +525,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let out = RunDir::open(&args.out, mode).map_err(usage)?;
 
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
-    let optimized = |g: &Graph| modelc::opt::optimize(&modelc::ir::prune::prune(g), modelc::opt::Limits::default()).0;
+    use modelc::opt::optimized;
     let mut eval_graph = eval_fwd.clone();
     eval_graph.outputs.retain(|(n, _)| n == "loss" || (masking.is_some() && n == "logits"));
     let eval_graph = optimized(&eval_graph);
@@ -961,7 +961,7 @@ fn gradients(
     step: usize,
 ) -> Result<Tensors, String> {
     let g = gradient_program(forward, trainable).expect("has a loss");
-    let g = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default()).0;
+    let g = modelc::opt::optimized(&g);
     let mut feeds: Tensors =
         state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
     feeds.extend(batch.clone());

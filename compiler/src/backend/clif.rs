@@ -16,6 +16,7 @@
 //! argument goes into a stack buffer, the function maps it, the rest of the
 //! kernel reads it back (`Wide`).
 
+use super::kernel::{Access, FusedSpec};
 use super::vmath;
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::scalar::Expr;
@@ -33,46 +34,6 @@ use std::collections::HashMap;
 pub use cranelift_module::FuncId as KernelId;
 
 pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64);
-
-/// How a fused kernel reads one input.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Access {
-    /// Same shape as the output: element i.
-    Contiguous,
-    /// One element, for every i.
-    Scalar,
-    /// Through a broadcast or a slice: element `offset + sum over output axes
-    /// of ((i / output stride) % output size) * input stride`.
-    Indexed { offset: i64, axes: Vec<(i64, i64, i64)> },
-}
-
-/// A fused kernel ready for code generation, sizes bound.
-pub struct FusedSpec<'a> {
-    pub graph: &'a Graph,
-    pub nodes: &'a [NodeId],
-    pub inputs: &'a [NodeId],
-    /// How each member that reads memory reads it (inputs, or broadcast members).
-    pub access: HashMap<NodeId, Access>,
-    /// Values of `size` nodes, which are inlined as constants.
-    pub sizes: HashMap<NodeId, f64>,
-    /// For a `FusedReduce` kernel: the reduction and the row length it folds;
-    /// the kernel's range is then one of rows.
-    pub reduce: Option<(Reduce, i64)>,
-    /// Where output element i goes: i, or (a part placed into a
-    /// concatenation) the concatenation's element for it.
-    pub output: Access,
-}
-
-impl FusedSpec<'_> {
-    /// The output's row length, when some input is read (or the output
-    /// written) through index arithmetic.
-    fn row_len(&self) -> Option<i64> {
-        self.access.values().chain([&self.output]).find_map(|a| match a {
-            Access::Indexed { axes, .. } => axes.last().map(|a| a.1),
-            _ => None,
-        })
-    }
-}
 
 extern "C" fn call_exp(x: f32) -> f32 {
     x.exp()
@@ -1281,121 +1242,21 @@ fn emit_element(
     arg(b, &values, target)
 }
 
-/// The fused kernel's spec: how each input is read, sizes bound.
-pub fn spec<'a>(
-    graph: &'a Graph,
-    nodes: &'a [NodeId],
-    inputs: &'a [NodeId],
-    sizes: &crate::ir::interp::Sizes,
-    plan: &crate::backend::plan::Plan,
-) -> Result<FusedSpec<'a>, String> {
-    use crate::ir::interp::eval_dim;
-    let concrete =
-        |n: NodeId| -> Result<Vec<usize>, String> { graph.dims(n).iter().map(|d| eval_dim(d, sizes)).collect() };
-    let out_shape = concrete(*nodes.last().expect("a fused kernel has nodes"))?;
-    let mut access = HashMap::new();
-    let mut size_values = HashMap::new();
-    for inp in inputs {
-        if let Op::Size(d) = &graph.node(*inp).op {
-            size_values.insert(*inp, eval_dim(d, sizes)? as f64);
-        }
-    }
-    for n in nodes {
-        let node = graph.node(*n);
-        match &node.op {
-            Op::Broadcast => {
-                access.insert(*n, broadcast_access(&concrete(node.args[0])?, &out_shape));
-            }
-            Op::Slice { axis, start, .. } => {
-                let start = eval_dim(start, sizes)?;
-                access.insert(*n, slice_access(&concrete(node.args[0])?, &out_shape, *axis, start));
-            }
-            _ => {}
-        }
-        for a in &node.args {
-            if inputs.contains(a) && !access.contains_key(a) {
-                access.insert(*a, if plan.lens[a.index()] == 1 { Access::Scalar } else { Access::Contiguous });
-            }
-        }
-    }
-    // A part placed into a concatenation writes where a slice of the
-    // concatenation at the part's position would read.
-    let output = match plan.places[nodes.last().expect("a fused kernel has nodes").index()] {
-        crate::backend::plan::Place::Part(concat) => {
-            let Op::Concat(axis) = graph.node(concat).op else {
-                return Err(format!("bug: {concat} holds a part but is not a concatenation"));
-            };
-            let out = *nodes.last().expect("a fused kernel has nodes");
-            let mut at = 0;
-            for a in graph.node(concat).args.iter().take_while(|a| **a != out) {
-                at += concrete(*a)?[axis];
-            }
-            slice_access(&concrete(concat)?, &out_shape, axis, at)
-        }
-        _ => Access::Contiguous,
-    };
-    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values, reduce: None, output })
-}
-
-/// The spec of a `FusedReduce` kernel: the chain's, and the reduction that folds its rows.
-pub fn reduce_spec<'a>(
-    graph: &'a Graph,
-    nodes: &'a [NodeId],
-    inputs: &'a [NodeId],
-    reduce: NodeId,
-    sizes: &crate::ir::interp::Sizes,
-    plan: &crate::backend::plan::Plan,
-) -> Result<FusedSpec<'a>, String> {
-    let mut s = spec(graph, nodes, inputs, sizes, plan)?;
-    let Op::Reduce(r, _) = graph.node(reduce).op else { return Err(format!("bug: {reduce} is not a reduction")) };
-    let chain = *nodes.last().expect("a fused kernel has nodes");
-    let row = crate::ir::interp::eval_dim(graph.dims(chain).last().expect("a reduced axis"), sizes)?;
-    s.reduce = Some((r, row as i64));
-    Ok(s)
-}
-
 /// Cranelift IR of a fused kernel (`None` for other kernels), for `modelc kernels --clif`.
 pub fn describe(
     jit: &mut Jit,
     graph: &Graph,
-    kernel: &crate::backend::schedule::Kernel,
+    kernel: &super::kernel::Kernel,
     sizes: &crate::ir::interp::Sizes,
     plan: &crate::backend::plan::Plan,
 ) -> Result<Option<String>, String> {
-    use crate::backend::schedule::Kernel;
+    use super::kernel::Kernel;
     let spec = match kernel {
-        Kernel::Fused { nodes, inputs } => spec(graph, nodes, inputs, sizes, plan)?,
-        Kernel::FusedReduce { nodes, inputs, reduce } => reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?,
+        Kernel::Fused { nodes, inputs } => super::access::spec(graph, nodes, inputs, sizes, plan)?,
+        Kernel::FusedReduce { nodes, inputs, reduce } => {
+            super::access::reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?
+        }
         _ => return Ok(None),
     };
     jit.compile(&spec).map(|(_, text)| Some(text))
-}
-
-/// How an input of shape `src` is read for an output of shape `out`.
-fn broadcast_access(src: &[usize], out: &[usize]) -> Access {
-    if src.iter().product::<usize>() == 1 {
-        return Access::Scalar;
-    }
-    if src == out {
-        return Access::Contiguous;
-    }
-    let off = out.len() - src.len();
-    let (ss, os) = (crate::ir::interp::strides(src), crate::ir::interp::strides(out));
-    let axes = (0..out.len())
-        .map(|d| {
-            let istride = if d < off || src[d - off] == 1 { 0 } else { ss[d - off] };
-            (os[d] as i64, out[d] as i64, istride as i64)
-        })
-        .collect();
-    Access::Indexed { offset: 0, axes }
-}
-
-/// How a slice of `src` along `axis` from `start` is read for an output of shape `out`.
-fn slice_access(src: &[usize], out: &[usize], axis: usize, start: usize) -> Access {
-    if src == out {
-        return Access::Contiguous;
-    }
-    let (ss, os) = (crate::ir::interp::strides(src), crate::ir::interp::strides(out));
-    let axes = (0..out.len()).map(|d| (os[d] as i64, out[d] as i64, ss[d] as i64)).collect();
-    Access::Indexed { offset: (start * ss[axis]) as i64, axes }
 }

@@ -8,7 +8,8 @@
 //! its own (`Place::Block`), which stays in cache and is reused block after
 //! block.
 
-use super::schedule::{Kernel, Schedule};
+use super::kernel::Kernel;
+use super::schedule::Schedule;
 use crate::ir::graph::*;
 use crate::ir::interp::{Sizes, eval_dim};
 

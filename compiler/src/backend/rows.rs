@@ -23,7 +23,7 @@
 //! along the row. Then block `b` of every part needs only block `b` of the
 //! parts before it.
 
-use super::schedule::Kernel;
+use super::kernel::Kernel;
 use crate::check::dim::Dim;
 use crate::ir::graph::*;
 use std::collections::HashSet;

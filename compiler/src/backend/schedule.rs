@@ -6,53 +6,9 @@
 //! Kernels over the same rows are then grouped to run row block by row
 //! block (`rows.rs`).
 
+use super::kernel::Kernel;
 use crate::ir::graph::*;
 use std::collections::HashMap;
-
-/// One unit of work, in execution order.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Kernel {
-    /// `nodes` (elementwise, in order) computed in one pass over the shape of
-    /// the last one, which is the only value written to memory. `inputs`
-    /// are the values read from memory, each possibly through a broadcast.
-    Fused { nodes: Vec<NodeId>, inputs: Vec<NodeId> },
-    /// A fused chain like `Fused` whose result is never stored: `reduce`
-    /// (a reduction over the innermost axis, the chain's only user) folds
-    /// each row of it as it is computed, and only the reduction is written.
-    FusedReduce { nodes: Vec<NodeId>, inputs: Vec<NodeId>, reduce: NodeId },
-    /// A single operation with a kernel of its own.
-    Single(NodeId),
-    /// A reshape, or a contiguous slice (`is_window`): the output is (part
-    /// of) the input's memory.
-    View(NodeId),
-    /// Kernels over the same rows (softmax, norms, their backward passes)
-    /// run one block of rows at a time, each part over the block in turn,
-    /// so the values they pass each other stay in cache. See `rows.rs`.
-    Rows(Vec<Kernel>),
-}
-
-impl Kernel {
-    /// The node whose value the kernel produces.
-    /// (For a row group, its last part's.)
-    pub fn output(&self) -> NodeId {
-        match self {
-            Kernel::Fused { nodes, .. } => *nodes.last().expect("a fused kernel has nodes"),
-            Kernel::FusedReduce { reduce, .. } => *reduce,
-            Kernel::Single(n) | Kernel::View(n) => *n,
-            Kernel::Rows(parts) => parts.last().expect("a row group has parts").output(),
-        }
-    }
-
-    /// The values the kernel reads from memory.
-    pub fn reads(&self, g: &Graph) -> Vec<NodeId> {
-        match self {
-            Kernel::Fused { inputs, .. } | Kernel::FusedReduce { inputs, .. } => inputs.clone(),
-            Kernel::Single(x) => g.node(*x).args.clone(),
-            Kernel::View(_) => vec![],
-            Kernel::Rows(parts) => parts.iter().flat_map(|p| p.reads(g)).collect(),
-        }
-    }
-}
 
 /// A slice that is a contiguous part of its source (on the leading axis, or
 /// after axes of size 1: the attention gradient's dQ and dK/dV parts), of a

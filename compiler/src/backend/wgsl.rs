@@ -17,9 +17,11 @@
 //! interpreter's splitmix64 in 32-bit halves, so masks equal the CPU's),
 //! iota and sizes.
 
-use super::clif::{Access, FusedSpec, spec};
+use super::access::spec;
+use super::kernel::{Access, FusedSpec};
 use super::plan::{Place, Plan};
-use super::schedule::{Kernel, Schedule};
+use super::kernel::Kernel;
+use super::schedule::Schedule;
 use crate::ir::graph::{Attention, AttentionPass, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::ir::interp::{Sizes, eval_dim, strides};
 use crate::scalar::Expr;
@@ -73,10 +75,7 @@ pub fn layout(g: &Graph, plan: &Plan) -> Layout {
 /// the runtime and for `modelc wgsl`. Errors when the buffer has more
 /// elements than a WGSL `u32` index reaches.
 pub fn prepare(graph: &Graph, sizes: &Sizes) -> Result<(Graph, Schedule, Plan, Layout), String> {
-    use super::plan::{Blocks, Inputs, plan};
-    let graph = super::split::split_reductions(graph);
-    let sched = super::schedule::schedule(&graph);
-    let plan = plan(&graph, &sched, sizes, Blocks::InArena, Inputs::ReadOnly)?;
+    let super::KernelProgram { graph, schedule: sched, plan } = super::prepare(graph, sizes, super::Target::Gpu)?;
     let layout = layout(&graph, &plan);
     if layout.len > u32::MAX as usize {
         let (ext, arena) = (layout.len - plan.arena_len, plan.arena_len);

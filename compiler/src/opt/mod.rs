@@ -39,6 +39,12 @@ pub struct Report {
     pub timeline: Vec<(usize, f64, f64, f64)>,
 }
 
+/// A program as the commands run it: dead nodes pruned, then optimised
+/// within the default limits.
+pub fn optimized(g: &Graph) -> Graph {
+    optimize(&crate::ir::prune::prune(g), Limits::default()).0
+}
+
 /// Returns an equivalent graph with the same outputs, and a report.
 pub fn optimize(g: &Graph, limits: Limits) -> (Graph, Report) {
     let (egraph, ids) = lang::to_egraph(g);

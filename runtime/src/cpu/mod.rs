@@ -10,8 +10,10 @@ mod kernels;
 pub mod packed;
 
 use modelc::backend::clif::{Jit, KernelFn};
-use modelc::backend::plan::{Blocks, Inputs, Place, Plan, plan};
-use modelc::backend::schedule::{Kernel, Schedule, schedule};
+use modelc::backend::kernel::Kernel;
+use modelc::backend::plan::{Place, Plan};
+use modelc::backend::schedule::Schedule;
+use modelc::backend::{KernelProgram, Target, prepare};
 use modelc::ir::graph::{Graph, NodeId, Op};
 use modelc::ir::interp::{self, Sizes};
 pub use packed::{Format, Packed};
@@ -216,9 +218,9 @@ impl Pending {
         clif: &mut Vec<String>,
     ) -> Result<Pending, String> {
         let spec = match kernel {
-            Kernel::Fused { nodes, inputs } => modelc::backend::clif::spec(graph, nodes, inputs, sizes, plan)?,
+            Kernel::Fused { nodes, inputs } => modelc::backend::access::spec(graph, nodes, inputs, sizes, plan)?,
             Kernel::FusedReduce { nodes, inputs, reduce } => {
-                modelc::backend::clif::reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?
+                modelc::backend::access::reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?
             }
             Kernel::Rows(parts) => {
                 let first = modelc::backend::rows::row_value(graph, &parts[0]).expect("bug: a group starts a row");
@@ -352,9 +354,7 @@ impl Program {
 
     pub fn compile_with(graph: &Graph, sizes: &Sizes, options: CompileOptions) -> Result<Program, String> {
         let started = std::time::Instant::now();
-        let graph = modelc::backend::split::split_reductions(graph);
-        let schedule = schedule(&graph);
-        let plan = plan(&graph, &schedule, sizes, Blocks::Buffered, Inputs::Writable)?;
+        let KernelProgram { graph, schedule, plan } = prepare(graph, sizes, Target::Cpu)?;
         let threads = rayon::current_num_threads() as u64;
         let buffers = (plan.peak_bytes() as u64).saturating_add((plan.block_bytes() as u64).saturating_mul(threads));
         let largest: Vec<(String, u64)> = (graph.nodes.iter().zip(&plan.lens))
