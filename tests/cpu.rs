@@ -57,8 +57,8 @@ fn every_unary_operation_handles_the_edges_of_its_domain() {
     // Every row of scalar::UNARY (the wide-vector functions, the kernels'
     // own f32x4 versions, and composites built from their definitions) at zero, negatives, infinities, NaN, subnormals, the ends of exp's range
     // and ordinary values, 37 of them (groups of 4 and a tail).
-    use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::Unary;
+    use modelc::types::{Dim, TensorTy};
     let mut xs: Vec<f64> = vec![
         0.0,
         -0.0,
@@ -91,7 +91,7 @@ fn every_unary_operation_handles_the_edges_of_its_domain() {
     xs.extend((0..10).map(|i| -5.0 + 1.1 * i as f64));
     for op in Unary::all() {
         let mut g = Graph::default();
-        let x = g.input("x", TensorTy::new(modelc::syntax::ast::DType::F32, vec![Dim::constant(xs.len() as i64)]));
+        let x = g.input("x", TensorTy::new(modelc::types::DType::F32, vec![Dim::constant(xs.len() as i64)]));
         let y = g.unary(op, x);
         g.outputs.push(("y".into(), y));
         let feeds = HashMap::from([("x".to_string(), Array::new(vec![xs.len()], xs.clone()))]);
@@ -104,10 +104,10 @@ fn every_unary_operation_handles_the_edges_of_its_domain() {
 fn tanh_keeps_its_relative_precision_near_zero() {
     // 1 - 2 / (e^(2x) + 1) cancels near 0 (tanh(1.28e-5) came out 0.5% off,
     // and its log 5e-3 off); the kernels use a polynomial there.
-    use modelc::check::{dim::Dim, types::TensorTy};
+    use modelc::types::{Dim, TensorTy};
     let xs: Vec<f64> = vec![1.28e-5, -3e-6, 2e-7, 1e-3, -0.01, 0.3, -0.6, 0.62, 0.624, 0.626, -0.7, 0.9, 37.0 / 41.0];
     let mut g = Graph::default();
-    let x = g.input("x", TensorTy::new(modelc::syntax::ast::DType::F32, vec![Dim::constant(xs.len() as i64)]));
+    let x = g.input("x", TensorTy::new(modelc::types::DType::F32, vec![Dim::constant(xs.len() as i64)]));
     let y = g.unary(modelc::ir::graph::Unary::Tanh, x);
     g.outputs.push(("y".into(), y));
     let feeds = HashMap::from([("x".to_string(), to_tensor(&Array::new(vec![xs.len()], xs.clone())))]);
@@ -129,9 +129,9 @@ fn wide_function_arguments_fold_into_the_call() {
     // along the row), c on either side: the kernel passes x, a scale and a
     // shift to the wide function instead of computing the argument. And
     // `x op c` alone: one call of the affine map (c / x is not affine).
-    use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::{Binary, Unary};
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::{Dim, TensorTy};
     let (r, c) = (5usize, 70usize);
     let d = |v: usize| Dim::constant(v as i64);
     let mut rng = Rng(11);
@@ -174,8 +174,8 @@ fn wide_function_arguments_fold_into_the_call() {
 fn products_of_one_row_match_the_interpreter() {
     // One row on the left (decoding): x W^T and x B on weights large enough
     // to split over threads (37 x 4099) and small ones, odd sizes, a batch.
-    use modelc::check::{dim::Dim, types::TensorTy};
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::{Dim, TensorTy};
     let mut rng = Rng(7);
     for (batch, k, n) in [(1, 37, 4099), (1, 5, 3), (1, 300, 17), (3, 19, 2053), (6, 48, 7)] {
         for tb in [true, false] {
@@ -200,8 +200,8 @@ fn products_of_one_row_match_the_interpreter() {
 fn a_weight_multiplied_both_ways_keeps_its_f32_values() {
     // W [64, 64] in x @ W^T and in x @ W: a packed copy serves one way, the
     // f32 values the other, and neither is freed.
-    use modelc::check::{dim::Dim, types::TensorTy};
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::{Dim, TensorTy};
     use modelc_runtime::cpu::{Format, drop_unread, f32_reads, pack_weights};
     let d = |v: usize| Dim::constant(v as i64);
     let mut g = Graph::default();
@@ -234,8 +234,8 @@ fn a_weight_multiplied_both_ways_keeps_its_f32_values() {
 fn cache_writes_land_in_place_and_match_the_interpreter() {
     // A cache [1, 2, 7, 3] taking 2 or 3 rows at positions inside it, at its
     // end (rows past it are dropped) and at 0; its user reads it whole.
-    use modelc::check::{dim::Dim, types::TensorTy};
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::{Dim, TensorTy};
     let d = |v: usize| Dim::constant(v as i64);
     let mut rng = Rng(11);
     for (t, start) in [(2, 3), (3, 5), (1, 6), (2, 0)] {
@@ -313,10 +313,10 @@ fn products_in_row_groups_on_odd_shapes() {
     // block (600 rows: blocks of 221 rows, in parallel, the last one
     // partial), with the right operands plain or transposed.
     use modelc::backend::{kernel::Kernel, schedule::schedule};
-    use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::{Reduce, Unary};
+    use modelc::types::{Dim, TensorTy};
     let d = |x: i64| Dim::constant(x);
-    let f32s = |dims: &[i64]| TensorTy::new(modelc::syntax::ast::DType::F32, dims.iter().map(|x| d(*x)).collect());
+    let f32s = |dims: &[i64]| TensorTy::new(modelc::types::DType::F32, dims.iter().map(|x| d(*x)).collect());
     for tb in [false, true] {
         let (m, k, n) = (600, 19, 37);
         let mut g = Graph::default();
@@ -347,7 +347,7 @@ fn products_in_row_groups_on_odd_shapes() {
         assert!(grouped, "the products do not run in one row group");
         // What only the group reads lives in per-thread block buffers, not the arena.
         use modelc::backend::plan::{Blocks, Inputs, Place, plan};
-        let (sched, sizes) = (schedule(&g), modelc::ir::interp::Sizes::new());
+        let (sched, sizes) = (schedule(&g), modelc::types::Sizes::new());
         let (buffered, in_arena) = (
             plan(&g, &sched, &sizes, Blocks::Buffered, Inputs::ReadOnly).unwrap(),
             plan(&g, &sched, &sizes, Blocks::InArena, Inputs::ReadOnly).unwrap(),
@@ -522,7 +522,7 @@ fn a_training_step_gives_the_same_bits_on_any_thread_count() {
     let sizes = modelc_runtime::cpu::bind(&step, &shapes).unwrap();
     // The logits (8 x 64 x 256 floats) are large enough for their kernels to split.
     let largest = (step.nodes.iter().filter(|n| matches!(n.op, modelc::ir::graph::Op::MatMul { .. })))
-        .map(|n| n.ty.dims.iter().map(|d| modelc::ir::interp::eval_dim(d, &sizes).unwrap()).product::<usize>())
+        .map(|n| n.ty.dims.iter().map(|d| modelc::types::eval_dim(d, &sizes).unwrap()).product::<usize>())
         .max();
     assert!(largest >= Some(1 << 17), "the logits are large enough to split");
     let compiled = Program::compile(&step, &sizes).unwrap();

@@ -9,12 +9,13 @@
 //! training step, whose gradients go through more operations).
 
 use crate::support::*;
-use modelc::check::dim::Dim;
-use modelc::check::types::TensorTy;
 use modelc::ir::graph::{Binary, Graph, Reduce, Unary};
-use modelc::ir::interp::{Array, Precision, Sizes, run};
+use modelc::ir::interp::{Array, Precision, run};
 use modelc::ir::train::{TrainConfig, training_program};
-use modelc::syntax::ast::DType;
+use modelc::types::DType;
+use modelc::types::Dim;
+use modelc::types::Sizes;
+use modelc::types::TensorTy;
 use modelc_runtime::cpu::{Tensor, bind};
 use std::collections::HashMap;
 
@@ -88,7 +89,7 @@ pub fn inputs(checked: &modelc::check::Checked, rng: &mut Rng) -> HashMap<String
             .collect();
         let n: usize = shape.iter().product();
         let data: Vec<f64> = match sig.ty.dtype {
-            modelc::syntax::ast::DType::F32 => (0..n).map(|_| rng.signed()).collect(),
+            modelc::types::DType::F32 => (0..n).map(|_| rng.signed()).collect(),
             _ if sig.name.contains("mask") => vec![1.0; n],
             _ if sig.name.contains("type") => vec![0.0; n],
             _ => (0..n).map(|_| (rng.next() * 3.0).floor()).collect(),

@@ -14,8 +14,8 @@ use modelc::backend::{
     wgsl,
 };
 use modelc::ir::graph::Graph;
-use modelc::ir::interp::Sizes;
 use modelc::ir::train::{TrainConfig, training_program};
+use modelc::types::Sizes;
 use modelc_runtime::cpu::Tensor;
 use modelc_runtime::gpu::GpuProgram;
 use proptest::prelude::{ProptestConfig, any, prop, proptest};
@@ -174,8 +174,8 @@ fn tiny_gpt_trains_on_the_gpu_with_the_cpu_losses() {
 
 #[test]
 fn matrix_products_span_many_tiles_with_transposes() {
-    use modelc::check::{dim::Dim, types::TensorTy};
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::{Dim, TensorTy};
     // 3 batches of 70 x 37 @ 37 x 130: several 64 x 64 tiles, ragged edges, and
     // a k that is not a multiple of 16, for each way of storing A and B.
     let (b, m, k, n) = (3, 70, 37, 130);
@@ -224,13 +224,13 @@ fn every_unary_operation_matches_the_interpreter_on_the_gpu() {
     // Each row of scalar::UNARY as WGSL prints it (composites from their
     // definitions), over ordinary values: a GPU's handling of infinities and
     // NaN in WGSL's built-ins is the implementation's.
-    use modelc::check::{dim::Dim, types::TensorTy};
     use modelc::ir::graph::Unary;
     use modelc::ir::interp::Array;
+    use modelc::types::{Dim, TensorTy};
     let xs: Vec<f64> = (0..41).map(|i| -6.0 + 0.3 * i as f64).chain([0.0, 1e-3, -1e-3, 14.0, -14.0, 40.0]).collect();
     for op in Unary::all() {
         let mut g = Graph::default();
-        let x = g.input("x", TensorTy::new(modelc::syntax::ast::DType::F32, vec![Dim::constant(xs.len() as i64)]));
+        let x = g.input("x", TensorTy::new(modelc::types::DType::F32, vec![Dim::constant(xs.len() as i64)]));
         let x = if matches!(op, Unary::Log | Unary::Sqrt | Unary::Rsqrt) { g.unary(Unary::Abs, x) } else { x };
         let y = g.unary(op, x);
         g.outputs.push(("y".into(), y));

@@ -343,9 +343,9 @@ fn the_verifier_rejects_a_broken_graph() {
 
 #[test]
 fn transposed_matmul_gradients_match_finite_differences() {
-    use modelc::check::dim::Dim;
-    use modelc::check::types::TensorTy;
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::Dim;
+    use modelc::types::TensorTy;
     for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
         let mut g = modelc::ir::graph::Graph::default();
         let shape =
@@ -373,10 +373,10 @@ fn transposed_matmul_gradients_match_finite_differences() {
 
 #[test]
 fn fused_attention_gradients_match_finite_differences() {
-    use modelc::check::dim::Dim;
-    use modelc::check::types::TensorTy;
     use modelc::ir::graph::Attention;
-    use modelc::syntax::ast::DType;
+    use modelc::types::DType;
+    use modelc::types::Dim;
+    use modelc::types::TensorTy;
     // (heads, groups, causal, window, keys heads first, mask rows (0: none), offset)
     let cases = [
         (4, 2, true, Some(3), false, 0, 2),

@@ -4,12 +4,12 @@
 
 mod support;
 
-use modelc::check::dim::Dim;
-use modelc::check::types::TensorTy;
 use modelc::ir::graph::*;
 use modelc::ir::interp::{Array, Precision, run};
 use modelc::opt::{Limits, optimize};
-use modelc::syntax::ast::DType;
+use modelc::types::DType;
+use modelc::types::Dim;
+use modelc::types::TensorTy;
 use proptest::prelude::*;
 use std::collections::HashMap;
 use support::*;

@@ -15,3 +15,4 @@ pub mod scalar;
 pub mod source;
 pub mod spec;
 pub mod syntax;
+pub mod types;

@@ -11,10 +11,10 @@
 //! models. Needs `python3` with torch for the peer column; medians of
 //! repeated runs; planned activation memory of each program.
 
-use modelc::check::dim::Dim;
-use modelc::check::types::TensorTy;
 use modelc::ir::graph::{Attention, Graph};
-use modelc::syntax::ast::DType;
+use modelc::types::DType;
+use modelc::types::Dim;
+use modelc::types::TensorTy;
 use modelc_runtime::cpu::{Program, Tensor, bind};
 use std::collections::HashMap;
 use std::process::Command;

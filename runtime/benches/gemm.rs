@@ -4,10 +4,10 @@
 //! same run: `cargo bench -p modelc-runtime --bench gemm`.
 //! Needs `python3` with numpy; medians of repeated runs.
 
-use modelc::check::dim::Dim;
-use modelc::check::types::TensorTy;
 use modelc::ir::graph::Graph;
-use modelc::syntax::ast::DType;
+use modelc::types::DType;
+use modelc::types::Dim;
+use modelc::types::TensorTy;
 use modelc_runtime::cpu::{Program, Tensor, bind};
 use std::collections::HashMap;
 use std::process::Command;

@@ -2,9 +2,9 @@
 //! gpu_matmul -- 4096`): kernels alone, inputs uploaded once. Run by
 //! `benches/gpu.sh` on machines with a GPU; on lavapipe it measures the CPU.
 
-use modelc::check::{dim::Dim, types::TensorTy};
 use modelc::ir::graph::Graph;
-use modelc::syntax::ast::DType;
+use modelc::types::DType;
+use modelc::types::{Dim, TensorTy};
 use modelc_runtime::cpu::Tensor;
 use modelc_runtime::gpu::{GpuProgram, gpu};
 use std::collections::HashMap;

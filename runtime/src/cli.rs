@@ -317,8 +317,8 @@ fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
     let elapsed = started.elapsed();
     if stats {
         // FLOPs as polynomials in the symbolic sizes, and at batch 1 with 128 for every other size.
-        let at = |f: &modelc::check::dim::Dim| {
-            let v = f.substitute(&|s| Some(modelc::check::dim::Dim::constant(if s == "B" { 1 } else { 128 })));
+        let at = |f: &modelc::types::Dim| {
+            let v = f.substitute(&|s| Some(modelc::types::Dim::constant(if s == "B" { 1 } else { 128 })));
             v.as_const().unwrap_or(0) as f64
         };
         let (nodes, flops) = print::stats(&graph);
@@ -367,8 +367,8 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
 }
 
 /// `--size NAME=N` values, and defaults (B=1, others 128) for the rest.
-fn bind_sizes(graph: &modelc::ir::graph::Graph, sizes: &[String]) -> Result<modelc::ir::interp::Sizes, ExitCode> {
-    let mut bound = modelc::ir::interp::Sizes::new();
+fn bind_sizes(graph: &modelc::ir::graph::Graph, sizes: &[String]) -> Result<modelc::types::Sizes, ExitCode> {
+    let mut bound = modelc::types::Sizes::new();
     for s in sizes {
         let Some((k, v)) = s.split_once('=').and_then(|(k, v)| v.trim().parse::<i64>().ok().map(|v| (k.trim(), v)))
         else {
@@ -400,7 +400,7 @@ fn planned(
     (
         check::Checked,
         modelc::ir::graph::Graph,
-        modelc::ir::interp::Sizes,
+        modelc::types::Sizes,
         modelc::backend::schedule::Schedule,
         modelc::backend::plan::Plan,
     ),
@@ -416,12 +416,7 @@ fn cpu_plan(
     graph: &modelc::ir::graph::Graph,
     sizes: &[String],
 ) -> Result<
-    (
-        modelc::ir::graph::Graph,
-        modelc::ir::interp::Sizes,
-        modelc::backend::schedule::Schedule,
-        modelc::backend::plan::Plan,
-    ),
+    (modelc::ir::graph::Graph, modelc::types::Sizes, modelc::backend::schedule::Schedule, modelc::backend::plan::Plan),
     ExitCode,
 > {
     let (graph, _) = modelc::opt::optimize(graph, modelc::opt::Limits::default());

@@ -51,7 +51,7 @@ fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
                 i.ty.rank(),
                 i.ty
             )),
-            Some(t) if i.ty.dtype != modelc::syntax::ast::DType::F32 => {
+            Some(t) if i.ty.dtype != modelc::types::DType::F32 => {
                 // Token ids and masks: whole numbers, not NaN or 2.5.
                 if let Some(bad) = t.data.iter().find(|v| !v.is_finite() || v.fract() != 0.0) {
                     problems.push(format!("input `{}` is {} but holds {bad}", i.name, i.ty.dtype.as_str()));

@@ -10,7 +10,7 @@ use crate::cpu::Tensor;
 use modelc::backend::plan::Plan;
 use modelc::backend::wgsl::{self, Layout};
 use modelc::ir::graph::{Graph, Op};
-use modelc::ir::interp::{self, Sizes};
+use modelc::types::Sizes;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -266,7 +266,7 @@ impl GpuProgram {
         let mut out = HashMap::new();
         let mut problem = None;
         for (name, id, at, len) in spans {
-            let shape = self.graph.dims(id).iter().map(|d| interp::eval_dim(d, &self.sizes)).collect();
+            let shape = self.graph.dims(id).iter().map(|d| modelc::types::eval_dim(d, &self.sizes)).collect();
             let data: Vec<f32> = match (self.layout.offsets[id.index()], &self.graph.node(id).op) {
                 (Some(_), _) => bytes[at as usize..at as usize + len * 4]
                     .chunks_exact(4)

@@ -15,11 +15,11 @@ use crate::model::{RunArgs, compile, error};
 use crate::run_dir::{self, RunDir};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Rng, Tensors};
-use modelc::check::types::TensorTy;
 use modelc::check::value::Value;
 use modelc::check::{Checked, LowerOptions};
 use modelc::ir::graph::Graph;
 use modelc::ir::train::{Optimizer, TrainConfig, gradient_program, state_names, training_program, update_program};
+use modelc::types::TensorTy;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -559,8 +559,8 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
                 (
                     p.name.clone(),
                     TensorTy::new(
-                        modelc::syntax::ast::DType::F32,
-                        p.shape.iter().map(|d| modelc::check::dim::Dim::constant(*d)).collect(),
+                        modelc::types::DType::F32,
+                        p.shape.iter().map(|d| modelc::types::Dim::constant(*d)).collect(),
                     ),
                 )
             })

@@ -194,7 +194,7 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
         let st = SafeTensors::deserialize(&blobs[*file]).expect("parsed above");
         let view = st.tensor(&stored).expect("listed above");
         let float_on_disk = matches!(view.dtype(), Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16);
-        if p.dtype == modelc::syntax::ast::DType::F32 && !float_on_disk {
+        if p.dtype == modelc::types::DType::F32 && !float_on_disk {
             // Integers read as weights would be a quantised checkpoint's codes, silently wrong.
             problems.push(format!(
                 "tensor `{}` holds {:?} values, but the spec's weight is f32 (f32, f16, bf16 or f64 on disk; \

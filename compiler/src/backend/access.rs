@@ -6,7 +6,7 @@
 use super::kernel::{Access, FusedSpec};
 use super::plan::Plan;
 use crate::ir::graph::*;
-use crate::ir::interp::{Sizes, eval_dim, strides};
+use crate::types::{Sizes, eval_dim, strides};
 use std::collections::HashMap;
 
 /// The fused kernel's spec: how each input is read, sizes bound.

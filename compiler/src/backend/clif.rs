@@ -20,7 +20,7 @@ use super::kernel::{Access, FusedSpec};
 use super::vmath;
 use crate::ir::graph::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::scalar::Expr;
-use crate::syntax::ast::DType;
+use crate::types::DType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
     AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value, types,
@@ -1247,7 +1247,7 @@ pub fn describe(
     jit: &mut Jit,
     graph: &Graph,
     kernel: &super::kernel::Kernel,
-    sizes: &crate::ir::interp::Sizes,
+    sizes: &crate::types::Sizes,
     plan: &crate::backend::plan::Plan,
 ) -> Result<Option<String>, String> {
     use super::kernel::Kernel;

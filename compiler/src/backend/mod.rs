@@ -14,7 +14,7 @@ pub mod vmath;
 pub mod wgsl;
 
 use crate::ir::graph::Graph;
-use crate::ir::interp::Sizes;
+use crate::types::Sizes;
 use plan::{Blocks, Inputs, Plan};
 use schedule::Schedule;
 

@@ -11,7 +11,7 @@
 use super::kernel::Kernel;
 use super::schedule::Schedule;
 use crate::ir::graph::*;
-use crate::ir::interp::{Sizes, eval_dim};
+use crate::types::{Sizes, eval_dim};
 
 /// Where a value lives.
 #[derive(Clone, Debug, PartialEq)]

@@ -24,8 +24,8 @@
 //! parts before it.
 
 use super::kernel::Kernel;
-use crate::check::dim::Dim;
 use crate::ir::graph::*;
+use crate::types::Dim;
 use std::collections::HashSet;
 
 /// `kernels` (in execution order) with runs of row-wise kernels grouped.

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 pub fn is_window(g: &Graph, n: NodeId) -> bool {
     let Op::Slice { axis, .. } = g.node(n).op else { return false };
     let mut src = g.node(n).args[0];
-    if !g.dims(src)[..axis].iter().all(|d| *d == crate::check::dim::Dim::constant(1)) {
+    if !g.dims(src)[..axis].iter().all(|d| *d == crate::types::Dim::constant(1)) {
         return false;
     }
     while let Op::Reshape = g.node(src).op {

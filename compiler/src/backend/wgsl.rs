@@ -18,14 +18,14 @@
 //! iota and sizes.
 
 use super::access::spec;
+use super::kernel::Kernel;
 use super::kernel::{Access, FusedSpec};
 use super::plan::{Place, Plan};
-use super::kernel::Kernel;
 use super::schedule::Schedule;
 use crate::ir::graph::{Attention, AttentionPass, Binary, Graph, NodeId, Op, Reduce, Unary};
-use crate::ir::interp::{Sizes, eval_dim, strides};
 use crate::scalar::Expr;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::{Sizes, eval_dim, strides};
 use std::fmt::Write;
 
 /// Invocations per workgroup of the one-dimensional kernels.

@@ -2,17 +2,17 @@
 //! argument types), of primitives (bound against their signatures and typed
 //! by prims.rs), and `route`, which calls every expert.
 
-use super::dim::Dim;
 use super::elaborate::{Checker, InstId, MAX_DEPTH, is_static_function};
 use super::forward::{CallArg, Frame, Ty, larg};
 use super::prims::{self, Arg as PArg, Kind, Out, Prim};
-use super::types::TensorTy;
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
 use crate::ir::graph::{Binary as IrBinary, NodeId, Reduce as IrReduce};
 use crate::ir::lower::LArg;
 use crate::source::Span;
 use crate::syntax::ast::*;
+use crate::types::Dim;
+use crate::types::TensorTy;
 use std::collections::HashMap;
 
 impl Checker<'_> {

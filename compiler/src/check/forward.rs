@@ -4,16 +4,16 @@
 //! A failed expression yields `Ty::Error`, so independent errors are all
 //! reported while errors caused by an earlier one are not.
 
-use super::dim::Dim;
 use super::elaborate::{Checker, Env, FieldInst, InstId};
 use super::prims::{self, Prim};
-use super::types::{TensorTy, shape_text};
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
 use crate::ir::graph::{Binary as IrBinary, NodeId, Unary as IrUnary};
 use crate::ir::lower::LArg;
 use crate::source::Span;
 use crate::syntax::ast::*;
+use crate::types::Dim;
+use crate::types::{TensorTy, shape_text};
 use std::collections::HashMap;
 
 /// A tensor value during the walk: its type and, when lowering, its IR node.

@@ -6,7 +6,6 @@
 //! check every tensor shape.
 
 mod calls;
-pub mod dim;
 mod elaborate;
 pub use elaborate::MAX_ELEMENTS;
 mod forward;
@@ -15,7 +14,6 @@ pub mod load;
 pub mod prims;
 pub mod report;
 mod statics;
-pub mod types;
 pub mod value;
 
 pub use elaborate::{CallRecord, FieldInst, InstId, Instance, ParamInfo};
@@ -24,11 +22,11 @@ pub use load::{Program, STDLIB, load_file, load_source};
 use crate::diag::{Diagnostic, suggest};
 use crate::source::Span;
 use crate::syntax::ast::*;
-use dim::Dim;
+use crate::types::Dim;
+use crate::types::TensorTy;
 use elaborate::{Checker, Env, Fallible};
 use forward::{Frame, Ty};
 use std::collections::HashMap;
-use types::TensorTy;
 use value::{DefRef, LayerValue, Value};
 
 /// Where hyperparameters come from besides the spec.

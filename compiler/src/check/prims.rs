@@ -2,11 +2,11 @@
 //! their shape rules. Layer calls, `route` and operators are typed in
 //! forward.rs; everything with a fixed rule lives here.
 
-use super::dim::Dim;
-use super::types::{TensorTy, broadcast, normalize_axis, shape_text};
 use super::value::Value;
 use crate::scalar::Unary;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
+use crate::types::{TensorTy, broadcast, normalize_axis, shape_text};
 
 /// What an argument must be.
 #[derive(Clone, Copy, Debug, PartialEq)]

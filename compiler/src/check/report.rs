@@ -1,7 +1,7 @@
 //! The checked form of a model as text (for people and snapshots) and JSON.
 
 use super::Checked;
-use super::types::shape_text;
+use crate::types::shape_text;
 use serde_json::json;
 
 /// `1234567` -> `1,234,567`.

@@ -1,7 +1,7 @@
 //! Compile-time values: hyperparameters, lets, settings and initialisers.
 
-use super::dim::Dim;
 use crate::syntax::float_text;
+use crate::types::Dim;
 use std::fmt;
 use std::rc::Rc;
 

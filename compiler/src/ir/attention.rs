@@ -5,8 +5,8 @@
 //! [B, H, T, S] tensor alive until the backward.
 
 use super::graph::*;
-use crate::check::dim::Dim;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
 
 /// Keys or values `[B, H, S, _]`: heads first, each key/value head repeated
 /// for the H/G query heads it serves.

@@ -4,9 +4,9 @@
 //! operation cannot exist without its gradient.
 
 use super::graph::*;
-use crate::check::dim::Dim;
 use crate::scalar::Expr;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
 
 /// Appends the gradient of the scalar `loss` with respect to each of `wrt`;
 /// returns their nodes (zeros for one the loss does not depend on).
@@ -231,8 +231,7 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
             let xd = g.dims(x).to_vec();
             let mut idx_dims = xd.clone();
             *idx_dims.last_mut().expect("rank >= 1") = Dim::constant(*k as i64);
-            let idx =
-                g.push(Op::TopKIndices(*k), vec![x], crate::check::types::TensorTy::new(DType::Int, idx_dims.clone()));
+            let idx = g.push(Op::TopKIndices(*k), vec![x], crate::types::TensorTy::new(DType::Int, idx_dims.clone()));
             let hot = g.one_hot(idx, xd.last().expect("rank >= 1").clone()); // [..., k, N]
             let mut col = idx_dims;
             col.push(Dim::constant(1));

@@ -5,9 +5,9 @@
 //! The builder methods compute result types and check the invariants of
 //! each op, so a malformed graph is a bug caught where it is made.
 
-use crate::check::dim::Dim;
-use crate::check::types::TensorTy;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
+use crate::types::TensorTy;
 use std::fmt;
 
 /// Index of a node in [`Graph::nodes`].
@@ -397,7 +397,7 @@ impl Graph {
 
     /// Elementwise binary op; operands are broadcast to a common shape.
     pub fn binary(&mut self, b: Binary, x: NodeId, y: NodeId) -> NodeId {
-        let dims = crate::check::types::broadcast(self.dims(x), self.dims(y))
+        let dims = crate::types::broadcast(self.dims(x), self.dims(y))
             .unwrap_or_else(|_| panic!("bug: {b:?} of {} and {}", self.ty(x), self.ty(y)));
         let (x, y) = (self.broadcast(x, &dims), self.broadcast(y, &dims));
         let dtype = if b.is_comparison() { DType::Bool } else { self.ty(x).dtype };
@@ -426,8 +426,8 @@ impl Graph {
     }
 
     pub fn select(&mut self, cond: NodeId, a: NodeId, b: NodeId) -> NodeId {
-        let ab = crate::check::types::broadcast(self.dims(a), self.dims(b)).expect("bug: select operands");
-        let dims = crate::check::types::broadcast(self.dims(cond), &ab).expect("bug: select condition");
+        let ab = crate::types::broadcast(self.dims(a), self.dims(b)).expect("bug: select operands");
+        let dims = crate::types::broadcast(self.dims(cond), &ab).expect("bug: select condition");
         let (c, a, b) = (self.broadcast(cond, &dims), self.broadcast(a, &dims), self.broadcast(b, &dims));
         let dtype = self.ty(a).dtype;
         self.push(Op::Select, vec![c, a, b], TensorTy::new(dtype, dims))

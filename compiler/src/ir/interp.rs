@@ -4,8 +4,8 @@
 //! [`Precision::F32`] every result is rounded to f32, as a float32 program would.
 
 use super::graph::*;
-use crate::check::dim::Dim;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,14 +44,6 @@ impl Array {
     }
 }
 
-pub fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
-}
-
 /// Calls `f(flat_index, multi_index)` for every element of `shape`.
 fn for_each_index(shape: &[usize], mut f: impl FnMut(usize, &[usize])) {
     let n: usize = shape.iter().product();
@@ -69,43 +61,10 @@ fn for_each_index(shape: &[usize], mut f: impl FnMut(usize, &[usize])) {
 }
 
 /// Sizes of the symbolic dimensions, bound from the shapes of inputs and params.
-pub type Sizes = HashMap<String, i64>;
-
-pub fn eval_dim(d: &Dim, sizes: &Sizes) -> Result<usize, String> {
-    let v = d.substitute(&|s| sizes.get(s).map(|v| Dim::constant(*v)));
-    match v.as_const() {
-        Some(n) if n >= 0 => Ok(n as usize),
-        Some(n) => Err(format!("size {d} is negative ({n})")),
-        None => Err(format!("size {d} is not known: {} is not bound by any input", v.symbols().next().unwrap_or("?"))),
-    }
-}
+pub use crate::types::{Sizes, bind_sizes, eval_dim, strides};
 
 fn eval_dims(dims: &[Dim], sizes: &Sizes) -> Result<Vec<usize>, String> {
     dims.iter().map(|d| eval_dim(d, sizes)).collect()
-}
-
-/// Binds symbolic sizes by matching a declared shape against an actual one.
-pub fn bind_sizes(name: &str, dims: &[Dim], shape: &[usize], sizes: &mut Sizes) -> Result<(), String> {
-    if dims.len() != shape.len() {
-        return Err(format!(
-            "`{name}` has {} axes {shape:?}, expected {}",
-            shape.len(),
-            crate::check::types::shape_text(dims)
-        ));
-    }
-    for (d, &n) in dims.iter().zip(shape) {
-        let syms: Vec<&str> = d.symbols().collect();
-        if syms.len() == 1 && *d == Dim::symbol(syms[0]) && !sizes.contains_key(syms[0]) {
-            sizes.insert(syms[0].to_string(), n as i64);
-        }
-    }
-    for (i, (d, &n)) in dims.iter().zip(shape).enumerate() {
-        let want = eval_dim(d, sizes)?;
-        if want != n {
-            return Err(format!("`{name}` has shape {shape:?}, but axis {i} should be {d} = {want}"));
-        }
-    }
-    Ok(())
 }
 
 /// Evaluates every node; returns the named outputs. `feeds` holds inputs and

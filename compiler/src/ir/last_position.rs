@@ -6,7 +6,7 @@
 
 use super::graph::*;
 use super::prune::prune;
-use crate::check::dim::Dim;
+use crate::types::Dim;
 
 /// `g` with its output `name` ([1, T, V] for one sequence, a product of
 /// rows `[T, D]` with a weight, reshaped) computed for the last row only,

@@ -7,10 +7,10 @@
 //! gradient) without storing the scores.
 
 use super::graph::*;
-use crate::check::dim::Dim;
 use crate::check::prims::Prim;
-use crate::check::types::TensorTy;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
+use crate::types::TensorTy;
 
 /// State of one lowering: the graph being built and what training needs.
 #[derive(Debug, Default)]
@@ -103,7 +103,7 @@ impl LArg {
 }
 
 fn axis_of(rank: usize, a: i64) -> usize {
-    crate::check::types::normalize_axis(a, rank).expect("bug: axis checked by the checker")
+    crate::types::normalize_axis(a, rank).expect("bug: axis checked by the checker")
 }
 
 impl Lowering {
@@ -364,8 +364,7 @@ impl Lowering {
         let x2 = if xv { self.g.reshape(x, &[one.clone(), xd[0].clone()]) } else { x };
         let y2 = if yv { self.g.reshape(y, &[yd[0].clone(), one.clone()]) } else { y };
         let (xd, yd) = (self.g.dims(x2).to_vec(), self.g.dims(y2).to_vec());
-        let batch =
-            crate::check::types::broadcast(&xd[..xd.len() - 2], &yd[..yd.len() - 2]).expect("bug: matmul batch");
+        let batch = crate::types::broadcast(&xd[..xd.len() - 2], &yd[..yd.len() - 2]).expect("bug: matmul batch");
         let out = if yd.len() == 2 && !batch.is_empty() {
             // [..., n, k] @ [k, m]: fold the batch into rows, one big product.
             let rows = batch.iter().fold(xd[xd.len() - 2].clone(), |acc, d| acc.mul(d));

@@ -2,9 +2,9 @@
 //! IR can be written by hand in tests and round-trips exactly.
 
 use super::graph::*;
-use crate::check::dim::Dim;
-use crate::check::types::TensorTy;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
+use crate::types::TensorTy;
 
 /// Parses printed IR; the error names the line.
 pub fn parse(text: &str) -> Result<Graph, String> {

@@ -17,8 +17,8 @@ pub fn print(g: &Graph) -> String {
 }
 
 /// Counts of nodes by kind and an estimate of floating-point operations.
-pub fn stats(g: &Graph) -> (usize, crate::check::dim::Dim) {
-    use crate::check::dim::Dim;
+pub fn stats(g: &Graph) -> (usize, crate::types::Dim) {
+    use crate::types::Dim;
     let mut flops = Dim::constant(0);
     for n in &g.nodes {
         let numel = n.ty.dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d));

@@ -9,8 +9,8 @@
 
 use super::grad::grad;
 use super::graph::*;
-use crate::check::types::TensorTy;
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::TensorTy;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Optimizer {

@@ -4,9 +4,9 @@
 //! the tests, so a pass that breaks the IR fails where it breaks it.
 
 use super::graph::*;
-use crate::check::dim::Dim;
-use crate::check::types::{TensorTy, broadcast};
-use crate::syntax::ast::DType;
+use crate::types::DType;
+use crate::types::Dim;
+use crate::types::{TensorTy, broadcast};
 
 pub fn verify(g: &Graph) -> Result<(), String> {
     for (i, n) in g.nodes.iter().enumerate() {

@@ -4,8 +4,8 @@
 //! costs less than computing.
 
 use super::lang::{IrGraph, IrLang, node_op};
-use crate::check::dim::Dim;
 use crate::ir::graph::Op;
+use crate::types::Dim;
 use egg::{CostFunction, Id, Language};
 
 pub struct Cost<'a> {

@@ -4,8 +4,8 @@
 //! (with its attributes) and the result type. Equal types share a leaf, so a
 //! repeated `?t` in a pattern means "the same type".
 
-use crate::check::types::TensorTy;
 use crate::ir::graph::*;
+use crate::types::TensorTy;
 use egg::{Analysis, DidMerge, EGraph, Id, Symbol, define_language};
 use std::collections::HashMap;
 
@@ -185,13 +185,13 @@ impl Analysis<IrLang> for IrAnalysis {
         let scalar = ty.is_some_and(|t| egraph.analysis.tables.types[t].rank() == 0);
         let constant = match &op {
             Op::Const(v) => Some(*v),
-            Op::Broadcast | Op::Reshape | Op::Cast(crate::syntax::ast::DType::F32) => c(0),
+            Op::Broadcast | Op::Reshape | Op::Cast(crate::types::DType::F32) => c(0),
             // As the interpreter casts (an attention's offset is `cast int` of a size).
-            Op::Cast(crate::syntax::ast::DType::Int) => c(0).map(f64::trunc),
-            Op::Cast(crate::syntax::ast::DType::Bool) => c(0).map(|x| f64::from(u8::from(x != 0.0))),
+            Op::Cast(crate::types::DType::Int) => c(0).map(f64::trunc),
+            Op::Cast(crate::types::DType::Bool) => c(0).map(|x| f64::from(u8::from(x != 0.0))),
             Op::Unary(u) if scalar && !matches!(u, Unary::Not) => c(0).map(|x| u.eval(x)),
             Op::Binary(b) if scalar && !b.is_comparison() && !matches!(b, Binary::And | Binary::Or) => {
-                let int = ty.is_some_and(|t| egraph.analysis.tables.types[t].dtype == crate::syntax::ast::DType::Int);
+                let int = ty.is_some_and(|t| egraph.analysis.tables.types[t].dtype == crate::types::DType::Int);
                 c(0).zip(c(1)).map(|(x, y)| b.eval(x, y, int))
             }
             _ => None,

@@ -189,7 +189,7 @@ impl Applier<IrLang, IrAnalysis> for ComposePermutes {
 }
 
 /// The type named by the leaf bound to `v`.
-fn leaf_type(eg: &IrGraph, subst: &Subst, v: &str) -> crate::check::types::TensorTy {
+fn leaf_type(eg: &IrGraph, subst: &Subst, v: &str) -> crate::types::TensorTy {
     eg.analysis.tables.types[leaf_index(eg, subst[var(v)]).expect("type leaf")].clone()
 }
 
@@ -318,7 +318,7 @@ impl Applier<IrLang, IrAnalysis> for SinkBroadcast {
             return vec![];
         }
         let op = attr_op(eg, subst, "?b");
-        let inner_ty = crate::check::types::TensorTy::new(outer.dtype, inner_in.dims.clone());
+        let inner_ty = crate::types::TensorTy::new(outer.dtype, inner_in.dims.clone());
         let args: Vec<Id> = if self.binary { vec![x, subst[var("?y")]] } else { vec![x] };
         let inner = add_op(eg, &op, &args, &inner_ty);
         let result = add_op(eg, &Op::Broadcast, &[inner], &outer);

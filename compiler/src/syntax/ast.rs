@@ -2,6 +2,7 @@
 //! referred to by typed ids; every node keeps the byte span it came from.
 
 use crate::source::{FileId, Span};
+pub use crate::types::DType;
 use la_arena::{Arena, Idx};
 
 pub type ExprId = Idx<Expr>;
@@ -159,23 +160,6 @@ pub enum FieldKind {
     Sublayer(ExprId),
     /// `repeat(n) Block(...)`: n copies named `name.0`, `name.1`, ...
     Repeat { count: ExprId, layer: ExprId },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    Int,
-    Bool,
-}
-
-impl DType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::Int => "int",
-            DType::Bool => "bool",
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 //! reductions, gather and iota have loops of their own.
 
 use modelc::ir::graph::Reduce;
-use modelc::ir::interp::strides;
+use modelc::types::strides;
 use rayon::prelude::*;
 
 /// Elements per parallel task: outputs of two tasks or more are split over

@@ -15,7 +15,7 @@ use modelc::backend::plan::{Place, Plan};
 use modelc::backend::schedule::Schedule;
 use modelc::backend::{KernelProgram, Target, prepare};
 use modelc::ir::graph::{Graph, NodeId, Op};
-use modelc::ir::interp::{self, Sizes};
+use modelc::types::Sizes;
 pub use packed::{Format, Packed};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -261,7 +261,7 @@ pub fn bind(g: &Graph, shapes: &HashMap<String, Vec<usize>>) -> Result<Sizes, St
     for n in &g.nodes {
         if let Op::Input(name) | Op::Param(name) = &n.op {
             let shape = shapes.get(name).ok_or_else(|| format!("no value given for `{name}`"))?;
-            interp::bind_sizes(name, &n.ty.dims, shape, &mut sizes)?;
+            modelc::types::bind_sizes(name, &n.ty.dims, shape, &mut sizes)?;
         }
     }
     Ok(sizes)
@@ -277,7 +277,8 @@ fn check_shapes<'a>(g: &Graph, sizes: &Sizes, shape_of: &dyn Fn(&str) -> Option<
     for n in &g.nodes {
         if let Op::Input(name) | Op::Param(name) = &n.op {
             let shape = shape_of(name).ok_or_else(|| format!("no value given for `{name}`"))?;
-            let want: Vec<usize> = n.ty.dims.iter().map(|d| interp::eval_dim(d, sizes)).collect::<Result<_, _>>()?;
+            let want: Vec<usize> =
+                n.ty.dims.iter().map(|d| modelc::types::eval_dim(d, sizes)).collect::<Result<_, _>>()?;
             if shape != want {
                 return Err(format!("`{name}` has shape {shape:?}, but the program was compiled for {want:?}"));
             }
@@ -329,7 +330,7 @@ impl<'a> Given<'a> {
 }
 
 fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
-    g.dims(n).iter().map(|d| interp::eval_dim(d, sizes)).collect()
+    g.dims(n).iter().map(|d| modelc::types::eval_dim(d, sizes)).collect()
 }
 
 /// How a program is compiled.
@@ -361,11 +362,8 @@ impl Program {
             .enumerate()
             .map(|(i, (n, len))| {
                 let dims: Vec<String> =
-                    n.ty.dims.iter().map(|d| interp::eval_dim(d, sizes).unwrap_or(0).to_string()).collect();
-                (
-                    format!("%{i} [{}] ({})", dims.join(", "), modelc::check::types::shape_text(&n.ty.dims)),
-                    *len as u64 * 4,
-                )
+                    n.ty.dims.iter().map(|d| modelc::types::eval_dim(d, sizes).unwrap_or(0).to_string()).collect();
+                (format!("%{i} [{}] ({})", dims.join(", "), modelc::types::shape_text(&n.ty.dims)), *len as u64 * 4)
             })
             .collect();
         crate::memory::ensure_available("the program's activations", buffers, &largest)?;
@@ -863,7 +861,7 @@ impl Program {
             }
             Op::Slice { axis, start, .. } => {
                 let (src, shape, out_shape) = (input(node.args[0]), shape_of(node.args[0])?, shape_of(n)?);
-                let start = interp::eval_dim(start, &self.sizes)?;
+                let start = modelc::types::eval_dim(start, &self.sizes)?;
                 let axis = *axis;
                 Some(Box::new(move |out: &mut [f32]| kernels::slice(src, &shape, axis, start, &out_shape, out))
                     as Box<dyn FnOnce(&mut [f32])>)
@@ -963,7 +961,7 @@ impl Program {
                 return Ok(());
             }
             Op::Size(d) => {
-                arena[offset] = interp::eval_dim(d, &self.sizes)? as f32;
+                arena[offset] = modelc::types::eval_dim(d, &self.sizes)? as f32;
                 return Ok(());
             }
             Op::Const(v) => {

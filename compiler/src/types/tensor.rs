@@ -1,7 +1,6 @@
 //! Tensor types (element type + symbolic shape) and broadcasting.
 
-use super::dim::Dim;
-use crate::syntax::ast::DType;
+use super::{DType, Dim};
 use std::fmt;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
