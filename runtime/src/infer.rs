@@ -16,6 +16,7 @@ use crate::weights::{Rng, Tensors};
 use modelc::check::value::Value;
 use modelc::check::{Checked, LowerOptions};
 use modelc::ir::graph::{Graph, Op};
+use modelc::ir::signature::Role;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -167,11 +168,11 @@ impl Cached {
         let in_place = device == Device::Cpu;
         if in_place {
             // The caches stay where the programs write them: nothing to return.
-            graph.outputs.retain(|(name, _)| !name.starts_with("present."));
+            graph.outputs.retain(|(name, _)| !matches!(Role::of(name), Role::CacheOut { .. }));
         }
         for n in &graph.nodes {
             if let Op::Input(name) = &n.op
-                && name.starts_with("past.")
+                && let Role::CacheIn { .. } = Role::of(name)
             {
                 // [B, kv_heads, len, head_dim] with B = 1.
                 let shape: Vec<usize> =
@@ -204,7 +205,7 @@ impl Cached {
             let weights: Vec<String> = self
                 .feeds
                 .keys()
-                .filter(|k| !k.starts_with("past.") && *k != "input_ids" && *k != "position")
+                .filter(|k| Role::of(k) == Role::Plain(k) && *k != "input_ids" && *k != "position")
                 .cloned()
                 .collect();
             p.keep_resident(&weights);
@@ -222,8 +223,8 @@ impl Cached {
         self.programs[&t].run_state(&self.feeds, &mut self.caches, &mut out)?;
         // The new cache becomes the input; the old one the next output's buffer.
         for (name, value) in out.iter_mut() {
-            if let Some(layer) = name.strip_prefix("present.") {
-                match self.feeds.get_mut(&format!("past.{layer}")) {
+            if let Some(input) = Role::of(name).cache_input() {
+                match self.feeds.get_mut(&input) {
                     Some(past) => std::mem::swap(past, value),
                     None => unreachable!("bug: a cache output without its input"),
                 }

@@ -18,6 +18,7 @@ use crate::weights::{self, Rng, Tensors};
 use modelc::check::value::Value;
 use modelc::check::{Checked, LowerOptions};
 use modelc::ir::graph::Graph;
+use modelc::ir::signature::Role;
 use modelc::ir::train::{Optimizer, TrainConfig, gradient_program, state_names, training_program, update_program};
 use modelc::types::TensorTy;
 use std::collections::HashMap;
@@ -395,20 +396,20 @@ impl Step {
         let grad_norm = out.get("grad_norm").map(|t| t.data[0] as f64).unwrap_or(f64::NAN);
         // A finite step can still produce non-finite weights (a learning rate
         // of 1e30): they would be saved as the state before the next step.
-        let updated_finite =
-            out.iter().filter(|(n, _)| n.starts_with("new:")).all(|(_, t)| t.data.iter().all(|v| v.is_finite()));
+        let updated_finite = out
+            .iter()
+            .filter(|(n, _)| matches!(Role::of(n), Role::Updated(_)))
+            .all(|(_, t)| t.data.iter().all(|v| v.is_finite()));
         if !loss.is_finite() || !grad_norm.is_finite() || !updated_finite {
             // Keep the weights from before the step, for the report and the saved state.
             *state = feeds;
             return Ok(Outcome { loss, grad_norm, weights_finite: updated_finite });
         }
         for (name, value) in out {
-            let replaced = if let Some(p) = name.strip_prefix("new:") {
-                feeds.insert(p.to_string(), value)
-            } else if name.contains(':') && !name.starts_with("grad:") {
-                feeds.insert(name.clone(), value)
-            } else {
-                Some(value)
+            let replaced = match Role::of(&name) {
+                Role::Updated(weight) => feeds.insert(weight.to_string(), value),
+                role if role.is_optimizer_state() => feeds.insert(name.clone(), value),
+                _ => Some(value),
             };
             if let Some(old) = replaced {
                 spare.insert(name, old);
@@ -454,7 +455,7 @@ impl Step {
                 feeds.extend(sum);
                 let mut out = std::mem::take(spare);
                 update.run_into(feeds, &mut out)?;
-                feeds.retain(|k, _| !k.starts_with("grad:"));
+                feeds.retain(|k, _| !matches!(Role::of(k), Role::Gradient(_)));
                 Ok((out, loss))
             }
         }
@@ -568,7 +569,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         let update = update_program(&params, &s.config);
         for (name, ty) in &params {
             let dims = ty.dims.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
-            shapes.insert(format!("grad:{name}"), placeholder(dims));
+            shapes.insert(Role::Gradient(name).name(), placeholder(dims));
         }
         Step::Accumulated {
             grads: compile(CODE, device, &optimized(&grads), &shapes)?,
@@ -596,8 +597,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let evaluate = |state: &Tensors| -> Result<(f64, Option<f64>), String> {
         let (mut total, mut right, mut masked) = (0.0, 0usize, 0usize);
         for b in &eval_batches {
-            let mut feeds: Tensors =
-                state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut feeds: Tensors = weights_of(state);
             feeds.extend(b.clone());
             let out = eval_program.run(&feeds)?;
             total += out["loss"].data[0] as f64;
@@ -617,7 +617,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     };
     // Frozen weights (an adapter's base) are not saved: they come from --weights again.
     let adapter = modelc::peft::adapter_of(&program, &checked);
-    let saved = |k: &str| k.contains(':') || trainable.iter().any(|t| t == k);
+    let saved = |k: &str| Role::of(k).is_optimizer_state() || trainable.iter().any(|t| t == k);
     let save_state = |state: &Tensors, step: usize, best: f64| {
         let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
         let kept: Tensors = state.iter().filter(|(k, _)| saved(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -626,8 +626,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let save_model = |state: &Tensors| match &adapter {
         Some(cfg) => weights::save_adapter(&args.out, state, cfg, "CAUSAL_LM"),
         None => {
-            let params: Tensors =
-                state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let params: Tensors = weights_of(state);
             weights::save(&args.out.join("model.safetensors"), &params)
         }
     };
@@ -828,7 +827,7 @@ fn resume(
     steps: usize,
 ) -> Result<(Tensors, usize, f64), ExitCode> {
     let (saved, meta) = weights::load_all(&dir.join("state.safetensors")).map_err(usage)?;
-    let kept = |k: &str| k.contains(':') || trainable.iter().any(|t| t == k);
+    let kept = |k: &str| Role::of(k).is_optimizer_state() || trainable.iter().any(|t| t == k);
     for (name, t) in fresh.iter().filter(|(k, _)| kept(k)) {
         match saved.get(name) {
             Some(s) if s.shape == t.shape => {}
@@ -962,14 +961,19 @@ fn gradients(
 ) -> Result<Tensors, String> {
     let g = gradient_program(forward, trainable).expect("has a loss");
     let g = modelc::opt::optimized(&g);
-    let mut feeds: Tensors =
-        state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut feeds: Tensors = weights_of(state);
     feeds.extend(batch.clone());
     feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
     let shapes: HashMap<String, Vec<usize>> = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
     let program = crate::cpu::bind(&g, &shapes).and_then(|s| Program::compile(&g, &s))?;
     let out = program.run(&feeds)?;
-    Ok(out.into_iter().filter_map(|(k, v)| k.strip_prefix("grad:").map(|n| (n.to_string(), v))).collect())
+    Ok(out
+        .into_iter()
+        .filter_map(|(k, v)| match Role::of(&k) {
+            Role::Gradient(weight) => Some((weight.to_string(), v)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// `--dump-grads`: the gradients of the first step's loss, by weight name.
@@ -986,8 +990,7 @@ fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensors) -> Optio
         let how = LowerOptions { trace: true, ..Default::default() };
         let (_, g) = modelc::check::lower(&program, &opts, how).map_err(|_| "cannot lower the spec".to_string())?;
         let g = modelc::ir::prune::prune(&g);
-        let mut feeds: Tensors =
-            state.iter().filter(|(k, _)| !k.contains(':')).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut feeds: Tensors = weights_of(state);
         feeds.insert("input_ids".into(), batch["input_ids"].clone());
         // On the CPU whatever the run's device: it reads the host's copy of the state.
         let p = compile(CODE, crate::model::Device::Cpu, &g, &feeds)
@@ -999,7 +1002,7 @@ fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensors) -> Optio
             return Ok(Some(format!("the weight `{w}` is not finite")));
         }
         Ok(g.outputs.iter().find_map(|(name, _)| {
-            let layer = name.strip_prefix("trace:")?;
+            let Role::Trace(layer) = Role::of(name) else { return None };
             out[name]
                 .data
                 .iter()
@@ -1055,4 +1058,9 @@ impl Progress {
     fn finish(&self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// The weights of a training state, without the optimiser's.
+fn weights_of(state: &Tensors) -> Tensors {
+    state.iter().filter(|(k, _)| !Role::of(k).is_optimizer_state()).map(|(k, v)| (k.clone(), v.clone())).collect()
 }

@@ -149,7 +149,7 @@ pub fn save_adapter(
 ) -> Result<(), String> {
     let tensors: Tensors = weights
         .iter()
-        .filter(|(k, _)| is_adapter(k) && !k.contains(':'))
+        .filter(|(k, _)| is_adapter(k) && !modelc::ir::signature::Role::of(k).is_optimizer_state())
         .map(|(k, v)| (format!("{}{k}", modelc::peft::PREFIX), v.clone()))
         .collect();
     save(&dir.join("adapter_model.safetensors"), &tensors)?;

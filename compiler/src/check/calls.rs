@@ -9,6 +9,7 @@ use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
 use crate::ir::graph::{Binary as IrBinary, NodeId, Reduce as IrReduce};
 use crate::ir::lower::LArg;
+use crate::ir::signature::Role;
 use crate::source::Span;
 use crate::syntax::ast::*;
 use crate::types::Dim;
@@ -470,7 +471,7 @@ impl Checker<'_> {
             && l.trace
             && let Some(node) = t.node
         {
-            let name = format!("trace:{} ({})", self.instances[inst].path, def.name.text);
+            let name = Role::Trace(&format!("{} ({})", self.instances[inst].path, def.name.text)).name();
             l.g.outputs.push((name, node));
         }
         if let (Some((depth, inputs)), Some(slot), Some(calls)) = (record, slot, self.calls.as_mut()) {

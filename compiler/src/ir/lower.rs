@@ -7,6 +7,7 @@
 //! gradient) without storing the scores.
 
 use super::graph::*;
+use super::signature::Role;
 use crate::check::prims::Prim;
 use crate::types::DType;
 use crate::types::Dim;
@@ -411,9 +412,9 @@ impl Lowering {
                 let rows = self.g.permute(*x, &[0, 2, 1, 3]); // [B, G, T, D]: the new tokens only
                 let mut dims = self.g.dims(rows).to_vec();
                 dims[2] = s.clone();
-                let past = self.g.input(&format!("past.{i}.{kind}"), TensorTy::new(DType::F32, dims));
+                let past = self.g.input(&Role::CacheIn { layer: i, kind }.name(), TensorTy::new(DType::F32, dims));
                 *x = self.cache_write(past, rows);
-                self.g.outputs.push((format!("present.{i}.{kind}"), *x));
+                self.g.outputs.push((Role::CacheOut { layer: i, kind }.name(), *x));
             }
             cached = true;
         }

@@ -10,5 +10,6 @@ pub mod lower;
 pub mod parse;
 pub mod print;
 pub mod prune;
+pub mod signature;
 pub mod train;
 pub mod verify;

@@ -9,6 +9,7 @@
 
 use super::grad::grad;
 use super::graph::*;
+use super::signature::Role;
 use crate::types::DType;
 use crate::types::TensorTy;
 
@@ -36,8 +37,8 @@ pub struct TrainConfig {
 /// Names of the optimiser state tensors of one parameter.
 pub fn state_names(opt: &Optimizer, param: &str) -> Vec<String> {
     match opt {
-        Optimizer::AdamW { .. } => vec![format!("m:{param}"), format!("v:{param}")],
-        Optimizer::Sgd { .. } => vec![format!("momentum:{param}")],
+        Optimizer::AdamW { .. } => vec![Role::FirstMoment(param).name(), Role::SecondMoment(param).name()],
+        Optimizer::Sgd { .. } => vec![Role::Momentum(param).name()],
     }
 }
 
@@ -58,7 +59,7 @@ pub fn gradient_program(forward: &Graph, trainable: &[String]) -> Option<Graph> 
     let mut g = forward.clone();
     let (params, grads) = gradients(&mut g, trainable)?;
     for ((name, _), gr) in params.iter().zip(grads) {
-        g.outputs.push((format!("grad:{name}"), gr));
+        g.outputs.push((Role::Gradient(name).name(), gr));
     }
     Some(g)
 }
@@ -68,7 +69,7 @@ pub fn gradient_program(forward: &Graph, trainable: &[String]) -> Option<Graph> 
 pub fn update_program(params: &[(String, TensorTy)], cfg: &TrainConfig) -> Graph {
     let mut g = Graph::default();
     let ids: Vec<(String, NodeId)> = params.iter().map(|(n, ty)| (n.clone(), g.param(n, ty.clone()))).collect();
-    let grads = params.iter().map(|(n, ty)| g.input(&format!("grad:{n}"), ty.clone())).collect();
+    let grads = params.iter().map(|(n, ty)| g.input(&Role::Gradient(n).name(), ty.clone())).collect();
     update(&mut g, &ids, grads, cfg);
     g
 }
@@ -117,8 +118,8 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
         let ty = g.ty(*p).clone();
         match cfg.optimizer {
             Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
-                let m = g.input(&format!("m:{name}"), ty.clone());
-                let v = g.input(&format!("v:{name}"), ty.clone());
+                let m = g.input(&Role::FirstMoment(name).name(), ty.clone());
+                let v = g.input(&Role::SecondMoment(name).name(), ty.clone());
                 let m1 = g.scale(m, beta1);
                 let gm = g.scale(gr, 1.0 - beta1);
                 let m_new = g.add(m1, gm);
@@ -146,9 +147,9 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
                 }
                 let delta = g.mul(update, lr);
                 let p_new = g.sub(*p, delta);
-                g.outputs.push((format!("new:{name}"), p_new));
-                g.outputs.push((format!("m:{name}"), m_new));
-                g.outputs.push((format!("v:{name}"), v_new));
+                g.outputs.push((Role::Updated(name).name(), p_new));
+                g.outputs.push((Role::FirstMoment(name).name(), m_new));
+                g.outputs.push((Role::SecondMoment(name).name(), v_new));
             }
             Optimizer::Sgd { momentum, weight_decay } => {
                 let mut d = gr;
@@ -156,13 +157,13 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
                     let wd = g.scale(*p, weight_decay);
                     d = g.add(d, wd);
                 }
-                let buf = g.input(&format!("momentum:{name}"), ty.clone());
+                let buf = g.input(&Role::Momentum(name).name(), ty.clone());
                 let b = g.scale(buf, momentum);
                 let buf_new = g.add(b, d);
                 let delta = g.mul(buf_new, lr);
                 let p_new = g.sub(*p, delta);
-                g.outputs.push((format!("new:{name}"), p_new));
-                g.outputs.push((format!("momentum:{name}"), buf_new));
+                g.outputs.push((Role::Updated(name).name(), p_new));
+                g.outputs.push((Role::Momentum(name).name(), buf_new));
             }
         }
     }
