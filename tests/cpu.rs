@@ -539,3 +539,30 @@ fn a_training_step_gives_the_same_bits_on_any_thread_count() {
         }
     }
 }
+
+#[test]
+fn every_spec_has_ir_and_kernel_snapshots() {
+    // Each spec's forward in its small configuration, optimised as the
+    // commands run it, and the kernels it becomes at B = 2 (other sizes 8):
+    // a change in lowering, the optimiser or the scheduler shows here.
+    for path in specs() {
+        let name = stem(&path);
+        let base = if name.starts_with("llama-") { "llama" } else { name.as_str() };
+        let text = std::fs::read_to_string(&path).unwrap();
+        let program = modelc::check::load_source(&format!("{name}.model"), &text, path.parent()).ok().unwrap();
+        let (_, forward) = modelc::check::lower(&program, &sets(&small(base)), Default::default()).unwrap();
+        let forward = modelc::opt::optimized(&forward);
+        let mut sizes = modelc::types::Sizes::new();
+        for d in forward.nodes.iter().flat_map(|n| &n.ty.dims) {
+            for s in d.symbols() {
+                sizes.entry(s.to_string()).or_insert(if s == "B" { 2 } else { 8 });
+            }
+        }
+        let kernels = modelc::backend::prepare(&forward, &sizes, modelc::backend::Target::Cpu).unwrap();
+        insta::assert_snapshot!(format!("ir-opt-{name}"), modelc::ir::print::print(&forward));
+        insta::assert_snapshot!(
+            format!("kernels-{name}"),
+            modelc::backend::schedule::describe(&kernels.graph, &kernels.schedule)
+        );
+    }
+}

@@ -31,5 +31,6 @@ pub fn split_reductions(g: &Graph) -> Graph {
         map.push(id);
     }
     out.outputs = g.outputs.iter().map(|(name, id)| (name.clone(), map[id.index()])).collect();
+    crate::ir::verify::after("split_reductions", &out);
     out
 }

@@ -142,7 +142,10 @@ pub fn lower(
     let Some(entry) = p.entry_model() else {
         return check(p, opts).map(|_| unreachable!("check fails without a model"));
     };
-    check_and_lower(p, entry, opts, Some(how)).map(|(c, g)| (c, g.expect("lowered")))
+    let (checked, g) = check_and_lower(p, entry, opts, Some(how))?;
+    let g = g.expect("lowered");
+    crate::ir::verify::after("lowering", &g);
+    Ok((checked, g))
 }
 
 /// A Hugging Face `config.json` holding the checked model's hyperparameters

@@ -26,5 +26,6 @@ pub fn prune(g: &Graph) -> Graph {
         map[i] = out.push(n.op.clone(), args, n.ty.clone());
     }
     out.outputs = g.outputs.iter().map(|(name, id)| (name.clone(), map[id.index()])).collect();
+    super::verify::after("prune", &out);
     out
 }

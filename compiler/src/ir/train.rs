@@ -50,6 +50,7 @@ pub fn training_program(forward: &Graph, trainable: &[String], cfg: &TrainConfig
     let mut g = forward.clone();
     let (params, grads) = gradients(&mut g, trainable)?;
     update(&mut g, &params, grads, cfg);
+    super::verify::after("the training program", &g);
     Some(g)
 }
 
@@ -61,6 +62,7 @@ pub fn gradient_program(forward: &Graph, trainable: &[String]) -> Option<Graph> 
     for ((name, _), gr) in params.iter().zip(grads) {
         g.outputs.push((Role::Gradient(name).name(), gr));
     }
+    super::verify::after("the gradient program", &g);
     Some(g)
 }
 
@@ -71,6 +73,7 @@ pub fn update_program(params: &[(String, TensorTy)], cfg: &TrainConfig) -> Graph
     let ids: Vec<(String, NodeId)> = params.iter().map(|(n, ty)| (n.clone(), g.param(n, ty.clone()))).collect();
     let grads = params.iter().map(|(n, ty)| g.input(&Role::Gradient(n).name(), ty.clone())).collect();
     update(&mut g, &ids, grads, cfg);
+    super::verify::after("the update program", &g);
     g
 }
 

@@ -1,12 +1,22 @@
 //! The verifier: re-derives every node's type from its operation and inputs
 //! and checks the graph's invariants (inputs defined first, outputs exist).
-//! Run after lowering, autodiff, the training program and optimisation in
-//! the tests, so a pass that breaks the IR fails where it breaks it.
+//! Every pass that makes a graph calls `after` on its result: in debug
+//! builds (and so in every test) a pass that breaks the IR fails where it
+//! breaks it; release builds skip it.
 
 use super::graph::*;
 use crate::types::DType;
 use crate::types::Dim;
 use crate::types::{TensorTy, broadcast};
+
+/// Verifies the graph a pass made, in debug builds; panics naming the pass.
+pub fn after(pass: &str, g: &Graph) {
+    if cfg!(debug_assertions)
+        && let Err(e) = verify(g)
+    {
+        panic!("bug: {pass} made a malformed graph: {e}");
+    }
+}
 
 pub fn verify(g: &Graph) -> Result<(), String> {
     for (i, n) in g.nodes.iter().enumerate() {

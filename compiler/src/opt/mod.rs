@@ -106,5 +106,6 @@ pub fn optimize(g: &Graph, limits: Limits) -> (Graph, Report) {
         }
         out.outputs.push((name.clone(), built[&root]));
     }
+    crate::ir::verify::after("the optimiser", &out);
     (out, report)
 }
