@@ -776,6 +776,39 @@ impl Program {
         let Place::Arena { offset, len } = self.plan.resolve(n) else {
             unreachable!("bug: kernel output not in the arena")
         };
+        // Every view of the arena below is made from this one raw pointer,
+        // each over its own range, and `arena` itself is not touched again
+        // while they live: the output's range is disjoint from every input's
+        // (the plan writes in place only in fused kernels), so no reference
+        // ever covers the output and an input at once.
+        let (base, arena_len) = (arena.as_mut_ptr(), arena.len());
+        assert!(offset + len <= arena_len, "bug: {n}'s place lies outside the arena");
+        // SAFETY: inside the arena (checked above) and disjoint from every input.
+        let out: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
+        // Constants read by this kernel, kept alive until it returns.
+        let owned: std::cell::RefCell<Vec<Vec<f32>>> = Default::default();
+        let input = |x: NodeId| -> &[f32] {
+            match self.plan.resolve(x) {
+                Place::Arena { offset, len } => {
+                    assert!(offset + len <= arena_len, "bug: {x}'s place lies outside the arena");
+                    // SAFETY: inside the arena, and only read while the kernel writes
+                    // `out`, which it does not overlap.
+                    unsafe { std::slice::from_raw_parts(base.add(offset), len) }
+                }
+                Place::External(name) => feeds.values(&name),
+                _ => match &self.graph.node(x).op {
+                    Op::Const(v) => {
+                        let value = vec![*v as f32];
+                        let ptr = value.as_ptr();
+                        owned.borrow_mut().push(value);
+                        // SAFETY: the vector's heap buffer does not move when `owned`
+                        // grows, and `owned` outlives every use of the slice.
+                        unsafe { std::slice::from_raw_parts(ptr, 1) }
+                    }
+                    other => unreachable!("bug: {x} ({}) is not stored", other.name()),
+                },
+            }
+        };
         if let Op::MatMul { ta, tb } = node.op {
             let (a, b) = (node.args[0], node.args[1]);
             let (sa, sb) = (concrete(&self.graph, a, &self.sizes)?, concrete(&self.graph, b, &self.sizes)?);
@@ -783,17 +816,7 @@ impl Program {
             let (rows, cols) = (if ta { sa[r - 1] } else { sa[r - 2] }, if tb { sb[r - 2] } else { sb[r - 1] });
             let k = if ta { sa[r - 2] } else { sa[r - 1] };
             let batch: usize = sa[..r - 2].iter().product();
-            // SAFETY: the output range does not overlap the operands (no in-place
-            // writes outside fused kernels), and the arena is not resized meanwhile.
-            let raw = |v: Cow<[f32]>| -> (*const f32, Vec<f32>) {
-                match v {
-                    Cow::Borrowed(b) => (b.as_ptr(), Vec::new()),
-                    Cow::Owned(o) => (o.as_ptr(), o),
-                }
-            };
-            let (ap, _keep_a) = raw(self.read(a, arena, feeds));
-            let (bp, _keep_b) = raw(self.read(b, arena, feeds));
-            let out = &mut arena[offset..offset + len];
+            let (ap, bp) = (input(a).as_ptr(), input(b).as_ptr());
             // (row stride, column stride) of op(A) and op(B) in their row-major storage.
             let (a_rs, a_cs) = if ta { (1, rows) } else { (k, 1) };
             let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
@@ -832,22 +855,6 @@ impl Program {
             return Ok(());
         }
         let shape_of = |x: NodeId| concrete(&self.graph, x, &self.sizes);
-        // Constants read by this kernel, kept alive until it returns.
-        let owned: std::cell::RefCell<Vec<Vec<f32>>> = Default::default();
-        // SAFETY: a single kernel's output range never overlaps a live input (the plan
-        // writes in place only in fused kernels), and the arena is not resized while the
-        // kernel runs, so these slices stay valid; an owned value's heap buffer does not
-        // move when `owned` grows.
-        let input = |x: NodeId| -> &[f32] {
-            match self.read(x, arena, feeds) {
-                Cow::Borrowed(b) => unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) },
-                Cow::Owned(o) => {
-                    let (ptr, len) = (o.as_ptr(), o.len());
-                    owned.borrow_mut().push(o);
-                    unsafe { std::slice::from_raw_parts(ptr, len) }
-                }
-            }
-        };
         let native = match &node.op {
             Op::Permute(perm) => {
                 let (src, shape) = (input(node.args[0]), shape_of(node.args[0])?);
@@ -893,7 +900,7 @@ impl Program {
             _ => None,
         };
         if let Some(k) = native {
-            k(&mut arena[offset..offset + len]);
+            k(out);
             return Ok(());
         }
         let out_shape = shape_of(n)?;
@@ -901,28 +908,28 @@ impl Program {
             Op::Gather => {
                 let (table, ids) = (input(node.args[0]), input(node.args[1]));
                 let rows = shape_of(node.args[0])?[0];
-                return kernels::gather(table, rows, ids, &mut arena[offset..offset + len]);
+                return kernels::gather(table, rows, ids, out);
             }
             Op::ScatterAdd => {
                 let (ids, updates) = (input(node.args[0]), input(node.args[1]));
-                return kernels::scatter_add(ids, updates, out_shape[0], &mut arena[offset..offset + len]);
+                return kernels::scatter_add(ids, updates, out_shape[0], out);
             }
             Op::OneHot => {
                 let classes = *out_shape.last().expect("one_hot has a class axis");
-                kernels::one_hot(input(node.args[0]), classes, &mut arena[offset..offset + len]);
+                kernels::one_hot(input(node.args[0]), classes, out);
                 return Ok(());
             }
             Op::ArgMax(axis) => {
                 let shape = shape_of(node.args[0])?;
                 let (outer, inner) = (shape[..*axis].iter().product(), shape[axis + 1..].iter().product());
-                kernels::argmax(input(node.args[0]), outer, shape[*axis], inner, &mut arena[offset..offset + len]);
+                kernels::argmax(input(node.args[0]), outer, shape[*axis], inner, out);
                 return Ok(());
             }
             Op::TopKValues(k) | Op::TopKIndices(k) => {
                 let shape = shape_of(node.args[0])?;
                 let n_last = *shape.last().expect("topk of rank >= 1");
                 let indices = matches!(node.op, Op::TopKIndices(_));
-                kernels::topk(input(node.args[0]), n_last, *k, indices, &mut arena[offset..offset + len]);
+                kernels::topk(input(node.args[0]), n_last, *k, indices, out);
                 return Ok(());
             }
             Op::Attention(a) | Op::AttentionBackward(a, _) => {
@@ -948,7 +955,6 @@ impl Program {
                     lse: input(node.args[1]),
                     delta: input(node.args[2]),
                 });
-                let out = &mut arena[offset..offset + len];
                 match &node.op {
                     Op::AttentionBackward(_, pass) => attention::backward(a, *pass, &x, dy.as_ref(), n, out),
                     _ => attention::attention(a, &x, n, out),
@@ -957,15 +963,15 @@ impl Program {
             }
             Op::DropoutMask { p, key } => {
                 let step = input(node.args[0])[0] as u64;
-                kernels::dropout_mask(*p, *key, step, &mut arena[offset..offset + len]);
+                kernels::dropout_mask(*p, *key, step, out);
                 return Ok(());
             }
             Op::Size(d) => {
-                arena[offset] = modelc::types::eval_dim(d, &self.sizes)? as f32;
+                out[0] = modelc::types::eval_dim(d, &self.sizes)? as f32;
                 return Ok(());
             }
             Op::Const(v) => {
-                arena[offset] = *v as f32;
+                out[0] = *v as f32;
                 return Ok(());
             }
             _ => {}
@@ -1022,5 +1028,48 @@ unsafe impl Send for SendPtr {}
 impl SendPtr {
     fn get(self) -> *const f32 {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelc::types::{DType, Dim, TensorTy};
+
+    /// Kernels of their own (permute, matrix product, concatenation,
+    /// reduction, gather) reading the arena while writing it, the views
+    /// `single` makes: run under Miri too (`cargo +nightly miri test -p
+    /// modelc-runtime --lib single_kernels`), which checks them against
+    /// Rust's aliasing model.
+    #[test]
+    fn single_kernels_read_and_write_the_arena_through_disjoint_views() {
+        let ty = |dims: &[i64]| TensorTy::new(DType::F32, dims.iter().map(|d| Dim::constant(*d)).collect());
+        let mut g = Graph::default();
+        let x = g.input("x", ty(&[3, 4]));
+        let w = g.input("w", ty(&[4, 2]));
+        let t = g.permute(x, &[1, 0]);
+        let tt = g.permute(t, &[1, 0]);
+        let y = g.matmul(tt, w);
+        let both = g.concat(&[y, y], 1);
+        let sum = g.reduce(modelc::ir::graph::Reduce::Sum, both, &[0]);
+        g.outputs.push(("y".into(), both));
+        g.outputs.push(("sum".into(), sum));
+        let feeds: HashMap<String, Tensor> = HashMap::from([
+            ("x".to_string(), Tensor::new(vec![3, 4], (0..12).map(|i| i as f32).collect())),
+            ("w".to_string(), Tensor::new(vec![4, 2], (0..8).map(|i| 1.0 - i as f32 / 4.0).collect())),
+        ]);
+        let sizes = Sizes::new();
+        let out = Program::compile(&g, &sizes).and_then(|p| p.run(&feeds)).unwrap();
+        let want: Vec<f32> = (0..3)
+            .flat_map(|r| {
+                let row: Vec<f32> = (0..2)
+                    .map(|c| (0..4).map(|k| (r * 4 + k) as f32 * (1.0 - (k * 2 + c) as f32 / 4.0)).sum())
+                    .collect();
+                [row.clone(), row].concat()
+            })
+            .collect();
+        assert_eq!(out["y"].data, want);
+        let sums: Vec<f32> = (0..4).map(|c| (0..3).map(|r| want[r * 4 + c]).sum()).collect();
+        assert_eq!(out["sum"].data, sums);
     }
 }
