@@ -476,26 +476,7 @@ fn usage(message: impl Into<String>) -> ExitCode {
 
 fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let device = args.run.apply(CODE)?;
-    let (program, opts) = load(&args.model)?;
-    // Training feeds token ids (and targets) only: optional inputs (an
-    // attention mask, token types) are lowered as absent.
-    let absent: Vec<String> = (modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))?.inputs)
-        .into_iter()
-        .filter(|i| i.optional)
-        .map(|i| i.name)
-        .collect();
-    let lower = |training| {
-        modelc::check::lower(&program, &opts, LowerOptions { training, absent: absent.clone(), ..Default::default() })
-            .map_err(|d| fail(&program.sources, &d))
-    };
-    let (checked, train_fwd) = lower(true)?;
-    let (_, eval_fwd) = lower(false)?;
-    if eval_fwd.output("loss").is_none() {
-        return Err(usage(format!("`{}` has no `train {{ loss: ... }}` block to train", checked.model)));
-    }
-    if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
-        return Err(usage(format!("`train` feeds token ids as `input_ids`; `{}` takes other inputs", checked.model)));
-    }
+    let Model { program, opts, checked, train_fwd, eval_fwd } = model(args)?;
     let masking = masking(args, &checked).map_err(usage)?;
     let mut s = settings(args, &checked.train).map_err(usage)?;
     let vocab = checked
@@ -538,45 +519,8 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         (state, first_step, best) = resume(dir, state, &trainable, s.steps)?;
         eprintln!("resuming {} at step {first_step}", dir.display());
     }
-    // Only shapes matter to the compiler.
-    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None };
-    let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
-    shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
-    if masking.is_some() {
-        shapes.insert("labels".into(), placeholder(vec![s.batch, s.seq]));
-    }
-    shapes.insert("lr".into(), placeholder(vec![]));
-    shapes.insert("step".into(), placeholder(vec![]));
-    let step_program = if s.accumulate == 1 {
-        let g = training_program(&train_fwd, &trainable, &s.config).expect("has a loss");
-        Step::Fused(compile(CODE, device, &optimized(&g), &shapes)?)
-    } else {
-        let grads = gradient_program(&train_fwd, &trainable).expect("has a loss");
-        let params: Vec<(String, TensorTy)> = checked
-            .params
-            .iter()
-            .filter(|p| p.trainable)
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    TensorTy::new(
-                        modelc::types::DType::F32,
-                        p.shape.iter().map(|d| modelc::types::Dim::constant(*d)).collect(),
-                    ),
-                )
-            })
-            .collect();
-        let update = update_program(&params, &s.config);
-        for (name, ty) in &params {
-            let dims = ty.dims.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
-            shapes.insert(Role::Gradient(name).name(), placeholder(dims));
-        }
-        Step::Accumulated {
-            grads: compile(CODE, device, &optimized(&grads), &shapes)?,
-            update: compile(CODE, device, &optimized(&update), &shapes)?,
-        }
-    };
-    let eval_program = compile(CODE, device, &eval_graph, &shapes)?;
+    let (step_program, eval_program) =
+        programs(device, &checked, &train_fwd, &eval_graph, &state, &s, masking.is_some())?;
     write_config(args, &program, &checked, &opts)?;
     let metrics_path = args.out.join("metrics.jsonl");
     let mut metrics = out.metrics(mode, first_step - 1).map_err(usage)?;
@@ -592,45 +536,13 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() }
     );
 
-    // The mean loss over the evaluation batches, and for a masked-language
-    // model the share of masked tokens predicted right.
-    let evaluate = |state: &Tensors| -> Result<(f64, Option<f64>), String> {
-        let (mut total, mut right, mut masked) = (0.0, 0usize, 0usize);
-        for b in &eval_batches {
-            let mut feeds: Tensors = weights_of(state);
-            feeds.extend(b.clone());
-            let out = eval_program.run(&feeds)?;
-            total += out["loss"].data[0] as f64;
-            if let (Some(logits), Some(labels)) = (out.get("logits"), b.get("labels")) {
-                let vocab = *logits.shape.last().expect("a vocabulary axis");
-                for (row, label) in logits.data.chunks_exact(vocab).zip(&labels.data) {
-                    if *label != crate::masking::IGNORED {
-                        let best = (0..vocab).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap_or(0);
-                        right += usize::from(best as f32 == *label);
-                        masked += 1;
-                    }
-                }
-            }
-        }
-        let accuracy = (masked > 0).then(|| right as f64 / masked as f64);
-        Ok((total / eval_batches.len() as f64, accuracy))
+    let checkpoints = Checkpoints {
+        out: args.out.clone(),
+        trainable: trainable.clone(),
+        adapter: modelc::peft::adapter_of(&program, &checked),
     };
-    // Frozen weights (an adapter's base) are not saved: they come from --weights again.
-    let adapter = modelc::peft::adapter_of(&program, &checked);
-    let saved = |k: &str| Role::of(k).is_optimizer_state() || trainable.iter().any(|t| t == k);
-    let save_state = |state: &Tensors, step: usize, best: f64| {
-        let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
-        let kept: Tensors = state.iter().filter(|(k, _)| saved(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        weights::save_with(&args.out.join("state.safetensors"), &kept, Some(meta))
-    };
-    let save_model = |state: &Tensors| match &adapter {
-        Some(cfg) => weights::save_adapter(&args.out, state, cfg, "CAUSAL_LM"),
-        None => {
-            let params: Tensors = weights_of(state);
-            weights::save(&args.out.join("model.safetensors"), &params)
-        }
-    };
-    let weights_file = args.out.join(if adapter.is_some() { "adapter_model.safetensors" } else { "model.safetensors" });
+    let save_state = |state: &Tensors, step: usize, best: f64| checkpoints.save_state(state, step, best);
+    let save_model = |state: &Tensors| checkpoints.save_model(state);
     let mut last = args.until.unwrap_or(s.steps).min(s.steps);
     // Ctrl-C ends the run after the current step, with everything saved.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -660,29 +572,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         let loss = outcome.loss;
         if !loss.is_finite() || !outcome.grad_norm.is_finite() || !outcome.weights_finite {
             let _ = save_state(&state, step - 1, best);
-            let what = if !loss.is_finite() {
-                format!("the loss is {loss}")
-            } else if !outcome.grad_norm.is_finite() {
-                format!("the gradient norm is {}", outcome.grad_norm)
-            } else {
-                "the updated weights are not finite".to_string()
-            };
-            let culprit = first_non_finite(args, &state, &first).unwrap_or_else(|| {
-                // The forward is fine: name the weights whose gradients are not.
-                let grads = gradients(&train_fwd, &trainable, &state, &first, step).unwrap_or_default();
-                let bad: Vec<&String> = trainable
-                    .iter()
-                    .filter(|n| grads.get(*n).is_some_and(|g| g.data.iter().any(|v| !v.is_finite())))
-                    .collect();
-                match bad.as_slice() {
-                    [] => "every layer's output and every gradient is finite without dropout".to_string(),
-                    [one] => format!("every layer's output is finite, but the gradient of `{one}` is not"),
-                    [first, ..] => format!(
-                        "every layer's output is finite, but the gradients of {} weights are not, the first `{first}`",
-                        bad.len()
-                    ),
-                }
-            });
+            let (what, culprit) = divergence(args, &train_fwd, &trainable, &state, &first, step, &outcome);
             return Err(usage(format!(
                 "step {step}: {what}; {culprit}. The state before this step is in {}; lower --lr or set --clip",
                 args.out.join("state.safetensors").display()
@@ -704,23 +594,24 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         };
         record(
             &mut metrics,
-            format!(
-                "{{\"step\": {step}, \"loss\": {loss:.5}, \"lr\": {rate:e}, \"grad_norm\": {:.4}, \"seconds\": {step_seconds:.4}, \"tokens_per_s\": {tps:.0}}}",
-                outcome.grad_norm
-            ),
+            json_line(&[
+                ("step", step.into()),
+                ("loss", rounded(loss, 5)),
+                ("lr", rate.into()),
+                ("grad_norm", rounded(outcome.grad_norm, 4)),
+                ("seconds", rounded(step_seconds, 4)),
+                ("tokens_per_s", rounded(tps, 0)),
+            ]),
             &state,
             best,
         )?;
         let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
         if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
-            let (eval, accuracy) = evaluate(&state).map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
-            let accuracy_field = accuracy.map(|a| format!(", \"eval_accuracy\": {a:.5}")).unwrap_or_default();
-            record(
-                &mut metrics,
-                format!("{{\"step\": {step}, \"eval_loss\": {eval:.5}{accuracy_field}}}"),
-                &state,
-                best,
-            )?;
+            let (eval, accuracy) = evaluate(&eval_program, &eval_batches, &state)
+                .map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
+            let mut fields = vec![("step", step.into()), ("eval_loss", rounded(eval, 5))];
+            fields.extend(accuracy.map(|a| ("eval_accuracy", rounded(a, 5))));
+            record(&mut metrics, json_line(&fields), &state, best)?;
             eval_curve.push((step, eval));
             let improved = eval < best;
             if improved {
@@ -752,20 +643,8 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     if eval_batches.is_empty() {
         save_model(&state).map_err(usage)?;
     }
-    let title = format!(
-        "{} on {}",
-        checked.model,
-        args.data.as_ref().or(args.batch_file.as_ref()).map(|p| p.display().to_string()).unwrap_or_default()
-    );
-    if let Err(e) = crate::plot::loss_curve(&args.out.join("loss.png"), &title, &curve, &eval_curve) {
-        eprintln!("warning: {e}");
-    }
-    if eval_batches.is_empty() {
-        eprintln!("weights in {}", weights_file.display());
-    } else {
-        eprintln!("best eval loss {best:.3}; weights in {}", weights_file.display());
-    }
-    eprintln!("loss curve in {}", args.out.join("loss.png").display());
+    let best = (!eval_batches.is_empty()).then_some(best);
+    report(args, &checked.model, (&curve, &eval_curve), best, &checkpoints.weights_file());
     Ok(())
 }
 
@@ -1058,6 +937,222 @@ impl Progress {
     fn finish(&self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// The loss curve drawn, and where the weights and the picture are
+/// (with the best evaluation loss, when the run evaluated).
+fn report(
+    args: &TrainArgs,
+    model: &str,
+    (curve, eval_curve): (&Curve, &Curve),
+    best: Option<f64>,
+    weights_file: &Path,
+) {
+    let title = format!(
+        "{} on {}",
+        model,
+        args.data.as_ref().or(args.batch_file.as_ref()).map(|p| p.display().to_string()).unwrap_or_default()
+    );
+    if let Err(e) = crate::plot::loss_curve(&args.out.join("loss.png"), &title, curve, eval_curve) {
+        eprintln!("warning: {e}");
+    }
+    match best {
+        Some(best) => eprintln!("best eval loss {best:.3}; weights in {}", weights_file.display()),
+        None => eprintln!("weights in {}", weights_file.display()),
+    }
+    eprintln!("loss curve in {}", args.out.join("loss.png").display());
+}
+
+/// The spec's model as training needs it: checked, and lowered for training
+/// (dropout, the loss) and for evaluation.
+struct Model {
+    program: modelc::check::Program,
+    opts: modelc::check::Options,
+    checked: Checked,
+    train_fwd: Graph,
+    eval_fwd: Graph,
+}
+
+fn model(args: &TrainArgs) -> Result<Model, ExitCode> {
+    let (program, opts) = load(&args.model)?;
+    // Training feeds token ids (and targets) only: optional inputs (an
+    // attention mask, token types) are lowered as absent.
+    let absent: Vec<String> = (modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))?.inputs)
+        .into_iter()
+        .filter(|i| i.optional)
+        .map(|i| i.name)
+        .collect();
+    let lower = |training| {
+        modelc::check::lower(&program, &opts, LowerOptions { training, absent: absent.clone(), ..Default::default() })
+            .map_err(|d| fail(&program.sources, &d))
+    };
+    let (checked, train_fwd) = lower(true)?;
+    let (_, eval_fwd) = lower(false)?;
+    if eval_fwd.output("loss").is_none() {
+        return Err(usage(format!("`{}` has no `train {{ loss: ... }}` block to train", checked.model)));
+    }
+    if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
+        return Err(usage(format!("`train` feeds token ids as `input_ids`; `{}` takes other inputs", checked.model)));
+    }
+    Ok(Model { program, opts, checked, train_fwd, eval_fwd })
+}
+
+/// Where a run saves: the state (trainable weights and optimiser state, with
+/// the step and best evaluation loss) and the model (the weights, or a PEFT
+/// adapter: frozen base weights come from --weights again).
+struct Checkpoints {
+    out: PathBuf,
+    trainable: Vec<String>,
+    adapter: Option<modelc::peft::AdapterConfig>,
+}
+
+impl Checkpoints {
+    fn save_state(&self, state: &Tensors, step: usize, best: f64) -> Result<(), String> {
+        let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
+        let saved = |k: &str| Role::of(k).is_optimizer_state() || self.trainable.iter().any(|t| t == k);
+        let kept: Tensors = state.iter().filter(|(k, _)| saved(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        weights::save_with(&self.out.join("state.safetensors"), &kept, Some(meta))
+    }
+
+    fn save_model(&self, state: &Tensors) -> Result<(), String> {
+        match &self.adapter {
+            Some(cfg) => weights::save_adapter(&self.out, state, cfg, "CAUSAL_LM"),
+            None => weights::save(&self.out.join("model.safetensors"), &weights_of(state)),
+        }
+    }
+
+    fn weights_file(&self) -> PathBuf {
+        self.out.join(if self.adapter.is_some() { "adapter_model.safetensors" } else { "model.safetensors" })
+    }
+}
+
+/// The step program (fused, or gradients and update for accumulation) and
+/// the evaluation program, compiled for the shapes of the state and a batch.
+fn programs(
+    device: crate::model::Device,
+    checked: &Checked,
+    train_fwd: &Graph,
+    eval_graph: &Graph,
+    state: &Tensors,
+    s: &Settings,
+    masked: bool,
+) -> Result<(Step, Compiled), ExitCode> {
+    use modelc::opt::optimized;
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    // Only shapes matter to the compiler.
+    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None };
+    let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
+    shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
+    if masked {
+        shapes.insert("labels".into(), placeholder(vec![s.batch, s.seq]));
+    }
+    shapes.insert("lr".into(), placeholder(vec![]));
+    shapes.insert("step".into(), placeholder(vec![]));
+    let step_program = if s.accumulate == 1 {
+        let g = training_program(train_fwd, &trainable, &s.config).expect("has a loss");
+        Step::Fused(compile(CODE, device, &optimized(&g), &shapes)?)
+    } else {
+        let grads = gradient_program(train_fwd, &trainable).expect("has a loss");
+        let params: Vec<(String, TensorTy)> = checked
+            .params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    TensorTy::new(
+                        modelc::types::DType::F32,
+                        p.shape.iter().map(|d| modelc::types::Dim::constant(*d)).collect(),
+                    ),
+                )
+            })
+            .collect();
+        let update = update_program(&params, &s.config);
+        for (name, ty) in &params {
+            let dims = ty.dims.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+            shapes.insert(Role::Gradient(name).name(), placeholder(dims));
+        }
+        Step::Accumulated {
+            grads: compile(CODE, device, &optimized(&grads), &shapes)?,
+            update: compile(CODE, device, &optimized(&update), &shapes)?,
+        }
+    };
+    let eval_program = compile(CODE, device, eval_graph, &shapes)?;
+    Ok((step_program, eval_program))
+}
+
+/// The mean loss over the evaluation batches, and for a masked-language
+/// model the share of masked tokens predicted right.
+fn evaluate(eval_program: &Compiled, eval_batches: &[Tensors], state: &Tensors) -> Result<(f64, Option<f64>), String> {
+    let (mut total, mut right, mut masked) = (0.0, 0usize, 0usize);
+    for b in eval_batches {
+        let mut feeds: Tensors = weights_of(state);
+        feeds.extend(b.clone());
+        let out = eval_program.run(&feeds)?;
+        total += out["loss"].data[0] as f64;
+        if let (Some(logits), Some(labels)) = (out.get("logits"), b.get("labels")) {
+            let vocab = *logits.shape.last().expect("a vocabulary axis");
+            for (row, label) in logits.data.chunks_exact(vocab).zip(&labels.data) {
+                if *label != crate::masking::IGNORED {
+                    let best = (0..vocab).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap_or(0);
+                    right += usize::from(best as f32 == *label);
+                    masked += 1;
+                }
+            }
+        }
+    }
+    let accuracy = (masked > 0).then(|| right as f64 / masked as f64);
+    Ok((total / eval_batches.len() as f64, accuracy))
+}
+
+/// Why a step diverged: what was not finite, and where it started (the
+/// first layer whose output is not, from a traced forward, or else the
+/// weights whose gradients are not).
+fn divergence(
+    args: &TrainArgs,
+    train_fwd: &Graph,
+    trainable: &[String],
+    state: &Tensors,
+    first: &Tensors,
+    step: usize,
+    outcome: &Outcome,
+) -> (String, String) {
+    let loss = outcome.loss;
+    let what = if !loss.is_finite() {
+        format!("the loss is {loss}")
+    } else if !outcome.grad_norm.is_finite() {
+        format!("the gradient norm is {}", outcome.grad_norm)
+    } else {
+        "the updated weights are not finite".to_string()
+    };
+    let culprit = first_non_finite(args, state, first).unwrap_or_else(|| {
+        // The forward is fine: name the weights whose gradients are not.
+        let grads = gradients(train_fwd, trainable, state, first, step).unwrap_or_default();
+        let bad: Vec<&String> =
+            trainable.iter().filter(|n| grads.get(*n).is_some_and(|g| g.data.iter().any(|v| !v.is_finite()))).collect();
+        match bad.as_slice() {
+            [] => "every layer's output and every gradient is finite without dropout".to_string(),
+            [one] => format!("every layer's output is finite, but the gradient of `{one}` is not"),
+            [first, ..] => format!(
+                "every layer's output is finite, but the gradients of {} weights are not, the first `{first}`",
+                bad.len()
+            ),
+        }
+    });
+    (what, culprit)
+}
+
+/// One line of `metrics.jsonl`: the fields in this order, as JSON.
+fn json_line(fields: &[(&str, serde_json::Value)]) -> String {
+    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{}: {v}", serde_json::Value::from(*k))).collect();
+    format!("{{{}}}", fields.join(", "))
+}
+
+/// `x` to `digits` decimals, as a JSON number (non-finite values as null).
+fn rounded(x: f64, digits: i32) -> serde_json::Value {
+    let scale = 10f64.powi(digits);
+    let r = (x * scale).round() / scale;
+    if digits == 0 { serde_json::Value::from(r as i64) } else { serde_json::Value::from(r) }
 }
 
 /// The weights of a training state, without the optimiser's.
