@@ -185,3 +185,28 @@ fn every_primitive_is_documented() {
         assert!(doc.contains(code), "docs/language.md lacks error code {code}");
     }
 }
+
+#[test]
+fn the_library_front_door_checks_a_spec_with_settings_and_an_adapter() {
+    use modelc::spec::{Config, Spec};
+    let mut spec = Spec::file(repo().join("specs/llama.model"));
+    spec.config = Some(Config::Text { name: "inline".into(), text: r#"{"num_hidden_layers": 3}"#.into() });
+    spec.sets = vec!["dim=64".into(), "hidden=128".into(), "heads=4".into(), "kv_heads=2".into(), "vocab=100".into()];
+    let (_, checked) = spec.check().unwrap_or_else(|(_, d)| panic!("{d:?}"));
+    let value = |k: &str| checked.hparams.iter().find(|(n, _)| n == k).map(|(_, v)| v.to_string());
+    assert_eq!((value("layers"), value("dim")), (Some("3".into()), Some("64".into())));
+    // An adapter folder adapts the model: only the adapter's weights train.
+    spec.adapter = Some(repo().join("tests/fixtures/hf/llama-lora"));
+    let (_, adapted) = spec.check().unwrap_or_else(|(_, d)| panic!("{d:?}"));
+    assert!(adapted.params.iter().filter(|p| p.trainable).all(|p| p.name.contains("lora_")));
+    assert!(adapted.params.iter().any(|p| p.trainable));
+    // Problems come back as diagnostics with their sources; nothing is printed.
+    spec.adapter = None;
+    spec.sets.push("heads=5".into());
+    let (sources, diagnostics) = spec.check().err().expect("64 is not divisible by 5 heads");
+    let text = modelc::diag::render(&sources, &diagnostics, false);
+    assert!(text.contains("E0") && text.contains("heads"), "{text}");
+    let unsure = Spec { sets: vec!["layers".into()], ..Spec::file(repo().join("specs/llama.model")) };
+    let Err((_, bad)) = unsure.load() else { panic!("`--set layers` without a value loaded") };
+    assert_eq!(bad[0].code, "E0502");
+}
