@@ -1037,10 +1037,11 @@ mod tests {
     use modelc::types::{DType, Dim, TensorTy};
 
     /// Kernels of their own (permute, matrix product, concatenation,
-    /// reduction, gather) reading the arena while writing it, the views
-    /// `single` makes: run under Miri too (`cargo +nightly miri test -p
-    /// modelc-runtime --lib single_kernels`), which checks them against
-    /// Rust's aliasing model.
+    /// reduction) reading the arena while writing it, through the views
+    /// `single` makes. Miri checks them against Rust's aliasing model:
+    /// `MIRIFLAGS="-Zmiri-tree-borrows -Zmiri-ignore-leaks" cargo +nightly
+    /// miri test -p modelc-runtime --lib single_kernels` passes (Stacked
+    /// Borrows stops earlier, inside crossbeam-epoch, rayon's dependency).
     #[test]
     fn single_kernels_read_and_write_the_arena_through_disjoint_views() {
         let ty = |dims: &[i64]| TensorTy::new(DType::F32, dims.iter().map(|d| Dim::constant(*d)).collect());
