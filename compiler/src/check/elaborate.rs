@@ -10,10 +10,7 @@ use crate::syntax::ast::*;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// Index of an instance in [`Checker::instances`].
-pub type InstId = usize;
-/// Index of a parameter in [`Checker::params`].
-pub type ParamId = usize;
+pub use super::ids::{InstId, ParamId};
 
 /// Values visible to a layer's declarations: hyperparameters and lets.
 pub type Env = HashMap<String, Value>;
@@ -314,7 +311,7 @@ impl<'p> Checker<'p> {
                 }
             }
         }
-        let id = self.instances.len();
+        let id = InstId::new(self.instances.len());
         self.instances.push(Instance { def: dref, path: path.clone(), env: env.clone(), fields: Vec::new() });
         let mut fields: Vec<(String, FieldInst)> = Vec::new();
         let mut seen: HashMap<&str, Span> = HashMap::new();
@@ -447,7 +444,7 @@ impl<'p> Checker<'p> {
                         }
                     },
                 };
-                let id = self.params.len();
+                let id = ParamId::new(self.params.len());
                 self.params.push(ParamInfo {
                     name: path,
                     shape,
@@ -546,4 +543,24 @@ fn hparam_list(def: &Def) -> String {
         return "(none)".into();
     }
     def.hparams.iter().map(|h| h.name.text.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+impl std::ops::Index<InstId> for Vec<Instance> {
+    type Output = Instance;
+    fn index(&self, id: InstId) -> &Instance {
+        &self[id.index()]
+    }
+}
+
+impl std::ops::IndexMut<InstId> for Vec<Instance> {
+    fn index_mut(&mut self, id: InstId) -> &mut Instance {
+        &mut self[id.index()]
+    }
+}
+
+impl std::ops::Index<ParamId> for Vec<ParamInfo> {
+    type Output = ParamInfo;
+    fn index(&self, id: ParamId) -> &ParamInfo {
+        &self[id.index()]
+    }
 }

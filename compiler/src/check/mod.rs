@@ -10,6 +10,7 @@ mod elaborate;
 pub use elaborate::MAX_ELEMENTS;
 mod forward;
 pub mod hf;
+pub mod ids;
 pub mod load;
 pub mod prims;
 pub mod report;

@@ -30,7 +30,7 @@ pub enum Value {
     /// A named record in settings: `adamw(lr: 3e-4)`.
     Record(String, Vec<(String, Value)>),
     /// An existing layer instance (the wrapped base of an adapter).
-    Instance(usize),
+    Instance(super::ids::InstId),
 }
 
 #[derive(Clone, Debug, PartialEq)]
