@@ -705,10 +705,21 @@ fn published_minilm_embeds_as_sentence_transformers() {
             .unwrap();
     let sentences: Vec<&str> = want["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert!(want["token_counts"].as_array().unwrap().iter().any(|n| n.as_u64().unwrap() > 300));
-    let mut args = vec!["embed", "specs/minilm.model", "--weights", folder.to_str().unwrap(), "--json", "--batch", "4"];
+    let mut args = vec![
+        "embed",
+        "specs/minilm.model",
+        "--weights",
+        folder.to_str().unwrap(),
+        "--json",
+        "--batch",
+        "4",
+        "--verbose",
+    ];
     args.extend(&sentences);
     let (code, out, err) = modelc(&args);
     assert_eq!(code, 0, "{err}");
+    // The buffer is ignored as transformers ignores it, and --verbose says so.
+    assert!(err.contains("ignored `embeddings.position_ids`"), "{err}");
     let got: Vec<Vec<f64>> = out
         .lines()
         .map(|l| {

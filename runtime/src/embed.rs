@@ -85,7 +85,7 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
     let absent: Vec<String> =
         checked.inputs.iter().filter(|i| i.optional && i.name != "attention_mask").map(|i| i.name.clone()).collect();
     let (_, graph) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[output])?;
-    let mut weights = load_weights(CODE, &args.weights, &args.model, &checked)?;
+    let mut weights = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
     args.dtype.apply(CODE, device, &graph, &mut weights)?;
     let mut tokenizer = match Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights)) {
         Some(path) => Tokenizer::open(Some(&path)).map_err(|e| error(CODE, e))?,

@@ -74,7 +74,7 @@ fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
         ));
     }
     let (checked, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[])?;
-    let mut feeds = load_weights(CODE, &args.weights, &args.model, &checked)?;
+    let mut feeds = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
     args.dtype.apply(CODE, device, &g, &mut feeds)?;
     feeds.extend(inputs);
     let program = compile(CODE, device, &g, &feeds)?;

@@ -303,7 +303,7 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
         return Err(error(CODE, format!("`infer` feeds `input_ids` only; `{}` needs other inputs too", checked.model)));
     }
-    let weights = load_weights(CODE, &args.weights, &args.model, &checked)?;
+    let weights = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
     let tokenizer_path = Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights));
     let tokenizer = Tokenizer::open(tokenizer_path.as_deref()).map_err(|e| error(CODE, e))?;
     let prompt_ids = if args.prompt_ids.is_empty() {

@@ -23,6 +23,10 @@ pub struct RunArgs {
     /// fixed count.
     #[arg(long, value_parser = crate::flags::threads)]
     pub threads: Option<usize>,
+    /// Say more: the checkpoint's tensors that loading ignored (buffers such
+    /// as `position_ids` that transformers does not load either).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// How inference holds the weights it multiplies by (`--dtype`).
@@ -147,8 +151,15 @@ pub fn load_weights(
     path: &Path,
     model: &ModelArgs,
     checked: &Checked,
+    run: &RunArgs,
 ) -> Result<Tensors, ExitCode> {
-    weights::load_model(path, model.adapter.as_deref(), &checked.params).map_err(|e| error(code, e))
+    let loaded = weights::load_model(path, model.adapter.as_deref(), &checked.params).map_err(|e| error(code, e))?;
+    if run.verbose {
+        for name in weights::ignored_buffers(path, &checked.params).map_err(|e| error(code, e))? {
+            eprintln!("weights: ignored `{name}` (a buffer, not a weight of the model)");
+        }
+    }
+    Ok(loaded)
 }
 
 /// A program compiled for the chosen device.

@@ -237,6 +237,38 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
     }
 }
 
+/// The tensors of a checkpoint that loading `params` ignores: buffers
+/// (`is_buffer`) the model does not declare. Reads only the files' headers.
+pub fn ignored_buffers(path: &Path, params: &[ParamInfo]) -> Result<Vec<String>, String> {
+    use std::io::Read;
+    let mut ignored = Vec::new();
+    for file in checkpoint_files(path)? {
+        let fail = |e: String| format!("cannot read {}: {e}", file.display());
+        let mut f = std::fs::File::open(&file).map_err(|e| fail(e.to_string()))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| fail(e.to_string()))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(fail(format!("its header claims {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(|e| fail(e.to_string()))?;
+        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| fail(e.to_string()))?;
+        let names = header.as_object().into_iter().flat_map(|m| m.keys());
+        ignored.extend(
+            names
+                .filter(|n| {
+                    let loads =
+                        |p: &ParamInfo| p.name == **n || p.name.split_once('.').is_some_and(|(_, rest)| rest == *n);
+                    is_buffer(n) && !params.iter().any(loads)
+                })
+                .cloned(),
+        );
+    }
+    ignored.sort();
+    Ok(ignored)
+}
+
 /// Buffers that older transformers versions saved with the weights: the
 /// causal mask of GPT-2 attention and the RoPE inverse frequencies.
 /// Buffers `transformers` keeps out of a model's weights when it loads a
