@@ -834,3 +834,110 @@ fn bert_masked_lm_matches_transformers_and_pretrains() {
     assert!(evals[1].0 < evals[0].0, "the masked-LM loss falls: {evals:?}");
     assert!(evals[1].1 > 0.0, "some masked tokens are predicted: {evals:?}");
 }
+
+#[test]
+fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
+    // `quantize` packs once what `--dtype` packs at every load: the same
+    // bits, so the same logits and tokens, from a smaller file.
+    let dir = repo().join("tests/fixtures/hf/llama");
+    let out = scratch("quantize");
+    let inputs = dir.join("inputs.safetensors");
+    let config = dir.join("config.json");
+    for dtype in ["bf16", "q8", "q4"] {
+        let packed = out.join(format!("{dtype}.safetensors"));
+        let (code, _, err) = modelc(&[
+            "quantize",
+            "specs/llama.model",
+            "--weights",
+            dir.to_str().unwrap(),
+            "--dtype",
+            dtype,
+            "-o",
+            packed.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let original = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+        assert!(std::fs::metadata(&packed).unwrap().len() < original * 3 / 4, "{dtype} is not smaller");
+        let forward = |weights: &Path, extra: &[&str], name: &str| {
+            let outputs = out.join(format!("{name}.safetensors"));
+            let mut args = vec![
+                "forward",
+                "specs/llama.model",
+                "--config",
+                config.to_str().unwrap(),
+                "--weights",
+                weights.to_str().unwrap(),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--outputs",
+                outputs.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ];
+            args.extend(extra);
+            let (code, _, err) = modelc(&args);
+            assert_eq!(code, 0, "{err}");
+            weights::load_all(&outputs).unwrap().0.remove("logits").unwrap().data
+        };
+        let converted = forward(&dir.join("model.safetensors"), &["--dtype", dtype], &format!("{dtype}-converted"));
+        assert_eq!(forward(&packed, &[], &format!("{dtype}-stored")), converted, "{dtype}");
+        let generate = |weights: &Path, extra: &[&str]| {
+            let mut args = vec![
+                "infer",
+                "specs/llama.model",
+                "--config",
+                config.to_str().unwrap(),
+                "--weights",
+                weights.to_str().unwrap(),
+                "--prompt-ids",
+                "1,5,9,3",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--json",
+                "--device",
+                "cpu",
+            ];
+            args.extend(extra);
+            let (code, out, err) = modelc(&args);
+            assert_eq!(code, 0, "{err}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["new_token_ids"].clone()
+        };
+        assert_eq!(generate(&packed, &[]), generate(&dir.join("model.safetensors"), &["--dtype", dtype]), "{dtype}");
+    }
+    // Packed weights cannot train, convert to another format, or run on the GPU.
+    let q8 = out.join("q8.safetensors");
+    let (code, _, err) = modelc(&[
+        "train",
+        "specs/llama.model",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        q8.to_str().unwrap(),
+        "--data",
+        "README.md",
+        "--steps",
+        "1",
+        "--out",
+        out.join("run").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("packed by `modelc quantize`"), "{err}");
+    let (code, _, err) = modelc(&[
+        "infer",
+        "specs/llama.model",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        q8.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--dtype",
+        "q4",
+        "--device",
+        "cpu",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stored as q8"), "{err}");
+}

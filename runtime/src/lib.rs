@@ -16,6 +16,7 @@ pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod plot;
+pub mod quantize;
 pub mod run_dir;
 pub mod tokenize;
 pub mod train;

@@ -26,6 +26,8 @@ enum Top {
     Merge(modelc_runtime::merge::MergeArgs),
     /// Run the model on named input tensors and write its named outputs (safetensors).
     Forward(modelc_runtime::forward::ForwardArgs),
+    /// Pack a checkpoint's matrix weights once (--dtype bf16, q8, q4) for fast loads.
+    Quantize(modelc_runtime::quantize::QuantizeArgs),
 }
 
 impl Top {
@@ -39,6 +41,7 @@ impl Top {
             Top::Build(a) => Some(&mut a.model),
             Top::Embed(a) => Some(&mut a.model),
             Top::Merge(a) => Some(&mut a.model),
+            Top::Quantize(a) => Some(&mut a.model),
         }
     }
 }
@@ -91,5 +94,6 @@ fn main() -> ExitCode {
         Top::Build(args) => modelc_runtime::build::run(&args),
         Top::Embed(args) => modelc_runtime::embed::run(&args),
         Top::Merge(args) => modelc_runtime::merge::run(&args),
+        Top::Quantize(args) => modelc_runtime::quantize::run(&args),
     }
 }

@@ -42,7 +42,9 @@ fn merge(args: &MergeArgs) -> Result<(), ExitCode> {
     let config = AdapterConfig::read(dir).map_err(|e| error(CODE, e))?;
     let (program, opts) = load(&args.model)?;
     let checked = modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))?;
-    let mut w = weights::load_model(&args.weights, Some(dir), &checked.params).map_err(|e| error(CODE, e))?;
+    let mut w = weights::load_model(&args.weights, Some(dir), &checked.params)
+        .and_then(|w| weights::unpacked(w, "merging"))
+        .map_err(|e| error(CODE, e))?;
     let scale = (config.alpha / config.rank as f64) as f32;
     let adapted: Vec<String> = w.keys().filter_map(|k| k.strip_suffix(".lora_A.weight").map(String::from)).collect();
     for layer in &adapted {

@@ -50,6 +50,30 @@ impl DtypeArgs {
         feeds: &mut HashMap<String, Tensor>,
     ) -> Result<(), ExitCode> {
         let format = Format::parse(&self.dtype).map_err(|e| error(code, e))?;
+        // Weights `modelc quantize` packed: their format is the file's.
+        let stored = feeds.values().find_map(|t| t.packed.as_ref().map(|p| p.format));
+        if let Some(stored) = stored {
+            if format != Format::F32 && format != stored {
+                return Err(error(
+                    code,
+                    format!(
+                        "--dtype {}: the weights are stored as {}; give their f32 checkpoint to use another format",
+                        self.dtype,
+                        stored.name()
+                    ),
+                ));
+            }
+            if device == Device::Gpu {
+                return Err(error(
+                    code,
+                    format!(
+                        "the weights are stored as {}, which runs on the CPU only; add --device cpu",
+                        stored.name()
+                    ),
+                ));
+            }
+        }
+        let format = stored.unwrap_or(format);
         if format == Format::F32 {
             return Ok(());
         }
@@ -59,8 +83,9 @@ impl DtypeArgs {
                 format!("--dtype {}: compact weights run on the CPU only; add --device cpu", self.dtype),
             ));
         }
-        let count = crate::cpu::pack_weights(g, feeds, format);
+        crate::cpu::pack_weights(g, feeds, format);
         crate::cpu::drop_unread(&[g], feeds);
+        let count = feeds.values().filter(|t| t.packed.is_some()).count();
         let bytes: usize = feeds.values().filter_map(|t| t.packed.as_ref()).map(|p| p.bytes()).sum();
         eprintln!("weights: {count} matrices as {} ({:.1} MB)", format.name(), bytes as f64 / 1e6);
         Ok(())

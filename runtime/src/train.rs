@@ -669,12 +669,14 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
         .map_err(usage)?;
     let fresh = weights::init(&checked.params, &mut Rng::new(s.seed));
     let mut state = match (&args.weights, &args.model.adapter) {
-        (Some(w), Some(a)) => weights::load_model(w, Some(a), &checked.params).map_err(usage)?,
+        (Some(w), Some(a)) => weights::load_model(w, Some(a), &checked.params)
+            .and_then(|w| weights::unpacked(w, "training"))
+            .map_err(usage)?,
         (Some(w), None) if checked.params.iter().any(|p| weights::is_adapter(&p.name)) => {
             // A new adapter on pretrained weights: the base from the file, the adapter
             // initialised; DoRA's magnitude starts at the base rows' norms (W' = W).
             let base: Vec<_> = checked.params.iter().filter(|p| !weights::is_adapter(&p.name)).cloned().collect();
-            let mut state = weights::load(w, &base).map_err(usage)?;
+            let mut state = weights::load(w, &base).and_then(|w| weights::unpacked(w, "training")).map_err(usage)?;
             for p in checked.params.iter().filter(|p| weights::is_adapter(&p.name)) {
                 let mut t = fresh[&p.name].clone();
                 if let Some(layer) = p.name.strip_suffix(".lora_magnitude_vector") {
@@ -686,7 +688,9 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
             }
             state
         }
-        (Some(w), None) => weights::load(w, &checked.params).map_err(usage)?,
+        (Some(w), None) => {
+            weights::load(w, &checked.params).and_then(|w| weights::unpacked(w, "training")).map_err(usage)?
+        }
         (None, _) => fresh,
     };
     for p in checked.params.iter().filter(|p| p.trainable) {

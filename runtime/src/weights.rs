@@ -64,26 +64,56 @@ pub fn save(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), String
     save_with(path, tensors, None)
 }
 
-/// [`save`] with string metadata in the file's header.
+/// [`save`] with string metadata in the file's header. A packed weight
+/// (`modelc quantize`) is written as its arrays, `NAME::halves` (bf16),
+/// `NAME::quants` (u8) and `NAME::scales` (f16), described under the
+/// `modelc.packed` metadata key; its f32 values too, as `NAME`, where it
+/// still has them (a weight also read another way, such as tied embeddings).
 pub fn save_with(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), String> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = {
-        let mut names: Vec<&String> = tensors.keys().collect();
-        names.sort();
-        names
-            .into_iter()
-            .map(|n| {
-                let t = &tensors[n];
-                (n.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-            })
-            .collect()
-    };
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut packed = serde_json::Map::new();
+    let halves_of = |v: &[u16]| v.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>();
+    for n in names {
+        let t = &tensors[n];
+        if let Some(p) = &t.packed {
+            let (halves, quants, scales) = p.parts();
+            let rows = |len: usize| vec![p.n, len / p.n.max(1)];
+            for (part, dtype, data) in [
+                ("halves", Dtype::BF16, halves_of(halves)),
+                ("quants", Dtype::U8, quants.to_vec()),
+                ("scales", Dtype::F16, halves_of(scales)),
+            ] {
+                let len = if dtype == Dtype::U8 { data.len() } else { data.len() / 2 };
+                if len > 0 {
+                    bytes.push((format!("{n}{PACKED_PART}{part}"), dtype, rows(len), data));
+                }
+            }
+            packed.insert(
+                n.clone(),
+                serde_json::json!({
+                    "format": p.format.name(), "n": p.n, "k": p.k, "transposed": p.transposed, "shape": t.shape,
+                }),
+            );
+            if t.data.is_empty() {
+                continue;
+            }
+        }
+        bytes.push((n.clone(), Dtype::F32, t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()));
+    }
+    let mut metadata = metadata.unwrap_or_default();
+    if !packed.is_empty() {
+        metadata.insert(PACKED_KEY.into(), serde_json::Value::Object(packed).to_string());
+    }
+    let metadata = (!metadata.is_empty()).then_some(metadata);
     let views = bytes
         .iter()
-        .map(|(n, shape, b)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (n.clone(), v)))
+        .map(|(n, dtype, shape, b)| TensorView::new(*dtype, shape.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
     let tmp = path.with_extension("safetensors.tmp");
@@ -95,6 +125,52 @@ pub fn save_with(
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// The metadata key that describes a file's packed weights.
+const PACKED_KEY: &str = "modelc.packed";
+/// Between a packed weight's name and its part's (`NAME::quants`).
+const PACKED_PART: &str = "::";
+
+/// The packed weights a safetensors file holds (see [`save_with`]), by name.
+fn packed_weights(st: &SafeTensors, metadata: Option<&HashMap<String, String>>) -> Result<Tensors, String> {
+    let Some(text) = metadata.and_then(|m| m.get(PACKED_KEY)) else { return Ok(Tensors::new()) };
+    let described: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| format!("its `{PACKED_KEY}` metadata is not a JSON object: {e}"))?;
+    let mut out = Tensors::new();
+    for (name, d) in described {
+        let bad = |why: String| format!("packed weight `{name}`: {why}");
+        let format = crate::cpu::packed::Format::parse(d["format"].as_str().unwrap_or("?")).map_err(bad)?;
+        let size = |key: &str| d[key].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("no `{key}`")));
+        let (n, k) = (size("n")?, size("k")?);
+        let shape: Vec<usize> = d["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+            .ok_or_else(|| bad("no `shape`".into()))?;
+        let part = |part: &str| -> Result<Vec<u8>, String> {
+            match st.tensor(&format!("{name}{PACKED_PART}{part}")) {
+                Ok(view) => Ok(view.data().to_vec()),
+                Err(_) => Ok(Vec::new()),
+            }
+        };
+        let halves = |b: Vec<u8>| b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<u16>>();
+        let p = crate::cpu::packed::Packed::from_parts(
+            format,
+            (n, k),
+            d["transposed"].as_bool().unwrap_or(false),
+            (halves(part("halves")?), part("quants")?, halves(part("scales")?)),
+        )
+        .map_err(bad)?;
+        if shape.iter().product::<usize>() != n * k {
+            return Err(bad(format!("shape {shape:?} does not hold {n} x {k}")));
+        }
+        let data = match st.tensor(&name) {
+            Ok(view) => to_f32(&view).map_err(bad)?,
+            Err(_) => Vec::new(),
+        };
+        out.insert(name, Tensor { shape, data, packed: Some(std::sync::Arc::new(p)) });
+    }
+    Ok(out)
 }
 
 /// Moves a fully written `tmp` over `path`: its bytes reach the disk first
@@ -121,6 +197,18 @@ pub fn load(path: &Path, params: &[ParamInfo]) -> Result<Tensors, String> {
     load_names(path, params, &|name| {
         [Some(name.to_string()), name.split_once('.').map(|(_, rest)| rest.to_string())].into_iter().flatten().collect()
     })
+}
+
+/// Refuses weights `modelc quantize` packed where f32 values are needed
+/// (training, merging): their f32 values are gone.
+pub fn unpacked(weights: Tensors, task: &str) -> Result<Tensors, String> {
+    match weights.iter().filter(|(_, t)| t.packed.is_some()).map(|(k, _)| k).min() {
+        Some(name) => Err(format!(
+            "the weights are packed by `modelc quantize` (`{name}` and others), which {task} cannot use; \
+             give the f32 checkpoint"
+        )),
+        None => Ok(weights),
+    }
 }
 
 /// Whether a weight belongs to a LoRA/DoRA adapter rather than the base model.
@@ -166,13 +254,23 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
     let files = checkpoint_files(path)?;
     let mut on_disk: HashMap<String, (usize, Vec<usize>)> = HashMap::new();
     let mut blobs = Vec::new();
+    // Weights `modelc quantize` wrote packed: used as they are.
+    let mut packed = Tensors::new();
     for (i, file) in files.iter().enumerate() {
         let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| format!("{} is not a safetensors file: {e}", file.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+        let here = packed_weights(&st, header.metadata().as_ref()).map_err(|e| format!("{}: {e}", file.display()))?;
         for (name, view) in st.tensors() {
-            on_disk.insert(name, (i, view.shape().to_vec()));
+            if !name.contains(PACKED_PART) {
+                on_disk.insert(name, (i, view.shape().to_vec()));
+            }
         }
+        for (name, t) in &here {
+            on_disk.insert(name.clone(), (i, t.shape.clone()));
+        }
+        packed.extend(here);
         blobs.push(bytes);
     }
     let mut out = HashMap::new();
@@ -189,6 +287,10 @@ fn load_names(path: &Path, params: &[ParamInfo], names: &dyn Fn(&str) -> Vec<Str
         let (file, shape) = &on_disk[&stored];
         if *shape != want {
             problems.push(format!("tensor `{}` has shape {shape:?}, expected {want:?}", p.name));
+            continue;
+        }
+        if let Some(t) = packed.remove(&stored) {
+            out.insert(p.name.clone(), t);
             continue;
         }
         let st = SafeTensors::deserialize(&blobs[*file]).expect("parsed above");

@@ -173,6 +173,38 @@ impl Packed {
     pub fn bytes(&self) -> usize {
         2 * self.halves.len() + self.quants.len() + 2 * self.scales.len()
     }
+
+    /// The stored arrays: bf16 bits, quants, f16 scale bits (each empty
+    /// where the format has none), as `modelc quantize` writes them.
+    pub fn parts(&self) -> (&[u16], &[u8], &[u16]) {
+        (&self.halves, &self.quants, &self.scales)
+    }
+
+    /// A packed weight from its stored arrays, checked against its format
+    /// and size (a file's bytes are not trusted).
+    pub fn from_parts(
+        format: Format,
+        (n, k): (usize, usize),
+        transposed: bool,
+        (halves, quants, scales): (Vec<u16>, Vec<u8>, Vec<u16>),
+    ) -> Result<Packed, String> {
+        let weights = n.checked_mul(k).ok_or_else(|| format!("{n} x {k} weights overflow"))?;
+        let want = match format {
+            Format::F32 => return Err("f32 weights are not packed".into()),
+            Format::Bf16 => (weights, 0, 0),
+            Format::Q8 => (0, weights, weights / BLOCK),
+            Format::Q4 => (0, weights / 2, weights / BLOCK),
+        };
+        let have = (halves.len(), quants.len(), scales.len());
+        if !format.fits(k) || have != want {
+            return Err(format!(
+                "{} x {k} as {} needs (halves, quants, scales) of {want:?} elements, found {have:?}",
+                n,
+                format.name()
+            ));
+        }
+        Ok(Packed { format, n, k, transposed, halves, quants, scales })
+    }
 }
 
 /// Quantises 32 weights as llama.cpp does (its reference quantize_row_*),
@@ -879,6 +911,26 @@ mod tests {
             .enumerate()
             .flat_map(|(b, d)| d.to_le_bytes().into_iter().chain(p.quants[b * per..(b + 1) * per].iter().copied()))
             .collect()
+    }
+
+    #[test]
+    fn stored_parts_read_back_and_damaged_ones_are_refused() {
+        let w: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        for format in [Format::Bf16, Format::Q8, Format::Q4] {
+            let p = Packed::new(format, &w, 2, 64);
+            let (h, q, d) = p.parts();
+            let back = Packed::from_parts(format, (2, 64), false, (h.to_vec(), q.to_vec(), d.to_vec())).unwrap();
+            assert_eq!(back, p);
+            let short = Packed::from_parts(
+                format,
+                (2, 64),
+                false,
+                (h[h.len().min(1)..].to_vec(), q[q.len().min(1)..].to_vec(), d.to_vec()),
+            );
+            assert!(short.is_err(), "{format:?}");
+        }
+        assert!(Packed::from_parts(Format::Q8, (1, 33), false, (vec![], vec![0; 33], vec![0; 1])).is_err());
+        assert!(Packed::from_parts(Format::Q8, (usize::MAX, 2), false, (vec![], vec![], vec![])).is_err());
     }
 
     #[test]
