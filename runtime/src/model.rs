@@ -52,35 +52,28 @@ impl DtypeArgs {
         let format = Format::parse(&self.dtype).map_err(|e| error(code, e))?;
         // Weights `modelc quantize` packed: their format is the file's.
         let stored = feeds.values().find_map(|t| t.packed.as_ref().map(|p| p.format));
-        if let Some(stored) = stored {
-            if format != Format::F32 && format != stored {
-                return Err(error(
-                    code,
-                    format!(
-                        "--dtype {}: the weights are stored as {}; give their f32 checkpoint to use another format",
-                        self.dtype,
-                        stored.name()
-                    ),
-                ));
-            }
-            if device == Device::Gpu {
-                return Err(error(
-                    code,
-                    format!(
-                        "the weights are stored as {}, which runs on the CPU only; add --device cpu",
-                        stored.name()
-                    ),
-                ));
-            }
+        if let Some(stored) = stored
+            && format != Format::F32
+            && format != stored
+        {
+            return Err(error(
+                code,
+                format!(
+                    "--dtype {}: the weights are stored as {}; give their f32 checkpoint to use another format",
+                    self.dtype,
+                    stored.name()
+                ),
+            ));
         }
         let format = stored.unwrap_or(format);
         if format == Format::F32 {
             return Ok(());
         }
         if device == Device::Gpu {
+            let how = if stored.is_some() { "the weights are stored as" } else { "--dtype" };
             return Err(error(
                 code,
-                format!("--dtype {}: compact weights run on the CPU only; add --device cpu", self.dtype),
+                format!("{how} {}: compact weights run on the CPU only; add --device cpu", format.name()),
             ));
         }
         crate::cpu::pack_weights(g, feeds, format);
