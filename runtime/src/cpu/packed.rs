@@ -632,6 +632,9 @@ mod avx512 {
 /// with an f32 scale each (`x ~ d q`, as llama.cpp's Q8_0 rounds them).
 pub struct Activation {
     q: Vec<i8>,
+    /// The same quants ordered as q4 rows unpack: per 4 blocks, the first 16
+    /// of each block, then the last 16 of each (zeros past the last block).
+    q4: Vec<i8>,
     d: Vec<f32>,
     /// Each block's sum of quants times its scale: what the products'
     /// offsets (q8's +128, q4's -8) cost, taken off once per block.
@@ -642,7 +645,12 @@ impl Activation {
     /// Rounds `x` (a whole number of blocks).
     pub fn new(x: &[f32]) -> Activation {
         let blocks = x.len() / BLOCK;
-        let mut a = Activation { q: vec![0; x.len()], d: vec![0.0; blocks], sums: vec![0.0; blocks] };
+        let mut a = Activation {
+            q: vec![0; x.len()],
+            q4: vec![0; blocks.div_ceil(4) * 4 * BLOCK],
+            d: vec![0.0; blocks],
+            sums: vec![0.0; blocks],
+        };
         for (b, (x, q)) in x.chunks_exact(BLOCK).zip(a.q.chunks_exact_mut(BLOCK)).enumerate() {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -660,6 +668,12 @@ impl Activation {
             }
             a.d[b] = d;
             a.sums[b] = sum as f32 * d;
+        }
+        let half = BLOCK / 2;
+        for (b, q) in a.q.chunks_exact(BLOCK).enumerate() {
+            let at = (b / 4) * 4 * BLOCK + (b % 4) * half;
+            a.q4[at..at + half].copy_from_slice(&q[..half]);
+            a.q4[at + 2 * BLOCK..at + 2 * BLOCK + half].copy_from_slice(&q[half..]);
         }
         a
     }
@@ -789,37 +803,56 @@ mod vnni {
         _mm512_reduce_add_ps(acc)
     }
 
-    /// Σ_b dw_b dx_b Σ (q_w + 8) q_x over a q4 row, two blocks a step.
+    /// Σ_b dw_b dx_b Σ (q_w + 8) q_x over a q4 row, four blocks a step: the
+    /// 64 bytes of four blocks hold their first halves in the low nibbles
+    /// and their second halves in the high ones, so the two masked nibble
+    /// vectors meet the activations in `Activation::q4`'s order with no
+    /// shuffle, and two `vpdpbusd` leave each block's sum in 4 lanes.
     #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx512bw,fma")]
     #[inline]
     unsafe fn q4(x: &Activation, q: *const u8, d: *const u16, blocks: usize) -> f32 {
-        let (xq, pairs) = (x.q.as_ptr(), pairs());
-        let low = _mm256_set1_epi8(15);
+        let xq = x.q4.as_ptr();
+        let low = _mm512_set1_epi8(15);
+        // Lanes 4b..4b+3 take block b of the step's four: scales 4h+b of the group's eight.
+        let quads: [__m512i; 2] = std::array::from_fn(|h| {
+            let b = |i: i32| 4 * h as i32 + i;
+            _mm512_set_epi32(
+                b(3),
+                b(3),
+                b(3),
+                b(3),
+                b(2),
+                b(2),
+                b(2),
+                b(2),
+                b(1),
+                b(1),
+                b(1),
+                b(1),
+                b(0),
+                b(0),
+                b(0),
+                b(0),
+            )
+        });
         let (mut acc, mut group) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        // SAFETY: blocks 2p, 2p + 1 of the row (16 bytes each) and of the
-        // activations; an odd last block is read as half.
+        // SAFETY: blocks 4s.. of the row (16 bytes each, the last step's masked
+        // to the blocks there are) and the activations' 128 bytes of the step.
         unsafe {
-            for p in 0..blocks.div_ceil(2) {
-                if p % 4 == 0 {
-                    group = group_scales(d, p / 4, blocks, x);
+            for step in 0..blocks.div_ceil(4) {
+                if step % 2 == 0 {
+                    group = group_scales(d, step / 2, blocks, x);
                 }
-                if p % 2 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(q.add(p * BLOCK + 1024) as *const i8);
-                }
-                let two = 2 * p + 1 < blocks;
-                let bytes = _mm256_maskz_loadu_epi8(if two { !0 } else { 0xffff }, q.add(p * BLOCK) as *const i8);
-                // [lo0 | lo1] and [hi0 | hi1] as bytes 0..15, then [lo0, hi0, lo1, hi1].
-                let lo = _mm256_and_si256(bytes, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-                let w = _mm512_shuffle_i64x2(
-                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
-                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
-                    0b11_01_10_00,
-                );
-                let mask: __mmask64 = if two { !0 } else { (1 << BLOCK) - 1 };
-                let xv = _mm512_maskz_loadu_epi8(mask, xq.add(p * 2 * BLOCK));
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                let scale = _mm512_permutexvar_ps(pairs[p % 4], group);
+                _mm_prefetch::<_MM_HINT_T0>(q.add(step * 2 * BLOCK + 1024) as *const i8);
+                let here = (blocks - 4 * step).min(4);
+                let mask: __mmask64 = if here == 4 { !0 } else { (1u64 << (16 * here)) - 1 };
+                let bytes = _mm512_maskz_loadu_epi8(mask, q.add(step * 2 * BLOCK) as *const i8);
+                let lo = _mm512_and_si512(bytes, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+                let x_lo = _mm512_loadu_si512(xq.add(step * 4 * BLOCK) as *const __m512i);
+                let x_hi = _mm512_loadu_si512(xq.add(step * 4 * BLOCK + 2 * BLOCK) as *const __m512i);
+                let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x_lo), hi, x_hi);
+                let scale = _mm512_permutexvar_ps(quads[step % 2], group);
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
             }
         }
