@@ -940,4 +940,31 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("stored as q8"), "{err}");
+    // A file whose description of a packed weight does not fit the model
+    // (here: marked as packed from its transpose) is refused, not read past.
+    let bytes = std::fs::read(&q8).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let described = header["__metadata__"]["modelc.packed"].as_str().unwrap().to_string();
+    let mut packed: serde_json::Value = serde_json::from_str(&described).unwrap();
+    packed["model.layers.0.mlp.down_proj.weight"]["transposed"] = true.into();
+    header["__metadata__"]["modelc.packed"] = packed.to_string().into();
+    let mut text = header.to_string().into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let tampered = out.join("tampered.safetensors");
+    std::fs::write(&tampered, [&(text.len() as u64).to_le_bytes()[..], &text, &bytes[8 + len..]].concat()).unwrap();
+    let (code, _, err) = modelc(&[
+        "infer",
+        "specs/llama.model",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        tampered.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("`model.layers.0.mlp.down_proj.weight` is stored packed as"), "{err}");
 }

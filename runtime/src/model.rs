@@ -65,6 +65,9 @@ impl DtypeArgs {
                 ),
             ));
         }
+        if stored.is_some() {
+            crate::cpu::check_packed(g, feeds).map_err(|e| error(code, e))?;
+        }
         let format = stored.unwrap_or(format);
         if format == Format::F32 {
             return Ok(());

@@ -85,6 +85,40 @@ pub fn pack_weights(g: &Graph, feeds: &mut HashMap<String, Tensor>, format: Form
     packed
 }
 
+/// Packed weights read from a file (`modelc quantize`) checked against how
+/// `g` uses them, since the file is not trusted: a product that reads one
+/// must find it packed its way round with its sizes, and a weight `g` also
+/// reads as f32 must have its f32 values.
+pub fn check_packed(g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
+    let reads = f32_reads(g);
+    for (id, node) in g.nodes.iter().enumerate() {
+        for (arg, input) in node.args.iter().enumerate() {
+            let Op::Param(name) = &g.node(*input).op else { continue };
+            let Some(t @ Tensor { packed: Some(p), .. }) = feeds.get(name) else { continue };
+            if t.data.is_empty() && reads.contains(name) {
+                return Err(format!(
+                    "`{name}` is stored packed without its f32 values, which the model also reads as f32"
+                ));
+            }
+            let Some(tb) = product_weight(g, NodeId(id as u32), arg) else { continue };
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let (n, k) = if tb { (rows, cols) } else { (cols, rows) };
+            // Packed its way round, the product reads the packed copy; else the f32 values.
+            let fits = if p.transposed != tb { (p.n, p.k) == (n, k) } else { !t.data.is_empty() };
+            if !fits {
+                return Err(format!(
+                    "`{name}` is stored packed as {} x {}{}, but the model multiplies it as {n} x {k}{}",
+                    p.n,
+                    p.k,
+                    if p.transposed { " (transposed)" } else { "" },
+                    if tb { "" } else { " (transposed)" }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Weights `g` reads as f32 values: other than as a product's right
 /// operand, or as one both ways (`x @ W` and `x @ W^T`; a packed copy
 /// serves one).
