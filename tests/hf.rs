@@ -908,38 +908,19 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
     }
     // Packed weights cannot train, convert to another format, or run on the GPU.
     let q8 = out.join("q8.safetensors");
-    let (code, _, err) = modelc(&[
-        "train",
-        "specs/llama.model",
-        "--config",
-        config.to_str().unwrap(),
-        "--weights",
-        q8.to_str().unwrap(),
-        "--data",
-        "README.md",
-        "--steps",
-        "1",
-        "--out",
-        out.join("run").to_str().unwrap(),
-    ]);
-    assert_ne!(code, 0);
-    assert!(err.contains("packed by `modelc quantize`"), "{err}");
-    let (code, _, err) = modelc(&[
-        "infer",
-        "specs/llama.model",
-        "--config",
-        config.to_str().unwrap(),
-        "--weights",
-        q8.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--dtype",
-        "q4",
-        "--device",
-        "cpu",
-    ]);
-    assert_ne!(code, 0);
-    assert!(err.contains("stored as q8"), "{err}");
+    let run = out.join("run");
+    let refuse = |weights: &Path, command: &[&str], says: &str| {
+        let mut args = vec![command[0], "specs/llama.model", "--config", config.to_str().unwrap()];
+        args.extend(["--weights", weights.to_str().unwrap()]);
+        args.extend(&command[1..]);
+        let (code, _, err) = modelc(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    let train = ["train", "--data", "README.md", "--steps", "1", "--out", run.to_str().unwrap()];
+    refuse(&q8, &train, "packed by `modelc quantize`");
+    refuse(&q8, &["infer", "--prompt-ids", "1", "--dtype", "q4", "--device", "cpu"], "stored as q8");
+    refuse(&q8, &["infer", "--prompt-ids", "1", "--device", "gpu"], "compact weights run on the CPU only");
     // A file whose description of a packed weight does not fit the model
     // (here: marked as packed from its transpose) is refused, not read past.
     let bytes = std::fs::read(&q8).unwrap();
@@ -953,18 +934,9 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
     text.resize(text.len().next_multiple_of(8), b' ');
     let tampered = out.join("tampered.safetensors");
     std::fs::write(&tampered, [&(text.len() as u64).to_le_bytes()[..], &text, &bytes[8 + len..]].concat()).unwrap();
-    let (code, _, err) = modelc(&[
-        "infer",
-        "specs/llama.model",
-        "--config",
-        config.to_str().unwrap(),
-        "--weights",
-        tampered.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--device",
-        "cpu",
-    ]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("`model.layers.0.mlp.down_proj.weight` is stored packed as"), "{err}");
+    refuse(
+        &tampered,
+        &["infer", "--prompt-ids", "1", "--device", "cpu"],
+        "`model.layers.0.mlp.down_proj.weight` is stored packed as",
+    );
 }
