@@ -843,64 +843,36 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
     let out = scratch("quantize");
     let inputs = dir.join("inputs.safetensors");
     let config = dir.join("config.json");
+    // `modelc COMMAND specs/llama.model --config … --weights WEIGHTS ARGS…`.
+    let with = |weights: &Path, command: &[&str]| {
+        let mut args = vec![command[0], "specs/llama.model", "--config", config.to_str().unwrap()];
+        args.extend(["--weights", weights.to_str().unwrap()]);
+        args.extend(&command[1..]);
+        let (code, out, err) = modelc(&args);
+        (code, out, format!("{args:?}: {err}"))
+    };
     for dtype in ["bf16", "q8", "q4"] {
         let packed = out.join(format!("{dtype}.safetensors"));
-        let (code, _, err) = modelc(&[
-            "quantize",
-            "specs/llama.model",
-            "--weights",
-            dir.to_str().unwrap(),
-            "--dtype",
-            dtype,
-            "-o",
-            packed.to_str().unwrap(),
-        ]);
+        let (code, _, err) = with(&dir, &["quantize", "--dtype", dtype, "-o", packed.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
         let original = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
         assert!(std::fs::metadata(&packed).unwrap().len() < original * 3 / 4, "{dtype} is not smaller");
         let forward = |weights: &Path, extra: &[&str], name: &str| {
             let outputs = out.join(format!("{name}.safetensors"));
-            let mut args = vec![
-                "forward",
-                "specs/llama.model",
-                "--config",
-                config.to_str().unwrap(),
-                "--weights",
-                weights.to_str().unwrap(),
-                "--inputs",
-                inputs.to_str().unwrap(),
-                "--outputs",
-                outputs.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ];
-            args.extend(extra);
-            let (code, _, err) = modelc(&args);
+            let mut command = vec!["forward", "--inputs", inputs.to_str().unwrap()];
+            command.extend(["--outputs", outputs.to_str().unwrap(), "--device", "cpu"]);
+            command.extend(extra);
+            let (code, _, err) = with(weights, &command);
             assert_eq!(code, 0, "{err}");
             weights::load_all(&outputs).unwrap().0.remove("logits").unwrap().data
         };
         let converted = forward(&dir.join("model.safetensors"), &["--dtype", dtype], &format!("{dtype}-converted"));
         assert_eq!(forward(&packed, &[], &format!("{dtype}-stored")), converted, "{dtype}");
         let generate = |weights: &Path, extra: &[&str]| {
-            let mut args = vec![
-                "infer",
-                "specs/llama.model",
-                "--config",
-                config.to_str().unwrap(),
-                "--weights",
-                weights.to_str().unwrap(),
-                "--prompt-ids",
-                "1,5,9,3",
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0",
-                "--json",
-                "--device",
-                "cpu",
-            ];
-            args.extend(extra);
-            let (code, out, err) = modelc(&args);
+            let mut command = vec!["infer", "--prompt-ids", "1,5,9,3", "--max-new-tokens", "12"];
+            command.extend(["--temperature", "0", "--json", "--device", "cpu"]);
+            command.extend(extra);
+            let (code, out, err) = with(weights, &command);
             assert_eq!(code, 0, "{err}");
             serde_json::from_str::<serde_json::Value>(&out).unwrap()["new_token_ids"].clone()
         };
@@ -910,12 +882,9 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
     let q8 = out.join("q8.safetensors");
     let run = out.join("run");
     let refuse = |weights: &Path, command: &[&str], says: &str| {
-        let mut args = vec![command[0], "specs/llama.model", "--config", config.to_str().unwrap()];
-        args.extend(["--weights", weights.to_str().unwrap()]);
-        args.extend(&command[1..]);
-        let (code, _, err) = modelc(&args);
-        assert_eq!(code, 1, "{args:?}: {err}");
-        assert!(err.contains(says), "{args:?}: {err}");
+        let (code, _, err) = with(weights, command);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(says), "{err}");
     };
     let train = ["train", "--data", "README.md", "--steps", "1", "--out", run.to_str().unwrap()];
     refuse(&q8, &train, "packed by `modelc quantize`");
