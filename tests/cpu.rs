@@ -32,6 +32,11 @@ fn every_spec_matches_the_interpreter() {
     every_spec(cpu);
 }
 
+#[test]
+fn sparse_routes_match_the_dense_definition_on_the_cpu() {
+    sparse_routes_match_the_dense_definition(cpu);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 

@@ -28,7 +28,20 @@ pub fn to_tensor(a: &Array) -> Tensor {
 
 /// Runs `g` on both and compares every output.
 pub fn compare(backend: Backend, label: &str, g: &Graph, feeds: &HashMap<String, Array>, tol: f64) {
-    let expected = run(g, feeds, Precision::F32).unwrap_or_else(|e| panic!("{label}: interpreter: {e}"));
+    compare_with(backend, label, g, g, feeds, tol)
+}
+
+/// Runs `oracle` on the interpreter and `g` (the same outputs, computed
+/// another way) on the backend, and compares every output.
+pub fn compare_with(
+    backend: Backend,
+    label: &str,
+    oracle: &Graph,
+    g: &Graph,
+    feeds: &HashMap<String, Array>,
+    tol: f64,
+) {
+    let expected = run(oracle, feeds, Precision::F32).unwrap_or_else(|e| panic!("{label}: interpreter: {e}"));
     let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
     let sizes = bind(g, &shapes).unwrap();
     let tensors: HashMap<String, Tensor> = feeds.iter().map(|(k, v)| (k.clone(), to_tensor(v))).collect();
@@ -426,4 +439,68 @@ pub fn attention_cases(max_t: usize, max_extra: usize) -> impl proptest::strateg
             heads_first,
             mask,
         })
+}
+
+/// A mixture whose experts have biases and a norm (weights broadcast over
+/// rows, not only multiplied), one expert chosen of four.
+pub const BIASED_EXPERTS: &str = "import std.core
+import std.moe
+
+layer Expert(dim: int, hidden: int) {
+    norm: LayerNorm(dim)
+    up: Linear(dim, hidden)
+    down: Linear(hidden, dim)
+
+    forward(x: [..., dim]) -> [..., dim] = down(gelu(up(norm(x)))) * 0.5 + 1.0
+}
+
+model Routed(vocab: int = 50, dim: int = 16, experts: int = 4, top_k: int = 1) {
+    embed: Embedding(vocab, dim)
+    moe: MoE(dim, experts, top_k, expert: Expert(dim, 24), balance: 0.01)
+    head: Linear(dim, vocab)
+
+    forward(input_ids: [B, T] int) -> logits: [B, T, vocab] = input_ids |> embed |> moe |> head
+
+    train {
+        loss: cross_entropy(logits[:, :-1], input_ids[:, 1:])
+    }
+}
+";
+
+/// Mixtures of experts lowered sparsely (each token through its chosen
+/// experts only) on the backend against the dense definition (every expert
+/// over every token) on the interpreter: the logits and the gradient of the
+/// loss with respect to every weight.
+pub fn sparse_routes_match_the_dense_definition(backend: Backend) {
+    let mixtral = std::fs::read_to_string(repo().join("specs/mixtral.model")).unwrap();
+    let cases = [
+        ("mixtral", mixtral.as_str(), small("mixtral")),
+        ("mixtral top-1", mixtral.as_str(), [small("mixtral"), vec![("top_k", "1")]].concat()),
+        ("biased experts", BIASED_EXPERTS, vec![]),
+    ];
+    for (label, text, sizes) in cases {
+        let program = modelc::check::load_source("routed.model", text, Some(&repo().join("specs"))).ok().unwrap();
+        let lower = |dense_routes| {
+            let how = modelc::check::LowerOptions { training: true, dense_routes, ..Default::default() };
+            let (checked, mut g) = modelc::check::lower(&program, &sets(&sizes), how).unwrap();
+            let loss = g.output("loss").unwrap();
+            let params: Vec<(String, modelc::ir::graph::NodeId)> =
+                g.params().map(|(n, id)| (n.to_string(), id)).collect();
+            let ids: Vec<_> = params.iter().map(|(_, id)| *id).collect();
+            let grads = modelc::ir::grad::grad(&mut g, loss, &ids);
+            for ((name, _), d) in params.iter().zip(grads) {
+                g.outputs.push((format!("grad:{name}"), d));
+            }
+            (checked, modelc::ir::prune::prune(&g))
+        };
+        let ((checked, dense), (_, sparse)) = (lower(true), lower(false));
+        let routed =
+            |g: &Graph| g.nodes.iter().filter(|n| matches!(n.op, modelc::ir::graph::Op::ExpertMatMul { .. })).count();
+        assert_eq!(routed(&dense), 0, "{label}: the dense lowering has no expert products");
+        assert!(routed(&sparse) >= 2, "{label}: the sparse lowering routes the experts' products");
+        let mut rng = Rng(7);
+        let mut feeds = random_params(&checked, &mut rng, 0.5);
+        feeds.extend(inputs(&checked, &mut rng));
+        compare_with(backend, label, &dense, &sparse, &feeds, 2e-4);
+    }
 }

@@ -129,6 +129,11 @@ fn every_spec_matches_the_interpreter_on_the_gpu() {
     every_spec(gpu);
 }
 
+#[test]
+fn sparse_routes_match_the_dense_definition_on_the_gpu() {
+    sparse_routes_match_the_dense_definition(gpu);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
 

@@ -29,6 +29,11 @@ pub struct ModelArgs {
     /// model is adapted with its LoRA or DoRA settings.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Run a mixture of experts densely, every expert over every token (the
+    /// definition of `route`), rather than each token through its chosen
+    /// experts only: for comparing the two.
+    #[arg(long)]
+    pub dense_routes: bool,
     /// The spec a built binary carries (set at start-up, not a flag): used
     /// when no spec is named, or the name is `BUILT_IN`.
     #[arg(skip)]
@@ -36,6 +41,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// How to lower the model: `how` with these arguments' choices.
+    pub fn lowering(&self, how: check::LowerOptions) -> check::LowerOptions {
+        check::LowerOptions { dense_routes: self.dense_routes, ..how }
+    }
+
     /// The library's description of the spec these arguments name: a
     /// built binary's own files, config and settings, with the flags on top.
     /// `None` when there is no spec: none named and none built in.
@@ -287,8 +297,8 @@ fn cmd_ast(path: &Path) -> ExitCode {
 pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, modelc::ir::graph::Graph), ExitCode> {
     use modelc::ir::train as training;
     let (program, opts) = load(args)?;
-    let (checked, graph) = check::lower(&program, &opts, check::LowerOptions { training: train, ..Default::default() })
-        .map_err(|d| fail(&program.sources, &d))?;
+    let how = args.lowering(check::LowerOptions { training: train, ..Default::default() });
+    let (checked, graph) = check::lower(&program, &opts, how).map_err(|d| fail(&program.sources, &d))?;
     let graph = if train {
         let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
         let cfg = training::TrainConfig { clip: Some(1.0), ..Default::default() };

@@ -160,7 +160,8 @@ pub fn checked(model: &ModelArgs) -> Result<Checked, ExitCode> {
 /// empty) and optimised.
 pub fn forward_graph(model: &ModelArgs, how: LowerOptions, outputs: &[&str]) -> Result<(Checked, Graph), ExitCode> {
     let (program, opts) = load(model)?;
-    let (checked, g) = modelc::check::lower(&program, &opts, how).map_err(|d| fail(&program.sources, &d))?;
+    let (checked, g) =
+        modelc::check::lower(&program, &opts, model.lowering(how)).map_err(|d| fail(&program.sources, &d))?;
     let mut g = modelc::ir::prune::prune(&g);
     g.outputs.retain(|(n, _)| n != "loss" && (outputs.is_empty() || outputs.contains(&n.as_str())));
     Ok((checked, modelc::opt::optimized(&g)))

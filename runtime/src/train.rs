@@ -870,7 +870,7 @@ fn dump_grads(path: &Path, grads: Result<Tensors, String>) -> Result<(), ExitCod
 fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensors) -> Option<String> {
     let traced = || -> Result<Option<String>, String> {
         let (program, opts) = load(&args.model).map_err(|_| "cannot reload the spec".to_string())?;
-        let how = LowerOptions { trace: true, ..Default::default() };
+        let how = args.model.lowering(LowerOptions { trace: true, ..Default::default() });
         let (_, g) = modelc::check::lower(&program, &opts, how).map_err(|_| "cannot lower the spec".to_string())?;
         let g = modelc::ir::prune::prune(&g);
         let mut feeds: Tensors = weights_of(state);
@@ -987,8 +987,8 @@ fn model(args: &TrainArgs) -> Result<Model, ExitCode> {
         .map(|i| i.name)
         .collect();
     let lower = |training| {
-        modelc::check::lower(&program, &opts, LowerOptions { training, absent: absent.clone(), ..Default::default() })
-            .map_err(|d| fail(&program.sources, &d))
+        let how = args.model.lowering(LowerOptions { training, absent: absent.clone(), ..Default::default() });
+        modelc::check::lower(&program, &opts, how).map_err(|d| fail(&program.sources, &d))
     };
     let (checked, train_fwd) = lower(true)?;
     let (_, eval_fwd) = lower(false)?;

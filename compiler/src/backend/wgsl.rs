@@ -505,9 +505,69 @@ impl Emitter<'_> {
             Op::Iota => elementwise(len, &format!("    mem[{o}u + i] = f32(i);\n")),
             Op::Size(d) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(eval_dim(d, self.sizes)? as f64))),
             Op::Const(v) => elementwise(1, &format!("    mem[{o}u] = {};\n", lit(*v))),
+            Op::ExpertOrder(_) | Op::ExpertOffsets(_) | Op::ExpertMatMul { .. } | Op::ExpertWeightGrad { .. } => {
+                self.experts(n)?
+            }
             Op::Input(_) | Op::Param(_) | Op::Reshape => return Ok(None),
             other => return Err(format!("bug: no GPU kernel for `{}`", other.name())),
         }))
+    }
+
+    /// Sparse routing, one invocation per output element: a slot's place
+    /// in the order is the count of slots before it by (expert, slot); an
+    /// offset, the count of slots of lower experts; a routed row's product
+    /// finds its expert among the offsets and reads that expert's weight; a
+    /// weight's gradient sums over its expert's rows.
+    fn experts(&self, n: NodeId) -> Result<(String, [u32; 3]), String> {
+        let node = self.g.node(n);
+        let out = self.shape(n)?;
+        let len: usize = out.iter().product();
+        let o = self.at(n)?;
+        let arg = |k: usize| node.args[k];
+        let body = match &node.op {
+            Op::ExpertOffsets(_) => {
+                let slots = self.plan.lens[arg(0).index()];
+                format!(
+                    "    var count = 0u;\n    for (var j = 0u; j < {slots}u; j++) {{\n        if ({} < f32(i)) {{\n            count++;\n        }}\n    }}\n    mem[{o}u + i] = f32(count);\n",
+                    self.read(arg(0), "j")?
+                )
+            }
+            Op::ExpertOrder(_) => format!(
+                "    let mine = {};\n    var at = 0u;\n    for (var j = 0u; j < {len}u; j++) {{\n        let c = {};\n        if (c < mine || (c == mine && j < i)) {{\n            at++;\n        }}\n    }}\n    mem[{o}u + at] = f32(i);\n",
+                self.read(arg(0), "i")?,
+                self.read(arg(0), "j")?
+            ),
+            Op::ExpertMatMul { tb } => {
+                let (k, cols, experts) = (self.shape(arg(0))?[1], out[1], node.args.len() - 2);
+                let weights: Vec<String> =
+                    node.args[2..].iter().map(|w| self.at(*w).map(|a| format!("{a}u"))).collect::<Result<_, _>>()?;
+                let w_index = if *tb { format!("j * {k}u + p") } else { format!("p * {cols}u + j") };
+                format!(
+                    "    let r = i / {cols}u;\n    let j = i % {cols}u;\n    var weights = array<u32, {experts}>({});\n    var e = 0u;\n    for (var c = 1u; c < {experts}u; c++) {{\n        if (f32(r) >= {}) {{\n            e = c;\n        }}\n    }}\n    var acc = 0.0;\n    for (var p = 0u; p < {k}u; p++) {{\n        acc += {} * mem[weights[e] + {w_index}];\n    }}\n    mem[{o}u + i] = acc;\n",
+                    weights.join(", "),
+                    self.read(arg(1), "c")?,
+                    self.read(arg(0), &format!("r * {k}u + p"))?
+                )
+            }
+            Op::ExpertWeightGrad { expert, tb } => {
+                let (k, cols) = (self.shape(arg(0))?[1], self.shape(arg(1))?[1]);
+                // Element (a, b) of the output: x's column and dy's column.
+                let (xc, dc) = if *tb {
+                    (format!("i % {k}u"), format!("i / {k}u"))
+                } else {
+                    (format!("i / {cols}u"), format!("i % {cols}u"))
+                };
+                format!(
+                    "    let xc = {xc};\n    let dc = {dc};\n    var acc = 0.0;\n    for (var r = u32({}); r < u32({}); r++) {{\n        acc += {} * {};\n    }}\n    mem[{o}u + i] = acc;\n",
+                    self.read(arg(2), &format!("{expert}u"))?,
+                    self.read(arg(2), &format!("{}u", expert + 1))?,
+                    self.read(arg(0), &format!("r * {k}u + xc"))?,
+                    self.read(arg(1), &format!("r * {cols}u + dc"))?
+                )
+            }
+            other => unreachable!("bug: `{}` is not routing", other.name()),
+        };
+        Ok(elementwise(len, &body))
     }
 
     /// Attention and its backward's passes, one invocation per row (a

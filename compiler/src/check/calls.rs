@@ -7,7 +7,8 @@ use super::forward::{CallArg, Frame, Ty, larg};
 use super::prims::{self, Arg as PArg, Kind, Out, Prim};
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
-use crate::ir::graph::{Binary as IrBinary, NodeId, Reduce as IrReduce};
+use crate::ir::experts;
+use crate::ir::graph::NodeId;
 use crate::ir::lower::LArg;
 use crate::ir::signature::Role;
 use crate::source::Span;
@@ -289,30 +290,18 @@ impl Checker<'_> {
             return Ty::Error;
         }
         let x_node = if let Some(LArg::Node(n)) = largs.first() { Some(*n) } else { None };
-        let mut out: Option<(TensorTy, Option<NodeId>)> = None;
-        for (e, expert) in experts.iter().enumerate() {
+        let mut out: Option<TensorTy> = None;
+        let mut lowered = Vec::with_capacity(experts.len());
+        for expert in experts.iter() {
             let Value::Instance(id) = expert else { continue };
             let arg = CallArg { name: None, ty: Ty::tensor(x.clone(), x_node), span: spans[0] };
+            let start = self.lower.as_ref().map_or(0, |l| l.g.nodes.len());
             match self.call_layer(*id, vec![arg], span) {
                 Ty::Tensor(t) if t.rank() == 2 && t.dims[0] == x.dims[0] => {
-                    // Lowered densely: every expert sees every token, weighted by
-                    // sum_j weights[:, j] * (indices[:, j] == e), which is 0 when unchosen.
-                    let node = match (self.lower.as_mut(), &largs[1], &largs[2]) {
-                        (Some(l), LArg::Node(ids), LArg::Node(ws)) => {
-                            let k = l.g.constant(e as f64, DType::Int);
-                            let hit = l.g.binary(IrBinary::Eq, *ids, k);
-                            let hit = l.g.cast(hit, DType::F32);
-                            let gate = l.g.mul(*ws, hit);
-                            let gate = l.g.reduce_keep(IrReduce::Sum, gate, &[1]);
-                            let y = l.g.mul(t.node.expect("lowering"), gate);
-                            Some(match out.as_ref().and_then(|(_, n)| *n) {
-                                Some(acc) => l.g.add(acc, y),
-                                None => y,
-                            })
-                        }
-                        _ => None,
-                    };
-                    out = Some((t.ty.clone(), node));
+                    if let (Some(l), Some(node)) = (self.lower.as_ref(), t.node) {
+                        lowered.push(experts::Lowered { start, end: l.g.nodes.len(), out: node });
+                    }
+                    out = Some(t.ty.clone());
                 }
                 Ty::Error => return Ty::Error,
                 other => {
@@ -328,13 +317,19 @@ impl Checker<'_> {
                 }
             }
         }
-        match out {
-            Some((t, node)) => Ty::tensor(t, node),
-            None => {
-                self.error(Diagnostic::at("E0201", spans[3], "`route` needs at least one expert"));
-                Ty::Error
+        let Some(t) = out else {
+            self.error(Diagnostic::at("E0201", spans[3], "`route` needs at least one expert"));
+            return Ty::Error;
+        };
+        let node = match (self.lower.as_mut(), x_node, &largs[1], &largs[2]) {
+            (Some(l), Some(x), LArg::Node(choices), LArg::Node(weights)) => {
+                let sparse =
+                    if l.dense_routes { None } else { experts::sparse(&mut l.g, x, &lowered, *choices, *weights) };
+                Some(sparse.unwrap_or_else(|| experts::dense(&mut l.g, &lowered, *choices, *weights)))
             }
-        }
+            _ => None,
+        };
+        Ty::tensor(t, node)
     }
 
     /// Calls a layer instance's forward with the given arguments.

@@ -131,6 +131,9 @@ pub struct LowerOptions {
     /// Also output every layer call's result as `trace:PATH (Layer)`, in
     /// the order the calls finish (to find where values go wrong).
     pub trace: bool,
+    /// Lower `route` densely, every expert over every token (the
+    /// definition, for checking the sparse lowering; see `ir::experts`).
+    pub dense_routes: bool,
 }
 
 /// Checks the spec's model and lowers its forward (and, when training, its
@@ -188,8 +191,11 @@ fn check_and_lower(
 ) -> Result<(Checked, Option<crate::ir::graph::Graph>), Vec<Diagnostic>> {
     let mut c = Checker::new(p);
     let absent = how.as_ref().map(|h| h.absent.clone()).unwrap_or_default();
-    c.lower = how
-        .map(|h| crate::ir::lower::Lowering { trace: h.trace, ..crate::ir::lower::Lowering::new(h.training, h.cache) });
+    c.lower = how.map(|h| crate::ir::lower::Lowering {
+        trace: h.trace,
+        dense_routes: h.dense_routes,
+        ..crate::ir::lower::Lowering::new(h.training, h.cache)
+    });
     let result = run(&mut c, entry, opts, &absent);
     match result {
         Ok(checked) if c.diags.is_empty() => Ok((checked, c.lower.take().map(|l| l.g))),

@@ -65,6 +65,21 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
         Op::ArgMax(_) | Op::OneHot | Op::TopKIndices(_) | Op::DropoutMask { .. } => vec![None; a.len()],
         Op::Cast(_) => vec![None],
         Op::Attention(spec) => super::attention::gradient(g, spec, a, y, gy),
+        Op::ExpertOrder(_) | Op::ExpertOffsets(_) => vec![None],
+        // x: the adjoint times each expert's weight transposed, over the same rows;
+        // weight e: from expert e's rows alone.
+        Op::ExpertMatMul { tb } => {
+            let (x, offsets) = (a[0], a[1]);
+            let gx = g.expert_matmul(gy, offsets, &a[2..], !tb);
+            let mut out = vec![Some(gx), None];
+            for (expert, w) in a[2..].iter().enumerate() {
+                let ty = g.ty(*w).clone();
+                out.push(Some(g.push(Op::ExpertWeightGrad { expert, tb: *tb }, vec![x, gy, offsets], ty)));
+            }
+            out
+        }
+        // Only gradients compute these; nothing differentiates a gradient twice.
+        Op::ExpertWeightGrad { .. } => panic!("bug: a second derivative of an expert's product"),
         // Only gradients compute these; nothing differentiates a gradient twice.
         Op::AttentionBackward(..) => panic!("bug: a second derivative of attention"),
         // Only decoding writes a cache, and nothing differentiates it.

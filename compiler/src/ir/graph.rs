@@ -112,6 +112,26 @@ pub enum Op {
     /// either (see [`AttentionPass`]); its meaning is given with the
     /// gradient in `ir::attention`.
     AttentionBackward(Attention, AttentionPass),
+    /// Sparse routing to E experts. `choices [N, k] int` (each row's experts)
+    /// -> `[N * k]` int: the slots `i * k + j` ordered by expert, then by slot
+    /// (a stable counting sort), so each expert's rows are contiguous.
+    ExpertOrder(usize),
+    /// `choices [N, k] int` -> `[E + 1]` int: where each expert's rows start
+    /// in [`Op::ExpertOrder`]'s order (the last entry is N * k).
+    ExpertOffsets(usize),
+    /// `x [R, k]`, `offsets [E + 1] int`, then E weights `[k, n]` (`[n, k]`
+    /// with `tb`) -> `[R, n]`: rows `offsets[e] .. offsets[e + 1]` of x times
+    /// weight e. One product per expert over only its rows (grouped GEMM).
+    ExpertMatMul {
+        tb: bool,
+    },
+    /// The gradient of weight `expert` of an [`Op::ExpertMatMul`]: `x [R, k]`,
+    /// the output's adjoint `dy [R, n]`, `offsets` -> `x_eᵀ dy_e [k, n]`
+    /// (`dy_eᵀ x_e [n, k]` with `tb`) over the expert's rows only.
+    ExpertWeightGrad {
+        expert: usize,
+        tb: bool,
+    },
 }
 
 /// The passes of the fused attention's backward. `Lse` takes the forward's
@@ -219,6 +239,12 @@ impl Op {
                 };
                 format!("attention_{kind}{}", a.attributes())
             }
+            Op::ExpertOrder(e) => format!("expert_order {e}"),
+            Op::ExpertOffsets(e) => format!("expert_offsets {e}"),
+            Op::ExpertMatMul { tb } => format!("expert_matmul{}", if *tb { " tb" } else { "" }),
+            Op::ExpertWeightGrad { expert, tb } => {
+                format!("expert_weight_grad {expert}{}", if *tb { " tb" } else { "" })
+            }
         }
     }
 }
@@ -252,6 +278,16 @@ pub fn matmul_dims(a: &TensorTy, b: &TensorTy, ta: bool, tb: bool) -> Option<Vec
     dims.push(n.clone());
     dims.push(m.clone());
     Some(dims)
+}
+
+/// The result shape of an expert's product `x [R, k]` by a weight `[k, n]`
+/// (`[n, k]` with `tb`), or `None` if they do not fit.
+pub fn expert_matmul_dims(x: &TensorTy, w: &TensorTy, tb: bool) -> Option<Vec<Dim>> {
+    if x.rank() != 2 || w.rank() != 2 {
+        return None;
+    }
+    let (k, n) = if tb { (&w.dims[1], &w.dims[0]) } else { (&w.dims[0], &w.dims[1]) };
+    (x.dims[1] == *k).then(|| vec![x.dims[0].clone(), n.clone()])
 }
 
 /// The result shape of an attention over these inputs (see [`Op::Attention`]),
@@ -602,6 +638,26 @@ impl Graph {
         let v = self.push(Op::TopKValues(k), vec![x], TensorTy::new(t.dtype, dims.clone()));
         let i = self.push(Op::TopKIndices(k), vec![x], TensorTy::new(DType::Int, dims));
         (v, i)
+    }
+
+    /// The order and offsets of a sparse routing of `choices [N, k]` to
+    /// `experts` experts (see [`Op::ExpertOrder`]).
+    pub fn expert_order(&mut self, choices: NodeId, experts: usize) -> (NodeId, NodeId) {
+        let slots = self.dims(choices).iter().fold(Dim::constant(1), |acc, d| acc.mul(d));
+        let order = self.push(Op::ExpertOrder(experts), vec![choices], TensorTy::new(DType::Int, vec![slots]));
+        let bounds = Dim::constant(experts as i64 + 1);
+        let offsets = self.push(Op::ExpertOffsets(experts), vec![choices], TensorTy::new(DType::Int, vec![bounds]));
+        (order, offsets)
+    }
+
+    /// Each expert's rows of `x` times its weight (see [`Op::ExpertMatMul`]).
+    pub fn expert_matmul(&mut self, x: NodeId, offsets: NodeId, weights: &[NodeId], tb: bool) -> NodeId {
+        let w = self.ty(weights[0]).clone();
+        let dims = expert_matmul_dims(self.ty(x), &w, tb)
+            .unwrap_or_else(|| panic!("bug: expert_matmul of {} and {w} (tb {tb})", self.ty(x)));
+        let mut args = vec![x, offsets];
+        args.extend_from_slice(weights);
+        self.push(Op::ExpertMatMul { tb }, args, f32s(dims))
     }
 
     pub fn dropout_mask(&mut self, step: NodeId, p: f64, key: u64, dims: &[Dim]) -> NodeId {

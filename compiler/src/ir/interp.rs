@@ -204,6 +204,35 @@ pub fn eval(
         }
         Op::Attention(a) => attention(a, args, shape),
         Op::AttentionBackward(a, pass) => attention_backward(a, *pass, args, shape),
+        Op::ExpertOrder(experts) | Op::ExpertOffsets(experts) => {
+            let (order, offsets) = super::experts::order(args[0].data.iter().copied(), *experts)?;
+            let v = if matches!(n.op, Op::ExpertOrder(_)) { order } else { offsets };
+            Array::new(shape, v.into_iter().map(|i| i as f64).collect())
+        }
+        Op::ExpertMatMul { tb } => {
+            let (x, bounds) = (args[0], expert_bounds(args[1], args.len() - 2, args[0].shape[0])?);
+            let mut out = Array::zeros(&shape);
+            for (e, rows) in bounds.iter().enumerate() {
+                let w = args[2 + e];
+                let part = Array::new(
+                    vec![rows.len(), x.shape[1]],
+                    x.data[rows.start * x.shape[1]..rows.end * x.shape[1]].to_vec(),
+                );
+                let y = matmul(&part, w, false, *tb, vec![rows.len(), shape[1]]);
+                out.data[rows.start * shape[1]..rows.end * shape[1]].copy_from_slice(&y.data);
+            }
+            out
+        }
+        Op::ExpertWeightGrad { expert, tb } => {
+            let (x, dy) = (args[0], args[1]);
+            let rows = expert_bounds(args[2], args[2].len() - 1, x.shape[0])?[*expert].clone();
+            let part = |a: &Array| {
+                let w = a.shape[1];
+                Array::new(vec![rows.len(), w], a.data[rows.start * w..rows.end * w].to_vec())
+            };
+            let (x, dy) = (part(x), part(dy));
+            if *tb { matmul(&dy, &x, true, false, shape) } else { matmul(&x, &dy, true, false, shape) }
+        }
     })
 }
 
@@ -483,6 +512,15 @@ fn concat(xs: &[&Array], axis: usize, shape: Vec<usize>) -> Array {
         offset += x.shape[axis];
     }
     Array::new(shape, out)
+}
+
+/// Each expert's rows from an `expert_offsets` value, checked to rise within `rows`.
+fn expert_bounds(offsets: &Array, experts: usize, rows: usize) -> Result<Vec<std::ops::Range<usize>>, String> {
+    let o = &offsets.data;
+    if o.len() != experts + 1 || o[0] != 0.0 || o.windows(2).any(|w| w[1] < w[0]) || o[experts] != rows as f64 {
+        return Err(format!("expert offsets {o:?} do not split {rows} rows"));
+    }
+    Ok(o.windows(2).map(|w| w[0] as usize..w[1] as usize).collect())
 }
 
 fn row_size(shape: &[usize]) -> usize {

@@ -29,6 +29,8 @@ pub struct Lowering {
     pub cache: Option<Cache>,
     /// Output every layer call's result (`LowerOptions::trace`).
     pub trace: bool,
+    /// Lower `route` densely (`LowerOptions::dense_routes`).
+    pub dense_routes: bool,
 }
 
 /// Incremental decoding. The model sees `T` new tokens at positions

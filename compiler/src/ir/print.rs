@@ -28,6 +28,15 @@ pub fn stats(g: &Graph) -> (usize, crate::types::Dim) {
                 let k = if *ta { &a.dims[a.rank() - 2] } else { &a.dims[a.rank() - 1] };
                 numel.mul(k).mul(&Dim::constant(2))
             }
+            // Each routed row by its own expert's weight only.
+            Op::ExpertMatMul { .. } => numel.mul(&g.ty(n.args[0]).dims[1]).mul(&Dim::constant(2)),
+            // One expert's rows: on average the routed rows over the experts.
+            Op::ExpertWeightGrad { .. } => {
+                let rows = &g.ty(n.args[0]).dims[0];
+                let experts = Dim::constant(g.dims(n.args[2])[0].as_const().unwrap_or(2) - 1);
+                let per_expert = rows.div(&experts).unwrap_or_else(|| rows.clone());
+                numel.mul(&per_expert).mul(&Dim::constant(2))
+            }
             // Products over every (query, key) pair, as if nothing were masked:
             // scores and values forward; the backward's passes recompute the
             // scores, and add dP (queries), dQ (queries), or dP, dK and dV.

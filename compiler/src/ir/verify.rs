@@ -157,6 +157,39 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 let tys: Vec<&TensorTy> = n.args.iter().map(|x| g.ty(*x)).collect();
                 same(&attention_backward_dims(a, *pass, &tys).map_err(here)?, &out.dims)?;
             }
+            Op::ExpertOrder(_) | Op::ExpertOffsets(_) => {
+                want_args(1)?;
+                if t(0).rank() != 2 || t(0).dtype != DType::Int || out.dtype != DType::Int {
+                    return Err(here(format!("routes int choices [N, k], not {}", t(0))));
+                }
+                let want = match &n.op {
+                    Op::ExpertOffsets(e) => Dim::constant(*e as i64 + 1),
+                    _ => t(0).dims[0].mul(&t(0).dims[1]),
+                };
+                same(&[want], &out.dims)?;
+            }
+            Op::ExpertMatMul { tb } => {
+                let experts = n.args.len().saturating_sub(2);
+                if experts == 0 || t(1).dims != [Dim::constant(experts as i64 + 1)] {
+                    return Err(here(format!("{experts} weights and offsets {} do not fit", t(1))));
+                }
+                if n.args[3..].iter().any(|w| g.ty(*w).dims != t(2).dims) {
+                    return Err(here("the experts' weights differ in shape".into()));
+                }
+                let Some(dims) = expert_matmul_dims(t(0), t(2), *tb) else {
+                    return Err(here(format!("cannot multiply {} by {}", t(0), t(2))));
+                };
+                same(&dims, &out.dims)?;
+            }
+            Op::ExpertWeightGrad { tb, .. } => {
+                want_args(3)?;
+                let (x, dy) = (t(0), t(1));
+                if x.rank() != 2 || dy.rank() != 2 || x.dims[0] != dy.dims[0] || t(2).rank() != 1 {
+                    return Err(here(format!("rows {x} and adjoint {dy} do not fit")));
+                }
+                let (k, m) = (x.dims[1].clone(), dy.dims[1].clone());
+                same(&if *tb { [m, k] } else { [k, m] }, &out.dims)?;
+            }
         }
     }
     for (name, id) in &g.outputs {

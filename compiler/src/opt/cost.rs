@@ -35,6 +35,13 @@ impl CostFunction<IrLang> for Cost<'_> {
             Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Size(_) => 0.0,
             Op::Reshape => 0.01 * n,
             Op::Broadcast => 0.5 * n,
+            Op::ExpertMatMul { .. } => {
+                let k = self.egraph[children[0]].data.ty.map_or(64.0, |t| {
+                    let dims = &self.egraph.analysis.tables.types[t].dims;
+                    elements(&dims[1..2])
+                });
+                2.0 * n * k
+            }
             Op::MatMul { ta, .. } => {
                 let a = children[0];
                 let k = self.egraph[a].data.ty.map_or(64.0, |t| {

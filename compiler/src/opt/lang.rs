@@ -55,6 +55,10 @@ define_language! {
         "dropout_mask" = DropoutMask(Box<[Id]>),
         "attention" = Attention(Box<[Id]>),
         "attention_backward" = AttentionBackward(Box<[Id]>),
+        "expert_order" = ExpertOrder(Box<[Id]>),
+        "expert_offsets" = ExpertOffsets(Box<[Id]>),
+        "expert_matmul" = ExpertMatmul(Box<[Id]>),
+        "expert_weight_grad" = ExpertWeightGrad(Box<[Id]>),
         Leaf(Symbol),
         // Unary operations, by their names in `scalar::UNARY` (so that a new
         // one needs no variant here): egg parses any other name with children as this.
@@ -130,6 +134,10 @@ pub fn kind(op: &Op) -> &'static str {
         Op::DropoutMask { .. } => "dropout_mask",
         Op::Attention(_) => "attention",
         Op::AttentionBackward(..) => "attention_backward",
+        Op::ExpertOrder(_) => "expert_order",
+        Op::ExpertOffsets(_) => "expert_offsets",
+        Op::ExpertMatMul { .. } => "expert_matmul",
+        Op::ExpertWeightGrad { .. } => "expert_weight_grad",
     }
 }
 

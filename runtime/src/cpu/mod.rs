@@ -46,6 +46,7 @@ fn product_weight(g: &Graph, user: NodeId, arg: usize) -> Option<bool> {
     let node = g.node(user);
     match node.op {
         Op::MatMul { ta: false, tb } if arg == 1 && g.dims(node.args[1]).len() == 2 => Some(tb),
+        Op::ExpertMatMul { tb } if arg >= 2 => Some(tb),
         _ => None,
     }
 }
@@ -762,10 +763,15 @@ impl Program {
 
     /// The packed weight a product multiplies by, if its right operand is one.
     fn packed<'f>(&self, product: NodeId, feeds: &Given<'f>) -> Option<&'f Packed> {
-        let b = self.graph.node(product).args[1];
+        self.packed_arg(product, 1, feeds)
+    }
+
+    /// The packed weight argument `arg` of a product is, if it is one.
+    fn packed_arg<'f>(&self, product: NodeId, arg: usize, feeds: &Given<'f>) -> Option<&'f Packed> {
+        let b = self.graph.node(product).args[arg];
         match &self.graph.node(b).op {
             Op::Param(name) => {
-                let tb = product_weight(&self.graph, product, 1)?;
+                let tb = product_weight(&self.graph, product, arg)?;
                 feeds.feeds.get(name)?.packed.as_deref().filter(|p| p.transposed != tb)
             }
             _ => None,
@@ -889,6 +895,70 @@ impl Program {
             return Ok(());
         }
         let shape_of = |x: NodeId| concrete(&self.graph, x, &self.sizes);
+        match node.op {
+            Op::ExpertOrder(experts) | Op::ExpertOffsets(experts) => {
+                let choices = input(node.args[0]).iter().map(|c| *c as f64);
+                let (order, offsets) = modelc::ir::experts::order(choices, experts)?;
+                let v = if matches!(node.op, Op::ExpertOrder(_)) { order } else { offsets };
+                out.iter_mut().zip(v).for_each(|(o, i)| *o = i as f32);
+                return Ok(());
+            }
+            Op::ExpertMatMul { tb } => {
+                let (x, rows) = (node.args[0], shape_of(node.args[0])?);
+                let (k, cols) = (rows[1], out.len() / rows[0].max(1));
+                let bounds = expert_bounds(input(node.args[1]), node.args.len() - 2, rows[0])?;
+                let xp = input(x).as_ptr();
+                for (e, r) in bounds.into_iter().enumerate() {
+                    let m = r.len();
+                    if m == 0 {
+                        continue;
+                    }
+                    let w = node.args[2 + e];
+                    let rhs = match self.packed_arg(n, 2 + e, feeds) {
+                        Some(p) => packed::Rhs::Packed(p),
+                        None => {
+                            packed::Rhs::Dense((input(w).as_ptr(), if tb { 1 } else { cols }, if tb { k } else { 1 }))
+                        }
+                    };
+                    // SAFETY: rows r of x and of the output, and the whole weight, at their layouts' strides.
+                    unsafe {
+                        packed::product(
+                            (m, cols, k),
+                            out.as_mut_ptr().add(r.start * cols),
+                            cols,
+                            0.0,
+                            (xp.add(r.start * k), k, 1),
+                            rhs,
+                            packed::worth_threads(m, cols, k),
+                        )
+                    };
+                }
+                return Ok(());
+            }
+            Op::ExpertWeightGrad { expert, tb } => {
+                let (x, dy) = (shape_of(node.args[0])?, shape_of(node.args[1])?);
+                let (k, cols) = (x[1], dy[1]);
+                let r = expert_bounds(input(node.args[2]), input(node.args[2]).len() - 1, x[0])?[expert].clone();
+                let m = r.len();
+                out.fill(0.0);
+                if m == 0 {
+                    return Ok(());
+                }
+                let (xp, dp) = (input(node.args[0]).as_ptr(), input(node.args[1]).as_ptr());
+                // SAFETY: the expert's rows of x and dy, read transposed; the output is [k, n] or [n, k].
+                unsafe {
+                    let (xr, dr) = (xp.add(r.start * k), dp.add(r.start * cols));
+                    let (shape, a, b) = match tb {
+                        false => ((k, cols, m), (xr, 1, k), (dr, cols, 1)),
+                        true => ((cols, k, m), (dr, 1, cols), (xr, k, 1)),
+                    };
+                    let parallel = packed::worth_threads(shape.0, shape.1, shape.2);
+                    packed::product(shape, out.as_mut_ptr(), shape.1, 0.0, a, packed::Rhs::Dense(b), parallel)
+                };
+                return Ok(());
+            }
+            _ => {}
+        }
         let native = match &node.op {
             Op::Permute(perm) => {
                 let (src, shape) = (input(node.args[0]), shape_of(node.args[0])?);
@@ -1012,6 +1082,18 @@ impl Program {
         }
         unreachable!("bug: `{}` is fused, a view or an input, never a kernel of its own", node.op.name())
     }
+}
+
+/// Each expert's rows from an `expert_offsets` value, checked to rise within `rows`.
+fn expert_bounds(offsets: &[f32], experts: usize, rows: usize) -> Result<Vec<std::ops::Range<usize>>, String> {
+    let fits = offsets.len() == experts + 1
+        && offsets[0] == 0.0
+        && offsets.windows(2).all(|w| w[0] <= w[1])
+        && offsets[experts] as usize == rows;
+    if !fits {
+        return Err(format!("expert offsets {offsets:?} do not split {rows} rows"));
+    }
+    Ok(offsets.windows(2).map(|w| w[0] as usize..w[1] as usize).collect())
 }
 
 struct SendPtrs(Vec<*mut f32>);

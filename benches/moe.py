@@ -1,0 +1,167 @@
+"""Sparse experts: modelc's Mixtral spec with each token through its 2
+chosen experts only (the default) against the dense lowering (every expert
+over every token, `--dense-routes`) and against transformers'
+MixtralForCausalLM (eager, CPU), all on the same weights and threads in this
+one run. The shape is Mixtral's, small enough for 2 cores: dim 256, 8
+experts (hidden 896), top-2, 4 layers, 8 heads (4 key/value), vocab 512.
+
+  1. a training step (forward + backward + AdamW, load-balancing loss on)
+     on a batch of 8 x 128 tokens,
+  2. greedy decoding of 128 tokens after an 8-token prompt.
+
+    pip install torch transformers
+    cargo build --release && python3 benches/moe.py [--threads 2]
+
+Prints medians and ratios, and the executed FLOPs of the two lowerings
+(`modelc info`); docs/cpu.md keeps the results.
+"""
+
+import argparse
+import json
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+from transformers import MixtralConfig, MixtralForCausalLM
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODELC = ROOT / "target" / "release" / "modelc"
+SHAPE = dict(
+    vocab_size=512, hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+    rms_norm_eps=1e-5, router_aux_loss_coef=0.02, output_router_logits=True, tie_word_embeddings=False,
+    sliding_window=None, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
+BATCH, SEQ, NEW_TOKENS = 8, 128, 128
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_train_step(model, ids, repeats):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()  # warm-up
+    return median_time(step, repeats)
+
+
+def torch_decode(model, prompt, repeats):
+    ids = torch.tensor([prompt])
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+    tokens = generate()[0, len(prompt):].tolist()
+    return median_time(generate, repeats), tokens
+
+
+def modelc(args):
+    out = subprocess.run([str(MODELC), *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"modelc {' '.join(args)} failed:\n{out.stderr}")
+    return out
+
+
+def spec_args(run, dense):
+    return ["specs/mixtral.model", "--config", str(run / "config.json"), *(["--dense-routes"] if dense else [])]
+
+
+def modelc_train_step(run, threads, steps, dense):
+    out = run / ("train-dense" if dense else "train")
+    modelc([
+        "train", *spec_args(run, dense), "--weights", str(run / "model.safetensors"),
+        "--batch-file", str(run / "batch.safetensors"), "--steps", str(steps), "--lr", "1e-4", "--clip", "1.0",
+        "--threads", str(threads), "--checkpoint-every", "0", "--out", str(out),
+    ])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(m["seconds"] for m in lines[1:]), lines[-1].get("expert_load")
+
+
+def modelc_decode(run, threads, prompt, dense):
+    out = modelc([
+        "infer", *spec_args(run, dense), "--weights", str(run / "model.safetensors"),
+        "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0",
+        "--context", "256", "--threads", str(threads), "--json",
+    ])
+    # "N tokens in S s, ...": decoding time without start-up and compilation.
+    words = out.stderr.split()
+    return float(words[words.index("tokens") + 2]), json.loads(out.stdout)["new_token_ids"]
+
+
+def forward_flops(run, dense):
+    """The forward's FLOPs at B=1, T=128 as `modelc info` reports them."""
+    text = modelc(["info", *spec_args(run, dense)]).stdout
+    return float(re.search(r"model \S+: \d+ nodes, .* FLOPs \(([0-9.e+]+) at B=1", text).group(1))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**SHAPE))
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    prompt = ids[0, :8].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = pathlib.Path(tmp)
+        model.save_pretrained(run)
+        save_file({"input_ids": ids}, run / "batch.safetensors")
+        print(f"Mixtral shape: {params / 1e6:.1f}M parameters, {args.threads} threads, torch {torch.__version__}")
+        flops = {dense: forward_flops(run, dense) for dense in (False, True)}
+
+        model.eval()
+        decode = {"torch": [], False: [], True: []}
+        tokens = {}
+        for _ in range(args.repeats):  # alternating, so that drift hits all three alike
+            t, tokens["torch"] = torch_decode(model, prompt, 1)
+            decode["torch"].append(t)
+            for dense in (False, True):
+                t, tokens[dense] = modelc_decode(run, args.threads, prompt, dense)
+                decode[dense].append(t)
+        decode = {k: statistics.median(v) for k, v in decode.items()}
+
+        model.train()
+        steps = {"torch": torch_train_step(model, ids, args.repeats)}
+        load = None
+        for dense in (False, True):
+            steps[dense], load_of = modelc_train_step(run, args.threads, args.repeats + 1, dense)
+            load = load if dense else load_of
+
+    print(f"{'':34}{'sparse':>10}{'dense':>10}{'PyTorch':>10}{'vs dense':>10}{'vs torch':>10}")
+    s, d, t = steps[False], steps[True], steps["torch"]
+    print(f"{'training step 8 x 128 (s)':34}{s:>10.3f}{d:>10.3f}{t:>10.3f}{d / s:>9.2f}x{t / s:>9.2f}x")
+    s, d, t = (NEW_TOKENS / decode[k] for k in (False, True, "torch"))
+    print(f"{'greedy decode 128 tokens (tok/s)':34}{s:>10.1f}{d:>10.1f}{t:>10.1f}{s / d:>9.2f}x{s / t:>9.2f}x")
+    print(f"{'forward FLOPs, B=1 T=128':34}{flops[False]:>10.3g}{flops[True]:>10.3g}{'':>10}"
+          f"{flops[True] / flops[False]:>9.2f}x")
+    same = sum(a == b for a, b in zip(tokens[False], tokens["torch"]))
+    print(f"greedy tokens equal to transformers': {same}/{NEW_TOKENS} (dense lowering: "
+          f"{sum(a == b for a, b in zip(tokens[True], tokens['torch']))}/{NEW_TOKENS})")
+    if load is not None:
+        print(f"expert load of the last step (tokens per expert, layer by layer): {load}")
+
+
+if __name__ == "__main__":
+    main()
