@@ -421,3 +421,72 @@ fn fused_attention_gradients_match_finite_differences() {
             .unwrap_or_else(|e| panic!("heads {h}/{groups}, causal {causal}, mask {mask_rows}: {e}"));
     }
 }
+
+/// Sparse routing executes top_k / n_experts of the dense lowering's expert
+/// products, at every size (the FLOPs are polynomials in B and T): in the
+/// forward, and in the training program's gradients.
+#[test]
+fn sparse_routing_runs_top_k_of_n_experts_products() {
+    use modelc::ir::graph::{Graph, Op};
+    let text = std::fs::read_to_string(repo().join("specs/mixtral.model")).unwrap();
+    // The dense lowering's products by an expert's weight (read through a transpose).
+    let dense_expert_flops = |g: &Graph| {
+        let is_expert = |id: modelc::ir::graph::NodeId| {
+            let mut n = g.node(id);
+            if let Op::Permute(_) = n.op {
+                n = g.node(n.args[0]);
+            }
+            matches!(&n.op, Op::Param(name) if name.contains(".experts."))
+        };
+        g.nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::MatMul { .. }) && n.args.iter().any(|a| is_expert(*a)))
+            .fold(modelc::types::Dim::constant(0), |acc, n| acc.add(&modelc::ir::print::flops(g, n)))
+    };
+    for (experts, top_k) in [(8, 2), (4, 1), (3, 2)] {
+        let (e, k) = (experts.to_string(), top_k.to_string());
+        let opts = sets(&[
+            ("vocab", "32"),
+            ("dim", "16"),
+            ("layers", "2"),
+            ("heads", "2"),
+            ("kv_heads", "1"),
+            ("hidden", "24"),
+            ("experts", &e),
+            ("top_k", &k),
+        ]);
+        let program = modelc::check::load_source("mixtral.model", &text, Some(&repo().join("specs"))).ok().unwrap();
+        let lower = |dense_routes| {
+            let how = modelc::check::LowerOptions { training: true, dense_routes, ..Default::default() };
+            let (checked, g) = modelc::check::lower(&program, &opts, how).unwrap();
+            let trainable: Vec<String> = checked.params.iter().map(|p| p.name.clone()).collect();
+            let step = training_program(&g, &trainable, &TrainConfig::default()).unwrap();
+            (modelc::ir::prune::prune(&g), modelc::ir::prune::prune(&step))
+        };
+        let ((sparse, sparse_step), (dense, dense_step)) = (lower(false), lower(true));
+        let c = |v: i64| modelc::types::Dim::constant(v);
+        let of = |g: &Graph, weights: bool| {
+            g.nodes
+                .iter()
+                .filter(|n| match n.op {
+                    Op::ExpertMatMul { .. } => !weights,
+                    Op::ExpertWeightGrad { .. } => weights,
+                    _ => false,
+                })
+                .fold(c(0), |acc, n| acc.add(&modelc::ir::print::flops(g, n)))
+        };
+        // Products by the experts' weights: the forward's, and the backward's for the inputs.
+        for (label, sparse, dense) in [("forward", &sparse, &dense), ("training step", &sparse_step, &dense_step)] {
+            let (routed, all) = (of(sparse, false), dense_expert_flops(dense));
+            assert_ne!(routed, c(0), "{label}: routed");
+            assert_eq!(
+                routed.mul(&c(experts)),
+                all.mul(&c(top_k)),
+                "{label}, {top_k} of {experts}: {routed} against {all}"
+            );
+        }
+        // The weights' gradients: as many as the forward's products, over the routed rows only.
+        assert_eq!(of(&sparse_step, true), of(&sparse, false), "{top_k} of {experts}: weight gradients");
+        assert_eq!(modelc::ir::print::expert_flops(&sparse_step), of(&sparse_step, true).add(&of(&sparse_step, false)));
+    }
+}

@@ -467,6 +467,15 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     shown.sort();
     println!("\nforward program on the CPU ({})", shown.join(", "));
     println!("  IR nodes        {}", graph.nodes.len());
+    let (_, flops) = modelc::ir::print::stats(&graph);
+    let at = |f: &modelc::types::Dim| modelc::types::eval_dim(f, &bound).map_or(0.0, |v| v as f64);
+    let experts = modelc::ir::print::expert_flops(&graph);
+    let routed = if experts.as_const() == Some(0) {
+        String::new()
+    } else {
+        format!(" ({:.4e} in experts' products, each token through its chosen experts only)", at(&experts))
+    };
+    println!("  FLOPs           {:.4e}{routed}", at(&flops));
     let groups = sched.kernels.iter().filter(|k| matches!(k, modelc::backend::kernel::Kernel::Rows(_))).count();
     println!("  kernels         {} ({fused} fused, compiled by Cranelift; {groups} row groups)", sched.leaves().len());
     println!(
