@@ -608,3 +608,41 @@ fn every_command_runs_on_every_spec() {
         assert!(out.contains("Usage: modelc ") && out.contains("-h, --help"), "{c} --help:\n{out}");
     }
 }
+
+/// A mixture of experts reports its tokens per expert (every token's k
+/// choices, per mixture) and its load-balancing loss in metrics.jsonl, with
+/// and without accumulated micro-batches, sparse and dense alike.
+#[test]
+fn training_a_mixture_reports_expert_load_and_the_balance_loss() {
+    let dir = corpus_dir("experts");
+    let data = dir.join("data.txt");
+    let runs =
+        [("run", &[][..], 1), ("accumulated", &["--grad-accum", "2"][..], 2), ("dense", &["--dense-routes"][..], 1)];
+    for (run, extra, micro_batches) in runs {
+        let out = dir.join(run);
+        let mut args = vec!["train", "specs/mixtral.model", "--data", data.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap(), "--steps", "2", "--batch", "4", "--seq-len", "8"]);
+        args.extend(["--set", "layers=2", "--set", "dim=16", "--set", "heads=2", "--set", "kv_heads=1"]);
+        args.extend(["--set", "hidden=24", "--set", "experts=4", "--set", "vocab=256"]);
+        args.extend(extra);
+        let (code, _, err) = modelc(&args);
+        assert_eq!(code, 0, "{run}: {err}");
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let steps: Vec<serde_json::Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["loss"].is_number())
+            .collect();
+        assert_eq!(steps.len(), 2, "{run}: {metrics}");
+        for step in steps {
+            let load = step["expert_load"].as_array().unwrap_or_else(|| panic!("{run}: {step}"));
+            assert_eq!(load.len(), 2, "{run}: one list per layer: {step}");
+            for layer in load {
+                let counts: Vec<u64> = layer.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
+                // 4 sequences of 8 tokens a micro-batch, each token to 2 of 4 experts.
+                assert_eq!((counts.len(), counts.iter().sum::<u64>()), (4, micro_batches * 4 * 8 * 2), "{run}: {step}");
+            }
+            assert!(step["aux_loss"].as_f64().is_some_and(|a| a > 0.0), "{run}: {step}");
+        }
+    }
+}

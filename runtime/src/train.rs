@@ -363,6 +363,8 @@ enum Step {
 struct Outcome {
     loss: f64,
     grad_norm: f64,
+    /// What the step reports beside the loss (`Role::Metric`), by name.
+    metrics: Vec<(String, Tensor)>,
     /// Whether every weight the step updated is finite.
     weights_finite: bool,
 }
@@ -394,6 +396,14 @@ impl Step {
             }
         };
         let grad_norm = out.get("grad_norm").map(|t| t.data[0] as f64).unwrap_or(f64::NAN);
+        let mut metrics: Vec<(String, Tensor)> = out
+            .iter()
+            .filter_map(|(n, t)| match Role::of(n) {
+                Role::Metric(m) => Some((m.to_string(), t.clone())),
+                _ => None,
+            })
+            .collect();
+        metrics.sort_by(|a, b| a.0.cmp(&b.0));
         // A finite step can still produce non-finite weights (a learning rate
         // of 1e30): they would be saved as the state before the next step.
         let updated_finite = out
@@ -403,7 +413,7 @@ impl Step {
         if !loss.is_finite() || !grad_norm.is_finite() || !updated_finite {
             // Keep the weights from before the step, for the report and the saved state.
             *state = feeds;
-            return Ok(Outcome { loss, grad_norm, weights_finite: updated_finite });
+            return Ok(Outcome { loss, grad_norm, metrics, weights_finite: updated_finite });
         }
         for (name, value) in out {
             let replaced = match Role::of(&name) {
@@ -416,7 +426,7 @@ impl Step {
             }
         }
         *state = feeds;
-        Ok(Outcome { loss, grad_norm, weights_finite: true })
+        Ok(Outcome { loss, grad_norm, metrics, weights_finite: true })
     }
 
     fn outputs(
@@ -439,10 +449,16 @@ impl Step {
                 let mut loss = 0.0;
                 for b in batches {
                     feeds.extend(b);
-                    for (name, g) in grads.run(feeds)? {
+                    for (name, mut g) in grads.run(feeds)? {
                         if name == "loss" {
                             loss += g.data[0] as f64 / n as f64;
-                        } else if let Some(acc) = sum.get_mut(&name) {
+                            continue;
+                        }
+                        // Gradients and the auxiliary loss are averaged; tokens per expert add up.
+                        if Role::of(&name).expert_load().is_some() {
+                            g.data.iter_mut().for_each(|v| *v *= n as f32);
+                        }
+                        if let Some(acc) = sum.get_mut(&name) {
                             acc.data.iter_mut().zip(&g.data).for_each(|(a, v)| *a += v);
                         } else {
                             sum.insert(name, g);
@@ -452,9 +468,11 @@ impl Step {
                 for g in sum.values_mut() {
                     g.data.iter_mut().for_each(|v| *v /= n as f32);
                 }
+                let metrics: Tensors = sum.extract_if(|name, _| matches!(Role::of(name), Role::Metric(_))).collect();
                 feeds.extend(sum);
                 let mut out = std::mem::take(spare);
                 update.run_into(feeds, &mut out)?;
+                out.extend(metrics);
                 feeds.retain(|k, _| !matches!(Role::of(k), Role::Gradient(_)));
                 Ok((out, loss))
             }
@@ -592,19 +610,16 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
                 usage(format!("step {step}: {e}; {saved}"))
             })
         };
-        record(
-            &mut metrics,
-            json_line(&[
-                ("step", step.into()),
-                ("loss", rounded(loss, 5)),
-                ("lr", rate.into()),
-                ("grad_norm", rounded(outcome.grad_norm, 4)),
-                ("seconds", rounded(step_seconds, 4)),
-                ("tokens_per_s", rounded(tps, 0)),
-            ]),
-            &state,
-            best,
-        )?;
+        let mut fields = vec![
+            ("step", step.into()),
+            ("loss", rounded(loss, 5)),
+            ("lr", rate.into()),
+            ("grad_norm", rounded(outcome.grad_norm, 4)),
+            ("seconds", rounded(step_seconds, 4)),
+            ("tokens_per_s", rounded(tps, 0)),
+        ];
+        fields.extend(step_metrics(&outcome.metrics));
+        record(&mut metrics, json_line(&fields), &state, best)?;
         let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
         if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
             let (eval, accuracy) = evaluate(&eval_program, &eval_batches, &state)
@@ -1144,6 +1159,24 @@ fn divergence(
         }
     });
     (what, culprit)
+}
+
+/// The step's reports for `metrics.jsonl`: `aux_loss`, and `expert_load`
+/// (tokens per expert, one list per mixture in layer order).
+fn step_metrics(metrics: &[(String, Tensor)]) -> Vec<(&'static str, serde_json::Value)> {
+    let mut fields = Vec::new();
+    if let Some((_, aux)) = metrics.iter().find(|(n, _)| n == "aux_loss") {
+        fields.push(("aux_loss", rounded(aux.data[0] as f64, 5)));
+    }
+    let mut loads: Vec<(usize, Vec<u64>)> = metrics
+        .iter()
+        .filter_map(|(n, t)| Some((Role::Metric(n).expert_load()?, t.data.iter().map(|v| v.round() as u64).collect())))
+        .collect();
+    if !loads.is_empty() {
+        loads.sort();
+        fields.push(("expert_load", loads.into_iter().map(|(_, l)| l).collect::<Vec<_>>().into()));
+    }
+    fields
 }
 
 /// One line of `metrics.jsonl`: the fields in this order, as JSON.

@@ -172,6 +172,10 @@ pub fn schedule(g: &Graph) -> Schedule {
         match (&node.op, root[i]) {
             _ if folded[i] => {}
             (Op::Input(_) | Op::Param(_), _) => {}
+            // A constant a view reads (a scalar reshaped) is stored, so that the view has memory.
+            (Op::Const(_), _) if users[i].iter().any(|u| matches!(g.nodes[*u].op, Op::Reshape)) => {
+                kernels.push(Kernel::Single(NodeId(i as u32)))
+            }
             (op, _) if is_inline(op) => {}
             (Op::Reshape, _) => kernels.push(Kernel::View(NodeId(i as u32))),
             (_, None) if shared[i] => {}

@@ -325,7 +325,11 @@ impl Checker<'_> {
             (Some(l), Some(x), LArg::Node(choices), LArg::Node(weights)) => {
                 let sparse =
                     if l.dense_routes { None } else { experts::sparse(&mut l.g, x, &lowered, *choices, *weights) };
-                Some(sparse.unwrap_or_else(|| experts::dense(&mut l.g, &lowered, *choices, *weights)))
+                let routed = sparse.unwrap_or_else(|| experts::dense(&mut l.g, &lowered, *choices, *weights));
+                if l.training {
+                    experts::report_load(&mut l.g, *choices, lowered.len());
+                }
+                Some(routed)
             }
             _ => None,
         };

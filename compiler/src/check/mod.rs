@@ -392,13 +392,19 @@ fn train_block(c: &mut Checker, m: usize, b: &Block, frame: &mut Frame, checked:
                     if let (Some(l), Some(node)) = (c.lower.as_mut(), t.node) {
                         // Losses added with `add_loss` (MoE load balancing) join the main one.
                         let mut total = node;
+                        let mut aux_total = None;
                         for (aux, weight) in std::mem::take(&mut l.aux_losses) {
                             if weight != 0.0 {
                                 let scaled = l.g.scale(aux, weight);
                                 total = l.g.add(total, scaled);
+                                aux_total = Some(aux_total.map_or(scaled, |a| l.g.add(a, scaled)));
                             }
                         }
                         l.g.outputs.push(("loss".into(), total));
+                        if let Some(aux) = aux_total {
+                            let name = crate::ir::signature::Role::Metric("aux_loss").name();
+                            l.g.outputs.push((name, aux));
+                        }
                     }
                 }
                 Ty::Error => return Err(()),

@@ -13,6 +13,7 @@
 //! Both sum a token's k contributions in expert order.
 
 use super::graph::*;
+use super::signature::{EXPERT_LOAD, Role};
 use crate::types::{DType, Dim, TensorTy};
 
 /// One expert lowered over the tokens: its nodes `start..end` and result.
@@ -40,6 +41,15 @@ pub fn dense(g: &mut Graph, experts: &[Lowered], choices: NodeId, weights: NodeI
         });
     }
     acc.expect("bug: `route` without experts")
+}
+
+/// Outputs the tokens each expert was given (`[E]`, summed over the k
+/// choices) as the next `metric:expert_load.{i}`, for training metrics.
+pub fn report_load(g: &mut Graph, choices: NodeId, experts: usize) {
+    let layer = g.outputs.iter().filter(|(n, _)| Role::of(n).expert_load().is_some()).count();
+    let hits = g.one_hot(choices, Dim::constant(experts as i64));
+    let load = g.reduce(Reduce::Sum, hits, &[0, 1]);
+    g.outputs.push((Role::Metric(&format!("{EXPERT_LOAD}{layer}")).name(), load));
 }
 
 /// The meaning of `expert_order` and `expert_offsets`: the slots of

@@ -25,6 +25,10 @@ pub enum Role<'a> {
     CacheOut { layer: usize, kind: &'a str },
     /// A layer call's output, `PATH (Layer)`, kept for diagnosis.
     Trace(&'a str),
+    /// A value the training program reports beside the loss: a mixture's
+    /// tokens per expert (`expert_load.0`, `expert_load.1`, ...; layer order)
+    /// and the weighted sum of auxiliary losses (`aux_loss`).
+    Metric(&'a str),
 }
 
 const UPDATED: &str = "new:";
@@ -33,6 +37,9 @@ const SECOND_MOMENT: &str = "v:";
 const MOMENTUM: &str = "momentum:";
 const GRADIENT: &str = "grad:";
 const TRACE: &str = "trace:";
+const METRIC: &str = "metric:";
+/// The metric a mixture's tokens per expert is reported as, with its number.
+pub const EXPERT_LOAD: &str = "expert_load.";
 const CACHE_IN: &str = "past.";
 const CACHE_OUT: &str = "present.";
 
@@ -40,13 +47,14 @@ impl<'a> Role<'a> {
     /// The role a name spells.
     pub fn of(name: &'a str) -> Role<'a> {
         type Named<'a> = fn(&'a str) -> Role<'a>;
-        let prefixed: [(&str, Named<'a>); 6] = [
+        let prefixed: [(&str, Named<'a>); 7] = [
             (UPDATED, Role::Updated),
             (FIRST_MOMENT, Role::FirstMoment),
             (SECOND_MOMENT, Role::SecondMoment),
             (MOMENTUM, Role::Momentum),
             (GRADIENT, Role::Gradient),
             (TRACE, Role::Trace),
+            (METRIC, Role::Metric),
         ];
         for (prefix, role) in prefixed {
             if let Some(rest) = name.strip_prefix(prefix) {
@@ -74,6 +82,7 @@ impl<'a> Role<'a> {
             Role::Momentum(w) => format!("{MOMENTUM}{w}"),
             Role::Gradient(w) => format!("{GRADIENT}{w}"),
             Role::Trace(t) => format!("{TRACE}{t}"),
+            Role::Metric(m) => format!("{METRIC}{m}"),
             Role::CacheIn { layer, kind } => format!("{CACHE_IN}{layer}.{kind}"),
             Role::CacheOut { layer, kind } => format!("{CACHE_OUT}{layer}.{kind}"),
         }
@@ -82,6 +91,14 @@ impl<'a> Role<'a> {
     /// Optimiser state: kept and saved with the weights, never a weight itself.
     pub fn is_optimizer_state(&self) -> bool {
         matches!(self, Role::FirstMoment(_) | Role::SecondMoment(_) | Role::Momentum(_))
+    }
+
+    /// The mixture (in layer order) whose tokens per expert this metric is.
+    pub fn expert_load(&self) -> Option<usize> {
+        match *self {
+            Role::Metric(m) => m.strip_prefix(EXPERT_LOAD)?.parse().ok(),
+            _ => None,
+        }
     }
 
     /// The input a cache output is written back to (`None` for other roles).
@@ -107,6 +124,7 @@ mod tests {
             Role::Momentum("a.b"),
             Role::Gradient("a.b"),
             Role::Trace("layers.0 (Block)"),
+            Role::Metric("expert_load.1"),
             Role::CacheIn { layer: 3, kind: "key" },
             Role::CacheOut { layer: 11, kind: "value" },
         ];

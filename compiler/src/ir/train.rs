@@ -84,7 +84,7 @@ fn gradients(g: &mut Graph, trainable: &[String]) -> Option<Grads> {
     // The step's outputs are the loss and what follows; the model's other
     // outputs (its logits: 262 MB a step for stories15M) would otherwise stay
     // alive to the end of the step and be copied out of it.
-    g.outputs.retain(|(name, _)| name == "loss");
+    g.outputs.retain(|(name, _)| name == "loss" || matches!(Role::of(name), Role::Metric(_)));
     let params: Vec<(String, NodeId)> =
         g.params().filter(|(n, _)| trainable.iter().any(|t| t == n)).map(|(n, id)| (n.to_string(), id)).collect();
     let ids: Vec<NodeId> = params.iter().map(|(_, id)| *id).collect();

@@ -793,7 +793,7 @@ impl Program {
             // SAFETY: the plan keeps offsets inside the arena.
             Place::Arena { offset, .. } => unsafe { arena.add(offset) },
             Place::External(name) => feeds.pointer(&name),
-            other => unreachable!("bug: kernel input {n} has no memory ({other:?})"),
+            other => unreachable!("bug: kernel input {n} ({}) has no memory ({other:?})", self.graph.node(n).op.name()),
         }
     }
 
