@@ -549,18 +549,19 @@ impl Emitter<'_> {
                     self.read(arg(0), &format!("r * {k}u + p"))?
                 )
             }
-            Op::ExpertWeightGrad { expert, tb } => {
+            Op::ExpertWeightGrad { tb } => {
                 let (k, cols) = (self.shape(arg(0))?[1], self.shape(arg(1))?[1]);
-                // Element (a, b) of the output: x's column and dy's column.
+                let each = k * cols;
+                // Element (e, a, b) of the output: expert e, x's column and dy's column.
                 let (xc, dc) = if *tb {
-                    (format!("i % {k}u"), format!("i / {k}u"))
+                    (format!("j % {k}u"), format!("j / {k}u"))
                 } else {
-                    (format!("i / {cols}u"), format!("i % {cols}u"))
+                    (format!("j / {cols}u"), format!("j % {cols}u"))
                 };
                 format!(
-                    "    let xc = {xc};\n    let dc = {dc};\n    var acc = 0.0;\n    for (var r = u32({}); r < u32({}); r++) {{\n        acc += {} * {};\n    }}\n    mem[{o}u + i] = acc;\n",
-                    self.read(arg(2), &format!("{expert}u"))?,
-                    self.read(arg(2), &format!("{}u", expert + 1))?,
+                    "    let e = i / {each}u;\n    let j = i % {each}u;\n    let xc = {xc};\n    let dc = {dc};\n    var acc = 0.0;\n    for (var r = u32({}); r < u32({}); r++) {{\n        acc += {} * {};\n    }}\n    mem[{o}u + i] = acc;\n",
+                    self.read(arg(2), "e")?,
+                    self.read(arg(2), "e + 1u")?,
                     self.read(arg(0), &format!("r * {k}u + xc"))?,
                     self.read(arg(1), &format!("r * {cols}u + dc"))?
                 )

@@ -71,10 +71,14 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
         Op::ExpertMatMul { tb } => {
             let (x, offsets) = (a[0], a[1]);
             let gx = g.expert_matmul(gy, offsets, &a[2..], !tb);
+            let w = g.ty(a[2]).clone();
+            let experts = Dim::constant((a.len() - 2) as i64);
+            let all = crate::types::TensorTy::new(DType::F32, [vec![experts], w.dims.clone()].concat());
+            let all = g.push(Op::ExpertWeightGrad { tb: *tb }, vec![x, gy, offsets], all);
             let mut out = vec![Some(gx), None];
-            for (expert, w) in a[2..].iter().enumerate() {
-                let ty = g.ty(*w).clone();
-                out.push(Some(g.push(Op::ExpertWeightGrad { expert, tb: *tb }, vec![x, gy, offsets], ty)));
+            for e in 0..a.len() - 2 {
+                let one = g.slice(all, 0, Dim::constant(e as i64), Dim::constant(e as i64 + 1));
+                out.push(Some(g.reshape(one, &w.dims)));
             }
             out
         }

@@ -125,11 +125,11 @@ pub enum Op {
     ExpertMatMul {
         tb: bool,
     },
-    /// The gradient of weight `expert` of an [`Op::ExpertMatMul`]: `x [R, k]`,
-    /// the output's adjoint `dy [R, n]`, `offsets` -> `x_eᵀ dy_e [k, n]`
-    /// (`dy_eᵀ x_e [n, k]` with `tb`) over the expert's rows only.
+    /// The gradients of the weights of an [`Op::ExpertMatMul`]: `x [R, k]`,
+    /// the output's adjoint `dy [R, n]`, `offsets [E + 1]` -> `[E, k, n]`:
+    /// for each expert e, `x_eᵀ dy_e` over its rows only (`dy_eᵀ x_e`,
+    /// `[E, n, k]`, with `tb`).
     ExpertWeightGrad {
-        expert: usize,
         tb: bool,
     },
 }
@@ -242,9 +242,7 @@ impl Op {
             Op::ExpertOrder(e) => format!("expert_order {e}"),
             Op::ExpertOffsets(e) => format!("expert_offsets {e}"),
             Op::ExpertMatMul { tb } => format!("expert_matmul{}", if *tb { " tb" } else { "" }),
-            Op::ExpertWeightGrad { expert, tb } => {
-                format!("expert_weight_grad {expert}{}", if *tb { " tb" } else { "" })
-            }
+            Op::ExpertWeightGrad { tb } => format!("expert_weight_grad{}", if *tb { " tb" } else { "" }),
         }
     }
 }

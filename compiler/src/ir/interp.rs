@@ -223,15 +223,22 @@ pub fn eval(
             }
             out
         }
-        Op::ExpertWeightGrad { expert, tb } => {
+        Op::ExpertWeightGrad { tb } => {
             let (x, dy) = (args[0], args[1]);
-            let rows = expert_bounds(args[2], args[2].len() - 1, x.shape[0])?[*expert].clone();
-            let part = |a: &Array| {
-                let w = a.shape[1];
-                Array::new(vec![rows.len(), w], a.data[rows.start * w..rows.end * w].to_vec())
-            };
-            let (x, dy) = (part(x), part(dy));
-            if *tb { matmul(&dy, &x, true, false, shape) } else { matmul(&x, &dy, true, false, shape) }
+            let bounds = expert_bounds(args[2], args[2].len() - 1, x.shape[0])?;
+            let each: usize = shape[1..].iter().product();
+            let mut out = Array::zeros(&shape);
+            for (e, rows) in bounds.into_iter().enumerate() {
+                let part = |a: &Array| {
+                    let w = a.shape[1];
+                    Array::new(vec![rows.len(), w], a.data[rows.start * w..rows.end * w].to_vec())
+                };
+                let (x, dy) = (part(x), part(dy));
+                let one = shape[1..].to_vec();
+                let g = if *tb { matmul(&dy, &x, true, false, one) } else { matmul(&x, &dy, true, false, one) };
+                out.data[e * each..(e + 1) * each].copy_from_slice(&g.data);
+            }
+            out
         }
     })
 }

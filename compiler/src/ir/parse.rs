@@ -108,10 +108,7 @@ fn op(text: &str) -> Result<Op, String> {
         "expert_order" => Ok(Op::ExpertOrder(num(rest)?)),
         "expert_offsets" => Ok(Op::ExpertOffsets(num(rest)?)),
         "expert_matmul" => Ok(Op::ExpertMatMul { tb: rest.trim() == "tb" }),
-        "expert_weight_grad" => {
-            let (expert, tb) = rest.trim().split_once(' ').map_or((rest, false), |(e, t)| (e, t == "tb"));
-            Ok(Op::ExpertWeightGrad { expert: num(expert)?, tb })
-        }
+        "expert_weight_grad" => Ok(Op::ExpertWeightGrad { tb: rest.trim() == "tb" }),
         "attention" => Ok(Op::Attention(attention(rest)?)),
         "attention_lse" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Lse)),
         "attention_grad" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Gradients)),

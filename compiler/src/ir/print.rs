@@ -43,10 +43,11 @@ pub fn flops(g: &Graph, n: &Node) -> crate::types::Dim {
         }
         // Each routed row by its own expert's weight only.
         Op::ExpertMatMul { .. } => numel.mul(&g.ty(n.args[0]).dims[1]).mul(&Dim::constant(2)),
-        // Over one expert's rows; together the experts' rows are all R, so the
-        // group's products are counted on expert 0's node (R by k by n), exact in total.
-        Op::ExpertWeightGrad { expert: 0, .. } => numel.mul(&g.ty(n.args[0]).dims[0]).mul(&Dim::constant(2)),
-        Op::ExpertWeightGrad { .. } => Dim::constant(0),
+        // Each expert's rows by its own adjoint: every routed row once.
+        Op::ExpertWeightGrad { .. } => {
+            let (x, dy) = (g.ty(n.args[0]), g.ty(n.args[1]));
+            x.dims[0].mul(&x.dims[1]).mul(&dy.dims[1]).mul(&Dim::constant(2))
+        }
         // Products over every (query, key) pair, as if nothing were masked:
         // scores and values forward; the backward's passes recompute the
         // scores, and add dP (queries), dQ (queries), or dP, dK and dV.

@@ -181,14 +181,15 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 };
                 same(&dims, &out.dims)?;
             }
-            Op::ExpertWeightGrad { tb, .. } => {
+            Op::ExpertWeightGrad { tb } => {
                 want_args(3)?;
                 let (x, dy) = (t(0), t(1));
                 if x.rank() != 2 || dy.rank() != 2 || x.dims[0] != dy.dims[0] || t(2).rank() != 1 {
                     return Err(here(format!("rows {x} and adjoint {dy} do not fit")));
                 }
+                let experts = t(2).dims[0].sub(&Dim::constant(1));
                 let (k, m) = (x.dims[1].clone(), dy.dims[1].clone());
-                same(&if *tb { [m, k] } else { [k, m] }, &out.dims)?;
+                same(&if *tb { [experts, m, k] } else { [experts, k, m] }, &out.dims)?;
             }
         }
     }

@@ -907,54 +907,66 @@ impl Program {
                 let (x, rows) = (node.args[0], shape_of(node.args[0])?);
                 let (k, cols) = (rows[1], out.len() / rows[0].max(1));
                 let bounds = expert_bounds(input(node.args[1]), node.args.len() - 2, rows[0])?;
-                let xp = input(x).as_ptr();
-                for (e, r) in bounds.into_iter().enumerate() {
-                    let m = r.len();
-                    if m == 0 {
-                        continue;
-                    }
-                    let w = node.args[2 + e];
-                    let rhs = match self.packed_arg(n, 2 + e, feeds) {
-                        Some(p) => packed::Rhs::Packed(p),
-                        None => {
-                            packed::Rhs::Dense((input(w).as_ptr(), if tb { 1 } else { cols }, if tb { k } else { 1 }))
-                        }
-                    };
-                    // SAFETY: rows r of x and of the output, and the whole weight, at their layouts' strides.
-                    unsafe {
-                        packed::product(
-                            (m, cols, k),
-                            out.as_mut_ptr().add(r.start * cols),
-                            cols,
-                            0.0,
-                            (xp.add(r.start * k), k, 1),
-                            rhs,
-                            packed::worth_threads(m, cols, k),
-                        )
-                    };
+                let jobs: Vec<(std::ops::Range<usize>, SendRhs)> = bounds
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, r)| !r.is_empty())
+                    .map(|(e, r)| {
+                        let rhs = match self.packed_arg(n, 2 + e, feeds) {
+                            Some(p) => packed::Rhs::Packed(p),
+                            None => {
+                                let w = input(node.args[2 + e]).as_ptr();
+                                packed::Rhs::Dense((w, if tb { 1 } else { cols }, if tb { k } else { 1 }))
+                            }
+                        };
+                        (r, SendRhs(rhs))
+                    })
+                    .collect();
+                let (xp, op) = (SendPtr(input(x).as_ptr() as *mut f32), SendPtr(out.as_mut_ptr()));
+                // SAFETY: rows r of x and of the output (disjoint between experts),
+                // and the whole weight, at their layouts' strides.
+                let product = |r: &std::ops::Range<usize>, rhs: &SendRhs, parallel: bool| unsafe {
+                    let (x, o) = (xp.get().add(r.start * k), op.get().add(r.start * cols) as *mut f32);
+                    packed::product((r.len(), cols, k), o, cols, 0.0, (x, k, 1), rhs.0, parallel)
+                };
+                // Experts side by side on the threads when there are enough of
+                // them; else one after the other, each product on every thread.
+                if jobs.len() >= rayon::current_num_threads() {
+                    jobs.par_iter().for_each(|(r, rhs)| product(r, rhs, false));
+                } else {
+                    jobs.iter().for_each(|(r, rhs)| product(r, rhs, packed::worth_threads(r.len(), cols, k)));
                 }
                 return Ok(());
             }
-            Op::ExpertWeightGrad { expert, tb } => {
+            Op::ExpertWeightGrad { tb } => {
                 let (x, dy) = (shape_of(node.args[0])?, shape_of(node.args[1])?);
                 let (k, cols) = (x[1], dy[1]);
-                let r = expert_bounds(input(node.args[2]), input(node.args[2]).len() - 1, x[0])?[expert].clone();
-                let m = r.len();
+                let offsets = input(node.args[2]);
+                let jobs: Vec<(usize, std::ops::Range<usize>)> = expert_bounds(offsets, offsets.len() - 1, x[0])?
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, r)| !r.is_empty())
+                    .collect();
+                // An expert no row went to has a zero gradient.
                 out.fill(0.0);
-                if m == 0 {
-                    return Ok(());
-                }
-                let (xp, dp) = (input(node.args[0]).as_ptr(), input(node.args[1]).as_ptr());
-                // SAFETY: the expert's rows of x and dy, read transposed; the output is [k, n] or [n, k].
-                unsafe {
-                    let (xr, dr) = (xp.add(r.start * k), dp.add(r.start * cols));
+                let xp = SendPtr(input(node.args[0]).as_ptr() as *mut f32);
+                let (dp, op) = (SendPtr(input(node.args[1]).as_ptr() as *mut f32), SendPtr(out.as_mut_ptr()));
+                // SAFETY: the expert's rows of x and dy, read transposed, into its
+                // own [k, n] (or [n, k]) block of the output.
+                let product = |e: usize, r: &std::ops::Range<usize>, parallel: bool| unsafe {
+                    let (xr, dr) = (xp.get().add(r.start * k), dp.get().add(r.start * cols));
                     let (shape, a, b) = match tb {
-                        false => ((k, cols, m), (xr, 1, k), (dr, cols, 1)),
-                        true => ((cols, k, m), (dr, 1, cols), (xr, k, 1)),
+                        false => ((k, cols, r.len()), (xr, 1, k), (dr, cols, 1)),
+                        true => ((cols, k, r.len()), (dr, 1, cols), (xr, k, 1)),
                     };
-                    let parallel = packed::worth_threads(shape.0, shape.1, shape.2);
-                    packed::product(shape, out.as_mut_ptr(), shape.1, 0.0, a, packed::Rhs::Dense(b), parallel)
+                    let o = op.get().add(e * k * cols) as *mut f32;
+                    packed::product(shape, o, shape.1, 0.0, a, packed::Rhs::Dense(b), parallel)
                 };
+                if jobs.len() >= rayon::current_num_threads() {
+                    jobs.par_iter().for_each(|(e, r)| product(*e, r, false));
+                } else {
+                    jobs.iter().for_each(|(e, r)| product(*e, r, packed::worth_threads(k, cols, r.len())));
+                }
                 return Ok(());
             }
             _ => {}
@@ -1136,6 +1148,12 @@ impl Loc {
 }
 
 /// An operand pointer shared by the tasks of a batched matrix product.
+/// A product's right-hand side, shared by the tasks that each multiply by one.
+struct SendRhs<'a>(packed::Rhs<'a>);
+// SAFETY: the weight is only read while the tasks write disjoint outputs.
+unsafe impl Sync for SendRhs<'_> {}
+unsafe impl Send for SendRhs<'_> {}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: operands are only read while the tasks write disjoint outputs.
