@@ -70,10 +70,11 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 
 #[test]
 fn forward_matches_transformers() {
-    for model in ["gpt2", "llama"] {
-        let out = scratch(&format!("forward-{model}"));
-        let got = forward(model, &fixture(model).join("model.safetensors"), &out.join("logits.safetensors"));
-        assert_logits_match(model, &got);
+    // Mixtral with its experts routed sparsely (the default) and densely.
+    for (model, extra) in [("gpt2", &[][..]), ("llama", &[]), ("mixtral", &[]), ("mixtral", &["--dense-routes"])] {
+        let out = scratch(&format!("forward-{model}-{}", extra.len()));
+        let weights = fixture(model).join("model.safetensors");
+        assert_logits_match(model, &forward_with(model, &weights, &out.join("logits.safetensors"), extra));
     }
 }
 
@@ -228,10 +229,10 @@ fn train_on_batch(model: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
 
 #[test]
 fn gradients_match_transformers() {
-    for model in ["gpt2", "llama"] {
-        let out = scratch(&format!("grads-{model}"));
+    for (model, extra) in [("gpt2", &[][..]), ("llama", &[]), ("mixtral", &[]), ("mixtral", &["--dense-routes"])] {
+        let out = scratch(&format!("grads-{model}-{}", extra.len()));
         let path = out.join("grads.safetensors");
-        train_on_batch(model, &out, &["--steps", "1", "--dump-grads", path.to_str().unwrap()]);
+        train_on_batch(model, &out, &[&["--steps", "1", "--dump-grads", path.to_str().unwrap()], extra].concat());
         let (got, _) = weights::load_all(&path).unwrap();
         let (want, _) = weights::load_all(&fixture(model).join("grads.safetensors")).unwrap();
         let mut names: Vec<&String> = got.keys().collect();
@@ -248,7 +249,9 @@ fn gradients_match_transformers() {
         // The run folder is a Hugging Face checkpoint again: config.json and model.safetensors.
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-        assert_eq!(config["vocab_size"], 384);
+        let fixture_config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(model).join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["vocab_size"], fixture_config["vocab_size"]);
         assert!(std::fs::read(out.join("loss.png")).unwrap().starts_with(b"\x89PNG"));
     }
 }
@@ -908,4 +911,30 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
         &["infer", "--prompt-ids", "1", "--device", "cpu"],
         "`model.layers.0.mlp.down_proj.weight` is stored packed as",
     );
+}
+
+/// Mistral's sliding window: greedy tokens equal transformers' `generate`
+/// for a prompt shorter and one longer than the window, each generating
+/// five windows' worth, with the ring cache (the window's positions written
+/// modulo its length; a long prompt read in chunks) and without a cache.
+#[test]
+fn mistral_generates_as_transformers_past_its_window() {
+    let dir = fixture("mistral");
+    let (config, weights) = (dir.join("config.json"), dir.join("model.safetensors"));
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
+    for case in want["cases"].as_array().unwrap() {
+        let prompt: Vec<String> = case["prompt_ids"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
+        let prompt = prompt.join(",");
+        for extra in [&[][..], &["--no-cache"], &["--context", "16"]] {
+            let mut args = vec!["infer", "specs/mistral.model", "--config", config.to_str().unwrap()];
+            args.extend(["--weights", weights.to_str().unwrap(), "--prompt-ids", &prompt]);
+            args.extend(["--temperature", "0", "--max-new-tokens", "30", "--json"]);
+            args.extend(extra);
+            let (code, out, err) = modelc(&args);
+            assert_eq!(code, 0, "{err}");
+            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(got["new_token_ids"], case["new_token_ids"], "prompt {prompt}, {extra:?}");
+        }
+    }
 }

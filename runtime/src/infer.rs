@@ -157,6 +157,12 @@ struct Cached {
     vocab: usize,
     /// Tokens whose keys and values the cache holds.
     held: usize,
+    /// The most tokens one program reads at once: a sliding window's ring
+    /// cache makes room for so many (`ring_chunk`); unbounded otherwise.
+    chunk: usize,
+    /// Every cache is a sliding window's ring: decoding goes on forever
+    /// with the memory it has, never starting over.
+    rolling: bool,
     /// Last token's outputs, the buffers of the next token's (`run_into`).
     spare: Tensors,
 }
@@ -170,10 +176,18 @@ impl Cached {
             // The caches stay where the programs write them: nothing to return.
             graph.outputs.retain(|(name, _)| !matches!(Role::of(name), Role::CacheOut { .. }));
         }
+        let (mut chunk, mut rolling) = (usize::MAX, true);
         for n in &graph.nodes {
             if let Op::Input(name) = &n.op
                 && let Role::CacheIn { .. } = Role::of(name)
             {
+                // [B, kv_heads, slots, head_dim]: fewer slots than the context is a ring.
+                let slots = n.ty.dims[2].as_const().unwrap_or(0) as usize;
+                if slots < len {
+                    chunk = chunk.min(modelc::ir::lower::ring_chunk(slots));
+                } else {
+                    rolling = false;
+                }
                 // [B, kv_heads, len, head_dim] with B = 1.
                 let shape: Vec<usize> =
                     n.ty.dims
@@ -190,7 +204,9 @@ impl Cached {
                 };
             }
         }
-        Cached { device, graph, feeds, caches, programs: HashMap::new(), len, vocab, held: 0, spare: Tensors::new() }
+        let rolling = rolling && chunk < usize::MAX;
+        let (programs, spare) = (HashMap::new(), Tensors::new());
+        Cached { device, graph, feeds, caches, programs, len, vocab, held: 0, chunk, rolling, spare }
     }
 
     /// The program for `t` new tokens, compiled on first use.
@@ -214,7 +230,17 @@ impl Cached {
         Ok(())
     }
 
+    /// Reads `ids` at `position ..`, in chunks a ring has room for; the
+    /// logits after the last.
     fn read(&mut self, ids: &[usize], position: usize) -> Result<Vec<f32>, String> {
+        let mut logits = Vec::new();
+        for (i, part) in ids.chunks(self.chunk).enumerate() {
+            logits = self.read_chunk(part, position + i * self.chunk)?;
+        }
+        Ok(logits)
+    }
+
+    fn read_chunk(&mut self, ids: &[usize], position: usize) -> Result<Vec<f32>, String> {
         let t = ids.len();
         self.program(t)?;
         self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], ids.iter().map(|i| *i as f32).collect()));
@@ -244,12 +270,12 @@ impl Decoder for Cached {
     }
 
     fn prepare(&mut self, prompt: usize) -> Result<(), String> {
-        self.program(prompt.min(self.len))?;
+        self.program(prompt.min(self.len).min(self.chunk))?;
         self.program(1)
     }
 
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String> {
-        if self.held + new <= self.len {
+        if self.rolling || self.held + new <= self.len {
             let start = tokens.len() - new;
             let logits = self.read(&tokens[start..], self.held)?;
             self.held += new;

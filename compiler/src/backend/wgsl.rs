@@ -443,8 +443,9 @@ impl Emitter<'_> {
                 let r = out_shape.len();
                 let (rows, d) = (out_shape[r - 2], out_shape[r - 1]);
                 let t = self.shape(arg(1))?[r - 2];
+                // Slot j takes the last new row i with (start + i) mod rows == j.
                 let body = format!(
-                    "    let j = (i / {d}u) % {rows}u;\n    let start = i32({});\n    let at = i32(j) - start;\n    if (at >= 0 && at < {t}) {{\n        mem[{o}u + i] = {};\n    }} else {{\n        mem[{o}u + i] = {};\n    }}\n",
+                    "    let j = (i / {d}u) % {rows}u;\n    let start = i32({});\n    let first = ((i32(j) - start) % {rows} + {rows}) % {rows};\n    let at = first + {rows} * max(({t} - 1 - first) / {rows}, 0);\n    if (first < {t}) {{\n        mem[{o}u + i] = {};\n    }} else {{\n        mem[{o}u + i] = {};\n    }}\n",
                     self.read(arg(2), "0u")?,
                     self.read(arg(1), &format!("((i / ({d}u * {rows}u)) * {t}u + u32(at)) * {d}u + i % {d}u"))?,
                     self.read(arg(0), "i")?

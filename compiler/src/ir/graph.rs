@@ -87,9 +87,10 @@ pub enum Op {
     TopKValues(usize),
     TopKIndices(usize),
     /// `base [..., L, D]` with rows `rows [..., T, D]` written at positions
-    /// `start .. start + T` of its second-to-last axis (`start` a scalar
-    /// int; rows past L are dropped): a key/value cache taking the new
-    /// tokens' rows. A backend may write them into `base`'s own memory.
+    /// `(start + i) mod L` of its second-to-last axis (`start` a scalar int;
+    /// a later row wins a slot): a key/value cache taking the new tokens'
+    /// rows, or a ring of the last L of them. A backend may write them
+    /// into `base`'s own memory.
     WriteRows,
     /// A mask of the node's shape: 0 with probability p, else 1/(1-p).
     /// Its one input is the step (a scalar), so masks differ between steps.

@@ -181,11 +181,9 @@ pub fn eval(
             let mut out = base.clone();
             for outer in 0..base.len() / (len * d).max(1) {
                 for i in 0..t {
-                    let at = start + i as f64;
-                    if at >= 0.0 && (at as usize) < len {
-                        let (to, from) = ((outer * len + at as usize) * d, (outer * t + i) * d);
-                        out.data[to..to + d].copy_from_slice(&rows.data[from..from + d]);
-                    }
+                    let at = (start + i as f64).rem_euclid(len as f64) as usize;
+                    let (to, from) = ((outer * len + at) * d, (outer * t + i) * d);
+                    out.data[to..to + d].copy_from_slice(&rows.data[from..from + d]);
                 }
             }
             out

@@ -53,6 +53,22 @@ pub struct Cache {
     pub layers: usize,
 }
 
+/// The slots of a sliding window's ring cache: the window and room for a
+/// chunk of new tokens (`ring_chunk`), so that writing the chunk never
+/// overwrites a key an earlier token of it still sees.
+pub fn ring_len(window: usize) -> usize {
+    window + window.min(RING_CHUNK) - 1
+}
+
+/// The most new tokens a program may read at once into a ring of `slots`
+/// (the inverse of `ring_len`): longer prompts are read in chunks.
+pub fn ring_chunk(slots: usize) -> usize {
+    slots.div_ceil(2).min(RING_CHUNK)
+}
+
+/// The longest chunk of new tokens a sliding window's cache makes room for.
+const RING_CHUNK: usize = 128;
+
 /// A lowered argument: a tensor node, a compile-time value, or a list.
 #[derive(Clone, Debug)]
 pub enum LArg {
@@ -400,13 +416,16 @@ impl Lowering {
         let (t, d) = (qd[1].clone(), qd[3].clone());
         let mut s = kd[1].clone();
         let causal = a[3].bool();
+        let window = if let LArg::Int(w) = a[4] { Some(w) } else { None };
         // Causal self-attention reads and extends the key/value cache.
-        let (mut k, mut v, mut cached) = (k, v, false);
+        let (mut k, mut v, mut cached, mut ring) = (k, v, false, None);
         if causal && s == t && self.cache.is_some() {
             let c = self.cache.as_mut().expect("checked");
             let (i, len) = (c.layers, c.len);
             c.layers += 1;
-            s = Dim::constant(len as i64);
+            // A sliding window needs only its last positions: a ring of them.
+            ring = window.map(|w| ring_len(w.max(1) as usize)).filter(|r| *r < len);
+            s = Dim::constant(ring.unwrap_or(len) as i64);
             // The cache is kept heads first, [B, G, len, D]: the products read
             // it as it is (keys transposed by a flag), with no copy of the
             // whole cache per token to put the heads first.
@@ -424,7 +443,13 @@ impl Lowering {
             LArg::Float(f) => f,
             _ => 1.0 / (d.as_const().expect("bug: head size is known") as f64).sqrt(),
         };
-        let window = if let LArg::Int(w) = a[4] { Some(w) } else { None };
+        if let (Some(slots), Some(w)) = (ring, window) {
+            // Which slot holds which position is in the mask, not in the order.
+            let mut args = vec![q, k, v, self.position_input()];
+            args.push(self.ring_mask(&qd[0], &t, slots, w));
+            let plain = Attention { scale, causal: false, window: None, kv_heads_first: true };
+            return self.g.attention(plain, &args);
+        }
         // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
         let offset = if cached {
             self.position_input()
@@ -444,6 +469,40 @@ impl Lowering {
         // One operation, which backends run without storing the scores; its
         // gradient is passes that recompute them (`ir::attention`).
         self.g.attention(Attention { scale, causal, window, kv_heads_first: cached }, &args)
+    }
+
+    /// Which ring slots each of the `t` new tokens sees, `[B, T, slots]`: the
+    /// tokens were written at `position ..` modulo `slots`, so slot s holds
+    /// the latest position p <= last with p = s (mod slots), last =
+    /// position + T - 1; query q sees it when 0 <= p, p <= q and p > q - window.
+    fn ring_mask(&mut self, b: &Dim, t: &Dim, slots: usize, window: i64) -> NodeId {
+        let int = |g: &mut Graph, v: i64| g.constant(v as f64, DType::Int);
+        let position = self.position_input();
+        let count = self.g.size(t.clone());
+        let count = self.g.cast(count, DType::Int);
+        let one = int(&mut self.g, 1);
+        let last = self.g.add(position, count);
+        let last = self.g.sub(last, one);
+        let slot = self.g.iota(Dim::constant(slots as i64));
+        let back = self.g.sub(last, slot);
+        let modulus = int(&mut self.g, slots as i64);
+        let back = self.g.binary(crate::scalar::Binary::Rem, back, modulus);
+        let held = self.g.sub(last, back); // [slots]
+        let held = self.g.reshape(held, &[Dim::constant(1), Dim::constant(slots as i64)]);
+        let query = self.g.iota(t.clone());
+        let query = self.g.add(query, position);
+        let query = self.g.reshape(query, &[t.clone(), Dim::constant(1)]);
+        let zero = int(&mut self.g, 0);
+        let written = self.g.binary(crate::scalar::Binary::Ge, held, zero);
+        let past = self.g.binary(crate::scalar::Binary::Le, held, query);
+        let w = int(&mut self.g, window);
+        let oldest = self.g.sub(query, w);
+        let recent = self.g.binary(crate::scalar::Binary::Gt, held, oldest);
+        let seen = self.g.binary(crate::scalar::Binary::And, past, recent);
+        let seen = self.g.binary(crate::scalar::Binary::And, seen, written);
+        let seen = self.g.cast(seen, DType::F32);
+        let seen = self.g.reshape(seen, &[Dim::constant(1), t.clone(), Dim::constant(slots as i64)]);
+        self.g.broadcast(seen, &[b.clone(), t.clone(), Dim::constant(slots as i64)])
     }
 
     /// Rotary embedding on [B, T, H, D], rotating halves of the first `rot` features.

@@ -750,11 +750,9 @@ impl Program {
             }
             for outer in 0..total / (len * d).max(1) {
                 for i in 0..t {
-                    let at = start + i as f32;
-                    if at >= 0.0 && (at as usize) < len {
-                        let to = out.add((outer * len + at as usize) * d);
-                        std::ptr::copy_nonoverlapping(new.add((outer * t + i) * d), to, d);
-                    }
+                    let at = (start as i64 + i as i64).rem_euclid(len as i64) as usize;
+                    let to = out.add((outer * len + at) * d);
+                    std::ptr::copy_nonoverlapping(new.add((outer * t + i) * d), to, d);
                 }
             }
         }
