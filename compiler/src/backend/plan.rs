@@ -20,6 +20,10 @@ pub enum Place {
     Arena { offset: usize, len: usize },
     /// Given by the caller: an input or a weight.
     External(String),
+    /// A program output its kernel writes straight into the buffer the
+    /// caller keeps it in (a training step's new weights and moments: no
+    /// arena range, no copy out). Only with `Inputs::Writable`.
+    Output(String),
     /// A view of another value's memory (reshape).
     Alias(NodeId),
     /// A contiguous slice of another value (`schedule::is_window`): its
@@ -47,7 +51,9 @@ pub enum Inputs {
     ReadOnly,
     /// A `WriteRows` whose base is an input writes its rows into that
     /// input where it lies (the caller hands it over to be written: a
-    /// decoder's key/value cache), instead of copying it first.
+    /// decoder's key/value cache), instead of copying it first; and an
+    /// output that a fused kernel computes and nothing else reads is written
+    /// into the caller's buffer for it (`Place::Output`).
     Writable,
 }
 
@@ -164,6 +170,21 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
             k => steps.push((k, Group { start: steps.len(), end: steps.len(), rows: 0 })),
         }
     }
+    // Outputs written where the caller keeps them: a whole fused kernel's
+    // (not a row group's part, which writes block by block); later kernels
+    // read them there (AdamW's new moments, read by the weight's update).
+    if inputs == Inputs::Writable {
+        for kernel in &s.kernels {
+            let out = kernel.output();
+            let named: Vec<&String> = g.outputs.iter().filter(|(_, o)| *o == out).map(|(name, _)| name).collect();
+            if let ([name], Kernel::Fused { .. } | Kernel::FusedReduce { .. }) = (named.as_slice(), kernel)
+                && places[out.index()] == Place::None
+                && !s.placed.contains_key(&out)
+            {
+                places[out.index()] = Place::Output((*name).clone());
+            }
+        }
+    }
     // Live ranges over times; a view extends its source's range.
     let storage = |mut k: NodeId, places: &[Place]| {
         while let Place::Alias(of) | Place::Window { of, .. } = places[k.index()] {
@@ -248,7 +269,7 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
             places[kernel.output().index()] = Place::Part(concat);
         }
         let out = placed.unwrap_or(kernel.output());
-        if matches!(places[out.index()], Place::Arena { .. } | Place::Alias(_)) {
+        if matches!(places[out.index()], Place::Arena { .. } | Place::Alias(_) | Place::Output(_)) {
             continue;
         }
         let len = lens[out.index()];

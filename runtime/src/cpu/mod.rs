@@ -328,6 +328,9 @@ struct Given<'a> {
     feeds: &'a HashMap<String, Tensor>,
     /// Each state input's values (borrowed mutably for the run) and shape.
     state: HashMap<&'a str, (SendPtr, usize, &'a [usize])>,
+    /// The caller's buffers of the outputs kernels write straight into
+    /// (`Place::Output`), by output name: their values and lengths.
+    outputs: HashMap<String, (SendPtr, usize)>,
 }
 
 impl<'a> Given<'a> {
@@ -337,7 +340,13 @@ impl<'a> Given<'a> {
             .flat_map(|s| s.iter_mut())
             .map(|(k, t)| (k.as_str(), (SendPtr(t.data.as_mut_ptr()), t.data.len(), t.shape.as_slice())))
             .collect();
-        Given { feeds, state }
+        Given { feeds, state, outputs: HashMap::new() }
+    }
+
+    /// Where an output written in place goes (`Place::Output`).
+    fn output(&self, name: &str) -> (*mut f32, usize) {
+        let (p, len) = self.outputs[name];
+        (p.0, len)
     }
 
     fn shape(&self, name: &str) -> Option<&'a [usize]> {
@@ -501,6 +510,22 @@ impl Program {
             // context switches a section; decoding has dozens a token).
             return rayon::scope(|_| self.run_with(feeds, collect));
         }
+        let mut feeds = feeds;
+        // The buffers of the outputs kernels write straight into, made (or
+        // remade, at another shape) in the caller's map before the kernels run.
+        let (mut own, collecting) = (HashMap::new(), collect.is_some());
+        let collect = collect.unwrap_or(&mut own);
+        for (name, id) in &self.graph.outputs {
+            if let Place::Output(_) = self.plan.places[id.index()] {
+                let shape = concrete(&self.graph, *id, &self.sizes)?;
+                if collect.get(name).is_none_or(|t| t.shape != shape) {
+                    let len = shape.iter().product();
+                    collect.insert(name.clone(), Tensor::new(shape, vec![0.0; len]));
+                }
+                let t = collect.get_mut(name).expect("made above");
+                feeds.outputs.insert(name.clone(), (SendPtr(t.data.as_mut_ptr()), t.data.len()));
+            }
+        }
         let feeds = &feeds;
         check_shapes(&self.graph, &self.sizes, &|name| feeds.shape(name))?;
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
@@ -541,8 +566,14 @@ impl Program {
                 p.lock().unwrap_or_else(|e| e.into_inner())[k] += t.elapsed().as_secs_f64();
             }
         }
-        let Some(outputs) = collect else { return Ok(()) };
+        if !collecting {
+            return Ok(());
+        }
+        let outputs = collect;
         for (name, id) in &self.graph.outputs {
+            if let Place::Output(_) = self.plan.places[id.index()] {
+                continue;
+            }
             let shape = concrete(&self.graph, *id, &self.sizes)?;
             let value = self.read(*id, arena, feeds);
             match outputs.get_mut(name) {
@@ -791,6 +822,7 @@ impl Program {
             // SAFETY: the plan keeps offsets inside the arena.
             Place::Arena { offset, .. } => unsafe { arena.add(offset) },
             Place::External(name) => feeds.pointer(&name),
+            Place::Output(name) => feeds.output(&name).0,
             other => unreachable!("bug: kernel input {n} ({}) has no memory ({other:?})", self.graph.node(n).op.name()),
         }
     }
@@ -799,6 +831,11 @@ impl Program {
         match self.plan.resolve(n) {
             Place::Arena { offset, len } => Cow::Borrowed(&arena[offset..offset + len]),
             Place::External(name) => Cow::Borrowed(feeds.values(&name)),
+            // SAFETY: the caller's buffer, borrowed for the run; read after its kernel wrote it.
+            Place::Output(name) => {
+                let (p, len) = feeds.output(&name);
+                Cow::Borrowed(unsafe { std::slice::from_raw_parts(p, len) })
+            }
             _ => match &self.graph.node(n).op {
                 Op::Const(v) => Cow::Owned(vec![*v as f32]),
                 other => unreachable!("bug: {n} ({}) is not stored", other.name()),
@@ -834,6 +871,11 @@ impl Program {
                     unsafe { std::slice::from_raw_parts(base.add(offset), len) }
                 }
                 Place::External(name) => feeds.values(&name),
+                Place::Output(name) => {
+                    let (p, len) = feeds.output(&name);
+                    // SAFETY: the caller's buffer for the output, written by an earlier kernel.
+                    unsafe { std::slice::from_raw_parts(p, len) }
+                }
                 _ => match &self.graph.node(x).op {
                     Op::Const(v) => {
                         let value = vec![*v as f32];
