@@ -21,17 +21,14 @@ import json
 import pathlib
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
 import torch
 from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODELC = ROOT / "target" / "release" / "modelc"
+# The same timing, PyTorch training step and modelc runner as the stories15M benchmark.
+from stories15m import median_time, modelc, torch_train_step
 SHAPE = dict(
     vocab_size=512, hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
@@ -39,28 +36,6 @@ SHAPE = dict(
     sliding_window=None, bos_token_id=None, eos_token_id=None, pad_token_id=None,
 )
 BATCH, SEQ, NEW_TOKENS = 8, 128, 128
-
-
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def torch_train_step(model, ids, repeats):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    step()  # warm-up
-    return median_time(step, repeats)
 
 
 def torch_decode(model, prompt, repeats):
@@ -72,13 +47,6 @@ def torch_decode(model, prompt, repeats):
 
     tokens = generate()[0, len(prompt):].tolist()
     return median_time(generate, repeats), tokens
-
-
-def modelc(args):
-    out = subprocess.run([str(MODELC), *args], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        sys.exit(f"modelc {' '.join(args)} failed:\n{out.stderr}")
-    return out
 
 
 def spec_args(run, dense):
