@@ -30,6 +30,32 @@ fn every_error_case_renders_as_snapshotted() {
     assert!(count >= 25, "only {count} diagnostics in the corpus");
 }
 
+/// `from hf(classes: id2label)`: an int takes the object's entry count (the
+/// label count); a float mapped to the same object is refused without
+/// printing its 1,000 entries.
+#[test]
+fn a_label_count_comes_from_id2label() {
+    let dir = std::env::temp_dir().join(format!("modelc-labels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("classifier.model");
+    let text = "model Classifier(classes: int = 2, scale: float = 1.0) from hf(classes: id2label, scale: label2id) {\n    head: param[classes]\n\n    forward(x: [B]) -> y: [B, classes] = x.unsqueeze(-1) * head\n}\n";
+    std::fs::write(&spec, text).unwrap();
+    let labels: serde_json::Map<String, serde_json::Value> =
+        (0..1000).map(|i| (i.to_string(), format!("label {i}").into())).collect();
+    let ids: serde_json::Map<String, serde_json::Value> = (0..1000).map(|i| (format!("label {i}"), i.into())).collect();
+    let config = serde_json::json!({ "id2label": labels, "label2id": ids });
+    let opts = Options { config: Some((config.clone(), "config.json".into())), sets: Vec::new() };
+    let err = check_file(&spec, &opts).unwrap_err();
+    assert!(err.contains("an object of 1000 entries") && err.len() < 2000, "{err}");
+    insta::assert_snapshot!("error-config-object-for-a-float", err);
+    let text = text.replace(", scale: label2id", "");
+    std::fs::write(&spec, text).unwrap();
+    let opts = Options { config: Some((config, "config.json".into())), sets: Vec::new() };
+    let checked = check_file(&spec, &opts).unwrap();
+    assert_eq!(checked.params[0].shape, [1000]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn config_and_set_errors_name_the_key() {
     let llama = repo().join("specs/llama.model");

@@ -485,6 +485,23 @@ fn sizes_no_machine_holds_are_refused_before_allocating() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs an executable this process has just written. Another test's
+/// process spawned while the file was open for writing holds that
+/// descriptor until it execs, and Linux refuses to run a file open for
+/// writing (ETXTBSY): such a refusal is retried, as cargo does.
+fn run_written(exe: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut tries = 0;
+    loop {
+        match Command::new(exe).args(args).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result.unwrap(),
+        }
+    }
+}
+
 #[test]
 fn a_damaged_built_binary_says_so() {
     let dir = scratch("binary");
@@ -495,7 +512,7 @@ fn a_damaged_built_binary_says_so() {
     let n = bytes.len();
     bytes[n - 100] ^= 0x20;
     std::fs::write(&exe, &bytes).unwrap();
-    let out = Command::new(&exe).arg("check").output().unwrap();
+    let out = run_written(&exe, &["check"]);
     let err = unwrapped(&String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("built-in spec is damaged") && err.contains("build it again"), "{err}");

@@ -41,6 +41,8 @@ const PRIMITIVE_CASES: &[(&str, &str)] = &[
     ("matmul", "sum((transpose(a) @ b) * (transpose(b) @ a)) + sum(a[0] @ transpose(b))"),
     ("permute", "sum(permute(a.unsqueeze(0), [2, 0, 1]) * permute(b.unsqueeze(0), [2, 0, 1]))"),
     ("reshape", "sum(reshape(a, [m, n]) * reshape(b, [-1, n]))"),
+    ("float_of_a_size", "sum(a * b) / sqrt(float(m))"),
+    ("expand", "sum(expand(sum(a, axis: 0, keep: true), [2, n, -1]) * expand(b, [2, n, m]))"),
     ("split_merge", "sum(a.split(0, [1, n]).merge(0, 1) * b.unsqueeze(1).squeeze(1))"),
     ("concat", "sum(concat([a, b * a], axis: 0) * concat([b, a], axis: 0))"),
     ("stack", "sum(stack([a, b], axis: 1) * stack([b, a * a], axis: 1))"),

@@ -2,7 +2,7 @@
 //! argument types), of primitives (bound against their signatures and typed
 //! by prims.rs), and `route`, which calls every expert.
 
-use super::elaborate::{Checker, InstId, MAX_DEPTH, is_static_function};
+use super::elaborate::{Checker, InstId, MAX_DEPTH, STATIC_FUNCTIONS, is_static_function};
 use super::forward::{CallArg, Frame, Ty, larg};
 use super::prims::{self, Arg as PArg, Kind, Out, Prim};
 use super::value::Value;
@@ -33,7 +33,11 @@ impl Checker<'_> {
                     return self.prim(frame, n, args, span, callee_expr.span);
                 }
                 Some(t) => t,
-                None if prims::signature(n).is_some() => {
+                // `float(dim)` on numbers is arithmetic, not the tensor cast.
+                None if prims::signature(n).is_some()
+                    && !(STATIC_FUNCTIONS.contains(&n.as_str())
+                        && args.iter().all(|a| matches!(a.ty, Ty::Value(_)))) =>
+                {
                     return self.prim(frame, n, args, span, callee_expr.span);
                 }
                 None if is_static_function(n) && args.iter().all(|a| matches!(a.ty, Ty::Value(_))) => {

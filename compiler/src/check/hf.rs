@@ -35,16 +35,32 @@ pub fn from_config(
         };
         let found = entry.keys.iter().find_map(|k| lookup(config, &k.text).map(|v| (k, v)));
         let Some((key, json)) = found else { continue };
-        let value = match json_value(json) {
-            Some(v) => v,
-            None => {
-                errors.push(Diagnostic::new(
-                    "E0502",
-                    format!(
-                        "{config_name}: key `{}` holds {json}, which is not a number, bool, string or null",
-                        key.text
-                    ),
-                ));
+        // An int taken from an object or list counts its entries: `classes:
+        // id2label` is the label count (transformers' `num_labels`).
+        let count = match json {
+            serde_json::Value::Object(o) => Some(o.len()),
+            serde_json::Value::Array(a) => Some(a.len()),
+            _ => None,
+        };
+        let value = match (count, h.ty.word, json_value(json)) {
+            (Some(n), crate::syntax::ast::HTypeWord::Int, _) => Value::Int(n as i64),
+            (_, _, Some(v)) => v,
+            (_, _, None) => {
+                errors.push(
+                    Diagnostic::new(
+                        "E0502",
+                        format!(
+                            "{config_name}: key `{}` holds {}, which is not a number, bool, string or null",
+                            key.text,
+                            brief(json)
+                        ),
+                    )
+                    .label(key.span, "mapped here")
+                    .help(format!(
+                        "an int hyperparameter mapped to it takes its number of entries ({})",
+                        count.unwrap_or(0)
+                    )),
+                );
                 continue;
             }
         };
@@ -54,8 +70,9 @@ pub fn from_config(
                 Diagnostic::new(
                     "E0502",
                     format!(
-                        "{config_name}: key `{}` is {json}, but hyperparameter `{}` needs {}",
+                        "{config_name}: key `{}` is {}, but hyperparameter `{}` needs {}",
                         key.text,
+                        brief(json),
                         h.name.text,
                         type_text(h.ty)
                     ),
@@ -65,6 +82,18 @@ pub fn from_config(
         }
     }
     if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+/// A JSON value as an error quotes it: in full when short, else by its kind
+/// and size (an `id2label` of 1,000 labels is 19 KB).
+fn brief(v: &serde_json::Value) -> String {
+    let text = v.to_string();
+    match v {
+        _ if text.len() <= 60 => text,
+        serde_json::Value::Object(o) => format!("an object of {} entries", o.len()),
+        serde_json::Value::Array(a) => format!("a list of {} items", a.len()),
+        _ => format!("{}...", text.chars().take(57).collect::<String>()),
+    }
 }
 
 fn lookup<'a>(config: &'a serde_json::Value, dotted: &str) -> Option<&'a serde_json::Value> {

@@ -86,6 +86,7 @@ pub enum Prim {
     Transpose,
     Permute,
     Reshape,
+    Expand,
     Split,
     Merge,
     Unsqueeze,
@@ -125,6 +126,7 @@ pub const PRIMITIVES: &[(Prim, &str, &[Param])] = &[
     (Prim::Transpose, "transpose", &[req("x", K::T), p("a", K::Int, D::Int(-2)), p("b", K::Int, D::Int(-1))]),
     (Prim::Permute, "permute", &[req("x", K::T), req("axes", K::Ints)]),
     (Prim::Reshape, "reshape", &[req("x", K::T), req("shape", K::Sizes)]),
+    (Prim::Expand, "expand", &[req("x", K::T), req("shape", K::Sizes)]),
     (Prim::Split, "split", &[req("x", K::T), req("axis", K::Int), req("sizes", K::Sizes)]),
     (Prim::Merge, "merge", &[req("x", K::T), p("start", K::Int, D::Int(-2)), p("end", K::Int, D::Int(-1))]),
     (Prim::Unsqueeze, "unsqueeze", &[req("x", K::T), req("axis", K::Int)]),
@@ -466,6 +468,35 @@ pub fn infer(prim: Prim, args: &[Arg]) -> Result<Out, PrimError> {
             }
             one(TensorTy::new(x.dtype, dims))
         }
+        Prim::Expand => {
+            let x = a.t(0);
+            let mut dims = a.sizes(1);
+            let extra = dims.len().checked_sub(x.rank()).ok_or_else(|| {
+                err(format!("cannot expand {} to fewer axes, {}", shape_text(&x.dims), shape_text(&dims)))
+                    .at(0, format!("this has shape {}", shape_text(&x.dims)))
+                    .at(1, "this shape")
+            })?;
+            // Right-aligned as in broadcasting: -1 keeps an axis, a size-1 axis repeats.
+            for (i, from) in x.dims.iter().enumerate() {
+                let to = &mut dims[extra + i];
+                if *to == Dim::constant(-1) {
+                    *to = from.clone();
+                } else if from != to && from.as_const() != Some(1) {
+                    return Err(err(format!(
+                        "cannot expand {} to {}: axis {i} has size {from}, not 1",
+                        shape_text(&x.dims),
+                        shape_text(&dims)
+                    ))
+                    .at(0, format!("this has shape {}", shape_text(&x.dims)))
+                    .at(1, "this shape")
+                    .help("only axes of size 1 repeat; -1 keeps an axis as it is"));
+                }
+            }
+            if let Some(bad) = dims.iter().find(|d| d.as_const().is_some_and(|v| v < 1)) {
+                return Err(err(format!("size {bad} must be at least 1")).at(1, "here"));
+            }
+            one(TensorTy::new(x.dtype, dims))
+        }
         Prim::Split => {
             let x = a.t(0);
             let ax = axis(x, a.int(1), 1)?;
@@ -538,10 +569,32 @@ pub fn infer(prim: Prim, args: &[Arg]) -> Result<Out, PrimError> {
                         .enumerate()
                         .all(|(i, (p, q))| (name == "concat" && i == ax) || p == q);
                 if !same {
-                    return Err(err(format!(
-                        "`{name}` needs tensors that agree except on the joined axis: {first} and {t}"
-                    ))
-                    .at(0, "these"));
+                    let e =
+                        err(format!("`{name}` needs tensors that agree except on the joined axis: {first} and {t}"))
+                            .at(0, "these");
+                    // One whose differing axes are all 1 repeats along them with `expand`.
+                    let to_expand = |small: &TensorTy, big: &TensorTy| {
+                        let fits = small.rank() == big.rank()
+                            && small.dtype == big.dtype
+                            && (0..small.rank()).all(|i| {
+                                (name == "concat" && i == ax)
+                                    || small.dims[i] == big.dims[i]
+                                    || small.dims[i].as_const() == Some(1)
+                            });
+                        fits.then(|| {
+                            let mut dims = big.dims.clone();
+                            if name == "concat" {
+                                dims[ax] = small.dims[ax].clone();
+                            }
+                            (shape_text(&small.dims), shape_text(&dims))
+                        })
+                    };
+                    return Err(match to_expand(first, t).or_else(|| to_expand(t, first)) {
+                        Some((from, to)) => e.help(format!(
+                            "repeat the {from} tensor along its axes of size 1 first: `expand(x, {to})`"
+                        )),
+                        None => e,
+                    });
                 }
                 if name == "concat" {
                     total = total.add(&t.dims[ax]);

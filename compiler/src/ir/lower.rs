@@ -264,6 +264,7 @@ impl Lowering {
             Prim::Reshape | Prim::Split | Prim::Merge | Prim::Unsqueeze | Prim::Squeeze => {
                 one(g.reshape(a[0].node(), &out[0].dims))
             }
+            Prim::Expand => one(g.broadcast(a[0].node(), &out[0].dims)),
             Prim::Concat | Prim::Stack => {
                 let LArg::Nodes(xs) = &a[0] else { unreachable!("bug: concat of a non-list") };
                 let rank = out[0].rank();
