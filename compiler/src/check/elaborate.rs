@@ -471,7 +471,7 @@ impl<'p> Checker<'p> {
                     Err(())
                 }
             },
-            FieldKind::Repeat { count, layer } => {
+            FieldKind::Repeat { count, index, layer } => {
                 let n = match self.eval_static(m, env, *count, false)? {
                     Value::Int(n) if n >= 0 => n,
                     other => {
@@ -482,14 +482,6 @@ impl<'p> Checker<'p> {
                         ));
                         return Err(());
                     }
-                };
-                let Value::Layer(lv) = self.eval_static(m, env, *layer, false)? else {
-                    self.error(Diagnostic::at(
-                        "E0201",
-                        module.expr(*layer).span,
-                        "`repeat(n)` must be followed by a layer",
-                    ));
-                    return Err(());
                 };
                 if n > MAX_INSTANCES as i64 {
                     self.error(
@@ -502,9 +494,27 @@ impl<'p> Checker<'p> {
                     );
                     return Err(());
                 }
+                // With `with i ->`, each copy's layer is evaluated knowing its index.
+                let env_of = |i: i64| {
+                    let mut each = env.clone();
+                    if let Some(name) = index {
+                        each.insert(name.text.clone(), Value::Int(i));
+                    }
+                    each
+                };
                 let mut ids = Vec::new();
-                for i in 0..n {
-                    ids.push(self.instantiate(&lv, format!("{path}.{i}"), trainable)?);
+                for i in 0..n.max(1) {
+                    let Value::Layer(lv) = self.eval_static(m, &env_of(i), *layer, false)? else {
+                        self.error(Diagnostic::at(
+                            "E0201",
+                            module.expr(*layer).span,
+                            "`repeat(n)` must be followed by a layer",
+                        ));
+                        return Err(());
+                    };
+                    if i < n {
+                        ids.push(self.instantiate(&lv, format!("{path}.{i}"), trainable)?);
+                    }
                 }
                 Ok(FieldInst::Stack(ids))
             }

@@ -158,8 +158,10 @@ pub enum FieldKind {
     Param { buffer: bool, ty: TensorType, init: Option<ExprId> },
     /// `Linear(a, b)` or a layer-valued hyperparameter.
     Sublayer(ExprId),
-    /// `repeat(n) Block(...)`: n copies named `name.0`, `name.1`, ...
-    Repeat { count: ExprId, layer: ExprId },
+    /// `repeat(n) Block(...)`: n copies named `name.0`, `name.1`, ...;
+    /// with `repeat(n) with i -> Block(...)` the layer is evaluated per copy
+    /// with `i` its index.
+    Repeat { count: ExprId, index: Option<Name>, layer: ExprId },
 }
 
 #[derive(Debug, Clone)]

@@ -57,8 +57,9 @@ fn member(m: &Module, member: &Member) -> String {
                     format!("({kw} {} {}{init}{cond})", f.name.text, tensor_type(m, ty))
                 }
                 FieldKind::Sublayer(e) => format!("(field {} {}{cond})", f.name.text, expr(m, *e)),
-                FieldKind::Repeat { count, layer } => {
-                    format!("(repeat {} {} {}{cond})", f.name.text, expr(m, *count), expr(m, *layer))
+                FieldKind::Repeat { count, index, layer } => {
+                    let with = index.as_ref().map(|i| format!("(with {}) ", i.text)).unwrap_or_default();
+                    format!("(repeat {} {} {with}{}{cond})", f.name.text, expr(m, *count), expr(m, *layer))
                 }
             }
         }

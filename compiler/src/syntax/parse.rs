@@ -317,10 +317,14 @@ impl Builder {
                         FieldKind::Param { buffer, ty, init }
                     }
                     Rule::repeat_decl => {
-                        let mut p = kind_pair.into_inner();
+                        let mut p = kind_pair.into_inner().peekable();
                         let count = self.expr(p.next().expect("count"));
+                        let index = p.next_if(|q| q.as_rule() == Rule::repeat_index).map(|q| {
+                            let name = q.into_inner().next().expect("index name");
+                            self.name(name)
+                        });
                         let layer = self.expr(p.next().expect("layer"));
-                        FieldKind::Repeat { count, layer }
+                        FieldKind::Repeat { count, index, layer }
                     }
                     _ => FieldKind::Sublayer(self.expr(kind_pair.into_inner().next().expect("expr"))),
                 };

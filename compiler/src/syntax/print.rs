@@ -161,8 +161,9 @@ impl Printer<'_> {
                         format!("{kind}{}{init}", self.tensor_type(ty))
                     }
                     FieldKind::Sublayer(e) => self.expr(*e),
-                    FieldKind::Repeat { count, layer } => {
-                        format!("repeat({}) {}", self.expr(*count), self.expr(*layer))
+                    FieldKind::Repeat { count, index, layer } => {
+                        let with = index.as_ref().map(|i| format!("with {} -> ", i.text)).unwrap_or_default();
+                        format!("repeat({}) {with}{}", self.expr(*count), self.expr(*layer))
                     }
                 };
                 let cond = f.cond.map(|c| format!(" if {}", self.expr(c))).unwrap_or_default();
