@@ -48,58 +48,12 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: &EmbedArgs) -> ExitCode {
-    let args = EmbedArgs { model: crate::model::with_folder_config(&args.model, &args.weights), ..args.clone() };
-    crate::model::exit(embed(&args))
+    crate::model::exit(embed(args))
 }
 
 fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
-    let device = args.run.apply(CODE)?;
-    let checked = crate::model::checked(&args.model)?;
-    let folder = if args.weights.is_dir() { args.weights.clone() } else { args.weights.with_file_name("") };
-    let sentence = Sentence::read(&folder).map_err(|e| error(CODE, e))?;
-    let has = |name: &str| checked.outputs.iter().any(|s| s.name == name);
-    // A sentence-transformers folder says how to pool; without one, the
-    // model's own `sentence_embedding`, else mean pooling.
-    let output = match &sentence {
-        Some(_) if has("last_hidden_state") => "last_hidden_state",
-        _ if has("sentence_embedding") => "sentence_embedding",
-        _ if has("last_hidden_state") => "last_hidden_state",
-        _ => {
-            return Err(error(
-                CODE,
-                format!(
-                    "`{}` has neither a `sentence_embedding` nor a `last_hidden_state` output to embed with",
-                    checked.model
-                ),
-            ));
-        }
-    };
-    let (pooling, normalize) = sentence.as_ref().map_or((Pooling::Mean, true), |s| (s.pooling, s.normalize));
-    let takes = |name: &str| checked.inputs.iter().any(|i| i.name == name);
-    if !takes("input_ids") || checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
-        return Err(error(
-            CODE,
-            format!("`embed` feeds `input_ids` (and an attention mask); `{}` needs more", checked.model),
-        ));
-    }
-    let absent: Vec<String> =
-        checked.inputs.iter().filter(|i| i.optional && i.name != "attention_mask").map(|i| i.name.clone()).collect();
-    let (_, graph) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &[output])?;
-    let mut weights = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
-    args.dtype.apply(CODE, device, &graph, &mut weights)?;
-    let mut tokenizer = match Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights)) {
-        Some(path) => Tokenizer::open(Some(&path)).map_err(|e| error(CODE, e))?,
-        None => {
-            return Err(error(CODE, "no tokenizer: give --tokenizer tokenizer.json or put one beside the weights"));
-        }
-    };
-    // Longer texts are cut, as sentence-transformers cuts them: at its
-    // `max_seq_length`, else at the positions the model has.
-    let positions = checked.hparams.iter().find(|(k, _)| k == "positions").and_then(|(_, v)| v.as_f64());
-    let max_len = sentence.as_ref().and_then(|s| s.max_len).or(positions.map(|p| p as usize));
-    if let Some(n) = max_len {
-        tokenizer.truncate(n).map_err(|e| error(CODE, e))?;
-    }
+    let mut embedder =
+        Embedder::open(CODE, &args.model, &args.weights, args.tokenizer.as_deref(), &args.run, &args.dtype)?;
     let sentences: Vec<String> = if args.sentences.is_empty() {
         std::io::stdin().lock().lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).collect()
     } else {
@@ -109,49 +63,8 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
         return Err(error(CODE, "no sentences: give them as arguments or one per line on stdin"));
     }
     let ids: Vec<Vec<usize>> =
-        sentences.iter().map(|s| tokenizer.encode(s)).collect::<Result<_, _>>().map_err(|e| error(CODE, e))?;
-    // Batches of similar lengths (longest first, as sentence-transformers
-    // orders them), padded to a few lengths and a fixed batch size, so that
-    // a run compiles a handful of programs, not one a batch.
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
-    let b = args.batch.min(ids.len());
-    let mut programs: HashMap<usize, crate::model::Compiled> = HashMap::new();
-    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
-    let mut feeds = weights;
-    for chunk in order.chunks(b) {
-        let longest = ids[chunk[0]].len().max(1);
-        let t = longest.next_multiple_of(8).min(max_len.unwrap_or(usize::MAX)).max(longest);
-        let (mut flat, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for r in 0..b {
-            let row: &[usize] = chunk.get(r).map_or(&[], |&i| &ids[i]);
-            flat.extend(row.iter().map(|i| *i as f32));
-            flat.extend(std::iter::repeat_n(tokenizer.pad_id() as f32, t - row.len()));
-            // A filler row sees its first position, so no softmax is over nothing.
-            let seen = row.len().max(1);
-            mask.extend(std::iter::repeat_n(1.0, seen));
-            mask.extend(std::iter::repeat_n(0.0, t - seen));
-        }
-        feeds.insert("input_ids".into(), Tensor::new(vec![b, t], flat));
-        if takes("attention_mask") {
-            feeds.insert("attention_mask".into(), Tensor::new(vec![b, t], mask.clone()));
-        }
-        let program = match programs.entry(t) {
-            std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(compile(CODE, device, &graph, &feeds)?),
-        };
-        let out = program.run(&feeds).map_err(|e| error(CODE, e))?;
-        let value = &out[output];
-        let dim = *value.shape.last().expect("a feature axis");
-        for (r, &i) in chunk.iter().enumerate() {
-            let v = if output == "sentence_embedding" {
-                value.data[r * dim..(r + 1) * dim].to_vec()
-            } else {
-                pooling.pool(&value.data[r * t * dim..(r + 1) * t * dim], &mask[r * t..(r + 1) * t], dim)
-            };
-            rows[i] = if normalize { normalized(v) } else { v };
-        }
-    }
+        sentences.iter().map(|s| embedder.tokenizer.encode(s)).collect::<Result<_, _>>().map_err(|e| error(CODE, e))?;
+    let rows = embedder.embed(&ids, args.batch)?;
     match &args.output {
         Some(path) if !args.json => {
             let dim = rows[0].len();
@@ -166,6 +79,149 @@ fn embed(args: &EmbedArgs) -> Result<(), ExitCode> {
             }
             Ok(())
         }
+    }
+}
+
+/// An encoder loaded once, embedding token ids batch by batch (`embed`,
+/// `index`, `search`): its programs are compiled once per padded length.
+pub struct Embedder {
+    code: &'static str,
+    device: crate::model::Device,
+    graph: modelc::ir::graph::Graph,
+    feeds: Tensors,
+    programs: HashMap<usize, crate::model::Compiled>,
+    /// The model's tokenizer, cutting texts where the model must.
+    pub tokenizer: Tokenizer,
+    /// The most tokens (special tokens included) one text may have.
+    pub max_len: Option<usize>,
+    output: &'static str,
+    pooling: Pooling,
+    normalize: bool,
+    takes_mask: bool,
+}
+
+impl Embedder {
+    pub fn open(
+        code: &'static str,
+        model: &ModelArgs,
+        weights_path: &Path,
+        tokenizer: Option<&Path>,
+        run: &RunArgs,
+        dtype: &DtypeArgs,
+    ) -> Result<Embedder, ExitCode> {
+        let model = crate::model::with_folder_config(model, weights_path);
+        let device = run.apply(code)?;
+        let checked = crate::model::checked(&model)?;
+        let folder = if weights_path.is_dir() { weights_path.to_path_buf() } else { weights_path.with_file_name("") };
+        let sentence = Sentence::read(&folder).map_err(|e| error(code, e))?;
+        let has = |name: &str| checked.outputs.iter().any(|s| s.name == name);
+        // A sentence-transformers folder says how to pool; without one, the
+        // model's own `sentence_embedding`, else mean pooling.
+        let output = match &sentence {
+            Some(_) if has("last_hidden_state") => "last_hidden_state",
+            _ if has("sentence_embedding") => "sentence_embedding",
+            _ if has("last_hidden_state") => "last_hidden_state",
+            _ => {
+                return Err(error(
+                    code,
+                    format!(
+                        "`{}` has neither a `sentence_embedding` nor a `last_hidden_state` output to embed with",
+                        checked.model
+                    ),
+                ));
+            }
+        };
+        let (pooling, normalize) = sentence.as_ref().map_or((Pooling::Mean, true), |s| (s.pooling, s.normalize));
+        let takes = |name: &str| checked.inputs.iter().any(|i| i.name == name);
+        if !takes("input_ids") || checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
+            return Err(error(
+                code,
+                format!("embedding feeds `input_ids` (and an attention mask); `{}` needs more", checked.model),
+            ));
+        }
+        let absent: Vec<String> = checked
+            .inputs
+            .iter()
+            .filter(|i| i.optional && i.name != "attention_mask")
+            .map(|i| i.name.clone())
+            .collect();
+        let (_, graph) = forward_graph(&model, LowerOptions { absent, ..Default::default() }, &[output])?;
+        let mut feeds = load_weights(code, weights_path, &model, &checked, run)?;
+        dtype.apply(code, device, &graph, &mut feeds)?;
+        let mut tokenizer = match Tokenizer::find(tokenizer, Some(weights_path)) {
+            Some(path) => Tokenizer::open(Some(&path)).map_err(|e| error(code, e))?,
+            None => {
+                return Err(error(code, "no tokenizer: give --tokenizer tokenizer.json or put one beside the weights"));
+            }
+        };
+        // Longer texts are cut, as sentence-transformers cuts them: at its
+        // `max_seq_length`, else at the positions the model has.
+        let positions = checked.hparams.iter().find(|(k, _)| k == "positions").and_then(|(_, v)| v.as_f64());
+        let max_len = sentence.as_ref().and_then(|s| s.max_len).or(positions.map(|p| p as usize));
+        if let Some(n) = max_len {
+            tokenizer.truncate(n).map_err(|e| error(code, e))?;
+        }
+        Ok(Embedder {
+            code,
+            device,
+            graph,
+            feeds,
+            programs: HashMap::new(),
+            tokenizer,
+            max_len,
+            output,
+            pooling,
+            normalize,
+            takes_mask: takes("attention_mask"),
+        })
+    }
+
+    /// One embedding per text of token ids, in their order.
+    pub fn embed(&mut self, ids: &[Vec<usize>], batch: usize) -> Result<Vec<Vec<f32>>, ExitCode> {
+        let code = self.code;
+        // Batches of similar lengths (longest first, as sentence-transformers
+        // orders them), padded to a few lengths and a fixed batch size, so that
+        // a run compiles a handful of programs, not one a batch.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        let b = batch.min(ids.len()).max(1);
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
+        for chunk in order.chunks(b) {
+            let longest = ids[chunk[0]].len().max(1);
+            let t = longest.next_multiple_of(8).min(self.max_len.unwrap_or(usize::MAX)).max(longest);
+            let (mut flat, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+            for r in 0..b {
+                let row: &[usize] = chunk.get(r).map_or(&[], |&i| &ids[i]);
+                flat.extend(row.iter().map(|i| *i as f32));
+                flat.extend(std::iter::repeat_n(self.tokenizer.pad_id() as f32, t - row.len()));
+                // A filler row sees its first position, so no softmax is over nothing.
+                let seen = row.len().max(1);
+                mask.extend(std::iter::repeat_n(1.0, seen));
+                mask.extend(std::iter::repeat_n(0.0, t - seen));
+            }
+            self.feeds.insert("input_ids".into(), Tensor::new(vec![b, t], flat));
+            if self.takes_mask {
+                self.feeds.insert("attention_mask".into(), Tensor::new(vec![b, t], mask.clone()));
+            }
+            let program = match self.programs.entry(t) {
+                std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(compile(code, self.device, &self.graph, &self.feeds)?)
+                }
+            };
+            let out = program.run(&self.feeds).map_err(|e| error(code, e))?;
+            let value = &out[self.output];
+            let dim = *value.shape.last().expect("a feature axis");
+            for (r, &i) in chunk.iter().enumerate() {
+                let v = if self.output == "sentence_embedding" {
+                    value.data[r * dim..(r + 1) * dim].to_vec()
+                } else {
+                    self.pooling.pool(&value.data[r * t * dim..(r + 1) * t * dim], &mask[r * t..(r + 1) * t], dim)
+                };
+                rows[i] = if self.normalize { normalized(v) } else { v };
+            }
+        }
+        Ok(rows)
     }
 }
 

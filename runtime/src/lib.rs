@@ -10,6 +10,7 @@ pub mod embed;
 pub mod flags;
 pub mod forward;
 pub mod gpu;
+pub mod hnsw;
 pub mod infer;
 pub mod masking;
 pub mod memory;
