@@ -89,7 +89,8 @@ pub struct Embedder {
     device: crate::model::Device,
     graph: modelc::ir::graph::Graph,
     feeds: Tensors,
-    programs: HashMap<usize, crate::model::Compiled>,
+    /// Compiled programs by (batch, padded length).
+    programs: HashMap<(usize, usize), crate::model::Compiled>,
     /// The model's tokenizer, cutting texts where the model must.
     pub tokenizer: Tokenizer,
     /// The most tokens (special tokens included) one text may have.
@@ -203,7 +204,7 @@ impl Embedder {
             if self.takes_mask {
                 self.feeds.insert("attention_mask".into(), Tensor::new(vec![b, t], mask.clone()));
             }
-            let program = match self.programs.entry(t) {
+            let program = match self.programs.entry((b, t)) {
                 std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     slot.insert(compile(code, self.device, &self.graph, &self.feeds)?)

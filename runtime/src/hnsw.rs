@@ -321,7 +321,7 @@ impl Hnsw {
         let word = |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
         let size = |i: usize| usize::try_from(word(i)).map_err(|_| damaged("a size too large"));
         let (dim, m, ef_construction, n) = (size(0)?, size(1)?, size(2)?, size(3)?);
-        if m < 2 || m > 1024 || dim == 0 {
+        if !(2..=1024).contains(&m) || dim == 0 {
             return Err(damaged("its settings"));
         }
         let levels = bytes.get(40..).and_then(|b| b.get(..n)).ok_or_else(|| damaged("cut short"))?.to_vec();

@@ -73,6 +73,8 @@ pub struct InferArgs {
     /// End with one JSON line on stderr: prompt and decode times and tokens/s, compile time.
     #[arg(long)]
     pub timings: bool,
+    #[command(flatten)]
+    pub retrieve: crate::retrieval::RetrieveArgs,
 }
 
 /// Picks a token from logits with temperature, top-k and top-p.
@@ -332,8 +334,12 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     let weights = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
     let tokenizer_path = Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights));
     let tokenizer = Tokenizer::open(tokenizer_path.as_deref()).map_err(|e| error(CODE, e))?;
+    let prompt = match &args.retrieve.retrieve {
+        Some(_) => args.retrieve.prompt(&args.prompt).map_err(|e| error(CODE, e))?,
+        None => args.prompt.clone(),
+    };
     let prompt_ids = if args.prompt_ids.is_empty() {
-        tokenizer.encode(&args.prompt).map_err(|e| error(CODE, e))?
+        tokenizer.encode(&prompt).map_err(|e| error(CODE, e))?
     } else {
         args.prompt_ids.clone()
     };

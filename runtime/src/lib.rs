@@ -18,6 +18,7 @@ pub mod merge;
 pub mod model;
 pub mod plot;
 pub mod quantize;
+pub mod retrieval;
 pub mod run_dir;
 pub mod tokenize;
 pub mod train;

@@ -22,6 +22,10 @@ enum Top {
     Build(modelc_runtime::build::BuildArgs),
     /// Sentences to L2-normalised embeddings with an encoder (JSON lines or safetensors).
     Embed(modelc_runtime::embed::EmbedArgs),
+    /// Split documents into passages, embed them and index them for search (HNSW).
+    Index(Box<modelc_runtime::retrieval::IndexArgs>),
+    /// The passages of an index nearest a query in meaning.
+    Search(Box<modelc_runtime::retrieval::SearchArgs>),
     /// Fold a PEFT LoRA/DoRA adapter into the base weights (a checkpoint transformers loads).
     Merge(modelc_runtime::merge::MergeArgs),
     /// Run the model on named input tensors and write its named outputs (safetensors).
@@ -41,6 +45,8 @@ impl Top {
             Top::Build(a) => Some(&mut a.model),
             Top::Embed(a) => Some(&mut a.model),
             Top::Merge(a) => Some(&mut a.model),
+            Top::Index(a) => Some(&mut a.model),
+            Top::Search(a) => Some(&mut a.model),
             Top::Quantize(a) => Some(&mut a.model),
         }
     }
@@ -94,6 +100,8 @@ fn main() -> ExitCode {
         Top::Build(args) => modelc_runtime::build::run(&args),
         Top::Embed(args) => modelc_runtime::embed::run(&args),
         Top::Merge(args) => modelc_runtime::merge::run(&args),
+        Top::Index(args) => modelc_runtime::retrieval::run_index(&args),
+        Top::Search(args) => modelc_runtime::retrieval::run_search(&args),
         Top::Quantize(args) => modelc_runtime::quantize::run(&args),
     }
 }

@@ -62,6 +62,20 @@ impl Tokenizer {
         }
     }
 
+    /// The byte span in `text` of each of its tokens, special tokens left
+    /// out and nothing cut (to split a document into passages by tokens).
+    pub fn spans(&self, text: &str) -> Result<Vec<(usize, usize)>, String> {
+        match self {
+            Tokenizer::Bytes => Ok((0..text.len()).map(|i| (i, i + 1)).collect()),
+            Tokenizer::Hf { tokenizer, .. } => {
+                let mut whole = (**tokenizer).clone();
+                whole.with_truncation(None).map_err(|e| e.to_string())?;
+                let encoding = whole.encode(text, false).map_err(|e| format!("cannot tokenize the text: {e}"))?;
+                Ok(encoding.get_offsets().iter().copied().filter(|(a, b)| b > a).collect())
+            }
+        }
+    }
+
     /// The bytes of the text `ids` stand for.
     pub fn decode(&self, ids: &[usize]) -> Vec<u8> {
         match self {
