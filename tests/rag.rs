@@ -106,6 +106,21 @@ fn a_minilm_index_finds_the_passages_that_answer() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("  1. ") && out.contains("Apache-2.0:"), "{out}");
 
+    // A binary built from the spec searches the same index the same way,
+    // and is the embedder `infer --retrieve` runs.
+    let minilm = dir.join("minilm");
+    let (code, _, err) = modelc(&["build", "specs/minilm.model", "-o", minilm.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let built = Command::new(&minilm)
+        .args(["search", "--index", index.to_str().unwrap(), "--json", "-k", "5"])
+        .args(queries.iter().flat_map(|q| ["--query", q]))
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let built: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&built.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(built, found);
+
     // Retrieval-augmented generation: the passages go into the prompt by the
     // template, and their sources are printed.
     let decoder = repo().join("tests/fixtures/hf/gpt2");
@@ -121,6 +136,8 @@ fn a_minilm_index_finds_the_passages_that_answer() {
         index.to_str().unwrap(),
         "--retrieve-k",
         "2",
+        "--embedder",
+        minilm.to_str().unwrap(),
         "--template",
         "{context}\nQ: {prompt}\nA:",
         "--temperature",
