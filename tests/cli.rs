@@ -601,7 +601,7 @@ fn every_command_runs_on_every_spec() {
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| *c != "help")
         .collect();
-    assert_eq!(subcommands.len(), 15, "{out}");
+    assert_eq!(subcommands.len(), 17, "{out}");
     for c in subcommands {
         let (code, out, err) = modelc(&[c, "--help"]);
         assert_eq!(code, 0, "{c} --help: {err}");
