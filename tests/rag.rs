@@ -125,46 +125,33 @@ fn a_minilm_index_finds_the_passages_that_answer() {
     // template, and their sources are printed.
     let decoder = repo().join("tests/fixtures/hf/gpt2");
     let question = EXPECTED[0].0;
-    let (code, out, err) = modelc(&[
-        "infer",
-        "specs/gpt2.model",
-        "--weights",
-        decoder.to_str().unwrap(),
-        "--prompt",
+    // Four greedy tokens from the tiny GPT-2 fixture after `prompt`, with `extra` flags.
+    let infer = |prompt: &str, extra: &[&str]| {
+        let mut args = vec!["infer", "specs/gpt2.model", "--weights", decoder.to_str().unwrap(), "--prompt", prompt];
+        args.extend(["--temperature", "0", "--max-new-tokens", "4", "--json"]);
+        args.extend(extra);
+        modelc(&args)
+    };
+    let (code, out, err) = infer(
         question,
-        "--retrieve",
-        index.to_str().unwrap(),
-        "--retrieve-k",
-        "2",
-        "--embedder",
-        minilm.to_str().unwrap(),
-        "--template",
-        "{context}\nQ: {prompt}\nA:",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "4",
-        "--json",
-    ]);
+        &[
+            "--retrieve",
+            index.to_str().unwrap(),
+            "--retrieve-k",
+            "2",
+            "--embedder",
+            minilm.to_str().unwrap(),
+            "--template",
+            "{context}\nQ: {prompt}\nA:",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("[1] ") && err.contains("Apache-2.0:"), "{err}");
     let hits = &search(&index, &[question], &["-k", "2"])[0]["results"];
     let context: Vec<String> =
         (0..2).map(|i| format!("[{}] {}", i + 1, hits[i]["text"].as_str().unwrap().trim())).collect();
     let prompt = format!("{}\nQ: {question}\nA:", context.join("\n"));
-    let (code, direct, err) = modelc(&[
-        "infer",
-        "specs/gpt2.model",
-        "--weights",
-        decoder.to_str().unwrap(),
-        "--prompt",
-        &prompt,
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "4",
-        "--json",
-    ]);
+    let (code, direct, err) = infer(&prompt, &[]);
     assert_eq!(code, 0, "{err}");
     let (a, b): (serde_json::Value, serde_json::Value) =
         (serde_json::from_str(&out).unwrap(), serde_json::from_str(&direct).unwrap());
