@@ -492,3 +492,57 @@ fn sparse_routing_runs_top_k_of_n_experts_products() {
         assert_eq!(modelc::ir::print::expert_flops(&sparse_step), of(&sparse_step, true).add(&of(&sparse_step, false)));
     }
 }
+
+/// Every product keeps the spec expression and layer it came from through
+/// lowering, autodiff and the optimiser (what `--profile` adds time up by):
+/// a projection's forward product and its gradients point at the stdlib's
+/// `linear(...)` in that very projection.
+#[test]
+fn products_keep_their_spec_line_and_layer_through_autodiff_and_the_optimiser() {
+    let text = std::fs::read_to_string(repo().join("specs/llama.model")).unwrap();
+    let small =
+        sets(&[("vocab", "32"), ("dim", "16"), ("layers", "2"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")]);
+    let program =
+        modelc::check::load_source("llama.model", &text, Some(&repo().join("specs"))).unwrap_or_else(|_| panic!());
+    let how = |training| modelc::check::LowerOptions { training, ..Default::default() };
+    let (checked, forward) = modelc::check::lower(&program, &small, how(false)).unwrap_or_else(|_| panic!());
+    let (_, train_fwd) = modelc::check::lower(&program, &small, how(true)).unwrap_or_else(|_| panic!());
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let training = training_program(&train_fwd, &trainable, &TrainConfig::default()).unwrap();
+    let optimized = modelc::opt::optimized(&forward);
+    let optimized_training = modelc::opt::optimized(&training);
+    // Products by the layer they came from, each with the text it came from.
+    let products = |g: &modelc::ir::graph::Graph| {
+        let mut by_layer: std::collections::BTreeMap<String, usize> = Default::default();
+        for n in g.nodes.iter().filter(|n| matches!(n.op, modelc::ir::graph::Op::MatMul { .. })) {
+            let origin = n.origin.unwrap_or_else(|| panic!("a product without an origin: {:?}", n.op));
+            let path = &checked.instances[origin.instance as usize].path;
+            let code = program.sources.snippet(origin.span);
+            if path.ends_with("_proj") {
+                assert_eq!(code, "linear(x, weight, bias)", "{path}");
+            }
+            *by_layer.entry(path.clone()).or_default() += 1;
+        }
+        by_layer
+    };
+    let projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    for (g, per_projection) in [(&forward, 1), (&optimized, 1)] {
+        let by_layer = products(g);
+        for layer in 0..2 {
+            for p in projections {
+                let block = if ["gate_proj", "up_proj", "down_proj"].contains(&p) { "mlp" } else { "self_attn" };
+                let path = format!("model.layers.{layer}.{block}.{p}");
+                assert_eq!(by_layer.get(&path), Some(&per_projection), "{path}: {by_layer:?}");
+            }
+        }
+    }
+    // Training: each projection's forward product, the gradient of its
+    // weight and (but for the first layer's inputs, which need none past
+    // the embedding's) of its input.
+    for g in [&training, &optimized_training] {
+        let by_layer = products(g);
+        let down = by_layer.get("model.layers.1.mlp.down_proj");
+        assert_eq!(down, Some(&3), "{by_layer:?}");
+        assert!(by_layer.iter().filter(|(p, _)| p.ends_with("_proj")).all(|(_, n)| *n >= 2), "{by_layer:?}");
+    }
+}

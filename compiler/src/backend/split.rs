@@ -17,6 +17,7 @@ pub fn split_reductions(g: &Graph) -> Graph {
     let mut map: Vec<NodeId> = Vec::with_capacity(g.nodes.len());
     for n in &g.nodes {
         let args: Vec<NodeId> = n.args.iter().map(|a| map[a.index()]).collect();
+        out.at = n.origin;
         let id = match &n.op {
             Op::Reduce(r, axes) if axes.len() > 1 && axes.contains(&(g.ty(n.args[0]).rank() - 1)) => {
                 let last = g.ty(n.args[0]).rank() - 1;
@@ -30,6 +31,7 @@ pub fn split_reductions(g: &Graph) -> Graph {
         };
         map.push(id);
     }
+    out.at = None;
     out.outputs = g.outputs.iter().map(|(name, id)| (name.clone(), map[id.index()])).collect();
     crate::ir::verify::after("split_reductions", &out);
     out

@@ -8,7 +8,7 @@ use super::elaborate::{Checker, Env, FieldInst, InstId};
 use super::prims::{self, Prim};
 use super::value::Value;
 use crate::diag::{Diagnostic, suggest};
-use crate::ir::graph::{Binary as IrBinary, NodeId, Unary as IrUnary};
+use crate::ir::graph::{Binary as IrBinary, NodeId, Origin, Unary as IrUnary};
 use crate::ir::lower::LArg;
 use crate::source::Span;
 use crate::syntax::ast::*;
@@ -135,8 +135,21 @@ impl Checker<'_> {
         self.error(d);
     }
 
-    /// Evaluates a forward expression of the instance's module.
+    /// Evaluates a forward expression of the instance's module. The IR it
+    /// lowers to remembers the expression (`ir::graph::Origin`): the
+    /// innermost one, as sub-expressions set their own.
     pub fn eval(&mut self, frame: &mut Frame, e: ExprId) -> Ty {
+        let span = self.module(self.module_of(frame.inst)).expr(e).span;
+        let Some(l) = self.lower.as_mut() else { return self.eval_expr(frame, e) };
+        let outer = l.g.at.replace(Origin { span, instance: frame.inst.index() as u32 });
+        let t = self.eval_expr(frame, e);
+        if let Some(l) = self.lower.as_mut() {
+            l.g.at = outer;
+        }
+        t
+    }
+
+    fn eval_expr(&mut self, frame: &mut Frame, e: ExprId) -> Ty {
         let m = self.module_of(frame.inst);
         let module = self.module(m);
         let expr = module.expr(e);

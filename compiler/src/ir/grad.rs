@@ -12,6 +12,7 @@ use crate::types::Dim;
 /// returns their nodes (zeros for one the loss does not depend on).
 pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
     let n = loss.index() + 1;
+    let at = g.at;
     // Which nodes lie on a path from a `wrt` node to the loss.
     let mut needs = vec![false; n];
     for w in wrt {
@@ -32,6 +33,8 @@ pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
             continue;
         }
         let node = g.nodes[i].clone();
+        // A gradient's nodes come from the line its forward node came from.
+        g.at = node.origin;
         for (k, contribution) in local(g, &node, NodeId(i as u32), gy).into_iter().enumerate() {
             let Some(c) = contribution else { continue };
             let a = node.args[k];
@@ -44,6 +47,7 @@ pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
             });
         }
     }
+    g.at = at;
     wrt.iter()
         .map(|w| match adj.get(w.index()).copied().flatten() {
             Some(a) => a,

@@ -253,6 +253,19 @@ pub struct Node {
     pub op: Op,
     pub args: Vec<NodeId>,
     pub ty: TensorTy,
+    /// The spec expression (and layer instance) the node was lowered from;
+    /// gradients and rewrites inherit it. `None` for what no expression
+    /// wrote (the optimiser's update, hand-written IR).
+    pub origin: Option<Origin>,
+}
+
+/// Where a node came from: the innermost `forward` expression being
+/// lowered, and the layer instance (`Checked::instances`) whose forward it
+/// is. Profiles add kernel times up by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub span: crate::source::Span,
+    pub instance: u32,
 }
 
 /// A program: nodes in creation (hence topological) order and named outputs.
@@ -260,6 +273,9 @@ pub struct Node {
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub outputs: Vec<(String, NodeId)>,
+    /// The origin `push` gives new nodes: set by lowering as it walks the
+    /// spec, and by passes as they copy or differentiate a node.
+    pub at: Option<Origin>,
 }
 
 /// The result shape of a (transposed) matmul, or `None` if they do not fit.
@@ -364,7 +380,7 @@ impl Graph {
         for a in &args {
             assert!(a.index() < self.nodes.len(), "bug: node argument {a} does not exist yet");
         }
-        self.nodes.push(Node { op, args, ty });
+        self.nodes.push(Node { op, args, ty, origin: self.at });
         NodeId(self.nodes.len() as u32 - 1)
     }
 

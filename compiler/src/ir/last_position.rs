@@ -31,6 +31,7 @@ pub fn last_position(g: &Graph, name: &str) -> Option<Graph> {
         return None;
     }
     let mut g = g.clone();
+    g.at = g.node(x).origin;
     let last = g.slice(a, 0, rows[0].sub(&Dim::constant(1)), rows[0].clone());
     let product = g.matmul_t(last, w, false, tb);
     let one = Dim::constant(1);
@@ -40,5 +41,6 @@ pub fn last_position(g: &Graph, name: &str) -> Option<Graph> {
             *id = logits;
         }
     }
+    g.at = None;
     Some(prune(&g))
 }

@@ -37,7 +37,7 @@ pub fn parse(text: &str) -> Result<Graph, String> {
             words.pop();
         }
         let op = op(&words.join(" ")).map_err(|e| err(&e))?;
-        g.nodes.push(Node { op, args, ty });
+        g.nodes.push(Node { op, args, ty, origin: None });
     }
     Ok(g)
 }

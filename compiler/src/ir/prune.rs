@@ -23,8 +23,10 @@ pub fn prune(g: &Graph) -> Graph {
             continue;
         }
         let args = n.args.iter().map(|a| map[a.index()]).collect();
+        out.at = n.origin;
         map[i] = out.push(n.op.clone(), args, n.ty.clone());
     }
+    out.at = None;
     out.outputs = g.outputs.iter().map(|(name, id)| (name.clone(), map[id.index()])).collect();
     super::verify::after("prune", &out);
     out

@@ -7,7 +7,7 @@ mod extract;
 pub mod lang;
 pub mod rules;
 
-use crate::ir::graph::{Graph, NodeId};
+use crate::ir::graph::{Graph, NodeId, Origin};
 use egg::{Id, Runner};
 use lang::type_of;
 use std::collections::HashMap;
@@ -76,13 +76,21 @@ pub fn optimize(g: &Graph, limits: Limits) -> (Graph, Report) {
     };
     let egraph = runner.egraph;
     let extractor = extract::Best::new(&egraph);
+    // Each class keeps the origin of the first node of `g` in it; a class
+    // only a rewrite made takes its consumer's.
+    let mut origins: HashMap<Id, Origin> = HashMap::new();
+    for (node, id) in g.nodes.iter().zip(&ids) {
+        if let Some(o) = node.origin {
+            origins.entry(egraph.find(*id)).or_insert(o);
+        }
+    }
     // Rebuild a graph from the best node of each needed class, inputs first.
     let mut out = Graph::default();
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     for (root, (name, _)) in roots.iter().zip(&g.outputs) {
         let root = egraph.find(*root);
-        let mut stack = vec![(root, false)];
-        while let Some((class, expanded)) = stack.pop() {
+        let mut stack = vec![(root, false, origins.get(&root).copied())];
+        while let Some((class, expanded, consumer)) = stack.pop() {
             if built.contains_key(&class) {
                 continue;
             }
@@ -90,11 +98,12 @@ pub fn optimize(g: &Graph, limits: Limits) -> (Graph, Report) {
                 unreachable!("bug: a leaf as a value")
             };
             let args: Vec<Id> = children[..children.len() - 2].iter().map(|c| egraph.find(*c)).collect();
+            let origin = origins.get(&class).copied().or(consumer);
             if !expanded {
-                stack.push((class, true));
+                stack.push((class, true, origin));
                 for a in args.iter().rev() {
                     if !built.contains_key(a) {
-                        stack.push((*a, false));
+                        stack.push((*a, false, origin));
                     }
                 }
                 continue;
@@ -102,10 +111,12 @@ pub fn optimize(g: &Graph, limits: Limits) -> (Graph, Report) {
             let op = lang::node_op(&egraph, children);
             let ty = type_of(&egraph, class).expect("typed class").clone();
             let arg_nodes = args.iter().map(|a| built[a]).collect();
+            out.at = origin;
             built.insert(class, out.push(op, arg_nodes, ty));
         }
         out.outputs.push((name.clone(), built[&root]));
     }
+    out.at = None;
     crate::ir::verify::after("the optimiser", &out);
     (out, report)
 }
