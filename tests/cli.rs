@@ -708,3 +708,43 @@ model Alternating(vocab: int = 256, dim: int = 16, window: int = 4) {
     };
     assert_eq!(generate(&[]), generate(&["--no-cache"]));
 }
+
+/// `--profile`: kernel time added up by spec line and layer (the rows add
+/// up to the total, the products come first), each phase's share in
+/// kernels, and a Chrome trace naming every kernel's line and layer.
+#[test]
+fn profile_adds_kernel_time_up_by_spec_line_and_writes_a_trace() {
+    let dir = corpus_dir("profile");
+    let (data, out, trace) = (dir.join("data.txt"), dir.join("run"), dir.join("trace.json"));
+    let profile = format!("--profile={}", trace.display());
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["train", "specs/tiny-gpt.model", "--data", data, "--out", out, "--steps", "3", "--batch", "4"];
+    let (code, _, err) = modelc(&[&args[..], &["--seq-len", "64", &profile]].concat());
+    assert_eq!(code, 0, "{err}");
+    let total: f64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("profile: ")?.split(" s in kernels").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no total:\n{err}"));
+    assert!(err.lines().any(|l| l.starts_with("training step: 3 x ")), "{err}");
+    // The rows of the table by line: seconds, share, kernels, line, code.
+    let table: Vec<&str> = err
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("seconds") || !l.contains(" line "))
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with("seconds"))
+        .collect();
+    let seconds: f64 = table.iter().map(|l| l.split_whitespace().next().unwrap().parse::<f64>().unwrap()).sum();
+    assert!((seconds - total).abs() < 2e-3 + 1e-4 * table.len() as f64, "{seconds} vs {total}:\n{err}");
+    let top = table.first().unwrap_or_else(|| panic!("no rows:\n{err}"));
+    assert!(top.contains("stdlib/core.model:") && top.ends_with("linear(x, weight, bias)"), "{err}");
+    assert!(err.contains("blocks.*.mlp.fc1") && err.contains("blocks.*.self_attn.q_proj"), "{err}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = json["traceEvents"].as_array().unwrap();
+    let kernels: Vec<&serde_json::Value> = events.iter().filter(|e| e["cat"] == "kernel").collect();
+    assert!(kernels.len() > 100, "{} kernel events", kernels.len());
+    assert!(kernels.iter().all(|e| e["ph"] == "X" && e["dur"].as_f64().is_some() && e["args"]["line"].is_string()));
+    assert!(kernels.iter().any(|e| e["args"]["layer"] == "blocks.0.mlp.fc1"));
+    let steps = events.iter().filter(|e| e["name"] == "training step").count();
+    assert_eq!(steps, 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

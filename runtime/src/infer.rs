@@ -396,9 +396,11 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     // When the prompt has been read (its logits are the first token's).
     let mut prompt_read = None;
     for _ in 0..max_new {
+        let token_started = Instant::now();
         let logits = decoder.next(&tokens, new).map_err(|e| error(CODE, e))?;
         prompt_read.get_or_insert_with(Instant::now);
         let next = sample(&logits, temperature, top_k, top_p, &mut rng);
+        crate::profile::span(if new > 1 { "prompt" } else { "token" }, token_started);
         tokens.push(next);
         fresh.push(next);
         new = 1;

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod plot;
+pub mod profile;
 pub mod quantize;
 pub mod retrieval;
 pub mod run_dir;

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     if let Some(model) = cli.command.model_args() {
         model.embedded = embedded;
     }
-    match cli.command {
+    let code = match cli.command {
         Top::Compiler(c) => modelc_runtime::cli::run(c),
         Top::Train(args) => modelc_runtime::train::run(&args),
         Top::Infer(args) => modelc_runtime::infer::run(&args),
@@ -103,5 +103,10 @@ fn main() -> ExitCode {
         Top::Index(args) => modelc_runtime::retrieval::run_index(&args),
         Top::Search(args) => modelc_runtime::retrieval::run_search(&args),
         Top::Quantize(args) => modelc_runtime::quantize::run(&args),
+    };
+    // `--profile`: the tables and the trace of what ran, even after an error.
+    match modelc_runtime::profile::finish() {
+        Err(e) => modelc_runtime::model::error("E0709", e),
+        Ok(_) => code,
     }
 }

@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// as `position_ids` that transformers does not load either).
     #[arg(long)]
     pub verbose: bool,
+    /// Time every kernel and add the times up by the spec line and layer
+    /// they came from (a table on stderr at the end), and write a Chrome
+    /// trace (`--profile=FILE`, default trace.json; open it in
+    /// ui.perfetto.dev). On the CPU.
+    #[arg(long, value_name = "TRACE", num_args = 0..=1, require_equals = true, default_missing_value = "trace.json")]
+    pub profile: Option<std::path::PathBuf>,
 }
 
 /// How inference holds the weights it multiplies by (`--dtype`).
@@ -116,6 +122,12 @@ impl RunArgs {
             },
             other => return Err(error(code, format!("--device {other}: expected cpu, gpu or auto"))),
         };
+        if let Some(trace) = &self.profile {
+            if chosen == Device::Gpu {
+                return Err(error("E0709", "--profile times the CPU's kernels; add --device cpu"));
+            }
+            crate::profile::start(trace);
+        }
         if let Some(n) = self.threads {
             if n == 0 {
                 return Err(error(code, "--threads must be at least 1".to_string()));
@@ -162,6 +174,7 @@ pub fn forward_graph(model: &ModelArgs, how: LowerOptions, outputs: &[&str]) -> 
     let (program, opts) = load(model)?;
     let (checked, g) =
         modelc::check::lower(&program, &opts, model.lowering(how)).map_err(|d| fail(&program.sources, &d))?;
+    crate::profile::add_spec(&program.sources, &checked);
     let mut g = modelc::ir::prune::prune(&g);
     g.outputs.retain(|(n, _)| n != "loss" && (outputs.is_empty() || outputs.contains(&n.as_str())));
     Ok((checked, modelc::opt::optimized(&g)))

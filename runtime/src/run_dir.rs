@@ -147,6 +147,19 @@ impl Metrics {
     }
 }
 
+/// Writes a file through a temporary one, fsynced and renamed over it
+/// (`weights::commit`), so a crash leaves the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, bytes)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .and_then(|()| crate::weights::commit(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use crate::cpu::{Program, Tensor};
 use crate::flags;
 use crate::model::Compiled;
 use crate::model::{RunArgs, compile, error};
-use crate::run_dir::{self, RunDir};
+use crate::run_dir::{self, RunDir, write_atomic};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Rng, Tensors};
 use modelc::check::value::Value;
@@ -597,6 +597,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             )));
         }
         let step_seconds = step_started.elapsed().as_secs_f64();
+        crate::profile::span("training step", step_started);
         curve.push((step, loss));
         let elapsed = started.elapsed().as_secs_f64();
         let tps = ((step - first_step + 1) * s.batch * s.seq * s.accumulate) as f64 / elapsed;
@@ -838,17 +839,6 @@ fn write_config(
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let written = std::fs::write(&tmp, bytes)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-        .and_then(|()| weights::commit(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
 /// The gradients of the loss on `batch` with the weights in `state`, by weight name.
 fn gradients(
     forward: &Graph,
@@ -1007,6 +997,7 @@ fn model(args: &TrainArgs) -> Result<Model, ExitCode> {
     };
     let (checked, train_fwd) = lower(true)?;
     let (_, eval_fwd) = lower(false)?;
+    crate::profile::add_spec(&program.sources, &checked);
     if eval_fwd.output("loss").is_none() {
         return Err(usage(format!("`{}` has no `train {{ loss: ... }}` block to train", checked.model)));
     }
@@ -1103,6 +1094,7 @@ fn programs(
 /// The mean loss over the evaluation batches, and for a masked-language
 /// model the share of masked tokens predicted right.
 fn evaluate(eval_program: &Compiled, eval_batches: &[Tensors], state: &Tensors) -> Result<(f64, Option<f64>), String> {
+    let started = Instant::now();
     let (mut total, mut right, mut masked) = (0.0, 0usize, 0usize);
     for b in eval_batches {
         let mut feeds: Tensors = weights_of(state);
@@ -1121,6 +1113,7 @@ fn evaluate(eval_program: &Compiled, eval_batches: &[Tensors], state: &Tensors) 
         }
     }
     let accuracy = (masked > 0).then(|| right as f64 / masked as f64);
+    crate::profile::span("evaluation", started);
     Ok((total / eval_batches.len() as f64, accuracy))
 }
 

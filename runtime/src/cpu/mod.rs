@@ -190,6 +190,17 @@ pub struct Program {
     profile: Option<std::sync::Mutex<Vec<f64>>>,
     /// Inputs written in place (`run_state`).
     state: Vec<String>,
+    /// The program's id in `--profile`'s recorder, when profiling.
+    profile_id: Option<u32>,
+    /// Each kernel's first leaf (`Schedule::leaves`): the recorder counts
+    /// a row group's parts apart.
+    first_leaf: Vec<usize>,
+    /// Every node's shape at the program's sizes, worked out once: a
+    /// decoding step runs the program hundreds of times, and evaluating
+    /// the symbolic sizes on each run was ~5% of a token.
+    shapes: Vec<Result<Vec<usize>, String>>,
+    /// The inputs and weights with the shapes the program was compiled for.
+    fed: Vec<(String, Vec<usize>)>,
 }
 
 impl Drop for Program {
@@ -424,6 +435,25 @@ impl Program {
         let arena = std::sync::Mutex::new(vec![0f32; plan.arena_len]);
         let profile =
             std::env::var_os("MODELC_PROFILE").map(|_| std::sync::Mutex::new(vec![0.0; schedule.kernels.len()]));
+        let shapes: Vec<_> = (0..graph.nodes.len()).map(|i| concrete(&graph, NodeId(i as u32), sizes)).collect();
+        let fed = (graph.nodes.iter().zip(&shapes))
+            .filter_map(|(n, shape)| match &n.op {
+                Op::Input(name) | Op::Param(name) => Some(shape.clone().map(|s| (name.clone(), s))),
+                _ => None,
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let names = schedule.leaf_names();
+        let profile_id = crate::profile::add_program(schedule.leaves().into_iter().zip(&names).map(|(leaf, name)| {
+            let text = modelc::backend::schedule::describe_kernel(&graph, &schedule, leaf, name);
+            (text.lines().next().unwrap_or("").to_string(), graph.node(leaf.output()).origin)
+        }));
+        let first_leaf = (schedule.kernels.iter())
+            .scan(0, |next, k| {
+                let first = *next;
+                *next += if let Kernel::Rows(parts) = k { parts.len() } else { 1 };
+                Some(first)
+            })
+            .collect();
         // Inputs a cache write writes where they lie.
         let state = (graph.nodes.iter().enumerate())
             .filter(|(i, n)| matches!(n.op, Op::WriteRows) && plan.places[*i] == Place::Alias(n.args[0]))
@@ -444,11 +474,20 @@ impl Program {
             arena,
             profile,
             state,
+            profile_id,
+            first_leaf,
+            shapes,
+            fed,
         })
     }
 
     pub fn peak_bytes(&self) -> usize {
         self.plan.peak_bytes()
+    }
+
+    /// The shape of node `n` at the program's sizes.
+    fn shape(&self, n: NodeId) -> Result<Vec<usize>, String> {
+        self.shapes[n.index()].clone()
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -517,7 +556,7 @@ impl Program {
         let collect = collect.unwrap_or(&mut own);
         for (name, id) in &self.graph.outputs {
             if let Place::Output(_) = self.plan.places[id.index()] {
-                let shape = concrete(&self.graph, *id, &self.sizes)?;
+                let shape = self.shape(*id)?;
                 if collect.get(name).is_none_or(|t| t.shape != shape) {
                     let len = shape.iter().product();
                     collect.insert(name.clone(), Tensor::new(shape, vec![0.0; len]));
@@ -527,11 +566,19 @@ impl Program {
             }
         }
         let feeds = &feeds;
-        check_shapes(&self.graph, &self.sizes, &|name| feeds.shape(name))?;
+        for (name, want) in &self.fed {
+            let shape = feeds.shape(name).ok_or_else(|| format!("no value given for `{name}`"))?;
+            if shape != want.as_slice() {
+                return Err(format!("`{name}` has shape {shape:?}, but the program was compiled for {want:?}"));
+            }
+        }
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
+        let timing = self.profile.is_some() || self.profile_id.is_some();
+        let run_started = std::time::Instant::now();
         for (k, (kernel, compiled)) in self.schedule.kernels.iter().zip(&self.kernels).enumerate() {
-            let started = self.profile.as_ref().map(|_| std::time::Instant::now());
+            let started = timing.then(std::time::Instant::now);
+            let mut part_seconds = None;
             match (kernel, compiled) {
                 (Kernel::View(_), _) => {}
                 (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Fused { f, inputs, row }) => {
@@ -555,7 +602,7 @@ impl Program {
                     }
                 }
                 (Kernel::Rows(parts), Compiled::Rows { parts: compiled, rows, len }) => {
-                    self.rows(parts, compiled, *rows, *len, arena, feeds)
+                    part_seconds = self.rows(parts, compiled, *rows, *len, arena, feeds)
                 }
                 (Kernel::Single(n), _) => self.single(*n, arena, feeds)?,
                 (Kernel::Fused { .. } | Kernel::FusedReduce { .. } | Kernel::Rows(_), _) => {
@@ -565,6 +612,12 @@ impl Program {
             if let (Some(p), Some(t)) = (&self.profile, started) {
                 p.lock().unwrap_or_else(|e| e.into_inner())[k] += t.elapsed().as_secs_f64();
             }
+            if let (Some(id), Some(t)) = (self.profile_id, started) {
+                crate::profile::record_kernel(id, self.first_leaf[k], t, part_seconds.as_deref());
+            }
+        }
+        if let Some(id) = self.profile_id {
+            crate::profile::record_run(id, run_started);
         }
         if !collecting {
             return Ok(());
@@ -574,7 +627,7 @@ impl Program {
             if let Place::Output(_) = self.plan.places[id.index()] {
                 continue;
             }
-            let shape = concrete(&self.graph, *id, &self.sizes)?;
+            let shape = self.shape(*id)?;
             let value = self.read(*id, arena, feeds);
             match outputs.get_mut(name) {
                 Some(t) if t.shape == shape && t.data.len() < 1 << 18 => t.data.copy_from_slice(&value),
@@ -602,7 +655,7 @@ impl Program {
         len: usize,
         arena: &mut [f32],
         feeds: &Given<'f>,
-    ) {
+    ) -> Option<Vec<f64>> {
         enum Part<'f> {
             /// A fused kernel: its output's then its inputs' locations, as it takes them.
             Jit { f: KernelFn, locs: Vec<Loc>, per_row: usize },
@@ -630,52 +683,58 @@ impl Program {
             Place::Block { column, row } => Loc::Block { start: column * block_rows, row },
             _ => Loc::At(SendPtr(self.pointer(n, base, feeds))),
         };
-        let runnable: Vec<Part<'f>> = parts
+        let runnable: Vec<(usize, Part<'f>)> = parts
             .iter()
             .zip(compiled)
-            .filter_map(|(kernel, c)| match (kernel, c) {
-                (_, Compiled::Fused { f, inputs, .. }) => {
-                    let out = kernel.output();
-                    let per_row = self.plan.lens[out.index()] / rows.max(1);
-                    Some(Part::Jit {
-                        f: *f,
-                        locs: std::iter::once(out).chain(inputs.iter().copied()).map(loc).collect(),
-                        per_row,
-                    })
+            .enumerate()
+            .filter_map(|(i, (kernel, c))| {
+                match (kernel, c) {
+                    (_, Compiled::Fused { f, inputs, .. }) => {
+                        let out = kernel.output();
+                        let per_row = self.plan.lens[out.index()] / rows.max(1);
+                        Some(Part::Jit {
+                            f: *f,
+                            locs: std::iter::once(out).chain(inputs.iter().copied()).map(loc).collect(),
+                            per_row,
+                        })
+                    }
+                    (Kernel::Single(n), _) if modelc::backend::rows::row_product(&self.graph, *n) => {
+                        let node = self.graph.node(*n);
+                        let Op::MatMul { tb, .. } = node.op else { unreachable!() };
+                        let (a, b) = (node.args[0], node.args[1]);
+                        let (k, columns) =
+                            (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
+                        Some(Part::Product {
+                            a: loc(a),
+                            b: SendPtr(self.pointer(b, base, feeds)),
+                            packed: self.packed(*n, feeds),
+                            out: loc(*n),
+                            k,
+                            n: columns,
+                            tb,
+                            // As a product of its own (`single`).
+                            parallel: one_block && packed::worth_threads(rows, columns, k),
+                        })
+                    }
+                    (Kernel::Single(n), _) => {
+                        let Op::Reduce(op, _) = self.graph.node(*n).op else {
+                            unreachable!("bug: a row group's single kernel is a reduction or a product")
+                        };
+                        let src = self.graph.node(*n).args[0];
+                        Some(Part::Reduce {
+                            op,
+                            src: loc(src),
+                            out: loc(*n),
+                            len: self.plan.lens[src.index()] / rows.max(1),
+                        })
+                    }
+                    _ => None,
                 }
-                (Kernel::Single(n), _) if modelc::backend::rows::row_product(&self.graph, *n) => {
-                    let node = self.graph.node(*n);
-                    let Op::MatMul { tb, .. } = node.op else { unreachable!() };
-                    let (a, b) = (node.args[0], node.args[1]);
-                    let (k, columns) =
-                        (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
-                    Some(Part::Product {
-                        a: loc(a),
-                        b: SendPtr(self.pointer(b, base, feeds)),
-                        packed: self.packed(*n, feeds),
-                        out: loc(*n),
-                        k,
-                        n: columns,
-                        tb,
-                        // As a product of its own (`single`).
-                        parallel: one_block && packed::worth_threads(rows, columns, k),
-                    })
-                }
-                (Kernel::Single(n), _) => {
-                    let Op::Reduce(op, _) = self.graph.node(*n).op else {
-                        unreachable!("bug: a row group's single kernel is a reduction or a product")
-                    };
-                    let src = self.graph.node(*n).args[0];
-                    Some(Part::Reduce {
-                        op,
-                        src: loc(src),
-                        out: loc(*n),
-                        len: self.plan.lens[src.index()] / rows.max(1),
-                    })
-                }
-                _ => None,
+                .map(|p| (i, p))
             })
             .collect();
+        // Seconds in each part, over all threads (`--profile`).
+        let part_seconds = self.profile_id.map(|_| std::sync::Mutex::new(vec![0.0; parts.len()]));
         // The first value from before the group that a fused part reads
         // whole rows of: prefetched for the next block (`vmath::read_ahead`).
         let members: Vec<NodeId> = parts.iter().map(Kernel::output).collect();
@@ -706,7 +765,9 @@ impl Program {
             let mut ptrs = BLOCK_POINTERS.take();
             let data = buffer.as_mut_ptr();
             let at = |l: &Loc| l.at(data, r0);
-            for part in &runnable {
+            let mut seconds = part_seconds.as_ref().map(|_| vec![0.0; parts.len()]);
+            for (i, part) in &runnable {
+                let started = seconds.as_ref().map(|_| std::time::Instant::now());
                 match part {
                     Part::Jit { f, locs, per_row } => {
                         ptrs.clear();
@@ -746,6 +807,13 @@ impl Program {
                         }
                     }
                 }
+                if let (Some(s), Some(t)) = (seconds.as_mut(), started) {
+                    s[*i] += t.elapsed().as_secs_f64();
+                }
+            }
+            if let (Some(total), Some(s)) = (&part_seconds, seconds) {
+                let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
+                total.iter_mut().zip(s).for_each(|(t, s)| *t += s);
             }
             BLOCK_POINTERS.set(ptrs);
             BLOCK_BUFFER.set(buffer);
@@ -758,6 +826,7 @@ impl Program {
                 .into_par_iter()
                 .for_each(|b| block(b * block_rows, ((b + 1) * block_rows).min(rows)));
         }
+        part_seconds.map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// `Op::WriteRows`: the base copied to the output unless the output is
@@ -765,9 +834,9 @@ impl Program {
     fn write_rows(&self, n: NodeId, arena: &mut [f32], feeds: &Given) -> Result<(), String> {
         let node = self.graph.node(n);
         let (base, rows, start) = (node.args[0], node.args[1], node.args[2]);
-        let shape = concrete(&self.graph, n, &self.sizes)?;
+        let shape = self.shape(n)?;
         let r = shape.len();
-        let (len, d, t) = (shape[r - 2], shape[r - 1], concrete(&self.graph, rows, &self.sizes)?[r - 2]);
+        let (len, d, t) = (shape[r - 2], shape[r - 1], self.shape(rows)?[r - 2]);
         let start = self.read(start, arena, feeds)[0];
         let out = self.pointer(n, arena.as_mut_ptr(), feeds);
         let from = self.pointer(base, arena.as_mut_ptr(), feeds);
@@ -891,7 +960,7 @@ impl Program {
         };
         if let Op::MatMul { ta, tb } = node.op {
             let (a, b) = (node.args[0], node.args[1]);
-            let (sa, sb) = (concrete(&self.graph, a, &self.sizes)?, concrete(&self.graph, b, &self.sizes)?);
+            let (sa, sb) = (self.shape(a)?, self.shape(b)?);
             let r = sa.len();
             let (rows, cols) = (if ta { sa[r - 1] } else { sa[r - 2] }, if tb { sb[r - 2] } else { sb[r - 1] });
             let k = if ta { sa[r - 2] } else { sa[r - 1] };
@@ -934,7 +1003,7 @@ impl Program {
             }
             return Ok(());
         }
-        let shape_of = |x: NodeId| concrete(&self.graph, x, &self.sizes);
+        let shape_of = |x: NodeId| self.shape(x);
         match node.op {
             Op::ExpertOrder(experts) | Op::ExpertOffsets(experts) => {
                 let choices = input(node.args[0]).iter().map(|c| *c as f64);
