@@ -170,9 +170,9 @@ pub fn span(name: &'static str, started: Instant) {
 }
 
 impl Recorder {
-    /// Per span name: how many, their µs, and the µs of kernels within them
-    /// (spans past the trace's last event are left out).
-    fn span_totals(&self) -> Vec<(&'static str, usize, f64, f64)> {
+    /// Per span name, in first-seen order: each span's µs and the µs of
+    /// kernels within it (spans past the trace's last event are left out).
+    fn span_times(&self) -> Vec<(&'static str, Vec<(f64, f64)>)> {
         let mut kernels: Vec<(f64, f64)> =
             self.events.iter().filter(|e| e.kernel.is_some()).map(|e| (e.start, e.duration)).collect();
         kernels.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -181,7 +181,7 @@ impl Recorder {
             prefix.push(prefix.last().copied().unwrap_or(0.0) + d);
         }
         let end = kernels.last().map_or(0.0, |k| k.0 + k.1);
-        let mut totals: Vec<(&'static str, usize, f64, f64)> = Vec::new();
+        let mut times: Vec<(&'static str, Vec<(f64, f64)>)> = Vec::new();
         for &(name, start, duration) in &self.spans {
             if self.dropped > 0 && start + duration > end {
                 continue;
@@ -189,16 +189,12 @@ impl Recorder {
             let lo = kernels.partition_point(|k| k.0 < start);
             let hi = kernels.partition_point(|k| k.0 < start + duration);
             let inside = prefix[hi] - prefix[lo];
-            match totals.iter_mut().find(|t| t.0 == name) {
-                Some(t) => {
-                    t.1 += 1;
-                    t.2 += duration;
-                    t.3 += inside;
-                }
-                None => totals.push((name, 1, duration, inside)),
+            match times.iter_mut().find(|t| t.0 == name) {
+                Some(t) => t.1.push((duration, inside)),
+                None => times.push((name, vec![(duration, inside)])),
             }
         }
-        totals
+        times
     }
 
     fn event(&mut self, e: Event) {
@@ -293,12 +289,18 @@ pub fn finish() -> Result<Option<PathBuf>, String> {
         100.0 * kernel_seconds / run_seconds.max(1e-12),
         r.programs.len()
     );
-    for (name, count, micros, inside) in r.span_totals() {
+    // The median phase (the first steps also fault in their outputs' pages).
+    for (name, mut spans) in r.span_times() {
+        spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (micros, inside) = spans[spans.len() / 2];
+        let (all, all_inside) = spans.iter().fold((0.0, 0.0), |(a, b), s| (a + s.0, b + s.1));
         eprintln!(
-            "{name}: {count} x {:.2} ms; kernels {:.2} ms of it ({:.1}%)",
-            micros / count as f64 / 1e3,
-            inside / count as f64 / 1e3,
-            100.0 * inside / micros.max(1e-9)
+            "{name}: {} x, median {:.2} ms, kernels {:.2} ms of it ({:.1}%; {:.1}% over all)",
+            spans.len(),
+            micros / 1e3,
+            inside / 1e3,
+            100.0 * inside / micros.max(1e-9),
+            100.0 * all_inside / all.max(1e-9)
         );
     }
     let lines: Vec<_> = ranked(by_line, kernel_seconds).into_iter().filter(|l| l.2 > 0.0).collect();
