@@ -223,8 +223,8 @@ fn place(specs: &[Spec], spec: Option<usize>, origin: Option<Origin>) -> Place {
         return Place {
             line: "(no spec line)".into(),
             code: "the optimiser's update, or what no expression wrote".into(),
-            layer: "-".into(),
-            instance: "-".into(),
+            layer: "(no layer)".into(),
+            instance: "(no layer)".into(),
         };
     };
     let (name, lines) = &spec.files[origin.span.file.0 as usize];
@@ -303,15 +303,17 @@ pub fn finish() -> Result<Option<PathBuf>, String> {
             100.0 * all_inside / all.max(1e-9)
         );
     }
-    let lines: Vec<_> = ranked(by_line, kernel_seconds).into_iter().filter(|l| l.2 > 0.0).collect();
+    // Lines below 0.1 ms in all (views, reshapes) go into the last row.
+    let lines: Vec<_> = ranked(by_line, kernel_seconds).into_iter().filter(|l| l.2 >= 1e-4).collect();
     let width = lines.iter().take(25).map(|l| l.0.chars().count()).max().unwrap_or(4);
     eprintln!("{:>9} {:>6} {:>7}  {:<width$} code", "seconds", "%", "kernels", "line");
     for (line, code, seconds, kernels, share) in lines.iter().take(25) {
         eprintln!("{seconds:>9.4} {:>5.1}% {kernels:>7}  {line:<width$} {}", 100.0 * share, clip(code, 70));
     }
-    if lines.len() > 25 {
-        let rest: f64 = lines[25..].iter().map(|l| l.2).sum();
-        eprintln!("{rest:>9.4} {:>5.1}%          {} more lines", 100.0 * rest / kernel_seconds, lines.len() - 25);
+    let shown: f64 = lines.iter().take(25).map(|l| l.2).sum();
+    if lines.len() > 25 || kernel_seconds - shown > 0.0 {
+        let rest = kernel_seconds - shown;
+        eprintln!("{rest:>9.4} {:>5.1}%          the other lines", 100.0 * rest / kernel_seconds);
     }
     eprintln!("{:>9} {:>6} {:>7}  layer", "seconds", "%", "kernels");
     for (layer, _, seconds, kernels, share) in ranked(by_layer, kernel_seconds).iter().take(15) {
