@@ -527,7 +527,7 @@ fn a_run_killed_while_writing_keeps_a_loadable_checkpoint() {
 fn every_command_runs_on_every_spec() {
     let svg = std::env::temp_dir().join(format!("modelc-every-{}.svg", std::process::id()));
     let svg = svg.to_str().unwrap();
-    let commands: [&[&str]; 13] = [
+    let commands: [&[&str]; 15] = [
         &["check"],
         &["check", "--json"],
         &["fmt", "--check"],
@@ -541,6 +541,8 @@ fn every_command_runs_on_every_spec() {
         &["wgsl"],
         &["wgsl", "--train"],
         &["graph", "-o", svg],
+        &["plan", "-o", svg],
+        &["plan", "--train", "-o", svg],
     ];
     const SMALL: [&str; 12] = [
         "--set",
@@ -601,7 +603,7 @@ fn every_command_runs_on_every_spec() {
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| *c != "help")
         .collect();
-    assert_eq!(subcommands.len(), 17, "{out}");
+    assert_eq!(subcommands.len(), 18, "{out}");
     for c in subcommands {
         let (code, out, err) = modelc(&[c, "--help"]);
         assert_eq!(code, 0, "{c} --help: {err}");
@@ -747,4 +749,50 @@ fn profile_adds_kernel_time_up_by_spec_line_and_writes_a_trace() {
     let steps = events.iter().filter(|e| e["name"] == "training step").count();
     assert_eq!(steps, 3);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `plan`: the memory plan as a picture (a rectangle per arena value,
+/// inside the axes, coloured by layer) and the peak as a formula that
+/// equals the plan's peak at the sizes given and, for the LLaMA forward,
+/// at every size it is checked at.
+#[test]
+fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
+    let svg = std::env::temp_dir().join(format!("modelc-plan-{}.svg", std::process::id()));
+    let sizes = ["--size", "B=8", "--size", "T=128"];
+    let checked = |out: &str| -> Vec<(u64, u64)> {
+        out.lines()
+            .filter(|l| l.contains(" planned "))
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let at = |word: &str| w[w.iter().position(|x| *x == word).unwrap() + 1].parse().unwrap();
+                (at("planned"), at("formula"))
+            })
+            .collect()
+    };
+    let (code, out, err) =
+        modelc(&[&["plan", "specs/tiny-gpt.model", "--train", "-o", svg.to_str().unwrap()], &sizes[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("TinyGPT: the training program's memory plan at B=8, T=128, peak "), "{out}");
+    assert!(out.lines().nth(1).unwrap().starts_with("peak(B, T) = "), "{out}");
+    let rows = checked(&out);
+    assert_eq!(rows.len(), 6, "{out}");
+    assert_eq!(rows[0].0, rows[0].1, "the formula at the sizes given:\n{out}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let values = text.split(r#"<g id="values""#).nth(1).unwrap().split("</g>").next().unwrap();
+    let rects: Vec<&str> = values.lines().filter(|l| l.starts_with("<rect")).collect();
+    assert!(rects.len() > 200, "{} values", rects.len());
+    let number = |r: &str, attr: &str| -> f64 {
+        r.split(&format!(r#" {attr}=""#)).nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+    };
+    for r in &rects {
+        let (x, y, w, h) = (number(r, "x"), number(r, "y"), number(r, "width"), number(r, "height"));
+        assert!(x >= 70.0 && x + w <= 1170.5 && y >= 49.5 && y + h <= 610.5, "outside the axes: {r}");
+    }
+    assert!(text.contains(">blocks.0.self_attn</text>") && text.contains(">the optimiser's update</text>"));
+    let (code, out, err) = modelc(&[&["plan", "specs/llama.model", "-o", svg.to_str().unwrap()], &sizes[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    let rows = checked(&out);
+    assert_eq!(rows.len(), 6, "{out}");
+    assert!(rows.iter().all(|(planned, formula)| planned == formula), "{out}");
+    std::fs::remove_file(&svg).unwrap();
 }

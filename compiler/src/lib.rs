@@ -8,6 +8,7 @@ pub mod backend;
 pub mod check;
 pub mod diag;
 pub mod draw;
+pub mod draw_plan;
 pub mod ir;
 pub mod opt;
 pub mod peft;

@@ -157,6 +157,22 @@ pub enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Draw the CPU memory plan (kernels across, arena offset up, values
+    /// coloured by layer) and print the peak as a formula in the sizes.
+    Plan {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The training program instead of the forward.
+        #[arg(long)]
+        train: bool,
+        /// A size for the picture, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128); the
+        /// formula is fitted around them.
+        #[arg(long = "size", value_name = "NAME=N")]
+        sizes: Vec<String>,
+        /// Where to write the SVG.
+        #[arg(short, long, default_value = "plan.svg")]
+        output: PathBuf,
+    },
     /// Print the syntax tree of a file.
     Ast {
         /// The .model file.
@@ -173,7 +189,8 @@ impl Command {
             | Command::Info { model, .. }
             | Command::Kernels { model, .. }
             | Command::Wgsl { model, .. }
-            | Command::Graph { model, .. } => Some(model),
+            | Command::Graph { model, .. }
+            | Command::Plan { model, .. } => Some(model),
             Command::Fmt { .. } | Command::Ast { .. } => None,
         }
     }
@@ -187,6 +204,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
         Command::Graph { model, output } => cmd_graph(&model, &output),
+        Command::Plan { model, train, sizes, output } => cmd_plan(&model, train, &sizes, &output),
         Command::Kernels { model, train, clif, no_wide_math, sizes } => {
             cmd_kernels(&model, train, clif.then_some(!no_wide_math), &sizes)
         }
@@ -295,6 +313,14 @@ fn cmd_ast(path: &Path) -> ExitCode {
 
 /// The model's forward or training program, pruned.
 pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, modelc::ir::graph::Graph), ExitCode> {
+    program_and_graph(args, train).map(|(_, checked, graph)| (checked, graph))
+}
+
+/// `program_graph`, with the loaded program (its sources: what origins point into).
+fn program_and_graph(
+    args: &ModelArgs,
+    train: bool,
+) -> Result<(Program, check::Checked, modelc::ir::graph::Graph), ExitCode> {
     use modelc::ir::train as training;
     let (program, opts) = load(args)?;
     let how = args.lowering(check::LowerOptions { training: train, ..Default::default() });
@@ -313,7 +339,8 @@ pub fn program_graph(args: &ModelArgs, train: bool) -> Result<(check::Checked, m
     } else {
         graph
     };
-    Ok((checked, modelc::ir::prune::prune(&graph)))
+    let graph = modelc::ir::prune::prune(&graph);
+    Ok((program, checked, graph))
 }
 
 fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
@@ -371,6 +398,88 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
     let tmp = output.with_extension("svg.tmp");
     if let Err(e) = std::fs::write(&tmp, svg).and_then(|_| std::fs::rename(&tmp, output)) {
         return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
+    }
+    eprintln!("wrote {}", output.display());
+    ExitCode::SUCCESS
+}
+
+fn cmd_plan(args: &ModelArgs, train: bool, sizes: &[String], output: &Path) -> ExitCode {
+    use modelc::backend::{Target, prepare};
+    use modelc::ir::graph::Origin;
+    let (program, checked, graph) = match program_and_graph(args, train) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let (graph, _) = modelc::opt::optimize(&graph, modelc::opt::Limits::default());
+    let bound = match bind_sizes(&graph, sizes) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let planning_error = |e: String| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]);
+    let kernels = match prepare(&graph, &bound, Target::Cpu) {
+        Ok(k) => k,
+        Err(e) => return planning_error(e),
+    };
+    // A value's layer: its instance's path down to a block of a stack
+    // (`model.layers.3.self_attn`); gradients share their forward's.
+    let layer_of = |origin: Option<Origin>| match origin {
+        None => "the optimiser's update".to_string(),
+        Some(o) => {
+            let path = &checked.instances[o.instance as usize].path;
+            let parts: Vec<&str> = path.split('.').collect();
+            let keep = parts.iter().position(|p| p.parse::<u64>().is_ok()).map_or(parts.len(), |i| i + 2);
+            let layer = parts[..keep.min(parts.len())].join(".");
+            if layer.is_empty() { format!("{} (the model's own)", checked.model) } else { layer }
+        }
+    };
+    let describe = |origin: Option<Origin>| match origin {
+        None => String::new(),
+        Some(o) => {
+            let (line, _) = program.sources.line_col(o.span.file, o.span.start as usize);
+            format!("{}:{line}: {}", program.sources.file(o.span.file).name, program.sources.snippet(o.span))
+        }
+    };
+    let mut shown: Vec<String> = bound.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    shown.sort();
+    let what = if train { "training program" } else { "forward" };
+    let steps = kernels.schedule.leaves().len();
+    let peak = kernels.plan.peak_bytes();
+    let title = format!(
+        "{}: the {what}'s memory plan at {}, peak {:.2} MB, {steps} kernels",
+        checked.model,
+        shown.join(", "),
+        peak as f64 / 1e6
+    );
+    let svg = modelc::draw_plan::svg(&kernels.graph, &kernels.plan, steps, &title, &layer_of, &describe);
+    if let Err(e) = write_atomic(output, &svg) {
+        return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
+    }
+    println!("{title}");
+    // The formula, checked against plans at other sizes: the same where
+    // the allocator stacks the values the same way.
+    let terms = modelc::draw_plan::peak_terms(&kernels.graph, &kernels.plan);
+    let mut symbols: Vec<String> = bound.keys().cloned().collect();
+    symbols.sort();
+    println!("peak({}) = {} bytes", symbols.join(", "), modelc::draw_plan::peak_text(&terms));
+    let scaled = |factors: &[i64]| {
+        let mut s = bound.clone();
+        for (x, f) in symbols.iter().zip(factors.iter().chain(std::iter::repeat(&1))) {
+            s.insert(x.clone(), s[x] * f);
+        }
+        s
+    };
+    for factors in [&[1, 1][..], &[2, 1], &[1, 2], &[2, 2], &[4, 1], &[1, 4]] {
+        let s = scaled(factors);
+        let at: Vec<String> = symbols.iter().map(|x| format!("{x}={}", s[x])).collect();
+        let planned = prepare(&graph, &s, Target::Cpu).map(|k| k.plan.peak_bytes());
+        match (planned, modelc::draw_plan::peak_value(&terms, &s)) {
+            (Ok(p), Ok(f)) => println!(
+                "  {:<22} planned {p:>15} bytes, the formula {f:>15}{}",
+                at.join(", "),
+                if p == f { "" } else { "  (the allocator stacks differently here)" }
+            ),
+            (Err(e), _) | (_, Err(e)) => println!("  {:<22} {e}", at.join(", ")),
+        }
     }
     eprintln!("wrote {}", output.display());
     ExitCode::SUCCESS

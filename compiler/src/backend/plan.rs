@@ -78,6 +78,24 @@ pub struct Plan {
     pub block_len: usize,
     /// Elements each node holds, with the sizes bound.
     pub lens: Vec<usize>,
+    /// For each node its kernel computes: the step (`Schedule::leaves`)
+    /// that writes it and the last that reads it (or its views); outputs
+    /// live to the end. `None` for the rest. What `modelc plan` draws.
+    pub live: Vec<Option<(usize, usize)>>,
+    /// For each arena value, what its offset is: so the offsets, and the
+    /// peak, can be written in the symbolic sizes (`modelc plan`).
+    pub below: Vec<Below>,
+}
+
+/// Where an arena value starts, as the allocator chose it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Below {
+    /// At the arena's start (or not an arena value).
+    Start,
+    /// Right above another value (the end of its range).
+    Above(NodeId),
+    /// Where another value starts (written in place over it).
+    Over(NodeId),
 }
 
 impl Plan {
@@ -251,8 +269,9 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
     }
     // First-fit allocation in execution order; a group's buffered values
     // first-fit in its block buffer's columns.
-    let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, len, last use)
-    let mut columns: Vec<(usize, usize, usize)> = Vec::new(); // the same, in the block buffer
+    let mut live: Vec<(usize, usize, usize, NodeId)> = Vec::new(); // (offset, len, last use, value)
+    let mut columns: Vec<(usize, usize, usize, NodeId)> = Vec::new(); // the same, in the block buffer
+    let mut below = vec![Below::Start; n];
     let mut arena_len = 0;
     for (time, (kernel, group)) in steps.iter().enumerate() {
         let start = &group.start;
@@ -300,12 +319,12 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
                 _ => None,
             });
             if let Some(column) = chosen {
-                columns.retain(|(c, _, _)| *c != column);
+                columns.retain(|(c, _, _, _)| *c != column);
             }
             // Parts run one after the other within a block: a column is free once its last reader has run.
-            columns.retain(|(_, _, end)| *end >= time);
-            let column = chosen.unwrap_or_else(|| fit(&mut columns, row, 0));
-            columns.push((column, row, last[out.index()]));
+            columns.retain(|(_, _, end, _)| *end >= time);
+            let column = chosen.unwrap_or_else(|| fit(&mut columns, row, 0).0);
+            columns.push((column, row, last[out.index()], out));
             places[out.index()] = Place::Block { column, row };
             continue;
         }
@@ -320,15 +339,26 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
         })
         .filter(|_| placed.is_none());
         if let Some(offset) = chosen {
-            live.retain(|(o, _, _)| *o != offset);
+            let over = live.iter().find(|(o, _, _, _)| *o == offset).map(|l| l.3);
+            below[out.index()] = over.map_or(Below::Start, Below::Over);
+            live.retain(|(o, _, _, _)| *o != offset);
         }
-        live.retain(|(_, _, end)| *end >= *start);
-        let offset = chosen.unwrap_or_else(|| fit(&mut live, len, arena_len));
-        live.push((offset, len, last[out.index()]));
+        live.retain(|(_, _, end, _)| *end >= *start);
+        let offset = match chosen {
+            Some(offset) => offset,
+            None => {
+                let (offset, above) = fit(&mut live, len, arena_len);
+                below[out.index()] = above.map_or(Below::Start, Below::Above);
+                offset
+            }
+        };
+        live.push((offset, len, last[out.index()], out));
         arena_len = arena_len.max(offset + len);
         places[out.index()] = Place::Arena { offset, len };
     }
-    let mut plan = Plan { places, arena_len, lens, block_len: 0 };
+    let end = steps.len().saturating_sub(1);
+    let live = def.iter().zip(&last).map(|(d, l)| (*d != usize::MAX).then(|| (*d, (*l).min(end)))).collect();
+    let mut plan = Plan { places, arena_len, lens, block_len: 0, live, below };
     for (parts, rows, len) in groups {
         plan.block_len = plan.block_len.max(super::rows::block_rows(g, parts, rows, len) * plan.block_row(parts));
     }
@@ -348,18 +378,22 @@ struct Group {
 /// after the last range up to `size` counting as a gap), else past the
 /// last range. First fit put a row's loss in the gap a freed logit-sized
 /// tensor left, and the logits' gradient then went above everything.
-fn fit(live: &mut [(usize, usize, usize)], len: usize, size: usize) -> usize {
+/// Also returns the value whose range ends where the chosen one starts
+/// (`None` at the arena's start).
+fn fit(live: &mut [(usize, usize, usize, NodeId)], len: usize, size: usize) -> (usize, Option<NodeId>) {
     live.sort();
-    let mut at = 0;
-    let mut best: Option<(usize, usize)> = None; // (gap size, offset)
-    let mut consider = |from: usize, to: usize| {
-        if to >= from + len && best.is_none_or(|(gap, _)| to - from < gap) {
-            best = Some((to - from, from));
+    let mut at = (0, None);
+    let mut best: Option<(usize, (usize, Option<NodeId>))> = None; // (gap size, offset)
+    let mut consider = |from: (usize, Option<NodeId>), to: usize| {
+        if to >= from.0 + len && best.is_none_or(|(gap, _)| to - from.0 < gap) {
+            best = Some((to - from.0, from));
         }
     };
-    for (o, l, _) in live.iter() {
+    for (o, l, _, id) in live.iter() {
         consider(at, *o);
-        at = at.max(o + l);
+        if o + l > at.0 {
+            at = (o + l, Some(*id));
+        }
     }
     consider(at, size);
     best.map_or(at, |(_, offset)| offset)

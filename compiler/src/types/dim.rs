@@ -35,6 +35,12 @@ impl Dim {
         }
     }
 
+    /// Whether every coefficient is at least 0: then the value is at least
+    /// 0 at all non-negative sizes (`a.sub(b)` so: a >= b everywhere).
+    pub fn nonnegative(&self) -> bool {
+        self.terms.values().all(|c| *c >= 0)
+    }
+
     pub fn symbols(&self) -> impl Iterator<Item = &str> {
         self.terms.keys().flatten().map(String::as_str)
     }
