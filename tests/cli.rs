@@ -748,6 +748,11 @@ fn profile_adds_kernel_time_up_by_spec_line_and_writes_a_trace() {
     assert!(kernels.iter().any(|e| e["args"]["layer"] == "blocks.0.mlp.fc1"));
     let steps = events.iter().filter(|e| e["name"] == "training step").count();
     assert_eq!(steps, 3);
+    // A trace that cannot be written is refused before anything runs.
+    let (code, _, err) = modelc(&[&args[..], &["--profile=/nonexistent-folder/trace.json"]].concat());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("E0709") && err.contains("no folder /nonexistent-folder"), "{err}");
+    assert!(!err.contains("training "), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -126,7 +126,7 @@ impl RunArgs {
             if chosen == Device::Gpu {
                 return Err(error("E0709", "--profile times the CPU's kernels; add --device cpu"));
             }
-            crate::profile::start(trace);
+            crate::profile::start(trace).map_err(|e| error("E0709", e))?;
         }
         if let Some(n) = self.threads {
             if n == 0 {

@@ -72,8 +72,13 @@ fn recorder() -> std::sync::MutexGuard<'static, Option<Recorder>> {
     RECORDER.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Turns profiling on for the rest of the process; the trace goes to `trace`.
-pub fn start(trace: &Path) {
+/// Turns profiling on for the rest of the process; the trace goes to
+/// `trace`, whose folder must exist (said before anything runs).
+pub fn start(trace: &Path) -> Result<(), String> {
+    let folder = trace.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(format!("--profile {}: no folder {}", trace.display(), folder.display()));
+    }
     *recorder() = Some(Recorder {
         trace: trace.to_path_buf(),
         epoch: Instant::now(),
@@ -84,6 +89,7 @@ pub fn start(trace: &Path) {
         spans: Vec::new(),
     });
     ON.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 pub fn enabled() -> bool {
