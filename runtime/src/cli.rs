@@ -78,6 +78,19 @@ impl ModelArgs {
     }
 }
 
+/// A spec's program at given sizes: what `kernels`, `wgsl` and `plan` show.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProgramArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The training program (forward, loss, backward, update) instead of the forward.
+    #[arg(long)]
+    pub train: bool,
+    /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
+    #[arg(long = "size", value_name = "NAME=N")]
+    pub sizes: Vec<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Check a spec: names, types and every shape; print hyperparameters and the parameter table.
@@ -122,10 +135,7 @@ pub enum Command {
     /// Print the CPU kernel schedule of a spec's model, its memory plan and (with --clif) Cranelift IR.
     Kernels {
         #[command(flatten)]
-        model: ModelArgs,
-        /// The training program instead of the forward.
-        #[arg(long)]
-        train: bool,
+        program: ProgramArgs,
         /// Print the Cranelift IR of every fused kernel.
         #[arg(long)]
         clif: bool,
@@ -134,20 +144,11 @@ pub enum Command {
         /// a CPU without AVX2 and FMA gets.
         #[arg(long, requires = "clif")]
         no_wide_math: bool,
-        /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
-        #[arg(long = "size", value_name = "NAME=N")]
-        sizes: Vec<String>,
     },
     /// Print the WGSL compute shader of every GPU kernel (each validated with naga).
     Wgsl {
         #[command(flatten)]
-        model: ModelArgs,
-        /// The training program instead of the forward.
-        #[arg(long)]
-        train: bool,
-        /// A size for the plan, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128).
-        #[arg(long = "size", value_name = "NAME=N")]
-        sizes: Vec<String>,
+        program: ProgramArgs,
     },
     /// Draw the model as an SVG picture: its layers and the shapes between them.
     Graph {
@@ -161,14 +162,7 @@ pub enum Command {
     /// coloured by layer) and print the peak as a formula in the sizes.
     Plan {
         #[command(flatten)]
-        model: ModelArgs,
-        /// The training program instead of the forward.
-        #[arg(long)]
-        train: bool,
-        /// A size for the picture, e.g. `--size B=8 --size T=256` (unnamed sizes: B=1, others 128); the
-        /// formula is fitted around them.
-        #[arg(long = "size", value_name = "NAME=N")]
-        sizes: Vec<String>,
+        program: ProgramArgs,
         /// Where to write the SVG.
         #[arg(short, long, default_value = "plan.svg")]
         output: PathBuf,
@@ -187,10 +181,10 @@ impl Command {
             Command::Check { model, .. }
             | Command::Ir { model, .. }
             | Command::Info { model, .. }
-            | Command::Kernels { model, .. }
-            | Command::Wgsl { model, .. }
+            | Command::Kernels { program: ProgramArgs { model, .. }, .. }
+            | Command::Wgsl { program: ProgramArgs { model, .. } }
             | Command::Graph { model, .. }
-            | Command::Plan { model, .. } => Some(model),
+            | Command::Plan { program: ProgramArgs { model, .. }, .. } => Some(model),
             Command::Fmt { .. } | Command::Ast { .. } => None,
         }
     }
@@ -204,12 +198,12 @@ pub fn run(command: Command) -> ExitCode {
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
         Command::Graph { model, output } => cmd_graph(&model, &output),
-        Command::Plan { model, train, sizes, output } => cmd_plan(&model, train, &sizes, &output),
-        Command::Kernels { model, train, clif, no_wide_math, sizes } => {
+        Command::Plan { program, output } => cmd_plan(&program, &output),
+        Command::Kernels { program: ProgramArgs { model, train, sizes }, clif, no_wide_math } => {
             cmd_kernels(&model, train, clif.then_some(!no_wide_math), &sizes)
         }
         Command::Info { model, sizes } => cmd_info(&model, &sizes),
-        Command::Wgsl { model, train, sizes } => cmd_wgsl(&model, train, &sizes),
+        Command::Wgsl { program } => cmd_wgsl(&program),
     }
 }
 
@@ -403,16 +397,22 @@ fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn cmd_plan(args: &ModelArgs, train: bool, sizes: &[String], output: &Path) -> ExitCode {
+/// The spec's program (`program_and_graph`), optimised, with its sizes bound.
+fn optimized_program(
+    p: &ProgramArgs,
+) -> Result<(Program, check::Checked, modelc::ir::graph::Graph, modelc::types::Sizes), ExitCode> {
+    let (program, checked, graph) = program_and_graph(&p.model, p.train)?;
+    let (graph, _) = modelc::opt::optimize(&graph, modelc::opt::Limits::default());
+    let bound = bind_sizes(&graph, &p.sizes)?;
+    Ok((program, checked, graph, bound))
+}
+
+fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
     use modelc::backend::{Target, prepare};
     use modelc::ir::graph::Origin;
-    let (program, checked, graph) = match program_and_graph(args, train) {
+    let train = p.train;
+    let (program, checked, graph, bound) = match optimized_program(p) {
         Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (graph, _) = modelc::opt::optimize(&graph, modelc::opt::Limits::default());
-    let bound = match bind_sizes(&graph, sizes) {
-        Ok(b) => b,
         Err(code) => return code,
     };
     let planning_error = |e: String| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]);
@@ -609,15 +609,10 @@ fn bytes(n: usize) -> String {
     }
 }
 
-fn cmd_wgsl(args: &ModelArgs, train: bool, sizes: &[String]) -> ExitCode {
+fn cmd_wgsl(p: &ProgramArgs) -> ExitCode {
     use modelc::backend::wgsl;
-    let (checked, graph) = match program_graph(args, train) {
+    let (_, checked, graph, bound) = match optimized_program(p) {
         Ok(v) => v,
-        Err(code) => return code,
-    };
-    let (graph, _) = modelc::opt::optimize(&graph, modelc::opt::Limits::default());
-    let bound = match bind_sizes(&graph, sizes) {
-        Ok(b) => b,
         Err(code) => return code,
     };
     let (graph, sched, memory, layout) = match wgsl::prepare(&graph, &bound) {
