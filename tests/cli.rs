@@ -131,11 +131,32 @@ fn graph_draws_the_layers_and_shapes() {
     let (code, _, err) = modelc(&["graph", "specs/tiny-gpt.model", "-o", out.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let svg = std::fs::read_to_string(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    assert!(svg.contains("blocks PreNormBlock × 4"), "{svg}");
-    assert!(svg.contains("logits: [B, T, 256]"), "{svg}");
+    assert!(svg.contains("blocks: PreNormBlock × 4"), "{svg}");
+    assert!(svg.contains(">[B, T, 256]</text>"), "{svg}");
     insta::assert_snapshot!("graph-tiny-gpt", svg);
+    // Deeper, or one layer opened by name: the attention's projections appear.
+    let (code, _, err) = modelc(&[
+        "graph",
+        "specs/tiny-gpt.model",
+        "--depth",
+        "1",
+        "--expand",
+        "self_attn",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.contains(">q_proj: Linear</text>") && svg.contains("blocks.0.self_attn: Attention"), "{svg}");
+    std::fs::remove_file(&out).unwrap();
+    // A PNG, rendered with the font built in.
+    let png = out.with_extension("png");
+    let (code, _, err) = modelc(&["graph", "specs/llama.model", "--depth", "3", "-o", png.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 20_000, "{} bytes", bytes.len());
+    std::fs::remove_file(&png).unwrap();
 }
 
 #[test]

@@ -210,3 +210,24 @@ fn the_library_front_door_checks_a_spec_with_settings_and_an_adapter() {
     let Err((_, bad)) = unsure.load() else { panic!("`--set layers` without a value loaded") };
     assert_eq!(bad[0].code, "E0502");
 }
+
+/// The picture of a model at depth 1 and 3 (`modelc graph`), as text:
+/// the open layers, their sublayers and expressions, and every arrow with
+/// the shape it carries.
+#[test]
+fn graph_structure_snapshots() {
+    for name in ["llama", "mixtral", "bert"] {
+        let path = spec(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = path.file_name().unwrap().to_str().unwrap().to_string();
+        let program =
+            modelc::check::load_source(&file, &text, path.parent()).unwrap_or_else(|_| panic!("{name} loads"));
+        let (checked, g) = modelc::check::lower(&program, &modelc::check::Options::default(), Default::default())
+            .unwrap_or_else(|_| panic!("{name} lowers"));
+        let g = modelc::ir::prune::prune(&g);
+        for depth in [1, 3] {
+            let outline = modelc::draw::picture(&program, &checked, &g, depth, &[]).outline();
+            insta::assert_snapshot!(format!("graph-{name}-depth-{depth}"), outline);
+        }
+    }
+}

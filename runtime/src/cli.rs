@@ -150,11 +150,18 @@ pub enum Command {
         #[command(flatten)]
         program: ProgramArgs,
     },
-    /// Draw the model as an SVG picture: its layers and the shapes between them.
+    /// Draw the model: its layers to any depth, the expressions of the open
+    /// ones, and the shapes on the arrows between them (SVG, or PNG).
     Graph {
         #[command(flatten)]
         model: ModelArgs,
-        /// Where to write the SVG.
+        /// Open the layers down to this depth (1: the model's own layers closed).
+        #[arg(long, default_value_t = 2)]
+        depth: usize,
+        /// Open these layers too, by weight path or field name (`self_attn`, `model.layers.0.mlp`).
+        #[arg(long, value_name = "NAME", num_args = 1..)]
+        expand: Vec<String>,
+        /// Where to write the picture: FILE.svg, or FILE.png.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -163,7 +170,7 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         program: ProgramArgs,
-        /// Where to write the SVG.
+        /// Where to write the picture: FILE.svg, or FILE.png.
         #[arg(short, long, default_value = "plan.svg")]
         output: PathBuf,
     },
@@ -197,7 +204,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Fmt { files, check } => cmd_fmt(&files, check),
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
-        Command::Graph { model, output } => cmd_graph(&model, &output),
+        Command::Graph { model, depth, expand, output } => cmd_graph(&model, depth, &expand, &output),
         Command::Plan { program, output } => cmd_plan(&program, &output),
         Command::Kernels { program: ProgramArgs { model, train, sizes }, clif, no_wide_math } => {
             cmd_kernels(&model, train, clif.then_some(!no_wide_math), &sizes)
@@ -379,19 +386,29 @@ fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn cmd_graph(args: &ModelArgs, output: &Path) -> ExitCode {
+/// An SVG written as it is, or rendered when the path ends in `.png`.
+fn write_picture(output: &Path, svg: &str) -> Result<(), String> {
+    if output.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        let bytes = crate::plot::svg_to_png(svg)?;
+        crate::run_dir::write_atomic(output, &bytes)
+    } else {
+        write_atomic(output, svg).map_err(|e| format!("cannot write {}: {e}", output.display()))
+    }
+}
+
+fn cmd_graph(args: &ModelArgs, depth: usize, expand: &[String], output: &Path) -> ExitCode {
     let (program, opts) = match load(args) {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let (checked, calls) = match check::trace_calls(&program, &opts) {
+    let (checked, graph) = match check::lower(&program, &opts, args.lowering(check::LowerOptions::default())) {
         Ok(v) => v,
         Err(diags) => return fail(&program.sources, &diags),
     };
-    let svg = modelc::draw::svg(&checked, &calls);
-    let tmp = output.with_extension("svg.tmp");
-    if let Err(e) = std::fs::write(&tmp, svg).and_then(|_| std::fs::rename(&tmp, output)) {
-        return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
+    let graph = modelc::ir::prune::prune(&graph);
+    let svg = modelc::draw::picture(&program, &checked, &graph, depth, expand).svg();
+    if let Err(e) = write_picture(output, &svg) {
+        return fail(&program.sources, &[Diagnostic::new("E0100", e)]);
     }
     eprintln!("wrote {}", output.display());
     ExitCode::SUCCESS
@@ -451,8 +468,8 @@ fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
         peak as f64 / 1e6
     );
     let svg = modelc::draw_plan::svg(&kernels.graph, &kernels.plan, steps, &title, &layer_of, &describe);
-    if let Err(e) = write_atomic(output, &svg) {
-        return fail(&program.sources, &[Diagnostic::new("E0100", format!("cannot write {}: {e}", output.display()))]);
+    if let Err(e) = write_picture(output, &svg) {
+        return fail(&program.sources, &[Diagnostic::new("E0100", e)]);
     }
     println!("{title}");
     // The formula, checked against plans at other sizes: the same where

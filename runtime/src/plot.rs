@@ -1,5 +1,6 @@
-//! The loss curve of a training run as a PNG (plotters, with the DejaVu
-//! Sans Mono font compiled in so that no system fonts are needed).
+//! Pictures as PNG: the loss curve of a training run (plotters) and an SVG
+//! rendered (resvg), both with the DejaVu Sans Mono font compiled in so
+//! that no system fonts are needed.
 
 use plotters::prelude::*;
 use std::path::Path;
@@ -55,4 +56,21 @@ fn draw(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// An SVG (`modelc graph`, `modelc plan`) rendered to PNG bytes, its text
+/// in the compiled-in font whatever family it asks for.
+pub fn svg_to_png(svg: &str) -> Result<Vec<u8>, String> {
+    use resvg::{tiny_skia, usvg};
+    let mut options = usvg::Options::default();
+    let fonts = options.fontdb_mut();
+    fonts.load_font_data(FONT.to_vec());
+    fonts.set_sans_serif_family("DejaVu Sans Mono");
+    fonts.set_monospace_family("DejaVu Sans Mono");
+    fonts.set_serif_family("DejaVu Sans Mono");
+    let tree = usvg::Tree::from_str(svg, &options).map_err(|e| format!("bug: an SVG we wrote does not parse: {e}"))?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("the picture is too large for a PNG")?;
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    pixmap.encode_png().map_err(|e| format!("cannot encode the PNG: {e}"))
 }

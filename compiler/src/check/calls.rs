@@ -453,20 +453,8 @@ impl Checker<'_> {
                 },
             }
         }
-        let record = self.calls.is_some().then(|| {
-            let inputs = fwd
-                .inputs
-                .iter()
-                .filter_map(|i| match frame.locals.get(&i.name.text) {
-                    Some(Ty::Tensor(t)) => Some((i.name.text.clone(), t.ty.to_string())),
-                    _ => None,
-                })
-                .collect::<Vec<_>>();
-            (self.depth, inputs)
-        });
         self.depth += 1;
         self.context.push((span, format!("in this call of `{}`", def.name.text)));
-        let slot = self.calls.as_ref().map(Vec::len);
         let result = self.forward_body(&mut frame, fwd, &mut rest);
         self.context.pop();
         self.depth -= 1;
@@ -476,22 +464,6 @@ impl Checker<'_> {
         {
             let name = Role::Trace(&format!("{} ({})", self.instances[inst].path, def.name.text)).name();
             l.g.outputs.push((name, node));
-        }
-        if let (Some((depth, inputs)), Some(slot), Some(calls)) = (record, slot, self.calls.as_mut()) {
-            let output = match &result {
-                Ty::Tensor(t) => t.ty.to_string(),
-                Ty::Tuple(items) => items.iter().map(|t| t.describe()).collect::<Vec<_>>().join(", "),
-                other => other.describe(),
-            };
-            // Inserted before the records of the calls it made, so the list reads in call order.
-            let rec = super::elaborate::CallRecord {
-                depth,
-                layer: def.name.text.clone(),
-                path: self.instances[inst].path.clone(),
-                inputs,
-                output,
-            };
-            calls.insert(slot, rec);
         }
         result
     }

@@ -73,20 +73,6 @@ pub struct Checker<'p> {
     pub context: Vec<(Span, String)>,
     /// When set, the walk through `forward` also emits IR.
     pub lower: Option<crate::ir::lower::Lowering>,
-    /// When set, every layer call is recorded (for `modelc graph`).
-    pub calls: Option<Vec<CallRecord>>,
-}
-
-/// One call of a layer during the walk: what it took and gave.
-#[derive(Clone, Debug)]
-pub struct CallRecord {
-    /// 0 for the model's own sublayers, 1 for theirs, ...
-    pub depth: usize,
-    pub layer: String,
-    /// The weight path of the instance (`model.layers.3.self_attn`).
-    pub path: String,
-    pub inputs: Vec<(String, String)>,
-    pub output: String,
 }
 
 /// Deepest nesting of layers (and of forward calls) before we call it recursion.
@@ -115,7 +101,6 @@ impl<'p> Checker<'p> {
             depth: 0,
             context: Vec::new(),
             lower: None,
-            calls: None,
         }
     }
 

@@ -17,7 +17,7 @@ pub mod report;
 mod statics;
 pub mod value;
 
-pub use elaborate::{CallRecord, FieldInst, InstId, Instance, ParamInfo};
+pub use elaborate::{FieldInst, InstId, Instance, ParamInfo};
 pub use load::{Program, STDLIB, load_file, load_source};
 
 use crate::diag::{Diagnostic, suggest};
@@ -168,19 +168,6 @@ pub fn hf_config(p: &Program, checked: &Checked, base: Option<&serde_json::Value
         return None;
     }
     Some(hf::to_config(def, &checked.hparams, base))
-}
-
-/// Checks the spec's model and records every layer call of its forward.
-pub fn trace_calls(p: &Program, opts: &Options) -> Result<(Checked, Vec<CallRecord>), Vec<Diagnostic>> {
-    let Some(entry) = p.entry_model() else {
-        return check(p, opts).map(|_| unreachable!("check fails without a model"));
-    };
-    let mut c = Checker::new(p);
-    c.calls = Some(Vec::new());
-    match run(&mut c, entry, opts, &[]) {
-        Ok(checked) if c.diags.is_empty() => Ok((checked, c.calls.take().unwrap_or_default())),
-        _ => Err(c.diags),
-    }
 }
 
 fn check_and_lower(
