@@ -278,22 +278,14 @@ fn cmd_fmt(files: &[PathBuf], check_only: bool) -> ExitCode {
         if check_only {
             println!("{} is not formatted", path.display());
             unformatted += 1;
-        } else if let Err(e) = write_atomic(path, &formatted) {
-            let d = Diagnostic::new("E0100", format!("cannot write {}: {e}", path.display()));
-            diags.push(d);
+        } else if let Err(e) = crate::run_dir::write_atomic(path, formatted.as_bytes()) {
+            diags.push(Diagnostic::new("E0100", e));
         }
     }
     if !diags.is_empty() {
         return fail(&sources, &diags);
     }
     if unformatted > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
-}
-
-/// Writes through a temporary file and a rename, so a crash leaves the old file.
-pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("model.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 fn cmd_ast(path: &Path) -> ExitCode {
@@ -388,12 +380,9 @@ fn cmd_ir(args: &ModelArgs, train: bool, opt: bool, stats: bool) -> ExitCode {
 
 /// An SVG written as it is, or rendered when the path ends in `.png`.
 fn write_picture(output: &Path, svg: &str) -> Result<(), String> {
-    if output.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
-        let bytes = crate::plot::svg_to_png(svg)?;
-        crate::run_dir::write_atomic(output, &bytes)
-    } else {
-        write_atomic(output, svg).map_err(|e| format!("cannot write {}: {e}", output.display()))
-    }
+    let png = output.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let bytes = if png { crate::plot::svg_to_png(svg)? } else { svg.as_bytes().to_vec() };
+    crate::run_dir::write_atomic(output, &bytes)
 }
 
 fn cmd_graph(args: &ModelArgs, depth: usize, expand: &[String], output: &Path) -> ExitCode {
