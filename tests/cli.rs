@@ -150,6 +150,13 @@ fn graph_draws_the_layers_and_shapes() {
     let svg = std::fs::read_to_string(&out).unwrap();
     assert!(svg.contains(">q_proj: Linear</text>") && svg.contains("blocks.0.self_attn: Attention"), "{svg}");
     std::fs::remove_file(&out).unwrap();
+    // Shapes with the sizes given.
+    let (code, _, err) =
+        modelc(&["graph", "specs/tiny-gpt.model", "--size", "B=2", "--size", "T=64", "-o", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.contains(">[2, 64, 256]</text>") && !svg.contains("[B, T"), "{svg}");
+    std::fs::remove_file(&out).unwrap();
     // A PNG, rendered with the font built in.
     let png = out.with_extension("png");
     let (code, _, err) = modelc(&["graph", "specs/llama.model", "--depth", "3", "-o", png.to_str().unwrap()]);

@@ -226,7 +226,7 @@ fn graph_structure_snapshots() {
             .unwrap_or_else(|_| panic!("{name} lowers"));
         let g = modelc::ir::prune::prune(&g);
         for depth in [1, 3] {
-            let outline = modelc::draw::picture(&program, &checked, &g, depth, &[]).outline();
+            let outline = modelc::draw::picture(&program, &checked, &g, depth, &[], &Default::default()).outline();
             insta::assert_snapshot!(format!("graph-{name}-depth-{depth}"), outline);
         }
     }

@@ -146,7 +146,20 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 /// The structure of the picture of `g` (the lowered forward of `checked`).
-pub fn picture(p: &Program, checked: &Checked, g: &Graph, depth: usize, expand: &[String]) -> Picture {
+/// `sizes` replaces the sizes it names in the shapes shown.
+pub fn picture(
+    p: &Program,
+    checked: &Checked,
+    g: &Graph,
+    depth: usize,
+    expand: &[String],
+    sizes: &crate::types::Sizes,
+) -> Picture {
+    let shape = |dims: &[crate::types::Dim]| {
+        let bound: Vec<crate::types::Dim> =
+            (dims.iter()).map(|d| d.substitute(&|s| sizes.get(s).map(|v| crate::types::Dim::constant(*v)))).collect();
+        crate::types::shape_text(&bound)
+    };
     let folds = Folds::new(checked);
     let canon = |i: usize| folds.canon(i);
     // Depth of each instance below the root, by its parent chain.
@@ -237,7 +250,7 @@ pub fn picture(p: &Program, checked: &Checked, g: &Graph, depth: usize, expand: 
             units.push(Unit {
                 kind: Kind::Input,
                 label: name.clone(),
-                detail: crate::types::shape_text(&node.ty.dims),
+                detail: shape(&node.ty.dims),
                 parent: inputs_layer,
                 first: n32,
             });
@@ -297,7 +310,7 @@ pub fn picture(p: &Program, checked: &Checked, g: &Graph, depth: usize, expand: 
         units.push(Unit {
             kind: Kind::Output,
             label: name.clone(),
-            detail: crate::types::shape_text(g.dims(*id)),
+            detail: shape(g.dims(*id)),
             parent: inputs_layer,
             first: g.nodes.len() as u32,
         });
@@ -321,7 +334,7 @@ pub fn picture(p: &Program, checked: &Checked, g: &Graph, depth: usize, expand: 
     let mut edges = Vec::new();
     let mut add = |from: usize, to: usize, via: NodeId, edges: &mut Vec<(usize, usize, String)>| {
         if from != to && seen.insert((from, to)) && units[from].first < units[to].first {
-            edges.push((from, to, crate::types::shape_text(g.dims(via))));
+            edges.push((from, to, shape(g.dims(via))));
         }
     };
     for (n, node) in g.nodes.iter().enumerate() {

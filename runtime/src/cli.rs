@@ -161,6 +161,9 @@ pub enum Command {
         /// Open these layers too, by weight path or field name (`self_attn`, `model.layers.0.mlp`).
         #[arg(long, value_name = "NAME", num_args = 1..)]
         expand: Vec<String>,
+        /// Shapes with a size given, e.g. `--size B=8 --size T=256` (others stay symbolic).
+        #[arg(long = "size", value_name = "NAME=N")]
+        sizes: Vec<String>,
         /// Where to write the picture: FILE.svg, or FILE.png.
         #[arg(short, long)]
         output: PathBuf,
@@ -204,7 +207,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Fmt { files, check } => cmd_fmt(&files, check),
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
-        Command::Graph { model, depth, expand, output } => cmd_graph(&model, depth, &expand, &output),
+        Command::Graph { model, depth, expand, sizes, output } => cmd_graph(&model, depth, &expand, &sizes, &output),
         Command::Plan { program, output } => cmd_plan(&program, &output),
         Command::Kernels { program: ProgramArgs { model, train, sizes }, clif, no_wide_math } => {
             cmd_kernels(&model, train, clif.then_some(!no_wide_math), &sizes)
@@ -385,7 +388,11 @@ fn write_picture(output: &Path, svg: &str) -> Result<(), String> {
     crate::run_dir::write_atomic(output, &bytes)
 }
 
-fn cmd_graph(args: &ModelArgs, depth: usize, expand: &[String], output: &Path) -> ExitCode {
+fn cmd_graph(args: &ModelArgs, depth: usize, expand: &[String], sizes: &[String], output: &Path) -> ExitCode {
+    let sizes = match given_sizes(sizes) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let (program, opts) = match load(args) {
         Ok(v) => v,
         Err(code) => return code,
@@ -395,7 +402,7 @@ fn cmd_graph(args: &ModelArgs, depth: usize, expand: &[String], output: &Path) -
         Err(diags) => return fail(&program.sources, &diags),
     };
     let graph = modelc::ir::prune::prune(&graph);
-    let svg = modelc::draw::picture(&program, &checked, &graph, depth, expand).svg();
+    let svg = modelc::draw::picture(&program, &checked, &graph, depth, expand, &sizes).svg();
     if let Err(e) = write_picture(output, &svg) {
         return fail(&program.sources, &[Diagnostic::new("E0100", e)]);
     }
@@ -493,6 +500,19 @@ fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
 
 /// `--size NAME=N` values, and defaults (B=1, others 128) for the rest.
 fn bind_sizes(graph: &modelc::ir::graph::Graph, sizes: &[String]) -> Result<modelc::types::Sizes, ExitCode> {
+    let mut bound = given_sizes(sizes)?;
+    for n in &graph.nodes {
+        for d in &n.ty.dims {
+            for sym in d.symbols() {
+                bound.entry(sym.to_string()).or_insert(if sym == "B" { 1 } else { 128 });
+            }
+        }
+    }
+    Ok(bound)
+}
+
+/// The `--size NAME=N` values.
+fn given_sizes(sizes: &[String]) -> Result<modelc::types::Sizes, ExitCode> {
     let mut bound = modelc::types::Sizes::new();
     for s in sizes {
         let Some((k, v)) = s.split_once('=').and_then(|(k, v)| v.trim().parse::<i64>().ok().map(|v| (k.trim(), v)))
@@ -504,13 +524,6 @@ fn bind_sizes(graph: &modelc::ir::graph::Graph, sizes: &[String]) -> Result<mode
             return Err(ExitCode::FAILURE);
         };
         bound.insert(k.to_string(), v);
-    }
-    for n in &graph.nodes {
-        for d in &n.ty.dims {
-            for sym in d.symbols() {
-                bound.entry(sym.to_string()).or_insert(if sym == "B" { 1 } else { 128 });
-            }
-        }
     }
     Ok(bound)
 }
