@@ -555,7 +555,7 @@ fn a_run_killed_while_writing_keeps_a_loadable_checkpoint() {
 fn every_command_runs_on_every_spec() {
     let svg = std::env::temp_dir().join(format!("modelc-every-{}.svg", std::process::id()));
     let svg = svg.to_str().unwrap();
-    let commands: [&[&str]; 15] = [
+    let commands: [&[&str]; 16] = [
         &["check"],
         &["check", "--json"],
         &["fmt", "--check"],
@@ -569,6 +569,7 @@ fn every_command_runs_on_every_spec() {
         &["wgsl"],
         &["wgsl", "--train"],
         &["graph", "-o", svg],
+        &["graph", "--depth", "8", "-o", svg],
         &["plan", "-o", svg],
         &["plan", "--train", "-o", svg],
     ];
