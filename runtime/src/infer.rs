@@ -132,8 +132,9 @@ fn context(args: &InferArgs, checked: &Checked) -> usize {
 
 /// Next-token logits for a growing sequence.
 trait Decoder {
-    /// Compiles what reading a prompt of `prompt` tokens and then decoding needs.
-    fn prepare(&mut self, _prompt: usize) -> Result<(), String> {
+    /// Compiles what reading a prompt of `prompt` tokens and then decoding
+    /// `new` more needs, so that no token waits for the compiler.
+    fn prepare(&mut self, _prompt: usize, _new: usize) -> Result<(), String> {
         Ok(())
     }
     /// Reads `new` (the tokens after those already read) and returns the
@@ -141,6 +142,16 @@ trait Decoder {
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String>;
     /// Seconds spent compiling programs so far.
     fn compile_seconds(&self) -> f64;
+}
+
+/// The lengths of the pieces `read` cuts `n` tokens into.
+fn chunk_sizes(n: usize, chunk: usize) -> Vec<usize> {
+    let mut sizes = vec![chunk; n / chunk];
+    if !n.is_multiple_of(chunk) {
+        sizes.push(n % chunk);
+    }
+    sizes.dedup();
+    sizes
 }
 
 /// KV-cached decoding: one program per number of new tokens (the prompt,
@@ -211,6 +222,11 @@ impl Cached {
         Cached { device, graph, feeds, caches, programs, len, vocab, held: 0, chunk, rolling, spare }
     }
 
+    /// How many of `tokens` a full cache starts over from.
+    fn restart(&self, tokens: usize) -> usize {
+        (self.len / 2).max(1).min(tokens)
+    }
+
     /// The program for `t` new tokens, compiled on first use.
     fn program(&mut self, t: usize) -> Result<(), String> {
         if !self.programs.contains_key(&t) {
@@ -271,9 +287,17 @@ impl Decoder for Cached {
         self.programs.values().map(Compiled::compile_seconds).sum()
     }
 
-    fn prepare(&mut self, prompt: usize) -> Result<(), String> {
-        self.program(prompt.min(self.len).min(self.chunk))?;
-        self.program(1)
+    fn prepare(&mut self, prompt: usize, new: usize) -> Result<(), String> {
+        // The prompt's chunks, then one token at a time.
+        let mut sizes = chunk_sizes(prompt.min(self.len), self.chunk);
+        sizes.push(1);
+        // A full cache starts over from the last half of the context
+        // (`next`): reading it takes programs of their own, which were
+        // compiled mid-generation before (36 ms of one token at tiny-gpt).
+        if !self.rolling && prompt + new > self.len {
+            sizes.extend(chunk_sizes(self.restart(prompt + new), self.chunk));
+        }
+        sizes.into_iter().filter(|t| *t > 0).try_for_each(|t| self.program(t))
     }
 
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String> {
@@ -284,7 +308,7 @@ impl Decoder for Cached {
             return Ok(logits);
         }
         // Full: start over from the most recent half of the context.
-        let keep = (self.len / 2).max(1).min(tokens.len());
+        let keep = self.restart(tokens.len());
         self.held = keep;
         self.read(&tokens[tokens.len() - keep..], 0)
     }
@@ -388,7 +412,7 @@ fn infer(args: &InferArgs) -> Result<(), ExitCode> {
         let _ = out.write_all(&tokenizer.decode(&tokens));
         let _ = out.flush();
     }
-    decoder.prepare(tokens.len()).map_err(|e| error(CODE, e))?;
+    decoder.prepare(tokens.len(), max_new).map_err(|e| error(CODE, e))?;
     let mut stream = Stream::new(&tokenizer);
     let started = Instant::now();
     let mut fresh = Vec::new();
