@@ -139,8 +139,9 @@ fn count(n: i64) -> String {
     }
 }
 
-/// One line of source text, shortened.
-fn clip(s: &str, n: usize) -> String {
+/// Text on one line (runs of white space as one), shortened to `n`
+/// characters with an ellipsis.
+pub fn clip(s: &str, n: usize) -> String {
     let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if s.chars().count() <= n { s } else { format!("{}…", s.chars().take(n - 1).collect::<String>()) }
 }
@@ -425,7 +426,8 @@ enum Item {
     Unit(usize),
 }
 
-fn escape(s: &str) -> String {
+/// Text as SVG character data or an attribute value.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 

@@ -8,6 +8,7 @@
 //! largest of those.
 
 use crate::backend::plan::{Below, Place, Plan};
+use crate::draw::escape;
 use crate::ir::graph::{Graph, NodeId, Origin};
 use crate::types::{Dim, Sizes};
 use std::collections::HashMap;
@@ -21,10 +22,6 @@ struct Rect {
     len: usize,
     layer: usize,
     label: String,
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// A colour per layer, hues spread by the golden angle.

@@ -314,7 +314,11 @@ pub fn finish() -> Result<Option<PathBuf>, String> {
     let width = lines.iter().take(25).map(|l| l.0.chars().count()).max().unwrap_or(4);
     eprintln!("{:>9} {:>6} {:>7}  {:<width$} code", "seconds", "%", "kernels", "line");
     for (line, code, seconds, kernels, share) in lines.iter().take(25) {
-        eprintln!("{seconds:>9.4} {:>5.1}% {kernels:>7}  {line:<width$} {}", 100.0 * share, clip(code, 70));
+        eprintln!(
+            "{seconds:>9.4} {:>5.1}% {kernels:>7}  {line:<width$} {}",
+            100.0 * share,
+            modelc::draw::clip(code, 70)
+        );
     }
     let shown: f64 = lines.iter().take(25).map(|l| l.2).sum();
     if lines.len() > 25 || kernel_seconds - shown > 0.0 {
@@ -331,10 +335,6 @@ pub fn finish() -> Result<Option<PathBuf>, String> {
         eprintln!("trace: the first {MAX_EVENTS} kernel runs only ({} more not written)", r.dropped);
     }
     Ok(Some(r.trace))
-}
-
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n - 1).collect::<String>()) }
 }
 
 /// The Chrome trace event format: complete events (`"ph": "X"`) in

@@ -575,7 +575,7 @@ impl Program {
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
         let timing = self.profile.is_some() || self.profile_id.is_some();
-        let run_started = std::time::Instant::now();
+        let run_started = self.profile_id.map(|_| std::time::Instant::now());
         for (k, (kernel, compiled)) in self.schedule.kernels.iter().zip(&self.kernels).enumerate() {
             let started = timing.then(std::time::Instant::now);
             let mut part_seconds = None;
@@ -616,8 +616,8 @@ impl Program {
                 crate::profile::record_kernel(id, self.first_leaf[k], t, part_seconds.as_deref());
             }
         }
-        if let Some(id) = self.profile_id {
-            crate::profile::record_run(id, run_started);
+        if let (Some(id), Some(t)) = (self.profile_id, run_started) {
+            crate::profile::record_run(id, t);
         }
         if !collecting {
             return Ok(());
