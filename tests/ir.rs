@@ -546,3 +546,51 @@ fn products_keep_their_spec_line_and_layer_through_autodiff_and_the_optimiser() 
         assert!(by_layer.iter().filter(|(p, _)| p.ends_with("_proj")).all(|(_, n)| *n >= 2), "{by_layer:?}");
     }
 }
+
+/// Recomputing far uses (`backend::remat`) keeps the training program's
+/// meaning, makes a copy of each MLP activation for its weight gradient,
+/// and lowers the planned peak.
+#[test]
+fn recomputing_activations_keeps_the_values_and_lowers_the_peak() {
+    let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
+    let (checked, g) = lower_text(&text, &sets(&[("layers", "3"), ("dim", "32"), ("heads", "2")]), true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let program = training_program(&g, &trainable, &TrainConfig::default()).unwrap();
+    let split = modelc::backend::split::split_reductions(&modelc::opt::optimized(&program));
+    let recomputed = modelc::backend::remat::recompute_far_uses(&split);
+    let gelus = |g: &modelc::ir::graph::Graph| {
+        g.nodes.iter().filter(|n| matches!(n.op, modelc::ir::graph::Op::Unary(modelc::ir::graph::Unary::Gelu))).count()
+    };
+    assert_eq!(gelus(&split), 3);
+    assert_eq!(gelus(&recomputed), 6, "one copy per layer's activation");
+    let mut rng = Rng(7);
+    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.1);
+    for p in &checked.params {
+        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
+        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
+        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
+    }
+    let ids: Vec<f64> = b"the cat sat on the mat. the cat sat".iter().take(32).map(|b| *b as f64).collect();
+    feeds.insert("input_ids".into(), Array::new(vec![2, 16], ids));
+    feeds.insert("lr".into(), Array::scalar(1e-3));
+    feeds.insert("step".into(), Array::scalar(1.0));
+    let (before, after) =
+        (run(&split, &feeds, Precision::F64).unwrap(), run(&recomputed, &feeds, Precision::F64).unwrap());
+    assert_eq!(before.len(), after.len());
+    for (name, value) in &before {
+        assert_eq!(value.data, after[name].data, "{name}");
+    }
+    let sizes: modelc::types::Sizes = [("B".to_string(), 16), ("T".to_string(), 128)].into();
+    let peak = |g: &modelc::ir::graph::Graph| {
+        let schedule = modelc::backend::schedule::schedule(g);
+        let plan = modelc::backend::plan::plan(
+            g,
+            &schedule,
+            &sizes,
+            modelc::backend::plan::Blocks::Buffered,
+            modelc::backend::plan::Inputs::Writable,
+        );
+        plan.unwrap().peak_bytes()
+    };
+    assert!(peak(&recomputed) < peak(&split), "{} vs {}", peak(&recomputed), peak(&split));
+}

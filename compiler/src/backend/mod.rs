@@ -1,5 +1,6 @@
 //! Backends: the kernel program every backend shares (`prepare`: split
-//! reductions -> schedule -> memory plan, assembled here only), Cranelift
+//! reductions -> recompute far uses -> schedule -> memory plan, assembled
+//! here only), Cranelift
 //! code generation for the CPU, and WGSL for the GPU. Neither code
 //! generator imports the other; both print `kernel::FusedSpec`s.
 
@@ -7,6 +8,7 @@ pub mod access;
 pub mod clif;
 pub mod kernel;
 pub mod plan;
+pub mod remat;
 pub mod rows;
 pub mod schedule;
 pub mod split;
@@ -39,7 +41,7 @@ pub struct KernelProgram {
 
 /// The kernel program of an (optimised) graph at the given sizes.
 pub fn prepare(graph: &Graph, sizes: &Sizes, target: Target) -> Result<KernelProgram, String> {
-    let graph = split::split_reductions(graph);
+    let graph = remat::recompute_far_uses(&split::split_reductions(graph));
     let schedule = schedule::schedule(&graph);
     let (blocks, inputs) = match target {
         Target::Cpu => (Blocks::Buffered, Inputs::Writable),
