@@ -811,6 +811,8 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     let rows = checked(&out);
     assert_eq!(rows.len(), 6, "{out}");
     assert_eq!(rows[0].0, rows[0].1, "the formula at the sizes given:\n{out}");
+    // tiny-gpt's 67 weights and their two moments, written over the old ones.
+    assert!(out.contains("\n201 inputs written where they lie, 9.91 MB held once"), "{out}");
     let text = std::fs::read_to_string(&svg).unwrap();
     let values = text.split(r#"<g id="values""#).nth(1).unwrap().split("</g>").next().unwrap();
     let rects: Vec<&str> = values.lines().filter(|l| l.starts_with("<rect")).collect();

@@ -494,6 +494,17 @@ fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
             (Err(e), _) | (_, Err(e)) => println!("  {:<22} {e}", at.join(", ")),
         }
     }
+    let written: usize = (kernels.graph.nodes.iter().zip(&kernels.plan.lens))
+        .filter(|(n, _)| matches!(&n.op, modelc::ir::graph::Op::Input(x) | modelc::ir::graph::Op::Param(x) if kernels.plan.written.contains(x)))
+        .map(|(_, len)| len * 4)
+        .sum();
+    if written > 0 {
+        println!(
+            "{} inputs written where they lie, {:.2} MB held once (new weights and optimiser state over the old, new cache rows into the cache)",
+            kernels.plan.written.len(),
+            written as f64 / 1e6
+        );
+    }
     eprintln!("wrote {}", output.display());
     ExitCode::SUCCESS
 }

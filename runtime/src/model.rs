@@ -220,6 +220,15 @@ impl Compiled {
         }
     }
 
+    /// The inputs the program writes where they lie, which `run_state`
+    /// takes apart from the feeds (none on the GPU).
+    pub fn state(&self) -> &[String] {
+        match self {
+            Compiled::Cpu(p) => p.state(),
+            Compiled::Gpu(_) => &[],
+        }
+    }
+
     /// `run_into` with the inputs the CPU program writes in place given
     /// apart (`Program::run_state`); elsewhere `state` is empty and every
     /// input is in `feeds`.

@@ -21,6 +21,7 @@ use modelc::ir::graph::Graph;
 use modelc::ir::signature::Role;
 use modelc::ir::train::{Optimizer, TrainConfig, gradient_program, state_names, training_program, update_program};
 use modelc::types::TensorTy;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -367,9 +368,20 @@ struct Outcome {
     metrics: Vec<(String, Tensor)>,
     /// Whether every weight the step updated is finite.
     weights_finite: bool,
+    /// Whether the state is still the one from before a step that failed:
+    /// not when weights it wrote over in place overflowed.
+    kept: bool,
 }
 
 impl Step {
+    /// The weights and optimiser state the step writes over in place.
+    fn written(&self) -> &[String] {
+        match self {
+            Step::Fused(p) => p.state(),
+            Step::Accumulated { update, .. } => update.state(),
+        }
+    }
+
     /// Runs one step on `batches`; `state` becomes the updated weights and
     /// optimiser state. `spare` holds buffers for the outputs: the tensors the
     /// update replaced go back into it for the next step.
@@ -406,14 +418,17 @@ impl Step {
         metrics.sort_by(|a, b| a.0.cmp(&b.0));
         // A finite step can still produce non-finite weights (a learning rate
         // of 1e30): they would be saved as the state before the next step.
-        let updated_finite = out
-            .iter()
-            .filter(|(n, _)| matches!(Role::of(n), Role::Updated(_)))
-            .all(|(_, t)| t.data.iter().all(|v| v.is_finite()));
+        // (A step whose loss or gradients are not finite left the weights as
+        // they were; these overflowed from finite gradients: --lr 1e38.)
+        let finite = |t: &Tensor| t.data.par_chunks(1 << 16).all(|c| c.iter().all(|v| v.is_finite()));
+        let updated_finite =
+            out.iter().filter(|(n, _)| matches!(Role::of(n), Role::Updated(_))).all(|(_, t)| finite(t))
+                && self.written().iter().filter(|n| matches!(Role::of(n), Role::Plain(_))).all(|n| finite(&feeds[n]));
         if !loss.is_finite() || !grad_norm.is_finite() || !updated_finite {
             // Keep the weights from before the step, for the report and the saved state.
             *state = feeds;
-            return Ok(Outcome { loss, grad_norm, metrics, weights_finite: updated_finite });
+            let kept = updated_finite || self.written().is_empty();
+            return Ok(Outcome { loss, grad_norm, metrics, weights_finite: updated_finite, kept });
         }
         for (name, value) in out {
             let replaced = match Role::of(&name) {
@@ -426,7 +441,7 @@ impl Step {
             }
         }
         *state = feeds;
-        Ok(Outcome { loss, grad_norm, metrics, weights_finite: true })
+        Ok(Outcome { loss, grad_norm, metrics, weights_finite: true, kept: true })
     }
 
     fn outputs(
@@ -439,7 +454,7 @@ impl Step {
             Step::Fused(p) => {
                 feeds.extend(batches.into_iter().next().expect("one batch"));
                 let mut out = std::mem::take(spare);
-                p.run_into(feeds, &mut out)?;
+                run_writing_state(p, feeds, &mut out)?;
                 let loss = out["loss"].data[0] as f64;
                 Ok((out, loss))
             }
@@ -471,13 +486,27 @@ impl Step {
                 let metrics: Tensors = sum.extract_if(|name, _| matches!(Role::of(name), Role::Metric(_))).collect();
                 feeds.extend(sum);
                 let mut out = std::mem::take(spare);
-                update.run_into(feeds, &mut out)?;
+                if loss.is_finite() {
+                    run_writing_state(update, feeds, &mut out)?;
+                } else {
+                    // The update is not run: the state stays as it was (see `ir::train::update`).
+                    out.insert("grad_norm".into(), Tensor::new(vec![], vec![f32::NAN]));
+                }
                 out.extend(metrics);
                 feeds.retain(|k, _| !matches!(Role::of(k), Role::Gradient(_)));
                 Ok((out, loss))
             }
         }
     }
+}
+
+/// Runs `program` with the weights and optimiser state it writes over
+/// (`Compiled::state`) handed over apart from the other feeds, and put back.
+fn run_writing_state(program: &Compiled, feeds: &mut Tensors, out: &mut Tensors) -> Result<(), String> {
+    let mut state: Tensors = program.state().iter().filter_map(|name| feeds.remove_entry(name)).collect();
+    let result = program.run_state(feeds, &mut state, out);
+    feeds.extend(state);
+    result
 }
 
 pub fn run(args: &TrainArgs) -> ExitCode {
@@ -530,7 +559,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     eval_graph.outputs.retain(|(n, _)| n == "loss" || (masking.is_some() && n == "logits"));
     let eval_graph = optimized(&eval_graph);
 
-    let mut state = initial_state(args, &checked, &s)?;
+    let mut state = initial_state(args, &checked, &s, device)?;
     let mut first_step = 1;
     let mut best = f64::INFINITY;
     if let Some(dir) = &args.resume {
@@ -589,12 +618,16 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             .map_err(|e| usage(format!("step {step}: {e}")))?;
         let loss = outcome.loss;
         if !loss.is_finite() || !outcome.grad_norm.is_finite() || !outcome.weights_finite {
-            let _ = save_state(&state, step - 1, best);
             let (what, culprit) = divergence(args, &train_fwd, &trainable, &state, &first, step, &outcome);
-            return Err(usage(format!(
-                "step {step}: {what}; {culprit}. The state before this step is in {}; lower --lr or set --clip",
-                args.out.join("state.safetensors").display()
-            )));
+            let path = args.out.join("state.safetensors");
+            let kept = if outcome.kept {
+                let _ = save_state(&state, step - 1, best);
+                format!("The state before this step is in {}", path.display())
+            } else {
+                // Written over in place by this step: the last checkpoint is what is left.
+                format!("The state of the last checkpoint, if any, is in {}", path.display())
+            };
+            return Err(usage(format!("step {step}: {what}; {culprit}. {kept}; lower --lr or set --clip")));
         }
         let step_seconds = step_started.elapsed().as_secs_f64();
         crate::profile::span("training step", step_started);
@@ -665,17 +698,25 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
 }
 
 /// Fresh weights from the spec's initialisers (or `--weights`), and zeroed optimiser state.
-fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Tensors, ExitCode> {
-    // A trainable weight and its optimiser state are held twice: passed in,
-    // and the step's new values (gradients are part of the program's plan,
-    // checked when it compiles).
-    let copies = 2 * (1 + state_names(&s.config.optimizer, "").len()) as u64;
+fn initial_state(
+    args: &TrainArgs,
+    checked: &Checked,
+    s: &Settings,
+    device: crate::model::Device,
+) -> Result<Tensors, ExitCode> {
+    // A trainable weight and its optimiser state are held once on the CPU
+    // (the step writes the new values over the old), twice on the GPU
+    // (passed in, and read back); gradients are part of the program's plan,
+    // checked when it compiles.
+    let held = if device == crate::model::Device::Cpu { 1 } else { 2 };
+    let copies = held * (1 + state_names(&s.config.optimizer, "").len()) as u64;
     let items: Vec<(String, u64)> = (checked.params.iter())
         .map(|p| {
             let bytes = (p.count() as u64).saturating_mul(4);
             let shape = format!("{:?}", p.shape);
             if p.trainable {
-                (format!("`{}` {shape}, with its optimiser state, twice", p.name), bytes.saturating_mul(copies))
+                let times = if held == 1 { "" } else { ", twice" };
+                (format!("`{}` {shape}, with its optimiser state{times}", p.name), bytes.saturating_mul(copies))
             } else {
                 (format!("`{}` {shape}", p.name), bytes)
             }
@@ -683,7 +724,8 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
         .collect();
     crate::memory::ensure_available("the weights and optimiser state", crate::memory::total(&items), &items)
         .map_err(usage)?;
-    let fresh = weights::init(&checked.params, &mut Rng::new(s.seed));
+    // Random weights only where the file does not give them (adapters, or no file).
+    let fresh = || weights::init(&checked.params, &mut Rng::new(s.seed));
     let mut state = match (&args.weights, &args.model.adapter) {
         (Some(w), Some(a)) => weights::load_model(w, Some(a), &checked.params)
             .and_then(|w| weights::unpacked(w, "training"))
@@ -693,6 +735,7 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
             // initialised; DoRA's magnitude starts at the base rows' norms (W' = W).
             let base: Vec<_> = checked.params.iter().filter(|p| !weights::is_adapter(&p.name)).cloned().collect();
             let mut state = weights::load(w, &base).and_then(|w| weights::unpacked(w, "training")).map_err(usage)?;
+            let fresh = fresh();
             for p in checked.params.iter().filter(|p| weights::is_adapter(&p.name)) {
                 let mut t = fresh[&p.name].clone();
                 if let Some(layer) = p.name.strip_suffix(".lora_magnitude_vector") {
@@ -707,7 +750,7 @@ fn initial_state(args: &TrainArgs, checked: &Checked, s: &Settings) -> Result<Te
         (Some(w), None) => {
             weights::load(w, &checked.params).and_then(|w| weights::unpacked(w, "training")).map_err(usage)?
         }
-        (None, _) => fresh,
+        (None, _) => fresh(),
     };
     for p in checked.params.iter().filter(|p| p.trainable) {
         for n in state_names(&s.config.optimizer, &p.name) {
@@ -1020,14 +1063,17 @@ impl Checkpoints {
     fn save_state(&self, state: &Tensors, step: usize, best: f64) -> Result<(), String> {
         let meta = HashMap::from([("step".to_string(), step.to_string()), ("best_eval".to_string(), best.to_string())]);
         let saved = |k: &str| Role::of(k).is_optimizer_state() || self.trainable.iter().any(|t| t == k);
-        let kept: Tensors = state.iter().filter(|(k, _)| saved(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        weights::save_with(&self.out.join("state.safetensors"), &kept, Some(meta))
+        weights::save_with(&self.out.join("state.safetensors"), state.iter().filter(|(k, _)| saved(k)), Some(meta))
     }
 
     fn save_model(&self, state: &Tensors) -> Result<(), String> {
         match &self.adapter {
             Some(cfg) => weights::save_adapter(&self.out, state, cfg, "CAUSAL_LM"),
-            None => weights::save(&self.out.join("model.safetensors"), &weights_of(state)),
+            None => weights::save_with(
+                &self.out.join("model.safetensors"),
+                state.iter().filter(|(k, _)| !Role::of(k).is_optimizer_state()),
+                None,
+            ),
         }
     }
 

@@ -11,6 +11,7 @@
 use super::kernel::Kernel;
 use super::schedule::Schedule;
 use crate::ir::graph::*;
+use crate::ir::signature::Role;
 use crate::types::{Sizes, eval_dim};
 
 /// Where a value lives.
@@ -53,7 +54,9 @@ pub enum Inputs {
     /// input where it lies (the caller hands it over to be written: a
     /// decoder's key/value cache), instead of copying it first; and an
     /// output that a fused kernel computes and nothing else reads is written
-    /// into the caller's buffer for it (`Place::Output`).
+    /// into the caller's buffer for it (`Place::Output`), or over the input
+    /// it replaces when that input is dead by then (a training step's new
+    /// weights and optimiser state: `Role::replaces`).
     Writable,
 }
 
@@ -85,6 +88,10 @@ pub struct Plan {
     /// For each arena value, what its offset is: so the offsets, and the
     /// peak, can be written in the symbolic sizes (`modelc plan`).
     pub below: Vec<Below>,
+    /// The inputs the program writes where they lie (`Inputs::Writable`):
+    /// caches a `WriteRows` writes its rows into, and training state an
+    /// output replaces (`Role::replaces`). The caller hands them over.
+    pub written: Vec<String>,
 }
 
 /// Where an arena value starts, as the allocator chose it.
@@ -238,6 +245,16 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
         let st = storage(*o, &places);
         last[st.index()] = usize::MAX;
     }
+    let mut written: Vec<String> = (g.nodes.iter().enumerate())
+        .filter(|(i, node)| matches!(node.op, Op::WriteRows) && places[*i] == Place::Alias(node.args[0]))
+        .filter_map(|(_, node)| match &g.node(node.args[0]).op {
+            Op::Input(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    if inputs == Inputs::Writable {
+        written.extend(write_over_replaced(g, &steps, &lens, &mut places, &mut last));
+    }
     // A group's value that an elementwise part writing to the arena would
     // write over in place (below) stays in the arena: softmax's exp(x - max)
     // is then written where the output goes, and the division by the sum
@@ -358,11 +375,73 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
     }
     let end = steps.len().saturating_sub(1);
     let live = def.iter().zip(&last).map(|(d, l)| (*d != usize::MAX).then(|| (*d, (*l).min(end)))).collect();
-    let mut plan = Plan { places, arena_len, lens, block_len: 0, live, below };
+    let mut plan = Plan { places, arena_len, lens, block_len: 0, live, below, written };
     for (parts, rows, len) in groups {
         plan.block_len = plan.block_len.max(super::rows::block_rows(g, parts, rows, len) * plan.block_row(parts));
     }
     Ok(plan)
+}
+
+/// Places each output that replaces an input (`Role::replaces`: a training
+/// step's new weight or optimiser state) over that input, where the kernel
+/// making it is elementwise and stands alone, reads the input (if at all)
+/// only at the element it writes, and no later kernel reads the input: the
+/// caller then keeps one copy of the training state instead of two. Returns
+/// the inputs written so.
+fn write_over_replaced(
+    g: &Graph,
+    steps: &[(&Kernel, Group)],
+    lens: &[usize],
+    places: &mut [Place],
+    last: &mut [usize],
+) -> Vec<String> {
+    let inputs: std::collections::HashMap<&str, NodeId> = (g.nodes.iter().enumerate())
+        .filter_map(|(i, n)| match &n.op {
+            Op::Input(name) | Op::Param(name) => Some((name.as_str(), NodeId(i as u32))),
+            _ => None,
+        })
+        .collect();
+    let mut written = Vec::new();
+    for (time, (kernel, group)) in steps.iter().enumerate() {
+        let Kernel::Fused { .. } = kernel else { continue };
+        let out = kernel.output();
+        let named: Vec<&String> = g.outputs.iter().filter(|(_, o)| *o == out).map(|(name, _)| name).collect();
+        let [name] = named.as_slice() else { continue };
+        let Some(&input) = Role::of(name).replaces().and_then(|r| inputs.get(r.as_str())) else { continue };
+        let views_of_input = |n: &NodeId| {
+            let mut at = *n;
+            while let Place::Alias(of) | Place::Window { of, .. } = places[at.index()] {
+                at = of;
+            }
+            at == input
+        };
+        // A row group runs its parts block of rows by block: the parts up to
+        // this one may read the input only at the rows of the block (fused,
+        // elementwise over its shape), which are written after they read them.
+        let elementwise = steps[group.start..=time].iter().all(|(k, _)| match k {
+            Kernel::Fused { inputs: reads, .. } => {
+                reads.iter().filter(|r| views_of_input(r)).all(|r| lens[r.index()] == lens[out.index()])
+            }
+            k => !k.reads(g).iter().any(views_of_input),
+        });
+        if lens[input.index()] == lens[out.index()]
+            && elementwise
+            && last[input.index()] <= time
+            && matches!(places[out.index()], Place::Output(_) | Place::None)
+        {
+            places[out.index()] = Place::Alias(input);
+            last[input.index()] = last[input.index()].max(last[out.index()]);
+            written.push(name_of(g, input));
+        }
+    }
+    written
+}
+
+fn name_of(g: &Graph, n: NodeId) -> String {
+    match &g.node(n).op {
+        Op::Input(name) | Op::Param(name) => name.clone(),
+        _ => unreachable!("bug: {n} is not an input"),
+    }
 }
 
 /// A kernel's row group (a kernel of its own is a group of one, `rows` 0).

@@ -101,6 +101,18 @@ impl<'a> Role<'a> {
         }
     }
 
+    /// The input whose next value an output of this name is: a training
+    /// step's new weight replaces the weight, new optimiser state the state
+    /// of the same name. A program may write such an output over that input
+    /// (`backend::plan`): the caller keeps one copy of the training state.
+    pub fn replaces(&self) -> Option<String> {
+        match *self {
+            Role::Updated(w) => Some(w.to_string()),
+            ref state if state.is_optimizer_state() => Some(state.name()),
+            _ => None,
+        }
+    }
+
     /// The input a cache output is written back to (`None` for other roles).
     pub fn cache_input(&self) -> Option<String> {
         match *self {

@@ -49,7 +49,8 @@ pub fn state_names(opt: &Optimizer, param: &str) -> Vec<String> {
 pub fn training_program(forward: &Graph, trainable: &[String], cfg: &TrainConfig) -> Option<Graph> {
     let mut g = forward.clone();
     let (params, grads) = gradients(&mut g, trainable)?;
-    update(&mut g, &params, grads, cfg);
+    let loss = g.output("loss");
+    update(&mut g, &params, grads, loss, cfg);
     super::verify::after("the training program", &g);
     Some(g)
 }
@@ -72,7 +73,7 @@ pub fn update_program(params: &[(String, TensorTy)], cfg: &TrainConfig) -> Graph
     let mut g = Graph::default();
     let ids: Vec<(String, NodeId)> = params.iter().map(|(n, ty)| (n.clone(), g.param(n, ty.clone()))).collect();
     let grads = params.iter().map(|(n, ty)| g.input(&Role::Gradient(n).name(), ty.clone())).collect();
-    update(&mut g, &ids, grads, cfg);
+    update(&mut g, &ids, grads, None, cfg);
     super::verify::after("the update program", &g);
     g
 }
@@ -92,8 +93,13 @@ fn gradients(g: &mut Graph, trainable: &[String]) -> Option<Grads> {
     Some((params, grads))
 }
 
-/// Global-norm clipping and the optimiser's update of each parameter.
-fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cfg: &TrainConfig) {
+/// Global-norm clipping and the optimiser's update of each parameter. A
+/// step whose gradients' norm (or `loss`) is not finite leaves every weight
+/// and every optimiser state as it was: the CPU writes the new values over
+/// the old ones, so that is how the caller keeps the state before a
+/// diverging step. (The gate makes every update wait for the norm, so all
+/// gradients are live at once, as with clipping.)
+fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, loss: Option<NodeId>, cfg: &TrainConfig) {
     // Global norm, and clipping by it.
     let mut total = g.constant(0.0, DType::F32);
     for gr in &grads {
@@ -114,6 +120,23 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
         }
     }
     g.outputs.push(("grad_norm".into(), norm));
+    let finite = |g: &mut Graph, x: NodeId| {
+        let magnitude = g.unary(Unary::Abs, x);
+        let max = g.constant(f32::MAX as f64, DType::F32);
+        g.binary(Binary::Le, magnitude, max)
+    };
+    let mut ok = finite(g, norm);
+    if let Some(loss) = loss {
+        let loss_ok = finite(g, loss);
+        ok = g.binary(Binary::And, ok, loss_ok);
+    }
+    // The gated value is the output, and what the weight's update reads: a
+    // moment's kernel then makes it alone (one store, over the old moment).
+    let keep = |g: &mut Graph, name: String, new: NodeId, old: NodeId| {
+        let kept = g.select(ok, new, old);
+        g.outputs.push((name, kept));
+        kept
+    };
 
     let lr = g.input("lr", TensorTy::scalar(DType::F32));
     let step = g.input("step", TensorTy::scalar(DType::F32));
@@ -126,10 +149,12 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
                 let m1 = g.scale(m, beta1);
                 let gm = g.scale(gr, 1.0 - beta1);
                 let m_new = g.add(m1, gm);
+                let m_new = keep(g, Role::FirstMoment(name).name(), m_new, m);
                 let v1 = g.scale(v, beta2);
                 let g2 = g.mul(gr, gr);
                 let gv = g.scale(g2, 1.0 - beta2);
                 let v_new = g.add(v1, gv);
+                let v_new = keep(g, Role::SecondMoment(name).name(), v_new, v);
                 // Bias corrections 1 - beta^step.
                 let b1 = g.constant(beta1, DType::F32);
                 let b1t = g.binary(Binary::Pow, b1, step);
@@ -150,9 +175,7 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
                 }
                 let delta = g.mul(update, lr);
                 let p_new = g.sub(*p, delta);
-                g.outputs.push((Role::Updated(name).name(), p_new));
-                g.outputs.push((Role::FirstMoment(name).name(), m_new));
-                g.outputs.push((Role::SecondMoment(name).name(), v_new));
+                keep(g, Role::Updated(name).name(), p_new, *p);
             }
             Optimizer::Sgd { momentum, weight_decay } => {
                 let mut d = gr;
@@ -163,10 +186,10 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, cf
                 let buf = g.input(&Role::Momentum(name).name(), ty.clone());
                 let b = g.scale(buf, momentum);
                 let buf_new = g.add(b, d);
+                let buf_new = keep(g, Role::Momentum(name).name(), buf_new, buf);
                 let delta = g.mul(buf_new, lr);
                 let p_new = g.sub(*p, delta);
-                g.outputs.push((Role::Updated(name).name(), p_new));
-                g.outputs.push((Role::Momentum(name).name(), buf_new));
+                keep(g, Role::Updated(name).name(), p_new, *p);
             }
         }
     }

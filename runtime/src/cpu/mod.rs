@@ -454,14 +454,7 @@ impl Program {
                 Some(first)
             })
             .collect();
-        // Inputs a cache write writes where they lie.
-        let state = (graph.nodes.iter().enumerate())
-            .filter(|(i, n)| matches!(n.op, Op::WriteRows) && plan.places[*i] == Place::Alias(n.args[0]))
-            .filter_map(|(_, n)| match &graph.node(n.args[0]).op {
-                Op::Input(name) => Some(name.clone()),
-                _ => None,
-            })
-            .collect();
+        let state = plan.written.clone();
         Ok(Program {
             graph,
             schedule,
@@ -511,7 +504,22 @@ impl Program {
         feeds: &HashMap<String, Tensor>,
         outputs: &mut HashMap<String, Tensor>,
     ) -> Result<(), String> {
-        self.run_with(Given::new(feeds, None), Some(outputs))
+        if self.state.is_empty() {
+            return self.run_with(Given::new(feeds, None), Some(outputs));
+        }
+        // Inputs the program writes in place, not handed over (`run_state`):
+        // written on copies, which come back as the outputs that replace them.
+        let mut state: HashMap<String, Tensor> =
+            self.state.iter().filter_map(|n| feeds.get(n).map(|t| (n.clone(), t.clone()))).collect();
+        self.run_with(Given::new(feeds, Some(&mut state)), Some(outputs))?;
+        for (name, id) in &self.graph.outputs {
+            if let Place::External(input) = self.plan.resolve(*id)
+                && let Some(t) = state.get(&input)
+            {
+                outputs.insert(name.clone(), t.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Runs the kernels only, leaving the outputs in the arena (for benchmarks
@@ -521,9 +529,12 @@ impl Program {
     }
 
     /// `run_into`, with the inputs the program writes in place (`state`:
-    /// every key/value cache a `WriteRows` writes its new rows into) handed
-    /// over in `state` rather than `feeds`: a decoder keeps its caches
-    /// there, written token by token and never copied.
+    /// every key/value cache a `WriteRows` writes its new rows into, every
+    /// weight and optimiser state a training step's update writes over)
+    /// handed over in `state` rather than `feeds`: a decoder keeps its
+    /// caches there, written token by token and never copied, and a
+    /// training loop its one copy of the weights and moments. An output
+    /// written over an input is not in `outputs`: its value is in `state`.
     pub fn run_state(
         &self,
         feeds: &HashMap<String, Tensor>,
@@ -540,7 +551,7 @@ impl Program {
 
     fn run_with(&self, feeds: Given, collect: Option<&mut HashMap<String, Tensor>>) -> Result<(), String> {
         if let Some(missing) = self.state.iter().find(|n| !feeds.state.contains_key(n.as_str())) {
-            return Err(format!("`{missing}` is written in place: give it to run_state as state"));
+            return Err(format!("`{missing}` is written in place and was not given: give it to run_state as state"));
         }
         if rayon::current_thread_index().is_none() {
             // On one of the pool's threads: a parallel section then starts
@@ -624,8 +635,11 @@ impl Program {
         }
         let outputs = collect;
         for (name, id) in &self.graph.outputs {
-            if let Place::Output(_) = self.plan.places[id.index()] {
-                continue;
+            // Written where the caller keeps it, or over the input it replaces (in the state).
+            match self.plan.resolve(*id) {
+                Place::Output(_) => continue,
+                Place::External(input) if self.state.contains(&input) => continue,
+                _ => {}
             }
             let shape = self.shape(*id)?;
             let value = self.read(*id, arena, feeds);
