@@ -354,6 +354,25 @@ fn a_diverging_step_keeps_the_last_finite_state() {
 }
 
 #[test]
+fn weights_that_overflow_from_finite_gradients_are_reported_and_not_saved() {
+    // The step writes the new weights over the old ones: when they overflow
+    // (a learning rate near f32's largest value, from the first step), the
+    // run says so and saves none of them.
+    let dir = scratch("overflow");
+    let out = dir.join("run");
+    let mut args = train_args(&dir, &out);
+    args.extend(["--lr", "3.4e38", "--warmup", "0"].map(String::from));
+    let (code, err) = run_train(&args);
+    assert_eq!(code, 1, "{err}");
+    // The message as one line, whatever width the diagnostic was wrapped to.
+    let flat = err.split_whitespace().filter(|w| *w != "│").collect::<Vec<_>>().join(" ");
+    assert!(flat.contains("step 1: the updated weights are not finite"), "{err}");
+    assert!(flat.contains("no checkpoint was saved before this step"), "{err}");
+    assert!(!out.join("state.safetensors").exists() && !out.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn flags_out_of_range_are_refused_with_the_range() {
     let dir = scratch("flags");
     let data = dir.join("data.txt");

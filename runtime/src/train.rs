@@ -623,9 +623,11 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
             let kept = if outcome.kept {
                 let _ = save_state(&state, step - 1, best);
                 format!("The state before this step is in {}", path.display())
-            } else {
+            } else if path.exists() {
                 // Written over in place by this step: the last checkpoint is what is left.
-                format!("The state of the last checkpoint, if any, is in {}", path.display())
+                format!("The weights were written over; the last checkpoint's state is in {}", path.display())
+            } else {
+                "The weights were written over, and no checkpoint was saved before this step".to_string()
             };
             return Err(usage(format!("step {step}: {what}; {culprit}. {kept}; lower --lr or set --clip")));
         }
