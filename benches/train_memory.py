@@ -36,7 +36,10 @@ SHAPES = {
         ),
     ),
     "GPT-2 124M": dict(spec="specs/gpt2.model", batch=4, seq=128, family="gpt2", config=dict()),
+    # A real context, only when asked for (--shape "GPT-2 124M 8x1024"): ~1 min a step.
+    "GPT-2 124M 8x1024": dict(spec="specs/gpt2.model", batch=8, seq=1024, family="gpt2", config=dict()),
 }
+DEFAULT_SHAPES = ["stories15M", "GPT-2 124M"]
 
 # The PyTorch side, run in a process of its own so that its peak is its own.
 TORCH_STEPS = r"""
@@ -45,7 +48,7 @@ from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
 run, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
-model = AutoModelForCausalLM.from_pretrained(run, torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
 model.train()
 ids = load_file(run + "/batch.safetensors")["input_ids"].long()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -73,7 +76,11 @@ def run_measured(cmd, cwd):
         os.execvp(cmd[0], cmd)
     _, status, usage = os.wait4(pid, 0)
     text = (pathlib.Path(cwd) / ".measured.log").read_text()
-    if os.waitstatus_to_exitcode(status) != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code == -9:
+        # The kernel's OOM killer: the peak is at least what it had reached.
+        return None, usage.ru_maxrss * 1024
+    if code != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{text}")
     return text, usage.ru_maxrss * 1024
 
@@ -87,6 +94,8 @@ def modelc_run(run, shape, steps, threads):
         "--threads", str(threads), "--checkpoint-every", "0",
         "--overwrite", "--out", str(out),
     ], run)
+    if text is None:
+        sys.exit(f"modelc was killed for memory at {peak / MIB:.0f} MiB")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lines = [line for line in lines if "loss" in line]
     return peak, statistics.median(line["seconds"] for line in lines[1:]), [line["loss"] for line in lines]
@@ -94,6 +103,9 @@ def modelc_run(run, shape, steps, threads):
 
 def torch_run(run, steps, threads):
     text, peak = run_measured([sys.executable, "-c", TORCH_STEPS, str(run), str(steps), str(threads)], run)
+    if text is None:
+        print(f"  PyTorch was killed for memory at {peak / MIB:.0f} MiB")
+        return peak, float("nan"), []
     result = json.loads(text.strip().splitlines()[-1])
     return peak, statistics.median(result["seconds"][1:]), result["losses"]
 
@@ -130,10 +142,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--shape", choices=list(SHAPES), action="append")
+    parser.add_argument("--shape", choices=list(SHAPES), action="append", help="default: " + ", ".join(DEFAULT_SHAPES))
     args = parser.parse_args()
     rows = []
-    for name in args.shape or list(SHAPES):
+    for name in args.shape or DEFAULT_SHAPES:
         shape = SHAPES[name]
         with tempfile.TemporaryDirectory() as tmp:
             run = pathlib.Path(tmp)
@@ -153,10 +165,10 @@ def main():
               f"PyTorch {[round(p / MIB) for p, _, _ in theirs]}")
         print(f"  losses         modelc {ours[0][2]}\n                 PyTorch {theirs[0][2]}")
         rows.append((name, m_peak / MIB, t_peak / MIB, m_step, t_step, plan))
-    print(f"\n{'shape':14}{'modelc MiB':>12}{'PyTorch MiB':>13}{'ratio':>8}{'plan MB':>10}"
+    print(f"\n{'shape':19}{'modelc MiB':>12}{'PyTorch MiB':>13}{'ratio':>8}{'plan MB':>10}"
           f"{'modelc s':>10}{'PyTorch s':>11}")
     for name, m, t, ms, ts, plan in rows:
-        print(f"{name:14}{m:>12.0f}{t:>13.0f}{m / t:>7.2f}x{plan:>10.1f}{ms:>10.3f}{ts:>11.3f}")
+        print(f"{name:19}{m:>12.0f}{t:>13.0f}{m / t:>7.2f}x{plan:>10.1f}{ms:>10.3f}{ts:>11.3f}")
 
 
 if __name__ == "__main__":
