@@ -383,11 +383,11 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
 }
 
 /// Places each output that replaces an input (`Role::replaces`: a training
-/// step's new weight or optimiser state) over that input, where the kernel
-/// making it is elementwise and stands alone, reads the input (if at all)
-/// only at the element it writes, and no later kernel reads the input: the
-/// caller then keeps one copy of the training state instead of two. Returns
-/// the inputs written so.
+/// step's new weight or optimiser state) over that input, where the fused
+/// kernel making it (alone or as a row group's part) and the group's parts
+/// before it read the input only at the elements they write, and no later
+/// kernel reads it: the caller then keeps one copy of the training state
+/// instead of two. Returns the inputs written so.
 fn write_over_replaced(
     g: &Graph,
     steps: &[(&Kernel, Group)],
@@ -454,11 +454,11 @@ struct Group {
 
 /// Where `len` elements go among the `live` ranges, in an arena of `size`
 /// so far: the start of the smallest gap they fit in (best fit, the space
-/// after the last range up to `size` counting as a gap), else past the
-/// last range (as for a gap far larger than the value). First fit put a row's loss in the gap a freed logit-sized
-/// tensor left, and the logits' gradient then went above everything.
-/// Also returns the value whose range ends where the chosen one starts
-/// (`None` at the arena's start).
+/// after the last range up to `size` counting as a gap), else past the last
+/// range (as for a gap far larger than the value). First fit put a row's
+/// loss in the gap a freed logit-sized tensor left, and the logits'
+/// gradient then went above everything. Also returns the value whose range
+/// ends where the chosen one starts (`None` at the arena's start).
 fn fit(live: &mut [(usize, usize, usize, NodeId)], len: usize, size: usize) -> (usize, Option<NodeId>) {
     live.sort();
     let mut at = (0, None);
