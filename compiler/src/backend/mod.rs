@@ -1,12 +1,12 @@
 //! Backends: the kernel program every backend shares (`prepare`: split
-//! reductions -> recompute far uses -> schedule -> memory plan, assembled
-//! here only), Cranelift
-//! code generation for the CPU, and WGSL for the GPU. Neither code
+//! reductions -> recompute far uses -> order to free memory early ->
+//! schedule -> memory plan, assembled here only), Cranelift code generation for the CPU, and WGSL for the GPU. Neither code
 //! generator imports the other; both print `kernel::FusedSpec`s.
 
 pub mod access;
 pub mod clif;
 pub mod kernel;
+pub mod order;
 pub mod plan;
 pub mod remat;
 pub mod rows;
@@ -42,6 +42,7 @@ pub struct KernelProgram {
 /// The kernel program of an (optimised) graph at the given sizes.
 pub fn prepare(graph: &Graph, sizes: &Sizes, target: Target) -> Result<KernelProgram, String> {
     let graph = remat::recompute_far_uses(&split::split_reductions(graph));
+    let graph = order::free_early(&graph, sizes);
     let schedule = schedule::schedule(&graph);
     let (blocks, inputs) = match target {
         Target::Cpu => (Blocks::Buffered, Inputs::Writable),

@@ -549,11 +549,42 @@ impl Lowering {
         }
     }
 
+    /// Logits sliced along an axis before the classes (`logits[:, :-1]`
+    /// against `input_ids[:, 1:]`) as the whole logits against targets
+    /// padded with `ignore`: the same loss, whose gradient then has the
+    /// logits' own shape instead of being the sliced gradient concatenated
+    /// with rows of zeros, so that it can be written over the logits.
+    fn unsliced(&mut self, logits: NodeId, targets: NodeId, ignore: i64) -> (NodeId, NodeId) {
+        let node = self.g.node(logits);
+        let Op::Slice { axis, ref start, ref end } = node.op else { return (logits, targets) };
+        let (source, start, end) = (node.args[0], start.clone(), end.clone());
+        if axis + 1 >= self.g.ty(logits).rank() {
+            return (logits, targets);
+        }
+        let fill = |g: &mut Graph, len: Dim| {
+            let mut dims = g.dims(targets).to_vec();
+            dims[axis] = len;
+            let c = g.constant(ignore as f64, DType::Int);
+            g.broadcast(c, &dims)
+        };
+        let mut parts = Vec::new();
+        if start.as_const() != Some(0) {
+            parts.push(fill(&mut self.g, start));
+        }
+        parts.push(targets);
+        let after = self.g.dims(source)[axis].sub(&end);
+        if after.as_const() != Some(0) {
+            parts.push(fill(&mut self.g, after));
+        }
+        (source, self.g.concat(&parts, axis))
+    }
+
     /// Mean negative log-likelihood over targets that are not `ignore`, as
     /// logsumexp(logits) - logits[target]. The backward pass then needs only
     /// exp(logits - max) and its sum (the softmax), not a stored log-softmax
     /// as well: one tensor of the logits' size less to write and read.
     fn cross_entropy(&mut self, logits: NodeId, targets: NodeId, ignore: i64) -> NodeId {
+        let (logits, targets) = self.unsliced(logits, targets, ignore);
         let rank = self.g.ty(logits).rank();
         let classes = self.g.dims(logits)[rank - 1].clone();
         let m = self.g.stable_shift(logits, rank - 1);

@@ -1,0 +1,124 @@
+//! Memory-aware order: a node that is the last reader of values larger than
+//! its own output runs as soon as its inputs are made, not where the
+//! optimiser's extraction happened to put it. A training program's weight
+//! gradients are the case that matters: extraction emits them at the end,
+//! after the whole backward pass (they feed the gradient norm, which every
+//! update reads), so each one kept its layer's activation and output
+//! gradient alive through all the layers after it, the logits' gradient
+//! among them. Run as soon as they can, each frees those and holds only a
+//! weight-sized result until the update.
+//!
+//! A node moves only when the values it frees (at the bound sizes) outweigh
+//! the one it makes, which it would otherwise have made later: memory never
+//! grows. Views (reshapes) share their source's memory and move with it.
+
+use crate::ir::graph::*;
+use crate::types::{Sizes, eval_dim};
+
+/// `g` in an order that frees memory early: the same nodes renumbered, the
+/// same outputs.
+pub fn free_early(g: &Graph, sizes: &Sizes) -> Graph {
+    let n = g.nodes.len();
+    let mut order = Order::new(g, sizes);
+    for i in 0..n {
+        order.emit(i);
+    }
+    let mut map = vec![NodeId(0); n];
+    let mut out = Graph::default();
+    for &i in &order.order {
+        let node = &g.nodes[i];
+        out.at = node.origin;
+        map[i] = out.push(node.op.clone(), node.args.iter().map(|a| map[a.index()]).collect(), node.ty.clone());
+    }
+    out.at = None;
+    out.outputs = g.outputs.iter().map(|(name, id)| (name.clone(), map[id.index()])).collect();
+    crate::ir::verify::after("free_early", &out);
+    out
+}
+
+struct Order<'g> {
+    g: &'g Graph,
+    /// Elements of each value at the bound sizes.
+    len: Vec<usize>,
+    /// The value whose memory each value is (itself, or a view's source).
+    storage: Vec<usize>,
+    /// The reshapes of each value.
+    views: Vec<Vec<usize>>,
+    /// The nodes (views excepted) reading each storage, directly or through a view.
+    readers: Vec<Vec<usize>>,
+    /// Readers of each storage not yet emitted (an output counts as one).
+    left: Vec<usize>,
+    emitted: Vec<bool>,
+    order: Vec<usize>,
+}
+
+impl<'g> Order<'g> {
+    fn new(g: &'g Graph, sizes: &Sizes) -> Self {
+        let n = g.nodes.len();
+        let len = (g.nodes.iter())
+            .map(|node| node.ty.dims.iter().map(|d| eval_dim(d, sizes).unwrap_or(0)).fold(1, usize::saturating_mul))
+            .collect();
+        let mut storage: Vec<usize> = (0..n).collect();
+        let mut views = vec![Vec::new(); n];
+        let mut readers = vec![Vec::new(); n];
+        for (i, node) in g.nodes.iter().enumerate() {
+            if let Op::Reshape = node.op {
+                storage[i] = storage[node.args[0].index()];
+                views[node.args[0].index()].push(i);
+                continue;
+            }
+            let mut stores: Vec<usize> = node.args.iter().map(|a| storage[a.index()]).collect();
+            stores.sort_unstable();
+            stores.dedup();
+            stores.into_iter().for_each(|s: usize| readers[s].push(i));
+        }
+        let mut left: Vec<usize> = readers.iter().map(Vec::len).collect();
+        for (_, o) in &g.outputs {
+            left[storage[o.index()]] += 1;
+        }
+        Order { g, len, storage, views, readers, left, emitted: vec![false; n], order: Vec::with_capacity(n) }
+    }
+
+    fn stores(&self, k: usize) -> Vec<usize> {
+        let mut stores: Vec<usize> = self.g.nodes[k].args.iter().map(|a| self.storage[a.index()]).collect();
+        stores.sort_unstable();
+        stores.dedup();
+        stores
+    }
+
+    fn ready(&self, k: usize) -> bool {
+        !self.emitted[k] && self.g.nodes[k].args.iter().all(|a| self.emitted[a.index()])
+    }
+
+    /// Running `k` now frees more than it makes.
+    fn worth_moving(&self, k: usize) -> bool {
+        let owned = |s: usize| !matches!(self.g.nodes[s].op, Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Size(_));
+        let freed: usize =
+            (self.stores(k).into_iter()).filter(|&s| owned(s) && self.left[s] == 1).map(|s| self.len[s]).sum();
+        self.ready(k) && !matches!(self.g.nodes[k].op, Op::Reshape) && freed > self.len[k]
+    }
+
+    /// Emits `k` (if not yet), then whatever that lets run early.
+    fn emit(&mut self, k: usize) {
+        let mut work = vec![k];
+        while let Some(k) = work.pop() {
+            if !self.ready(k) {
+                continue;
+            }
+            self.emitted[k] = true;
+            self.order.push(k);
+            work.extend(self.views[k].iter().copied());
+            let mut woken = Vec::new();
+            if !matches!(self.g.nodes[k].op, Op::Reshape) {
+                for s in self.stores(k) {
+                    self.left[s] -= 1;
+                    if self.left[s] == 1 {
+                        woken.extend(self.readers[s].iter().copied());
+                    }
+                }
+            }
+            woken.extend(self.readers[self.storage[k]].iter().copied());
+            work.extend(woken.into_iter().filter(|&r| self.worth_moving(r)));
+        }
+    }
+}
