@@ -60,9 +60,9 @@ pub fn recompute_far_uses(g: &Graph) -> Graph {
     }
     // The last read of each value, through its views.
     let mut last_read = vec![0usize; n];
-    for i in 0..n {
+    for (i, last) in last_use.iter().enumerate() {
         let s = source(NodeId(i as u32)).index();
-        last_read[s] = last_read[s].max(last_use[i]);
+        last_read[s] = last_read[s].max(*last);
     }
     // Rule 1: the unary node, then the reshapes between it and `a`.
     let far_unary = |a: NodeId, at: usize| -> Option<Vec<NodeId>> {
