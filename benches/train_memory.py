@@ -85,14 +85,14 @@ def run_measured(cmd, cwd):
     return text, usage.ru_maxrss * 1024
 
 
-def modelc_run(run, shape, steps, threads):
+def modelc_run(run, shape, steps, threads, extra=()):
     out = run / "train"
     text, peak = run_measured([
         str(MODELC), "train", str(ROOT / shape["spec"]), "--config", str(run / "config.json"), "--weights",
         str(run / "model.safetensors"), "--batch-file", str(run / "batch.safetensors"), "--steps", str(steps),
         "--lr", "1e-4", "--warmup", "0", "--schedule", "constant", "--weight-decay", "0.1", "--clip", "1.0",
         "--threads", str(threads), "--checkpoint-every", "0",
-        "--overwrite", "--out", str(out),
+        "--overwrite", "--out", str(out), *extra,
     ], run)
     if text is None:
         sys.exit(f"modelc was killed for memory at {peak / MIB:.0f} MiB")
@@ -142,6 +142,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-budget", action="store_true", help="skip the run with --memory-budget at half the plan")
     parser.add_argument("--shape", choices=list(SHAPES), action="append", help="default: " + ", ".join(DEFAULT_SHAPES))
     args = parser.parse_args()
     rows = []
@@ -150,11 +151,14 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             run = pathlib.Path(tmp)
             params = prepare(run, shape)
-            ours, theirs = [], []
+            plan = planned_arena(run, shape)
+            budget = int(plan * 1e6 / 2)
+            ours, theirs, budgeted = [], [], []
             for _ in range(args.repeats):
                 ours.append(modelc_run(run, shape, args.steps, args.threads))
                 theirs.append(torch_run(run, args.steps, args.threads))
-            plan = planned_arena(run, shape)
+                if not args.no_budget:
+                    budgeted.append(modelc_run(run, shape, args.steps, args.threads, ["--memory-budget", str(budget)]))
         m_peak = statistics.median(p for p, _, _ in ours)
         t_peak = statistics.median(p for p, _, _ in theirs)
         m_step = statistics.median(s for _, s, _ in ours)
@@ -165,6 +169,16 @@ def main():
               f"PyTorch {[round(p / MIB) for p, _, _ in theirs]}")
         print(f"  losses         modelc {ours[0][2]}\n                 PyTorch {theirs[0][2]}")
         rows.append((name, m_peak / MIB, t_peak / MIB, m_step, t_step, plan))
+        if budgeted:
+            # Weights, gradients and AdamW's two moments, f32: the training state the budget leaves out.
+            state = params * 4 * 4
+            b_peak = statistics.median(p for p, _, _ in budgeted)
+            b_step = statistics.median(s for _, s, _ in budgeted)
+            print(f"  --memory-budget {budget / 1e6:.1f} MB (half the plan): peak RSS MiB "
+                  f"{[round(p / MIB) for p, _, _ in budgeted]}, minus weights, gradients and moments "
+                  f"({state / MIB:.0f} MiB): {(b_peak - state) / 1e6:.1f} MB "
+                  f"({'within' if b_peak - state <= budget else 'OVER'} the budget); step {b_step:.3f} s "
+                  f"against {m_step:.3f} s; losses {'identical' if budgeted[0][2] == ours[0][2] else budgeted[0][2]}")
     print(f"\n{'shape':19}{'modelc MiB':>12}{'PyTorch MiB':>13}{'ratio':>8}{'plan MB':>10}"
           f"{'modelc s':>10}{'PyTorch s':>11}")
     for name, m, t, ms, ts, plan in rows:

@@ -832,3 +832,50 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     assert!(rows.iter().all(|(planned, formula)| planned == formula), "{out}");
     std::fs::remove_file(&svg).unwrap();
 }
+
+/// `train --memory-budget`: a budget the default plan fits changes nothing;
+/// a smaller one recomputes activations between checkpoints, says what it
+/// costs and trains to the same losses; one nothing fits is refused with
+/// the smallest plan there is.
+#[test]
+fn memory_budget_recomputes_activations_with_the_same_losses() {
+    let dir = corpus_dir("budget");
+    let data = dir.join("data.txt");
+    let run = |name: &str, budget: Option<String>| {
+        let out = dir.join(name);
+        let mut args: Vec<String> =
+            ["train", "specs/tiny-gpt.model", "--data", data.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+        let rest = ["--out", out.to_str().unwrap(), "--steps", "3", "--batch", "16", "--seq-len", "128", "--seed", "5"];
+        args.extend(rest.iter().map(|s| s.to_string()));
+        args.extend(budget.map(|b| vec!["--memory-budget".to_string(), b]).unwrap_or_default());
+        let (code, _, err) = modelc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect();
+        (code, err, losses)
+    };
+    let mib = |err: &str, before: &str| -> f64 {
+        let head = &err[..err.find(before).unwrap_or_else(|| panic!("no `{before}`:\n{err}"))];
+        head.trim_end().trim_end_matches(" MiB").rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (code, _, plain) = run("plain", None);
+    assert_eq!(code, 0);
+    let (code, err, roomy) = run("roomy", Some("100GiB".into()));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no activations recomputed"), "{err}");
+    assert_eq!(roomy, plain);
+    // Nine tenths of the default plan's activations.
+    let (held, planned) = (mib(&err, " held before the weights"), mib(&err, " planned for the step's activations"));
+    let budget = format!("{:.1}MiB", held + 48.0 + 0.9 * planned);
+    let (code, err, tight) = run("tight", Some(budget));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("activations recomputed between") && err.contains("GFLOP a step"), "{err}");
+    assert!(mib(&err, " planned for the step's activations") <= 0.9 * planned + 0.1, "{err}");
+    assert_eq!(tight, plain, "recomputation changes no loss");
+    let (code, err, _) = run("none", Some("1MB".into()));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the smallest plan of the step's activations needs"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

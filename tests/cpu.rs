@@ -21,7 +21,7 @@ fn cpu(g: &Graph, sizes: &Sizes, feeds: &HashMap<String, Tensor>) -> Result<Hash
 /// The CPU backend with exp, erf, ... computed in f32x4 inside the kernels
 /// (where the host has AVX2, `cpu` calls the wide-vector functions instead).
 fn cpu_f32x4(g: &Graph, sizes: &Sizes, feeds: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
-    Program::compile_with(g, sizes, CompileOptions { wide_math: false })
+    Program::compile_with(g, sizes, CompileOptions { wide_math: false, ..CompileOptions::default() })
         .map_err(|e| format!("compile: {e}"))?
         .run(feeds)
         .map_err(|e| format!("run: {e}"))

@@ -594,3 +594,68 @@ fn recomputing_activations_keeps_the_values_and_lowers_the_peak() {
     };
     assert!(peak(&recomputed) < peak(&split), "{} vs {}", peak(&recomputed), peak(&split));
 }
+
+/// The memory passes keep the training program's meaning and lower its
+/// planned peak: weight gradients run early (`backend::order`), the output
+/// projection and loss in row chunks with a ragged last chunk
+/// (`backend::chunk`), activations recomputed between checkpoints
+/// (`backend::checkpoint`).
+#[test]
+fn memory_passes_keep_the_values_and_lower_the_peak() {
+    use modelc::backend::{checkpoint, chunk, order};
+    use modelc::ir::graph::Graph;
+    let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
+    let (checked, g) =
+        lower_text(&text, &sets(&[("layers", "3"), ("dim", "32"), ("heads", "2"), ("vocab", "2048")]), true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let program = modelc::opt::optimized(&training_program(&g, &trainable, &TrainConfig::default()).unwrap());
+    let mut rng = Rng(11);
+    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.1);
+    for p in &checked.params {
+        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
+        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
+        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
+    }
+    // 2 x 39 = 78 rows: four chunks of 16 (the fewest) and one of 14.
+    let ids: Vec<f64> = b"the cat sat on the mat. the dog sat on the log. the cat saw the dog and ran off."
+        .iter()
+        .take(78)
+        .map(|b| *b as f64)
+        .collect();
+    feeds.insert("input_ids".into(), Array::new(vec![2, 39], ids));
+    feeds.insert("lr".into(), Array::scalar(1e-3));
+    feeds.insert("step".into(), Array::scalar(1.0));
+    let at: modelc::types::Sizes = [("B".to_string(), 2), ("T".to_string(), 39)].into();
+    let row_bytes =
+        4 * checked.params.iter().find(|p| p.name.contains("wte") || p.name.contains("embed")).unwrap().shape[0]
+            as usize;
+    let chunked = chunk::split_rows(&program, &at, 8 * row_bytes);
+    let recomputed = checkpoint::recompute_between(&program, &at, 1);
+    let ordered = order::free_early(&program, &at);
+    let matmuls = |g: &Graph| g.nodes.iter().filter(|n| matches!(n.op, modelc::ir::graph::Op::MatMul { .. })).count();
+    assert!(matmuls(&chunked) > matmuls(&program), "the output products once per chunk");
+    assert!(checkpoint::cut_points(&program, &at).len() >= 6, "two per block");
+    assert!(matmuls(&recomputed) > matmuls(&program), "the blocks' forward products again");
+    let before = run(&program, &feeds, Precision::F64).unwrap();
+    for (pass, g) in [("split_rows", &chunked), ("recompute_between", &recomputed), ("free_early", &ordered)] {
+        let after = run(g, &feeds, Precision::F64).unwrap();
+        assert_eq!(before.len(), after.len());
+        for (name, value) in &before {
+            for (a, b) in value.data.iter().zip(&after[name].data) {
+                assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{pass}: {name}: {a} vs {b}");
+            }
+        }
+    }
+    // At a training size, each lowers the planned peak.
+    let sizes: modelc::types::Sizes = [("B".to_string(), 16), ("T".to_string(), 128)].into();
+    let peak = |memory: modelc::backend::Memory| {
+        let program = modelc::backend::prepare_with(&program, &sizes, modelc::backend::Target::Cpu, memory);
+        program.unwrap().plan.peak_bytes()
+    };
+    let unchunked = modelc::backend::Memory { chunk_bytes: usize::MAX / 4, keep_every: 0 };
+    let chunked = modelc::backend::Memory { chunk_bytes: 64 * row_bytes, keep_every: 0 };
+    assert!(peak(chunked) < peak(unchunked), "{} vs {}", peak(chunked), peak(unchunked));
+    let recomputed: Vec<usize> =
+        (1..=3).map(|keep_every| peak(modelc::backend::Memory { keep_every, ..chunked })).collect();
+    assert!(recomputed.iter().all(|p| *p < peak(chunked)), "{recomputed:?} vs {}", peak(chunked));
+}

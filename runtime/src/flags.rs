@@ -47,6 +47,28 @@ pub fn threads(s: &str) -> Result<usize, String> {
     if v <= MAX_THREADS { Ok(v) } else { Err(format!("{v} threads is more than {MAX_THREADS}")) }
 }
 
+/// An amount of memory above 0: bytes, or a number with a unit (`2GiB`,
+/// `512MiB`, `1.5GB`, `300MB`, `64KiB`, `kB`).
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (digits, unit) = (t[..split].trim(), t[split..].trim());
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024f64.powi(2),
+        "gib" | "g" => 1024f64.powi(3),
+        "tib" | "t" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => return Err(format!("`{unit}` is not a unit of memory; expected e.g. 2GiB, 512MiB, 300MB")),
+    };
+    let v = positive(digits)? * scale;
+    if v >= 1.0 && v < u64::MAX as f64 { Ok(v as u64) } else { Err(format!("`{s}` is not a size in bytes")) }
+}
+
 /// `value` of the setting `name` (from a flag or the spec) checked by the
 /// same parser as its flag; the error names the setting.
 pub fn check(name: &str, value: f64, parser: fn(&str) -> Result<f64, String>) -> Result<f64, String> {
@@ -71,6 +93,12 @@ mod tests {
         assert_eq!(probability("1"), Ok(1.0));
         assert!(count("0").is_err());
         assert!(threads("100000").unwrap_err().contains("1024"));
+        assert_eq!(bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(bytes("1.5 MiB"), Ok(3 << 19));
+        assert_eq!(bytes("300MB"), Ok(300_000_000));
+        assert_eq!(bytes("4096"), Ok(4096));
+        assert!(bytes("2 parsecs").unwrap_err().contains("not a unit of memory"));
+        assert!(bytes("0GiB").is_err());
     }
 
     proptest! {
@@ -84,6 +112,7 @@ mod tests {
             if let Ok(v) = probability(&s) { prop_assert!(v > 0.0 && v <= 1.0); }
             if let Ok(v) = count(&s) { prop_assert!(v >= 1); }
             if let Ok(v) = threads(&s) { prop_assert!((1..=MAX_THREADS).contains(&v)); }
+            if let Ok(v) = bytes(&s) { prop_assert!(v >= 1); }
         }
     }
 }

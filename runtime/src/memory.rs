@@ -22,6 +22,15 @@ pub fn available() -> Option<u64> {
     Some(bytes)
 }
 
+/// This process's resident memory in bytes; `None` where the system does not
+/// say (not Linux).
+pub fn resident() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())?;
+    Some(kb.saturating_mul(1024))
+}
+
 /// `1536` -> `1.5 KiB`.
 pub fn human(bytes: u64) -> String {
     let units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];

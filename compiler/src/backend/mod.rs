@@ -1,9 +1,14 @@
-//! Backends: the kernel program every backend shares (`prepare`: split
-//! reductions -> recompute far uses -> order to free memory early ->
-//! schedule -> memory plan, assembled here only), Cranelift code generation for the CPU, and WGSL for the GPU. Neither code
-//! generator imports the other; both print `kernel::FusedSpec`s.
+//! Backends: the kernel program every backend shares (`prepare`:
+//! activations recomputed between checkpoints -> large products in row
+//! chunks -> split reductions -> recompute far uses ->
+//! order to free memory early -> schedule -> memory plan, assembled here
+//! only), Cranelift code generation for the CPU, and WGSL for the GPU.
+//! Neither code generator imports the other; both print
+//! `kernel::FusedSpec`s.
 
 pub mod access;
+pub mod checkpoint;
+pub mod chunk;
 pub mod clif;
 pub mod kernel;
 pub mod order;
@@ -39,9 +44,34 @@ pub struct KernelProgram {
     pub plan: Plan,
 }
 
+/// How a program trades memory for work (`modelc train --memory-budget`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// Products larger than two chunks of this many bytes run in row
+    /// chunks (`chunk.rs`).
+    pub chunk_bytes: usize,
+    /// Keep every this-many-th checkpoint and recompute the activations
+    /// between them in the backward pass (`checkpoint.rs`); 0 keeps all.
+    pub keep_every: usize,
+}
+
+impl Default for Memory {
+    fn default() -> Memory {
+        Memory { chunk_bytes: chunk::CHUNK_BYTES, keep_every: 0 }
+    }
+}
+
 /// The kernel program of an (optimised) graph at the given sizes.
 pub fn prepare(graph: &Graph, sizes: &Sizes, target: Target) -> Result<KernelProgram, String> {
-    let graph = remat::recompute_far_uses(&split::split_reductions(graph));
+    prepare_with(graph, sizes, target, Memory::default())
+}
+
+/// The kernel program of an (optimised) graph at the given sizes, with
+/// memory traded for work as `memory` says.
+pub fn prepare_with(graph: &Graph, sizes: &Sizes, target: Target, memory: Memory) -> Result<KernelProgram, String> {
+    let graph = checkpoint::recompute_between(graph, sizes, memory.keep_every);
+    let graph = chunk::split_rows(&graph, sizes, memory.chunk_bytes);
+    let graph = remat::recompute_far_uses(&split::split_reductions(&graph));
     let graph = order::free_early(&graph, sizes);
     let schedule = schedule::schedule(&graph);
     let (blocks, inputs) = match target {

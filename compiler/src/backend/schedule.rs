@@ -78,6 +78,18 @@ impl Schedule {
     }
 }
 
+/// Whether `arg` is a running sum that node `i` adds a product made after it
+/// to (`chunk.rs`'s partial weight gradients): fused, every partial product
+/// would be held until the last one is made, instead of each being added as
+/// it comes.
+fn running_sum(g: &Graph, i: usize, arg: NodeId) -> bool {
+    let add = |n: &Node| matches!(n.op, Op::Binary(Binary::Add));
+    add(&g.nodes[i])
+        && add(g.node(arg))
+        && (g.nodes[i].args.iter())
+            .any(|b| *b != arg && b.index() > arg.index() && matches!(g.node(*b).op, Op::MatMul { .. }))
+}
+
 /// Groups `g` into kernels. A node joins its single consumer's fused kernel
 /// when both are elementwise over the same shape. A broadcast or slice
 /// feeding only elementwise nodes of its shape is never materialised: every
@@ -125,7 +137,7 @@ pub fn schedule(g: &Graph) -> Schedule {
             let arg = &g.nodes[a.index()];
             // A single-use broadcast or slice is read in place: its source becomes the kernel's input.
             let joins = is_read_in_place(&arg.op) || is_elementwise(&arg.op);
-            if joins && single_use(a.index()) && arg.ty.dims == node.ty.dims {
+            if joins && single_use(a.index()) && arg.ty.dims == node.ty.dims && !running_sum(g, i, *a) {
                 root[a.index()] = Some(r);
             }
         }

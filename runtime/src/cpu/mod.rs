@@ -13,7 +13,7 @@ use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::kernel::Kernel;
 use modelc::backend::plan::{Place, Plan};
 use modelc::backend::schedule::Schedule;
-use modelc::backend::{KernelProgram, Target, prepare};
+use modelc::backend::{KernelProgram, Target, prepare_with};
 use modelc::ir::graph::{Graph, NodeId, Op};
 use modelc::types::Sizes;
 pub use packed::{Format, Packed};
@@ -395,11 +395,13 @@ pub struct CompileOptions {
     /// chunks (`modelc::backend::vmath`) where it has AVX2 and FMA; off, they
     /// compute them in f32x4 (the tests compare both with the interpreter).
     pub wide_math: bool,
+    /// How the program trades memory for work (row chunks, recomputed activations).
+    pub memory: modelc::backend::Memory,
 }
 
 impl Default for CompileOptions {
     fn default() -> CompileOptions {
-        CompileOptions { wide_math: true }
+        CompileOptions { wide_math: true, memory: modelc::backend::Memory::default() }
     }
 }
 
@@ -410,7 +412,7 @@ impl Program {
 
     pub fn compile_with(graph: &Graph, sizes: &Sizes, options: CompileOptions) -> Result<Program, String> {
         let started = std::time::Instant::now();
-        let KernelProgram { graph, schedule, plan } = prepare(graph, sizes, Target::Cpu)?;
+        let KernelProgram { graph, schedule, plan } = prepare_with(graph, sizes, Target::Cpu, options.memory)?;
         let threads = rayon::current_num_threads() as u64;
         let buffers = (plan.peak_bytes() as u64).saturating_add((plan.block_bytes() as u64).saturating_mul(threads));
         let largest: Vec<(String, u64)> = (graph.nodes.iter().zip(&plan.lens))
