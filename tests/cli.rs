@@ -830,6 +830,16 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     let rows = checked(&out);
     assert_eq!(rows.len(), 6, "{out}");
     assert!(rows.iter().all(|(planned, formula)| planned == formula), "{out}");
+    // Under a budget: the plan `train --memory-budget` would choose, smaller.
+    let peak =
+        |out: &str| -> f64 { out.split(", peak ").nth(1).unwrap().split(" MB").next().unwrap().parse().unwrap() };
+    let args = ["plan", "specs/tiny-gpt.model", "--train", "-o", svg.to_str().unwrap()];
+    let (_, whole, _) = modelc(&[&args[..], &sizes[..]].concat());
+    let (code, out, err) = modelc(&[&args[..], &sizes[..], &["--memory-budget", "35MB"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("memory budget 33.4 MiB besides the weights, gradients and moments: "), "{out}");
+    assert!(out.contains("activations recomputed between"), "{out}");
+    assert!(peak(&out) < peak(&whole), "{out}\n{whole}");
     std::fs::remove_file(&svg).unwrap();
 }
 

@@ -176,6 +176,10 @@ pub enum Command {
         /// Where to write the picture: FILE.svg, or FILE.png.
         #[arg(short, long, default_value = "plan.svg")]
         output: PathBuf,
+        /// The plan `train --memory-budget` would choose for this budget (e.g. 300MB),
+        /// counting the activations only (`train` also counts the process's own memory).
+        #[arg(long = "memory-budget", value_parser = crate::flags::bytes)]
+        memory_budget: Option<u64>,
     },
     /// Print the syntax tree of a file.
     Ast {
@@ -208,7 +212,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Ast { file } => cmd_ast(&file),
         Command::Ir { model, train, opt, stats } => cmd_ir(&model, train, opt, stats),
         Command::Graph { model, depth, expand, sizes, output } => cmd_graph(&model, depth, &expand, &sizes, &output),
-        Command::Plan { program, output } => cmd_plan(&program, &output),
+        Command::Plan { program, output, memory_budget } => cmd_plan(&program, &output, memory_budget),
         Command::Kernels { program: ProgramArgs { model, train, sizes }, clif, no_wide_math } => {
             cmd_kernels(&model, train, clif.then_some(!no_wide_math), &sizes)
         }
@@ -420,8 +424,8 @@ fn optimized_program(
     Ok((program, checked, graph, bound))
 }
 
-fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
-    use modelc::backend::{Target, prepare};
+fn cmd_plan(p: &ProgramArgs, output: &Path, budget: Option<u64>) -> ExitCode {
+    use modelc::backend::{Memory, Target, prepare_with};
     use modelc::ir::graph::Origin;
     let train = p.train;
     let (program, checked, graph, bound) = match optimized_program(p) {
@@ -429,7 +433,21 @@ fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
         Err(code) => return code,
     };
     let planning_error = |e: String| fail(&SourceMap::new(), &[Diagnostic::new("E0502", e)]);
-    let kernels = match prepare(&graph, &bound, Target::Cpu) {
+    let memory = match budget {
+        None => Memory::default(),
+        Some(bytes) => {
+            let gradients = if train { 4 * checked.trainable_params() as u64 } else { 0 };
+            let budget = crate::budget::Budget { bytes, resident: 0, code: 0, gradients };
+            match crate::budget::choose(&graph, &bound, &budget) {
+                Ok(choice) => {
+                    println!("{}", choice.report(&budget));
+                    choice.memory
+                }
+                Err(e) => return planning_error(e),
+            }
+        }
+    };
+    let kernels = match prepare_with(&graph, &bound, Target::Cpu, memory) {
         Ok(k) => k,
         Err(e) => return planning_error(e),
     };
@@ -484,7 +502,7 @@ fn cmd_plan(p: &ProgramArgs, output: &Path) -> ExitCode {
     for factors in [&[1, 1][..], &[2, 1], &[1, 2], &[2, 2], &[4, 1], &[1, 4]] {
         let s = scaled(factors);
         let at: Vec<String> = symbols.iter().map(|x| format!("{x}={}", s[x])).collect();
-        let planned = prepare(&graph, &s, Target::Cpu).map(|k| k.plan.peak_bytes());
+        let planned = prepare_with(&graph, &s, Target::Cpu, memory).map(|k| k.plan.peak_bytes());
         match (planned, modelc::draw_plan::peak_value(&terms, &s)) {
             (Ok(p), Ok(f)) => println!(
                 "  {:<22} planned {p:>15} bytes, the formula {f:>15}{}",

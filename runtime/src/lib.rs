@@ -3,6 +3,7 @@
 //! arena); `weights` initialisation and safetensors; `train` and `infer`
 //! the commands of the same names.
 
+pub mod budget;
 pub mod build;
 pub mod cli;
 pub mod cpu;
