@@ -60,11 +60,11 @@ pub fn cut_points(g: &Graph, sizes: &Sizes) -> Vec<NodeId> {
 /// backward pass reads them. Every `every`-th cut point is kept (and the
 /// last); `every == 0` keeps everything (the graph comes back unchanged).
 pub fn recompute_between(g: &Graph, sizes: &Sizes, every: usize) -> Graph {
-    let cuts = cut_points(g, sizes);
-    let Some(&last) = cuts.last() else { return g.clone() };
     if every == 0 {
         return g.clone();
     }
+    let cuts = cut_points(g, sizes);
+    let Some(&last) = cuts.last() else { return g.clone() };
     let Forward { forward, live_input } = Forward::of(g);
     let kept: Vec<NodeId> =
         cuts.iter().copied().enumerate().filter(|(i, _)| (i + 1) % every == 0).map(|(_, c)| c).collect();
