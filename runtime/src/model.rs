@@ -289,21 +289,20 @@ pub fn compile_shapes(
     g: &Graph,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<Compiled, ExitCode> {
-    compile_shapes_with(code, device, g, shapes, modelc::backend::Memory::default())
+    compile_shapes_with(code, device, g, shapes, crate::cpu::CompileOptions::default())
 }
 
-/// Compiles `g` for the given shapes, trading memory for work on the CPU as
-/// `memory` says.
+/// Compiles `g` for the given shapes with the CPU's `options` (how it
+/// trades memory for work, how its products multiply).
 pub fn compile_shapes_with(
     code: &'static str,
     device: Device,
     g: &Graph,
     shapes: &HashMap<String, Vec<usize>>,
-    memory: modelc::backend::Memory,
+    options: crate::cpu::CompileOptions,
 ) -> Result<Compiled, ExitCode> {
     let shapes = shapes.clone();
     let sizes = bind(g, &shapes).map_err(|e| error(code, e))?;
-    let options = crate::cpu::CompileOptions { memory, ..Default::default() };
     match device {
         Device::Cpu => Program::compile_with(g, &sizes, options).map(|p| Compiled::Cpu(Box::new(p))),
         Device::Gpu => crate::gpu::GpuProgram::compile(g, &sizes).map(|p| Compiled::Gpu(Box::new(p))),

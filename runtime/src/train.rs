@@ -124,6 +124,12 @@ pub struct TrainArgs {
     /// (CPU). Without it, the fastest plan.
     #[arg(long = "memory-budget", value_parser = flags::bytes)]
     pub memory_budget: Option<u64>,
+    /// How the matrix products multiply: `f32`, or `bf16` (operands rounded to bf16, sums
+    /// in f32, weights and optimiser state kept in f32: mixed precision, twice the
+    /// multiply-adds a second on CPUs with AVX512_BF16; CPU only). (default: the spec's
+    /// `precision`, else f32)
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub precision: Option<String>,
     /// Write the gradients of the first step, by weight name, to this safetensors file.
     #[arg(long = "dump-grads")]
     pub dump_grads: Option<PathBuf>,
@@ -151,6 +157,7 @@ struct Settings {
     eval_split: f64,
     eval_every: usize,
     config: TrainConfig,
+    products: crate::cpu::Products,
 }
 
 /// The learning rate's course after warmup.
@@ -201,6 +208,11 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
         "constant" => Schedule::Constant,
         other => return Err(format!("schedule `{other}`: expected cosine, linear or constant")),
     };
+    let spec_precision = s.iter().find(|(k, _)| k == "precision").map(|(_, v)| match v {
+        Value::Str(name) => name.clone(),
+        other => other.to_string(),
+    });
+    let products = crate::cpu::Products::parse(args.precision.clone().or(spec_precision).as_deref().unwrap_or("f32"))?;
     flags::check("weight_decay", wd, flags::non_negative)?;
     let epochs = args.epochs.or_else(|| s.iter().find(|(k, _)| k == "epochs").and_then(|(_, v)| v.as_f64()));
     if let Some(e) = epochs {
@@ -221,6 +233,7 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
         eval_split: flags::check("eval_split", setting(s, "eval_split", args.eval_split, 0.1), flags::fraction)?,
         eval_every: (number("eval_every", args.eval_every, 100.0) as usize).max(1),
         config: TrainConfig { optimizer, clip: (clip > 0.0).then_some(clip) },
+        products,
     };
     if settings.batch == 0 || settings.seq < 2 || settings.steps == 0 || settings.accumulate == 0 {
         return Err("--batch, --steps and --grad-accum must be at least 1 and --seq-len at least 2".into());
@@ -586,7 +599,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let metrics_path = args.out.join("metrics.jsonl");
     let mut metrics = out.metrics(mode, first_step - 1).map_err(usage)?;
     eprintln!(
-        "training {} ({} trainable parameters) on {} tokens ({} held out): {} steps of {} x {}{}",
+        "training {} ({} trainable parameters) on {} tokens ({} held out): {} steps of {} x {}{}{}",
         checked.model,
         modelc::check::report::thousands(checked.trainable_params()),
         data.tokens(),
@@ -594,7 +607,14 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         s.steps,
         s.batch,
         s.seq,
-        if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() }
+        if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() },
+        match s.products {
+            crate::cpu::Products::F32 => String::new(),
+            crate::cpu::Products::Bf16 if crate::cpu::bf16::hardware() => ", products in bf16".to_string(),
+            crate::cpu::Products::Bf16 => {
+                ", products in bf16 (emulated: this CPU has no AVX512_BF16, so they run slower than f32)".to_string()
+            }
+        }
     );
 
     let checkpoints = Checkpoints {
@@ -1124,6 +1144,10 @@ fn programs(
     shapes.insert("lr".into(), placeholder(vec![]));
     shapes.insert("step".into(), placeholder(vec![]));
     let shapes_of = |feeds: &Tensors| feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    if s.products != crate::cpu::Products::F32 && device == crate::model::Device::Gpu {
+        return Err(usage("--precision bf16 runs on the CPU; on the GPU products are f32"));
+    }
+    let options = |memory| crate::cpu::CompileOptions { memory, products: s.products, ..Default::default() };
     let planned = |g: &Graph, shapes: &HashMap<String, Vec<usize>>| match (budget, device) {
         (None, _) => Ok(modelc::backend::Memory::default()),
         (Some(_), crate::model::Device::Gpu) => {
@@ -1139,7 +1163,7 @@ fn programs(
     let step_program = if s.accumulate == 1 {
         let g = optimized(&training_program(train_fwd, &trainable, &s.config).expect("has a loss"));
         let memory = planned(&g, &shapes_of(&shapes))?;
-        Step::Fused(crate::model::compile_shapes_with(CODE, device, &g, &shapes_of(&shapes), memory)?)
+        Step::Fused(crate::model::compile_shapes_with(CODE, device, &g, &shapes_of(&shapes), options(memory))?)
     } else {
         let grads = gradient_program(train_fwd, &trainable).expect("has a loss");
         let params: Vec<(String, TensorTy)> = checked
@@ -1164,11 +1188,13 @@ fn programs(
         let grads = optimized(&grads);
         let memory = planned(&grads, &shapes_of(&shapes))?;
         Step::Accumulated {
-            grads: crate::model::compile_shapes_with(CODE, device, &grads, &shapes_of(&shapes), memory)?,
+            grads: crate::model::compile_shapes_with(CODE, device, &grads, &shapes_of(&shapes), options(memory))?,
             update: compile(CODE, device, &optimized(&update), &shapes)?,
         }
     };
-    let eval_program = compile(CODE, device, eval_graph, &shapes)?;
+    // Evaluated as trained: with the same products.
+    let eval_options = options(modelc::backend::Memory::default());
+    let eval_program = crate::model::compile_shapes_with(CODE, device, eval_graph, &shapes_of(&shapes), eval_options)?;
     Ok((step_program, eval_program))
 }
 

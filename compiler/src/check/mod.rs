@@ -97,6 +97,7 @@ pub const TRAIN_KEYS: &[&str] = &[
     "seed",
     "checkpoint_every",
     "masking",
+    "precision",
 ];
 /// Settings an `infer { }` block understands.
 pub const INFER_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "context"];

@@ -6,6 +6,7 @@
 //! exact up to 2^24.
 
 mod attention;
+pub mod bf16;
 mod kernels;
 pub mod packed;
 
@@ -201,6 +202,8 @@ pub struct Program {
     shapes: Vec<Result<Vec<usize>, String>>,
     /// The inputs and weights with the shapes the program was compiled for.
     fed: Vec<(String, Vec<usize>)>,
+    /// How its matrix products multiply.
+    products: Products,
 }
 
 impl Drop for Program {
@@ -388,6 +391,35 @@ fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
     g.dims(n).iter().map(|d| modelc::types::eval_dim(d, sizes)).collect()
 }
 
+/// The arithmetic of a program's matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// Operands rounded to bf16 and products summed in f32 (`bf16.rs`),
+    /// as PyTorch's bf16 autocast multiplies: twice the multiply-adds a
+    /// second where the CPU has AVX512_BF16. Attention's own products stay f32.
+    Bf16,
+}
+
+impl Products {
+    pub fn parse(s: &str) -> Result<Products, String> {
+        match s {
+            "f32" => Ok(Products::F32),
+            "bf16" => Ok(Products::Bf16),
+            other => Err(format!("precision `{other}`: expected f32 or bf16")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Products::F32 => "f32",
+            Products::Bf16 => "bf16",
+        }
+    }
+}
+
 /// How a program is compiled.
 #[derive(Clone, Copy, Debug)]
 pub struct CompileOptions {
@@ -397,11 +429,13 @@ pub struct CompileOptions {
     pub wide_math: bool,
     /// How the program trades memory for work (row chunks, recomputed activations).
     pub memory: modelc::backend::Memory,
+    /// How its matrix products multiply.
+    pub products: Products,
 }
 
 impl Default for CompileOptions {
     fn default() -> CompileOptions {
-        CompileOptions { wide_math: true, memory: modelc::backend::Memory::default() }
+        CompileOptions { wide_math: true, memory: modelc::backend::Memory::default(), products: Products::F32 }
     }
 }
 
@@ -468,6 +502,7 @@ impl Program {
             compile_seconds,
             arena,
             profile,
+            products: options.products,
             state,
             profile_id,
             first_leaf,
@@ -809,6 +844,7 @@ impl Program {
                                 (at(a).add(r0 * k), k, 1),
                                 rhs,
                                 *parallel,
+                                self.products,
                             )
                         }
                     }
@@ -1004,6 +1040,7 @@ impl Program {
                         (ap.get().add(ao), a_rs, a_cs),
                         rhs,
                         parallel,
+                        self.products,
                     )
                 };
             };
@@ -1052,7 +1089,7 @@ impl Program {
                 // and the whole weight, at their layouts' strides.
                 let product = |r: &std::ops::Range<usize>, rhs: &SendRhs, parallel: bool| unsafe {
                     let (x, o) = (xp.get().add(r.start * k), op.get().add(r.start * cols) as *mut f32);
-                    packed::product((r.len(), cols, k), o, cols, 0.0, (x, k, 1), rhs.0, parallel)
+                    packed::product((r.len(), cols, k), o, cols, 0.0, (x, k, 1), rhs.0, parallel, self.products)
                 };
                 // Experts side by side on the threads when there are enough of
                 // them; else one after the other, each product on every thread.
@@ -1085,7 +1122,7 @@ impl Program {
                         true => ((cols, k, r.len()), (dr, 1, cols), (xr, k, 1)),
                     };
                     let o = op.get().add(e * k * cols) as *mut f32;
-                    packed::product(shape, o, shape.1, 0.0, a, packed::Rhs::Dense(b), parallel)
+                    packed::product(shape, o, shape.1, 0.0, a, packed::Rhs::Dense(b), parallel, self.products)
                 };
                 if jobs.len() >= rayon::current_num_threads() {
                     jobs.par_iter().for_each(|(e, r)| product(*e, r, false));

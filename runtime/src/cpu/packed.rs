@@ -242,11 +242,12 @@ pub enum Rhs<'a> {
 /// `c = alpha c + a op(B)` for `a` m x k and `c` m x n (row stride `c_rs`):
 /// the matrix products of programs. A few rows against weight rows
 /// (decoding) go a weight row at a time, read once (`matvec`); many rows
-/// against a packed weight by panels; the rest through gemm. `parallel`:
-/// the product may use the thread pool.
+/// against a packed weight by panels; the rest through gemm, or with bf16
+/// operands (`products`). `parallel`: the product may use the thread pool.
 ///
 /// # Safety
 /// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn product(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
@@ -255,10 +256,14 @@ pub unsafe fn product(
     (a, a_rs, a_cs): Operand,
     b: Rhs,
     parallel: bool,
+    products: super::Products,
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match b {
+            Rhs::Dense(b) if products == super::Products::Bf16 => {
+                super::bf16::product((m, n, k), c, c_rs, alpha, (a, a_rs, a_cs), b, parallel)
+            }
             Rhs::Packed(w) => {
                 assert!(a_cs == 1 && (w.n, w.k) == (n, k), "bug: a packed product's operands do not fit");
                 if m <= SMALL_M {
@@ -1053,7 +1058,18 @@ mod tests {
                         for parallel in [false, true] {
                             let mut c = start.clone();
                             // SAFETY: a is m x k, c m x n, the weights n x k.
-                            unsafe { product((m, n, k), c.as_mut_ptr(), n, alpha, (a.as_ptr(), k, 1), rhs, parallel) };
+                            unsafe {
+                                product(
+                                    (m, n, k),
+                                    c.as_mut_ptr(),
+                                    n,
+                                    alpha,
+                                    (a.as_ptr(), k, 1),
+                                    rhs,
+                                    parallel,
+                                    super::super::Products::F32,
+                                )
+                            };
                             runs.push(("product", c));
                         }
                         if m <= SMALL_M {

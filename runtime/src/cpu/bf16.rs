@@ -1,0 +1,682 @@
+//! Matrix products with bf16 operands and f32 sums (`--precision bf16`).
+//!
+//! Both operands are rounded to bf16 (to nearest, ties to even) as they are
+//! packed, and the products are summed in f32, as PyTorch's bf16 autocast
+//! does. Where the CPU has AVX512_BF16, one `vdpbf16ps` multiplies 16 pairs
+//! of bf16 and adds each pair's sum into one of 16 f32 sums: twice the
+//! multiply-adds of an f32 FMA. Elsewhere the same packed operands are
+//! multiplied in f32 arithmetic: the same numbers (up to the order of the
+//! sums), more slowly.
+//!
+//! The loops are BLIS's. `c` is computed in tiles of `MR x NR`; for each
+//! block of `KC` of the depth, a panel of `b` (`KC x NC`) is packed, then
+//! for each block of `MC` rows of `a` the rows are packed and every tile of
+//! the block computed. A packed element is a pair of bf16 along the depth
+//! (`k`, `k + 1`) in one u32, the even one in the low half, which is what
+//! `vdpbf16ps` multiplies. `b` is packed in strips of NR columns, a strip
+//! pair by pair (`[p][j]`), so that a tile loads each pair's NR columns as
+//! two vectors; `a` in strips of MR rows, either row by row (`[i][p]`, when
+//! its rows are contiguous, a plain conversion) or pair by pair (`[p][i]`,
+//! when its columns are: the transposed operands of weight gradients).
+//!
+//! The product is split over the thread pool into blocks of rows or of
+//! columns (whichever is longer), each packing its own operands.
+
+use super::kernels::Operand;
+use rayon::prelude::*;
+
+/// Rows of a tile: 12 x 2 vectors of f32 sums, 24 of the 32 registers.
+const MR: usize = 12;
+/// Columns of a tile: two vectors of 16.
+const NR: usize = 32;
+/// The longest block of the depth (elements, even): a strip of `b`
+/// (KC x NR bf16, 20 KiB) stays in the level-1 cache while a block's tiles
+/// read it.
+const KC: usize = 320;
+/// Rows of `a` packed at a time, at most: 24 strips (180 KiB, in the
+/// level-2 cache); a block's rows are split evenly into such blocks.
+const MC: usize = MR * 24;
+/// Columns of `b` packed at a time (a panel of 2.5 MiB at most).
+const NC: usize = NR * 128;
+
+/// How a strip of `a` is laid out.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    /// `[i][p]`: each row's pairs in order (rows of `a` contiguous).
+    RowWise,
+    /// `[p][i]`: each pair's MR rows together (columns of `a` contiguous).
+    PairWise,
+}
+
+/// Whether the host multiplies bf16 in hardware (checked once).
+pub fn hardware() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("MODELC_NO_AVX512").is_none()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Rounds to bf16 (nearest even), as `vcvtneps2bf16` does (NaN stays NaN).
+pub fn round(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn widen(h: u32) -> f32 {
+    f32::from_bits(h << 16)
+}
+
+/// `c = alpha c + a b` with bf16 operands (`alpha` 0 overwrites `c`), for
+/// `a` m x k, `b` k x n and `c` m x n row-major with row stride `c_rs`.
+/// `parallel`: split over the thread pool.
+///
+/// # Safety
+/// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
+pub unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    parallel: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { product_on((m, n, k), c, c_rs, alpha, a, b, parallel, hardware()) }
+}
+
+#[derive(Clone, Copy)]
+struct Shared(*const f32, usize, usize);
+// SAFETY: operands are only read; tasks write disjoint blocks of `c`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The operand (a method, so that closures capture the whole `Shared`).
+    fn get(&self) -> Operand {
+        (self.0, self.1, self.2)
+    }
+}
+
+/// `product`, in hardware or not (`hw`; tests run both).
+///
+/// # Safety
+/// As `product`; `hw` only where `hardware()`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_on(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    parallel: bool,
+    hw: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: element (i, j) of c.
+                unsafe {
+                    let c = c.add(i * c_rs + j);
+                    *c = if alpha == 0.0 { 0.0 } else { alpha * *c };
+                }
+            }
+        }
+        return;
+    }
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    if threads > 1 && k >= 8 * m.max(n) {
+        // A long depth (a gradient through the output layer): split it, each
+        // thread summing into a buffer of its own, rather than pack either
+        // operand once per thread.
+        // SAFETY: the caller's contract.
+        unsafe { depth_split((m, n, k), c, c_rs, alpha, a, b, threads, hw) };
+        return;
+    }
+    let (a, b, c) = (Shared(a.0, a.1, a.2), Shared(b.0, b.1, b.2), Shared(c, c_rs, 0));
+    // Blocks of the longer side; twice as many as threads where each stays
+    // long enough (256) that packing the other operand again is cheap.
+    let (long, step) = if n >= m { (n, NR) } else { (m, MR) };
+    let tasks = if long >= 512 * threads { 2 * threads } else { threads }.min(long.div_ceil(step)).max(1);
+    let per = long.div_ceil(tasks).next_multiple_of(step);
+    let run = |t: usize| {
+        let (r0, r1) = (t * per, ((t + 1) * per).min(long));
+        let (rows, cols) = if n >= m { (0..m, r0..r1) } else { (r0..r1, 0..n) };
+        let (a, b, c) = (a.get(), b.get(), c.get());
+        // SAFETY: the block's rows of `a`, columns of `b` and part of `c`.
+        unsafe {
+            block(
+                (rows.len(), cols.len(), k),
+                c.0.cast_mut().add(rows.start * c_rs + cols.start),
+                c_rs,
+                alpha,
+                (a.0.add(rows.start * a.1), a.1, a.2),
+                (b.0.add(cols.start * b.2), b.1, b.2),
+                hw,
+            )
+        }
+    };
+    let count = long.div_ceil(per);
+    if count == 1 {
+        run(0);
+    } else {
+        (0..count).into_par_iter().for_each(run);
+    }
+}
+
+/// `product_on` over `threads` parts of the depth, the first into `c` and
+/// the rest into buffers then added to it.
+///
+/// # Safety
+/// As `product`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn depth_split(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    threads: usize,
+    hw: bool,
+) {
+    let per = k.div_ceil(threads).next_multiple_of(2);
+    let (a, b, c) = (Shared(a.0, a.1, a.2), Shared(b.0, b.1, b.2), Shared(c, c_rs, 0));
+    let mut parts: Vec<Vec<f32>> = (1..k.div_ceil(per)).map(|_| vec![0f32; m * n]).collect();
+    let run = |t: usize, out: (*mut f32, usize, f32)| {
+        let (a, b) = (a.get(), b.get());
+        let (k0, k1) = (t * per, ((t + 1) * per).min(k));
+        // SAFETY: depth k0..k1 of both operands; `out` is c or a buffer of m x n.
+        unsafe {
+            block(
+                (m, n, k1 - k0),
+                out.0,
+                out.1,
+                out.2,
+                (a.0.add(k0 * a.2), a.1, a.2),
+                (b.0.add(k0 * b.1), b.1, b.2),
+                hw,
+            )
+        }
+    };
+    rayon::scope(|s| {
+        for (t, part) in parts.iter_mut().enumerate() {
+            let out = Shared(part.as_mut_ptr(), n, 0);
+            let run = &run;
+            s.spawn(move |_| run(t + 1, (out.get().0.cast_mut(), n, 0.0)));
+        }
+        run(0, (c.get().0.cast_mut(), c_rs, alpha));
+    });
+    for i in 0..m {
+        // SAFETY: row i of c.
+        let row = unsafe { std::slice::from_raw_parts_mut(c.get().0.cast_mut().add(i * c_rs), n) };
+        for part in &parts {
+            row.iter_mut().zip(&part[i * n..][..n]).for_each(|(c, p)| *c += p);
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's packed blocks of `a` and `b`, kept between products.
+    static PACKED: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// One thread's product of a block, through the BLIS loops.
+///
+/// # Safety
+/// As `product`.
+unsafe fn block(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    hw: bool,
+) {
+    let layout = if a.2 == 1 || a.1 != 1 { Layout::RowWise } else { Layout::PairWise };
+    // Blocks of the depth of even, nearly equal lengths.
+    let depth_blocks = k.div_ceil(KC).max(1);
+    let kc = k.div_ceil(depth_blocks).next_multiple_of(2);
+    let mc_max = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
+    let (mut pa, mut pb) = PACKED.take();
+    pa.resize(mc_max * kc / 2, 0);
+    pb.resize(NC.min(n.next_multiple_of(NR)) * kc / 2, 0);
+    for j0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - j0);
+        for (d, k0) in (0..k).step_by(kc).enumerate() {
+            let kd = kc.min(k - k0);
+            let pairs = kd.div_ceil(2);
+            // SAFETY: columns j0.. of b, depth k0..k0+kd.
+            unsafe { pack_b((b.0.add(j0 * b.2 + k0 * b.1), b.1, b.2), kd, nc, &mut pb, hw) };
+            // The first block of the depth writes c (scaled by alpha); the rest add to it.
+            let beta = if d == 0 { alpha } else { 1.0 };
+            for i0 in (0..m).step_by(mc_max) {
+                let mc = mc_max.min(m - i0);
+                // SAFETY: rows i0.. of a, depth k0..k0+kd.
+                unsafe { pack_a((a.0.add(i0 * a.1 + k0 * a.2), a.1, a.2), mc, kd, layout, &mut pa, hw) };
+                for js in 0..nc.div_ceil(NR) {
+                    let strip_b = &pb[js * pairs * NR..][..pairs * NR];
+                    let cols = NR.min(nc - js * NR);
+                    for is in 0..mc.div_ceil(MR) {
+                        let strip_a = &pa[is * pairs * MR..][..pairs * MR];
+                        let rows = MR.min(mc - is * MR);
+                        let at = c.wrapping_add((i0 + is * MR) * c_rs + j0 + js * NR);
+                        let out = Out { c: at, c_rs, rows, cols, beta };
+                        // SAFETY: the tile's rows and columns of c.
+                        unsafe { tile(strip_a, strip_b, pairs, layout, out, hw) }
+                    }
+                }
+            }
+        }
+    }
+    PACKED.set((pa, pb));
+}
+
+/// Where a tile's sums go: `c = beta c + sums` (`beta` 0: `c` not read).
+struct Out {
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    beta: f32,
+}
+
+/// The pairs of `a` (`mc` rows from its first, depth `kd`) into strips of
+/// MR rows, rows past `mc` and the odd last pair's second half zero.
+///
+/// # Safety
+/// `a` covers mc x kd at its strides.
+unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32], hw: bool) {
+    let pairs = kd.div_ceil(2);
+    #[cfg(target_arch = "x86_64")]
+    if hw && (a.2 == 1 || (layout == Layout::PairWise && a.1 == 1)) {
+        // SAFETY: as above; the host has AVX512_BF16.
+        unsafe { x86::pack_a(a, mc, kd, layout, out) };
+        return;
+    }
+    let at = |i: usize, kk: usize| {
+        // SAFETY: inside mc x kd.
+        if i < mc && kk < kd { round(unsafe { *a.0.add(i * a.1 + kk * a.2) }) as u32 } else { 0 }
+    };
+    for is in 0..mc.div_ceil(MR) {
+        let strip = &mut out[is * pairs * MR..][..pairs * MR];
+        for i in 0..MR {
+            for p in 0..pairs {
+                let (r, kk) = (is * MR + i, 2 * p);
+                let pair = at(r, kk) | (at(r, kk + 1) << 16);
+                match layout {
+                    Layout::RowWise => strip[i * pairs + p] = pair,
+                    Layout::PairWise => strip[p * MR + i] = pair,
+                }
+            }
+        }
+    }
+}
+
+/// The pairs of `b` (depth `kd`, `nc` columns from its first) into strips
+/// of NR columns, pair by pair; columns past `nc` zero.
+///
+/// # Safety
+/// `b` covers kd x nc at its strides.
+unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], hw: bool) {
+    let pairs = kd.div_ceil(2);
+    #[cfg(target_arch = "x86_64")]
+    if hw && (b.1 == 1 || b.2 == 1) {
+        // SAFETY: as above; the host has AVX512_BF16.
+        unsafe { x86::pack_b(b, kd, nc, out) };
+        return;
+    }
+    let at = |kk: usize, j: usize| {
+        // SAFETY: inside kd x nc.
+        if kk < kd && j < nc { round(unsafe { *b.0.add(kk * b.1 + j * b.2) }) as u32 } else { 0 }
+    };
+    for js in 0..nc.div_ceil(NR) {
+        let strip = &mut out[js * pairs * NR..][..pairs * NR];
+        for p in 0..pairs {
+            for j in 0..NR {
+                strip[p * NR + j] = at(2 * p, js * NR + j) | (at(2 * p + 1, js * NR + j) << 16);
+            }
+        }
+    }
+}
+
+/// One tile: `pairs` pairs of a strip of `a` and of `b`, summed into `out`.
+///
+/// # Safety
+/// `out` covers its rows and columns of c.
+unsafe fn tile(a: &[u32], b: &[u32], pairs: usize, layout: Layout, out: Out, hw: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if hw {
+        // SAFETY: as above; the host has AVX512_BF16.
+        unsafe {
+            match layout {
+                Layout::RowWise => x86::tile::<true>(a, b, pairs, out),
+                Layout::PairWise => x86::tile::<false>(a, b, pairs, out),
+            }
+        }
+        return;
+    }
+    let mut sums = [[0f32; NR]; MR];
+    for p in 0..pairs {
+        let bp = &b[p * NR..][..NR];
+        for (i, row) in sums.iter_mut().enumerate() {
+            let x = match layout {
+                Layout::RowWise => a[i * pairs + p],
+                Layout::PairWise => a[p * MR + i],
+            };
+            let (lo, hi) = (widen(x & 0xffff), widen(x >> 16));
+            for (s, y) in row.iter_mut().zip(bp) {
+                *s += hi * widen(y >> 16) + lo * widen(y & 0xffff);
+            }
+        }
+    }
+    for (i, row) in sums.iter().enumerate().take(out.rows) {
+        for (j, s) in row.iter().enumerate().take(out.cols) {
+            // SAFETY: element (i, j) of the tile.
+            unsafe {
+                let c = out.c.add(i * out.c_rs + j);
+                *c = if out.beta == 0.0 { *s } else { out.beta * *c + s };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The packing and the tile with AVX-512 and AVX512_BF16.
+
+    use super::{Layout, MR, NR, Operand, Out};
+    use std::arch::x86_64::*;
+
+    /// Lanes `0..n` of 16.
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 }
+    }
+
+    /// Sixteen floats to bf16 pairs' halves: each in the low 16 bits of a lane.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn halves(x: __m512) -> __m512i {
+        // SAFETY: same-sized vectors.
+        _mm512_cvtepu16_epi32(unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)) })
+    }
+
+    /// The pairs of two rows of sixteen: `even | odd << 16`, lane by lane.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn interleave(even: __m512, odd: __m512) -> __m512i {
+        _mm512_or_si512(halves(even), _mm512_slli_epi32::<16>(halves(odd)))
+    }
+
+    /// Thirty-two consecutive floats (of which `n`) as sixteen pairs.
+    ///
+    /// # Safety
+    /// The first `n` floats at `p` are readable.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pairs32(p: *const f32, n: usize) -> __m512i {
+        // SAFETY: masked loads read only the first n.
+        let (lo, hi) = unsafe {
+            (_mm512_maskz_loadu_ps(mask(n), p), _mm512_maskz_loadu_ps(mask(n.saturating_sub(16)), p.add(16)))
+        };
+        // SAFETY: same-sized vectors; the low half of the result is `lo`'s.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
+    }
+
+    /// # Safety
+    /// As `super::pack_a`, with `a`'s rows contiguous (row-wise) or columns (pair-wise).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32]) {
+        let pairs = kd.div_ceil(2);
+        for is in 0..mc.div_ceil(MR) {
+            let strip = out[is * pairs * MR..][..pairs * MR].as_mut_ptr();
+            let rows = MR.min(mc - is * MR);
+            match layout {
+                Layout::RowWise => {
+                    assert!(a.2 == 1, "bug: row-wise packing of a strided a");
+                    for i in 0..MR {
+                        let row = strip.wrapping_add(i * pairs);
+                        for p0 in (0..pairs).step_by(16) {
+                            let n = if i < rows { kd - 2 * p0 } else { 0 };
+                            // SAFETY: row i's floats 2 p0.. (n of them), pairs p0.. of the strip row.
+                            unsafe {
+                                let v = pairs32(a.0.wrapping_add((is * MR + i) * a.1 + 2 * p0), n);
+                                _mm512_mask_storeu_epi32(row.add(p0).cast(), mask(pairs - p0), v);
+                            }
+                        }
+                    }
+                }
+                Layout::PairWise => {
+                    // Pair p of rows i..: depth 2p and 2p + 1 of MR consecutive rows.
+                    let m = mask(rows);
+                    let col = |kk: usize| {
+                        // SAFETY: depth kk (< kd) of the strip's rows, which are contiguous.
+                        if kk < kd {
+                            unsafe { _mm512_maskz_loadu_ps(m, a.0.add(kk * a.2 + is * MR)) }
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    };
+                    for p in 0..pairs {
+                        let v = interleave(col(2 * p), col(2 * p + 1));
+                        // SAFETY: MR lanes at pair p of the strip.
+                        unsafe { _mm512_mask_storeu_epi32(strip.add(p * MR).cast(), mask(MR), v) };
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As `super::pack_b`, with `b`'s rows (b.2 == 1) or columns (b.1 == 1) contiguous.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32]) {
+        let pairs = kd.div_ceil(2);
+        for js in 0..nc.div_ceil(NR) {
+            let strip = out[js * pairs * NR..][..pairs * NR].as_mut_ptr();
+            for half in 0..2 {
+                let j0 = js * NR + half * 16;
+                let cols = nc.saturating_sub(j0).min(16);
+                if b.2 == 1 {
+                    // Rows contiguous: two rows' sixteen columns make sixteen pairs.
+                    let row = |kk: usize| {
+                        // SAFETY: row kk (< kd), columns j0..j0 + cols.
+                        if kk < kd {
+                            unsafe { _mm512_maskz_loadu_ps(mask(cols), b.0.add(kk * b.1 + j0)) }
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    };
+                    for p in 0..pairs {
+                        // SAFETY: sixteen lanes of pair p in the strip.
+                        unsafe {
+                            _mm512_storeu_si512(
+                                strip.add(p * NR + half * 16).cast(),
+                                interleave(row(2 * p), row(2 * p + 1)),
+                            )
+                        };
+                    }
+                } else {
+                    // Columns contiguous: each column's pairs, sixteen columns
+                    // by sixteen pairs at a time, transposed.
+                    for p0 in (0..pairs).step_by(16) {
+                        let mut t = [_mm512_setzero_si512(); 16];
+                        for (j, v) in t.iter_mut().enumerate().take(cols) {
+                            // SAFETY: column j0 + j's depth 2 p0.. (up to kd).
+                            *v = unsafe { pairs32(b.0.add((j0 + j) * b.2 + 2 * p0), kd - 2 * p0) };
+                        }
+                        let t = transpose(t);
+                        for (p, v) in t.iter().enumerate().take(pairs - p0) {
+                            // SAFETY: sixteen lanes of pair p0 + p in the strip.
+                            unsafe { _mm512_storeu_si512(strip.add((p0 + p) * NR + half * 16).cast(), *v) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A 16 x 16 matrix of u32 transposed: unpacks of 32 and 64 bits, then
+    /// two rounds of 128-bit lane shuffles.
+    #[target_feature(enable = "avx512f")]
+    fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            let (x, y) = (4 * i, 4 * i + 2);
+            u[4 * i] = _mm512_unpacklo_epi64(t[x], t[y]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[x], t[y]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[x + 1], t[y + 1]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[x + 1], t[y + 1]);
+        }
+        // u[4q + s] holds rows 4q..4q+3, column s of each 128-bit lane.
+        let mut v = [_mm512_setzero_si512(); 16];
+        for q in 0..2 {
+            for s in 0..4 {
+                let (x, y) = (u[8 * q + s], u[8 * q + 4 + s]);
+                v[8 * q + s] = _mm512_shuffle_i32x4::<0x88>(x, y);
+                v[8 * q + 4 + s] = _mm512_shuffle_i32x4::<0xdd>(x, y);
+            }
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for s in 0..8 {
+            out[s] = _mm512_shuffle_i32x4::<0x88>(v[s], v[8 + s]);
+            out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v[s], v[8 + s]);
+        }
+        out
+    }
+
+    /// # Safety
+    /// As `super::tile`; `ROW_WISE` as `a` was packed.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn tile<const ROW_WISE: bool>(a: &[u32], b: &[u32], pairs: usize, out: Out) {
+        // The tile of c is asked for now, to be in cache when the sums are
+        // written: otherwise each row's first store waits on memory.
+        for i in 0..out.rows {
+            let row = out.c.wrapping_add(i * out.c_rs);
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16).cast());
+        }
+        let mut sums = [[_mm512_setzero_ps(); 2]; MR];
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        for p in 0..pairs {
+            // SAFETY: pair p of the strips.
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let x = *a.add(if ROW_WISE { i * pairs + p } else { p * MR + i });
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x as i32));
+                    s[0] = _mm512_dpbf16_ps(s[0], x, b0);
+                    s[1] = _mm512_dpbf16_ps(s[1], x, b1);
+                }
+            }
+        }
+        let masks = [mask(out.cols), mask(out.cols.saturating_sub(16))];
+        let beta = _mm512_set1_ps(out.beta);
+        for (i, s) in sums.iter().enumerate().take(out.rows) {
+            for h in 0..2 {
+                // SAFETY: row i's columns of the tile (masked).
+                unsafe {
+                    let c = out.c.add(i * out.c_rs + 16 * h);
+                    let v = if out.beta == 0.0 {
+                        s[h]
+                    } else {
+                        _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(masks[h], c), s[h])
+                    };
+                    _mm512_mask_storeu_ps(c, masks[h], v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product of bf16-rounded operands, in f64.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: bool, tb: bool) -> Vec<f64> {
+        let r = |x: f32| widen(round(x) as u32) as f64;
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|kk| {
+                        let x = if ta { a[kk * m + i] } else { a[i * k + kk] };
+                        let y = if tb { b[j * k + kk] } else { b[kk * n + j] };
+                        r(x) * r(y)
+                    })
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between two bf16: ties go to the even one (1.0).
+        assert_eq!(round(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(round(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(widen(round(f32::NAN) as u32).is_nan());
+    }
+
+    #[test]
+    fn products_equal_the_rounded_operands_product() {
+        // Edges of every block: tiles, depth blocks, odd depths, row and
+        // column panels, each operand plain and transposed.
+        let hw = [false, hardware()];
+        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (25, 70, 321), (200, 40, 650), (5, 4200, 3), (40, 9, 64)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let (a, b) = (values(m * k, 1), values(k * n, 2));
+                let want = reference(m, n, k, &a, &b, ta, tb);
+                for &hw in &hw[..if hardware() { 2 } else { 1 }] {
+                    for alpha in [0.0f32, 0.5] {
+                        let prior = values(m * n, 3);
+                        let mut c = prior.clone();
+                        let ao = if ta { (a.as_ptr(), 1, m) } else { (a.as_ptr(), k, 1) };
+                        let bo = if tb { (b.as_ptr(), 1, k) } else { (b.as_ptr(), n, 1) };
+                        // SAFETY: the operands and c cover their shapes.
+                        unsafe { product_on((m, n, k), c.as_mut_ptr(), n, alpha, ao, bo, true, hw) };
+                        for (idx, got) in c.iter().enumerate() {
+                            let want = want[idx] + alpha as f64 * prior[idx] as f64;
+                            // f32 sums of k exact products.
+                            let bound = 1e-6 * (k as f64).sqrt().max(1.0) * 4.0 + 1e-6 * want.abs();
+                            assert!(
+                                (*got as f64 - want).abs() <= bound,
+                                "{m}x{n}x{k} ta {ta} tb {tb} hw {hw} alpha {alpha}: c[{idx}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
