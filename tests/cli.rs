@@ -843,6 +843,52 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     std::fs::remove_file(&svg).unwrap();
 }
 
+/// `train --precision bf16` (or the spec's `precision: bf16`): products with
+/// bf16 operands train to losses near the f32 run's but not equal to them
+/// (the rounding is real), the flag and the spec setting are the same run,
+/// and an unknown precision is refused by name.
+#[test]
+fn bf16_products_train_close_to_f32() {
+    let dir = corpus_dir("bf16");
+    let data = dir.join("data.txt");
+    let spec = dir.join("tiny-bf16.model");
+    let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
+    std::fs::write(&spec, text.replace("        clip: 1.0\n", "        clip: 1.0\n        precision: bf16\n")).unwrap();
+    let run = |name: &str, spec: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let args = ["train", spec, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let rest = ["--steps", "4", "--batch", "8", "--seq-len", "64", "--seed", "5"];
+        let (code, _, err) = modelc(&[&args[..], &rest[..], extra].concat());
+        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect();
+        (code, err, losses)
+    };
+    let (code, err, f32) = run("f32", "specs/tiny-gpt.model", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("products in bf16"), "{err}");
+    let (code, err, bf16) = run("bf16", "specs/tiny-gpt.model", &["--precision", "bf16"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(", products in bf16"), "{err}");
+    assert_eq!((f32.len(), bf16.len()), (4, 4));
+    assert_ne!(f32, bf16, "bf16 operands change the sums");
+    for (a, b) in f32.iter().zip(&bf16) {
+        assert!((a - b).abs() < 0.01 * a, "f32 {f32:?} against bf16 {bf16:?}");
+    }
+    let (code, err, from_spec) = run("spec", spec.to_str().unwrap(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(from_spec, bf16, "the spec's `precision: bf16` is --precision bf16");
+    let (code, err, _) = run("f16", "specs/tiny-gpt.model", &["--precision", "f16"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid value 'f16' for '--precision") && err.contains("[possible values: f32, bf16]"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `train --memory-budget`: a budget the default plan fits changes nothing;
 /// a smaller one recomputes activations between checkpoints, says what it
 /// costs and trains to the same losses; one nothing fits is refused with

@@ -140,6 +140,15 @@ fn setting(settings: &[(String, Value)], key: &str, flag: Option<f64>, default: 
     flag.or_else(|| settings.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_f64())).unwrap_or(default)
 }
 
+/// A setting that names a choice, quoted (`"linear"`) or bare (`bf16`).
+fn word(v: &Value) -> String {
+    match v {
+        Value::Str(name) => name.clone(),
+        Value::Record(name, fields) if fields.is_empty() => name.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// Everything the run needs to know, resolved from flags and the spec.
 struct Settings {
     seed: u64,
@@ -198,20 +207,14 @@ fn settings(args: &TrainArgs, s: &[(String, Value)]) -> Result<Settings, String>
             other => return Err(format!("--optimizer {other}: expected adamw or sgd")),
         };
     let clip = flags::check("clip", setting(s, "clip", args.clip, 0.0), flags::non_negative)?;
-    let spec_schedule = s.iter().find(|(k, _)| k == "schedule").map(|(_, v)| match v {
-        Value::Str(name) => name.clone(),
-        other => other.to_string(),
-    });
+    let spec_schedule = s.iter().find(|(k, _)| k == "schedule").map(|(_, v)| word(v));
     let schedule = match args.schedule.clone().or(spec_schedule).as_deref().unwrap_or("cosine") {
         "cosine" => Schedule::Cosine,
         "linear" => Schedule::Linear,
         "constant" => Schedule::Constant,
         other => return Err(format!("schedule `{other}`: expected cosine, linear or constant")),
     };
-    let spec_precision = s.iter().find(|(k, _)| k == "precision").map(|(_, v)| match v {
-        Value::Str(name) => name.clone(),
-        other => other.to_string(),
-    });
+    let spec_precision = s.iter().find(|(k, _)| k == "precision").map(|(_, v)| word(v));
     let products = crate::cpu::Products::parse(args.precision.clone().or(spec_precision).as_deref().unwrap_or("f32"))?;
     flags::check("weight_decay", wd, flags::non_negative)?;
     let epochs = args.epochs.or_else(|| s.iter().find(|(k, _)| k == "epochs").and_then(|(_, v)| v.as_f64()));
