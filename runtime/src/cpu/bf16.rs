@@ -92,8 +92,91 @@ pub unsafe fn product(
     parallel: bool,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { product_on((m, n, k), c, c_rs, alpha, a, b, parallel, hardware()) }
+    unsafe { product_on((m, n, k), c, c_rs, alpha, a, Rhs::Pack(b), parallel, hardware()) }
 }
+
+/// `product` against a `b` packed beforehand: `c = alpha c + a b` for `a`
+/// m x k (at its strides) and `c` m x n.
+///
+/// # Safety
+/// As `product`.
+pub unsafe fn product_packed(m: usize, c: *mut f32, c_rs: usize, alpha: f32, a: Operand, b: &PackedB, parallel: bool) {
+    // SAFETY: the caller's contract.
+    unsafe { product_on((m, b.n, b.k), c, c_rs, alpha, a, Rhs::Packed(b), parallel, b.hw) }
+}
+
+/// The length of each block of a depth of `k` (even, and the blocks of
+/// nearly equal lengths).
+fn depth_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).next_multiple_of(2)
+}
+
+/// A right-hand side `b` (k x n) packed once for many products: a weight
+/// that every block of rows of a row group multiplies. Every panel of NC
+/// columns of every block of the depth, each in a slot of its own.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    kc: usize,
+    /// u32 a slot holds: pairs of a depth block by the columns of a panel.
+    slot: usize,
+    panels: usize,
+    data: Vec<u32>,
+    hw: bool,
+}
+
+impl PackedB {
+    /// Packs `b` (k x n at its strides), on the thread pool when `parallel`.
+    ///
+    /// # Safety
+    /// `b` covers k x n at its strides.
+    pub unsafe fn new(b: Operand, k: usize, n: usize, parallel: bool) -> PackedB {
+        // SAFETY: the caller's contract.
+        unsafe { PackedB::new_on(b, k, n, parallel, hardware()) }
+    }
+
+    unsafe fn new_on(b: Operand, k: usize, n: usize, parallel: bool, hw: bool) -> PackedB {
+        let kc = depth_block(k);
+        let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
+        let slot = kc / 2 * NC.min(n.next_multiple_of(NR));
+        let mut data = vec![0u32; slot * panels * depths];
+        let b = Shared(b.0, b.1, b.2);
+        let pack = |(i, out): (usize, &mut [u32])| {
+            let (d, p) = (i / panels, i % panels);
+            let (k0, j0) = (d * kc, p * NC);
+            let b = b.get();
+            // SAFETY: columns j0.. and depth k0.. of b.
+            unsafe { pack_b((b.0.add(j0 * b.2 + k0 * b.1), b.1, b.2), kc.min(k - k0), NC.min(n - j0), out, hw) }
+        };
+        if parallel && data.len() > 1 << 16 {
+            data.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
+        }
+        PackedB { k, n, kc, slot, panels, data, hw }
+    }
+
+    /// Columns of `b`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The slot of depth block `d` and the panel from column `j0` (a multiple of NC).
+    fn panel(&self, d: usize, j0: usize) -> &[u32] {
+        &self.data[(d * self.panels + j0 / NC) * self.slot..][..self.slot]
+    }
+}
+
+/// A product's right-hand side: to pack as it goes, or packed.
+#[derive(Clone, Copy)]
+enum Rhs<'a> {
+    Pack(Operand),
+    Packed(&'a PackedB),
+}
+
+// SAFETY: operands are only read.
+unsafe impl Send for Rhs<'_> {}
+unsafe impl Sync for Rhs<'_> {}
 
 #[derive(Clone, Copy)]
 struct Shared(*const f32, usize, usize);
@@ -119,7 +202,7 @@ unsafe fn product_on(
     c_rs: usize,
     alpha: f32,
     a: Operand,
-    b: Operand,
+    b: Rhs,
     parallel: bool,
     hw: bool,
 ) {
@@ -139,7 +222,10 @@ unsafe fn product_on(
         return;
     }
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    if threads > 1 && k >= 8 * m.max(n) {
+    if let Rhs::Pack(b) = b
+        && threads > 1
+        && k >= 8 * m.max(n)
+    {
         // A long depth (a gradient through the output layer): split it, each
         // thread summing into a buffer of its own, rather than pack either
         // operand once per thread.
@@ -147,7 +233,7 @@ unsafe fn product_on(
         unsafe { depth_split((m, n, k), c, c_rs, alpha, a, b, threads, hw) };
         return;
     }
-    let (a, b, c) = (Shared(a.0, a.1, a.2), Shared(b.0, b.1, b.2), Shared(c, c_rs, 0));
+    let (a, c) = (Shared(a.0, a.1, a.2), Shared(c, c_rs, 0));
     // Blocks of the longer side; twice as many as threads where each stays
     // long enough (256) that packing the other operand again is cheap.
     let (long, step) = if n >= m { (n, NR) } else { (m, MR) };
@@ -156,16 +242,17 @@ unsafe fn product_on(
     let run = |t: usize| {
         let (r0, r1) = (t * per, ((t + 1) * per).min(long));
         let (rows, cols) = if n >= m { (0..m, r0..r1) } else { (r0..r1, 0..n) };
-        let (a, b, c) = (a.get(), b.get(), c.get());
-        // SAFETY: the block's rows of `a`, columns of `b` and part of `c`.
+        let (a, c) = (a.get(), c.get());
+        // SAFETY: the block's rows of `a` and `c`, and columns `cols` of `b` and `c`.
         unsafe {
             block(
-                (rows.len(), cols.len(), k),
-                c.0.cast_mut().add(rows.start * c_rs + cols.start),
+                (rows.len(), k),
+                cols,
+                c.0.cast_mut().add(rows.start * c_rs),
                 c_rs,
                 alpha,
                 (a.0.add(rows.start * a.1), a.1, a.2),
-                (b.0.add(cols.start * b.2), b.1, b.2),
+                b,
                 hw,
             )
         }
@@ -203,12 +290,13 @@ unsafe fn depth_split(
         // SAFETY: depth k0..k1 of both operands; `out` is c or a buffer of m x n.
         unsafe {
             block(
-                (m, n, k1 - k0),
+                (m, k1 - k0),
+                0..n,
                 out.0,
                 out.1,
                 out.2,
                 (a.0.add(k0 * a.2), a.1, a.2),
-                (b.0.add(k0 * b.1), b.1, b.2),
+                Rhs::Pack((b.0.add(k0 * b.1), b.1, b.2)),
                 hw,
             )
         }
@@ -235,48 +323,72 @@ thread_local! {
     static PACKED: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
-/// One thread's product of a block, through the BLIS loops.
+/// One thread's product of `m` rows and the columns `cols` (multiples of
+/// NR apart from the end), through the BLIS loops; `c` is its first row's
+/// column 0, `b` all of the right-hand side.
 ///
 /// # Safety
 /// As `product`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block(
-    (m, n, k): (usize, usize, usize),
+    (m, k): (usize, usize),
+    cols: std::ops::Range<usize>,
     c: *mut f32,
     c_rs: usize,
     alpha: f32,
     a: Operand,
-    b: Operand,
+    b: Rhs,
     hw: bool,
 ) {
     let layout = if a.2 == 1 || a.1 != 1 { Layout::RowWise } else { Layout::PairWise };
-    // Blocks of the depth of even, nearly equal lengths.
-    let depth_blocks = k.div_ceil(KC).max(1);
-    let kc = k.div_ceil(depth_blocks).next_multiple_of(2);
+    let kc = match b {
+        Rhs::Pack(_) => depth_block(k),
+        Rhs::Packed(p) => p.kc,
+    };
     let mc_max = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
     let (mut pa, mut pb) = PACKED.take();
     pa.resize(mc_max * kc / 2, 0);
-    pb.resize(NC.min(n.next_multiple_of(NR)) * kc / 2, 0);
-    for j0 in (0..n).step_by(NC) {
-        let nc = NC.min(n - j0);
+    if let Rhs::Pack(_) = b {
+        pb.resize(NC.min(cols.len().next_multiple_of(NR)) * kc / 2, 0);
+    }
+    // Runs of columns in one panel: NC from the start when packing here,
+    // split where the packed panels are.
+    let mut segments = Vec::new();
+    let mut j = cols.start;
+    while j < cols.end {
+        let end = match b {
+            Rhs::Pack(_) => (j + NC).min(cols.end),
+            Rhs::Packed(_) => (j / NC + 1).saturating_mul(NC).min(cols.end),
+        };
+        segments.push(j..end);
+        j = end;
+    }
+    for seg in segments {
         for (d, k0) in (0..k).step_by(kc).enumerate() {
             let kd = kc.min(k - k0);
             let pairs = kd.div_ceil(2);
-            // SAFETY: columns j0.. of b, depth k0..k0+kd.
-            unsafe { pack_b((b.0.add(j0 * b.2 + k0 * b.1), b.1, b.2), kd, nc, &mut pb, hw) };
+            let (panel, first_strip) = match b {
+                Rhs::Pack(b) => {
+                    // SAFETY: columns seg of b, depth k0..k0+kd.
+                    unsafe { pack_b((b.0.add(seg.start * b.2 + k0 * b.1), b.1, b.2), kd, seg.len(), &mut pb, hw) };
+                    (&pb[..], 0)
+                }
+                Rhs::Packed(p) => (p.panel(d, seg.start / NC * NC), seg.start % NC / NR),
+            };
             // The first block of the depth writes c (scaled by alpha); the rest add to it.
             let beta = if d == 0 { alpha } else { 1.0 };
             for i0 in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - i0);
                 // SAFETY: rows i0.. of a, depth k0..k0+kd.
                 unsafe { pack_a((a.0.add(i0 * a.1 + k0 * a.2), a.1, a.2), mc, kd, layout, &mut pa, hw) };
-                for js in 0..nc.div_ceil(NR) {
-                    let strip_b = &pb[js * pairs * NR..][..pairs * NR];
-                    let cols = NR.min(nc - js * NR);
+                for js in 0..seg.len().div_ceil(NR) {
+                    let strip_b = &panel[(first_strip + js) * pairs * NR..][..pairs * NR];
+                    let width = NR.min(seg.len() - js * NR);
                     for is in 0..mc.div_ceil(MR) {
                         let strip_a = &pa[is * pairs * MR..][..pairs * MR];
                         let rows = MR.min(mc - is * MR);
-                        let at = c.wrapping_add((i0 + is * MR) * c_rs + j0 + js * NR);
-                        let out = Out { c: at, c_rs, rows, cols, beta };
+                        let at = c.wrapping_add((i0 + is * MR) * c_rs + seg.start + js * NR);
+                        let out = Out { c: at, c_rs, rows, cols: width, beta };
                         // SAFETY: the tile's rows and columns of c.
                         unsafe { tile(strip_a, strip_b, pairs, layout, out, hw) }
                     }
@@ -658,20 +770,25 @@ mod tests {
                 let (a, b) = (values(m * k, 1), values(k * n, 2));
                 let want = reference(m, n, k, &a, &b, ta, tb);
                 for &hw in &hw[..if hardware() { 2 } else { 1 }] {
-                    for alpha in [0.0f32, 0.5] {
+                    let ao = if ta { (a.as_ptr(), 1, m) } else { (a.as_ptr(), k, 1) };
+                    let bo = if tb { (b.as_ptr(), 1, k) } else { (b.as_ptr(), n, 1) };
+                    // SAFETY: b covers k x n.
+                    let packed = unsafe { PackedB::new_on(bo, k, n, true, hw) };
+                    for (alpha, prepacked, parallel) in
+                        [(0.0f32, false, true), (0.5, false, false), (0.0, true, true), (0.5, true, false)]
+                    {
                         let prior = values(m * n, 3);
                         let mut c = prior.clone();
-                        let ao = if ta { (a.as_ptr(), 1, m) } else { (a.as_ptr(), k, 1) };
-                        let bo = if tb { (b.as_ptr(), 1, k) } else { (b.as_ptr(), n, 1) };
+                        let rhs = if prepacked { Rhs::Packed(&packed) } else { Rhs::Pack(bo) };
                         // SAFETY: the operands and c cover their shapes.
-                        unsafe { product_on((m, n, k), c.as_mut_ptr(), n, alpha, ao, bo, true, hw) };
+                        unsafe { product_on((m, n, k), c.as_mut_ptr(), n, alpha, ao, rhs, parallel, hw) };
                         for (idx, got) in c.iter().enumerate() {
                             let want = want[idx] + alpha as f64 * prior[idx] as f64;
                             // f32 sums of k exact products.
                             let bound = 1e-6 * (k as f64).sqrt().max(1.0) * 4.0 + 1e-6 * want.abs();
                             assert!(
                                 (*got as f64 - want).abs() <= bound,
-                                "{m}x{n}x{k} ta {ta} tb {tb} hw {hw} alpha {alpha}: c[{idx}] = {got}, want {want}"
+                                "{m}x{n}x{k} ta {ta} tb {tb} hw {hw} alpha {alpha} packed {prepacked}: c[{idx}] = {got}, want {want}"
                             );
                         }
                     }

@@ -719,6 +719,8 @@ impl Program {
                 a: Loc,
                 b: SendPtr,
                 packed: Option<&'f Packed>,
+                /// `b` packed as bf16 once for every block (`Products::Bf16`).
+                bf16: Option<bf16::PackedB>,
                 out: Loc,
                 k: usize,
                 n: usize,
@@ -755,10 +757,16 @@ impl Program {
                         let (a, b) = (node.args[0], node.args[1]);
                         let (k, columns) =
                             (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
+                        let (b, packed) = (self.pointer(b, base, feeds), self.packed(*n, feeds));
+                        let b_strides = if tb { (1, k) } else { (columns, 1) };
+                        let bf16 = (self.products == Products::Bf16 && packed.is_none())
+                            // SAFETY: b is k x columns at these strides.
+                            .then(|| unsafe { bf16::PackedB::new((b, b_strides.0, b_strides.1), k, columns, true) });
                         Some(Part::Product {
                             a: loc(a),
-                            b: SendPtr(self.pointer(b, base, feeds)),
-                            packed: self.packed(*n, feeds),
+                            b: SendPtr(b),
+                            packed,
+                            bf16,
                             out: loc(*n),
                             k,
                             n: columns,
@@ -827,7 +835,22 @@ impl Program {
                         // parts before it wrote for this block, or values complete before the group.
                         unsafe { f(ptrs.as_ptr(), (r0 * per_row) as i64, (r1 * per_row) as i64) }
                     }
-                    Part::Product { a, b, packed, out, k, n, tb, parallel } => {
+                    Part::Product { a, bf16: Some(w), out, k, parallel, .. } => {
+                        let (k, m) = (*k, r1 - r0);
+                        // SAFETY: rows r0..r1 of a (k each) and of the output (n each).
+                        unsafe {
+                            bf16::product_packed(
+                                m,
+                                at(out).add(r0 * w.n()),
+                                w.n(),
+                                0.0,
+                                (at(a).add(r0 * k), k, 1),
+                                w,
+                                *parallel,
+                            )
+                        }
+                    }
+                    Part::Product { a, b, packed, out, k, n, tb, parallel, .. } => {
                         let (k, n, m) = (*k, *n, r1 - r0);
                         let b_strides = if *tb { (1, k) } else { (n, 1) };
                         let rhs = match packed {
