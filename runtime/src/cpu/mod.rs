@@ -204,6 +204,10 @@ pub struct Program {
     fed: Vec<(String, Vec<usize>)>,
     /// How its matrix products multiply.
     products: Products,
+    /// Weights packed as bf16 for products (`Products::Bf16`), by weight
+    /// and strides (orientation), kept for one run: the output layer's weight is
+    /// read by every row chunk of the logits, forward and backward.
+    weights_bf16: std::sync::Mutex<HashMap<(NodeId, usize, usize), std::sync::Arc<bf16::PackedB>>>,
 }
 
 impl Drop for Program {
@@ -503,6 +507,7 @@ impl Program {
             arena,
             profile,
             products: options.products,
+            weights_bf16: Default::default(),
             state,
             profile_id,
             first_leaf,
@@ -622,6 +627,8 @@ impl Program {
         }
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena: &mut Vec<f32> = &mut guard;
+        // Weights may have changed since the last run.
+        self.weights_bf16.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let timing = self.profile.is_some() || self.profile_id.is_some();
         let run_started = self.profile_id.map(|_| std::time::Instant::now());
         for (k, (kernel, compiled)) in self.schedule.kernels.iter().zip(&self.kernels).enumerate() {
@@ -720,7 +727,7 @@ impl Program {
                 b: SendPtr,
                 packed: Option<&'f Packed>,
                 /// `b` packed as bf16 once for every block (`Products::Bf16`).
-                bf16: Option<bf16::PackedB>,
+                bf16: Option<std::sync::Arc<bf16::PackedB>>,
                 out: Loc,
                 k: usize,
                 n: usize,
@@ -761,7 +768,7 @@ impl Program {
                         let b_strides = if tb { (1, k) } else { (columns, 1) };
                         let bf16 = (self.products == Products::Bf16 && packed.is_none())
                             // SAFETY: b is k x columns at these strides.
-                            .then(|| unsafe { bf16::PackedB::new((b, b_strides.0, b_strides.1), k, columns, true) });
+                            .then(|| unsafe { self.bf16_rhs(*n, (b, b_strides.0, b_strides.1), k, columns) });
                         Some(Part::Product {
                             a: loc(a),
                             b: SendPtr(b),
@@ -935,6 +942,28 @@ impl Program {
     }
 
     /// The packed weight a product multiplies by, if its right operand is one.
+    /// The right operand `b` (k x n) of the product `product`, packed as
+    /// bf16: a weight once a run, anything else each time.
+    ///
+    /// # Safety
+    /// `b` covers k x n at its strides.
+    unsafe fn bf16_rhs(
+        &self,
+        product: NodeId,
+        b: kernels::Operand,
+        k: usize,
+        n: usize,
+    ) -> std::sync::Arc<bf16::PackedB> {
+        // SAFETY: the caller's contract.
+        let pack = || std::sync::Arc::new(unsafe { bf16::PackedB::new(b, k, n, true) });
+        let weight = self.graph.node(product).args[1];
+        if !matches!(self.graph.node(weight).op, Op::Param(_)) {
+            return pack();
+        }
+        let mut cache = self.weights_bf16.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry((weight, b.1, b.2)).or_insert_with(pack).clone()
+    }
+
     fn packed<'f>(&self, product: NodeId, feeds: &Given<'f>) -> Option<&'f Packed> {
         self.packed_arg(product, 1, feeds)
     }
@@ -1046,6 +1075,27 @@ impl Program {
             let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
             let (ap, bp) = (SendPtr(ap as *mut f32), SendPtr(bp as *mut f32));
             let packed = if batch == 1 { self.packed(n, feeds) } else { None };
+            // A weight (batch 1) packed as bf16 once a run.
+            let weight_bf16 = (self.products == Products::Bf16 && packed.is_none() && batch == 1)
+                .then(|| matches!(self.graph.node(b).op, Op::Param(_)))
+                .filter(|w| *w)
+                // SAFETY: b is k x cols at these strides.
+                .map(|_| unsafe { self.bf16_rhs(n, (bp.get(), b_rs, b_cs), k, cols) });
+            if let Some(w) = &weight_bf16 {
+                // SAFETY: a covers rows x k at its strides; out is rows x cols.
+                unsafe {
+                    bf16::product_packed(
+                        rows,
+                        out.as_mut_ptr(),
+                        cols,
+                        0.0,
+                        (ap.get(), a_rs, a_cs),
+                        w,
+                        packed::worth_threads(rows, cols, k),
+                    )
+                };
+                return Ok(());
+            }
             let product = |bi: usize, out: &mut [f32], parallel: bool| {
                 let (ao, bo) = (bi * rows * k, bi * k * cols);
                 let rhs = match packed {
