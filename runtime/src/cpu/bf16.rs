@@ -156,6 +156,34 @@ impl PackedB {
         PackedB { k, n, kc, slot, panels, data, hw }
     }
 
+    /// A weight stored as bf16 rows (`[n, k]`, used as `x @ w^T`): `b` is
+    /// its transpose, whose pairs are the rows' pairs as they lie. Needs
+    /// the hardware (`hardware()`) and an even `k`.
+    pub fn from_rows(w: &[u16], n: usize, k: usize, parallel: bool) -> PackedB {
+        assert!(hardware() && k.is_multiple_of(2) && w.len() == n * k, "bug: bf16 rows {n} x {k} cannot be packed");
+        let kc = depth_block(k);
+        let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
+        let slot = kc / 2 * NC.min(n.next_multiple_of(NR));
+        let mut data = vec![0u32; slot * panels * depths];
+        let pack = |(i, out): (usize, &mut [u32])| {
+            let (d, p) = (i / panels, i % panels);
+            let (k0, j0) = (d * kc, p * NC);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: rows j0.. of w from depth k0; the host has AVX512_BF16 (asserted).
+            unsafe {
+                x86::pack_rows(w.as_ptr().add(j0 * k + k0), k, kc.min(k - k0), NC.min(n - j0), out)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (out, k0, j0);
+        };
+        if parallel && data.len() > 1 << 16 {
+            data.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
+        }
+        PackedB { k, n, kc, slot, panels, data, hw: true }
+    }
+
     /// Columns of `b`.
     pub fn n(&self) -> usize {
         self.n
@@ -595,45 +623,80 @@ mod x86 {
     /// As `super::pack_b`, with `b`'s rows (b.2 == 1) or columns (b.1 == 1) contiguous.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32]) {
+        if b.2 != 1 {
+            // Columns contiguous: 32 floats of a column are 16 of its pairs.
+            // SAFETY: column j's depth 2 p0.. (up to kd).
+            let load = |j: usize, p0: usize| unsafe { pairs32(b.0.add(j * b.2 + 2 * p0), kd - 2 * p0) };
+            // SAFETY: as above.
+            return unsafe { pack_columns(kd, nc, out, load) };
+        }
         let pairs = kd.div_ceil(2);
         for js in 0..nc.div_ceil(NR) {
             let strip = out[js * pairs * NR..][..pairs * NR].as_mut_ptr();
             for half in 0..2 {
                 let j0 = js * NR + half * 16;
                 let cols = nc.saturating_sub(j0).min(16);
-                if b.2 == 1 {
-                    // Rows contiguous: two rows' sixteen columns make sixteen pairs.
-                    let row = |kk: usize| {
-                        // SAFETY: row kk (< kd), columns j0..j0 + cols.
-                        if kk < kd {
-                            unsafe { _mm512_maskz_loadu_ps(mask(cols), b.0.add(kk * b.1 + j0)) }
-                        } else {
-                            _mm512_setzero_ps()
-                        }
-                    };
-                    for p in 0..pairs {
-                        // SAFETY: sixteen lanes of pair p in the strip.
-                        unsafe {
-                            _mm512_storeu_si512(
-                                strip.add(p * NR + half * 16).cast(),
-                                interleave(row(2 * p), row(2 * p + 1)),
-                            )
-                        };
+                // Rows contiguous: two rows' sixteen columns make sixteen pairs.
+                let row = |kk: usize| {
+                    // SAFETY: row kk (< kd), columns j0..j0 + cols.
+                    if kk < kd {
+                        unsafe { _mm512_maskz_loadu_ps(mask(cols), b.0.add(kk * b.1 + j0)) }
+                    } else {
+                        _mm512_setzero_ps()
                     }
-                } else {
-                    // Columns contiguous: each column's pairs, sixteen columns
-                    // by sixteen pairs at a time, transposed.
-                    for p0 in (0..pairs).step_by(16) {
-                        let mut t = [_mm512_setzero_si512(); 16];
-                        for (j, v) in t.iter_mut().enumerate().take(cols) {
-                            // SAFETY: column j0 + j's depth 2 p0.. (up to kd).
-                            *v = unsafe { pairs32(b.0.add((j0 + j) * b.2 + 2 * p0), kd - 2 * p0) };
-                        }
-                        let t = transpose(t);
-                        for (p, v) in t.iter().enumerate().take(pairs - p0) {
-                            // SAFETY: sixteen lanes of pair p0 + p in the strip.
-                            unsafe { _mm512_storeu_si512(strip.add((p0 + p) * NR + half * 16).cast(), *v) };
-                        }
+                };
+                for p in 0..pairs {
+                    // SAFETY: sixteen lanes of pair p in the strip.
+                    unsafe {
+                        _mm512_storeu_si512(
+                            strip.add(p * NR + half * 16).cast(),
+                            interleave(row(2 * p), row(2 * p + 1)),
+                        )
+                    };
+                }
+            }
+        }
+    }
+
+    /// Rows of bf16 weights (`[n, k]`, row stride `k`, from depth `k0`; `kd`
+    /// even) as `b`'s columns: each row's pairs are already u32s.
+    ///
+    /// # Safety
+    /// `w` covers nc rows of k0 + kd halves at stride `k`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn pack_rows(w: *const u16, k: usize, kd: usize, nc: usize, out: &mut [u32]) {
+        let pairs = kd / 2;
+        // SAFETY: row j's pairs p0.. (up to kd / 2).
+        let load = |j: usize, p0: usize| unsafe {
+            _mm512_maskz_loadu_epi32(mask(pairs - p0), w.add(j * k + 2 * p0).cast::<i32>())
+        };
+        // SAFETY: as above.
+        unsafe { pack_columns(kd, nc, out, load) }
+    }
+
+    /// Strips of columns whose pairs `load(column, p0)` gives sixteen at a
+    /// time (pairs p0..p0 + 16, zero past the depth): sixteen columns by
+    /// sixteen pairs, transposed.
+    ///
+    /// # Safety
+    /// `load` reads only inside its operand.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_columns(kd: usize, nc: usize, out: &mut [u32], load: impl Fn(usize, usize) -> __m512i) {
+        let pairs = kd.div_ceil(2);
+        for js in 0..nc.div_ceil(NR) {
+            let strip = out[js * pairs * NR..][..pairs * NR].as_mut_ptr();
+            for half in 0..2 {
+                let j0 = js * NR + half * 16;
+                let cols = nc.saturating_sub(j0).min(16);
+                for p0 in (0..pairs).step_by(16) {
+                    let mut t = [_mm512_setzero_si512(); 16];
+                    for (j, v) in t.iter_mut().enumerate().take(cols) {
+                        *v = load(j0 + j, p0);
+                    }
+                    let t = transpose(t);
+                    for (p, v) in t.iter().enumerate().take(pairs - p0) {
+                        // SAFETY: sixteen lanes of pair p0 + p in the strip.
+                        unsafe { _mm512_storeu_si512(strip.add((p0 + p) * NR + half * 16).cast(), *v) };
                     }
                 }
             }
@@ -749,6 +812,32 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn weights_stored_as_bf16_rows_multiply_as_their_f32_values() {
+        if !hardware() {
+            return;
+        }
+        for (m, n, k) in [(13, 33, 8), (25, 70, 642), (5, 4200, 34), (40, 9, 64)] {
+            let (a, w) = (values(m * k, 1), values(n * k, 2));
+            let want = reference(m, n, k, &a, &w, false, true);
+            let halves: Vec<u16> = w.iter().map(|x| round(*x)).collect();
+            for parallel in [false, true] {
+                let packed = PackedB::from_rows(&halves, n, k, parallel);
+                let mut c = vec![0f32; m * n];
+                // SAFETY: a is m x k and c m x n.
+                unsafe { product_packed(m, c.as_mut_ptr(), n, 0.0, (a.as_ptr(), k, 1), &packed, parallel) };
+                for (idx, got) in c.iter().enumerate() {
+                    let bound = 4e-6 * (k as f64).sqrt() + 1e-6 * want[idx].abs();
+                    assert!(
+                        (*got as f64 - want[idx]).abs() <= bound,
+                        "{m}x{n}x{k}: c[{idx}] = {got}, want {}",
+                        want[idx]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -268,6 +268,11 @@ pub unsafe fn product(
                 assert!(a_cs == 1 && (w.n, w.k) == (n, k), "bug: a packed product's operands do not fit");
                 if m <= SMALL_M {
                     matvec((m, n, k), (a, a_rs), (c, c_rs), alpha, Rows::Packed(w), parallel)
+                } else if w.format == Format::Bf16 && super::bf16::hardware() && k.is_multiple_of(2) {
+                    // A prompt against bf16 weights: bf16 products, the
+                    // activations rounded to bf16 too (as llama.cpp does).
+                    let b = super::bf16::PackedB::from_rows(&w.halves, n, k, parallel);
+                    super::bf16::product_packed(m, c, c_rs, alpha, (a, a_rs, 1), &b, parallel)
                 } else {
                     panels(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
                 }
