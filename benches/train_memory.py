@@ -4,7 +4,9 @@ batch 8 x 256) and the GPT-2 124M shape (batch 4 x 128), same weights, same
 batch, same threads, AdamW with clipping, in this one run. Each run is its
 own process (peak RSS from wait4), modelc and PyTorch alternating; the
 medians, the ratio, the median step time of each, and the memory plan's
-arena beside the measured peak.
+arena beside the measured peak. Then bf16 mixed precision the same way:
+modelc's `--precision bf16` against PyTorch's bf16 autocast on the CPU,
+each beside its own f32 step.
 
     pip install torch transformers
     cargo build --release && python3 benches/train_memory.py [--threads 2] [--repeats 3]
@@ -46,7 +48,7 @@ TORCH_STEPS = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
-run, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+run, steps, threads, bf16 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "bf16"
 torch.set_num_threads(threads)
 model = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
 model.train()
@@ -56,7 +58,8 @@ times, losses = [], []
 for _ in range(steps):
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -101,8 +104,8 @@ def modelc_run(run, shape, steps, threads, extra=()):
     return peak, statistics.median(line["seconds"] for line in lines[1:]), [line["loss"] for line in lines]
 
 
-def torch_run(run, steps, threads):
-    text, peak = run_measured([sys.executable, "-c", TORCH_STEPS, str(run), str(steps), str(threads)], run)
+def torch_run(run, steps, threads, precision="f32"):
+    text, peak = run_measured([sys.executable, "-c", TORCH_STEPS, str(run), str(steps), str(threads), precision], run)
     if text is None:
         print(f"  PyTorch was killed for memory at {peak / MIB:.0f} MiB")
         return peak, float("nan"), []
@@ -143,6 +146,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-budget", action="store_true", help="skip the run with --memory-budget at half the plan")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs (modelc and PyTorch autocast)")
     parser.add_argument("--shape", choices=list(SHAPES), action="append", help="default: " + ", ".join(DEFAULT_SHAPES))
     args = parser.parse_args()
     rows = []
@@ -153,12 +157,15 @@ def main():
             params = prepare(run, shape)
             plan = planned_arena(run, shape)
             budget = int(plan * 1e6 / 2)
-            ours, theirs, budgeted = [], [], []
+            ours, theirs, budgeted, ours_bf16, theirs_bf16 = [], [], [], [], []
             for _ in range(args.repeats):
                 ours.append(modelc_run(run, shape, args.steps, args.threads))
                 theirs.append(torch_run(run, args.steps, args.threads))
                 if not args.no_budget:
                     budgeted.append(modelc_run(run, shape, args.steps, args.threads, ["--memory-budget", str(budget)]))
+                if not args.no_bf16:
+                    ours_bf16.append(modelc_run(run, shape, args.steps, args.threads, ["--precision", "bf16"]))
+                    theirs_bf16.append(torch_run(run, args.steps, args.threads, "bf16"))
         m_peak = statistics.median(p for p, _, _ in ours)
         t_peak = statistics.median(p for p, _, _ in theirs)
         m_step = statistics.median(s for _, s, _ in ours)
@@ -179,6 +186,16 @@ def main():
                   f"({state / MIB:.0f} MiB): {(b_peak - state) / 1e6:.1f} MB "
                   f"({'within' if b_peak - state <= budget else 'OVER'} the budget); step {b_step:.3f} s "
                   f"against {m_step:.3f} s; losses {'identical' if budgeted[0][2] == ours[0][2] else budgeted[0][2]}")
+        if ours_bf16:
+            mb_step = statistics.median(s for _, s, _ in ours_bf16)
+            tb_step = statistics.median(s for _, s, _ in theirs_bf16)
+            mb_peak = statistics.median(p for p, _, _ in ours_bf16)
+            tb_peak = statistics.median(p for p, _, _ in theirs_bf16)
+            print(f"  bf16 step s    modelc {mb_step:.3f} ({m_step / mb_step:.2f}x its f32 step {m_step:.3f}), "
+                  f"PyTorch autocast {tb_step:.3f} ({t_step / tb_step:.2f}x its f32 step {t_step:.3f}); "
+                  f"modelc bf16 {tb_step / mb_step:.2f}x PyTorch bf16")
+            print(f"  bf16 peak MiB  modelc {mb_peak / MIB:.0f}, PyTorch autocast {tb_peak / MIB:.0f}")
+            print(f"  bf16 losses    modelc {ours_bf16[0][2]}\n                 PyTorch {theirs_bf16[0][2]}")
     print(f"\n{'shape':19}{'modelc MiB':>12}{'PyTorch MiB':>13}{'ratio':>8}{'plan MB':>10}"
           f"{'modelc s':>10}{'PyTorch s':>11}")
     for name, m, t, ms, ts, plan in rows:
