@@ -1042,9 +1042,14 @@ mod tests {
                 for m in [1, 3, SMALL_M + 5] {
                     let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
                     let start: Vec<f32> = (0..m * n).map(|_| rand()).collect();
-                    // q8 and q4 multiply the activations rounded to int8 blocks.
+                    // q8 and q4 multiply the activations rounded to int8 blocks;
+                    // bf16 against many rows (a prompt), rounded to bf16 where
+                    // the CPU multiplies bf16 (`super::super::bf16`).
                     let x: Vec<f32> = match format {
                         Format::Q8 | Format::Q4 => a.chunks(k).flat_map(|r| Activation::new(r).values()).collect(),
+                        Format::Bf16 if m > SMALL_M && super::super::bf16::hardware() && k.is_multiple_of(2) => {
+                            a.iter().map(|v| f32::from_bits((super::super::bf16::round(*v) as u32) << 16)).collect()
+                        }
                         _ => a.clone(),
                     };
                     for alpha in [0.0, 1.0] {
