@@ -843,6 +843,15 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     std::fs::remove_file(&svg).unwrap();
 }
 
+/// The training losses a run in `out` logged (none when it wrote no metrics).
+fn logged_losses(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect()
+}
+
 /// `train --precision bf16` (or the spec's `precision: bf16`): products with
 /// bf16 operands train to losses near the f32 run's but not equal to them
 /// (the rounding is real), the flag and the spec setting are the same run,
@@ -859,12 +868,7 @@ fn bf16_products_train_close_to_f32() {
         let args = ["train", spec, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
         let rest = ["--steps", "4", "--batch", "8", "--seq-len", "64", "--seed", "5"];
         let (code, _, err) = modelc(&[&args[..], &rest[..], extra].concat());
-        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-            .collect();
-        (code, err, losses)
+        (code, err, logged_losses(&out))
     };
     let (code, err, f32) = run("f32", "specs/tiny-gpt.model", &[]);
     assert_eq!(code, 0, "{err}");
@@ -905,12 +909,7 @@ fn memory_budget_recomputes_activations_with_the_same_losses() {
         args.extend(rest.iter().map(|s| s.to_string()));
         args.extend(budget.map(|b| vec!["--memory-budget".to_string(), b]).unwrap_or_default());
         let (code, _, err) = modelc(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-            .collect();
-        (code, err, losses)
+        (code, err, logged_losses(&out))
     };
     let mib = |err: &str, before: &str| -> f64 {
         let head = &err[..err.find(before).unwrap_or_else(|| panic!("no `{before}`:\n{err}"))];

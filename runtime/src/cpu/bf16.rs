@@ -442,26 +442,38 @@ struct Out {
 /// # Safety
 /// `a` covers mc x kd at its strides.
 unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32], hw: bool) {
-    let pairs = kd.div_ceil(2);
     #[cfg(target_arch = "x86_64")]
     if hw && (a.2 == 1 || (layout == Layout::PairWise && a.1 == 1)) {
         // SAFETY: as above; the host has AVX512_BF16.
         unsafe { x86::pack_a(a, mc, kd, layout, out) };
         return;
     }
-    let at = |i: usize, kk: usize| {
-        // SAFETY: inside mc x kd.
-        if i < mc && kk < kd { round(unsafe { *a.0.add(i * a.1 + kk * a.2) }) as u32 } else { 0 }
-    };
-    for is in 0..mc.div_ceil(MR) {
-        let strip = &mut out[is * pairs * MR..][..pairs * MR];
-        for i in 0..MR {
+    // SAFETY: inside mc x kd.
+    let at = |i: usize, kk: usize| unsafe { *a.0.add(i * a.1 + kk * a.2) };
+    pack_strips(at, (mc, kd), MR, layout, out);
+}
+
+/// Strips of `width` lines (rows of `a`, or columns of `b`) of `pairs`
+/// pairs each, `at(line, depth)` giving an element of the `lines x kd`
+/// operand, rounded to bf16; past the operand, zero. The portable packing.
+fn pack_strips(
+    at: impl Fn(usize, usize) -> f32,
+    (lines, kd): (usize, usize),
+    width: usize,
+    layout: Layout,
+    out: &mut [u32],
+) {
+    let pairs = kd.div_ceil(2);
+    let half = |l: usize, kk: usize| if l < lines && kk < kd { round(at(l, kk)) as u32 } else { 0 };
+    for s in 0..lines.div_ceil(width) {
+        let strip = &mut out[s * pairs * width..][..pairs * width];
+        for i in 0..width {
             for p in 0..pairs {
-                let (r, kk) = (is * MR + i, 2 * p);
-                let pair = at(r, kk) | (at(r, kk + 1) << 16);
+                let (l, kk) = (s * width + i, 2 * p);
+                let pair = half(l, kk) | (half(l, kk + 1) << 16);
                 match layout {
                     Layout::RowWise => strip[i * pairs + p] = pair,
-                    Layout::PairWise => strip[p * MR + i] = pair,
+                    Layout::PairWise => strip[p * width + i] = pair,
                 }
             }
         }
@@ -474,25 +486,15 @@ unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u3
 /// # Safety
 /// `b` covers kd x nc at its strides.
 unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], hw: bool) {
-    let pairs = kd.div_ceil(2);
     #[cfg(target_arch = "x86_64")]
     if hw && (b.1 == 1 || b.2 == 1) {
         // SAFETY: as above; the host has AVX512_BF16.
         unsafe { x86::pack_b(b, kd, nc, out) };
         return;
     }
-    let at = |kk: usize, j: usize| {
-        // SAFETY: inside kd x nc.
-        if kk < kd && j < nc { round(unsafe { *b.0.add(kk * b.1 + j * b.2) }) as u32 } else { 0 }
-    };
-    for js in 0..nc.div_ceil(NR) {
-        let strip = &mut out[js * pairs * NR..][..pairs * NR];
-        for p in 0..pairs {
-            for j in 0..NR {
-                strip[p * NR + j] = at(2 * p, js * NR + j) | (at(2 * p + 1, js * NR + j) << 16);
-            }
-        }
-    }
+    // SAFETY: inside kd x nc.
+    let at = |j: usize, kk: usize| unsafe { *b.0.add(kk * b.1 + j * b.2) };
+    pack_strips(at, (nc, kd), NR, Layout::PairWise, out);
 }
 
 /// One tile: `pairs` pairs of a strip of `a` and of `b`, summed into `out`.
