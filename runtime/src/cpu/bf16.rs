@@ -20,7 +20,10 @@
 //! when its columns are: the transposed operands of weight gradients).
 //!
 //! The product is split over the thread pool into blocks of rows or of
-//! columns (whichever is longer), each packing its own operands.
+//! columns (whichever is longer), each packing its own operands, or into
+//! parts of a long depth summed at the end. A right-hand side many blocks
+//! multiply (a weight in a row group, the output layer's weight in every
+//! row chunk) is packed once beforehand (`PackedB`).
 
 use super::kernels::Operand;
 use rayon::prelude::*;

@@ -419,13 +419,6 @@ impl Products {
             other => Err(format!("precision `{other}`: expected f32 or bf16")),
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Products::F32 => "f32",
-            Products::Bf16 => "bf16",
-        }
-    }
 }
 
 /// How a program is compiled.
@@ -955,7 +948,6 @@ impl Program {
         Ok(())
     }
 
-    /// The packed weight a product multiplies by, if its right operand is one.
     /// The right operand `b` (k x n) of the product `product`, packed as
     /// bf16: a weight several products read once a run, anything else each time.
     ///
@@ -970,18 +962,17 @@ impl Program {
     ) -> std::sync::Arc<bf16::PackedB> {
         // SAFETY: the caller's contract.
         let pack = || std::sync::Arc::new(unsafe { bf16::PackedB::new(b, k, n, true) });
-        let weight = self.graph.node(product).args[1];
-        if !matches!(self.graph.node(weight).op, Op::Param(_)) {
+        let (weight, Op::MatMul { tb, .. }) = (self.graph.node(product).args[1], &self.graph.node(product).op) else {
             return pack();
-        }
-        let Op::MatMul { tb, .. } = self.graph.node(product).op else { return pack() };
-        if !self.reread.contains(&(weight, tb)) {
+        };
+        if !self.reread.contains(&(weight, *tb)) {
             return pack();
         }
         let mut cache = self.weights_bf16.lock().unwrap_or_else(|e| e.into_inner());
-        cache.entry((weight, tb)).or_insert_with(pack).clone()
+        cache.entry((weight, *tb)).or_insert_with(pack).clone()
     }
 
+    /// The packed weight a product multiplies by, if its right operand is one.
     fn packed<'f>(&self, product: NodeId, feeds: &Given<'f>) -> Option<&'f Packed> {
         self.packed_arg(product, 1, feeds)
     }
@@ -1093,24 +1084,14 @@ impl Program {
             let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
             let (ap, bp) = (SendPtr(ap as *mut f32), SendPtr(bp as *mut f32));
             let packed = if batch == 1 { self.packed(n, feeds) } else { None };
-            // A weight (batch 1) packed as bf16 once a run.
-            let weight_bf16 = (self.products == Products::Bf16 && packed.is_none() && batch == 1)
-                .then(|| matches!(self.graph.node(b).op, Op::Param(_)))
-                .filter(|w| *w)
-                // SAFETY: b is k x cols at these strides.
-                .map(|_| unsafe { self.bf16_rhs(n, (bp.get(), b_rs, b_cs), k, cols) });
-            if let Some(w) = &weight_bf16 {
-                // SAFETY: a covers rows x k at its strides; out is rows x cols.
+            // A weight several products read: packed as bf16 once a run.
+            if self.products == Products::Bf16 && packed.is_none() && batch == 1 && self.reread.contains(&(b, tb)) {
+                // SAFETY: b is k x cols at these strides; a covers rows x k at
+                // its strides; out is rows x cols.
                 unsafe {
-                    bf16::product_packed(
-                        rows,
-                        out.as_mut_ptr(),
-                        cols,
-                        0.0,
-                        (ap.get(), a_rs, a_cs),
-                        w,
-                        packed::worth_threads(rows, cols, k),
-                    )
+                    let w = self.bf16_rhs(n, (bp.get(), b_rs, b_cs), k, cols);
+                    let parallel = packed::worth_threads(rows, cols, k);
+                    bf16::product_packed(rows, out.as_mut_ptr(), cols, 0.0, (ap.get(), a_rs, a_cs), &w, parallel)
                 };
                 return Ok(());
             }
