@@ -855,7 +855,7 @@ fn logged_losses(out: &std::path::Path) -> Vec<f64> {
 /// `train --precision bf16` (or the spec's `precision: bf16`): products with
 /// bf16 operands train to losses near the f32 run's but not equal to them
 /// (the rounding is real), the flag and the spec setting are the same run,
-/// and an unknown precision is refused by name.
+/// and the GPU and an unknown precision are refused by name.
 #[test]
 fn bf16_products_train_close_to_f32() {
     let dir = corpus_dir("bf16");
@@ -884,6 +884,9 @@ fn bf16_products_train_close_to_f32() {
     let (code, err, from_spec) = run("spec", spec.to_str().unwrap(), &[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(from_spec, bf16, "the spec's `precision: bf16` is --precision bf16");
+    let (code, err, _) = run("gpu", "specs/tiny-gpt.model", &["--precision", "bf16", "--device", "gpu"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--precision bf16 runs on the CPU; on the GPU products are f32"), "{err}");
     let (code, err, _) = run("f16", "specs/tiny-gpt.model", &["--precision", "f16"]);
     assert_eq!(code, 2, "{err}");
     assert!(
