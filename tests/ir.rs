@@ -659,3 +659,29 @@ fn memory_passes_keep_the_values_and_lower_the_peak() {
         (1..=3).map(|keep_every| peak(modelc::backend::Memory { keep_every, ..chunked })).collect();
     assert!(recomputed.iter().all(|p| *p < peak(chunked)), "{recomputed:?} vs {}", peak(chunked));
 }
+
+/// `topk` takes tied entries in `torch.topk`'s order (the router of a
+/// mixture of experts chooses among equal experts as transformers does),
+/// on the interpreter: rows of ties and NaN from `tests/topk_fixtures.py`.
+#[test]
+fn topk_breaks_ties_as_torch_does() {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/topk.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(cases.len() > 300);
+    for case in cases {
+        let row: Vec<f64> = case["row"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect();
+        let k = case["k"].as_u64().unwrap() as usize;
+        let want: Vec<f64> = case["indices"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut g = modelc::ir::graph::Graph::default();
+        let ty = modelc::types::TensorTy::new(
+            modelc::types::DType::F32,
+            vec![modelc::types::Dim::constant(1), modelc::types::Dim::constant(row.len() as i64)],
+        );
+        let x = g.input("x", ty);
+        let (_, indices) = g.topk(x, k);
+        g.outputs.push(("indices".into(), indices));
+        let feeds = HashMap::from([("x".to_string(), Array::new(vec![1, row.len()], row.clone()))]);
+        let got = run(&g, &feeds, Precision::F64).unwrap().remove("indices").unwrap().data;
+        assert_eq!(got, want, "topk {k} of {row:?}");
+    }
+}

@@ -165,10 +165,8 @@ pub fn eval(
             let last = *x.shape.last().expect("topk of a rank >= 1 tensor");
             let mut out = Vec::with_capacity(shape.iter().product());
             for row in x.data.chunks(last.max(1)) {
-                let mut order: Vec<usize> = (0..last).collect();
-                // Largest first; ties keep the lower index first.
-                order.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b)));
-                for &i in &order[..*k] {
+                // Largest first; ties as torch.topk leaves them (`ir::topk`).
+                for i in super::topk::order(row, *k) {
                     out.push(if matches!(n.op, Op::TopKValues(_)) { row[i] } else { i as f64 });
                 }
             }

@@ -12,5 +12,6 @@ pub mod parse;
 pub mod print;
 pub mod prune;
 pub mod signature;
+pub mod topk;
 pub mod train;
 pub mod verify;

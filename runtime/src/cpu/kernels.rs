@@ -429,15 +429,11 @@ pub fn scatter_add(ids: &[f32], updates: &[f32], rows: usize, out: &mut [f32]) -
     Ok(())
 }
 
-/// The `k` largest of each row of `n` (ties keep the lower index first):
+/// The `k` largest of each row of `n` (ties as `torch.topk` leaves them, `modelc::ir::topk`):
 /// their values, or their indices.
 pub fn topk(src: &[f32], n: usize, k: usize, indices: bool, out: &mut [f32]) {
-    let mut order: Vec<usize> = Vec::with_capacity(n);
     for (r, row) in src.chunks(n.max(1)).enumerate() {
-        order.clear();
-        order.extend(0..n);
-        order.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b)));
-        for (j, &i) in order[..k].iter().enumerate() {
+        for (j, i) in modelc::ir::topk::order(row, k).into_iter().enumerate() {
             out[r * k + j] = if indices { i as f32 } else { row[i] };
         }
     }
