@@ -23,6 +23,13 @@ fn fixture(model: &str) -> PathBuf {
     repo().join("tests/fixtures/hf").join(model)
 }
 
+/// The spec a fixture's checkpoint is for: its folder's name, less the
+/// `-ties` of a variant (Mixtral with every router weight zero, so each
+/// token's experts tie and `torch.topk`'s order of equal values decides).
+fn spec(model: &str) -> String {
+    format!("specs/{}.model", model.trim_end_matches("-ties"))
+}
+
 fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("modelc-hf-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -38,7 +45,7 @@ fn forward(model: &str, weights: &Path, out: &Path) -> Tensor {
 /// `forward` with extra flags.
 fn forward_with(model: &str, weights: &Path, out: &Path, extra: &[&str]) -> Tensor {
     let dir = fixture(model);
-    let spec = format!("specs/{model}.model");
+    let spec = spec(model);
     let mut args = vec![
         "forward",
         &spec,
@@ -70,8 +77,17 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 
 #[test]
 fn forward_matches_transformers() {
-    // Mixtral with its experts routed sparsely (the default) and densely.
-    for (model, extra) in [("gpt2", &[][..]), ("llama", &[]), ("mixtral", &[]), ("mixtral", &["--dense-routes"])] {
+    // Mixtral with its experts routed sparsely (the default) and densely,
+    // and with tied experts (experts 2 and 3 of 4 chosen, as torch.topk does).
+    let models = [
+        ("gpt2", &[][..]),
+        ("llama", &[]),
+        ("mixtral", &[]),
+        ("mixtral", &["--dense-routes"]),
+        ("mixtral-ties", &[]),
+        ("mixtral-ties", &["--dense-routes"]),
+    ];
+    for (model, extra) in models {
         let out = scratch(&format!("forward-{model}-{}", extra.len()));
         let weights = fixture(model).join("model.safetensors");
         assert_logits_match(model, &forward_with(model, &weights, &out.join("logits.safetensors"), extra));
@@ -109,7 +125,7 @@ fn sharded_and_base_model_checkpoints_load() {
 
 fn generate(model: &str, extra: &[&str]) -> serde_json::Value {
     let dir = fixture(model);
-    let spec = format!("specs/{model}.model");
+    let spec = spec(model);
     let mut args = vec![
         "infer",
         &spec,
@@ -156,7 +172,7 @@ fn a_hugging_face_folder_brings_its_config_and_tokenizer() {
     for model in ["gpt2", "llama"] {
         let want: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(fixture(model).join("generate.json")).unwrap()).unwrap();
-        let spec = format!("specs/{model}.model");
+        let spec = spec(model);
         let dir = fixture(model);
         let (code, out, err) = modelc(&[
             "infer",
@@ -208,7 +224,7 @@ fn inputs_that_do_not_fit_are_named() {
 /// `modelc train` on the fixture's batch from its weights, writing to `out`; the losses.
 fn train_on_batch(model: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
     let dir = fixture(model);
-    let spec = format!("specs/{model}.model");
+    let spec = spec(model);
     let files = [
         ("--config", dir.join("config.json")),
         ("--weights", dir.join("model.safetensors")),
@@ -229,7 +245,15 @@ fn train_on_batch(model: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
 
 #[test]
 fn gradients_match_transformers() {
-    for (model, extra) in [("gpt2", &[][..]), ("llama", &[]), ("mixtral", &[]), ("mixtral", &["--dense-routes"])] {
+    let models = [
+        ("gpt2", &[][..]),
+        ("llama", &[]),
+        ("mixtral", &[]),
+        ("mixtral", &["--dense-routes"]),
+        ("mixtral-ties", &[]),
+        ("mixtral-ties", &["--dense-routes"]),
+    ];
+    for (model, extra) in models {
         let out = scratch(&format!("grads-{model}-{}", extra.len()));
         let path = out.join("grads.safetensors");
         train_on_batch(model, &out, &[&["--steps", "1", "--dump-grads", path.to_str().unwrap()], extra].concat());

@@ -11,6 +11,10 @@ transformers pools over all layers rather than per layer):
   logits.safetensors                 the logits transformers computes for them
   grads.safetensors                  gradients of its LM loss, by checkpoint weight name
 
+mixtral-ties/: the same model with every router weight zero, so that each
+token's experts tie and torch.topk's order of equal values decides which
+two run (experts 2 and 3 of 4); its logits and gradients as above.
+
 mistral/ (a sliding window of 6 positions):
   config.json, model.safetensors
   generate.json                      greedy generate() for a prompt shorter and one
@@ -57,8 +61,8 @@ def checkpoint_grads(model, saved):
     return grads
 
 
-def mixtral():
-    out = ROOT / "mixtral"
+def mixtral(name="mixtral", tied=False):
+    out = ROOT / name
     out.mkdir(parents=True, exist_ok=True)
     config = MixtralConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -67,6 +71,10 @@ def mixtral():
         sliding_window=None, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     model = MixtralForCausalLM(config).eval()
+    if tied:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.zero_()
     model.save_pretrained(out)
     input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -77,7 +85,7 @@ def mixtral():
     model(input_ids, labels=input_ids).loss.backward()
     grads = checkpoint_grads(model, load_file(out / "model.safetensors"))
     save_file(grads, out / "grads.safetensors")
-    print(f"mixtral: {sum(p.numel() for p in model.parameters())} parameters")
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
 
 
 def mistral():
@@ -107,6 +115,8 @@ def main():
     mixtral()
     torch.manual_seed(0)
     mistral()
+    torch.manual_seed(0)
+    mixtral("mixtral-ties", tied=True)
 
 
 if __name__ == "__main__":
