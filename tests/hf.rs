@@ -75,19 +75,22 @@ fn assert_logits_match(model: &str, got: &Tensor) {
     assert!(worst <= 1e-4, "{model}: logits differ from transformers' by up to {worst}");
 }
 
+/// The fixtures whose logits and gradients are compared with transformers',
+/// with extra flags: Mixtral with its experts routed sparsely (the default)
+/// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
+/// torch.topk chooses).
+const COMPARED: [(&str, &[&str]); 6] = [
+    ("gpt2", &[]),
+    ("llama", &[]),
+    ("mixtral", &[]),
+    ("mixtral", &["--dense-routes"]),
+    ("mixtral-ties", &[]),
+    ("mixtral-ties", &["--dense-routes"]),
+];
+
 #[test]
 fn forward_matches_transformers() {
-    // Mixtral with its experts routed sparsely (the default) and densely,
-    // and with tied experts (experts 2 and 3 of 4 chosen, as torch.topk does).
-    let models = [
-        ("gpt2", &[][..]),
-        ("llama", &[]),
-        ("mixtral", &[]),
-        ("mixtral", &["--dense-routes"]),
-        ("mixtral-ties", &[]),
-        ("mixtral-ties", &["--dense-routes"]),
-    ];
-    for (model, extra) in models {
+    for (model, extra) in COMPARED {
         let out = scratch(&format!("forward-{model}-{}", extra.len()));
         let weights = fixture(model).join("model.safetensors");
         assert_logits_match(model, &forward_with(model, &weights, &out.join("logits.safetensors"), extra));
@@ -245,15 +248,7 @@ fn train_on_batch(model: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
 
 #[test]
 fn gradients_match_transformers() {
-    let models = [
-        ("gpt2", &[][..]),
-        ("llama", &[]),
-        ("mixtral", &[]),
-        ("mixtral", &["--dense-routes"]),
-        ("mixtral-ties", &[]),
-        ("mixtral-ties", &["--dense-routes"]),
-    ];
-    for (model, extra) in models {
+    for (model, extra) in COMPARED {
         let out = scratch(&format!("grads-{model}-{}", extra.len()));
         let path = out.join("grads.safetensors");
         train_on_batch(model, &out, &[&["--steps", "1", "--dump-grads", path.to_str().unwrap()], extra].concat());
