@@ -90,15 +90,6 @@ pub struct Packed {
     scales: Vec<u16>,
 }
 
-/// Rounds to bf16 (nearest even; NaN stays NaN).
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
 impl Packed {
     /// Packs `w` (`n` rows of `k`) in `format`, which must fit `k`.
     pub fn new(format: Format, w: &[f32], n: usize, k: usize) -> Packed {
@@ -109,7 +100,7 @@ impl Packed {
         let mut p =
             Packed { format, n, k, transposed: false, halves: Vec::new(), quants: Vec::new(), scales: Vec::new() };
         match format {
-            Format::Bf16 => p.halves = w.par_iter().with_min_len(1 << 16).map(|x| bf16_bits(*x)).collect(),
+            Format::Bf16 => p.halves = w.par_iter().with_min_len(1 << 16).map(|x| super::bf16::round(*x)).collect(),
             Format::Q8 | Format::Q4 => {
                 let per_block = if format == Format::Q8 { BLOCK } else { BLOCK / 2 };
                 let blocks = n * k / BLOCK;
