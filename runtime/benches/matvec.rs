@@ -6,7 +6,6 @@
 //! 256 MiB (more than the caches hold), as decoding a large model does;
 //! the ways are alternated run by run; medians.
 
-use modelc_runtime::cpu::Products;
 use modelc_runtime::cpu::packed::{self, Format, Packed, Rhs};
 use std::time::Instant;
 
@@ -50,16 +49,7 @@ fn main() {
                             Format::F32 => Rhs::Dense((w[c].as_ptr(), 1, k)),
                             _ => Rhs::Packed(&packs[c]),
                         };
-                        packed::product(
-                            (1, n, k),
-                            y.as_mut_ptr(),
-                            n,
-                            0.0,
-                            (x.as_ptr(), k, 1),
-                            rhs,
-                            way == 1,
-                            Products::F32,
-                        )
+                        packed::product((1, n, k), y.as_mut_ptr(), n, 0.0, (x.as_ptr(), k, 1), rhs, way == 1, None)
                     }
                 }
                 times[way].push(t.elapsed().as_secs_f64());

@@ -8,7 +8,7 @@
 
 use crate::cli::ModelArgs;
 use crate::cpu::Tensor;
-use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
+use crate::model::{DtypeArgs, RunArgs, compile_shapes_with, error, forward_graph, load_weights};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Tensors};
 use modelc::check::LowerOptions;
@@ -91,6 +91,8 @@ pub struct Embedder {
     feeds: Tensors,
     /// Compiled programs by (batch, padded length).
     programs: HashMap<(usize, usize), crate::model::Compiled>,
+    /// The weights as the programs' products packed them, shared by all.
+    packed_weights: std::sync::Arc<crate::cpu::FixedWeights>,
     /// The model's tokenizer, cutting texts where the model must.
     pub tokenizer: Tokenizer,
     /// The most tokens (special tokens included) one text may have.
@@ -168,6 +170,7 @@ impl Embedder {
             graph,
             feeds,
             programs: HashMap::new(),
+            packed_weights: Default::default(),
             tokenizer,
             max_len,
             output,
@@ -207,7 +210,12 @@ impl Embedder {
             let program = match self.programs.entry((b, t)) {
                 std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(compile(code, self.device, &self.graph, &self.feeds)?)
+                    let shapes = self.feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+                    let options = crate::cpu::CompileOptions {
+                        fixed_weights: Some(self.packed_weights.clone()),
+                        ..Default::default()
+                    };
+                    slot.insert(compile_shapes_with(code, self.device, &self.graph, &shapes, options)?)
                 }
             };
             let out = program.run(&self.feeds).map_err(|e| error(code, e))?;

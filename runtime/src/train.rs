@@ -613,7 +613,7 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
         if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() },
         match s.products {
             crate::cpu::Products::F32 => String::new(),
-            crate::cpu::Products::Bf16 if crate::cpu::bf16::hardware() => ", products in bf16".to_string(),
+            crate::cpu::Products::Bf16 if crate::cpu::tiles::bf16_hardware() => ", products in bf16".to_string(),
             crate::cpu::Products::Bf16 => {
                 ", products in bf16 (emulated: this CPU has no AVX512_BF16, so they run slower than f32)".to_string()
             }

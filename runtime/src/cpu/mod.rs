@@ -1,15 +1,18 @@
 //! The CPU backend: a compiled program runs the schedule's kernels over one
 //! arena laid out by the memory plan. Fused elementwise kernels are
-//! Cranelift machine code (`modelc::backend::clif`); matrix products use the
-//! `gemm` crate; every other operation has a native f32 kernel
-//! (`kernels.rs`). Every tensor is stored as f32; int and bool values are
+//! Cranelift machine code (`modelc::backend::clif`); matrix products are
+//! tiles (`tiles.rs`) where the CPU has AVX-512, else the `gemm` crate;
+//! every other operation has a native f32 kernel (`kernels.rs`). Every tensor is stored as f32; int and bool values are
 //! exact up to 2^24.
 
 mod attention;
-pub mod bf16;
+mod compact;
 mod kernels;
 pub mod packed;
+pub mod tiles;
 
+use compact::product_weight;
+pub use compact::{check_packed, drop_unread, f32_reads, pack_weights};
 use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::kernel::Kernel;
 use modelc::backend::plan::{Place, Plan};
@@ -36,125 +39,6 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "bug: tensor data does not fill its shape");
         Tensor { shape, data, packed: None }
-    }
-}
-
-/// How node `user` reads argument `arg` when that is a product's 2-D right
-/// operand, a weight a packed copy can serve: `Some(true)` for `x @ W^T`
-/// (each output's weights are a row of W, as stored), `Some(false)` for
-/// `x @ W` (GPT-2's Conv1D: a column, packed from W's transpose).
-fn product_weight(g: &Graph, user: NodeId, arg: usize) -> Option<bool> {
-    let node = g.node(user);
-    match node.op {
-        Op::MatMul { ta: false, tb } if arg == 1 && g.dims(node.args[1]).len() == 2 => Some(tb),
-        Op::ExpertMatMul { tb } if arg >= 2 => Some(tb),
-        _ => None,
-    }
-}
-
-/// Packs, in `format`, each weight of `feeds` that `g` multiplies by (as
-/// `x @ W^T` or `x @ W`) and whose rows of inputs fit the format; returns
-/// how many it packed.
-pub fn pack_weights(g: &Graph, feeds: &mut HashMap<String, Tensor>, format: Format) -> usize {
-    if format == Format::F32 {
-        return 0;
-    }
-    let mut packed = 0;
-    for (id, node) in g.nodes.iter().enumerate() {
-        for (arg, input) in node.args.iter().enumerate() {
-            let Op::Param(name) = &g.node(*input).op else { continue };
-            let Some(tb) = product_weight(g, NodeId(id as u32), arg) else { continue };
-            let Some(t) = feeds.get_mut(name) else { continue };
-            if t.packed.is_some() || t.shape.len() != 2 {
-                continue;
-            }
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let (n, k) = if tb { (rows, cols) } else { (cols, rows) };
-            if !format.fits(k) {
-                continue;
-            }
-            let w = if tb {
-                std::borrow::Cow::Borrowed(&t.data)
-            } else {
-                let mut w = vec![0f32; rows * cols];
-                kernels::permute(&t.data, &t.shape, &[1, 0], &mut w);
-                std::borrow::Cow::Owned(w)
-            };
-            t.packed = Some(std::sync::Arc::new(Packed::new(format, &w, n, k).transposed(!tb)));
-            packed += 1;
-        }
-    }
-    packed
-}
-
-/// Packed weights read from a file (`modelc quantize`) checked against how
-/// `g` uses them, since the file is not trusted: a product that reads one
-/// must find it packed its way round with its sizes, and a weight `g` also
-/// reads as f32 must have its f32 values.
-pub fn check_packed(g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
-    let reads = f32_reads(g);
-    for (id, node) in g.nodes.iter().enumerate() {
-        for (arg, input) in node.args.iter().enumerate() {
-            let Op::Param(name) = &g.node(*input).op else { continue };
-            let Some(t @ Tensor { packed: Some(p), .. }) = feeds.get(name) else { continue };
-            if t.data.is_empty() && reads.contains(name) {
-                return Err(format!(
-                    "`{name}` is stored packed without its f32 values, which the model also reads as f32"
-                ));
-            }
-            let Some(tb) = product_weight(g, NodeId(id as u32), arg) else { continue };
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let (n, k) = if tb { (rows, cols) } else { (cols, rows) };
-            // Packed its way round, the product reads the packed copy; else the f32 values.
-            let fits = if p.transposed != tb { (p.n, p.k) == (n, k) } else { !t.data.is_empty() };
-            if !fits {
-                return Err(format!(
-                    "`{name}` is stored packed as {} x {}{}, but the model multiplies it as {n} x {k}{}",
-                    p.n,
-                    p.k,
-                    if p.transposed { " (transposed)" } else { "" },
-                    if tb { "" } else { " (transposed)" }
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Weights `g` reads as f32 values: other than as a product's right
-/// operand, or as one both ways (`x @ W` and `x @ W^T`; a packed copy
-/// serves one).
-pub fn f32_reads(g: &Graph) -> std::collections::HashSet<String> {
-    let mut reads = std::collections::HashSet::new();
-    let mut ways: HashMap<&str, bool> = HashMap::new();
-    for (id, node) in g.nodes.iter().enumerate() {
-        for (arg, input) in node.args.iter().enumerate() {
-            let Op::Param(name) = &g.node(*input).op else { continue };
-            match product_weight(g, NodeId(id as u32), arg) {
-                Some(tb) if *ways.entry(name).or_insert(tb) == tb => {}
-                _ => {
-                    reads.insert(name.clone());
-                }
-            }
-        }
-    }
-    for (_, out) in &g.outputs {
-        if let Op::Param(name) = &g.node(*out).op {
-            reads.insert(name.clone());
-        }
-    }
-    reads
-}
-
-/// Empties the f32 values of packed weights that none of `graphs` reads
-/// as f32 (their products read the packed copy): the memory compact
-/// weights are for.
-pub fn drop_unread(graphs: &[&Graph], feeds: &mut HashMap<String, Tensor>) {
-    let reads: std::collections::HashSet<String> = graphs.iter().flat_map(|g| f32_reads(g)).collect();
-    for (name, t) in feeds.iter_mut() {
-        if t.packed.is_some() && !reads.contains(name) {
-            t.data = Vec::new();
-        }
     }
 }
 
@@ -202,12 +86,20 @@ pub struct Program {
     shapes: Vec<Result<Vec<usize>, String>>,
     /// The inputs and weights with the shapes the program was compiled for.
     fed: Vec<(String, Vec<usize>)>,
-    /// How its matrix products multiply.
-    products: Products,
+    /// The tiles its matrix products are computed in (`tiles.rs`), or none
+    /// (`gemm`): bf16 products always; f32 ones where the CPU has AVX-512
+    /// and the weights are fixed. f32 tiles match gemm on a training
+    /// step's products (0.91-1.04x a shape) but not on the whole step (4%
+    /// slower at the stories15M shape), and beat it where each weight is
+    /// packed once for every run (MiniLM's `embed` 1.19x).
+    tiles: Option<tiles::Kind>,
     /// Weights packed as bf16 for products (`Products::Bf16`), by weight
     /// and orientation (`tb`), kept for one run: the output layer's weight
     /// is read by every row chunk of the logits, forward and backward.
-    weights_bf16: std::sync::Mutex<HashMap<(NodeId, bool), std::sync::Arc<bf16::PackedB>>>,
+    weights_bf16: std::sync::Mutex<HashMap<(NodeId, bool), std::sync::Arc<tiles::PackedB>>>,
+    /// Weights that never change between runs, packed once for all runs
+    /// and programs (`CompileOptions::fixed_weights`).
+    fixed_weights: Option<std::sync::Arc<FixedWeights>>,
     /// The weights more than one product reads in one orientation: the
     /// only ones worth keeping packed (a copy of every weight would cost 2
     /// bytes a parameter for each orientation, +700 MB at GPT-2 124M).
@@ -405,7 +297,7 @@ pub enum Products {
     /// f32 operands and sums.
     #[default]
     F32,
-    /// Operands rounded to bf16 and products summed in f32 (`bf16.rs`),
+    /// Operands rounded to bf16 and products summed in f32 (`tiles.rs`),
     /// as PyTorch's bf16 autocast multiplies: twice the multiply-adds a
     /// second where the CPU has AVX512_BF16. Attention's own products stay f32.
     Bf16,
@@ -421,8 +313,17 @@ impl Products {
     }
 }
 
+/// The packed weights of models whose weights never change between runs
+/// (inference: `embed`, `index`), shared by every program compiled with
+/// them: each weight a product reads, packed once (`tiles::PackedB`), by
+/// name, orientation and kind. An embedder compiles a program per padded
+/// length, and each packed every weight on every run (7.7% of MiniLM's
+/// time).
+#[derive(Default)]
+pub struct FixedWeights(std::sync::Mutex<HashMap<(String, bool, tiles::Kind), std::sync::Arc<tiles::PackedB>>>);
+
 /// How a program is compiled.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct CompileOptions {
     /// Elementwise kernels call the host's wide-vector exp, erf, ... over
     /// chunks (`modelc::backend::vmath`) where it has AVX2 and FMA; off, they
@@ -432,11 +333,19 @@ pub struct CompileOptions {
     pub memory: modelc::backend::Memory,
     /// How its matrix products multiply.
     pub products: Products,
+    /// The weights never change between runs: products keep them packed
+    /// here, for every run of every program given the same cache.
+    pub fixed_weights: Option<std::sync::Arc<FixedWeights>>,
 }
 
 impl Default for CompileOptions {
     fn default() -> CompileOptions {
-        CompileOptions { wide_math: true, memory: modelc::backend::Memory::default(), products: Products::F32 }
+        CompileOptions {
+            wide_math: true,
+            memory: modelc::backend::Memory::default(),
+            products: Products::F32,
+            fixed_weights: None,
+        }
     }
 }
 
@@ -512,8 +421,12 @@ impl Program {
             compile_seconds,
             arena,
             profile,
-            products: options.products,
+            tiles: match options.products {
+                Products::Bf16 => Some(tiles::Kind::bf16()),
+                Products::F32 => (options.fixed_weights.is_some() && tiles::f32_hardware()).then_some(tiles::Kind::F32),
+            },
             weights_bf16: Default::default(),
+            fixed_weights: options.fixed_weights.clone(),
             reread,
             state,
             profile_id,
@@ -733,8 +646,8 @@ impl Program {
                 a: Loc,
                 b: SendPtr,
                 packed: Option<&'f Packed>,
-                /// `b` packed as bf16 once for every block (`Products::Bf16`).
-                bf16: Option<std::sync::Arc<bf16::PackedB>>,
+                /// `b` packed once for every block (`Program::tiles`).
+                tiles: Option<std::sync::Arc<tiles::PackedB>>,
                 out: Loc,
                 k: usize,
                 n: usize,
@@ -773,14 +686,25 @@ impl Program {
                             (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
                         let (b, packed) = (self.pointer(b, base, feeds), self.packed(*n, feeds));
                         let b_strides = if tb { (1, k) } else { (columns, 1) };
-                        let bf16 = (self.products == Products::Bf16 && packed.is_none())
-                            // SAFETY: b is k x columns at these strides.
-                            .then(|| unsafe { self.bf16_rhs(*n, (b, b_strides.0, b_strides.1), k, columns) });
+                        // bf16: the weight packed once for all the group's blocks of
+                        // rows. f32 packs it block by block into the thread's buffers
+                        // (a 37 MB output layer packed afresh for each of 8 row chunks
+                        // took 12 ms more each than that), unless it is fixed.
+                        let tiles = match packed {
+                            None => (self.tiles)
+                                .filter(|kind| *kind != tiles::Kind::F32 || self.fixed_weights.is_some())
+                                // SAFETY: b is k x columns at these strides.
+                                .map(|kind| unsafe {
+                                    self.packed_rhs(*n, (b, b_strides.0, b_strides.1), k, columns, kind)
+                                }),
+                            Some(w) if rows > packed::SMALL_M => self.fixed_tiles(*n, w),
+                            Some(_) => None,
+                        };
                         Some(Part::Product {
                             a: loc(a),
                             b: SendPtr(b),
                             packed,
-                            bf16,
+                            tiles,
                             out: loc(*n),
                             k,
                             n: columns,
@@ -849,11 +773,11 @@ impl Program {
                         // parts before it wrote for this block, or values complete before the group.
                         unsafe { f(ptrs.as_ptr(), (r0 * per_row) as i64, (r1 * per_row) as i64) }
                     }
-                    Part::Product { a, bf16: Some(w), out, k, parallel, .. } => {
+                    Part::Product { a, tiles: Some(w), out, k, parallel, .. } => {
                         let (k, m) = (*k, r1 - r0);
                         // SAFETY: rows r0..r1 of a (k each) and of the output (n each).
                         unsafe {
-                            bf16::product_packed(
+                            tiles::product_packed(
                                 m,
                                 at(out).add(r0 * w.n()),
                                 w.n(),
@@ -881,7 +805,7 @@ impl Program {
                                 (at(a).add(r0 * k), k, 1),
                                 rhs,
                                 *parallel,
-                                self.products,
+                                self.tiles,
                             )
                         }
                     }
@@ -948,28 +872,61 @@ impl Program {
         Ok(())
     }
 
-    /// The right operand `b` (k x n) of the product `product`, packed as
-    /// bf16: a weight several products read once a run, anything else each time.
+    /// The right operand `b` (k x n) of the product `product`, packed for
+    /// tiles of `kind`: a fixed weight once for good, a weight several
+    /// products read once a run (bf16), anything else each time.
     ///
     /// # Safety
     /// `b` covers k x n at its strides.
-    unsafe fn bf16_rhs(
+    unsafe fn packed_rhs(
         &self,
         product: NodeId,
         b: kernels::Operand,
         k: usize,
         n: usize,
-    ) -> std::sync::Arc<bf16::PackedB> {
+        kind: tiles::Kind,
+    ) -> std::sync::Arc<tiles::PackedB> {
         // SAFETY: the caller's contract.
-        let pack = || std::sync::Arc::new(unsafe { bf16::PackedB::new(b, k, n, true) });
+        let pack = || std::sync::Arc::new(unsafe { tiles::PackedB::new(b, k, n, true, kind) });
         let (weight, Op::MatMul { tb, .. }) = (self.graph.node(product).args[1], &self.graph.node(product).op) else {
             return pack();
         };
-        if !self.reread.contains(&(weight, *tb)) {
+        if let (Some(fixed), Op::Param(name)) = (&self.fixed_weights, &self.graph.node(weight).op) {
+            let mut cache = fixed.0.lock().unwrap_or_else(|e| e.into_inner());
+            return cache.entry((name.clone(), *tb, kind)).or_insert_with(pack).clone();
+        }
+        if !self.keeps_packed(weight, *tb, kind) {
             return pack();
         }
         let mut cache = self.weights_bf16.lock().unwrap_or_else(|e| e.into_inner());
         cache.entry((weight, *tb)).or_insert_with(pack).clone()
+    }
+
+    /// A compact (bf16) weight the product `product` reads, as bf16 tiles
+    /// kept for good, where the weights are fixed.
+    fn fixed_tiles(&self, product: NodeId, w: &Packed) -> Option<std::sync::Arc<tiles::PackedB>> {
+        let fixed = self.fixed_weights.as_ref()?;
+        let node = self.graph.node(product);
+        let (Op::Param(name), Op::MatMul { tb, .. }) = (&self.graph.node(node.args[1]).op, &node.op) else {
+            return None;
+        };
+        let key = (name.clone(), *tb, tiles::Kind::Bf16);
+        let mut cache = fixed.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&key) {
+            return Some(t.clone());
+        }
+        let t = std::sync::Arc::new(w.bf16_tiles(true)?);
+        cache.insert(key, t.clone());
+        Some(t)
+    }
+
+    /// Whether products by `weight` (in orientation `tb`) multiply a packing
+    /// kept beyond one product: a fixed weight's, or (bf16) one that several
+    /// products read in a run. (f32 keeps none a run: a packed copy of the
+    /// output layer is 4 bytes a parameter more, 154 MB at GPT-2 124M.)
+    fn keeps_packed(&self, weight: NodeId, tb: bool, kind: tiles::Kind) -> bool {
+        let fixed = self.fixed_weights.is_some() && matches!(self.graph.node(weight).op, Op::Param(_));
+        fixed || (kind != tiles::Kind::F32 && self.reread.contains(&(weight, tb)))
     }
 
     /// The packed weight a product multiplies by, if its right operand is one.
@@ -1084,14 +1041,29 @@ impl Program {
             let (b_rs, b_cs) = if tb { (1, k) } else { (cols, 1) };
             let (ap, bp) = (SendPtr(ap as *mut f32), SendPtr(bp as *mut f32));
             let packed = if batch == 1 { self.packed(n, feeds) } else { None };
-            // A weight several products read: packed as bf16 once a run.
-            if self.products == Products::Bf16 && packed.is_none() && batch == 1 && self.reread.contains(&(b, tb)) {
+            // A weight packed beyond this product: fixed, or read by several.
+            if let Some(kind) = self.tiles
+                && packed.is_none()
+                && batch == 1
+                && self.keeps_packed(b, tb, kind)
+            {
                 // SAFETY: b is k x cols at these strides; a covers rows x k at
                 // its strides; out is rows x cols.
                 unsafe {
-                    let w = self.bf16_rhs(n, (bp.get(), b_rs, b_cs), k, cols);
+                    let w = self.packed_rhs(n, (bp.get(), b_rs, b_cs), k, cols, kind);
                     let parallel = packed::worth_threads(rows, cols, k);
-                    bf16::product_packed(rows, out.as_mut_ptr(), cols, 0.0, (ap.get(), a_rs, a_cs), &w, parallel)
+                    tiles::product_packed(rows, out.as_mut_ptr(), cols, 0.0, (ap.get(), a_rs, a_cs), &w, parallel)
+                };
+                return Ok(());
+            }
+            // A compact weight, fixed, against many rows: its bf16 tiles, kept.
+            if let Some(w) =
+                packed.filter(|_| batch == 1 && rows > packed::SMALL_M).and_then(|w| self.fixed_tiles(n, w))
+            {
+                // SAFETY: a covers rows x k at its strides; out is rows x cols.
+                unsafe {
+                    let parallel = packed::worth_threads(rows, cols, k);
+                    tiles::product_packed(rows, out.as_mut_ptr(), cols, 0.0, (ap.get(), a_rs, a_cs), &w, parallel)
                 };
                 return Ok(());
             }
@@ -1112,7 +1084,7 @@ impl Program {
                         (ap.get().add(ao), a_rs, a_cs),
                         rhs,
                         parallel,
-                        self.products,
+                        self.tiles,
                     )
                 };
             };
@@ -1161,7 +1133,7 @@ impl Program {
                 // and the whole weight, at their layouts' strides.
                 let product = |r: &std::ops::Range<usize>, rhs: &SendRhs, parallel: bool| unsafe {
                     let (x, o) = (xp.get().add(r.start * k), op.get().add(r.start * cols) as *mut f32);
-                    packed::product((r.len(), cols, k), o, cols, 0.0, (x, k, 1), rhs.0, parallel, self.products)
+                    packed::product((r.len(), cols, k), o, cols, 0.0, (x, k, 1), rhs.0, parallel, self.tiles)
                 };
                 // Experts side by side on the threads when there are enough of
                 // them; else one after the other, each product on every thread.
@@ -1194,7 +1166,7 @@ impl Program {
                         true => ((cols, k, r.len()), (dr, 1, cols), (xr, k, 1)),
                     };
                     let o = op.get().add(e * k * cols) as *mut f32;
-                    packed::product(shape, o, shape.1, 0.0, a, packed::Rhs::Dense(b), parallel, self.products)
+                    packed::product(shape, o, shape.1, 0.0, a, packed::Rhs::Dense(b), parallel, self.tiles)
                 };
                 if jobs.len() >= rayon::current_num_threads() {
                     jobs.par_iter().for_each(|(e, r)| product(*e, r, false));

@@ -100,7 +100,7 @@ impl Packed {
         let mut p =
             Packed { format, n, k, transposed: false, halves: Vec::new(), quants: Vec::new(), scales: Vec::new() };
         match format {
-            Format::Bf16 => p.halves = w.par_iter().with_min_len(1 << 16).map(|x| super::bf16::round(*x)).collect(),
+            Format::Bf16 => p.halves = w.par_iter().with_min_len(1 << 16).map(|x| super::tiles::round(*x)).collect(),
             Format::Q8 | Format::Q4 => {
                 let per_block = if format == Format::Q8 { BLOCK } else { BLOCK / 2 };
                 let blocks = n * k / BLOCK;
@@ -116,6 +116,13 @@ impl Packed {
             Format::F32 => unreachable!(),
         }
         p
+    }
+
+    /// The weight as the right-hand side of bf16 tiles (`x @ W^T`), for
+    /// products of many rows: where it is bf16 and the CPU multiplies bf16.
+    pub fn bf16_tiles(&self, parallel: bool) -> Option<super::tiles::PackedB> {
+        (self.format == Format::Bf16 && super::tiles::bf16_hardware() && self.k.is_multiple_of(2))
+            .then(|| super::tiles::PackedB::from_rows(&self.halves, self.n, self.k, parallel))
     }
 
     /// The same, marked as packed from a weight's transpose (or not).
@@ -233,8 +240,8 @@ pub enum Rhs<'a> {
 /// `c = alpha c + a op(B)` for `a` m x k and `c` m x n (row stride `c_rs`):
 /// the matrix products of programs. A few rows against weight rows
 /// (decoding) go a weight row at a time, read once (`matvec`); many rows
-/// against a packed weight by panels; the rest through gemm, or with bf16
-/// operands (`products`). `parallel`: the product may use the thread pool.
+/// against a packed weight by panels; the rest in `tiles` (f32 or bf16
+/// operands), or through gemm. `parallel`: the product may use the thread pool.
 ///
 /// # Safety
 /// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
@@ -247,23 +254,22 @@ pub unsafe fn product(
     (a, a_rs, a_cs): Operand,
     b: Rhs,
     parallel: bool,
-    products: super::Products,
+    tiles: Option<super::tiles::Kind>,
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match b {
-            Rhs::Dense(b) if products == super::Products::Bf16 => {
-                super::bf16::product((m, n, k), c, c_rs, alpha, (a, a_rs, a_cs), b, parallel)
+            Rhs::Dense(b) if let Some(kind) = tiles => {
+                super::tiles::product((m, n, k), c, c_rs, alpha, (a, a_rs, a_cs), b, parallel, kind)
             }
             Rhs::Packed(w) => {
                 assert!(a_cs == 1 && (w.n, w.k) == (n, k), "bug: a packed product's operands do not fit");
                 if m <= SMALL_M {
                     matvec((m, n, k), (a, a_rs), (c, c_rs), alpha, Rows::Packed(w), parallel)
-                } else if w.format == Format::Bf16 && super::bf16::hardware() && k.is_multiple_of(2) {
+                } else if let Some(b) = w.bf16_tiles(parallel) {
                     // A prompt against bf16 weights: bf16 products, the
                     // activations rounded to bf16 too (as llama.cpp does).
-                    let b = super::bf16::PackedB::from_rows(&w.halves, n, k, parallel);
-                    super::bf16::product_packed(m, c, c_rs, alpha, (a, a_rs, 1), &b, parallel)
+                    super::tiles::product_packed(m, c, c_rs, alpha, (a, a_rs, 1), &b, parallel)
                 } else {
                     panels(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
                 }
@@ -1038,8 +1044,8 @@ mod tests {
                     // the CPU multiplies bf16 (`super::super::bf16`).
                     let x: Vec<f32> = match format {
                         Format::Q8 | Format::Q4 => a.chunks(k).flat_map(|r| Activation::new(r).values()).collect(),
-                        Format::Bf16 if m > SMALL_M && super::super::bf16::hardware() && k.is_multiple_of(2) => {
-                            a.iter().map(|v| f32::from_bits((super::super::bf16::round(*v) as u32) << 16)).collect()
+                        Format::Bf16 if m > SMALL_M && super::super::tiles::bf16_hardware() && k.is_multiple_of(2) => {
+                            a.iter().map(|v| f32::from_bits((super::super::tiles::round(*v) as u32) << 16)).collect()
                         }
                         _ => a.clone(),
                     };
@@ -1060,16 +1066,7 @@ mod tests {
                             let mut c = start.clone();
                             // SAFETY: a is m x k, c m x n, the weights n x k.
                             unsafe {
-                                product(
-                                    (m, n, k),
-                                    c.as_mut_ptr(),
-                                    n,
-                                    alpha,
-                                    (a.as_ptr(), k, 1),
-                                    rhs,
-                                    parallel,
-                                    super::super::Products::F32,
-                                )
+                                product((m, n, k), c.as_mut_ptr(), n, alpha, (a.as_ptr(), k, 1), rhs, parallel, None)
                             };
                             runs.push(("product", c));
                         }

@@ -1,29 +1,33 @@
-//! Matrix products with bf16 operands and f32 sums (`--precision bf16`).
+//! Matrix products in tiles, on AVX-512: f32 operands with FMAs, or bf16
+//! operands with f32 sums (`--precision bf16`).
 //!
-//! Both operands are rounded to bf16 (to nearest, ties to even) as they are
-//! packed, and the products are summed in f32, as PyTorch's bf16 autocast
-//! does. Where the CPU has AVX512_BF16, one `vdpbf16ps` multiplies 16 pairs
-//! of bf16 and adds each pair's sum into one of 16 f32 sums: twice the
-//! multiply-adds of an f32 FMA. Elsewhere the same packed operands are
+//! bf16: both operands are rounded to bf16 (to nearest, ties to even) as
+//! they are packed, and the products are summed in f32, as PyTorch's bf16
+//! autocast does. Where the CPU has AVX512_BF16, one `vdpbf16ps` multiplies
+//! 16 pairs of bf16 and adds each pair's sum into one of 16 f32 sums: twice
+//! the multiply-adds of an f32 FMA. Elsewhere the same packed operands are
 //! multiplied in f32 arithmetic: the same numbers (up to the order of the
-//! sums), more slowly.
+//! sums), more slowly. f32: the operands as they are, one FMA per element
+//! (where the CPU has AVX-512; elsewhere products go through `gemm`).
 //!
 //! The loops are BLIS's. `c` is computed in tiles of `MR x NR`; for each
-//! block of `KC` of the depth, a panel of `b` (`KC x NC`) is packed, then
-//! for each block of `MC` rows of `a` the rows are packed and every tile of
-//! the block computed. A packed element is a pair of bf16 along the depth
-//! (`k`, `k + 1`) in one u32, the even one in the low half, which is what
-//! `vdpbf16ps` multiplies. `b` is packed in strips of NR columns, a strip
-//! pair by pair (`[p][j]`), so that a tile loads each pair's NR columns as
-//! two vectors; `a` in strips of MR rows, either row by row (`[i][p]`, when
-//! its rows are contiguous, a plain conversion) or pair by pair (`[p][i]`,
-//! when its columns are: the transposed operands of weight gradients).
+//! block of the depth, a panel of `b` (`KC x NC`) is packed, then for each
+//! block of `MC` rows of `a` the rows are packed and every tile of the
+//! block computed. A packed element is a u32: an f32, or a pair of bf16
+//! along the depth (`k`, `k + 1`), the even one in the low half, which is
+//! what `vdpbf16ps` multiplies. `b` is packed in strips of NR columns,
+//! element by element (`[p][j]`), so that a tile loads each element's NR
+//! columns as two vectors; `a` in strips of MR rows, either row by row
+//! (`[i][p]`, when its rows are contiguous, a plain copy or conversion) or
+//! element by element (`[p][i]`, when its columns are: the transposed
+//! operands of weight gradients).
 //!
 //! The product is split over the thread pool into blocks of rows or of
 //! columns (whichever is longer), each packing its own operands, or into
 //! parts of a long depth summed at the end. A right-hand side many blocks
 //! multiply (a weight in a row group, the output layer's weight in every
-//! row chunk) is packed once beforehand (`PackedB`).
+//! row chunk, a model's weights in every run of an inference program) is
+//! packed once beforehand (`PackedB`).
 
 use super::kernels::Operand;
 use rayon::prelude::*;
@@ -32,27 +36,58 @@ use rayon::prelude::*;
 const MR: usize = 12;
 /// Columns of a tile: two vectors of 16.
 const NR: usize = 32;
-/// The longest block of the depth (elements, even): a strip of `b`
-/// (KC x NR bf16, 20 KiB) stays in the level-1 cache while a block's tiles
-/// read it.
-const KC: usize = 320;
+/// The longest block of the depth, in packed elements (u32). bf16: a
+/// strip of `b` (KC_BF16 x NR pairs, 20 KiB) stays in the level-1 cache
+/// while a block's tiles read it. f32: longer blocks, each tile's sums
+/// written fewer times, were faster (MiniLM's products, depth 384 and
+/// 1536: 160 -> 512 elements, 3-5%) though a strip leaves level 1.
+const KC_BF16: usize = 160;
+const KC_F32: usize = 512;
 /// Rows of `a` packed at a time, at most: 24 strips (180 KiB, in the
 /// level-2 cache); a block's rows are split evenly into such blocks.
 const MC: usize = MR * 24;
+/// A product with this many times more columns than rows is computed
+/// transposed (`product_on`).
+const WIDE: usize = 4;
+/// Parts a long depth is split into (`depth_split`).
+const DEPTH_PARTS: usize = 4;
 /// Columns of `b` packed at a time (a panel of 2.5 MiB at most).
 const NC: usize = NR * 128;
 
 /// How a strip of `a` is laid out.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Layout {
-    /// `[i][p]`: each row's pairs in order (rows of `a` contiguous).
+    /// `[i][p]`: each row's elements in order (rows of `a` contiguous).
     RowWise,
-    /// `[p][i]`: each pair's MR rows together (columns of `a` contiguous).
-    PairWise,
+    /// `[p][i]`: each element's MR rows together (columns of `a` contiguous).
+    DepthWise,
+}
+
+/// What the packed operands hold, and how a tile multiplies them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Kind {
+    /// f32 as they are, multiplied by AVX-512 FMAs (`f32_hardware()`).
+    F32,
+    /// Pairs of bf16 along the depth, multiplied by `vdpbf16ps` (`bf16_hardware()`).
+    Bf16,
+    /// Pairs of bf16, multiplied in portable f32 arithmetic.
+    Bf16Portable,
+}
+
+impl Kind {
+    /// bf16 products as this host computes them.
+    pub fn bf16() -> Kind {
+        if bf16_hardware() { Kind::Bf16 } else { Kind::Bf16Portable }
+    }
+
+    /// Depth elements in one packed u32.
+    fn depth(self) -> usize {
+        if self == Kind::F32 { 1 } else { 2 }
+    }
 }
 
 /// Whether the host multiplies bf16 in hardware (checked once).
-pub fn hardware() -> bool {
+pub fn bf16_hardware() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -60,6 +95,19 @@ pub fn hardware() -> bool {
             std::env::var_os("MODELC_NO_AVX512").is_none()
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether the host has AVX-512 for f32 products (`Kind::F32`; checked once).
+pub fn f32_hardware() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("MODELC_NO_AVX512").is_none() && std::arch::is_x86_feature_detected!("avx512f")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -79,12 +127,15 @@ fn widen(h: u32) -> f32 {
     f32::from_bits(h << 16)
 }
 
-/// `c = alpha c + a b` with bf16 operands (`alpha` 0 overwrites `c`), for
-/// `a` m x k, `b` k x n and `c` m x n row-major with row stride `c_rs`.
-/// `parallel`: split over the thread pool.
+/// `c = alpha c + a b` with operands of `kind` (`alpha` 0 overwrites
+/// `c`), for `a` m x k, `b` k x n and `c` m x n row-major with row stride
+/// `c_rs`. `parallel`: split over the thread pool.
 ///
 /// # Safety
-/// Each operand covers its rows and columns at its strides; `c` overlaps neither input.
+/// Each operand covers its rows and columns at its strides; `c` overlaps
+/// neither input; `kind` is one the host has (`Kind::F32` only where
+/// `f32_hardware()`, `Kind::Bf16` where `bf16_hardware()`).
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn product(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
@@ -93,9 +144,10 @@ pub unsafe fn product(
     a: Operand,
     b: Operand,
     parallel: bool,
+    kind: Kind,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { product_on((m, n, k), c, c_rs, alpha, a, Rhs::Pack(b), parallel, hardware()) }
+    unsafe { product_on((m, n, k), c, (c_rs, 1), alpha, a, Rhs::Pack(b), parallel, kind) }
 }
 
 /// `product` against a `b` packed beforehand: `c = alpha c + a b` for `a`
@@ -105,13 +157,15 @@ pub unsafe fn product(
 /// As `product`.
 pub unsafe fn product_packed(m: usize, c: *mut f32, c_rs: usize, alpha: f32, a: Operand, b: &PackedB, parallel: bool) {
     // SAFETY: the caller's contract.
-    unsafe { product_on((m, b.n, b.k), c, c_rs, alpha, a, Rhs::Packed(b), parallel, b.hw) }
+    unsafe { product_on((m, b.n, b.k), c, (c_rs, 1), alpha, a, Rhs::Packed(b), parallel, b.kind) }
 }
 
-/// The length of each block of a depth of `k` (even, and the blocks of
-/// nearly equal lengths).
-fn depth_block(k: usize) -> usize {
-    k.div_ceil(k.div_ceil(KC).max(1)).next_multiple_of(2)
+/// The length of each block of a depth of `k` (whole packed elements, and
+/// the blocks of nearly equal lengths).
+fn depth_block(k: usize, kind: Kind) -> usize {
+    let units = k.div_ceil(kind.depth());
+    let most = if kind == Kind::F32 { KC_F32 } else { KC_BF16 };
+    units.div_ceil(units.div_ceil(most).max(1)) * kind.depth()
 }
 
 /// A right-hand side `b` (k x n) packed once for many products: a weight
@@ -121,27 +175,25 @@ pub struct PackedB {
     k: usize,
     n: usize,
     kc: usize,
-    /// u32 a slot holds: pairs of a depth block by the columns of a panel.
+    /// u32 a slot holds: elements of a depth block by the columns of a panel.
     slot: usize,
     panels: usize,
     data: Vec<u32>,
-    hw: bool,
+    kind: Kind,
 }
 
 impl PackedB {
-    /// Packs `b` (k x n at its strides), on the thread pool when `parallel`.
+    /// Packs `b` (k x n at its strides) for products of `kind` (`Kind::F32`
+    /// only where `f32_hardware()`), on the thread pool when `parallel`.
     ///
     /// # Safety
     /// `b` covers k x n at its strides.
-    pub unsafe fn new(b: Operand, k: usize, n: usize, parallel: bool) -> PackedB {
-        // SAFETY: the caller's contract.
-        unsafe { PackedB::new_on(b, k, n, parallel, hardware()) }
-    }
-
-    unsafe fn new_on(b: Operand, k: usize, n: usize, parallel: bool, hw: bool) -> PackedB {
-        let kc = depth_block(k);
+    pub unsafe fn new(b: Operand, k: usize, n: usize, parallel: bool, kind: Kind) -> PackedB {
+        assert!(kind != Kind::F32 || f32_hardware(), "bug: f32 tiles without AVX-512");
+        assert!(kind != Kind::Bf16 || bf16_hardware(), "bug: bf16 tiles without AVX512_BF16");
+        let kc = depth_block(k, kind);
         let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
-        let slot = kc / 2 * NC.min(n.next_multiple_of(NR));
+        let slot = kc / kind.depth() * NC.min(n.next_multiple_of(NR));
         let mut data = vec![0u32; slot * panels * depths];
         let b = Shared(b.0, b.1, b.2);
         let pack = |(i, out): (usize, &mut [u32])| {
@@ -149,22 +201,25 @@ impl PackedB {
             let (k0, j0) = (d * kc, p * NC);
             let b = b.get();
             // SAFETY: columns j0.. and depth k0.. of b.
-            unsafe { pack_b((b.0.add(j0 * b.2 + k0 * b.1), b.1, b.2), kc.min(k - k0), NC.min(n - j0), out, hw) }
+            unsafe { pack_b((b.0.add(j0 * b.2 + k0 * b.1), b.1, b.2), kc.min(k - k0), NC.min(n - j0), out, kind) }
         };
         if parallel && data.len() > 1 << 16 {
             data.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
         } else {
             data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
         }
-        PackedB { k, n, kc, slot, panels, data, hw }
+        PackedB { k, n, kc, slot, panels, data, kind }
     }
 
     /// A weight stored as bf16 rows (`[n, k]`, used as `x @ w^T`): `b` is
     /// its transpose, whose pairs are the rows' pairs as they lie. Needs
-    /// the hardware (`hardware()`) and an even `k`.
+    /// the hardware (`bf16_hardware()`) and an even `k`.
     pub fn from_rows(w: &[u16], n: usize, k: usize, parallel: bool) -> PackedB {
-        assert!(hardware() && k.is_multiple_of(2) && w.len() == n * k, "bug: bf16 rows {n} x {k} cannot be packed");
-        let kc = depth_block(k);
+        assert!(
+            bf16_hardware() && k.is_multiple_of(2) && w.len() == n * k,
+            "bug: bf16 rows {n} x {k} cannot be packed"
+        );
+        let kc = depth_block(k, Kind::Bf16);
         let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
         let slot = kc / 2 * NC.min(n.next_multiple_of(NR));
         let mut data = vec![0u32; slot * panels * depths];
@@ -184,7 +239,7 @@ impl PackedB {
         } else {
             data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
         }
-        PackedB { k, n, kc, slot, panels, data, hw: true }
+        PackedB { k, n, kc, slot, panels, data, kind: Kind::Bf16 }
     }
 
     /// Columns of `b`.
@@ -222,20 +277,20 @@ impl Shared {
     }
 }
 
-/// `product`, in hardware or not (`hw`; tests run both).
+/// `product` with operands of `kind` (tests run every kind the host has).
 ///
 /// # Safety
-/// As `product`; `hw` only where `hardware()`.
+/// As `product`; `kind` one the host has.
 #[allow(clippy::too_many_arguments)]
 unsafe fn product_on(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
-    c_rs: usize,
+    (c_rs, c_cs): (usize, usize),
     alpha: f32,
     a: Operand,
     b: Rhs,
     parallel: bool,
-    hw: bool,
+    kind: Kind,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -245,7 +300,7 @@ unsafe fn product_on(
             for j in 0..n {
                 // SAFETY: element (i, j) of c.
                 unsafe {
-                    let c = c.add(i * c_rs + j);
+                    let c = c.add(i * c_rs + j * c_cs);
                     *c = if alpha == 0.0 { 0.0 } else { alpha * *c };
                 }
             }
@@ -254,17 +309,30 @@ unsafe fn product_on(
     }
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     if let Rhs::Pack(b) = b
-        && threads > 1
+        && parallel
+        && c_cs == 1
         && k >= 8 * m.max(n)
     {
         // A long depth (a gradient through the output layer): split it, each
-        // thread summing into a buffer of its own, rather than pack either
+        // part summing into a buffer of its own, rather than pack either
         // operand once per thread.
         // SAFETY: the caller's contract.
-        unsafe { depth_split((m, n, k), c, c_rs, alpha, a, b, threads, hw) };
+        unsafe { depth_split((m, n, k), c, c_rs, alpha, a, b, kind) };
         return;
     }
-    let (a, c) = (Shared(a.0, a.1, a.2), Shared(c, c_rs, 0));
+    if let Rhs::Pack(b) = b
+        && n >= WIDE * m
+    {
+        // Far more columns than rows (the output layer's logits and weight
+        // gradient): cᵀ = bᵀ aᵀ, so that the large operand is packed as
+        // rows (a copy) rather than transposed into strips, and each tile's
+        // sums are written down columns of c.
+        let (at, bt) = ((b.0, b.2, b.1), (a.0, a.2, a.1));
+        // SAFETY: the same elements, each operand and c seen transposed.
+        unsafe { product_on((n, m, k), c, (c_cs, c_rs), alpha, at, Rhs::Pack(bt), parallel, kind) };
+        return;
+    }
+    let (a, c) = (Shared(a.0, a.1, a.2), Shared(c, c_rs, c_cs));
     // Blocks of the longer side; twice as many as threads where each stays
     // long enough (256) that packing the other operand again is cheap.
     let (long, step) = if n >= m { (n, NR) } else { (m, MR) };
@@ -280,11 +348,11 @@ unsafe fn product_on(
                 (rows.len(), k),
                 cols,
                 c.0.cast_mut().add(rows.start * c_rs),
-                c_rs,
+                (c_rs, c_cs),
                 alpha,
                 (a.0.add(rows.start * a.1), a.1, a.2),
                 b,
-                hw,
+                kind,
             )
         }
     };
@@ -296,8 +364,10 @@ unsafe fn product_on(
     }
 }
 
-/// `product_on` over `threads` parts of the depth, the first into `c` and
-/// the rest into buffers then added to it.
+/// `product_on` over DEPTH_PARTS parts of the depth, the first into `c` and
+/// the rest into buffers then added to it in order: as many parts on any
+/// number of threads, so that the sums, and a training step's bits, do not
+/// depend on the threads.
 ///
 /// # Safety
 /// As `product`.
@@ -309,10 +379,9 @@ unsafe fn depth_split(
     alpha: f32,
     a: Operand,
     b: Operand,
-    threads: usize,
-    hw: bool,
+    kind: Kind,
 ) {
-    let per = k.div_ceil(threads).next_multiple_of(2);
+    let per = k.div_ceil(DEPTH_PARTS).next_multiple_of(kind.depth());
     let (a, b, c) = (Shared(a.0, a.1, a.2), Shared(b.0, b.1, b.2), Shared(c, c_rs, 0));
     let mut parts: Vec<Vec<f32>> = (1..k.div_ceil(per)).map(|_| vec![0f32; m * n]).collect();
     let run = |t: usize, out: (*mut f32, usize, f32)| {
@@ -324,11 +393,11 @@ unsafe fn depth_split(
                 (m, k1 - k0),
                 0..n,
                 out.0,
-                out.1,
+                (out.1, 1),
                 out.2,
                 (a.0.add(k0 * a.2), a.1, a.2),
                 Rhs::Pack((b.0.add(k0 * b.1), b.1, b.2)),
-                hw,
+                kind,
             )
         }
     };
@@ -365,22 +434,22 @@ unsafe fn block(
     (m, k): (usize, usize),
     cols: std::ops::Range<usize>,
     c: *mut f32,
-    c_rs: usize,
+    (c_rs, c_cs): (usize, usize),
     alpha: f32,
     a: Operand,
     b: Rhs,
-    hw: bool,
+    kind: Kind,
 ) {
-    let layout = if a.2 == 1 || a.1 != 1 { Layout::RowWise } else { Layout::PairWise };
+    let layout = if a.2 == 1 || a.1 != 1 { Layout::RowWise } else { Layout::DepthWise };
     let kc = match b {
-        Rhs::Pack(_) => depth_block(k),
+        Rhs::Pack(_) => depth_block(k, kind),
         Rhs::Packed(p) => p.kc,
     };
     let mc_max = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
     let (mut pa, mut pb) = PACKED.take();
-    pa.resize(mc_max * kc / 2, 0);
+    pa.resize(mc_max * kc / kind.depth(), 0);
     if let Rhs::Pack(_) = b {
-        pb.resize(NC.min(cols.len().next_multiple_of(NR)) * kc / 2, 0);
+        pb.resize(NC.min(cols.len().next_multiple_of(NR)) * kc / kind.depth(), 0);
     }
     // Runs of columns in one panel: NC from the start when packing here,
     // split where the packed panels are.
@@ -397,11 +466,11 @@ unsafe fn block(
     for seg in segments {
         for (d, k0) in (0..k).step_by(kc).enumerate() {
             let kd = kc.min(k - k0);
-            let pairs = kd.div_ceil(2);
+            let units = kd.div_ceil(kind.depth());
             let (panel, first_strip) = match b {
                 Rhs::Pack(b) => {
                     // SAFETY: columns seg of b, depth k0..k0+kd.
-                    unsafe { pack_b((b.0.add(seg.start * b.2 + k0 * b.1), b.1, b.2), kd, seg.len(), &mut pb, hw) };
+                    unsafe { pack_b((b.0.add(seg.start * b.2 + k0 * b.1), b.1, b.2), kd, seg.len(), &mut pb, kind) };
                     (&pb[..], 0)
                 }
                 Rhs::Packed(p) => (p.panel(d, seg.start / NC * NC), seg.start % NC / NR),
@@ -411,17 +480,17 @@ unsafe fn block(
             for i0 in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - i0);
                 // SAFETY: rows i0.. of a, depth k0..k0+kd.
-                unsafe { pack_a((a.0.add(i0 * a.1 + k0 * a.2), a.1, a.2), mc, kd, layout, &mut pa, hw) };
+                unsafe { pack_a((a.0.add(i0 * a.1 + k0 * a.2), a.1, a.2), mc, kd, layout, &mut pa, kind) };
                 for js in 0..seg.len().div_ceil(NR) {
-                    let strip_b = &panel[(first_strip + js) * pairs * NR..][..pairs * NR];
+                    let strip_b = &panel[(first_strip + js) * units * NR..][..units * NR];
                     let width = NR.min(seg.len() - js * NR);
                     for is in 0..mc.div_ceil(MR) {
-                        let strip_a = &pa[is * pairs * MR..][..pairs * MR];
+                        let strip_a = &pa[is * units * MR..][..units * MR];
                         let rows = MR.min(mc - is * MR);
-                        let at = c.wrapping_add((i0 + is * MR) * c_rs + seg.start + js * NR);
-                        let out = Out { c: at, c_rs, rows, cols: width, beta };
+                        let at = c.wrapping_add((i0 + is * MR) * c_rs + (seg.start + js * NR) * c_cs);
+                        let out = Out { c: at, c_rs, c_cs, rows, cols: width, beta };
                         // SAFETY: the tile's rows and columns of c.
-                        unsafe { tile(strip_a, strip_b, pairs, layout, out, hw) }
+                        unsafe { tile(strip_a, strip_b, units, layout, out, kind) }
                     }
                 }
             }
@@ -434,95 +503,118 @@ unsafe fn block(
 struct Out {
     c: *mut f32,
     c_rs: usize,
+    /// 1, or (a product computed transposed) c's row stride.
+    c_cs: usize,
     rows: usize,
     cols: usize,
     beta: f32,
 }
 
-/// The pairs of `a` (`mc` rows from its first, depth `kd`) into strips of
-/// MR rows, rows past `mc` and the odd last pair's second half zero.
+/// The elements of `a` (`mc` rows from its first, depth `kd`) into strips
+/// of MR rows, rows past `mc` (and the odd last pair's second half) zero.
 ///
 /// # Safety
 /// `a` covers mc x kd at its strides.
-unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32], hw: bool) {
+unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32], kind: Kind) {
     #[cfg(target_arch = "x86_64")]
-    if hw && (a.2 == 1 || (layout == Layout::PairWise && a.1 == 1)) {
-        // SAFETY: as above; the host has AVX512_BF16.
-        unsafe { x86::pack_a(a, mc, kd, layout, out) };
+    if kind != Kind::Bf16Portable && (a.2 == 1 || (layout == Layout::DepthWise && a.1 == 1)) {
+        // SAFETY: as above; the host has what `kind` needs.
+        unsafe {
+            match kind {
+                Kind::F32 => x86::pack_a_f32(a, mc, kd, layout, out),
+                _ => x86::pack_a(a, mc, kd, layout, out),
+            }
+        }
         return;
     }
     // SAFETY: inside mc x kd.
     let at = |i: usize, kk: usize| unsafe { *a.0.add(i * a.1 + kk * a.2) };
-    pack_strips(at, (mc, kd), MR, layout, out);
+    pack_strips(at, (mc, kd), MR, layout, out, kind);
 }
 
-/// Strips of `width` lines (rows of `a`, or columns of `b`) of `pairs`
-/// pairs each, `at(line, depth)` giving an element of the `lines x kd`
-/// operand, rounded to bf16; past the operand, zero. The portable packing.
+/// Strips of `width` lines (rows of `a`, or columns of `b`) of the depth's
+/// packed elements, `at(line, depth)` giving an element of the `lines x kd`
+/// operand (bf16 kinds: rounded, in pairs); past the operand, zero. The
+/// portable packing.
 fn pack_strips(
     at: impl Fn(usize, usize) -> f32,
     (lines, kd): (usize, usize),
     width: usize,
     layout: Layout,
     out: &mut [u32],
+    kind: Kind,
 ) {
-    let pairs = kd.div_ceil(2);
-    let half = |l: usize, kk: usize| if l < lines && kk < kd { round(at(l, kk)) as u32 } else { 0 };
+    let units = kd.div_ceil(kind.depth());
+    let get = |l: usize, kk: usize| if l < lines && kk < kd { at(l, kk) } else { 0.0 };
     for s in 0..lines.div_ceil(width) {
-        let strip = &mut out[s * pairs * width..][..pairs * width];
+        let strip = &mut out[s * units * width..][..units * width];
         for i in 0..width {
-            for p in 0..pairs {
-                let (l, kk) = (s * width + i, 2 * p);
-                let pair = half(l, kk) | (half(l, kk + 1) << 16);
+            for p in 0..units {
+                let l = s * width + i;
+                let unit = match kind {
+                    Kind::F32 => get(l, p).to_bits(),
+                    _ => round(get(l, 2 * p)) as u32 | ((round(get(l, 2 * p + 1)) as u32) << 16),
+                };
                 match layout {
-                    Layout::RowWise => strip[i * pairs + p] = pair,
-                    Layout::PairWise => strip[p * width + i] = pair,
+                    Layout::RowWise => strip[i * units + p] = unit,
+                    Layout::DepthWise => strip[p * width + i] = unit,
                 }
             }
         }
     }
 }
 
-/// The pairs of `b` (depth `kd`, `nc` columns from its first) into strips
-/// of NR columns, pair by pair; columns past `nc` zero.
+/// The elements of `b` (depth `kd`, `nc` columns from its first) into
+/// strips of NR columns, depth by depth; columns past `nc` zero.
 ///
 /// # Safety
 /// `b` covers kd x nc at its strides.
-unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], hw: bool) {
+unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], kind: Kind) {
     #[cfg(target_arch = "x86_64")]
-    if hw && (b.1 == 1 || b.2 == 1) {
-        // SAFETY: as above; the host has AVX512_BF16.
-        unsafe { x86::pack_b(b, kd, nc, out) };
-        return;
-    }
-    // SAFETY: inside kd x nc.
-    let at = |j: usize, kk: usize| unsafe { *b.0.add(kk * b.1 + j * b.2) };
-    pack_strips(at, (nc, kd), NR, Layout::PairWise, out);
-}
-
-/// One tile: `pairs` pairs of a strip of `a` and of `b`, summed into `out`.
-///
-/// # Safety
-/// `out` covers its rows and columns of c.
-unsafe fn tile(a: &[u32], b: &[u32], pairs: usize, layout: Layout, out: Out, hw: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if hw {
-        // SAFETY: as above; the host has AVX512_BF16.
+    if kind != Kind::Bf16Portable && (b.1 == 1 || b.2 == 1) {
+        // SAFETY: as above; the host has what `kind` needs.
         unsafe {
-            match layout {
-                Layout::RowWise => x86::tile::<true>(a, b, pairs, out),
-                Layout::PairWise => x86::tile::<false>(a, b, pairs, out),
+            match kind {
+                Kind::F32 => x86::pack_b_f32(b, kd, nc, out),
+                _ => x86::pack_b(b, kd, nc, out),
             }
         }
         return;
     }
+    // SAFETY: inside kd x nc.
+    let at = |j: usize, kk: usize| unsafe { *b.0.add(kk * b.1 + j * b.2) };
+    pack_strips(at, (nc, kd), NR, Layout::DepthWise, out, kind);
+}
+
+/// One tile: `units` packed elements of a strip of `a` and of `b`, summed
+/// into `out`.
+///
+/// # Safety
+/// `out` covers its rows and columns of c; `kind` one the host has.
+unsafe fn tile(a: &[u32], b: &[u32], units: usize, layout: Layout, out: Out, kind: Kind) {
+    #[cfg(target_arch = "x86_64")]
+    if kind != Kind::Bf16Portable {
+        let row_wise = layout == Layout::RowWise;
+        // SAFETY: as above; the host has what `kind` needs.
+        unsafe {
+            match (kind, row_wise) {
+                (Kind::F32, true) => x86::tile_f32::<true>(a, b, units, out),
+                (Kind::F32, false) => x86::tile_f32::<false>(a, b, units, out),
+                (_, true) => x86::tile::<true>(a, b, units, out),
+                (_, false) => x86::tile::<false>(a, b, units, out),
+            }
+        }
+        return;
+    }
+    assert!(kind == Kind::Bf16Portable, "bug: f32 tiles without AVX-512");
+    let pairs = units;
     let mut sums = [[0f32; NR]; MR];
     for p in 0..pairs {
         let bp = &b[p * NR..][..NR];
         for (i, row) in sums.iter_mut().enumerate() {
             let x = match layout {
                 Layout::RowWise => a[i * pairs + p],
-                Layout::PairWise => a[p * MR + i],
+                Layout::DepthWise => a[p * MR + i],
             };
             let (lo, hi) = (widen(x & 0xffff), widen(x >> 16));
             for (s, y) in row.iter_mut().zip(bp) {
@@ -534,7 +626,7 @@ unsafe fn tile(a: &[u32], b: &[u32], pairs: usize, layout: Layout, out: Out, hw:
         for (j, s) in row.iter().enumerate().take(out.cols) {
             // SAFETY: element (i, j) of the tile.
             unsafe {
-                let c = out.c.add(i * out.c_rs + j);
+                let c = out.c.add(i * out.c_rs + j * out.c_cs);
                 *c = if out.beta == 0.0 { *s } else { out.beta * *c + s };
             }
         }
@@ -543,7 +635,7 @@ unsafe fn tile(a: &[u32], b: &[u32], pairs: usize, layout: Layout, out: Out, hw:
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The packing and the tile with AVX-512 and AVX512_BF16.
+    //! The packing and the tiles with AVX-512 (and AVX512_BF16 for bf16).
 
     use super::{Layout, MR, NR, Operand, Out};
     use std::arch::x86_64::*;
@@ -581,7 +673,7 @@ mod x86 {
     }
 
     /// # Safety
-    /// As `super::pack_a`, with `a`'s rows contiguous (row-wise) or columns (pair-wise).
+    /// As `super::pack_a`, with `a`'s rows contiguous (row-wise) or columns (depth-wise).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32]) {
         let pairs = kd.div_ceil(2);
@@ -603,7 +695,7 @@ mod x86 {
                         }
                     }
                 }
-                Layout::PairWise => {
+                Layout::DepthWise => {
                     // Pair p of rows i..: depth 2p and 2p + 1 of MR consecutive rows.
                     let m = mask(rows);
                     let col = |kk: usize| {
@@ -633,7 +725,7 @@ mod x86 {
             // SAFETY: column j's depth 2 p0.. (up to kd).
             let load = |j: usize, p0: usize| unsafe { pairs32(b.0.add(j * b.2 + 2 * p0), kd - 2 * p0) };
             // SAFETY: as above.
-            return unsafe { pack_columns(kd, nc, out, load) };
+            return unsafe { pack_columns(kd.div_ceil(2), nc, out, load) };
         }
         let pairs = kd.div_ceil(2);
         for js in 0..nc.div_ceil(NR) {
@@ -676,18 +768,17 @@ mod x86 {
             _mm512_maskz_loadu_epi32(mask(pairs - p0), w.add(j * k + 2 * p0).cast::<i32>())
         };
         // SAFETY: as above.
-        unsafe { pack_columns(kd, nc, out, load) }
+        unsafe { pack_columns(pairs, nc, out, load) }
     }
 
-    /// Strips of columns whose pairs `load(column, p0)` gives sixteen at a
-    /// time (pairs p0..p0 + 16, zero past the depth): sixteen columns by
-    /// sixteen pairs, transposed.
+    /// Strips of columns whose `pairs` packed elements `load(column, p0)`
+    /// gives sixteen at a time (p0..p0 + 16, zero past the depth): sixteen
+    /// columns by sixteen elements, transposed.
     ///
     /// # Safety
     /// `load` reads only inside its operand.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn pack_columns(kd: usize, nc: usize, out: &mut [u32], load: impl Fn(usize, usize) -> __m512i) {
-        let pairs = kd.div_ceil(2);
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pack_columns(pairs: usize, nc: usize, out: &mut [u32], load: impl Fn(usize, usize) -> __m512i) {
         for js in 0..nc.div_ceil(NR) {
             let strip = out[js * pairs * NR..][..pairs * NR].as_mut_ptr();
             for half in 0..2 {
@@ -706,6 +797,102 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// The f32 `pack_a`: elements as they are.
+    ///
+    /// # Safety
+    /// As `super::pack_a`, with `a`'s rows contiguous (row-wise) or columns (depth-wise).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_a_f32(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u32]) {
+        for is in 0..mc.div_ceil(MR) {
+            let strip = out[is * kd * MR..][..kd * MR].as_mut_ptr().cast::<f32>();
+            let rows = MR.min(mc - is * MR);
+            match layout {
+                Layout::RowWise => {
+                    assert!(a.2 == 1, "bug: row-wise packing of a strided a");
+                    for i in 0..MR {
+                        for p0 in (0..kd).step_by(16) {
+                            let n = if i < rows { kd - p0 } else { 0 };
+                            // SAFETY: row i's elements p0.. (n of them), and the strip row's.
+                            unsafe {
+                                let v = _mm512_maskz_loadu_ps(mask(n), a.0.wrapping_add((is * MR + i) * a.1 + p0));
+                                _mm512_mask_storeu_ps(strip.add(i * kd + p0), mask(kd - p0), v);
+                            }
+                        }
+                    }
+                }
+                Layout::DepthWise => {
+                    for p in 0..kd {
+                        // SAFETY: depth p of the strip's rows, which are contiguous; MR lanes of the strip.
+                        unsafe {
+                            let v = _mm512_maskz_loadu_ps(mask(rows), a.0.add(p * a.2 + is * MR));
+                            _mm512_mask_storeu_ps(strip.add(p * MR), mask(MR), v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The f32 `pack_b`: elements as they are.
+    ///
+    /// # Safety
+    /// As `super::pack_b`, with `b`'s rows (b.2 == 1) or columns (b.1 == 1) contiguous.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_b_f32(b: Operand, kd: usize, nc: usize, out: &mut [u32]) {
+        if b.2 != 1 {
+            // Columns contiguous: sixteen of a column's depth at a time, transposed.
+            // SAFETY: column j's depth p0.. (up to kd).
+            let load = |j: usize, p0: usize| unsafe {
+                _mm512_castps_si512(_mm512_maskz_loadu_ps(mask(kd - p0), b.0.add(j * b.2 + p0)))
+            };
+            // SAFETY: as above.
+            return unsafe { pack_columns(kd, nc, out, load) };
+        }
+        for js in 0..nc.div_ceil(NR) {
+            let strip = out[js * kd * NR..][..kd * NR].as_mut_ptr().cast::<f32>();
+            let masks = [mask(nc - js * NR), mask((nc - js * NR).saturating_sub(16))];
+            for p in 0..kd {
+                for (half, m) in masks.iter().enumerate() {
+                    // SAFETY: row p's columns of the strip (masked), sixteen lanes of the strip.
+                    unsafe {
+                        let v = _mm512_maskz_loadu_ps(*m, b.0.add(p * b.1 + js * NR + half * 16));
+                        _mm512_storeu_ps(strip.add(p * NR + half * 16), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The f32 tile: `kd` elements of the strips, a broadcast of `a` and
+    /// two FMAs a row each.
+    ///
+    /// # Safety
+    /// As `super::tile`; `ROW_WISE` as `a` was packed.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_f32<const ROW_WISE: bool>(a: &[u32], b: &[u32], kd: usize, out: Out) {
+        for i in 0..out.rows {
+            let row = out.c.wrapping_add(i * out.c_rs);
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16).cast());
+        }
+        let mut sums = [[_mm512_setzero_ps(); 2]; MR];
+        let (a, b) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
+        for p in 0..kd {
+            // SAFETY: element p of the strips.
+            unsafe {
+                let b0 = _mm512_loadu_ps(b.add(p * NR));
+                let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.add(if ROW_WISE { i * kd + p } else { p * MR + i }));
+                    s[0] = _mm512_fmadd_ps(x, b0, s[0]);
+                    s[1] = _mm512_fmadd_ps(x, b1, s[1]);
+                }
+            }
+        }
+        // SAFETY: as above.
+        unsafe { store(&sums, out) }
     }
 
     /// A 16 x 16 matrix of u32 transposed: unpacks of 32 and 64 bits, then
@@ -768,6 +955,38 @@ mod x86 {
                 }
             }
         }
+        // SAFETY: as above.
+        unsafe { store(&sums, out) }
+    }
+
+    /// A tile's sums into `c` (`c = beta c + sums`, masked to its rows and columns).
+    ///
+    /// # Safety
+    /// `out` covers its rows and columns of c.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(sums: &[[__m512; 2]; MR], out: Out) {
+        if out.c_cs != 1 {
+            // A transposed product's tile: its rows are columns of c.
+            let mut tile = [[0f32; NR]; MR];
+            for (row, s) in tile.iter_mut().zip(sums) {
+                // SAFETY: NR floats of the row.
+                unsafe {
+                    _mm512_storeu_ps(row.as_mut_ptr(), s[0]);
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), s[1]);
+                }
+            }
+            // Down each of c's rows (the tile's columns) in turn.
+            for j in 0..out.cols {
+                for (i, row) in tile.iter().enumerate().take(out.rows) {
+                    // SAFETY: element (i, j) of the tile.
+                    unsafe {
+                        let c = out.c.add(i * out.c_rs + j * out.c_cs);
+                        *c = if out.beta == 0.0 { row[j] } else { out.beta * *c + row[j] };
+                    }
+                }
+            }
+            return;
+        }
         let masks = [mask(out.cols), mask(out.cols.saturating_sub(16))];
         let beta = _mm512_set1_ps(out.beta);
         for (i, s) in sums.iter().enumerate().take(out.rows) {
@@ -791,9 +1010,10 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// The product of bf16-rounded operands, in f64.
-    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: bool, tb: bool) -> Vec<f64> {
-        let r = |x: f32| widen(round(x) as u32) as f64;
+    /// The product of the operands (rounded to bf16 when `rounded`), in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: bool, tb: bool, rounded: bool) -> Vec<f64> {
+        let r = |x: f32| if rounded { widen(round(x) as u32) as f64 } else { x as f64 };
         let mut c = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -821,12 +1041,12 @@ mod tests {
 
     #[test]
     fn weights_stored_as_bf16_rows_multiply_as_their_f32_values() {
-        if !hardware() {
+        if !bf16_hardware() {
             return;
         }
         for (m, n, k) in [(13, 33, 8), (25, 70, 642), (5, 4200, 34), (40, 9, 64)] {
             let (a, w) = (values(m * k, 1), values(n * k, 2));
-            let want = reference(m, n, k, &a, &w, false, true);
+            let want = reference(m, n, k, &a, &w, false, true, true);
             let halves: Vec<u16> = w.iter().map(|x| round(*x)).collect();
             for parallel in [false, true] {
                 let packed = PackedB::from_rows(&halves, n, k, parallel);
@@ -854,20 +1074,30 @@ mod tests {
         assert!(widen(round(f32::NAN) as u32).is_nan());
     }
 
+    /// The kinds of product this host computes.
+    fn kinds() -> Vec<Kind> {
+        let mut kinds = vec![Kind::Bf16Portable];
+        kinds.extend(bf16_hardware().then_some(Kind::Bf16));
+        kinds.extend(f32_hardware().then_some(Kind::F32));
+        kinds
+    }
+
     #[test]
     fn products_equal_the_rounded_operands_product() {
         // Edges of every block: tiles, depth blocks, odd depths, row and
-        // column panels, each operand plain and transposed.
-        let hw = [false, hardware()];
-        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (25, 70, 321), (200, 40, 650), (5, 4200, 3), (40, 9, 64)] {
+        // column panels, products computed transposed (n >= 4 m), each
+        // operand plain and transposed.
+        for (m, n, k) in
+            [(1, 1, 1), (13, 33, 7), (25, 70, 321), (200, 40, 1100), (5, 4200, 3), (40, 9, 64), (25, 700, 321)]
+        {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 let (a, b) = (values(m * k, 1), values(k * n, 2));
-                let want = reference(m, n, k, &a, &b, ta, tb);
-                for &hw in &hw[..if hardware() { 2 } else { 1 }] {
+                for kind in kinds() {
+                    let want = reference(m, n, k, &a, &b, ta, tb, kind != Kind::F32);
                     let ao = if ta { (a.as_ptr(), 1, m) } else { (a.as_ptr(), k, 1) };
                     let bo = if tb { (b.as_ptr(), 1, k) } else { (b.as_ptr(), n, 1) };
                     // SAFETY: b covers k x n.
-                    let packed = unsafe { PackedB::new_on(bo, k, n, true, hw) };
+                    let packed = unsafe { PackedB::new(bo, k, n, true, kind) };
                     for (alpha, prepacked, parallel) in
                         [(0.0f32, false, true), (0.5, false, false), (0.0, true, true), (0.5, true, false)]
                     {
@@ -875,14 +1105,14 @@ mod tests {
                         let mut c = prior.clone();
                         let rhs = if prepacked { Rhs::Packed(&packed) } else { Rhs::Pack(bo) };
                         // SAFETY: the operands and c cover their shapes.
-                        unsafe { product_on((m, n, k), c.as_mut_ptr(), n, alpha, ao, rhs, parallel, hw) };
+                        unsafe { product_on((m, n, k), c.as_mut_ptr(), (n, 1), alpha, ao, rhs, parallel, kind) };
                         for (idx, got) in c.iter().enumerate() {
                             let want = want[idx] + alpha as f64 * prior[idx] as f64;
                             // f32 sums of k exact products.
                             let bound = 1e-6 * (k as f64).sqrt().max(1.0) * 4.0 + 1e-6 * want.abs();
                             assert!(
                                 (*got as f64 - want).abs() <= bound,
-                                "{m}x{n}x{k} ta {ta} tb {tb} hw {hw} alpha {alpha} packed {prepacked}: c[{idx}] = {got}, want {want}"
+                                "{m}x{n}x{k} ta {ta} tb {tb} {kind:?} alpha {alpha} packed {prepacked}: c[{idx}] = {got}, want {want}"
                             );
                         }
                     }
