@@ -2,7 +2,7 @@
 sentence-transformers, in the same run, on the same threads.
 
     pip install torch sentence-transformers
-    cargo build --release && python3 benches/embed.py [--threads 2] [--sentences 2000] [--rounds 3]
+    cargo build --release && python3 benches/embed.py [--threads 2] [--sentences 2000] [--rounds 3] [--dtype bf16]
 
 2,000 sentences of varied length (4 to ~200 tokens) cut from the GPL-3
 text; both tools embed them all, alternating, `--rounds` times; the medians
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="f32", help="modelc's weights and products: f32 or bf16")
     args = parser.parse_args()
     import torch
     from sentence_transformers import SentenceTransformer
@@ -50,7 +51,8 @@ def main() -> None:
     input_file.write_text("\n".join(texts) + "\n")
     model = SentenceTransformer(str(folder), device="cpu")
     command = [str(ROOT / "target/release/modelc"), "embed", str(ROOT / "specs/minilm.model"), "--weights", str(folder),
-               "--threads", str(args.threads), "--output", str(ROOT / "target/embed-bench.safetensors")]
+               "--threads", str(args.threads), "--dtype", args.dtype,
+               "--output", str(ROOT / "target/embed-bench.safetensors")]
     ours, theirs = [], []
     for _ in range(args.rounds):
         start = time.perf_counter()
@@ -65,7 +67,7 @@ def main() -> None:
     got = load_file(ROOT / "target/embed-bench.safetensors")["embeddings"]
     cosine = min(float(a @ b) for a, b in zip(got, reference))
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"{len(texts)} sentences, {args.threads} threads, median of {args.rounds}: "
+    print(f"{len(texts)} sentences, {args.threads} threads, modelc --dtype {args.dtype}, median of {args.rounds}: "
           f"modelc {a:.2f} s ({len(texts) / a:.0f}/s), sentence-transformers {b:.2f} s ({len(texts) / b:.0f}/s), "
           f"ratio {b / a:.2f}x; lowest cosine {cosine:.6f}")
     print(json.dumps({"modelc_s": ours, "sentence_transformers_s": theirs}))
