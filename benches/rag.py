@@ -4,7 +4,7 @@ throughput, and `modelc search` against faiss (IndexHNSWFlat) and hnswlib
 for search latency and recall@10 (the same M and ef).
 
     pip install torch sentence-transformers faiss-cpu hnswlib safetensors
-    cargo build --release && python3 benches/rag.py [--passages 10000] [--threads 2] [--rounds 3]
+    cargo build --release && python3 benches/rag.py [--passages 10000] [--threads 2] [--rounds 3] [--dtype bf16]
 
 The corpus is real text on every Debian machine with this Python: the
 licences in /usr/share/common-licenses, then the Python standard library's
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="f32", help="modelc index's weights and products: f32 or bf16")
     args = parser.parse_args()
     import faiss
     import hnswlib
@@ -107,7 +108,8 @@ def main() -> None:
     subprocess.run(["rm", "-rf", str(index)], check=True)
     start = time.perf_counter()
     subprocess.run([str(MODELC), "index", str(ROOT / "specs/minilm.model"), "--weights", str(folder),
-                    "--threads", str(args.threads), "--docs", *docs, "--out", str(index)], check=True)
+                    "--threads", str(args.threads), "--dtype", args.dtype, "--docs", *docs, "--out", str(index)],
+                   check=True)
     index_s = time.perf_counter() - start
     passages = [json.loads(line)["text"] for line in (index / "passages.jsonl").read_text().splitlines()]
     manifest = json.loads((index / "manifest.json").read_text())
@@ -121,7 +123,8 @@ def main() -> None:
     theirs = model.encode(passages, batch_size=32, normalize_embeddings=True)
     st_s = time.perf_counter() - start
     cosine = float(np.min(np.sum(theirs * vectors, axis=1)))
-    print(f"indexing {n} passages from {len(docs)} files, {args.threads} threads: modelc index {index_s:.1f} s "
+    print(f"indexing {n} passages from {len(docs)} files, {args.threads} threads: modelc index --dtype {args.dtype} "
+          f"{index_s:.1f} s "
           f"({n / index_s:.1f} passages/s, graph included); sentence-transformers encode {st_s:.1f} s "
           f"({n / st_s:.1f} passages/s); ratio {st_s / index_s:.2f}x; lowest cosine {cosine:.6f}")
 

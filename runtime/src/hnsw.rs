@@ -6,9 +6,10 @@
 //! slower than faiss's `IndexHNSWFlat` at equal recall (docs/rag.md), and
 //! neither rebuilds the same graph after a reload, which an index resumed
 //! with `--add` needs. Here a point's level is a hash of its number, and
-//! points go in one at a time in order, so the graph is a function of the
-//! vectors: saving it part way and inserting the rest gives the graph of
-//! one uninterrupted build.
+//! points go in in groups of GROUP consecutive numbers, each group's
+//! highest levels first (`add`), so the graph is a function of the vectors
+//! and of where builds ended: saving it part way (whole groups) and adding
+//! the rest gives the graph of one uninterrupted build.
 //!
 //! Layout: the vectors are rows of one array (they live in the index's
 //! `vectors.f32`); layer 0 keeps `2m` neighbour slots per point, each upper
@@ -19,6 +20,14 @@ use std::collections::BinaryHeap;
 const NONE: u32 = u32::MAX;
 const MAGIC: &[u8; 8] = b"MCHNSW01";
 const MAX_LEVEL: usize = 16;
+/// Points linked as a group: consecutive numbers up to a multiple of this.
+/// Large, so that a corpus of up to this many passages is linked in one
+/// group, all its hubs first: groups of 1,024 gave recall@10 0.865 at ef 16
+/// on 12,024 passages, one group 0.877. Linking waits for a whole group
+/// only in a build still adding; one that ends links its last group, and
+/// a search opening an unfinished index links it in memory (16,384
+/// points: ~6 s).
+const GROUP: usize = 16384;
 
 #[derive(Debug)]
 pub struct Hnsw {
@@ -32,6 +41,8 @@ pub struct Hnsw {
     upper: Vec<u32>,
     upper_at: Vec<usize>,
     entry: Option<u32>,
+    /// GROUP (smaller in tests).
+    group: usize,
 }
 
 /// Scratch space of one searcher: a visited mark per point.
@@ -92,6 +103,7 @@ impl Hnsw {
             upper: Vec::new(),
             upper_at: Vec::new(),
             entry: None,
+            group: GROUP,
         }
     }
 
@@ -142,14 +154,44 @@ impl Hnsw {
         self.entry.map_or(0, |e| self.levels[e as usize] as usize)
     }
 
-    /// Adds the next point: row `len()` of `vectors`.
-    pub fn insert(&mut self, vectors: &[f32], scratch: &mut Scratch) {
+    /// Links the rows of `vectors` the graph does not have yet, in groups
+    /// that end at multiples of GROUP, each group's points highest level
+    /// first (ties in the order of a hash), as faiss inserts: the upper
+    /// layers' hubs are in place before the points that link through them
+    /// (recall@10 at ef 16 on 12,024 MiniLM passages 0.852 -> 0.877, faiss
+    /// 0.883; in number order the graph was as hnswlib's). `whole`: whole
+    /// groups only, leaving the last, partial, one to a later call (a build
+    /// that is still adding points).
+    pub fn add(&mut self, vectors: &[f32], whole: bool, scratch: &mut Scratch) {
+        let rows = vectors.len() / self.dim;
+        let end = if whole { rows / self.group * self.group } else { rows };
+        while self.len() < end {
+            let (first, last) = (self.len(), ((self.len() / self.group + 1) * self.group).min(end));
+            while self.len() < last {
+                self.reserve();
+            }
+            let mut order: Vec<u32> = (first as u32..last as u32).collect();
+            order.sort_by_key(|&i| (std::cmp::Reverse(self.levels[i as usize]), splitmix64(i as u64)));
+            for id in order {
+                self.link(vectors, id, scratch);
+            }
+        }
+    }
+
+    /// Slots for the next point, with no links yet.
+    fn reserve(&mut self) -> u32 {
         let id = self.len() as u32;
         let level = self.level_of(id as usize);
         self.levels.push(level as u8);
         self.links0.extend(std::iter::repeat_n(NONE, 2 * self.m));
         self.upper_at.push(self.upper.len());
         self.upper.extend(std::iter::repeat_n(NONE, level * self.m));
+        id
+    }
+
+    /// Links point `id` (row `id` of `vectors`) into the graph.
+    fn link(&mut self, vectors: &[f32], id: u32, scratch: &mut Scratch) {
+        let level = self.levels[id as usize] as usize;
         let Some(mut entry) = self.entry else {
             self.entry = Some(id);
             return;
@@ -345,7 +387,7 @@ impl Hnsw {
             upper_at.push(at);
             at += l as usize * m;
         }
-        let mut graph = Hnsw { dim, m, ef_construction, levels, links0, upper, upper_at, entry: None };
+        let mut graph = Hnsw { dim, m, ef_construction, levels, links0, upper, upper_at, entry: None, group: GROUP };
         // The entry is the first point of the highest level, as insertion leaves it.
         let top = graph.levels.iter().copied().max();
         graph.entry = top.and_then(|t| graph.levels.iter().position(|&l| l == t)).map(|i| i as u32);
@@ -459,9 +501,7 @@ mod tests {
         let v = vectors(n, dim, 1);
         let mut g = Hnsw::new(dim, 12, 100);
         let mut s = Scratch::default();
-        for _ in 0..n {
-            g.insert(&v, &mut s);
-        }
+        g.add(&v, false, &mut s);
         let queries = vectors(100, dim, 2);
         let mut hits = 0;
         for q in queries.chunks_exact(dim) {
@@ -479,22 +519,30 @@ mod tests {
 
     #[test]
     fn a_graph_saved_part_way_and_finished_is_the_graph_of_one_build() {
-        let (n, dim) = (600, 16);
+        let (n, dim) = (2600, 16);
         let v = vectors(n, dim, 3);
         let mut s = Scratch::default();
+        let group = 1024;
         let mut whole = Hnsw::new(dim, 8, 40);
-        for _ in 0..n {
-            whole.insert(&v, &mut s);
-        }
+        whole.group = group;
+        whole.add(&v, false, &mut s);
+        // A build that saved its graph with 1,500 of the points come: the
+        // first group linked, the rest waiting for their group.
         let mut part = Hnsw::new(dim, 8, 40);
-        for _ in 0..250 {
-            part.insert(&v, &mut s);
-        }
+        part.group = group;
+        part.add(&v[..1500 * dim], true, &mut s);
+        assert_eq!(part.len(), group);
         let mut resumed = Hnsw::from_bytes(&part.to_bytes()).unwrap();
-        for _ in 250..n {
-            resumed.insert(&v, &mut s);
-        }
+        resumed.group = group;
+        resumed.add(&v[..2300 * dim], true, &mut s);
+        resumed.add(&v, false, &mut s);
         assert_eq!(resumed.to_bytes(), whole.to_bytes());
+        // Linked one by one, in number order, the graph is another one.
+        let mut in_order = Hnsw::new(dim, 8, 40);
+        for i in 1..=n {
+            in_order.add(&v[..i * dim], false, &mut s);
+        }
+        assert_ne!(in_order.to_bytes(), whole.to_bytes());
     }
 
     #[test]
@@ -503,9 +551,7 @@ mod tests {
         let v = vectors(n, dim, 4);
         let mut g = Hnsw::new(dim, 4, 20);
         let mut s = Scratch::default();
-        for _ in 0..n {
-            g.insert(&v, &mut s);
-        }
+        g.add(&v, false, &mut s);
         let bytes = g.to_bytes();
         assert!(Hnsw::from_bytes(&bytes[..bytes.len() - 3]).unwrap_err().contains("length"));
         assert!(Hnsw::from_bytes(&bytes[..20]).unwrap_err().contains("header"));

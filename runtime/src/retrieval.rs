@@ -250,6 +250,13 @@ impl Index {
     /// Reads the committed part of the index in `dir`; a graph behind the
     /// vectors (an interrupted run) is brought up to date in memory.
     pub fn open(dir: &Path) -> Result<Index, String> {
+        let mut index = Index::read(dir)?;
+        index.graph.add(&index.vectors, false, &mut Scratch::default());
+        Ok(index)
+    }
+
+    /// Reads the committed part of the index in `dir`, its graph as saved.
+    fn read(dir: &Path) -> Result<Index, String> {
         let manifest = read_manifest(dir)?;
         let damaged = |file: &str, what: String| format!("{} is damaged: {what}", dir.join(file).display());
         let mut raw = Vec::new();
@@ -297,18 +304,7 @@ impl Index {
         } else {
             Hnsw::new(manifest.dim, manifest.m, manifest.ef_construction)
         };
-        let mut index = Index { dir: dir.to_path_buf(), manifest, passages, vectors, graph };
-        index.catch_up();
-        Ok(index)
-    }
-
-    /// Links the vectors the graph does not have yet.
-    fn catch_up(&mut self) {
-        let mut scratch = Scratch::default();
-        while self.graph.len() < self.passages.len() {
-            let upto = (self.graph.len() + 1) * self.manifest.dim;
-            self.graph.insert(&self.vectors[..upto], &mut scratch);
-        }
+        Ok(Index { dir: dir.to_path_buf(), manifest, passages, vectors, graph })
     }
 
     pub fn len(&self) -> usize {
@@ -360,9 +356,11 @@ struct Writer {
 
 impl Writer {
     /// Opens `dir` to grow it, cutting what an interrupted run appended
-    /// after its last commit.
+    /// after its last commit; the graph takes the whole groups of points
+    /// it is behind by (`Hnsw::add`), as the interrupted run would have.
     fn open(dir: &Path) -> Result<Writer, String> {
-        let index = Index::open(dir)?;
+        let mut index = Index::read(dir)?;
+        index.graph.add(&index.vectors, true, &mut Scratch::default());
         let open = |name: &str, len: u64| -> Result<std::fs::File, String> {
             let path = dir.join(name);
             let mut f = std::fs::OpenOptions::new()
@@ -425,10 +423,7 @@ impl Writer {
             index.manifest.sources[s].complete |= n == 0;
         }
         index.vectors.extend(vectors.into_iter().flatten());
-        while index.graph.len() < index.passages.len() {
-            let upto = (index.graph.len() + 1) * index.manifest.dim;
-            index.graph.insert(&index.vectors[..upto], &mut self.scratch);
-        }
+        index.graph.add(&index.vectors, true, &mut self.scratch);
         if self.graph_saved.elapsed() >= GRAPH_EVERY {
             self.save_graph()?;
         }
@@ -443,7 +438,9 @@ impl Writer {
         Ok(())
     }
 
+    /// Links the last, partial, group of points and saves everything.
     fn commit(&mut self) -> Result<(), String> {
+        self.index.graph.add(&self.index.vectors, false, &mut self.scratch);
         self.save_graph()?;
         write_json(&self.index.dir.join("manifest.json"), &self.index.manifest)
     }
