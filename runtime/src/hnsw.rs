@@ -45,11 +45,12 @@ pub struct Hnsw {
     group: usize,
 }
 
-/// Scratch space of one searcher: a visited mark per point.
+/// Scratch space of one searcher: a visited mark per point, a byte (12 KB
+/// for 12,000 points, in the level-1 cache), cleared every 255 searches.
 #[derive(Default)]
 pub struct Scratch {
-    marks: Vec<u32>,
-    epoch: u32,
+    marks: Vec<u8>,
+    epoch: u8,
 }
 
 impl Scratch {
@@ -305,17 +306,21 @@ impl Hnsw {
             if found.len() >= ef && c.distance > found.peek().map_or(f32::INFINITY, |f| f.distance) {
                 break;
             }
-            let links = self.links(c.id, l);
-            for (k, &n) in links.iter().enumerate() {
-                if n == NONE {
+            // The neighbours not seen yet, each asked for from memory before
+            // the first distance is computed.
+            let mut fresh = [0u32; 64];
+            let mut count = 0;
+            for &n in self.links(c.id, l) {
+                if n == NONE || count == fresh.len() {
                     break;
                 }
-                if let Some(&next) = links.get(k + 1).filter(|&&x| x != NONE) {
-                    prefetch(row(vectors, self.dim, next));
+                if scratch.visit(n) {
+                    prefetch(row(vectors, self.dim, n));
+                    fresh[count] = n;
+                    count += 1;
                 }
-                if !scratch.visit(n) {
-                    continue;
-                }
+            }
+            for &n in &fresh[..count] {
                 let d = 1.0 - dot(q, row(vectors, self.dim, n));
                 if found.len() < ef || d < found.peek().map_or(f32::INFINITY, |f| f.distance) {
                     candidates.push(std::cmp::Reverse(Near { distance: d, id: n }));
