@@ -1,9 +1,10 @@
 //! The CPU backend: a compiled program runs the schedule's kernels over one
 //! arena laid out by the memory plan. Fused elementwise kernels are
-//! Cranelift machine code (`modelc::backend::clif`); matrix products are
-//! tiles (`tiles.rs`) where the CPU has AVX-512, else the `gemm` crate;
-//! every other operation has a native f32 kernel (`kernels.rs`). Every tensor is stored as f32; int and bool values are
-//! exact up to 2^24.
+//! Cranelift machine code (`modelc::backend::clif`); matrix products go
+//! through the `gemm` crate, or tiles of our own (`tiles.rs`: bf16 products,
+//! and f32 ones against fixed weights where the CPU has AVX-512); every
+//! other operation has a native f32 kernel (`kernels.rs`). Every tensor is
+//! stored as f32; int and bool values are exact up to 2^24.
 
 mod attention;
 mod compact;
@@ -321,6 +322,24 @@ impl Products {
 /// time).
 #[derive(Default)]
 pub struct FixedWeights(std::sync::Mutex<HashMap<(String, bool, tiles::Kind), std::sync::Arc<tiles::PackedB>>>);
+
+impl FixedWeights {
+    /// The packing kept under `key`, made by `pack` the first time (nothing
+    /// is kept when it makes none).
+    fn get_or(
+        &self,
+        key: (String, bool, tiles::Kind),
+        pack: impl FnOnce() -> Option<std::sync::Arc<tiles::PackedB>>,
+    ) -> Option<std::sync::Arc<tiles::PackedB>> {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&key) {
+            return Some(t.clone());
+        }
+        let t = pack()?;
+        cache.insert(key, t.clone());
+        Some(t)
+    }
+}
 
 /// How a program is compiled.
 #[derive(Clone)]
@@ -690,7 +709,7 @@ impl Program {
                         // rows. f32 packs it block by block into the thread's buffers
                         // (a 37 MB output layer packed afresh for each of 8 row chunks
                         // took 12 ms more each than that), unless it is fixed.
-                        let tiles = match packed {
+                        let prepacked = match packed {
                             None => (self.tiles)
                                 .filter(|kind| *kind != tiles::Kind::F32 || self.fixed_weights.is_some())
                                 // SAFETY: b is k x columns at these strides.
@@ -704,7 +723,7 @@ impl Program {
                             a: loc(a),
                             b: SendPtr(b),
                             packed,
-                            tiles,
+                            tiles: prepacked,
                             out: loc(*n),
                             k,
                             n: columns,
@@ -892,8 +911,7 @@ impl Program {
             return pack();
         };
         if let (Some(fixed), Op::Param(name)) = (&self.fixed_weights, &self.graph.node(weight).op) {
-            let mut cache = fixed.0.lock().unwrap_or_else(|e| e.into_inner());
-            return cache.entry((name.clone(), *tb, kind)).or_insert_with(pack).clone();
+            return fixed.get_or((name.clone(), *tb, kind), || Some(pack())).expect("packed");
         }
         if !self.keeps_packed(weight, *tb, kind) {
             return pack();
@@ -910,14 +928,7 @@ impl Program {
         let (Op::Param(name), Op::MatMul { tb, .. }) = (&self.graph.node(node.args[1]).op, &node.op) else {
             return None;
         };
-        let key = (name.clone(), *tb, tiles::Kind::Bf16);
-        let mut cache = fixed.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = cache.get(&key) {
-            return Some(t.clone());
-        }
-        let t = std::sync::Arc::new(w.bf16_tiles(true)?);
-        cache.insert(key, t.clone());
-        Some(t)
+        fixed.get_or((name.clone(), *tb, tiles::Kind::Bf16), || w.bf16_tiles(true).map(std::sync::Arc::new))
     }
 
     /// Whether products by `weight` (in orientation `tb`) multiply a packing

@@ -872,11 +872,7 @@ mod x86 {
     /// As `super::tile`; `ROW_WISE` as `a` was packed.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_f32<const ROW_WISE: bool>(a: &[u32], b: &[u32], kd: usize, out: Out) {
-        for i in 0..out.rows {
-            let row = out.c.wrapping_add(i * out.c_rs);
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16).cast());
-        }
+        prefetch_c(&out);
         let mut sums = [[_mm512_setzero_ps(); 2]; MR];
         let (a, b) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
         for p in 0..kd {
@@ -933,13 +929,7 @@ mod x86 {
     /// As `super::tile`; `ROW_WISE` as `a` was packed.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn tile<const ROW_WISE: bool>(a: &[u32], b: &[u32], pairs: usize, out: Out) {
-        // The tile of c is asked for now, to be in cache when the sums are
-        // written: otherwise each row's first store waits on memory.
-        for i in 0..out.rows {
-            let row = out.c.wrapping_add(i * out.c_rs);
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16).cast());
-        }
+        prefetch_c(&out);
         let mut sums = [[_mm512_setzero_ps(); 2]; MR];
         let (a, b) = (a.as_ptr(), b.as_ptr());
         for p in 0..pairs {
@@ -957,6 +947,21 @@ mod x86 {
         }
         // SAFETY: as above.
         unsafe { store(&sums, out) }
+    }
+
+    /// The tile of c asked for before the sums are computed, to be in cache
+    /// when they are written: otherwise each row's first store waits on
+    /// memory. (A transposed product's tile spans 32 rows of c: not asked.)
+    #[target_feature(enable = "avx512f")]
+    fn prefetch_c(out: &Out) {
+        if out.c_cs != 1 {
+            return;
+        }
+        for i in 0..out.rows {
+            let row = out.c.wrapping_add(i * out.c_rs);
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16).cast());
+        }
     }
 
     /// A tile's sums into `c` (`c = beta c + sums`, masked to its rows and columns).
