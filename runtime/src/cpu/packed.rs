@@ -19,6 +19,8 @@
 //! prompt's many rows make a matrix product worth it (`product`).
 
 use super::kernels::{self, Operand};
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 use half::f16;
 use rayon::prelude::*;
 
@@ -324,8 +326,8 @@ pub unsafe fn matvec(
     parallel: bool,
 ) {
     // q8 and q4 multiply activations rounded to int8 blocks, as llama.cpp
-    // does: integer dot products where the host has them (VNNI), else the
-    // rounded values as f32; rows of `a` are rounded once, here.
+    // does: integer dot products where the host has them (AVX-512 VNNI, or
+    // AVX2), else the rounded values as f32; rows of `a` are rounded once, here.
     let quantized: Vec<Activation> = match rhs {
         Rows::Packed(p) if matches!(p.format, Format::Q8 | Format::Q4) => (0..m)
             // SAFETY: row i of a holds k floats.
@@ -333,7 +335,7 @@ pub unsafe fn matvec(
             .collect(),
         _ => Vec::new(),
     };
-    let rounded: Vec<f32> = if quantized.is_empty() || vnni() {
+    let rounded: Vec<f32> = if quantized.is_empty() || integer_products() {
         Vec::new()
     } else {
         let mut rounded = Vec::with_capacity(m * k);
@@ -350,6 +352,10 @@ pub unsafe fn matvec(
                 #[cfg(target_arch = "x86_64")]
                 Rows::Packed(p) if !quantized.is_empty() && vnni() => {
                     vnni::columns(quantized, c.0, c.1, alpha, p, j0, j1)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Rows::Packed(p) if !quantized.is_empty() && avx2::available() => {
+                    avx2::int_columns(quantized, c.0, c.1, alpha, p, j0, j1)
                 }
                 _ => matvec_columns(m, k, a, c, alpha, rhs, j0, j1),
             }
@@ -392,6 +398,13 @@ unsafe fn matvec_columns(m: usize, k: usize, a: Shared, c: Shared, alpha: f32, r
     if avx512() {
         // SAFETY: the host has AVX-512 (F, BW), FMA and F16C.
         unsafe { avx512::columns(m, k, a.0, a.1, c.0, c.1, alpha, rhs, j0, j1) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: the host has AVX2, FMA and F16C; q8 and q4 rows went to
+        // `avx2::int_columns` (`integer_products`).
+        unsafe { avx2::columns(m, k, (a.0, a.1), (c.0, c.1), alpha, rhs, j0, j1) };
         return;
     }
     // SAFETY: as above.
@@ -642,9 +655,11 @@ pub struct Activation {
     /// The same quants ordered as q4 rows unpack: per 4 blocks, the first 16
     /// of each block, then the last 16 of each (zeros past the last block).
     q4: Vec<i8>,
+    /// Each block's scale (zeros after the last, to a whole 8).
     d: Vec<f32>,
     /// Each block's sum of quants times its scale: what the products'
-    /// offsets (q8's +128, q4's -8) cost, taken off once per block.
+    /// offsets (q8's +128, q4's -8) cost, taken off once per block (zeros
+    /// after the last, to a whole 8).
     sums: Vec<f32>,
 }
 
@@ -655,8 +670,8 @@ impl Activation {
         let mut a = Activation {
             q: vec![0; x.len()],
             q4: vec![0; blocks.div_ceil(4) * 4 * BLOCK],
-            d: vec![0.0; blocks],
-            sums: vec![0.0; blocks],
+            d: vec![0.0; blocks.next_multiple_of(8)],
+            sums: vec![0.0; blocks.next_multiple_of(8)],
         };
         for (b, (x, q)) in x.chunks_exact(BLOCK).zip(a.q.chunks_exact_mut(BLOCK)).enumerate() {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -712,6 +727,15 @@ fn vnni() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn vnni() -> bool {
+    false
+}
+
+/// Whether q8 and q4 rows meet rounded activations in integers (AVX-512
+/// VNNI, or AVX2), not as f32 values.
+fn integer_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return vnni() || avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
@@ -1009,7 +1033,7 @@ mod tests {
         }
     }
 
-    /// Every product path (AVX-512 where the host has it, portable, one or
+    /// Every product path (AVX-512 and AVX2 where the host has them, portable, one or
     /// several tasks, alpha 0 or 1) against a plain f64 sum over the
     /// dequantised rows.
     #[test]
@@ -1019,7 +1043,7 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for (n, k) in [(37, 64), (131, 96), (16, 40), (300, 288)] {
+        for (n, k) in [(37, 64), (131, 96), (16, 40), (300, 288), (5, 448), (3, 1024)] {
             let w: Vec<f32> = (0..n * k).map(|_| rand()).collect();
             for format in [Format::F32, Format::Bf16, Format::Q8, Format::Q4] {
                 if !format.fits(k) {
@@ -1080,6 +1104,23 @@ mod tests {
                             // SAFETY: as above.
                             unsafe { generic_columns(m, k, sa, sc, alpha, rows, 0, n) };
                             runs.push(("portable", c));
+                            #[cfg(target_arch = "x86_64")]
+                            if avx2::available() {
+                                let mut c = start.clone();
+                                // SAFETY: the host has AVX2; the operands as above.
+                                unsafe {
+                                    match &packed {
+                                        Some(p) if matches!(p.format, Format::Q8 | Format::Q4) => {
+                                            let xs: Vec<Activation> = a.chunks(k).map(Activation::new).collect();
+                                            avx2::int_columns(&xs, c.as_mut_ptr(), n, alpha, p, 0, n)
+                                        }
+                                        _ => {
+                                            avx2::columns(m, k, (x.as_ptr(), k), (c.as_mut_ptr(), n), alpha, rows, 0, n)
+                                        }
+                                    }
+                                }
+                                runs.push(("avx2", c));
+                            }
                         }
                         for (how, c) in runs {
                             for (e, (g, v)) in c.iter().zip(&want).enumerate() {

@@ -1,0 +1,268 @@
+//! The matrix-vector products with AVX2, FMA and F16C: what most laptop and
+//! desktop x86 CPUs have where they lack AVX-512. f32 and bf16 rows meet
+//! f32 activations; q8 and q4 rows meet the activations rounded to int8
+//! blocks (`Activation`) in integers, as llama.cpp multiplies them on such
+//! CPUs: `vpmaddubsw` (unsigned bytes times signed bytes, adjacent pairs
+//! summed into 16 bits) then `vpmaddwd` by ones (pairs again, into 32
+//! bits), each block's sum scaled in floats by its two scales.
+
+use super::{Activation, BLOCK, Format, Packed, Rows};
+use std::arch::x86_64::*;
+
+/// How far ahead of the weights being read the next are asked for, in
+/// bytes (the hardware's prefetcher stops at each 4 KiB page).
+const AHEAD: usize = 1024;
+
+/// Whether the host has AVX2, FMA and F16C (checked once).
+pub fn available() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Columns j0..j1 of `c = alpha c + a W^T` for f32 or bf16 weight rows.
+///
+/// # Safety
+/// The host has AVX2, FMA and F16C; as `super::matvec`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn columns(
+    m: usize,
+    k: usize,
+    (a, a_rs): (*const f32, usize),
+    (c, c_rs): (*mut f32, usize),
+    alpha: f32,
+    rhs: Rows,
+    j0: usize,
+    j1: usize,
+) {
+    for j in j0..j1 {
+        for i in 0..m {
+            // SAFETY: the caller's contract (row i of a, weight row j, element (i, j) of c).
+            unsafe {
+                let x = a.add(i * a_rs);
+                let dot = match rhs {
+                    Rows::F32(w, stride) => dense(x, k, w.add(j * stride)),
+                    Rows::Packed(p) if p.format == Format::Bf16 => bf16(x, k, p.halves.as_ptr().add(j * k)),
+                    Rows::Packed(p) => unreachable!("bug: {:?} rows meet rounded activations", p.format),
+                };
+                let out = c.add(i * c_rs + j);
+                *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+            }
+        }
+    }
+}
+
+/// Columns j0..j1 of `c = alpha c + x W^T` for q8 or q4 weight rows and
+/// each rounded row `x`.
+///
+/// # Safety
+/// The host has AVX2, FMA and F16C; `c` holds `xs.len()` rows at `c_rs`
+/// with columns up to j1, and `w` has rows up to j1.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn int_columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f32, w: &Packed, j0: usize, j1: usize) {
+    let (k, blocks) = (w.k, w.k / BLOCK);
+    let end = w.scales.as_ptr_range().end;
+    for j in j0..j1 {
+        // SAFETY: row j's scales and quants; element (i, j) of c.
+        unsafe {
+            let d = w.scales.as_ptr().add(j * blocks);
+            for (i, x) in xs.iter().enumerate() {
+                let dot = match w.format {
+                    Format::Q8 => q8(x, w.quants.as_ptr().add(j * k) as *const i8, (d, end), blocks),
+                    Format::Q4 => q4(x, w.quants.as_ptr().add(j * k / 2), (d, end), blocks),
+                    other => unreachable!("bug: {other:?} rows in integer products"),
+                };
+                let out = c.add(i * c_rs + j);
+                *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+            }
+        }
+    }
+}
+
+/// Asks for the line at `p`. (A prefetch never faults, so the last rows may
+/// ask past their weights.)
+#[inline(always)]
+fn ahead<T>(p: *const T) {
+    // SAFETY: prefetching reads nothing the program sees.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+}
+
+/// The sum of a vector's lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn sum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dense(x: *const f32, k: usize, w: *const f32) -> f32 {
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let full = k / 16 * 16;
+    // SAFETY: k floats of x and w.
+    unsafe {
+        for p in (0..full).step_by(16) {
+            ahead(w.add(p + AHEAD / 4));
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(p)), _mm256_loadu_ps(x.add(p)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(p + 8)), _mm256_loadu_ps(x.add(p + 8)), a1);
+        }
+        let mut dot = sum(_mm256_add_ps(a0, a1));
+        for p in full..k {
+            dot += *w.add(p) * *x.add(p);
+        }
+        dot
+    }
+}
+
+/// Eight bf16 bits to f32: the bits in the top half.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn widen(h: __m128i) -> __m256 {
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn bf16(x: *const f32, k: usize, w: *const u16) -> f32 {
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let full = k / 16 * 16;
+    // SAFETY: k floats of x, k halves of w.
+    unsafe {
+        for p in (0..full).step_by(16) {
+            if p % 32 == 0 {
+                ahead(w.add(p + AHEAD / 2));
+            }
+            let h = _mm256_loadu_si256(w.add(p) as *const __m256i);
+            a0 = _mm256_fmadd_ps(widen(_mm256_castsi256_si128(h)), _mm256_loadu_ps(x.add(p)), a0);
+            a1 = _mm256_fmadd_ps(widen(_mm256_extracti128_si256::<1>(h)), _mm256_loadu_ps(x.add(p + 8)), a1);
+        }
+        let mut dot = sum(_mm256_add_ps(a0, a1));
+        for p in full..k {
+            dot += f32::from_bits((*w.add(p) as u32) << 16) * *x.add(p);
+        }
+        dot
+    }
+}
+
+/// Eight blocks' scales from block 8g of a row whose scales are `d` (the
+/// weight's times `x`'s, the activations' scales or block sums, which are
+/// zero past the last block). The row's last group reads 8 scales where
+/// the array (ending at `end`) has them, its lanes past the row cleared,
+/// else it converts the scales one by one.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn group(d: *const u16, end: *const u16, g: usize, blocks: usize, x: &[f32]) -> __m256 {
+    let n = (blocks - 8 * g).min(8);
+    // SAFETY: n scales of the row from block 8g, and 8 where the array has
+    // them; x holds 8 from block 8g (`Activation`).
+    unsafe {
+        let at = d.add(8 * g);
+        let dw = if n == 8 || at.add(8) <= end {
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
+            let lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            _mm256_and_ps(dw, _mm256_castsi256_ps(lanes))
+        } else {
+            let mut dw = [0f32; 8];
+            for (i, dw) in dw.iter_mut().enumerate().take(n) {
+                *dw = widen_half(*at.add(i));
+            }
+            _mm256_loadu_ps(dw.as_ptr())
+        };
+        _mm256_mul_ps(dw, _mm256_loadu_ps(x.as_ptr().add(8 * g)))
+    }
+}
+
+/// An f16's bits as an f32.
+#[target_feature(enable = "f16c")]
+#[inline]
+fn widen_half(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// A 32-bit lane index for every lane.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lanes(i: i32) -> __m256i {
+    _mm256_set1_epi32(i)
+}
+
+/// Σ_b dw_b dx_b Σ q_w q_x over a q8 row, a block a step: `vpmaddubsw`
+/// takes |q_w| as the unsigned side and q_x with q_w's sign as the signed
+/// one (|q| <= 128, so no pair of products saturates 16 bits).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q8(x: &Activation, q: *const i8, (d, end): (*const u16, *const u16), blocks: usize) -> f32 {
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc, mut scales) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    // SAFETY: block b's 32 quants of the row and of the activations.
+    unsafe {
+        for b in 0..blocks {
+            if b % 8 == 0 {
+                scales = group(d, end, b / 8, blocks, &x.d);
+            }
+            ahead(q.add(b * BLOCK + AHEAD));
+            let w = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
+            let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
+            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, lanes((b % 8) as i32)), acc);
+        }
+    }
+    sum(acc)
+}
+
+/// Σ_b dw_b dx_b Σ (q_w - 8) q_x over a q4 row: the nibbles (q_w, 0..15)
+/// are `vpmaddubsw`'s unsigned side as they are, and the 8 is taken off
+/// once per block in floats (Σ_b dw_b dx_b Σ q_x, from the block sums).
+/// Four blocks a step: a q4 row's 64 bytes of four blocks hold their first
+/// halves in the low nibbles and their second halves in the high ones, the
+/// order `Activation::q4` keeps the activations in; a single block's step
+/// for the last one to three.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4(x: &Activation, q: *const u8, (d, end): (*const u16, *const u16), blocks: usize) -> f32 {
+    let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(15));
+    // Lanes 0-3 take the first block of a pair, lanes 4-7 the second.
+    let pair = |p: i32| _mm256_set_epi32(p + 1, p + 1, p + 1, p + 1, p, p, p, p);
+    let (mut acc, mut offsets, mut scales) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let steps = blocks / 4;
+    for g in 0..blocks.div_ceil(8) {
+        // SAFETY: the row's scales; the activations' block sums.
+        offsets = _mm256_add_ps(offsets, unsafe { group(d, end, g, blocks, &x.sums) });
+    }
+    // SAFETY: blocks 4s..4s+4 of the row (64 bytes) and the activations'
+    // 128 bytes of the step; single blocks after them.
+    unsafe {
+        for s in 0..steps {
+            if s % 2 == 0 {
+                scales = group(d, end, s / 2, blocks, &x.d);
+            }
+            let at = q.add(s * 2 * BLOCK);
+            ahead(at.add(AHEAD));
+            let xq = x.q4.as_ptr().add(s * 4 * BLOCK);
+            let v = |i: usize| _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i);
+            for half in 0..2 {
+                let bytes = _mm256_loadu_si256(at.add(half * BLOCK) as *const __m256i);
+                let (lo, hi) = (_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low));
+                let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, v(half)), _mm256_maddubs_epi16(hi, v(half + 2)));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let first = ((s % 2) * 4 + half * 2) as i32;
+                acc = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, pair(first)), acc);
+            }
+        }
+        for b in steps * 4..blocks {
+            let bytes = _mm_loadu_si128(q.add(b * BLOCK / 2) as *const __m128i);
+            let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), low);
+            let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, v), ones));
+            acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(widen_half(*d.add(b)) * x.d[b]), acc);
+        }
+        sum(_mm256_fnmadd_ps(_mm256_set1_ps(8.0), offsets, acc))
+    }
+}
