@@ -21,6 +21,8 @@
 use super::kernels::{self, Operand};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(super) use avx2::available as avx2_available;
 use half::f16;
 use rayon::prelude::*;
 
