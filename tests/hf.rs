@@ -78,10 +78,12 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 /// The fixtures whose logits and gradients are compared with transformers',
 /// with extra flags: Mixtral with its experts routed sparsely (the default)
 /// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
-/// torch.topk chooses).
-const COMPARED: [(&str, &[&str]); 6] = [
+/// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`.
+const COMPARED: [(&str, &[&str]); 8] = [
     ("gpt2", &[]),
     ("llama", &[]),
+    ("qwen2", &[]),
+    ("gemma", &[]),
     ("mixtral", &[]),
     ("mixtral", &["--dense-routes"]),
     ("mixtral-ties", &[]),
@@ -263,7 +265,10 @@ fn gradients_match_transformers() {
         });
         for (name, g) in &got {
             let worst = g.data.iter().zip(&want[name].data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(worst <= 1e-5, "{model}: gradient of `{name}` differs from torch's by {worst}");
+            // f32 sums: 1e-5 of the tensor's largest gradient (Gemma's tied,
+            // scaled embedding gathers gradients of up to 3.4).
+            let largest = want[name].data.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            assert!(worst <= 1e-5 * largest, "{model}: gradient of `{name}` differs from torch's by {worst}");
         }
         // The run folder is a Hugging Face checkpoint again: config.json and model.safetensors.
         let config: serde_json::Value =
@@ -897,28 +902,44 @@ fn quantized_checkpoints_load_as_the_conversion_at_load_makes_them() {
     );
 }
 
+/// Greedy tokens equal transformers' `generate` for each of the fixture's
+/// prompts (`generate.json`'s cases), run with each set of extra flags.
+fn assert_generates_as_transformers(model: &str, extras: &[&[&str]]) {
+    let dir = fixture(model);
+    let (config, weights, spec) = (dir.join("config.json"), dir.join("model.safetensors"), spec(model));
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
+    for case in want["cases"].as_array().unwrap() {
+        let prompt: Vec<String> = case["prompt_ids"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
+        let prompt = prompt.join(",");
+        let new = case["new_token_ids"].as_array().unwrap().len().to_string();
+        for extra in extras {
+            let mut args = vec!["infer", &spec, "--config", config.to_str().unwrap()];
+            args.extend(["--weights", weights.to_str().unwrap(), "--prompt-ids", &prompt]);
+            args.extend(["--temperature", "0", "--max-new-tokens", &new, "--json"]);
+            args.extend(*extra);
+            let (code, out, err) = modelc(&args);
+            assert_eq!(code, 0, "{model}: {err}");
+            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(got["new_token_ids"], case["new_token_ids"], "{model}: prompt {prompt}, {extra:?}");
+        }
+    }
+}
+
 /// Mistral's sliding window: greedy tokens equal transformers' `generate`
 /// for a prompt shorter and one longer than the window, each generating
 /// five windows' worth, with the ring cache (the window's positions written
 /// modulo its length; a long prompt read in chunks) and without a cache.
 #[test]
 fn mistral_generates_as_transformers_past_its_window() {
-    let dir = fixture("mistral");
-    let (config, weights) = (dir.join("config.json"), dir.join("model.safetensors"));
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
-    for case in want["cases"].as_array().unwrap() {
-        let prompt: Vec<String> = case["prompt_ids"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
-        let prompt = prompt.join(",");
-        for extra in [&[][..], &["--no-cache"], &["--context", "16"]] {
-            let mut args = vec!["infer", "specs/mistral.model", "--config", config.to_str().unwrap()];
-            args.extend(["--weights", weights.to_str().unwrap(), "--prompt-ids", &prompt]);
-            args.extend(["--temperature", "0", "--max-new-tokens", "30", "--json"]);
-            args.extend(extra);
-            let (code, out, err) = modelc(&args);
-            assert_eq!(code, 0, "{err}");
-            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
-            assert_eq!(got["new_token_ids"], case["new_token_ids"], "prompt {prompt}, {extra:?}");
-        }
+    assert_generates_as_transformers("mistral", &[&[], &["--no-cache"], &["--context", "16"]]);
+}
+
+/// Families ported from the stdlib's blocks (Qwen2: q/k/v biases; Gemma:
+/// scaled embeddings, (1 + w) norms, GeGLU, its own head size, tied output).
+#[test]
+fn qwen2_and_gemma_generate_as_transformers() {
+    for model in ["qwen2", "gemma"] {
+        assert_generates_as_transformers(model, &[&[], &["--no-cache"]]);
     }
 }

@@ -15,6 +15,8 @@ const REFERENCE: &[(&str, &str, i64)] = &[
     ("mistral", "mistral-7b-v0.1.json", 7_241_732_096),
     ("mixtral", "mixtral-8x7b-v0.1.json", 46_702_792_704),
     ("minilm", "all-minilm-l6-v2.json", 22_713_216),
+    ("qwen2", "qwen2-0.5b.json", 494_032_768),
+    ("gemma", "gemma-2b.json", 2_506_172_416),
 ];
 
 fn spec(name: &str) -> std::path::PathBuf {

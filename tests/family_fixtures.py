@@ -1,0 +1,109 @@
+"""Writes tiny Qwen2 and Gemma checkpoints that specs/qwen2.model and
+specs/gemma.model are compared with (transformers' own models, seeded
+random weights), and checks the real configurations' parameter totals.
+
+    pip install torch transformers safetensors
+    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma}/
+
+For each, under tests/fixtures/hf/NAME/:
+  config.json, model.safetensors     save_pretrained()
+  inputs.safetensors                 input_ids [2, 12]
+  logits.safetensors                 the logits transformers computes for them
+  grads.safetensors                  gradients of its LM loss, by weight name
+  generate.json                      greedy generate() for two prompts, 20 new tokens each
+
+Qwen2 has untied output weights and q/k/v biases (o_proj none); Gemma ties
+them, has a head size (16) other than dim / heads (8), one key/value head
+and padding row 0 (no gradient). Biases and norm weights are drawn at
+random too (transformers starts them at 0 and 1), so that each is seen.
+
+tests/fixtures/configs/{qwen2-0.5b,gemma-2b}.json are the published
+configurations; their totals (printed here, with transformers' model built
+on the meta device) are the ones tests/specs.rs expects.
+"""
+
+import json
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE / "fixtures" / "hf"
+VOCAB = 64
+NEW_TOKENS = 20
+
+
+def qwen2():
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        initializer_range=0.2, tie_word_embeddings=False, use_sliding_window=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def gemma():
+    config = GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
+        initializer_range=0.2, hidden_activation="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=None,
+        eos_token_id=None,
+    )
+    return GemmaForCausalLM(config)
+
+
+def write(name, model):
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") or "norm" in n:
+                p.add_(torch.randn(p.shape) * 0.2)
+            elif name == "gemma" and "layers" in n:
+                # Tied, scaled embeddings otherwise outweigh the layers: each
+                # token would predict itself.
+                p.mul_(3.0)
+    model.eval()
+    model.save_pretrained(out)
+    input_ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    input_ids[0, 3] = 0  # the padding token, as a token: its row gets no gradient
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    save_file({"input_ids": input_ids}, out / "inputs.safetensors")
+    save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
+    model.zero_grad()
+    model(input_ids, labels=input_ids).loss.backward()
+    save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, out / "grads.safetensors")
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for length in (3, 9):
+        prompt = torch.randint(1, VOCAB, (1, length), generator=g)
+        with torch.no_grad():
+            generated = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        cases.append({"prompt_ids": prompt[0].tolist(), "new_token_ids": generated[0, length:].tolist()})
+    (out / "generate.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, generated {cases}")
+
+
+def published_totals():
+    for file in ("qwen2-0.5b.json", "gemma-2b.json"):
+        config = AutoConfig.from_pretrained(HERE / "fixtures" / "configs" / file)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        print(f"{file}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+def main():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    write("qwen2", qwen2())
+    torch.manual_seed(0)
+    write("gemma", gemma())
+    published_totals()
+
+
+if __name__ == "__main__":
+    main()
