@@ -19,12 +19,13 @@
 //! prompt's many rows make a matrix product worth it (`product`).
 
 use super::kernels::{self, Operand};
+use half::f16;
+use rayon::prelude::*;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(super) use avx2::available as avx2_available;
-use half::f16;
-use rayon::prelude::*;
 
 /// How a weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -433,12 +434,21 @@ unsafe fn generic_columns(m: usize, k: usize, a: Shared, c: Shared, alpha: f32, 
             // SAFETY: row i of a holds k floats; element (i, j) of c is the caller's.
             unsafe {
                 let x = std::slice::from_raw_parts(a.0.add(i * a.1), k);
-                let out = c.0.add(i * c.1 + j);
-                let dot = dot16(x, w);
-                *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                put(c.0.add(i * c.1 + j), alpha, dot16(x, w));
             }
         }
     }
+}
+
+/// `*out = alpha *out + dot`, `out` not read where alpha is 0 (every
+/// product path's store).
+///
+/// # Safety
+/// `out` is an element of c.
+#[inline(always)]
+unsafe fn put(out: *mut f32, alpha: f32, dot: f32) {
+    // SAFETY: the caller's contract.
+    unsafe { *out = if alpha == 0.0 { dot } else { alpha * *out + dot } };
 }
 
 /// A dot product in 16 lanes (which vectorise), summed by halves.
@@ -526,8 +536,7 @@ mod avx512 {
                             Format::F32 => unreachable!("bug: f32 is not packed"),
                         },
                     };
-                    let out = c.add(i * c_rs + j);
-                    *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                    super::put(c.add(i * c_rs + j), alpha, dot);
                 }
             }
         }
@@ -777,8 +786,7 @@ mod vnni {
                         Format::Q8 => q8(x, w.quants.as_ptr().add(j * k) as *const i8, d, blocks) - 128.0 * offset,
                         _ => q4(x, w.quants.as_ptr().add(j * k / 2), d, blocks) - 8.0 * offset,
                     };
-                    let out = c.add(i * c_rs + j);
-                    *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                    super::put(c.add(i * c_rs + j), alpha, dot);
                 }
             }
         }
@@ -1035,9 +1043,9 @@ mod tests {
         }
     }
 
-    /// Every product path (AVX-512 and AVX2 where the host has them, portable, one or
-    /// several tasks, alpha 0 or 1) against a plain f64 sum over the
-    /// dequantised rows.
+    /// Every product path (AVX-512 and AVX2 where the host has them,
+    /// portable, one or several tasks, alpha 0 or 1) against a plain f64
+    /// sum over the dequantised rows.
     #[test]
     fn products_match_the_dequantised_sums() {
         let mut seed = 1u64;

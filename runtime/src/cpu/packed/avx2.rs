@@ -49,8 +49,7 @@ pub unsafe fn columns(
                     Rows::Packed(p) if p.format == Format::Bf16 => bf16(x, k, p.halves.as_ptr().add(j * k)),
                     Rows::Packed(p) => unreachable!("bug: {:?} rows meet rounded activations", p.format),
                 };
-                let out = c.add(i * c_rs + j);
-                *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                super::put(c.add(i * c_rs + j), alpha, dot);
             }
         }
     }
@@ -76,8 +75,7 @@ pub unsafe fn int_columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f3
                     Format::Q4 => q4(x, w.quants.as_ptr().add(j * k / 2), (d, end), blocks),
                     other => unreachable!("bug: {other:?} rows in integer products"),
                 };
-                let out = c.add(i * c_rs + j);
-                *out = if alpha == 0.0 { dot } else { alpha * *out + dot };
+                super::put(c.add(i * c_rs + j), alpha, dot);
             }
         }
     }
