@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from window_fixtures import greedy_cases
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE / "fixtures" / "hf"
 VOCAB = 64
@@ -77,13 +79,7 @@ def write(name, model):
     model.zero_grad()
     model(input_ids, labels=input_ids).loss.backward()
     save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, out / "grads.safetensors")
-    g = torch.Generator().manual_seed(2)
-    cases = []
-    for length in (3, 9):
-        prompt = torch.randint(1, VOCAB, (1, length), generator=g)
-        with torch.no_grad():
-            generated = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        cases.append({"prompt_ids": prompt[0].tolist(), "new_token_ids": generated[0, length:].tolist()})
+    cases = greedy_cases(model, (3, 9), NEW_TOKENS, low=1)
     (out / "generate.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, generated {cases}")
 

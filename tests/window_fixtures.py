@@ -88,6 +88,19 @@ def mixtral(name="mixtral", tied=False):
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
 
 
+def greedy_cases(model, lengths, new_tokens, low):
+    """Greedy generate() for a random prompt of each length (ids from `low`),
+    as {prompt_ids, new_token_ids} records."""
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for length in lengths:
+        prompt = torch.randint(low, model.config.vocab_size, (1, length), generator=g)
+        with torch.no_grad():
+            generated = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        cases.append({"prompt_ids": prompt[0].tolist(), "new_token_ids": generated[0, length:].tolist()})
+    return cases
+
+
 def mistral():
     out = ROOT / "mistral"
     out.mkdir(parents=True, exist_ok=True)
@@ -98,13 +111,7 @@ def mistral():
     )
     model = MistralForCausalLM(config).eval()
     model.save_pretrained(out)
-    g = torch.Generator().manual_seed(2)
-    cases = []
-    for length in (3, 20):
-        prompt = torch.randint(0, VOCAB, (1, length), generator=g)
-        with torch.no_grad():
-            generated = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        cases.append({"prompt_ids": prompt[0].tolist(), "new_token_ids": generated[0, length:].tolist()})
+    cases = greedy_cases(model, (3, 20), NEW_TOKENS, low=0)
     (out / "generate.json").write_text(json.dumps({"window": 6, "cases": cases}, indent=1) + "\n")
     print(f"mistral: {sum(p.numel() for p in model.parameters())} parameters, generated {cases}")
 
