@@ -289,23 +289,25 @@ proptest! {
 
 #[test]
 fn fused_attention_of_a_decoding_step_matches_the_interpreter() {
-    // One new token against a cache longer than one key block, at positions
-    // inside it, at its end, and a sliding window.
-    for (offset, window) in [(0, None), (5, None), (299, None), (299, Some(40)), (130, Some(1))] {
-        let c = AttentionCase {
-            b: 2,
-            t: 1,
-            s: 300,
-            h: 4,
-            g: 2,
-            d: 16,
-            e: 16,
-            offset,
-            causal: true,
-            window,
-            heads_first: true,
-            mask: 0,
-        };
+    // One new token (or two: still dot products, not `gemm`) against a
+    // cache longer than one key block, at positions inside it, at its end,
+    // and a sliding window; head sizes with partial vectors (20, 7), values
+    // wider than the 64 lanes held at once (72, 120, 130), a padding mask.
+    let cases = [
+        (0, None, 1, 16, 16, 0),
+        (5, None, 1, 16, 16, 0),
+        (299, None, 1, 16, 16, 0),
+        (299, Some(40), 1, 16, 16, 0),
+        (130, Some(1), 1, 16, 16, 0),
+        (298, None, 2, 20, 72, 0),
+        (150, Some(90), 2, 7, 130, 1),
+        (299, None, 1, 64, 64, 2),
+        (299, None, 1, 48, 120, 0),
+        (200, None, 1, 48, 48, 0),
+    ];
+    for (offset, window, t, d, e, mask) in cases {
+        let c =
+            AttentionCase { b: 2, t, s: 300, h: 4, g: 2, d, e, offset, causal: true, window, heads_first: true, mask };
         fused_attention(cpu, &c, offset as u64);
     }
 }

@@ -86,6 +86,42 @@ fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, backward: bool, re
     (time, program.peak_bytes())
 }
 
+/// Seconds (median) of one decoding step's attention: one query row per
+/// head against `s` cached keys and values, heads first as the KV cache
+/// keeps them.
+fn decode_step(x: Heads, s: usize, reps: usize) -> f64 {
+    let d = |x: usize| Dim::constant(x as i64);
+    let mut g = Graph::default();
+    let qs = [x.batch, 1, x.heads, x.size];
+    let ks = [x.batch, x.groups, s, x.size];
+    let q = g.input("q", TensorTy::new(DType::F32, qs.iter().map(|n| d(*n)).collect()));
+    let k = g.input("k", TensorTy::new(DType::F32, ks.iter().map(|n| d(*n)).collect()));
+    let v = g.input("v", TensorTy::new(DType::F32, ks.iter().map(|n| d(*n)).collect()));
+    let offset = g.constant((s - 1) as f64, DType::Int);
+    let spec = Attention { scale: 1.0 / (x.size as f64).sqrt(), causal: true, window: None, kv_heads_first: true };
+    let y = g.attention(spec, &[q, k, v, offset]);
+    g.outputs.push(("y".into(), y));
+    let data = |n: usize, salt: usize| (0..n).map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let (qn, kn) = (qs.iter().product(), ks.iter().product());
+    let feeds: HashMap<String, Tensor> = HashMap::from([
+        ("q".to_string(), Tensor::new(qs.to_vec(), data(qn, 0))),
+        ("k".to_string(), Tensor::new(ks.to_vec(), data(kn, 1))),
+        ("v".to_string(), Tensor::new(ks.to_vec(), data(kn, 2))),
+    ]);
+    let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let program = Program::compile(&g, &bind(&g, &shapes).expect("sizes")).expect("compiles");
+    program.run_kernels(&feeds).expect("runs");
+    median(
+        (0..reps)
+            .map(|_| {
+                let started = Instant::now();
+                program.run_kernels(&feeds).expect("runs");
+                started.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
 fn torch(x: Heads, t: usize, window: Option<i64>, backward: bool, reps: usize, threads: usize) -> Option<f64> {
     let Heads { batch, heads, groups, size } = x;
     let grad = if backward { "True" } else { "False" };
@@ -113,6 +149,19 @@ fn main() {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let tiny_gpt = Heads { batch: 4, heads: 4, groups: 4, size: 32 };
     let small_llama = Heads { batch: 2, heads: 4, groups: 2, size: 16 };
+    println!("one decoding step's attention (one query row a head), {threads} threads: median us");
+    for (name, x) in [
+        ("stories15M, 6 heads of 48", Heads { batch: 1, heads: 6, groups: 6, size: 48 }),
+        ("stories110M, 12 heads of 64", Heads { batch: 1, heads: 12, groups: 12, size: 64 }),
+        ("8/2 heads of 64", LLAMA),
+    ] {
+        for s in [384, 2048] {
+            println!("  {name:<28} {s:>5} keys {:8.1}", decode_step(x, s, 2000) * 1e6);
+        }
+    }
+    if std::env::args().any(|a| a == "--decode") {
+        return;
+    }
     for backward in [false, true] {
         println!(
             "causal attention{}, {threads} threads: median ms (planned MiB); ratios are speed-ups of the fused kernels",

@@ -22,6 +22,10 @@ const QUERY_BLOCK: usize = 64;
 const KEY_BLOCK: usize = 256;
 /// Keys per block of the gradient pass.
 const KV_BLOCK: usize = 128;
+/// Query rows up to which a block's products are dot products and scaled
+/// row sums on the task's thread: a decoding step's one row paid `gemm`'s
+/// packing for every block of keys (a quarter of a stories15M token).
+const DIRECT_ROWS: usize = 2;
 /// What every masked score is, as in the decomposition: a row with every
 /// key masked has all its scores equal, and averages all the values.
 const MASKED: f32 = -1e30;
@@ -113,7 +117,10 @@ fn run_tasks(n: Sizes, tasks: usize, keys: usize, run: impl Fn(&mut Scratch, usi
             run(&mut s, task)
         })
     };
-    if tasks > 1 && n.b * n.h * n.t * n.s * (n.d + n.e) > 1 << 18 {
+    // Reading the keys and values bounds it: a decoding step's attention at
+    // the stories15M shape (885 KB of cache) took 30 us on one thread and 19
+    // on two; the pool's wake-up pays for itself from ~32K multiply-adds.
+    if tasks > 1 && n.b * n.h * n.t * n.s * (n.d + n.e) > 1 << 15 {
         (0..tasks).into_par_iter().for_each(with_scratch);
     } else {
         (0..tasks).for_each(with_scratch);
@@ -132,6 +139,145 @@ fn visible(a: &Attention, i: usize, offset: i64, s: usize) -> Range<usize> {
 fn keys_seen(a: &Attention, rows: &Range<usize>, offset: i64, s: usize) -> Range<usize> {
     let (first, last) = (visible(a, rows.start, offset, s), visible(a, rows.end - 1, offset, s));
     first.start.min(last.start)..first.end.max(last.end)
+}
+
+/// `out[j] = q · rows[j * stride..][..q.len()]` for every j of `out`.
+fn dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    assert!(out.is_empty() || rows.len() >= (out.len() - 1) * stride + q.len(), "bug: key rows");
+    #[cfg(target_arch = "x86_64")]
+    if super::packed::avx2_available() {
+        // SAFETY: the host has AVX2 and FMA; the rows were checked above.
+        return unsafe { avx2::dots(q, rows, stride, out) };
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = q.iter().zip(&rows[j * stride..][..q.len()]).map(|(x, w)| x * w).sum();
+    }
+}
+
+/// `acc += Σ_j weights[j] * rows[j * stride..][..acc.len()]`.
+fn add_scaled_rows(weights: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
+    let n = weights.len();
+    assert!(n == 0 || rows.len() >= (n - 1) * stride + acc.len(), "bug: value rows");
+    #[cfg(target_arch = "x86_64")]
+    if super::packed::avx2_available() {
+        // SAFETY: as in `dots`.
+        return unsafe { avx2::add_scaled_rows(weights, rows, stride, acc) };
+    }
+    let e = acc.len();
+    for (j, &w) in weights.iter().enumerate() {
+        acc.iter_mut().zip(&rows[j * stride..][..e]).for_each(|(a, v)| *a += w * v);
+    }
+}
+
+/// The one-row products in AVX2 FMAs.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The sum of a vector's 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn sum8(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    /// As `super::dots`, four rows a step (each query chunk loaded once).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `rows` holds `(out.len() - 1) * stride + q.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let (d, wide) = (q.len(), q.len() / 8 * 8);
+        let (qp, rp) = (q.as_ptr(), rows.as_ptr());
+        let tail = |r: *const f32| -> f32 {
+            // SAFETY: elements wide..d of a row.
+            (wide..d).map(|i| unsafe { *qp.add(i) * *r.add(i) }).sum::<f32>()
+        };
+        let mut j = 0;
+        // SAFETY: every row read is one of out.len() rows of d values.
+        unsafe {
+            while j + 4 <= out.len() {
+                let r = [0, 1, 2, 3].map(|u| rp.add((j + u) * stride));
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in (0..wide).step_by(8) {
+                    let x = _mm256_loadu_ps(qp.add(i));
+                    for u in 0..4 {
+                        acc[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[u].add(i)), acc[u]);
+                    }
+                }
+                for u in 0..4 {
+                    out[j + u] = sum8(acc[u]) + tail(r[u]);
+                }
+                j += 4;
+            }
+            for (j, o) in out.iter_mut().enumerate().skip(j) {
+                let r = rp.add(j * stride);
+                let mut acc = _mm256_setzero_ps();
+                for i in (0..wide).step_by(8) {
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(r.add(i)), acc);
+                }
+                *o = sum8(acc) + tail(r);
+            }
+        }
+    }
+
+    /// As `super::add_scaled_rows`: the accumulator held in registers, up
+    /// to 64 lanes at a time, while the rows stream past (one 8-lane
+    /// accumulator at a time waited on each addition: 4 cycles a key).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `rows` holds `(weights.len() - 1) * stride + acc.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn add_scaled_rows(weights: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
+        let (e, wide) = (acc.len(), acc.len() / 8 * 8);
+        let (ap, rp) = (acc.as_mut_ptr(), rows.as_ptr());
+        let mut i = 0;
+        // SAFETY: lanes i.. of the accumulator and of each row.
+        unsafe {
+            while wide - i >= 64 {
+                lanes::<8>(weights, rp.add(i), stride, ap.add(i));
+                i += 64;
+            }
+            match (wide - i) / 8 {
+                1 => lanes::<1>(weights, rp.add(i), stride, ap.add(i)),
+                2 => lanes::<2>(weights, rp.add(i), stride, ap.add(i)),
+                3 => lanes::<3>(weights, rp.add(i), stride, ap.add(i)),
+                4 => lanes::<4>(weights, rp.add(i), stride, ap.add(i)),
+                5 => lanes::<5>(weights, rp.add(i), stride, ap.add(i)),
+                6 => lanes::<6>(weights, rp.add(i), stride, ap.add(i)),
+                7 => lanes::<7>(weights, rp.add(i), stride, ap.add(i)),
+                _ => {}
+            }
+            for i in wide..e {
+                for (j, &w) in weights.iter().enumerate() {
+                    *ap.add(i) += w * *rp.add(j * stride + i);
+                }
+            }
+        }
+    }
+
+    /// `N` registers of the accumulator at `acc` over every row.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `8 N` values at `acc` and at each row.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn lanes<const N: usize>(weights: &[f32], rows: *const f32, stride: usize, acc: *mut f32) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut a: [__m256; N] = std::array::from_fn(|u| _mm256_loadu_ps(acc.add(8 * u)));
+            for (j, &w) in weights.iter().enumerate() {
+                let (w, r) = (_mm256_set1_ps(w), rows.add(j * stride));
+                for (u, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * u)), *a);
+                }
+            }
+            for (u, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(8 * u), *a);
+            }
+        }
+    }
 }
 
 /// One (batch, head) of an attention: where its keys and values start and
@@ -177,17 +323,24 @@ impl<'a> Head<'a> {
     /// j0..j0+bk into `scores` (m x bk), MASKED where a query does not see a key.
     fn scores(&self, rows: &Range<usize>, queries: &[f32], j0: usize, bk: usize, scores: &mut [f32]) {
         let (m, n) = (rows.len(), self.n);
-        // SAFETY: m x d queries and the key rows j0..j0+bk of this head, m x bk scores.
-        unsafe {
-            product(
-                (m, bk, n.d),
-                scores.as_mut_ptr(),
-                bk,
-                0.0,
-                (queries.as_ptr(), n.d, 1),
-                (self.x.k.as_ptr().add(self.k0 + j0 * self.k_stride), 1, self.k_stride),
-            )
-        };
+        if m <= DIRECT_ROWS {
+            let keys = &self.x.k[self.k0 + j0 * self.k_stride..];
+            for r in 0..m {
+                dots(&queries[r * n.d..(r + 1) * n.d], keys, self.k_stride, &mut scores[r * bk..(r + 1) * bk]);
+            }
+        } else {
+            // SAFETY: m x d queries and the key rows j0..j0+bk of this head, m x bk scores.
+            unsafe {
+                product(
+                    (m, bk, n.d),
+                    scores.as_mut_ptr(),
+                    bk,
+                    0.0,
+                    (queries.as_ptr(), n.d, 1),
+                    (self.x.k.as_ptr().add(self.k0 + j0 * self.k_stride), 1, self.k_stride),
+                )
+            };
+        }
         for (r, i) in rows.clone().enumerate() {
             let row = &mut scores[r * bk..(r + 1) * bk];
             let seen = visible(self.a, i, self.x.offset, n.s);
@@ -325,7 +478,12 @@ fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option
                 sc.acc[r * n.e..(r + 1) * n.e].iter_mut().for_each(|v| *v *= rescale);
             }
         }
-        if values {
+        if values && m <= DIRECT_ROWS {
+            let v = &head.x.v[head.v0 + j0 * head.v_stride..];
+            for r in 0..m {
+                add_scaled_rows(&scores[r * bk..(r + 1) * bk], v, head.v_stride, &mut sc.acc[r * n.e..(r + 1) * n.e]);
+            }
+        } else if values {
             // SAFETY: m x bk weights, bk value rows of e, m x e accumulators.
             unsafe {
                 product(
