@@ -33,6 +33,11 @@ fn every_spec_matches_the_interpreter() {
 }
 
 #[test]
+fn running_sums_match_the_interpreter_on_the_cpu() {
+    running_sums(cpu);
+}
+
+#[test]
 fn sparse_routes_match_the_dense_definition_on_the_cpu() {
     sparse_routes_match_the_dense_definition(cpu);
 }

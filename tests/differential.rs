@@ -504,3 +504,33 @@ pub fn sparse_routes_match_the_dense_definition(backend: Backend) {
         compare_with(backend, label, &dense, &sparse, &feeds, 2e-4);
     }
 }
+
+/// Running sums over the first and the last axis, of floats and of a mask's
+/// ints, with the gradient of a loss through them.
+pub const RUNNING_SUMS: &str = "model Sums(n: int = 5, m: int = 70) {
+    a: param[n, m]
+
+    forward(mask: [n, m] int) -> y: [n, m] = cumsum(a, axis: 0) * 2.0 + cumsum(a * a) + float(cumsum(mask, axis: -1))
+
+    train {
+        loss: sum(y * y) / 100.0
+    }
+}
+";
+
+/// `cumsum` on the backend against the interpreter: values and the
+/// gradient of the loss.
+pub fn running_sums(backend: Backend) {
+    let program = modelc::check::load_source("sums.model", RUNNING_SUMS, None).ok().unwrap();
+    let how = modelc::check::LowerOptions { training: true, ..Default::default() };
+    let (checked, mut g) = modelc::check::lower(&program, &sets(&[]), how).unwrap();
+    let (loss, a) = (g.output("loss").unwrap(), g.params().next().unwrap().1);
+    let grads = modelc::ir::grad::grad(&mut g, loss, &[a]);
+    g.outputs.push(("grad:a".into(), grads[0]));
+    let g = modelc::ir::prune::prune(&g);
+    let mut rng = Rng(3);
+    let mut feeds = random_params(&checked, &mut rng, 1.0);
+    let mask = (0..5 * 70).map(|i| ((i * 7) % 3 != 0) as u8 as f64).collect();
+    feeds.insert("mask".into(), Array::new(vec![5, 70], mask));
+    compare(backend, "running sums", &g, &feeds, 2e-4);
+}

@@ -130,6 +130,11 @@ fn every_spec_matches_the_interpreter_on_the_gpu() {
 }
 
 #[test]
+fn running_sums_match_the_interpreter_on_the_gpu() {
+    running_sums(gpu);
+}
+
+#[test]
 fn sparse_routes_match_the_dense_definition_on_the_gpu() {
     sparse_routes_match_the_dense_definition(gpu);
 }

@@ -42,6 +42,7 @@ const PRIMITIVE_CASES: &[(&str, &str)] = &[
     ("permute", "sum(permute(a.unsqueeze(0), [2, 0, 1]) * permute(b.unsqueeze(0), [2, 0, 1]))"),
     ("reshape", "sum(reshape(a, [m, n]) * reshape(b, [-1, n]))"),
     ("float_of_a_size", "sum(a * b) / sqrt(float(m))"),
+    ("cumsum", "sum(cumsum(a * b, axis: 0) * b) + sum(cumsum(a) * a) + sum(float(cumsum(ids)) * b[:, 0])"),
     ("expand", "sum(expand(sum(a, axis: 0, keep: true), [2, n, -1]) * expand(b, [2, n, m]))"),
     ("split_merge", "sum(a.split(0, [1, n]).merge(0, 1) * b.unsqueeze(1).squeeze(1))"),
     ("concat", "sum(concat([a, b * a], axis: 0) * concat([b, a], axis: 0))"),
@@ -123,6 +124,21 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn cumsum_gives_running_sums_as_torch_cumsum_does() {
+    // torch.cumsum(x, dim) on these values; a mask's running count is an int.
+    let spec = "model M {\n    forward(x: [2, 3], mask: [2, 3] bool) -> (down: [2, 3], across: [2, 3], count: [2, 3] int) {\n        [cumsum(x, axis: 0), cumsum(x), cumsum(mask, axis: 1) - 1]\n    }\n}\n";
+    let (_, g) = lower_text(spec, &Options::default(), false);
+    let feeds = HashMap::from([
+        ("x".to_string(), Array::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
+        ("mask".to_string(), Array::new(vec![2, 3], vec![1.0, 1.0, 0.0, 0.0, 1.0, 1.0])),
+    ]);
+    let out = run(&g, &feeds, Precision::F64).unwrap();
+    assert_eq!(out["down"].data, [1.0, 2.0, 3.0, 5.0, 7.0, 9.0]);
+    assert_eq!(out["across"].data, [1.0, 3.0, 6.0, 4.0, 9.0, 15.0]);
+    assert_eq!(out["count"].data, [0.0, 1.0, 1.0, -1.0, 0.0, 1.0]);
 }
 
 #[test]

@@ -83,6 +83,7 @@ pub enum Prim {
     Argmax,
     Softmax,
     LogSoftmax,
+    Cumsum,
     Transpose,
     Permute,
     Reshape,
@@ -123,6 +124,7 @@ pub const PRIMITIVES: &[(Prim, &str, &[Param])] = &[
     (Prim::Argmax, "argmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1)), p("keep", K::Bool, D::Bool(false))]),
     (Prim::Softmax, "softmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
     (Prim::LogSoftmax, "log_softmax", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
+    (Prim::Cumsum, "cumsum", &[req("x", K::T), p("axis", K::Int, D::Int(-1))]),
     (Prim::Transpose, "transpose", &[req("x", K::T), p("a", K::Int, D::Int(-2)), p("b", K::Int, D::Int(-1))]),
     (Prim::Permute, "permute", &[req("x", K::T), req("axes", K::Ints)]),
     (Prim::Reshape, "reshape", &[req("x", K::T), req("shape", K::Sizes)]),
@@ -433,6 +435,13 @@ pub fn infer(prim: Prim, args: &[Arg]) -> Result<Out, PrimError> {
             need_float(x, 0, name)?;
             axis(x, a.int(1), 1)?;
             one(x.clone())
+        }
+        Prim::Cumsum => {
+            // Running sums of ints or bools (a mask's positions) are ints.
+            let x = a.t(0);
+            axis(x, a.int(1), 1)?;
+            let dtype = if x.dtype == DType::F32 { DType::F32 } else { DType::Int };
+            one(TensorTy::new(dtype, x.dims.clone()))
         }
         Prim::Transpose => {
             let x = a.t(0);

@@ -245,6 +245,11 @@ impl Lowering {
                 let axis = axis_of(g.ty(x).rank(), a[1].int());
                 one(self.log_softmax(x, axis))
             }
+            Prim::Cumsum => {
+                let x = a[0].node();
+                let axis = axis_of(g.ty(x).rank(), a[1].int());
+                one(self.cumsum(x, axis))
+            }
             Prim::Transpose => {
                 let x = a[0].node();
                 let r = g.ty(x).rank();
@@ -373,6 +378,33 @@ impl Lowering {
         let s = self.g.reduce_keep(Reduce::Sum, e, &[axis]);
         let l = self.g.unary(Unary::Log, s);
         self.g.sub(shifted, l)
+    }
+
+    /// Running sums along `axis`: a product with the `[n, n]` triangle of
+    /// ones (column i sums entries 0..=i), so its gradient (the running
+    /// sums from the end) and every backend are the product's. n
+    /// multiply-adds an element rather than one: sized for positions and
+    /// masks (`cumsum(attention_mask) - 1`), not for long scans.
+    pub fn cumsum(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let ty = self.g.ty(x).clone();
+        let (rank, n) = (ty.rank(), ty.dims[axis].clone());
+        let mut perm: Vec<usize> = (0..rank).filter(|&i| i != axis).collect();
+        perm.push(axis);
+        let last = if axis + 1 == rank { x } else { self.g.permute(x, &perm) };
+        let values = if ty.dtype == DType::F32 { last } else { self.g.cast(last, DType::F32) };
+        let i = self.g.iota(n.clone());
+        let (one, n) = (Dim::constant(1), n.clone());
+        let (rows, columns) = (self.g.reshape(i, &[n.clone(), one.clone()]), self.g.reshape(i, &[one, n]));
+        let below = self.g.binary(Binary::Le, rows, columns);
+        let triangle = self.g.cast(below, DType::F32);
+        let sums = self.matmul(values, triangle);
+        let sums = if ty.dtype == DType::F32 { sums } else { self.g.cast(sums, DType::Int) };
+        if axis + 1 == rank {
+            return sums;
+        }
+        let mut back = vec![0; rank];
+        perm.iter().enumerate().for_each(|(at, &from)| back[from] = at);
+        self.g.permute(sums, &back)
     }
 
     /// NumPy matmul on the IR's batched matmul: broadcast batch axes and
