@@ -1,9 +1,9 @@
-"""Writes tiny Qwen2 and Gemma checkpoints that specs/qwen2.model and
-specs/gemma.model are compared with (transformers' own models, seeded
+"""Writes tiny Qwen2, Gemma, Qwen3 and StableLM checkpoints that the specs
+of the same names in specs/ are compared with (transformers' own models, seeded
 random weights), and checks the real configurations' parameter totals.
 
     pip install torch transformers safetensors
-    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma}/
+    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma,qwen3,stablelm}/
 
 For each, under tests/fixtures/hf/NAME/:
   config.json, model.safetensors     save_pretrained()
@@ -14,10 +14,13 @@ For each, under tests/fixtures/hf/NAME/:
 
 Qwen2 has untied output weights and q/k/v biases (o_proj none); Gemma ties
 them, has a head size (16) other than dim / heads (8), one key/value head
-and padding row 0 (no gradient). Biases and norm weights are drawn at
+and padding row 0 (no gradient); Qwen3 ties them, normalises each head's
+queries and keys (q_norm, k_norm), has a head size of its own (16) and
+biases on all four attention projections; StableLM has LayerNorms with
+biases, RoPE on half of each head (8 features) and q/k/v biases. Biases and norm weights are drawn at
 random too (transformers starts them at 0 and 1), so that each is seen.
 
-tests/fixtures/configs/{qwen2-0.5b,gemma-2b}.json are the published
+tests/fixtures/configs/{qwen2-0.5b,gemma-2b,qwen3-0.6b,stablelm-3b-4e1t}.json are the published
 configurations; their totals (printed here, with transformers' model built
 on the meta device) are the ones tests/specs.rs expects.
 """
@@ -27,7 +30,8 @@ import pathlib
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM)
 
 from window_fixtures import greedy_cases
 
@@ -55,6 +59,26 @@ def gemma():
         eos_token_id=None,
     )
     return GemmaForCausalLM(config)
+
+
+def qwen3():
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        attention_bias=True, initializer_range=0.2, tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def stablelm():
+    config = StableLmConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, layer_norm_eps=1e-5, partial_rotary_factor=0.5,
+        rope_theta=10000.0, use_qkv_bias=True, initializer_range=0.2, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return StableLmForCausalLM(config)
 
 
 def write(name, model):
@@ -85,7 +109,7 @@ def write(name, model):
 
 
 def published_totals():
-    for file in ("qwen2-0.5b.json", "gemma-2b.json"):
+    for file in ("qwen2-0.5b.json", "gemma-2b.json", "qwen3-0.6b.json", "stablelm-3b-4e1t.json"):
         config = AutoConfig.from_pretrained(HERE / "fixtures" / "configs" / file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -98,6 +122,10 @@ def main():
     write("qwen2", qwen2())
     torch.manual_seed(0)
     write("gemma", gemma())
+    torch.manual_seed(0)
+    write("qwen3", qwen3())
+    torch.manual_seed(0)
+    write("stablelm", stablelm())
     published_totals()
 
 

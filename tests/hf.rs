@@ -79,11 +79,13 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 /// with extra flags: Mixtral with its experts routed sparsely (the default)
 /// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
 /// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`.
-const COMPARED: [(&str, &[&str]); 8] = [
+const COMPARED: [(&str, &[&str]); 10] = [
     ("gpt2", &[]),
     ("llama", &[]),
     ("qwen2", &[]),
     ("gemma", &[]),
+    ("qwen3", &[]),
+    ("stablelm", &[]),
     ("mixtral", &[]),
     ("mixtral", &["--dense-routes"]),
     ("mixtral-ties", &[]),
@@ -938,8 +940,8 @@ fn mistral_generates_as_transformers_past_its_window() {
 /// Families ported from the stdlib's blocks (Qwen2: q/k/v biases; Gemma:
 /// scaled embeddings, (1 + w) norms, GeGLU, its own head size, tied output).
 #[test]
-fn qwen2_and_gemma_generate_as_transformers() {
-    for model in ["qwen2", "gemma"] {
+fn ported_families_generate_as_transformers() {
+    for model in ["qwen2", "gemma", "qwen3", "stablelm"] {
         assert_generates_as_transformers(model, &[&[], &["--no-cache"]]);
     }
 }

@@ -17,6 +17,8 @@ const REFERENCE: &[(&str, &str, i64)] = &[
     ("minilm", "all-minilm-l6-v2.json", 22_713_216),
     ("qwen2", "qwen2-0.5b.json", 494_032_768),
     ("gemma", "gemma-2b.json", 2_506_172_416),
+    ("qwen3", "qwen3-0.6b.json", 596_049_920),
+    ("stablelm", "stablelm-3b-4e1t.json", 2_795_443_200),
 ];
 
 fn spec(name: &str) -> std::path::PathBuf {
