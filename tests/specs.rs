@@ -235,3 +235,51 @@ fn graph_structure_snapshots() {
         }
     }
 }
+
+/// Fields named by paths (`model.decoder.layers`) give the checkpoint's
+/// weight names with no layer for `model` or `decoder`, and `forward` reads
+/// them by the same paths (an OPT-style decoder).
+#[test]
+fn fields_named_by_paths_give_their_weights_those_names() {
+    let text = "import std.core
+import std.attention
+
+layer Block(dim: int, heads: int) {
+    self_attn: Attention(dim, heads, bias: true, rotary: false)
+    self_attn_layer_norm: LayerNorm(dim)
+    fc1: Linear(dim, 2 * dim)
+    fc2: Linear(2 * dim, dim)
+
+    forward(x: [B, T, dim]) -> [B, T, dim] {
+        let h = x + self_attn(self_attn_layer_norm(x))
+        h + fc2(relu(fc1(h)))
+    }
+}
+
+model Decoder(vocab: int = 50, dim: int = 16, layers: int = 2) {
+    model.decoder.embed_tokens: Embedding(vocab, dim)
+    model.decoder.embed_positions: Embedding(66, dim)
+    model.decoder.layers: repeat(layers) Block(dim, 2)
+    model.decoder.final_layer_norm: LayerNorm(dim)
+
+    forward(input_ids: [B, T] int) -> logits: [B, T, vocab] {
+        let x = model.decoder.embed_tokens(input_ids) + model.decoder.embed_positions(arange(T) + 2)
+        let h = x |> model.decoder.layers |> model.decoder.final_layer_norm
+        h @ transpose(model.decoder.embed_tokens.weight)
+    }
+}
+";
+    let checked = check_text("decoder.model", text, None, &Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = checked.params.iter().map(|p| p.name.as_str()).collect();
+    for want in [
+        "model.decoder.embed_tokens.weight",
+        "model.decoder.embed_positions.weight",
+        "model.decoder.layers.0.self_attn.q_proj.bias",
+        "model.decoder.layers.1.fc2.weight",
+        "model.decoder.final_layer_norm.bias",
+    ] {
+        assert!(names.contains(&want), "no {want} in {names:?}");
+    }
+    assert!(names.iter().all(|n| n.starts_with("model.decoder.")), "{names:?}");
+    assert_eq!(names.len(), 4 + 2 * 14);
+}

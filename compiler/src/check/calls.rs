@@ -119,6 +119,22 @@ impl Checker<'_> {
                 );
                 Ty::Error
             }
+            Ty::Path(i, prefix) => {
+                let under: Vec<&str> = self.instances[i]
+                    .fields
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&format!("{prefix}.")))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                let d = Diagnostic::at(
+                    "E0201",
+                    callee_expr.span,
+                    format!("the path `{prefix}.` of fields cannot be called"),
+                )
+                .help(format!("call the fields under it: {}", under.join(", ")));
+                self.error(d);
+                Ty::Error
+            }
             other => {
                 self.error(Diagnostic::at("E0201", callee_expr.span, format!("{} cannot be called", other.describe())));
                 Ty::Error

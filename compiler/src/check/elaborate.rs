@@ -310,6 +310,27 @@ impl<'p> Checker<'p> {
                 ok = false;
                 continue;
             }
+            // A path field (`model.layers`) must not live inside another
+            // field (`model`): the weight names would clash.
+            let inside = def.members.iter().find_map(|other| match other {
+                Member::Field(o) if f.name.text.strip_prefix(&o.name.text).is_some_and(|r| r.starts_with('.')) => {
+                    Some(o)
+                }
+                _ => None,
+            });
+            if let Some(outer) = inside {
+                self.error(
+                    Diagnostic::at(
+                        "E0106",
+                        f.name.span,
+                        format!("field `{}` lies inside field `{}`", f.name.text, outer.name.text),
+                    )
+                    .label(outer.name.span, "declared here")
+                    .help(format!("declare it in `{}`'s layer, or rename one of them", outer.name.text)),
+                );
+                ok = false;
+                continue;
+            }
             let child_path = if path.is_empty() { f.name.text.clone() } else { format!("{path}.{}", f.name.text) };
             match self.field(m, &env, f, child_path, trainable) {
                 Ok(fi) => fields.push((f.name.text.clone(), fi)),

@@ -43,6 +43,9 @@ pub enum Ty {
     Tensor(Tensor),
     Layer(InstId),
     Stack(Vec<InstId>),
+    /// The first parts of a field's path (`model` of `model.layers`): only
+    /// a member access continues it.
+    Path(InstId, String),
     Tuple(Vec<Ty>),
     /// Already reported; silences follow-on errors.
     Error,
@@ -59,6 +62,7 @@ impl Ty {
             Ty::Tensor(t) => format!("a tensor {t}"),
             Ty::Layer(_) => "a layer".into(),
             Ty::Stack(_) => "a stack of layers".into(),
+            Ty::Path(_, p) => format!("the path `{p}.` of fields"),
             Ty::Tuple(items) => format!("{} values", items.len()),
             Ty::Error => "an error".into(),
         }
@@ -100,6 +104,11 @@ impl Checker<'_> {
         })
     }
 
+    /// Whether some field's name continues the path `prefix.`.
+    fn path_of_fields(&self, inst: InstId, prefix: &str) -> bool {
+        self.instances[inst].fields.iter().any(|(n, _)| n.strip_prefix(prefix).is_some_and(|r| r.starts_with('.')))
+    }
+
     pub(super) fn lookup(&mut self, frame: &Frame, name: &str) -> Option<Ty> {
         if let Some(t) = frame.locals.get(name) {
             return Some(t.clone());
@@ -109,6 +118,9 @@ impl Checker<'_> {
         }
         if let Some(t) = self.field_ty(frame.inst, name) {
             return Some(t);
+        }
+        if self.path_of_fields(frame.inst, name) {
+            return Some(Ty::Path(frame.inst, name.to_string()));
         }
         self.instances[frame.inst].env.get(name).map(|v| match v {
             Value::Instance(i) => Ty::Layer(*i),
@@ -120,7 +132,7 @@ impl Checker<'_> {
         let inst = &self.instances[frame.inst];
         let mut candidates: Vec<String> = frame.locals.keys().cloned().collect();
         candidates.extend(frame.dims.keys().cloned());
-        candidates.extend(inst.fields.iter().map(|(n, _)| n.clone()));
+        candidates.extend(inst.fields.iter().map(|(n, _)| n.split('.').next().unwrap_or(n).to_string()));
         candidates.extend(inst.env.keys().cloned());
         candidates.extend(Prim::names().map(String::from));
         let mut d = Diagnostic::at("E0104", span, format!("unknown name `{name}`"));
@@ -444,6 +456,27 @@ impl Checker<'_> {
                     Ty::Error
                 }
             },
+            Ty::Path(i, prefix) => {
+                let path = format!("{prefix}.{}", name.text);
+                if let Some(t) = self.field_ty(i, &path) {
+                    return t;
+                }
+                if self.path_of_fields(i, &path) {
+                    return Ty::Path(i, path);
+                }
+                let under: Vec<String> = self.instances[i]
+                    .fields
+                    .iter()
+                    .filter_map(|(n, _)| n.strip_prefix(&format!("{prefix}.")).map(String::from))
+                    .collect();
+                let d = Diagnostic::at("E0104", name.span, format!("no field is named `{path}`"));
+                let d = d.help(
+                    suggest(&name.text, under.iter().map(String::as_str))
+                        .unwrap_or_else(|| format!("the fields under `{prefix}.` are: {}", under.join(", "))),
+                );
+                self.error(d);
+                Ty::Error
+            }
             Ty::Stack(ids) => match name.text.parse::<usize>() {
                 Ok(k) if k < ids.len() => Ty::Layer(ids[k]),
                 _ => {

@@ -631,6 +631,7 @@ fn phrase(rule: Rule) -> &'static str {
         Rule::hf_entry => "a mapping `name: config_key`",
         Rule::let_stmt => "`let`",
         Rule::field => "a field `name: ...`",
+        Rule::field_name => "a field name",
         Rule::param_decl | Rule::param_kind => "`param[...]`",
         Rule::repeat_decl => "`repeat(n) ...`",
         Rule::sublayer => "a layer",
