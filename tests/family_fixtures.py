@@ -3,7 +3,7 @@ of the same names in specs/ are compared with (transformers' own models, seeded
 random weights), and checks the real configurations' parameter totals.
 
     pip install torch transformers safetensors
-    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma,qwen3,stablelm}/
+    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma,qwen3,stablelm,stablelm-parallel}/
 
 For each, under tests/fixtures/hf/NAME/:
   config.json, model.safetensors     save_pretrained()
@@ -17,7 +17,9 @@ them, has a head size (16) other than dim / heads (8), one key/value head
 and padding row 0 (no gradient); Qwen3 ties them, normalises each head's
 queries and keys (q_norm, k_norm), has a head size of its own (16) and
 biases on all four attention projections; StableLM has LayerNorms with
-biases, RoPE on half of each head (8 features) and q/k/v biases. Biases and norm weights are drawn at
+biases, RoPE on half of each head (8 features) and q/k/v biases, and
+stablelm-parallel the same with the parallel residual (one norm read by
+attention and MLP). Biases and norm weights are drawn at
 random too (transformers starts them at 0 and 1), so that each is seen.
 
 tests/fixtures/configs/{qwen2-0.5b,gemma-2b,qwen3-0.6b,stablelm-3b-4e1t}.json are the published
@@ -71,12 +73,12 @@ def qwen3():
     return Qwen3ForCausalLM(config)
 
 
-def stablelm():
+def stablelm(parallel=False):
     config = StableLmConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, layer_norm_eps=1e-5, partial_rotary_factor=0.5,
-        rope_theta=10000.0, use_qkv_bias=True, initializer_range=0.2, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        rope_theta=10000.0, use_qkv_bias=True, use_parallel_residual=parallel, initializer_range=0.2,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     return StableLmForCausalLM(config)
 
@@ -126,6 +128,8 @@ def main():
     write("qwen3", qwen3())
     torch.manual_seed(0)
     write("stablelm", stablelm())
+    torch.manual_seed(0)
+    write("stablelm-parallel", stablelm(parallel=True))
     published_totals()
 
 

@@ -25,9 +25,10 @@ fn fixture(model: &str) -> PathBuf {
 
 /// The spec a fixture's checkpoint is for: its folder's name, less the
 /// `-ties` of a variant (Mixtral with every router weight zero, so each
-/// token's experts tie and `torch.topk`'s order of equal values decides).
+/// token's experts tie and `torch.topk`'s order of equal values decides)
+/// or the `-parallel` of one (StableLM with the parallel residual).
 fn spec(model: &str) -> String {
-    format!("specs/{}.model", model.trim_end_matches("-ties"))
+    format!("specs/{}.model", model.trim_end_matches("-ties").trim_end_matches("-parallel"))
 }
 
 fn scratch(tag: &str) -> PathBuf {
@@ -79,13 +80,14 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 /// with extra flags: Mixtral with its experts routed sparsely (the default)
 /// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
 /// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`.
-const COMPARED: [(&str, &[&str]); 10] = [
+const COMPARED: [(&str, &[&str]); 11] = [
     ("gpt2", &[]),
     ("llama", &[]),
     ("qwen2", &[]),
     ("gemma", &[]),
     ("qwen3", &[]),
     ("stablelm", &[]),
+    ("stablelm-parallel", &[]),
     ("mixtral", &[]),
     ("mixtral", &["--dense-routes"]),
     ("mixtral-ties", &[]),
@@ -941,7 +943,7 @@ fn mistral_generates_as_transformers_past_its_window() {
 /// scaled embeddings, (1 + w) norms, GeGLU, its own head size, tied output).
 #[test]
 fn ported_families_generate_as_transformers() {
-    for model in ["qwen2", "gemma", "qwen3", "stablelm"] {
+    for model in ["qwen2", "gemma", "qwen3", "stablelm", "stablelm-parallel"] {
         assert_generates_as_transformers(model, &[&[], &["--no-cache"]]);
     }
 }

@@ -172,6 +172,8 @@ const LAYER_CASES: &[(&str, &str)] = &[
     ("MultiQueryAttention", "l: Attention(8, 2, kv_heads: 1, causal: false, rotary: false)"),
     ("PartialRotaryQkNorm", "l: Attention(8, 2, head_dim: 8, rotary_dim: 4, qk_norm: true)"),
     ("PreNormBlock", "l: PreNormBlock(8, 2, 16, kv_heads: 1)"),
+    ("ParallelBlock", "l: PreNormBlock(8, 2, 16, parallel: true)"),
+    ("ParallelBlockTwoNorms", "l: PreNormBlock(8, 2, 16, parallel: true, shared_norm: false)"),
     ("EncoderBlock", "l: EncoderBlock(8, 2, 16, dropout: 0.0)"),
     ("MoE", "l: MoE(8, 3, 2, expert: SwiGLU(8, 4), balance: 0.1)"),
 ];
