@@ -63,16 +63,25 @@ fn ours(x: Heads, t: usize, window: Option<i64>, fused: bool, backward: bool, re
         g.outputs = ["dq", "dk", "dv"].iter().map(|n| n.to_string()).zip(grads).collect();
     }
     let g = modelc::opt::optimize(&modelc::ir::prune::prune(&g), modelc::opt::Limits::default()).0;
+    timed(&g, qs, ks, backward, reps)
+}
+
+/// Compiles `g` (inputs q `qs`, keys and values `ks`, and with `weighted`
+/// the weights w `qs` of the loss) and times its runs: (median seconds,
+/// planned bytes).
+fn timed(g: &Graph, qs: [usize; 4], ks: [usize; 4], weighted: bool, reps: usize) -> (f64, usize) {
     let data = |n: usize, salt: usize| (0..n).map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     let (qn, kn) = (qs.iter().product(), ks.iter().product());
-    let feeds: HashMap<String, Tensor> = HashMap::from([
-        ("w".to_string(), Tensor::new(qs.to_vec(), data(qn, 3))),
+    let mut feeds: HashMap<String, Tensor> = HashMap::from([
         ("q".to_string(), Tensor::new(qs.to_vec(), data(qn, 0))),
         ("k".to_string(), Tensor::new(ks.to_vec(), data(kn, 1))),
         ("v".to_string(), Tensor::new(ks.to_vec(), data(kn, 2))),
     ]);
+    if weighted {
+        feeds.insert("w".to_string(), Tensor::new(qs.to_vec(), data(qn, 3)));
+    }
     let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    let program = Program::compile(&g, &bind(&g, &shapes).expect("sizes")).expect("compiles");
+    let program = Program::compile(g, &bind(g, &shapes).expect("sizes")).expect("compiles");
     program.run_kernels(&feeds).expect("runs");
     let time = median(
         (0..reps)
@@ -101,25 +110,7 @@ fn decode_step(x: Heads, s: usize, reps: usize) -> f64 {
     let spec = Attention { scale: 1.0 / (x.size as f64).sqrt(), causal: true, window: None, kv_heads_first: true };
     let y = g.attention(spec, &[q, k, v, offset]);
     g.outputs.push(("y".into(), y));
-    let data = |n: usize, salt: usize| (0..n).map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    let (qn, kn) = (qs.iter().product(), ks.iter().product());
-    let feeds: HashMap<String, Tensor> = HashMap::from([
-        ("q".to_string(), Tensor::new(qs.to_vec(), data(qn, 0))),
-        ("k".to_string(), Tensor::new(ks.to_vec(), data(kn, 1))),
-        ("v".to_string(), Tensor::new(ks.to_vec(), data(kn, 2))),
-    ]);
-    let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-    let program = Program::compile(&g, &bind(&g, &shapes).expect("sizes")).expect("compiles");
-    program.run_kernels(&feeds).expect("runs");
-    median(
-        (0..reps)
-            .map(|_| {
-                let started = Instant::now();
-                program.run_kernels(&feeds).expect("runs");
-                started.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
+    timed(&g, qs, ks, false, reps).0
 }
 
 fn torch(x: Heads, t: usize, window: Option<i64>, backward: bool, reps: usize, threads: usize) -> Option<f64> {
