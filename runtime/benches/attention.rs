@@ -145,9 +145,10 @@ fn main() {
         ("stories15M, 6 heads of 48", Heads { batch: 1, heads: 6, groups: 6, size: 48 }),
         ("stories110M, 12 heads of 64", Heads { batch: 1, heads: 12, groups: 12, size: 64 }),
         ("8/2 heads of 64", LLAMA),
+        ("LLaMA-3-8B, 32/8 heads of 128", Heads { batch: 1, heads: 32, groups: 8, size: 128 }),
     ] {
-        for s in [384, 2048] {
-            println!("  {name:<28} {s:>5} keys {:8.1}", decode_step(x, s, 2000) * 1e6);
+        for s in [384, 2048, 8192] {
+            println!("  {name:<30} {s:>5} keys {:8.1}", decode_step(x, s, 300) * 1e6);
         }
     }
     if std::env::args().any(|a| a == "--decode") {

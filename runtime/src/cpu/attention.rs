@@ -437,11 +437,24 @@ pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
 
 /// The forward's query blocks as tasks.
 fn forward(a: &Attention, x: &Inputs, n: Sizes, out: Forward) {
-    let (tasks, task) = query_tasks(n);
     let wide = wide_exp();
+    let per = n.h / n.g;
+    // A decoding step of grouped-query attention walks each key/value head
+    // once for all the query heads it serves, so its keys and values are
+    // read from memory once, not once a query head (each row's sums are the
+    // same either way). Where that leaves a thread idle, heads go apart.
+    if per > 1 && n.t <= DIRECT_ROWS && per * n.t <= QUERY_BLOCK && n.b * n.g >= rayon::current_num_threads() {
+        run_tasks(n, n.b * n.g, KEY_BLOCK, |sc, t| {
+            let (b, g) = (t / n.g, t % n.g);
+            let heads: Vec<Head> = (g * per..(g + 1) * per).map(|h| Head::new(a, x, n, b, h)).collect();
+            forward_block(&heads, 0..n.t, sc, wide, out);
+        });
+        return;
+    }
+    let (tasks, task) = query_tasks(n);
     run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
         let (b, h, rows) = task(t);
-        forward_block(&Head::new(a, x, n, b, h), rows, sc, wide, out);
+        forward_block(&[Head::new(a, x, n, b, h)], rows, sc, wide, out);
     });
 }
 
@@ -453,20 +466,28 @@ enum Forward {
     LogSumExp(Out),
 }
 
-/// A block of query rows of the forward.
-fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option<ExpFn>, out: Forward) {
+/// A block of query rows of the forward, of one head or of several that
+/// share their keys and values (`heads`: one group's), row `u * rows.len()
+/// + r` of the scratch being head u's query `rows.start + r`.
+fn forward_block(heads: &[Head], rows: Range<usize>, sc: &mut Scratch, wide: Option<ExpFn>, out: Forward) {
     let values = matches!(out, Forward::Values(_));
-    let (n, m) = (head.n, rows.len());
-    head.load_queries(&rows, &mut sc.queries);
+    let (first, per) = (&heads[0], rows.len());
+    let (n, m) = (first.n, heads.len() * per);
+    for (u, head) in heads.iter().enumerate() {
+        head.load_queries(&rows, &mut sc.queries[u * per * n.d..]);
+    }
     sc.max[..m].fill(f32::NEG_INFINITY);
     sc.sum[..m].fill(0.0);
     sc.acc[..m * n.e].fill(0.0);
-    let seen = keys_seen(head.a, &rows, head.x.offset, n.s);
+    let seen = keys_seen(first.a, &rows, first.x.offset, n.s);
     let mut j0 = seen.start;
     while j0 < seen.end {
         let bk = KEY_BLOCK.min(seen.end - j0);
         let scores = &mut sc.scores[..m * bk];
-        head.scores(&rows, &sc.queries, j0, bk, scores);
+        for (u, head) in heads.iter().enumerate() {
+            let queries = &sc.queries[u * per * n.d..(u + 1) * per * n.d];
+            head.scores(&rows, queries, j0, bk, &mut scores[u * per * bk..(u + 1) * per * bk]);
+        }
         for r in 0..m {
             let row = &mut scores[r * bk..(r + 1) * bk];
             let new_max = fold_row(Reduce::Max, row).max(sc.max[r]);
@@ -478,53 +499,57 @@ fn forward_block(head: &Head, rows: Range<usize>, sc: &mut Scratch, wide: Option
                 sc.acc[r * n.e..(r + 1) * n.e].iter_mut().for_each(|v| *v *= rescale);
             }
         }
-        if values && m <= DIRECT_ROWS {
-            let v = &head.x.v[head.v0 + j0 * head.v_stride..];
+        if values && per <= DIRECT_ROWS {
+            let v = &first.x.v[first.v0 + j0 * first.v_stride..];
             for r in 0..m {
-                add_scaled_rows(&scores[r * bk..(r + 1) * bk], v, head.v_stride, &mut sc.acc[r * n.e..(r + 1) * n.e]);
+                add_scaled_rows(&scores[r * bk..(r + 1) * bk], v, first.v_stride, &mut sc.acc[r * n.e..(r + 1) * n.e]);
             }
         } else if values {
-            // SAFETY: m x bk weights, bk value rows of e, m x e accumulators.
-            unsafe {
-                product(
-                    (m, n.e, bk),
-                    sc.acc.as_mut_ptr(),
-                    n.e,
-                    1.0,
-                    (scores.as_ptr(), bk, 1),
-                    (head.x.v.as_ptr().add(head.v0 + j0 * head.v_stride), head.v_stride, 1),
-                )
-            };
+            for u in 0..heads.len() {
+                // SAFETY: per x bk weights, bk value rows of e, per x e accumulators.
+                unsafe {
+                    product(
+                        (per, n.e, bk),
+                        sc.acc.as_mut_ptr().add(u * per * n.e),
+                        n.e,
+                        1.0,
+                        (scores.as_ptr().add(u * per * bk), bk, 1),
+                        (first.x.v.as_ptr().add(first.v0 + j0 * first.v_stride), first.v_stride, 1),
+                    )
+                };
+            }
         }
         j0 += bk;
     }
-    for (r, i) in rows.enumerate() {
-        // Every key masked (or none visited): the decomposition's softmax of S
-        // equal scores.
-        let all_masked = sc.max[r] <= MASKED;
-        let out = match out {
-            Forward::LogSumExp(lse) => {
-                let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
-                // SAFETY: row (b, i, h) of the output belongs to this task alone.
-                unsafe { *lse.at(head.row(i, 1)) = value };
-                continue;
-            }
-            Forward::Values(out) => out,
-        };
-        // SAFETY: as above.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.e)), n.e) };
-        if all_masked {
-            // The mean of all the values.
-            dst.fill(0.0);
-            for j in 0..n.s {
-                let vrow = &head.x.v[head.v0 + j * head.v_stride..][..n.e];
-                dst.iter_mut().zip(vrow).for_each(|(o, v)| *o += v);
-            }
-            dst.iter_mut().for_each(|o| *o /= n.s as f32);
-        } else {
-            let inv = 1.0 / sc.sum[r];
-            for (o, acc) in dst.iter_mut().zip(&sc.acc[r * n.e..(r + 1) * n.e]) {
-                *o = acc * inv;
+    for (u, head) in heads.iter().enumerate() {
+        for (r, i) in rows.clone().enumerate().map(|(r, i)| (u * per + r, i)) {
+            // Every key masked (or none visited): the decomposition's softmax
+            // of S equal scores.
+            let all_masked = sc.max[r] <= MASKED;
+            let out = match out {
+                Forward::LogSumExp(lse) => {
+                    let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
+                    // SAFETY: row (b, i, h) of the output belongs to this task alone.
+                    unsafe { *lse.at(head.row(i, 1)) = value };
+                    continue;
+                }
+                Forward::Values(out) => out,
+            };
+            // SAFETY: as above.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.e)), n.e) };
+            if all_masked {
+                // The mean of all the values.
+                dst.fill(0.0);
+                for j in 0..n.s {
+                    let vrow = &head.x.v[head.v0 + j * head.v_stride..][..n.e];
+                    dst.iter_mut().zip(vrow).for_each(|(o, v)| *o += v);
+                }
+                dst.iter_mut().for_each(|o| *o /= n.s as f32);
+            } else {
+                let inv = 1.0 / sc.sum[r];
+                for (o, acc) in dst.iter_mut().zip(&sc.acc[r * n.e..(r + 1) * n.e]) {
+                    *o = acc * inv;
+                }
             }
         }
     }
