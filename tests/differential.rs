@@ -85,6 +85,7 @@ pub fn small(name: &str) -> Vec<(&'static str, &'static str)> {
             ("hidden", "24"),
             ("experts", "3"),
         ],
+        "gpt-neox" => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")],
         _ => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")],
     }
 }

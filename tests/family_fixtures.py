@@ -1,9 +1,9 @@
-"""Writes tiny Qwen2, Gemma, Qwen3 and StableLM checkpoints that the specs
+"""Writes tiny Qwen2, Gemma, Qwen3, StableLM and GPT-NeoX checkpoints that the specs
 of the same names in specs/ are compared with (transformers' own models, seeded
 random weights), and checks the real configurations' parameter totals.
 
     pip install torch transformers safetensors
-    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma,qwen3,stablelm,stablelm-parallel}/
+    python3 tests/family_fixtures.py      # rewrites tests/fixtures/hf/{qwen2,gemma,qwen3,stablelm,stablelm-parallel,gpt-neox}/
 
 For each, under tests/fixtures/hf/NAME/:
   config.json, model.safetensors     save_pretrained()
@@ -19,10 +19,12 @@ queries and keys (q_norm, k_norm), has a head size of its own (16) and
 biases on all four attention projections; StableLM has LayerNorms with
 biases, RoPE on half of each head (8 features) and q/k/v biases, and
 stablelm-parallel the same with the parallel residual (one norm read by
-attention and MLP). Biases and norm weights are drawn at
+attention and MLP); GPT-NeoX has a fused query_key_value projection laid
+out head by head, RoPE on half of each head, and the parallel residual
+with a norm for each branch. Biases and norm weights are drawn at
 random too (transformers starts them at 0 and 1), so that each is seen.
 
-tests/fixtures/configs/{qwen2-0.5b,gemma-2b,qwen3-0.6b,stablelm-3b-4e1t}.json are the published
+tests/fixtures/configs/{qwen2-0.5b,gemma-2b,qwen3-0.6b,stablelm-3b-4e1t,pythia-410m}.json are the published
 configurations; their totals (printed here, with transformers' model built
 on the meta device) are the ones tests/specs.rs expects.
 """
@@ -31,9 +33,11 @@ import json
 import pathlib
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM,
+                          GPTNeoXConfig, GPTNeoXForCausalLM)
 
 from window_fixtures import greedy_cases
 
@@ -83,6 +87,16 @@ def stablelm(parallel=False):
     return StableLmForCausalLM(config)
 
 
+def gpt_neox():
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, layer_norm_eps=1e-5, rotary_pct=0.5, rotary_emb_base=10000.0,
+        use_parallel_residual=True, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
 def write(name, model):
     out = ROOT / name
     out.mkdir(parents=True, exist_ok=True)
@@ -104,14 +118,19 @@ def write(name, model):
     save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
     model.zero_grad()
     model(input_ids, labels=input_ids).loss.backward()
-    save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, out / "grads.safetensors")
+    # Gradients under the checkpoint's names: transformers 5 calls GPT-NeoX's
+    # output layer lm_head but saves it as embed_out, as the hub has it.
+    saved = set(safe_open(out / "model.safetensors", "pt").keys())
+    renamed = {"lm_head.weight": "embed_out.weight"}
+    grads = {(renamed.get(n, n) if n not in saved else n): p.grad.contiguous() for n, p in model.named_parameters()}
+    save_file(grads, out / "grads.safetensors")
     cases = greedy_cases(model, (3, 9), NEW_TOKENS, low=1)
     (out / "generate.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, generated {cases}")
 
 
 def published_totals():
-    for file in ("qwen2-0.5b.json", "gemma-2b.json", "qwen3-0.6b.json", "stablelm-3b-4e1t.json"):
+    for file in ("qwen2-0.5b.json", "gemma-2b.json", "qwen3-0.6b.json", "stablelm-3b-4e1t.json", "pythia-410m.json"):
         config = AutoConfig.from_pretrained(HERE / "fixtures" / "configs" / file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -130,6 +149,8 @@ def main():
     write("stablelm", stablelm())
     torch.manual_seed(0)
     write("stablelm-parallel", stablelm(parallel=True))
+    torch.manual_seed(0)
+    write("gpt-neox", gpt_neox())
     published_totals()
 
 

@@ -80,7 +80,7 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 /// with extra flags: Mixtral with its experts routed sparsely (the default)
 /// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
 /// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`.
-const COMPARED: [(&str, &[&str]); 11] = [
+const COMPARED: [(&str, &[&str]); 12] = [
     ("gpt2", &[]),
     ("llama", &[]),
     ("qwen2", &[]),
@@ -88,6 +88,7 @@ const COMPARED: [(&str, &[&str]); 11] = [
     ("qwen3", &[]),
     ("stablelm", &[]),
     ("stablelm-parallel", &[]),
+    ("gpt-neox", &[]),
     ("mixtral", &[]),
     ("mixtral", &["--dense-routes"]),
     ("mixtral-ties", &[]),
@@ -943,7 +944,7 @@ fn mistral_generates_as_transformers_past_its_window() {
 /// scaled embeddings, (1 + w) norms, GeGLU, its own head size, tied output).
 #[test]
 fn ported_families_generate_as_transformers() {
-    for model in ["qwen2", "gemma", "qwen3", "stablelm", "stablelm-parallel"] {
+    for model in ["qwen2", "gemma", "qwen3", "stablelm", "stablelm-parallel", "gpt-neox"] {
         assert_generates_as_transformers(model, &[&[], &["--no-cache"]]);
     }
 }

@@ -19,6 +19,7 @@ const REFERENCE: &[(&str, &str, i64)] = &[
     ("gemma", "gemma-2b.json", 2_506_172_416),
     ("qwen3", "qwen3-0.6b.json", 596_049_920),
     ("stablelm", "stablelm-3b-4e1t.json", 2_795_443_200),
+    ("gpt-neox", "pythia-410m.json", 405_334_016),
 ];
 
 fn spec(name: &str) -> std::path::PathBuf {
@@ -157,6 +158,7 @@ fn small(name: &str) -> Options {
             ("hidden", "64"),
             ("experts", "4"),
         ]),
+        "gpt-neox" => sets(&[("vocab", "100"), ("dim", "32"), ("layers", "2"), ("heads", "4"), ("hidden", "64")]),
         _ => sets(&[
             ("vocab", "100"),
             ("dim", "32"),
