@@ -33,13 +33,11 @@ import json
 import pathlib
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM,
                           GPTNeoXConfig, GPTNeoXForCausalLM)
 
-from window_fixtures import greedy_cases
+from window_fixtures import greedy_cases, save_logits_and_grads
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE / "fixtures" / "hf"
@@ -112,18 +110,7 @@ def write(name, model):
     model.save_pretrained(out)
     input_ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     input_ids[0, 3] = 0  # the padding token, as a token: its row gets no gradient
-    with torch.no_grad():
-        logits = model(input_ids).logits
-    save_file({"input_ids": input_ids}, out / "inputs.safetensors")
-    save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
-    model.zero_grad()
-    model(input_ids, labels=input_ids).loss.backward()
-    # Gradients under the checkpoint's names: transformers 5 calls GPT-NeoX's
-    # output layer lm_head but saves it as embed_out, as the hub has it.
-    saved = set(safe_open(out / "model.safetensors", "pt").keys())
-    renamed = {"lm_head.weight": "embed_out.weight"}
-    grads = {(renamed.get(n, n) if n not in saved else n): p.grad.contiguous() for n, p in model.named_parameters()}
-    save_file(grads, out / "grads.safetensors")
+    save_logits_and_grads(model, input_ids, out)
     cases = greedy_cases(model, (3, 9), NEW_TOKENS, low=1)
     (out / "generate.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, generated {cases}")

@@ -33,11 +33,16 @@ VOCAB = 64
 NEW_TOKENS = 30
 
 
+# Modules transformers 5 names otherwise than the checkpoints it saves.
+SAVED_AS = {"lm_head.weight": "embed_out.weight"}  # GPT-NeoX's output layer
+
+
 def checkpoint_grads(model, saved):
     """The gradients by checkpoint name: transformers keeps each layer's
     experts fused (`mlp.experts.gate_up_proj` [E, 2H, D], `down_proj`
     [E, D, H]) and saves them per expert (`block_sparse_moe.experts.e.w1`,
-    `w3`, `w2`); the split is checked against the saved weights."""
+    `w3`, `w2`), and saves a few modules under their old names
+    (`SAVED_AS`); each is checked against the saved weights."""
     grads = {}
     for name, p in model.named_parameters():
         if ".mlp.experts." in name:
@@ -55,6 +60,7 @@ def checkpoint_grads(model, saved):
                     grads[key] = grad.contiguous()
         else:
             key = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+            key = key if key in saved else SAVED_AS.get(key, key)
             assert torch.equal(saved[key], p.detach()), key
             grads[key] = p.grad.contiguous()
     assert sorted(grads) == sorted(saved), "every saved weight has its gradient"
@@ -76,16 +82,20 @@ def mixtral(name="mixtral", tied=False):
             for layer in model.model.layers:
                 layer.mlp.gate.weight.zero_()
     model.save_pretrained(out)
-    input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    save_logits_and_grads(model, torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1)), out)
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
+
+
+def save_logits_and_grads(model, input_ids, out):
+    """The inputs, the logits transformers computes for them and the
+    gradients of its LM loss by checkpoint name, beside the saved model."""
     with torch.no_grad():
         logits = model(input_ids).logits
     save_file({"input_ids": input_ids}, out / "inputs.safetensors")
     save_file({"logits": logits.contiguous()}, out / "logits.safetensors")
     model.zero_grad()
     model(input_ids, labels=input_ids).loss.backward()
-    grads = checkpoint_grads(model, load_file(out / "model.safetensors"))
-    save_file(grads, out / "grads.safetensors")
-    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
+    save_file(checkpoint_grads(model, load_file(out / "model.safetensors")), out / "grads.safetensors")
 
 
 def greedy_cases(model, lengths, new_tokens, low):
