@@ -446,15 +446,14 @@ fn forward(a: &Attention, x: &Inputs, n: Sizes, out: Forward) {
     if per > 1 && n.t <= DIRECT_ROWS && per * n.t <= QUERY_BLOCK && n.b * n.g >= rayon::current_num_threads() {
         run_tasks(n, n.b * n.g, KEY_BLOCK, |sc, t| {
             let (b, g) = (t / n.g, t % n.g);
-            let heads: Vec<Head> = (g * per..(g + 1) * per).map(|h| Head::new(a, x, n, b, h)).collect();
-            forward_block(&heads, 0..n.t, sc, wide, out);
+            forward_block(|u| Head::new(a, x, n, b, g * per + u), per, 0..n.t, sc, wide, out);
         });
         return;
     }
     let (tasks, task) = query_tasks(n);
     run_tasks(n, tasks, KEY_BLOCK, |sc, t| {
         let (b, h, rows) = task(t);
-        forward_block(&[Head::new(a, x, n, b, h)], rows, sc, wide, out);
+        forward_block(|_| Head::new(a, x, n, b, h), 1, rows, sc, wide, out);
     });
 }
 
@@ -466,15 +465,22 @@ enum Forward {
     LogSumExp(Out),
 }
 
-/// A block of query rows of the forward, of one head or of several that
-/// share their keys and values (`heads`: one group's), row `u * rows.len()
-/// + r` of the scratch being head u's query `rows.start + r`.
-fn forward_block(heads: &[Head], rows: Range<usize>, sc: &mut Scratch, wide: Option<ExpFn>, out: Forward) {
+/// A block of query rows of the forward, of one head or of `count` that
+/// share their keys and values (`head(u)`, u < count: one group's), row
+/// `u * rows.len() + r` of the scratch being head u's query `rows.start + r`.
+fn forward_block<'a>(
+    head: impl Fn(usize) -> Head<'a>,
+    count: usize,
+    rows: Range<usize>,
+    sc: &mut Scratch,
+    wide: Option<ExpFn>,
+    out: Forward,
+) {
     let values = matches!(out, Forward::Values(_));
-    let (first, per) = (&heads[0], rows.len());
-    let (n, m) = (first.n, heads.len() * per);
-    for (u, head) in heads.iter().enumerate() {
-        head.load_queries(&rows, &mut sc.queries[u * per * n.d..]);
+    let (first, per) = (head(0), rows.len());
+    let (n, m) = (first.n, count * per);
+    for u in 0..count {
+        head(u).load_queries(&rows, &mut sc.queries[u * per * n.d..]);
     }
     sc.max[..m].fill(f32::NEG_INFINITY);
     sc.sum[..m].fill(0.0);
@@ -484,9 +490,9 @@ fn forward_block(heads: &[Head], rows: Range<usize>, sc: &mut Scratch, wide: Opt
     while j0 < seen.end {
         let bk = KEY_BLOCK.min(seen.end - j0);
         let scores = &mut sc.scores[..m * bk];
-        for (u, head) in heads.iter().enumerate() {
+        for u in 0..count {
             let queries = &sc.queries[u * per * n.d..(u + 1) * per * n.d];
-            head.scores(&rows, queries, j0, bk, &mut scores[u * per * bk..(u + 1) * per * bk]);
+            head(u).scores(&rows, queries, j0, bk, &mut scores[u * per * bk..(u + 1) * per * bk]);
         }
         for r in 0..m {
             let row = &mut scores[r * bk..(r + 1) * bk];
@@ -505,7 +511,7 @@ fn forward_block(heads: &[Head], rows: Range<usize>, sc: &mut Scratch, wide: Opt
                 add_scaled_rows(&scores[r * bk..(r + 1) * bk], v, first.v_stride, &mut sc.acc[r * n.e..(r + 1) * n.e]);
             }
         } else if values {
-            for u in 0..heads.len() {
+            for u in 0..count {
                 // SAFETY: per x bk weights, bk value rows of e, per x e accumulators.
                 unsafe {
                     product(
@@ -521,7 +527,8 @@ fn forward_block(heads: &[Head], rows: Range<usize>, sc: &mut Scratch, wide: Opt
         }
         j0 += bk;
     }
-    for (u, head) in heads.iter().enumerate() {
+    for u in 0..count {
+        let head = head(u);
         for (r, i) in rows.clone().enumerate().map(|(r, i)| (u * per + r, i)) {
             // Every key masked (or none visited): the decomposition's softmax
             // of S equal scores.
