@@ -834,7 +834,10 @@ impl Checker<'_> {
                     BinOp::Add => Ok(a.add(&b)),
                     BinOp::Sub => Ok(a.sub(&b)),
                     BinOp::Mul => Ok(a.mul(&b)),
-                    BinOp::Div => a.div(&b).ok_or_else(|| format!("{a} / {b} is not a whole size")),
+                    BinOp::Div => a.div(&b).ok_or_else(|| match super::statics::whole_size_hint(&a) {
+                        Some(h) => format!("{a} / {b} is not a whole size: {h}"),
+                        None => format!("{a} / {b} is not a whole size"),
+                    }),
                     _ => Err(format!("`{}` cannot appear in a shape", op.symbol())),
                 }
             }

@@ -218,11 +218,14 @@ impl Checker<'_> {
                     return match d {
                         Some(d) => Ok(Value::from_dim(d)),
                         None => {
-                            self.error(
+                            let d =
                                 Diagnostic::at("E0204", span, format!("`{a} {} {b}` is not a whole size", op.symbol()))
                                     .label(ls, format!("{a}"))
-                                    .label(rs, format!("{b}")),
-                            );
+                                    .label(rs, format!("{b}"));
+                            self.error(match whole_size_hint(&a) {
+                                Some(h) => d.help(h),
+                                None => d,
+                            });
                             Err(())
                         }
                     };
@@ -372,4 +375,16 @@ pub fn static_function(name: &str, positional: &[Value], named: &[(String, Value
         }
         _ => None,
     }
+}
+
+/// What to write instead of dividing a size only known when running (an
+/// image's height): sizes are exact, so make it a hyperparameter, whose
+/// division is checked once it is set.
+pub(super) fn whole_size_hint(a: &crate::types::Dim) -> Option<String> {
+    a.as_const().is_none().then(|| {
+        format!(
+            "`{a}` is known only when running, so it may not divide; make it a hyperparameter \
+             (`image: int = 224` and `x: [B, C, image, image]`), whose division is checked when it is set"
+        )
+    })
 }
