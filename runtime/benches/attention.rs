@@ -8,7 +8,8 @@
 //! `cargo bench -p modelc-runtime --bench attention`.
 //! LLaMA-like heads: 8 query heads sharing 2 key/value heads (GQA), head
 //! size 64, batch 1; and the attention shapes of the forward bench's small
-//! models. Needs `python3` with torch for the peer column; medians of
+//! models, and a 256-token prompt's at the stories15M and stories110M
+//! shapes (`-- --prompt`: those alone). Needs `python3` with torch for the peer column; medians of
 //! repeated runs; planned activation memory of each program.
 
 use modelc::ir::graph::{Attention, Graph};
@@ -154,7 +155,16 @@ fn main() {
     if std::env::args().any(|a| a == "--decode") {
         return;
     }
+    // A 256-token prompt's attention at the decode benchmark's shapes (`--prompt`: these alone).
+    let prompts = [
+        ("stories15M prompt", Heads { batch: 1, heads: 6, groups: 6, size: 48 }, 256, None, 50),
+        ("stories110M prompt", Heads { batch: 1, heads: 12, groups: 12, size: 64 }, 256, None, 30),
+    ];
+    let prompt_only = std::env::args().any(|a| a == "--prompt");
     for backward in [false, true] {
+        if prompt_only && backward {
+            break;
+        }
         println!(
             "causal attention{}, {threads} threads: median ms (planned MiB); ratios are speed-ups of the fused kernels",
             if backward { ", forward and backward (gradients of q, k, v)" } else { "" }
@@ -167,6 +177,11 @@ fn main() {
             ("8/2 heads of 64", LLAMA, 4096, None, 3),
             ("8/2 heads of 64", LLAMA, 4096, Some(512), 3),
         ];
+        let cases: Vec<_> = match (prompt_only, backward) {
+            (true, _) => prompts.to_vec(),
+            (false, true) => cases.to_vec(),
+            (false, false) => prompts.iter().chain(&cases).copied().collect(),
+        };
         for (name, x, t, window, reps) in cases {
             let (fused, fused_bytes) = ours(x, t, window, true, backward, reps);
             let (stored, stored_bytes) = ours(x, t, window, false, backward, reps);

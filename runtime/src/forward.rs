@@ -2,7 +2,7 @@
 //! both as safetensors files (the form Hugging Face tools read and write).
 
 use crate::cli::ModelArgs;
-use crate::model::{DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
+use crate::model::{Device, DtypeArgs, RunArgs, compile, error, forward_graph, load_weights};
 use crate::weights;
 use modelc::check::LowerOptions;
 use std::path::PathBuf;
@@ -36,6 +36,10 @@ pub fn run(args: &ForwardArgs) -> ExitCode {
 
 fn forward(args: &ForwardArgs) -> Result<(), ExitCode> {
     let device = args.run.apply(CODE)?;
+    crate::model::on_device(device, || forward_on(args, device))
+}
+
+fn forward_on(args: &ForwardArgs, device: Device) -> Result<(), ExitCode> {
     let (inputs, _) = weights::load_all(&args.inputs).map_err(|e| error(CODE, e))?;
     // Learn the model's inputs first, so that optional ones not given are lowered as absent.
     let checked = crate::model::checked(&args.model)?;

@@ -139,6 +139,16 @@ impl RunArgs {
     }
 }
 
+/// Runs a command's work for `device`: on the CPU with the pool's threads
+/// kept awake throughout (`cpu::warm`: a program's parallel sections then
+/// never wait for a sleeping thread, between runs as within them).
+pub fn on_device<R: Send>(device: Device, work: impl FnOnce() -> R + Send) -> R {
+    match device {
+        Device::Cpu => crate::cpu::warm(work),
+        Device::Gpu => work(),
+    }
+}
+
 /// A command's exit code: success, or the code its error was reported with.
 pub fn exit(result: Result<(), ExitCode>) -> ExitCode {
     result.err().unwrap_or(ExitCode::SUCCESS)

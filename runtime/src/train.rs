@@ -11,7 +11,7 @@ use crate::cli::{ModelArgs, fail, load};
 use crate::cpu::{Program, Tensor};
 use crate::flags;
 use crate::model::Compiled;
-use crate::model::{RunArgs, compile, error};
+use crate::model::{Device, RunArgs, compile, error};
 use crate::run_dir::{self, RunDir, write_atomic};
 use crate::tokenize::Tokenizer;
 use crate::weights::{self, Rng, Tensors};
@@ -545,6 +545,10 @@ fn usage(message: impl Into<String>) -> ExitCode {
 
 fn train(args: &TrainArgs) -> Result<(), ExitCode> {
     let device = args.run.apply(CODE)?;
+    crate::model::on_device(device, || train_on(args, device))
+}
+
+fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
     let Model { program, opts, checked, train_fwd, eval_fwd } = model(args)?;
     let masking = masking(args, &checked).map_err(usage)?;
     let mut s = settings(args, &checked.train).map_err(usage)?;

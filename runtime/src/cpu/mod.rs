@@ -237,6 +237,51 @@ fn check_shapes<'a>(g: &Graph, sizes: &Sizes, shape_of: &dyn Fn(&str) -> Option<
     Ok(())
 }
 
+/// Runs `f` on one of the pool's threads with the others kept awake until
+/// it returns, each taking the work of parallel sections as it comes and
+/// spinning between them (as llama.cpp's threads do through a graph). A
+/// thread that sleeps between sections costs each section its wake-up, a
+/// context switch that took ~0.2 ms on the 2-core VM of the docs: as long
+/// as a prompt's 256 x 288 x 288 product, and twice per section when the
+/// caller sleeps too. Already on a pool thread (inside `warm`, or a
+/// parallel section of the caller's), `f` runs as it is.
+pub fn warm<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let threads = rayon::current_num_threads();
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    /// Stops the spinning threads however `f` ends (a panic included).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| {
+                let mut idle = 0u32;
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        idle = 0;
+                    } else if idle < 1 << 12 {
+                        idle += 1;
+                        std::hint::spin_loop();
+                    } else {
+                        // Long idle (the caller's own work between runs): let
+                        // any other thread on this core run.
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+        let _stop = Stop(&done);
+        f()
+    })
+}
+
 /// What a run reads besides its arena: the caller's inputs and weights,
 /// and the inputs handed over to be written in place (`Program::run_state`).
 struct Given<'a> {
@@ -535,11 +580,7 @@ impl Program {
             return Err(format!("`{missing}` is written in place and was not given: give it to run_state as state"));
         }
         if rayon::current_thread_index().is_none() {
-            // On one of the pool's threads: a parallel section then starts
-            // by handing work to the other threads (which take it when they
-            // wake), not by waking them and sleeping until they finish (two
-            // context switches a section; decoding has dozens a token).
-            return rayon::scope(|_| self.run_with(feeds, collect));
+            return warm(|| self.run_with(feeds, collect));
         }
         let mut feeds = feeds;
         // The buffers of the outputs kernels write straight into, made (or
