@@ -176,6 +176,15 @@ fn info_and_kernels_describe_the_cpu_program() {
     );
     assert!(out.contains("planned memory") && out.contains("JIT compile") && out.contains("vector math"), "{out}");
     assert!(out.contains("a thread for row groups' blocks"), "{out}");
+    // The blocks' kernels are the same code: compiled once (2 blocks, so
+    // fewer than two thirds of the fused kernels are distinct).
+    let counts = out.lines().find(|l| l.trim_start().starts_with("kernels")).expect("a kernels line");
+    let number = |before: &str| -> usize {
+        let head = &counts[..counts.find(before).unwrap_or_else(|| panic!("{counts}"))];
+        head.rsplit(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
+    };
+    let (fused, distinct) = (number(" fused"), number(" of them distinct"));
+    assert!(distinct > 0 && 3 * distinct < 2 * fused, "{counts}");
 
     let (code, out, err) = modelc(&["kernels", "specs/mlp.model", "--clif", "--size", "B=3"]);
     assert_eq!(code, 0, "{err}");

@@ -608,13 +608,14 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     };
     let plan_time = started.elapsed();
     let started = std::time::Instant::now();
-    let mut fused = 0;
+    let (mut fused, mut distinct) = (0, 0);
     let compiled = codegen::Jit::new().and_then(|mut jit| {
         for kernel in sched.leaves() {
             if codegen::describe(&mut jit, &graph, kernel, &bound, &memory)?.is_some() {
                 fused += 1;
             }
         }
+        distinct = jit.distinct();
         jit.finish()
     });
     if let Err(e) = compiled {
@@ -634,7 +635,10 @@ fn cmd_info(args: &ModelArgs, sizes: &[String]) -> ExitCode {
     };
     println!("  FLOPs           {:.4e}{routed}", at(&flops));
     let groups = sched.kernels.iter().filter(|k| matches!(k, modelc::backend::kernel::Kernel::Rows(_))).count();
-    println!("  kernels         {} ({fused} fused, compiled by Cranelift; {groups} row groups)", sched.leaves().len());
+    println!(
+        "  kernels         {} ({fused} fused, {distinct} of them distinct and compiled by Cranelift; {groups} row groups)",
+        sched.leaves().len()
+    );
     println!(
         "  planned memory  {} (activations; weights not included), and {} a thread for row groups' blocks",
         bytes(memory.peak_bytes()),

@@ -81,6 +81,8 @@ pub struct Jit {
     /// `vmath::functions`' order; empty when the host lacks them or they are off.
     wide: Vec<(vmath::Map, FuncId)>,
     count: usize,
+    /// Each kernel compiled so far, by its Cranelift IR.
+    compiled: HashMap<String, FuncId>,
 }
 
 impl Jit {
@@ -137,7 +139,7 @@ impl Jit {
                 Ok((*op, id))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Jit { module, calls, wide, count: 0 })
+        Ok(Jit { module, calls, wide, count: 0, compiled: HashMap::new() })
     }
 
     /// Compiles one fused kernel; returns its Cranelift IR text too.
@@ -147,11 +149,8 @@ impl Jit {
         sig.params.push(AbiParam::new(ptr));
         sig.params.push(AbiParam::new(types::I64));
         sig.params.push(AbiParam::new(types::I64));
-        let name = format!("kernel{}", self.count);
-        self.count += 1;
-        let id = self.module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
         let mut ctx = self.module.make_context();
-        ctx.func.signature = sig;
+        ctx.func.signature = sig.clone();
         let mut fctx = FunctionBuilderContext::new();
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
@@ -209,9 +208,25 @@ impl Jit {
             b.finalize(self.module.target_config());
         }
         let clif = ctx.func.display().to_string();
+        // A kernel the same as one compiled before (the same layer's in
+        // another block: the sizes are in the code, the memory comes in as
+        // pointers) is that one.
+        if let Some(id) = self.compiled.get(&clif) {
+            self.module.clear_context(&mut ctx);
+            return Ok((*id, clif));
+        }
+        let name = format!("kernel{}", self.count);
+        self.count += 1;
+        let id = self.module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
         self.module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
         self.module.clear_context(&mut ctx);
+        self.compiled.insert(clif.clone(), id);
         Ok((id, clif))
+    }
+
+    /// Kernels compiled: each distinct one once, however many times it runs.
+    pub fn distinct(&self) -> usize {
+        self.compiled.len()
     }
 
     /// Makes every compiled kernel callable.
