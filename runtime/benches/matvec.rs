@@ -4,7 +4,8 @@
 //! output shapes: `cargo bench -p modelc-runtime --bench matvec [-- FORMAT]`.
 //! Every product reads a copy of its weights that has not been read for
 //! 256 MiB (more than the caches hold), as decoding a large model does;
-//! the ways are alternated run by run; medians.
+//! the ways are alternated run by run; medians. The pool's threads are
+//! kept awake between products (`cpu::warm`), as while a program runs.
 
 use modelc_runtime::cpu::packed::{self, Format, Packed, Rhs};
 use std::time::Instant;
@@ -15,6 +16,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // As a program runs: the pool's threads awake between products.
+    modelc_runtime::cpu::warm(products);
+}
+
+fn products() {
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     for (n, k) in [(288, 288), (768, 288), (768, 768), (2048, 768), (768, 2048), (32000, 288), (32000, 768)] {
         let copies =
