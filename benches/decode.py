@@ -8,10 +8,11 @@ Q4_0) it measures
   - decode (tg): greedy tokens per second after a short prompt,
   - prefill (pp): tokens per second reading a 256-token prompt,
 
-alternating the two tools, and prints medians, ratios, the read bandwidth
-modelc's f32 decode reaches (bytes of weights read per token x tokens/s,
-against a copy measured here), and modelc's JIT time for the prompt and the
-token programs.
+alternating the two tools, and prints medians, ratios, the bandwidth
+modelc's decode reaches (bytes of weights read per token x tokens/s)
+against the machine's read bandwidth on the same threads (measured here:
+numpy dot products over 512 MiB, one slice a thread), and modelc's JIT
+time for the prompt and the token programs.
 
     bash benches/decode.sh            (installs the peers, builds, runs this)
     python3 benches/decode.py [--threads 2] [--repeats 3] [--shapes 15M,110M] [--formats f32,q8]
@@ -20,6 +21,12 @@ llama.cpp runs through llama-cpp-python (built from source by pip); its
 own counters (llama_perf_context) give its times, so Python's overhead is
 not counted against it. modelc's times come from `infer --timings`.
 """
+
+import os
+
+# One BLAS thread per Python thread in the read-bandwidth measurement
+# (before numpy is imported).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import ctypes
@@ -210,6 +217,22 @@ def copy_bandwidth():
     return 2 * a.nbytes / min(times) / 1e9
 
 
+def read_bandwidth(threads):
+    """GB/s the machine reads on `threads` threads: each a dot product of its
+    slice of 512 MiB with itself (a read of each byte once), best of 5."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(128 << 20, np.float32)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            s = time.perf_counter()
+            list(pool.map(lambda p: float(np.dot(p, p)), parts))
+            best = min(best, time.perf_counter() - s)
+    return a.nbytes / best / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -222,6 +245,8 @@ def main():
     print(f"llama-cpp-python {llama_cpp.__version__}, {args.threads} threads, prompt {PROMPT}, {NEW} new tokens")
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write, numpy, 1 thread): {bw:.1f} GB/s")
+    read = read_bandwidth(args.threads)
+    print(f"read bandwidth ({args.threads} threads, numpy dot): {read:.1f} GB/s")
     rows = []
     rng = np.random.default_rng(1)
     prompt = [int(x) for x in rng.integers(3, VOCAB, PROMPT)]
@@ -260,10 +285,11 @@ def main():
                 # Bytes of weights one token reads (the tied embedding is read once, as the output layer).
                 per = {"f32": 4, "bf16": 2, "q8": 34 / 32, "q4": 18 / 32}[fmt]
                 row["gbs"] = row["tg"] * n_weights * per / 1e9
+                row["read_gbs"] = read
                 rows.append(row)
                 print(
                     f"{name:>5} {fmt:>4}  decode {row['tg']:8.1f} vs {row['tg_peer']:8.1f} tok/s ({row['tg'] / row['tg_peer']:.2f}x, "
-                    f"{row['gbs']:.1f} GB/s of weights)  prefill {row['pp']:8.1f} vs {row['pp_peer']:8.1f} tok/s "
+                    f"{row['gbs']:.1f} GB/s of weights, {row['gbs'] / read:.0%} of read)  prefill {row['pp']:8.1f} vs {row['pp_peer']:8.1f} tok/s "
                     f"({row['pp'] / row['pp_peer']:.2f}x)  JIT {row['jit'] * 1e3:.0f} ms",
                     flush=True,
                 )

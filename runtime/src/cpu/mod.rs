@@ -72,6 +72,10 @@ pub struct Program {
     pub compile_seconds: f64,
     /// Reused across runs: every value is written before it is read, so it needs no clearing.
     arena: std::sync::Mutex<Vec<f32>>,
+    /// The outputs `run_kernels` writes, kept between its runs: a benchmark
+    /// then times the kernels, not the first touch of fresh output memory
+    /// (64 MiB of new pages took 14x a GELU's own time on the 2-core VM).
+    kept: std::sync::Mutex<HashMap<String, Tensor>>,
     /// Seconds spent in each kernel, when `MODELC_PROFILE` is set; printed on drop.
     profile: Option<std::sync::Mutex<Vec<f64>>>,
     /// Inputs written in place (`run_state`).
@@ -484,6 +488,7 @@ impl Program {
             _jit: jit,
             compile_seconds,
             arena,
+            kept: Default::default(),
             profile,
             tiles: match options.products {
                 Products::Bf16 => Some(tiles::Kind::bf16()),
@@ -531,13 +536,13 @@ impl Program {
         outputs: &mut HashMap<String, Tensor>,
     ) -> Result<(), String> {
         if self.state.is_empty() {
-            return self.run_with(Given::new(feeds, None), Some(outputs));
+            return self.run_with(Given::new(feeds, None), outputs, true);
         }
         // Inputs the program writes in place, not handed over (`run_state`):
         // written on copies, which come back as the outputs that replace them.
         let mut state: HashMap<String, Tensor> =
             self.state.iter().filter_map(|n| feeds.get(n).map(|t| (n.clone(), t.clone()))).collect();
-        self.run_with(Given::new(feeds, Some(&mut state)), Some(outputs))?;
+        self.run_with(Given::new(feeds, Some(&mut state)), outputs, true)?;
         for (name, id) in &self.graph.outputs {
             if let Place::External(input) = self.plan.resolve(*id)
                 && let Some(t) = state.get(&input)
@@ -548,10 +553,11 @@ impl Program {
         Ok(())
     }
 
-    /// Runs the kernels only, leaving the outputs in the arena (for benchmarks
-    /// of the kernels themselves).
+    /// Runs the kernels only, leaving the outputs in the arena or in buffers
+    /// kept between runs (for benchmarks of the kernels themselves).
     pub fn run_kernels(&self, feeds: &HashMap<String, Tensor>) -> Result<(), String> {
-        self.run_with(Given::new(feeds, None), None)
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        self.run_with(Given::new(feeds, None), &mut kept, false)
     }
 
     /// `run_into`, with the inputs the program writes in place (`state`:
@@ -567,7 +573,7 @@ impl Program {
         state: &mut HashMap<String, Tensor>,
         outputs: &mut HashMap<String, Tensor>,
     ) -> Result<(), String> {
-        self.run_with(Given::new(feeds, Some(state)), Some(outputs))
+        self.run_with(Given::new(feeds, Some(state)), outputs, true)
     }
 
     /// The inputs the program writes in place, which `run_state` takes.
@@ -575,18 +581,18 @@ impl Program {
         &self.state
     }
 
-    fn run_with(&self, feeds: Given, collect: Option<&mut HashMap<String, Tensor>>) -> Result<(), String> {
+    /// Runs the kernels, writing outputs placed as such into `collect`'s
+    /// buffers, and with `copy_out` the rest from the arena too.
+    fn run_with(&self, feeds: Given, collect: &mut HashMap<String, Tensor>, copy_out: bool) -> Result<(), String> {
         if let Some(missing) = self.state.iter().find(|n| !feeds.state.contains_key(n.as_str())) {
             return Err(format!("`{missing}` is written in place and was not given: give it to run_state as state"));
         }
         if rayon::current_thread_index().is_none() {
-            return warm(|| self.run_with(feeds, collect));
+            return warm(|| self.run_with(feeds, collect, copy_out));
         }
         let mut feeds = feeds;
         // The buffers of the outputs kernels write straight into, made (or
         // remade, at another shape) in the caller's map before the kernels run.
-        let (mut own, collecting) = (HashMap::new(), collect.is_some());
-        let collect = collect.unwrap_or(&mut own);
         for (name, id) in &self.graph.outputs {
             if let Place::Output(_) = self.plan.places[id.index()] {
                 let shape = self.shape(*id)?;
@@ -654,7 +660,7 @@ impl Program {
         if let (Some(id), Some(t)) = (self.profile_id, run_started) {
             crate::profile::record_run(id, t);
         }
-        if !collecting {
+        if !copy_out {
             return Ok(());
         }
         let outputs = collect;
