@@ -945,26 +945,28 @@ unsafe fn panels_of(
     let a = if rounded.is_empty() { a } else { (rounded.as_ptr(), k) };
     let rows = (chunk / k.max(1)).clamp(1, n.max(1));
     let threads = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    PANEL_BUFFER.with_borrow_mut(|buf| {
-        for j0 in (0..n).step_by(rows) {
-            let j1 = (j0 + rows).min(n);
-            buf.resize((j1 - j0) * k, 0.0);
-            let dequantise = |(r, out): (usize, &mut [f32])| w.row(j0 + r, out);
-            if parallel {
-                buf.par_chunks_mut(k).enumerate().for_each(dequantise);
-            } else {
-                buf.chunks_mut(k).enumerate().for_each(dequantise);
-            }
-            // SAFETY: columns j0..j1 of c; the buffer holds j1 - j0 rows of k.
-            unsafe {
-                kernels::product((m, j1 - j0, k), c.0.add(j0), c.1, alpha, (a.0, a.1, 1), (buf.as_ptr(), 1, k), threads)
-            }
+    // Taken, not borrowed: while gemm's threads work, this thread may take
+    // up another task that comes here.
+    let mut buf = PANEL_BUFFER.take();
+    for j0 in (0..n).step_by(rows) {
+        let j1 = (j0 + rows).min(n);
+        buf.resize((j1 - j0) * k, 0.0);
+        let dequantise = |(r, out): (usize, &mut [f32])| w.row(j0 + r, out);
+        if parallel {
+            buf.par_chunks_mut(k).enumerate().for_each(dequantise);
+        } else {
+            buf.chunks_mut(k).enumerate().for_each(dequantise);
         }
-    });
+        // SAFETY: columns j0..j1 of c; the buffer holds j1 - j0 rows of k.
+        unsafe {
+            kernels::product((m, j1 - j0, k), c.0.add(j0), c.1, alpha, (a.0, a.1, 1), (buf.as_ptr(), 1, k), threads)
+        }
+    }
+    PANEL_BUFFER.set(buf);
 }
 
 thread_local! {
-    static PANEL_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PANEL_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(test)]
