@@ -101,16 +101,18 @@ fn sum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dense(x: *const f32, k: usize, w: *const f32) -> f32 {
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let full = k / 16 * 16;
+    let mut a = [_mm256_setzero_ps(); 4];
+    let full = k / 32 * 32;
     // SAFETY: k floats of x and w.
     unsafe {
-        for p in (0..full).step_by(16) {
+        for p in (0..full).step_by(32) {
             ahead(w.add(p + AHEAD / 4));
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(p)), _mm256_loadu_ps(x.add(p)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(p + 8)), _mm256_loadu_ps(x.add(p + 8)), a1);
+            ahead(w.add(p + 16 + AHEAD / 4));
+            for (u, a) in a.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(p + 8 * u)), _mm256_loadu_ps(x.add(p + 8 * u)), *a);
+            }
         }
-        let mut dot = sum(_mm256_add_ps(a0, a1));
+        let mut dot = sum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
         for p in full..k {
             dot += *w.add(p) * *x.add(p);
         }
