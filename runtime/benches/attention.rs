@@ -9,8 +9,9 @@
 //! LLaMA-like heads: 8 query heads sharing 2 key/value heads (GQA), head
 //! size 64, batch 1; and the attention shapes of the forward bench's small
 //! models, and a 256-token prompt's at the stories15M and stories110M
-//! shapes (`-- --prompt`: those alone). Needs `python3` with torch for the peer column; medians of
-//! repeated runs; planned activation memory of each program.
+//! shapes (`-- --prompt`: those alone). Needs `python3` with torch for the
+//! peer column; medians of repeated runs; planned activation memory of
+//! each program.
 
 use modelc::ir::graph::{Attention, Graph};
 use modelc::types::DType;

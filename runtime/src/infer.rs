@@ -346,10 +346,10 @@ pub fn run(args: &InferArgs) -> ExitCode {
 
 fn infer(args: &InferArgs) -> Result<(), ExitCode> {
     let device = args.run.apply(CODE)?;
-    crate::model::on_device(device, || generate(args, device))
+    crate::model::on_device(device, || infer_on(args, device))
 }
 
-fn generate(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
+fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
     let checked = crate::model::checked(&args.model)?;
     let Some(logits_sig) = checked.outputs.iter().find(|o| o.name == "logits") else {
         return Err(error(CODE, format!("`{}` has no `logits` output to generate from", checked.model)));

@@ -80,7 +80,6 @@ pub struct Jit {
     /// The wide-vector functions (`vmath`) by the operation they compute, in
     /// `vmath::functions`' order; empty when the host lacks them or they are off.
     wide: Vec<(vmath::Map, FuncId)>,
-    count: usize,
     /// Each kernel compiled so far, by its Cranelift IR.
     compiled: HashMap<String, FuncId>,
 }
@@ -139,7 +138,7 @@ impl Jit {
                 Ok((*op, id))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Jit { module, calls, wide, count: 0, compiled: HashMap::new() })
+        Ok(Jit { module, calls, wide, compiled: HashMap::new() })
     }
 
     /// Compiles one fused kernel; returns its Cranelift IR text too.
@@ -215,8 +214,7 @@ impl Jit {
             self.module.clear_context(&mut ctx);
             return Ok((*id, clif));
         }
-        let name = format!("kernel{}", self.count);
-        self.count += 1;
+        let name = format!("kernel{}", self.compiled.len());
         let id = self.module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
         self.module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
         self.module.clear_context(&mut ctx);

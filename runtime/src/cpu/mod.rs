@@ -74,7 +74,8 @@ pub struct Program {
     arena: std::sync::Mutex<Vec<f32>>,
     /// The outputs `run_kernels` writes, kept between its runs: a benchmark
     /// then times the kernels, not the first touch of fresh output memory
-    /// (64 MiB of new pages took 14x a GELU's own time on the 2-core VM).
+    /// (a GELU over 64 MiB took 34.9 ms with new pages, 6.1 ms without, on
+    /// the 2-core Zen 3 VM).
     kept: std::sync::Mutex<HashMap<String, Tensor>>,
     /// Seconds spent in each kernel, when `MODELC_PROFILE` is set; printed on drop.
     profile: Option<std::sync::Mutex<Vec<f64>>>,
@@ -245,7 +246,7 @@ fn check_shapes<'a>(g: &Graph, sizes: &Sizes, shape_of: &dyn Fn(&str) -> Option<
 /// it returns, each taking the work of parallel sections as it comes and
 /// spinning between them (as llama.cpp's threads do through a graph). A
 /// thread that sleeps between sections costs each section its wake-up, a
-/// context switch that took ~0.2 ms on the 2-core VM of the docs: as long
+/// context switch that took ~0.2 ms on the 2-core Zen 3 VM: as long
 /// as a prompt's 256 x 288 x 288 product, and twice per section when the
 /// caller sleeps too. Already on a pool thread (inside `warm`, or a
 /// parallel section of the caller's), `f` runs as it is.
