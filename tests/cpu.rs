@@ -278,6 +278,11 @@ fn cache_writes_land_in_place_and_match_the_interpreter() {
         assert_eq!(copied["doubled"].data, doubled, "t {t} at {start}, on a copy of the cache");
         let halves: Vec<f32> = doubled.iter().map(|v| v / 2.0).collect();
         assert_eq!(state["cache"].data, halves, "t {t} at {start}: the cache itself holds the new rows");
+        // Kept as f16, a cache may be read only by attention: this one's
+        // user adds it to itself, so the program refuses it.
+        let mut state = HashMap::from([("cache".to_string(), Tensor::halves(vec![1, 2, 7, 3]))]);
+        let err = program.run_state(&given, &mut state, &mut out).unwrap_err();
+        assert!(err.contains("`cache` is kept as f16, but the program reads it other than"), "{err}");
     }
 }
 

@@ -173,6 +173,8 @@ fn greedy_decoding_matches_transformers_generate() {
         assert_eq!(cached["text"], want["text"], "{model}: decoded text");
         let recomputed = generate(model, &["--no-cache"]);
         assert_eq!(recomputed["new_token_ids"], want["new_token_ids"], "{model}: decoding without the cache");
+        let halves = generate(model, &["--kv-cache", "f16"]);
+        assert_eq!(halves["new_token_ids"], want["new_token_ids"], "{model}: decoding with an f16 cache");
     }
 }
 
@@ -468,14 +470,44 @@ fn compact_weights_stay_close_to_f32() {
         "gpu",
     ]);
     assert!(code != 0 && err.contains("--dtype q8: compact weights run on the CPU only; add --device cpu"), "{err}");
+    let (config, weights) = (dir.join("config.json"), dir.join("model.safetensors"));
+    let (code, _, err) = modelc(&[
+        "infer",
+        "specs/gpt2.model",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--kv-cache",
+        "f16",
+        "--device",
+        "gpu",
+    ]);
+    assert!(code != 0 && err.contains("--kv-cache f16 is for the CPU"), "{err}");
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("generate.json")).unwrap()).unwrap();
     assert_eq!(generate("llama", &["--dtype", "bf16"])["new_token_ids"], want["new_token_ids"], "bf16: greedy tokens");
     // q8 moves this fixture's greedy path; decoding through the cache (rows
     // against weight rows) and without it (the whole context by panels) agree.
+    // The cache is f16 by default with compact weights, and says so.
     let (cached, recomputed) =
         (generate("llama", &["--dtype", "q8"]), generate("llama", &["--dtype", "q8", "--no-cache"]));
     assert_eq!(cached["new_token_ids"], recomputed["new_token_ids"], "q8: cached and recomputed decoding");
+    let (code, _, err) = modelc(&[
+        "infer",
+        &spec("llama"),
+        "--weights",
+        fixture("llama").to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--dtype",
+        "q8",
+    ]);
+    assert!(code == 0 && err.contains("key/value cache: f16"), "{err}");
     assert_ne!(cached["new_token_ids"], want["new_token_ids"], "q8: the compact weights were not used");
 }
 
@@ -934,10 +966,12 @@ fn assert_generates_as_transformers(model: &str, extras: &[&[&str]]) {
 /// Mistral's sliding window: greedy tokens equal transformers' `generate`
 /// for a prompt shorter and one longer than the window, each generating
 /// five windows' worth, with the ring cache (the window's positions written
-/// modulo its length; a long prompt read in chunks) and without a cache.
+/// modulo its length; a long prompt read in chunks) and without a cache;
+/// the ring kept as f16 too.
 #[test]
 fn mistral_generates_as_transformers_past_its_window() {
-    assert_generates_as_transformers("mistral", &[&[], &["--no-cache"], &["--context", "16"]]);
+    let halves: &[&str] = &["--kv-cache", "f16"];
+    assert_generates_as_transformers("mistral", &[&[], &["--no-cache"], &["--context", "16"], halves]);
 }
 
 /// Families ported from the stdlib's blocks (Qwen2: q/k/v biases; Gemma:

@@ -67,6 +67,11 @@ pub struct InferArgs {
     /// Recompute the whole context for every token instead of using the key/value cache.
     #[arg(long = "no-cache")]
     pub no_cache: bool,
+    /// How the key/value cache keeps its values: f32, or f16 in half the
+    /// memory and half the bytes a token reads (CPU). Default: f32 with f32
+    /// weights, f16 with bf16, q8 or q4 ones (as llama.cpp keeps its cache).
+    #[arg(long = "kv-cache", value_parser = ["f32", "f16"])]
+    pub kv_cache: Option<String>,
     /// Print one JSON object with the new token ids (and the text) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -181,7 +186,8 @@ struct Cached {
 }
 
 impl Cached {
-    fn new(device: Device, mut graph: Graph, weights: Tensors, len: usize, vocab: usize) -> Cached {
+    /// `halves`: the caches kept as f16 (CPU).
+    fn new(device: Device, mut graph: Graph, weights: Tensors, len: usize, vocab: usize, halves: bool) -> Cached {
         let mut feeds = weights;
         let mut caches = Tensors::new();
         let in_place = device == Device::Cpu;
@@ -209,13 +215,19 @@ impl Cached {
                         .map(|(i, d)| if i == 0 { 1 } else { d.as_const().unwrap_or(1) as usize })
                         .collect();
                 let count = shape.iter().product();
-                let cache = Tensor::new(shape, vec![0.0; count]);
+                let cache =
+                    if halves && in_place { Tensor::halves(shape) } else { Tensor::new(shape, vec![0.0; count]) };
                 if in_place {
                     caches.insert(name.clone(), cache)
                 } else {
                     feeds.insert(name.clone(), cache)
                 };
             }
+        }
+        let bytes: usize =
+            caches.values().chain(feeds.values()).filter(|t| t.is_half()).map(|t| t.halves.len() * 2).sum();
+        if bytes > 0 {
+            eprintln!("key/value cache: f16 ({:.1} MB)", bytes as f64 / 1e6);
         }
         let rolling = rolling && chunk < usize::MAX;
         let (programs, spare) = (HashMap::new(), Tensors::new());
@@ -407,7 +419,14 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         let g = modelc::ir::last_position::last_position(&g, "logits").unwrap_or(g);
         let mut weights = weights;
         args.dtype.apply(CODE, device, &g, &mut weights)?;
-        Box::new(Cached::new(device, g, weights, len, vocab))
+        let halves = match args.kv_cache.as_deref() {
+            Some("f16") if device != Device::Cpu => {
+                return Err(error(CODE, "--kv-cache f16 is for the CPU; the GPU keeps its cache as f32"));
+            }
+            Some(kind) => kind == "f16",
+            None => device == Device::Cpu && weights.values().any(|t| t.packed.is_some()),
+        };
+        Box::new(Cached::new(device, g, weights, len, vocab, halves))
     };
 
     let mut rng = Rng::new(seed);

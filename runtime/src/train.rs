@@ -1139,7 +1139,7 @@ fn programs(
     use modelc::opt::optimized;
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     // Only shapes matter to the compiler.
-    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None };
+    let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None, halves: Vec::new() };
     let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
     shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
     // A masked-language model's loss reads the labels of its masked tokens.

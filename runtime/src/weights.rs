@@ -184,7 +184,7 @@ fn packed_weights(st: &SafeTensors, metadata: Option<&HashMap<String, String>>) 
             Ok(view) => to_f32(&view).map_err(bad)?,
             Err(_) => Vec::new(),
         };
-        out.insert(name, Tensor { shape, data, packed: Some(std::sync::Arc::new(p)) });
+        out.insert(name, Tensor { shape, data, packed: Some(std::sync::Arc::new(p)), halves: Vec::new() });
     }
     Ok(out)
 }

@@ -47,10 +47,62 @@ pub struct Sizes {
 /// `mask_rows` 1 or t.
 pub struct Inputs<'a> {
     pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: Stored<'a>,
+    pub v: Stored<'a>,
     pub offset: i64,
     pub mask: Option<(&'a [f32], usize)>,
+}
+
+/// Keys or values as they are stored: f32, or f16 (a key/value cache kept
+/// in half the bytes, `infer --kv-cache f16`), read as f32.
+#[derive(Clone, Copy)]
+pub enum Stored<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> Stored<'a> {
+    /// The f32 values; only those reach a gradient (caches never train).
+    fn f32(self) -> &'a [f32] {
+        match self {
+            Stored::F32(x) => x,
+            Stored::F16(_) => unreachable!("bug: an f16 key/value cache in a gradient"),
+        }
+    }
+
+    fn get(self, i: usize) -> f32 {
+        match self {
+            Stored::F32(x) => x[i],
+            Stored::F16(x) => half::f16::from_bits(x[i]).to_f32(),
+        }
+    }
+
+    /// `count` rows of `width` values from `start` at `stride`, as f32 and
+    /// their row stride: f32 rows where they lie, f16 rows widened into
+    /// `buf` (a block of keys or values for the block products).
+    fn rows<'b>(
+        self,
+        start: usize,
+        count: usize,
+        stride: usize,
+        width: usize,
+        buf: &'b mut Vec<f32>,
+    ) -> (&'b [f32], usize)
+    where
+        'a: 'b,
+    {
+        match self {
+            Stored::F32(x) => (&x[start..], stride),
+            Stored::F16(x) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                buf.resize(count * width, 0.0);
+                for (r, dst) in buf.chunks_exact_mut(width).enumerate() {
+                    x[start + r * stride..][..width].reinterpret_cast::<half::f16>().convert_to_f32_slice(dst);
+                }
+                (&buf[..], width)
+            }
+        }
+    }
 }
 
 /// What the backward's gradient passes read besides the forward's inputs:
@@ -141,35 +193,55 @@ fn keys_seen(a: &Attention, rows: &Range<usize>, offset: i64, s: usize) -> Range
     first.start.min(last.start)..first.end.max(last.end)
 }
 
-/// `out[j] = q · rows[j * stride..][..q.len()]` for every j of `out`.
-fn dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    assert!(out.is_empty() || rows.len() >= (out.len() - 1) * stride + q.len(), "bug: key rows");
+/// `out[j] = q · rows[start + j * stride..][..q.len()]` for every j of `out`.
+fn dots(q: &[f32], rows: Stored, start: usize, stride: usize, out: &mut [f32]) {
+    let len = match rows {
+        Stored::F32(x) => x.len(),
+        Stored::F16(x) => x.len(),
+    };
+    assert!(out.is_empty() || len >= start + (out.len() - 1) * stride + q.len(), "bug: key rows");
     #[cfg(target_arch = "x86_64")]
     if super::packed::avx2_available() {
-        // SAFETY: the host has AVX2 and FMA; the rows were checked above.
-        return unsafe { avx2::dots(q, rows, stride, out) };
+        // SAFETY: the host has AVX2, FMA and F16C; the rows were checked above.
+        return unsafe {
+            match rows {
+                Stored::F32(x) => avx2::dots::<false>(q, x.as_ptr().add(start).cast(), stride, out),
+                Stored::F16(x) => avx2::dots::<true>(q, x.as_ptr().add(start).cast(), stride, out),
+            }
+        };
     }
     for (j, o) in out.iter_mut().enumerate() {
-        *o = q.iter().zip(&rows[j * stride..][..q.len()]).map(|(x, w)| x * w).sum();
+        *o = q.iter().enumerate().map(|(i, x)| x * rows.get(start + j * stride + i)).sum();
     }
 }
 
-/// `acc += Σ_j weights[j] * rows[j * stride..][..acc.len()]`.
-fn add_scaled_rows(weights: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
-    let n = weights.len();
-    assert!(n == 0 || rows.len() >= (n - 1) * stride + acc.len(), "bug: value rows");
+/// `acc += Σ_j weights[j] * rows[start + j * stride..][..acc.len()]`.
+fn add_scaled_rows(weights: &[f32], rows: Stored, start: usize, stride: usize, acc: &mut [f32]) {
+    let (n, len) = (
+        weights.len(),
+        match rows {
+            Stored::F32(x) => x.len(),
+            Stored::F16(x) => x.len(),
+        },
+    );
+    assert!(n == 0 || len >= start + (n - 1) * stride + acc.len(), "bug: value rows");
     #[cfg(target_arch = "x86_64")]
     if super::packed::avx2_available() {
         // SAFETY: as in `dots`.
-        return unsafe { avx2::add_scaled_rows(weights, rows, stride, acc) };
+        return unsafe {
+            match rows {
+                Stored::F32(x) => avx2::add_scaled_rows::<false>(weights, x.as_ptr().add(start).cast(), stride, acc),
+                Stored::F16(x) => avx2::add_scaled_rows::<true>(weights, x.as_ptr().add(start).cast(), stride, acc),
+            }
+        };
     }
-    let e = acc.len();
     for (j, &w) in weights.iter().enumerate() {
-        acc.iter_mut().zip(&rows[j * stride..][..e]).for_each(|(a, v)| *a += w * v);
+        acc.iter_mut().enumerate().for_each(|(i, a)| *a += w * rows.get(start + j * stride + i));
     }
 }
 
-/// The one-row products in AVX2 FMAs.
+/// The one-row products in AVX2 FMAs, over f32 rows or (`HALF`) f16 rows
+/// widened as they are loaded (F16C).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -182,28 +254,62 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
+    /// Elements i..i + 8 of a row of f32 or (`HALF`) f16 values.
+    ///
+    /// # Safety
+    /// The row holds them.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8<const HALF: bool>(row: *const u8, i: usize) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128(row.cast::<u16>().add(i).cast()))
+            } else {
+                _mm256_loadu_ps(row.cast::<f32>().add(i))
+            }
+        }
+    }
+
+    /// Element i of a row, as `load8`.
+    ///
+    /// # Safety
+    /// The row holds it.
+    #[inline]
+    unsafe fn load1<const HALF: bool>(row: *const u8, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if HALF { half::f16::from_bits(*row.cast::<u16>().add(i)).to_f32() } else { *row.cast::<f32>().add(i) }
+        }
+    }
+
+    /// Row j of rows `stride` elements apart.
+    fn row<const HALF: bool>(rows: *const u8, j: usize, stride: usize) -> *const u8 {
+        rows.wrapping_add(j * stride * if HALF { 2 } else { 4 })
+    }
+
     /// As `super::dots`, four rows a step (each query chunk loaded once).
     ///
     /// # Safety
-    /// AVX2 and FMA; `rows` holds `(out.len() - 1) * stride + q.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    /// AVX2, FMA and F16C; `rows` holds `(out.len() - 1) * stride + q.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots<const HALF: bool>(q: &[f32], rows: *const u8, stride: usize, out: &mut [f32]) {
         let (d, wide) = (q.len(), q.len() / 8 * 8);
-        let (qp, rp) = (q.as_ptr(), rows.as_ptr());
-        let tail = |r: *const f32| -> f32 {
+        let qp = q.as_ptr();
+        let tail = |r: *const u8| -> f32 {
             // SAFETY: elements wide..d of a row.
-            (wide..d).map(|i| unsafe { *qp.add(i) * *r.add(i) }).sum::<f32>()
+            (wide..d).map(|i| unsafe { *qp.add(i) * load1::<HALF>(r, i) }).sum::<f32>()
         };
         let mut j = 0;
         // SAFETY: every row read is one of out.len() rows of d values.
         unsafe {
             while j + 4 <= out.len() {
-                let r = [0, 1, 2, 3].map(|u| rp.add((j + u) * stride));
+                let r = [0, 1, 2, 3].map(|u| row::<HALF>(rows, j + u, stride));
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for i in (0..wide).step_by(8) {
                     let x = _mm256_loadu_ps(qp.add(i));
                     for u in 0..4 {
-                        acc[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[u].add(i)), acc[u]);
+                        acc[u] = _mm256_fmadd_ps(x, load8::<HALF>(r[u], i), acc[u]);
                     }
                 }
                 for u in 0..4 {
@@ -212,10 +318,10 @@ mod avx2 {
                 j += 4;
             }
             for (j, o) in out.iter_mut().enumerate().skip(j) {
-                let r = rp.add(j * stride);
+                let r = row::<HALF>(rows, j, stride);
                 let mut acc = _mm256_setzero_ps();
                 for i in (0..wide).step_by(8) {
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(r.add(i)), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), load8::<HALF>(r, i), acc);
                 }
                 *o = sum8(acc) + tail(r);
             }
@@ -227,50 +333,56 @@ mod avx2 {
     /// accumulator at a time waited on each addition: 4 cycles a key).
     ///
     /// # Safety
-    /// AVX2 and FMA; `rows` holds `(weights.len() - 1) * stride + acc.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn add_scaled_rows(weights: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
+    /// AVX2, FMA and F16C; `rows` holds `(weights.len() - 1) * stride + acc.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn add_scaled_rows<const HALF: bool>(weights: &[f32], rows: *const u8, stride: usize, acc: &mut [f32]) {
         let (e, wide) = (acc.len(), acc.len() / 8 * 8);
-        let (ap, rp) = (acc.as_mut_ptr(), rows.as_ptr());
+        let ap = acc.as_mut_ptr();
         let mut i = 0;
         // SAFETY: lanes i.. of the accumulator and of each row.
         unsafe {
             while wide - i >= 64 {
-                lanes::<8>(weights, rp.add(i), stride, ap.add(i));
+                lanes::<8, HALF>(weights, rows, i, stride, ap.add(i));
                 i += 64;
             }
             match (wide - i) / 8 {
-                1 => lanes::<1>(weights, rp.add(i), stride, ap.add(i)),
-                2 => lanes::<2>(weights, rp.add(i), stride, ap.add(i)),
-                3 => lanes::<3>(weights, rp.add(i), stride, ap.add(i)),
-                4 => lanes::<4>(weights, rp.add(i), stride, ap.add(i)),
-                5 => lanes::<5>(weights, rp.add(i), stride, ap.add(i)),
-                6 => lanes::<6>(weights, rp.add(i), stride, ap.add(i)),
-                7 => lanes::<7>(weights, rp.add(i), stride, ap.add(i)),
+                1 => lanes::<1, HALF>(weights, rows, i, stride, ap.add(i)),
+                2 => lanes::<2, HALF>(weights, rows, i, stride, ap.add(i)),
+                3 => lanes::<3, HALF>(weights, rows, i, stride, ap.add(i)),
+                4 => lanes::<4, HALF>(weights, rows, i, stride, ap.add(i)),
+                5 => lanes::<5, HALF>(weights, rows, i, stride, ap.add(i)),
+                6 => lanes::<6, HALF>(weights, rows, i, stride, ap.add(i)),
+                7 => lanes::<7, HALF>(weights, rows, i, stride, ap.add(i)),
                 _ => {}
             }
             for i in wide..e {
                 for (j, &w) in weights.iter().enumerate() {
-                    *ap.add(i) += w * *rp.add(j * stride + i);
+                    *ap.add(i) += w * load1::<HALF>(row::<HALF>(rows, j, stride), i);
                 }
             }
         }
     }
 
-    /// `N` registers of the accumulator at `acc` over every row.
+    /// `N` registers of the accumulator at `acc` over elements `i..` of every row.
     ///
     /// # Safety
-    /// AVX2 and FMA; `8 N` values at `acc` and at each row.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2, FMA and F16C; `8 N` values at `acc` and from element i of each row.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn lanes<const N: usize>(weights: &[f32], rows: *const f32, stride: usize, acc: *mut f32) {
+    unsafe fn lanes<const N: usize, const HALF: bool>(
+        weights: &[f32],
+        rows: *const u8,
+        i: usize,
+        stride: usize,
+        acc: *mut f32,
+    ) {
         // SAFETY: the caller's contract.
         unsafe {
             let mut a: [__m256; N] = std::array::from_fn(|u| _mm256_loadu_ps(acc.add(8 * u)));
             for (j, &w) in weights.iter().enumerate() {
-                let (w, r) = (_mm256_set1_ps(w), rows.add(j * stride));
+                let (w, r) = (_mm256_set1_ps(w), row::<HALF>(rows, j, stride));
                 for (u, a) in a.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * u)), *a);
+                    *a = _mm256_fmadd_ps(w, load8::<HALF>(r, i + 8 * u), *a);
                 }
             }
             for (u, a) in a.iter().enumerate() {
@@ -320,15 +432,30 @@ impl<'a> Head<'a> {
     }
 
     /// The scores of `rows` (scaled queries in `queries`) against keys
-    /// j0..j0+bk into `scores` (m x bk), MASKED where a query does not see a key.
-    fn scores(&self, rows: &Range<usize>, queries: &[f32], j0: usize, bk: usize, scores: &mut [f32]) {
+    /// j0..j0+bk into `scores` (m x bk), MASKED where a query does not see a
+    /// key; f16 keys of a block product are widened into `widened`.
+    fn scores(
+        &self,
+        rows: &Range<usize>,
+        queries: &[f32],
+        (j0, bk): (usize, usize),
+        scores: &mut [f32],
+        widened: &mut Vec<f32>,
+    ) {
         let (m, n) = (rows.len(), self.n);
+        let start = self.k0 + j0 * self.k_stride;
         if m <= DIRECT_ROWS {
-            let keys = &self.x.k[self.k0 + j0 * self.k_stride..];
             for r in 0..m {
-                dots(&queries[r * n.d..(r + 1) * n.d], keys, self.k_stride, &mut scores[r * bk..(r + 1) * bk]);
+                dots(
+                    &queries[r * n.d..(r + 1) * n.d],
+                    self.x.k,
+                    start,
+                    self.k_stride,
+                    &mut scores[r * bk..(r + 1) * bk],
+                );
             }
         } else {
+            let (keys, stride) = self.x.k.rows(start, bk, self.k_stride, n.d, widened);
             // SAFETY: m x d queries and the key rows j0..j0+bk of this head, m x bk scores.
             unsafe {
                 product(
@@ -337,7 +464,7 @@ impl<'a> Head<'a> {
                     bk,
                     0.0,
                     (queries.as_ptr(), n.d, 1),
-                    (self.x.k.as_ptr().add(self.k0 + j0 * self.k_stride), 1, self.k_stride),
+                    (keys.as_ptr(), 1, stride),
                 )
             };
         }
@@ -369,7 +496,7 @@ impl<'a> Head<'a> {
                 bk,
                 0.0,
                 (gy.as_ptr(), e, 1),
-                (self.x.v.as_ptr().add(self.v0 + j0 * self.v_stride), 1, self.v_stride),
+                (self.x.v.f32().as_ptr().add(self.v0 + j0 * self.v_stride), 1, self.v_stride),
             )
         };
     }
@@ -388,6 +515,8 @@ struct Scratch {
     acc2: Vec<f32>,
     max: Vec<f32>,
     sum: Vec<f32>,
+    /// A block of f16 keys or values widened for the block products.
+    widened: Vec<f32>,
 }
 
 thread_local! {
@@ -492,7 +621,7 @@ fn forward_block<'a>(
         let scores = &mut sc.scores[..m * bk];
         for u in 0..count {
             let queries = &sc.queries[u * per * n.d..(u + 1) * per * n.d];
-            head(u).scores(&rows, queries, j0, bk, &mut scores[u * per * bk..(u + 1) * per * bk]);
+            head(u).scores(&rows, queries, (j0, bk), &mut scores[u * per * bk..(u + 1) * per * bk], &mut sc.widened);
         }
         for r in 0..m {
             let row = &mut scores[r * bk..(r + 1) * bk];
@@ -505,12 +634,14 @@ fn forward_block<'a>(
                 sc.acc[r * n.e..(r + 1) * n.e].iter_mut().for_each(|v| *v *= rescale);
             }
         }
+        let start = first.v0 + j0 * first.v_stride;
         if values && per <= DIRECT_ROWS {
-            let v = &first.x.v[first.v0 + j0 * first.v_stride..];
             for r in 0..m {
-                add_scaled_rows(&scores[r * bk..(r + 1) * bk], v, first.v_stride, &mut sc.acc[r * n.e..(r + 1) * n.e]);
+                let acc = &mut sc.acc[r * n.e..(r + 1) * n.e];
+                add_scaled_rows(&scores[r * bk..(r + 1) * bk], first.x.v, start, first.v_stride, acc);
             }
         } else if values {
+            let (v, stride) = first.x.v.rows(start, bk, first.v_stride, n.e, &mut sc.widened);
             for u in 0..count {
                 // SAFETY: per x bk weights, bk value rows of e, per x e accumulators.
                 unsafe {
@@ -520,7 +651,7 @@ fn forward_block<'a>(
                         n.e,
                         1.0,
                         (scores.as_ptr().add(u * per * bk), bk, 1),
-                        (first.x.v.as_ptr().add(first.v0 + j0 * first.v_stride), first.v_stride, 1),
+                        (v.as_ptr(), stride, 1),
                     )
                 };
             }
@@ -548,8 +679,8 @@ fn forward_block<'a>(
                 // The mean of all the values.
                 dst.fill(0.0);
                 for j in 0..n.s {
-                    let vrow = &head.x.v[head.v0 + j * head.v_stride..][..n.e];
-                    dst.iter_mut().zip(vrow).for_each(|(o, v)| *o += v);
+                    let at = head.v0 + j * head.v_stride;
+                    dst.iter_mut().enumerate().for_each(|(i, o)| *o += head.x.v.get(at + i));
                 }
                 dst.iter_mut().for_each(|o| *o /= n.s as f32);
             } else {
@@ -653,7 +784,7 @@ pub fn gradients(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f
                         sc.adjoint[r * n.e..(r + 1) * n.e].copy_from_slice(&dy.gy[head.row(i, n.e)..][..n.e]);
                     }
                     let (scores, dp) = (&mut sc.scores[..m * bk], &mut sc.dp[..m * bk]);
-                    head.scores(&rows, &sc.queries, j0, bk, scores);
+                    head.scores(&rows, &sc.queries, (j0, bk), scores, &mut sc.widened);
                     head.adjoint_values(m, &sc.adjoint, j0, bk, dp);
                     probabilities_and_ds(&head, dy, &rows, bk, scores, dp, wide);
                     // dv += Pᵀ gy, dk += dSᵀ (scale q), dq += dS K. SAFETY: bk x m views of the
@@ -663,7 +794,7 @@ pub fn gradients(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f
                         let (p, ds) = ((scores.as_ptr(), 1, bk), (dp.as_ptr(), 1, bk));
                         product((bk, n.e, m), dv.as_mut_ptr(), n.e, 1.0, p, (sc.adjoint.as_ptr(), n.e, 1));
                         product((bk, n.d, m), dk.as_mut_ptr(), n.d, 1.0, ds, (sc.queries.as_ptr(), n.d, 1));
-                        let key_rows = (x.k.as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1);
+                        let key_rows = (x.k.f32().as_ptr().add(head.k0 + j0 * head.k_stride), head.k_stride, 1);
                         let dq_rows = dq_sum.at(head.row(rows.start, n.d));
                         product((m, n.d, bk), dq_rows, n.h * n.d, 1.0, (dp.as_ptr(), bk, 1), key_rows);
                     }
@@ -705,5 +836,46 @@ pub fn backward(a: &Attention, pass: AttentionPass, x: &Inputs, dy: Option<&Adjo
         (AttentionPass::Lse, _) => log_sum_exp(a, x, n, out),
         (AttentionPass::Gradients, Some(dy)) => gradients(a, x, dy, n, out),
         _ => unreachable!("bug: a gradient pass without the adjoint"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys and values kept as f16 attend as their f32 values do: decoding
+    /// steps (one and two rows: the direct path, grouped heads sharing their
+    /// walk) and prompts (block products over widened blocks), with head
+    /// sizes that leave vector tails (20) and values wider than 64 lanes (72).
+    #[test]
+    fn f16_keys_and_values_attend_as_their_f32_values() {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        for (t, s, h, g) in [(1, 300, 4, 2), (2, 37, 4, 4), (1, 9, 6, 1), (70, 300, 4, 2), (5, 5, 2, 2)] {
+            let (b, d, e) = (1, 20, 72);
+            let n = Sizes { b, t, s, h, g, d, e };
+            let a = Attention { scale: 0.3, causal: true, window: None, kv_heads_first: true };
+            let q: Vec<f32> = (0..b * t * h * d).map(|_| next()).collect();
+            let halves = |len: usize, next: &mut dyn FnMut() -> f32| -> Vec<u16> {
+                (0..len).map(|_| half::f16::from_f32(4.0 * next()).to_bits()).collect()
+            };
+            let (k16, v16) = (halves(b * g * s * d, &mut next), halves(b * g * s * e, &mut next));
+            let widen = |x: &[u16]| x.iter().map(|h| half::f16::from_bits(*h).to_f32()).collect::<Vec<f32>>();
+            let (k32, v32) = (widen(&k16), widen(&v16));
+            let run = |k: Stored, v: Stored| {
+                let x = Inputs { q: &q, k, v, offset: (s - t) as i64, mask: None };
+                let mut out = vec![0.0; b * t * h * e];
+                attention(&a, &x, n, &mut out);
+                out
+            };
+            let want = run(Stored::F32(&k32), Stored::F32(&v32));
+            let got = run(Stored::F16(&k16), Stored::F16(&v16));
+            let worst = want.iter().zip(&got).map(|(w, g)| (w - g).abs()).fold(0.0, f32::max);
+            assert!(worst <= 1e-5, "t {t}, s {s}, h {h}, g {g}: f16 keys and values differ by {worst}");
+            assert!(want.iter().any(|w| w.abs() > 0.1), "the outputs are not trivial");
+        }
     }
 }

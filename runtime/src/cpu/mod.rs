@@ -4,16 +4,20 @@
 //! through the `gemm` crate, or tiles of our own (`tiles.rs`: bf16 products,
 //! and f32 ones against fixed weights where the CPU has AVX-512); every
 //! other operation has a native f32 kernel (`kernels.rs`). Every tensor is
-//! stored as f32; int and bool values are exact up to 2^24.
+//! stored as f32 (int and bool values are exact up to 2^24), except a
+//! key/value cache kept as f16 (`Tensor::halves`), which only `write_rows`
+//! and attention read.
 
 mod attention;
 mod compact;
+mod given;
 mod kernels;
 pub mod packed;
 pub mod tiles;
 
 use compact::product_weight;
 pub use compact::{check_packed, drop_unread, f32_reads, pack_weights};
+use given::{Given, only_cached};
 use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::kernel::Kernel;
 use modelc::backend::plan::{Place, Plan};
@@ -28,18 +32,33 @@ use std::collections::HashMap;
 
 /// A dense row-major f32 tensor. A weight may also carry a compact copy
 /// (`packed`) that matrix products read instead; once no kernel reads its
-/// f32 values, `data` may be emptied (`drop_unread`).
+/// f32 values, `data` may be emptied (`drop_unread`). A key/value cache may
+/// hold its values as f16 bits in `halves` instead (`Tensor::halves`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
     pub packed: Option<std::sync::Arc<Packed>>,
+    pub halves: Vec<u16>,
 }
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "bug: tensor data does not fill its shape");
-        Tensor { shape, data, packed: None }
+        Tensor { shape, data, packed: None, halves: Vec::new() }
+    }
+
+    /// Zeros kept as f16: a key/value cache in half the bytes, which a
+    /// program takes as state (`Program::run_state`) and only writes rows
+    /// into and attends over.
+    pub fn halves(shape: Vec<usize>) -> Tensor {
+        let len = shape.iter().product();
+        Tensor { shape, data: Vec::new(), packed: None, halves: vec![0; len] }
+    }
+
+    /// Whether the values are f16 (`Tensor::halves`).
+    pub fn is_half(&self) -> bool {
+        self.data.is_empty() && !self.halves.is_empty()
     }
 }
 
@@ -81,6 +100,8 @@ pub struct Program {
     profile: Option<std::sync::Mutex<Vec<f64>>>,
     /// Inputs written in place (`run_state`).
     state: Vec<String>,
+    /// The state inputs that may be kept as f16 (`Tensor::halves`).
+    halves_allowed: Vec<String>,
     /// The program's id in `--profile`'s recorder, when profiling.
     profile_id: Option<u32>,
     /// Each kernel's first leaf (`Schedule::leaves`): the recorder counts
@@ -287,57 +308,6 @@ pub fn warm<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
-/// What a run reads besides its arena: the caller's inputs and weights,
-/// and the inputs handed over to be written in place (`Program::run_state`).
-struct Given<'a> {
-    feeds: &'a HashMap<String, Tensor>,
-    /// Each state input's values (borrowed mutably for the run) and shape.
-    state: HashMap<&'a str, (SendPtr, usize, &'a [usize])>,
-    /// The caller's buffers of the outputs kernels write straight into
-    /// (`Place::Output`), by output name: their values and lengths.
-    outputs: HashMap<String, (SendPtr, usize)>,
-}
-
-impl<'a> Given<'a> {
-    fn new(feeds: &'a HashMap<String, Tensor>, state: Option<&'a mut HashMap<String, Tensor>>) -> Given<'a> {
-        let state = state
-            .into_iter()
-            .flat_map(|s| s.iter_mut())
-            .map(|(k, t)| (k.as_str(), (SendPtr(t.data.as_mut_ptr()), t.data.len(), t.shape.as_slice())))
-            .collect();
-        Given { feeds, state, outputs: HashMap::new() }
-    }
-
-    /// Where an output written in place goes (`Place::Output`).
-    fn output(&self, name: &str) -> (*mut f32, usize) {
-        let (p, len) = self.outputs[name];
-        (p.0, len)
-    }
-
-    fn shape(&self, name: &str) -> Option<&'a [usize]> {
-        match self.state.get(name) {
-            Some((_, _, shape)) => Some(shape),
-            None => self.feeds.get(name).map(|t| t.shape.as_slice()),
-        }
-    }
-
-    /// Where an input's values are; kernels write only through state inputs'.
-    fn pointer(&self, name: &str) -> *mut f32 {
-        match self.state.get(name) {
-            Some((p, _, _)) => p.0,
-            None => self.feeds[name].data.as_ptr() as *mut f32,
-        }
-    }
-
-    fn values(&self, name: &str) -> &[f32] {
-        match self.state.get(name) {
-            // SAFETY: the state tensor is borrowed for the run; no kernel writes it while this is read.
-            Some((p, len, _)) => unsafe { std::slice::from_raw_parts(p.0, *len) },
-            None => &self.feeds[name].data,
-        }
-    }
-}
-
 fn concrete(g: &Graph, n: NodeId, sizes: &Sizes) -> Result<Vec<usize>, String> {
     g.dims(n).iter().map(|d| modelc::types::eval_dim(d, sizes)).collect()
 }
@@ -470,6 +440,7 @@ impl Program {
             })
             .collect();
         let state = plan.written.clone();
+        let halves_allowed = state.iter().filter(|name| only_cached(&graph, name)).cloned().collect();
         let mut reads: HashMap<(NodeId, bool), usize> = HashMap::new();
         for node in &graph.nodes {
             if let Op::MatMul { tb, .. } = node.op
@@ -499,6 +470,7 @@ impl Program {
             fixed_weights: options.fixed_weights.clone(),
             reread,
             state,
+            halves_allowed,
             profile_id,
             first_leaf,
             shapes,
@@ -587,6 +559,9 @@ impl Program {
     fn run_with(&self, feeds: Given, collect: &mut HashMap<String, Tensor>, copy_out: bool) -> Result<(), String> {
         if let Some(missing) = self.state.iter().find(|n| !feeds.state.contains_key(n.as_str())) {
             return Err(format!("`{missing}` is written in place and was not given: give it to run_state as state"));
+        }
+        if let Some(name) = feeds.halves.keys().find(|n| !self.halves_allowed.iter().any(|a| a == *n)) {
+            return Err(format!("`{name}` is kept as f16, but the program reads it other than as a key/value cache"));
         }
         if rayon::current_thread_index().is_none() {
             return warm(|| self.run_with(feeds, collect, copy_out));
@@ -918,10 +893,34 @@ impl Program {
         let r = shape.len();
         let (len, d, t) = (shape[r - 2], shape[r - 1], self.shape(rows)?[r - 2]);
         let start = self.read(start, arena, feeds)[0];
-        let out = self.pointer(n, arena.as_mut_ptr(), feeds);
-        let from = self.pointer(base, arena.as_mut_ptr(), feeds);
         let total = self.plan.lens[n.index()];
         let new = self.pointer(rows, arena.as_mut_ptr(), feeds);
+        let at = |i: usize| (start as i64 + i as i64).rem_euclid(len as i64) as usize;
+        if let Place::External(name) = self.plan.resolve(base)
+            && let Some((halves, count)) = feeds.halves(&name)
+        {
+            // An f16 cache: the new rows rounded into it where it lies.
+            if self.plan.resolve(n) != Place::External(name.clone()) || count != total {
+                return Err(format!("`{name}` is kept as f16 and must be written in place"));
+            }
+            // SAFETY: the state's `count` halves, borrowed for the run; the rows are planned memory.
+            let (cache, new) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(halves, count),
+                    std::slice::from_raw_parts(new, self.plan.lens[rows.index()]),
+                )
+            };
+            for outer in 0..total / (len * d).max(1) {
+                for i in 0..t {
+                    let to = &mut cache[(outer * len + at(i)) * d..][..d];
+                    let from = &new[(outer * t + i) * d..][..d];
+                    to.iter_mut().zip(from).for_each(|(h, x)| *h = half::f16::from_f32(*x).to_bits());
+                }
+            }
+            return Ok(());
+        }
+        let out = self.pointer(n, arena.as_mut_ptr(), feeds);
+        let from = self.pointer(base, arena.as_mut_ptr(), feeds);
         // SAFETY: the output, the base and the rows are planned memory of their
         // lengths; the output is the base itself or a value of its own.
         unsafe {
@@ -930,8 +929,7 @@ impl Program {
             }
             for outer in 0..total / (len * d).max(1) {
                 for i in 0..t {
-                    let at = (start as i64 + i as i64).rem_euclid(len as i64) as usize;
-                    let to = out.add((outer * len + at) * d);
+                    let to = out.add((outer * len + at(i)) * d);
                     std::ptr::copy_nonoverlapping(new.add((outer * t + i) * d), to, d);
                 }
             }
@@ -1324,10 +1322,18 @@ impl Program {
                     Some(m) => Some((input(*m), shape_of(*m)?[1])),
                     None => None,
                 };
+                // Keys and values from an f16 cache are read as they are kept.
+                let stored = |x: NodeId| match self.plan.resolve(x) {
+                    Place::External(name) if let Some((halves, len)) = feeds.halves(&name) => {
+                        // SAFETY: the state's halves, only read while the kernel runs.
+                        attention::Stored::F16(unsafe { std::slice::from_raw_parts(halves, len) })
+                    }
+                    _ => attention::Stored::F32(input(x)),
+                };
                 let x = attention::Inputs {
                     q: input(forward[0]),
-                    k: input(forward[1]),
-                    v: input(forward[2]),
+                    k: stored(forward[1]),
+                    v: stored(forward[2]),
                     offset: input(forward[3])[0] as i64,
                     mask,
                 };
