@@ -16,6 +16,10 @@ time for the prompt and the token programs.
 
     bash benches/decode.sh            (installs the peers, builds, runs this)
     python3 benches/decode.py [--threads 2] [--repeats 3] [--shapes 15M,110M] [--formats f32,q8]
+                              [--kv-cache f16|f32]
+
+Both tools keep the key/value cache as `--kv-cache` says: f16 (the
+default, llama.cpp's own) or f32.
 
 llama.cpp runs through llama-cpp-python (built from source by pip); its
 own counters (llama_perf_context) give its times, so Python's overhead is
@@ -143,7 +147,7 @@ def write_gguf(path, shape, t, fmt):
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's low-level API, timed by its own counters."""
 
-    def __init__(self, path, threads):
+    def __init__(self, path, threads, kv_cache):
         import llama_cpp
 
         self.lib = llama_cpp
@@ -160,6 +164,8 @@ class LlamaCpp:
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.no_perf = False
+        # ggml's type ids: GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1.
+        cp.type_k = cp.type_v = {"f32": 0, "f16": 1}[kv_cache]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         self.vocab = VOCAB
 
@@ -190,12 +196,12 @@ class LlamaCpp:
         self.lib.llama_model_free(self.model)
 
 
-def modelc(folder, fmt, prompt, new, threads):
+def modelc(folder, fmt, prompt, new, threads, kv_cache):
     """(prefill tokens/s, decode tokens/s, JIT seconds, tokens) from one `infer` run."""
     ids = ",".join(map(str, prompt))
     cmd = [str(MODELC), "infer", "specs/llama.model", "--config", str(folder / "config.json"), "--weights",
            str(folder / "model.safetensors"), "--prompt-ids", ids, "--max-new-tokens", str(new + 1),
-           "--temperature", "0", "--threads", str(threads), "--device", "cpu", "--dtype", fmt, "--json",
+           "--temperature", "0", "--threads", str(threads), "--device", "cpu", "--dtype", fmt, "--kv-cache", kv_cache, "--json",
            "--timings"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -239,6 +245,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shapes", default="15M,110M")
     ap.add_argument("--formats", default="f32,bf16,q8,q4")
+    ap.add_argument("--kv-cache", default="f16", choices=["f16", "f32"])
     args = ap.parse_args()
     import llama_cpp
 
@@ -265,7 +272,7 @@ def main():
             for fmt in args.formats.split(","):
                 gg = folder / f"{fmt}.gguf"
                 write_gguf(gg, shape, t, fmt)
-                peer = LlamaCpp(gg, args.threads)
+                peer = LlamaCpp(gg, args.threads, args.kv_cache)
                 m_pp, m_tg, l_pp, l_tg, jit = [], [], [], [], []
                 for _ in range(args.repeats):
                     # Decode after a short prompt; prefill of the long one.
@@ -273,8 +280,8 @@ def main():
                     pp, _, _ = peer.run(prompt, 1)
                     l_tg.append(tg)
                     l_pp.append(pp)
-                    _, tg, c, _ = modelc(folder, fmt, short, NEW, args.threads)
-                    pp, _, _, _ = modelc(folder, fmt, prompt, 1, args.threads)
+                    _, tg, c, _ = modelc(folder, fmt, short, NEW, args.threads, args.kv_cache)
+                    pp, _, _, _ = modelc(folder, fmt, prompt, 1, args.threads, args.kv_cache)
                     m_tg.append(tg)
                     m_pp.append(pp)
                     jit.append(c)

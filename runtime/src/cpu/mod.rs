@@ -912,9 +912,9 @@ impl Program {
             };
             for outer in 0..total / (len * d).max(1) {
                 for i in 0..t {
-                    let to = &mut cache[(outer * len + at(i)) * d..][..d];
-                    let from = &new[(outer * t + i) * d..][..d];
-                    to.iter_mut().zip(from).for_each(|(h, x)| *h = half::f16::from_f32(*x).to_bits());
+                    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                    let to = cache[(outer * len + at(i)) * d..][..d].reinterpret_cast_mut::<half::f16>();
+                    to.convert_from_f32_slice(&new[(outer * t + i) * d..][..d]);
                 }
             }
             return Ok(());
