@@ -685,24 +685,15 @@ impl Activation {
             d: vec![0.0; blocks.next_multiple_of(8)],
             sums: vec![0.0; blocks.next_multiple_of(8)],
         };
-        for (b, (x, q)) in x.chunks_exact(BLOCK).zip(a.q.chunks_exact_mut(BLOCK)).enumerate() {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in q.iter_mut().zip(x) {
-                // Rounded half away from zero, as `round` does, without its libm
-                // call (the crate targets baseline x86-64): |v id| <= 127, so
-                // the fraction is exact.
-                let r = v * id;
-                let t = r as i32;
-                let frac = r - t as f32;
-                *q = (t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)) as i8;
-                sum += *q as i32;
-            }
-            a.d[b] = d;
-            a.sums[b] = sum as f32 * d;
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the host has AVX2; `q` holds x.len() quants, d and sums a value a block.
+            unsafe { avx2::round(x, &mut a.q, &mut a.d, &mut a.sums) };
+        } else {
+            round(x, &mut a.q, &mut a.d, &mut a.sums);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        round(x, &mut a.q, &mut a.d, &mut a.sums);
         let half = BLOCK / 2;
         for (b, q) in a.q.chunks_exact(BLOCK).enumerate() {
             let at = (b / 4) * 4 * BLOCK + (b % 4) * half;
@@ -724,6 +715,30 @@ impl Activation {
         for (q, d) in self.q.chunks_exact(BLOCK).zip(&self.d) {
             out.extend(q.iter().map(|q| d * *q as f32));
         }
+    }
+}
+
+/// Each block of 32 values of `x` as int8 quants `q` with the scale `d =
+/// max |x| / 127`, and the block's sum of quants times its scale
+/// (`Activation::new`; `avx2::round` the same eight lanes at a time).
+fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
+    for (b, (x, q)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in q.iter_mut().zip(x) {
+            // Rounded half away from zero, as `round` does, without its libm
+            // call (the crate targets baseline x86-64): |v id| <= 127, so
+            // the fraction is exact.
+            let r = v * id;
+            let t = r as i32;
+            let frac = r - t as f32;
+            *q = (t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)) as i8;
+            sum += *q as i32;
+        }
+        d[b] = scale;
+        sums[b] = sum as f32 * scale;
     }
 }
 
@@ -1059,6 +1074,30 @@ mod tests {
     /// Every product path (AVX-512 and AVX2 where the host has them,
     /// portable, one or several tasks, alpha 0 or 1) against a plain f64
     /// sum over the dequantised rows.
+    #[test]
+    fn activations_round_alike_with_and_without_avx2() {
+        // Random blocks, a block of zeros, and values that land exactly on
+        // halves once scaled (ties round away from zero on both paths).
+        let mut x: Vec<f32> = (0..32 * 9).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 3.0).collect();
+        x[32..64].fill(0.0);
+        // Scale 1: -127, then -14.5, -13.5, ..., 15.5.
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = if i == 0 { -127.0 } else { i as f32 - 15.5 };
+        }
+        let (mut q, mut d, mut sums) = (vec![0i8; x.len()], vec![0f32; 9], vec![0f32; 9]);
+        round(&x, &mut q, &mut d, &mut sums);
+        assert_eq!(q[64..68], [-127, -15, -14, -13], "ties round away from zero");
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            let (mut q2, mut d2, mut sums2) = (vec![0i8; x.len()], vec![0f32; 9], vec![0f32; 9]);
+            // SAFETY: the host has AVX2; the buffers hold 9 blocks.
+            unsafe { avx2::round(&x, &mut q2, &mut d2, &mut sums2) };
+            assert_eq!(q, q2);
+            assert_eq!(d, d2);
+            assert_eq!(sums, sums2);
+        }
+    }
+
     #[test]
     fn products_match_the_dequantised_sums() {
         let mut seed = 1u64;

@@ -81,6 +81,51 @@ pub unsafe fn int_columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f3
     }
 }
 
+/// `Activation::new`'s rounding, eight lanes at a time: each block of 32
+/// values of `x` to int8 quants `q` with the scale `d = max |x| / 127`
+/// (rounded half away from zero, as the portable loop does, so both give
+/// the same quants) and the block's sum of quants times its scale.
+///
+/// # Safety
+/// The host has AVX2; `q` holds `x.len()` quants, `d` and `sums` a value
+/// per whole block of `x`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    // packs' lane order back to the values' (the 128-bit halves interleave).
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, (x, q)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+        // SAFETY: 32 values of the block, 32 quants.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let scale = amax / 127.0;
+            let id = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+            let rounded = v.map(|v| {
+                let r = _mm256_mul_ps(v, id);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
+                let frac = _mm256_sub_ps(r, t);
+                let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
+                let down =
+                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(frac, _mm256_sub_ps(_mm256_setzero_ps(), half)), one);
+                _mm256_sub_ps(_mm256_add_ps(t, up), down)
+            });
+            let total = _mm256_add_ps(_mm256_add_ps(rounded[0], rounded[1]), _mm256_add_ps(rounded[2], rounded[3]));
+            let ints = rounded.map(|r| _mm256_cvtps_epi32(r));
+            let words = [_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3])];
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), order);
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
+            d[b] = scale;
+            sums[b] = sum(total) * scale;
+        }
+    }
+}
+
 /// Asks for the line at `p`. (A prefetch never faults, so the last rows may
 /// ask past their weights.)
 #[inline(always)]
