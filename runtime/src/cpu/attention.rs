@@ -70,6 +70,13 @@ impl<'a> Stored<'a> {
         }
     }
 
+    fn len(self) -> usize {
+        match self {
+            Stored::F32(x) => x.len(),
+            Stored::F16(x) => x.len(),
+        }
+    }
+
     fn get(self, i: usize) -> f32 {
         match self {
             Stored::F32(x) => x[i],
@@ -195,11 +202,7 @@ fn keys_seen(a: &Attention, rows: &Range<usize>, offset: i64, s: usize) -> Range
 
 /// `out[j] = q · rows[start + j * stride..][..q.len()]` for every j of `out`.
 fn dots(q: &[f32], rows: Stored, start: usize, stride: usize, out: &mut [f32]) {
-    let len = match rows {
-        Stored::F32(x) => x.len(),
-        Stored::F16(x) => x.len(),
-    };
-    assert!(out.is_empty() || len >= start + (out.len() - 1) * stride + q.len(), "bug: key rows");
+    assert!(out.is_empty() || rows.len() >= start + (out.len() - 1) * stride + q.len(), "bug: key rows");
     #[cfg(target_arch = "x86_64")]
     if super::packed::avx2_available() {
         // SAFETY: the host has AVX2, FMA and F16C; the rows were checked above.
@@ -217,14 +220,8 @@ fn dots(q: &[f32], rows: Stored, start: usize, stride: usize, out: &mut [f32]) {
 
 /// `acc += Σ_j weights[j] * rows[start + j * stride..][..acc.len()]`.
 fn add_scaled_rows(weights: &[f32], rows: Stored, start: usize, stride: usize, acc: &mut [f32]) {
-    let (n, len) = (
-        weights.len(),
-        match rows {
-            Stored::F32(x) => x.len(),
-            Stored::F16(x) => x.len(),
-        },
-    );
-    assert!(n == 0 || len >= start + (n - 1) * stride + acc.len(), "bug: value rows");
+    let n = weights.len();
+    assert!(n == 0 || rows.len() >= start + (n - 1) * stride + acc.len(), "bug: value rows");
     #[cfg(target_arch = "x86_64")]
     if super::packed::avx2_available() {
         // SAFETY: as in `dots`.
