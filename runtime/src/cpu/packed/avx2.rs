@@ -239,24 +239,36 @@ fn lanes(i: i32) -> __m256i {
 
 /// Σ_b dw_b dx_b Σ q_w q_x over a q8 row, a block a step: `vpmaddubsw`
 /// takes |q_w| as the unsigned side and q_x with q_w's sign as the signed
-/// one (|q| <= 128, so no pair of products saturates 16 bits).
+/// one (|q| <= 128, so no pair of products saturates 16 bits). Eight blocks
+/// share a vector of scales; the lane each block takes is a constant (the
+/// loop over a group's blocks unrolls), not an index built every block.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q8(x: &Activation, q: *const i8, (d, end): (*const u16, *const u16), blocks: usize) -> f32 {
     let ones = _mm256_set1_epi16(1);
-    let (mut acc, mut scales) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut acc = _mm256_setzero_ps();
     // SAFETY: block b's 32 quants of the row and of the activations.
+    let mut block = |b: usize, scale: __m256| unsafe {
+        ahead(q.add(b * BLOCK + AHEAD));
+        let w = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
+        let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), scale, acc);
+    };
+    // SAFETY: the row's scales (`group`); blocks as above.
     unsafe {
-        for b in 0..blocks {
-            if b % 8 == 0 {
-                scales = group(d, end, b / 8, blocks, &x.d);
+        for g in 0..blocks / 8 {
+            let scales = group(d, end, g, blocks, &x.d);
+            for i in 0..8 {
+                block(8 * g + i, _mm256_permutevar8x32_ps(scales, lanes(i as i32)));
             }
-            ahead(q.add(b * BLOCK + AHEAD));
-            let w = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
-            let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
-            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            acc = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, lanes((b % 8) as i32)), acc);
+        }
+        let g = blocks / 8;
+        if !blocks.is_multiple_of(8) {
+            let scales = group(d, end, g, blocks, &x.d);
+            for i in 0..blocks % 8 {
+                block(8 * g + i, _mm256_permutevar8x32_ps(scales, lanes(i as i32)));
+            }
         }
     }
     sum(acc)
@@ -268,38 +280,47 @@ unsafe fn q8(x: &Activation, q: *const i8, (d, end): (*const u16, *const u16), b
 /// Four blocks a step: a q4 row's 64 bytes of four blocks hold their first
 /// halves in the low nibbles and their second halves in the high ones, the
 /// order `Activation::q4` keeps the activations in; a single block's step
-/// for the last one to three.
+/// for the last one to three. Two steps share a vector of scales, and the
+/// lanes each pair of blocks takes are constants (the steps of a group
+/// unroll), not indices built every step.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q4(x: &Activation, q: *const u8, (d, end): (*const u16, *const u16), blocks: usize) -> f32 {
     let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(15));
     // Lanes 0-3 take the first block of a pair, lanes 4-7 the second.
     let pair = |p: i32| _mm256_set_epi32(p + 1, p + 1, p + 1, p + 1, p, p, p, p);
-    let (mut acc, mut offsets, mut scales) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut acc, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let steps = blocks / 4;
     for g in 0..blocks.div_ceil(8) {
         // SAFETY: the row's scales; the activations' block sums.
         offsets = _mm256_add_ps(offsets, unsafe { group(d, end, g, blocks, &x.sums) });
     }
-    // SAFETY: blocks 4s..4s+4 of the row (64 bytes) and the activations'
-    // 128 bytes of the step; single blocks after them.
+    // Step s (blocks 4s..4s+4: the row's 64 bytes and the activations' 128)
+    // with the scales of its group, whose lanes `first` and `first + 4` on.
+    // SAFETY: as said.
+    let step = |acc: &mut __m256, s: usize, scales: __m256, first: i32| unsafe {
+        let at = q.add(s * 2 * BLOCK);
+        ahead(at.add(AHEAD));
+        let xq = x.q4.as_ptr().add(s * 4 * BLOCK);
+        let v = |i: usize| _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i);
+        for half in 0..2 {
+            let bytes = _mm256_loadu_si256(at.add(half * BLOCK) as *const __m256i);
+            let (lo, hi) = (_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low));
+            let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, v(half)), _mm256_maddubs_epi16(hi, v(half + 2)));
+            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            let scale = _mm256_permutevar8x32_ps(scales, pair(first + 2 * half as i32));
+            *acc = _mm256_fmadd_ps(dot, scale, *acc);
+        }
+    };
+    // SAFETY: the row's scales (`group`), the steps as above, single blocks after them.
     unsafe {
-        for s in 0..steps {
-            if s % 2 == 0 {
-                scales = group(d, end, s / 2, blocks, &x.d);
-            }
-            let at = q.add(s * 2 * BLOCK);
-            ahead(at.add(AHEAD));
-            let xq = x.q4.as_ptr().add(s * 4 * BLOCK);
-            let v = |i: usize| _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i);
-            for half in 0..2 {
-                let bytes = _mm256_loadu_si256(at.add(half * BLOCK) as *const __m256i);
-                let (lo, hi) = (_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low));
-                let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, v(half)), _mm256_maddubs_epi16(hi, v(half + 2)));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                let first = ((s % 2) * 4 + half * 2) as i32;
-                acc = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, pair(first)), acc);
-            }
+        for g in 0..steps / 2 {
+            let scales = group(d, end, g, blocks, &x.d);
+            step(&mut acc, 2 * g, scales, 0);
+            step(&mut acc, 2 * g + 1, scales, 4);
+        }
+        if steps % 2 == 1 {
+            step(&mut acc, steps - 1, group(d, end, steps / 2, blocks, &x.d), 0);
         }
         for b in steps * 4..blocks {
             let bytes = _mm_loadu_si128(q.add(b * BLOCK / 2) as *const __m128i);
