@@ -486,6 +486,20 @@ fn compact_weights_stay_close_to_f32() {
         "gpu",
     ]);
     assert!(code != 0 && err.contains("--kv-cache f16 is for the CPU"), "{err}");
+    let (code, _, err) = modelc(&[
+        "infer",
+        "specs/gpt2.model",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--kv-cache",
+        "f16",
+        "--no-cache",
+    ]);
+    assert!(code != 0 && err.contains("'--kv-cache <KV_CACHE>' cannot be used with '--no-cache'"), "{err}");
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("generate.json")).unwrap()).unwrap();
     assert_eq!(generate("llama", &["--dtype", "bf16"])["new_token_ids"], want["new_token_ids"], "bf16: greedy tokens");

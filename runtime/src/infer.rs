@@ -70,7 +70,7 @@ pub struct InferArgs {
     /// How the key/value cache keeps its values: f32, or f16 in half the
     /// memory and half the bytes a token reads (CPU). Default: f32 with f32
     /// weights, f16 with bf16, q8 or q4 ones (as llama.cpp keeps its cache).
-    #[arg(long = "kv-cache", value_parser = ["f32", "f16"])]
+    #[arg(long = "kv-cache", value_parser = ["f32", "f16"], conflicts_with = "no_cache")]
     pub kv_cache: Option<String>,
     /// Print one JSON object with the new token ids (and the text) instead of streaming.
     #[arg(long)]
