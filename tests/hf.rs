@@ -470,36 +470,17 @@ fn compact_weights_stay_close_to_f32() {
         "gpu",
     ]);
     assert!(code != 0 && err.contains("--dtype q8: compact weights run on the CPU only; add --device cpu"), "{err}");
+    // An f16 cache is the CPU's, and needs a cache.
     let (config, weights) = (dir.join("config.json"), dir.join("model.safetensors"));
-    let (code, _, err) = modelc(&[
-        "infer",
-        "specs/gpt2.model",
-        "--config",
-        config.to_str().unwrap(),
-        "--weights",
-        weights.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--kv-cache",
-        "f16",
-        "--device",
-        "gpu",
-    ]);
-    assert!(code != 0 && err.contains("--kv-cache f16 is for the CPU"), "{err}");
-    let (code, _, err) = modelc(&[
-        "infer",
-        "specs/gpt2.model",
-        "--config",
-        config.to_str().unwrap(),
-        "--weights",
-        weights.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--kv-cache",
-        "f16",
-        "--no-cache",
-    ]);
-    assert!(code != 0 && err.contains("'--kv-cache <KV_CACHE>' cannot be used with '--no-cache'"), "{err}");
+    let refused = |extra: &[&str], message: &str| {
+        let mut args = vec!["infer", "specs/gpt2.model", "--config", config.to_str().unwrap()];
+        args.extend(["--weights", weights.to_str().unwrap(), "--prompt-ids", "1", "--kv-cache", "f16"]);
+        args.extend(extra);
+        let (code, _, err) = modelc(&args);
+        assert!(code != 0 && err.contains(message), "{extra:?}: {err}");
+    };
+    refused(&["--device", "gpu"], "--kv-cache f16 is for the CPU");
+    refused(&["--no-cache"], "'--kv-cache <KV_CACHE>' cannot be used with '--no-cache'");
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("generate.json")).unwrap()).unwrap();
     assert_eq!(generate("llama", &["--dtype", "bf16"])["new_token_ids"], want["new_token_ids"], "bf16: greedy tokens");
