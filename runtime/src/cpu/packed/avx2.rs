@@ -197,18 +197,26 @@ unsafe fn bf16(x: *const f32, k: usize, w: *const u16) -> f32 {
 
 /// Eight blocks' scales from block 8g of a row whose scales are `d` (the
 /// weight's times `x`'s, the activations' scales or block sums, which are
-/// zero past the last block). The row's last group reads 8 scales where
-/// the array (ending at `end`) has them, its lanes past the row cleared,
-/// else it converts the scales one by one.
+/// zero past the last block).
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn group(d: *const u16, end: *const u16, g: usize, blocks: usize, x: &[f32]) -> __m256 {
+    // SAFETY: the caller's contract; x holds 8 from block 8g (`Activation`).
+    unsafe { _mm256_mul_ps(row_scales(d, end, g, blocks), _mm256_loadu_ps(x.as_ptr().add(8 * g))) }
+}
+
+/// The weight's own scales of blocks 8g.. of a row (`d`), zero past the
+/// row. The row's last group reads 8 scales where the array (ending at
+/// `end`) has them, its lanes past the row cleared, else it converts the
+/// scales one by one.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn row_scales(d: *const u16, end: *const u16, g: usize, blocks: usize) -> __m256 {
     let n = (blocks - 8 * g).min(8);
-    // SAFETY: n scales of the row from block 8g, and 8 where the array has
-    // them; x holds 8 from block 8g (`Activation`).
+    // SAFETY: n scales of the row from block 8g, and 8 where the array has them.
     unsafe {
         let at = d.add(8 * g);
-        let dw = if n == 8 || at.add(8) <= end {
+        if n == 8 || at.add(8) <= end {
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
             let lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             _mm256_and_ps(dw, _mm256_castsi256_ps(lanes))
@@ -218,8 +226,7 @@ unsafe fn group(d: *const u16, end: *const u16, g: usize, blocks: usize, x: &[f3
                 *dw = widen_half(*at.add(i));
             }
             _mm256_loadu_ps(dw.as_ptr())
-        };
-        _mm256_mul_ps(dw, _mm256_loadu_ps(x.as_ptr().add(8 * g)))
+        }
     }
 }
 
@@ -291,10 +298,6 @@ unsafe fn q4(x: &Activation, q: *const u8, (d, end): (*const u16, *const u16), b
     let pair = |p: i32| _mm256_set_epi32(p + 1, p + 1, p + 1, p + 1, p, p, p, p);
     let (mut acc, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let steps = blocks / 4;
-    for g in 0..blocks.div_ceil(8) {
-        // SAFETY: the row's scales; the activations' block sums.
-        offsets = _mm256_add_ps(offsets, unsafe { group(d, end, g, blocks, &x.sums) });
-    }
     // Step s (blocks 4s..4s+4: the row's 64 bytes and the activations' 128)
     // with the scales of its group, whose lanes `first` and `first + 4` on.
     // SAFETY: as said.
@@ -312,22 +315,29 @@ unsafe fn q4(x: &Activation, q: *const u8, (d, end): (*const u16, *const u16), b
             *acc = _mm256_fmadd_ps(dot, scale, *acc);
         }
     };
-    // SAFETY: the row's scales (`group`), the steps as above, single blocks after them.
+    // A group of 8 blocks at a time: the row's scales converted once for
+    // the products (times the activations' scales) and the offsets (times
+    // their block sums); two steps, or the last step and single blocks.
+    // SAFETY: the row's scales (`row_scales`), the activations' 8 scales
+    // and sums from block 8g, the steps as above, single blocks after them.
     unsafe {
-        for g in 0..steps / 2 {
-            let scales = group(d, end, g, blocks, &x.d);
-            step(&mut acc, 2 * g, scales, 0);
-            step(&mut acc, 2 * g + 1, scales, 4);
-        }
-        if steps % 2 == 1 {
-            step(&mut acc, steps - 1, group(d, end, steps / 2, blocks, &x.d), 0);
-        }
-        for b in steps * 4..blocks {
-            let bytes = _mm_loadu_si128(q.add(b * BLOCK / 2) as *const __m128i);
-            let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), low);
-            let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, v), ones));
-            acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(widen_half(*d.add(b)) * x.d[b]), acc);
+        for g in 0..blocks.div_ceil(8) {
+            let dw = row_scales(d, end, g, blocks);
+            offsets = _mm256_add_ps(offsets, _mm256_mul_ps(dw, _mm256_loadu_ps(x.sums.as_ptr().add(8 * g))));
+            let scales = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(8 * g)));
+            if 2 * g + 1 < steps {
+                step(&mut acc, 2 * g, scales, 0);
+                step(&mut acc, 2 * g + 1, scales, 4);
+            } else if 2 * g < steps {
+                step(&mut acc, 2 * g, scales, 0);
+            }
+            for b in (steps * 4).max(8 * g)..blocks.min(8 * g + 8) {
+                let bytes = _mm_loadu_si128(q.add(b * BLOCK / 2) as *const __m128i);
+                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), low);
+                let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, v), ones));
+                acc = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, lanes((b - 8 * g) as i32)), acc);
+            }
         }
         sum(_mm256_fnmadd_ps(_mm256_set1_ps(8.0), offsets, acc))
     }
