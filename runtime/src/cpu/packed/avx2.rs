@@ -206,9 +206,9 @@ unsafe fn group(d: *const u16, end: *const u16, g: usize, blocks: usize, x: &[f3
 }
 
 /// The weight's own scales of blocks 8g.. of a row (`d`), zero past the
-/// row. The row's last group reads 8 scales where the array (ending at
-/// `end`) has them, its lanes past the row cleared, else it converts the
-/// scales one by one.
+/// row. A row's last group of fewer than 8 reads 8 scales where the array
+/// (ending at `end`) has them, its lanes past the row cleared, else it
+/// converts the scales one by one.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn row_scales(d: *const u16, end: *const u16, g: usize, blocks: usize) -> __m256 {
@@ -216,7 +216,9 @@ unsafe fn row_scales(d: *const u16, end: *const u16, g: usize, blocks: usize) ->
     // SAFETY: n scales of the row from block 8g, and 8 where the array has them.
     unsafe {
         let at = d.add(8 * g);
-        if n == 8 || at.add(8) <= end {
+        if n == 8 {
+            _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
+        } else if at.add(8) <= end {
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
             let lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             _mm256_and_ps(dw, _mm256_castsi256_ps(lanes))
