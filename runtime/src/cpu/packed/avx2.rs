@@ -301,7 +301,7 @@ unsafe fn q4(x: &Activation, q: *const u8, (d, end): (*const u16, *const u16), b
     let (mut acc, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let steps = blocks / 4;
     // Step s (blocks 4s..4s+4: the row's 64 bytes and the activations' 128)
-    // with the scales of its group, whose lanes `first` and `first + 4` on.
+    // with its group's scales, its four blocks at lanes `first`..`first + 3`.
     // SAFETY: as said.
     let step = |acc: &mut __m256, s: usize, scales: __m256, first: i32| unsafe {
         let at = q.add(s * 2 * BLOCK);
