@@ -895,7 +895,12 @@ impl Program {
         let start = self.read(start, arena, feeds)[0];
         let total = self.plan.lens[n.index()];
         let new = self.pointer(rows, arena.as_mut_ptr(), feeds);
+        // Where each new row goes in the cache and where it comes from (the
+        // rows of every batch and head, `t` of them each, written modulo `len`).
         let at = |i: usize| (start as i64 + i as i64).rem_euclid(len as i64) as usize;
+        let places = (0..total / (len * d).max(1))
+            .flat_map(|outer| (0..t).map(move |i| (outer, i)))
+            .map(|(outer, i)| ((outer * len + at(i)) * d, (outer * t + i) * d));
         if let Place::External(name) = self.plan.resolve(base)
             && let Some((halves, count)) = feeds.halves(&name)
         {
@@ -910,12 +915,9 @@ impl Program {
                     std::slice::from_raw_parts(new, self.plan.lens[rows.index()]),
                 )
             };
-            for outer in 0..total / (len * d).max(1) {
-                for i in 0..t {
-                    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                    let to = cache[(outer * len + at(i)) * d..][..d].reinterpret_cast_mut::<half::f16>();
-                    to.convert_from_f32_slice(&new[(outer * t + i) * d..][..d]);
-                }
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            for (to, from) in places {
+                cache[to..][..d].reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(&new[from..][..d]);
             }
             return Ok(());
         }
@@ -927,11 +929,8 @@ impl Program {
             if out != from {
                 std::ptr::copy_nonoverlapping(from, out, total);
             }
-            for outer in 0..total / (len * d).max(1) {
-                for i in 0..t {
-                    let to = out.add((outer * len + at(i)) * d);
-                    std::ptr::copy_nonoverlapping(new.add((outer * t + i) * d), to, d);
-                }
+            for (to, from) in places {
+                std::ptr::copy_nonoverlapping(new.add(from), out.add(to), d);
             }
         }
         Ok(())

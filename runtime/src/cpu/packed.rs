@@ -728,7 +728,7 @@ fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
         let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in q.iter_mut().zip(x) {
-            // Rounded half away from zero, as `round` does, without its libm
+            // Rounded half away from zero, as `f32::round` does, without its libm
             // call (the crate targets baseline x86-64): |v id| <= 127, so
             // the fraction is exact.
             let r = v * id;
@@ -1071,9 +1071,6 @@ mod tests {
         }
     }
 
-    /// Every product path (AVX-512 and AVX2 where the host has them,
-    /// portable, one or several tasks, alpha 0 or 1) against a plain f64
-    /// sum over the dequantised rows.
     #[test]
     fn activations_round_alike_with_and_without_avx2() {
         // Random blocks, a block of zeros, and values that land exactly on
@@ -1098,6 +1095,9 @@ mod tests {
         }
     }
 
+    /// Every product path (AVX-512 and AVX2 where the host has them,
+    /// portable, one or several tasks, alpha 0 or 1) against a plain f64
+    /// sum over the dequantised rows.
     #[test]
     fn products_match_the_dequantised_sums() {
         let mut seed = 1u64;

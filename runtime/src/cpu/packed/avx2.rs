@@ -92,7 +92,7 @@ pub unsafe fn int_columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f3
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
     let sign = _mm256_set1_ps(-0.0);
-    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let (half, minus_half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5), _mm256_set1_ps(1.0));
     // packs' lane order back to the values' (the 128-bit halves interleave).
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (b, (x, q)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
@@ -111,8 +111,7 @@ pub unsafe fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
                 let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
                 let frac = _mm256_sub_ps(r, t);
                 let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
-                let down =
-                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(frac, _mm256_sub_ps(_mm256_setzero_ps(), half)), one);
+                let down = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(frac, minus_half), one);
                 _mm256_sub_ps(_mm256_add_ps(t, up), down)
             });
             let total = _mm256_add_ps(_mm256_add_ps(rounded[0], rounded[1]), _mm256_add_ps(rounded[2], rounded[3]));
