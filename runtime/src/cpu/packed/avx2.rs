@@ -65,21 +65,33 @@ pub unsafe fn columns(
 pub unsafe fn int_columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f32, w: &Packed, j0: usize, j1: usize) {
     let (k, blocks) = (w.k, w.k / BLOCK);
     let end = w.scales.as_ptr_range().end;
-    for j in j0..j1 {
-        // SAFETY: row j's scales and quants; element (i, j) of c.
+    let mut j = j0;
+    while j < j1 {
+        // q4 takes `ROWS` weight rows at once (sharing the activations'
+        // loads and the loop's work; q8 gained nothing from it), the last
+        // few one by one.
+        let rows = if w.format == Format::Q4 && j + ROWS <= j1 { ROWS } else { 1 };
+        // SAFETY: rows j..j + rows' scales and quants; elements (i, j..j + rows) of c.
         unsafe {
             let d = w.scales.as_ptr().add(j * blocks);
             for (i, x) in xs.iter().enumerate() {
-                let dot = match w.format {
-                    Format::Q8 => q8(x, w.quants.as_ptr().add(j * k) as *const i8, (d, end), blocks),
-                    Format::Q4 => q4(x, w.quants.as_ptr().add(j * k / 2), (d, end), blocks),
-                    other => unreachable!("bug: {other:?} rows in integer products"),
+                let out = c.add(i * c_rs + j);
+                let (q8s, q4s) = (w.quants.as_ptr().add(j * k) as *const i8, w.quants.as_ptr().add(j * k / 2));
+                let dots: &[f32] = match (w.format, rows) {
+                    (Format::Q8, _) => &[q8(x, q8s, (d, end), blocks)],
+                    (Format::Q4, ROWS) => &q4::<ROWS>(x, q4s, (d, end), blocks),
+                    (Format::Q4, _) => &q4::<1>(x, q4s, (d, end), blocks),
+                    (other, _) => unreachable!("bug: {other:?} rows in integer products"),
                 };
-                super::put(c.add(i * c_rs + j), alpha, dot);
+                dots.iter().enumerate().for_each(|(r, dot)| super::put(out.add(r), alpha, *dot));
             }
         }
+        j += rows;
     }
 }
+
+/// Weight rows a q4 product takes at a time.
+const ROWS: usize = 4;
 
 /// `Activation::new`'s rounding, eight lanes at a time: each block of 32
 /// values of `x` to int8 quants `q` with the scale `d = max |x| / 127`
@@ -282,64 +294,82 @@ unsafe fn q8(x: &Activation, q: *const i8, (d, end): (*const u16, *const u16), b
     sum(acc)
 }
 
-/// Σ_b dw_b dx_b Σ (q_w - 8) q_x over a q4 row: the nibbles (q_w, 0..15)
-/// are `vpmaddubsw`'s unsigned side as they are, and the 8 is taken off
-/// once per block in floats (Σ_b dw_b dx_b Σ q_x, from the block sums).
-/// Four blocks a step: a q4 row's 64 bytes of four blocks hold their first
-/// halves in the low nibbles and their second halves in the high ones, the
-/// order `Activation::q4` keeps the activations in; a single block's step
-/// for the last one to three. Two steps share a vector of scales, and the
-/// lanes each pair of blocks takes are constants (the steps of a group
-/// unroll), not indices built every step.
+/// Σ_b dw_b dx_b Σ (q_w - 8) q_x over `R` adjacent q4 rows (from `q`,
+/// their scales from `d`): the nibbles (q_w, 0..15) are `vpmaddubsw`'s
+/// unsigned side as they are, and the 8 is taken off once per block in
+/// floats (Σ_b dw_b dx_b Σ q_x, from the block sums). Four blocks a step:
+/// a q4 row's 64 bytes of four blocks hold their first halves in the low
+/// nibbles and their second halves in the high ones, the order
+/// `Activation::q4` keeps the activations in; a single block's step for
+/// the last one to three. The rows share each step's activations, loaded
+/// once. Two steps share a vector of scales, and the lanes each pair of
+/// blocks takes are constants (the steps of a group unroll), not indices
+/// built every step.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4(x: &Activation, q: *const u8, (d, end): (*const u16, *const u16), blocks: usize) -> f32 {
+unsafe fn q4<const R: usize>(
+    x: &Activation,
+    q: *const u8,
+    (d, end): (*const u16, *const u16),
+    blocks: usize,
+) -> [f32; R] {
     let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(15));
     // Lanes 0-3 take the first block of a pair, lanes 4-7 the second.
     let pair = |p: i32| _mm256_set_epi32(p + 1, p + 1, p + 1, p + 1, p, p, p, p);
-    let (mut acc, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let steps = blocks / 4;
-    // Step s (blocks 4s..4s+4: the row's 64 bytes and the activations' 128)
-    // with its group's scales, its four blocks at lanes `first`..`first + 3`.
+    let (mut acc, mut offsets) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let (steps, row_bytes) = (blocks / 4, blocks * BLOCK / 2);
+    // Step s (blocks 4s..4s+4: each row's 64 bytes and the activations'
+    // 128) with the group's scales of each row, its four blocks at lanes
+    // `first`..`first + 3`.
     // SAFETY: as said.
-    let step = |acc: &mut __m256, s: usize, scales: __m256, first: i32| unsafe {
-        let at = q.add(s * 2 * BLOCK);
-        ahead(at.add(AHEAD));
+    let step = |acc: &mut [__m256; R], s: usize, scales: &[__m256; R], first: i32| unsafe {
         let xq = x.q4.as_ptr().add(s * 4 * BLOCK);
-        let v = |i: usize| _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i);
-        for half in 0..2 {
-            let bytes = _mm256_loadu_si256(at.add(half * BLOCK) as *const __m256i);
-            let (lo, hi) = (_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low));
-            let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, v(half)), _mm256_maddubs_epi16(hi, v(half + 2)));
-            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            let scale = _mm256_permutevar8x32_ps(scales, pair(first + 2 * half as i32));
-            *acc = _mm256_fmadd_ps(dot, scale, *acc);
+        let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(xq.add(i * BLOCK) as *const __m256i));
+        for r in 0..R {
+            let at = q.add(r * row_bytes + s * 2 * BLOCK);
+            // The rows are read side by side, but lie one after another:
+            // ask for the lines as far ahead (in time) as one row's reader would.
+            ahead(q.add((s * R + r) * 2 * BLOCK + R * AHEAD));
+            for half in 0..2 {
+                let bytes = _mm256_loadu_si256(at.add(half * BLOCK) as *const __m256i);
+                let (lo, hi) = (_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low));
+                let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, v[half]), _mm256_maddubs_epi16(hi, v[half + 2]));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let scale = _mm256_permutevar8x32_ps(scales[r], pair(first + 2 * half as i32));
+                acc[r] = _mm256_fmadd_ps(dot, scale, acc[r]);
+            }
         }
     };
-    // A group of 8 blocks at a time: the row's scales converted once for
+    // A group of 8 blocks at a time: each row's scales converted once for
     // the products (times the activations' scales) and the offsets (times
     // their block sums); two steps, or the last step and single blocks.
-    // SAFETY: the row's scales (`row_scales`), the activations' 8 scales
+    // SAFETY: the rows' scales (`row_scales`), the activations' 8 scales
     // and sums from block 8g, the steps as above, single blocks after them.
     unsafe {
         for g in 0..blocks.div_ceil(8) {
-            let dw = row_scales(d, end, g, blocks);
-            offsets = _mm256_add_ps(offsets, _mm256_mul_ps(dw, _mm256_loadu_ps(x.sums.as_ptr().add(8 * g))));
-            let scales = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(8 * g)));
+            let (xd, sums) = (_mm256_loadu_ps(x.d.as_ptr().add(8 * g)), _mm256_loadu_ps(x.sums.as_ptr().add(8 * g)));
+            let scales: [__m256; R] = std::array::from_fn(|r| {
+                let dw = row_scales(d.add(r * blocks), end, g, blocks);
+                offsets[r] = _mm256_add_ps(offsets[r], _mm256_mul_ps(dw, sums));
+                _mm256_mul_ps(dw, xd)
+            });
             if 2 * g + 1 < steps {
-                step(&mut acc, 2 * g, scales, 0);
-                step(&mut acc, 2 * g + 1, scales, 4);
+                step(&mut acc, 2 * g, &scales, 0);
+                step(&mut acc, 2 * g + 1, &scales, 4);
             } else if 2 * g < steps {
-                step(&mut acc, 2 * g, scales, 0);
+                step(&mut acc, 2 * g, &scales, 0);
             }
             for b in (steps * 4).max(8 * g)..blocks.min(8 * g + 8) {
-                let bytes = _mm_loadu_si128(q.add(b * BLOCK / 2) as *const __m128i);
-                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), low);
                 let v = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, v), ones));
-                acc = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, lanes((b - 8 * g) as i32)), acc);
+                for r in 0..R {
+                    let bytes = _mm_loadu_si128(q.add(r * row_bytes + b * BLOCK / 2) as *const __m128i);
+                    let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), low);
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, v), ones));
+                    let scale = _mm256_permutevar8x32_ps(scales[r], lanes((b - 8 * g) as i32));
+                    acc[r] = _mm256_fmadd_ps(dot, scale, acc[r]);
+                }
             }
         }
-        sum(_mm256_fnmadd_ps(_mm256_set1_ps(8.0), offsets, acc))
+        std::array::from_fn(|r| sum(_mm256_fnmadd_ps(_mm256_set1_ps(8.0), offsets[r], acc[r])))
     }
 }
