@@ -704,3 +704,48 @@ fn topk_breaks_ties_as_torch_does() {
         assert_eq!(got, want, "topk {k} of {row:?}");
     }
 }
+
+/// At a decoding step's few rows the products that share their left
+/// operand (q/k/v, gate/up) run side by side, outside row groups, so that
+/// the CPU reads their weights in one parallel section; the order keeps
+/// the values. At many rows the schedule keeps them where they were.
+#[test]
+fn few_row_products_of_one_operand_run_side_by_side() {
+    use modelc::backend::kernel::Kernel;
+    use modelc::ir::graph::{Graph, NodeId};
+    let text = std::fs::read_to_string(repo().join("specs/llama.model")).unwrap();
+    let small = [("vocab", "32"), ("dim", "16"), ("layers", "2"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")];
+    let (checked, forward) = lower_text(&text, &sets(&small), false);
+    let g = modelc::opt::optimized(&forward);
+    let at = |b: i64, t: i64| -> modelc::types::Sizes { [("B".to_string(), b), ("T".to_string(), t)].into() };
+    // Each run of top-level products of one left operand (views between), as their counts.
+    let runs = |sizes: &modelc::types::Sizes| {
+        let program = modelc::backend::prepare(&g, sizes, modelc::backend::Target::Cpu).unwrap();
+        let operand = |k: &Kernel| match k {
+            Kernel::Single(n) => modelc::backend::order::sibling_products(&program.graph, *n),
+            _ => None,
+        };
+        let mut runs: Vec<(NodeId, usize)> = Vec::new();
+        for k in program.schedule.kernels.iter().filter(|k| !matches!(k, Kernel::View(_))) {
+            match (operand(k), runs.last_mut()) {
+                (Some(a), Some((last, count))) if *last == a => *count += 1,
+                (Some(a), _) => runs.push((a, 1)),
+                (None, _) => runs.push((NodeId(u32::MAX), 0)),
+            }
+        }
+        let mut counts: Vec<usize> = runs.into_iter().map(|(_, c)| c).filter(|c| *c > 1).collect();
+        counts.sort();
+        counts
+    };
+    // Two layers: q/k/v and gate/up each; the output layer alone.
+    assert_eq!(runs(&at(1, 1)), [2, 2, 3, 3]);
+    assert!(runs(&at(2, 16)).iter().all(|c| *c < 3), "{:?}", runs(&at(2, 16)));
+    let ordered: Graph = modelc::backend::order::free_early(&g, &at(1, 1));
+    let mut rng = Rng(5);
+    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.5);
+    feeds.insert("input_ids".into(), Array::new(vec![1, 1], vec![7.0]));
+    let (before, after) = (run(&g, &feeds, Precision::F64).unwrap(), run(&ordered, &feeds, Precision::F64).unwrap());
+    for (name, value) in &before {
+        assert_eq!(value.data, after[name].data, "{name}");
+    }
+}

@@ -73,7 +73,7 @@ pub fn prepare_with(graph: &Graph, sizes: &Sizes, target: Target, memory: Memory
     let graph = chunk::split_rows(&graph, sizes, memory.chunk_bytes);
     let graph = remat::recompute_far_uses(&split::split_reductions(&graph));
     let graph = order::free_early(&graph, sizes);
-    let schedule = schedule::schedule(&graph);
+    let schedule = schedule::schedule_at(&graph, sizes);
     let (blocks, inputs) = match target {
         Target::Cpu => (Blocks::Buffered, Inputs::Writable),
         Target::Gpu => (Blocks::InArena, Inputs::ReadOnly),

@@ -11,6 +11,12 @@
 //! A node moves only when the values it frees (at the bound sizes) outweigh
 //! the one it makes, which it would otherwise have made later: memory never
 //! grows. Views (reshapes) share their source's memory and move with it.
+//!
+//! Products of a few rows against weights that share their left operand
+//! (a decoding step's q/k/v projections, its gate and up projections) run
+//! side by side, the first where it was: a backend can then read all
+//! their weight rows in one parallel section (`sibling_products`). Their
+//! outputs are a few rows each, so memory grows by next to nothing.
 
 use crate::ir::graph::*;
 use crate::types::{Sizes, eval_dim};
@@ -38,6 +44,7 @@ pub fn free_early(g: &Graph, sizes: &Sizes) -> Graph {
 
 struct Order<'g> {
     g: &'g Graph,
+    sizes: &'g Sizes,
     /// Elements of each value at the bound sizes.
     len: Vec<usize>,
     /// The value whose memory each value is (itself, or a view's source).
@@ -53,7 +60,7 @@ struct Order<'g> {
 }
 
 impl<'g> Order<'g> {
-    fn new(g: &'g Graph, sizes: &Sizes) -> Self {
+    fn new(g: &'g Graph, sizes: &'g Sizes) -> Self {
         let n = g.nodes.len();
         let len = (g.nodes.iter())
             .map(|node| node.ty.dims.iter().map(|d| eval_dim(d, sizes).unwrap_or(0)).fold(1, usize::saturating_mul))
@@ -76,7 +83,21 @@ impl<'g> Order<'g> {
         for (_, o) in &g.outputs {
             left[storage[o.index()]] += 1;
         }
-        Order { g, len, storage, views, readers, left, emitted: vec![false; n], order: Vec::with_capacity(n) }
+        Order { g, sizes, len, storage, views, readers, left, emitted: vec![false; n], order: Vec::with_capacity(n) }
+    }
+
+    /// The products not yet emitted that share `k`'s left operand and run
+    /// beside it (`sibling_products`), each after its weight.
+    fn siblings(&self, k: usize) -> Vec<usize> {
+        let Some(a) = few_row_sibling(self.g, NodeId(k as u32), self.sizes) else { return Vec::new() };
+        let mut work = Vec::new();
+        for &s in &self.readers[self.storage[a.index()]] {
+            if s != k && !self.emitted[s] && few_row_sibling(self.g, NodeId(s as u32), self.sizes) == Some(a) {
+                work.push(s);
+                work.extend(self.g.nodes[s].args.iter().map(|w| w.index()).filter(|&w| !self.emitted[w]));
+            }
+        }
+        work
     }
 
     fn stores(&self, k: usize) -> Vec<usize> {
@@ -119,6 +140,29 @@ impl<'g> Order<'g> {
             }
             woken.extend(self.readers[self.storage[k]].iter().copied());
             work.extend(woken.into_iter().filter(|&r| self.worth_moving(r)));
+            // Last on the stack, so first off it: each sibling's weight, then the sibling.
+            work.extend(self.siblings(k));
         }
     }
+}
+
+/// Rows of a product's output up to which products sharing their left
+/// operand run side by side (the runtime's matrix-vector products).
+pub const FEW_ROWS: usize = 4;
+
+/// The left operand of `n` when `n` is a product that can share a parallel
+/// section with others of the same left operand: `x W^T` for a weight `W`
+/// the program is given (read as rows), `x` of two dimensions.
+pub fn sibling_products(g: &Graph, n: NodeId) -> Option<NodeId> {
+    let node = g.node(n);
+    let (Op::MatMul { ta: false, tb: true }, [a, w]) = (&node.op, node.args.as_slice()) else { return None };
+    let leaf = matches!(g.node(*w).op, Op::Param(_) | Op::Input(_));
+    (leaf && g.dims(*w).len() == 2 && g.dims(*a).len() == 2).then_some(*a)
+}
+
+/// `sibling_products` for a product of at most `FEW_ROWS` rows at `sizes`.
+pub fn few_row_sibling(g: &Graph, n: NodeId, sizes: &Sizes) -> Option<NodeId> {
+    let a = sibling_products(g, n)?;
+    let rows = eval_dim(&g.dims(a)[0], sizes).ok()?;
+    (1..=FEW_ROWS).contains(&rows).then_some(a)
 }

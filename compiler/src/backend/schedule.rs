@@ -96,6 +96,13 @@ fn running_sum(g: &Graph, i: usize, arg: NodeId) -> bool {
 /// kernel that uses it reads its source in place (re-reading is cheaper than
 /// a pass that writes the broadcast or sliced tensor out).
 pub fn schedule(g: &Graph) -> Schedule {
+    schedule_at(g, &crate::types::Sizes::new())
+}
+
+/// `schedule` for a program at bound `sizes`: products of a few rows
+/// beside others of the same left operand stay out of row groups
+/// (`rows::group`).
+pub fn schedule_at(g: &Graph, sizes: &crate::types::Sizes) -> Schedule {
     let n = g.nodes.len();
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, node) in g.nodes.iter().enumerate() {
@@ -233,7 +240,7 @@ pub fn schedule(g: &Graph) -> Schedule {
             (_, None) => kernels.push(Kernel::Single(NodeId(i as u32))),
         }
     }
-    let kernels = super::rows::group(g, kernels);
+    let kernels = super::rows::group(g, kernels, sizes);
     let placed = placed_parts(g, &kernels, &users, &is_output);
     Schedule { kernels, placed }
 }

@@ -13,6 +13,7 @@ mod compact;
 mod given;
 mod kernels;
 pub mod packed;
+mod siblings;
 pub mod tiles;
 
 use compact::product_weight;
@@ -107,6 +108,8 @@ pub struct Program {
     /// Each kernel's first leaf (`Schedule::leaves`): the recorder counts
     /// a row group's parts apart.
     first_leaf: Vec<usize>,
+    /// Products run beside the ones sharing their left operand (`siblings.rs`).
+    siblings: Vec<siblings::Sibling>,
     /// Every node's shape at the program's sizes, worked out once: a
     /// decoding step runs the program hundreds of times, and evaluating
     /// the symbolic sizes on each run was ~5% of a token.
@@ -450,6 +453,7 @@ impl Program {
             }
         }
         let reread = reads.into_iter().filter(|(_, n)| *n > 1).map(|(w, _)| w).collect();
+        let siblings = siblings::runs(&graph, &schedule.kernels, sizes);
         Ok(Program {
             graph,
             schedule,
@@ -473,6 +477,7 @@ impl Program {
             halves_allowed,
             profile_id,
             first_leaf,
+            siblings,
             shapes,
             fed,
         })
@@ -621,7 +626,11 @@ impl Program {
                 (Kernel::Rows(parts), Compiled::Rows { parts: compiled, rows, len }) => {
                     part_seconds = self.rows(parts, compiled, *rows, *len, arena, feeds)
                 }
-                (Kernel::Single(n), _) => self.single(*n, arena, feeds)?,
+                (Kernel::Single(n), _) => match &self.siblings[k] {
+                    siblings::Sibling::Alone => self.single(*n, arena, feeds)?,
+                    siblings::Sibling::Leads(others) => self.sibling_products(*n, others, arena, feeds)?,
+                    siblings::Sibling::Follows => {}
+                },
                 (Kernel::Fused { .. } | Kernel::FusedReduce { .. } | Kernel::Rows(_), _) => {
                     unreachable!("bug: kernel compiled as something else")
                 }

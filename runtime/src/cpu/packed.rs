@@ -310,8 +310,9 @@ pub fn worth_threads(m: usize, n: usize, k: usize) -> bool {
 
 /// Rows of the left operand up to which a product is computed a weight row
 /// at a time (each weight read once, dequantised in registers) rather than
-/// as a blocked matrix product.
-pub const SMALL_M: usize = 4;
+/// as a blocked matrix product (the rows up to which the kernel order
+/// runs products sharing their left operand side by side, for `matvecs`).
+pub const SMALL_M: usize = modelc::backend::order::FEW_ROWS;
 
 /// `c = alpha c + a op(B)` for `a` m x k (row stride `a_rs`, contiguous
 /// rows), `c` m x n (row stride `c_rs`), where column j of op(B) is the
@@ -329,11 +330,34 @@ pub unsafe fn matvec(
     rhs: Rows,
     parallel: bool,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { matvecs((m, k), a, alpha, &[Target { n, c, rhs }], parallel) }
+}
+
+/// One of the products `matvecs` computes: `c` (m x n, row stride `c.1`)
+/// from the n weight rows `rhs`.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub n: usize,
+    pub c: (*mut f32, usize),
+    pub rhs: Rows<'a>,
+}
+
+/// `matvec` for several products of the same `a` against weight rows of
+/// the same format (a layer's q/k/v projections, its gate and up): the
+/// activations rounded once, and the columns of all of them split over
+/// the thread pool in one parallel section.
+///
+/// # Safety
+/// As `matvec`, for every target; no `c` overlaps another or `a`.
+pub unsafe fn matvecs((m, k): (usize, usize), a: (*const f32, usize), alpha: f32, targets: &[Target], parallel: bool) {
+    let Some(first) = targets.first() else { return };
+    assert!(targets.iter().all(|t| t.rhs.format() == first.rhs.format()), "bug: products of several formats at once");
     // q8 and q4 multiply activations rounded to int8 blocks, as llama.cpp
     // does: integer dot products where the host has them (AVX-512 VNNI, or
     // AVX2), else the rounded values as f32; rows of `a` are rounded once, here.
-    let quantized: Vec<Activation> = match rhs {
-        Rows::Packed(p) if matches!(p.format, Format::Q8 | Format::Q4) => (0..m)
+    let quantized: Vec<Activation> = match first.rhs.format() {
+        Format::Q8 | Format::Q4 => (0..m)
             // SAFETY: row i of a holds k floats.
             .map(|i| Activation::new(unsafe { std::slice::from_raw_parts(a.0.add(i * a.1), k) }))
             .collect(),
@@ -347,12 +371,12 @@ pub unsafe fn matvec(
         rounded
     };
     let a = if rounded.is_empty() { Shared(a.0 as *mut f32, a.1) } else { Shared(rounded.as_ptr() as *mut f32, k) };
-    let c = Shared(c.0, c.1);
     let quantized = &quantized;
-    let columns = |j0: usize, j1: usize| {
+    let columns = |t: &Target, j0: usize, j1: usize| {
+        let c = Shared(t.c.0, t.c.1);
         // SAFETY: the caller's contract; tasks write disjoint columns of c.
         unsafe {
-            match rhs {
+            match t.rhs {
                 #[cfg(target_arch = "x86_64")]
                 Rows::Packed(p) if !quantized.is_empty() && vnni() => {
                     vnni::columns(quantized, c.0, c.1, alpha, p, j0, j1)
@@ -361,17 +385,29 @@ pub unsafe fn matvec(
                 Rows::Packed(p) if !quantized.is_empty() && avx2::available() => {
                     avx2::int_columns(quantized, c.0, c.1, alpha, p, j0, j1)
                 }
-                _ => matvec_columns(m, k, a, c, alpha, rhs, j0, j1),
+                rhs => matvec_columns(m, k, a, c, alpha, rhs, j0, j1),
             }
         }
     };
-    let tasks = if parallel { (rayon::current_num_threads() * 2).min(n / 16).max(1) } else { 1 };
+    // Columns s..e of the targets' columns one after another.
+    let span = |s: usize, e: usize| {
+        let mut first = 0;
+        for t in targets {
+            let (j0, j1) = (s.max(first) - first, e.min(first + t.n).saturating_sub(first));
+            if j0 < j1 {
+                columns(t, j0, j1);
+            }
+            first += t.n;
+        }
+    };
+    let total: usize = targets.iter().map(|t| t.n).sum();
+    let tasks = if parallel { (rayon::current_num_threads() * 2).min(total / 16).max(1) } else { 1 };
     if tasks == 1 {
-        columns(0, n);
+        span(0, total);
     } else {
         // Column ranges of whole 16s, so vector loads stay aligned to rows.
-        let per = n.div_ceil(tasks).next_multiple_of(16);
-        (0..n.div_ceil(per)).into_par_iter().for_each(|t| columns(t * per, ((t + 1) * per).min(n)));
+        let per = total.div_ceil(tasks).next_multiple_of(16);
+        (0..total.div_ceil(per)).into_par_iter().for_each(|t| span(t * per, ((t + 1) * per).min(total)));
     }
 }
 
@@ -385,6 +421,19 @@ pub enum Rows<'a> {
 // SAFETY: the rows are only read.
 unsafe impl Send for Rows<'_> {}
 unsafe impl Sync for Rows<'_> {}
+
+impl Rows<'_> {
+    pub fn format(&self) -> Format {
+        match self {
+            Rows::F32(..) => Format::F32,
+            Rows::Packed(p) => p.format,
+        }
+    }
+}
+
+// SAFETY: the target's rows are only read, and tasks write disjoint columns of its c.
+unsafe impl Send for Target<'_> {}
+unsafe impl Sync for Target<'_> {}
 
 #[derive(Clone, Copy)]
 struct Shared(*mut f32, usize);
@@ -1202,6 +1251,41 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Products of one left operand in one section (`matvecs`, columns
+    /// split across their boundaries) give each product's own values.
+    #[test]
+    fn products_sharing_their_rows_match_each_alone() {
+        let value = |i: usize| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5;
+        let (k, ns) = (288, [37, 16, 131]);
+        let a: Vec<f32> = (0..2 * k).map(|i| value(i * 31 + 5)).collect();
+        let weights: Vec<Vec<f32>> =
+            ns.iter().enumerate().map(|(t, n)| (0..n * k).map(|i| value(i + t)).collect()).collect();
+        for format in [Format::F32, Format::Bf16, Format::Q8, Format::Q4] {
+            let packs: Vec<Packed> = match format {
+                Format::F32 => Vec::new(),
+                _ => weights.iter().zip(ns).map(|(w, n)| Packed::new(format, w, n, k)).collect(),
+            };
+            let rows = |t: usize| match format {
+                Format::F32 => Rows::F32(weights[t].as_ptr(), k),
+                _ => Rows::Packed(&packs[t]),
+            };
+            for (m, parallel) in [(1, false), (1, true), (2, true)] {
+                let mut alone: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+                let mut together = alone.clone();
+                for (t, (c, n)) in alone.iter_mut().zip(ns).enumerate() {
+                    // SAFETY: a is m x k, c m x n, the rows n of k.
+                    unsafe { matvec((m, n, k), (a.as_ptr(), k), (c.as_mut_ptr(), n), 0.0, rows(t), parallel) };
+                }
+                let targets: Vec<Target> = (together.iter_mut().zip(ns).enumerate())
+                    .map(|(t, (c, n))| Target { n, c: (c.as_mut_ptr(), n), rhs: rows(t) })
+                    .collect();
+                // SAFETY: as above, for each target.
+                unsafe { matvecs((m, k), (a.as_ptr(), k), 0.0, &targets, parallel) };
+                assert_eq!(alone, together, "{format:?}, {m} rows");
             }
         }
     }
