@@ -391,13 +391,13 @@ pub unsafe fn matvecs((m, k): (usize, usize), a: (*const f32, usize), alpha: f32
     };
     // Columns s..e of the targets' columns one after another.
     let span = |s: usize, e: usize| {
-        let mut first = 0;
+        let mut offset = 0;
         for t in targets {
-            let (j0, j1) = (s.max(first) - first, e.min(first + t.n).saturating_sub(first));
+            let (j0, j1) = (s.max(offset) - offset, e.min(offset + t.n).saturating_sub(offset));
             if j0 < j1 {
                 columns(t, j0, j1);
             }
-            first += t.n;
+            offset += t.n;
         }
     };
     let total: usize = targets.iter().map(|t| t.n).sum();
@@ -423,6 +423,7 @@ unsafe impl Send for Rows<'_> {}
 unsafe impl Sync for Rows<'_> {}
 
 impl Rows<'_> {
+    /// The rows' format (f32 for f32 rows).
     pub fn format(&self) -> Format {
         match self {
             Rows::F32(..) => Format::F32,

@@ -2,10 +2,11 @@
 //! step's q/k/v projections, its gate and up projections), which the
 //! kernel order puts side by side (`backend::order`): one parallel
 //! section reads all their weight rows, the activations rounded once.
-//! Three 768 x 768 q4 products cost ~38 us from memory on this crate's
-//! 2-core VM where one of 2304 x 768 costs ~34 (~12 against ~8.5 us for
-//! three 288 x 288 ones): a section's start and end, and every weight
-//! stream's first lines, paid once instead of three times.
+//! Three 768 x 768 q4 products cost ~38 us from memory on a 2-core Zen 3
+//! VM where one of 2304 x 768 costs ~34 (~8.5 against ~6.2 us for three
+//! 288 x 288 ones): a section's start and end paid once instead of three
+//! times. `--profile` times such a run as one, on its first product's
+//! line and layer.
 
 use super::Program;
 use super::given::Given;
