@@ -791,6 +791,18 @@ fn profile_adds_kernel_time_up_by_spec_line_and_writes_a_trace() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("E0709") && err.contains("no folder /nonexistent-folder"), "{err}");
     assert!(!err.contains("training "), "{err}");
+    // Decoding runs a token's q/k/v products side by side in one section
+    // (`cpu/siblings.rs`); the profile splits that time over the three.
+    let weights = dir.join("run").join("model.safetensors");
+    let trace = format!("--profile={}", dir.join("infer.json").display());
+    let args = ["infer", "specs/tiny-gpt.model", "--weights", weights.to_str().unwrap(), "--prompt", "the"];
+    let (code, _, err) = modelc(&[&args[..], &["--max-new-tokens", "8", "--temperature", "0", &trace]].concat());
+    assert_eq!(code, 0, "{err}");
+    for projection in ["q_proj", "k_proj", "v_proj"] {
+        let row = err.lines().find(|l| l.ends_with(&format!("self_attn.{projection}")));
+        let seconds: f64 = row.and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+        assert!(seconds > 0.0, "{projection}:\n{err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

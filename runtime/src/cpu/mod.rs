@@ -628,7 +628,10 @@ impl Program {
                 }
                 (Kernel::Single(n), _) => match &self.siblings[k] {
                     siblings::Sibling::Alone => self.single(*n, arena, feeds)?,
-                    siblings::Sibling::Leads(others) => self.sibling_products(*n, others, arena, feeds)?,
+                    siblings::Sibling::Leads { others, shares } => {
+                        self.sibling_products(*n, others, arena, feeds)?;
+                        part_seconds = self.profile_id.map(|_| shares.clone());
+                    }
                     siblings::Sibling::Follows => {}
                 },
                 (Kernel::Fused { .. } | Kernel::FusedReduce { .. } | Kernel::Rows(_), _) => {

@@ -5,8 +5,8 @@
 //! Three 768 x 768 q4 products cost ~38 us from memory on a 2-core Zen 3
 //! VM where one of 2304 x 768 costs ~34 (~8.5 against ~6.2 us for three
 //! 288 x 288 ones): a section's start and end paid once instead of three
-//! times. `--profile` times such a run as one, on its first product's
-//! line and layer.
+//! times. `--profile` times such a run as one and splits the time over
+//! its products by the weights each reads.
 
 use super::Program;
 use super::given::Given;
@@ -14,14 +14,16 @@ use super::packed::{self, Rows, Target};
 use modelc::backend::kernel::Kernel;
 use modelc::backend::order::few_row_sibling;
 use modelc::ir::graph::{Graph, NodeId};
-use modelc::types::Sizes;
+use modelc::types::{Sizes, eval_dim};
 
 /// What a kernel of the schedule is to the products beside it.
 pub(super) enum Sibling {
     /// Runs as it is.
     Alone,
-    /// A product that runs the products after it (views between) with its own.
-    Leads(Vec<NodeId>),
+    /// A product that runs the products after it (views between) with its
+    /// own; `shares` splits the run's time over its kernels from this one
+    /// to the last product, by weights read (`--profile`; views get none).
+    Leads { others: Vec<NodeId>, shares: Vec<f64> },
     /// A product an earlier one runs.
     Follows,
 }
@@ -43,9 +45,18 @@ pub(super) fn runs(graph: &Graph, kernels: &[Kernel], sizes: &Sizes) -> Vec<Sibl
         if others.is_empty() {
             continue;
         }
+        let last = *others.last().expect("not empty");
+        let weights = |j: usize| match kernels[j] {
+            Kernel::View(_) => 0.0,
+            _ => {
+                let w = graph.node(kernels[j].output()).args[1];
+                graph.dims(w).iter().map(|d| eval_dim(d, sizes).unwrap_or(1) as f64).product()
+            }
+        };
+        let shares = (k..=last).map(weights).collect();
         let nodes = others.iter().map(|&j| kernels[j].output()).collect();
         others.into_iter().for_each(|j| out[j] = Sibling::Follows);
-        out[k] = Sibling::Leads(nodes);
+        out[k] = Sibling::Leads { others: nodes, shares };
     }
     out
 }
