@@ -18,6 +18,7 @@
 //! their weight rows in one parallel section (`sibling_products`). Their
 //! outputs are a few rows each, so memory grows by next to nothing.
 
+use super::kernel::Kernel;
 use crate::ir::graph::*;
 use crate::types::{Sizes, eval_dim};
 
@@ -158,6 +159,25 @@ pub fn sibling_products(g: &Graph, n: NodeId) -> Option<NodeId> {
     let (Op::MatMul { ta: false, tb: true }, [a, w]) = (&node.op, node.args.as_slice()) else { return None };
     let leaf = matches!(g.node(*w).op, Op::Param(_) | Op::Input(_));
     (leaf && g.dims(*w).len() == 2 && g.dims(*a).len() == 2).then_some(*a)
+}
+
+/// The runs of two or more kernels of `kernels` (in execution order, views
+/// between) that are products of a few rows of one left operand
+/// (`few_row_sibling`), as their indices: what the kernel order puts side
+/// by side, which row groups leave out (`rows.rs`) and the CPU runs as one.
+pub fn sibling_runs(g: &Graph, kernels: &[Kernel], sizes: &Sizes) -> Vec<Vec<usize>> {
+    let operand = |k: &Kernel| match k {
+        Kernel::Single(n) => few_row_sibling(g, *n, sizes),
+        _ => None,
+    };
+    let mut runs: Vec<(Option<NodeId>, Vec<usize>)> = Vec::new();
+    for (i, k) in kernels.iter().enumerate().filter(|(_, k)| !matches!(k, Kernel::View(_))) {
+        match (operand(k), runs.last_mut()) {
+            (Some(a), Some((Some(last), run))) if *last == a => run.push(i),
+            (a, _) => runs.push((a, vec![i])),
+        }
+    }
+    runs.into_iter().filter(|(a, run)| a.is_some() && run.len() > 1).map(|(_, run)| run).collect()
 }
 
 /// `sibling_products` for a product of at most `FEW_ROWS` rows at `sizes`.

@@ -30,11 +30,13 @@ use std::collections::HashSet;
 
 /// `kernels` (in execution order) with runs of row-wise kernels grouped.
 pub fn group(g: &Graph, kernels: Vec<Kernel>, sizes: &Sizes) -> Vec<Kernel> {
+    // Products that run side by side with others of their left operand
+    // (`order::sibling_runs`) run together, not as parts of row groups.
+    let beside_sibling: HashSet<usize> = super::order::sibling_runs(g, &kernels, sizes).into_iter().flatten().collect();
     let mut out = Vec::new();
     let mut i = 0;
     while i < kernels.len() {
-        let Some(mut rows) = Rows::anchored_at(g, &kernels[i]).filter(|_| !beside_sibling(g, &kernels, i, sizes))
-        else {
+        let Some(mut rows) = Rows::anchored_at(g, &kernels[i]).filter(|_| !beside_sibling.contains(&i)) else {
             out.push(kernels[i].clone());
             i += 1;
             continue;
@@ -44,7 +46,7 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>, sizes: &Sizes) -> Vec<Kernel> {
         let mut j = i + 1;
         while j < kernels.len() {
             let k = &kernels[j];
-            if rows.joins(g, k, &members) && !beside_sibling(g, &kernels, j, sizes) {
+            if rows.joins(g, k, &members) && !beside_sibling.contains(&j) {
                 if let Kernel::Single(n) = k
                     && row_product(g, *n)
                 {
@@ -76,21 +78,6 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>, sizes: &Sizes) -> Vec<Kernel> {
         i = j;
     }
     out
-}
-
-/// Whether kernel `i` is a product of a few rows beside another of the
-/// same left operand (`order::few_row_sibling`, views between): such
-/// products run together, not as parts of row groups.
-fn beside_sibling(g: &Graph, kernels: &[Kernel], i: usize, sizes: &Sizes) -> bool {
-    let operand = |k: &Kernel| match k {
-        Kernel::Single(n) => super::order::few_row_sibling(g, *n, sizes),
-        _ => None,
-    };
-    let Some(a) = operand(&kernels[i]) else { return false };
-    let not_view = |k: &&Kernel| !matches!(k, Kernel::View(_));
-    let next = kernels[i + 1..].iter().find(not_view);
-    let previous = kernels[..i].iter().rev().find(not_view);
-    [next, previous].into_iter().flatten().any(|k| operand(k) == Some(a))
 }
 
 /// Kernels that compute nothing from other kernels' values: hoisting them is always safe.

@@ -12,7 +12,7 @@ use super::Program;
 use super::given::Given;
 use super::packed::{self, Rows, Target};
 use modelc::backend::kernel::Kernel;
-use modelc::backend::order::few_row_sibling;
+use modelc::backend::order::sibling_runs;
 use modelc::ir::graph::{Graph, NodeId};
 use modelc::types::{Sizes, eval_dim};
 
@@ -28,24 +28,12 @@ pub(super) enum Sibling {
     Follows,
 }
 
-/// For each kernel of `kernels`: runs of products of a few rows at
-/// `sizes` with the same left operand.
+/// For each kernel of `kernels`, its part in the runs of products that
+/// share their left operand (`order::sibling_runs`).
 pub(super) fn runs(graph: &Graph, kernels: &[Kernel], sizes: &Sizes) -> Vec<Sibling> {
-    let operand = |k: &Kernel| match k {
-        Kernel::Single(n) => few_row_sibling(graph, *n, sizes),
-        _ => None,
-    };
     let mut out: Vec<Sibling> = kernels.iter().map(|_| Sibling::Alone).collect();
-    for (k, kernel) in kernels.iter().enumerate() {
-        let (Sibling::Alone, Some(a)) = (&out[k], operand(kernel)) else { continue };
-        let others: Vec<usize> = (k + 1..kernels.len())
-            .filter(|&j| !matches!(kernels[j], Kernel::View(_)))
-            .take_while(|&j| operand(&kernels[j]) == Some(a))
-            .collect();
-        if others.is_empty() {
-            continue;
-        }
-        let last = *others.last().expect("not empty");
+    for run in sibling_runs(graph, kernels, sizes) {
+        let (first, last) = (run[0], run[run.len() - 1]);
         let weights = |j: usize| match kernels[j] {
             Kernel::View(_) => 0.0,
             _ => {
@@ -53,10 +41,10 @@ pub(super) fn runs(graph: &Graph, kernels: &[Kernel], sizes: &Sizes) -> Vec<Sibl
                 graph.dims(w).iter().map(|d| eval_dim(d, sizes).unwrap_or(1) as f64).product()
             }
         };
-        let shares = (k..=last).map(weights).collect();
-        let nodes = others.iter().map(|&j| kernels[j].output()).collect();
-        others.into_iter().for_each(|j| out[j] = Sibling::Follows);
-        out[k] = Sibling::Leads { others: nodes, shares };
+        let shares = (first..=last).map(weights).collect();
+        let others = run[1..].iter().map(|&j| kernels[j].output()).collect();
+        run[1..].iter().for_each(|&j| out[j] = Sibling::Follows);
+        out[first] = Sibling::Leads { others, shares };
     }
     out
 }
