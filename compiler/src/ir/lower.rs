@@ -484,8 +484,12 @@ impl Lowering {
             return self.g.attention(plain, &args);
         }
         // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
+        // Without a causal mask or a window no position is compared: cross
+        // attention from more queries than keys (T > S) is fine.
         let offset = if cached {
             self.position_input()
+        } else if !causal && window.is_none() {
+            self.g.constant(0.0, DType::Int)
         } else {
             let o = self.g.size(s.sub(&t));
             self.g.cast(o, DType::Int)
