@@ -9,7 +9,9 @@
 
 use crate::cli::{ModelArgs, fail, load};
 use crate::cpu::{Program, Tensor};
+use crate::examples::{EvalBatch, Examples};
 use crate::flags;
+use crate::masking::Masking;
 use crate::model::Compiled;
 use crate::model::{Device, RunArgs, compile, error};
 use crate::run_dir::{self, RunDir, write_atomic};
@@ -35,7 +37,9 @@ pub struct TrainArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub run: RunArgs,
-    /// Text to train on (bytes as tokens unless --tokenizer is given).
+    /// Text to train on (bytes as tokens unless --tokenizer is given), or examples: a
+    /// .safetensors file with a tensor per model input and target (`pixel_values` and
+    /// `labels`; `src_ids`, `tgt_ids` and `labels`), examples along the first axis.
     #[arg(long, required_unless_present = "batch_file")]
     pub data: Option<PathBuf>,
     /// A Hugging Face tokenizer.json to turn the text into tokens.
@@ -270,10 +274,12 @@ enum Data {
     Text { train: Vec<u32>, eval: Vec<u32> },
     /// `--batch-file`: the same batch every step.
     Fixed(Tensor),
+    /// A safetensors file of examples, one tensor per input and target.
+    Examples(Examples),
 }
 
 impl Data {
-    fn load(args: &TrainArgs, s: &mut Settings, vocab: Option<usize>) -> Result<Data, String> {
+    fn load(args: &TrainArgs, s: &mut Settings, checked: &Checked, vocab: Option<usize>) -> Result<Data, String> {
         if let Some(path) = &args.batch_file {
             let (mut tensors, _) = weights::load_all(path)?;
             let ids =
@@ -286,6 +292,14 @@ impl Data {
             return Ok(Data::Fixed(ids));
         }
         let path = args.data.as_ref().expect("clap requires --data or --batch-file");
+        if crate::examples::is_examples(path) {
+            let examples = Examples::load(path, checked, s.eval_split)?;
+            if let Some(epochs) = s.epochs {
+                let per_step = (s.batch * s.accumulate) as f64;
+                s.steps = (epochs * examples.train_count() as f64 / per_step).ceil().max(1.0) as usize;
+            }
+            return Ok(Data::Examples(examples));
+        }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let tokens: Vec<u32> = match &args.tokenizer {
             None => bytes.iter().map(|b| u32::from(*b)).collect(),
@@ -314,21 +328,45 @@ impl Data {
         Ok(Data::Text { train: train.to_vec(), eval: eval.to_vec() })
     }
 
-    /// Micro-batch `micro` of `step`: random windows that depend only on (seed, step, micro).
-    fn batch(&self, seed: u64, step: usize, micro: usize, s: &Settings) -> Tensor {
-        match self {
+    /// Micro-batch `micro` of `step`'s feeds, which depend only on (seed, step,
+    /// micro): random windows of the text (masked for a masked-language
+    /// model), or the next examples.
+    fn batch(&self, seed: u64, step: usize, micro: usize, s: &Settings, masking: Option<&Masking>) -> Tensors {
+        let key = (step as u64) | ((micro as u64) << 40);
+        let ids = match self {
+            Data::Examples(e) => return e.batch(seed, step, micro, s.batch, s.accumulate),
             Data::Fixed(ids) => ids.clone(),
             Data::Text { train, .. } => {
-                let key = (step as u64) | ((micro as u64) << 40);
                 let mut rng = Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ key);
                 let ids = (0..s.batch).flat_map(|_| window(train, rng.below(train.len() - s.seq), s.seq)).collect();
                 Tensor::new(vec![s.batch, s.seq], ids)
             }
-        }
+        };
+        token_feeds(ids, masking, seed, key)
     }
 
-    /// Evenly spaced windows over the held-out text, the same every time.
-    fn eval_batches(&self, s: &Settings) -> Vec<Tensor> {
+    /// What an evaluation reads, the same every time: every held-out
+    /// example, or evenly spaced windows over the held-out text.
+    fn eval_batches(&self, s: &Settings, masking: Option<&Masking>) -> Vec<EvalBatch> {
+        if let Data::Examples(e) = self {
+            return e.eval_batches(s.batch);
+        }
+        let windows = self.eval_windows(s).into_iter().enumerate();
+        windows
+            .map(|(i, ids)| EvalBatch { feeds: token_feeds(ids, masking, s.seed, u64::MAX - i as u64), rows: s.batch })
+            .collect()
+    }
+
+    /// The fed tensors' shapes for a batch.
+    fn shapes(&self, s: &Settings, masking: Option<&Masking>) -> Vec<(String, Vec<usize>)> {
+        if let Data::Examples(e) = self {
+            return e.shapes(s.batch);
+        }
+        let names = if masking.is_some() { &["input_ids", "labels"][..] } else { &["input_ids"][..] };
+        names.iter().map(|n| (n.to_string(), vec![s.batch, s.seq])).collect()
+    }
+
+    fn eval_windows(&self, s: &Settings) -> Vec<Tensor> {
         let Data::Text { eval, .. } = self else { return Vec::new() };
         if eval.is_empty() {
             return Vec::new();
@@ -349,15 +387,37 @@ impl Data {
         match self {
             Data::Text { eval, .. } => eval.len(),
             Data::Fixed(_) => 0,
+            Data::Examples(e) => e.held_out(),
         }
     }
 
-    fn tokens(&self) -> usize {
+    /// Tokens, or examples: what the run counts its data and speed in.
+    fn size(&self) -> usize {
         match self {
             Data::Text { train, eval } => train.len() + eval.len(),
             Data::Fixed(t) => t.data.len(),
+            Data::Examples(e) => e.count(),
         }
     }
+
+    /// The unit of `size`, and the amount of it one micro-batch holds.
+    fn unit(&self, s: &Settings) -> (&'static str, usize) {
+        match self {
+            Data::Examples(_) => ("examples", s.batch),
+            _ => ("tokens", s.batch * s.seq),
+        }
+    }
+}
+
+/// The feeds of a batch of token ids: the ids, or for a masked-language
+/// model the masked ids and their labels (seeded by `key`).
+fn token_feeds(ids: Tensor, masking: Option<&Masking>, seed: u64, key: u64) -> Tensors {
+    let Some(m) = masking else { return Tensors::from([("input_ids".to_string(), ids)]) };
+    let (inputs, labels) = m.apply(&ids.data, &mut Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ key));
+    Tensors::from([
+        ("input_ids".to_string(), Tensor::new(ids.shape.clone(), inputs)),
+        ("labels".to_string(), Tensor::new(ids.shape, labels)),
+    ])
 }
 
 fn window(data: &[u32], start: usize, len: usize) -> Vec<f32> {
@@ -418,8 +478,11 @@ impl Step {
         let mut feeds = std::mem::take(state);
         feeds.insert("lr".into(), Tensor::new(vec![], vec![rate as f32]));
         feeds.insert("step".into(), Tensor::new(vec![], vec![step as f32]));
+        // The batch's feeds leave the state again after the step.
+        let fed: Vec<String> =
+            batches.iter().flat_map(|b| b.keys().cloned()).chain(["lr".into(), "step".into()]).collect();
         let result = self.outputs(&mut feeds, spare, batches);
-        for k in ["input_ids", "labels", "lr", "step"] {
+        for k in &fed {
             feeds.remove(k);
         }
         let (out, loss) = match result {
@@ -549,29 +612,19 @@ fn train(args: &TrainArgs) -> Result<(), ExitCode> {
 }
 
 fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
-    let Model { program, opts, checked, train_fwd, eval_fwd } = model(args)?;
-    let masking = masking(args, &checked).map_err(usage)?;
-    let mut s = settings(args, &checked.train).map_err(usage)?;
-    let vocab = checked
+    let spec = crate::model::checked(&args.model)?;
+    let mut s = settings(args, &spec.train).map_err(usage)?;
+    let vocab = spec
         .outputs
         .iter()
         .find(|o| o.name == "logits")
         .and_then(|o| o.ty.dims.last().and_then(|d| d.as_const()))
         .map(|v| v as usize);
-    let data = Data::load(args, &mut s, vocab).map_err(usage)?;
-    // Each micro-batch's feeds: its token ids, masked with their labels for a
-    // masked-language model (seeded by step and micro-batch, or by the
-    // evaluation batch's index).
-    let feeds_of = |ids: Tensor, key: u64| -> Tensors {
-        let Some(m) = &masking else { return Tensors::from([("input_ids".to_string(), ids)]) };
-        let (inputs, labels) = m.apply(&ids.data, &mut Rng::new(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ key));
-        Tensors::from([
-            ("input_ids".to_string(), Tensor::new(ids.shape.clone(), inputs)),
-            ("labels".to_string(), Tensor::new(ids.shape, labels)),
-        ])
-    };
-    let eval_batches: Vec<Tensors> =
-        data.eval_batches(&s).into_iter().enumerate().map(|(i, b)| feeds_of(b, u64::MAX - i as u64)).collect();
+    let data = Data::load(args, &mut s, &spec, vocab).map_err(usage)?;
+    let Model { program, opts, checked, train_fwd, eval_fwd, absent } = model(args, &data)?;
+    let masking = masking(args, &checked).map_err(usage)?;
+    let masking = masking.as_ref();
+    let eval_batches = data.eval_batches(&s, masking);
     let mode = match &args.resume {
         Some(dir) if same_dir(dir, &args.out) => run_dir::Mode::Resume,
         _ if args.overwrite => run_dir::Mode::Overwrite,
@@ -582,7 +635,9 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     use modelc::opt::optimized;
     let mut eval_graph = eval_fwd.clone();
-    eval_graph.outputs.retain(|(n, _)| n == "loss" || (masking.is_some() && n == "logits"));
+    // The logits too where there are labels to score them against.
+    let labelled = eval_batches.first().is_some_and(|b| b.feeds.contains_key("labels"));
+    eval_graph.outputs.retain(|(n, _)| n == "loss" || (labelled && n == "logits"));
     let eval_graph = optimized(&eval_graph);
 
     // What the process holds besides weights and optimiser state, for --memory-budget.
@@ -601,19 +656,20 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
         code: crate::budget::CODE_ROOM,
         gradients: gradient_bytes,
     });
-    let (step_program, eval_program) = programs(device, &checked, &train_fwd, &eval_graph, &state, &s, budget)?;
+    let fed = data.shapes(&s, masking);
+    let (step_program, eval_program) = programs(device, &checked, (&train_fwd, &eval_graph), &state, &fed, &s, budget)?;
     write_config(args, &program, &checked, &opts)?;
     let metrics_path = args.out.join("metrics.jsonl");
     let mut metrics = out.metrics(mode, first_step - 1).map_err(usage)?;
+    let (unit, per_batch) = data.unit(&s);
     eprintln!(
-        "training {} ({} trainable parameters) on {} tokens ({} held out): {} steps of {} x {}{}{}",
+        "training {} ({} trainable parameters) on {} {unit} ({} held out): {} steps of {}{}{}",
         checked.model,
         modelc::check::report::thousands(checked.trainable_params()),
-        data.tokens(),
+        data.size(),
         data.held_out(),
         s.steps,
-        s.batch,
-        s.seq,
+        if matches!(data, Data::Examples(_)) { format!("{}", s.batch) } else { format!("{} x {}", s.batch, s.seq) },
         if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() },
         match s.products {
             crate::cpu::Products::F32 => String::new(),
@@ -644,9 +700,7 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
     let mut spare = Tensors::new();
     while step <= last {
         let rate = s.rate(step);
-        let batches: Vec<Tensors> = (0..s.accumulate)
-            .map(|m| feeds_of(data.batch(s.seed, step, m, &s), (step as u64) | ((m as u64) << 40)))
-            .collect();
+        let batches: Vec<Tensors> = (0..s.accumulate).map(|m| data.batch(s.seed, step, m, &s, masking)).collect();
         if step == first_step
             && let Some(path) = &args.dump_grads
         {
@@ -659,7 +713,7 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
             .map_err(|e| usage(format!("step {step}: {e}")))?;
         let loss = outcome.loss;
         if !loss.is_finite() || !outcome.grad_norm.is_finite() || !outcome.weights_finite {
-            let (what, culprit) = divergence(args, &train_fwd, &trainable, &state, &first, step, &outcome);
+            let (what, culprit) = divergence(args, (&train_fwd, &absent), &trainable, &state, &first, step, &outcome);
             let path = args.out.join("state.safetensors");
             let kept = if outcome.kept {
                 let _ = save_state(&state, step - 1, best);
@@ -676,7 +730,7 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
         crate::profile::span("training step", step_started);
         curve.push((step, loss));
         let elapsed = started.elapsed().as_secs_f64();
-        let tps = ((step - first_step + 1) * s.batch * s.seq * s.accumulate) as f64 / elapsed;
+        let tps = ((step - first_step + 1) * per_batch * s.accumulate) as f64 / elapsed;
         // A failed write (a full disk) ends the run with the state saved, if it still can be.
         let record = |metrics: &mut run_dir::Metrics, line: String, state: &Tensors, best: f64| {
             metrics.append(&line).map_err(|e| {
@@ -693,16 +747,19 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
             ("lr", rate.into()),
             ("grad_norm", rounded(outcome.grad_norm, 4)),
             ("seconds", rounded(step_seconds, 4)),
-            ("tokens_per_s", rounded(tps, 0)),
+            (if unit == "examples" { "examples_per_s" } else { "tokens_per_s" }, rounded(tps, 0)),
         ];
         fields.extend(step_metrics(&outcome.metrics));
         record(&mut metrics, json_line(&fields), &state, best)?;
-        let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {tps:.0} tok/s");
+        let speed = if unit == "examples" { format!("{tps:.0} examples/s") } else { format!("{tps:.0} tok/s") };
+        let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {speed}");
         if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
-            let (eval, accuracy) = evaluate(&eval_program, &eval_batches, &state)
+            let examples = matches!(data, Data::Examples(_));
+            let (eval, scores) = evaluate(&eval_program, &eval_batches, &state, examples)
                 .map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
             let mut fields = vec![("step", step.into()), ("eval_loss", rounded(eval, 5))];
-            fields.extend(accuracy.map(|a| ("eval_accuracy", rounded(a, 5))));
+            fields.extend(scores.accuracy.map(|a| ("eval_accuracy", rounded(a, 5))));
+            fields.extend(scores.exact.map(|a| ("eval_exact_match", rounded(a, 5))));
             record(&mut metrics, json_line(&fields), &state, best)?;
             eval_curve.push((step, eval));
             let improved = eval < best;
@@ -710,9 +767,10 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
                 best = eval;
                 save_model(&state).map_err(usage)?;
             }
-            let accuracy_text = accuracy.map(|a| format!(", {:.1}% right", a * 100.0)).unwrap_or_default();
+            let mut accuracy_text = scores.accuracy.map(|a| format!(", {:.1}% right", a * 100.0)).unwrap_or_default();
+            accuracy_text += &scores.exact.map(|a| format!(", {:.1}% exact", a * 100.0)).unwrap_or_default();
             line = format!(
-                "loss {loss:.3}  eval {eval:.3}{accuracy_text}{}  lr {rate:.2e}  {tps:.0} tok/s",
+                "loss {loss:.3}  eval {eval:.3}{accuracy_text}{}  lr {rate:.2e}  {speed}",
                 if improved { " (best, saved)" } else { "" }
             );
             progress.log(step, &line, elapsed);
@@ -958,14 +1016,16 @@ fn dump_grads(path: &Path, grads: Result<Tensors, String>) -> Result<(), ExitCod
 
 /// Names the first layer call whose output is not finite on `batch` (or a
 /// weight that is not finite); `None` when everything is finite.
-fn first_non_finite(args: &TrainArgs, state: &Tensors, batch: &Tensors) -> Option<String> {
+fn first_non_finite(args: &TrainArgs, absent: &[String], state: &Tensors, batch: &Tensors) -> Option<String> {
     let traced = || -> Result<Option<String>, String> {
         let (program, opts) = load(&args.model).map_err(|_| "cannot reload the spec".to_string())?;
-        let how = args.model.lowering(LowerOptions { trace: true, ..Default::default() });
+        let how = args.model.lowering(LowerOptions { trace: true, absent: absent.to_vec(), ..Default::default() });
         let (_, g) = modelc::check::lower(&program, &opts, how).map_err(|_| "cannot lower the spec".to_string())?;
         let g = modelc::ir::prune::prune(&g);
         let mut feeds: Tensors = weights_of(state);
-        feeds.insert("input_ids".into(), batch["input_ids"].clone());
+        // The batch's inputs (not its targets: the forward has no loss).
+        let inputs = |name: &str| g.nodes.iter().any(|n| matches!(&n.op, modelc::ir::graph::Op::Input(i) if i == name));
+        feeds.extend(batch.iter().filter(|(k, _)| inputs(k)).map(|(k, v)| (k.clone(), v.clone())));
         // On the CPU whatever the run's device: it reads the host's copy of the state.
         let p = compile(CODE, crate::model::Device::Cpu, &g, &feeds)
             .map_err(|_| "cannot compile the traced forward".to_string())?;
@@ -1066,15 +1126,21 @@ struct Model {
     checked: Checked,
     train_fwd: Graph,
     eval_fwd: Graph,
+    /// The optional inputs the data does not give, lowered as absent.
+    absent: Vec<String>,
 }
 
-fn model(args: &TrainArgs) -> Result<Model, ExitCode> {
+fn model(args: &TrainArgs, data: &Data) -> Result<Model, ExitCode> {
     let (program, opts) = load(&args.model)?;
-    // Training feeds token ids (and targets) only: optional inputs (an
-    // attention mask, token types) are lowered as absent.
+    // Text feeds token ids (and targets) only: optional inputs (an attention
+    // mask, token types) are lowered as absent; examples give what they hold.
+    let given: Vec<&str> = match data {
+        Data::Examples(e) => e.names().collect(),
+        _ => Vec::new(),
+    };
     let absent: Vec<String> = (modelc::check::check(&program, &opts).map_err(|d| fail(&program.sources, &d))?.inputs)
         .into_iter()
-        .filter(|i| i.optional)
+        .filter(|i| i.optional && !given.contains(&i.name.as_str()))
         .map(|i| i.name)
         .collect();
     let lower = |training| {
@@ -1087,10 +1153,15 @@ fn model(args: &TrainArgs) -> Result<Model, ExitCode> {
     if eval_fwd.output("loss").is_none() {
         return Err(usage(format!("`{}` has no `train {{ loss: ... }}` block to train", checked.model)));
     }
-    if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
-        return Err(usage(format!("`train` feeds token ids as `input_ids`; `{}` takes other inputs", checked.model)));
+    if let Some(other) = checked.inputs.iter().find(|i| !i.optional && i.name != "input_ids")
+        && !matches!(data, Data::Examples(_))
+    {
+        return Err(usage(format!(
+            "text feeds token ids as `input_ids`; `{}` also takes `{}` {}: give --data FILE.safetensors with a tensor per input and target, examples along the first axis",
+            checked.model, other.name, other.ty
+        )));
     }
-    Ok(Model { program, opts, checked, train_fwd, eval_fwd })
+    Ok(Model { program, opts, checked, train_fwd, eval_fwd, absent })
 }
 
 /// Where a run saves: the state (trainable weights and optimiser state, with
@@ -1130,9 +1201,9 @@ impl Checkpoints {
 fn programs(
     device: crate::model::Device,
     checked: &Checked,
-    train_fwd: &Graph,
-    eval_graph: &Graph,
+    (train_fwd, eval_graph): (&Graph, &Graph),
     state: &Tensors,
+    fed: &[(String, Vec<usize>)],
     s: &Settings,
     budget: Option<crate::budget::Budget>,
 ) -> Result<(Step, Compiled), ExitCode> {
@@ -1141,13 +1212,7 @@ fn programs(
     // Only shapes matter to the compiler.
     let placeholder = |shape: Vec<usize>| Tensor { shape, data: Vec::new(), packed: None, halves: Vec::new() };
     let mut shapes: Tensors = state.iter().map(|(k, v)| (k.clone(), placeholder(v.shape.clone()))).collect();
-    shapes.insert("input_ids".into(), placeholder(vec![s.batch, s.seq]));
-    // A masked-language model's loss reads the labels of its masked tokens.
-    let masked =
-        (train_fwd.nodes.iter()).any(|n| matches!(&n.op, modelc::ir::graph::Op::Input(name) if name == "labels"));
-    if masked {
-        shapes.insert("labels".into(), placeholder(vec![s.batch, s.seq]));
-    }
+    shapes.extend(fed.iter().map(|(name, shape)| (name.clone(), placeholder(shape.clone()))));
     shapes.insert("lr".into(), placeholder(vec![]));
     shapes.insert("step".into(), placeholder(vec![]));
     let shapes_of = |feeds: &Tensors| feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
@@ -1205,30 +1270,62 @@ fn programs(
     Ok((step_program, eval_program))
 }
 
-/// The mean loss over the evaluation batches, and for a masked-language
-/// model the share of masked tokens predicted right.
-fn evaluate(eval_program: &Compiled, eval_batches: &[Tensors], state: &Tensors) -> Result<(f64, Option<f64>), String> {
+/// How well the held-out labels are predicted: the share of labels (not
+/// ignored) that are the logits' most likely class, and for sequence labels
+/// the share of examples with every label right, which is what greedy
+/// decoding gets right (each step then reads the true prefix).
+#[derive(Default)]
+struct Scores {
+    accuracy: Option<f64>,
+    exact: Option<f64>,
+}
+
+/// The mean loss over the evaluation batches, and where they hold labels,
+/// how well the logits predict them (`whole`: also the share of examples
+/// with every label right).
+fn evaluate(
+    eval_program: &Compiled,
+    eval_batches: &[EvalBatch],
+    state: &Tensors,
+    whole_examples: bool,
+) -> Result<(f64, Scores), String> {
     let started = Instant::now();
-    let (mut total, mut right, mut masked) = (0.0, 0usize, 0usize);
+    let (mut total, mut right, mut labelled) = (0.0, 0usize, 0usize);
+    let (mut whole, mut examples, mut sequences) = (0usize, 0usize, false);
     for b in eval_batches {
         let mut feeds: Tensors = weights_of(state);
-        feeds.extend(b.clone());
+        feeds.extend(b.feeds.clone());
         let out = eval_program.run(&feeds)?;
         total += out["loss"].data[0] as f64;
-        if let (Some(logits), Some(labels)) = (out.get("logits"), b.get("labels")) {
-            let vocab = *logits.shape.last().expect("a vocabulary axis");
-            for (row, label) in logits.data.chunks_exact(vocab).zip(&labels.data) {
-                if *label != crate::masking::IGNORED {
-                    let best = (0..vocab).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap_or(0);
-                    right += usize::from(best as f32 == *label);
-                    masked += 1;
-                }
+        let (Some(logits), Some(labels)) = (out.get("logits"), b.feeds.get("labels")) else { continue };
+        let classes = *logits.shape.last().expect("a class axis");
+        if logits.data.len() != labels.data.len() * classes {
+            continue;
+        }
+        sequences = whole_examples && labels.shape.len() >= 2;
+        let per_example = labels.data.len() / labels.shape[0];
+        let rows = logits.data.chunks_exact(classes).zip(&labels.data).take(b.rows * per_example);
+        let mut all_right = true;
+        for (i, (row, label)) in rows.enumerate() {
+            if *label != crate::masking::IGNORED {
+                let best = (0..classes).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap_or(0);
+                right += usize::from(best as f32 == *label);
+                all_right &= best as f32 == *label;
+                labelled += 1;
+            }
+            if (i + 1) % per_example == 0 {
+                whole += usize::from(all_right);
+                examples += 1;
+                all_right = true;
             }
         }
     }
-    let accuracy = (masked > 0).then(|| right as f64 / masked as f64);
+    let scores = Scores {
+        accuracy: (labelled > 0).then(|| right as f64 / labelled as f64),
+        exact: (sequences && examples > 0).then(|| whole as f64 / examples as f64),
+    };
     crate::profile::span("evaluation", started);
-    Ok((total / eval_batches.len() as f64, accuracy))
+    Ok((total / eval_batches.len() as f64, scores))
 }
 
 /// Why a step diverged: what was not finite, and where it started (the
@@ -1236,7 +1333,7 @@ fn evaluate(eval_program: &Compiled, eval_batches: &[Tensors], state: &Tensors) 
 /// weights whose gradients are not).
 fn divergence(
     args: &TrainArgs,
-    train_fwd: &Graph,
+    (train_fwd, absent): (&Graph, &[String]),
     trainable: &[String],
     state: &Tensors,
     first: &Tensors,
@@ -1251,7 +1348,7 @@ fn divergence(
     } else {
         "the updated weights are not finite".to_string()
     };
-    let culprit = first_non_finite(args, state, first).unwrap_or_else(|| {
+    let culprit = first_non_finite(args, absent, state, first).unwrap_or_else(|| {
         // The forward is fine: name the weights whose gradients are not.
         let grads = gradients(train_fwd, trainable, state, first, step).unwrap_or_default();
         let bad: Vec<&String> =
