@@ -958,3 +958,145 @@ fn memory_budget_recomputes_activations_with_the_same_losses() {
     assert!(err.contains("the smallest plan of the step's activations needs"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Reversal examples for an encoder-decoder: strings of `lo..=hi` digits
+/// (bytes), the decoder fed token 1 then the reversed digits, its labels the
+/// reversed digits then token 2; padded with 0 (labels with -100, ignored).
+/// The source strings, in file order.
+fn reversal_examples(path: &std::path::Path, n: usize, (lo, hi): (usize, usize), mut seed: u64) -> Vec<String> {
+    let mut next = |below: usize| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % below
+    };
+    let (s, t) = (hi, hi + 1);
+    let (mut src, mut mask, mut tgt, mut labels) =
+        (vec![0i32; n * s], vec![0i32; n * s], vec![0i32; n * t], vec![-100i32; n * t]);
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let len = lo + next(hi - lo + 1);
+        let digits: Vec<u8> = (0..len).map(|_| b'0' + next(10) as u8).collect();
+        for (j, d) in digits.iter().enumerate() {
+            src[i * s + j] = *d as i32;
+            mask[i * s + j] = 1;
+        }
+        tgt[i * t] = 1;
+        for (j, d) in digits.iter().rev().enumerate() {
+            tgt[i * t + 1 + j] = *d as i32;
+            labels[i * t + j] = *d as i32;
+        }
+        labels[i * t + len] = 2;
+        lines.push(String::from_utf8(digits).unwrap());
+    }
+    let bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let tensors = [
+        ("src_ids", bytes(&src), s),
+        ("src_mask", bytes(&mask), s),
+        ("tgt_ids", bytes(&tgt), t),
+        ("labels", bytes(&labels), t),
+    ];
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, b, len)| {
+            (*name, safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![n, *len], b).unwrap())
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+    lines
+}
+
+/// A small Transformer of "Attention Is All You Need"
+const REVERSER: [&str; 14] = [
+    "--set",
+    "vocab=256",
+    "--set",
+    "dim=32",
+    "--set",
+    "heads=2",
+    "--set",
+    "hidden=64",
+    "--set",
+    "encoder_layers=1",
+    "--set",
+    "decoder_layers=1",
+    "--set",
+    "dropout=0.0",
+];
+
+/// `train --data` with examples (a safetensors file per input and target)
+/// trains an encoder-decoder; its evaluation's exact match is what greedy
+/// decoding of the held-out sources with `infer --prompts` gets right.
+#[test]
+fn a_transformer_trained_on_examples_decodes_what_its_evaluation_scored() {
+    let dir = corpus_dir("reverse");
+    let (data, out) = (dir.join("reverse.safetensors"), dir.join("run"));
+    let sources = reversal_examples(&data, 3000, (2, 4), 7);
+    let mut args =
+        vec!["train", "specs/transformer.model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(REVERSER);
+    args.extend(["--steps", "1000", "--batch", "32", "--lr", "1e-2", "--clip", "1", "--warmup", "20"]);
+    args.extend(["--eval-every", "1000", "--eval-split", "0.2", "--seed", "1"]);
+    let (code, _, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("on 3000 examples (600 held out): 1000 steps of 32"), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(last.iter().any(|v| v["examples_per_s"].is_number()), "{metrics}");
+    let exact = last.iter().rev().find_map(|v| v["eval_exact_match"].as_f64()).expect("an exact-match score");
+    // The weights alone are saved, not the batch.
+    let (saved, _) = modelc_runtime::weights::load_all(&out.join("model.safetensors")).unwrap();
+    assert!(saved.keys().all(|k| !k.ends_with("_ids") && k != "labels"), "{:?}", saved.keys());
+
+    let held = dir.join("held.txt");
+    std::fs::write(&held, sources[2400..].join("\n") + "\n").unwrap();
+    let model = out.join("model.safetensors");
+    let mut args = vec!["infer", "specs/transformer.model", "--weights", model.to_str().unwrap()];
+    args.extend(REVERSER);
+    args.extend(["--prompts", held.to_str().unwrap(), "--start-id", "1", "--stop-id", "2", "--temperature", "0"]);
+    args.extend(["--max-new-tokens", "5"]);
+    let (code, decoded, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = decoded.lines().collect();
+    assert_eq!(lines.len(), 600, "{decoded}");
+    let right = lines.iter().zip(&sources[2400..]).filter(|(got, src)| got.bytes().eq(src.bytes().rev())).count();
+    assert!((right as f64 / 600.0 - exact).abs() < 1e-5, "greedy {right}/600, evaluated {exact}");
+    assert!(exact >= 0.5, "the model did not learn to reverse: {exact}\n{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Examples that do not fit the model, text for a model that takes more
+/// than token ids, and an encoder-decoder without a start token are refused
+/// by name.
+#[test]
+fn examples_and_encoder_decoders_reject_what_does_not_fit() {
+    let dir = corpus_dir("reverse-errors");
+    let data = dir.join("reverse.safetensors");
+    reversal_examples(&data, 20, (2, 4), 1);
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["train", "specs/transformer.model", "--out", dir.to_str().unwrap(), "--steps", "1", "--overwrite"];
+        args.extend(REVERSER);
+        args.extend(extra);
+        modelc(&args)
+    };
+    let (code, _, err) = run(&["--data", dir.join("data.txt").to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("also takes `src_ids`") && err.contains("--data FILE.safetensors"), "{err}");
+    let (code, _, err) = run(&["--data", data.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    let other = dir.join("other.safetensors");
+    let zeros = vec![0u8; 20 * 4 * 4];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![20, 4], &zeros).unwrap();
+    safetensors::tensor::serialize_to_file([("input_ids", view)], None, &other).unwrap();
+    let (code, _, err) = run(&["--data", other.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has `input_ids`, which is neither an input"), "{err}");
+
+    let model = dir.join("model.safetensors");
+    let mut args = vec!["infer", "specs/transformer.model", "--weights", model.to_str().unwrap(), "--prompt", "123"];
+    args.extend(REVERSER);
+    let (code, _, err) = modelc(&args);
+    assert_eq!(code, 1);
+    assert!(err.contains("is an encoder-decoder: give the token its output starts from, --start-id N"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

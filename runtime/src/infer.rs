@@ -5,7 +5,8 @@
 //! most recent half of the tokens is read again from position 0 and decoding
 //! goes on. `--no-cache` recomputes the whole context for every token
 //! instead (to measure what the cache saves). Greedy, temperature, top-k and
-//! top-p sampling, seeded.
+//! top-p sampling, seeded. An encoder-decoder generates from its prompt as
+//! the encoder's input (`seq2seq`).
 
 use crate::cli::ModelArgs;
 use crate::cpu::Tensor;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-const CODE: &str = "E0702";
+pub const CODE: &str = "E0702";
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct InferArgs {
@@ -45,6 +46,16 @@ pub struct InferArgs {
     /// The prompt as token ids instead, e.g. `--prompt-ids 72,101`.
     #[arg(long = "prompt-ids", value_delimiter = ',')]
     pub prompt_ids: Vec<usize>,
+    /// A file of prompts, one a line, decoded together: one line of output each
+    /// (encoder-decoder models).
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
+    pub prompts: Option<PathBuf>,
+    /// The token an encoder-decoder's output starts from (default: the spec's `start`).
+    #[arg(long = "start-id")]
+    pub start_id: Option<usize>,
+    /// Stop a generation after this token (default: the spec's `stop`, else none).
+    #[arg(long = "stop-id")]
+    pub stop_id: Option<usize>,
     /// How many tokens to generate (default: the spec's `max_new_tokens`, else 200).
     #[arg(long = "max-new-tokens")]
     pub max_new_tokens: Option<usize>,
@@ -368,8 +379,27 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
     };
     let vocab = logits_sig.ty.dims.last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
     let absent: Vec<String> = checked.inputs.iter().filter(|i| i.optional).map(|i| i.name.clone()).collect();
-    if checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
+    let seq2seq = crate::seq2seq::Names::of(&checked);
+    if let Some(names) = &seq2seq
+        && let Some(other) = names.unfed(&checked)
+    {
+        return Err(error(
+            CODE,
+            format!(
+                "`infer` feeds an encoder-decoder `{}`, `{}`{}; `{}` also needs `{}`",
+                names.source,
+                names.target,
+                names.mask.as_ref().map(|m| format!(" and `{m}`")).unwrap_or_default(),
+                checked.model,
+                other.name
+            ),
+        ));
+    }
+    if seq2seq.is_none() && checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
         return Err(error(CODE, format!("`infer` feeds `input_ids` only; `{}` needs other inputs too", checked.model)));
+    }
+    if seq2seq.is_none() && args.prompts.is_some() {
+        return Err(error(CODE, "--prompts decodes many prompts with an encoder-decoder; give a decoder one --prompt"));
     }
     let weights = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
     let tokenizer_path = Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights));
@@ -378,19 +408,34 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         Some(_) => args.retrieve.prompt(&args.prompt).map_err(|e| error(CODE, e))?,
         None => args.prompt.clone(),
     };
-    let prompt_ids = if args.prompt_ids.is_empty() {
-        tokenizer.encode(&prompt).map_err(|e| error(CODE, e))?
-    } else {
-        args.prompt_ids.clone()
+    let prompts: Vec<Vec<usize>> = match &args.prompts {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| error(CODE, format!("cannot read {}: {e}", path.display())))?;
+            let lines = text.lines().map(|l| tokenizer.encode(l)).collect::<Result<Vec<_>, _>>();
+            lines.map_err(|e| error(CODE, e))?
+        }
+        None if args.prompt_ids.is_empty() => vec![tokenizer.encode(&prompt).map_err(|e| error(CODE, e))?],
+        None => vec![args.prompt_ids.clone()],
     };
-    let mut tokens = prompt_ids.clone();
-    if tokens.is_empty() {
-        return Err(error(CODE, "the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3"));
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        let empty = prompts.iter().position(Vec::is_empty).map(|i| format!(" (line {})", i + 1)).unwrap_or_default();
+        return Err(error(CODE, format!("the prompt is empty{empty}: give --prompt TEXT or --prompt-ids 1,2,3")));
     }
-    if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
+    if let Some(bad) = prompts.iter().flatten().find(|t| **t >= vocab) {
         return Err(error(CODE, format!("prompt token {bad} is outside the vocabulary of {vocab}")));
     }
     let s = &checked.infer;
+    let token_setting = |key: &str, flag: Option<usize>| -> Result<Option<usize>, ExitCode> {
+        let id = flag.or_else(|| s.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_f64()).map(|v| v as usize));
+        match id {
+            Some(id) if id >= vocab => {
+                Err(error(CODE, format!("the {key} token {id} is outside the vocabulary of {vocab}")))
+            }
+            id => Ok(id),
+        }
+    };
+    let stop = token_setting("stop", args.stop_id)?;
     let max_new = setting(s, "max_new_tokens", args.max_new_tokens.map(|v| v as f64), 200.0) as usize;
     let checked_setting = |key: &str, flag: Option<f64>, default: f64, parser| {
         crate::flags::check(key, setting(s, key, flag, default), parser).map_err(|e| error(CODE, e))
@@ -400,6 +445,54 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
     let top_p = checked_setting("top_p", args.top_p, 1.0, crate::flags::probability)?;
     let seed = setting(s, "seed", args.seed.map(|v| v as f64), 0.0) as u64;
     let context = context(args, &checked);
+    if let Some(names) = seq2seq {
+        let Some(start) = token_setting("start", args.start_id)? else {
+            return Err(error(
+                CODE,
+                format!(
+                    "`{}` is an encoder-decoder: give the token its output starts from, --start-id N or `start: N` in its `infer` block",
+                    checked.model
+                ),
+            ));
+        };
+        let sampling = crate::seq2seq::Sampling { temperature, top_k, top_p };
+        let how = LowerOptions { absent: absent_of(&checked, &names), ..Default::default() };
+        let (_, g) = forward_graph(&args.model, how, &["logits"])?;
+        let mut weights = weights;
+        args.dtype.apply(CODE, device, &g, &mut weights)?;
+        let mut generator = crate::seq2seq::Generator::new(device, g, names, weights, vocab);
+        let mut rng = Rng::new(seed);
+        let started = Instant::now();
+        let mut out = std::io::stdout().lock();
+        let mut count = 0;
+        // Up to 64 prompts a run: the logits of every target position are held.
+        for chunk in prompts.chunks(64) {
+            let ids = (start, stop, tokenizer.pad_id());
+            let generated = generator.generate(chunk, ids, max_new, &sampling, &mut rng).map_err(|e| error(CODE, e))?;
+            for (prompt_ids, new) in chunk.iter().zip(generated) {
+                count += new.len();
+                let shown = new.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(&new);
+                let text = String::from_utf8_lossy(&tokenizer.decode(shown)).into_owned();
+                let line = if args.json {
+                    serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": new, "text": text }).to_string()
+                } else {
+                    text
+                };
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("{count} tokens in {secs:.2} s, {:.1} tokens/s", count as f64 / secs.max(1e-9));
+        if args.timings {
+            eprintln!(
+                "{}",
+                serde_json::json!({ "prompts": prompts.len(), "new_tokens": count, "seconds": secs, "compile_s": generator.compile_seconds() })
+            );
+        }
+        return Ok(());
+    }
+    let prompt_ids = prompts.into_iter().next().expect("one prompt");
+    let mut tokens = prompt_ids.clone();
 
     let mut decoder: Box<dyn Decoder> = if args.no_cache {
         let (_, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &["logits"])?;
@@ -451,6 +544,9 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         tokens.push(next);
         fresh.push(next);
         new = 1;
+        if Some(next) == stop {
+            break;
+        }
         if !args.json {
             let _ = out.write_all(&stream.push(next));
             let _ = out.flush();
@@ -458,7 +554,8 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
     }
     let secs = started.elapsed().as_secs_f64();
     if args.json {
-        let text = String::from_utf8_lossy(&tokenizer.decode(&fresh)).into_owned();
+        let shown = fresh.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(&fresh);
+        let text = String::from_utf8_lossy(&tokenizer.decode(shown)).into_owned();
         let _ =
             writeln!(out, "{}", serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": fresh, "text": text }));
     } else {
@@ -485,4 +582,10 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         );
     }
     Ok(())
+}
+
+/// The optional inputs an encoder-decoder is not fed: all but its source mask.
+fn absent_of(checked: &Checked, names: &crate::seq2seq::Names) -> Vec<String> {
+    let fed = |n: &str| names.mask.as_deref() == Some(n);
+    checked.inputs.iter().filter(|i| i.optional && !fed(&i.name)).map(|i| i.name.clone()).collect()
 }

@@ -14,10 +14,10 @@ struct Cli {
 enum Top {
     #[command(flatten)]
     Compiler(modelc_runtime::cli::Command),
-    /// Train a model on text or token batches and keep the best checkpoint.
+    /// Train a model on text, examples or token batches and keep the best checkpoint.
     Train(Box<modelc_runtime::train::TrainArgs>),
     /// Generate text from a trained model.
-    Infer(modelc_runtime::infer::InferArgs),
+    Infer(Box<modelc_runtime::infer::InferArgs>),
     /// Make a self-contained executable for the spec: `./NAME train …`, `./NAME infer …`.
     Build(modelc_runtime::build::BuildArgs),
     /// Sentences to L2-normalised embeddings with an encoder (JSON lines or safetensors).

@@ -100,7 +100,8 @@ pub const TRAIN_KEYS: &[&str] = &[
     "precision",
 ];
 /// Settings an `infer { }` block understands.
-pub const INFER_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "context"];
+pub const INFER_KEYS: &[&str] =
+    &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "start", "stop", "context"];
 
 /// Checks the spec's model (the last `model` of the entry file).
 pub fn check(p: &Program, opts: &Options) -> Result<Checked, Vec<Diagnostic>> {
