@@ -86,6 +86,15 @@ pub fn small(name: &str) -> Vec<(&'static str, &'static str)> {
             ("experts", "3"),
         ],
         "gpt-neox" => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")],
+        "vit" => vec![
+            ("image", "8"),
+            ("patch", "4"),
+            ("dim", "16"),
+            ("layers", "1"),
+            ("heads", "2"),
+            ("hidden", "24"),
+            ("classes", "3"),
+        ],
         _ => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")],
     }
 }

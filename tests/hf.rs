@@ -79,8 +79,9 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 /// The fixtures whose logits and gradients are compared with transformers',
 /// with extra flags: Mixtral with its experts routed sparsely (the default)
 /// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
-/// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`.
-const COMPARED: [(&str, &[&str]); 12] = [
+/// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`;
+/// the Vision Transformer from `tests/vit_fixtures.py`.
+const COMPARED: [(&str, &[&str]); 13] = [
     ("gpt2", &[]),
     ("llama", &[]),
     ("qwen2", &[]),
@@ -93,6 +94,7 @@ const COMPARED: [(&str, &[&str]); 12] = [
     ("mixtral", &["--dense-routes"]),
     ("mixtral-ties", &[]),
     ("mixtral-ties", &["--dense-routes"]),
+    ("vit", &[]),
 ];
 
 #[test]
@@ -237,13 +239,23 @@ fn inputs_that_do_not_fit_are_named() {
 fn train_on_batch(model: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
     let dir = fixture(model);
     let spec = spec(model);
+    // Token ids, or examples with their labels (an image classifier), one batch of them all.
+    let examples = dir.join("examples.safetensors");
+    let (data, batch) = match weights::load_all(&examples) {
+        Ok((t, _)) => (
+            ("--data", examples),
+            vec!["--batch".into(), t["labels"].shape[0].to_string(), "--eval-split".into(), "0".into()],
+        ),
+        Err(_) => (("--batch-file", dir.join("inputs.safetensors")), Vec::new()),
+    };
     let files = [
         ("--config", dir.join("config.json")),
         ("--weights", dir.join("model.safetensors")),
-        ("--batch-file", dir.join("inputs.safetensors")),
+        data,
         ("--out", out.to_path_buf()),
     ];
     let mut args: Vec<String> = vec!["train".into(), spec];
+    args.extend(batch);
     for (flag, path) in files {
         args.extend([flag.to_string(), path.display().to_string()]);
     }

@@ -20,6 +20,7 @@ const REFERENCE: &[(&str, &str, i64)] = &[
     ("qwen3", "qwen3-0.6b.json", 596_049_920),
     ("stablelm", "stablelm-3b-4e1t.json", 2_795_443_200),
     ("gpt-neox", "pythia-410m.json", 405_334_016),
+    ("vit", "vit-base-patch16-224.json", 86_567_656),
 ];
 
 fn spec(name: &str) -> std::path::PathBuf {
@@ -159,6 +160,15 @@ fn small(name: &str) -> Options {
             ("experts", "4"),
         ]),
         "gpt-neox" => sets(&[("vocab", "100"), ("dim", "32"), ("layers", "2"), ("heads", "4"), ("hidden", "64")]),
+        "vit" => sets(&[
+            ("image", "8"),
+            ("patch", "4"),
+            ("dim", "32"),
+            ("layers", "2"),
+            ("heads", "4"),
+            ("hidden", "64"),
+            ("classes", "5"),
+        ]),
         _ => sets(&[
             ("vocab", "100"),
             ("dim", "32"),
