@@ -1091,6 +1091,19 @@ fn examples_and_encoder_decoders_reject_what_does_not_fit() {
     let (code, _, err) = run(&["--data", other.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("has `input_ids`, which is neither an input"), "{err}");
+    // Labels that name no class of the logits (vocab 256) would train on nothing.
+    let (ids, labels) =
+        (vec![0u8; 20 * 4 * 4], [999i32; 20 * 4].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    let tensor = |bytes| safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![20, 4], bytes).unwrap();
+    safetensors::tensor::serialize_to_file(
+        [("src_ids", tensor(&ids)), ("tgt_ids", tensor(&ids)), ("labels", tensor(&labels))],
+        None,
+        &other,
+    )
+    .unwrap();
+    let (code, _, err) = run(&["--data", other.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`labels` element 0 is 999, not a class of"), "{err}");
 
     let model = dir.join("model.safetensors");
     let mut args = vec!["infer", "specs/transformer.model", "--weights", model.to_str().unwrap(), "--prompt", "123"];

@@ -64,6 +64,11 @@ impl Examples {
                     s.name, t.shape, checked.model, s.ty
                 ));
             }
+            if s.ty.dtype == modelc::types::DType::Int
+                && let Some((i, v)) = t.data.iter().enumerate().find(|(_, v)| v.fract() != 0.0 || !v.is_finite())
+            {
+                return Err(format!("{file}: `{}` is int in `{}`, but its element {i} is {v}", s.name, checked.model));
+            }
             match count {
                 None => count = Some((s.name.clone(), t.shape[0])),
                 Some((ref first, n)) if n != t.shape[0] => {
@@ -72,6 +77,7 @@ impl Examples {
                 Some(_) => {}
             }
         }
+        check_labels(&tensors, checked).map_err(|e| format!("{file}: {e}"))?;
         let count = count.map_or(0, |(_, n)| n);
         let held = (count as f64 * eval_split) as usize;
         if count == held {
@@ -151,5 +157,30 @@ impl Examples {
                 (name.clone(), Tensor::new([&[rows.len()], &t.shape[1..]].concat(), data))
             })
             .collect()
+    }
+}
+
+/// Labels scored against `logits` [..., classes] name a class, or are
+/// ignored (-100): any other value would train silently on nothing.
+fn check_labels(tensors: &Tensors, checked: &Checked) -> Result<(), String> {
+    let (Some(labels), Some(logits)) = (tensors.get("labels"), checked.outputs.iter().find(|o| o.name == "logits"))
+    else {
+        return Ok(());
+    };
+    let Some(classes) = logits.ty.dims.last().and_then(|d| d.as_const()) else { return Ok(()) };
+    if labels.shape.len() + 1 != logits.ty.rank() {
+        return Ok(());
+    }
+    let bad = labels
+        .data
+        .iter()
+        .enumerate()
+        .find(|(_, v)| **v != crate::masking::IGNORED && !(0.0..classes as f32).contains(*v));
+    match bad {
+        Some((i, v)) => Err(format!(
+            "`labels` element {i} is {v}, not a class of the {classes} `logits` (0 to {}) nor -100 (ignored)",
+            classes - 1
+        )),
+        None => Ok(()),
     }
 }
