@@ -419,7 +419,8 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         None => vec![args.prompt_ids.clone()],
     };
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-        let empty = prompts.iter().position(Vec::is_empty).map(|i| format!(" (line {})", i + 1)).unwrap_or_default();
+        let line = prompts.iter().position(Vec::is_empty).filter(|_| args.prompts.is_some());
+        let empty = line.map(|i| format!(" (line {})", i + 1)).unwrap_or_default();
         return Err(error(CODE, format!("the prompt is empty{empty}: give --prompt TEXT or --prompt-ids 1,2,3")));
     }
     if let Some(bad) = prompts.iter().flatten().find(|t| **t >= vocab) {
@@ -461,34 +462,11 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         let mut weights = weights;
         args.dtype.apply(CODE, device, &g, &mut weights)?;
         let mut generator = crate::seq2seq::Generator::new(device, g, names, weights, vocab);
-        let mut rng = Rng::new(seed);
-        let started = Instant::now();
-        let mut out = std::io::stdout().lock();
-        let mut count = 0;
-        // Up to 64 prompts a run: the logits of every target position are held.
-        for chunk in prompts.chunks(64) {
-            let ids = (start, stop, tokenizer.pad_id());
-            let generated = generator.generate(chunk, ids, max_new, &sampling, &mut rng).map_err(|e| error(CODE, e))?;
-            for (prompt_ids, new) in chunk.iter().zip(generated) {
-                count += new.len();
-                let shown = new.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(&new);
-                let text = String::from_utf8_lossy(&tokenizer.decode(shown)).into_owned();
-                let line = if args.json {
-                    serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": new, "text": text }).to_string()
-                } else {
-                    text
-                };
-                let _ = writeln!(out, "{line}");
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        eprintln!("{count} tokens in {secs:.2} s, {:.1} tokens/s", count as f64 / secs.max(1e-9));
-        if args.timings {
-            eprintln!(
-                "{}",
-                serde_json::json!({ "prompts": prompts.len(), "new_tokens": count, "seconds": secs, "compile_s": generator.compile_seconds() })
-            );
-        }
+        let output = crate::seq2seq::Output { tokenizer: &tokenizer, json: args.json, timings: args.timings };
+        let ids = (start, stop, tokenizer.pad_id());
+        generator
+            .print(&prompts, ids, max_new, (&sampling, &mut Rng::new(seed)), &output)
+            .map_err(|e| error(CODE, e))?;
         return Ok(());
     }
     let prompt_ids = prompts.into_iter().next().expect("one prompt");

@@ -11,10 +11,13 @@
 
 use crate::cpu::Tensor;
 use crate::model::{Compiled, Device, compile_shapes};
+use crate::tokenize::Tokenizer;
 use crate::weights::{Rng, Tensors};
 use modelc::check::Checked;
 use modelc::ir::graph::Graph;
 use std::collections::HashMap;
+use std::io::Write;
+use std::time::Instant;
 
 /// The inputs of an encoder-decoder, by role.
 #[derive(Clone, Debug)]
@@ -52,6 +55,15 @@ pub struct Sampling {
     pub top_p: f64,
 }
 
+/// How the generations are printed.
+pub struct Output<'a> {
+    pub tokenizer: &'a Tokenizer,
+    /// One JSON object a prompt rather than its text.
+    pub json: bool,
+    /// A JSON line of times on stderr at the end.
+    pub timings: bool,
+}
+
 pub struct Generator {
     device: Device,
     graph: Graph,
@@ -68,8 +80,46 @@ impl Generator {
         Generator { device, graph, names, feeds: weights, programs: HashMap::new(), vocab }
     }
 
-    pub fn compile_seconds(&self) -> f64 {
+    fn compile_seconds(&self) -> f64 {
         self.programs.values().map(Compiled::compile_seconds).sum()
+    }
+
+    /// Generates for every prompt, up to 64 at a time (the logits of every
+    /// target position are held), and prints a line each: the text without
+    /// the stop token, or with `json` the ids too.
+    pub fn print(
+        &mut self,
+        prompts: &[Vec<usize>],
+        ids: (usize, Option<usize>, usize),
+        max_new: usize,
+        (sampling, rng): (&Sampling, &mut Rng),
+        output: &Output,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let mut out = std::io::stdout().lock();
+        let mut count = 0;
+        let stop = ids.1;
+        for chunk in prompts.chunks(64) {
+            for (prompt_ids, new) in chunk.iter().zip(self.generate(chunk, ids, max_new, sampling, rng)?) {
+                count += new.len();
+                let shown = new.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(&new);
+                let text = String::from_utf8_lossy(&output.tokenizer.decode(shown)).into_owned();
+                let line = if output.json {
+                    serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": new, "text": text }).to_string()
+                } else {
+                    text
+                };
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("{count} tokens in {secs:.2} s, {:.1} tokens/s", count as f64 / secs.max(1e-9));
+        if output.timings {
+            let compile_s = self.compile_seconds();
+            let times = serde_json::json!({ "prompts": prompts.len(), "new_tokens": count, "seconds": secs, "compile_s": compile_s });
+            eprintln!("{times}");
+        }
+        Ok(())
     }
 
     /// Each prompt's new tokens: from `start`, at most `max_new`, ending
