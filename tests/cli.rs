@@ -337,6 +337,39 @@ fn train_writes_the_best_checkpoint_and_infer_continues_text() {
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(v["new_token_ids"].as_array().unwrap().len(), 12);
 
+    // --prompts decodes each line as --prompt alone does (the cache reset
+    // between them), with room for every prompt and its tokens; on the
+    // initial weights, whose tokens depend on the whole context (the
+    // trained ones repeat one byte).
+    let prompts = ["the quick", "over the lazy dog", "fox"];
+    std::fs::write(dir.join("prompts.txt"), prompts.join("\n")).unwrap();
+    let initial = dir.join("initial");
+    let mut init = train_args(&data, &initial);
+    init.extend(["--steps", "1", "--lr", "0", "--seed", "3"]);
+    assert_eq!(modelc(&init).0, 0);
+    let initial_weights = initial.join("model.safetensors");
+    let mut args = args.clone();
+    let at = args.iter().position(|a| *a == "--context").unwrap() + 1;
+    args[at] = "64";
+    args[3] = initial_weights.to_str().unwrap();
+    let alone = |p: &str| {
+        let mut one = args.clone();
+        one[5] = p;
+        let (code, json, err) = modelc(&one);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(json.trim()).unwrap()
+    };
+    let mut many = args.clone();
+    let prompts_file = dir.join("prompts.txt");
+    many.splice(4..6, ["--prompts", prompts_file.to_str().unwrap()]);
+    let (code, lines, err) = modelc(&many);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (p, line) in prompts.iter().zip(&lines) {
+        assert_eq!(line, &alone(p), "{p}");
+    }
+
     // Weights that do not fit the model are listed by name.
     let mut wrong = vec![
         "infer",

@@ -46,8 +46,9 @@ pub struct InferArgs {
     /// The prompt as token ids instead, e.g. `--prompt-ids 72,101`.
     #[arg(long = "prompt-ids", value_delimiter = ',')]
     pub prompt_ids: Vec<usize>,
-    /// A file of prompts, one a line, decoded together: one line of output each
-    /// (encoder-decoder models).
+    /// A file of prompts, one a line: one line of output each (the new text, or a JSON
+    /// object with --json). An encoder-decoder decodes them together, a decoder one
+    /// after another on the same programs.
     #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
     pub prompts: Option<PathBuf>,
     /// The token an encoder-decoder's output starts from (default: the spec's `start`).
@@ -158,6 +159,8 @@ trait Decoder {
     fn next(&mut self, tokens: &[usize], new: usize) -> Result<Vec<f32>, String>;
     /// Seconds spent compiling programs so far.
     fn compile_seconds(&self) -> f64;
+    /// Forgets what was read, for another prompt (programs are kept).
+    fn reset(&mut self) {}
 }
 
 /// The lengths of the pieces `read` cuts `n` tokens into.
@@ -310,6 +313,15 @@ impl Decoder for Cached {
         self.programs.values().map(Compiled::compile_seconds).sum()
     }
 
+    fn reset(&mut self) {
+        self.held = 0;
+        let caches = self.caches.iter_mut().chain(self.feeds.iter_mut());
+        for (_, t) in caches.filter(|(name, _)| matches!(Role::of(name), Role::CacheIn { .. })) {
+            t.data.fill(0.0);
+            t.halves.fill(0);
+        }
+    }
+
     fn prepare(&mut self, prompt: usize, new: usize) -> Result<(), String> {
         // The prompt's chunks, then one token at a time.
         let mut sizes = chunk_sizes(prompt.min(self.len), self.chunk);
@@ -398,9 +410,6 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
     if seq2seq.is_none() && checked.inputs.iter().any(|i| !i.optional && i.name != "input_ids") {
         return Err(error(CODE, format!("`infer` feeds `input_ids` only; `{}` needs other inputs too", checked.model)));
     }
-    if seq2seq.is_none() && args.prompts.is_some() {
-        return Err(error(CODE, "--prompts decodes many prompts with an encoder-decoder; give a decoder one --prompt"));
-    }
     let weights = load_weights(CODE, &args.weights, &args.model, &checked, &args.run)?;
     let tokenizer_path = Tokenizer::find(args.tokenizer.as_deref(), Some(&args.weights));
     let tokenizer = Tokenizer::open(tokenizer_path.as_deref()).map_err(|e| error(CODE, e))?;
@@ -469,12 +478,12 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
             .map_err(|e| error(CODE, e))?;
         return Ok(());
     }
-    let prompt_ids = prompts.into_iter().next().expect("one prompt");
-    let mut tokens = prompt_ids.clone();
+    // The cache holds the longest prompt and its new tokens.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
 
     let mut decoder: Box<dyn Decoder> = if args.no_cache {
         let (_, g) = forward_graph(&args.model, LowerOptions { absent, ..Default::default() }, &["logits"])?;
-        let len = context.min(tokens.len().saturating_add(max_new));
+        let len = context.min(longest.saturating_add(max_new));
         let mut feeds = weights;
         args.dtype.apply(CODE, device, &g, &mut feeds)?;
         feeds.insert("input_ids".into(), Tensor::new(vec![1, len], vec![0.0; len]));
@@ -483,7 +492,7 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
         program.keep_resident(&weights);
         Box::new(Recompute { program, feeds, len, vocab })
     } else {
-        let len = context.min(tokens.len().saturating_add(max_new));
+        let len = context.min(longest.saturating_add(max_new));
         let how = LowerOptions { absent, cache: Some(len), ..Default::default() };
         let (_, g) = forward_graph(&args.model, how, &[])?;
         // The prompt's logits after its last token only (what decoding reads).
@@ -502,6 +511,33 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
 
     let mut rng = Rng::new(seed);
     let mut out = std::io::stdout().lock();
+    if args.prompts.is_some() {
+        // One prompt after another on the same programs, a line each.
+        decoder.prepare(longest, max_new).map_err(|e| error(CODE, e))?;
+        let output = crate::seq2seq::Output { tokenizer: &tokenizer, json: args.json, timings: false };
+        let (started, mut count) = (Instant::now(), 0);
+        for prompt_ids in &prompts {
+            decoder.reset();
+            let (mut tokens, mut new, mut fresh) = (prompt_ids.clone(), prompt_ids.len(), Vec::new());
+            for _ in 0..max_new {
+                let logits = decoder.next(&tokens, new).map_err(|e| error(CODE, e))?;
+                let next = sample(&logits, temperature, top_k, top_p, &mut rng);
+                tokens.push(next);
+                fresh.push(next);
+                new = 1;
+                if Some(next) == stop {
+                    break;
+                }
+            }
+            count += fresh.len();
+            let _ = writeln!(out, "{}", output.line(prompt_ids, &fresh, stop));
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("{count} tokens in {secs:.2} s, {:.1} tokens/s", count as f64 / secs.max(1e-9));
+        return Ok(());
+    }
+    let prompt_ids = prompts.into_iter().next().expect("one prompt");
+    let mut tokens = prompt_ids.clone();
     if !args.json {
         let _ = out.write_all(&tokenizer.decode(&tokens));
         let _ = out.flush();
@@ -532,10 +568,8 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
     }
     let secs = started.elapsed().as_secs_f64();
     if args.json {
-        let shown = fresh.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(&fresh);
-        let text = String::from_utf8_lossy(&tokenizer.decode(shown)).into_owned();
-        let _ =
-            writeln!(out, "{}", serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": fresh, "text": text }));
+        let output = crate::seq2seq::Output { tokenizer: &tokenizer, json: true, timings: false };
+        let _ = writeln!(out, "{}", output.line(&prompt_ids, &fresh, stop));
     } else {
         let _ = out.write_all(&stream.finish());
         let _ = writeln!(out);

@@ -64,6 +64,20 @@ pub struct Output<'a> {
     pub timings: bool,
 }
 
+impl Output<'_> {
+    /// A prompt's line: the new text without the stop token, or with `json`
+    /// an object with the ids too.
+    pub fn line(&self, prompt_ids: &[usize], new: &[usize], stop: Option<usize>) -> String {
+        let shown = new.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(new);
+        let text = String::from_utf8_lossy(&self.tokenizer.decode(shown)).into_owned();
+        if self.json {
+            serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": new, "text": text }).to_string()
+        } else {
+            text
+        }
+    }
+}
+
 pub struct Generator {
     device: Device,
     graph: Graph,
@@ -102,14 +116,7 @@ impl Generator {
         for chunk in prompts.chunks(64) {
             for (prompt_ids, new) in chunk.iter().zip(self.generate(chunk, ids, max_new, sampling, rng)?) {
                 count += new.len();
-                let shown = new.strip_suffix(&[stop.unwrap_or(usize::MAX)][..]).unwrap_or(&new);
-                let text = String::from_utf8_lossy(&output.tokenizer.decode(shown)).into_owned();
-                let line = if output.json {
-                    serde_json::json!({ "prompt_ids": prompt_ids, "new_token_ids": new, "text": text }).to_string()
-                } else {
-                    text
-                };
-                let _ = writeln!(out, "{line}");
+                let _ = writeln!(out, "{}", output.line(prompt_ids, &new, stop));
             }
         }
         let secs = started.elapsed().as_secs_f64();
