@@ -662,6 +662,7 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
     let metrics_path = args.out.join("metrics.jsonl");
     let mut metrics = out.metrics(mode, first_step - 1).map_err(usage)?;
     let (unit, per_batch) = data.unit(&s);
+    let examples = matches!(data, Data::Examples(_));
     eprintln!(
         "training {} ({} trainable parameters) on {} {unit} ({} held out): {} steps of {}{}{}",
         checked.model,
@@ -669,7 +670,7 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
         data.size(),
         data.held_out(),
         s.steps,
-        if matches!(data, Data::Examples(_)) { format!("{}", s.batch) } else { format!("{} x {}", s.batch, s.seq) },
+        if examples { format!("{}", s.batch) } else { format!("{} x {}", s.batch, s.seq) },
         if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() },
         match s.products {
             crate::cpu::Products::F32 => String::new(),
@@ -747,14 +748,13 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
             ("lr", rate.into()),
             ("grad_norm", rounded(outcome.grad_norm, 4)),
             ("seconds", rounded(step_seconds, 4)),
-            (if unit == "examples" { "examples_per_s" } else { "tokens_per_s" }, rounded(tps, 0)),
+            (if examples { "examples_per_s" } else { "tokens_per_s" }, rounded(tps, 0)),
         ];
         fields.extend(step_metrics(&outcome.metrics));
         record(&mut metrics, json_line(&fields), &state, best)?;
-        let speed = if unit == "examples" { format!("{tps:.0} examples/s") } else { format!("{tps:.0} tok/s") };
+        let speed = if examples { format!("{tps:.0} examples/s") } else { format!("{tps:.0} tok/s") };
         let mut line = format!("loss {loss:.3}  lr {rate:.2e}  {speed}");
         if !eval_batches.is_empty() && (step % s.eval_every == 0 || step == last) {
-            let examples = matches!(data, Data::Examples(_));
             let (eval, scores) = evaluate(&eval_program, &eval_batches, &state, examples)
                 .map_err(|e| usage(format!("evaluation at step {step}: {e}")))?;
             let mut fields = vec![("step", step.into()), ("eval_loss", rounded(eval, 5))];
