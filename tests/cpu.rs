@@ -33,6 +33,11 @@ fn every_spec_matches_the_interpreter() {
 }
 
 #[test]
+fn convolutions_match_the_interpreter_and_torch_on_the_cpu() {
+    convolutions(cpu);
+}
+
+#[test]
 fn running_sums_match_the_interpreter_on_the_cpu() {
     running_sums(cpu);
 }

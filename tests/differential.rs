@@ -528,6 +528,24 @@ pub const RUNNING_SUMS: &str = "model Sums(n: int = 5, m: int = 70) {
 }
 ";
 
+/// `conv1d` / `conv2d` and their gradients on the backend against the
+/// interpreter and torch (`tests/fixtures/conv.json`).
+pub fn convolutions(backend: Backend) {
+    for case in conv_cases() {
+        compare(backend, &case.label, &case.graph, &case.feeds, 2e-4);
+        let shapes = case.feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+        let sizes = bind(&case.graph, &shapes).unwrap();
+        let tensors = case.feeds.iter().map(|(k, v)| (k.clone(), to_tensor(v))).collect();
+        let got = backend(&case.graph, &sizes, &tensors).unwrap();
+        for (name, want) in &case.torch {
+            for (i, (h, w)) in got[name].data.iter().zip(want).enumerate() {
+                let h = *h as f64;
+                assert!((h - w).abs() <= 2e-4 * (1.0 + w.abs()), "{}: {name}[{i}]: {h} vs torch {w}", case.label);
+            }
+        }
+    }
+}
+
 /// `cumsum` on the backend against the interpreter: values and the
 /// gradient of the loss.
 pub fn running_sums(backend: Backend) {

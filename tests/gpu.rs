@@ -130,6 +130,11 @@ fn every_spec_matches_the_interpreter_on_the_gpu() {
 }
 
 #[test]
+fn convolutions_match_the_interpreter_and_torch_on_the_gpu() {
+    convolutions(gpu);
+}
+
+#[test]
 fn running_sums_match_the_interpreter_on_the_gpu() {
     running_sums(gpu);
 }

@@ -52,6 +52,11 @@ const PRIMITIVE_CASES: &[(&str, &str)] = &[
     ("one_hot", "sum(one_hot(ids, m) * a * b)"),
     ("arange", "sum(float(arange(m)) * a * b)"),
     ("linear", "sum(linear(a, b, bias: b[:, 0]) * (a @ transpose(b)))"),
+    ("conv1d", "sum(conv1d(a.unsqueeze(0), b[:, :2].unsqueeze(0), bias: b[0, :1], stride: 2, padding: 1) ** 2)"),
+    (
+        "conv2d",
+        "sum(conv2d(concat([a, b * b], axis: 0).reshape([1, 2, n, m]), reshape(a[:2, :2] - b[:2, :2], [2, 1, 1, 2]), padding: [0, 1], dilation: [1, 2], groups: 2) ** 2)",
+    ),
     ("topk", "sum(topk(a * b, 2)[0] * b[:, :2])"),
     ("cross_entropy", "cross_entropy(a * b, ids % m)"),
     ("mse", "mse(a, b * b)"),
@@ -139,6 +144,25 @@ fn cumsum_gives_running_sums_as_torch_cumsum_does() {
     assert_eq!(out["down"].data, [1.0, 2.0, 3.0, 5.0, 7.0, 9.0]);
     assert_eq!(out["across"].data, [1.0, 3.0, 6.0, 4.0, 9.0, 15.0]);
     assert_eq!(out["count"].data, [0.0, 1.0, 1.0, -1.0, 0.0, 1.0]);
+}
+
+/// `conv1d` / `conv2d` and their gradients equal torch's (in float64, from
+/// `tests/conv_fixtures.py`) over strides, padding, dilation and groups.
+#[test]
+fn convolutions_and_their_gradients_match_torch() {
+    let cases = conv_cases();
+    assert_eq!(cases.len(), 7);
+    for case in cases {
+        let out = run(&case.graph, &case.feeds, Precision::F64).unwrap();
+        assert_eq!(out.len(), case.torch.len(), "{}", case.label);
+        for (name, want) in &case.torch {
+            let have = &out[name].data;
+            assert_eq!(have.len(), want.len(), "{}: {name}", case.label);
+            for (i, (h, w)) in have.iter().zip(want).enumerate() {
+                assert!((h - w).abs() <= 1e-9 * (1.0 + w.abs()), "{}: {name}[{i}]: {h} vs torch {w}", case.label);
+            }
+        }
+    }
 }
 
 #[test]

@@ -171,3 +171,73 @@ pub fn published_minilm() -> PathBuf {
     }
     folder
 }
+
+/// A convolution case of `tests/fixtures/conv.json` (`tests/conv_fixtures.py`):
+/// a graph whose outputs are the convolution `y` and the gradients of
+/// sum(y * r) with respect to `x`, `weight` and (if any) `bias`, its feeds,
+/// and torch's values of each output.
+pub struct ConvCase {
+    pub label: String,
+    pub graph: Graph,
+    pub feeds: HashMap<String, Array>,
+    pub torch: HashMap<String, Vec<f64>>,
+}
+
+pub fn conv_cases() -> Vec<ConvCase> {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/conv.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let numbers =
+        |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let shape = |v: &serde_json::Value| -> Vec<usize> { numbers(v).iter().map(|d| *d as usize).collect() };
+    let dims = |s: &[usize]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let list = |v: &serde_json::Value| -> String {
+        format!("[{}]", numbers(v).iter().map(|d| (*d as i64).to_string()).collect::<Vec<_>>().join(", "))
+    };
+    cases
+        .iter()
+        .map(|c| {
+            let (xs, ws, rs) = (shape(&c["x"]["shape"]), shape(&c["weight"]["shape"]), shape(&c["r"]["shape"]));
+            let conv = if xs.len() == 3 { "conv1d" } else { "conv2d" };
+            let has_bias = c.get("bias").is_some();
+            let settings = format!(
+                "stride: {}, padding: {}, dilation: {}, groups: {}",
+                list(&c["stride"]),
+                list(&c["padding"]),
+                list(&c["dilation"]),
+                c["groups"]
+            );
+            let label = format!("{conv} of [{}] by [{}], {settings}", dims(&xs), dims(&ws));
+            let spec = format!(
+                "model C {{\n    x: param[{}]\n    weight: param[{}]\n{}\n    forward(r: [{}]) -> (y: [{}], s: []) {{\n        let y = {conv}(x, weight, bias: {}, {settings})\n        [y, sum(y * r)]\n    }}\n}}\n",
+                dims(&xs),
+                dims(&ws),
+                if has_bias { format!("    bias: param[{}]\n", ws[0]) } else { String::new() },
+                dims(&rs),
+                dims(&rs),
+                if has_bias { "bias" } else { "none" },
+            );
+            let (_, mut graph) = lower_text(&spec, &Options::default(), false);
+            let loss = graph.output("s").unwrap();
+            let params: Vec<(String, NodeId)> = graph.params().map(|(n, id)| (n.to_string(), id)).collect();
+            let ids: Vec<NodeId> = params.iter().map(|(_, id)| *id).collect();
+            let grads = modelc::ir::grad::grad(&mut graph, loss, &ids);
+            for ((name, _), grad) in params.iter().zip(grads) {
+                graph.outputs.push((format!("grad_{name}"), grad));
+            }
+            graph.outputs.retain(|(name, _)| name != "s");
+            let mut feeds = HashMap::new();
+            feeds.insert("x".to_string(), Array::new(xs, numbers(&c["x"]["data"])));
+            feeds.insert("weight".to_string(), Array::new(ws.clone(), numbers(&c["weight"]["data"])));
+            feeds.insert("r".to_string(), Array::new(rs, numbers(&c["r"]["data"])));
+            let mut torch = HashMap::new();
+            for name in ["y", "grad_x", "grad_weight"] {
+                torch.insert(name.to_string(), numbers(&c[name]));
+            }
+            if has_bias {
+                feeds.insert("bias".to_string(), Array::new(vec![ws[0]], numbers(&c["bias"])));
+                torch.insert("grad_bias".to_string(), numbers(&c["grad_bias"]));
+            }
+            ConvCase { label, graph, feeds, torch }
+        })
+        .collect()
+}

@@ -500,7 +500,8 @@ fn convert(t: &Ty, kind: Kind) -> Option<PArg> {
         (Kind::OptFloat, Ty::Value(Value::None)) => Some(PArg::Absent),
         (Kind::Bool, Ty::Value(v @ Value::Bool(_))) => Some(value(v)),
         (Kind::Axes, Ty::Value(v @ (Value::Int(_) | Value::None))) => Some(value(v)),
-        (Kind::Axes | Kind::Ints, Ty::Value(Value::List(items)))
+        (Kind::PerAxis, Ty::Value(v @ Value::Int(_))) => Some(value(v)),
+        (Kind::Axes | Kind::Ints | Kind::PerAxis, Ty::Value(Value::List(items)))
             if items.iter().all(|i| matches!(i, Value::Int(_))) =>
         {
             Some(value(&Value::List(items.clone())))
@@ -531,6 +532,7 @@ fn kind_text(kind: Kind) -> &'static str {
         Kind::Bool => "a bool",
         Kind::Axes => "an axis, a list of axes or none",
         Kind::Ints => "a list of ints",
+        Kind::PerAxis => "an int or a list of ints",
         Kind::Size => "a size",
         Kind::Sizes => "a list of sizes",
         Kind::Tensors => "a list of tensors",

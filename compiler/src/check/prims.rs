@@ -26,6 +26,9 @@ pub enum Kind {
     Axes,
     /// A list of integer axes.
     Ints,
+    /// An int for every spatial axis alike, or a list with one per axis
+    /// (a convolution's stride, padding, dilation).
+    PerAxis,
     /// A size: an integer or a symbolic dimension such as `T`.
     Size,
     /// A list of sizes.
@@ -99,6 +102,8 @@ pub enum Prim {
     Arange,
     Dropout,
     Linear,
+    Conv1d,
+    Conv2d,
     Attend,
     Rope,
     Topk,
@@ -107,6 +112,16 @@ pub enum Prim {
     Mse,
     AddLoss,
 }
+
+const CONV: &[Param] = &[
+    req("x", K::T),
+    req("weight", K::T),
+    p("bias", K::OptT, D::None),
+    p("stride", K::PerAxis, D::Int(1)),
+    p("padding", K::PerAxis, D::Int(0)),
+    p("dilation", K::PerAxis, D::Int(1)),
+    p("groups", K::Int, D::Int(1)),
+];
 
 /// Every primitive but the unary ones with its name and parameters, in the
 /// order positional arguments bind.
@@ -140,6 +155,8 @@ pub const PRIMITIVES: &[(Prim, &str, &[Param])] = &[
     (Prim::Arange, "arange", &[req("n", K::Size)]),
     (Prim::Dropout, "dropout", &[req("x", K::T), p("p", K::Float, D::Float(0.1))]),
     (Prim::Linear, "linear", &[req("x", K::T), req("weight", K::T), p("bias", K::OptT, D::None)]),
+    (Prim::Conv1d, "conv1d", CONV),
+    (Prim::Conv2d, "conv2d", CONV),
     (
         Prim::Attend,
         "attend",
@@ -675,6 +692,8 @@ pub fn infer(prim: Prim, args: &[Arg]) -> Result<Out, PrimError> {
             *dims.last_mut().expect("rank >= 1") = w.dims[0].clone();
             one(TensorTy::new(DType::F32, dims))
         }
+        Prim::Conv1d => conv(&a, 1).map(Out::One),
+        Prim::Conv2d => conv(&a, 2).map(Out::One),
         Prim::Attend => attend(&a),
         Prim::Rope => {
             let x = a.t(0);
@@ -810,6 +829,99 @@ pub fn matmul(x: &TensorTy, y: &TensorTy) -> Result<TensorTy, PrimError> {
         dims.push(m.clone());
     }
     Ok(TensorTy::new(DType::F32, dims))
+}
+
+/// `conv1d` / `conv2d` as PyTorch's `F.conv1d` / `F.conv2d`: `x [B, C, *S]`,
+/// `weight [O, C / groups, *K]` -> `[B, O, *P]` with, on each spatial axis,
+/// P = (S + 2 padding - dilation (K - 1) - 1) / stride + 1.
+fn conv(a: &Args, spatial: usize) -> Result<TensorTy, PrimError> {
+    let name = if spatial == 1 { "conv1d" } else { "conv2d" };
+    let (x, w) = (a.t(0), a.t(1));
+    let axes = if spatial == 1 { "[batch, channels, length]" } else { "[batch, channels, height, width]" };
+    for (i, t) in [x, w].into_iter().enumerate() {
+        need_float(t, i, name)?;
+        if t.rank() != spatial + 2 {
+            let what = if i == 0 { axes.to_string() } else { format!("[out, in / groups, {}]", kernel_axes(spatial)) };
+            return Err(err(format!("`{name}` takes {what}, found {}", shape_text(&t.dims))).at(i, "here").help(
+                if i == 0 {
+                    "add a batch axis of 1 with `unsqueeze(x, 0)`"
+                } else {
+                    "the weight as PyTorch lays it out"
+                },
+            ));
+        }
+    }
+    let per_axis = |i: usize, what: &str, least: i64| -> Result<Vec<i64>, PrimError> {
+        let vs = a.ints(i);
+        let vs = if vs.len() == 1 { vec![vs[0]; spatial] } else { vs };
+        if vs.len() != spatial {
+            return Err(err(format!("`{name}` takes one {what} or {spatial}, found {}", vs.len())).at(i, "here"));
+        }
+        match vs.iter().find(|v| **v < least) {
+            Some(v) => Err(err(format!("{what} {v} of `{name}` is less than {least}")).at(i, "here")),
+            None => Ok(vs),
+        }
+    };
+    let (stride, padding, dilation) =
+        (per_axis(3, "stride", 1)?, per_axis(4, "padding", 0)?, per_axis(5, "dilation", 1)?);
+    let groups = a.int(6);
+    let (channels, out) = (&x.dims[1], &w.dims[0]);
+    let whole = |d: &Dim| d.div(&Dim::constant(groups)).is_some();
+    if groups < 1 || !whole(channels) || !whole(out) {
+        return Err(err(format!("{groups} groups do not divide {channels} input and {out} output channels"))
+            .at(6, "here")
+            .at(0, format!("{channels} channels"))
+            .at(1, format!("{out} output channels")));
+    }
+    if channels.div(&Dim::constant(groups)).as_ref() != Some(&w.dims[1]) {
+        return Err(err(format!(
+            "`{name}` of {channels} channels in {groups} group(s) needs a weight of {} inputs per output, found {}",
+            channels.div(&Dim::constant(groups)).unwrap_or_else(|| channels.clone()),
+            w.dims[1]
+        ))
+        .at(0, format!("this has shape {}", shape_text(&x.dims)))
+        .at(1, format!("this has shape {}", shape_text(&w.dims))));
+    }
+    if let Some(b) = a.opt_t(2)
+        && b.dims != [out.clone()]
+    {
+        return Err(err(format!("the bias of `{name}` must be [{out}], found {}", shape_text(&b.dims))).at(2, "here"));
+    }
+    let mut dims = vec![x.dims[0].clone(), out.clone()];
+    for i in 0..spatial {
+        let Some(k) = w.dims[2 + i].as_const() else {
+            return Err(err(format!("the kernel size {} of `{name}` is not a number", w.dims[2 + i]))
+                .at(1, "here")
+                .help("give the weight a fixed size"));
+        };
+        let size = &x.dims[2 + i];
+        // S + 2p - d(K - 1) - 1, then divided by the stride.
+        let reach = 2 * padding[i] - dilation[i] * (k - 1) - 1;
+        let span = size.add(&Dim::constant(reach));
+        let Some(steps) = span.div(&Dim::constant(stride[i])) else {
+            return Err(err(format!(
+                "`{name}` with stride {} over {size} (padded by {}) does not give a whole size",
+                stride[i], padding[i]
+            ))
+            .at(0, format!("this has shape {}", shape_text(&x.dims)))
+            .help(format!("make {size} a number (a hyperparameter of the layer)")));
+        };
+        let p = steps.add(&Dim::constant(1));
+        if p.as_const().is_some_and(|p| p < 1) {
+            return Err(err(format!(
+                "`{name}`'s kernel of {k} (dilation {}) does not fit in {size} padded by {}",
+                dilation[i], padding[i]
+            ))
+            .at(0, format!("this has shape {}", shape_text(&x.dims)))
+            .at(1, format!("this has shape {}", shape_text(&w.dims))));
+        }
+        dims.push(p);
+    }
+    Ok(TensorTy::new(DType::F32, dims))
+}
+
+fn kernel_axes(spatial: usize) -> &'static str {
+    if spatial == 1 { "kernel" } else { "kernel_h, kernel_w" }
 }
 
 fn attend(a: &Args) -> Result<Out, PrimError> {

@@ -311,6 +311,22 @@ impl Lowering {
                     None => one(y),
                 }
             }
+            Prim::Conv1d | Prim::Conv2d => {
+                let n = out[0].rank() - 2;
+                let per_axis = |arg: &LArg| match arg {
+                    LArg::Int(v) => vec![*v; n],
+                    LArg::Ints(vs) if vs.len() == 1 => vec![vs[0]; n],
+                    LArg::Ints(vs) => vs.clone(),
+                    other => unreachable!("bug: convolution setting {other:?}"),
+                };
+                let at = super::conv::Geometry {
+                    stride: per_axis(&a[3]),
+                    padding: per_axis(&a[4]),
+                    dilation: per_axis(&a[5]),
+                    groups: a[6].int(),
+                };
+                one(super::conv::conv(g, a[0].node(), a[1].node(), a[2].opt_node(), &at, &out[0].dims))
+            }
             Prim::Attend => one(self.attend(a)),
             Prim::Rope => {
                 let x = a[0].node();

@@ -2,6 +2,7 @@
 //! reference interpreter, reverse-mode autodiff and the training program.
 
 pub mod attention;
+pub mod conv;
 pub mod experts;
 pub mod grad;
 pub mod graph;
