@@ -86,6 +86,7 @@ pub fn small(name: &str) -> Vec<(&'static str, &'static str)> {
             ("experts", "3"),
         ],
         "gpt-neox" => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")],
+        "cnn" => vec![("image", "8"), ("width", "4"), ("classes", "3")],
         "vit" => vec![
             ("image", "8"),
             ("patch", "4"),

@@ -160,6 +160,7 @@ fn small(name: &str) -> Options {
             ("experts", "4"),
         ]),
         "gpt-neox" => sets(&[("vocab", "100"), ("dim", "32"), ("layers", "2"), ("heads", "4"), ("hidden", "64")]),
+        "cnn" => sets(&[("image", "12"), ("width", "8"), ("classes", "5")]),
         "vit" => sets(&[
             ("image", "8"),
             ("patch", "4"),

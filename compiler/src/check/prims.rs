@@ -898,7 +898,14 @@ fn conv(a: &Args, spatial: usize) -> Result<TensorTy, PrimError> {
         // S + 2p - d(K - 1) - 1, then divided by the stride.
         let reach = 2 * padding[i] - dilation[i] * (k - 1) - 1;
         let span = size.add(&Dim::constant(reach));
-        let Some(steps) = span.div(&Dim::constant(stride[i])) else {
+        // A number of positions rounds down, as in PyTorch; a symbolic
+        // one must divide exactly.
+        let steps = match span.as_const() {
+            Some(n) if n >= 0 => Some(Dim::constant(n / stride[i])),
+            Some(_) => Some(Dim::constant(-1)),
+            None => span.div(&Dim::constant(stride[i])),
+        };
+        let Some(steps) = steps else {
             return Err(err(format!(
                 "`{name}` with stride {} over {size} (padded by {}) does not give a whole size",
                 stride[i], padding[i]

@@ -3,7 +3,8 @@
 //! kernel does the rest. Its gradient (a `ScatterAdd` of the windows' rows
 //! and the product's) and every backend come with those two operations, and
 //! the result is PyTorch's `F.conv*d`: stride, zero padding, dilation and
-//! groups on each spatial axis.
+//! groups on each spatial axis. Windows that tile the input (ViT's patch
+//! projection, 1 x 1 kernels) are a reshape and a permute instead.
 
 use super::graph::{Binary, Graph, NodeId};
 use crate::types::{DType, Dim};
@@ -28,12 +29,65 @@ pub fn conv(g: &mut Graph, x: NodeId, weight: NodeId, bias: Option<NodeId>, at: 
     let xd = g.dims(x).to_vec();
     let wd = g.dims(weight).to_vec();
     let n = xd.len() - 2;
-    let (batch, channels, sizes) = (xd[0].clone(), xd[1].clone(), &xd[2..]);
+    let batch = xd[0].clone();
     let (outs, positions) = (wd[0].clone(), &out[2..]);
     let kernel: Vec<i64> = wd[2..].iter().map(|k| k.as_const().expect("bug: kernel size checked")).collect();
     let one = Dim::constant(1);
-    let pixels = sizes.iter().fold(one.clone(), |acc, s| acc.mul(s));
+    let windows = match tiles(g, x, &kernel, at, positions) {
+        Some(tiled) => tiled,
+        None => windows(g, x, &kernel, at, positions),
+    };
 
+    // Windows meet the kernel: [B P, K C] x [O, K C]^T per group.
+    let count = positions.iter().fold(batch.clone(), |acc, p| acc.mul(p));
+    let taps = Dim::constant(kernel.iter().product());
+    let (channels, group_channels) = (xd[1].clone(), wd[1].clone());
+    let kernel_rows = g.reshape(weight, &[outs.clone(), group_channels.clone(), taps.clone()]);
+    let kernel_rows = g.permute(kernel_rows, &[0, 2, 1]);
+    let y = if at.groups == 1 {
+        let cols = g.reshape(windows, &[count.clone(), taps.mul(&channels)]);
+        let w = g.reshape(kernel_rows, &[outs.clone(), taps.mul(&channels)]);
+        g.matmul_t(cols, w, false, true)
+    } else {
+        let groups = Dim::constant(at.groups);
+        let per_group = outs.div(&groups).expect("bug: groups checked");
+        let cols = g.reshape(windows, &[count.clone(), taps.clone(), groups.clone(), group_channels.clone()]);
+        let cols = g.permute(cols, &[2, 0, 1, 3]);
+        let width = taps.mul(&group_channels);
+        let cols = g.reshape(cols, &[groups.clone(), count.clone(), width.clone()]);
+        let w = g.reshape(kernel_rows, &[groups.clone(), per_group.clone(), width]);
+        let y = g.matmul_t(cols, w, false, true);
+        let y = g.permute(y, &[1, 0, 2]);
+        g.reshape(y, &[count, outs.clone()])
+    };
+
+    // Back to channels first.
+    let mut dims = vec![batch];
+    dims.extend(positions.iter().cloned());
+    dims.push(outs.clone());
+    let y = g.reshape(y, &dims);
+    let mut perm = vec![0, n + 1];
+    perm.extend(1..=n);
+    let y = g.permute(y, &perm);
+    match bias {
+        Some(bias) => {
+            let mut dims = vec![outs];
+            dims.extend(std::iter::repeat_n(one, n));
+            let bias = g.reshape(bias, &dims);
+            g.add(y, bias)
+        }
+        None => y,
+    }
+}
+
+/// Each output position's window `[B, *P, *K, C]` by one `Gather` from the
+/// input laid out channels last, a zero row after each image's pixels.
+fn windows(g: &mut Graph, x: NodeId, kernel: &[i64], at: &Geometry, positions: &[Dim]) -> NodeId {
+    let xd = g.dims(x).to_vec();
+    let n = xd.len() - 2;
+    let (batch, channels, sizes) = (xd[0].clone(), xd[1].clone(), &xd[2..]);
+    let one = Dim::constant(1);
+    let pixels = sizes.iter().fold(one.clone(), |acc, s| acc.mul(s));
     // The table: channels last, a zero row after each image's pixels.
     let mut perm = vec![0];
     perm.extend(2..2 + n);
@@ -82,46 +136,32 @@ pub fn conv(g: &mut Graph, x: NodeId, weight: NodeId, bias: Option<NodeId>, at: 
     let image = g.cast(image, DType::Int);
     let first = g.mul(b, image);
     let ids = g.add(within, first);
-    let windows = g.gather(table, ids);
+    g.gather(table, ids)
+}
 
-    // Windows meet the kernel: [B P, K C] x [O, K C]^T per group.
-    let count = positions.iter().fold(batch.clone(), |acc, p| acc.mul(p));
-    let taps = Dim::constant(kernel.iter().product());
-    let group_channels = wd[1].clone();
-    let kernel_rows = g.reshape(weight, &[outs.clone(), group_channels.clone(), taps.clone()]);
-    let kernel_rows = g.permute(kernel_rows, &[0, 2, 1]);
-    let y = if at.groups == 1 {
-        let cols = g.reshape(windows, &[count.clone(), taps.mul(&channels)]);
-        let w = g.reshape(kernel_rows, &[outs.clone(), taps.mul(&channels)]);
-        g.matmul_t(cols, w, false, true)
-    } else {
-        let groups = Dim::constant(at.groups);
-        let per_group = outs.div(&groups).expect("bug: groups checked");
-        let cols = g.reshape(windows, &[count.clone(), taps.clone(), groups.clone(), group_channels.clone()]);
-        let cols = g.permute(cols, &[2, 0, 1, 3]);
-        let width = taps.mul(&group_channels);
-        let cols = g.reshape(cols, &[groups.clone(), count.clone(), width.clone()]);
-        let w = g.reshape(kernel_rows, &[groups.clone(), per_group.clone(), width]);
-        let y = g.matmul_t(cols, w, false, true);
-        let y = g.permute(y, &[1, 0, 2]);
-        g.reshape(y, &[count, outs.clone()])
-    };
-
-    // Back to channels first.
-    let mut dims = vec![batch];
-    dims.extend(positions.iter().cloned());
-    dims.push(outs.clone());
-    let y = g.reshape(y, &dims);
-    let mut perm = vec![0, n + 1];
-    perm.extend(1..=n);
-    let y = g.permute(y, &perm);
-    match bias {
-        Some(bias) => {
-            let mut dims = vec![outs];
-            dims.extend(std::iter::repeat_n(one, n));
-            let bias = g.reshape(bias, &dims);
-            g.add(y, bias)
-        }
-        None => y,
+/// The windows when they tile the input (kernel = stride, no padding or
+/// dilation, sizes that divide: ViT's patches, 1 x 1 kernels): a reshape
+/// and a permute, no gather.
+fn tiles(g: &mut Graph, x: NodeId, kernel: &[i64], at: &Geometry, positions: &[Dim]) -> Option<NodeId> {
+    let xd = g.dims(x).to_vec();
+    let n = kernel.len();
+    let tiled = (0..n).all(|a| {
+        at.stride[a] == kernel[a]
+            && at.padding[a] == 0
+            && at.dilation[a] == 1
+            && positions[a].mul(&Dim::constant(kernel[a])) == xd[2 + a]
+    });
+    if !tiled {
+        return None;
     }
+    let mut split = xd[..2].to_vec();
+    for a in 0..n {
+        split.extend([positions[a].clone(), Dim::constant(kernel[a])]);
+    }
+    let split = g.reshape(x, &split);
+    let mut perm = vec![0];
+    perm.extend((0..n).map(|a| 2 + 2 * a));
+    perm.extend((0..n).map(|a| 3 + 2 * a));
+    perm.push(1);
+    Some(g.permute(split, &perm))
 }
