@@ -87,6 +87,17 @@ pub fn small(name: &str) -> Vec<(&'static str, &'static str)> {
         ],
         "gpt-neox" => vec![("vocab", "50"), ("dim", "16"), ("layers", "1"), ("heads", "2"), ("hidden", "24")],
         "cnn" => vec![("image", "8"), ("width", "4"), ("classes", "3")],
+        "gemma2" => vec![
+            ("vocab", "50"),
+            ("dim", "16"),
+            ("layers", "2"),
+            ("heads", "2"),
+            ("kv_heads", "1"),
+            ("head_dim", "8"),
+            ("hidden", "24"),
+            ("window", "3"),
+            ("attention_softcap", "0.5"),
+        ],
         "vit" => vec![
             ("image", "8"),
             ("patch", "4"),

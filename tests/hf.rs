@@ -81,11 +81,12 @@ fn assert_logits_match(model: &str, got: &Tensor) {
 /// and densely, and with tied experts (experts 2 and 3 of 4 chosen, as
 /// torch.topk chooses); Qwen2 and Gemma from `tests/family_fixtures.py`;
 /// the Vision Transformer from `tests/vit_fixtures.py`.
-const COMPARED: [(&str, &[&str]); 13] = [
+const COMPARED: [(&str, &[&str]); 14] = [
     ("gpt2", &[]),
     ("llama", &[]),
     ("qwen2", &[]),
     ("gemma", &[]),
+    ("gemma2", &[]),
     ("qwen3", &[]),
     ("stablelm", &[]),
     ("stablelm-parallel", &[]),
@@ -982,10 +983,12 @@ fn mistral_generates_as_transformers_past_its_window() {
 }
 
 /// Families ported from the stdlib's blocks (Qwen2: q/k/v biases; Gemma:
-/// scaled embeddings, (1 + w) norms, GeGLU, its own head size, tied output).
+/// scaled embeddings, (1 + w) norms, GeGLU, its own head size, tied output;
+/// Gemma 2: soft-capped scores and logits, a sliding window on every other
+/// layer, whose ring cache decoding passes).
 #[test]
 fn ported_families_generate_as_transformers() {
-    for model in ["qwen2", "gemma", "qwen3", "stablelm", "stablelm-parallel", "gpt-neox"] {
+    for model in ["qwen2", "gemma", "gemma2", "qwen3", "stablelm", "stablelm-parallel", "gpt-neox"] {
         assert_generates_as_transformers(model, &[&[], &["--no-cache"]]);
     }
 }

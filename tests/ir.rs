@@ -70,6 +70,10 @@ const PRIMITIVE_CASES: &[(&str, &str)] = &[
         "sum(attend(a.split(0, [1, n]).split(-1, [1, m]), b.split(0, [1, n]).split(-1, [1, m]), a.split(0, [1, n]).split(-1, [1, m]), window: 2, mask: (ids % 2).split(0, [1, n]), scale: 0.3) * a.split(0, [1, n]).split(-1, [1, m]))",
     ),
     (
+        "attend_softcap",
+        "sum(attend(a.split(0, [1, n]).split(-1, [1, m]), (a * b).split(0, [1, n]).split(-1, [1, m]), b.split(0, [1, n]).split(-1, [1, m]), causal: true, softcap: 0.7) * a.split(0, [1, n]).split(-1, [1, m]))",
+    ),
+    (
         "rope",
         "sum(rope(concat([a, b], axis: -1).split(0, [1, n]).split(-1, [1, 2 * m]), theta: 100.0) * concat([b, a], axis: -1).split(0, [1, n]).split(-1, [1, 2 * m]))",
     ),

@@ -168,6 +168,7 @@ pub const PRIMITIVES: &[(Prim, &str, &[Param])] = &[
             p("window", K::OptInt, D::None),
             p("mask", K::OptT, D::None),
             p("scale", K::OptFloat, D::None),
+            p("softcap", K::OptFloat, D::None),
         ],
     ),
     (
@@ -294,6 +295,12 @@ impl Args<'_> {
         match &self.0[i] {
             Arg::Value(v) => v.as_f64().unwrap_or(0.0),
             _ => 0.0,
+        }
+    }
+    fn opt_float(&self, i: usize) -> Option<f64> {
+        match &self.0[i] {
+            Arg::Value(v) => v.as_f64(),
+            _ => None,
         }
     }
     fn bool(&self, i: usize) -> bool {
@@ -987,6 +994,11 @@ fn attend(a: &Args) -> Result<Out, PrimError> {
         if !ok || mask.dtype == DType::F32 {
             return Err(err(format!("an attention mask must be [batch, key_time] or [batch, query_time, key_time] of int or bool: here [{b}, {s}] or [{b}, {t}, {s}], found {mask}")).at(5, "this mask"));
         }
+    }
+    if let Some(cap) = a.opt_float(7)
+        && !(cap > 0.0 && cap.is_finite())
+    {
+        return Err(err(format!("a soft cap of the scores must be a positive number, found {cap}")).at(7, "here"));
     }
     let mut dims = q.dims.clone();
     dims[3] = v.dims[3].clone();

@@ -66,6 +66,13 @@ fn allowed(g: &mut Graph, a: &Attention, t: &Dim, s: &Dim, offset: NodeId, mask:
 /// [`Op::Attention`] in primitives, materialising the [B, H, T, S] scores
 /// and probabilities.
 pub fn decompose(g: &mut Graph, a: &Attention, args: &[NodeId]) -> NodeId {
+    decompose_capped(g, a, args, None)
+}
+
+/// Attention whose scaled scores are soft-capped before the mask, `cap *
+/// tanh(score / cap)` (Gemma 2's `attn_logit_softcapping`), or not (`None`:
+/// [`decompose`]).
+pub fn decompose_capped(g: &mut Graph, a: &Attention, args: &[NodeId], cap: Option<f64>) -> NodeId {
     let (q, k, v, offset, mask) = (args[0], args[1], args[2], args[3], args.get(4).copied());
     let (t, h) = (g.dims(q)[1].clone(), g.dims(q)[2].clone());
     let queries = g.permute(q, &[0, 2, 1, 3]);
@@ -74,6 +81,14 @@ pub fn decompose(g: &mut Graph, a: &Attention, args: &[NodeId]) -> NodeId {
     let s = g.dims(keys)[2].clone();
     let scores = g.matmul_t(queries, keys, false, true);
     let scores = g.scale(scores, a.scale);
+    let scores = match cap {
+        Some(cap) => {
+            let inner = g.scale(scores, 1.0 / cap);
+            let bounded = g.unary(Unary::Tanh, inner);
+            g.scale(bounded, cap)
+        }
+        None => scores,
+    };
     let scores = match allowed(g, a, &t, &s, offset, mask) {
         Some(ok) => {
             let neg = g.constant(-1e30, DType::F32);

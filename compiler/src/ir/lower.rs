@@ -492,12 +492,16 @@ impl Lowering {
             LArg::Float(f) => f,
             _ => 1.0 / (d.as_const().expect("bug: head size is known") as f64).sqrt(),
         };
+        let cap = if let LArg::Float(cap) = a[7] { Some(cap) } else { None };
         if let (Some(slots), Some(w)) = (ring, window) {
             // Which slot holds which position is in the mask, not in the order.
             let mut args = vec![q, k, v, self.position_input()];
             args.push(self.ring_mask(&qd[0], &t, slots, w));
             let plain = Attention { scale, causal: false, window: None, kv_heads_first: true };
-            return self.g.attention(plain, &args);
+            return match cap {
+                Some(_) => super::attention::decompose_capped(&mut self.g, &plain, &args, cap),
+                None => self.g.attention(plain, &args),
+            };
         }
         // Query i sits at position i + (S - T) of the keys (a KV cache holds S - T earlier keys).
         // Without a causal mask or a window no position is compared: cross
@@ -519,9 +523,15 @@ impl Lowering {
                 _ => mask,
             });
         }
+        let attention = Attention { scale, causal, window, kv_heads_first: cached };
+        // Soft-capped scores (Gemma 2) are computed as they are defined; the
+        // fused operation's kernels have no cap.
+        if cap.is_some() {
+            return super::attention::decompose_capped(&mut self.g, &attention, &args, cap);
+        }
         // One operation, which backends run without storing the scores; its
         // gradient is passes that recompute them (`ir::attention`).
-        self.g.attention(Attention { scale, causal, window, kv_heads_first: cached }, &args)
+        self.g.attention(attention, &args)
     }
 
     /// Which ring slots each of the `t` new tokens sees, `[B, T, slots]`: the
