@@ -777,3 +777,46 @@ fn few_row_products_of_one_operand_run_side_by_side() {
         assert_eq!(value.data, after[name].data, "{name}");
     }
 }
+
+/// `FusedAttention` is `Attention` with the q/k/v weights in one: rows one
+/// after another, or head by head with `per_head`; `.named` moves weights
+/// without changing what they compute.
+#[test]
+fn fused_attention_equals_separate_projections() {
+    let spec = "import std.core\nimport std.attention\n\nmodel M {\n    a: Attention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2)\n    f: FusedAttention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2).named(qkv_proj: \"attn.c_attn\")\n    h: Attention(16, 2, bias: true).named(q_proj: \"self.query\", o_proj: \"output.dense\")\n    p: FusedAttention(16, 2, per_head: true, bias: true)\n\n    forward(x: [2, 5, 16]) -> (a: [2, 5, 16], f: [2, 5, 16], h: [2, 5, 16], p: [2, 5, 16]) {\n        [a(x), f(x), h(x), p(x)]\n    }\n}\n";
+    let (checked, g) = lower_text(spec, &Options::default(), false);
+    let mut feeds = random_params(&checked, &mut Rng(5), 1.0);
+    let names: Vec<&str> = g.params().map(|(n, _)| n).collect();
+    assert!(names.contains(&"f.attn.c_attn.weight") && names.contains(&"h.self.query.weight"), "{names:?}");
+    assert!(names.contains(&"h.output.dense.bias") && !names.contains(&"h.o_proj.bias"), "{names:?}");
+    // A weight's (or bias's) rows, one part after another.
+    let stack = |parts: &[&Array]| {
+        let rows = parts.iter().map(|p| p.shape[0]).sum();
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Array::new([vec![rows], parts[0].shape[1..].to_vec()].concat(), data)
+    };
+    for kind in ["weight", "bias"] {
+        let [q, k, v, o] = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|p| feeds[&format!("a.{p}.{kind}")].clone());
+        feeds.insert(format!("f.attn.c_attn.{kind}"), stack(&[&q, &k, &v]));
+        feeds.insert(format!("f.o_proj.{kind}"), o);
+        // Head by head: each head's query, key and value rows side by side.
+        let [q, k, v] = ["self.query", "k_proj", "v_proj"].map(|p| feeds[&format!("h.{p}.{kind}")].clone());
+        let per = q.shape[0] / 2;
+        let rows = |x: &Array, h: usize| {
+            let width: usize = x.shape[1..].iter().product();
+            let data = x.data[h * per * width..(h + 1) * per * width].to_vec();
+            Array::new([vec![per], x.shape[1..].to_vec()].concat(), data)
+        };
+        let parts: Vec<Array> = (0..2).flat_map(|h| [rows(&q, h), rows(&k, h), rows(&v, h)]).collect();
+        feeds.insert(format!("p.qkv_proj.{kind}"), stack(&parts.iter().collect::<Vec<_>>()));
+        feeds.insert(format!("p.o_proj.{kind}"), feeds[&format!("h.output.dense.{kind}")].clone());
+    }
+    let x: Vec<f64> = (0..2 * 5 * 16).map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0).collect();
+    feeds.insert("x".into(), Array::new(vec![2, 5, 16], x));
+    let out = run(&g, &feeds, Precision::F64).unwrap();
+    for (got, want) in [("f", "a"), ("p", "h")] {
+        let worst = out[got].data.iter().zip(&out[want].data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-12, "{got} differs from {want} by {worst}");
+    }
+    assert!(out["a"].data.iter().zip(&out["h"].data).any(|(a, b)| (a - b).abs() > 1e-3));
+}

@@ -124,7 +124,7 @@ impl<'p> Checker<'p> {
 
     pub fn layer_value(&self, def: DefRef, positional: Vec<Value>, named: Vec<(String, Value)>, span: Span) -> Value {
         let name = self.p.item_name(def).to_string();
-        Value::Layer(Rc::new(LayerValue { def, name, positional, named, span }))
+        Value::Layer(Rc::new(LayerValue { def, name, positional, named, span, renames: Vec::new() }))
     }
 
     /// Reports an unknown name with the closest known one.
@@ -178,7 +178,7 @@ impl<'p> Checker<'p> {
         };
         let env = self.bind_hparams(def, lv.def.module, &lv.positional, &lv.named, lv.span)?;
         self.depth += 1;
-        let result = self.instantiate_def(lv.def, def, env, path, trainable);
+        let result = self.instantiate_def(lv.def, def, env, path, &lv.renames, trainable);
         self.depth -= 1;
         result
     }
@@ -284,10 +284,33 @@ impl<'p> Checker<'p> {
         def: &Def,
         mut env: Env,
         path: String,
+        renames: &[(String, String)],
         trainable: bool,
     ) -> Fallible<InstId> {
         let m = dref.module;
         let mut ok = true;
+        for (field, _) in renames {
+            if !fields_of(def).any(|f| f.name.text == *field) {
+                let names: Vec<&str> = fields_of(def).map(|f| f.name.text.as_str()).collect();
+                self.error(
+                    Diagnostic::at(
+                        "E0106",
+                        self.context.last().map_or(def.name.span, |c| c.0),
+                        format!("`{}` has no field `{field}` to rename", def.name.text),
+                    )
+                    .help(format!("its fields are {}", names.join(", "))),
+                );
+                return Err(());
+            }
+        }
+        // Where each field's weights live: its name, or the path it was renamed to.
+        let name_of = |f: &Field| {
+            renames
+                .iter()
+                .rev()
+                .find(|(field, _)| *field == f.name.text)
+                .map_or(f.name.text.clone(), |(_, to)| to.clone())
+        };
         for member in &def.members {
             if let Member::Let(l) = member {
                 match self.eval_static(m, &env, l.value, false) {
@@ -299,39 +322,33 @@ impl<'p> Checker<'p> {
         let id = InstId::new(self.instances.len());
         self.instances.push(Instance { def: dref, path: path.clone(), env: env.clone(), fields: Vec::new() });
         let mut fields: Vec<(String, FieldInst)> = Vec::new();
-        let mut seen: HashMap<&str, Span> = HashMap::new();
-        for member in &def.members {
-            let Member::Field(f) = member else { continue };
-            if let Some(first) = seen.insert(&f.name.text, f.name.span) {
-                self.error(
-                    Diagnostic::at("E0106", f.name.span, format!("field `{}` is declared twice", f.name.text))
-                        .label(first, "first declared here"),
-                );
+        let mut seen: HashMap<String, Span> = HashMap::new();
+        for f in def.members.iter().filter_map(|x| if let Member::Field(f) = x { Some(f) } else { None }) {
+            let name = name_of(f);
+            if let Some(first) = seen.insert(name.clone(), f.name.span) {
+                let message = if renames.is_empty() {
+                    format!("field `{name}` is declared twice")
+                } else {
+                    format!("two fields' weights would live at `{name}` (with `.named`)")
+                };
+                self.error(Diagnostic::at("E0106", f.name.span, message).label(first, "first declared here"));
                 ok = false;
                 continue;
             }
             // A path field (`model.layers`) must not live inside another
             // field (`model`): the weight names would clash.
-            let inside = def.members.iter().find_map(|other| match other {
-                Member::Field(o) if f.name.text.strip_prefix(&o.name.text).is_some_and(|r| r.starts_with('.')) => {
-                    Some(o)
-                }
-                _ => None,
-            });
+            let inside = fields_of(def).find(|o| name.strip_prefix(&name_of(o)).is_some_and(|r| r.starts_with('.')));
             if let Some(outer) = inside {
+                let outer_name = name_of(outer);
                 self.error(
-                    Diagnostic::at(
-                        "E0106",
-                        f.name.span,
-                        format!("field `{}` lies inside field `{}`", f.name.text, outer.name.text),
-                    )
-                    .label(outer.name.span, "declared here")
-                    .help(format!("declare it in `{}`'s layer, or rename one of them", outer.name.text)),
+                    Diagnostic::at("E0106", f.name.span, format!("field `{name}` lies inside field `{outer_name}`"))
+                        .label(outer.name.span, "declared here")
+                        .help(format!("declare it in `{outer_name}`'s layer, or rename one of them")),
                 );
                 ok = false;
                 continue;
             }
-            let child_path = if path.is_empty() { f.name.text.clone() } else { format!("{path}.{}", f.name.text) };
+            let child_path = if path.is_empty() { name } else { format!("{path}.{name}") };
             match self.field(m, &env, f, child_path, trainable) {
                 Ok(fi) => fields.push((f.name.text.clone(), fi)),
                 Err(()) => {
@@ -579,4 +596,9 @@ impl std::ops::Index<ParamId> for Vec<ParamInfo> {
     fn index(&self, id: ParamId) -> &ParamInfo {
         &self[id.index()]
     }
+}
+
+/// A definition's fields, in order.
+fn fields_of(def: &Def) -> impl Iterator<Item = &Field> {
+    def.members.iter().filter_map(|m| if let Member::Field(f) = m { Some(f) } else { None })
 }

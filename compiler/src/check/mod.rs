@@ -245,7 +245,7 @@ fn run(c: &mut Checker, entry: DefRef, opts: &Options, absent: &[String]) -> Fal
     let env = c.bind_hparams(def, model_ref.module, &[], &named, def.name.span)?;
     let hparams: Vec<(String, Value)> =
         def.hparams.iter().map(|h| (h.name.text.clone(), env[&h.name.text].clone())).collect();
-    let root = c.instantiate_def(model_ref, def, env, String::new(), adapt.is_none())?;
+    let root = c.instantiate_def(model_ref, def, env, String::new(), &[], adapt.is_none())?;
     if let Some(a) = adapt {
         apply_adapter(c, entry.module, a, root)?;
     }
@@ -534,6 +534,7 @@ fn apply_adapter(c: &mut Checker, m: usize, a: &Adapt, root: InstId) -> Fallible
                 name: a.adapter.text.clone(),
                 positional: positional.clone(),
                 named: args,
+                renames: Vec::new(),
             };
             let path = c.instances[target_inst].path.clone();
             let wrapped = c.instantiate(&lv, path, true)?;

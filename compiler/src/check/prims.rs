@@ -848,24 +848,25 @@ fn conv(a: &Args, spatial: usize) -> Result<TensorTy, PrimError> {
     for (i, t) in [x, w].into_iter().enumerate() {
         need_float(t, i, name)?;
         if t.rank() != spatial + 2 {
-            let what = if i == 0 { axes.to_string() } else { format!("[out, in / groups, {}]", kernel_axes(spatial)) };
-            return Err(err(format!("`{name}` takes {what}, found {}", shape_text(&t.dims))).at(i, "here").help(
-                if i == 0 {
-                    "add a batch axis of 1 with `unsqueeze(x, 0)`"
-                } else {
-                    "the weight as PyTorch lays it out"
-                },
-            ));
+            let what = match i {
+                0 => format!("the input must be {axes}"),
+                _ => format!("the weight must be [out, in / groups, {}]", kernel_axes(spatial)),
+            };
+            return Err(err(format!("{what}, found {}", shape_text(&t.dims))).at(i, "here").help(if i == 0 {
+                "add a batch axis of 1 with `unsqueeze(x, 0)`"
+            } else {
+                "the weight as PyTorch lays it out"
+            }));
         }
     }
     let per_axis = |i: usize, what: &str, least: i64| -> Result<Vec<i64>, PrimError> {
         let vs = a.ints(i);
         let vs = if vs.len() == 1 { vec![vs[0]; spatial] } else { vs };
         if vs.len() != spatial {
-            return Err(err(format!("`{name}` takes one {what} or {spatial}, found {}", vs.len())).at(i, "here"));
+            return Err(err(format!("one {what} or {spatial} are needed, found {}", vs.len())).at(i, "here"));
         }
         match vs.iter().find(|v| **v < least) {
-            Some(v) => Err(err(format!("{what} {v} of `{name}` is less than {least}")).at(i, "here")),
+            Some(v) => Err(err(format!("{what} {v} is less than {least}")).at(i, "here")),
             None => Ok(vs),
         }
     };
@@ -882,7 +883,7 @@ fn conv(a: &Args, spatial: usize) -> Result<TensorTy, PrimError> {
     }
     if channels.div(&Dim::constant(groups)).as_ref() != Some(&w.dims[1]) {
         return Err(err(format!(
-            "`{name}` of {channels} channels in {groups} group(s) needs a weight of {} inputs per output, found {}",
+            "{channels} channels in {groups} group(s) need a weight of {} inputs per output, found {}",
             channels.div(&Dim::constant(groups)).unwrap_or_else(|| channels.clone()),
             w.dims[1]
         ))
@@ -914,7 +915,7 @@ fn conv(a: &Args, spatial: usize) -> Result<TensorTy, PrimError> {
         };
         let Some(steps) = steps else {
             return Err(err(format!(
-                "`{name}` with stride {} over {size} (padded by {}) does not give a whole size",
+                "stride {} over {size} (padded by {}) does not give a whole number of positions",
                 stride[i], padding[i]
             ))
             .at(0, format!("this has shape {}", shape_text(&x.dims)))

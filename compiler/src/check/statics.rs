@@ -272,12 +272,16 @@ impl Checker<'_> {
         settings: bool,
     ) -> Fallible<Value> {
         let module = self.module(m);
+        if let ExprKind::Member { base, name } = &module.expr(callee).kind
+            && name.text == "named"
+        {
+            return self.renamed(m, env, *base, args, span, settings);
+        }
         let ExprKind::Name(name) = &module.expr(callee).kind else {
-            self.error(Diagnostic::at(
-                "E0201",
-                module.expr(callee).span,
-                "only layers and functions can be called here",
-            ));
+            self.error(
+                Diagnostic::at("E0201", module.expr(callee).span, "only layers and functions can be called here")
+                    .help("a layer's weights can be given other names with `Layer(...).named(field: \"path\")`"),
+            );
             return Err(());
         };
         let mut positional = Vec::new();
@@ -324,6 +328,58 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+impl Checker<'_> {
+    /// `Layer(...).named(field: "path", ...)`: the layer with those fields'
+    /// weights under other paths (a checkpoint's names: `o_proj: "dense"`,
+    /// `q_proj: "self.query"`).
+    fn renamed(
+        &mut self,
+        m: usize,
+        env: &Env,
+        base: ExprId,
+        args: &[Arg],
+        span: Span,
+        settings: bool,
+    ) -> Fallible<Value> {
+        let layer = self.eval_static(m, env, base, settings)?;
+        let Value::Layer(lv) = layer else {
+            self.error(
+                Diagnostic::at("E0201", span, format!("`.named` renames a layer's fields, not a {}", layer.kind()))
+                    .label(self.module(m).expr(base).span, format!("this is {layer}")),
+            );
+            return Err(());
+        };
+        let mut lv = (*lv).clone();
+        for a in args {
+            let value = self.eval_static(m, env, a.value, settings)?;
+            let path = match (&a.name, value) {
+                (Some(_), Value::Str(path)) if path.split('.').all(is_identifier) => path,
+                (field, value) => {
+                    let what = match field {
+                        Some(f) => format!("`{}` must be renamed to a path of names, found {value}", f.text),
+                        None => "`.named` takes a field and the path its weights live at".into(),
+                    };
+                    self.error(
+                        Diagnostic::at("E0202", self.module(m).expr(a.value).span, what)
+                            .help("e.g. `Attention(dim, heads).named(o_proj: \"dense\", q_proj: \"self.query\")`"),
+                    );
+                    return Err(());
+                }
+            };
+            let field = a.name.as_ref().expect("matched a named argument").text.clone();
+            lv.renames.push((field, path));
+        }
+        lv.span = span;
+        Ok(Value::Layer(Rc::new(lv)))
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn static_usage(name: &str) -> String {

@@ -41,6 +41,9 @@ pub struct LayerValue {
     pub name: String,
     pub positional: Vec<Value>,
     pub named: Vec<(String, Value)>,
+    /// Fields whose weights live under another path (`.named(o_proj:
+    /// "dense")`): (field, path).
+    pub renames: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
