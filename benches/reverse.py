@@ -6,7 +6,8 @@ Writes the examples (a safetensors file with `src_ids`, `src_mask`,
 `tgt_ids`, `labels`; bytes as tokens, 1 starts the output, 2 ends it, 0
 pads, labels -100 where ignored), trains `specs/transformer.model` at a small
 size with `modelc train --data`, then decodes the held-out sources greedily
-with `modelc infer --prompts` and prints the exact-match rate and the times.
+with `modelc infer --prompts` (with the key/value cache, then `--no-cache`:
+the same lines) and prints the exact-match rate and the times.
 
     python3 benches/reverse.py [--steps 5000] [--threads 2] [--peer-steps 500]
 
@@ -90,6 +91,12 @@ def main():
     started = time.time()
     decoded = subprocess.run(infer, cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()
     infer_s = time.time() - started
+    # The same decoding with every step recomputing the encoder and the prefix.
+    started = time.time()
+    recomputed = subprocess.run(infer + ["--no-cache"], cwd=ROOT, check=True, capture_output=True,
+                                text=True).stdout.splitlines()
+    recompute_s = time.time() - started
+    assert recomputed == decoded, "the cached and recomputed decodings differ"
     right = sum(got == src[::-1] for got, src in zip(decoded, held))
     scores = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     evaluated = [s["eval_exact_match"] for s in scores if "eval_exact_match" in s][-1]
@@ -101,6 +108,7 @@ def main():
         "speedup": torch_step and round(torch_step / modelc_step, 2),
         "train_examples": args.train, "held_out": len(held), "steps": args.steps, "batch": args.batch,
         "threads": args.threads, "train_s": round(train_s, 1), "decode_s": round(infer_s, 2),
+        "decode_no_cache_s": round(recompute_s, 2),
         "greedy_exact_match": right / len(held), "evaluated_exact_match": evaluated,
     }))
     return 0 if right / len(held) >= 0.99 and train_s <= 600 else 1

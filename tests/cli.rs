@@ -1093,6 +1093,12 @@ fn a_transformer_trained_on_examples_decodes_what_its_evaluation_scored() {
     let right = lines.iter().zip(&sources[2400..]).filter(|(got, src)| got.bytes().eq(src.bytes().rev())).count();
     assert!((right as f64 / 600.0 - exact).abs() < 1e-5, "greedy {right}/600, evaluated {exact}");
     assert!(exact >= 0.5, "the model did not learn to reverse: {exact}\n{metrics}");
+    // The key/value cache (and the encoder run once) changes nothing: every
+    // step recomputed gives the same lines.
+    args.push("--no-cache");
+    let (code, recomputed, err) = modelc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(recomputed, decoded);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

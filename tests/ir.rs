@@ -820,3 +820,33 @@ fn fused_attention_equals_separate_projections() {
     }
     assert!(out["a"].data.iter().zip(&out["h"].data).any(|(a, b)| (a - b).abs() > 1e-3));
 }
+
+/// `ir::hoist` splits an encoder-decoder's forward into what the source
+/// alone gives (the encoder, each cross-attention's keys and values) and
+/// what each target needs; the two run after each other give the logits.
+#[test]
+fn hoisting_the_encoder_keeps_the_logits() {
+    let text = std::fs::read_to_string(repo().join("specs/transformer.model")).unwrap();
+    let small = [("vocab", "20"), ("dim", "8"), ("encoder_layers", "2"), ("decoder_layers", "2"), ("heads", "2")];
+    let (checked, mut g) = lower_text(&text, &sets(&[&small[..], &[("hidden", "12")]].concat()), false);
+    g.outputs.retain(|(name, _)| name == "logits");
+    let g = modelc::ir::prune::prune(&g);
+    let split = modelc::ir::hoist::hoist(&g, &["src_ids", "src_mask"]);
+    let inputs = |g: &modelc::ir::graph::Graph| g.inputs().map(|(n, _)| n.to_string()).collect::<Vec<_>>();
+    assert!(!inputs(&split.once).contains(&"tgt_ids".to_string()), "{:?}", inputs(&split.once));
+    let hoisted = inputs(&split.each).into_iter().filter(|n| n.starts_with("hoisted:")).count();
+    // The encoder's output, and keys and values for each decoder layer.
+    assert!(hoisted >= 3, "{:?}", inputs(&split.each));
+    let mut feeds = random_params(&checked, &mut Rng(9), 0.5);
+    let ids = |n: usize, k: usize| Array::new(vec![2, n], (0..2 * n).map(|i| ((i * k) % 19 + 1) as f64).collect());
+    feeds.insert("src_ids".into(), ids(6, 7));
+    feeds.insert("tgt_ids".into(), ids(4, 5));
+    feeds.insert(
+        "src_mask".into(),
+        Array::new(vec![2, 6], vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    );
+    let want = run(&g, &feeds, Precision::F64).unwrap().remove("logits").unwrap();
+    feeds.extend(run(&split.once, &feeds, Precision::F64).unwrap());
+    let got = run(&split.each, &feeds, Precision::F64).unwrap().remove("logits").unwrap();
+    assert_eq!(got, want);
+}

@@ -466,11 +466,21 @@ fn infer_on(args: &InferArgs, device: Device) -> Result<(), ExitCode> {
             ));
         };
         let sampling = crate::seq2seq::Sampling { temperature, top_k, top_p };
-        let how = LowerOptions { absent: absent_of(&checked, &names), ..Default::default() };
-        let (_, g) = forward_graph(&args.model, how, &["logits"])?;
+        let absent = absent_of(&checked, &names);
         let mut weights = weights;
-        args.dtype.apply(CODE, device, &g, &mut weights)?;
-        let mut generator = crate::seq2seq::Generator::new(device, g, names, weights, vocab);
+        let mut generator = if args.no_cache {
+            let how = LowerOptions { absent, ..Default::default() };
+            let (_, g) = forward_graph(&args.model, how, &["logits"])?;
+            args.dtype.apply(CODE, device, &g, &mut weights)?;
+            crate::seq2seq::Generator::new(device, g, names, weights, vocab)
+        } else {
+            // The cache holds every new position of the target.
+            let cache_input = Some(names.target.clone());
+            let how = LowerOptions { absent, cache: Some(max_new.max(1)), cache_input, ..Default::default() };
+            let (_, g) = forward_graph(&args.model, how, &[])?;
+            args.dtype.apply(CODE, device, &g, &mut weights)?;
+            crate::seq2seq::Generator::cached(device, &g, names, weights, vocab)
+        };
         let output = crate::seq2seq::Output { tokenizer: &tokenizer, json: args.json, timings: args.timings };
         let ids = (start, stop, tokenizer.pad_id());
         generator

@@ -1,20 +1,25 @@
 //! Generation with an encoder-decoder (the Transformer of "Attention Is All
 //! You Need", or a T5- or BART-like spec): the prompt is the encoder's input;
 //! the output starts from the `start` token and grows a token a step, each
-//! step reading the logits at its last filled position. The decoder is
-//! causal, so a program compiled for a longer target gives the same logits
-//! at the positions filled so far: programs are compiled for target lengths
-//! that double, and reused. Many prompts (`--prompts FILE`) are decoded
-//! together, padded to the longest, with the encoder's padding mask.
-//! Each step recomputes the encoder and the decoder's whole prefix (there
-//! is no cache for this path).
-
+//! step reading the logits at its last filled position. Many prompts
+//! (`--prompts FILE`) are decoded together, padded to the longest, with the
+//! encoder's padding mask, every row a token a step.
+//!
+//! By default the model is lowered with a key/value cache on the target
+//! (`LowerOptions::cache_input`) and split by `ir::hoist`: the encoder,
+//! and each cross-attention's keys and values, run once per batch of
+//! prompts; a step then reads one target position, its self-attention's
+//! keys and values kept in the cache. `--no-cache` recomputes the encoder
+//! and the whole target prefix every step instead (the decoder is causal,
+//! so a program compiled for a longer target gives the same logits at the
+//! positions filled so far: programs for target lengths that double).
 use crate::cpu::Tensor;
 use crate::model::{Compiled, Device, compile_shapes};
 use crate::tokenize::Tokenizer;
 use crate::weights::{Rng, Tensors};
 use modelc::check::Checked;
-use modelc::ir::graph::Graph;
+use modelc::ir::graph::{Graph, Op};
+use modelc::ir::signature::Role;
 use std::collections::HashMap;
 use std::io::Write;
 use std::time::Instant;
@@ -80,22 +85,55 @@ impl Output<'_> {
 
 pub struct Generator {
     device: Device,
-    graph: Graph,
+    steps: Steps,
     names: Names,
     feeds: Tensors,
-    /// By (rows, source length, target length).
-    programs: HashMap<(usize, usize, usize), Compiled>,
+    /// The weights' names (kept on the GPU between runs).
+    weights: Vec<String>,
     vocab: usize,
 }
 
+/// How a step's logits are computed.
+enum Steps {
+    /// The whole target prefix every step, on a program per (rows, source
+    /// length, target length).
+    Recompute { graph: Graph, programs: HashMap<(usize, usize, usize), Compiled> },
+    /// `once` (the encoder's side) per batch, then `each` a position at a
+    /// time with the cache, on programs per (rows, source length). On the
+    /// CPU the caches are state written in place.
+    Cached { once: Graph, each: Graph, programs: HashMap<(usize, usize), [Compiled; 2]> },
+}
+
 impl Generator {
-    /// `graph`: the model's forward with `logits` [B, T, vocab] its output.
+    /// `graph`: the model's forward with `logits` [B, T, vocab] its output,
+    /// recomputed every step.
     pub fn new(device: Device, graph: Graph, names: Names, weights: Tensors, vocab: usize) -> Generator {
-        Generator { device, graph, names, feeds: weights, programs: HashMap::new(), vocab }
+        Generator::with(device, Steps::Recompute { graph, programs: HashMap::new() }, names, weights, vocab)
+    }
+
+    /// `graph`: the forward lowered with a cache of the target's positions
+    /// (`cache_input` the target), split here into the encoder's side and a step.
+    pub fn cached(device: Device, graph: &Graph, names: Names, weights: Tensors, vocab: usize) -> Generator {
+        let fixed: Vec<&str> = [Some(names.source.as_str()), names.mask.as_deref()].into_iter().flatten().collect();
+        let modelc::ir::hoist::Hoisted { once, mut each } = modelc::ir::hoist::hoist(graph, &fixed);
+        if device == Device::Cpu {
+            // The caches stay where the step writes them.
+            each.outputs.retain(|(name, _)| !matches!(Role::of(name), Role::CacheOut { .. }));
+        }
+        let steps = Steps::Cached { once, each, programs: HashMap::new() };
+        Generator::with(device, steps, names, weights, vocab)
+    }
+
+    fn with(device: Device, steps: Steps, names: Names, weights: Tensors, vocab: usize) -> Generator {
+        let names_of_weights = weights.keys().cloned().collect();
+        Generator { device, steps, names, feeds: weights, weights: names_of_weights, vocab }
     }
 
     fn compile_seconds(&self) -> f64 {
-        self.programs.values().map(Compiled::compile_seconds).sum()
+        match &self.steps {
+            Steps::Recompute { programs, .. } => programs.values().map(Compiled::compile_seconds).sum(),
+            Steps::Cached { programs, .. } => programs.values().flatten().map(Compiled::compile_seconds).sum(),
+        }
     }
 
     /// Generates for every prompt, up to 64 at a time (the logits of every
@@ -151,25 +189,25 @@ impl Generator {
         if let Some(m) = &self.names.mask {
             self.feeds.insert(m.clone(), Tensor::new(vec![rows, s], mask));
         }
+        if let Steps::Cached { .. } = self.steps {
+            self.encode(rows, s)?;
+        }
         let mut out: Vec<Vec<usize>> = vec![Vec::new(); rows];
         let mut done = vec![false; rows];
         for filled in 1..=max_new {
-            // Target lengths double (up to the most a generation needs).
-            let t = filled.next_power_of_two().min(max_new);
-            let mut target = vec![pad as f32; rows * t];
-            for (r, new) in out.iter().enumerate() {
-                target[r * t] = start as f32;
-                for (i, tok) in new.iter().enumerate() {
-                    target[r * t + 1 + i] = *tok as f32;
+            let (logits, t) = match self.steps {
+                Steps::Recompute { .. } => self.recompute(&out, start, pad, filled, max_new, s)?,
+                Steps::Cached { .. } => {
+                    let last = out.iter().map(|new| new.last().copied().unwrap_or(start)).collect::<Vec<_>>();
+                    (self.step(&last, filled - 1, s)?, 1)
                 }
-            }
-            self.feeds.insert(self.names.target.clone(), Tensor::new(vec![rows, t], target));
-            let logits = self.run(rows, s, t)?;
+            };
             for r in 0..rows {
                 if done[r] {
                     continue;
                 }
-                let at = (r * t + filled - 1) * self.vocab;
+                // The logits of the last filled position of row r.
+                let at = (r * t + t.min(filled) - 1) * self.vocab;
                 let next = crate::infer::sample(
                     &logits[at..at + self.vocab],
                     sampling.temperature,
@@ -187,14 +225,101 @@ impl Generator {
         Ok(out)
     }
 
-    fn run(&mut self, rows: usize, s: usize, t: usize) -> Result<Vec<f32>, String> {
-        if !self.programs.contains_key(&(rows, s, t)) {
-            let shapes = self.feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-            let p = compile_shapes(crate::infer::CODE, self.device, &self.graph, &shapes)
-                .map_err(|_| "cannot compile the encoder-decoder".to_string())?;
-            self.programs.insert((rows, s, t), p);
+    /// The logits of every target position with the prefix filled so far:
+    /// `start`, then each row's tokens, padded to a doubling length t.
+    fn recompute(
+        &mut self,
+        out: &[Vec<usize>],
+        start: usize,
+        pad: usize,
+        filled: usize,
+        max_new: usize,
+        s: usize,
+    ) -> Result<(Vec<f32>, usize), String> {
+        let rows = out.len();
+        let t = filled.next_power_of_two().min(max_new);
+        let mut target = vec![pad as f32; rows * t];
+        for (r, new) in out.iter().enumerate() {
+            target[r * t] = start as f32;
+            for (i, tok) in new.iter().enumerate() {
+                target[r * t + 1 + i] = *tok as f32;
+            }
         }
-        let mut out = self.programs[&(rows, s, t)].run(&self.feeds)?;
-        Ok(out.remove("logits").expect("the graph's output").data)
+        self.feeds.insert(self.names.target.clone(), Tensor::new(vec![rows, t], target));
+        let Steps::Recompute { graph, programs } = &mut self.steps else { unreachable!("recomputing") };
+        let program = match programs.entry((rows, s, t)) {
+            std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let shapes = self.feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+                let p = compile_shapes(crate::infer::CODE, self.device, graph, &shapes)
+                    .map_err(|_| "cannot compile the encoder-decoder".to_string())?;
+                slot.insert(p)
+            }
+        };
+        let mut result = program.run(&self.feeds)?;
+        Ok((result.remove("logits").expect("the graph's output").data, t))
+    }
+
+    /// Runs the encoder's side for the batch in the feeds (its values fed
+    /// to every step as `hoisted:N`) and empties the caches.
+    fn encode(&mut self, rows: usize, s: usize) -> Result<(), String> {
+        let Steps::Cached { once, each, programs } = &mut self.steps else { unreachable!("cached") };
+        // [B, kv_heads, len, head_dim] for each layer's keys and values.
+        for n in &each.nodes {
+            if let Op::Input(name) = &n.op
+                && let Role::CacheIn { .. } = Role::of(name)
+            {
+                let mut shape: Vec<usize> = n.ty.dims.iter().map(|d| d.as_const().unwrap_or(1) as usize).collect();
+                shape[0] = rows;
+                self.feeds.insert(name.clone(), Tensor::new(shape.clone(), vec![0.0; shape.iter().product()]));
+            }
+        }
+        self.feeds.insert(self.names.target.clone(), Tensor::new(vec![rows, 1], vec![0.0; rows]));
+        self.feeds.insert("position".into(), Tensor::new(vec![], vec![0.0]));
+        let compile = |g: &Graph, feeds: &Tensors| {
+            let shapes = feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+            let p = compile_shapes(crate::infer::CODE, self.device, g, &shapes)
+                .map_err(|_| "cannot compile the encoder-decoder".to_string())?;
+            p.keep_resident(&self.weights);
+            Ok::<_, String>(p)
+        };
+        // The step's program is compiled once the encoder's values it reads are known.
+        let pair = match programs.remove(&(rows, s)) {
+            Some([first, step]) => {
+                self.feeds.extend(first.run(&self.feeds)?);
+                [first, step]
+            }
+            None => {
+                let first = compile(once, &self.feeds)?;
+                self.feeds.extend(first.run(&self.feeds)?);
+                [first, compile(each, &self.feeds)?]
+            }
+        };
+        programs.insert((rows, s), pair);
+        Ok(())
+    }
+
+    /// Reads one target token a row at `position`; the logits after it.
+    fn step(&mut self, tokens: &[usize], position: usize, s: usize) -> Result<Vec<f32>, String> {
+        let rows = tokens.len();
+        let Steps::Cached { programs, .. } = &self.steps else { unreachable!("cached") };
+        let target = Tensor::new(vec![rows, 1], tokens.iter().map(|t| *t as f32).collect());
+        self.feeds.insert(self.names.target.clone(), target);
+        self.feeds.insert("position".into(), Tensor::new(vec![], vec![position as f32]));
+        // The CPU writes the caches where they lie; the GPU returns them.
+        let mut caches: Tensors = self
+            .feeds
+            .extract_if(|name, _| self.device == Device::Cpu && matches!(Role::of(name), Role::CacheIn { .. }))
+            .collect();
+        let mut out = Tensors::new();
+        let ran = programs[&(rows, s)][1].run_state(&self.feeds, &mut caches, &mut out);
+        self.feeds.extend(caches);
+        ran?;
+        for (name, value) in out.iter_mut() {
+            if let Some(input) = Role::of(name).cache_input() {
+                self.feeds.insert(input, std::mem::replace(value, Tensor::new(vec![], vec![0.0])));
+            }
+        }
+        Ok(out.remove("logits").expect("the step's output").data)
     }
 }

@@ -130,6 +130,9 @@ pub struct LowerOptions {
     /// Lower for incremental decoding with a key/value cache of this many
     /// positions (see `ir::lower::Cache`).
     pub cache: Option<usize>,
+    /// The input whose second axis is the cached sequence (an
+    /// encoder-decoder's target); the first input of rank 2 or more if none.
+    pub cache_input: Option<String>,
     /// Also output every layer call's result as `trace:PATH (Layer)`, in
     /// the order the calls finish (to find where values go wrong).
     pub trace: bool,
@@ -183,7 +186,7 @@ fn check_and_lower(
     c.lower = how.map(|h| crate::ir::lower::Lowering {
         trace: h.trace,
         dense_routes: h.dense_routes,
-        ..crate::ir::lower::Lowering::new(h.training, h.cache)
+        ..crate::ir::lower::Lowering::new(h.training, h.cache, h.cache_input)
     });
     let result = run(&mut c, entry, opts, &absent);
     match result {

@@ -45,8 +45,10 @@ pub struct Lowering {
 #[derive(Debug)]
 pub struct Cache {
     pub len: usize,
-    /// The sequence axis of the model's first input.
+    /// The sequence axis of the model's first input (or of `input`'s).
     pub time: Option<Dim>,
+    /// The input whose sequence is cached, when not the first.
+    pub input: Option<String>,
     /// The `position` input, made on first use.
     pub position: Option<NodeId>,
     /// Attention layers given a cache so far.
@@ -126,8 +128,8 @@ fn axis_of(rank: usize, a: i64) -> usize {
 }
 
 impl Lowering {
-    pub fn new(training: bool, cache: Option<usize>) -> Lowering {
-        let cache = cache.map(|len| Cache { len, time: None, position: None, layers: 0 });
+    pub fn new(training: bool, cache: Option<usize>, input: Option<String>) -> Lowering {
+        let cache = cache.map(|len| Cache { len, time: None, input, position: None, layers: 0 });
         Lowering { training, cache, ..Default::default() }
     }
 
@@ -136,6 +138,7 @@ impl Lowering {
         if let Some(c) = self.cache.as_mut()
             && c.time.is_none()
             && ty.rank() >= 2
+            && c.input.as_ref().is_none_or(|input| input == name)
         {
             c.time = Some(ty.dims[1].clone());
         }

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod experts;
 pub mod grad;
 pub mod graph;
+pub mod hoist;
 pub mod interp;
 pub mod last_position;
 pub mod lower;

@@ -29,6 +29,10 @@ pub enum Role<'a> {
     /// tokens per expert (`expert_load.0`, `expert_load.1`, ...; layer order)
     /// and the weighted sum of auxiliary losses (`aux_loss`).
     Metric(&'a str),
+    /// A value computed once for many runs of a program that reads it
+    /// (`ir::hoist`: an encoder's output and its cross-attention keys
+    /// while a decoder generates), by number.
+    Hoisted(&'a str),
 }
 
 const UPDATED: &str = "new:";
@@ -38,6 +42,7 @@ const MOMENTUM: &str = "momentum:";
 const GRADIENT: &str = "grad:";
 const TRACE: &str = "trace:";
 const METRIC: &str = "metric:";
+const HOISTED: &str = "hoisted:";
 /// The metric a mixture's tokens per expert is reported as, with its number.
 pub const EXPERT_LOAD: &str = "expert_load.";
 const CACHE_IN: &str = "past.";
@@ -47,7 +52,7 @@ impl<'a> Role<'a> {
     /// The role a name spells.
     pub fn of(name: &'a str) -> Role<'a> {
         type Named<'a> = fn(&'a str) -> Role<'a>;
-        let prefixed: [(&str, Named<'a>); 7] = [
+        let prefixed: [(&str, Named<'a>); 8] = [
             (UPDATED, Role::Updated),
             (FIRST_MOMENT, Role::FirstMoment),
             (SECOND_MOMENT, Role::SecondMoment),
@@ -55,6 +60,7 @@ impl<'a> Role<'a> {
             (GRADIENT, Role::Gradient),
             (TRACE, Role::Trace),
             (METRIC, Role::Metric),
+            (HOISTED, Role::Hoisted),
         ];
         for (prefix, role) in prefixed {
             if let Some(rest) = name.strip_prefix(prefix) {
@@ -83,6 +89,7 @@ impl<'a> Role<'a> {
             Role::Gradient(w) => format!("{GRADIENT}{w}"),
             Role::Trace(t) => format!("{TRACE}{t}"),
             Role::Metric(m) => format!("{METRIC}{m}"),
+            Role::Hoisted(h) => format!("{HOISTED}{h}"),
             Role::CacheIn { layer, kind } => format!("{CACHE_IN}{layer}.{kind}"),
             Role::CacheOut { layer, kind } => format!("{CACHE_OUT}{layer}.{kind}"),
         }
@@ -137,6 +144,7 @@ mod tests {
             Role::Gradient("a.b"),
             Role::Trace("layers.0 (Block)"),
             Role::Metric("expert_load.1"),
+            Role::Hoisted("3"),
             Role::CacheIn { layer: 3, kind: "key" },
             Role::CacheOut { layer: 11, kind: "value" },
         ];
