@@ -204,10 +204,20 @@ const LAYER_CASES: &[(&str, &str)] = &[
     ("ParallelBlockTwoNorms", "l: PreNormBlock(8, 2, 16, parallel: true, shared_norm: false)"),
     ("EncoderBlock", "l: EncoderBlock(8, 2, 16, dropout: 0.0)"),
     ("MoE", "l: MoE(8, 3, 2, expert: SwiGLU(8, 4), balance: 0.1)"),
+    ("OffsetRMSNorm", "l: OffsetRMSNorm(8)"),
+    ("FusedAttention", "l: FusedAttention(8, 2, kv_heads: 1, bias: true, scale: 0.3)"),
+    ("FusedAttentionPerHead", "l: FusedAttention(8, 2, per_head: true, softcap: 0.5)"),
+    ("Conv1d", "l: Conv1d(8, 8, 3, padding: 2, dilation: 2, groups: 2)"),
 ];
 
 fn layer_spec(decls: &str) -> String {
-    let call = if decls.contains("s: SinusoidalPositions") { "s(p(x))" } else { "l(x)" };
+    let call = if decls.contains("s: SinusoidalPositions") {
+        "s(p(x))"
+    } else if decls.contains("Conv1d") {
+        "transpose(l(transpose(x)))" // the 8 features as channels, T as the length
+    } else {
+        "l(x)"
+    };
     format!(
         "import std.core\nimport std.mlp\nimport std.positions\nimport std.attention\nimport std.blocks\nimport std.moe\n\nmodel M {{\n    {decls}\n    w: param[8]\n\n    forward(x: [B, T, 8]) -> y: [B, T, 8] = {call} * w\n\n    train {{\n        loss: sum(y * y) * 0.5\n    }}\n}}\n"
     )
@@ -783,7 +793,7 @@ fn few_row_products_of_one_operand_run_side_by_side() {
 /// without changing what they compute.
 #[test]
 fn fused_attention_equals_separate_projections() {
-    let spec = "import std.core\nimport std.attention\n\nmodel M {\n    a: Attention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2)\n    f: FusedAttention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2).named(qkv_proj: \"attn.c_attn\")\n    h: Attention(16, 2, bias: true).named(q_proj: \"self.query\", o_proj: \"output.dense\")\n    p: FusedAttention(16, 2, per_head: true, bias: true)\n\n    forward(x: [2, 5, 16]) -> (a: [2, 5, 16], f: [2, 5, 16], h: [2, 5, 16], p: [2, 5, 16]) {\n        [a(x), f(x), h(x), p(x)]\n    }\n}\n";
+    let spec = "import std.core\nimport std.attention\n\nmodel M {\n    a: Attention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2)\n    f: FusedAttention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2).named(qkv_proj: \"attn.c_attn\")\n    h: Attention(16, 2, bias: true).named(q_proj: \"self.query\", o_proj: \"output.dense\")\n    p: FusedAttention(16, 2, per_head: true, bias: true)\n    c: FusedAttention(16, 4, kv_heads: 2, bias: true, rotary_dim: 2, qkv: Conv1D(16, 32), out: Conv1D(16, 16)).named(qkv_proj: \"c_attn\", o_proj: \"c_proj\")\n\n    forward(x: [2, 5, 16]) -> (a: [2, 5, 16], f: [2, 5, 16], h: [2, 5, 16], p: [2, 5, 16], c: [2, 5, 16]) {\n        [a(x), f(x), h(x), p(x), c(x)]\n    }\n}\n";
     let (checked, g) = lower_text(spec, &Options::default(), false);
     let mut feeds = random_params(&checked, &mut Rng(5), 1.0);
     let names: Vec<&str> = g.params().map(|(n, _)| n).collect();
@@ -810,11 +820,21 @@ fn fused_attention_equals_separate_projections() {
         let parts: Vec<Array> = (0..2).flat_map(|h| [rows(&q, h), rows(&k, h), rows(&v, h)]).collect();
         feeds.insert(format!("p.qkv_proj.{kind}"), stack(&parts.iter().collect::<Vec<_>>()));
         feeds.insert(format!("p.o_proj.{kind}"), feeds[&format!("h.output.dense.{kind}")].clone());
+        // GPT-2's Conv1D: the same weights as [in, out].
+        let transposed = |x: &Array| match x.shape[..] {
+            [rows, cols] => {
+                Array::new(vec![cols, rows], (0..rows * cols).map(|i| x.data[(i % rows) * cols + i / rows]).collect())
+            }
+            _ => x.clone(),
+        };
+        let qkv = feeds[&format!("f.attn.c_attn.{kind}")].clone();
+        feeds.insert(format!("c.c_attn.{kind}"), transposed(&qkv));
+        feeds.insert(format!("c.c_proj.{kind}"), transposed(&feeds[&format!("a.o_proj.{kind}")]));
     }
     let x: Vec<f64> = (0..2 * 5 * 16).map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0).collect();
     feeds.insert("x".into(), Array::new(vec![2, 5, 16], x));
     let out = run(&g, &feeds, Precision::F64).unwrap();
-    for (got, want) in [("f", "a"), ("p", "h")] {
+    for (got, want) in [("f", "a"), ("p", "h"), ("c", "a")] {
         let worst = out[got].data.iter().zip(&out[want].data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-12, "{got} differs from {want} by {worst}");
     }
