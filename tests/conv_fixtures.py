@@ -1,10 +1,12 @@
 """Writes the cases `tests/ir.rs` checks `conv1d` / `conv2d` against:
 inputs, kernels and biases with torch.nn.functional's results and the
 gradients of sum(y * r) for a random r, in float64, over strides, padding,
-dilation and groups (depthwise and a ViT-style patch projection included).
+dilation and groups (depthwise and a ViT-style patch projection included);
+and `cumsum` and `expand` the same way (torch.cumsum, Tensor.expand), each
+case with the modelc expression of its x.
 
     pip install torch
-    python3 tests/conv_fixtures.py          # rewrites tests/fixtures/conv.json
+    python3 tests/conv_fixtures.py   # rewrites tests/fixtures/conv.json and tests/fixtures/scans.json
 """
 
 import json
@@ -14,6 +16,17 @@ import torch
 import torch.nn.functional as F
 
 OUT = pathlib.Path(__file__).resolve().parent / "fixtures" / "conv.json"
+SCANS = OUT.parent / "scans.json"
+
+# (x shape, the modelc expression, the same in torch)
+SCAN_CASES = [
+    ([3, 4], "cumsum(x, axis: 0)", lambda x: torch.cumsum(x, 0)),
+    ([2, 3, 5], "cumsum(x)", lambda x: torch.cumsum(x, -1)),
+    ([2, 3, 5], "cumsum(x * x, axis: 1)", lambda x: torch.cumsum(x * x, 1)),
+    ([1, 4], "expand(x, [3, 4])", lambda x: x.expand(3, 4)),
+    ([2, 1, 4], "expand(x, [2, 3, -1])", lambda x: x.expand(2, 3, -1)),
+    ([4], "expand(x, [2, 3, 4])", lambda x: x.expand(2, 3, 4)),
+]
 
 # (x shape, weight shape, bias, stride, padding, dilation, groups)
 CASES = [
@@ -60,6 +73,16 @@ def main():
         cases.append(case)
     OUT.write_text(json.dumps(cases, separators=(",", ":")) + "\n")
     print(f"{len(cases)} cases in {OUT}")
+    scans = []
+    for shape, expr, f in SCAN_CASES:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y = f(x)
+        r = torch.randn(y.shape, dtype=torch.float64)
+        (y * r).sum().backward()
+        scans.append({"expr": expr, "x": {"shape": shape, "data": rounded(x)},
+                      "r": {"shape": list(y.shape), "data": rounded(r)}, "y": rounded(y), "grad_x": rounded(x.grad)})
+    SCANS.write_text(json.dumps(scans, separators=(",", ":")) + "\n")
+    print(f"{len(scans)} cases in {SCANS}")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,44 @@ fn convolutions_and_their_gradients_match_torch() {
     }
 }
 
+/// `cumsum` and `expand` and their gradients equal torch's (float64, from
+/// `tests/conv_fixtures.py`: torch.cumsum, Tensor.expand).
+#[test]
+fn cumsum_and_expand_and_their_gradients_match_torch() {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/scans.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 6);
+    let numbers =
+        |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let shape = |v: &serde_json::Value| -> Vec<usize> { numbers(v).iter().map(|d| *d as usize).collect() };
+    let dims = |s: &[usize]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    for c in cases {
+        let (expr, xs, rs) = (c["expr"].as_str().unwrap(), shape(&c["x"]["shape"]), shape(&c["r"]["shape"]));
+        let spec = format!(
+            "model C {{\n    x: param[{}]\n\n    forward(r: [{}]) -> (y: [{}], s: []) {{\n        let y = {expr}\n        [y, sum(y * r)]\n    }}\n}}\n",
+            dims(&xs),
+            dims(&rs),
+            dims(&rs)
+        );
+        let (_, mut g) = lower_text(&spec, &Options::default(), false);
+        let (loss, x) = (g.output("s").unwrap(), g.params().next().unwrap().1);
+        let grad = modelc::ir::grad::grad(&mut g, loss, &[x])[0];
+        g.outputs.push(("grad_x".into(), grad));
+        let feeds = HashMap::from([
+            ("x".to_string(), Array::new(xs, numbers(&c["x"]["data"]))),
+            ("r".to_string(), Array::new(rs, numbers(&c["r"]["data"]))),
+        ]);
+        let out = run(&g, &feeds, Precision::F64).unwrap();
+        for name in ["y", "grad_x"] {
+            let want = numbers(&c[name]);
+            assert_eq!(out[name].data.len(), want.len(), "{expr}: {name}");
+            for (h, w) in out[name].data.iter().zip(&want) {
+                assert!((h - w).abs() <= 1e-9 * (1.0 + w.abs()), "{expr}: {name}: {h} vs torch {w}");
+            }
+        }
+    }
+}
+
 #[test]
 fn dropout_gradient_uses_the_same_mask() {
     check_primitive("dropout", "sum(dropout(a, 0.5) * b)", 3, 4, 7).unwrap();
