@@ -253,3 +253,47 @@ fn every_unary_operation_matches_the_interpreter_on_the_gpu() {
         compare(gpu, &format!("{op:?}"), &g, &feeds, 2e-5);
     }
 }
+
+/// `topk` takes tied entries in `torch.topk`'s order on the GPU too (as
+/// `ir/topk.rs` does on the CPU): the cases of `tests/fixtures/topk.json`
+/// of lengths and k that take each path (partial sort; selection then a
+/// sort by insertion, or by introsort with its stack), NaN included, rows
+/// of one length and k side by side in one program (each program's shader
+/// takes lavapipe about a second to compile).
+#[test]
+fn topk_breaks_ties_as_torch_does_on_the_gpu() {
+    use modelc::types::{DType, Dim, TensorTy};
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/topk.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut groups: std::collections::BTreeMap<(usize, usize), Vec<(Vec<f32>, Vec<f32>)>> = Default::default();
+    for case in &cases {
+        let row: Vec<f32> =
+            case["row"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect();
+        let want: Vec<f32> = case["indices"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        groups.entry((row.len(), want.len())).or_default().push((row, want));
+    }
+    let mut tested = 0;
+    let chosen =
+        [(8, 1), (8, 2), (8, 8), (17, 2), (17, 17), (31, 31), (64, 64), (65, 17), (129, 2), (200, 3), (200, 200)];
+    for ((n, k), rows) in groups.into_iter().filter(|(nk, _)| chosen.contains(nk)) {
+        let mut g = Graph::default();
+        let ty = TensorTy::new(DType::F32, vec![Dim::constant(rows.len() as i64), Dim::constant(n as i64)]);
+        let x = g.input("x", ty);
+        let (values, indices) = g.topk(x, k);
+        g.outputs.push(("values".into(), values));
+        g.outputs.push(("indices".into(), indices));
+        let data = rows.iter().flat_map(|(row, _)| row.iter().copied()).collect();
+        let feeds = HashMap::from([("x".to_string(), Tensor::new(vec![rows.len(), n], data))]);
+        let out = gpu(&g, &Sizes::new(), &feeds).unwrap();
+        tested += 1;
+        for (r, (row, want)) in rows.iter().enumerate() {
+            let got = &out["indices"].data[r * k..(r + 1) * k];
+            assert_eq!(got, &want[..], "topk {k} of {row:?}");
+            for (j, i) in want.iter().enumerate() {
+                let (have, expected) = (out["values"].data[r * k + j], row[*i as usize]);
+                assert!(have == expected || (have.is_nan() && expected.is_nan()), "topk {k} of {row:?}: value {j}");
+            }
+        }
+    }
+    assert_eq!(tested, chosen.len());
+}

@@ -242,6 +242,25 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     (source, grid(n))
 }
 
+/// A kernel of one invocation a workgroup: `body` runs for each `i < n`
+/// with `decls` (workgroup memory, functions) beside it.
+fn per_workgroup(n: usize, decls: &str, body: &str) -> (String, [u32; 3]) {
+    let source = format!(
+        "{PRELUDE}
+{decls}
+@compute @workgroup_size(1)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {{
+    let i = wid.x + wid.y * groups.x;
+    if (i >= {n}u) {{
+        return;
+    }}
+{body}}}
+"
+    );
+    let x = n.clamp(1, 65535);
+    (source, [x as u32, n.div_ceil(x).max(1) as u32, 1])
+}
+
 /// The element an `Access::Indexed` names for element `i`, as WGSL.
 fn index(offset: i64, axes: &[(i64, i64, i64)]) -> String {
     let terms: Vec<String> = (offset != 0)
@@ -477,7 +496,19 @@ impl Emitter<'_> {
                 let count = *self.shape(arg(0))?.last().expect("topk of rank >= 1");
                 let rows = len / (*k).max(1);
                 let indices = matches!(node.op, Op::TopKIndices(_));
-                // Selection: the next entry in (value desc, index asc) order after the previous one.
+                if count <= TOPK_ROW && *k > 0 {
+                    // torch.topk's order (`topk.wgsl`), on a copy of the row in
+                    // its workgroup's memory.
+                    let body = format!(
+                        "    for (var c = 0u; c < {count}u; c++) {{\n        tk_q[c] = vec2<f32>({}, f32(c));\n    }}\n    tk_order({count}u, {k}u);\n    for (var j = 0u; j < {k}u; j++) {{\n        mem[{o}u + i * {k}u + j] = tk_q[j].{};\n    }}\n",
+                        self.read(arg(0), &format!("i * {count}u + c"))?,
+                        if indices { "y" } else { "x" }
+                    );
+                    let helpers = include_str!("topk.wgsl").replace("TK_N", &count.to_string());
+                    return Ok(Some(per_workgroup(rows, &helpers, &body)));
+                }
+                // Longer rows: selection, the next entry in (value desc, index asc)
+                // order after the previous one (ties lowest index first).
                 let body = format!(
                     "    let r = i;\n    var pv = bitcast<f32>(0x7f800000u);\n    var pi = -1;\n    for (var j = 0u; j < {k}u; j++) {{\n        var bv = bitcast<f32>(0xff800000u);\n        var bi = -1;\n        for (var c = 0u; c < {count}u; c++) {{\n            let v = {};\n            let after = v < pv || (v == pv && i32(c) > pi);\n            let better = bi < 0 || v > bv;\n            if (after && better) {{\n                bv = v;\n                bi = i32(c);\n            }}\n        }}\n        pv = bv;\n        pi = bi;\n        mem[{o}u + r * {k}u + j] = {};\n    }}\n",
                     self.read(arg(0), &format!("r * {count}u + c"))?,
@@ -914,6 +945,11 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) l
         Ok((source, [cols.div_ceil(big) as u32, rows.div_ceil(big) as u32, batch.max(1) as u32]))
     }
 }
+
+/// The longest row `topk` copies to sort in torch's order (`topk.wgsl`:
+/// 8 KB of workgroup memory, and introsort's stack of 64 holds its parts);
+/// longer rows are selected with ties lowest index first.
+const TOPK_ROW: usize = 1024;
 
 /// splitmix64 on (low, high) u32 pairs, as `ir::interp::uniform` computes it.
 const SPLITMIX: &str = "fn mul32(a: u32, b: u32) -> vec2<u32> {
