@@ -265,7 +265,9 @@ fn topk_breaks_ties_as_torch_does_on_the_gpu() {
     use modelc::types::{DType, Dim, TensorTy};
     let text = std::fs::read_to_string(repo().join("tests/fixtures/topk.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let mut groups: std::collections::BTreeMap<(usize, usize), Vec<(Vec<f32>, Vec<f32>)>> = Default::default();
+    // Rows and their expected indices, by (row length, k).
+    type Rows = Vec<(Vec<f32>, Vec<f32>)>;
+    let mut groups: std::collections::BTreeMap<(usize, usize), Rows> = Default::default();
     for case in &cases {
         let row: Vec<f32> =
             case["row"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect();
