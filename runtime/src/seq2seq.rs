@@ -253,6 +253,7 @@ impl Generator {
                 let shapes = self.feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
                 let p = compile_shapes(crate::infer::CODE, self.device, graph, &shapes)
                     .map_err(|_| "cannot compile the encoder-decoder".to_string())?;
+                p.keep_resident(&self.weights);
                 slot.insert(p)
             }
         };

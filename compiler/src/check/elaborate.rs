@@ -323,7 +323,7 @@ impl<'p> Checker<'p> {
         self.instances.push(Instance { def: dref, path: path.clone(), env: env.clone(), fields: Vec::new() });
         let mut fields: Vec<(String, FieldInst)> = Vec::new();
         let mut seen: HashMap<String, Span> = HashMap::new();
-        for f in def.members.iter().filter_map(|x| if let Member::Field(f) = x { Some(f) } else { None }) {
+        for f in fields_of(def) {
             let name = name_of(f);
             if let Some(first) = seen.insert(name.clone(), f.name.span) {
                 let message = if renames.is_empty() {
