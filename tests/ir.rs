@@ -176,10 +176,7 @@ fn cumsum_and_expand_and_their_gradients_match_torch() {
     let text = std::fs::read_to_string(repo().join("tests/fixtures/scans.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(cases.len(), 6);
-    let numbers =
-        |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
-    let shape = |v: &serde_json::Value| -> Vec<usize> { numbers(v).iter().map(|d| *d as usize).collect() };
-    let dims = |s: &[usize]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let (numbers, shape, dims) = (json_numbers, json_shape, dims_text);
     for c in cases {
         let (expr, xs, rs) = (c["expr"].as_str().unwrap(), shape(&c["x"]["shape"]), shape(&c["r"]["shape"]));
         let spec = format!(

@@ -186,10 +186,7 @@ pub struct ConvCase {
 pub fn conv_cases() -> Vec<ConvCase> {
     let text = std::fs::read_to_string(repo().join("tests/fixtures/conv.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let numbers =
-        |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
-    let shape = |v: &serde_json::Value| -> Vec<usize> { numbers(v).iter().map(|d| *d as usize).collect() };
-    let dims = |s: &[usize]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let (numbers, shape, dims) = (json_numbers, json_shape, dims_text);
     let list = |v: &serde_json::Value| -> String {
         format!("[{}]", numbers(v).iter().map(|d| (*d as i64).to_string()).collect::<Vec<_>>().join(", "))
     };
@@ -240,4 +237,19 @@ pub fn conv_cases() -> Vec<ConvCase> {
             ConvCase { label, graph, feeds, torch }
         })
         .collect()
+}
+
+/// A fixture's JSON array of numbers.
+pub fn json_numbers(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// A fixture's JSON shape.
+pub fn json_shape(v: &serde_json::Value) -> Vec<usize> {
+    json_numbers(v).iter().map(|d| *d as usize).collect()
+}
+
+/// A shape as a spec writes it: `2, 3, 4`.
+pub fn dims_text(shape: &[usize]) -> String {
+    shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
 }
