@@ -240,6 +240,7 @@ const LAYER_CASES: &[(&str, &str)] = &[
     ("EncoderBlock", "l: EncoderBlock(8, 2, 16, dropout: 0.0)"),
     ("MoE", "l: MoE(8, 3, 2, expert: SwiGLU(8, 4), balance: 0.1)"),
     ("OffsetRMSNorm", "l: OffsetRMSNorm(8)"),
+    ("HeadNormLayer", "l: Attention(8, 2, qk_norm: true, head_norm: OffsetRMSNorm(4))"),
     ("FusedAttention", "l: FusedAttention(8, 2, kv_heads: 1, bias: true, scale: 0.3)"),
     ("FusedAttentionPerHead", "l: FusedAttention(8, 2, per_head: true, softcap: 0.5)"),
     ("Conv1d", "l: Conv1d(8, 8, 3, padding: 2, dilation: 2, groups: 2)"),
