@@ -332,8 +332,7 @@ impl Index {
 
     /// The `k` passages nearest `q`, comparing it with every one.
     pub fn exact(&self, q: &[f32], k: usize) -> Vec<(usize, f32)> {
-        let mut all: Vec<(usize, f32)> =
-            self.vectors.chunks_exact(self.dim()).map(|v| hnsw::dot(q, v)).enumerate().collect();
+        let mut all: Vec<(usize, f32)> = hnsw::dot_rows(q, &self.vectors).into_iter().enumerate().collect();
         let k = k.min(all.len());
         if k == 0 {
             return Vec::new();
