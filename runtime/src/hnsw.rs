@@ -334,10 +334,13 @@ impl Hnsw {
             self.distances(vectors, q, &scratch.fresh, &mut scratch.distances);
             for (&n, &d) in scratch.fresh.iter().zip(&scratch.distances) {
                 if found.len() < ef || d < found.peek().map_or(f32::INFINITY, |f| f.distance) {
-                    candidates.push(std::cmp::Reverse(Near { distance: d, id: n }));
-                    found.push(Near { distance: d, id: n });
-                    if found.len() > ef {
-                        found.pop();
+                    let near = Near { distance: d, id: n };
+                    candidates.push(std::cmp::Reverse(near));
+                    // Full: the new point takes the farthest one's place (one sift).
+                    if found.len() < ef {
+                        found.push(near);
+                    } else if let Some(mut farthest) = found.peek_mut() {
+                        *farthest = near;
                     }
                 }
             }
