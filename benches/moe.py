@@ -6,7 +6,8 @@ one run. The shape is Mixtral's, small enough for 2 cores: dim 256, 8
 experts (hidden 896), top-2, 4 layers, 8 heads (4 key/value), vocab 512.
 
   1. a training step (forward + backward + AdamW, load-balancing loss on)
-     on a batch of 8 x 128 tokens,
+     on a batch of 8 x 128 tokens (each round: the median of 3 steps after
+     a first, PyTorch and the two lowerings in turn),
   2. greedy decoding of 128 tokens after an 8-token prompt.
 
     pip install torch transformers
@@ -58,7 +59,7 @@ def modelc_train_step(run, threads, steps, dense):
     modelc([
         "train", *spec_args(run, dense), "--weights", str(run / "model.safetensors"),
         "--batch-file", str(run / "batch.safetensors"), "--steps", str(steps), "--lr", "1e-4", "--clip", "1.0",
-        "--threads", str(threads), "--checkpoint-every", "0", "--out", str(out),
+        "--threads", str(threads), "--checkpoint-every", "0", "--out", str(out), "--overwrite",
     ])
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(m["seconds"] for m in lines[1:]), lines[-1].get("expert_load")
@@ -111,11 +112,15 @@ def main():
         decode = {k: statistics.median(v) for k, v in decode.items()}
 
         model.train()
-        steps = {"torch": torch_train_step(model, ids, args.repeats)}
+        steps = {"torch": [], False: [], True: []}
         load = None
-        for dense in (False, True):
-            steps[dense], load_of = modelc_train_step(run, args.threads, args.repeats + 1, dense)
-            load = load if dense else load_of
+        for _ in range(args.repeats):  # alternating too: each round's median of 3 steps after a first
+            steps["torch"].append(torch_train_step(model, ids, 3))
+            for dense in (False, True):
+                t, load_of = modelc_train_step(run, args.threads, 4, dense)
+                steps[dense].append(t)
+                load = load if dense else load_of
+        steps = {k: statistics.median(v) for k, v in steps.items()}
 
     print(f"{'':34}{'sparse':>10}{'dense':>10}{'PyTorch':>10}{'vs dense':>10}{'vs torch':>10}")
     s, d, t = steps[False], steps[True], steps["torch"]

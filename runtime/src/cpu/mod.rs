@@ -168,7 +168,9 @@ impl Drop for Program {
         kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
         let summary: Vec<String> = kinds.iter().map(|(n, t)| format!("{n} {:.0}%", 100.0 * t / total)).collect();
         eprintln!("by kind: {}", summary.join(", "));
-        for k in order.into_iter().take(25) {
+        // `MODELC_PROFILE=N` lists the N slowest kernels (default 25).
+        let shown = std::env::var("MODELC_PROFILE").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
+        for k in order.into_iter().take(shown) {
             let line = lines.get(k).map(String::as_str).unwrap_or("");
             eprintln!(
                 "{:>8.2} ms {:>5.1}%  {}",
@@ -1181,7 +1183,7 @@ impl Program {
                 let (x, rows) = (node.args[0], shape_of(node.args[0])?);
                 let (k, cols) = (rows[1], out.len() / rows[0].max(1));
                 let bounds = expert_bounds(input(node.args[1]), node.args.len() - 2, rows[0])?;
-                let jobs: Vec<(std::ops::Range<usize>, SendRhs)> = bounds
+                let mut jobs: Vec<(std::ops::Range<usize>, SendRhs)> = bounds
                     .into_iter()
                     .enumerate()
                     .filter(|(_, r)| !r.is_empty())
@@ -1206,7 +1208,7 @@ impl Program {
                 // Experts side by side on the threads when there are enough of
                 // them; else one after the other, each product on every thread.
                 if jobs.len() >= rayon::current_num_threads() {
-                    jobs.par_iter().for_each(|(r, rhs)| product(r, rhs, false));
+                    largest_first(&mut jobs, |(r, _)| r.len(), |(r, rhs)| product(r, rhs, false));
                 } else {
                     jobs.iter().for_each(|(r, rhs)| product(r, rhs, packed::worth_threads(r.len(), cols, k)));
                 }
@@ -1216,7 +1218,7 @@ impl Program {
                 let (x, dy) = (shape_of(node.args[0])?, shape_of(node.args[1])?);
                 let (k, cols) = (x[1], dy[1]);
                 let offsets = input(node.args[2]);
-                let jobs: Vec<(usize, std::ops::Range<usize>)> = expert_bounds(offsets, offsets.len() - 1, x[0])?
+                let mut jobs: Vec<(usize, std::ops::Range<usize>)> = expert_bounds(offsets, offsets.len() - 1, x[0])?
                     .into_iter()
                     .enumerate()
                     .filter(|(_, r)| !r.is_empty())
@@ -1237,7 +1239,7 @@ impl Program {
                     packed::product(shape, o, shape.1, 0.0, a, packed::Rhs::Dense(b), parallel, self.tiles)
                 };
                 if jobs.len() >= rayon::current_num_threads() {
-                    jobs.par_iter().for_each(|(e, r)| product(*e, r, false));
+                    largest_first(&mut jobs, |(_, r)| r.len(), |(e, r)| product(*e, r, false));
                 } else {
                     jobs.iter().for_each(|(e, r)| product(*e, r, packed::worth_threads(k, cols, r.len())));
                 }
@@ -1376,6 +1378,22 @@ impl Program {
         }
         unreachable!("bug: `{}` is fused, a view or an input, never a kernel of its own", node.op.name())
     }
+}
+
+/// Runs `jobs` on the threads, largest first, each thread taking the next
+/// when it is done (greedy longest-first scheduling): experts' products
+/// differ up to 3x in rows, and split in halves the threads ended unevenly.
+fn largest_first<J: Sync>(jobs: &mut [J], size: impl Fn(&J) -> usize, run: impl Fn(&J) + Sync) {
+    jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // One taker a thread; any thread may run several (a busy one none):
+    // `rayon::broadcast` would wait for every thread, and one may be
+    // spinning for a section that waits on this one.
+    (0..rayon::current_num_threads()).into_par_iter().for_each(|_| {
+        while let Some(job) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            run(job);
+        }
+    });
 }
 
 /// Each expert's rows from an `expert_offsets` value, checked to rise within `rows`.
