@@ -441,7 +441,7 @@ pub fn dot_rows(q: &[f32], vectors: &[f32]) -> Vec<f32> {
         return Vec::new();
     }
     let mut quads = vectors.chunks_exact(4 * q.len());
-    let mut out = Vec::with_capacity(vectors.len() / q.len().max(1));
+    let mut out = Vec::with_capacity(vectors.len() / q.len());
     for quad in &mut quads {
         let (a, rest) = quad.split_at(q.len());
         let (b, rest) = rest.split_at(q.len());
