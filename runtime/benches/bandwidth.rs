@@ -7,31 +7,15 @@
 //! given after `--` keep only those operations (`-- softmax rmsnorm`);
 //! `ROWS=512` sets the row count (512 rows: in cache).
 
+mod common;
+
+use common::time;
 use modelc::check::{self, LowerOptions, Options};
 use modelc_runtime::cpu::{Program, Tensor, bind};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::time::Instant;
 
 const WIDTH: usize = 1024;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-fn time(mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..15)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
 
 fn program(name: &str, body: &str, rows: usize) -> (Program, HashMap<String, Tensor>) {
     let text = format!("model {name}() {{\n    forward(x: [R, N]) -> y: [R, N] = {body}\n}}\n");
@@ -51,7 +35,7 @@ fn main() {
     let bytes = (2 * rows * WIDTH * 4) as f64;
     let src: Vec<f32> = vec![1.0; rows * WIDTH];
     let mut dst: Vec<f32> = vec![0.0; rows * WIDTH];
-    let copy = time(|| {
+    let copy = time(15, || {
         dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
     });
     println!(
@@ -70,7 +54,7 @@ fn main() {
             continue;
         }
         let (p, feeds) = program(name, body, rows);
-        let t = time(|| {
+        let t = time(15, || {
             p.run_kernels(&feeds).expect("runs");
         });
         println!("{name:<10} {:>9.2} {:>8.1} {:>8.2}x", t * 1e3, bytes / t / 1e9, copy / t);

@@ -7,30 +7,14 @@
 //! parameter move; the copy moves 2 x 4. Prints medians, the kernels and
 //! parallel sections the step takes, and the effective bandwidth of each.
 
+mod common;
+
+use common::time;
 use modelc::ir::train::{TrainConfig, update_program};
 use modelc::types::{DType, Dim, TensorTy};
 use modelc_runtime::cpu::{Program, Tensor, bind};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::time::Instant;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-fn time(mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..11)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
 
 /// Mixtral's parameter shapes at the benchmark's size.
 fn shapes() -> Vec<(String, Vec<usize>)> {
@@ -82,11 +66,11 @@ fn main() {
     let mut state: HashMap<String, Tensor> =
         program.state().iter().map(|n| (n.clone(), feeds.remove(n).expect("a state input"))).collect();
     let mut outputs = HashMap::new();
-    let update = time(|| program.run_state(&feeds, &mut state, &mut outputs).expect("runs"));
+    let update = time(11, || program.run_state(&feeds, &mut state, &mut outputs).expect("runs"));
     let src = vec![1f32; count];
     let mut dst = vec![0f32; count];
     let copy =
-        time(|| dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s)));
+        time(11, || dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s)));
     let gbs = |bytes: usize, t: f64| bytes as f64 / t / 1e9;
     println!("{} threads, {count} parameters in {} tensors", rayon::current_num_threads(), params.len());
     println!("copy   {:>8.2} ms {:>6.1} GB/s", copy * 1e3, gbs(8 * count, copy));
