@@ -1,11 +1,11 @@
 //! The optimiser's step alone (global-norm clipping, then AdamW) over the
 //! parameters of the Mixtral shape `benches/moe.py` trains (dim 256, 4
-//! layers, 8 experts of hidden 896, vocab 512: 23.1M parameters in 113
+//! layers, 8 experts of hidden 896, vocab 512: 23.1M parameters in 127
 //! tensors), against a copy, in the same run: `cargo bench -p
 //! modelc-runtime --bench update`. AdamW reads each parameter's gradient,
 //! two moments and weight and writes three back, so at least 7 x 4 bytes a
-//! parameter move; the copy moves 2 x 4. Prints medians, the kernels and
-//! parallel sections the step takes, and the effective bandwidth of each.
+//! parameter move; the copy moves 2 x 4. Prints medians, the effective
+//! bandwidth of each and the kernels the update takes.
 
 mod common;
 
