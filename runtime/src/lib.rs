@@ -18,6 +18,7 @@ pub mod masking;
 pub mod memory;
 pub mod merge;
 pub mod model;
+pub mod pages;
 pub mod plot;
 pub mod profile;
 pub mod quantize;

@@ -3,6 +3,9 @@
 use clap::{CommandFactory, FromArgMatches, Subcommand};
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: modelc_runtime::pages::HugePages = modelc_runtime::pages::HugePages;
+
 #[derive(clap::Parser)]
 #[command(name = "modelc", version, about = "Compile, train and run neural networks written as .model specs", long_about = None)]
 struct Cli {
