@@ -95,6 +95,10 @@ fn main() -> ExitCode {
     if let Some(model) = cli.command.model_args() {
         model.embedded = embedded;
     }
+    if matches!(cli.command, Top::Infer(_) | Top::Forward(_) | Top::Embed(_) | Top::Index(_) | Top::Search(_)) {
+        // Their time goes to reading the weights (`pages`).
+        modelc_runtime::pages::enable();
+    }
     let code = match cli.command {
         Top::Compiler(c) => modelc_runtime::cli::run(c),
         Top::Train(args) => modelc_runtime::train::run(&args),

@@ -6,41 +6,54 @@
 //! Most distributions ship transparent huge pages as `madvise` (only for
 //! memory that asks), so a block asks for them before anything touches it:
 //! the kernel then faults its 2 MiB-aligned interior in 2 MiB pages.
-//! Measured in `docs/cpu.md` (stories110M decoding).
+//! Measured in `docs/cpu.md` (stories110M decoding). The commands that run
+//! a trained model ask for them (`enable`); training does not: its step
+//! was no faster with them, and a 2 MiB page faulted in whole where a
+//! value touches part of it raised its peak memory ~5% (stories15M), which
+//! `train --memory-budget` counts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The system allocator, with blocks of 2 MiB and more aligned to 2 MiB
-/// and backed by huge pages.
+/// Whether large blocks are advised to take huge pages.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Asks for huge pages for the large blocks allocated from now on.
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// The system allocator; once `enable`d, blocks of 2 MiB and more start
+/// on a huge page (a weight of 2.25 MiB, 768 x 768 f32, then has one whole
+/// huge page, where at a chance offset it would have had none most of the
+/// time) and are advised to take huge pages.
 pub struct HugePages;
 
 /// A huge page's size (x86-64 and most aarch64 kernels).
 const HUGE: usize = 2 << 20;
 
-/// The layout a block is allocated with: a large one starts on a huge
-/// page, so that a weight of 2.25 MiB (768 x 768 f32) has one whole huge
-/// page, where at a chance offset it would have had none most of the time.
-fn widened(layout: Layout) -> Layout {
-    if layout.size() >= HUGE {
-        Layout::from_size_align(layout.size(), layout.align().max(HUGE)).unwrap_or(layout)
-    } else {
-        layout
-    }
+/// Whether a block of `size` bytes is allocated on huge pages.
+fn huge(size: usize) -> bool {
+    cfg!(target_os = "linux") && size >= HUGE && ENABLED.load(Ordering::Relaxed)
 }
 
-// SAFETY: every block comes from `System` with `widened(layout)` and
-// returns to it with the same; the advice only changes how the kernel
-// backs pages.
+// SAFETY: on Linux, every block comes from the C allocator (as `System`'s
+// do on Unix: malloc, or posix_memalign for larger alignments) and goes back
+// through `free`, whichever way it was aligned; elsewhere `System` does it
+// all. The advice only changes how the kernel backs pages.
 unsafe impl GlobalAlloc for HugePages {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on (a widened layout is as valid).
-        let p = unsafe { System.alloc(widened(layout)) };
+        if !huge(layout.size()) {
+            // SAFETY: the caller's contract, passed on.
+            return unsafe { System.alloc(layout) };
+        }
+        let p = aligned(layout);
         advise(p, layout.size());
         p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < HUGE {
+        if !huge(layout.size()) {
             // SAFETY: as `alloc`.
             return unsafe { System.alloc_zeroed(layout) };
         }
@@ -56,20 +69,29 @@ unsafe impl GlobalAlloc for HugePages {
     }
 
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        #[cfg(target_os = "linux")]
+        // SAFETY: a block of the C allocator (above).
+        unsafe {
+            let _ = layout;
+            libc::free(p as *mut libc::c_void)
+        }
+        #[cfg(not(target_os = "linux"))]
         // SAFETY: as `alloc`.
-        unsafe { System.dealloc(p, widened(layout)) }
+        unsafe {
+            System.dealloc(p, layout)
+        }
     }
 
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
-        if layout.size() < HUGE && size < HUGE {
-            // SAFETY: as `alloc`; neither layout is widened.
+        if !huge(size) {
+            // SAFETY: as `alloc` (the C allocator's realloc takes any of its
+            // blocks; `System` keeps the alignment).
             return unsafe { System.realloc(p, layout, size) };
         }
         // SAFETY: the caller's contract: `size` with `layout`'s alignment is
         // a valid layout; the old block holds `layout.size()` bytes.
         unsafe {
-            let new = Layout::from_size_align_unchecked(size, layout.align());
-            let q = self.alloc(new);
+            let q = self.alloc(Layout::from_size_align_unchecked(size, layout.align()));
             if !q.is_null() {
                 std::ptr::copy_nonoverlapping(p, q, layout.size().min(size));
                 self.dealloc(p, layout);
@@ -79,18 +101,33 @@ unsafe impl GlobalAlloc for HugePages {
     }
 }
 
+/// A block for `layout` from the C allocator, starting on a huge page.
+#[cfg(target_os = "linux")]
+fn aligned(layout: Layout) -> *mut u8 {
+    let mut p = std::ptr::null_mut();
+    // SAFETY: `p` is written by posix_memalign; the alignment is a power of
+    // two and a multiple of the pointer's size.
+    if unsafe { libc::posix_memalign(&mut p, layout.align().max(HUGE), layout.size()) } != 0 {
+        return std::ptr::null_mut();
+    }
+    p as *mut u8
+}
+
+#[cfg(not(target_os = "linux"))]
+fn aligned(_: Layout) -> *mut u8 {
+    unreachable!("bug: huge pages are only asked for on Linux")
+}
+
 /// Asks for huge pages over the 2 MiB-aligned part of `len` bytes at `p`.
 #[cfg(target_os = "linux")]
 fn advise(p: *mut u8, len: usize) {
-    if len >= HUGE && !p.is_null() {
-        let start = (p as usize).next_multiple_of(HUGE);
-        let end = (p as usize).saturating_add(len) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: a range inside a block just allocated; advice never
-            // changes its contents. A kernel without huge pages says no,
-            // which changes nothing.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
+    let start = (p as usize).next_multiple_of(HUGE);
+    let end = (p as usize).saturating_add(len) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: a range inside a block just allocated; advice never
+        // changes its contents. A kernel without huge pages says no,
+        // which changes nothing.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
     }
 }
 
@@ -104,6 +141,7 @@ mod tests {
     #[test]
     fn large_blocks_start_on_a_huge_page_and_keep_their_bytes() {
         let a = HugePages;
+        enable();
         // SAFETY: blocks allocated, used within their sizes and freed with their layouts.
         unsafe {
             let small = Layout::from_size_align(HUGE - 1, 8).unwrap();
