@@ -479,6 +479,33 @@ fn weights_and_inputs_of_the_wrong_kind_are_named() {
 }
 
 #[test]
+fn a_damaged_tokenizer_is_named() {
+    let dir = scratch("tokenizer");
+    let fixture = repo().join("tests/fixtures/hf/llama");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+    }
+    let good = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
+    let mut precompiled: serde_json::Value = serde_json::from_str(&good).unwrap();
+    precompiled["normalizer"] = serde_json::json!({"type": "Precompiled", "precompiled_charsmap": null});
+    for (text, says) in [
+        // Not JSON: a trailing comma, as a hand edit leaves one.
+        (good.replacen('{', "{\"x\": 1,,", 1), "is not valid JSON: key must be a string at line 1 column 9"),
+        // JSON, but a normalizer the tokenizers library panics on rather
+        // than refusing.
+        (precompiled.to_string(), "not a tokenizer the tokenizers library reads"),
+    ] {
+        std::fs::write(dir.join("tokenizer.json"), text).unwrap();
+        let d = dir.to_str().unwrap();
+        let (code, _, err) =
+            modelc(&["infer", "specs/llama.model", "--weights", d, "--prompt", "hi", "--max-new-tokens", "1"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("tokenizer.json") && err.contains(says), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn sizes_no_machine_holds_are_refused_before_allocating() {
     let dir = scratch("sizes");
     let data = dir.join("data.txt");

@@ -19,7 +19,15 @@ impl Tokenizer {
     /// as `transformers` does when it is called with `padding=True`.
     pub fn open(path: Option<&Path>) -> Result<Tokenizer, String> {
         let Some(p) = path else { return Ok(Tokenizer::Bytes) };
-        let mut t = tokenizers::Tokenizer::from_file(p)
+        let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display()))?;
+        // The tokenizers crate panics on some malformed files (an unwrap in
+        // its decoders' deserialiser): the JSON is checked first, for an
+        // error with its line and column, and a panic on a file that parses
+        // is taken as the error it is.
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| format!("the tokenizer {} is not valid JSON: {e}", p.display()))?;
+        let mut t = without_panics(|| text.parse::<tokenizers::Tokenizer>())
+            .unwrap_or_else(|| Err("its contents are not a tokenizer the tokenizers library reads".into()))
             .map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display()))?;
         let pad = t
             .get_padding()
@@ -161,4 +169,14 @@ impl<'a> Stream<'a> {
         self.printed = text.len();
         rest
     }
+}
+
+/// `f`'s result, or `None` where it panicked, without the panic's message
+/// (the caller says what failed).
+fn without_panics<R>(f: impl FnOnce() -> R) -> Option<R> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+    std::panic::set_hook(hook);
+    out
 }
