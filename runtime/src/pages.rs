@@ -8,9 +8,9 @@
 //! the kernel then faults its 2 MiB-aligned interior in 2 MiB pages.
 //! Measured in `docs/cpu.md` (stories110M decoding). The commands that run
 //! a trained model ask for them (`enable`); training does not: its step
-//! was no faster with them, and a 2 MiB page faulted in whole where a
-//! value touches part of it raised its peak memory ~5% (stories15M), which
-//! `train --memory-budget` counts.
+//! was no faster with them, and aligning its blocks alone raised its peak
+//! memory ~5% (stories15M, 670 -> 705 MiB), which `train --memory-budget`
+//! counts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +23,11 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
-/// The system allocator; once `enable`d, blocks of 2 MiB and more start
-/// on a huge page (a weight of 2.25 MiB, 768 x 768 f32, then has one whole
-/// huge page, where at a chance offset it would have had none most of the
-/// time) and are advised to take huge pages.
+/// The system allocator; once `enable`d, blocks of 2 MiB and more are
+/// advised to take huge pages, and those not asked to be zeroed (weights,
+/// filled as they are made) start on a huge page: a weight of 2.25 MiB
+/// (768 x 768 f32) then has one whole huge page, where at a chance offset
+/// it would have had none most of the time.
 pub struct HugePages;
 
 /// A huge page's size (x86-64 and most aarch64 kernels).
@@ -53,19 +54,17 @@ unsafe impl GlobalAlloc for HugePages {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !huge(layout.size()) {
-            // SAFETY: as `alloc`.
-            return unsafe { System.alloc_zeroed(layout) };
+        // SAFETY: as `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if huge(layout.size()) {
+            // Not aligned: calloc leaves a fresh mapping untouched (it is
+            // zero already) until it is used, so a large cache or arena
+            // takes memory as it fills, and the advice still comes before
+            // the first touch. (Writing the zeros into an aligned block
+            // would commit all of it at once.)
+            advise(p, layout.size());
         }
-        // Advised before the zeros are written, or the writes fault the
-        // block in small pages. SAFETY: as `alloc`; `size` bytes at `p`.
-        unsafe {
-            let p = self.alloc(layout);
-            if !p.is_null() {
-                std::ptr::write_bytes(p, 0, layout.size());
-            }
-            p
-        }
+        p
     }
 
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
@@ -139,7 +138,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn large_blocks_start_on_a_huge_page_and_keep_their_bytes() {
+    fn large_blocks_start_on_a_huge_page_and_keep_their_bytes_and_zeros() {
         let a = HugePages;
         enable();
         // SAFETY: blocks allocated, used within their sizes and freed with their layouts.
@@ -160,7 +159,7 @@ mod tests {
 
             let zeroed = Layout::from_size_align(HUGE + 12_345, 64).unwrap();
             let z = a.alloc_zeroed(zeroed);
-            assert_eq!(z as usize % HUGE, 0);
+            assert_eq!(z as usize % 64, 0);
             assert!((0..zeroed.size()).all(|i| *z.add(i) == 0));
             a.dealloc(z, zeroed);
         }

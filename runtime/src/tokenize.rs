@@ -21,14 +21,22 @@ impl Tokenizer {
         let Some(p) = path else { return Ok(Tokenizer::Bytes) };
         let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display()))?;
         // The tokenizers crate panics on some malformed files (an unwrap in
-        // its decoders' deserialiser): the JSON is checked first, for an
-        // error with its line and column, and a panic on a file that parses
-        // is taken as the error it is.
-        serde_json::from_str::<serde_json::Value>(&text)
-            .map_err(|e| format!("the tokenizer {} is not valid JSON: {e}", p.display()))?;
-        let mut t = without_panics(|| text.parse::<tokenizers::Tokenizer>())
-            .unwrap_or_else(|| Err("its contents are not a tokenizer the tokenizers library reads".into()))
-            .map_err(|e| format!("cannot read the tokenizer {}: {e}", p.display()))?;
+        // its decoders' and normalizers' deserialisers): a panic is taken as
+        // the error it is, and a file that is not JSON at all is named with
+        // the line and column where it stops being JSON.
+        let mut t = match without_panics(|| text.parse::<tokenizers::Tokenizer>()) {
+            Some(Ok(t)) => t,
+            failed => {
+                if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+                    return Err(format!("the tokenizer {} is not valid JSON: {e}", p.display()));
+                }
+                let why = match failed {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "its contents are not a tokenizer the tokenizers library reads".into(),
+                };
+                return Err(format!("cannot read the tokenizer {}: {why}", p.display()));
+            }
+        };
         let pad = t
             .get_padding()
             .map(|p| p.pad_id as usize)
