@@ -139,6 +139,17 @@ impl Packed {
 
     /// Row `j` as f32: what the products compute with.
     pub fn row(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n && out.len() >= self.k, "bug: row {j} of {} into {} floats", self.n, out.len());
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the host has AVX2 and F16C; row j exists and out holds k floats.
+            return unsafe { avx2::row(self, j, out) };
+        }
+        self.portable_row(j, out)
+    }
+
+    /// `row` a weight at a time.
+    fn portable_row(&self, j: usize, out: &mut [f32]) {
         let k = self.k;
         match self.format {
             Format::Bf16 => {
@@ -1117,6 +1128,25 @@ mod tests {
                         assert!((g - v).abs() <= bound * 1.0001, "{format:?} row {j} block {b}: {g} vs {v}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_the_same_bits_with_and_without_avx2() {
+        let (w, n, k, _) = fixture();
+        // bf16 rows also at a length that is not a multiple of 8 (the tail).
+        let odd: Vec<f32> = w[..n * 13].to_vec();
+        for (format, w, k) in
+            [(Format::Bf16, &w, k), (Format::Bf16, &odd, 13), (Format::Q8, &w, k), (Format::Q4, &w, k)]
+        {
+            let p = Packed::new(format, w, n, k);
+            let (mut fast, mut plain) = (vec![0f32; k], vec![0f32; k]);
+            for j in 0..n {
+                p.row(j, &mut fast);
+                p.portable_row(j, &mut plain);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&plain), "{format:?} row {j} of {k}");
             }
         }
     }

@@ -90,6 +90,63 @@ pub unsafe fn int_columns(xs: &[Activation], c: *mut f32, c_rs: usize, alpha: f3
     }
 }
 
+/// Row `j` of a bf16, q8 or q4 weight as f32 (`Packed::row`), eight lanes
+/// at a time: each weight is the same product of its scale and its quant
+/// as the portable loop computes, so the rows are the same bits.
+///
+/// # Safety
+/// The host has AVX2 and F16C; `j` is a row of `w` and `out` holds `w.k`
+/// floats.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn row(w: &Packed, j: usize, out: &mut [f32]) {
+    let k = w.k;
+    let o = out.as_mut_ptr();
+    // SAFETY: row j's halves, quants and scales; k floats of out.
+    unsafe {
+        match w.format {
+            Format::Bf16 => {
+                let h = w.halves.as_ptr().add(j * k);
+                let full = k / 8 * 8;
+                for c in (0..full).step_by(8) {
+                    _mm256_storeu_ps(o.add(c), widen(_mm_loadu_si128(h.add(c) as *const __m128i)));
+                }
+                for c in full..k {
+                    *o.add(c) = f32::from_bits((*h.add(c) as u32) << 16);
+                }
+            }
+            Format::Q8 => {
+                let first = j * k / BLOCK;
+                for b in 0..k / BLOCK {
+                    let d = _mm256_set1_ps(widen_half(w.scales[first + b]));
+                    let q = w.quants.as_ptr().add((first + b) * BLOCK);
+                    for u in 0..4 {
+                        let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * u) as *const __m128i));
+                        _mm256_storeu_ps(o.add(b * BLOCK + 8 * u), _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
+                    }
+                }
+            }
+            Format::Q4 => {
+                let (first, low, eight) = (j * k / BLOCK, _mm_set1_epi8(15), _mm256_set1_epi32(8));
+                for b in 0..k / BLOCK {
+                    let d = _mm256_set1_ps(widen_half(w.scales[first + b]));
+                    let bytes = _mm_loadu_si128(w.quants.as_ptr().add((first + b) * BLOCK / 2) as *const __m128i);
+                    // Elements 0-15 in the low nibbles, 16-31 in the high ones.
+                    let halves = [_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16::<4>(bytes), low)];
+                    for (h, nibbles) in halves.iter().enumerate() {
+                        for u in 0..2 {
+                            let part = if u == 0 { *nibbles } else { _mm_srli_si128::<8>(*nibbles) };
+                            let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(part), eight);
+                            let at = b * BLOCK + 16 * h + 8 * u;
+                            _mm256_storeu_ps(o.add(at), _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
+                        }
+                    }
+                }
+            }
+            Format::F32 => unreachable!("bug: f32 rows are not packed"),
+        }
+    }
+}
+
 /// Weight rows a q4 product takes at a time.
 const ROWS: usize = 4;
 
