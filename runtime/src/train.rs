@@ -856,7 +856,11 @@ fn initial_state(
     for p in checked.params.iter().filter(|p| p.trainable) {
         for n in state_names(&s.config.optimizer, &p.name) {
             let t = &state[&p.name];
-            state.insert(n, Tensor::new(t.shape.clone(), vec![0.0; t.data.len()]));
+            let mut zeros = vec![0.0; t.data.len()];
+            // Faulted in now, in one call a tensor, not a page at a time by
+            // the first step's writes (the Mixtral-shape first step: ~2.2x a later one).
+            crate::pages::populate(&mut zeros);
+            state.insert(n, Tensor::new(t.shape.clone(), zeros));
         }
     }
     Ok(state)
