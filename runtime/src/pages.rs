@@ -25,8 +25,8 @@ pub fn enable() {
 }
 
 /// The system allocator; once `enable`d, blocks of 2 MiB and more are
-/// advised to take huge pages, and those not asked to be zeroed (weights,
-/// filled as they are made) start on a huge page: a weight of 2.25 MiB
+/// advised to take huge pages, and those not asked to be zeroed (f32
+/// weights, filled as they are made) start on a huge page: a weight of 2.25 MiB
 /// (768 x 768 f32) then has one whole huge page, where at a chance offset
 /// it would have had none most of the time.
 pub struct HugePages;
