@@ -13,6 +13,9 @@
 //! peer column; medians of repeated runs; planned activation memory of
 //! each program.
 
+mod common;
+
+use common::median;
 use modelc::ir::graph::{Attention, Graph};
 use modelc::types::DType;
 use modelc::types::Dim;
@@ -32,11 +35,6 @@ struct Heads {
 }
 
 const LLAMA: Heads = Heads { batch: 1, heads: 8, groups: 2, size: 64 };
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    xs[xs.len() / 2]
-}
 
 /// Seconds a run (median) and planned bytes of attention over t tokens
 /// (with `backward`, also the gradients of queries, keys and values of

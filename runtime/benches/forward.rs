@@ -2,16 +2,14 @@
 //! the same run: `cargo bench -p modelc-runtime --bench forward`. Prints
 //! medians and the speed-up, and the JIT compile time of each program.
 
+mod common;
+
+use common::median;
 use modelc::check::{self, LowerOptions, Options};
 use modelc::ir::interp::{Array, Precision, run};
 use modelc_runtime::cpu::{Program, Tensor, bind};
 use std::collections::HashMap;
 use std::time::Instant;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    xs[xs.len() / 2]
-}
 
 fn bench(spec: &str, sets: &[(&str, &str)], batch: usize, seq: usize) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");

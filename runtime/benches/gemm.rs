@@ -4,6 +4,9 @@
 //! same run: `cargo bench -p modelc-runtime --bench gemm`.
 //! Needs `python3` with numpy; medians of repeated runs.
 
+mod common;
+
+use common::median;
 use modelc::ir::graph::Graph;
 use modelc::types::DType;
 use modelc::types::Dim;
@@ -12,11 +15,6 @@ use modelc_runtime::cpu::{Program, Tensor, bind};
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Instant;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    xs[xs.len() / 2]
-}
 
 fn ours(n: usize, reps: usize) -> f64 {
     let mut g = Graph::default();

@@ -7,13 +7,11 @@
 //! the ways are alternated run by run; medians. The pool's threads are
 //! kept awake between products (`cpu::warm`), as while a program runs.
 
+mod common;
+
+use common::median;
 use modelc_runtime::cpu::packed::{self, Format, Packed, Rhs};
 use std::time::Instant;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    xs[xs.len() / 2]
-}
 
 fn main() {
     // As a program runs: the pool's threads awake between products.

@@ -7,13 +7,11 @@
 //! Prints medians in GFLOP/s and the ratios to gemm; the f32 peak of the
 //! 2-core Zen 4 VM the docs quote is ~235 GFLOP/s, bf16's twice that.
 
+mod common;
+
+use common::median;
 use modelc_runtime::cpu::{packed, tiles};
 use std::time::Instant;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
 
 fn main() {
     let threads = rayon::current_num_threads();

@@ -1,4 +1,6 @@
-//! Timing shared by the benchmarks: the median of repeated runs after a warm-up.
+//! Timing shared by the benchmarks: the median of repeated runs after a
+//! warm-up. (Each benchmark is a crate of its own and takes what it needs.)
+#![allow(dead_code)]
 
 use std::time::Instant;
 
