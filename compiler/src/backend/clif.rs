@@ -875,11 +875,17 @@ fn vexp(b: &mut FunctionBuilder, x: Value) -> Value {
     let bits = b.ins().bitcast(types::I32X4, little, p);
     let bits = b.ins().iadd(bits, shift);
     let e = b.ins().bitcast(ty, little, bits);
-    // Past the clamp e^x overflows: infinity, as f32 arithmetic gives. NaN
-    // in, NaN out (the shift of a NaN's bits need not be 0).
+    // Past the clamp e^x overflows: infinity, as f32 arithmetic gives; below
+    // it e^x is subnormal or 0: 0 (not e^lo), so that a masked score's
+    // probability is 0 and nothing downstream computes with subnormals,
+    // which cost some CPUs a hundred cycles an operation. NaN in, NaN out
+    // (the shift of a NaN's bits need not be 0).
     let inf = constant(b, f64::INFINITY, ty);
     let over = b.ins().fcmp(FloatCC::GreaterThan, x, hi);
     let e = choose(b, over, inf, e, ty);
+    let zero = constant(b, 0.0, ty);
+    let under = b.ins().fcmp(FloatCC::LessThan, x, lo);
+    let e = choose(b, under, zero, e, ty);
     let nan = b.ins().fcmp(FloatCC::Unordered, x, x);
     choose(b, nan, x, e, ty)
 }

@@ -93,6 +93,8 @@ pub fn exp(x: f32) -> f32 {
     let p = horner(&EXP_POLY, r);
     let e = f32::from_bits(p.to_bits().wrapping_add(km.to_bits() << 23));
     let e = if x > hi { f32::INFINITY } else { e };
+    // Below the clamp: 0, not e^lo (see `clif::vexp`).
+    let e = if x < lo { 0.0 } else { e };
     if x.is_nan() { x } else { e }
 }
 
