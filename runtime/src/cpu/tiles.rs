@@ -32,6 +32,20 @@
 use super::kernels::Operand;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    //! No AMX off x86-64.
+    pub const ROWS: usize = 32;
+    pub const DEPTH: usize = 16;
+    pub fn available() -> bool {
+        false
+    }
+    pub fn configure() {}
+    pub fn release() {}
+}
+
 /// Rows of a tile: 12 x 2 vectors of f32 sums, 24 of the 32 registers.
 const MR: usize = 12;
 /// Columns of a tile: two vectors of 16.
@@ -72,17 +86,38 @@ pub enum Kind {
     Bf16,
     /// Pairs of bf16, multiplied in portable f32 arithmetic.
     Bf16Portable,
+    /// Pairs of bf16 multiplied by AMX tiles (`amx::available()`): 32 x 32
+    /// outputs, 16 pairs deep, a step.
+    Amx,
 }
 
 impl Kind {
     /// bf16 products as this host computes them.
     pub fn bf16() -> Kind {
-        if bf16_hardware() { Kind::Bf16 } else { Kind::Bf16Portable }
+        if amx::available() {
+            Kind::Amx
+        } else if bf16_hardware() {
+            Kind::Bf16
+        } else {
+            Kind::Bf16Portable
+        }
     }
 
     /// Depth elements in one packed u32.
     fn depth(self) -> usize {
         if self == Kind::F32 { 1 } else { 2 }
+    }
+
+    /// Packed elements of a depth block of `kd`: AMX tiles load them 16 at
+    /// a time, so its strips run on in zeros to a multiple of 16.
+    fn units(self, kd: usize) -> usize {
+        let units = kd.div_ceil(self.depth());
+        if self == Kind::Amx { units.next_multiple_of(amx::DEPTH) } else { units }
+    }
+
+    /// Rows of `a` a tile multiplies.
+    fn rows(self) -> usize {
+        if self == Kind::Amx { amx::ROWS } else { MR }
     }
 }
 
@@ -99,6 +134,11 @@ pub fn bf16_hardware() -> bool {
         #[cfg(not(target_arch = "x86_64"))]
         false
     })
+}
+
+/// Whether the host multiplies bf16 on AMX tiles (`Kind::Amx`; checked once).
+pub fn amx_hardware() -> bool {
+    amx::available()
 }
 
 /// Whether the host has AVX-512 for f32 products (`Kind::F32`; checked once).
@@ -165,7 +205,8 @@ pub unsafe fn product_packed(m: usize, c: *mut f32, c_rs: usize, alpha: f32, a: 
 fn depth_block(k: usize, kind: Kind) -> usize {
     let units = k.div_ceil(kind.depth());
     let most = if kind == Kind::F32 { KC_F32 } else { KC_BF16 };
-    units.div_ceil(units.div_ceil(most).max(1)) * kind.depth()
+    let per = units.div_ceil(units.div_ceil(most).max(1));
+    kind.units(per * kind.depth()) * kind.depth()
 }
 
 /// A right-hand side `b` (k x n) packed once for many products: a weight
@@ -191,9 +232,10 @@ impl PackedB {
     pub unsafe fn new(b: Operand, k: usize, n: usize, parallel: bool, kind: Kind) -> PackedB {
         assert!(kind != Kind::F32 || f32_hardware(), "bug: f32 tiles without AVX-512");
         assert!(kind != Kind::Bf16 || bf16_hardware(), "bug: bf16 tiles without AVX512_BF16");
+        assert!(kind != Kind::Amx || amx::available(), "bug: AMX tiles without AMX");
         let kc = depth_block(k, kind);
         let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
-        let slot = kc / kind.depth() * NC.min(n.next_multiple_of(NR));
+        let slot = kind.units(kc) * NC.min(n.next_multiple_of(NR));
         let mut data = vec![0u32; slot * panels * depths];
         let b = Shared(b.0, b.1, b.2);
         let pack = |(i, out): (usize, &mut [u32])| {
@@ -219,9 +261,10 @@ impl PackedB {
             bf16_hardware() && k.is_multiple_of(2) && w.len() == n * k,
             "bug: bf16 rows {n} x {k} cannot be packed"
         );
-        let kc = depth_block(k, Kind::Bf16);
+        let kind = Kind::bf16();
+        let kc = depth_block(k, kind);
         let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
-        let slot = kc / 2 * NC.min(n.next_multiple_of(NR));
+        let slot = kind.units(kc) * NC.min(n.next_multiple_of(NR));
         let mut data = vec![0u32; slot * panels * depths];
         let pack = |(i, out): (usize, &mut [u32])| {
             let (d, p) = (i / panels, i % panels);
@@ -229,7 +272,8 @@ impl PackedB {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: rows j0.. of w from depth k0; the host has AVX512_BF16 (asserted).
             unsafe {
-                x86::pack_rows(w.as_ptr().add(j0 * k + k0), k, kc.min(k - k0), NC.min(n - j0), out)
+                let kd = kc.min(k - k0);
+                x86::pack_rows(w.as_ptr().add(j0 * k + k0), k, kd, NC.min(n - j0), out, kind.units(kd))
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (out, k0, j0);
@@ -239,7 +283,7 @@ impl PackedB {
         } else {
             data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
         }
-        PackedB { k, n, kc, slot, panels, data, kind: Kind::Bf16 }
+        PackedB { k, n, kc, slot, panels, data, kind }
     }
 
     /// Columns of `b`.
@@ -445,11 +489,15 @@ unsafe fn block(
         Rhs::Pack(_) => depth_block(k, kind),
         Rhs::Packed(p) => p.kc,
     };
-    let mc_max = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
+    let mr = kind.rows();
+    let mc_max = m.div_ceil(m.div_ceil(MC)).next_multiple_of(mr);
     let (mut pa, mut pb) = PACKED.take();
-    pa.resize(mc_max * kc / kind.depth(), 0);
+    pa.resize(mc_max * kind.units(kc), 0);
     if let Rhs::Pack(_) = b {
-        pb.resize(NC.min(cols.len().next_multiple_of(NR)) * kc / kind.depth(), 0);
+        pb.resize(NC.min(cols.len().next_multiple_of(NR)) * kind.units(kc), 0);
+    }
+    if kind == Kind::Amx {
+        amx::configure();
     }
     // Runs of columns in one panel: NC from the start when packing here,
     // split where the packed panels are.
@@ -466,7 +514,7 @@ unsafe fn block(
     for seg in segments {
         for (d, k0) in (0..k).step_by(kc).enumerate() {
             let kd = kc.min(k - k0);
-            let units = kd.div_ceil(kind.depth());
+            let units = kind.units(kd);
             let (panel, first_strip) = match b {
                 Rhs::Pack(b) => {
                     // SAFETY: columns seg of b, depth k0..k0+kd.
@@ -484,10 +532,10 @@ unsafe fn block(
                 for js in 0..seg.len().div_ceil(NR) {
                     let strip_b = &panel[(first_strip + js) * units * NR..][..units * NR];
                     let width = NR.min(seg.len() - js * NR);
-                    for is in 0..mc.div_ceil(MR) {
-                        let strip_a = &pa[is * units * MR..][..units * MR];
-                        let rows = MR.min(mc - is * MR);
-                        let at = c.wrapping_add((i0 + is * MR) * c_rs + (seg.start + js * NR) * c_cs);
+                    for is in 0..mc.div_ceil(mr) {
+                        let strip_a = &pa[is * units * mr..][..units * mr];
+                        let rows = mr.min(mc - is * mr);
+                        let at = c.wrapping_add((i0 + is * mr) * c_rs + (seg.start + js * NR) * c_cs);
                         let out = Out { c: at, c_rs, c_cs, rows, cols: width, beta };
                         // SAFETY: the tile's rows and columns of c.
                         unsafe { tile(strip_a, strip_b, units, layout, out, kind) }
@@ -495,6 +543,9 @@ unsafe fn block(
                 }
             }
         }
+    }
+    if kind == Kind::Amx {
+        amx::release();
     }
     PACKED.set((pa, pb));
 }
@@ -511,7 +562,9 @@ struct Out {
 }
 
 /// The elements of `a` (`mc` rows from its first, depth `kd`) into strips
-/// of MR rows, rows past `mc` (and the odd last pair's second half) zero.
+/// of `kind.rows()` rows, rows past `mc` (and the odd last pair's second
+/// half, and AMX's pairs past the depth) zero. AMX's strips are row-wise
+/// whatever `layout` (which then says how `a` lies).
 ///
 /// # Safety
 /// `a` covers mc x kd at its strides.
@@ -522,6 +575,7 @@ unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u3
         unsafe {
             match kind {
                 Kind::F32 => x86::pack_a_f32(a, mc, kd, layout, out),
+                Kind::Amx => x86::pack_a_rows(a, mc, kd, layout, out, amx::ROWS, kind.units(kd)),
                 _ => x86::pack_a(a, mc, kd, layout, out),
             }
         }
@@ -529,7 +583,8 @@ unsafe fn pack_a(a: Operand, mc: usize, kd: usize, layout: Layout, out: &mut [u3
     }
     // SAFETY: inside mc x kd.
     let at = |i: usize, kk: usize| unsafe { *a.0.add(i * a.1 + kk * a.2) };
-    pack_strips(at, (mc, kd), MR, layout, out, kind);
+    let layout = if kind == Kind::Amx { Layout::RowWise } else { layout };
+    pack_strips(at, (mc, kd), kind.rows(), layout, out, kind);
 }
 
 /// Strips of `width` lines (rows of `a`, or columns of `b`) of the depth's
@@ -544,7 +599,7 @@ fn pack_strips(
     out: &mut [u32],
     kind: Kind,
 ) {
-    let units = kd.div_ceil(kind.depth());
+    let units = kind.units(kd);
     let get = |l: usize, kk: usize| if l < lines && kk < kd { at(l, kk) } else { 0.0 };
     for s in 0..lines.div_ceil(width) {
         let strip = &mut out[s * units * width..][..units * width];
@@ -576,7 +631,7 @@ unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], kind: Kind) 
         unsafe {
             match kind {
                 Kind::F32 => x86::pack_b_f32(b, kd, nc, out),
-                _ => x86::pack_b(b, kd, nc, out),
+                _ => x86::pack_b(b, kd, nc, out, kind.units(kd)),
             }
         }
         return;
@@ -592,6 +647,12 @@ unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], kind: Kind) 
 /// # Safety
 /// `out` covers its rows and columns of c; `kind` one the host has.
 unsafe fn tile(a: &[u32], b: &[u32], units: usize, layout: Layout, out: Out, kind: Kind) {
+    #[cfg(target_arch = "x86_64")]
+    if kind == Kind::Amx {
+        // SAFETY: as above; `block` configured the tiles.
+        unsafe { amx::tile(a, b, units, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if kind != Kind::Bf16Portable {
         let row_wise = layout == Layout::RowWise;
@@ -796,17 +857,18 @@ mod x86 {
     }
 
     /// # Safety
-    /// As `super::pack_b`, with `b`'s rows (b.2 == 1) or columns (b.1 == 1) contiguous.
+    /// As `super::pack_b`, with `b`'s rows (b.2 == 1) or columns (b.1 == 1)
+    /// contiguous; strips of `pairs` (at least the depth's), zero past the depth.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32]) {
+    pub unsafe fn pack_b(b: Operand, kd: usize, nc: usize, out: &mut [u32], pairs: usize) {
         if b.2 != 1 {
             // Columns contiguous: 32 floats of a column are 16 of its pairs.
             // SAFETY: column j's depth 2 p0.. (up to kd).
-            let load = |j: usize, p0: usize| unsafe { pairs32(b.0.add(j * b.2 + 2 * p0), kd - 2 * p0) };
+            let load =
+                |j: usize, p0: usize| unsafe { pairs32(b.0.wrapping_add(j * b.2 + 2 * p0), kd.saturating_sub(2 * p0)) };
             // SAFETY: as above.
-            return unsafe { pack_columns(kd.div_ceil(2), nc, out, load) };
+            return unsafe { pack_columns(pairs, nc, out, load) };
         }
-        let pairs = kd.div_ceil(2);
         for js in 0..nc.div_ceil(NR) {
             let strip = out[js * pairs * NR..][..pairs * NR].as_mut_ptr();
             for half in 0..2 {
@@ -835,24 +897,90 @@ mod x86 {
     }
 
     /// Rows of bf16 weights (`[n, k]`, row stride `k`, from depth `k0`; `kd`
-    /// even) as `b`'s columns: each row's pairs are already u32s.
+    /// even) as `b`'s columns, in strips of `units` pairs: each row's pairs
+    /// are already u32s.
     ///
     /// # Safety
     /// `w` covers nc rows of k0 + kd halves at stride `k`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn pack_rows(w: *const u16, k: usize, kd: usize, nc: usize, out: &mut [u32]) {
+    pub unsafe fn pack_rows(w: *const u16, k: usize, kd: usize, nc: usize, out: &mut [u32], units: usize) {
         let pairs = kd / 2;
         // SAFETY: row j's pairs p0.. (up to kd / 2).
         let load = |j: usize, p0: usize| unsafe {
-            _mm512_maskz_loadu_epi32(mask(pairs - p0), w.add(j * k + 2 * p0).cast::<i32>())
+            _mm512_maskz_loadu_epi32(mask(pairs.saturating_sub(p0)), w.wrapping_add(j * k + 2 * p0).cast::<i32>())
         };
         // SAFETY: as above.
-        unsafe { pack_columns(pairs, nc, out, load) }
+        unsafe { pack_columns(units, nc, out, load) }
+    }
+
+    /// `a` (`mc` rows, depth `kd`) in strips of `mr` rows, each row's
+    /// `units` pairs together (what an AMX tile loads), zero past the
+    /// depth and past `mc`: rows as they lie (row-wise `layout`), or
+    /// (depth-wise: `a`'s columns contiguous) sixteen rows by sixteen
+    /// pairs transposed.
+    ///
+    /// # Safety
+    /// As `super::pack_a`; `mr` a multiple of 16, `units` of 16 and at least the depth's pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn pack_a_rows(
+        a: Operand,
+        mc: usize,
+        kd: usize,
+        layout: Layout,
+        out: &mut [u32],
+        mr: usize,
+        units: usize,
+    ) {
+        for is in 0..mc.div_ceil(mr) {
+            let strip = out[is * units * mr..][..units * mr].as_mut_ptr();
+            let rows = mr.min(mc - is * mr);
+            match layout {
+                Layout::RowWise => {
+                    assert!(a.2 == 1, "bug: row-wise packing of a strided a");
+                    for i in 0..mr {
+                        let row = a.0.wrapping_add((is * mr + i) * a.1);
+                        for p0 in (0..units).step_by(16) {
+                            let n = if i < rows { kd.saturating_sub(2 * p0) } else { 0 };
+                            // SAFETY: row i's floats 2 p0.. (n of them); pairs p0.. of the strip row.
+                            unsafe {
+                                _mm512_storeu_si512(
+                                    strip.add(i * units + p0).cast(),
+                                    pairs32(row.wrapping_add(2 * p0), n),
+                                )
+                            };
+                        }
+                    }
+                }
+                Layout::DepthWise => {
+                    for i0 in (0..mr).step_by(16) {
+                        let m = mask(rows.saturating_sub(i0));
+                        let col = |kk: usize| {
+                            // SAFETY: depth kk (< kd) of rows i0.. of the strip, which are contiguous.
+                            if kk < kd {
+                                unsafe { _mm512_maskz_loadu_ps(m, a.0.wrapping_add(kk * a.2 + is * mr + i0)) }
+                            } else {
+                                _mm512_setzero_ps()
+                            }
+                        };
+                        for p0 in (0..units).step_by(16) {
+                            let mut t = [_mm512_setzero_si512(); 16];
+                            for (q, v) in t.iter_mut().enumerate() {
+                                *v = interleave(col(2 * (p0 + q)), col(2 * (p0 + q) + 1));
+                            }
+                            for (i, v) in transpose(t).iter().enumerate() {
+                                // SAFETY: pairs p0.. of row i0 + i of the strip.
+                                unsafe { _mm512_storeu_si512(strip.add((i0 + i) * units + p0).cast(), *v) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Strips of columns whose `pairs` packed elements `load(column, p0)`
-    /// gives sixteen at a time (p0..p0 + 16, zero past the depth): sixteen
-    /// columns by sixteen elements, transposed.
+    /// gives sixteen at a time (p0..p0 + 16, zero past the depth, which may
+    /// end before `pairs`): sixteen columns by sixteen elements, transposed.
     ///
     /// # Safety
     /// `load` reads only inside its operand.
@@ -1203,6 +1331,7 @@ mod tests {
     fn kinds() -> Vec<Kind> {
         let mut kinds = vec![Kind::Bf16Portable];
         kinds.extend(bf16_hardware().then_some(Kind::Bf16));
+        kinds.extend(amx::available().then_some(Kind::Amx));
         kinds.extend(f32_hardware().then_some(Kind::F32));
         kinds
     }
