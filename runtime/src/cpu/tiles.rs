@@ -219,8 +219,19 @@ pub struct PackedB {
     /// u32 a slot holds: elements of a depth block by the columns of a panel.
     slot: usize,
     panels: usize,
+    /// The slots from `data[start]`, on a cache line's boundary.
     data: Vec<u32>,
+    start: usize,
     kind: Kind,
+}
+
+/// `v` grown to hold `len` u32 from a 64-byte boundary, and that part: a
+/// strip's rows then start on cache lines, and an AMX tile's 64-byte rows
+/// or a 16-lane load never straddle two (which made AMX tiles 3x slower).
+fn aligned(v: &mut Vec<u32>, len: usize) -> (&mut [u32], usize) {
+    v.resize(len + 15, 0);
+    let start = v.as_ptr().align_offset(64).min(15);
+    (&mut v[start..start + len], start)
 }
 
 impl PackedB {
@@ -236,7 +247,8 @@ impl PackedB {
         let kc = depth_block(k, kind);
         let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
         let slot = kind.units(kc) * NC.min(n.next_multiple_of(NR));
-        let mut data = vec![0u32; slot * panels * depths];
+        let mut data = Vec::new();
+        let (slots, start) = aligned(&mut data, slot * panels * depths);
         let b = Shared(b.0, b.1, b.2);
         let pack = |(i, out): (usize, &mut [u32])| {
             let (d, p) = (i / panels, i % panels);
@@ -245,12 +257,12 @@ impl PackedB {
             // SAFETY: columns j0.. and depth k0.. of b.
             unsafe { pack_b((b.0.add(j0 * b.2 + k0 * b.1), b.1, b.2), kc.min(k - k0), NC.min(n - j0), out, kind) }
         };
-        if parallel && data.len() > 1 << 16 {
-            data.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
+        if parallel && slots.len() > 1 << 16 {
+            slots.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
         } else {
-            data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
+            slots.chunks_mut(slot.max(1)).enumerate().for_each(pack);
         }
-        PackedB { k, n, kc, slot, panels, data, kind }
+        PackedB { k, n, kc, slot, panels, data, start, kind }
     }
 
     /// A weight stored as bf16 rows (`[n, k]`, used as `x @ w^T`): `b` is
@@ -265,7 +277,8 @@ impl PackedB {
         let kc = depth_block(k, kind);
         let (panels, depths) = (n.div_ceil(NC), k.div_ceil(kc));
         let slot = kind.units(kc) * NC.min(n.next_multiple_of(NR));
-        let mut data = vec![0u32; slot * panels * depths];
+        let mut data = Vec::new();
+        let (slots, start) = aligned(&mut data, slot * panels * depths);
         let pack = |(i, out): (usize, &mut [u32])| {
             let (d, p) = (i / panels, i % panels);
             let (k0, j0) = (d * kc, p * NC);
@@ -278,12 +291,12 @@ impl PackedB {
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (out, k0, j0);
         };
-        if parallel && data.len() > 1 << 16 {
-            data.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
+        if parallel && slots.len() > 1 << 16 {
+            slots.par_chunks_mut(slot.max(1)).enumerate().for_each(pack);
         } else {
-            data.chunks_mut(slot.max(1)).enumerate().for_each(pack);
+            slots.chunks_mut(slot.max(1)).enumerate().for_each(pack);
         }
-        PackedB { k, n, kc, slot, panels, data, kind }
+        PackedB { k, n, kc, slot, panels, data, start, kind }
     }
 
     /// Columns of `b`.
@@ -293,7 +306,7 @@ impl PackedB {
 
     /// The slot of depth block `d` and the panel from column `j0` (a multiple of NC).
     fn panel(&self, d: usize, j0: usize) -> &[u32] {
-        &self.data[(d * self.panels + j0 / NC) * self.slot..][..self.slot]
+        &self.data[self.start + (d * self.panels + j0 / NC) * self.slot..][..self.slot]
     }
 }
 
@@ -491,11 +504,10 @@ unsafe fn block(
     };
     let mr = kind.rows();
     let mc_max = m.div_ceil(m.div_ceil(MC)).next_multiple_of(mr);
-    let (mut pa, mut pb) = PACKED.take();
-    pa.resize(mc_max * kind.units(kc), 0);
-    if let Rhs::Pack(_) = b {
-        pb.resize(NC.min(cols.len().next_multiple_of(NR)) * kind.units(kc), 0);
-    }
+    let (mut pa_buffer, mut pb_buffer) = PACKED.take();
+    let (pa, _) = aligned(&mut pa_buffer, mc_max * kind.units(kc));
+    let pb_len = if let Rhs::Pack(_) = b { NC.min(cols.len().next_multiple_of(NR)) * kind.units(kc) } else { 0 };
+    let (pb, _) = aligned(&mut pb_buffer, pb_len);
     if kind == Kind::Amx {
         amx::configure();
     }
@@ -518,7 +530,7 @@ unsafe fn block(
             let (panel, first_strip) = match b {
                 Rhs::Pack(b) => {
                     // SAFETY: columns seg of b, depth k0..k0+kd.
-                    unsafe { pack_b((b.0.add(seg.start * b.2 + k0 * b.1), b.1, b.2), kd, seg.len(), &mut pb, kind) };
+                    unsafe { pack_b((b.0.add(seg.start * b.2 + k0 * b.1), b.1, b.2), kd, seg.len(), pb, kind) };
                     (&pb[..], 0)
                 }
                 Rhs::Packed(p) => (p.panel(d, seg.start / NC * NC), seg.start % NC / NR),
@@ -528,7 +540,7 @@ unsafe fn block(
             for i0 in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - i0);
                 // SAFETY: rows i0.. of a, depth k0..k0+kd.
-                unsafe { pack_a((a.0.add(i0 * a.1 + k0 * a.2), a.1, a.2), mc, kd, layout, &mut pa, kind) };
+                unsafe { pack_a((a.0.add(i0 * a.1 + k0 * a.2), a.1, a.2), mc, kd, layout, pa, kind) };
                 for js in 0..seg.len().div_ceil(NR) {
                     let strip_b = &panel[(first_strip + js) * units * NR..][..units * NR];
                     let width = NR.min(seg.len() - js * NR);
@@ -547,7 +559,7 @@ unsafe fn block(
     if kind == Kind::Amx {
         amx::release();
     }
-    PACKED.set((pa, pb));
+    PACKED.set((pa_buffer, pb_buffer));
 }
 
 /// Where a tile's sums go: `c = beta c + sums` (`beta` 0: `c` not read).
@@ -1101,7 +1113,7 @@ mod x86 {
     /// A 16 x 16 matrix of u32 transposed: unpacks of 32 and 64 bits, then
     /// two rounds of 128-bit lane shuffles.
     #[target_feature(enable = "avx512f")]
-    fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(super) fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         let mut t = [_mm512_setzero_si512(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);

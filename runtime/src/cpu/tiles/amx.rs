@@ -94,18 +94,38 @@ pub unsafe fn tile(a: &[u32], b: &[u32], units: usize, out: Out) {
         "bug: AMX strips of {units} pairs"
     );
     let (a_stride, b_stride) = (units * 4, NR * 4);
+    // A whole tile of c along its rows, overwritten or added to, is loaded
+    // and stored by the tile instructions themselves; else the sums go
+    // through `store`.
+    let direct = out.c_cs == 1 && out.rows == ROWS && out.cols == NR && (out.beta == 0.0 || out.beta == 1.0);
+    let quarters =
+        |c: *mut f32, rs: usize| [c, c.wrapping_add(16), c.wrapping_add(16 * rs), c.wrapping_add(16 * rs + 16)];
     // SAFETY: the tiles are configured; every load lies inside its strip:
-    // a's rows 0..32 at pairs p0..p0 + 16, b's pairs p0..p0 + 16 by 32 columns.
+    // a's rows 0..32 at pairs p0..p0 + 16, b's pairs p0..p0 + 16 by 32
+    // columns; a direct tile's c covers 32 x 32 at its row stride.
     unsafe {
-        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        if direct && out.beta == 1.0 {
+            let [c0, c1, c2, c3] = quarters(out.c, out.c_rs);
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}]",
+                "tileloadd tmm1, [{c1} + {s}]",
+                "tileloadd tmm2, [{c2} + {s}]",
+                "tileloadd tmm3, [{c3} + {s}]",
+                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                s = in(reg) out.c_rs * 4,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        }
         for p0 in (0..units).step_by(DEPTH) {
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}]",
-                "tileloadd tmm5, [{a1} + {sa}]",
                 "tileloadd tmm6, [{b0} + {sb}]",
-                "tileloadd tmm7, [{b1} + {sb}]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
                 a0 = in(reg) a.as_ptr().add(p0),
@@ -119,22 +139,22 @@ pub unsafe fn tile(a: &[u32], b: &[u32], units: usize, out: Out) {
         }
     }
     let mut sums = Sums([[0.0; NR]; ROWS]);
-    let s = sums.0.as_mut_ptr().cast::<f32>();
-    // SAFETY: four 16 x 16 quarters of `sums`, rows 128 bytes apart.
+    let (to, rs) = if direct { (out.c, out.c_rs) } else { (sums.0.as_mut_ptr().cast::<f32>(), NR) };
+    let [s0, s1, s2, s3] = quarters(to, rs);
+    // SAFETY: four 16 x 16 quarters of c's tile (direct) or of `sums`.
     unsafe {
         asm!(
             "tilestored [{s0} + {stride}], tmm0",
             "tilestored [{s1} + {stride}], tmm1",
             "tilestored [{s2} + {stride}], tmm2",
             "tilestored [{s3} + {stride}], tmm3",
-            s0 = in(reg) s,
-            s1 = in(reg) s.add(16),
-            s2 = in(reg) s.add(16 * NR),
-            s3 = in(reg) s.add(16 * NR + 16),
-            stride = in(reg) NR * 4,
+            s0 = in(reg) s0, s1 = in(reg) s1, s2 = in(reg) s2, s3 = in(reg) s3,
+            stride = in(reg) rs * 4,
             options(nostack),
         );
-        store(&sums.0, out);
+        if !direct {
+            store(&sums.0, out);
+        }
     }
 }
 
@@ -144,31 +164,43 @@ pub unsafe fn tile(a: &[u32], b: &[u32], units: usize, out: Out) {
 /// `out` covers its rows and columns of c.
 #[target_feature(enable = "avx512f")]
 unsafe fn store(sums: &[[f32; NR]; ROWS], out: Out) {
+    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
+    let beta = _mm512_set1_ps(out.beta);
+    // c = beta c + v on the lanes of `m` from `c`.
+    let put = |c: *mut f32, m: __mmask16, v: __m512| {
+        // SAFETY: the caller's lanes of c.
+        unsafe {
+            let v = if out.beta == 0.0 { v } else { _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m, c), v) };
+            _mm512_mask_storeu_ps(c, m, v);
+        }
+    };
     if out.c_cs != 1 {
-        // A transposed product's tile: down each of c's rows (its columns).
-        for j in 0..out.cols {
-            for (i, row) in sums.iter().enumerate().take(out.rows) {
-                // SAFETY: element (i, j) of the tile.
-                unsafe {
-                    let c = out.c.add(i * out.c_rs + j * out.c_cs);
-                    *c = if out.beta == 0.0 { row[j] } else { out.beta * *c + row[j] };
-                }
+        // A transposed product's tile: its columns are rows of c (whose
+        // elements are contiguous: c's column stride is the tile's row
+        // stride). Each 16 x 16 quarter transposed, then sixteen elements
+        // of a row of c at a time.
+        assert!(out.c_rs == 1, "bug: a transposed tile of strided c");
+        for (i0, j0) in [(0, 0), (0, 16), (16, 0), (16, 16)] {
+            if i0 >= out.rows || j0 >= out.cols {
+                continue;
+            }
+            let mut q = [_mm512_setzero_si512(); 16];
+            for (r, v) in q.iter_mut().enumerate() {
+                // SAFETY: 16 floats of a row of sums.
+                *v = _mm512_castps_si512(unsafe { _mm512_loadu_ps(sums[i0 + r].as_ptr().add(j0)) });
+            }
+            let m = lanes(out.rows - i0);
+            for (j, v) in super::x86::transpose(q).iter().enumerate().take(out.cols - j0) {
+                put(out.c.wrapping_add((j0 + j) * out.c_cs + i0), m, _mm512_castsi512_ps(*v));
             }
         }
         return;
     }
-    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
     let masks = [lanes(out.cols), lanes(out.cols.saturating_sub(16))];
-    let beta = _mm512_set1_ps(out.beta);
     for (i, row) in sums.iter().enumerate().take(out.rows) {
         for (h, m) in masks.iter().enumerate() {
-            // SAFETY: row i's columns of the tile (masked); 16 floats of the row of sums.
-            unsafe {
-                let c = out.c.add(i * out.c_rs + 16 * h);
-                let s = _mm512_loadu_ps(row.as_ptr().add(16 * h));
-                let v = if out.beta == 0.0 { s } else { _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(*m, c), s) };
-                _mm512_mask_storeu_ps(c, *m, v);
-            }
+            // SAFETY: 16 floats of the row of sums; row i's columns of the tile (masked).
+            put(out.c.wrapping_add(i * out.c_rs + 16 * h), *m, unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * h)) });
         }
     }
 }
