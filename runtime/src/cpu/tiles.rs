@@ -881,29 +881,26 @@ mod x86 {
             // SAFETY: as above.
             return unsafe { pack_columns(pairs, nc, out, load) };
         }
-        for js in 0..nc.div_ceil(NR) {
-            let strip = out[js * pairs * NR..][..pairs * NR].as_mut_ptr();
-            for half in 0..2 {
-                let j0 = js * NR + half * 16;
+        // Rows contiguous: two rows' sixteen columns make sixteen pairs. Pair
+        // by pair, each two rows read from start to end (strip by strip, a
+        // deep `b` was read 64 bytes from each of hundreds of rows at a time).
+        let out = out.as_mut_ptr();
+        for p in 0..pairs {
+            for j0 in (0..nc.div_ceil(NR) * NR).step_by(16) {
                 let cols = nc.saturating_sub(j0).min(16);
-                // Rows contiguous: two rows' sixteen columns make sixteen pairs.
                 let row = |kk: usize| {
                     // SAFETY: row kk (< kd), columns j0..j0 + cols.
                     if kk < kd {
-                        unsafe { _mm512_maskz_loadu_ps(mask(cols), b.0.add(kk * b.1 + j0)) }
+                        unsafe { _mm512_maskz_loadu_ps(mask(cols), b.0.wrapping_add(kk * b.1 + j0)) }
                     } else {
                         _mm512_setzero_ps()
                     }
                 };
-                for p in 0..pairs {
-                    // SAFETY: sixteen lanes of pair p in the strip.
-                    unsafe {
-                        _mm512_storeu_si512(
-                            strip.add(p * NR + half * 16).cast(),
-                            interleave(row(2 * p), row(2 * p + 1)),
-                        )
-                    };
-                }
+                // SAFETY: sixteen lanes of pair p in strip j0 / NR.
+                unsafe {
+                    let at = out.add(j0 / NR * pairs * NR + p * NR + j0 % NR);
+                    _mm512_storeu_si512(at.cast(), interleave(row(2 * p), row(2 * p + 1)))
+                };
             }
         }
     }
@@ -943,48 +940,50 @@ mod x86 {
         mr: usize,
         units: usize,
     ) {
+        if layout == Layout::DepthWise {
+            // Sixteen pairs of the depth at a time for every group of sixteen
+            // rows of the block in turn, so that each depth's row of `a`
+            // (contiguous) is read from start to end: by strips, a large `a`
+            // (a chunk's logits gradient, 32,000 wide) was read 64 bytes from
+            // each of hundreds of rows, too many streams to prefetch.
+            let out = out.as_mut_ptr();
+            for p0 in (0..units).step_by(16) {
+                for g in 0..mc.div_ceil(mr) * mr / 16 {
+                    let m = mask(mc.saturating_sub(16 * g));
+                    let col = |kk: usize| {
+                        // SAFETY: depth kk (< kd) of rows 16 g.. of the block, which are contiguous.
+                        if kk < kd {
+                            unsafe { _mm512_maskz_loadu_ps(m, a.0.wrapping_add(kk * a.2 + 16 * g)) }
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    };
+                    let mut t = [_mm512_setzero_si512(); 16];
+                    for (q, v) in t.iter_mut().enumerate() {
+                        *v = interleave(col(2 * (p0 + q)), col(2 * (p0 + q) + 1));
+                    }
+                    // Row 16 g + i is row (16 g) % mr + i of strip 16 g / mr.
+                    let first = (16 * g / mr) * units * mr + (16 * g % mr) * units;
+                    for (i, v) in transpose(t).iter().enumerate() {
+                        // SAFETY: pairs p0.. of that row of the strip.
+                        unsafe { _mm512_storeu_si512(out.add(first + i * units + p0).cast(), *v) };
+                    }
+                }
+            }
+            return;
+        }
+        assert!(a.2 == 1, "bug: row-wise packing of a strided a");
         for is in 0..mc.div_ceil(mr) {
             let strip = out[is * units * mr..][..units * mr].as_mut_ptr();
             let rows = mr.min(mc - is * mr);
-            match layout {
-                Layout::RowWise => {
-                    assert!(a.2 == 1, "bug: row-wise packing of a strided a");
-                    for i in 0..mr {
-                        let row = a.0.wrapping_add((is * mr + i) * a.1);
-                        for p0 in (0..units).step_by(16) {
-                            let n = if i < rows { kd.saturating_sub(2 * p0) } else { 0 };
-                            // SAFETY: row i's floats 2 p0.. (n of them); pairs p0.. of the strip row.
-                            unsafe {
-                                _mm512_storeu_si512(
-                                    strip.add(i * units + p0).cast(),
-                                    pairs32(row.wrapping_add(2 * p0), n),
-                                )
-                            };
-                        }
-                    }
-                }
-                Layout::DepthWise => {
-                    for i0 in (0..mr).step_by(16) {
-                        let m = mask(rows.saturating_sub(i0));
-                        let col = |kk: usize| {
-                            // SAFETY: depth kk (< kd) of rows i0.. of the strip, which are contiguous.
-                            if kk < kd {
-                                unsafe { _mm512_maskz_loadu_ps(m, a.0.wrapping_add(kk * a.2 + is * mr + i0)) }
-                            } else {
-                                _mm512_setzero_ps()
-                            }
-                        };
-                        for p0 in (0..units).step_by(16) {
-                            let mut t = [_mm512_setzero_si512(); 16];
-                            for (q, v) in t.iter_mut().enumerate() {
-                                *v = interleave(col(2 * (p0 + q)), col(2 * (p0 + q) + 1));
-                            }
-                            for (i, v) in transpose(t).iter().enumerate() {
-                                // SAFETY: pairs p0.. of row i0 + i of the strip.
-                                unsafe { _mm512_storeu_si512(strip.add((i0 + i) * units + p0).cast(), *v) };
-                            }
-                        }
-                    }
+            for i in 0..mr {
+                let row = a.0.wrapping_add((is * mr + i) * a.1);
+                for p0 in (0..units).step_by(16) {
+                    let n = if i < rows { kd.saturating_sub(2 * p0) } else { 0 };
+                    // SAFETY: row i's floats 2 p0.. (n of them); pairs p0.. of the strip row.
+                    unsafe {
+                        _mm512_storeu_si512(strip.add(i * units + p0).cast(), pairs32(row.wrapping_add(2 * p0), n))
+                    };
                 }
             }
         }
