@@ -674,6 +674,7 @@ fn train_on(args: &TrainArgs, device: Device) -> Result<(), ExitCode> {
         if s.accumulate > 1 { format!(" x {} micro-batches", s.accumulate) } else { String::new() },
         match s.products {
             crate::cpu::Products::F32 => String::new(),
+            crate::cpu::Products::Bf16 if crate::cpu::tiles::amx_hardware() => ", products in bf16 (AMX)".to_string(),
             crate::cpu::Products::Bf16 if crate::cpu::tiles::bf16_hardware() => ", products in bf16".to_string(),
             crate::cpu::Products::Bf16 => {
                 ", products in bf16 (emulated: this CPU has no AVX512_BF16, so they run slower than f32)".to_string()
