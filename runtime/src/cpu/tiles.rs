@@ -228,8 +228,12 @@ pub struct PackedB {
 /// `v` grown to hold `len` u32 from a 64-byte boundary, and that part: a
 /// strip's rows then start on cache lines, and an AMX tile's 64-byte rows
 /// or a 16-lane load never straddle two (which made AMX tiles 3x slower).
+/// (It only grows: what it holds is overwritten by the packing, and
+/// shrinking would have the next growth zero it all again.)
 fn aligned(v: &mut Vec<u32>, len: usize) -> (&mut [u32], usize) {
-    v.resize(len + 15, 0);
+    if v.len() < len + 15 {
+        v.resize(len + 15, 0);
+    }
     let start = v.as_ptr().align_offset(64).min(15);
     (&mut v[start..start + len], start)
 }

@@ -98,14 +98,12 @@ pub unsafe fn tile(a: &[u32], b: &[u32], units: usize, out: Out) {
     // and stored by the tile instructions themselves; else the sums go
     // through `store`.
     let direct = out.c_cs == 1 && out.rows == ROWS && out.cols == NR && (out.beta == 0.0 || out.beta == 1.0);
-    let quarters =
-        |c: *mut f32, rs: usize| [c, c.wrapping_add(16), c.wrapping_add(16 * rs), c.wrapping_add(16 * rs + 16)];
     // SAFETY: the tiles are configured; every load lies inside its strip:
     // a's rows 0..32 at pairs p0..p0 + 16, b's pairs p0..p0 + 16 by 32
     // columns; a direct tile's c covers 32 x 32 at its row stride.
     unsafe {
         if direct && out.beta == 1.0 {
-            let [c0, c1, c2, c3] = quarters(out.c, out.c_rs);
+            let [c0, c1, c2, c3] = [out.c, out.c.add(16), out.c.add(16 * out.c_rs), out.c.add(16 * out.c_rs + 16)];
             asm!(
                 "tileloadd tmm0, [{c0} + {s}]",
                 "tileloadd tmm1, [{c1} + {s}]",
@@ -138,23 +136,38 @@ pub unsafe fn tile(a: &[u32], b: &[u32], units: usize, out: Out) {
             );
         }
     }
-    let mut sums = Sums([[0.0; NR]; ROWS]);
-    let (to, rs) = if direct { (out.c, out.c_rs) } else { (sums.0.as_mut_ptr().cast::<f32>(), NR) };
-    let [s0, s1, s2, s3] = quarters(to, rs);
-    // SAFETY: four 16 x 16 quarters of c's tile (direct) or of `sums`.
+    if direct {
+        // SAFETY: c's tile covers 32 x 32 at its row stride.
+        unsafe { store_tiles(out.c, out.c_rs) };
+    } else {
+        let mut sums = Sums([[0.0; NR]; ROWS]);
+        // SAFETY: `sums` holds 32 rows of NR; `out` as the caller's.
+        unsafe {
+            store_tiles(sums.0.as_mut_ptr().cast(), NR);
+            store(&sums.0, out);
+        }
+    }
+}
+
+/// The four sum tiles into the 32 x 32 floats at `to` (rows `rs` apart).
+///
+/// # Safety
+/// `to` covers 32 rows of 32 floats at row stride `rs`.
+unsafe fn store_tiles(to: *mut f32, rs: usize) {
+    // SAFETY: the caller's contract; the quarters are 16 rows and columns apart.
     unsafe {
         asm!(
             "tilestored [{s0} + {stride}], tmm0",
             "tilestored [{s1} + {stride}], tmm1",
             "tilestored [{s2} + {stride}], tmm2",
             "tilestored [{s3} + {stride}], tmm3",
-            s0 = in(reg) s0, s1 = in(reg) s1, s2 = in(reg) s2, s3 = in(reg) s3,
+            s0 = in(reg) to,
+            s1 = in(reg) to.add(16),
+            s2 = in(reg) to.add(16 * rs),
+            s3 = in(reg) to.add(16 * rs + 16),
             stride = in(reg) rs * 4,
             options(nostack),
-        );
-        if !direct {
-            store(&sums.0, out);
-        }
+        )
     }
 }
 
@@ -165,15 +178,6 @@ pub unsafe fn tile(a: &[u32], b: &[u32], units: usize, out: Out) {
 #[target_feature(enable = "avx512f")]
 unsafe fn store(sums: &[[f32; NR]; ROWS], out: Out) {
     let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
-    let beta = _mm512_set1_ps(out.beta);
-    // c = beta c + v on the lanes of `m` from `c`.
-    let put = |c: *mut f32, m: __mmask16, v: __m512| {
-        // SAFETY: the caller's lanes of c.
-        unsafe {
-            let v = if out.beta == 0.0 { v } else { _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m, c), v) };
-            _mm512_mask_storeu_ps(c, m, v);
-        }
-    };
     if out.c_cs != 1 {
         // A transposed product's tile: its columns are rows of c (whose
         // elements are contiguous: c's column stride is the tile's row
@@ -191,7 +195,8 @@ unsafe fn store(sums: &[[f32; NR]; ROWS], out: Out) {
             }
             let m = lanes(out.rows - i0);
             for (j, v) in super::x86::transpose(q).iter().enumerate().take(out.cols - j0) {
-                put(out.c.wrapping_add((j0 + j) * out.c_cs + i0), m, _mm512_castsi512_ps(*v));
+                // SAFETY: row j0 + j of c, the tile's rows i0.. (masked).
+                unsafe { put(out.c.add((j0 + j) * out.c_cs + i0), m, _mm512_castsi512_ps(*v), out.beta) };
             }
         }
         return;
@@ -200,7 +205,20 @@ unsafe fn store(sums: &[[f32; NR]; ROWS], out: Out) {
     for (i, row) in sums.iter().enumerate().take(out.rows) {
         for (h, m) in masks.iter().enumerate() {
             // SAFETY: 16 floats of the row of sums; row i's columns of the tile (masked).
-            put(out.c.wrapping_add(i * out.c_rs + 16 * h), *m, unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * h)) });
+            unsafe { put(out.c.add(i * out.c_rs + 16 * h), *m, _mm512_loadu_ps(row.as_ptr().add(16 * h)), out.beta) };
         }
+    }
+}
+
+/// `c = beta c + v` on the lanes of `m` (`beta` 0: c not read).
+///
+/// # Safety
+/// The lanes of `m` from `c` are c's.
+#[target_feature(enable = "avx512f")]
+unsafe fn put(c: *mut f32, m: __mmask16, v: __m512, beta: f32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let v = if beta == 0.0 { v } else { _mm512_fmadd_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(m, c), v) };
+        _mm512_mask_storeu_ps(c, m, v);
     }
 }
