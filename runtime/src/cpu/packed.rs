@@ -1215,14 +1215,20 @@ mod tests {
                         }
                         _ => a.clone(),
                     };
+                    // `panels` (the chunks) multiplies bf16 weights in f32,
+                    // the activations as they are.
+                    let x_chunks = if format == Format::Bf16 { &a } else { &x };
                     for alpha in [0.0, 1.0] {
-                        let want: Vec<f64> = (0..m * n)
-                            .map(|e| {
-                                let (i, j) = (e / n, e % n);
-                                let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * dense[j * k + p] as f64).sum();
-                                alpha as f64 * start[e] as f64 + dot
-                            })
-                            .collect();
+                        let sums = |x: &[f32]| -> Vec<f64> {
+                            (0..m * n)
+                                .map(|e| {
+                                    let (i, j) = (e / n, e % n);
+                                    let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * dense[j * k + p] as f64).sum();
+                                    alpha as f64 * start[e] as f64 + dot
+                                })
+                                .collect()
+                        };
+                        let (want, want_chunks) = (sums(&x), sums(x_chunks));
                         let rhs = match &packed {
                             Some(p) => Rhs::Packed(p),
                             None => Rhs::Dense((w.as_ptr(), 1, k)),
@@ -1273,7 +1279,8 @@ mod tests {
                             }
                         }
                         for (how, c) in runs {
-                            for (e, (g, v)) in c.iter().zip(&want).enumerate() {
+                            let want = if how == "chunks" { &want_chunks } else { &want };
+                            for (e, (g, v)) in c.iter().zip(want).enumerate() {
                                 assert!(
                                     (*g as f64 - v).abs() < 1e-4 * (1.0 + v.abs()),
                                     "{format:?} {how} m {m} n {n} k {k} alpha {alpha} [{e}]: {g} vs {v}"
