@@ -156,6 +156,14 @@ class LlamaCpp:
         llama_cpp.llama_log_set(self.quiet, ctypes.c_void_p())
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
+        if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+            # llama.cpp's AMX kernels crash on the first Q8_0/Q4_0 product on
+            # the Xeon VMs we have (ggml-org/llama.cpp#20824: a segfault in
+            # ggml_backend_amx_mul_mat; permission for the tile state does
+            # not help). Without the extra buffer types it runs, on AVX-512
+            # VNNI, but also without its repacked Q4_0 layout.
+            mp.use_extra_bufts = False
+            print("llama.cpp: AMX_INT8 build, extra buffer types (AMX, repack) off", file=sys.stderr)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = 1024
