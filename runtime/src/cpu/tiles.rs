@@ -7,7 +7,8 @@
 //! 16 pairs of bf16 and adds each pair's sum into one of 16 f32 sums: twice
 //! the multiply-adds of an f32 FMA. Elsewhere the same packed operands are
 //! multiplied in f32 arithmetic: the same numbers (up to the order of the
-//! sums), more slowly. f32: the operands as they are, one FMA per element
+//! sums), more slowly. Where it has AMX (`amx.rs`), the tiles are 32 x 32
+//! on its tile registers, from the same packed operands. f32: the operands as they are, one FMA per element
 //! (where the CPU has AVX-512; elsewhere products go through `gemm`).
 //!
 //! The loops are BLIS's. `c` is computed in tiles of `MR x NR`; for each
