@@ -988,7 +988,7 @@ impl Program {
         let (Op::Param(name), Op::MatMul { tb, .. }) = (&self.graph.node(node.args[1]).op, &node.op) else {
             return None;
         };
-        fixed.get_or((name.clone(), *tb, tiles::Kind::Bf16), || w.bf16_tiles(true).map(std::sync::Arc::new))
+        fixed.get_or((name.clone(), *tb, tiles::Kind::bf16()), || w.bf16_tiles(true).map(std::sync::Arc::new))
     }
 
     /// Whether products by `weight` (in orientation `tb`) multiply a packing
