@@ -578,6 +578,40 @@ fn small_llama_step() -> (Program, HashMap<String, Tensor>) {
     (Program::compile(&step, &sizes).unwrap(), feeds)
 }
 
+/// Programs sharing one arena (`CompileOptions::arena`, as `embed`'s do,
+/// one per padded length) run in turn: it grows to the largest plan, and
+/// each program's results are bit for bit those it gives in an arena of
+/// its own, whatever the one before left there.
+#[test]
+fn programs_sharing_an_arena_give_their_own_results() {
+    let ops = [(13, 0, 1), (1, 3, 2), (12, 4, 0), (10, 5, 1), (9, 6, 6), (0, 7, 3)];
+    let shared = modelc_runtime::cpu::Arena::default();
+    let mut programs = Vec::new();
+    for (r, c) in [(7, 40), (64, 96), (3, 24)] {
+        let g = random_graph(r, c, &ops);
+        let mut rng = Rng(r as u64);
+        let feeds: HashMap<String, Tensor> = [("x", vec![r, c]), ("y", vec![r, c]), ("v", vec![c])]
+            .into_iter()
+            .map(|(name, dims)| {
+                let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
+                (name.to_string(), to_tensor(&rng.array(&dims, 1.0)))
+            })
+            .collect();
+        let own = Program::compile(&g, &Sizes::new()).unwrap();
+        let options = CompileOptions { arena: Some(shared.clone()), ..CompileOptions::default() };
+        let in_shared = Program::compile_with(&g, &Sizes::new(), options).unwrap();
+        programs.push((own.run(&feeds).unwrap(), in_shared, feeds, own.peak_bytes()));
+    }
+    for (want, program, feeds, _) in programs.iter().chain(&programs).rev() {
+        let got = program.run(feeds).unwrap();
+        let same = want["out"].data.iter().zip(&got["out"].data).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "a program in the shared arena computed something else");
+    }
+    let largest = programs.iter().map(|p| p.3).max().unwrap();
+    assert!(largest > programs[0].3, "the plans differ in size");
+    assert_eq!(shared.lock().unwrap().len() * 4, largest);
+}
+
 #[test]
 fn a_training_step_gives_the_same_bits_on_any_thread_count() {
     // One step run on 1, 2 and 3 threads and twice on 2: every output bit

@@ -93,6 +93,8 @@ pub struct Embedder {
     programs: HashMap<(usize, usize), crate::model::Compiled>,
     /// The weights as the programs' products packed them, shared by all.
     packed_weights: std::sync::Arc<crate::cpu::FixedWeights>,
+    /// The one arena the programs run in, each in turn.
+    arena: crate::cpu::Arena,
     /// The model's tokenizer, cutting texts where the model must.
     pub tokenizer: Tokenizer,
     /// The most tokens (special tokens included) one text may have.
@@ -171,6 +173,7 @@ impl Embedder {
             feeds,
             programs: HashMap::new(),
             packed_weights: Default::default(),
+            arena: Default::default(),
             tokenizer,
             max_len,
             output,
@@ -213,6 +216,7 @@ impl Embedder {
                     let shapes = self.feeds.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
                     let options = crate::cpu::CompileOptions {
                         fixed_weights: Some(self.packed_weights.clone()),
+                        arena: Some(self.arena.clone()),
                         ..Default::default()
                     };
                     slot.insert(compile_shapes_with(code, self.device, &self.graph, &shapes, options)?)
