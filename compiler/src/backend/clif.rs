@@ -195,7 +195,20 @@ impl Jit {
                 && matches!(root.op, Op::Binary(Binary::Add | Binary::Sub | Binary::Mul | Binary::Div));
             let affine = self.wide.iter().find(|(map, _)| *map == vmath::Map::Affine).filter(|_| affine_root);
             let affine = affine.map(|(_, id)| self.module.declare_func_in_func(*id, b.func));
-            let k = Emit { spec, bases, refs, out, vector: vectorizable, unroll, wide, affine };
+            // Inputs of one element, read once here: Cranelift keeps a load
+            // where it is, so each was read (and splat) for every group of 4
+            // (the AdamW update's step size, corrections and finiteness gate).
+            let scalars = (0..spec.inputs.len())
+                .map(|i| {
+                    let read_whole =
+                        |(n, a): (&NodeId, &Access)| *a == Access::Scalar && access_source(spec, *n) == spec.inputs[i];
+                    spec.access.iter().any(read_whole).then(|| {
+                        let x = b.ins().load(types::F32, trusted.with_readonly(), bases[i], 0);
+                        (x, b.ins().splat(types::F32X4, x))
+                    })
+                })
+                .collect();
+            let k = Emit { spec, bases, scalars, refs, out, vector: vectorizable, unroll, wide, affine };
             if let Some((op, row)) = spec.reduce {
                 reduce_rows(&mut b, &k, start, end, row, op);
             } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
@@ -283,6 +296,9 @@ struct Emit<'s, 'a> {
     spec: &'s FusedSpec<'a>,
     /// The inputs' base pointers, in the kernel's order.
     bases: Vec<Value>,
+    /// Each input of one element (`Access::Scalar`), as read at the start
+    /// and splat to f32x4.
+    scalars: Vec<Option<(Value, Value)>>,
     refs: HashMap<&'static str, FuncRef>,
     out: Value,
     /// Whether the element loops run on f32x4 (then a scalar tail).
@@ -467,7 +483,7 @@ fn fixed(spec: &FusedSpec, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<
 fn invariant_scalar(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<Value> {
     Some(match fixed(k.spec, rows, a)? {
         Fixed::Constant(c) => b.ins().f32const(c as f32),
-        Fixed::Scalar(i) => b.ins().load(types::F32, MemFlagsData::new().with_notrap().with_readonly(), k.bases[i], 0),
+        Fixed::Scalar(i) => k.scalars[i].expect("bug: a scalar input not read at the start").0,
         Fixed::Splat(v) => v,
     })
 }
@@ -1135,7 +1151,7 @@ fn emit_element(
     ty: Type,
     target: NodeId,
 ) -> Value {
-    let (spec, bases, refs) = (k.spec, &k.bases, &k.refs);
+    let (spec, bases, scalars, refs) = (k.spec, &k.bases, &k.scalars, &k.refs);
     let mut values: HashMap<NodeId, Value> = HashMap::new();
     let buffered = |n: &NodeId| chunk.and_then(|c| c.buffers.get(n)).copied();
     // What `target` needs, walking back from it; a buffered member needs nothing.
@@ -1153,8 +1169,8 @@ fn emit_element(
                 b.ins().load(ty, flags, addr, 0)
             }
             Access::Scalar => {
-                let x = b.ins().load(types::F32, flags, bases[k], 0);
-                if ty == types::F32 { x } else { b.ins().splat(ty, x) }
+                let (x, x4) = scalars[k].expect("bug: a scalar input not read at the start");
+                if ty == types::F32 { x } else { x4 }
             }
             Access::Indexed { .. } if rows.contains_key(&k) => match rows[&k] {
                 RowRead::Splat(x) => {
