@@ -31,6 +31,9 @@ use std::time::Instant;
 
 const CODE: &str = "E0701";
 
+/// The bits of f32 infinity: a value whose magnitude's bits are below them is finite.
+const INFINITY_BITS: u32 = 0x7f80_0000;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -505,7 +508,12 @@ impl Step {
         // of 1e30): they would be saved as the state before the next step.
         // (A step whose loss or gradients are not finite left the weights as
         // they were; these overflowed from finite gradients: --lr 1e38.)
-        let finite = |t: &Tensor| t.data.par_chunks(1 << 16).all(|c| c.iter().all(|v| v.is_finite()));
+        // (Each chunk folds its magnitudes' bits without stopping early, which
+        // vectorises: stopping at the first non-finite value read the weights
+        // one by one, 2.9% of a Mixtral-shaped step's CPU time.)
+        let finite = |t: &Tensor| {
+            t.data.par_chunks(1 << 16).all(|c| c.iter().fold(0, |m, v| m.max(v.to_bits() & !(1 << 31))) < INFINITY_BITS)
+        };
         let updated_finite =
             out.iter().filter(|(n, _)| matches!(Role::of(n), Role::Updated(_))).all(|(_, t)| finite(t))
                 && self.written().iter().filter(|n| matches!(Role::of(n), Role::Plain(_))).all(|n| finite(&feeds[n]));
