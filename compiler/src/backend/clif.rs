@@ -643,7 +643,11 @@ fn row_reads(b: &mut FunctionBuilder, k: &Emit, row_start: Value) -> HashMap<usi
     // Pass them into a new block: computed as pure instructions, Cranelift
     // would otherwise recompute them (divisions included) at every use
     // inside the loops over the row.
-    let keys: Vec<usize> = reads.keys().copied().collect();
+    // In input order: the kernel's IR is then the same every time it is
+    // built (in a map's order it was not, and equal kernels were compiled
+    // again).
+    let mut keys: Vec<usize> = reads.keys().copied().collect();
+    keys.sort_unstable();
     let values: Vec<Value> = keys
         .iter()
         .map(|k| match reads[k] {
