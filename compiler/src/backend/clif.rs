@@ -70,6 +70,42 @@ const CALLS: &[(&str, *const u8, usize)] = &[
 /// Operations that need a call, which only the scalar loop makes. exp and
 /// what is built from it (sigmoid, SiLU, tanh, GELU), erf and log have
 /// vector approximations instead.
+/// What a fused kernel's code depends on, written out: each member's
+/// operation, type and arguments (members and inputs by their place in the
+/// kernel, with how each is read and the sizes inlined), the reduction and
+/// where the output goes. Kernels with equal keys have the same code.
+fn spec_key(spec: &FusedSpec) -> String {
+    use std::fmt::Write;
+    let mut key = String::new();
+    let value = |key: &mut String, n: NodeId| {
+        let _ = match spec.nodes.iter().position(|m| *m == n) {
+            Some(i) => write!(key, "m{i}"),
+            None => match spec.inputs.iter().position(|x| *x == n) {
+                Some(i) => write!(key, "i{i}"),
+                None => write!(key, "{:?}", spec.graph.node(n).op),
+            },
+        };
+        let _ = write!(key, ":{:?}", spec.graph.ty(n).dtype);
+        if let Some(access) = spec.access.get(&n) {
+            let _ = write!(key, "@{access:?}");
+        }
+        if let Some(size) = spec.sizes.get(&n) {
+            let _ = write!(key, "={size:?}");
+        }
+    };
+    for &n in spec.nodes {
+        value(&mut key, n);
+        let _ = write!(key, "={:?}(", spec.graph.node(n).op);
+        for a in &spec.graph.node(n).args {
+            value(&mut key, *a);
+            key.push(',');
+        }
+        key.push_str(") ");
+    }
+    let _ = write!(key, "| {} inputs | {:?} | {:?}", spec.inputs.len(), spec.reduce, spec.output);
+    key
+}
+
 fn needs_call(op: &Op) -> bool {
     matches!(op, Op::Unary(Unary::Sin | Unary::Cos) | Op::Binary(Binary::Pow))
 }
@@ -82,6 +118,8 @@ pub struct Jit {
     wide: Vec<(vmath::Map, FuncId)>,
     /// Each kernel compiled so far, by its Cranelift IR.
     compiled: HashMap<String, FuncId>,
+    /// The same kernels by `spec_key`, with their IR.
+    by_key: HashMap<String, (FuncId, String)>,
 }
 
 impl Jit {
@@ -138,11 +176,32 @@ impl Jit {
                 Ok((*op, id))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Jit { module, calls, wide, compiled: HashMap::new() })
+        Ok(Jit { module, calls, wide, compiled: HashMap::new(), by_key: HashMap::new() })
     }
 
-    /// Compiles one fused kernel; returns its Cranelift IR text too.
+    /// Compiles one fused kernel; returns its Cranelift IR text too. A
+    /// kernel with the `spec_key` of one compiled before is that one, found
+    /// without building its IR: writing the IR out to compare it took
+    /// longer than compiling the few new kernels of each of `embed`'s
+    /// programs (one per padded length: all but a handful of their kernels
+    /// are the same code).
     pub fn compile(&mut self, spec: &FusedSpec) -> Result<(FuncId, String), String> {
+        let key = spec_key(spec);
+        if let Some((id, clif)) = self.by_key.get(&key).cloned() {
+            #[cfg(debug_assertions)]
+            {
+                let (again, text) = self.build(spec)?;
+                assert!(again == id && text == clif, "bug: kernels of one key differ: {key}");
+            }
+            return Ok((id, clif));
+        }
+        let (id, clif) = self.build(spec)?;
+        self.by_key.insert(key, (id, clif.clone()));
+        Ok((id, clif))
+    }
+
+    /// `compile` from the kernel's IR, built and compared with those compiled before.
+    fn build(&mut self, spec: &FusedSpec) -> Result<(FuncId, String), String> {
         let ptr = self.module.target_config().pointer_type();
         let mut sig = Signature::new(self.module.isa().default_call_conv());
         sig.params.push(AbiParam::new(ptr));
