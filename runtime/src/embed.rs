@@ -95,6 +95,8 @@ pub struct Embedder {
     packed_weights: std::sync::Arc<crate::cpu::FixedWeights>,
     /// The one arena the programs run in, each in turn.
     arena: crate::cpu::Arena,
+    /// The JIT they are compiled in, each kernel once for all of them.
+    jit: crate::cpu::SharedJit,
     /// The model's tokenizer, cutting texts where the model must.
     pub tokenizer: Tokenizer,
     /// The most tokens (special tokens included) one text may have.
@@ -174,6 +176,7 @@ impl Embedder {
             programs: HashMap::new(),
             packed_weights: Default::default(),
             arena: Default::default(),
+            jit: crate::cpu::SharedJit::new(true).map_err(|e| error(code, e))?,
             tokenizer,
             max_len,
             output,
@@ -187,15 +190,18 @@ impl Embedder {
     pub fn embed(&mut self, ids: &[Vec<usize>], batch: usize) -> Result<Vec<Vec<f32>>, ExitCode> {
         let code = self.code;
         // Batches of similar lengths (longest first, as sentence-transformers
-        // orders them), padded to a few lengths and a fixed batch size, so that
-        // a run compiles a handful of programs, not one a batch.
+        // orders them), each padded to its longest, as sentence-transformers
+        // pads them, and to a fixed batch size: a program per length, all in
+        // one JIT, which compiles the kernels they share (all but a handful)
+        // once. (Padded to multiples of 8 for fewer programs, the batches of
+        // 2,000 sentences took 11% more tokens.)
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
         let b = batch.min(ids.len()).max(1);
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
         for chunk in order.chunks(b) {
             let longest = ids[chunk[0]].len().max(1);
-            let t = longest.next_multiple_of(8).min(self.max_len.unwrap_or(usize::MAX)).max(longest);
+            let t = longest;
             let (mut flat, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
             for r in 0..b {
                 let row: &[usize] = chunk.get(r).map_or(&[], |&i| &ids[i]);
@@ -217,6 +223,7 @@ impl Embedder {
                     let options = crate::cpu::CompileOptions {
                         fixed_weights: Some(self.packed_weights.clone()),
                         arena: Some(self.arena.clone()),
+                        jit: Some(self.jit.clone()),
                         ..Default::default()
                     };
                     slot.insert(compile_shapes_with(code, self.device, &self.graph, &shapes, options)?)

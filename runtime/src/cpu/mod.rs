@@ -89,7 +89,7 @@ pub struct Program {
     kernels: Vec<Compiled>,
     /// Cranelift IR of each fused kernel.
     pub clif: Vec<String>,
-    _jit: Jit,
+    _jit: SharedJit,
     pub compile_seconds: f64,
     /// Reused across runs: every value is written before it is read, so it
     /// needs no clearing. Possibly shared with other programs
@@ -390,6 +390,27 @@ pub struct CompileOptions {
     /// embedding run's CPU time on the Intel Xeon). Runs of programs
     /// sharing one take turns.
     pub arena: Option<Arena>,
+    /// A JIT shared by programs compiled one after another (`embed`'s, one
+    /// per padded length): a kernel one of them compiled is not compiled
+    /// again for the next (most do not depend on the length). Its own
+    /// setting of wide math holds for them all.
+    pub jit: Option<SharedJit>,
+}
+
+/// A JIT module programs share (`CompileOptions::jit`); it lives as long as
+/// the last of them.
+#[derive(Clone)]
+pub struct SharedJit(std::sync::Arc<std::sync::Mutex<Jit>>);
+
+// SAFETY: as `Program`'s: the module is only used under the lock, and the
+// kernels it compiled are plain functions.
+unsafe impl Send for SharedJit {}
+unsafe impl Sync for SharedJit {}
+
+impl SharedJit {
+    pub fn new(wide_math: bool) -> Result<SharedJit, String> {
+        Ok(SharedJit(std::sync::Arc::new(std::sync::Mutex::new(Jit::with_wide_math(wide_math)?))))
+    }
 }
 
 /// A program's working memory (`plan::Plan::arena_len` elements at least).
@@ -403,6 +424,7 @@ impl Default for CompileOptions {
             products: Products::F32,
             fixed_weights: None,
             arena: None,
+            jit: None,
         }
     }
 }
@@ -426,7 +448,11 @@ impl Program {
             })
             .collect();
         crate::memory::ensure_available("the program's activations", buffers, &largest)?;
-        let mut jit = Jit::with_wide_math(options.wide_math)?;
+        let shared = match &options.jit {
+            Some(jit) => jit.clone(),
+            None => SharedJit::new(options.wide_math)?,
+        };
+        let mut jit = shared.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut clif = Vec::new();
         let pending = schedule
             .kernels
@@ -435,6 +461,7 @@ impl Program {
             .collect::<Result<Vec<_>, String>>()?;
         jit.finish()?;
         let kernels = pending.into_iter().map(|p| p.finish(&jit)).collect();
+        drop(jit);
         let compile_seconds = started.elapsed().as_secs_f64();
         let arena =
             options.arena.clone().unwrap_or_else(|| Arena::new(std::sync::Mutex::new(vec![0f32; plan.arena_len])));
@@ -478,7 +505,7 @@ impl Program {
             sizes: sizes.clone(),
             kernels,
             clif,
-            _jit: jit,
+            _jit: shared,
             compile_seconds,
             arena,
             kept: Default::default(),
