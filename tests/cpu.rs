@@ -612,6 +612,38 @@ fn programs_sharing_an_arena_give_their_own_results() {
     assert_eq!(shared.lock().unwrap().len() * 4, largest);
 }
 
+/// Programs compiled into one JIT (`CompileOptions::jit`, as `embed`'s
+/// are, one per batch length) compile a kernel another already compiled
+/// only once, and compute what programs with JITs of their own compute.
+/// (Debug builds also rebuild the IR of each kernel found by its key and
+/// assert it is the one compiled.)
+#[test]
+fn programs_sharing_a_jit_compile_each_kernel_once() {
+    let ops = [(13, 0, 1), (1, 3, 2), (12, 4, 0), (9, 5, 5), (0, 6, 3), (11, 7, 1)];
+    let jit = modelc_runtime::cpu::SharedJit::new(true).unwrap();
+    let mut compiled = Vec::new();
+    for r in [9, 9, 40] {
+        let g = random_graph(r, 64, &ops);
+        let mut rng = Rng(r as u64);
+        let feeds: HashMap<String, Tensor> = [("x", vec![r, 64]), ("y", vec![r, 64]), ("v", vec![64])]
+            .into_iter()
+            .map(|(name, dims)| {
+                let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
+                (name.to_string(), to_tensor(&rng.array(&dims, 1.0)))
+            })
+            .collect();
+        let options = CompileOptions { jit: Some(jit.clone()), ..CompileOptions::default() };
+        let shared = Program::compile_with(&g, &Sizes::new(), options).unwrap();
+        compiled.push(jit.kernels());
+        let own = Program::compile(&g, &Sizes::new()).unwrap().run(&feeds).unwrap();
+        let got = shared.run(&feeds).unwrap();
+        assert!(own["out"].data.iter().zip(&got["out"].data).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    assert!(compiled[0] > 2, "{compiled:?}");
+    assert_eq!(compiled[1], compiled[0], "the same program compiled again compiles nothing new");
+    assert!(compiled[2] - compiled[1] < compiled[0], "more rows share kernels: {compiled:?}");
+}
+
 #[test]
 fn a_training_step_gives_the_same_bits_on_any_thread_count() {
     // One step run on 1, 2 and 3 threads and twice on 2: every output bit

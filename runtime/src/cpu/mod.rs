@@ -411,6 +411,11 @@ impl SharedJit {
     pub fn new(wide_math: bool) -> Result<SharedJit, String> {
         Ok(SharedJit(std::sync::Arc::new(std::sync::Mutex::new(Jit::with_wide_math(wide_math)?))))
     }
+
+    /// The distinct kernels compiled in it so far.
+    pub fn kernels(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).distinct()
+    }
 }
 
 /// A program's working memory (`plan::Plan::arena_len` elements at least).
