@@ -419,8 +419,11 @@ unsafe fn product_on(
         }
     };
     let count = long.div_ceil(per);
-    if count == 1 {
-        run(0);
+    // Not `parallel` (the caller runs this product beside others on the
+    // threads: the experts', a row group's blocks): its blocks one after
+    // the other here. (They went to the pool all the same, nested.)
+    if count == 1 || !parallel {
+        (0..count).for_each(run);
     } else {
         (0..count).into_par_iter().for_each(run);
     }
