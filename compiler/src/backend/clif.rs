@@ -70,6 +70,10 @@ const CALLS: &[(&str, *const u8, usize)] = &[
 /// Operations that need a call, which only the scalar loop makes. exp and
 /// what is built from it (sigmoid, SiLU, tanh, GELU), erf and log have
 /// vector approximations instead.
+fn needs_call(op: &Op) -> bool {
+    matches!(op, Op::Unary(Unary::Sin | Unary::Cos) | Op::Binary(Binary::Pow))
+}
+
 /// What a fused kernel's code depends on, written out: each member's
 /// operation, type and arguments (members and inputs by their place in the
 /// kernel, with how each is read and the sizes inlined), the reduction and
@@ -104,10 +108,6 @@ fn spec_key(spec: &FusedSpec) -> String {
     }
     let _ = write!(key, "| {} inputs | {:?} | {:?}", spec.inputs.len(), spec.reduce, spec.output);
     key
-}
-
-fn needs_call(op: &Op) -> bool {
-    matches!(op, Op::Unary(Unary::Sin | Unary::Cos) | Op::Binary(Binary::Pow))
 }
 
 pub struct Jit {
