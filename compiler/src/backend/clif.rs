@@ -23,7 +23,7 @@ use crate::scalar::Expr;
 use crate::types::DType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value, types,
+    AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value, types,
 };
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -257,16 +257,42 @@ impl Jit {
             // Inputs of one element, read once here: Cranelift keeps a load
             // where it is, so each was read (and splat) for every group of 4
             // (the AdamW update's step size, corrections and finiteness gate).
-            let scalars = (0..spec.inputs.len())
-                .map(|i| {
-                    let read_whole =
-                        |(n, a): (&NodeId, &Access)| *a == Access::Scalar && access_source(spec, *n) == spec.inputs[i];
-                    spec.access.iter().any(read_whole).then(|| {
-                        let x = b.ins().load(types::F32, trusted.with_readonly(), bases[i], 0);
-                        (x, b.ins().splat(types::F32X4, x))
-                    })
-                })
+            // The splats (and a select's lane mask) are then passed into the
+            // loops as block parameters: computed as pure instructions,
+            // Cranelift sank them into the loops, 3-6 instructions of an
+            // update's ~15 for every group of 4.
+            let conds: Vec<NodeId> = (spec.nodes.iter())
+                .filter(|n| matches!(spec.graph.node(**n).op, Op::Select))
+                .map(|n| access_source(spec, spec.graph.node(*n).args[0]))
                 .collect();
+            let read = |b: &mut FunctionBuilder| {
+                let mut loaded = Vec::new();
+                for (i, input) in spec.inputs.iter().enumerate() {
+                    let read_whole =
+                        |(n, a): (&NodeId, &Access)| *a == Access::Scalar && access_source(spec, *n) == *input;
+                    if spec.access.iter().any(read_whole) {
+                        let x = b.ins().load(types::F32, trusted.with_readonly(), bases[i], 0);
+                        let x4 = b.ins().splat(types::F32X4, x);
+                        let mask = conds.contains(input).then(|| {
+                            let cond = nonzero(b, x4, types::F32X4);
+                            cond_mask(b, cond)
+                        });
+                        loaded.push((i, [Some(x), Some(x4), mask]));
+                    }
+                }
+                loaded
+            };
+            let loaded = read(&mut b);
+            let flat = |l: &[(usize, [Option<Value>; 3])]| -> Vec<Value> {
+                l.iter().flat_map(|(_, v)| v.iter().flatten().copied()).collect()
+            };
+            let twins = read(&mut b);
+            let mut pinned = hold(&mut b, start, &flat(&loaded), &flat(&twins)).into_iter();
+            let mut scalars = vec![None; spec.inputs.len()];
+            for (i, values) in loaded {
+                let [x, x4, mask] = values.map(|v| v.map(|_| pinned.next().expect("one pinned value each")));
+                scalars[i] = Some(Scalar { x: x.expect("read"), x4: x4.expect("splat"), mask });
+            }
             let k = Emit { spec, bases, scalars, refs, out, vector: vectorizable, unroll, wide, affine };
             if let Some((op, row)) = spec.reduce {
                 reduce_rows(&mut b, &k, start, end, row, op);
@@ -350,14 +376,23 @@ fn counted_loop(
     (results[0], results[1..].to_vec())
 }
 
+/// An input of one element, read before the loops.
+#[derive(Clone, Copy)]
+struct Scalar {
+    x: Value,
+    /// `x` splat to f32x4.
+    x4: Value,
+    /// The f32x4 lane mask of `x != 0`, where a select takes `x` as its condition.
+    mask: Option<Value>,
+}
+
 /// What the loops of one kernel share.
 struct Emit<'s, 'a> {
     spec: &'s FusedSpec<'a>,
     /// The inputs' base pointers, in the kernel's order.
     bases: Vec<Value>,
-    /// Each input of one element (`Access::Scalar`), as read at the start
-    /// and splat to f32x4.
-    scalars: Vec<Option<(Value, Value)>>,
+    /// Each input of one element (`Access::Scalar`), as read at the start.
+    scalars: Vec<Option<Scalar>>,
     refs: HashMap<&'static str, FuncRef>,
     out: Value,
     /// Whether the element loops run on f32x4 (then a scalar tail).
@@ -542,7 +577,7 @@ fn fixed(spec: &FusedSpec, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<
 fn invariant_scalar(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, a: NodeId) -> Option<Value> {
     Some(match fixed(k.spec, rows, a)? {
         Fixed::Constant(c) => b.ins().f32const(c as f32),
-        Fixed::Scalar(i) => k.scalars[i].expect("bug: a scalar input not read at the start").0,
+        Fixed::Scalar(i) => k.scalars[i].expect("bug: a scalar input not read at the start").x,
         Fixed::Splat(v) => v,
     })
 }
@@ -722,6 +757,29 @@ fn row_reads(b: &mut FunctionBuilder, k: &Emit, row_start: Value) -> HashMap<usi
         reads.insert(k, read);
     }
     reads
+}
+
+/// `values` as the parameters of a new block, computed where they are now
+/// (before the loops) whatever uses them later. Cranelift drops a block
+/// parameter that only ever receives one value, and its instruction
+/// selection then computes a pure value used once (a splat) where it is
+/// used, inside the loop; a parameter that two branches pass different
+/// values (`twins`, equal to `values`) stays one.
+fn hold(b: &mut FunctionBuilder, any: Value, values: &[Value], twins: &[Value]) -> Vec<Value> {
+    if values.is_empty() {
+        return Vec::new();
+    }
+    let next = b.create_block();
+    for v in values {
+        let ty = b.func.dfg.value_type(*v);
+        b.append_block_param(next, ty);
+    }
+    let args: Vec<BlockArg> = values.iter().map(|v| (*v).into()).collect();
+    let twin_args: Vec<BlockArg> = twins.iter().map(|v| (*v).into()).collect();
+    b.ins().brif(any, next, &args, next, &twin_args);
+    b.switch_to_block(next);
+    b.seal_block(next);
+    b.block_params(next).to_vec()
 }
 
 /// `values` as the parameters of a new block that continues the current one.
@@ -1232,8 +1290,8 @@ fn emit_element(
                 b.ins().load(ty, flags, addr, 0)
             }
             Access::Scalar => {
-                let (x, x4) = scalars[k].expect("bug: a scalar input not read at the start");
-                if ty == types::F32 { x } else { x4 }
+                let read = scalars[k].expect("bug: a scalar input not read at the start");
+                if ty == types::F32 { read.x } else { read.x4 }
             }
             Access::Indexed { .. } if rows.contains_key(&k) => match rows[&k] {
                 RowRead::Splat(x) => {
@@ -1319,9 +1377,21 @@ fn emit_element(
                 }
             }
             Op::Select => {
-                let (c, p, q) = (x(b, &values, 0), x(b, &values, 1), x(b, &values, 2));
-                let cond = nonzero(b, c, ty);
-                choose(b, cond, p, q, ty)
+                let (p, q) = (x(b, &values, 1), x(b, &values, 2));
+                // A condition fixed over the kernel: its mask, made before the loops.
+                let c = node.args[0];
+                let fixed_mask = (spec.access.get(&c) == Some(&Access::Scalar))
+                    .then(|| spec.inputs.iter().position(|i| *i == access_source(spec, c)))
+                    .flatten()
+                    .and_then(|k| scalars[k].and_then(|s| s.mask));
+                match fixed_mask {
+                    Some(mask) if ty != types::F32 => b.ins().bitselect(mask, p, q),
+                    _ => {
+                        let c = x(b, &values, 0);
+                        let cond = nonzero(b, c, ty);
+                        choose(b, cond, p, q, ty)
+                    }
+                }
             }
             Op::Cast(DType::F32) => x(b, &values, 0),
             Op::Cast(DType::Int) => {
