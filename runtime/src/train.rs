@@ -1232,7 +1232,17 @@ fn programs(
     if s.products != crate::cpu::Products::F32 && device == crate::model::Device::Gpu {
         return Err(usage("--precision bf16 runs on the CPU; on the GPU products are f32"));
     }
-    let options = |memory| crate::cpu::CompileOptions { memory, products: s.products, ..Default::default() };
+    // The programs run one after another, so they share one arena (grown to
+    // the largest plan: evaluation's activations take no memory of their
+    // own) and one JIT (evaluation's forward kernels are mostly the step's).
+    let (arena, jit) = (crate::cpu::Arena::default(), crate::cpu::SharedJit::new(true).map_err(|e| error(CODE, e))?);
+    let options = |memory| crate::cpu::CompileOptions {
+        memory,
+        products: s.products,
+        arena: Some(arena.clone()),
+        jit: Some(jit.clone()),
+        ..Default::default()
+    };
     let planned = |g: &Graph, shapes: &HashMap<String, Vec<usize>>| match (budget, device) {
         (None, _) => Ok(modelc::backend::Memory::default()),
         (Some(_), crate::model::Device::Gpu) => {
@@ -1274,7 +1284,13 @@ fn programs(
         let memory = planned(&grads, &shapes_of(&shapes))?;
         Step::Accumulated {
             grads: crate::model::compile_shapes_with(CODE, device, &grads, &shapes_of(&shapes), options(memory))?,
-            update: compile(CODE, device, &optimized(&update), &shapes)?,
+            update: crate::model::compile_shapes_with(
+                CODE,
+                device,
+                &optimized(&update),
+                &shapes_of(&shapes),
+                options(modelc::backend::Memory::default()),
+            )?,
         }
     };
     // Evaluated as trained: with the same products.
