@@ -378,9 +378,9 @@ fn remade(g: &Graph, a: NodeId, rows: &Dim) -> bool {
 }
 
 /// Whether region node `reader` reads its argument `i` by rows (else whole:
-/// a product's right operand).
+/// a product's right operand, unless the product contracts the rows, aᵀ·b).
 fn reads_rows(reader: &Node, i: usize) -> bool {
-    !(matches!(reader.op, Op::MatMul { .. }) && i == 1)
+    !(matches!(reader.op, Op::MatMul { ta: false, .. }) && i == 1)
 }
 
 impl Emitter<'_> {

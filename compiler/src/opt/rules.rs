@@ -6,7 +6,8 @@
 //! - algebra: identities with 0 and 1, double negation, log of exp
 //! - layout: reshape and broadcast chains, no-op reshapes, permute chains
 //! - softmax: `log(softmax x)` to a log-softmax; unshifted softmax made stable
-//! - contractions: a transposed matmul operand becomes a transpose flag
+//! - contractions: a transposed matmul operand becomes a transpose flag, a
+//!   transposed product the product of its operands swapped
 //! - sinking: elementwise work moved before a broadcast, on fewer elements
 //! - constant folding happens in the analysis (`lang.rs`); common
 //!   subexpressions merge by construction of the e-graph.
@@ -87,6 +88,12 @@ pub fn rules() -> Vec<Rule> {
             FoldTranspose { operand: 1 },
         )
         .expect("rule"),
+        // (op(X) op(Y))ᵀ = op(Y)ᵀ op(X)ᵀ: a transposed product is the product
+        // of its operands swapped. The gradient of a tied output layer's
+        // weight (`h @ transpose(W)`) was made [dim, vocab] and then copied
+        // into [vocab, dim]: a weight-sized copy, both live at once.
+        Rewrite::new("transposed-matmul", pattern("(permute (matmul ?x ?y ?m ?s) ?p ?t)"), SwapProduct)
+            .expect("rule"),
         // Two concatenations along one axis, cut at the same place, added or
         // subtracted: the concatenation of the parts' sums. The gradient of
         // RoPE's rotate-half is `concat(0, a) + concat(b, 0)`, which becomes
@@ -291,6 +298,39 @@ impl Applier<IrLang, IrAnalysis> for FoldTranspose {
         let (x, y) = (subst[var("?x")], subst[var("?y")]);
         let op = if self.operand == 0 { Op::MatMul { ta: !ta, tb } } else { Op::MatMul { ta, tb: !tb } };
         let result = add_op(eg, &op, &[x, y], &ty);
+        if eg.union(eclass, result) { vec![result] } else { vec![] }
+    }
+}
+
+/// A permute that swaps a product's last two axes is the product of the
+/// operands swapped, each transpose flag flipped.
+struct SwapProduct;
+
+impl Applier<IrLang, IrAnalysis> for SwapProduct {
+    fn apply_one(
+        &self,
+        eg: &mut IrGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<IrLang>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let (Op::Permute(p), Op::MatMul { ta, tb }) = (attr_op(eg, subst, "?p"), attr_op(eg, subst, "?m")) else {
+            return vec![];
+        };
+        let r = p.len();
+        let swaps_last_two =
+            r >= 2 && p[..r - 2].iter().enumerate().all(|(i, v)| i == *v) && p[r - 2] == r - 1 && p[r - 1] == r - 2;
+        let Some(ty) = type_of(eg, eclass).cloned() else { return vec![] };
+        if !swaps_last_two {
+            return vec![];
+        }
+        let (x, y) = (subst[var("?x")], subst[var("?y")]);
+        let (Some(tx), Some(ty_y)) = (type_of(eg, x).cloned(), type_of(eg, y).cloned()) else { return vec![] };
+        if crate::ir::graph::matmul_dims(&ty_y, &tx, !tb, !ta).as_deref() != Some(ty.dims.as_slice()) {
+            return vec![];
+        }
+        let result = add_op(eg, &Op::MatMul { ta: !tb, tb: !ta }, &[y, x], &ty);
         if eg.union(eclass, result) { vec![result] } else { vec![] }
     }
 }
