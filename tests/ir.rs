@@ -753,6 +753,69 @@ fn memory_passes_keep_the_values_and_lower_the_peak() {
     assert!(recomputed.iter().all(|p| *p < peak(chunked)), "{recomputed:?} vs {}", peak(chunked));
 }
 
+/// A tied embedding's gradient (`backend::scatter_into`): the output
+/// layer's weight gradient is made in the weight's own layout (no permuted
+/// copy: the e-graph's `transposed-matmul`), the embedding's rows are
+/// scattered onto it, the values stay the same, and the planned peak falls
+/// where the weight is what dominates it.
+#[test]
+fn a_tied_embeddings_gradient_is_scattered_onto_the_output_layers() {
+    use modelc::backend::scatter_into::scatter_onto_sums;
+    use modelc::ir::graph::{Graph, Op};
+    let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
+    let step = |settings: &[(&str, &str)]| {
+        let (checked, g) = lower_text(&text, &sets(settings), true);
+        let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+        let program = modelc::opt::optimized(&training_program(&g, &trainable, &TrainConfig::default()).unwrap());
+        (checked, program)
+    };
+    let (checked, program) = step(&[("layers", "2"), ("dim", "32"), ("heads", "2"), ("vocab", "300")]);
+    let table = [modelc::types::Dim::constant(300), modelc::types::Dim::constant(32)];
+    let weight_sized_permutes =
+        |g: &Graph| g.nodes.iter().filter(|n| matches!(n.op, Op::Permute(_)) && n.ty.dims == table).count();
+    assert_eq!(weight_sized_permutes(&program), 0, "the weight's gradient made in its layout");
+    let onto = scatter_onto_sums(&program);
+    let scatters = |g: &Graph, args: usize| {
+        g.nodes.iter().filter(|n| matches!(n.op, Op::ScatterAdd) && n.args.len() == args).count()
+    };
+    assert_eq!((scatters(&program, 2), scatters(&program, 3)), (1, 0));
+    assert_eq!((scatters(&onto, 2), scatters(&onto, 3)), (0, 1));
+    let mut rng = Rng(5);
+    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.1);
+    for p in &checked.params {
+        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
+        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
+        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
+    }
+    let ids: Vec<f64> = b"the cat sat on the mat. the dog sat on the log".iter().take(40).map(|b| *b as f64).collect();
+    feeds.insert("input_ids".into(), Array::new(vec![2, 20], ids));
+    feeds.insert("lr".into(), Array::scalar(1e-3));
+    feeds.insert("step".into(), Array::scalar(1.0));
+    let (before, after) = (run(&program, &feeds, Precision::F64).unwrap(), run(&onto, &feeds, Precision::F64).unwrap());
+    assert_eq!(before.len(), after.len());
+    for (name, value) in &before {
+        for (a, b) in value.data.iter().zip(&after[name].data) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{name}: {a} vs {b}");
+        }
+    }
+    // A vocabulary's weight (4096 x 256) larger than a few tokens' activations.
+    let (_, big) = step(&[("layers", "2"), ("dim", "256"), ("heads", "2"), ("vocab", "4096")]);
+    let sizes: modelc::types::Sizes = [("B".to_string(), 1), ("T".to_string(), 16)].into();
+    let peak = |g: &Graph| {
+        let schedule = modelc::backend::schedule::schedule(g);
+        let plan = modelc::backend::plan::plan(
+            g,
+            &schedule,
+            &sizes,
+            modelc::backend::plan::Blocks::Buffered,
+            modelc::backend::plan::Inputs::Writable,
+        );
+        plan.unwrap().peak_bytes()
+    };
+    let (unfolded, folded) = (peak(&big), peak(&scatter_onto_sums(&big)));
+    assert!(folded < unfolded, "{folded} vs {unfolded}");
+}
+
 /// `topk` takes tied entries in `torch.topk`'s order (the router of a
 /// mixture of experts chooses among equal experts as transformers does),
 /// on the interpreter: rows of ties and NaN from `tests/topk_fixtures.py`.

@@ -15,6 +15,7 @@ pub mod order;
 pub mod plan;
 pub mod remat;
 pub mod rows;
+pub mod scatter_into;
 pub mod schedule;
 pub mod split;
 pub mod vmath;
@@ -72,6 +73,7 @@ pub fn prepare_with(graph: &Graph, sizes: &Sizes, target: Target, memory: Memory
     let graph = checkpoint::recompute_between(graph, sizes, memory.keep_every);
     let graph = chunk::split_rows(&graph, sizes, memory.chunk_bytes);
     let graph = remat::recompute_far_uses(&split::split_reductions(&graph));
+    let graph = scatter_into::scatter_onto_sums(&graph);
     let graph = order::free_early(&graph, sizes);
     let schedule = schedule::schedule_at(&graph, sizes);
     let (blocks, inputs) = match target {

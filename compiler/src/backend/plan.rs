@@ -309,11 +309,16 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
             continue;
         }
         let len = lens[out.index()];
-        // In place: the first input of an elementwise kernel that dies here,
-        // of the output's length, whose memory `reuse` accepts (its offset
-        // or column).
+        // In place: the first input of an elementwise kernel (or the base of
+        // a scatter-add onto one, which reads each element only where it
+        // writes it) that dies here, of the output's length, whose memory
+        // `reuse` accepts (its offset or column).
         let dying_input = |kernel: &Kernel, places: &[Place], reuse: &dyn Fn(&Place, NodeId) -> Option<usize>| {
-            let Kernel::Fused { inputs, .. } = kernel else { return None };
+            let inputs = match kernel {
+                Kernel::Fused { inputs, .. } => inputs.as_slice(),
+                Kernel::Single(n) if matches!(g.node(*n).op, Op::ScatterAdd) => &g.node(*n).args[2..],
+                _ => return None,
+            };
             inputs.iter().find_map(|inp| {
                 let st = storage(*inp, places);
                 (last[st.index()] == time && lens[inp.index()] == len).then(|| reuse(&places[st.index()], st)).flatten()

@@ -451,8 +451,13 @@ impl Emitter<'_> {
                 let rows = out_shape[0];
                 let row = len.checked_div(rows).unwrap_or(0).max(1);
                 let count = self.plan.lens[arg(0).index()];
+                // Onto a base (`backend/scatter_into.rs`), read where it is written.
+                let start = match node.args.get(2) {
+                    Some(base) => self.read(*base, "i")?,
+                    None => "0.0".to_string(),
+                };
                 let body = format!(
-                    "    let r = f32(i / {row}u);\n    let j = i % {row}u;\n    var acc = 0.0;\n    for (var k = 0u; k < {count}u; k++) {{\n        if ({} == r) {{\n            acc += {};\n        }}\n    }}\n    mem[{o}u + i] = acc;\n",
+                    "    let r = f32(i / {row}u);\n    let j = i % {row}u;\n    var acc = {start};\n    for (var k = 0u; k < {count}u; k++) {{\n        if ({} == r) {{\n            acc += {};\n        }}\n    }}\n    mem[{o}u + i] = acc;\n",
                     self.read(arg(0), "k")?,
                     self.read(arg(1), &format!("k * {row}u + j"))?
                 );

@@ -248,7 +248,11 @@ fn local(g: &mut Graph, node: &Node, y: NodeId, gy: NodeId) -> Vec<Option<NodeId
             let table = g.dims(a[0]).to_vec();
             vec![Some(g.scatter_add(a[1], gy, &table)), None]
         }
-        Op::ScatterAdd => vec![None, Some(g.gather(gy, a[0]))],
+        Op::ScatterAdd => {
+            let mut grads = vec![None, Some(g.gather(gy, a[0]))];
+            grads.extend(a.get(2).map(|_| Some(gy)));
+            grads
+        }
         Op::TopKValues(k) => {
             let x = a[0];
             let xd = g.dims(x).to_vec();

@@ -80,7 +80,9 @@ pub enum Op {
     Concat(usize),
     /// `table [V, ...rest]`, `ids [...] int` -> `[...ids, ...rest]`.
     Gather,
-    /// `ids [...] int`, `updates [...ids, ...rest]` -> the node's shape `[V, ...rest]`.
+    /// `ids [...] int`, `updates [...ids, ...rest]` -> the node's shape `[V, ...rest]`:
+    /// each row of `updates` added into row `ids[k]` of zeros, or of `base`
+    /// (a third argument of that shape; `backend/scatter_into.rs`).
     ScatterAdd,
     /// `ids [...] int` -> `[..., n]` f32 with n the node's last axis.
     OneHot,

@@ -149,7 +149,7 @@ pub fn eval(
         }
         Op::Concat(axis) => concat(args, *axis, shape),
         Op::Gather => gather(args[0], args[1], shape)?,
-        Op::ScatterAdd => scatter_add(args[0], args[1], shape)?,
+        Op::ScatterAdd => scatter_add(args[0], args[1], args.get(2).copied(), shape)?,
         Op::OneHot => {
             let n_classes = *shape.last().expect("one_hot has a class axis");
             let mut out = Array::zeros(&shape);
@@ -543,9 +543,9 @@ fn gather(table: &Array, ids: &Array, shape: Vec<usize>) -> Result<Array, String
     Ok(Array::new(shape, out))
 }
 
-fn scatter_add(ids: &Array, updates: &Array, shape: Vec<usize>) -> Result<Array, String> {
+fn scatter_add(ids: &Array, updates: &Array, base: Option<&Array>, shape: Vec<usize>) -> Result<Array, String> {
     let row = row_size(&shape);
-    let mut out = Array::zeros(&shape);
+    let mut out = base.cloned().unwrap_or_else(|| Array::zeros(&shape));
     for (k, id) in ids.data.iter().enumerate() {
         if id.is_nan() || *id < 0.0 || *id as usize >= shape[0] {
             return Err(format!("index {id} is out of range for a table of {} rows", shape[0]));

@@ -122,10 +122,15 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 same(&dims, &out.dims)?;
             }
             Op::ScatterAdd => {
-                want_args(2)?;
+                if n.args.len() != 3 {
+                    want_args(2)?;
+                }
                 let mut dims = t(0).dims.clone();
                 dims.extend(out.dims[1..].iter().cloned());
                 same(&dims, &t(1).dims)?;
+                if n.args.len() == 3 {
+                    same(&t(2).dims, &out.dims)?;
+                }
             }
             Op::OneHot => {
                 want_args(1)?;

@@ -415,6 +415,11 @@ pub fn one_hot(ids: &[f32], classes: usize, out: &mut [f32]) {
 /// Adds each row of `updates` into row `ids[k]` of `out` ([rows, row]).
 pub fn scatter_add(ids: &[f32], updates: &[f32], rows: usize, out: &mut [f32]) -> Result<(), String> {
     out.fill(0.0);
+    scatter_add_onto(ids, updates, rows, out)
+}
+
+/// `scatter_add` onto what `out` holds.
+pub fn scatter_add_onto(ids: &[f32], updates: &[f32], rows: usize, out: &mut [f32]) -> Result<(), String> {
     let row = out.len().checked_div(rows).unwrap_or(0);
     for (k, id) in ids.iter().enumerate() {
         let i = *id as usize;

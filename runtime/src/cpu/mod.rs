@@ -1000,6 +1000,36 @@ impl Program {
         Ok(())
     }
 
+    /// `Op::ScatterAdd` onto a base: the base copied to the output unless the
+    /// output is the base's own memory (the plan writes it in place when it
+    /// dies here), then each row of the updates added into its row.
+    fn scatter_into(&self, n: NodeId, arena: &mut [f32], feeds: &Given) -> Result<(), String> {
+        let node = self.graph.node(n);
+        let (ids, updates, base) = (node.args[0], node.args[1], node.args[2]);
+        let total = self.plan.lens[n.index()];
+        let rows = self.shape(n)?[0];
+        let out = self.pointer(n, arena.as_mut_ptr(), feeds);
+        let from = self.pointer(base, arena.as_mut_ptr(), feeds);
+        if out != from {
+            // SAFETY: the output and the base are planned memory of `total`
+            // elements each, and not the same value, so disjoint.
+            unsafe { std::ptr::copy_nonoverlapping(from, out, total) };
+        }
+        // SAFETY: the ids and updates are planned values of their lengths, apart
+        // from the output (only the base may share its memory).
+        let (ids, updates, out) = unsafe {
+            (
+                std::slice::from_raw_parts(self.pointer(ids, arena.as_mut_ptr(), feeds), self.plan.lens[ids.index()]),
+                std::slice::from_raw_parts(
+                    self.pointer(updates, arena.as_mut_ptr(), feeds),
+                    self.plan.lens[updates.index()],
+                ),
+                std::slice::from_raw_parts_mut(out, total),
+            )
+        };
+        kernels::scatter_add_onto(ids, updates, rows, out)
+    }
+
     /// The right operand `b` (k x n) of the product `product`, packed for
     /// tiles of `kind`: a fixed weight once for good, a weight several
     /// products read once a run (bf16), anything else each time.
@@ -1107,13 +1137,17 @@ impl Program {
         if let Op::WriteRows = node.op {
             return self.write_rows(n, arena, feeds);
         }
+        if let (Op::ScatterAdd, [_, _, _]) = (&node.op, node.args.as_slice()) {
+            return self.scatter_into(n, arena, feeds);
+        }
         let Place::Arena { offset, len } = self.plan.resolve(n) else {
             unreachable!("bug: kernel output not in the arena")
         };
         // Every view of the arena below is made from this one raw pointer,
         // each over its own range, and `arena` itself is not touched again
         // while they live: the output's range is disjoint from every input's
-        // (the plan writes in place only in fused kernels), so no reference
+        // (the plan writes in place only in fused kernels and a scatter-add
+        // onto a base, which `scatter_into` ran above), so no reference
         // ever covers the output and an input at once.
         let (base, arena_len) = (arena.as_mut_ptr(), arena.len());
         assert!(offset + len <= arena_len, "bug: {n}'s place lies outside the arena");
