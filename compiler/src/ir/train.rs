@@ -108,13 +108,18 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, lo
         total = g.add(total, s);
     }
     let norm = g.unary(Unary::Sqrt, total);
-    if let Some(clip) = cfg.clip {
+    // The clipping factor. AdamW folds it into its moments' coefficients
+    // (scalars): a clipped gradient, which both moments read, would be a
+    // stored copy of every gradient, all live at once at the update.
+    let factor = cfg.clip.map(|clip| {
         let eps = g.constant(1e-6, DType::F32);
         let denom = g.add(norm, eps);
         let c = g.constant(clip, DType::F32);
         let ratio = g.div(c, denom);
         let one = g.constant(1.0, DType::F32);
-        let factor = g.binary(Binary::Min, ratio, one);
+        g.binary(Binary::Min, ratio, one)
+    });
+    if let (Some(factor), Optimizer::Sgd { .. }) = (factor, &cfg.optimizer) {
         for gr in &mut grads {
             *gr = g.mul(*gr, factor);
         }
@@ -146,13 +151,26 @@ fn update(g: &mut Graph, params: &[(String, NodeId)], mut grads: Vec<NodeId>, lo
             Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
                 let m = g.input(&Role::FirstMoment(name).name(), ty.clone());
                 let v = g.input(&Role::SecondMoment(name).name(), ty.clone());
+                // The clipped gradient's contributions: (1 - beta1) factor g
+                // and g ((1 - beta2) factor^2 g). (Not (g g) c: the norm's
+                // g g, merged with it, would be stored for the update.)
+                let (gm, gv) = match factor {
+                    Some(f) => {
+                        let c1 = g.scale(f, 1.0 - beta1);
+                        let f2 = g.mul(f, f);
+                        let c2 = g.scale(f2, 1.0 - beta2);
+                        let gc2 = g.mul(gr, c2);
+                        (g.mul(gr, c1), g.mul(gr, gc2))
+                    }
+                    None => {
+                        let gc2 = g.scale(gr, 1.0 - beta2);
+                        (g.scale(gr, 1.0 - beta1), g.mul(gr, gc2))
+                    }
+                };
                 let m1 = g.scale(m, beta1);
-                let gm = g.scale(gr, 1.0 - beta1);
                 let m_new = g.add(m1, gm);
                 let m_new = keep(g, Role::FirstMoment(name).name(), m_new, m);
                 let v1 = g.scale(v, beta2);
-                let g2 = g.mul(gr, gr);
-                let gv = g.scale(g2, 1.0 - beta2);
                 let v_new = g.add(v1, gv);
                 let v_new = keep(g, Role::SecondMoment(name).name(), v_new, v);
                 // Bias corrections 1 - beta^step.
