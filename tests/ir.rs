@@ -640,6 +640,43 @@ fn products_keep_their_spec_line_and_layer_through_autodiff_and_the_optimiser() 
     }
 }
 
+/// A training step's feeds on the interpreter: random weights (seeded),
+/// zero AdamW moments, the first `b x t` bytes of `text` as token ids.
+fn step_feeds(
+    checked: &modelc::check::Checked,
+    seed: u64,
+    text: &[u8],
+    (b, t): (usize, usize),
+) -> HashMap<String, Array> {
+    let mut rng = Rng(seed);
+    let mut feeds: HashMap<String, Array> = random_params(checked, &mut rng, 0.1);
+    for p in &checked.params {
+        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
+        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
+        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
+    }
+    let ids: Vec<f64> = text.iter().take(b * t).map(|c| *c as f64).collect();
+    assert_eq!(ids.len(), b * t, "text for {b} x {t} tokens");
+    feeds.insert("input_ids".into(), Array::new(vec![b, t], ids));
+    feeds.insert("lr".into(), Array::scalar(1e-3));
+    feeds.insert("step".into(), Array::scalar(1.0));
+    feeds
+}
+
+/// The planned peak of `g` as the CPU schedules it (no other pass), at B x T.
+fn planned_peak(g: &modelc::ir::graph::Graph, b: i64, t: i64) -> usize {
+    let sizes: modelc::types::Sizes = [("B".to_string(), b), ("T".to_string(), t)].into();
+    let schedule = modelc::backend::schedule::schedule(g);
+    let plan = modelc::backend::plan::plan(
+        g,
+        &schedule,
+        &sizes,
+        modelc::backend::plan::Blocks::Buffered,
+        modelc::backend::plan::Inputs::Writable,
+    );
+    plan.unwrap().peak_bytes()
+}
+
 /// Recomputing far uses (`backend::remat`) keeps the training program's
 /// meaning, makes a copy of each MLP activation for its weight gradient,
 /// and lowers the planned peak.
@@ -656,35 +693,14 @@ fn recomputing_activations_keeps_the_values_and_lowers_the_peak() {
     };
     assert_eq!(gelus(&split), 3);
     assert_eq!(gelus(&recomputed), 6, "one copy per layer's activation");
-    let mut rng = Rng(7);
-    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.1);
-    for p in &checked.params {
-        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
-        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
-        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
-    }
-    let ids: Vec<f64> = b"the cat sat on the mat. the cat sat".iter().take(32).map(|b| *b as f64).collect();
-    feeds.insert("input_ids".into(), Array::new(vec![2, 16], ids));
-    feeds.insert("lr".into(), Array::scalar(1e-3));
-    feeds.insert("step".into(), Array::scalar(1.0));
+    let feeds = step_feeds(&checked, 7, b"the cat sat on the mat. the cat sat", (2, 16));
     let (before, after) =
         (run(&split, &feeds, Precision::F64).unwrap(), run(&recomputed, &feeds, Precision::F64).unwrap());
     assert_eq!(before.len(), after.len());
     for (name, value) in &before {
         assert_eq!(value.data, after[name].data, "{name}");
     }
-    let sizes: modelc::types::Sizes = [("B".to_string(), 16), ("T".to_string(), 128)].into();
-    let peak = |g: &modelc::ir::graph::Graph| {
-        let schedule = modelc::backend::schedule::schedule(g);
-        let plan = modelc::backend::plan::plan(
-            g,
-            &schedule,
-            &sizes,
-            modelc::backend::plan::Blocks::Buffered,
-            modelc::backend::plan::Inputs::Writable,
-        );
-        plan.unwrap().peak_bytes()
-    };
+    let peak = |g| planned_peak(g, 16, 128);
     assert!(peak(&recomputed) < peak(&split), "{} vs {}", peak(&recomputed), peak(&split));
 }
 
@@ -702,22 +718,9 @@ fn memory_passes_keep_the_values_and_lower_the_peak() {
         lower_text(&text, &sets(&[("layers", "3"), ("dim", "32"), ("heads", "2"), ("vocab", "2048")]), true);
     let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let program = modelc::opt::optimized(&training_program(&g, &trainable, &TrainConfig::default()).unwrap());
-    let mut rng = Rng(11);
-    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.1);
-    for p in &checked.params {
-        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
-        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
-        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
-    }
     // 2 x 39 = 78 rows: four chunks of 16 (the fewest) and one of 14.
-    let ids: Vec<f64> = b"the cat sat on the mat. the dog sat on the log. the cat saw the dog and ran off."
-        .iter()
-        .take(78)
-        .map(|b| *b as f64)
-        .collect();
-    feeds.insert("input_ids".into(), Array::new(vec![2, 39], ids));
-    feeds.insert("lr".into(), Array::scalar(1e-3));
-    feeds.insert("step".into(), Array::scalar(1.0));
+    let text = b"the cat sat on the mat. the dog sat on the log. the cat saw the dog and ran off.";
+    let feeds = step_feeds(&checked, 11, text, (2, 39));
     let at: modelc::types::Sizes = [("B".to_string(), 2), ("T".to_string(), 39)].into();
     let row_bytes =
         4 * checked.params.iter().find(|p| p.name.contains("wte") || p.name.contains("embed")).unwrap().shape[0]
@@ -780,17 +783,7 @@ fn a_tied_embeddings_gradient_is_scattered_onto_the_output_layers() {
     };
     assert_eq!((scatters(&program, 2), scatters(&program, 3)), (1, 0));
     assert_eq!((scatters(&onto, 2), scatters(&onto, 3)), (0, 1));
-    let mut rng = Rng(5);
-    let mut feeds: HashMap<String, Array> = random_params(&checked, &mut rng, 0.1);
-    for p in &checked.params {
-        let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
-        feeds.insert(format!("m:{}", p.name), Array::zeros(&shape));
-        feeds.insert(format!("v:{}", p.name), Array::zeros(&shape));
-    }
-    let ids: Vec<f64> = b"the cat sat on the mat. the dog sat on the log".iter().take(40).map(|b| *b as f64).collect();
-    feeds.insert("input_ids".into(), Array::new(vec![2, 20], ids));
-    feeds.insert("lr".into(), Array::scalar(1e-3));
-    feeds.insert("step".into(), Array::scalar(1.0));
+    let feeds = step_feeds(&checked, 5, b"the cat sat on the mat. the dog sat on the log", (2, 20));
     let (before, after) = (run(&program, &feeds, Precision::F64).unwrap(), run(&onto, &feeds, Precision::F64).unwrap());
     assert_eq!(before.len(), after.len());
     for (name, value) in &before {
@@ -800,19 +793,7 @@ fn a_tied_embeddings_gradient_is_scattered_onto_the_output_layers() {
     }
     // A vocabulary's weight (4096 x 256) larger than a few tokens' activations.
     let (_, big) = step(&[("layers", "2"), ("dim", "256"), ("heads", "2"), ("vocab", "4096")]);
-    let sizes: modelc::types::Sizes = [("B".to_string(), 1), ("T".to_string(), 16)].into();
-    let peak = |g: &Graph| {
-        let schedule = modelc::backend::schedule::schedule(g);
-        let plan = modelc::backend::plan::plan(
-            g,
-            &schedule,
-            &sizes,
-            modelc::backend::plan::Blocks::Buffered,
-            modelc::backend::plan::Inputs::Writable,
-        );
-        plan.unwrap().peak_bytes()
-    };
-    let (unfolded, folded) = (peak(&big), peak(&scatter_onto_sums(&big)));
+    let (unfolded, folded) = (planned_peak(&big, 1, 16), planned_peak(&scatter_onto_sums(&big), 1, 16));
     assert!(folded < unfolded, "{folded} vs {unfolded}");
 }
 

@@ -79,20 +79,20 @@ pub fn rules() -> Vec<Rule> {
         Rewrite::new(
             "matmul-transposed-a",
             pattern("(matmul (permute ?x ?p ?s) ?y ?m ?t)"),
-            FoldTranspose { operand: 0 },
+            FoldTranspose::Operand(0),
         )
         .expect("rule"),
         Rewrite::new(
             "matmul-transposed-b",
             pattern("(matmul ?x (permute ?y ?p ?s) ?m ?t)"),
-            FoldTranspose { operand: 1 },
+            FoldTranspose::Operand(1),
         )
         .expect("rule"),
         // (op(X) op(Y))ᵀ = op(Y)ᵀ op(X)ᵀ: a transposed product is the product
         // of its operands swapped. The gradient of a tied output layer's
         // weight (`h @ transpose(W)`) was made [dim, vocab] and then copied
         // into [vocab, dim]: a weight-sized copy, both live at once.
-        Rewrite::new("transposed-matmul", pattern("(permute (matmul ?x ?y ?m ?s) ?p ?t)"), SwapProduct)
+        Rewrite::new("transposed-matmul", pattern("(permute (matmul ?x ?y ?m ?s) ?p ?t)"), FoldTranspose::Product)
             .expect("rule"),
         // Two concatenations along one axis, cut at the same place, added or
         // subtracted: the concatenation of the parts' sums. The gradient of
@@ -265,10 +265,14 @@ impl Applier<IrLang, IrAnalysis> for StableSoftmax {
     }
 }
 
-/// A matmul operand that is its input with the last two axes swapped reads
-/// that input directly, with the operand's transpose flag flipped.
-struct FoldTranspose {
-    operand: usize,
+/// A transpose (a permute swapping the last two axes) folded into a
+/// product: of an operand (`Operand(k)`: the product reads the operand's
+/// input directly, that transpose flag flipped), or of the product itself
+/// (`Product`: (op(X) op(Y))ᵀ = op(Y)ᵀ op(X)ᵀ, the operands swapped and
+/// both flags flipped).
+enum FoldTranspose {
+    Operand(usize),
+    Product,
 }
 
 /// The operation named by the attribute leaf bound to `v`.
@@ -296,41 +300,17 @@ impl Applier<IrLang, IrAnalysis> for FoldTranspose {
             return vec![];
         }
         let (x, y) = (subst[var("?x")], subst[var("?y")]);
-        let op = if self.operand == 0 { Op::MatMul { ta: !ta, tb } } else { Op::MatMul { ta, tb: !tb } };
-        let result = add_op(eg, &op, &[x, y], &ty);
-        if eg.union(eclass, result) { vec![result] } else { vec![] }
-    }
-}
-
-/// A permute that swaps a product's last two axes is the product of the
-/// operands swapped, each transpose flag flipped.
-struct SwapProduct;
-
-impl Applier<IrLang, IrAnalysis> for SwapProduct {
-    fn apply_one(
-        &self,
-        eg: &mut IrGraph,
-        eclass: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<IrLang>>,
-        _: Symbol,
-    ) -> Vec<Id> {
-        let (Op::Permute(p), Op::MatMul { ta, tb }) = (attr_op(eg, subst, "?p"), attr_op(eg, subst, "?m")) else {
-            return vec![];
+        let (op, args) = match self {
+            FoldTranspose::Operand(0) => (Op::MatMul { ta: !ta, tb }, [x, y]),
+            FoldTranspose::Operand(_) => (Op::MatMul { ta, tb: !tb }, [x, y]),
+            FoldTranspose::Product => (Op::MatMul { ta: !tb, tb: !ta }, [y, x]),
         };
-        let r = p.len();
-        let swaps_last_two =
-            r >= 2 && p[..r - 2].iter().enumerate().all(|(i, v)| i == *v) && p[r - 2] == r - 1 && p[r - 1] == r - 2;
-        let Some(ty) = type_of(eg, eclass).cloned() else { return vec![] };
-        if !swaps_last_two {
+        let (Some(t0), Some(t1)) = (type_of(eg, args[0]), type_of(eg, args[1])) else { return vec![] };
+        let Op::MatMul { ta, tb } = op else { unreachable!("a product") };
+        if crate::ir::graph::matmul_dims(t0, t1, ta, tb).as_deref() != Some(ty.dims.as_slice()) {
             return vec![];
         }
-        let (x, y) = (subst[var("?x")], subst[var("?y")]);
-        let (Some(tx), Some(ty_y)) = (type_of(eg, x).cloned(), type_of(eg, y).cloned()) else { return vec![] };
-        if crate::ir::graph::matmul_dims(&ty_y, &tx, !tb, !ta).as_deref() != Some(ty.dims.as_slice()) {
-            return vec![];
-        }
-        let result = add_op(eg, &Op::MatMul { ta: !tb, tb: !ta }, &[y, x], &ty);
+        let result = add_op(eg, &op, &args, &ty);
         if eg.union(eclass, result) { vec![result] } else { vec![] }
     }
 }
