@@ -448,20 +448,25 @@ impl Emitter<'_> {
                 elementwise(len, &body)
             }
             Op::ScatterAdd => {
+                // One invocation a row of the table: it scans the ids once and
+                // adds each matching row of the updates, in their order (as the
+                // CPU does). One an element scanned every id for each of the
+                // row's elements: a tied GPT-2 embedding's gradient took
+                // 50,257 x 768 x 512 comparisons.
                 let rows = out_shape[0];
                 let row = len.checked_div(rows).unwrap_or(0).max(1);
                 let count = self.plan.lens[arg(0).index()];
                 // Onto a base (`backend/scatter_into.rs`), read where it is written.
                 let start = match node.args.get(2) {
-                    Some(base) => self.read(*base, "i")?,
+                    Some(base) => self.read(*base, &format!("i * {row}u + j"))?,
                     None => "0.0".to_string(),
                 };
                 let body = format!(
-                    "    let r = f32(i / {row}u);\n    let j = i % {row}u;\n    var acc = {start};\n    for (var k = 0u; k < {count}u; k++) {{\n        if ({} == r) {{\n            acc += {};\n        }}\n    }}\n    mem[{o}u + i] = acc;\n",
+                    "    let r = f32(i);\n    for (var j = 0u; j < {row}u; j++) {{\n        mem[{o}u + i * {row}u + j] = {start};\n    }}\n    for (var k = 0u; k < {count}u; k++) {{\n        if ({} == r) {{\n            for (var j = 0u; j < {row}u; j++) {{\n                mem[{o}u + i * {row}u + j] += {};\n            }}\n        }}\n    }}\n",
                     self.read(arg(0), "k")?,
                     self.read(arg(1), &format!("k * {row}u + j"))?
                 );
-                elementwise(len, &body)
+                elementwise(rows, &body)
             }
             Op::WriteRows => {
                 let r = out_shape.len();
