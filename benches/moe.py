@@ -10,8 +10,12 @@ experts (hidden 896), top-2, 4 layers, 8 heads (4 key/value), vocab 512.
      a first, PyTorch and the two lowerings in turn),
   2. greedy decoding of 128 tokens after an 8-token prompt.
 
+With `--bf16`, also the training step in mixed precision: modelc's
+`--precision bf16` (sparse) against transformers under bf16 autocast,
+alternated with the rest.
+
     pip install torch transformers
-    cargo build --release && python3 benches/moe.py [--threads 2]
+    cargo build --release && python3 benches/moe.py [--threads 2] [--bf16]
 
 Prints medians and ratios, and the executed FLOPs of the two lowerings
 (`modelc info`); docs/cpu.md keeps the results.
@@ -54,12 +58,12 @@ def spec_args(run, dense):
     return ["specs/mixtral.model", "--config", str(run / "config.json"), *(["--dense-routes"] if dense else [])]
 
 
-def modelc_train_step(run, threads, steps, dense):
+def modelc_train_step(run, threads, steps, dense, extra=()):
     out = run / ("train-dense" if dense else "train")
     modelc([
         "train", *spec_args(run, dense), "--weights", str(run / "model.safetensors"),
         "--batch-file", str(run / "batch.safetensors"), "--steps", str(steps), "--lr", "1e-4", "--clip", "1.0",
-        "--threads", str(threads), "--checkpoint-every", "0", "--out", str(out), "--overwrite",
+        "--threads", str(threads), "--checkpoint-every", "0", "--out", str(out), "--overwrite", *extra,
     ])
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(m["seconds"] for m in lines[1:]), lines[-1].get("expert_load")
@@ -86,6 +90,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="also time the step in bf16 mixed precision, both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -112,7 +117,7 @@ def main():
         decode = {k: statistics.median(v) for k, v in decode.items()}
 
         model.train()
-        steps = {"torch": [], False: [], True: []}
+        steps = {"torch": [], False: [], True: [], "torch bf16": [], "bf16": []}
         load = None
         for _ in range(args.repeats):  # alternating too: each round's median of 3 steps after a first
             steps["torch"].append(torch_train_step(model, ids, 3))
@@ -120,11 +125,17 @@ def main():
                 t, load_of = modelc_train_step(run, args.threads, 4, dense)
                 steps[dense].append(t)
                 load = load if dense else load_of
-        steps = {k: statistics.median(v) for k, v in steps.items()}
+            if args.bf16:
+                steps["torch bf16"].append(torch_train_step(model, ids, 3, bf16=True))
+                steps["bf16"].append(modelc_train_step(run, args.threads, 4, False, ["--precision", "bf16"])[0])
+        steps = {k: statistics.median(v) for k, v in steps.items() if v}
 
     print(f"{'':34}{'sparse':>10}{'dense':>10}{'PyTorch':>10}{'vs dense':>10}{'vs torch':>10}")
     s, d, t = steps[False], steps[True], steps["torch"]
     print(f"{'training step 8 x 128 (s)':34}{s:>10.3f}{d:>10.3f}{t:>10.3f}{d / s:>9.2f}x{t / s:>9.2f}x")
+    if args.bf16:
+        s, t = steps["bf16"], steps["torch bf16"]
+        print(f"{'  bf16 (autocast for PyTorch)':34}{s:>10.3f}{'':>10}{t:>10.3f}{'':>10}{t / s:>9.2f}x")
     s, d, t = (NEW_TOKENS / decode[k] for k in (False, True, "torch"))
     print(f"{'greedy decode 128 tokens (tok/s)':34}{s:>10.1f}{d:>10.1f}{t:>10.1f}{s / d:>9.2f}x{s / t:>9.2f}x")
     print(f"{'forward FLOPs, B=1 T=128':34}{flops[False]:>10.3g}{flops[True]:>10.3g}{'':>10}"
