@@ -1235,12 +1235,17 @@ fn programs(
     // The programs run one after another, so they share one arena (grown to
     // the largest plan: evaluation's activations take no memory of their
     // own) and one JIT (evaluation's forward kernels are mostly the step's).
-    let (arena, jit) = (crate::cpu::Arena::default(), crate::cpu::SharedJit::new(true).map_err(|e| error(CODE, e))?);
+    // (The GPU's programs take neither.)
+    let arena = crate::cpu::Arena::default();
+    let jit = match device {
+        crate::model::Device::Cpu => Some(crate::cpu::SharedJit::new(true).map_err(|e| error(CODE, e))?),
+        crate::model::Device::Gpu => None,
+    };
     let options = |memory| crate::cpu::CompileOptions {
         memory,
         products: s.products,
         arena: Some(arena.clone()),
-        jit: Some(jit.clone()),
+        jit: jit.clone(),
         ..Default::default()
     };
     let planned = |g: &Graph, shapes: &HashMap<String, Vec<usize>>| match (budget, device) {
