@@ -90,9 +90,11 @@ fn one_shader_of_each_kind_is_snapshotted() {
     let mut programs = programs(&repo().join("specs/tiny-gpt.model"));
     let (_, forward) = programs.remove(0);
     let (_, train) = programs.remove(0);
+    // The attention writing its backward's log-sum-exp too (a pass of `prepare`).
+    let with_lse = modelc::backend::attention_lse::attend_with_lse(&train);
     let mut seen = std::collections::BTreeMap::new();
     for (g, (kernel, shader)) in
-        [&train, &forward].into_iter().flat_map(|g| shaders(g).into_iter().map(move |s| (g, s)))
+        [&train, &forward, &with_lse].into_iter().flat_map(|g| shaders(g).into_iter().map(move |s| (g, s)))
     {
         let kind = match &kernel {
             Kernel::Fused { .. } => "fused".to_string(),

@@ -797,6 +797,43 @@ fn a_tied_embeddings_gradient_is_scattered_onto_the_output_layers() {
     assert!(folded < unfolded, "{folded} vs {unfolded}");
 }
 
+/// An attention and its backward's log-sum-exp pass over the same inputs
+/// become one pass writing both (`backend::attention_lse`), with the same
+/// values; the output and the log-sum-exp are views of it.
+#[test]
+fn an_attention_writes_the_log_sum_exp_its_backward_reads() {
+    use modelc::ir::graph::{AttentionPass, Graph, Op};
+    let text = std::fs::read_to_string(repo().join("specs/llama.model")).unwrap();
+    let small = [("vocab", "128"), ("dim", "16"), ("layers", "2"), ("heads", "2"), ("kv_heads", "1"), ("hidden", "24")];
+    let (checked, g) = lower_text(&text, &sets(&small), true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let program = modelc::opt::optimized(&training_program(&g, &trainable, &TrainConfig::default()).unwrap());
+    let both = modelc::backend::attention_lse::attend_with_lse(&program);
+    let passes = |g: &Graph, pass: AttentionPass| {
+        g.nodes.iter().filter(|n| matches!(&n.op, Op::AttentionBackward(_, p) if *p == pass)).count()
+    };
+    let forwards = |g: &Graph| g.nodes.iter().filter(|n| matches!(n.op, Op::Attention(_))).count();
+    assert_eq!((forwards(&program), passes(&program, AttentionPass::Lse)), (2, 2));
+    assert_eq!(
+        (forwards(&both), passes(&both, AttentionPass::Lse), passes(&both, AttentionPass::ValuesAndLse)),
+        (0, 0, 2)
+    );
+    let feeds = step_feeds(&checked, 3, b"the cat sat on the mat. the dog sat on the log", (2, 20));
+    let (before, after) = (run(&program, &feeds, Precision::F64).unwrap(), run(&both, &feeds, Precision::F64).unwrap());
+    assert_eq!(before.len(), after.len());
+    for (name, value) in &before {
+        for (a, b) in value.data.iter().zip(&after[name].data) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{name}: {a} vs {b}");
+        }
+    }
+    // Both parts are windows of the pass's value: no copies.
+    let sizes: modelc::types::Sizes = [("B".to_string(), 2), ("T".to_string(), 20)].into();
+    let kernels = modelc::backend::schedule::schedule_at(&both, &sizes).kernels;
+    let views = kernels.iter().filter(|k| matches!(k, modelc::backend::kernel::Kernel::View(v)
+        if matches!(both.node(*v).op, Op::Slice { .. }) && matches!(both.node(both.node(*v).args[0]).op, Op::AttentionBackward(_, AttentionPass::ValuesAndLse)))).count();
+    assert_eq!(views, 4, "the output and the log-sum-exp of each layer's pass");
+}
+
 /// `topk` takes tied entries in `torch.topk`'s order (the router of a
 /// mixture of experts chooses among equal experts as transformers does),
 /// on the interpreter: rows of ties and NaN from `tests/topk_fixtures.py`.

@@ -7,6 +7,7 @@
 //! `kernel::FusedSpec`s.
 
 pub mod access;
+pub mod attention_lse;
 pub mod checkpoint;
 pub mod chunk;
 pub mod clif;
@@ -74,6 +75,7 @@ pub fn prepare_with(graph: &Graph, sizes: &Sizes, target: Target, memory: Memory
     let graph = chunk::split_rows(&graph, sizes, memory.chunk_bytes);
     let graph = remat::recompute_far_uses(&split::split_reductions(&graph));
     let graph = scatter_into::scatter_onto_sums(&graph);
+    let graph = attention_lse::attend_with_lse(&graph);
     let graph = order::free_early(&graph, sizes);
     let schedule = schedule::schedule_at(&graph, sizes);
     let (blocks, inputs) = match target {

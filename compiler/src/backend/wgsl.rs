@@ -678,8 +678,17 @@ impl Emitter<'_> {
         );
         let mut helpers = score;
         let (body, rows) = match pass {
-            None | Some(AttentionPass::Lse) => {
-                let (acc, update, write) = if pass.is_none() {
+            None | Some(AttentionPass::Lse | AttentionPass::ValuesAndLse) => {
+                // The log-sum-exp after the values (`ValuesAndLse`), or alone.
+                let lse_at = match pass {
+                    Some(AttentionPass::ValuesAndLse) => format!("{}u + i", bs * t * h * e),
+                    _ => "i".to_string(),
+                };
+                let lse_write = format!(
+                    "    mem[{o}u + {lse_at}] = select(m + log(l), -1e30, m <= -1e30);
+"
+                );
+                let (acc, update, write) = if pass != Some(AttentionPass::Lse) {
                     (
                         format!(
                             "    var acc: array<f32, {e}>;
@@ -695,18 +704,12 @@ impl Emitter<'_> {
                             "    for (var c = 0u; c < {e}u; c++) {{
         mem[{o}u + i * {e}u + c] = acc[c] / l;
     }}
-"
+{}",
+                            if pass.is_some() { lse_write.as_str() } else { "" }
                         ),
                     )
                 } else {
-                    (
-                        String::new(),
-                        String::new(),
-                        format!(
-                            "    mem[{o}u + i] = select(m + log(l), -1e30, m <= -1e30);
-"
-                        ),
-                    )
+                    (String::new(), String::new(), lse_write)
                 };
                 let body = format!(
                     "{query_row}    var m = -1e30;

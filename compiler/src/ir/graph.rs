@@ -144,17 +144,20 @@ pub enum Op {
 /// adjoint times output `[B, T, H]`, then the forward's inputs, and gives
 /// the queries' gradient (`[B, T, H, D]`) then the keys' and values' side by
 /// side in the keys' layout (`[B, S, G, D + E]` or `[B, G, S, D + E]`), both
-/// flattened into one vector.
+/// flattened into one vector. `ValuesAndLse` takes the forward's inputs and
+/// gives the forward's output and `Lse`'s, flattened into one vector: the
+/// two from one walk over the scores (`backend/attention_lse.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPass {
     Lse,
     Gradients,
+    ValuesAndLse,
 }
 
 impl AttentionPass {
     /// Where the forward's inputs start among the pass's arguments.
     pub fn forward_inputs(self) -> usize {
-        if self == AttentionPass::Lse { 0 } else { 3 }
+        if self == AttentionPass::Gradients { 3 } else { 0 }
     }
 }
 
@@ -239,6 +242,7 @@ impl Op {
                 let kind = match pass {
                     AttentionPass::Lse => "lse",
                     AttentionPass::Gradients => "grad",
+                    AttentionPass::ValuesAndLse => "values_lse",
                 };
                 format!("attention_{kind}{}", a.attributes())
             }
@@ -343,10 +347,18 @@ pub fn attention_dims(a: &Attention, args: &[&TensorTy]) -> Result<Vec<Dim>, Str
 /// The result shape of a pass of the attention's backward (see
 /// [`AttentionPass`]), or why its inputs do not fit.
 pub fn attention_backward_dims(a: &Attention, pass: AttentionPass, args: &[&TensorTy]) -> Result<Vec<Dim>, String> {
-    if pass == AttentionPass::Lse {
-        let mut dims = attention_dims(a, args)?;
-        dims.pop();
-        return Ok(dims);
+    let count = |dims: &[Dim]| dims.iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
+    match pass {
+        AttentionPass::Lse => {
+            let mut dims = attention_dims(a, args)?;
+            dims.pop();
+            return Ok(dims);
+        }
+        AttentionPass::ValuesAndLse => {
+            let dims = attention_dims(a, args)?;
+            return Ok(vec![count(&dims).add(&count(&dims[..3]))]);
+        }
+        AttentionPass::Gradients => {}
     }
     let [gy, lse, delta, forward @ ..] = args else {
         return Err("takes the adjoint, lse, delta and the forward's inputs".into());
@@ -355,7 +367,6 @@ pub fn attention_backward_dims(a: &Attention, pass: AttentionPass, args: &[&Tens
     if gy.dims != y || lse.dims != y[..3] || delta.dims != y[..3] {
         return Err(format!("adjoint {gy}, lse {lse} and delta {delta} do not fit the output {y:?}"));
     }
-    let count = |dims: &[Dim]| dims.iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
     let mut kv = forward[1].dims.clone();
     kv[3] = kv[3].add(&forward[2].dims[3]);
     Ok(vec![count(&forward[0].dims).add(&count(&kv))])

@@ -343,6 +343,13 @@ fn attention_backward(a: &Attention, pass: AttentionPass, args: &[&Array], shape
         x.each_row(|b, i, h| out[x.query(b, i, h, 1)] = x.row(b, i, h).1);
         return Array::new(shape, out);
     }
+    if pass == AttentionPass::ValuesAndLse {
+        let x = Heads::new(a, args);
+        let [b_n, t_n, h_n, _, _, _, e_n] = x.n;
+        let values = attention(a, args, vec![b_n, t_n, h_n, e_n]);
+        let lse = attention_backward(a, AttentionPass::Lse, args, vec![b_n, t_n, h_n]);
+        return Array::new(shape, [values.data, lse.data].concat());
+    }
     let (gy, lse, delta) = (args[0], args[1], args[2]);
     let x = Heads::new(a, &args[3..]);
     let [b_n, t_n, h_n, d_n, s_n, _, e_n] = x.n;

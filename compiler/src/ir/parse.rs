@@ -112,6 +112,7 @@ fn op(text: &str) -> Result<Op, String> {
         "attention" => Ok(Op::Attention(attention(rest)?)),
         "attention_lse" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Lse)),
         "attention_grad" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::Gradients)),
+        "attention_values_lse" => Ok(Op::AttentionBackward(attention(rest)?, AttentionPass::ValuesAndLse)),
         other => Err(format!("unknown operation `{other}`")),
     }
 }

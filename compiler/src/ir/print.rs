@@ -58,6 +58,7 @@ pub fn flops(g: &Graph, n: &Node) -> crate::types::Dim {
             let keys = &k.dims[if a.kv_heads_first { 2 } else { 1 }];
             let per_pair = match &n.op {
                 Op::AttentionBackward(_, AttentionPass::Lse) => d.clone(),
+                Op::AttentionBackward(_, AttentionPass::ValuesAndLse) => d.add(e),
                 // The scores, dP, dQ, dK and dV.
                 Op::AttentionBackward(..) => d.add(e).add(d).add(d).add(e),
                 _ => d.add(e),

@@ -561,6 +561,15 @@ pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     forward(a, x, n, Forward::LogSumExp(Out(out.as_mut_ptr())));
 }
 
+/// The output (`[b, t, h, e]`) then each row's log-sum-exp (`[b, t, h]`)
+/// into `out`, from one walk over the scores.
+pub fn values_and_lse(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
+    let values = n.b * n.t * n.h * n.e;
+    assert!(out.len() == values + n.b * n.t * n.h, "bug: attention values and lse size");
+    let (y, lse) = out.split_at_mut(values);
+    forward(a, x, n, Forward::Both(Out(y.as_mut_ptr()), Out(lse.as_mut_ptr())));
+}
+
 /// The forward's query blocks as tasks.
 fn forward(a: &Attention, x: &Inputs, n: Sizes, out: Forward) {
     let wide = wide_exp();
@@ -583,12 +592,13 @@ fn forward(a: &Attention, x: &Inputs, n: Sizes, out: Forward) {
     });
 }
 
-/// What a block of the forward computes: the output rows, or each row's
-/// log-sum-exp (no values read).
+/// What a block of the forward computes: the output rows, each row's
+/// log-sum-exp (no values read), or both.
 #[derive(Clone, Copy)]
 enum Forward {
     Values(Out),
     LogSumExp(Out),
+    Both(Out, Out),
 }
 
 /// A block of query rows of the forward, of one head or of `count` that
@@ -602,7 +612,7 @@ fn forward_block<'a>(
     wide: Option<ExpFn>,
     out: Forward,
 ) {
-    let values = matches!(out, Forward::Values(_));
+    let values = !matches!(out, Forward::LogSumExp(_));
     let (first, per) = (head(0), rows.len());
     let (n, m) = (first.n, count * per);
     for u in 0..count {
@@ -661,15 +671,17 @@ fn forward_block<'a>(
             // Every key masked (or none visited): the decomposition's softmax
             // of S equal scores.
             let all_masked = sc.max[r] <= MASKED;
-            let out = match out {
-                Forward::LogSumExp(lse) => {
-                    let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
-                    // SAFETY: row (b, i, h) of the output belongs to this task alone.
-                    unsafe { *lse.at(head.row(i, 1)) = value };
-                    continue;
-                }
-                Forward::Values(out) => out,
+            let (out, lse) = match out {
+                Forward::LogSumExp(lse) => (None, Some(lse)),
+                Forward::Values(out) => (Some(out), None),
+                Forward::Both(out, lse) => (Some(out), Some(lse)),
             };
+            if let Some(lse) = lse {
+                let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
+                // SAFETY: row (b, i, h) of the output belongs to this task alone.
+                unsafe { *lse.at(head.row(i, 1)) = value };
+            }
+            let Some(out) = out else { continue };
             // SAFETY: as above.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.e)), n.e) };
             if all_masked {
@@ -831,6 +843,7 @@ pub fn gradients(a: &Attention, x: &Inputs, dy: &Adjoint, n: Sizes, out: &mut [f
 pub fn backward(a: &Attention, pass: AttentionPass, x: &Inputs, dy: Option<&Adjoint>, n: Sizes, out: &mut [f32]) {
     match (pass, dy) {
         (AttentionPass::Lse, _) => log_sum_exp(a, x, n, out),
+        (AttentionPass::ValuesAndLse, _) => values_and_lse(a, x, n, out),
         (AttentionPass::Gradients, Some(dy)) => gradients(a, x, dy, n, out),
         _ => unreachable!("bug: a gradient pass without the adjoint"),
     }
