@@ -663,6 +663,17 @@ fn step_feeds(
     feeds
 }
 
+/// A pass's program gives every output the program before it gave, to
+/// 1e-12 relative in f64.
+fn same_values(pass: &str, before: &HashMap<String, Array>, after: &HashMap<String, Array>) {
+    assert_eq!(before.len(), after.len(), "{pass}");
+    for (name, value) in before {
+        for (a, b) in value.data.iter().zip(&after[name].data) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{pass}: {name}: {a} vs {b}");
+        }
+    }
+}
+
 /// The planned peak of `g` as the CPU schedules it (no other pass), at B x T.
 fn planned_peak(g: &modelc::ir::graph::Graph, b: i64, t: i64) -> usize {
     let sizes: modelc::types::Sizes = [("B".to_string(), b), ("T".to_string(), t)].into();
@@ -734,13 +745,7 @@ fn memory_passes_keep_the_values_and_lower_the_peak() {
     assert!(matmuls(&recomputed) > matmuls(&program), "the blocks' forward products again");
     let before = run(&program, &feeds, Precision::F64).unwrap();
     for (pass, g) in [("split_rows", &chunked), ("recompute_between", &recomputed), ("free_early", &ordered)] {
-        let after = run(g, &feeds, Precision::F64).unwrap();
-        assert_eq!(before.len(), after.len());
-        for (name, value) in &before {
-            for (a, b) in value.data.iter().zip(&after[name].data) {
-                assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{pass}: {name}: {a} vs {b}");
-            }
-        }
+        same_values(pass, &before, &run(g, &feeds, Precision::F64).unwrap());
     }
     // At a training size, each lowers the planned peak.
     let sizes: modelc::types::Sizes = [("B".to_string(), 16), ("T".to_string(), 128)].into();
@@ -785,12 +790,7 @@ fn a_tied_embeddings_gradient_is_scattered_onto_the_output_layers() {
     assert_eq!((scatters(&onto, 2), scatters(&onto, 3)), (0, 1));
     let feeds = step_feeds(&checked, 5, b"the cat sat on the mat. the dog sat on the log", (2, 20));
     let (before, after) = (run(&program, &feeds, Precision::F64).unwrap(), run(&onto, &feeds, Precision::F64).unwrap());
-    assert_eq!(before.len(), after.len());
-    for (name, value) in &before {
-        for (a, b) in value.data.iter().zip(&after[name].data) {
-            assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{name}: {a} vs {b}");
-        }
-    }
+    same_values("scatter_onto_sums", &before, &after);
     // A vocabulary's weight (4096 x 256) larger than a few tokens' activations.
     let (_, big) = step(&[("layers", "2"), ("dim", "256"), ("heads", "2"), ("vocab", "4096")]);
     let (unfolded, folded) = (planned_peak(&big, 1, 16), planned_peak(&scatter_onto_sums(&big), 1, 16));
@@ -820,12 +820,7 @@ fn an_attention_writes_the_log_sum_exp_its_backward_reads() {
     );
     let feeds = step_feeds(&checked, 3, b"the cat sat on the mat. the dog sat on the log", (2, 20));
     let (before, after) = (run(&program, &feeds, Precision::F64).unwrap(), run(&both, &feeds, Precision::F64).unwrap());
-    assert_eq!(before.len(), after.len());
-    for (name, value) in &before {
-        for (a, b) in value.data.iter().zip(&after[name].data) {
-            assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{name}: {a} vs {b}");
-        }
-    }
+    same_values("attend_with_lse", &before, &after);
     // Both parts are windows of the pass's value: no copies.
     let sizes: modelc::types::Sizes = [("B".to_string(), 2), ("T".to_string(), 20)].into();
     let kernels = modelc::backend::schedule::schedule_at(&both, &sizes).kernels;
