@@ -705,7 +705,7 @@ impl Emitter<'_> {
         mem[{o}u + i * {e}u + c] = acc[c] / l;
     }}
 {}",
-                            if pass.is_some() { lse_write.as_str() } else { "" }
+                            if pass == Some(AttentionPass::ValuesAndLse) { lse_write.as_str() } else { "" }
                         ),
                     )
                 } else {

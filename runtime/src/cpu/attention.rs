@@ -551,14 +551,14 @@ fn query_tasks(n: Sizes) -> (usize, impl Fn(usize) -> (usize, usize, Range<usize
 /// Runs the attention `a` into `out` (`[b, t, h, e]`).
 pub fn attention(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     assert!(out.len() == n.b * n.t * n.h * n.e, "bug: attention output size");
-    forward(a, x, n, Forward::Values(Out(out.as_mut_ptr())));
+    forward(a, x, n, Forward { values: Some(Out(out.as_mut_ptr())), lse: None });
 }
 
 /// Each row's log-sum-exp of its scores into `out` (`[b, t, h]`), MASKED
 /// for a row whose every key is masked.
 pub fn log_sum_exp(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     assert!(out.len() == n.b * n.t * n.h, "bug: attention lse size");
-    forward(a, x, n, Forward::LogSumExp(Out(out.as_mut_ptr())));
+    forward(a, x, n, Forward { values: None, lse: Some(Out(out.as_mut_ptr())) });
 }
 
 /// The output (`[b, t, h, e]`) then each row's log-sum-exp (`[b, t, h]`)
@@ -567,7 +567,7 @@ pub fn values_and_lse(a: &Attention, x: &Inputs, n: Sizes, out: &mut [f32]) {
     let values = n.b * n.t * n.h * n.e;
     assert!(out.len() == values + n.b * n.t * n.h, "bug: attention values and lse size");
     let (y, lse) = out.split_at_mut(values);
-    forward(a, x, n, Forward::Both(Out(y.as_mut_ptr()), Out(lse.as_mut_ptr())));
+    forward(a, x, n, Forward { values: Some(Out(y.as_mut_ptr())), lse: Some(Out(lse.as_mut_ptr())) });
 }
 
 /// The forward's query blocks as tasks.
@@ -592,13 +592,12 @@ fn forward(a: &Attention, x: &Inputs, n: Sizes, out: Forward) {
     });
 }
 
-/// What a block of the forward computes: the output rows, each row's
-/// log-sum-exp (no values read), or both.
+/// Where a block of the forward writes the output rows and each row's
+/// log-sum-exp, either or both (without the output, no values are read).
 #[derive(Clone, Copy)]
-enum Forward {
-    Values(Out),
-    LogSumExp(Out),
-    Both(Out, Out),
+struct Forward {
+    values: Option<Out>,
+    lse: Option<Out>,
 }
 
 /// A block of query rows of the forward, of one head or of `count` that
@@ -612,7 +611,7 @@ fn forward_block<'a>(
     wide: Option<ExpFn>,
     out: Forward,
 ) {
-    let values = !matches!(out, Forward::LogSumExp(_));
+    let values = out.values.is_some();
     let (first, per) = (head(0), rows.len());
     let (n, m) = (first.n, count * per);
     for u in 0..count {
@@ -671,17 +670,12 @@ fn forward_block<'a>(
             // Every key masked (or none visited): the decomposition's softmax
             // of S equal scores.
             let all_masked = sc.max[r] <= MASKED;
-            let (out, lse) = match out {
-                Forward::LogSumExp(lse) => (None, Some(lse)),
-                Forward::Values(out) => (Some(out), None),
-                Forward::Both(out, lse) => (Some(out), Some(lse)),
-            };
-            if let Some(lse) = lse {
+            if let Some(lse) = out.lse {
                 let value = if all_masked { MASKED } else { sc.max[r] + sc.sum[r].ln() };
                 // SAFETY: row (b, i, h) of the output belongs to this task alone.
                 unsafe { *lse.at(head.row(i, 1)) = value };
             }
-            let Some(out) = out else { continue };
+            let Some(out) = out.values else { continue };
             // SAFETY: as above.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.at(head.row(i, n.e)), n.e) };
             if all_masked {
