@@ -841,19 +841,22 @@ fn profile_adds_kernel_time_up_by_spec_line_and_writes_a_trace() {
 
 /// `plan`: the memory plan as a picture (a rectangle per arena value,
 /// inside the axes, coloured by layer) and the peak as a formula that
-/// equals the plan's peak at the sizes given and, for the LLaMA forward,
-/// at every size it is checked at.
+/// equals the planned peak at the sizes given and at 2x and 4x each (one
+/// placement for all six), for tiny-gpt and LLaMA, training and forward.
 #[test]
 fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     let svg = std::env::temp_dir().join(format!("modelc-plan-{}.svg", std::process::id()));
     let sizes = ["--size", "B=8", "--size", "T=128"];
-    let checked = |out: &str| -> Vec<(u64, u64)> {
+    // (planned, the formula, planned at those sizes alone) at each size.
+    let checked = |out: &str| -> Vec<(u64, u64, u64)> {
         out.lines()
             .filter(|l| l.contains(" planned "))
             .map(|l| {
                 let w: Vec<&str> = l.split_whitespace().collect();
-                let at = |word: &str| w[w.iter().position(|x| *x == word).unwrap() + 1].parse().unwrap();
-                (at("planned"), at("formula"))
+                let at = |word: &str| {
+                    w[w.iter().position(|x| *x == word).unwrap() + 1].trim_end_matches(';').parse().unwrap()
+                };
+                (at("planned"), at("formula"), at("alone"))
             })
             .collect()
     };
@@ -864,7 +867,11 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
     assert!(out.lines().nth(1).unwrap().starts_with("peak(B, T) = "), "{out}");
     let rows = checked(&out);
     assert_eq!(rows.len(), 6, "{out}");
-    assert_eq!(rows[0].0, rows[0].1, "the formula at the sizes given:\n{out}");
+    assert!(rows.iter().all(|(planned, formula, _)| planned == formula), "{out}");
+    assert!(out.contains("  B=32, T=128 ") && out.contains("  B=8, T=512 "), "{out}");
+    // What a program at one of these sizes plans alone (by itself exact at
+    // its own formula) stacks otherwise at some.
+    assert!(rows.iter().any(|(planned, _, alone)| planned != alone), "{out}");
     // tiny-gpt's 67 weights and their two moments, written over the old ones.
     assert!(out.contains("\n201 inputs written where they lie, 9.91 MB held once"), "{out}");
     let text = std::fs::read_to_string(&svg).unwrap();
@@ -879,11 +886,14 @@ fn plan_draws_the_memory_plan_and_writes_the_peak_as_a_formula() {
         assert!(x >= 70.0 && x + w <= 1170.5 && y >= 49.5 && y + h <= 610.5, "outside the axes: {r}");
     }
     assert!(text.contains(">blocks.0.self_attn</text>") && text.contains(">the optimiser's update</text>"));
-    let (code, out, err) = modelc(&[&["plan", "specs/llama.model", "-o", svg.to_str().unwrap()], &sizes[..]].concat());
-    assert_eq!(code, 0, "{err}");
-    let rows = checked(&out);
-    assert_eq!(rows.len(), 6, "{out}");
-    assert!(rows.iter().all(|(planned, formula)| planned == formula), "{out}");
+    for (spec, train) in [("tiny-gpt", false), ("llama", false), ("llama", true)] {
+        let args = ["plan", &format!("specs/{spec}.model"), "-o", svg.to_str().unwrap()];
+        let (code, out, err) = modelc(&[&args[..], &sizes[..], if train { &["--train"][..] } else { &[] }].concat());
+        assert_eq!(code, 0, "{err}");
+        let rows = checked(&out);
+        assert_eq!(rows.len(), 6, "{out}");
+        assert!(rows.iter().all(|(planned, formula, _)| planned == formula), "{out}");
+    }
     // Under a budget: the plan `train --memory-budget` would choose, smaller.
     let peak =
         |out: &str| -> f64 { out.split(", peak ").nth(1).unwrap().split(" MB").next().unwrap().parse().unwrap() };

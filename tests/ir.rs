@@ -761,6 +761,53 @@ fn memory_passes_keep_the_values_and_lower_the_peak() {
     assert!(recomputed.iter().all(|p| *p < peak(chunked)), "{recomputed:?} vs {}", peak(chunked));
 }
 
+/// One placement for several sizes (`backend::prepare_over`): sound at each
+/// (no two values share memory there that do not at the sizes planned),
+/// with its peak the symbolic formula at each; and the soundness check
+/// finds two live values put in one place.
+#[test]
+fn a_plan_over_several_sizes_is_sound_at_each_and_its_peak_is_the_formula() {
+    use modelc::backend::{Memory, Target, prepare_over, prepare_with};
+    use modelc::draw_plan::{peak_terms, peak_value};
+    let text = std::fs::read_to_string(repo().join("specs/tiny-gpt.model")).unwrap();
+    let (checked, g) = lower_text(&text, &sets(&[("layers", "2"), ("dim", "32"), ("heads", "2")]), true);
+    let trainable: Vec<String> = checked.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let program = modelc::opt::optimized(&training_program(&g, &trainable, &TrainConfig::default()).unwrap());
+    let at = |b: i64, t: i64| -> modelc::types::Sizes { [("B".to_string(), b), ("T".to_string(), t)].into() };
+    let others = [at(8, 32), at(4, 64), at(8, 64), at(16, 32), at(4, 128)];
+    let (kernels, placements) = prepare_over(&program, &at(4, 32), &others, Target::Cpu, Memory::default()).unwrap();
+    let terms = peak_terms(&kernels.graph, &kernels.plan);
+    assert_eq!(peak_value(&terms, &at(4, 32)).unwrap(), kernels.plan.peak_bytes());
+    let alone = prepare_with(&program, &at(4, 32), Target::Cpu, Memory::default()).unwrap();
+    assert_eq!(kernels.plan.live, alone.plan.live, "the same program");
+    let mut formula_differs_from_alone = false;
+    for (sizes, placement) in others.iter().zip(&placements) {
+        assert_eq!(peak_value(&terms, sizes).unwrap(), 4 * placement.arena_len, "{sizes:?}");
+        assert_eq!(placement.conflict(&kernels.plan), None, "{sizes:?}");
+        let alone = prepare_with(&program, sizes, Target::Cpu, Memory::default()).unwrap();
+        formula_differs_from_alone |=
+            peak_value(&peak_terms(&alone.graph, &alone.plan), sizes).unwrap() != peak_value(&terms, sizes).unwrap();
+    }
+    // Each plan's own formula holds at its sizes; the one placement's at all.
+    assert!(formula_differs_from_alone, "planned alone, some size stacks otherwise (else the test shows nothing)");
+    // Two values live at once, one moved onto the other.
+    let mut placement = placements.into_iter().next().unwrap();
+    let arena: Vec<usize> = (0..kernels.plan.places.len())
+        .filter(|i| matches!(kernels.plan.places[*i], modelc::backend::plan::Place::Arena { .. }))
+        .filter(|i| placement.lens[*i] > 0)
+        .collect();
+    let overlap = |a: usize, b: usize| {
+        let ((s, e), (t, f)) = (kernels.plan.live[a].unwrap(), kernels.plan.live[b].unwrap());
+        s < f && t < e
+    };
+    let (a, b) = (arena.iter())
+        .flat_map(|a| arena.iter().map(move |b| (*a, *b)))
+        .find(|(a, b)| a != b && overlap(*a, *b))
+        .unwrap();
+    placement.offsets[b] = placement.offsets[a];
+    assert!(placement.conflict(&kernels.plan).is_some());
+}
+
 /// A tied embedding's gradient (`backend::scatter_into`): the output
 /// layer's weight gradient is made in the weight's own layout (no permuted
 /// copy: the e-graph's `transposed-matmul`), the embedding's rows are

@@ -151,36 +151,42 @@ pub fn svg(
 /// The peak in the symbolic sizes, in bytes: the largest of these
 /// polynomials (none smaller than another at every size). Each arena
 /// value's end is the sum of the lengths below it, as the allocator stacked
-/// them at the plan's sizes (`Plan::below`), so the formula is exact there
-/// and wherever the allocator chooses the same places.
+/// them (`Plan::below`), so the formula is exact at the plan's sizes and
+/// wherever the same stacking is sound (`plan_over` makes it so at the
+/// sizes it is given).
 pub fn peak_terms(g: &Graph, plan: &Plan) -> Vec<Dim> {
-    fn base(v: usize, g: &Graph, plan: &Plan, memo: &mut HashMap<usize, Dim>) -> Dim {
-        match plan.below[v] {
-            Below::Start => Dim::constant(0),
+    type Memo = HashMap<usize, Vec<Dim>>;
+    fn base(v: usize, g: &Graph, plan: &Plan, memo: &mut Memo) -> Vec<Dim> {
+        match &plan.below[v] {
+            Below::Start => vec![Dim::constant(0)],
             Below::Above(w) => top(w.index(), g, plan, memo),
             Below::Over(w) => base(w.index(), g, plan, memo),
+            Below::AboveAll(ws) => largest(ws.iter().flat_map(|w| top(w.index(), g, plan, memo)).collect()),
         }
     }
-    fn top(v: usize, g: &Graph, plan: &Plan, memo: &mut HashMap<usize, Dim>) -> Dim {
+    fn top(v: usize, g: &Graph, plan: &Plan, memo: &mut Memo) -> Vec<Dim> {
         if let Some(d) = memo.get(&v) {
             return d.clone();
         }
         let len = g.nodes[v].ty.dims.iter().fold(Dim::constant(1), |acc, d| acc.mul(d));
-        let d = base(v, g, plan, memo).add(&len);
+        let d: Vec<Dim> = base(v, g, plan, memo).iter().map(|b| b.add(&len)).collect();
         memo.insert(v, d.clone());
         d
     }
     let mut memo = HashMap::new();
-    let mut tops: Vec<Dim> = (0..g.nodes.len())
+    let tops: Vec<Dim> = (0..g.nodes.len())
         .filter(|v| matches!(plan.places[*v], Place::Arena { .. }))
-        .map(|v| top(v, g, plan, &mut memo).mul(&Dim::constant(4)))
+        .flat_map(|v| top(v, g, plan, &mut memo))
+        .map(|t| t.mul(&Dim::constant(4)))
         .collect();
-    tops.sort();
-    tops.dedup();
-    // Keep those no other is at least as large as everywhere.
-    let kept: Vec<Dim> =
-        (tops.iter()).filter(|p| !tops.iter().any(|q| q != *p && q.sub(p).nonnegative())).cloned().collect();
-    kept
+    largest(tops)
+}
+
+/// The terms no other is at least as large as everywhere.
+fn largest(mut terms: Vec<Dim>) -> Vec<Dim> {
+    terms.sort();
+    terms.dedup();
+    (terms.iter()).filter(|p| !terms.iter().any(|q| q != *p && q.sub(p).nonnegative())).cloned().collect()
 }
 
 /// `max(a, b)` of the terms, or the one term.

@@ -447,7 +447,22 @@ fn cmd_plan(p: &ProgramArgs, output: &Path, budget: Option<u64>) -> ExitCode {
             }
         }
     };
-    let kernels = match prepare_with(&graph, &bound, Target::Cpu, memory) {
+    // One placement for the sizes given, twice each, twice all and four
+    // times each, so that its peak is one formula at all of them.
+    let mut symbols: Vec<String> = bound.keys().cloned().collect();
+    symbols.sort();
+    let scaled = |factor: i64, only: Option<&String>| {
+        let mut s = bound.clone();
+        for x in symbols.iter().filter(|x| only.is_none_or(|o| o == *x)) {
+            s.insert(x.clone(), s[x] * factor);
+        }
+        s
+    };
+    let mut samples: Vec<modelc::types::Sizes> = symbols.iter().map(|x| scaled(2, Some(x))).collect();
+    samples.push(scaled(2, None));
+    samples.extend(symbols.iter().map(|x| scaled(4, Some(x))));
+    samples.dedup();
+    let (kernels, placements) = match modelc::backend::prepare_over(&graph, &bound, &samples, Target::Cpu, memory) {
         Ok(k) => k,
         Err(e) => return planning_error(e),
     };
@@ -486,31 +501,27 @@ fn cmd_plan(p: &ProgramArgs, output: &Path, budget: Option<u64>) -> ExitCode {
         return fail(&program.sources, &[Diagnostic::new("E0100", e)]);
     }
     println!("{title}");
-    // The formula, checked against plans at other sizes: the same where
-    // the allocator stacks the values the same way.
+    // The formula, checked against the placement at each size (which is
+    // sound there: no two values share memory that do not at the sizes
+    // given), and the plan a program compiled at that size makes alone.
     let terms = modelc::draw_plan::peak_terms(&kernels.graph, &kernels.plan);
-    let mut symbols: Vec<String> = bound.keys().cloned().collect();
-    symbols.sort();
     println!("peak({}) = {} bytes", symbols.join(", "), modelc::draw_plan::peak_text(&terms));
-    let scaled = |factors: &[i64]| {
-        let mut s = bound.clone();
-        for (x, f) in symbols.iter().zip(factors.iter().chain(std::iter::repeat(&1))) {
-            s.insert(x.clone(), s[x] * f);
-        }
-        s
-    };
-    for factors in [&[1, 1][..], &[2, 1], &[1, 2], &[2, 2], &[4, 1], &[1, 4]] {
-        let s = scaled(factors);
+    let at_sizes = std::iter::once((&bound, kernels.plan.arena_len))
+        .chain(samples.iter().zip(&placements).map(|(s, p)| (s, p.arena_len)));
+    for (s, arena_len) in at_sizes {
         let at: Vec<String> = symbols.iter().map(|x| format!("{x}={}", s[x])).collect();
-        let planned = prepare_with(&graph, &s, Target::Cpu, memory).map(|k| k.plan.peak_bytes());
-        match (planned, modelc::draw_plan::peak_value(&terms, &s)) {
-            (Ok(p), Ok(f)) => println!(
-                "  {:<22} planned {p:>15} bytes, the formula {f:>15}{}",
+        let alone = prepare_with(&graph, s, Target::Cpu, memory).map(|k| k.plan.peak_bytes());
+        match (alone, modelc::draw_plan::peak_value(&terms, s)) {
+            (Ok(alone), Ok(f)) => println!(
+                "  {:<22} planned {:>15} bytes, the formula {f:>15}; planned at these sizes alone {alone:>15}",
                 at.join(", "),
-                if p == f { "" } else { "  (the allocator stacks differently here)" }
+                arena_len * 4
             ),
             (Err(e), _) | (_, Err(e)) => println!("  {:<22} {e}", at.join(", ")),
         }
+    }
+    if let Some((a, b)) = placements.iter().find_map(|p| p.conflict(&kernels.plan)) {
+        return planning_error(format!("bug: {a} and {b} share memory at other sizes and not at these"));
     }
     let written: usize = (kernels.graph.nodes.iter().zip(&kernels.plan.lens))
         .filter(|(n, _)| matches!(&n.op, modelc::ir::graph::Op::Input(x) | modelc::ir::graph::Op::Param(x) if kernels.plan.written.contains(x)))

@@ -71,6 +71,19 @@ pub fn prepare(graph: &Graph, sizes: &Sizes, target: Target) -> Result<KernelPro
 /// The kernel program of an (optimised) graph at the given sizes, with
 /// memory traded for work as `memory` says.
 pub fn prepare_with(graph: &Graph, sizes: &Sizes, target: Target, memory: Memory) -> Result<KernelProgram, String> {
+    prepare_over(graph, sizes, &[], target, memory).map(|(program, _)| program)
+}
+
+/// The kernel program at `sizes`, its memory placed so that the same
+/// stacking is sound at each of `also` (`plan::plan_over`), with the
+/// placement there.
+pub fn prepare_over(
+    graph: &Graph,
+    sizes: &Sizes,
+    also: &[Sizes],
+    target: Target,
+    memory: Memory,
+) -> Result<(KernelProgram, Vec<plan::Placement>), String> {
     let graph = checkpoint::recompute_between(graph, sizes, memory.keep_every);
     let graph = chunk::split_rows(&graph, sizes, memory.chunk_bytes);
     let graph = remat::recompute_far_uses(&split::split_reductions(&graph));
@@ -82,6 +95,6 @@ pub fn prepare_with(graph: &Graph, sizes: &Sizes, target: Target, memory: Memory
         Target::Cpu => (Blocks::Buffered, Inputs::Writable),
         Target::Gpu => (Blocks::InArena, Inputs::ReadOnly),
     };
-    let plan = plan::plan(&graph, &schedule, sizes, blocks, inputs)?;
-    Ok(KernelProgram { graph, schedule, plan })
+    let (plan, placements) = plan::plan_over(&graph, &schedule, sizes, also, blocks, inputs)?;
+    Ok((KernelProgram { graph, schedule, plan }, placements))
 }

@@ -95,7 +95,7 @@ pub struct Plan {
 }
 
 /// Where an arena value starts, as the allocator chose it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Below {
     /// At the arena's start (or not an arena value).
     Start,
@@ -103,6 +103,69 @@ pub enum Below {
     Above(NodeId),
     /// Where another value starts (written in place over it).
     Over(NodeId),
+    /// Above all of these (the values live then), at every size a plan is
+    /// made for (`plan_over`) where no one of them is the highest at all.
+    AboveAll(Vec<NodeId>),
+}
+
+/// A plan's arena placement evaluated at other sizes (`plan_over`): each
+/// value's length and offset there, and the arena's length.
+#[derive(Debug)]
+pub struct Placement {
+    pub lens: Vec<usize>,
+    pub offsets: Vec<usize>,
+    pub arena_len: usize,
+}
+
+impl Placement {
+    fn end(&self, v: NodeId) -> usize {
+        self.offsets[v.index()] + self.lens[v.index()]
+    }
+
+    /// Where a value placed on `on` starts here.
+    fn base(&self, on: &Below) -> usize {
+        match on {
+            Below::Start => 0,
+            Below::Above(w) => self.end(*w),
+            Below::Over(w) => self.offsets[w.index()],
+            Below::AboveAll(ws) => ws.iter().map(|w| self.end(*w)).max().unwrap_or(0),
+        }
+    }
+
+    /// Two arena values of `plan` whose ranges overlap here and not in the
+    /// plan (which is checked by running it): this placement is sound at its
+    /// sizes when there are none.
+    pub fn conflict(&self, plan: &Plan) -> Option<(NodeId, NodeId)> {
+        let mut ranges: Vec<(usize, usize, NodeId)> = (plan.places.iter().enumerate())
+            .filter(|(_, p)| matches!(p, Place::Arena { .. }))
+            .map(|(i, _)| NodeId(i as u32))
+            .filter(|v| self.lens[v.index()] > 0)
+            .map(|v| (self.offsets[v.index()], self.end(v), v))
+            .collect();
+        ranges.sort();
+        let at_plan = |v: NodeId| match plan.places[v.index()] {
+            Place::Arena { offset, len } => (offset, offset + len),
+            _ => unreachable!(),
+        };
+        // Sweep up the offsets, holding the ranges still open.
+        let mut open: Vec<(usize, NodeId)> = Vec::new();
+        for &(from, to, v) in &ranges {
+            open.retain(|(end, _)| *end > from);
+            for &(_, w) in &open {
+                let ((a, b), (c, d)) = (at_plan(v), at_plan(w));
+                if a < d && c < b {
+                    continue;
+                }
+                let lived = |x: NodeId| plan.live[x.index()].unwrap_or((0, usize::MAX));
+                let ((s, e), (t, f)) = (lived(v), lived(w));
+                if s < f && t < e {
+                    return Some((w, v));
+                }
+            }
+            open.push((to, v));
+        }
+        None
+    }
 }
 
 impl Plan {
@@ -149,16 +212,41 @@ impl Plan {
 }
 
 pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inputs) -> Result<Plan, String> {
+    plan_over(g, s, sizes, &[], blocks, inputs).map(|(plan, _)| plan)
+}
+
+/// Every node's length in elements at `sizes`.
+fn lens_at(g: &Graph, sizes: &Sizes) -> Result<Vec<usize>, String> {
+    (g.nodes.iter().enumerate())
+        .map(|(i, node)| {
+            let dims = node.ty.dims.iter().map(|d| eval_dim(d, sizes)).collect::<Result<Vec<usize>, String>>()?;
+            dims.iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n as u64 <= crate::check::MAX_ELEMENTS as u64)
+                .ok_or_else(|| format!("%{i} of shape {dims:?} is too large: a tensor holds at most 2^48 elements"))
+        })
+        .collect()
+}
+
+/// The plan at `sizes` (best fit there), placed so that the same stacking
+/// (`Plan::below`) is also sound at each of `also`: one placement whose
+/// peak is one formula in the symbolic sizes at all of them (`modelc
+/// plan`). Returns the placement at each of `also` too. The schedule is
+/// the one made at `sizes`; it must run at the others (chunk counts are
+/// fixed at `sizes`, so those must not be smaller).
+pub fn plan_over(
+    g: &Graph,
+    s: &Schedule,
+    sizes: &Sizes,
+    also: &[Sizes],
+    blocks: Blocks,
+    inputs: Inputs,
+) -> Result<(Plan, Vec<Placement>), String> {
     let n = g.nodes.len();
-    let mut lens = vec![0usize; n];
-    for (i, node) in g.nodes.iter().enumerate() {
-        let dims = node.ty.dims.iter().map(|d| eval_dim(d, sizes)).collect::<Result<Vec<usize>, String>>()?;
-        lens[i] = dims
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .filter(|&n| n as u64 <= crate::check::MAX_ELEMENTS as u64)
-            .ok_or_else(|| format!("%{i} of shape {dims:?} is too large: a tensor holds at most 2^48 elements"))?;
-    }
+    let lens = lens_at(g, sizes)?;
+    let mut others: Vec<Placement> = (also.iter())
+        .map(|sz| Ok(Placement { lens: lens_at(g, sz)?, offsets: vec![0; n], arena_len: 0 }))
+        .collect::<Result<_, String>>()?;
     let mut places = vec![Place::None; n];
     let mut users = vec![0usize; n];
     for node in &g.nodes {
@@ -321,7 +409,10 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
             };
             inputs.iter().find_map(|inp| {
                 let st = storage(*inp, places);
-                (last[st.index()] == time && lens[inp.index()] == len).then(|| reuse(&places[st.index()], st)).flatten()
+                let same_len = |lens: &[usize]| lens[inp.index()] == lens[out.index()];
+                (last[st.index()] == time && same_len(&lens) && others.iter().all(|p| same_len(&p.lens)))
+                    .then(|| reuse(&places[st.index()], st))
+                    .flatten()
             })
         };
         // Values of one element a row stay in the arena: they are small, and
@@ -345,7 +436,10 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
             }
             // Parts run one after the other within a block: a column is free once its last reader has run.
             columns.retain(|(_, _, end, _)| *end >= time);
-            let column = chosen.unwrap_or_else(|| fit(&mut columns, row, 0).0);
+            let column = chosen.unwrap_or_else(|| {
+                columns.sort();
+                fit(&columns, row, 0, &|_| true).0
+            });
             columns.push((column, row, last[out.index()], out));
             places[out.index()] = Place::Block { column, row };
             continue;
@@ -354,7 +448,11 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
         // that dies here. Inside a row group, only over a value of the group:
         // those are read row by row, so no earlier part needs the rows written.
         let chosen = dying_input(kernel, &places, &|place: &Place, st: NodeId| match *place {
-            Place::Arena { offset, len: l } if l == len && (time == *start || def[st.index()] >= *start) => {
+            Place::Arena { offset, len: l }
+                if l == len
+                    && (time == *start || def[st.index()] >= *start)
+                    && others.iter().all(|p| p.lens[st.index()] == p.lens[out.index()]) =>
+            {
                 Some(offset)
             }
             _ => None,
@@ -369,11 +467,16 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
         let offset = match chosen {
             Some(offset) => offset,
             None => {
-                let (offset, above) = fit(&mut live, len, arena_len);
-                below[out.index()] = above.map_or(Below::Start, Below::Above);
+                live.sort();
+                let (offset, on) = fit(&live, len, arena_len, &|b| sound(&others, &live, out, b));
+                below[out.index()] = on;
                 offset
             }
         };
+        for p in &mut others {
+            p.offsets[out.index()] = p.base(&below[out.index()]);
+            p.arena_len = p.arena_len.max(p.end(out));
+        }
         live.push((offset, len, last[out.index()], out));
         arena_len = arena_len.max(offset + len);
         places[out.index()] = Place::Arena { offset, len };
@@ -384,7 +487,16 @@ pub fn plan(g: &Graph, s: &Schedule, sizes: &Sizes, blocks: Blocks, inputs: Inpu
     for (parts, rows, len) in groups {
         plan.block_len = plan.block_len.max(super::rows::block_rows(g, parts, rows, len) * plan.block_row(parts));
     }
-    Ok(plan)
+    Ok((plan, others))
+}
+
+/// Whether `out` placed on `on` overlaps none of the `live` values at any
+/// of the other sizes.
+fn sound(others: &[Placement], live: &[(usize, usize, usize, NodeId)], out: NodeId, on: &Below) -> bool {
+    others.iter().all(|p| {
+        let (from, to) = (p.base(on), p.base(on) + p.lens[out.index()]);
+        from == to || live.iter().all(|(_, _, _, v)| p.end(*v) <= from || to <= p.offsets[v.index()])
+    })
 }
 
 /// Places each output that replaces an input (`Role::replaces`: a training
@@ -457,39 +569,67 @@ struct Group {
     rows: usize,
 }
 
-/// Where `len` elements go among the `live` ranges, in an arena of `size`
-/// so far: the start of the smallest gap they fit in (best fit, the space
-/// after the last range up to `size` counting as a gap), else past the last
-/// range (as for a gap far larger than the value). First fit put a row's
-/// loss in the gap a freed logit-sized tensor left, and the logits'
-/// gradient then went above everything. Also returns the value whose range
-/// ends where the chosen one starts (`None` at the arena's start).
-fn fit(live: &mut [(usize, usize, usize, NodeId)], len: usize, size: usize) -> (usize, Option<NodeId>) {
-    live.sort();
-    let mut at = (0, None);
-    let mut best: Option<(usize, (usize, Option<NodeId>))> = None; // (gap size, offset)
-    let mut consider = |from: (usize, Option<NodeId>), to: usize| {
-        if to >= from.0 + len && best.is_none_or(|(gap, _)| to - from.0 < gap) {
-            best = Some((to - from.0, from));
+/// Where `len` elements go among the `live` ranges (sorted), in an arena
+/// of `size` so far, and what they go on: the start of the smallest gap
+/// they fit in (best fit, the space after the last range up to `size`
+/// counting as a gap), else past the last range (as for a gap far larger
+/// than the value). First fit put a row's loss in the gap a freed
+/// logit-sized tensor left, and the logits' gradient then went above
+/// everything. Only places `sound` accepts are taken; past every live
+/// value is sound at any size.
+fn fit(
+    live: &[(usize, usize, usize, NodeId)],
+    len: usize,
+    size: usize,
+    sound: &dyn Fn(&Below) -> bool,
+) -> (usize, Below) {
+    let mut gaps: Vec<(usize, usize, Below)> = Vec::new(); // (gap size, offset, what it is on)
+    let mut top = (0, Below::Start);
+    for (o, l, _, id) in live {
+        if *o >= top.0 + len {
+            gaps.push((o - top.0, top.0, top.1.clone()));
         }
-    };
-    for (o, l, _, id) in live.iter() {
-        consider(at, *o);
-        if o + l > at.0 {
-            at = (o + l, Some(*id));
+        if o + l > top.0 {
+            top = (o + l, Below::Above(*id));
         }
     }
-    consider(at, size);
-    match best {
+    if size >= top.0 + len {
+        gaps.push((size - top.0, top.0, top.1.clone()));
+    }
+    gaps.sort_by_key(|(gap, _, _)| *gap);
+    match gaps.into_iter().find(|(_, _, on)| sound(on)) {
         // A value in a hole more than SPLITS times its size, below the top,
         // goes on top instead: the hole stays whole for a value of its size
         // (GPT-2's training step at 4 x 128 planned 876 MB, now 725 MB).
-        Some((gap, offset)) if gap > SPLITS * len && offset != at => at,
-        Some((_, offset)) => offset,
-        None => at,
+        Some((gap, offset, _)) if gap > SPLITS * len && offset != top.0 && sound(&top.1) => top,
+        Some((_, offset, on)) => (offset, on),
+        None if sound(&top.1) => top,
+        None => (top.0, Below::AboveAll(live.iter().map(|l| l.3).collect())),
     }
 }
 
 /// How many times a value's size a hole must be for the value to go on
 /// top rather than split it.
 const SPLITS: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the value on top at the planned sizes is not on top at
+    /// another, the only sound place is above all the live values.
+    #[test]
+    fn a_value_goes_above_all_where_no_one_value_is_on_top_at_every_size() {
+        let (a, b, out) = (NodeId(0), NodeId(1), NodeId(2));
+        // Planned: a at 0..10, b at 10..20. Elsewhere: b at 0..30, a at 30..50.
+        let live = [(0, 10, 9, a), (10, 10, 9, b)];
+        let other = Placement { lens: vec![20, 30, 5], offsets: vec![30, 0, 0], arena_len: 50 };
+        let others = [other];
+        let (offset, on) = fit(&live, 5, 20, &|on| sound(&others, &live, out, on));
+        assert_eq!((offset, &on), (20, &Below::AboveAll(vec![a, b])));
+        assert_eq!(others[0].base(&on), 50);
+        assert!(!sound(&others, &live, out, &Below::Above(b)), "b's end is inside a there");
+        // With no other sizes, right above the top.
+        assert_eq!(fit(&live, 5, 20, &|on| sound(&[], &live, out, on)), (20, Below::Above(b)));
+    }
+}
