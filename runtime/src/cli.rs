@@ -462,6 +462,7 @@ fn cmd_plan(p: &ProgramArgs, output: &Path, budget: Option<u64>) -> ExitCode {
     samples.push(scaled(2, None));
     samples.extend(symbols.iter().map(|x| scaled(4, Some(x))));
     samples.dedup();
+    samples.retain(|s| *s != bound);
     let (kernels, placements) = match modelc::backend::prepare_over(&graph, &bound, &samples, Target::Cpu, memory) {
         Ok(k) => k,
         Err(e) => return planning_error(e),
