@@ -24,6 +24,8 @@ use half::f16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(super) use avx2::available as avx2_available;
@@ -287,6 +289,9 @@ pub unsafe fn product(
                     // A prompt against bf16 weights: bf16 products, the
                     // activations rounded to bf16 too (as llama.cpp does).
                     super::tiles::product_packed(m, c, c_rs, alpha, (a, a_rs, 1), &b, parallel)
+                } else if amx_int8(w.format) {
+                    #[cfg(target_arch = "x86_64")]
+                    amx::product(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
                 } else {
                     panels(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
                 }
@@ -801,6 +806,14 @@ fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
         d[b] = scale;
         sums[b] = sum as f32 * scale;
     }
+}
+
+/// Whether a prompt against `format` weights multiplies int8 on AMX tiles.
+fn amx_int8(format: Format) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matches!(format, Format::Q8 | Format::Q4) && amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether the host has the integer dot products (AVX-512 VNNI, on 256-bit

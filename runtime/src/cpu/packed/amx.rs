@@ -1,0 +1,279 @@
+//! q8 and q4 prompts on AMX-INT8: one `tdpbssd` multiplies a 16 x 32 tile
+//! of int8 by a 32 x 16 one into 16 x 16 int32 sums. 32 is one block of
+//! the depth, so each block's sums are scaled by its two scales (the weight
+//! row's and the activation row's) and added in floats, as the integer
+//! products of `matvec` do: a prompt and the tokens after it compute alike
+//! (rounding bf16 operands for AMX's bf16 tiles did not: q8 decoding with
+//! and without the cache gave different tokens).
+//!
+//! The weight is the left operand: a tile of 16 weight rows loads straight
+//! from the packed quants (q8; q4's nibbles are widened first, 16 rows at
+//! a time, as is a last tile of fewer rows). The rounded activations are
+//! laid out as a right operand wants them: per 16 rows and block, 8 lines
+//! of 64 bytes, line r holding each row's bytes 4r..4r+4. The sums come out
+//! with weight rows down and prompt rows across, and go to c transposed.
+
+use super::{Activation, BLOCK, Format, Packed};
+use half::f16;
+use rayon::prelude::*;
+use std::arch::asm;
+use std::arch::x86_64::*;
+
+/// Rows of a tile: weight rows, and prompt rows.
+const ROWS: usize = 16;
+
+/// Whether the host multiplies int8 on AMX and this process may (the
+/// process's tile permission as for bf16 tiles; `MODELC_NO_AMX` turns both
+/// off).
+pub fn available() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // CPUID leaf 7: EDX bit 25 AMX-INT8 (leaf 7 exists where AMX-BF16 does).
+    *HAS.get_or_init(|| crate::cpu::tiles::amx_hardware() && __cpuid_count(7, 0).edx & (1 << 25) != 0)
+}
+
+/// The tile configuration (palette 1): tmm0 the sums (16 rows of 16
+/// int32), tmm1 the weight (16 rows of one block), tmm2 the activations (8
+/// lines of 16 rows' 4 bytes).
+#[repr(C, align(64))]
+struct Config {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+fn configure() {
+    let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
+    for (t, (bytes, rows)) in [(64, 16), (BLOCK as u16, 16), (64, BLOCK as u8 / 4)].into_iter().enumerate() {
+        config.bytes_per_row[t] = bytes;
+        config.rows[t] = rows;
+    }
+    // SAFETY: `available()` said the process may use tiles.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
+}
+
+fn release() {
+    // SAFETY: as `configure`.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// The rounded activations as right-hand tiles, and their scales.
+struct Right {
+    /// Per 16 rows and block, 8 lines of 64 bytes (zeros past the last row).
+    q: Vec<i8>,
+    /// Per 16 rows and block, the 16 rows' scales.
+    d: Vec<f32>,
+}
+
+impl Right {
+    fn new(xs: &[Activation], blocks: usize) -> Right {
+        let tiles = xs.len().div_ceil(ROWS);
+        let mut right = Right { q: vec![0; tiles * blocks * ROWS * BLOCK], d: vec![0.0; tiles * blocks * ROWS] };
+        for (i, x) in xs.iter().enumerate() {
+            let (t, row) = (i / ROWS, i % ROWS);
+            for b in 0..blocks {
+                let at = (t * blocks + b) * ROWS * BLOCK + 4 * row;
+                for line in 0..BLOCK / 4 {
+                    let from = b * BLOCK + 4 * line;
+                    right.q[at + line * 4 * ROWS..][..4].copy_from_slice(&x.q[from..from + 4]);
+                }
+                right.d[(t * blocks + b) * ROWS + row] = x.d[b];
+            }
+        }
+        right
+    }
+}
+
+/// A tile's int32 sums as `tilestored` writes them.
+#[repr(C, align(64))]
+struct Sums([[i32; ROWS]; ROWS]);
+
+/// `c = alpha c + a W^T` for a q8 or q4 `w` and `a` m x k (row stride
+/// `a.1`), the rows of `a` rounded to int8 blocks as `matvec` rounds them.
+///
+/// # Safety
+/// `a` and `c` (m x n, row stride `c.1`) cover their elements; `c`
+/// overlaps neither; `available()`.
+pub unsafe fn product(m: usize, a: (*const f32, usize), c: (*mut f32, usize), alpha: f32, w: &Packed, parallel: bool) {
+    assert!(matches!(w.format, Format::Q8 | Format::Q4) && available(), "bug: AMX-INT8 for {:?}", w.format);
+    let (n, k) = (w.n, w.k);
+    let blocks = k / BLOCK;
+    let a = Shared(a.0 as *mut f32, a.1);
+    let round = |i: usize| {
+        // SAFETY: row i of a holds k floats.
+        Activation::new(unsafe { std::slice::from_raw_parts(a.at(i, 0), k) })
+    };
+    let xs: Vec<Activation> =
+        if parallel { (0..m).into_par_iter().map(round).collect() } else { (0..m).map(round).collect() };
+    let right = Right::new(&xs, blocks);
+    let c = Shared(c.0, c.1);
+    // Tiles of weight rows t0..t1, each against every 16 prompt rows.
+    let tiles = |t0: usize, t1: usize| {
+        configure();
+        let mut widened = vec![0i8; ROWS * k];
+        let mut scales = vec![0f32; ROWS * blocks];
+        for t in t0..t1 {
+            let (j0, rows) = (t * ROWS, ROWS.min(n - t * ROWS));
+            let left = weight_tile(w, j0, rows, &mut widened);
+            for (r, s) in scales.chunks_exact_mut(blocks).enumerate() {
+                for (b, s) in s.iter_mut().enumerate() {
+                    *s = if r < rows { f16::from_bits(w.scales[(j0 + r) * blocks + b]).to_f32() } else { 0.0 };
+                }
+            }
+            for i0 in (0..m).step_by(ROWS) {
+                let x = &right.q[(i0 / ROWS) * blocks * ROWS * BLOCK..];
+                let dx = &right.d[(i0 / ROWS) * blocks * ROWS..];
+                // SAFETY: the tiles are configured; the weight tile's 16
+                // rows of k, the activations' tiles and scales of these 16
+                // rows; c's rows i0.. and columns j0.. (the caller's).
+                unsafe {
+                    let sums = tile(left, k, x, dx, &scales, blocks);
+                    for (r, v) in sums.iter().enumerate().take(rows) {
+                        let mut lanes = [0f32; ROWS];
+                        _mm512_storeu_ps(lanes.as_mut_ptr(), *v);
+                        for (l, v) in lanes.iter().enumerate().take(ROWS.min(m - i0)) {
+                            super::put(c.at(i0 + l, j0 + r), alpha, *v);
+                        }
+                    }
+                }
+            }
+        }
+        release();
+    };
+    let count = n.div_ceil(ROWS);
+    if !parallel {
+        return tiles(0, count);
+    }
+    let per = count.div_ceil(rayon::current_num_threads() * 4).max(1);
+    (0..count.div_ceil(per)).into_par_iter().for_each(|task| tiles(task * per, ((task + 1) * per).min(count)));
+}
+
+/// A matrix's elements and row stride, shared by the tasks.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32, usize);
+
+impl Shared {
+    /// Element (i, j)'s address.
+    fn at(&self, i: usize, j: usize) -> *mut f32 {
+        self.0.wrapping_add(i * self.1 + j)
+    }
+}
+// SAFETY: tasks read a and write disjoint columns of c.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// Weight rows j0..j0 + rows as 16 rows of k int8 quants: the packed q8
+/// rows where there are 16, else widened into `buf` (q4's nibbles less 8;
+/// rows past the last zero).
+fn weight_tile<'a>(w: &'a Packed, j0: usize, rows: usize, buf: &'a mut [i8]) -> &'a [i8] {
+    let k = w.k;
+    if w.format == Format::Q8 && rows == ROWS {
+        // SAFETY: the quants of a q8 weight are int8 values.
+        return unsafe { std::slice::from_raw_parts(w.quants.as_ptr().add(j0 * k) as *const i8, ROWS * k) };
+    }
+    buf.fill(0);
+    for (r, out) in buf.chunks_exact_mut(k).enumerate().take(rows) {
+        let row = j0 + r;
+        match w.format {
+            Format::Q8 => {
+                for (o, q) in out.iter_mut().zip(&w.quants[row * k..(row + 1) * k]) {
+                    *o = *q as i8;
+                }
+            }
+            _ => {
+                let half = BLOCK / 2;
+                for (out, q) in out.chunks_exact_mut(BLOCK).zip(w.quants[row * k / 2..(row + 1) * k / 2].chunks(half)) {
+                    for (i, q) in q.iter().enumerate() {
+                        out[i] = (q & 15) as i8 - 8;
+                        out[i + half] = (q >> 4) as i8 - 8;
+                    }
+                }
+            }
+        }
+    }
+    buf
+}
+
+/// The 16 x 16 products of a weight tile (16 rows of `k` int8, `w`) and 16
+/// rounded activation rows (`x`, `Right`'s lines; scales `dx`), block by
+/// block, each block's int32 sums times its weight row's scale (`dw`, each
+/// row's `blocks`) and activation row's: row r of the result holds weight
+/// row r against the 16 activation rows.
+///
+/// # Safety
+/// This thread's tiles configured; `w` holds 16 rows of k, `x` and `dx`
+/// the 16 rows' tiles and scales of every block.
+#[target_feature(enable = "avx512f")]
+unsafe fn tile(w: &[i8], k: usize, x: &[i8], dx: &[f32], dw: &[f32], blocks: usize) -> [__m512; ROWS] {
+    assert!(w.len() >= ROWS * k && x.len() >= blocks * ROWS * BLOCK && dx.len() >= blocks * ROWS);
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let mut sums = Sums([[0; ROWS]; ROWS]);
+    for b in 0..blocks {
+        // SAFETY: block b of the 16 weight rows (k bytes apart) and the
+        // activations' tile of block b (8 lines of 64 bytes); `sums` holds
+        // 16 rows of 64 bytes.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tileloadd tmm1, [{w} + {ws}]",
+                "tileloadd tmm2, [{x} + {xs}]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                "tilestored [{s} + {ss}], tmm0",
+                w = in(reg) w.as_ptr().add(b * BLOCK),
+                ws = in(reg) k,
+                x = in(reg) x.as_ptr().add(b * ROWS * BLOCK),
+                xs = in(reg) 4 * ROWS,
+                s = in(reg) sums.0.as_mut_ptr(),
+                ss = in(reg) 4 * ROWS,
+                options(nostack),
+            );
+            let dx = _mm512_loadu_ps(dx.as_ptr().add(b * ROWS));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let scale = _mm512_mul_ps(_mm512_set1_ps(dw[r * blocks + b]), dx);
+                let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums.0[r].as_ptr().cast()));
+                *acc = _mm512_fmadd_ps(s, scale, *acc);
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AMX-INT8 products equal the rounded operands' product (`panels`:
+    /// dequantised weights, activations rounded as here, in f32) to float
+    /// rounding, at edges of tiles: 37 rows (two tiles and 5), 45 weight
+    /// rows (two tiles and 13), 3 blocks; overwriting c and adding to it.
+    #[test]
+    fn amx_int8_products_equal_the_rounded_operands_product() {
+        if !available() {
+            return; // the host has no AMX-INT8: nothing here runs
+        }
+        let (m, n, k) = (37, 45, 96);
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        let start: Vec<f32> = (0..m * n).map(|_| next()).collect();
+        for format in [Format::Q8, Format::Q4] {
+            let packed = Packed::new(format, &w, n, k);
+            for (alpha, parallel) in [(0.0, false), (1.0, true), (0.5, false)] {
+                let (mut ours, mut want) = (start.clone(), start.clone());
+                // SAFETY: a is m x k, c m x n, both contiguous.
+                unsafe {
+                    product(m, (a.as_ptr(), k), (ours.as_mut_ptr(), n), alpha, &packed, parallel);
+                    super::super::panels_of(m, (a.as_ptr(), k), (want.as_mut_ptr(), n), alpha, &packed, false, 1 << 22);
+                }
+                for (i, (x, y)) in ours.iter().zip(&want).enumerate() {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{format:?} alpha {alpha}: c[{i}] {x} vs {y}");
+                }
+            }
+        }
+    }
+}
