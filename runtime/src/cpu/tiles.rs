@@ -793,6 +793,10 @@ mod avx2 {
     }
 }
 
+/// A 16 x 16 matrix of u32 transposed in registers.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::transpose;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The packing and the tiles with AVX-512 (and AVX512_BF16 for bf16).
@@ -1120,7 +1124,7 @@ mod x86 {
     /// A 16 x 16 matrix of u32 transposed: unpacks of 32 and 64 bits, then
     /// two rounds of 128-bit lane shuffles.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         let mut t = [_mm512_setzero_si512(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
