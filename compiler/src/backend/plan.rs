@@ -132,9 +132,12 @@ impl Placement {
         }
     }
 
-    /// Two arena values of `plan` whose ranges overlap here and not in the
-    /// plan (which is checked by running it): this placement is sound at its
-    /// sizes when there are none.
+    /// Two arena values of `plan` live at once (`Plan::live`, step by step)
+    /// whose ranges overlap here and not in the plan (which is checked by
+    /// running it): this placement is sound at its sizes when there are
+    /// none. (A row group's parts, which run interleaved, count as running
+    /// at once in the planner; here only their own steps count, so this is
+    /// the weaker check.)
     pub fn conflict(&self, plan: &Plan) -> Option<(NodeId, NodeId)> {
         let mut ranges: Vec<(usize, usize, NodeId)> = (plan.places.iter().enumerate())
             .filter(|(_, p)| matches!(p, Place::Arena { .. }))
