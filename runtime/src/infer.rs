@@ -11,7 +11,7 @@
 use crate::cli::ModelArgs;
 use crate::cpu::Tensor;
 use crate::model::Compiled;
-use crate::model::{Device, DtypeArgs, RunArgs, compile, compile_shapes, error, forward_graph, load_weights};
+use crate::model::{Device, DtypeArgs, RunArgs, compile, compile_shapes_with, error, forward_graph, load_weights};
 use crate::tokenize::{Stream, Tokenizer};
 use crate::weights::{Rng, Tensors};
 use modelc::check::value::Value;
@@ -197,6 +197,11 @@ struct Cached {
     rolling: bool,
     /// Last token's outputs, the buffers of the next token's (`run_into`).
     spare: Tensors,
+    /// The programs take turns (a prompt's, then a token's): on the CPU
+    /// they share one arena and one JIT (a kernel of the prompt's program
+    /// the token's has too is compiled once).
+    arena: crate::cpu::Arena,
+    jit: Option<crate::cpu::SharedJit>,
 }
 
 impl Cached {
@@ -245,7 +250,8 @@ impl Cached {
         }
         let rolling = rolling && chunk < usize::MAX;
         let (programs, spare) = (HashMap::new(), Tensors::new());
-        Cached { device, graph, feeds, caches, programs, len, vocab, held: 0, chunk, rolling, spare }
+        let (arena, jit) = (Default::default(), None);
+        Cached { device, graph, feeds, caches, programs, len, vocab, held: 0, chunk, rolling, spare, arena, jit }
     }
 
     /// How many of `tokens` a full cache starts over from.
@@ -259,7 +265,15 @@ impl Cached {
             self.feeds.insert("input_ids".into(), Tensor::new(vec![1, t], vec![0.0; t]));
             self.feeds.insert("position".into(), Tensor::new(vec![], vec![0.0]));
             let shapes = self.feeds.iter().chain(&self.caches).map(|(k, v)| (k.clone(), v.shape.clone())).collect();
-            let p = compile_shapes(CODE, self.device, &self.graph, &shapes)
+            if self.device == Device::Cpu && self.jit.is_none() {
+                self.jit = Some(crate::cpu::SharedJit::new(true)?);
+            }
+            let options = crate::cpu::CompileOptions {
+                arena: Some(self.arena.clone()),
+                jit: self.jit.clone(),
+                ..Default::default()
+            };
+            let p = compile_shapes_with(CODE, self.device, &self.graph, &shapes, options)
                 .map_err(|_| "cannot compile the decoder".to_string())?;
             // Weights stay on the device between tokens; the cache and the tokens move.
             let weights: Vec<String> = self
