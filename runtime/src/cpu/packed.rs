@@ -28,6 +28,8 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod vnni_tiles;
+#[cfg(target_arch = "x86_64")]
 pub(super) use avx2::available as avx2_available;
 
 /// How a weight is stored.
@@ -289,9 +291,15 @@ pub unsafe fn product(
                     // A prompt against bf16 weights: bf16 products, the
                     // activations rounded to bf16 too (as llama.cpp does).
                     super::tiles::product_packed(m, c, c_rs, alpha, (a, a_rs, 1), &b, parallel)
-                } else if amx_int8(w.format) {
+                } else if int8_tiles(w.format) {
+                    // A prompt against q8 or q4 weights: int8 blocks against
+                    // activations rounded as decoding rounds them.
                     #[cfg(target_arch = "x86_64")]
-                    amx::product(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
+                    if amx::available() {
+                        amx::product(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
+                    } else {
+                        vnni_tiles::product(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
+                    }
                 } else {
                     panels(m, (a, a_rs), (c, c_rs), alpha, w, parallel)
                 }
@@ -808,10 +816,11 @@ fn round(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
     }
 }
 
-/// Whether a prompt against `format` weights multiplies int8 on AMX tiles.
-fn amx_int8(format: Format) -> bool {
+/// Whether a prompt against `format` weights multiplies int8 blocks in
+/// tiles (AMX-INT8, else AVX-512 VNNI).
+fn int8_tiles(format: Format) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return matches!(format, Format::Q8 | Format::Q4) && amx::available();
+    return matches!(format, Format::Q8 | Format::Q4) && (amx::available() || vnni_tiles::available());
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
