@@ -804,6 +804,18 @@ fn a_plan_over_several_sizes_is_sound_at_each_and_its_peak_is_the_formula() {
         .flat_map(|a| arena.iter().map(move |b| (*a, *b)))
         .find(|(a, b)| a != b && overlap(*a, *b))
         .unwrap();
+    let moved = placement.offsets[b];
+    placement.offsets[b] = placement.offsets[a];
+    assert!(placement.conflict(&kernels.plan).is_some());
+    placement.offsets[b] = moved;
+    // Two values whose steps do not meet, the later one written in a row
+    // group that starts while the earlier is live: its parts run
+    // interleaved, so the two may not share memory either.
+    let lived = |v: usize| kernels.plan.live[v].unwrap();
+    let (a, b) = (arena.iter())
+        .flat_map(|a| arena.iter().map(move |b| (*a, *b)))
+        .find(|(a, b)| lived(*a).1 < lived(*b).0 && lived(*a).1 >= kernels.plan.group_starts[lived(*b).0])
+        .expect("a value live into a row group that writes another");
     placement.offsets[b] = placement.offsets[a];
     assert!(placement.conflict(&kernels.plan).is_some());
 }

@@ -85,6 +85,10 @@ pub struct Plan {
     /// that writes it and the last that reads it (or its views); outputs
     /// live to the end. `None` for the rest. What `modelc plan` draws.
     pub live: Vec<Option<(usize, usize)>>,
+    /// For each step, the step its row group starts at (itself outside
+    /// one): a group's parts run interleaved, so a value one part writes
+    /// shares no memory with one live when the group starts.
+    pub group_starts: Vec<usize>,
     /// For each arena value, what its offset is: so the offsets, and the
     /// peak, can be written in the symbolic sizes (`modelc plan`).
     pub below: Vec<Below>,
@@ -132,12 +136,10 @@ impl Placement {
         }
     }
 
-    /// Two arena values of `plan` live at once (`Plan::live`, step by step)
-    /// whose ranges overlap here and not in the plan (which is checked by
-    /// running it): this placement is sound at its sizes when there are
-    /// none. (A row group's parts, which run interleaved, count as running
-    /// at once in the planner; here only their own steps count, so this is
-    /// the weaker check.)
+    /// Two arena values of `plan` live at once (`Plan::live`, a value
+    /// written inside a row group from the group's start) whose ranges
+    /// overlap here and not in the plan (which is checked by running it):
+    /// this placement is sound at its sizes when there are none.
     pub fn conflict(&self, plan: &Plan) -> Option<(NodeId, NodeId)> {
         let mut ranges: Vec<(usize, usize, NodeId)> = (plan.places.iter().enumerate())
             .filter(|(_, p)| matches!(p, Place::Arena { .. }))
@@ -160,8 +162,10 @@ impl Placement {
                     continue;
                 }
                 let lived = |x: NodeId| plan.live[x.index()].unwrap_or((0, usize::MAX));
-                let ((s, e), (t, f)) = (lived(v), lived(w));
-                if s < f && t < e {
+                // The later written one is placed among those live when its group starts.
+                let (first, then) = if lived(v).0 <= lived(w).0 { (v, w) } else { (w, v) };
+                let starts = plan.group_starts.get(lived(then).0).copied().unwrap_or(0);
+                if lived(first).1 >= starts {
                     return Some((w, v));
                 }
             }
@@ -486,7 +490,8 @@ pub fn plan_over(
     }
     let end = steps.len().saturating_sub(1);
     let live = def.iter().zip(&last).map(|(d, l)| (*d != usize::MAX).then(|| (*d, (*l).min(end)))).collect();
-    let mut plan = Plan { places, arena_len, lens, block_len: 0, live, below, written };
+    let group_starts = steps.iter().map(|(_, group)| group.start).collect();
+    let mut plan = Plan { places, arena_len, lens, block_len: 0, live, group_starts, below, written };
     for (parts, rows, len) in groups {
         plan.block_len = plan.block_len.max(super::rows::block_rows(g, parts, rows, len) * plan.block_row(parts));
     }
