@@ -66,13 +66,15 @@ impl Program {
                 let (x, dy) = (shape_of(node.args[0])?, shape_of(node.args[1])?);
                 let (k, cols) = (x[1], dy[1]);
                 let offsets = input(node.args[2]);
-                let mut jobs: Vec<(usize, std::ops::Range<usize>)> = expert_bounds(offsets, offsets.len() - 1, x[0])?
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(_, r)| !r.is_empty())
-                    .collect();
-                // An expert no row went to has a zero gradient.
-                out.fill(0.0);
+                let bounds = expert_bounds(offsets, offsets.len() - 1, x[0])?;
+                // An expert no row went to has a zero gradient; the others'
+                // products write theirs whole (zeroing all of it first was
+                // ~0.4 ms of each 4 ms kernel at the Mixtral bench's shape).
+                for (e, _) in bounds.iter().enumerate().filter(|(_, r)| r.is_empty()) {
+                    out[e * k * cols..(e + 1) * k * cols].fill(0.0);
+                }
+                let mut jobs: Vec<(usize, std::ops::Range<usize>)> =
+                    bounds.into_iter().enumerate().filter(|(_, r)| !r.is_empty()).collect();
                 let xp = SendPtr(input(node.args[0]).as_ptr() as *mut f32);
                 let (dp, op) = (SendPtr(input(node.args[1]).as_ptr() as *mut f32), SendPtr(out.as_mut_ptr()));
                 // SAFETY: the expert's rows of x and dy, read transposed, into its
