@@ -466,6 +466,55 @@ struct Shared(*mut f32, usize);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// Element (i, j)'s address.
+    fn at(&self, i: usize, j: usize) -> *mut f32 {
+        self.0.wrapping_add(i * self.1 + j)
+    }
+}
+
+/// The m rows of `a` (k each, row stride `a.1`) rounded to int8 blocks as
+/// `matvec` rounds them; on the thread pool when `parallel`.
+///
+/// # Safety
+/// `a` covers its rows.
+unsafe fn round_rows(m: usize, k: usize, a: (*const f32, usize), parallel: bool) -> Vec<Activation> {
+    let a = Shared(a.0 as *mut f32, a.1);
+    // SAFETY: row i of a holds k floats.
+    let round = |i: usize| Activation::new(unsafe { std::slice::from_raw_parts(a.at(i, 0), k) });
+    if parallel { (0..m).into_par_iter().map(round).collect() } else { (0..m).map(round).collect() }
+}
+
+/// `tiles(t0, t1)` over tiles 0..count of a product's columns: on this
+/// thread, or in a few runs a thread on the pool when `parallel`.
+fn over_tiles(count: usize, parallel: bool, tiles: impl Fn(usize, usize) + Sync) {
+    if !parallel {
+        return tiles(0, count);
+    }
+    let per = count.div_ceil(rayon::current_num_threads() * 4).max(1);
+    (0..count.div_ceil(per)).into_par_iter().for_each(|task| tiles(task * per, ((task + 1) * per).min(count)));
+}
+
+impl Packed {
+    /// Row j of a q8 or q4 weight as int8 quants (q4's nibbles less 8).
+    fn int8_row(&self, j: usize, out: &mut [i8]) {
+        let k = self.k;
+        match self.format {
+            Format::Q8 => out.iter_mut().zip(&self.quants[j * k..(j + 1) * k]).for_each(|(o, q)| *o = *q as i8),
+            Format::Q4 => {
+                let half = BLOCK / 2;
+                for (out, q) in out.chunks_exact_mut(BLOCK).zip(self.quants[j * k / 2..(j + 1) * k / 2].chunks(half)) {
+                    for (i, q) in q.iter().enumerate() {
+                        out[i] = (q & 15) as i8 - 8;
+                        out[i + half] = (q >> 4) as i8 - 8;
+                    }
+                }
+            }
+            f => unreachable!("bug: {f:?} weights as int8"),
+        }
+    }
+}
+
 /// Columns j0..j1 of the product.
 ///
 /// # Safety
@@ -1065,6 +1114,42 @@ unsafe fn panels_of(
 
 thread_local! {
     static PANEL_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A prompt's product against packed weights: `(m, a, c, alpha, w, parallel)`.
+#[cfg(all(test, target_arch = "x86_64"))]
+type PromptProduct = unsafe fn(usize, (*const f32, usize), (*mut f32, usize), f32, &Packed, bool);
+
+/// An int8 prompt product (`amx::product`, `vnni_tiles::product`) equals
+/// the rounded operands' product (`panels`: dequantised weights,
+/// activations rounded alike, in f32) to float rounding, at edges of
+/// tiles: 37 rows, 45 weight rows, 3 blocks; q8 and q4; overwriting c and
+/// adding to it, on one thread and on the pool.
+#[cfg(all(test, target_arch = "x86_64"))]
+fn int8_prompt_agrees(product: PromptProduct) {
+    let (m, n, k) = (37, 45, 96);
+    let mut seed = 7u64;
+    let mut next = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+    let start: Vec<f32> = (0..m * n).map(|_| next()).collect();
+    for format in [Format::Q8, Format::Q4] {
+        let packed = Packed::new(format, &w, n, k);
+        for (alpha, parallel) in [(0.0, false), (1.0, true), (0.5, false)] {
+            let (mut ours, mut want) = (start.clone(), start.clone());
+            // SAFETY: a is m x k, c m x n, both contiguous.
+            unsafe {
+                product(m, (a.as_ptr(), k), (ours.as_mut_ptr(), n), alpha, &packed, parallel);
+                panels_of(m, (a.as_ptr(), k), (want.as_mut_ptr(), n), alpha, &packed, false, 1 << 22);
+            }
+            for (i, (x, y)) in ours.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{format:?} alpha {alpha}: c[{i}] {x} vs {y}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

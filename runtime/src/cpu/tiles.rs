@@ -797,6 +797,10 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::transpose;
 
+/// This thread's AMX tiles configured to given shapes, and handed back.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use amx::{configure_as as configure_amx, release as release_amx};
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The packing and the tiles with AVX-512 (and AVX512_BF16 for bf16).

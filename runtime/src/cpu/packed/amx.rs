@@ -13,9 +13,8 @@
 //! of 64 bytes, line r holding each row's bytes 4r..4r+4. The sums come out
 //! with weight rows down and prompt rows across, and go to c transposed.
 
-use super::{Activation, BLOCK, Format, Packed};
+use super::{Activation, BLOCK, Format, Packed, Shared};
 use half::f16;
-use rayon::prelude::*;
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -31,32 +30,12 @@ pub fn available() -> bool {
     *HAS.get_or_init(|| crate::cpu::tiles::amx_hardware() && __cpuid_count(7, 0).edx & (1 << 25) != 0)
 }
 
-/// The tile configuration (palette 1): tmm0 the sums (16 rows of 16
-/// int32), tmm1 the weight (16 rows of one block), tmm2 the activations (8
-/// lines of 16 rows' 4 bytes). (Two blocks in flight, each in tiles of its
-/// own, was slower: 110M q8 prompts 2,020-2,070 against 2,260-2,380 tokens/s.)
-#[repr(C, align(64))]
-struct Config {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    bytes_per_row: [u16; 16],
-    rows: [u8; 16],
-}
-
+/// This thread's tiles: tmm0 the sums (16 rows of 16 int32), tmm1 the
+/// weight (16 rows of one block), tmm2 the activations (8 lines of 16
+/// rows' 4 bytes). (Two blocks in flight, each in tiles of its own, was
+/// slower: 110M q8 prompts 2,020-2,070 against 2,260-2,380 tokens/s.)
 fn configure() {
-    let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
-    for (t, (bytes, rows)) in [(64, 16), (BLOCK as u16, 16), (64, BLOCK as u8 / 4)].into_iter().enumerate() {
-        config.bytes_per_row[t] = bytes;
-        config.rows[t] = rows;
-    }
-    // SAFETY: `available()` said the process may use tiles.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
-}
-
-fn release() {
-    // SAFETY: as `configure`.
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    crate::cpu::tiles::configure_amx(&[(64, 16), (BLOCK as u16, 16), (64, BLOCK as u8 / 4)]);
 }
 
 /// The rounded activations as right-hand tiles, and their scales.
@@ -100,14 +79,8 @@ pub unsafe fn product(m: usize, a: (*const f32, usize), c: (*mut f32, usize), al
     assert!(matches!(w.format, Format::Q8 | Format::Q4) && available(), "bug: AMX-INT8 for {:?}", w.format);
     let (n, k) = (w.n, w.k);
     let blocks = k / BLOCK;
-    let a = Shared(a.0 as *mut f32, a.1);
-    let round = |i: usize| {
-        // SAFETY: row i of a holds k floats.
-        Activation::new(unsafe { std::slice::from_raw_parts(a.at(i, 0), k) })
-    };
-    let xs: Vec<Activation> =
-        if parallel { (0..m).into_par_iter().map(round).collect() } else { (0..m).map(round).collect() };
-    let right = Right::new(&xs, blocks);
+    // SAFETY: the caller's contract.
+    let right = Right::new(&unsafe { super::round_rows(m, k, a, parallel) }, blocks);
     let c = Shared(c.0, c.1);
     // Tiles of weight rows t0..t1, each against every 16 prompt rows.
     let tiles = |t0: usize, t1: usize| {
@@ -134,29 +107,10 @@ pub unsafe fn product(m: usize, a: (*const f32, usize), c: (*mut f32, usize), al
                 }
             }
         }
-        release();
+        crate::cpu::tiles::release_amx();
     };
-    let count = n.div_ceil(ROWS);
-    if !parallel {
-        return tiles(0, count);
-    }
-    let per = count.div_ceil(rayon::current_num_threads() * 4).max(1);
-    (0..count.div_ceil(per)).into_par_iter().for_each(|task| tiles(task * per, ((task + 1) * per).min(count)));
+    super::over_tiles(n.div_ceil(ROWS), parallel, tiles);
 }
-
-/// A matrix's elements and row stride, shared by the tasks.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32, usize);
-
-impl Shared {
-    /// Element (i, j)'s address.
-    fn at(&self, i: usize, j: usize) -> *mut f32 {
-        self.0.wrapping_add(i * self.1 + j)
-    }
-}
-// SAFETY: tasks read a and write disjoint columns of c.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
 
 /// A tile's sums (row r: weight row r against 16 activation rows) into
 /// c's `rows.0` rows from `at.0` by `rows.1` columns from `at.1`: `c =
@@ -193,23 +147,7 @@ fn weight_tile<'a>(w: &'a Packed, j0: usize, rows: usize, buf: &'a mut [i8]) -> 
     }
     buf.fill(0);
     for (r, out) in buf.chunks_exact_mut(k).enumerate().take(rows) {
-        let row = j0 + r;
-        match w.format {
-            Format::Q8 => {
-                for (o, q) in out.iter_mut().zip(&w.quants[row * k..(row + 1) * k]) {
-                    *o = *q as i8;
-                }
-            }
-            _ => {
-                let half = BLOCK / 2;
-                for (out, q) in out.chunks_exact_mut(BLOCK).zip(w.quants[row * k / 2..(row + 1) * k / 2].chunks(half)) {
-                    for (i, q) in q.iter().enumerate() {
-                        out[i] = (q & 15) as i8 - 8;
-                        out[i + half] = (q >> 4) as i8 - 8;
-                    }
-                }
-            }
-        }
+        w.int8_row(j0 + r, out);
     }
     buf
 }
@@ -260,39 +198,12 @@ unsafe fn tile(w: &[i8], k: usize, x: &[i8], dx: &[f32], dw: &[f32], blocks: usi
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    /// AMX-INT8 products equal the rounded operands' product (`panels`:
-    /// dequantised weights, activations rounded as here, in f32) to float
-    /// rounding, at edges of tiles: 37 rows (two tiles and 5), 45 weight
-    /// rows (two tiles and 13), 3 blocks; overwriting c and adding to it.
+    /// AMX-INT8 products equal the rounded operands' product.
     #[test]
     fn amx_int8_products_equal_the_rounded_operands_product() {
-        if !available() {
+        if !super::available() {
             return; // the host has no AMX-INT8: nothing here runs
         }
-        let (m, n, k) = (37, 45, 96);
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
-        let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-        let start: Vec<f32> = (0..m * n).map(|_| next()).collect();
-        for format in [Format::Q8, Format::Q4] {
-            let packed = Packed::new(format, &w, n, k);
-            for (alpha, parallel) in [(0.0, false), (1.0, true), (0.5, false)] {
-                let (mut ours, mut want) = (start.clone(), start.clone());
-                // SAFETY: a is m x k, c m x n, both contiguous.
-                unsafe {
-                    product(m, (a.as_ptr(), k), (ours.as_mut_ptr(), n), alpha, &packed, parallel);
-                    super::super::panels_of(m, (a.as_ptr(), k), (want.as_mut_ptr(), n), alpha, &packed, false, 1 << 22);
-                }
-                for (i, (x, y)) in ours.iter().zip(&want).enumerate() {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{format:?} alpha {alpha}: c[{i}] {x} vs {y}");
-                }
-            }
-        }
+        super::super::int8_prompt_agrees(super::product);
     }
 }

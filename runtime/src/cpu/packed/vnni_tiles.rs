@@ -13,9 +13,8 @@
 //! group of four bytes, 16 rows' four bytes side by side (64 bytes, one
 //! vector), once per call.
 
-use super::{Activation, BLOCK, Format, Packed};
+use super::{BLOCK, Format, Packed, Shared};
 use half::f16;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// Weight rows of a tile (one vector of int32 lanes).
@@ -52,18 +51,7 @@ impl Weights {
         let mut row = vec![0i8; k];
         for c in 0..rows {
             let j = j0 + c;
-            match w.format {
-                Format::Q8 => row.iter_mut().zip(&w.quants[j * k..(j + 1) * k]).for_each(|(o, q)| *o = *q as i8),
-                _ => {
-                    let half = BLOCK / 2;
-                    for (out, q) in row.chunks_exact_mut(BLOCK).zip(w.quants[j * k / 2..(j + 1) * k / 2].chunks(half)) {
-                        for (i, q) in q.iter().enumerate() {
-                            out[i] = (q & 15) as i8 - 8;
-                            out[i + half] = (q >> 4) as i8 - 8;
-                        }
-                    }
-                }
-            }
+            w.int8_row(j, &mut row);
             for b in 0..blocks {
                 let block = &row[b * BLOCK..(b + 1) * BLOCK];
                 for (g, four) in block.chunks_exact(4).enumerate() {
@@ -86,13 +74,8 @@ pub unsafe fn product(m: usize, a: (*const f32, usize), c: (*mut f32, usize), al
     assert!(matches!(w.format, Format::Q8 | Format::Q4) && available(), "bug: VNNI tiles for {:?}", w.format);
     let (n, k) = (w.n, w.k);
     let blocks = k / BLOCK;
-    let a = Shared(a.0 as *mut f32, a.1);
-    let round = |i: usize| {
-        // SAFETY: row i of a holds k floats.
-        Activation::new(unsafe { std::slice::from_raw_parts(a.at(i, 0), k) })
-    };
-    let xs: Vec<Activation> =
-        if parallel { (0..m).into_par_iter().map(round).collect() } else { (0..m).map(round).collect() };
+    // SAFETY: the caller's contract.
+    let xs = unsafe { super::round_rows(m, k, a, parallel) };
     // The activations' quants plus 128 (unsigned), and their scales, row by row.
     let unsigned: Vec<u8> = xs.iter().flat_map(|x| x.q.iter().map(|q| (*q as u8) ^ 0x80)).collect();
     let dx: Vec<f32> = xs.iter().flat_map(|x| x.d[..blocks].iter().copied()).collect();
@@ -118,28 +101,8 @@ pub unsafe fn product(m: usize, a: (*const f32, usize), c: (*mut f32, usize), al
             }
         }
     };
-    let count = n.div_ceil(COLS);
-    if !parallel {
-        return tiles(0, count);
-    }
-    let per = count.div_ceil(rayon::current_num_threads() * 4).max(1);
-    (0..count.div_ceil(per)).into_par_iter().for_each(|task| tiles(task * per, ((task + 1) * per).min(count)));
+    super::over_tiles(n.div_ceil(COLS), parallel, tiles);
 }
-
-/// A matrix's elements and row stride, shared by the tasks.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32, usize);
-
-impl Shared {
-    /// Element (i, j)'s address.
-    fn at(&self, i: usize, j: usize) -> *mut f32 {
-        self.0.wrapping_add(i * self.1 + j)
-    }
-}
-
-// SAFETY: tasks read a and write disjoint columns of c.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
 
 /// `R` prompt rows (`x`: their unsigned quants, k apart; `dx`: their
 /// scales, `blocks` apart) against a weight tile, block by block, into
@@ -199,38 +162,12 @@ unsafe fn tile<const R: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    /// VNNI tile products equal the rounded operands' product (`panels`)
-    /// to float rounding, at edges of tiles: 37 rows (four tiles of 8 and
-    /// 5 single rows), 45 weight rows (two tiles and 13), 3 blocks.
+    /// VNNI tile products equal the rounded operands' product.
     #[test]
     fn vnni_tile_products_equal_the_rounded_operands_product() {
-        if !available() {
+        if !super::available() {
             return; // the host has no AVX-512 VNNI: nothing here runs
         }
-        let (m, n, k) = (37, 45, 96);
-        let mut seed = 11u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
-        let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-        let start: Vec<f32> = (0..m * n).map(|_| next()).collect();
-        for format in [Format::Q8, Format::Q4] {
-            let packed = Packed::new(format, &w, n, k);
-            for (alpha, parallel) in [(0.0, false), (1.0, true), (0.5, false)] {
-                let (mut ours, mut want) = (start.clone(), start.clone());
-                // SAFETY: a is m x k, c m x n, both contiguous.
-                unsafe {
-                    product(m, (a.as_ptr(), k), (ours.as_mut_ptr(), n), alpha, &packed, parallel);
-                    super::super::panels_of(m, (a.as_ptr(), k), (want.as_mut_ptr(), n), alpha, &packed, false, 1 << 22);
-                }
-                for (i, (x, y)) in ours.iter().zip(&want).enumerate() {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{format:?} alpha {alpha}: c[{i}] {x} vs {y}");
-                }
-            }
-        }
+        super::super::int8_prompt_agrees(super::product);
     }
 }

@@ -50,7 +50,7 @@ pub fn available() -> bool {
     })
 }
 
-/// The tile configuration (palette 1): eight tiles of 16 rows by 64 bytes.
+/// A tile configuration (palette 1).
 #[repr(C, align(64))]
 struct Config {
     palette: u8,
@@ -60,14 +60,20 @@ struct Config {
     rows: [u8; 16],
 }
 
-/// Configures this thread's tiles (before its first `tile`).
+/// Configures this thread's tiles (before its first `tile`): eight tiles
+/// of 16 rows by 64 bytes.
 pub fn configure() {
+    configure_as(&[(64, 16); 8]);
+}
+
+/// Configures this thread's tiles tmm0.. as (bytes a row, rows) each.
+pub fn configure_as(shapes: &[(u16, u8)]) {
     let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
-    for t in 0..8 {
-        config.bytes_per_row[t] = 64;
-        config.rows[t] = 16;
+    for (t, (bytes, rows)) in shapes.iter().enumerate() {
+        config.bytes_per_row[t] = *bytes;
+        config.rows[t] = *rows;
     }
-    // SAFETY: `available()` (the caller's kind) said the process may use tiles.
+    // SAFETY: `available()` (the caller's) said the process may use tiles.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
 }
 
