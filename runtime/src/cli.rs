@@ -169,7 +169,9 @@ pub enum Command {
         output: PathBuf,
     },
     /// Draw the CPU memory plan (kernels across, arena offset up, values
-    /// coloured by layer) and print the peak as a formula in the sizes.
+    /// coloured by layer) and print the peak as a formula in the sizes: the
+    /// values are placed once for the sizes given and 2x and 4x each, so the
+    /// formula is exact at each (each size's own plan is printed beside it).
     Plan {
         #[command(flatten)]
         program: ProgramArgs,
