@@ -89,12 +89,18 @@ pub fn prepare_over(
     let graph = remat::recompute_far_uses(&split::split_reductions(&graph));
     let graph = scatter_into::scatter_onto_sums(&graph);
     let graph = attention_lse::attend_with_lse(&graph);
-    let graph = order::free_early(&graph, sizes);
-    let schedule = schedule::schedule_at(&graph, sizes);
     let (blocks, inputs) = match target {
         Target::Cpu => (Blocks::Buffered, Inputs::Writable),
         Target::Gpu => (Blocks::InArena, Inputs::ReadOnly),
     };
-    let (plan, placements) = plan::plan_over(&graph, &schedule, sizes, also, blocks, inputs)?;
-    Ok((KernelProgram { graph, schedule, plan }, placements))
+    // Each order that frees memory early, planned; the lower peak kept.
+    let mut best: Option<(KernelProgram, Vec<plan::Placement>)> = None;
+    for graph in order::free_early_orders(&graph, sizes) {
+        let schedule = schedule::schedule_at(&graph, sizes);
+        let (plan, placements) = plan::plan_over(&graph, &schedule, sizes, also, blocks, inputs)?;
+        if best.as_ref().is_none_or(|(b, _)| plan.peak_bytes() < b.plan.peak_bytes()) {
+            best = Some((KernelProgram { graph, schedule, plan }, placements));
+        }
+    }
+    Ok(best.expect("bug: no order"))
 }

@@ -8,18 +8,16 @@
 //! among them. Run as soon as they can, each frees those and holds only a
 //! weight-sized result until the update.
 //!
-//! A node moves when the values it frees (at the bound sizes) are more than
-//! a quarter of the one it makes, which it would otherwise have made later
-//! and which then lives to the update anyway: the values it frees would be
-//! held through the layers after it, over the backward's peak, while what it
-//! makes early adds to memory only where the backward has already freed
-//! more. Moving only when it freed more than it made kept small batches'
-//! activations alive (planned training peaks, each size's own plan: tiny-gpt
-//! 4 x 128 24.2 -> 19.2 MB, BERT-MLM 591.6 -> 481.2, GPT-2 8 x 256 1,775 ->
-//! 1,657, LLaMA-7B 8 x 256 31,073 -> 29,326; LLaMA-7B 4 x 128 and Mixtral
-//! within 0.1%). A half moved too few at LLaMA-7B 8 x 256 (31,941), an
-//! eighth too many at 4 x 128 (28,373). Views (reshapes) share their
-//! source's memory and move with it.
+//! A node moves when the values it frees (at the bound sizes) outweigh the
+//! one it makes, which it would otherwise have made later: memory never
+//! grows where it moves. That keeps a small batch's activations alive when
+//! a weight gradient is larger than them, though the gradient lives to the
+//! update anyway and what it frees would be held over the backward's peak;
+//! moving when it frees more than a quarter of what it makes plans lower
+//! there (tiny-gpt 4 x 128 24.2 -> 19.2 MB, BERT-MLM 591.6 -> 481.2) and
+//! higher elsewhere (LLaMA-7B 8 x 1,024 +18%). `free_early_orders` gives
+//! both orders; the backend plans each and keeps the lower peak. Views
+//! (reshapes) share their source's memory and move with it.
 //!
 //! Products of a few rows against weights that share their left operand
 //! (a decoding step's q/k/v projections, its gate and up projections) run
@@ -32,16 +30,39 @@ use crate::ir::graph::*;
 use crate::types::{Sizes, eval_dim};
 
 /// `g` in an order that frees memory early: the same nodes renumbered, the
-/// same outputs.
+/// same outputs. A node moves when it frees more than it makes.
 pub fn free_early(g: &Graph, sizes: &Sizes) -> Graph {
-    let n = g.nodes.len();
-    let mut order = Order::new(g, sizes);
-    for i in 0..n {
+    renumber(g, &order_by(g, sizes, 1))
+}
+
+/// `g` in each order that frees memory early, a node moving when it frees
+/// more than what it makes, or more than a quarter of it (one order where
+/// the two agree).
+pub fn free_early_orders(g: &Graph, sizes: &Sizes) -> Vec<Graph> {
+    let (whole, quarter) = (order_by(g, sizes, 1), order_by(g, sizes, 4));
+    let mut orders = vec![renumber(g, &whole)];
+    if quarter != whole {
+        orders.push(renumber(g, &quarter));
+    }
+    orders
+}
+
+/// The order in which `g`'s nodes run, a node moving when what it frees
+/// times `share` is more than what it makes.
+fn order_by(g: &Graph, sizes: &Sizes, share: usize) -> Vec<usize> {
+    let mut order = Order::new(g, sizes, share);
+    for i in 0..g.nodes.len() {
         order.emit(i);
     }
+    order.order
+}
+
+/// `g`'s nodes renumbered in `order`.
+fn renumber(g: &Graph, order: &[usize]) -> Graph {
+    let n = g.nodes.len();
     let mut map = vec![NodeId(0); n];
     let mut out = Graph::default();
-    for &i in &order.order {
+    for &i in order {
         let node = &g.nodes[i];
         out.at = node.origin;
         map[i] = out.push(node.op.clone(), node.args.iter().map(|a| map[a.index()]).collect(), node.ty.clone());
@@ -55,6 +76,8 @@ pub fn free_early(g: &Graph, sizes: &Sizes) -> Graph {
 struct Order<'g> {
     g: &'g Graph,
     sizes: &'g Sizes,
+    /// A node moves when what it frees times this is more than what it makes.
+    share: usize,
     /// Elements of each value at the bound sizes.
     len: Vec<usize>,
     /// The value whose memory each value is (itself, or a view's source).
@@ -70,7 +93,7 @@ struct Order<'g> {
 }
 
 impl<'g> Order<'g> {
-    fn new(g: &'g Graph, sizes: &'g Sizes) -> Self {
+    fn new(g: &'g Graph, sizes: &'g Sizes, share: usize) -> Self {
         let n = g.nodes.len();
         let len = (g.nodes.iter())
             .map(|node| node.ty.dims.iter().map(|d| eval_dim(d, sizes).unwrap_or(0)).fold(1, usize::saturating_mul))
@@ -93,7 +116,8 @@ impl<'g> Order<'g> {
         for (_, o) in &g.outputs {
             left[storage[o.index()]] += 1;
         }
-        Order { g, sizes, len, storage, views, readers, left, emitted: vec![false; n], order: Vec::with_capacity(n) }
+        let (emitted, order) = (vec![false; n], Vec::with_capacity(n));
+        Order { g, sizes, share, len, storage, views, readers, left, emitted, order }
     }
 
     /// The products not yet emitted that share `k`'s left operand and run
@@ -121,12 +145,12 @@ impl<'g> Order<'g> {
         !self.emitted[k] && self.g.nodes[k].args.iter().all(|a| self.emitted[a.index()])
     }
 
-    /// Running `k` now frees more than a quarter of what it makes.
+    /// Running `k` now frees more than `share`-th of what it makes.
     fn worth_moving(&self, k: usize) -> bool {
         let owned = |s: usize| !matches!(self.g.nodes[s].op, Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Size(_));
         let freed: usize =
             (self.stores(k).into_iter()).filter(|&s| owned(s) && self.left[s] == 1).map(|s| self.len[s]).sum();
-        self.ready(k) && !matches!(self.g.nodes[k].op, Op::Reshape) && freed * 4 > self.len[k]
+        self.ready(k) && !matches!(self.g.nodes[k].op, Op::Reshape) && freed.saturating_mul(self.share) > self.len[k]
     }
 
     /// Emits `k` (if not yet), then whatever that lets run early.
