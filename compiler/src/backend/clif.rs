@@ -1319,8 +1319,9 @@ fn emit_element(
             }
         }
     };
-    // The value of an argument: a member computed earlier, an input, or inline.
-    let arg = |b: &mut FunctionBuilder, values: &HashMap<NodeId, Value>, a: NodeId| -> Value {
+    // The value of an argument: a member computed earlier, an input (loaded
+    // once, however many members read it), or inline.
+    let arg = |b: &mut FunctionBuilder, values: &mut HashMap<NodeId, Value>, a: NodeId| -> Value {
         if let Some(v) = values.get(&a) {
             return *v;
         }
@@ -1329,7 +1330,9 @@ fn emit_element(
             _ if spec.sizes.contains_key(&a) => constant(b, spec.sizes[&a], ty),
             _ => {
                 let k = spec.inputs.iter().position(|x| *x == a).expect("bug: a fused kernel reads an unknown value");
-                load(b, k, &spec.access[&a])
+                let v = load(b, k, &spec.access[&a]);
+                values.insert(a, v);
+                v
             }
         }
     };
@@ -1344,7 +1347,7 @@ fn emit_element(
             continue;
         }
         let node = spec.graph.node(n);
-        let x = |b: &mut FunctionBuilder, values: &HashMap<NodeId, Value>, k: usize| arg(b, values, node.args[k]);
+        let x = |b: &mut FunctionBuilder, values: &mut HashMap<NodeId, Value>, k: usize| arg(b, values, node.args[k]);
         let v = match &node.op {
             Op::Broadcast | Op::Slice { .. } => {
                 let src = node.args[0];
@@ -1354,15 +1357,15 @@ fn emit_element(
                         let k = spec.inputs.iter().position(|x| *x == src).expect("bug: a read's source is an input");
                         load(b, k, access)
                     }
-                    _ => arg(b, &values, src),
+                    _ => arg(b, &mut values, src),
                 }
             }
             Op::Unary(u) => {
-                let a = x(b, &values, 0);
+                let a = x(b, &mut values, 0);
                 unary(b, refs, *u, a, ty)
             }
             Op::Binary(op) => {
-                let (p, q) = (x(b, &values, 0), x(b, &values, 1));
+                let (p, q) = (x(b, &mut values, 0), x(b, &mut values, 1));
                 let int = spec.graph.ty(node.args[0]).dtype == DType::Int;
                 match op {
                     // By a value the loop does not change (softmax's sum, a
@@ -1377,7 +1380,7 @@ fn emit_element(
                 }
             }
             Op::Select => {
-                let (p, q) = (x(b, &values, 1), x(b, &values, 2));
+                let (p, q) = (x(b, &mut values, 1), x(b, &mut values, 2));
                 // A condition fixed over the kernel: its mask, made before the loops.
                 let c = node.args[0];
                 let fixed_mask = (spec.access.get(&c) == Some(&Access::Scalar))
@@ -1387,19 +1390,19 @@ fn emit_element(
                 match fixed_mask {
                     Some(mask) if ty != types::F32 => b.ins().bitselect(mask, p, q),
                     _ => {
-                        let c = x(b, &values, 0);
+                        let c = x(b, &mut values, 0);
                         let cond = nonzero(b, c, ty);
                         choose(b, cond, p, q, ty)
                     }
                 }
             }
-            Op::Cast(DType::F32) => x(b, &values, 0),
+            Op::Cast(DType::F32) => x(b, &mut values, 0),
             Op::Cast(DType::Int) => {
-                let a = x(b, &values, 0);
+                let a = x(b, &mut values, 0);
                 b.ins().trunc(a)
             }
             Op::Cast(DType::Bool) => {
-                let a = x(b, &values, 0);
+                let a = x(b, &mut values, 0);
                 let c = nonzero(b, a, ty);
                 flag(b, c, ty)
             }
@@ -1407,7 +1410,7 @@ fn emit_element(
         };
         values.insert(n, v);
     }
-    arg(b, &values, target)
+    arg(b, &mut values, target)
 }
 
 /// Cranelift IR of a fused kernel (`None` for other kernels), for `modelc kernels --clif`.
