@@ -54,6 +54,18 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>, sizes: &Sizes) -> Vec<Kernel> {
                 }
                 members.insert(k.output());
                 parts.push(k.clone());
+            } else if let Some(next @ Kernel::Fused { .. }) = kernels.get(j + 1).filter(|_| rows.beside(g, k, &members))
+                && !beside_sibling.contains(&(j + 1))
+                && next.reads(g).contains(&k.output())
+                && rows.joins(g, next, &members.iter().copied().chain([k.output()]).collect())
+            {
+                // A kernel over the same rows that reads none of the group's
+                // values, and the next reads both it and the group's: the
+                // three moments' and weight's updates of AdamW, each read
+                // from memory once where they were read twice.
+                members.extend([k.output(), next.output()]);
+                parts.extend([k.clone(), next.clone()]);
+                j += 1;
             } else if reads_nothing_computed(g, k, &members) {
                 // Free to run before the group: a size, a constant, a view of a value from before.
                 hoisted.push(k.clone());
@@ -151,6 +163,12 @@ impl Rows {
             }
             Kernel::Rows(_) => false,
         }
+    }
+
+    /// Whether `k` is a fused kernel over the group's rows reading none of its values.
+    fn beside(&self, g: &Graph, k: &Kernel, members: &HashSet<NodeId>) -> bool {
+        matches!(k, Kernel::Fused { nodes, .. } if self.wide(g.dims(k.output()))
+            && nodes.iter().all(|n| g.node(*n).args.iter().all(|a| !members.contains(a))))
     }
 
     /// Whether a fused chain reads the group's values only row by row (a

@@ -9,11 +9,13 @@
 //! and attention read.
 
 mod attention;
+mod batches;
 mod compact;
 mod experts;
 mod given;
 mod kernels;
 pub mod packed;
+mod row_groups;
 mod siblings;
 pub mod tiles;
 
@@ -113,6 +115,8 @@ pub struct Program {
     first_leaf: Vec<usize>,
     /// Products run beside the ones sharing their left operand (`siblings.rs`).
     siblings: Vec<siblings::Sibling>,
+    /// Kernels run in one parallel section with the ones beside them (`batches.rs`).
+    batches: Vec<batches::Batch>,
     /// Every node's shape at the program's sizes, worked out once: a
     /// decoding step runs the program hundreds of times, and evaluating
     /// the symbolic sizes on each run was ~5% of a token.
@@ -465,7 +469,7 @@ impl Program {
             .map(|k| Pending::of(k, &graph, sizes, &plan, &mut jit, &mut clif))
             .collect::<Result<Vec<_>, String>>()?;
         jit.finish()?;
-        let kernels = pending.into_iter().map(|p| p.finish(&jit)).collect();
+        let kernels: Vec<Compiled> = pending.into_iter().map(|p| p.finish(&jit)).collect();
         drop(jit);
         let compile_seconds = started.elapsed().as_secs_f64();
         let arena =
@@ -503,6 +507,7 @@ impl Program {
         }
         let reread = reads.into_iter().filter(|(_, n)| *n > 1).map(|(w, _)| w).collect();
         let siblings = siblings::runs(&graph, &schedule.kernels, sizes);
+        let batches = batches::runs(&graph, &schedule.kernels, &kernels, &plan);
         Ok(Program {
             graph,
             schedule,
@@ -527,6 +532,7 @@ impl Program {
             profile_id,
             first_leaf,
             siblings,
+            batches,
             shapes,
             fed,
         })
@@ -655,16 +661,15 @@ impl Program {
             let mut part_seconds = None;
             match (kernel, compiled) {
                 (Kernel::View(_), _) => {}
+                _ if self.batches[k] == batches::Batch::Follows => continue,
+                _ if let batches::Batch::Leads(count) = self.batches[k] => {
+                    part_seconds = self.batch(k, count, arena, feeds)
+                }
                 (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Fused { f, inputs, row }) => {
                     let out = kernel.output();
                     let len = self.plan.lens[out.index()];
                     let ptrs = self.pointers(out, inputs, arena.as_mut_ptr(), feeds);
-                    let chunk = ((1 << 15) / row).max(1);
-                    // Below two tasks' worth, as for the native kernels: waking the other
-                    // threads costs more than it saves. Decoding runs dozens of kernels of
-                    // ~75k elements a token (the KV cache writes); splitting those at 64k
-                    // made it 15% slower.
-                    if len * row >= 2 * kernels::PARALLEL && len > 2 * chunk {
+                    if let Some(chunk) = batches::fused_chunk(len, *row) {
                         (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
                             let (s, e) = (c * chunk, ((c + 1) * chunk).min(len));
                             // SAFETY: chunks write disjoint output ranges; inputs are only read.
@@ -726,226 +731,6 @@ impl Program {
             }
         }
         Ok(())
-    }
-
-    /// A row group: each block of rows through every part in turn, blocks in
-    /// parallel. Values only the group reads live in the running thread's
-    /// block buffer (`Place::Block`), the rest in the arena.
-    fn rows<'f>(
-        &self,
-        parts: &[Kernel],
-        compiled: &[Compiled],
-        rows: usize,
-        len: usize,
-        arena: &mut [f32],
-        feeds: &Given<'f>,
-    ) -> Option<Vec<f64>> {
-        enum Part<'f> {
-            /// A fused kernel: its output's then its inputs' locations, as it takes them.
-            Jit { f: KernelFn, locs: Vec<Loc>, per_row: usize },
-            /// Each row of `src` (`len` long) folded into a value of `out`.
-            Reduce { op: modelc::ir::graph::Reduce, src: Loc, out: Loc, len: usize },
-            /// `out = a b` for a block of rows: a's rows (`k` long) against
-            /// all of `b` (`k x n`, or `n x k` with `tb`); on gemm's own
-            /// threads when the group runs as one block.
-            Product {
-                a: Loc,
-                b: SendPtr,
-                packed: Option<&'f Packed>,
-                /// `b` packed once for every block (`Program::tiles`).
-                tiles: Option<std::sync::Arc<tiles::PackedB>>,
-                out: Loc,
-                k: usize,
-                n: usize,
-                tb: bool,
-                parallel: bool,
-            },
-        }
-        let block_rows = modelc::backend::rows::block_rows(&self.graph, parts, rows, len);
-        let one_block = block_rows == rows;
-        let buffer_len = block_rows * self.plan.block_row(parts);
-        let base = arena.as_mut_ptr();
-        let loc = |n: NodeId| match self.plan.resolve(n) {
-            Place::Block { column, row } => Loc::Block { start: column * block_rows, row },
-            _ => Loc::At(SendPtr(self.pointer(n, base, feeds))),
-        };
-        let runnable: Vec<(usize, Part<'f>)> = parts
-            .iter()
-            .zip(compiled)
-            .enumerate()
-            .filter_map(|(i, (kernel, c))| {
-                match (kernel, c) {
-                    (_, Compiled::Fused { f, inputs, .. }) => {
-                        let out = kernel.output();
-                        let per_row = self.plan.lens[out.index()] / rows.max(1);
-                        Some(Part::Jit {
-                            f: *f,
-                            locs: std::iter::once(out).chain(inputs.iter().copied()).map(loc).collect(),
-                            per_row,
-                        })
-                    }
-                    (Kernel::Single(n), _) if modelc::backend::rows::row_product(&self.graph, *n) => {
-                        let node = self.graph.node(*n);
-                        let Op::MatMul { tb, .. } = node.op else { unreachable!() };
-                        let (a, b) = (node.args[0], node.args[1]);
-                        let (k, columns) =
-                            (self.plan.lens[a.index()] / rows.max(1), self.plan.lens[n.index()] / rows.max(1));
-                        let (b, packed) = (self.pointer(b, base, feeds), self.packed(*n, feeds));
-                        let b_strides = if tb { (1, k) } else { (columns, 1) };
-                        // bf16: the weight packed once for all the group's blocks of
-                        // rows. f32 packs it block by block into the thread's buffers
-                        // (a 37 MB output layer packed afresh for each of 8 row chunks
-                        // took 12 ms more each than that), unless it is fixed.
-                        let prepacked = match packed {
-                            None => (self.tiles)
-                                .filter(|kind| *kind != tiles::Kind::F32 || self.fixed_weights.is_some())
-                                // SAFETY: b is k x columns at these strides.
-                                .map(|kind| unsafe {
-                                    self.packed_rhs(*n, (b, b_strides.0, b_strides.1), k, columns, kind)
-                                }),
-                            Some(w) if rows > packed::SMALL_M => self.fixed_tiles(*n, w),
-                            Some(_) => None,
-                        };
-                        Some(Part::Product {
-                            a: loc(a),
-                            b: SendPtr(b),
-                            packed,
-                            tiles: prepacked,
-                            out: loc(*n),
-                            k,
-                            n: columns,
-                            tb,
-                            // As a product of its own (`single`).
-                            parallel: one_block && packed::worth_threads(rows, columns, k),
-                        })
-                    }
-                    (Kernel::Single(n), _) => {
-                        let Op::Reduce(op, _) = self.graph.node(*n).op else {
-                            unreachable!("bug: a row group's single kernel is a reduction or a product")
-                        };
-                        let src = self.graph.node(*n).args[0];
-                        Some(Part::Reduce {
-                            op,
-                            src: loc(src),
-                            out: loc(*n),
-                            len: self.plan.lens[src.index()] / rows.max(1),
-                        })
-                    }
-                    _ => None,
-                }
-                .map(|p| (i, p))
-            })
-            .collect();
-        // Seconds in each part, over all threads (`--profile`).
-        let part_seconds = self.profile_id.map(|_| std::sync::Mutex::new(vec![0.0; parts.len()]));
-        // The first value from before the group that a fused part reads
-        // whole rows of: prefetched for the next block (`vmath::read_ahead`).
-        let members: Vec<NodeId> = parts.iter().map(Kernel::output).collect();
-        let streamed = compiled.iter().find_map(|c| match c {
-            Compiled::Fused { inputs, .. } => inputs
-                .iter()
-                .find(|i| {
-                    !members.contains(i)
-                        && self.plan.lens[i.index()] == rows * len
-                        && !matches!(self.plan.resolve(**i), Place::Block { .. })
-                })
-                .map(|i| SendPtr(self.pointer(*i, base, feeds))),
-            _ => None,
-        });
-        let block = |r0: usize, r1: usize| {
-            if let Some(p) = streamed {
-                let end = (2 * r1 - r0).min(rows);
-                // SAFETY: rows r1..end of a value of `rows` rows of `len`.
-                let next = unsafe { std::slice::from_raw_parts(p.get().add(r1 * len), (end - r1) * len) };
-                modelc::backend::vmath::read_ahead((r1 < end).then_some(next));
-            }
-            // The thread's buffers, taken (not borrowed) for the block: gemm's
-            // threads may run another group's block on this thread meanwhile.
-            let mut buffer = BLOCK_BUFFER.take();
-            if buffer.len() < buffer_len {
-                buffer.resize(buffer_len, 0.0);
-            }
-            let mut ptrs = BLOCK_POINTERS.take();
-            let data = buffer.as_mut_ptr();
-            let at = |l: &Loc| l.at(data, r0);
-            let mut seconds = part_seconds.as_ref().map(|_| vec![0.0; parts.len()]);
-            for (i, part) in &runnable {
-                let started = seconds.as_ref().map(|_| std::time::Instant::now());
-                match part {
-                    Part::Jit { f, locs, per_row } => {
-                        ptrs.clear();
-                        ptrs.extend(locs.iter().map(&at));
-                        // SAFETY: the part writes rows r0..r1 of its output and reads rows the
-                        // parts before it wrote for this block, or values complete before the group.
-                        unsafe { f(ptrs.as_ptr(), (r0 * per_row) as i64, (r1 * per_row) as i64) }
-                    }
-                    Part::Product { a, tiles: Some(w), out, k, parallel, .. } => {
-                        let (k, m) = (*k, r1 - r0);
-                        // SAFETY: rows r0..r1 of a (k each) and of the output (n each).
-                        unsafe {
-                            tiles::product_packed(
-                                m,
-                                at(out).add(r0 * w.n()),
-                                w.n(),
-                                0.0,
-                                (at(a).add(r0 * k), k, 1),
-                                w,
-                                *parallel,
-                            )
-                        }
-                    }
-                    Part::Product { a, b, packed, out, k, n, tb, parallel, .. } => {
-                        let (k, n, m) = (*k, *n, r1 - r0);
-                        let b_strides = if *tb { (1, k) } else { (n, 1) };
-                        let rhs = match packed {
-                            Some(w) => packed::Rhs::Packed(w),
-                            None => packed::Rhs::Dense((b.get(), b_strides.0, b_strides.1)),
-                        };
-                        // SAFETY: rows r0..r1 of a (k each) and of the output (n each), all of b.
-                        unsafe {
-                            packed::product(
-                                (m, n, k),
-                                at(out).add(r0 * n),
-                                n,
-                                0.0,
-                                (at(a).add(r0 * k), k, 1),
-                                rhs,
-                                *parallel,
-                                self.tiles,
-                            )
-                        }
-                    }
-                    Part::Reduce { op, src, out, len } => {
-                        let (len, src, out) = (*len, at(src), at(out));
-                        for r in r0..r1 {
-                            // SAFETY: row r of the source and slot r of the output are planned memory.
-                            unsafe {
-                                let row = std::slice::from_raw_parts(src.add(r * len), len);
-                                *out.add(r) = kernels::fold_row(*op, row);
-                            }
-                        }
-                    }
-                }
-                if let (Some(s), Some(t)) = (seconds.as_mut(), started) {
-                    s[*i] += t.elapsed().as_secs_f64();
-                }
-            }
-            if let (Some(total), Some(s)) = (&part_seconds, seconds) {
-                let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
-                total.iter_mut().zip(s).for_each(|(t, s)| *t += s);
-            }
-            BLOCK_POINTERS.set(ptrs);
-            BLOCK_BUFFER.set(buffer);
-            modelc::backend::vmath::read_ahead(None);
-        };
-        if one_block {
-            block(0, rows);
-        } else {
-            (0..rows.div_ceil(block_rows))
-                .into_par_iter()
-                .for_each(|b| block(b * block_rows, ((b + 1) * block_rows).min(rows)));
-        }
-        part_seconds.map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// `Op::WriteRows`: the base copied to the output unless the output is
@@ -1398,35 +1183,6 @@ unsafe impl Send for SendPtrs {}
 impl SendPtrs {
     fn get(&self) -> *const *mut f32 {
         self.0.as_ptr()
-    }
-}
-
-thread_local! {
-    /// Each thread's block buffer for row groups (`Place::Block` values),
-    /// and the pointers it passes a part: kept between blocks and runs.
-    static BLOCK_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    static BLOCK_POINTERS: std::cell::Cell<Vec<*mut f32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// Where a row group's part finds a value: memory of its own (the arena, an
-/// input), or `start` elements into the thread's block buffer with rows of
-/// `row` elements (a `Place::Block` value).
-#[derive(Clone, Copy)]
-enum Loc {
-    At(SendPtr),
-    Block { start: usize, row: usize },
-}
-
-impl Loc {
-    /// The value's address for block r0..: element `r * row + j` of a block
-    /// value is the buffer's element `start + (r - r0) * row + j`, so kernels
-    /// index it as they index a whole tensor. (Wrapping: the address of
-    /// element 0 is outside the buffer, and only rows r0.. are read.)
-    fn at(&self, buffer: *mut f32, r0: usize) -> *mut f32 {
-        match self {
-            Loc::At(p) => p.0,
-            Loc::Block { start, row } => buffer.wrapping_add(*start).wrapping_sub(r0 * row),
-        }
     }
 }
 
