@@ -61,7 +61,7 @@ pub fn spec<'a>(
         }
         _ => Access::Contiguous,
     };
-    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values, reduce: None, output })
+    Ok(FusedSpec { graph, nodes, inputs, access, sizes: size_values, reduce: None, output, stores: &[] })
 }
 
 /// The spec of a `FusedReduce` kernel: the chain's, and the reduction that folds its rows.

@@ -106,7 +106,10 @@ fn spec_key(spec: &FusedSpec) -> String {
         }
         key.push_str(") ");
     }
-    let _ = write!(key, "| {} inputs | {:?} | {:?}", spec.inputs.len(), spec.reduce, spec.output);
+    let _ = write!(key, "| {} inputs | {:?} | {:?} | stores", spec.inputs.len(), spec.reduce, spec.output);
+    for &n in spec.stores {
+        value(&mut key, n);
+    }
     key
 }
 
@@ -226,9 +229,21 @@ impl Jit {
             let out = b.ins().load(ptr, trusted, ptrs, 0);
             let bases: Vec<Value> =
                 (0..spec.inputs.len()).map(|k| b.ins().load(ptr, trusted, ptrs, (8 * (k + 1)) as i32)).collect();
+            let stores: Vec<(NodeId, Value)> = (spec.stores.iter().enumerate())
+                .map(|(j, n)| (*n, b.ins().load(ptr, trusted, ptrs, (8 * (spec.inputs.len() + j + 1)) as i32)))
+                .collect();
+            // Several stores run in the plain loop: no wide functions' chunks, no rows.
+            let one_loop = !stores.is_empty();
+            if one_loop && (spec.reduce.is_some() || spec.row_len().is_some() || spec.output != Access::Contiguous) {
+                return Err("bug: a kernel storing several members reads or writes through indices".into());
+            }
             // Elementwise kernels hand their exp, erf, ... to the wide functions
             // chunk by chunk; reductions keep them inline.
-            let wide = if spec.reduce.is_none() { Wide::new(&mut b, spec, &self.wide, &mut self.module) } else { None };
+            let wide = if spec.reduce.is_none() && !one_loop {
+                Wide::new(&mut b, spec, &self.wide, &mut self.module)
+            } else {
+                None
+            };
             let staged = |n: &NodeId| wide.as_ref().is_some_and(|w| w.staged.iter().any(|s| s.node == *n));
             // Broadcast reads vectorise when each group of 4 lanes lies in one row of the
             // output and the input's innermost axis is contiguous (a vector load) or
@@ -251,6 +266,7 @@ impl Jit {
             let root = spec.graph.node(*spec.nodes.last().expect("a fused kernel has nodes"));
             let affine_root = spec.reduce.is_none()
                 && wide.is_none()
+                && !one_loop
                 && matches!(root.op, Op::Binary(Binary::Add | Binary::Sub | Binary::Mul | Binary::Div));
             let affine = self.wide.iter().find(|(map, _)| *map == vmath::Map::Affine).filter(|_| affine_root);
             let affine = affine.map(|(_, id)| self.module.declare_func_in_func(*id, b.func));
@@ -293,7 +309,7 @@ impl Jit {
                 let [x, x4, mask] = values.map(|v| v.map(|_| pinned.next().expect("one pinned value each")));
                 scalars[i] = Some(Scalar { x: x.expect("read"), x4: x4.expect("splat"), mask });
             }
-            let k = Emit { spec, bases, scalars, refs, out, vector: vectorizable, unroll, wide, affine };
+            let k = Emit { spec, bases, scalars, refs, out, vector: vectorizable, unroll, wide, affine, stores };
             if let Some((op, row)) = spec.reduce {
                 reduce_rows(&mut b, &k, start, end, row, op);
             } else if let (true, Some(len)) = (by_rows, spec.row_len()) {
@@ -318,6 +334,16 @@ impl Jit {
         self.module.clear_context(&mut ctx);
         self.compiled.insert(clif.clone(), id);
         Ok((id, clif))
+    }
+
+    /// Whether the kernel would hand some member to a wide function
+    /// (exp, erf, ...) chunk by chunk: a kernel storing several members
+    /// computes them inline instead, so such a row group stays one.
+    pub fn calls_wide(&self, spec: &FusedSpec) -> bool {
+        (spec.nodes.iter()).any(|n| match spec.graph.node(*n).op {
+            Op::Unary(u) => self.wide.iter().any(|(map, _)| *map == vmath::Map::Unary(u)),
+            _ => false,
+        })
     }
 
     /// Kernels compiled: each distinct one once, however many times it runs.
@@ -404,6 +430,8 @@ struct Emit<'s, 'a> {
     wide: Option<Wide>,
     /// `vmath`'s affine map, for a kernel whose root may be one call of it.
     affine: Option<FuncRef>,
+    /// `FusedSpec::stores`, each with its base pointer.
+    stores: Vec<(NodeId, Value)>,
 }
 
 impl Emit<'_, '_> {
@@ -629,9 +657,16 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
     }
     let Some(wide) = &k.wide else {
         lanes(b, k.vector, k.unroll, from, to, |b, i, ty| {
-            let v = emit_element(b, k, rows, None, i, ty, k.root());
-            let addr = address(b, out, i);
-            b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+            // Every value computed before any is stored (a member may be
+            // stored over an input the others read at the same element), then
+            // stored in the parts' order (a later part may write over an
+            // earlier one's value in place: the last write is the one kept).
+            let targets: Vec<NodeId> = k.stores.iter().map(|s| s.0).chain([k.root()]).collect();
+            let values = emit_values(b, k, rows, None, i, ty, &targets);
+            for (v, base) in values.into_iter().zip(k.stores.iter().map(|s| s.1).chain([out])) {
+                let addr = address(b, base, i);
+                b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
+            }
         });
         return;
     };
@@ -1272,11 +1307,24 @@ fn emit_element(
     ty: Type,
     target: NodeId,
 ) -> Value {
+    emit_values(b, k, rows, chunk, i, ty, &[target])[0]
+}
+
+/// The values of `targets` at element `i`, each member computed once.
+fn emit_values(
+    b: &mut FunctionBuilder,
+    k: &Emit,
+    rows: &HashMap<usize, RowRead>,
+    chunk: Option<&Chunk>,
+    i: Value,
+    ty: Type,
+    targets: &[NodeId],
+) -> Vec<Value> {
     let (spec, bases, scalars, refs) = (k.spec, &k.bases, &k.scalars, &k.refs);
     let mut values: HashMap<NodeId, Value> = HashMap::new();
     let buffered = |n: &NodeId| chunk.and_then(|c| c.buffers.get(n)).copied();
     // What `target` needs, walking back from it; a buffered member needs nothing.
-    let mut needed = std::collections::HashSet::from([target]);
+    let mut needed: std::collections::HashSet<NodeId> = targets.iter().copied().collect();
     for &n in spec.nodes.iter().rev() {
         if needed.contains(&n) && buffered(&n).is_none() {
             needed.extend(spec.graph.node(n).args.iter().copied());
@@ -1410,7 +1458,7 @@ fn emit_element(
         };
         values.insert(n, v);
     }
-    arg(b, &mut values, target)
+    targets.iter().map(|t| arg(b, &mut values, *t)).collect()
 }
 
 /// Cranelift IR of a fused kernel (`None` for other kernels), for `modelc kernels --clif`.

@@ -80,6 +80,10 @@ pub struct FusedSpec<'a> {
     /// Where output element i goes: i, or (a part placed into a
     /// concatenation) the concatenation's element for it.
     pub output: Access,
+    /// Members stored besides the last, element i to element i of each
+    /// (a row group run as one loop, `rows::one_loop`): their pointers
+    /// follow the inputs'.
+    pub stores: &'a [NodeId],
 }
 
 impl FusedSpec<'_> {

@@ -92,6 +92,37 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>, sizes: &Sizes) -> Vec<Kernel> {
     out
 }
 
+/// A row group whose parts are all fused loops over one shape, each reading
+/// the others' values only at its own elements (AdamW's moments and weight):
+/// it can run as one loop instead, its parts' values in registers and stored
+/// where they live in memory (`FusedSpec::stores`), each input read once.
+/// Its members in order, and the values they read from before the group.
+pub fn one_loop(g: &Graph, parts: &[Kernel]) -> Option<(Vec<NodeId>, Vec<NodeId>)> {
+    let dims = g.dims(parts.last()?.output());
+    let members: HashSet<NodeId> = parts.iter().map(Kernel::output).collect();
+    let (mut nodes, mut inputs) = (Vec::new(), Vec::new());
+    for part in parts {
+        let Kernel::Fused { nodes: ns, inputs: reads } = part else { return None };
+        if g.dims(part.output()) != dims {
+            return None;
+        }
+        for &n in ns {
+            let node = g.node(n);
+            let through_index = matches!(node.op, Op::Broadcast | Op::Slice { .. });
+            if node.args.iter().any(|a| members.contains(a) && (through_index || g.dims(*a) != g.dims(n))) {
+                return None;
+            }
+        }
+        nodes.extend(ns.iter().copied());
+        for r in reads {
+            if !members.contains(r) && !inputs.contains(r) {
+                inputs.push(*r);
+            }
+        }
+    }
+    Some((nodes, inputs))
+}
+
 /// Kernels that compute nothing from other kernels' values: hoisting them is always safe.
 fn reads_nothing_computed(g: &Graph, k: &Kernel, members: &HashSet<NodeId>) -> bool {
     match k {

@@ -48,9 +48,7 @@ pub(super) fn fused_chunk(len: usize, row: usize) -> Option<usize> {
 /// the run's earlier kernels write.
 pub(super) fn runs(graph: &Graph, kernels: &[Kernel], compiled: &[Compiled], plan: &Plan) -> Vec<Batch> {
     let splits = |k: &Kernel, c: &Compiled| match (k, c) {
-        (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Fused { row, .. }) => {
-            fused_chunk(plan.lens[k.output().index()], *row).is_some()
-        }
+        (_, Compiled::Fused { row, .. }) => fused_chunk(plan.lens[k.output().index()], *row).is_some(),
         (Kernel::Rows(parts), Compiled::Rows { rows, len, .. }) => {
             !parts.iter().any(|p| matches!(p, Kernel::Single(n) if row_product(graph, *n)))
                 && block_rows(graph, parts, *rows, *len) < *rows
@@ -177,11 +175,11 @@ impl Program {
                         let part_seconds = seconds.as_ref().map(|s| &s[j]);
                         Job::Rows(self.row_blocks(parts, compiled, (*rows, *len), base, feeds, part_seconds))
                     }
-                    (kernel, Compiled::Fused { f, inputs, row }) => {
+                    (kernel, Compiled::Fused { f, inputs, row, stores }) => {
                         let out = kernel.output();
                         let len = self.plan.lens[out.index()];
                         let chunk = fused_chunk(len, *row).expect("bug: a batched kernel splits");
-                        Job::Fused { f: *f, ptrs: self.pointers(out, inputs, base, feeds), len, chunk }
+                        Job::Fused { f: *f, ptrs: self.pointers(out, inputs, stores, base, feeds), len, chunk }
                     }
                     _ => unreachable!("bug: a batch holds fused kernels and row groups"),
                 })

@@ -67,11 +67,13 @@ impl Tensor {
 }
 
 enum Compiled {
-    /// `row`: elements of work per unit of the kernel's range (1, or a reduced row's length).
+    /// `row`: elements of work per unit of the kernel's range (1, or a reduced row's length);
+    /// `stores`: members stored besides the output (a row group as one loop).
     Fused {
         f: KernelFn,
         inputs: Vec<NodeId>,
         row: usize,
+        stores: Vec<NodeId>,
     },
     /// A row group over `rows` rows of `len` elements, one compiled entry per part.
     Rows {
@@ -191,7 +193,7 @@ impl Drop for Program {
 
 /// A kernel compiled but not yet callable (the JIT finalises all at once).
 enum Pending {
-    Fused(modelc::backend::clif::KernelId, Vec<NodeId>, usize),
+    Fused(modelc::backend::clif::KernelId, Vec<NodeId>, usize, Vec<NodeId>),
     Rows(Vec<Pending>, usize, usize),
     Other,
 }
@@ -210,6 +212,9 @@ impl Pending {
             Kernel::FusedReduce { nodes, inputs, reduce } => {
                 modelc::backend::access::reduce_spec(graph, nodes, inputs, *reduce, sizes, plan)?
             }
+            Kernel::Rows(parts) if let Some(one) = Pending::one_loop(graph, parts, sizes, plan, jit, clif)? => {
+                return Ok(one);
+            }
             Kernel::Rows(parts) => {
                 let first = modelc::backend::rows::row_value(graph, &parts[0]).expect("bug: a group starts a row");
                 let shape = concrete(graph, first, sizes)?;
@@ -225,12 +230,12 @@ impl Pending {
         clif.push(text);
         // A reduction's range is rows: each of `row` elements.
         let row = spec.reduce.map(|(_, row)| row.max(1) as usize).unwrap_or(1);
-        Ok(Pending::Fused(id, spec.inputs.to_vec(), row))
+        Ok(Pending::Fused(id, spec.inputs.to_vec(), row, Vec::new()))
     }
 
     fn finish(self, jit: &Jit) -> Compiled {
         match self {
-            Pending::Fused(id, inputs, row) => Compiled::Fused { f: jit.function(id), inputs, row },
+            Pending::Fused(id, inputs, row, stores) => Compiled::Fused { f: jit.function(id), inputs, row, stores },
             Pending::Rows(parts, rows, len) => {
                 Compiled::Rows { parts: parts.into_iter().map(|p| p.finish(jit)).collect(), rows, len }
             }
@@ -665,10 +670,11 @@ impl Program {
                 _ if let batches::Batch::Leads(count) = self.batches[k] => {
                     part_seconds = self.batch(k, count, arena, feeds)
                 }
-                (Kernel::Fused { .. } | Kernel::FusedReduce { .. }, Compiled::Fused { f, inputs, row }) => {
+                // (A row group may run as one fused loop.)
+                (_, Compiled::Fused { f, inputs, row, stores }) => {
                     let out = kernel.output();
                     let len = self.plan.lens[out.index()];
-                    let ptrs = self.pointers(out, inputs, arena.as_mut_ptr(), feeds);
+                    let ptrs = self.pointers(out, inputs, stores, arena.as_mut_ptr(), feeds);
                     if let Some(chunk) = batches::fused_chunk(len, *row) {
                         (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
                             let (s, e) = (c * chunk, ((c + 1) * chunk).min(len));
@@ -881,14 +887,10 @@ impl Program {
         }
     }
 
-    /// The output pointer then the inputs', as a fused kernel takes them.
-    fn pointers(&self, out: NodeId, inputs: &[NodeId], base: *mut f32, feeds: &Given) -> SendPtrs {
-        let mut ptrs: Vec<*mut f32> = Vec::with_capacity(inputs.len() + 1);
-        ptrs.push(self.pointer(out, base, feeds));
-        for i in inputs {
-            ptrs.push(self.pointer(*i, base, feeds));
-        }
-        SendPtrs(ptrs)
+    /// The output pointer, the inputs' then the other stored members', as a fused kernel takes them.
+    fn pointers(&self, out: NodeId, inputs: &[NodeId], stores: &[NodeId], base: *mut f32, feeds: &Given) -> SendPtrs {
+        let all = std::iter::once(&out).chain(inputs).chain(stores);
+        SendPtrs(all.map(|n| self.pointer(*n, base, feeds)).collect())
     }
 
     fn pointer(&self, n: NodeId, arena: *mut f32, feeds: &Given) -> *mut f32 {

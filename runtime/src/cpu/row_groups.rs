@@ -1,13 +1,18 @@
 //! Row groups (`backend::rows`) run: a block of rows through every part
 //! in turn, in the running thread's cache, blocks side by side on the
-//! threads.
+//! threads; or, where the parts are fused loops over one shape reading each
+//! other only element by element (AdamW's), as one fused loop.
 
 use super::given::Given;
-use super::{Compiled, Packed, Program, SendPtr, kernels, packed, tiles};
+use super::{Compiled, Packed, Pending, Program, SendPtr, kernels, packed, tiles};
+use modelc::backend::clif::Jit;
 use modelc::backend::clif::KernelFn;
 use modelc::backend::kernel::Kernel;
 use modelc::backend::plan::Place;
+use modelc::backend::plan::Plan;
+use modelc::ir::graph::Graph;
 use modelc::ir::graph::{NodeId, Op};
+use modelc::types::Sizes;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -250,6 +255,45 @@ impl Program {
     }
 }
 
+impl Pending {
+    /// A row group as one loop (`rows::one_loop`), where every value it
+    /// stores lies whole in memory of its own.
+    pub(super) fn one_loop(
+        graph: &Graph,
+        parts: &[Kernel],
+        sizes: &Sizes,
+        plan: &Plan,
+        jit: &mut Jit,
+        clif: &mut Vec<String>,
+    ) -> Result<Option<Pending>, String> {
+        let Some((nodes, inputs)) = modelc::backend::rows::one_loop(graph, parts) else { return Ok(None) };
+        // Memory of its own, or the input it is written over (`Place::Alias`).
+        let whole = |n: NodeId| {
+            !matches!(plan.places[n.index()], Place::Part(_))
+                && matches!(plan.resolve(n), Place::Arena { .. } | Place::External(_) | Place::Output(_))
+        };
+        let mut stores = Vec::new();
+        for part in &parts[..parts.len() - 1] {
+            match plan.places[part.output().index()] {
+                Place::Block { .. } | Place::None => {}
+                _ if whole(part.output()) => stores.push(part.output()),
+                _ => return Ok(None),
+            }
+        }
+        if !whole(parts[parts.len() - 1].output()) {
+            return Ok(None);
+        }
+        let mut spec = modelc::backend::access::spec(graph, &nodes, &inputs, sizes, plan)?;
+        if spec.row_len().is_some() || jit.calls_wide(&spec) {
+            return Ok(None);
+        }
+        spec.stores = &stores;
+        let (id, text) = jit.compile(&spec)?;
+        clif.push(text);
+        Ok(Some(Pending::Fused(id, inputs, 1, stores)))
+    }
+}
+
 /// The blocks of a row group (`Program::row_blocks`): `run(b)` computes block `b` of `count`.
 pub(super) struct RowBlocks<F> {
     pub count: usize,
@@ -281,6 +325,57 @@ impl Loc {
         match self {
             Loc::At(p) => p.0,
             Loc::Block { start, row } => buffer.wrapping_add(*start).wrapping_sub(r0 * row),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::Tensor;
+    use modelc::ir::interp::{Array, Precision};
+    use modelc::ir::train::{TrainConfig, update_program};
+    use modelc::types::{DType, Dim, TensorTy};
+    use std::collections::HashMap;
+
+    /// AdamW's update of a matrix is a row group of three fused parts (its
+    /// moments, then the weight) run as one loop that stores all three over
+    /// the old ones; the values are the interpreter's.
+    #[test]
+    fn adamw_row_groups_run_as_one_loop_and_match_the_interpreter() {
+        let ty = |dims: &[i64]| TensorTy::new(DType::F32, dims.iter().map(|d| Dim::constant(*d)).collect());
+        let params = [("w".to_string(), ty(&[96, 64])), ("b".to_string(), ty(&[64]))];
+        let cfg = TrainConfig { clip: Some(1.0), ..Default::default() };
+        let g = modelc::opt::optimized(&update_program(&params, &cfg));
+        let mut arrays: HashMap<String, Array> = HashMap::new();
+        for (i, (name, shape)) in [("w", vec![96, 64]), ("b", vec![64])].into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let values = |salt: usize, scale: f64| -> Vec<f64> {
+                (0..n).map(|j| (((j * 7919 + i * 104729 + salt) % 1000) as f64 / 1000.0 - 0.5) * scale).collect()
+            };
+            arrays.insert(name.into(), Array::new(shape.clone(), values(1, 0.1)));
+            arrays.insert(format!("grad:{name}"), Array::new(shape.clone(), values(2, 1e-2)));
+            arrays.insert(format!("m:{name}"), Array::new(shape.clone(), values(3, 1e-3)));
+            let v = values(4, 1e-4).iter().map(|x| x.abs()).collect();
+            arrays.insert(format!("v:{name}"), Array::new(shape.clone(), v));
+        }
+        arrays.insert("lr".into(), Array::scalar(1e-3));
+        arrays.insert("step".into(), Array::scalar(3.0));
+        let program = Program::compile(&g, &Sizes::new()).unwrap();
+        let one_loops = (program.schedule.kernels.iter().zip(&program.kernels))
+            .filter(|(k, c)| matches!((k, c), (Kernel::Rows(_), Compiled::Fused { stores, .. }) if stores.len() == 2))
+            .count();
+        assert_eq!(one_loops, 1, "the matrix's update runs as one loop");
+        let feeds: HashMap<String, Tensor> = (arrays.iter())
+            .map(|(k, a)| (k.clone(), Tensor::new(a.shape.clone(), a.data.iter().map(|v| *v as f32).collect())))
+            .collect();
+        let got = program.run(&feeds).unwrap();
+        let want = modelc::ir::interp::run(&g, &arrays, Precision::F32).unwrap();
+        for (name, want) in &want {
+            let got = &got[name].data;
+            let worst =
+                (want.data.iter().zip(got)).map(|(w, g)| (w - *g as f64).abs() / w.abs().max(1e-3)).fold(0.0, f64::max);
+            assert!(worst < 1e-5, "`{name}` is {worst} off the interpreter's");
         }
     }
 }
