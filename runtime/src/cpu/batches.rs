@@ -40,7 +40,13 @@ pub(super) enum Batch {
 /// writes); splitting those at 64k made it 15% slower.
 pub(super) fn fused_chunk(len: usize, row: usize) -> Option<usize> {
     let chunk = ((1 << 15) / row).max(1);
-    (len * row >= 2 * kernels::PARALLEL && len > 2 * chunk).then_some(chunk)
+    if len * row < 2 * kernels::PARALLEL || len <= 2 * chunk {
+        return None;
+    }
+    // A multiple of the threads' count of chunks: 7 over 2 threads left one
+    // idle for an eighth of the kernel.
+    let threads = rayon::current_num_threads().max(1);
+    Some(len.div_ceil(len.div_ceil(chunk).div_ceil(threads) * threads))
 }
 
 /// Each kernel's part in the runs: kernels split over the threads anyway
