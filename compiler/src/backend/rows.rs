@@ -54,18 +54,26 @@ pub fn group(g: &Graph, kernels: Vec<Kernel>, sizes: &Sizes) -> Vec<Kernel> {
                 }
                 members.insert(k.output());
                 parts.push(k.clone());
-            } else if let Some(next @ Kernel::Fused { .. }) = kernels.get(j + 1).filter(|_| rows.beside(g, k, &members))
-                && !beside_sibling.contains(&(j + 1))
-                && next.reads(g).contains(&k.output())
-                && rows.joins(g, next, &members.iter().copied().chain([k.output()]).collect())
+            } else if let Some(next) = rows.beside(g, k, &members).then(|| {
+                // The next kernel that cannot run before the group (scalars
+                // between, AdamW's coefficients, can).
+                let with_k: HashSet<NodeId> = members.iter().copied().chain([k.output()]).collect();
+                (j + 1..kernels.len()).find(|&n| !reads_nothing_computed(g, &kernels[n], &with_k)).filter(|&n| {
+                    matches!(kernels[n], Kernel::Fused { .. })
+                        && !beside_sibling.contains(&n)
+                        && kernels[n].reads(g).contains(&k.output())
+                        && rows.joins(g, &kernels[n], &with_k)
+                })
+            }) && let Some(next) = next
             {
                 // A kernel over the same rows that reads none of the group's
                 // values, and the next reads both it and the group's: the
                 // three moments' and weight's updates of AdamW, each read
                 // from memory once where they were read twice.
-                members.extend([k.output(), next.output()]);
-                parts.extend([k.clone(), next.clone()]);
-                j += 1;
+                members.extend([k.output(), kernels[next].output()]);
+                parts.extend([k.clone(), kernels[next].clone()]);
+                hoisted.extend(kernels[j + 1..next].iter().cloned());
+                j = next;
             } else if reads_nothing_computed(g, k, &members) {
                 // Free to run before the group: a size, a constant, a view of a value from before.
                 hoisted.push(k.clone());
@@ -123,11 +131,13 @@ pub fn one_loop(g: &Graph, parts: &[Kernel]) -> Option<(Vec<NodeId>, Vec<NodeId>
     Some((nodes, inputs))
 }
 
-/// Kernels that compute nothing from other kernels' values: hoisting them is always safe.
+/// Kernels that compute nothing from the group's values and cost nothing to
+/// run before it: views, sizes, constants, and scalars (AdamW's coefficients).
 fn reads_nothing_computed(g: &Graph, k: &Kernel, members: &HashSet<NodeId>) -> bool {
     match k {
         Kernel::View(v) => !members.contains(&g.node(*v).args[0]),
         Kernel::Single(n) => g.node(*n).args.is_empty(),
+        Kernel::Fused { inputs, .. } => g.dims(k.output()).is_empty() && !inputs.iter().any(|i| members.contains(i)),
         _ => false,
     }
 }

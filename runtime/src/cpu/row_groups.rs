@@ -338,9 +338,10 @@ mod tests {
     use modelc::types::{DType, Dim, TensorTy};
     use std::collections::HashMap;
 
-    /// AdamW's update of a matrix is a row group of three fused parts (its
-    /// moments, then the weight) run as one loop that stores all three over
-    /// the old ones; the values are the interpreter's.
+    /// AdamW's update of a parameter is a row group of three fused parts (its
+    /// moments, then the weight; the first parameter's with the clip's
+    /// coefficients between them, computed before) run as one loop that
+    /// stores all three over the old ones; the values are the interpreter's.
     #[test]
     fn adamw_row_groups_run_as_one_loop_and_match_the_interpreter() {
         let ty = |dims: &[i64]| TensorTy::new(DType::F32, dims.iter().map(|d| Dim::constant(*d)).collect());
@@ -365,7 +366,7 @@ mod tests {
         let one_loops = (program.schedule.kernels.iter().zip(&program.kernels))
             .filter(|(k, c)| matches!((k, c), (Kernel::Rows(_), Compiled::Fused { stores, .. }) if stores.len() == 2))
             .count();
-        assert_eq!(one_loops, 1, "the matrix's update runs as one loop");
+        assert_eq!(one_loops, 2, "each parameter's update runs as one loop");
         let feeds: HashMap<String, Tensor> = (arrays.iter())
             .map(|(k, a)| (k.clone(), Tensor::new(a.shape.clone(), a.data.iter().map(|v| *v as f32).collect())))
             .collect();
