@@ -707,7 +707,7 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
                 lanes(b, k.vector, k.unroll, start, end, |b, i, ty| {
                     let j = b.ins().isub(i, chunk.start);
                     for &(a, buffer) in &computed {
-                        let v = emit_element(b, k, rows, Some(&chunk), i, ty, a);
+                        let v = emit_values(b, k, rows, Some(&chunk), i, ty, &[a])[0];
                         let addr = address(b, buffer, j);
                         b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
                     }
@@ -722,7 +722,7 @@ fn range(b: &mut FunctionBuilder, k: &Emit, rows: &HashMap<usize, RowRead>, out:
         }
         if !wide.staged.iter().any(|s| s.node == root) {
             lanes(b, k.vector, k.unroll, start, end, |b, i, ty| {
-                let v = emit_element(b, k, rows, Some(&chunk), i, ty, root);
+                let v = emit_values(b, k, rows, Some(&chunk), i, ty, &[root])[0];
                 let addr = address(b, out, i);
                 b.ins().store(MemFlagsData::new().with_notrap(), v, addr, 0);
             });
@@ -910,7 +910,7 @@ fn reduce_rows(b: &mut FunctionBuilder, k: &Emit, from: Value, to: Value, row: i
             let step = i64::from(ty.lane_count());
             counted_loop(b, from, to, step, &[(acc, ty)], |b, j, acc| {
                 let i = b.ins().iadd(base, j);
-                let v = emit_element(b, k, &reads, None, i, ty, k.root());
+                let v = emit_values(b, k, &reads, None, i, ty, &[k.root()])[0];
                 vec![combine(b, op, acc[0], v)]
             })
             .1[0]
@@ -928,7 +928,7 @@ fn reduce_rows(b: &mut FunctionBuilder, k: &Emit, from: Value, to: Value, row: i
                         .map(|a| {
                             let ja = b.ins().iadd_imm_s(j, 4 * a);
                             let i = b.ins().iadd(base, ja);
-                            let v = emit_element(b, k, &reads, None, i, types::F32X4, k.root());
+                            let v = emit_values(b, k, &reads, None, i, types::F32X4, &[k.root()])[0];
                             combine(b, op, accs[a as usize], v)
                         })
                         .collect()
@@ -1295,22 +1295,10 @@ fn exp_like(b: &mut FunctionBuilder, refs: &HashMap<&str, FuncRef>, name: &str, 
     }
 }
 
-/// The value of `target` (a member or an input) at output index `i`, one
-/// element or 4. Members a wide function computed for this chunk are read
-/// from their buffers; only what `target` needs is computed.
-fn emit_element(
-    b: &mut FunctionBuilder,
-    k: &Emit,
-    rows: &HashMap<usize, RowRead>,
-    chunk: Option<&Chunk>,
-    i: Value,
-    ty: Type,
-    target: NodeId,
-) -> Value {
-    emit_values(b, k, rows, chunk, i, ty, &[target])[0]
-}
-
-/// The values of `targets` at element `i`, each member computed once.
+/// The values of `targets` (members or inputs) at output index `i`, one
+/// element or 4, each member computed once. Members a wide function
+/// computed for this chunk are read from their buffers; only what the
+/// targets need is computed.
 fn emit_values(
     b: &mut FunctionBuilder,
     k: &Emit,
