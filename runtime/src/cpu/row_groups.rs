@@ -5,13 +5,10 @@
 
 use super::given::Given;
 use super::{Compiled, Packed, Pending, Program, SendPtr, kernels, packed, tiles};
-use modelc::backend::clif::Jit;
-use modelc::backend::clif::KernelFn;
+use modelc::backend::clif::{Jit, KernelFn};
 use modelc::backend::kernel::Kernel;
-use modelc::backend::plan::Place;
-use modelc::backend::plan::Plan;
-use modelc::ir::graph::Graph;
-use modelc::ir::graph::{NodeId, Op};
+use modelc::backend::plan::{Place, Plan};
+use modelc::ir::graph::{Graph, NodeId, Op};
 use modelc::types::Sizes;
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -41,8 +38,8 @@ impl Program {
     }
 
     /// A row group's blocks, each to run once, in any order and side by
-    /// side (`rows` then `batches.rs`); with `part_seconds`, each adds the
-    /// seconds of its parts there.
+    /// side (by `rows`, or by `batch` with other kernels' tasks); with
+    /// `part_seconds`, each adds the seconds of its parts there.
     pub(super) fn row_blocks<'a, 'f: 'a>(
         &'a self,
         parts: &[Kernel],
