@@ -61,12 +61,6 @@ pub(super) fn runs(graph: &Graph, kernels: &[Kernel], compiled: &[Compiled], pla
         }
         _ => false,
     };
-    let written = |k: &Kernel| -> Vec<NodeId> {
-        match k {
-            Kernel::Rows(parts) => parts.iter().map(Kernel::output).collect(),
-            k => vec![k.output()],
-        }
-    };
     let mut out = vec![Batch::Alone; kernels.len()];
     let mut k = 0;
     while k < kernels.len() {
@@ -88,6 +82,14 @@ pub(super) fn runs(graph: &Graph, kernels: &[Kernel], compiled: &[Compiled], pla
         }
     }
     out
+}
+
+/// The values a kernel writes (a row group's parts' each).
+fn written(k: &Kernel) -> Vec<NodeId> {
+    match k {
+        Kernel::Rows(parts) => parts.iter().map(Kernel::output).collect(),
+        k => vec![k.output()],
+    }
 }
 
 /// Memory a kernel reads or writes: a byte range.
@@ -146,11 +148,7 @@ impl Program {
         let (mut reads, mut writes): (Vec<Span>, Vec<Span>) = (Vec::new(), Vec::new());
         let mut start = 0;
         for (j, kernel) in self.schedule.kernels[lead..lead + count].iter().enumerate() {
-            let outputs: Vec<NodeId> = match kernel {
-                Kernel::Rows(parts) => parts.iter().map(Kernel::output).collect(),
-                k => vec![k.output()],
-            };
-            let w: Vec<Span> = outputs.iter().filter_map(|n| self.span(*n, base, feeds)).collect();
+            let w: Vec<Span> = written(kernel).iter().filter_map(|n| self.span(*n, base, feeds)).collect();
             let r: Vec<Span> = kernel.reads(&self.graph).iter().filter_map(|n| self.span(*n, base, feeds)).collect();
             if meets(&w, &reads) || meets(&w, &writes) || meets(&r, &writes) {
                 sections.push(start..j);
